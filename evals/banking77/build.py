@@ -1,0 +1,54 @@
+"""Rebuild data.jsonl: a stratified, seeded subset of BANKING77 (CC-BY-4.0).
+
+    python evals/banking77/build.py ../shared/data/banking77
+
+Ten distinct intents; per intent 40 train + 10 valid rows drawn from the source's train.csv and
+20 test rows drawn from its test.csv, so `test` never overlaps what optimisation may read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import sys
+from pathlib import Path
+
+INTENTS = [
+    "card_arrival", "lost_or_stolen_card", "exchange_rate", "pin_blocked", "top_up_limits",
+    "cancel_transfer", "age_limit", "apple_pay_or_google_pay", "terminate_account", "atm_support",
+]
+PER_INTENT = {"train": 40, "valid": 10, "test": 20}
+SEED = 77
+
+
+def build(source: Path, target: Path) -> int:
+    rng = random.Random(SEED)
+    pools = {}
+    for name in ("train", "test"):
+        with (source / f"{name}.csv").open(newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["category"] in INTENTS]
+        pools[name] = {i: sorted({r["text"].strip() for r in rows if r["category"] == i}) for i in INTENTS}
+    out = []
+    for intent in INTENTS:
+        train_pool = list(pools["train"][intent])
+        rng.shuffle(train_pool)
+        test_pool = list(pools["test"][intent])
+        rng.shuffle(test_pool)
+        picks = {
+            "train": train_pool[:PER_INTENT["train"]],
+            "valid": train_pool[PER_INTENT["train"]:PER_INTENT["train"] + PER_INTENT["valid"]],
+            "test": test_pool[:PER_INTENT["test"]],
+        }
+        for split, texts in picks.items():
+            out.extend({"text": t, "label": intent, "split": split} for t in texts)
+    rng.shuffle(out)
+    with target.open("w", encoding="utf-8") as handle:
+        for index, row in enumerate(out, start=1):
+            handle.write(json.dumps({"id": f"b77-{index:04d}", **row}, ensure_ascii=False) + "\n")
+    return len(out)
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/banking77")
+    print(build(src, Path(__file__).with_name("data.jsonl")), "rows")

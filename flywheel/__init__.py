@@ -1,0 +1,31 @@
+"""Flywheel: make an LLM task better by measurement.
+
+    from flywheel import load_eval_spec, run_eval, Store
+    result = run_eval(load_eval_spec("evals/banking77/eval.yaml"), Store.open("flywheel.db"))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["load_eval_spec", "run_eval", "Store", "load_model", "FlywheelError"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `import flywheel` (and `flywheel --help`) stays fast.
+    if name == "load_eval_spec":
+        from flywheel.spec import load_eval_spec
+        return load_eval_spec
+    if name == "run_eval":
+        from flywheel.harness import run_eval
+        return run_eval
+    if name == "Store":
+        from flywheel.store import Store
+        return Store
+    if name == "load_model":
+        from flywheel.models import load_model
+        return load_model
+    if name == "FlywheelError":
+        from flywheel.errors import FlywheelError
+        return FlywheelError
+    raise AttributeError(name)

@@ -1,0 +1,160 @@
+"""Datasets: JSONL or CSV rows, content-hashed, split deterministically.
+
+Each row becomes an `Item` with a stable key (the `id_field`, or the 1-based row number), its
+fields, and its split. Splits come from a column, or from a seeded hash of the item key, so adding
+rows never moves an existing item between splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.errors import DataError
+from flywheel.spec import SPLITS, EvalSpec
+
+_TEMPLATE_VAR = re.compile(r"\{\{\s*item\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    fields: dict[str, Any]
+    split: str
+    line: int
+
+
+@dataclass
+class Dataset:
+    path: Path
+    content_hash: str
+    items: list[Item] = field(default_factory=list)
+
+    def split(self, name: str | None) -> list[Item]:
+        if name in (None, "all"):
+            return list(self.items)
+        return [item for item in self.items if item.split == name]
+
+    @property
+    def fields(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for item in self.items:
+            seen.update(dict.fromkeys(item.fields))
+        return list(seen)
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append((number, row))
+    return rows
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames:
+        raise DataError(f"{path}: CSV file has no header row")
+    rows = []
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}:{reader.line_num}: more values than header columns")
+            rows.append((reader.line_num, dict(row)))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+    return rows
+
+
+def _seeded_split(key: str, seed: int, ratios: dict[str, float]) -> str:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") / 2**64
+    cumulative = 0.0
+    for name in SPLITS:
+        cumulative += ratios.get(name, 0.0)
+        if point < cumulative:
+            return name
+    return SPLITS[-1]
+
+
+def load_dataset(spec: EvalSpec) -> Dataset:
+    """Read, map, split and hash the spec's dataset; DataError names file, line or column."""
+    path = spec.dataset_path
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{spec.source}: dataset.path: file not found: {path}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read dataset: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+    rows = _read_csv(path, text) if spec.dataset.resolved_format == "csv" else _read_jsonl(path, text)
+    if not rows:
+        raise DataError(f"{path}: dataset is empty")
+
+    columns = spec.dataset.columns
+    if columns:
+        present = set().union(*(row.keys() for _, row in rows))
+        missing = [source for source in columns.values() if source not in present]
+        if missing:
+            kind = "column" if spec.dataset.resolved_format == "csv" else "field"
+            raise DataError(
+                f"{path}: {kind} {missing[0]!r} (mapped in dataset.columns) not found; "
+                f"available: {', '.join(sorted(present))}"
+            )
+
+    items: list[Item] = []
+    seen: set[str] = set()
+    split_spec = spec.split
+    for number, row in rows:
+        fields = {name: row.get(source) for name, source in columns.items()} if columns else row
+        if spec.dataset.id_field:
+            if spec.dataset.id_field not in row:
+                raise DataError(f"{path}:{number}: id field {spec.dataset.id_field!r} missing")
+            key = str(row[spec.dataset.id_field])
+        else:
+            key = str(number)
+        if key in seen:
+            raise DataError(f"{path}:{number}: duplicate item id {key!r}")
+        seen.add(key)
+        if split_spec.column:
+            split = row.get(split_spec.column)
+            if split not in SPLITS:
+                raise DataError(
+                    f"{path}:{number}: split column {split_spec.column!r} is {split!r}; "
+                    f"expected one of {', '.join(SPLITS)}"
+                )
+        else:
+            split = _seeded_split(key, split_spec.seed, split_spec.ratios)
+        items.append(Item(key=key, fields=fields, split=split, line=number))
+
+    dataset = Dataset(path=path, content_hash=hashlib.sha256(raw).hexdigest()[:16], items=items)
+    check_templates(spec, dataset)
+    return dataset
+
+
+def check_templates(spec: EvalSpec, dataset: Dataset) -> None:
+    """Fail fast when an input message names an item field that no row has."""
+    available = set(dataset.fields)
+    for index, message in enumerate(spec.input):
+        for name in _TEMPLATE_VAR.findall(message.content):
+            if name not in available:
+                raise DataError(
+                    f"{spec.source}: input[{index}].content: template names item.{name}, but "
+                    f"{dataset.path.name} has no field {name!r}; fields: {', '.join(sorted(available))}"
+                )

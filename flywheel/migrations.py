@@ -1,0 +1,95 @@
+"""The store's schema, and the only place it is defined.
+
+Each migration is a function registered in order; `apply_migrations` runs the ones a database has
+not seen yet and records them in `_migrations`. Never edit a released migration: add a new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlite_utils
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = []
+
+
+def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+    MIGRATIONS.append((fn.__name__, fn))
+    return fn
+
+
+@migration
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db["evals"].create(
+        {"id": str, "name": str, "spec_path": str, "spec_json": str, "created_at": str}, pk="id"
+    )
+    db["datasets"].create(
+        {"id": str, "path": str, "n_items": int, "created_at": str}, pk="id"
+    )
+    db["items"].create(
+        {"dataset_id": str, "key": str, "split": str, "line": int, "fields_json": str},
+        pk=("dataset_id", "key"),
+        foreign_keys=[("dataset_id", "datasets", "id")],
+    )
+    db["prompts"].create(
+        {"id": str, "messages_json": str, "origin": str, "parent_id": str, "rationale": str,
+         "created_at": str},
+        pk="id",
+    )
+    db["runs"].create(
+        {"id": str, "kind": str, "config_key": str, "eval_id": str, "dataset_id": str,
+         "model_ref": str, "model_fingerprint": str, "split": str, "item_limit": int,
+         "status": str, "command": str, "started_at": str, "finished_at": str,
+         "summary_json": str},
+        pk="id",
+        foreign_keys=[("eval_id", "evals", "id"), ("dataset_id", "datasets", "id")],
+    )
+    db["runs"].create_index(["config_key", "status"])
+    db["iterations"].create(
+        {"id": str, "run_id": str, "seq": int, "stage": str, "parent_id": str, "model_ref": str,
+         "model_fingerprint": str, "prompt_id": str, "split": str, "n": int, "score": float,
+         "ci_low": float, "ci_high": float, "prompt_tokens": int, "completion_tokens": int,
+         "cost": float, "wall_s": float, "decision": str, "reason": str, "created_at": str},
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id"), ("prompt_id", "prompts", "id")],
+    )
+    db["iterations"].create_index(["run_id", "seq"], unique=True)
+    db["samples"].create(
+        {"id": int, "iteration_id": str, "item_key": str, "repeat": int, "input_json": str,
+         "output_text": str, "finish_reason": str, "prompt_tokens": int, "completion_tokens": int,
+         "latency_s": float, "cost": float, "cache_hit": int, "error": str, "created_at": str},
+        pk="id",
+        foreign_keys=[("iteration_id", "iterations", "id")],
+    )
+    # One sample per (iteration, item, repeat): a resumed run can never store an item twice.
+    db["samples"].create_index(["iteration_id", "item_key", "repeat"], unique=True)
+    db["grades"].create(
+        {"sample_id": int, "grader": str, "score": float, "passed": int, "feedback": str,
+         "details_json": str, "error": str, "error_details": str},
+        pk=("sample_id", "grader"),
+        foreign_keys=[("sample_id", "samples", "id")],
+    )
+    db["completion_cache"].create(
+        {"key": str, "model_fingerprint": str, "output_text": str, "finish_reason": str,
+         "prompt_tokens": int, "completion_tokens": int, "latency_s": float, "cost": float,
+         "created_at": str},
+        pk="key",
+    )
+
+
+def apply_migrations(db: sqlite_utils.Database) -> list[str]:
+    """Run pending migrations, each in its own transaction; return the names applied."""
+    if "_migrations" not in db.table_names():
+        db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        with db.conn:
+            fn(db)
+            db["_migrations"].insert(
+                {"name": name, "applied_at": db.execute("select datetime('now')").fetchone()[0]}
+            )
+        applied.append(name)
+    return applied

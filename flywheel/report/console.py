@@ -1,0 +1,97 @@
+"""Console rendering of eval results and stored runs, with rich."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from flywheel.harness import EvalResult
+from flywheel.store import Store
+
+console = Console()
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def print_eval_result(result: EvalResult) -> None:
+    console.print(
+        f"[bold]{result.eval_name}[/bold]  model {result.model}  split {result.split}  "
+        f"run {result.run_id}")
+    table = Table(show_header=True, header_style="bold")
+    for column in ("grader", "n", "mean score", "95% CI", "pass rate", "errors"):
+        table.add_column(column, justify="left" if column == "grader" else "right")
+    for g in result.graders:
+        table.add_row(g.name, str(g.n), _num(g.mean), f"[{_num(g.ci_low)}, {_num(g.ci_high)}]",
+                      _pct(g.pass_rate), str(g.errors))
+    console.print(table)
+    low, high = result.pass_ci
+    console.print(
+        f"n={result.n_samples}  pass rate {_pct(result.pass_rate)} (95% CI {_pct(low)}–{_pct(high)})  "
+        f"errors {result.n_errors}")
+    console.print(
+        f"tokens {result.prompt_tokens} in / {result.completion_tokens} out  "
+        f"model calls {result.model_calls}  cache hits {result.cache_hits}"
+        + (f"  resumed {result.resumed}" if result.resumed else "")
+        + f"  time {result.wall_s:.1f}s")
+
+
+def print_runs(rows: list[dict[str, Any]]) -> None:
+    table = Table(show_header=True, header_style="bold")
+    for column in ("run", "kind", "model", "split", "status", "n", "pass rate", "started"):
+        table.add_column(column)
+    for row in rows:
+        summary = json.loads(row["summary_json"]) if row.get("summary_json") else {}
+        table.add_row(row["id"], row["kind"] or "", row["model_ref"] or "", row["split"] or "",
+                      row["status"], str(summary.get("n_samples", "-")), _pct(summary.get("pass_rate")),
+                      (row["started_at"] or "")[:19])
+    console.print(table)
+
+
+def run_detail(store: Store, run_id: str, failed_only: bool = False, limit: int | None = None) -> dict[str, Any]:
+    """A run with its iterations and, per iteration, samples with grades."""
+    run = store.get_run(run_id)
+    iterations = []
+    for iteration in store.iterations(run["id"]):
+        samples = store.samples_with_grades(iteration["id"])
+        if failed_only:
+            samples = [s for s in samples if s["error"] or not all(g["passed"] for g in s["grades"])]
+        if limit:
+            samples = samples[:limit]
+        for sample in samples:
+            sample["input"] = json.loads(sample.pop("input_json") or "null")
+            for grade in sample["grades"]:
+                grade["details"] = json.loads(grade.pop("details_json") or "{}")
+        iterations.append({**iteration, "samples": samples})
+    run["summary"] = json.loads(run.pop("summary_json") or "null")
+    return {"run": run, "iterations": iterations}
+
+
+def print_run_detail(detail: dict[str, Any]) -> None:
+    run = detail["run"]
+    summary = run.get("summary") or {}
+    console.print(f"[bold]{run['id']}[/bold]  {run['model_ref']}  split {run['split']}  {run['status']}  "
+                  f"pass rate {_pct(summary.get('pass_rate'))}")
+    for iteration in detail["iterations"]:
+        console.print(f"iteration {iteration['seq']} ({iteration['stage']}): score {_num(iteration['score'])}")
+        for sample in iteration["samples"]:
+            user = next((m["content"] for m in reversed(sample["input"] or []) if m["role"] == "user"), "")
+            console.print(f"[dim]item {sample['item_key']}#{sample['repeat']}[/dim] {user!r}", markup=True,
+                          highlight=False)
+            if sample["error"]:
+                console.print(f"  [red]error[/red] {sample['error']}", highlight=False)
+            else:
+                console.print(f"  output: {sample['output_text']!r}", highlight=False, markup=False)
+            for grade in sample["grades"]:
+                mark = "[green]pass[/green]" if grade["passed"] else "[red]fail[/red]"
+                console.print(f"  {mark} {grade['grader']} {grade['score']:.3f}  ", end="")
+                console.print(grade["feedback"] or "", highlight=False, markup=False)

@@ -1,0 +1,217 @@
+"""The SQLite store: one file, WAL mode, written with sqlite-utils.
+
+The schema lives in `flywheel.migrations`; this module reads and writes rows. A sample and its
+grades are written in one transaction, so a killed process leaves either both or neither.
+
+    store = Store.open("flywheel.db")
+    for run in store.list_runs(): ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from flywheel.errors import StoreError
+from flywheel.migrations import apply_migrations
+
+DEFAULT_DB = "flywheel.db"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def default_db_path() -> str:
+    return os.environ.get("FLYWHEEL_DB", DEFAULT_DB)
+
+
+@dataclass
+class SampleRecord:
+    """A sample and its grades, ready to be written together."""
+
+    iteration_id: str
+    item_key: str
+    repeat: int
+    input_json: str
+    output_text: str | None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    cost: float = 0.0
+    cache_hit: bool = False
+    error: str | None = None
+    grades: list[dict[str, Any]] = field(default_factory=list)
+    cache_key: str | None = None
+    model_fingerprint: str | None = None
+
+
+class Store:
+    def __init__(self, db: sqlite_utils.Database, path: str):
+        self.db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | None = None) -> "Store":
+        """Open (creating if needed) and migrate a store; StoreError names the path on failure."""
+        path = str(path or default_db_path())
+        if path != ":memory:":
+            parent = Path(path).resolve().parent
+            if not parent.is_dir():
+                raise StoreError(f"{path}: cannot create database: folder {parent} does not exist")
+        try:
+            conn = sqlite3.connect(path, timeout=30)
+            conn.execute("pragma journal_mode=wal")
+            conn.execute("pragma synchronous=normal")
+            conn.execute("pragma foreign_keys=on")
+            db = sqlite_utils.Database(conn)
+            apply_migrations(db)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open database: {exc}") from None
+        return cls(db, path)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- definitions ----------------------------------------------------------------------------
+    def save_eval(self, eval_id: str, name: str, spec_path: str, spec_json: str) -> None:
+        with self.db.conn:
+            self.db["evals"].insert(
+                {"id": eval_id, "name": name, "spec_path": spec_path, "spec_json": spec_json,
+                 "created_at": now()}, ignore=True)
+
+    def save_dataset(self, dataset_id: str, path: str, items: Sequence[Any]) -> None:
+        """Store a dataset's items once per content hash."""
+        if self.db["datasets"].count_where("id = ?", [dataset_id]):
+            return
+        with self.db.conn:
+            self.db["datasets"].insert(
+                {"id": dataset_id, "path": path, "n_items": len(items), "created_at": now()})
+            self.db["items"].insert_all(
+                ({"dataset_id": dataset_id, "key": item.key, "split": item.split, "line": item.line,
+                  "fields_json": json.dumps(item.fields, ensure_ascii=False)} for item in items),
+                batch_size=1000)
+
+    def save_prompt(self, prompt_id: str, messages: list[dict[str, str]], origin: str,
+                    parent_id: str | None = None, rationale: str | None = None) -> None:
+        with self.db.conn:
+            self.db["prompts"].insert(
+                {"id": prompt_id, "messages_json": json.dumps(messages, ensure_ascii=False),
+                 "origin": origin, "parent_id": parent_id, "rationale": rationale,
+                 "created_at": now()}, ignore=True)
+
+    # -- runs and iterations --------------------------------------------------------------------
+    def find_unfinished_run(self, config_key: str) -> dict[str, Any] | None:
+        rows = list(self.db["runs"].rows_where(
+            "config_key = ? and status = 'running'", [config_key], order_by="started_at desc", limit=1))
+        return rows[0] if rows else None
+
+    def create_run(self, **fields: Any) -> str:
+        run_id = fields.pop("id", None) or new_id("run")
+        with self.db.conn:
+            self.db["runs"].insert({"id": run_id, "status": "running", "started_at": now(), **fields})
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        with self.db.conn:
+            self.db["runs"].update(run_id, {"status": status, "finished_at": now(),
+                                            "summary_json": json.dumps(summary)})
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        matches = list(self.db["runs"].rows_where("id = ? or id like ?", [run_id, f"%{run_id}"], limit=2))
+        if len(matches) != 1:
+            raise StoreError(f"{self.path}: {'no' if not matches else 'more than one'} run matches {run_id!r}")
+        return matches[0]
+
+    def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self.db["runs"].rows_where(order_by="started_at desc", limit=limit))
+
+    def iteration_for(self, run_id: str, seq: int, **fields: Any) -> str:
+        """The iteration `seq` of a run, created on first use (so resuming finds the same one)."""
+        existing = list(self.db["iterations"].rows_where("run_id = ? and seq = ?", [run_id, seq]))
+        if existing:
+            return existing[0]["id"]
+        iteration_id = f"{run_id}/{seq}"
+        with self.db.conn:
+            self.db["iterations"].insert({"id": iteration_id, "run_id": run_id, "seq": seq,
+                                          "created_at": now(), **fields})
+        return iteration_id
+
+    def update_iteration(self, iteration_id: str, **fields: Any) -> None:
+        with self.db.conn:
+            self.db["iterations"].update(iteration_id, fields)
+
+    def iterations(self, run_id: str) -> list[dict[str, Any]]:
+        return list(self.db["iterations"].rows_where("run_id = ?", [run_id], order_by="seq"))
+
+    # -- samples, grades, cache -----------------------------------------------------------------
+    def done_keys(self, iteration_id: str) -> set[tuple[str, int]]:
+        rows = self.db.execute(
+            "select item_key, repeat from samples where iteration_id = ?", [iteration_id]).fetchall()
+        return {(key, repeat) for key, repeat in rows}
+
+    def cached(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Completion-cache rows for the given keys (looked up in chunks)."""
+        keys = list(keys)
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.db.query(f"select * from completion_cache where key in ({marks})", chunk):
+                found[row["key"]] = row
+        return found
+
+    def write_samples(self, records: Sequence[SampleRecord]) -> None:
+        """Write samples, their grades and new cache rows in one transaction."""
+        if not records:
+            return
+        created = now()
+        with self.db.conn:
+            cursor = self.db.conn.cursor()
+            for rec in records:
+                cursor.execute(
+                    "insert into samples (iteration_id, item_key, repeat, input_json, output_text,"
+                    " finish_reason, prompt_tokens, completion_tokens, latency_s, cost, cache_hit,"
+                    " error, created_at) values (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (rec.iteration_id, rec.item_key, rec.repeat, rec.input_json, rec.output_text,
+                     rec.finish_reason, rec.prompt_tokens, rec.completion_tokens, rec.latency_s,
+                     rec.cost, int(rec.cache_hit), rec.error, created))
+                sample_id = cursor.lastrowid
+                cursor.executemany(
+                    "insert into grades (sample_id, grader, score, passed, feedback, details_json,"
+                    " error, error_details) values (?,?,?,?,?,?,?,?)",
+                    [(sample_id, g["grader"], g["score"], int(g["passed"]), g.get("feedback"),
+                      json.dumps(g.get("details") or {}, ensure_ascii=False, default=str),
+                      g.get("error"), g.get("error_details")) for g in rec.grades])
+                if rec.cache_key and not rec.cache_hit and rec.error is None:
+                    cursor.execute(
+                        "insert or ignore into completion_cache (key, model_fingerprint, output_text,"
+                        " finish_reason, prompt_tokens, completion_tokens, latency_s, cost, created_at)"
+                        " values (?,?,?,?,?,?,?,?,?)",
+                        (rec.cache_key, rec.model_fingerprint, rec.output_text, rec.finish_reason,
+                         rec.prompt_tokens, rec.completion_tokens, rec.latency_s, rec.cost, created))
+
+    def samples_with_grades(self, iteration_id: str) -> list[dict[str, Any]]:
+        """Every sample of an iteration with a `grades` list, in item order."""
+        samples = list(self.db.query(
+            "select * from samples where iteration_id = ? order by id", [iteration_id]))
+        by_id = {s["id"]: {**s, "grades": []} for s in samples}
+        for grade in self.db.query(
+                "select g.* from grades g join samples s on s.id = g.sample_id"
+                " where s.iteration_id = ? order by g.sample_id, g.grader", [iteration_id]):
+            by_id[grade["sample_id"]]["grades"].append(grade)
+        return list(by_id.values())

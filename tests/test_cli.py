@@ -1,0 +1,111 @@
+"""End to end through the CLI: click's CliRunner, and a real subprocess killed with SIGKILL."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import yaml
+from click.testing import CliRunner
+
+from flywheel.cli import main
+
+from conftest import spec_dict, write_jsonl
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def test_eval_prints_summary_and_rerun_is_free(tiny_spec, tmp_path):
+    db = tmp_path / "cli.db"
+    first = invoke("eval", tiny_spec, "--split", "test", "--db", db)
+    assert first.exit_code == 0, first.output
+    assert "n=4" in first.output and "pass rate" in first.output and "95% CI" in first.output
+    assert "model calls 4" in first.output
+    second = invoke("eval", tiny_spec, "--split", "test", "--db", db, "--json")
+    data = json.loads(second.output)
+    assert data["model_calls"] == 0 and data["cache_hits"] == 4 and data["n_samples"] == 4
+    assert data["graders"][0]["name"] == "label"
+
+
+def test_runs_list_and_show(tiny_spec, tmp_path):
+    db = tmp_path / "cli.db"
+    run_id = json.loads(invoke("eval", tiny_spec, "--db", db, "--json").output)["run_id"]
+    listing = invoke("runs", "list", "--db", db)
+    assert run_id[-6:] in listing.output and "completed" in listing.output
+    shown = invoke("runs", "show", run_id, "--db", db)
+    assert shown.exit_code == 0 and "question 0 about card arrival" in shown.output and "label" in shown.output
+    detail = json.loads(invoke("runs", "show", run_id, "--db", db, "--json").output)
+    samples = detail["iterations"][0]["samples"]
+    assert len(samples) == 4 and samples[0]["grades"][0]["grader"] == "label"
+
+
+def test_errors_are_one_clean_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    result = CliRunner().invoke(main, ["eval", str(bad), "--db", str(tmp_path / "x.db")])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ") and "malformed YAML" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unknown_model_reference_from_cli(tiny_spec, tmp_path):
+    result = CliRunner().invoke(main, ["eval", str(tiny_spec), "--model", "gpt5", "--db", str(tmp_path / "x.db")])
+    assert result.exit_code == 1 and "unknown model reference 'gpt5'" in result.output
+
+
+def test_unwritable_db_from_cli(tiny_spec, tmp_path):
+    result = CliRunner().invoke(main, ["eval", str(tiny_spec), "--db", str(tmp_path / "no" / "x.db")])
+    assert result.exit_code == 1 and "cannot create database" in result.output
+
+
+def test_usage_error_exits_2(tiny_spec):
+    assert CliRunner().invoke(main, ["eval", str(tiny_spec), "--split", "dev"]).exit_code == 2
+
+
+def test_sigkill_then_same_command_stores_every_item_once(tmp_path, tiny_model_dir):
+    rows = [{"id": f"i{n}", "text": f"item number {n}", "label": "x", "split": "test"} for n in range(300)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    spec = spec_dict(f"local:{tiny_model_dir}", model_options={"batch_size": 2})
+    spec["sampling"]["max_tokens"] = 12
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    db = tmp_path / "kill.db"
+    command = [sys.executable, "-m", "flywheel", "eval", str(tmp_path / "eval.yaml"), "--db", str(db), "--json"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stored = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    stored = conn.execute("select count(*) from samples").fetchone()[0]
+            except sqlite3.OperationalError:
+                stored = 0
+            if stored >= 16:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as conn:
+        before = conn.execute("select count(*) from samples").fetchone()[0]
+        assert conn.execute("select status from runs").fetchone()[0] == "running"
+    assert 16 <= before < 300
+
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout)
+    assert result["n_samples"] == 300 and result["resumed"] == before
+    assert result["model_calls"] == 300 - before  # nothing stored was paid for again
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*) from runs").fetchone()[0] == 1
+        keys = [k for (k,) in conn.execute("select item_key from samples")]
+        assert sorted(keys) == sorted(r["id"] for r in rows)
+        assert conn.execute("select count(*) from grades").fetchone()[0] == 300

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import yaml
+
+from flywheel.errors import TooManyErrors
+from flywheel.harness import run_eval
+from flywheel.spec import load_eval_spec
+
+from conftest import make_rows, spec_dict, write_jsonl
+
+
+def test_eval_stores_every_sample_and_grade(tiny_spec, store):
+    result = run_eval(load_eval_spec(tiny_spec), store, split="test")
+    assert result.n_samples == 4 and result.model_calls == 4 and result.cache_hits == 0
+    samples = store.samples_with_grades(result.iteration_id)
+    assert [s["item_key"] for s in sorted(samples, key=lambda s: s["item_key"])] == [f"test-{i}" for i in range(4)]
+    for sample in samples:
+        assert json.loads(sample["input_json"])[1]["content"].startswith("question ")
+        assert sample["completion_tokens"] > 0 and sample["prompt_tokens"] > 0
+        assert [g["grader"] for g in sample["grades"]] == ["label"]
+    run = store.get_run(result.run_id)
+    assert run["status"] == "completed"
+    assert json.loads(run["summary_json"])["n_samples"] == 4
+
+
+def test_unchanged_rerun_makes_zero_model_calls(tiny_spec, store):
+    spec = load_eval_spec(tiny_spec)
+    first = run_eval(spec, store, split="valid")
+    second = run_eval(spec, store, split="valid")
+    assert second.run_id != first.run_id
+    assert second.model_calls == 0 and second.cache_hits == 4
+    assert (second.pass_rate, second.graders) == (first.pass_rate, first.graders)
+    out_first = [s["output_text"] for s in store.samples_with_grades(first.iteration_id)]
+    assert sorted(out_first) == sorted(s["output_text"] for s in store.samples_with_grades(second.iteration_id))
+
+
+def test_cache_key_covers_sampling_and_repeats(tiny_spec, store):
+    run_eval(load_eval_spec(tiny_spec), store, split="test")
+    changed = run_eval(load_eval_spec(tiny_spec, ["sampling.max_tokens=3"]), store, split="test")
+    assert changed.model_calls == 4
+    repeated = run_eval(load_eval_spec(tiny_spec, ["sampling.max_tokens=3", "sampling.repeats=2"]), store, split="test")
+    assert repeated.n_samples == 8 and repeated.model_calls == 4 and repeated.cache_hits == 4
+
+
+def test_limit_and_split(tiny_spec, store):
+    result = run_eval(load_eval_spec(tiny_spec), store, split="train", limit=2)
+    assert result.n_samples == 2 and result.split == "train"
+
+
+def test_item_missing_a_field_is_an_error_row(tmp_path, tiny_model_dir, store):
+    rows = make_rows()
+    del rows[-1]["text"]  # the last test item cannot be rendered
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict(f"local:{tiny_model_dir}")))
+    result = run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test")
+    assert result.n_samples == 4 and result.n_errors == 1 and result.model_calls == 3
+    errored = [s for s in store.samples_with_grades(result.iteration_id) if s["error"]]
+    assert len(errored) == 1 and "invalid_variable_error" in errored[0]["error"]
+    assert "item.text" in errored[0]["error"]
+    # The errored item is not cached: a rerun pays only for it (and still cannot render it).
+    assert run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test").model_calls == 0
+
+
+def test_max_errors_gives_up_and_marks_the_run_failed(tmp_path, tiny_model_dir, store):
+    rows = make_rows()
+    for row in rows:
+        if row["split"] == "test":
+            del row["text"]
+    rows[0]["text"] = "one row keeps the field so the template check passes"
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict(f"local:{tiny_model_dir}")))
+    with pytest.raises(TooManyErrors, match="more than --max-errors 1"):
+        run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test", max_errors=1)
+    run = store.list_runs()[0]
+    assert run["status"] == "failed"
+    assert store.db["samples"].count == 4  # what was done is kept
+
+
+def test_grader_that_throws_is_recorded(tmp_path, tiny_model_dir, store):
+    write_jsonl(tmp_path / "data.jsonl", make_rows())
+    data = spec_dict(f"local:{tiny_model_dir}")
+    data["graders"].append({"type": "python", "name": "boom",
+                            "source": "def grade(sample, item):\n    raise ValueError('no luck')\n"})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(data))
+    result = run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test")
+    assert result.n_samples == 4
+    boom = next(g for g in result.graders if g.name == "boom")
+    assert boom.errors == 4 and boom.mean == 0
+    grades = [g for s in store.samples_with_grades(result.iteration_id) for g in s["grades"] if g["grader"] == "boom"]
+    assert all(g["error"] == "python_grader_runtime_error" and "no luck" in g["error_details"] for g in grades)

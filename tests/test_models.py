@@ -1,0 +1,95 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from flywheel.errors import ModelError
+from flywheel.models import ChatRequest, Sampling, load_model, parse_model_ref
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_parse_model_refs():
+    assert parse_model_ref("local:smollm2") == ("local", "smollm2", None)
+    assert parse_model_ref("local:smollm2+ckpt/sft-3") == ("local", "smollm2", "ckpt/sft-3")
+    assert parse_model_ref("openai:gpt-4o-mini") == ("openai", "gpt-4o-mini", None)
+
+
+@pytest.mark.parametrize("ref", ["smollm2", "hf:gpt2", "local:", "foo:bar"])
+def test_unknown_model_reference(ref):
+    with pytest.raises(ModelError, match="unknown model reference"):
+        load_model(ref)
+
+
+def test_unknown_local_model():
+    with pytest.raises(ModelError, match="unknown local model 'nosuchmodel'"):
+        load_model("local:nosuchmodel")
+
+
+def test_fingerprint_needs_no_weights(tiny_model_dir):
+    model = load_model(f"local:{tiny_model_dir}")
+    assert model.fingerprint.startswith("dir:")
+    assert model._model is None  # computing the fingerprint loaded nothing
+
+
+def test_batched_greedy_is_deterministic_and_matches_single(tiny_model_dir):
+    model = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32"})
+    sampling = Sampling(max_tokens=5)
+    prompts = [[{"role": "user", "content": "word " * n}] for n in (1, 7, 3, 12)]
+    batch = model.generate([ChatRequest(p, sampling) for p in prompts])
+    again = model.generate([ChatRequest(p, sampling) for p in prompts])
+    single = [model.generate([ChatRequest(p, sampling)])[0] for p in prompts]
+    assert [c.text for c in batch] == [c.text for c in again]
+    assert [c.text for c in batch] == [c.text for c in single]
+    assert all(c.completion_tokens == 5 and c.finish_reason == "length" for c in batch)
+    assert [c.prompt_tokens for c in batch] == [c.prompt_tokens for c in single]
+
+
+def test_lora_adapter_on_top_changes_output_and_fingerprint(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 2.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    sampling = Sampling(max_tokens=6)
+    plain = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32"})
+    tuned = load_model(f"local:{tiny_model_dir}+{tmp_path / 'adapter'}", {"dtype": "fp32"})
+    assert tuned.fingerprint.startswith(plain.fingerprint + "+adapter:")
+    assert tuned.generate([ChatRequest(QUESTION, sampling)])[0].text != plain.generate([ChatRequest(QUESTION, sampling)])[0].text
+
+
+def test_adapter_folder_must_exist(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelError, match="has no adapter_config.json"):
+        load_model(f"local:{tiny_model_dir}+{tmp_path}")
+
+
+def test_adapter_for_another_base_is_refused(tiny_model_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "meta-llama/Llama-3-8B", "r": 4,
+         "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    model = load_model(f"local:{tiny_model_dir}+{adapter}")
+    with pytest.raises(ModelError, match="adapter was trained on 'meta-llama/Llama-3-8B'"):
+        model.load()
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_answers_and_is_deterministic(smollm2_dir):
+    assert (Path(smollm2_dir) / "model.safetensors").exists()
+    model = load_model("local:smollm2")
+    assert model.fingerprint.startswith("embedded:smollm2:")
+    requests = [ChatRequest(QUESTION, Sampling(max_tokens=12)),
+                ChatRequest([{"role": "user", "content": "Name a colour."}], Sampling(max_tokens=12))]
+    first = model.generate(requests)
+    assert "Paris" in first[0].text
+    assert [c.text for c in model.generate(requests)] == [c.text for c in first]
+    assert model.chat([QUESTION], max_tokens=12) == [first[0].text]
