@@ -115,5 +115,118 @@ def runs_show(run_id, failed, limit, db, as_json):
         print_run_detail(detail)
 
 
+def _options(pairs) -> dict:
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r}: expected key=value", param_hint="-o/--option")
+        options[key.strip()] = yaml.safe_load(value) if value else ""
+    return options
+
+
+@main.command("serve-model")
+@click.argument("model_ref", metavar="MODEL")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it local).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--name", default=None, help="Model id clients send (default: derived from MODEL).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most sequences per generate call.")
+@click.option("--max-wait-ms", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long a batch waits for more requests.")
+@click.option("-o", "--option", "options", multiple=True, help="Model option key=value (e.g. dtype=fp32).")
+def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, options):
+    """Serve MODEL (e.g. local:smollm2+ckpt/sft-3) on an OpenAI-compatible API."""
+    from flywheel.serve import serve_model
+
+    def ready(served, url):
+        click.echo(f"serving {model_ref} as model {served!r} at {url}  (Ctrl-C stops)", err=True)
+
+    serve_model(model_ref, options=_options(options), host=host, port=port, name=name,
+                batch_size=batch_size, max_wait_ms=max_wait_ms, on_ready=ready)
+
+
+@main.command("proxy")
+@click.option("--upstream", required=True, help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it local).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--timeout", default=600.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the upstream before answering 504.")
+@click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Larger request bodies are refused with 413.")
+@db_option
+def proxy_command(upstream, host, port, timeout, max_body_mb, db):
+    """Forward chat calls to --upstream and record each one in the captures table."""
+    from flywheel.proxy import run_proxy
+
+    db_path = db or default_db_path()
+
+    def ready(upstream_url, url):
+        click.echo(f"proxying {url} -> {upstream_url}, recording into {db_path}  (Ctrl-C stops)", err=True)
+
+    run_proxy(upstream, db_path=db_path, host=host, port=port, timeout=timeout,
+              max_body_bytes=int(max_body_mb * 1024 * 1024), on_ready=ready)
+
+
+@main.group()
+def captures() -> None:
+    """Browse and export traffic recorded by `flywheel proxy`."""
+
+
+capture_filters = [
+    click.option("--metadata", "metadata", multiple=True, help="Keep captures whose metadata has key=value."),
+    click.option("--since", default=None, help="From a date, timestamp or age (2026-11-05, 7d, 12h)."),
+    click.option("--until", default=None, help="Up to a date (inclusive) or timestamp."),
+    click.option("--model", default=None, help="Only calls to this model."),
+]
+
+
+def _capture_filters(fn):
+    for option in reversed(capture_filters):
+        fn = option(fn)
+    return fn
+
+
+@captures.command("list")
+@_capture_filters
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--failed", is_flag=True, help="Only failed calls.")
+@db_option
+@json_option
+def captures_list(metadata, since, until, model, limit, failed, db, as_json):
+    """List recorded calls, newest first."""
+    from flywheel.captures import list_captures, parse_metadata_filters, print_captures
+
+    with _open_store(db) as store:
+        rows = list_captures(store, metadata=parse_metadata_filters(metadata), since=since, until=until,
+                             model=model, limit=limit, outcome="failed" if failed else None)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        print_captures(rows)
+
+
+@captures.command("export")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
+@_capture_filters
+@db_option
+@json_option
+def captures_export(output, metadata, since, until, model, db, as_json):
+    """Write successful captures as SFT JSONL ({"messages": [...]} per line)."""
+    from dataclasses import asdict
+
+    from flywheel.captures import export_sft, parse_metadata_filters
+
+    with _open_store(db) as store:
+        result = export_sft(store, output, metadata=parse_metadata_filters(metadata), since=since,
+                            until=until, model=model)
+    if as_json:
+        click.echo(json.dumps(asdict(result)))
+    else:
+        click.echo(f"wrote {result.written} examples to {result.path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -77,6 +77,20 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m002_captures(db: sqlite_utils.Database) -> None:
+    # Chat calls recorded by `flywheel proxy`; request/response are the JSON bodies as sent.
+    db["captures"].create(
+        {"id": int, "created_at": str, "endpoint": str, "upstream": str, "model": str, "stream": int,
+         "status": int, "latency_s": float, "prompt_tokens": int, "completion_tokens": int,
+         "total_tokens": int, "metadata_json": str, "request_json": str, "request_bytes": int,
+         "response_json": str, "response_id": str, "error": str},
+        pk="id",
+    )
+    db["captures"].create_index(["created_at"])
+    db["captures"].create_index(["model", "created_at"])
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations, each in its own transaction; return the names applied."""
     if "_migrations" not in db.table_names():

@@ -28,19 +28,19 @@ def test_eval_prints_summary_and_rerun_is_free(tiny_spec, tmp_path):
     assert "n=4" in first.output and "pass rate" in first.output and "95% CI" in first.output
     assert "model calls 4" in first.output
     second = invoke("eval", tiny_spec, "--split", "test", "--db", db, "--json")
-    data = json.loads(second.output)
+    data = json.loads(second.stdout)
     assert data["model_calls"] == 0 and data["cache_hits"] == 4 and data["n_samples"] == 4
     assert data["graders"][0]["name"] == "label"
 
 
 def test_runs_list_and_show(tiny_spec, tmp_path):
     db = tmp_path / "cli.db"
-    run_id = json.loads(invoke("eval", tiny_spec, "--db", db, "--json").output)["run_id"]
+    run_id = json.loads(invoke("eval", tiny_spec, "--db", db, "--json").stdout)["run_id"]
     listing = invoke("runs", "list", "--db", db)
     assert run_id[-6:] in listing.output and "completed" in listing.output
     shown = invoke("runs", "show", run_id, "--db", db)
     assert shown.exit_code == 0 and "question 0 about card arrival" in shown.output and "label" in shown.output
-    detail = json.loads(invoke("runs", "show", run_id, "--db", db, "--json").output)
+    detail = json.loads(invoke("runs", "show", run_id, "--db", db, "--json").stdout)
     samples = detail["iterations"][0]["samples"]
     assert len(samples) == 4 and samples[0]["grades"][0]["grader"] == "label"
 

@@ -3,7 +3,8 @@
     python evals/banking77/build.py ../shared/data/banking77
 
 Ten distinct intents; per intent 40 train + 10 valid rows drawn from the source's train.csv and
-20 test rows drawn from its test.csv, so `test` never overlaps what optimisation may read.
+20 test rows drawn from its test.csv; texts present in both files are kept out of train/valid, so
+`test` never overlaps what optimisation may read.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ def build(source: Path, target: Path) -> int:
         with (source / f"{name}.csv").open(newline="", encoding="utf-8") as handle:
             rows = [r for r in csv.DictReader(handle) if r["category"] in INTENTS]
         pools[name] = {i: sorted({r["text"].strip() for r in rows if r["category"] == i}) for i in INTENTS}
+    # BANKING77's train and test files share some texts: keep those in test only.
+    test_texts = {t for texts in pools["test"].values() for t in texts}
     out = []
     for intent in INTENTS:
-        train_pool = list(pools["train"][intent])
+        train_pool = [t for t in pools["train"][intent] if t not in test_texts]
         rng.shuffle(train_pool)
         test_pool = list(pools["test"][intent])
         rng.shuffle(test_pool)

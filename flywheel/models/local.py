@@ -225,7 +225,9 @@ class LocalModel(Model):
     def _load(self):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a per-load bar is noise; the one-time GGUF conversion keeps its bar
         dtype = pick_dtype(self.dtype_name)
         path = self.base_path()
         try:

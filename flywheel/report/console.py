@@ -12,7 +12,17 @@ from rich.table import Table
 from flywheel.harness import EvalResult
 from flywheel.store import Store
 
-console = Console()
+
+class _Console(Console):
+    """A rich console that does not squeeze tables to 80 columns when output is piped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        if not self.is_terminal:
+            self.width = 160
+
+
+console = _Console()
 
 
 def _pct(value: float | None) -> str:
@@ -47,13 +57,17 @@ def print_eval_result(result: EvalResult) -> None:
 
 def print_runs(rows: list[dict[str, Any]]) -> None:
     table = Table(show_header=True, header_style="bold")
-    for column in ("run", "kind", "model", "split", "status", "n", "pass rate", "started"):
-        table.add_column(column)
+    table.add_column("run", no_wrap=True)
+    table.add_column("kind")
+    table.add_column("model", max_width=28, overflow="ellipsis")
+    for column in ("split", "status", "n", "pass rate"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("started", no_wrap=True)
     for row in rows:
         summary = json.loads(row["summary_json"]) if row.get("summary_json") else {}
         table.add_row(row["id"], row["kind"] or "", row["model_ref"] or "", row["split"] or "",
                       row["status"], str(summary.get("n_samples", "-")), _pct(summary.get("pass_rate")),
-                      (row["started_at"] or "")[:19])
+                      (row["started_at"] or "")[:16].replace("T", " "))
     console.print(table)
 
 

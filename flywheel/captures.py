@@ -1,0 +1,186 @@
+"""Captured traffic (from `flywheel proxy`): list it, and export it as the platform's SFT JSONL.
+
+    rows = list_captures(store, metadata={"usecase": "triage"}, since="7d")
+    result = export_sft(store, "train.jsonl", metadata={"prompt_version": "v2"}, since="2026-11-01")
+
+An exported line is `{"messages": <the request's messages> + [<the assistant reply>]}` (plus the
+request's `tools` when it had some), the chat format of supervised fine-tuning (reference §5.4) —
+the API equivalent of the platform's "Distill" button over stored completions. Only successful
+calls are exported; with `n` > 1 the first choice is the reply.
+
+Dates: `2026-11-05` (a day: as `--since` its start, as `--until` its end, inclusive), an ISO
+timestamp (`2026-11-05T14:00`, UTC unless it names an offset), or an age: `30m`, `12h`, `7d`, `2w`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from flywheel.errors import FlywheelError
+from flywheel.store import Store
+
+AGE = re.compile(r"^(\d+)\s*([mhdw])$")
+AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_metadata_filters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`["usecase=triage", "v=2"]` -> `{"usecase": "triage", "v": "2"}`."""
+    filters = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FlywheelError(f"--metadata {pair!r}: expected key=value (e.g. usecase=triage)")
+        filters[key.strip()] = value
+    return filters
+
+
+def parse_when(text: str | None, *, end: bool = False, option: str = "--since") -> str | None:
+    """A date, timestamp or age as the store's UTC ISO format; `end` makes a bare day inclusive."""
+    if not text:
+        return None
+    text = text.strip()
+    stamp: datetime
+    match = AGE.match(text)
+    if match:
+        stamp = datetime.now(timezone.utc) - timedelta(**{AGE_UNITS[match[2]]: int(match[1])})
+    elif re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        try:
+            day = date.fromisoformat(text)
+        except ValueError as exc:
+            raise FlywheelError(f"{option} {text!r}: {exc}") from None
+        stamp = datetime(day.year, day.month, day.day, tzinfo=timezone.utc) + (timedelta(days=1) if end else timedelta())
+    else:
+        try:
+            stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise FlywheelError(
+                f"{option} {text!r}: expected a date (2026-11-05), a timestamp (2026-11-05T14:00) "
+                "or an age (30m, 12h, 7d, 2w)") from None
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _loads(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def reply_message(response: Any) -> dict[str, Any] | None:
+    """The assistant message of a chat.completion body (first choice), or None."""
+    if not isinstance(response, dict):
+        return None
+    choices = response.get("choices") or []
+    if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
+        return None
+    message = choices[0]["message"]
+    reply: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        reply["tool_calls"] = message["tool_calls"]
+    if reply["content"] is None and "tool_calls" not in reply:
+        return None
+    return reply
+
+
+def sft_example(capture: dict[str, Any]) -> dict[str, Any] | None:
+    """A capture row as one SFT line, or None when it is not a usable successful call."""
+    if capture.get("error") or capture.get("status") != 200:
+        return None
+    request = _loads(capture.get("request_json"))
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        return None
+    reply = reply_message(_loads(capture.get("response_json")))
+    if reply is None:
+        return None
+    example: dict[str, Any] = {"messages": [*request["messages"], reply]}
+    if request.get("tools"):
+        example["tools"] = request["tools"]
+    return example
+
+
+def summarise_capture(capture: dict[str, Any]) -> dict[str, Any]:
+    """A row for listings: what was asked, what came back, how it went."""
+    request = _loads(capture.get("request_json"))
+    messages = request.get("messages") if isinstance(request, dict) else None
+    last_user = next((m.get("content") for m in reversed(messages or []) if isinstance(m, dict)
+                      and m.get("role") == "user"), None)
+    reply = reply_message(_loads(capture.get("response_json")))
+    return {
+        "id": capture["id"], "created_at": capture["created_at"], "model": capture.get("model"),
+        "status": capture.get("status"), "latency_ms": round((capture.get("latency_s") or 0) * 1000, 1),
+        "prompt_tokens": capture.get("prompt_tokens"), "completion_tokens": capture.get("completion_tokens"),
+        "metadata": _loads(capture.get("metadata_json")) or {}, "stream": bool(capture.get("stream")),
+        "input": last_user if isinstance(last_user, str) else json.dumps(last_user) if last_user else None,
+        "output": reply.get("content") if reply else None, "error": capture.get("error"),
+    }
+
+
+def list_captures(store: Store, *, metadata: dict[str, str] | None = None, since: str | None = None,
+                  until: str | None = None, model: str | None = None, limit: int | None = 50,
+                  outcome: str | None = None) -> list[dict[str, Any]]:
+    """Captures newest first, summarised; dates as `parse_when` reads them; outcome ok|failed."""
+    rows = store.query_captures(
+        metadata=metadata, since=parse_when(since), until=parse_when(until, end=True, option="--until"),
+        model=model, outcome=outcome, limit=limit, newest_first=True)
+    return [summarise_capture(r) for r in rows]
+
+
+@dataclass
+class ExportResult:
+    path: str
+    written: int
+    skipped: int
+
+
+def export_sft(store: Store, path: str | Path, *, metadata: dict[str, str] | None = None,
+               since: str | None = None, until: str | None = None, model: str | None = None) -> ExportResult:
+    """Write the successful matching captures as SFT JSONL, oldest first."""
+    rows = store.query_captures(
+        metadata=metadata, since=parse_when(since), until=parse_when(until, end=True, option="--until"),
+        model=model, outcome="ok")
+    examples = [sft_example(r) for r in rows]
+    path = Path(path)
+    try:
+        with path.open("w", encoding="utf-8") as handle:
+            for example in examples:
+                if example is not None:
+                    handle.write(json.dumps(example, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise FlywheelError(f"{path}: cannot write export: {exc.strerror}") from None
+    written = sum(e is not None for e in examples)
+    return ExportResult(path=str(path), written=written, skipped=len(examples) - written)
+
+
+def print_captures(rows: list[dict[str, Any]]) -> None:
+    """A table of `list_captures` rows on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not rows:
+        console.print("no captures match")
+        return
+    table = Table(show_lines=False)
+    for column in ("id", "created_at", "model", "status", "ms", "tokens", "metadata", "input", "output / error"):
+        table.add_column(column, overflow="fold")
+
+    def clip(text: Any, width: int = 48) -> str:
+        text = "" if text is None else str(text).replace("\n", " ")
+        return text if len(text) <= width else text[:width - 1] + "…"
+
+    for r in rows:
+        tokens = f"{r['prompt_tokens'] or 0}+{r['completion_tokens'] or 0}"
+        metadata = ",".join(f"{k}={v}" for k, v in r["metadata"].items())
+        outcome = f"[red]{clip(r['error'])}[/red]" if r["error"] else clip(r["output"])
+        table.add_row(str(r["id"]), r["created_at"][:19], r["model"] or "", str(r["status"] or ""),
+                      f"{r['latency_ms']:.0f}", tokens, clip(metadata, 32), clip(r["input"]), outcome)
+    console.print(table)

@@ -1,0 +1,375 @@
+"""`flywheel proxy`: an OpenAI-compatible recording proxy — the local `store: true`.
+
+    flywheel proxy --upstream https://api.openai.com/v1 --port 8080 --db flywheel.db
+    # the app changes only its base URL:
+    client = openai.OpenAI(base_url="http://127.0.0.1:8080/v1")
+    client.chat.completions.create(model="gpt-4o", messages=[...], metadata={"usecase": "triage"})
+
+Every `POST /v1/chat/completions` is forwarded to the upstream unchanged (headers, the app's own
+`Authorization`, body bytes) and answered with the upstream's reply unchanged, streamed replies
+included. Each call lands in the store's `captures` table: request, response (a streamed one
+re-assembled into a chat.completion object), status, latency, usage, the request's `metadata`,
+and the error when there is one. Other `/v1/...` routes (`/v1/models`, embeddings, ...) are passed
+through without recording.
+
+Failures are answered in the platform's error shape and recorded too: upstream unreachable ->
+502, no answer within `--timeout` -> 504, an upstream error status -> relayed as is, a body that
+is not a JSON object -> 400, a body over `--max-body-mb` -> 413.
+
+Captures are written by one writer thread with its own SQLite connection; a non-streamed reply is
+sent after its capture is committed, so what a client has seen is in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from flywheel.errors import FlywheelError
+from flywheel.serve import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, read_body
+from flywheel.store import Store, now
+
+CHAT_PATH = "/v1/chat/completions"
+# Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy recomputes.
+DROP_REQUEST_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
+                        "trailer", "upgrade", "proxy-authorization", "proxy-connection", "accept-encoding"}
+DROP_RESPONSE_HEADERS = {"content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding",
+                         "date", "server"}
+MAX_STORED_BODY = 1024 * 1024  # a malformed body is kept only up to this many characters
+
+
+def normalise_upstream(url: str) -> str:
+    """The upstream base URL, ending in its API root (`/v1` when the URL has no path)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise FlywheelError(f"--upstream {url!r}: expected an http(s) URL such as https://api.openai.com/v1")
+    url = url.rstrip("/")
+    return url if parts.path.strip("/") else url + "/v1"
+
+
+class CaptureWriter:
+    """Writes capture rows from one thread with its own store connection, in small batches."""
+
+    def __init__(self, db_path: str):
+        self.db_path = db_path
+        self._queue: queue.Queue[tuple[dict[str, Any], Future] | None] = queue.Queue()
+        self._ready: Future = Future()
+        self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.result()  # re-raises a StoreError from opening the database
+
+    def submit(self, row: dict[str, Any]) -> Future:
+        future: Future = Future()
+        self._queue.put((row, future))
+        return future
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            store = Store.open(self.db_path)
+        except Exception as exc:  # noqa: BLE001 - handed to start()
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        try:
+            while True:
+                item = self._queue.get()
+                batch = [item]
+                while item is not None:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    batch.append(item)
+                jobs = [job for job in batch if job is not None]
+                if jobs:
+                    try:
+                        ids = store.insert_captures([row for row, _ in jobs])
+                    except Exception as exc:  # noqa: BLE001 - reported to each waiting request
+                        for _, future in jobs:
+                            future.set_exception(exc)
+                    else:
+                        for (_, future), capture_id in zip(jobs, ids):
+                            future.set_result(capture_id)
+                if None in batch:
+                    return
+        finally:
+            store.close()
+
+
+def _usage_fields(usage: Any) -> dict[str, Any]:
+    if not isinstance(usage, dict):
+        return {}
+    return {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+            if isinstance(usage.get(k), int)}
+
+
+def _error_text(status: int, payload: Any, raw: bytes) -> str:
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        error = payload["error"]
+        return f"HTTP {status}: {error.get('message') or error.get('code') or error}"
+    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        return f"HTTP {status}: {payload['error']}"
+    return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
+
+
+class StreamAssembler:
+    """Re-assembles a streamed chat completion (SSE chunks) into one chat.completion object."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.meta: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.error: Any = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            self._line(line.strip())
+
+    def _line(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            return
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        if "error" in event:
+            self.error = event["error"]
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if key in event:
+                self.meta.setdefault(key, event[key])
+        if event.get("usage"):
+            self.usage = event["usage"]
+        for delta_choice in event.get("choices") or []:
+            index = delta_choice.get("index", 0)
+            choice = self.choices.setdefault(index, {"index": index, "message": {"role": "assistant", "content": ""},
+                                                     "finish_reason": None})
+            delta = delta_choice.get("delta") or {}
+            message = choice["message"]
+            if delta.get("role"):
+                message["role"] = delta["role"]
+            if delta.get("content"):
+                message["content"] += delta["content"]
+            if delta.get("refusal"):
+                message["refusal"] = message.get("refusal", "") + delta["refusal"]
+            for call in delta.get("tool_calls") or []:
+                calls = message.setdefault("tool_calls", [])
+                position = call.get("index", len(calls))
+                while len(calls) <= position:
+                    calls.append({"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                target = calls[position]
+                if call.get("id"):
+                    target["id"] = call["id"]
+                function = call.get("function") or {}
+                target["function"]["name"] += function.get("name") or ""
+                target["function"]["arguments"] += function.get("arguments") or ""
+            if delta_choice.get("finish_reason"):
+                choice["finish_reason"] = delta_choice["finish_reason"]
+
+    def result(self) -> dict[str, Any]:
+        return {**self.meta, "object": "chat.completion",
+                "choices": [self.choices[i] for i in sorted(self.choices)], "usage": self.usage}
+
+
+def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+    """The recording proxy as an ASGI app. `app.state.writer` is the capture writer."""
+    import httpx2
+
+    upstream = normalise_upstream(upstream)
+    writer = CaptureWriter(db_path)
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        writer.start()
+        state["client"] = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(timeout, connect=min(connect_timeout, timeout)),
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64),
+            follow_redirects=False)
+        try:
+            yield
+        finally:
+            await state["client"].aclose()
+            writer.close()
+
+    def upstream_url(request: Request) -> str:
+        path = request.url.path[len("/v1"):]
+        query = request.url.query
+        return upstream + path + (f"?{query}" if query else "")
+
+    def forward_headers(request: Request) -> list[tuple[str, str]]:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in DROP_REQUEST_HEADERS]
+        # The proxy reads usage out of the reply, so ask for it uncompressed.
+        return headers + [("accept-encoding", "identity")]
+
+    def reply_headers(response: Any) -> dict[str, str]:
+        return {k: v for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
+
+    async def record(row: dict[str, Any]) -> None:
+        await asyncio.wrap_future(writer.submit(row))
+
+    async def chat_completions(request: Request) -> Response:
+        started = time.perf_counter()
+        row: dict[str, Any] = {"created_at": now(), "endpoint": CHAT_PATH, "upstream": upstream}
+
+        async def fail(error: ApiError, **extra: Any) -> Response:
+            row.update(status=error.status, error=f"{error.code or error.type}: {error.message}",
+                       latency_s=time.perf_counter() - started, **extra)
+            await record(row)
+            return error.response()
+
+        try:
+            raw = await read_body(request, max_body_bytes)
+        except ApiError as error:
+            return await fail(error, request_bytes=int(request.headers.get("content-length") or 0) or None)
+        row["request_bytes"] = len(raw)
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
+        except (UnicodeDecodeError, ValueError) as exc:
+            return await fail(ApiError(400, f"request body is not a JSON object: {exc}", code="invalid_json"),
+                              request_json=json.dumps({"raw": raw[:MAX_STORED_BODY].decode("utf-8", "replace")}))
+        row["request_json"] = raw.decode("utf-8")
+        row["model"] = body.get("model") if isinstance(body.get("model"), str) else None
+        metadata = body.get("metadata")
+        row["metadata_json"] = json.dumps(metadata, ensure_ascii=False) if isinstance(metadata, dict) else None
+        row["stream"] = body.get("stream") is True
+
+        client = state["client"]
+        outgoing = client.build_request("POST", upstream_url(request), content=raw, headers=forward_headers(request))
+        try:
+            response = await client.send(outgoing, stream=True)
+        except httpx2.TimeoutException:
+            return await fail(ApiError(504, f"upstream {upstream} did not answer within {timeout:g} s",
+                                       code="upstream_timeout"))
+        except httpx2.HTTPError as exc:
+            return await fail(ApiError(502, f"upstream {upstream} is unreachable: {exc or type(exc).__name__}",
+                                       code="upstream_unreachable"))
+        row["status"] = response.status_code
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        if row["stream"] and response.status_code == 200 and is_sse:
+            return StreamingResponse(relay(response, row, started), status_code=200,
+                                     headers=reply_headers(response))
+        try:
+            content = await response.aread()
+        except httpx2.TimeoutException:
+            return await fail(ApiError(504, f"upstream {upstream} stopped answering within {timeout:g} s",
+                                       code="upstream_timeout"))
+        except httpx2.HTTPError as exc:
+            return await fail(ApiError(502, f"upstream {upstream} broke off its reply: {exc or type(exc).__name__}",
+                                       code="upstream_unreachable"))
+        finally:
+            await response.aclose()
+        row["latency_s"] = time.perf_counter() - started
+        try:
+            payload = json.loads(content)
+        except ValueError:
+            payload = None
+        row["response_json"] = content.decode("utf-8", "replace") if payload is not None \
+            else json.dumps({"raw": content[:MAX_STORED_BODY].decode("utf-8", "replace")})
+        if isinstance(payload, dict):
+            row.update(_usage_fields(payload.get("usage")))
+            row["response_id"] = payload.get("id") if isinstance(payload.get("id"), str) else None
+        if response.status_code >= 400 or payload is None:
+            row["error"] = _error_text(response.status_code, payload, content)
+        await record(row)
+        return Response(content, status_code=response.status_code, headers=reply_headers(response))
+
+    async def relay(response: Any, row: dict[str, Any], started: float) -> AsyncIterator[bytes]:
+        assembler = StreamAssembler()
+        finished = False
+        try:
+            async for chunk in response.aiter_raw():
+                assembler.feed(chunk)
+                yield chunk
+            finished = True
+        except httpx2.TimeoutException:
+            row.update(status=504, error=f"upstream_timeout: stream stalled for {timeout:g} s")
+        except httpx2.HTTPError as exc:
+            row.update(status=502, error=f"upstream_unreachable: stream broke off: {exc or type(exc).__name__}")
+        finally:
+            await response.aclose()
+            assembled = assembler.result()
+            row["latency_s"] = time.perf_counter() - started
+            row["response_json"] = json.dumps(assembled, ensure_ascii=False)
+            row.update(_usage_fields(assembled.get("usage")))
+            row["response_id"] = assembled.get("id")
+            if assembler.error is not None and not row.get("error"):
+                row["error"] = f"stream error: {assembler.error}"
+            elif finished and not assembler.done and not row.get("error"):
+                row["error"] = "stream ended without [DONE]"
+            future = writer.submit(row)
+        if finished:
+            # Committed before the response ends, so a client that read to the end finds it stored.
+            await asyncio.wrap_future(future)
+
+    async def passthrough(request: Request) -> Response:
+        client = state["client"]
+        try:
+            body = await read_body(request, max_body_bytes)
+            response = await client.request(request.method, upstream_url(request), content=body,
+                                            headers=forward_headers(request))
+        except httpx2.TimeoutException:
+            return ApiError(504, f"upstream {upstream} did not answer within {timeout:g} s",
+                            code="upstream_timeout").response()
+        except httpx2.HTTPError as exc:
+            return ApiError(502, f"upstream {upstream} is unreachable: {exc or type(exc).__name__}",
+                            code="upstream_unreachable").response()
+        return Response(response.content, status_code=response.status_code, headers=reply_headers(response))
+
+    app = Starlette(
+        routes=[Route(CHAT_PATH, chat_completions, methods=["POST"]),
+                Route("/v1/{path:path}", passthrough, methods=["GET", "POST", "PUT", "PATCH", "DELETE"])],
+        exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app.state.writer = writer
+    app.state.upstream = upstream
+    return app
+
+
+def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int = 8080, timeout: float = 600.0,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, on_ready=None) -> None:
+    """Run the proxy until interrupted (the `flywheel proxy` command)."""
+    import uvicorn
+
+    from flywheel.serve import bind_socket, uvicorn_config
+
+    Store.open(db_path).close()  # a bad --db fails here, as one clean line
+    app = create_proxy_app(upstream, db_path, timeout=timeout, max_body_bytes=max_body_bytes)
+    sock = bind_socket(host, port)
+    if on_ready is not None:
+        on_ready(app.state.upstream, f"http://{host}:{sock.getsockname()[1]}/v1")
+    try:
+        uvicorn.Server(uvicorn_config(app, log_level="info")).run(sockets=[sock])
+    finally:
+        sock.close()
