@@ -125,7 +125,10 @@ def parse_label_reply(text: str, labels: list[str]) -> str:
 
 
 def _match_label(text: str, labels: list[str]) -> str | None:
-    cleaned = text.strip().strip("`\"' \n\t").rstrip(".").strip()
+    cleaned, previous = text, None
+    while cleaned != previous:  # peel quotes, backticks, whitespace and a final period, in any order
+        previous = cleaned
+        cleaned = cleaned.strip().strip("`\"'").rstrip(".")
     if cleaned in labels:
         return cleaned
     folded = [label for label in labels if label.casefold() == cleaned.casefold()]

@@ -18,13 +18,14 @@ calls of those libraries on real text pairs. `input` is the hypothesis, `referen
 | cosine        | cosine of all-MiniLM-L6-v2 embeddings (normalised), clipped to [0, 1]             |
 
 gleu and meteor tokens come from NLTK's `NLTKWordTokenizer` (what `word_tokenize` uses after its
-sentence split; it needs no downloaded data). Every score is clipped to [0, 1].
+sentence split; it needs no downloaded data). Every score is clipped to [0, 1]. One deviation:
+identical texts that the library scores 0 because nothing is left to compare after its own
+processing (`{}` under fuzzy_match, two empty strings) score 1.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -56,9 +57,6 @@ def _bleu_metric() -> Any:
 
     # exactly what sacrebleu.sentence_bleu() builds per call, built once
     return BLEU(effective_order=True)
-
-
-_tokenizer_lock = threading.Lock()
 
 
 @lru_cache(maxsize=1)
@@ -189,6 +187,11 @@ class TextSimilarityGrader(Grader):
         return out  # type: ignore[return-value]
 
     def _make(self, text: str, ref: str, raw: float) -> Grade:
+        degenerate = raw == 0.0 and text == ref
+        if degenerate:
+            # identical texts the library could not compare (nothing left after its tokenisation or
+            # processing, e.g. '{}' under fuzzy_match, or two empty strings) are a perfect match
+            raw = 1.0
         score = clip01(raw)
         ok = passes(score, self.threshold)
         verdict = "pass" if ok else "fail"
@@ -202,6 +205,8 @@ class TextSimilarityGrader(Grader):
         }
         if raw != score:
             details["raw_score"] = raw
+        if degenerate:
+            details["identical_texts_scored_1"] = True
         if self.metric == "meteor":
             from graders.wordnet import wordnet_source
 

@@ -164,3 +164,11 @@ def test_cosine_parity_with_sentence_transformers_and_batching():
     assert sum(same) / len(same) > sum(other) / len(other) + 0.1
     single = g.grade(SAMPLES[0], ITEMS[0])
     assert single.score == pytest.approx(scores[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("metric", sorted(ts.METRICS))
+def test_identical_texts_with_nothing_to_compare_score_one(metric):
+    if metric != "meteor":  # METEOR compares '{' and '}' tokens (and never reaches 1: see above)
+        assert grader(metric).grade("{}", {"reference": "{}"}).score == 1.0
+    assert grader(metric).grade("", {"reference": ""}).score == 1.0
+    assert grader(metric).grade("{}", {"reference": "[]"}).score < 1.0

@@ -1,0 +1,205 @@
+"""python graders in the sandbox (reference §2.5): each failure mode is a recorded error within the
+limit, the parent keeps working, and workers are reused."""
+
+import os
+import socket
+import threading
+
+import pytest
+
+import graders
+from graders import SandboxLimits, SandboxPool
+
+FAST = SandboxLimits(timeout_s=3, memory_mb=1024, workers=1)
+
+
+def grader(source, limits=FAST, **extra):
+    return graders.build_grader({"type": "python", "name": "py", "source": source, **extra}, sandbox=limits)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    p = SandboxPool(FAST)
+    yield p
+    p.close()
+
+
+def run(pool, source, sample="out", item=None):
+    g = graders.build_grader({"type": "python", "name": "py", "source": source}, sandbox=pool)
+    return g.grade(sample, item or {})
+
+
+OK = "def grade(sample, item):\n    return len(sample['output_text']) / item['n']\n"
+
+
+def assert_parent_still_works(pool):
+    assert run(pool, OK, "abcd", {"n": 8}).score == 0.5
+
+
+def test_grade_and_reuse(pool):
+    before = pool.started
+    g = graders.build_grader({"type": "python", "name": "py", "source": OK, "pass_threshold": 0.4}, sandbox=pool)
+    grades = g.grade_batch(["ab", "abcd", "abcdefgh"], [{"n": 8}] * 3)
+    assert [x.score for x in grades] == [0.25, 0.5, 1.0]
+    assert [x.passed for x in grades] == [False, True, True]
+    assert grades[1].feedback == "grade() returned 0.5 (threshold 0.4): pass"
+    for _ in range(20):
+        g.grade("abcd", {"n": 4})
+    assert pool.started - before <= 1  # one worker served all 23 grades
+
+
+def test_sample_namespace_reaches_user_code(pool):
+    src = "def grade(sample, item):\n    return float(sample['output_json']['x'] + len(sample['choices']) + len(sample['output_tools']))\n"
+    assert run(pool, src, graders.make_sample('{"x": 2}')).score == 3.0
+
+
+def test_exception_is_recorded(pool):
+    g = run(pool, "def grade(sample, item):\n    raise ValueError('bad output')\n")
+    assert g.error == "python_grader_runtime_error" and g.score == 0.0 and not g.passed
+    assert g.error_details.startswith("ValueError: bad output\n  line 2, in grade")
+    assert_parent_still_works(pool)
+
+
+@pytest.mark.parametrize("value, shown", [("'high'", "str 'high'"), ("None", "NoneType"), ("True", "bool"),
+                                          ("[1.0]", "list"), ("float('nan')", "nan, not a finite number")])
+def test_non_numeric_return_is_recorded(pool, value, shown):
+    g = run(pool, f"def grade(sample, item):\n    return {value}\n")
+    assert g.error == "python_grader_runtime_error"
+    assert shown in g.error_details
+
+
+def test_numpy_numbers_are_fine(pool):
+    assert run(pool, "import numpy as np\ndef grade(s, i):\n    return np.float32(0.5) + np.int64(1)\n").score == 1.5
+
+
+def test_missing_grade_function(pool):
+    g = run(pool, "def score(sample, item):\n    return 1.0\n")
+    assert g.error == "python_grader_runtime_error" and "does not define grade(sample, item)" in g.error_details
+
+
+def test_infinite_loop_times_out_and_worker_is_replaced():
+    limits = SandboxLimits(timeout_s=1, memory_mb=1024, workers=1)
+    with grader("def grade(sample, item):\n    while True:\n        pass\n", limits) as g:
+        result = g.grade("x", {})
+        assert result.error == "python_grader_runtime_error"
+        assert result.error_details == "grade() did not finish within the time limit of 1 s"
+        started = g.pool.started
+    with grader("import time\ndef grade(sample, item):\n    time.sleep(30)\n    return 1.0\n", limits) as g:
+        assert "time limit" in g.grade("x", {}).error_details
+        g.config = g.config.model_copy(update={"source": OK})
+        assert g.grade("abcd", {"n": 4}).score == 1.0  # a fresh worker took over
+        assert g.pool.started == 2
+    assert started == 1
+
+
+def test_fork_bomb_is_stopped(pool):
+    src = "import os\ndef grade(sample, item):\n    while True:\n        os.fork()\n"
+    g = run(pool, src)
+    assert g.error == "python_grader_runtime_error"
+    assert "Operation not permitted" in g.error_details or "Resource temporarily unavailable" in g.error_details
+    assert_parent_still_works(pool)
+
+
+def test_subprocess_is_refused(pool):
+    g = run(pool, "import subprocess\ndef grade(s, i):\n    return float(subprocess.check_output(['echo', '1']))\n")
+    assert g.error == "python_grader_runtime_error"
+    assert_parent_still_works(pool)
+
+
+def test_ten_gigabyte_allocation_is_a_memory_error(pool):
+    g = run(pool, "def grade(sample, item):\n    block = bytearray(10 * 1024 ** 3)\n    return 1.0\n")
+    assert g.error == "python_grader_runtime_error"
+    assert g.error_details == "MemoryError: the grader exceeded its memory limit"
+    assert_parent_still_works(pool)
+
+
+def test_socket_is_refused_and_nothing_connects(pool):
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    accepted = []
+
+    def accept():
+        try:
+            accepted.append(server.accept())
+        except OSError:
+            pass
+
+    t = threading.Thread(target=accept)
+    t.start()
+    try:
+        g = run(pool, f"import socket\ndef grade(s, i):\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n    return 1.0\n")
+        assert g.error == "python_grader_runtime_error"
+        assert "network access is disabled in the python grader sandbox" in g.error_details
+        raw = run(pool, "import ctypes\ndef grade(s, i):\n    return float(ctypes.CDLL(None).socket(2, 1, 0))\n")
+    finally:
+        t.join()
+        server.close()
+    assert accepted == []
+    sandbox = raw.details["sandbox"]
+    if sandbox["seccomp"]:
+        assert raw.score == -1.0  # the kernel refused socket(AF_INET) even around Python's guard
+    else:
+        pytest.skip(f"no seccomp on this machine ({sandbox}); only the Python-level guard applies")
+
+
+def test_crash_is_recorded(pool):
+    g = run(pool, "import os\ndef grade(sample, item):\n    os._exit(3)\n")
+    assert g.error == "python_grader_runtime_error"
+    assert g.error_details == "grade() crashed the worker: the worker process exited with status 3"
+    assert_parent_still_works(pool)
+
+
+def test_cannot_signal_the_parent(pool):
+    g = run(pool, "import os, signal\ndef grade(s, i):\n    os.kill(os.getppid(), signal.SIGTERM)\n    return 1.0\n")
+    assert g.error == "python_grader_runtime_error" and "Operation not permitted" in g.error_details
+    assert_parent_still_works(pool)
+
+
+def test_scratch_cwd_stripped_env_and_output_capture(pool):
+    src = ("import os\n"
+           "def grade(sample, item):\n"
+           "    open('note.txt', 'w').write('x')\n"
+           "    print('cwd', os.getcwd())\n"
+           "    return float(len(os.listdir('.')))\n")
+    first = run(pool, src)
+    assert first.score == 1.0
+    assert "graders-sandbox-" in first.details["stdout"]
+    assert run(pool, src).score == 1.0  # the scratch folder was emptied between grades
+    os.environ["FLYWHEEL_SECRET_FOR_TEST"] = "s3cret"
+    try:
+        env = run(pool, "import os\ndef grade(s, i):\n    print(sorted(os.environ))\n    return float('FLYWHEEL_SECRET_FOR_TEST' in os.environ)\n")
+    finally:
+        del os.environ["FLYWHEEL_SECRET_FOR_TEST"]
+    assert env.score == 0.0 and "FLYWHEEL_DB" not in env.details["stdout"]
+
+
+def test_project_database_is_hidden(tmp_path, monkeypatch):
+    db = tmp_path / "flywheel.db"
+    db.write_bytes(b"SQLite format 3\x00 secret rows")
+    monkeypatch.chdir(tmp_path)
+    src = f"def grade(s, i):\n    return float(len(open({str(db)!r}, 'rb').read()))\n"
+    with grader(src, SandboxLimits(timeout_s=5, memory_mb=1024, workers=1)) as g:
+        result = g.grade("x", {})
+    if not result.details["sandbox"].get("mountns"):
+        pytest.skip(f"no mount namespace on this machine ({result.details['sandbox']}); cwd and env isolation only")
+    assert result.score == 0.0  # reads /dev/null instead of the database
+    assert str(db) in result.details["sandbox"]["hidden"]
+
+
+def test_unserialisable_item_is_a_sample_error(pool):
+    g = graders.build_grader({"type": "python", "name": "py", "source": OK}, sandbox=pool)
+    assert g.grade("x", {"n": object()}).error == "sample_parse_error"
+
+
+def test_parallel_workers_and_close():
+    limits = SandboxLimits(timeout_s=5, memory_mb=1024, workers=2)
+    g = grader(OK, limits)
+    grades = g.grade_batch(["a" * k for k in range(1, 9)], [{"n": 8}] * 8)
+    assert [x.score for x in grades] == [k / 8 for k in range(1, 9)]
+    assert 1 <= g.pool.started <= 2
+    workers = list(g.pool._idle)
+    g.close()
+    assert all(not w.alive for w in workers)
