@@ -107,3 +107,17 @@ def apply_migrations(db: sqlite_utils.Database) -> list[str]:
             )
         applied.append(name)
     return applied
+
+
+@migration
+def m003_reviews(db: sqlite_utils.Database) -> None:
+    # Human verdicts on samples, append-only (the latest value of each field wins). A review is of
+    # `sample_id`; a preference compares it with `other_sample_id` ('sample', 'other' or 'tie').
+    db["reviews"].create(
+        {"id": int, "created_at": str, "reviewer": str, "sample_id": int, "other_sample_id": int,
+         "verdict": str, "preference": str, "correction": str, "note": str},
+        pk="id",
+        foreign_keys=[("sample_id", "samples", "id"), ("other_sample_id", "samples", "id")],
+    )
+    db["reviews"].create_index(["sample_id"])
+    db["reviews"].create_index(["other_sample_id"])

@@ -261,3 +261,39 @@ class Store:
         if limit:
             sql += f" limit {int(limit)}"
         return list(self.db.query(sql, params))
+
+    # -- reviews and report reads (flywheel.reviews, flywheel.report) ----------------------------
+    REVIEW_COLUMNS = ("created_at", "reviewer", "sample_id", "other_sample_id", "verdict", "preference",
+                      "correction", "note")
+
+    def add_review(self, row: dict[str, Any]) -> int:
+        """Append one review row (see `flywheel.reviews.add_review` for the checked entry point)."""
+        values = {c: row.get(c) for c in self.REVIEW_COLUMNS}
+        values["created_at"] = values["created_at"] or now()
+        with self.db.conn:
+            return self.db["reviews"].insert(values).last_pk
+
+    def reviews_for_iterations(self, iteration_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Reviews whose sample (or compared sample) belongs to one of the iterations, oldest first."""
+        if not iteration_ids:
+            return []
+        marks = ",".join("?" * len(iteration_ids))
+        return list(self.db.query(
+            "select * from reviews where sample_id in (select id from samples where iteration_id in"
+            f" ({marks})) or other_sample_id in (select id from samples where iteration_id in ({marks}))"
+            " order by id", [*iteration_ids, *iteration_ids]))
+
+    def get_iteration(self, iteration_id: str) -> dict[str, Any]:
+        rows = list(self.db["iterations"].rows_where("id = ?", [iteration_id]))
+        if not rows:
+            raise StoreError(f"{self.path}: no iteration {iteration_id!r}")
+        return rows[0]
+
+    def samples_by_id(self, sample_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        ids = list(dict.fromkeys(int(i) for i in sample_ids))
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            for row in self.db.query(f"select * from samples where id in ({','.join('?' * len(chunk))})", chunk):
+                found[row["id"]] = row
+        return found

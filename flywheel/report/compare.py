@@ -1,0 +1,317 @@
+"""What reports show, computed once for the HTML report and the review server.
+
+A run has N iterations; any two can be compared. Samples are matched by (item_key, repeat); each
+matched pair is classed (regression, improvement, changed, same) on the eval's objective, and the
+pair of iterations gets a paired statistic: the mean per-item difference with a bootstrap CI and an
+exact McNemar test on pass/fail.
+
+    view = load_run_view(store, ["run-20261105-..."])
+    cmp = compare_iterations(store, view, view.iterations[0]["id"], view.iterations[-1]["id"])
+    cmp.stats["p_mcnemar"], cmp.rows[0].status
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flywheel.store import Store
+
+MODEL_GRADER_TYPES = {"score_model", "label_model"}
+STATUS_ORDER = {"regression": 0, "improvement": 1, "changed": 2, "same": 3, "only_a": 4, "only_b": 5}
+
+
+@dataclass
+class GraderInfo:
+    name: str
+    type: str
+    is_model: bool
+
+
+@dataclass
+class RunView:
+    """Runs, their iterations (with per-grader stats), graders and the objective."""
+
+    runs: list[dict[str, Any]]
+    iterations: list[dict[str, Any]]
+    graders: list[GraderInfo]
+    objective: dict[str, str]
+    eval_name: str
+    spec: dict[str, Any] | None
+
+    def iteration(self, iteration_id: str) -> dict[str, Any]:
+        for it in self.iterations:
+            if it["id"] == iteration_id:
+                return it
+        raise KeyError(iteration_id)
+
+
+@dataclass
+class PairRow:
+    key: str
+    repeat: int
+    status: str
+    delta: float
+    a: dict[str, Any] | None
+    b: dict[str, Any] | None
+
+
+@dataclass
+class Comparison:
+    a: dict[str, Any]
+    b: dict[str, Any]
+    rows: list[PairRow]
+    stats: dict[str, Any]
+    graders: list[dict[str, Any]] = field(default_factory=list)
+    config: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _is_model_grader(config: dict[str, Any]) -> bool:
+    if config.get("type") in MODEL_GRADER_TYPES:
+        return True
+    subs = config.get("graders")
+    if isinstance(subs, dict):
+        return any(isinstance(s, dict) and _is_model_grader(s) for s in subs.values())
+    return False
+
+
+def grader_infos(spec: dict[str, Any] | None, seen_names: Sequence[str] = ()) -> list[GraderInfo]:
+    """Graders in spec order (names as the harness stores them), then any other stored names."""
+    infos = []
+    for index, config in enumerate((spec or {}).get("graders") or []):
+        name = config.get("name") or f"grader_{index}"
+        infos.append(GraderInfo(name=name, type=str(config.get("type", "?")), is_model=_is_model_grader(config)))
+    known = {g.name for g in infos}
+    infos += [GraderInfo(name=n, type="?", is_model=False) for n in seen_names if n not in known]
+    return infos
+
+
+def objective_of(spec: dict[str, Any] | None, graders: Sequence[GraderInfo]) -> dict[str, str]:
+    objective = (spec or {}).get("objective") or {}
+    name = objective.get("grader") or (graders[0].name if graders else "")
+    return {"grader": name, "metric": objective.get("metric") or "pass_rate"}
+
+
+def iteration_label(iteration: dict[str, Any], multi_run: bool = False) -> str:
+    label = f"#{iteration['seq']} {iteration.get('stage') or 'eval'}"
+    if multi_run:
+        label = f"{iteration['run_id'][-6:]} {label}"
+    return label
+
+
+def grader_stats(store: Store, iteration_id: str) -> dict[str, dict[str, float]]:
+    """Per grader: mean score and pass rate over every sample (errored samples count 0), errors."""
+    n = store.db.execute("select count(*) from samples where iteration_id = ?", [iteration_id]).fetchone()[0]
+    errored = store.db.execute(
+        "select count(*) from samples where iteration_id = ? and error is not null", [iteration_id]).fetchone()[0]
+    out = {}
+    for grader, total, passes, errors in store.db.execute(
+            "select g.grader, sum(g.score), sum(g.passed), sum(g.error is not null) from grades g"
+            " join samples s on s.id = g.sample_id where s.iteration_id = ? group by g.grader",
+            [iteration_id]).fetchall():
+        out[grader] = {"mean": (total or 0) / n if n else math.nan,
+                       "pass_rate": (passes or 0) / n if n else math.nan,
+                       "errors": int(errors or 0) + errored, "n": n}
+    return out
+
+
+def load_run_view(store: Store, run_ids: Sequence[str]) -> RunView:
+    """The runs (ids or unique suffixes) and all their iterations, ordered by run then seq."""
+    runs = [store.get_run(r) for r in run_ids]
+    iterations: list[dict[str, Any]] = []
+    spec = None
+    eval_name = ""
+    for run in runs:
+        if spec is None and run.get("eval_id"):
+            row = store.db.execute("select name, spec_json from evals where id = ?", [run["eval_id"]]).fetchone()
+            if row:
+                eval_name, spec = row[0], json.loads(row[1]) if row[1] else None
+        iterations += store.iterations(run["id"])
+    names: list[str] = []
+    for it in iterations:
+        it["grader_stats"] = grader_stats(store, it["id"])
+        names += [n for n in it["grader_stats"] if n not in names]
+        it["label"] = iteration_label(it, multi_run=len(runs) > 1)
+        it["messages"] = _prompt_messages(store, it.get("prompt_id"))
+        it["tokens"] = (it.get("prompt_tokens") or 0) + (it.get("completion_tokens") or 0)
+    graders = grader_infos(spec, names)
+    for run in runs:
+        run["summary"] = json.loads(run.get("summary_json") or "null") or {}
+    return RunView(runs=runs, iterations=iterations, graders=graders, objective=objective_of(spec, graders),
+                   eval_name=eval_name or (runs[0]["id"] if runs else ""), spec=spec)
+
+
+def _prompt_messages(store: Store, prompt_id: str | None) -> list[dict[str, str]]:
+    if not prompt_id:
+        return []
+    row = store.db.execute("select messages_json from prompts where id = ?", [prompt_id]).fetchone()
+    return json.loads(row[0]) if row and row[0] else []
+
+
+def default_pair(iterations: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
+    """A = the parent of the best iteration (or the first), B = the best scoring (or the last)."""
+    if not iterations:
+        return None, None
+    if len(iterations) == 1:
+        return iterations[0]["id"], iterations[0]["id"]
+    scored = [it for it in iterations[1:] if it.get("score") is not None and not math.isnan(it["score"])]
+    best = max(scored, key=lambda it: it["score"]) if scored else iterations[-1]
+    ids = {it["id"] for it in iterations}
+    a = best.get("parent_id") if best.get("parent_id") in ids and best.get("parent_id") != best["id"] else None
+    return a or iterations[0]["id"], best["id"]
+
+
+def item_fields(store: Store, runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Dataset fields by item key, for the runs' datasets."""
+    out: dict[str, dict[str, Any]] = {}
+    for dataset_id in dict.fromkeys(r.get("dataset_id") for r in runs if r.get("dataset_id")):
+        for key, fields_json in store.db.execute(
+                "select key, fields_json from items where dataset_id = ?", [dataset_id]).fetchall():
+            out.setdefault(key, json.loads(fields_json or "{}"))
+    return out
+
+
+def iteration_samples(store: Store, iteration_id: str, objective: dict[str, str]) -> list[dict[str, Any]]:
+    """Samples of an iteration, each with `grades` by grader name and objective `score`/`passed`."""
+    samples = {}
+    for row in store.db.query(
+            "select id, item_key, repeat, input_json, output_text, error, prompt_tokens, completion_tokens,"
+            " latency_s, cost, cache_hit from samples where iteration_id = ? order by id", [iteration_id]):
+        row["grades"] = {}
+        samples[row["id"]] = row
+    for sample_id, grader, score, passed, feedback, error in store.db.execute(
+            "select g.sample_id, g.grader, g.score, g.passed, g.feedback, g.error from grades g"
+            " join samples s on s.id = g.sample_id where s.iteration_id = ?", [iteration_id]).fetchall():
+        samples[sample_id]["grades"][grader] = {"score": score, "passed": bool(passed), "feedback": feedback,
+                                                "error": error}
+    for s in samples.values():
+        s["score"], s["passed"] = objective_value(s, objective)
+    return list(samples.values())
+
+
+def objective_value(sample: dict[str, Any], objective: dict[str, str]) -> tuple[float, bool]:
+    """(score, passed) of one sample on the objective; an errored or ungraded sample is (0, False)."""
+    grade = sample["grades"].get(objective["grader"])
+    if sample.get("error") or grade is None:
+        return 0.0, False
+    passed = bool(grade["passed"])
+    if objective["metric"] == "mean":
+        return float(grade["score"] or 0.0), passed
+    return float(passed), passed
+
+
+def classify(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[str, float]:
+    """Status and score delta (b - a) of a matched pair."""
+    if a is None:
+        return "only_b", 0.0
+    if b is None:
+        return "only_a", 0.0
+    delta = b["score"] - a["score"]
+    if (a["passed"] and not b["passed"]) or delta < -1e-9:
+        return "regression", delta
+    if (b["passed"] and not a["passed"]) or delta > 1e-9:
+        return "improvement", delta
+    if (a.get("output_text") or "") != (b.get("output_text") or "") or a.get("error") != b.get("error"):
+        return "changed", delta
+    return "same", delta
+
+
+def mcnemar_exact(regressions: int, improvements: int) -> float:
+    """Two-sided exact McNemar p-value (binomial test on the discordant pairs)."""
+    n = regressions + improvements
+    if n == 0:
+        return 1.0
+    k = min(regressions, improvements)
+    # P(X <= k) for X ~ Bin(n, 1/2), in log space so n in the tens of thousands stays exact enough.
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+                 for i in range(k + 1)]
+    top = max(log_terms)
+    tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
+    return min(1.0, 2 * tail)
+
+
+def paired_stats(a_scores: Sequence[float], b_scores: Sequence[float], a_pass: Sequence[bool],
+                 b_pass: Sequence[bool], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean of each side, mean difference (b - a) with a 95% paired-bootstrap CI, McNemar p."""
+    a = np.asarray(a_scores, dtype=float)
+    b = np.asarray(b_scores, dtype=float)
+    n = int(a.size)
+    regressions = sum(1 for x, y in zip(a_pass, b_pass) if x and not y)
+    improvements = sum(1 for x, y in zip(a_pass, b_pass) if y and not x)
+    out = {"n": n, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "ci_low": math.nan,
+           "ci_high": math.nan, "regressions": regressions, "improvements": improvements,
+           "p_mcnemar": mcnemar_exact(regressions, improvements)}
+    if n == 0:
+        return out
+    d = b - a
+    out.update(mean_a=float(a.mean()), mean_b=float(b.mean()), diff=float(d.mean()))
+    if n == 1 or np.all(d == d[0]):
+        out.update(ci_low=float(d[0]), ci_high=float(d[0]))
+    else:
+        rng = np.random.default_rng(seed)
+        means = np.empty(resamples)
+        step = max(1, 4_000_000 // n)  # bound the index matrix to ~32 MB
+        for start in range(0, resamples, step):
+            stop = min(resamples, start + step)
+            means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        low, high = np.quantile(means, [0.025, 0.975])
+        out.update(ci_low=float(low), ci_high=float(high))
+    out["significant"] = bool(out["p_mcnemar"] < 0.05 or not (out["ci_low"] <= 0 <= out["ci_high"]))
+    return out
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Iteration settings side by side, `changed` where they differ."""
+    fields = [("stage", "stage"), ("model", "model_ref"), ("model fingerprint", "model_fingerprint"),
+              ("prompt", "prompt_id"), ("split", "split"), ("parent", "parent_id"), ("decision", "decision")]
+    return [{"field": label, "a": a.get(key), "b": b.get(key), "changed": a.get(key) != b.get(key)}
+            for label, key in fields]
+
+
+def _message_text(messages: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for m in messages:
+        lines.append(f"[{m.get('role', '?')}]")
+        lines += str(m.get("content", "")).splitlines() or [""]
+    return lines
+
+
+def prompt_diff(a_messages: Sequence[dict[str, Any]], b_messages: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Line diff of two prompts as (op, text) with op in ' ', '-', '+'."""
+    out = []
+    for line in difflib.ndiff(_message_text(a_messages), _message_text(b_messages)):
+        if line.startswith("? "):
+            continue
+        out.append((line[0] if line[0] in "+-" else " ", line[2:]))
+    return out
+
+
+def compare_iterations(store: Store, view: RunView, a_id: str, b_id: str) -> Comparison:
+    """Match A's and B's samples by (item_key, repeat); rows sorted regressions first."""
+    a_it, b_it = view.iteration(a_id), view.iteration(b_id)
+    a_samples = {(s["item_key"], s["repeat"]): s for s in iteration_samples(store, a_id, view.objective)}
+    b_samples = {(s["item_key"], s["repeat"]): s for s in iteration_samples(store, b_id, view.objective)}
+    rows = []
+    for key in list(a_samples) + [k for k in b_samples if k not in a_samples]:
+        a, b = a_samples.get(key), b_samples.get(key)
+        status, delta = classify(a, b)
+        rows.append(PairRow(key=key[0], repeat=key[1], status=status, delta=delta, a=a, b=b))
+    rows.sort(key=lambda r: (STATUS_ORDER[r.status], r.delta if r.status == "regression" else -r.delta))
+    matched = [r for r in rows if r.a is not None and r.b is not None]
+    stats = paired_stats([r.a["score"] for r in matched], [r.b["score"] for r in matched],
+                         [r.a["passed"] for r in matched], [r.b["passed"] for r in matched])
+    stats["counts"] = {s: sum(1 for r in rows if r.status == s) for s in STATUS_ORDER}
+    per_grader = []
+    for g in view.graders:
+        sa = a_it["grader_stats"].get(g.name, {})
+        sb = b_it["grader_stats"].get(g.name, {})
+        per_grader.append({"name": g.name, "type": g.type, "is_model": g.is_model,
+                           "a_mean": sa.get("mean"), "b_mean": sb.get("mean"),
+                           "a_pass": sa.get("pass_rate"), "b_pass": sb.get("pass_rate")})
+    return Comparison(a=a_it, b=b_it, rows=rows, stats=stats, graders=per_grader, config=config_diff(a_it, b_it))

@@ -1,0 +1,363 @@
+"""`flywheel report`: one self-contained HTML file per run (or several runs side by side).
+
+Everything the page needs is inside it: CSS, the script, the SVG chart and the data (a JSON block
+read with `JSON.parse`, so nothing in it is ever parsed as HTML). A Content-Security-Policy allows
+only the page's own script (by hash) and no request of any kind, so a report can be mailed around
+and opened offline. Tables that need no interaction are rendered here with Jinja2 autoescaping; the
+comparison of any two iterations is rendered in the browser, a page of rows at a time, from the
+embedded data.
+
+    write_report(store, ["run-2026..."], "report.html")
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from markupsafe import Markup, escape
+
+from flywheel.report.compare import RunView, default_pair, item_fields, iteration_samples, load_run_view
+from flywheel.store import Store
+
+TEMPLATES = Path(__file__).parent / "templates"
+PAGE_SIZE = 50
+
+
+@lru_cache(maxsize=1)
+def templates_env():
+    """The Jinja2 environment shared by the report and the review server (autoescape always on)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=fmt_pct, num=fmt_num, tokens=fmt_tokens, cost=fmt_cost, duration=fmt_duration,
+                       score=fmt_score, delta=fmt_delta)
+    return env
+
+
+def _nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt_pct(value: float | None) -> str:
+    return "–" if _nan(value) else f"{100 * value:.1f}%"
+
+
+def fmt_num(value: float | None, digits: int = 3) -> str:
+    return "–" if _nan(value) else f"{value:.{digits}f}"
+
+
+def fmt_score(value: float | None, metric: str = "pass_rate") -> str:
+    return fmt_num(value) if metric == "mean" else fmt_pct(value)
+
+
+def fmt_delta(value: float | None, metric: str = "pass_rate") -> str:
+    if _nan(value):
+        return "–"
+    sign = "+" if value > 0 else "−" if value < 0 else "±"
+    return f"{sign}{abs(value):.3f}" if metric == "mean" else f"{sign}{100 * abs(value):.1f} pts"
+
+
+def fmt_tokens(value: int | None) -> str:
+    if not value:
+        return "0"
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return str(value)
+
+
+def fmt_cost(value: float | None) -> str:
+    if _nan(value) or not value:
+        return "–"
+    return f"${value:.4f}" if value < 1 else f"${value:,.2f}"
+
+
+def fmt_duration(value: float | None) -> str:
+    if _nan(value):
+        return "–"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(int(round(value)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def iteration_score(it: dict[str, Any], objective: dict[str, str]) -> float | None:
+    """The stored score, or (for an unfinished iteration) the objective from its grades."""
+    if not _nan(it.get("score")):
+        return it["score"]
+    stats = it.get("grader_stats", {}).get(objective["grader"])
+    if not stats:
+        return None
+    return stats["mean"] if objective["metric"] == "mean" else stats["pass_rate"]
+
+
+def parent_of(view: RunView, index: int) -> dict[str, Any] | None:
+    it = view.iterations[index]
+    for other in view.iterations:
+        if it.get("parent_id") and other["id"] == it["parent_id"]:
+            return other
+    return view.iterations[index - 1] if index > 0 else None
+
+
+def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int = 1000, height: int = 230) -> Markup:
+    """Objective per iteration with its CI as whiskers; promoted points filled, rejected hollow."""
+    pad_l, pad_r, pad_t, pad_b = 48, 16, 14, 42
+    points = [(i, it) for i, it in enumerate(iterations) if not _nan(it.get("score_value"))]
+    if not points:
+        return Markup('<p class="muted">No scored iterations yet.</p>')
+    values = [v for _, it in points for v in (it["score_value"], it.get("ci_low"), it.get("ci_high")) if not _nan(v)]
+    low, high = (0.0, 1.0) if metric != "mean" or (min(values) >= 0 and max(values) <= 1) else (min(values), max(values))
+    if high - low < 1e-9:
+        high = low + 1
+
+    def x(i: int) -> float:
+        return pad_l + (width - pad_l - pad_r) * ((i + 0.5) / max(1, len(iterations)))
+
+    def y(v: float) -> float:
+        return pad_t + (height - pad_t - pad_b) * (1 - (v - low) / (high - low))
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
+             f'aria-label="score per iteration" preserveAspectRatio="xMidYMid meet">']
+    for k in range(5):
+        v = low + (high - low) * k / 4
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eef1f4"/>'
+                     f'<text x="{pad_l - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{escape(fmt_score(v, metric))}</text>')
+    path = " ".join(f"{'M' if n == 0 else 'L'}{x(i):.1f},{y(it['score_value']):.1f}" for n, (i, it) in enumerate(points))
+    parts.append(f'<path d="{path}" fill="none" stroke="#4f46e5" stroke-width="2" stroke-linejoin="round"/>')
+    best = max(it["score_value"] for _, it in points)
+    for i, it in points:
+        cx, cy = x(i), y(it["score_value"])
+        if not _nan(it.get("ci_low")) and not _nan(it.get("ci_high")):
+            parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(it["ci_low"]):.1f}" y2="{y(it["ci_high"]):.1f}" '
+                         'stroke="#a5b4fc" stroke-width="6" stroke-linecap="round" opacity=".55"/>')
+        rejected = (it.get("decision") or "") == "rejected"
+        fill = "#fff" if rejected else ("#1a7f37" if it["score_value"] == best and len(points) > 1 else "#4f46e5")
+        stroke = "#8c959f" if rejected else fill if fill != "#fff" else "#4f46e5"
+        title = f'{it["label"]}: {fmt_score(it["score_value"], metric)} ({it.get("decision") or "–"})'
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5.5" fill="{fill}" stroke="{stroke}" stroke-width="2">'
+                     f'<title>{escape(title)}</title></circle>')
+        parts.append(f'<text x="{cx:.1f}" y="{cy - 10:.1f}" text-anchor="middle" style="fill:#1f2328;font-weight:600">'
+                     f'{escape(fmt_score(it["score_value"], metric))}</text>')
+        parts.append(f'<text x="{cx:.1f}" y="{height - pad_b + 18}" text-anchor="middle">{escape(it["label"])}</text>')
+        if it.get("decision"):
+            parts.append(f'<text x="{cx:.1f}" y="{height - pad_b + 32}" text-anchor="middle">{escape(it["decision"])}</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def decorate_iterations(view: RunView) -> list[dict[str, Any]]:
+    """Iteration rows with formatted cells, for the report and the server's run page."""
+    metric = view.objective["metric"]
+    rows = []
+    for index, it in enumerate(view.iterations):
+        it["score_value"] = iteration_score(it, view.objective)
+    for index, it in enumerate(view.iterations):
+        parent = parent_of(view, index)
+        delta = None
+        if parent is not None and not _nan(parent.get("score_value")) and not _nan(it["score_value"]):
+            delta = it["score_value"] - parent["score_value"]
+        score = it["score_value"]
+        rows.append({
+            **it,
+            "run_short": it["run_id"][-6:] if len(view.runs) > 1 else "",
+            "score_fmt": fmt_score(score, metric),
+            "score_width": 0 if _nan(score) else max(0.0, min(100.0, 100 * score)),
+            "ci_fmt": "–" if _nan(it.get("ci_low")) else
+            f"{fmt_score(it['ci_low'], metric)} – {fmt_score(it['ci_high'], metric)}",
+            "delta_fmt": fmt_delta(delta, metric) if delta is not None else "–",
+            "delta_cls": "" if delta is None or abs(delta) < 1e-12 else ("pos" if delta > 0 else "neg"),
+            "tokens_fmt": fmt_tokens(it.get("tokens")),
+            "cost_fmt": fmt_cost(it.get("cost")),
+            "wall_fmt": fmt_duration(it.get("wall_s")),
+        })
+    return rows
+
+
+def grader_rows(view: RunView) -> list[dict[str, Any]]:
+    rows = []
+    for g in view.graders:
+        cells = []
+        for it in view.iterations:
+            s = it["grader_stats"].get(g.name)
+            cells.append({"mean": fmt_num(s["mean"]) if s else "–", "pass": fmt_pct(s["pass_rate"]) if s else "–",
+                          "errors": s["errors"] if s else 0})
+        rows.append({"name": g.name, "type": g.type, "is_model": g.is_model,
+                     "is_objective": g.name == view.objective["grader"], "cells": cells})
+    return rows
+
+
+def kpis(view: RunView) -> list[dict[str, str]]:
+    metric = view.objective["metric"]
+    scored = [it for it in view.iterations if not _nan(it.get("score_value"))]
+    out = []
+    if scored:
+        base, best = scored[0], max(scored, key=lambda it: it["score_value"])
+        gain = best["score_value"] - base["score_value"]
+        out.append({"label": "baseline", "value": fmt_score(base["score_value"], metric), "detail": base["label"], "cls": "muted"})
+        out.append({"label": "best", "value": fmt_score(best["score_value"], metric),
+                    "detail": f"{fmt_delta(gain, metric)} · {best['label']}", "cls": "pos" if gain > 0 else "muted"})
+    tokens = sum(it.get("tokens") or 0 for it in view.iterations)
+    cost = sum(it.get("cost") or 0.0 for it in view.iterations)
+    wall = sum(it.get("wall_s") or 0.0 for it in view.iterations)
+    samples = sum(it.get("n") or 0 for it in view.iterations)
+    out += [{"label": "iterations", "value": str(len(view.iterations)), "detail": f"{samples:,} samples", "cls": "muted"},
+            {"label": "tokens", "value": fmt_tokens(tokens), "detail": f"cost {fmt_cost(cost)}", "cls": "muted"},
+            {"label": "time", "value": fmt_duration(wall), "detail": "", "cls": ""}]
+    return out
+
+
+class _Strings:
+    """Interns repeated strings (labels, feedback) so large reports stay small."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.values: list[str] = []
+
+    def __call__(self, value: str | None) -> int:
+        if value is None:
+            return -1
+        found = self.index.get(value)
+        if found is None:
+            found = self.index[value] = len(self.values)
+            self.values.append(value)
+        return found
+
+
+def _round(value: Any) -> float | None:
+    return None if _nan(value) else round(float(value), 4)
+
+
+def _field_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def report_payload(store: Store, view: RunView, page_size: int = PAGE_SIZE,
+                   a: str | None = None, b: str | None = None) -> dict[str, Any]:
+    """The data the page's script renders: iterations, prompts, items and columnar samples."""
+    strings = _Strings()
+    fields = item_fields(store, view.runs)
+    keys: list[str] = []
+    key_index: dict[str, int] = {}
+    item_rows: list[list[list[str]]] = []
+    names = [g.name for g in view.graders]
+    samples_out = []
+    prompts: dict[str, list[list[str]]] = {}
+    for it in view.iterations:
+        if it.get("prompt_id") and it["prompt_id"] not in prompts:
+            prompts[it["prompt_id"]] = [[m.get("role", ""), str(m.get("content", ""))] for m in it["messages"]]
+        cols: dict[str, Any] = {"k": [], "r": [], "o": [], "e": [], "s": [], "p": [], "t": [], "l": [],
+                                "gs": [[] for _ in names], "gp": [[] for _ in names], "gf": [[] for _ in names]}
+        for s in iteration_samples(store, it["id"], view.objective):
+            key = s["item_key"]
+            if key not in key_index:
+                key_index[key] = len(keys)
+                keys.append(key)
+                if key in fields:
+                    item_rows.append([[name, _field_text(v)] for name, v in fields[key].items()])
+                else:  # no dataset row: show the last user message instead
+                    messages = json.loads(s["input_json"] or "null") or []
+                    user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
+                    item_rows.append([["input", str(user)]])
+            cols["k"].append(key_index[key])
+            cols["r"].append(s["repeat"])
+            cols["o"].append(strings(s["output_text"]))
+            cols["e"].append(strings(s["error"]))
+            cols["s"].append(_round(s["score"]))
+            cols["p"].append(int(s["passed"]))
+            cols["t"].append((s["prompt_tokens"] or 0) + (s["completion_tokens"] or 0))
+            cols["l"].append(_round(s["latency_s"]))
+            for gi, name in enumerate(names):
+                g = s["grades"].get(name)
+                cols["gs"][gi].append(_round(g["score"]) if g else None)
+                cols["gp"][gi].append(int(g["passed"]) if g else None)
+                feedback = None
+                if g:
+                    feedback = g["feedback"] or None
+                    if g.get("error"):
+                        feedback = f"{g['error']}: {feedback}" if feedback else g["error"]
+                cols["gf"][gi].append(strings(feedback))
+        samples_out.append(cols)
+    ids = [it["id"] for it in view.iterations]
+    default_a, default_b = default_pair(view.iterations)
+    a, b = a or default_a, b or default_b
+    objective_index = names.index(view.objective["grader"]) if view.objective["grader"] in names else -1
+    return {
+        "S": strings.values,
+        "metric": view.objective["metric"],
+        "objective": objective_index,
+        "graders": [{"name": g.name, "type": g.type, "model": g.is_model} for g in view.graders],
+        "iterations": [{
+            "id": it["id"], "label": it["label"], "seq": it["seq"], "stage": it.get("stage"),
+            "model_ref": it.get("model_ref"), "model_fingerprint": it.get("model_fingerprint"),
+            "prompt_id": it.get("prompt_id"), "split": it.get("split"), "parent_id": it.get("parent_id"),
+            "decision": it.get("decision"), "score": _round(it.get("score_value")),
+            "gstats": [[_round(st["mean"]), _round(st["pass_rate"]), st["errors"]] if (st := it["grader_stats"].get(n)) else None
+                       for n in names],
+        } for it in view.iterations],
+        "prompts": prompts,
+        "items": {"keys": keys, "fields": item_rows},
+        "samples": samples_out,
+        "pageSize": page_size,
+        "initial": {"a": ids.index(a) if a in ids else 0, "b": ids.index(b) if b in ids else 0},
+    }
+
+
+def script_json(data: Any) -> str:
+    """JSON that is safe inside a <script> element: no '<', '>', '&' or line separators."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def render_report(store: Store, run_ids: Sequence[str], *, page_size: int = PAGE_SIZE,
+                  a: str | None = None, b: str | None = None) -> str:
+    """The report's HTML. `page_size=0` renders every row at once (for benchmarks only)."""
+    view = load_run_view(store, run_ids)
+    iterations = decorate_iterations(view)
+    js = (TEMPLATES / "report.js").read_text(encoding="utf-8")
+    css = (TEMPLATES / "style.css").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode()
+    objective = view.objective
+    title = view.eval_name or view.runs[0]["id"]
+    return templates_env().get_template("report.html.j2").render(
+        title=title, view=view, iterations=iterations, grader_rows=grader_rows(view), kpis=kpis(view),
+        trajectory_svg=trajectory_svg(iterations, objective["metric"]),
+        objective_label=f"{objective['grader']} {'mean score' if objective['metric'] == 'mean' else 'pass rate'}",
+        generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        data_json=Markup(script_json(report_payload(store, view, page_size, a, b))),
+        js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}")
+
+
+@dataclass
+class ReportResult:
+    path: str
+    bytes: int
+    iterations: int
+    samples: int
+    seconds: float
+
+
+def write_report(store: Store, run_ids: Sequence[str], path: str | Path, **options: Any) -> ReportResult:
+    """Render the report of `run_ids` into `path` (UTF-8); returns its size and contents."""
+    started = time.perf_counter()
+    html = render_report(store, run_ids, **options)
+    target = Path(path)
+    target.write_text(html, encoding="utf-8")
+    runs = [store.get_run(r)["id"] for r in run_ids]
+    marks = ",".join("?" * len(runs))
+    iterations, samples = store.db.execute(
+        f"select count(distinct i.id), count(s.id) from iterations i left join samples s on s.iteration_id = i.id"
+        f" where i.run_id in ({marks})", runs).fetchone()
+    return ReportResult(path=str(target), bytes=target.stat().st_size, iterations=iterations, samples=samples,
+                        seconds=time.perf_counter() - started)

@@ -1,0 +1,110 @@
+"""Multi-iteration runs written straight through Store methods, for report and review tests.
+
+The harness makes one iteration per run today; later stages (prompt search, SFT, DPO) add more
+with parent lineage and decisions. `build_run` writes such a run directly: an eval with a rule
+grader and a judge grader, a dataset, prompts, and per iteration the samples and grades that an
+`outcome(iteration, item_index)` function decides. The benchmark uses it too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from flywheel.stats import wilson_ci
+from flywheel.store import SampleRecord, Store
+
+LABELS = ["card_arrival", "pin_blocked", "exchange_rate", "lost_card"]
+XSS = '</script><script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"><b>bold</b>'
+
+SPEC = {
+    "name": "support-intents",
+    "graders": [
+        {"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
+         "reference": "{{item.label}}", "operation": "ilike"},
+        {"type": "score_model", "name": "judge", "model": "openai:judge", "input": [], "pass_threshold": 0.5},
+    ],
+    "objective": {"grader": "label", "metric": "pass_rate"},
+}
+
+
+@dataclass
+class Outcome:
+    output: str | None
+    passed: bool
+    judge_passed: bool | None = None
+    error: str | None = None
+    feedback: str | None = None
+
+
+def default_outcome(iteration: int, index: int) -> Outcome:
+    """Iteration k gets item i right when (i + k) % 5 != 0 for k>0; the baseline when i % 2 == 0."""
+    label = LABELS[index % len(LABELS)]
+    right = index % 2 == 0 if iteration == 0 else (index * 7 + iteration) % 5 != 0
+    return Outcome(output=label if right else LABELS[(index + 1) % len(LABELS)] + " (I think)", passed=right,
+                   judge_passed=right if index % 3 else not right)
+
+
+def build_run(store: Store, n_items: int = 12, stages: Sequence[tuple[str, str | None]] = (
+        ("eval", "measured"), ("prompt", "promoted"), ("sft", "rejected")),
+        outcome: Callable[[int, int], Outcome] = default_outcome, run_id: str = "run-test-000001",
+        item_text: Callable[[int], str] | None = None, model_ref: str = "local:tiny",
+        prompts: Sequence[str] | None = None, feedback_text: str | None = None) -> dict:
+    """Write one run with len(stages) iterations over n_items items; returns ids by name."""
+    eval_id = f"e-{run_id}"
+    store.save_eval(eval_id, SPEC["name"], "<test>", json.dumps(SPEC))
+    dataset_id = f"d-{run_id}"
+    items = []
+    for i in range(n_items):
+        text = item_text(i) if item_text else f"Where is my card? question {i}"
+        items.append({"dataset_id": dataset_id, "key": f"item-{i:05d}", "split": "test", "line": i + 1,
+                      "fields_json": json.dumps({"text": text, "label": LABELS[i % len(LABELS)]})})
+    with store.db.conn:
+        store.db["datasets"].insert({"id": dataset_id, "path": "data.jsonl", "n_items": n_items, "created_at": "2026"},
+                                    ignore=True)
+        store.db["items"].insert_all(items, ignore=True, batch_size=1000)
+    store.create_run(id=run_id, kind="wheel", eval_id=eval_id, dataset_id=dataset_id, model_ref=model_ref,
+                     split="test", config_key=run_id)
+    prompt_texts = list(prompts or ["Answer with one label.", "Answer with exactly one label from the list.\nNo prose.",
+                                    "Answer with exactly one label from the list.\nNo prose."])
+    iteration_ids = []
+    for k, (stage, decision) in enumerate(stages):
+        messages = [{"role": "system", "content": prompt_texts[min(k, len(prompt_texts) - 1)]},
+                    {"role": "user", "content": "{{item.text}}"}]
+        prompt_id = f"p-{run_id}-{min(k, len(prompt_texts) - 1)}"
+        store.save_prompt(prompt_id, messages, origin=stage)
+        iteration_id = store.iteration_for(
+            run_id, k, stage=stage, model_ref=model_ref if stage != "sft" else f"{model_ref}+ckpt/sft-{k}",
+            prompt_id=prompt_id, split="test", parent_id=iteration_ids[-1] if iteration_ids else None)
+        records, passes = [], 0
+        for i in range(n_items):
+            o = outcome(k, i)
+            text = item_text(i) if item_text else f"Where is my card? question {i}"
+            grades = []
+            if o.error is None:
+                grades = [{"grader": "label", "score": float(o.passed), "passed": o.passed,
+                           "feedback": feedback_text or (f"expected {LABELS[i % len(LABELS)]!r}" + ("" if o.passed else f", got {o.output!r}"))},
+                          {"grader": "judge", "score": 0.9 if o.judge_passed else 0.2,
+                           "passed": bool(o.judge_passed), "feedback": "judge: " + ("helpful" if o.judge_passed else "off-label")}]
+            passes += int(o.passed and o.error is None)
+            records.append(SampleRecord(
+                iteration_id=iteration_id, item_key=f"item-{i:05d}", repeat=0,
+                input_json=json.dumps([{"role": "system", "content": messages[0]["content"]},
+                                       {"role": "user", "content": text}]),
+                output_text=o.output, prompt_tokens=40, completion_tokens=6, latency_s=0.05, cost=0.0,
+                error=o.error, grades=grades))
+        store.write_samples(records)
+        low, high = wilson_ci(passes, n_items)
+        store.update_iteration(iteration_id, n=n_items, score=passes / n_items, ci_low=low, ci_high=high,
+                               prompt_tokens=40 * n_items, completion_tokens=6 * n_items, cost=0.0,
+                               wall_s=1.5 + k, decision=decision,
+                               reason={"promoted": "beats parent on valid (p=0.01)", "rejected": "no significant gain"}.get(decision or "", None))
+        iteration_ids.append(iteration_id)
+    store.finish_run(run_id, "completed", {"n_samples": n_items * len(stages)})
+    return {"run_id": run_id, "iterations": iteration_ids, "eval_id": eval_id, "dataset_id": dataset_id}
+
+
+def sample_id(store: Store, iteration_id: str, key: str, repeat: int = 0) -> int:
+    return store.db.execute("select id from samples where iteration_id = ? and item_key = ? and repeat = ?",
+                            [iteration_id, key, repeat]).fetchone()[0]
