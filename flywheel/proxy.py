@@ -364,7 +364,8 @@ def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int
 
     from flywheel.serve import bind_socket, uvicorn_config
 
-    Store.open(db_path).close()  # a bad --db fails here, as one clean line
+    normalise_upstream(upstream)  # a bad --upstream or --db fails here, as one clean line
+    Store.open(db_path).close()
     app = create_proxy_app(upstream, db_path, timeout=timeout, max_body_bytes=max_body_bytes)
     sock = bind_socket(host, port)
     if on_ready is not None:

@@ -62,6 +62,7 @@ class ScriptedUpstream:
         self.stall_s = stall_s
         self.hold_s = hold_s
         self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.app = Starlette(routes=[
@@ -76,6 +77,7 @@ class ScriptedUpstream:
     async def chat(self, request: Request) -> Response:
         body = json.loads(await request.body())
         self.bodies.append(body)
+        self.headers.append(dict(request.headers))
         step = self.plan.pop(0) if self.plan else "ok"
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
