@@ -228,5 +228,52 @@ def captures_export(output, metadata, since, until, model, db, as_json):
         click.echo(f"wrote {result.written} examples to {result.path}")
 
 
+@main.command("report")
+@click.argument("run_ids", metavar="RUN...", nargs=-1, required=True)
+@click.option("-o", "--output", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="HTML file to write.")
+@click.option("--a", "a", default=None, help="Iteration shown as A when the page opens (default: parent of the best).")
+@click.option("--b", "b", default=None, help="Iteration shown as B when the page opens (default: the best).")
+@db_option
+@json_option
+def report_command(run_ids, output, a, b, db, as_json):
+    """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side)."""
+    from dataclasses import asdict
+
+    from flywheel.report.html import write_report
+
+    with _open_store(db) as store:
+        result = write_report(store, list(run_ids), output, a=a, b=b)
+    if as_json:
+        click.echo(json.dumps(asdict(result)))
+    else:
+        click.echo(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB, {result.iterations} iterations, "
+                   f"{result.samples} samples) in {result.seconds:.1f}s")
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it local).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--review", is_flag=True, help="Allow recording reviews (read-only without it).")
+@click.option("--reviewer", default=None, help="Name stored with each review (default: $USER).")
+@db_option
+def serve_command(host, port, review, reviewer, db):
+    """Browse runs, compare iterations and (with --review) record reviews in a local web app."""
+    import os
+
+    from flywheel.report.server import LOOPBACK, serve_reports
+
+    db_path = db or default_db_path()
+    if host not in LOOPBACK:
+        click.echo(f"warning: listening on {host}: anyone who can reach it can read this store"
+                   + (" and write reviews" if review else ""), err=True)
+
+    def ready(url):
+        click.echo(f"serving {db_path} at {url} ({'reviewing' if review else 'read-only'}; Ctrl-C stops)", err=True)
+
+    serve_reports(db_path, host=host, port=port, review=review,
+                  reviewer=reviewer or (os.environ.get("USER") if review else None), on_ready=ready)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

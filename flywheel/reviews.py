@@ -72,13 +72,16 @@ def add_review(store: Store, sample_id: int, *, verdict: str | None = None, corr
         raise ReviewError(f"preference {preference!r}: expected one of {', '.join(PREFERENCES)}")
     if preference is not None and other_sample_id is None:
         raise ReviewError("a preference needs other_sample_id: the output the sample was compared with")
-    if not any((verdict, correction, note, preference)):
-        raise ReviewError("empty review: give a verdict, a preference, a correction or a note")
     ids = [int(sample_id)] + ([int(other_sample_id)] if other_sample_id is not None else [])
     found = store.samples_by_id(ids)
     for sid in ids:
         if sid not in found:
             raise ReviewError(f"{store.path}: no sample with id {sid}")
+    if correction is not None and correction == found[ids[0]].get("output_text"):
+        correction = None  # the output itself, unchanged: not a correction
+    if not any((verdict, correction, note, preference)):
+        raise ReviewError("empty review: give a verdict, a preference, a correction (different from the output) "
+                          "or a note")
     if other_sample_id is not None:
         a, b = found[ids[0]], found[ids[1]]
         if ids[0] == ids[1] or (a["item_key"], a["repeat"]) != (b["item_key"], b["repeat"]):

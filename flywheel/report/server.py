@@ -1,0 +1,369 @@
+"""`flywheel serve`: a local web app over the store for browsing runs and recording reviews.
+
+Starlette + Jinja2 (autoescape on) + uvicorn, bound to 127.0.0.1 unless told otherwise. Pages:
+
+    /                      runs, newest first
+    /runs/{run}            trajectory, iterations, graders, judge-vs-human agreement
+    /compare?a=IT&b=IT     any two iterations side by side (a == b browses one), regressions first
+    /samples/{id}          one sample: input, output, grades, review history and form
+    /search?q=...          items and outputs containing a text
+
+It is read-only unless started with `review=True`; then POST /reviews records a verdict, a
+preference, a correction or a note. Writes need the page's token (a cross-site form cannot know
+it) and a Host header naming this machine (against DNS rebinding).
+
+    serve_reports("flywheel.db", review=True, reviewer="ana")
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from flywheel.errors import FlywheelError, StoreError
+from flywheel.report.compare import Comparison, PairRow, RunView, compare_iterations, item_fields, load_run_view
+from flywheel.report.html import (decorate_iterations, fmt_delta, fmt_pct, fmt_score, grader_rows, kpis,
+                                  templates_env, trajectory_svg)
+from flywheel.reviews import add_review, judge_agreement, preferences, sample_reviews
+from flywheel.store import Store
+
+PAGE_SIZE = 50
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+FILTERS = [("all", "All"), ("regression", "Regressions"), ("improvement", "Improvements"),
+           ("changed", "Changed output"), ("failing", "Failing"), ("errors", "Errors"), ("unreviewed", "Unreviewed")]
+
+
+class _Pages:
+    """What every page needs: the store path, review mode, the write token and a small cache."""
+
+    def __init__(self, db_path: str, review: bool, reviewer: str | None):
+        self.db_path = db_path
+        self.review = review
+        self.reviewer = reviewer
+        self.token = secrets.token_urlsafe(24)
+        self.env = templates_env()
+        self._comparisons: OrderedDict[tuple, Comparison] = OrderedDict()
+
+    def store(self) -> Store:
+        return Store.open(self.db_path)
+
+    def render(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        html = self.env.get_template(name).render(
+            request_path=request.url.path, review=self.review, reviewer=self.reviewer, token=self.token,
+            query=request.query_params.get("q", ""), css=self.env.loader.get_source(self.env, "style.css")[0],
+            pct=fmt_pct, **context)
+        return HTMLResponse(html, status_code=status, headers={
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                                       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    def comparison(self, store: Store, view: RunView, a: str, b: str, grader: str | None) -> Comparison:
+        """Cached by the iterations and their sample and grade counts (a running wheel adds rows)."""
+        counts = store.db.execute(
+            "select (select count(*) from samples where iteration_id in (?, ?)),"
+            " (select max(rowid) from grades)", [a, b]).fetchone()
+        key = (a, b, grader, *counts)
+        if key not in self._comparisons:
+            if grader:
+                view.objective = {"grader": grader, "metric": view.objective["metric"]}
+            self._comparisons[key] = compare_iterations(store, view, a, b)
+            while len(self._comparisons) > 6:
+                self._comparisons.popitem(last=False)
+        self._comparisons.move_to_end(key)
+        return self._comparisons[key]
+
+
+def _tokens(text: str) -> list[str]:
+    return re.findall(r"\s+|\w+|[^\s\w]", text)
+
+
+def word_diff(a: str, b: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Segments of A (op '-' marks deleted) and of B (op '+' marks inserted), for highlighting."""
+    ta, tb = _tokens(a), _tokens(b)
+    if len(ta) * len(tb) > 250_000:
+        return [("=", a)], [("=", b)]
+    left, right = [], []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ta, tb, autojunk=False).get_opcodes():
+        if op == "equal":
+            left.append(("=", "".join(ta[i1:i2])))
+            right.append(("=", "".join(tb[j1:j2])))
+        else:
+            if i2 > i1:
+                left.append(("-", "".join(ta[i1:i2])))
+            if j2 > j1:
+                right.append(("+", "".join(tb[j1:j2])))
+    return left, right
+
+
+def _keep(row: PairRow, flt: str, reviewed: set[int]) -> bool:
+    if flt == "all":
+        return True
+    if flt in ("regression", "improvement"):
+        return row.status == flt
+    if flt == "changed":
+        return bool(row.a and row.b and ((row.a["output_text"] != row.b["output_text"]) or row.a["error"] != row.b["error"]))
+    if flt == "failing":
+        side = row.b or row.a
+        return bool(side) and not side["passed"]
+    if flt == "errors":
+        return bool((row.a and row.a["error"]) or (row.b and row.b["error"]))
+    if flt == "unreviewed":
+        return not any(s and s["id"] in reviewed for s in (row.a, row.b))
+    return True
+
+
+def _matches(row: PairRow, q: str, fields: dict[str, dict[str, Any]]) -> bool:
+    if not q:
+        return True
+    hay = [row.key, *(str(v) for v in fields.get(row.key, {}).values())]
+    hay += [s["output_text"] or "" for s in (row.a, row.b) if s]
+    return any(q in h.lower() for h in hay)
+
+
+def _safe_next(value: str | None) -> str:
+    """Only same-site relative paths: never an open redirect."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    parts = urlsplit(value)
+    return value if not parts.scheme and not parts.netloc else "/"
+
+
+def create_app(db_path: str, *, review: bool = False, reviewer: str | None = None,
+               allowed_hosts: list[str] | None = None) -> Starlette:
+    """The review server's ASGI app over the store at `db_path`."""
+    Store.open(db_path).close()  # fail now (and migrate) rather than on the first request
+    pages = _Pages(db_path, review, reviewer)
+
+    def runs_page(request: Request) -> Response:
+        store = pages.store()
+        try:
+            rows = []
+            for run in store.list_runs(200):
+                its = store.iterations(run["id"])
+                name = store.db.execute("select name from evals where id = ?", [run.get("eval_id")]).fetchone()
+                scores = [it["score"] for it in its if it.get("score") is not None]
+                rows.append({**run, "eval_name": name[0] if name else "", "n_iterations": len(its),
+                             "best": max(scores) if scores else None, "n": sum(it.get("n") or 0 for it in its)})
+            reviews = store.db.execute("select count(*) from reviews").fetchone()[0]
+        finally:
+            store.close()
+        return pages.render(request, "runs.html.j2", runs=rows, n_reviews=reviews, title="Runs")
+
+    def run_page(request: Request) -> Response:
+        store = pages.store()
+        try:
+            view = load_run_view(store, [request.path_params["run_id"]])
+            iterations = decorate_iterations(view)
+            agreement = judge_agreement(store, run_ids=[view.runs[0]["id"]])
+            n_reviews = len(sample_reviews(store, run_ids=[view.runs[0]["id"]]))
+        finally:
+            store.close()
+        metric = view.objective["metric"]
+        return pages.render(request, "run.html.j2", view=view, run=view.runs[0], iterations=iterations,
+                            grader_rows=grader_rows(view), kpis=kpis(view), agreement=agreement,
+                            trajectory_svg=trajectory_svg(iterations, metric), n_reviews=n_reviews,
+                            metric=metric, title=view.eval_name)
+
+    def compare_page(request: Request) -> Response:
+        params = request.query_params
+        a_id, b_id = params.get("a", ""), params.get("b", "") or params.get("a", "")
+        flt = params.get("f", "all") if params.get("f") in dict(FILTERS) else "all"
+        q = params.get("q", "").strip().lower()
+        try:
+            page = max(0, int(params.get("page", "0")))
+        except ValueError:
+            page = 0
+        store = pages.store()
+        try:
+            a_it, b_it = store.get_iteration(a_id), store.get_iteration(b_id)
+            view = load_run_view(store, list(dict.fromkeys([a_it["run_id"], b_it["run_id"]])))
+            grader = params.get("g") if params.get("g") in {g.name for g in view.graders} else None
+            cmp = pages.comparison(store, view, a_id, b_id, grader)
+            fields = item_fields(store, view.runs)
+            reviews = sample_reviews(store, iteration_ids=[a_id, b_id])
+            prefs = {frozenset((p.sample_id, p.other_sample_id)): p
+                     for p in preferences(store, iteration_ids=[a_id, b_id])}
+            agreement = judge_agreement(store, iteration_ids=list(dict.fromkeys([a_id, b_id])))
+            choices = _iteration_choices(store)
+        finally:
+            store.close()
+        rows = [r for r in cmp.rows if _keep(r, flt, set(reviews)) and _matches(r, q, fields)]
+        pages_total = max(1, math.ceil(len(rows) / PAGE_SIZE))
+        page = min(page, pages_total - 1)
+        shown = []
+        for r in rows[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]:
+            out_a = (r.a or {}).get("output_text") or ""
+            out_b = (r.b or {}).get("output_text") or ""
+            left, right = word_diff(out_a, out_b) if r.a and r.b and out_a != out_b else ([("=", out_a)], [("=", out_b)])
+            pref = prefs.get(frozenset((r.b["id"], r.a["id"]))) if r.a and r.b else None
+            shown.append({"row": r, "fields": fields.get(r.key, {}), "diff_a": left, "diff_b": right,
+                          "review_a": reviews.get(r.a["id"]) if r.a else None,
+                          "review_b": reviews.get(r.b["id"]) if r.b else None,
+                          "preferred": None if pref is None else ("tie" if pref.tie else "a" if pref.chosen == r.a["id"] else "b")})
+        counts = {key: sum(1 for r in cmp.rows if _keep(r, key, set(reviews)) and _matches(r, q, fields)) for key, _ in FILTERS}
+        base = {"a": a_id, "b": b_id, "f": flt, "q": params.get("q", ""), **({"g": grader} if grader else {})}
+        metric = view.objective["metric"]
+        return pages.render(
+            request, "compare.html.j2", cmp=cmp, rows=shown, single=a_id == b_id, filters=FILTERS, flt=flt,
+            counts=counts, page=page, pages_total=pages_total, n_rows=len(rows), view=view, grader=grader,
+            choices=choices, base=base, urlencode=urlencode, agreement=agreement, metric=metric,
+            score=lambda v: fmt_score(v, metric), delta=lambda v: fmt_delta(v, metric),
+            prompt_a=cmp.a["messages"], prompt_b=cmp.b["messages"], prompt_ops=_prompt_ops(cmp),
+            this_url=str(request.url.path) + "?" + urlencode({**base, "page": page}),
+            title=f"{cmp.b['label']} vs {cmp.a['label']}")
+
+    def sample_page(request: Request) -> Response:
+        sample_id = request.path_params["sample_id"]
+        store = pages.store()
+        try:
+            sample = store.samples_by_id([sample_id]).get(sample_id)
+            if sample is None:
+                raise StoreError(f"no sample with id {sample_id}")
+            grades = list(store.db.query("select * from grades where sample_id = ? order by grader", [sample_id]))
+            iteration = store.get_iteration(sample["iteration_id"])
+            view = load_run_view(store, [iteration["run_id"]])
+            fields = item_fields(store, view.runs).get(sample["item_key"], {})
+            history = list(store.db.query(
+                "select * from reviews where sample_id = ? or other_sample_id = ? order by id", [sample_id, sample_id]))
+            review = sample_reviews(store, iteration_ids=[sample["iteration_id"]]).get(sample_id)
+            others = list(store.db.query(
+                "select s.id, s.iteration_id, s.output_text, s.error from samples s where s.item_key = ? and"
+                " s.repeat = ? and s.id != ? order by s.id", [sample["item_key"], sample["repeat"], sample_id]))
+        finally:
+            store.close()
+        import json
+
+        messages = json.loads(sample["input_json"] or "null") or []
+        return pages.render(request, "sample.html.j2", sample=sample, grades=grades, iteration=iteration,
+                            fields=fields, history=history, sample_review=review, messages=messages, others=others,
+                            graders={g.name: g for g in view.graders}, run=view.runs[0],
+                            this_url=request.url.path, title=f"{sample['item_key']} · {iteration['id']}")
+
+    def search_page(request: Request) -> Response:
+        q = request.query_params.get("q", "").strip()
+        results = []
+        if q:
+            like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            store = pages.store()
+            try:
+                results = list(store.db.query(
+                    "select s.id, s.iteration_id, s.item_key, s.repeat, s.output_text, s.error, i.run_id,"
+                    " i.seq, i.stage, it.fields_json from samples s join iterations i on i.id = s.iteration_id"
+                    " join runs r on r.id = i.run_id left join items it on it.dataset_id = r.dataset_id and"
+                    " it.key = s.item_key where s.item_key like :q escape '\\' or s.output_text like :q escape '\\'"
+                    " or it.fields_json like :q escape '\\' order by s.id desc limit 200", {"q": like}))
+                ids = [r["id"] for r in results]
+                passed = {}
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    for sid, ok in store.db.execute(
+                            f"select sample_id, min(passed) from grades where sample_id in ({','.join('?' * len(chunk))})"
+                            " group by sample_id", chunk).fetchall():
+                        passed[sid] = bool(ok)
+                for r in results:
+                    r["passed"] = passed.get(r["id"], False) and not r["error"]
+            finally:
+                store.close()
+        return pages.render(request, "search.html.j2", q=q, results=results, title=f"search {q}")
+
+    async def post_review(request: Request) -> Response:
+        if not pages.review:
+            return pages.render(request, "error.html.j2", status=403, title="read-only",
+                                message="This server is read-only: start it with `flywheel serve --review` to record reviews.")
+        origin = request.headers.get("origin")
+        if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+            return pages.render(request, "error.html.j2", status=403, title="forbidden",
+                                message="Reviews can only be sent from this server's own pages.")
+        form = await request.form()
+        if not secrets.compare_digest(str(form.get("token", "")), pages.token):
+            return pages.render(request, "error.html.j2", status=403, title="forbidden",
+                                message="This form has expired (the server was restarted): reload the page.")
+
+        def number(name: str) -> int | None:
+            value = str(form.get(name) or "").strip()
+            return int(value) if value.isdigit() else None
+
+        sample_id = number("sample_id")
+        if sample_id is None:
+            return pages.render(request, "error.html.j2", status=400, title="bad review", message="sample_id is missing.")
+        store = pages.store()
+        try:
+            add_review(store, sample_id, verdict=str(form.get("verdict") or "") or None,
+                       preference=str(form.get("preference") or "") or None,
+                       other_sample_id=number("other_sample_id"), correction=str(form.get("correction") or "") or None,
+                       note=str(form.get("note") or "") or None, reviewer=pages.reviewer)
+        except FlywheelError as exc:
+            return pages.render(request, "error.html.j2", status=400, title="bad review", message=str(exc))
+        finally:
+            store.close()
+        target = _safe_next(str(form.get("next") or ""))
+        anchor = str(form.get("anchor") or "")
+        if re.fullmatch(r"[\w.-]{1,200}", anchor):
+            target += "#" + anchor
+        return RedirectResponse(target, status_code=303)
+
+    def wrap(fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
+        def page(request: Request) -> Response:
+            try:
+                return fn(request)
+            except FlywheelError as exc:
+                return pages.render(request, "error.html.j2", status=404, title="not found", message=str(exc))
+        return page
+
+    hosts = allowed_hosts or ["127.0.0.1", "localhost", "[::1]", "::1"]
+    app = Starlette(
+        routes=[Route("/", wrap(runs_page)), Route("/runs/{run_id}", wrap(run_page)),
+                Route("/compare", wrap(compare_page)), Route("/samples/{sample_id:int}", wrap(sample_page)),
+                Route("/search", wrap(search_page)), Route("/reviews", post_review, methods=["POST"])],
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)])
+    app.state.pages = pages
+    return app
+
+
+def _iteration_choices(store: Store, runs: int = 50) -> list[dict[str, Any]]:
+    """Iterations of the most recent runs, grouped by run, for the A/B pickers."""
+    out = []
+    for run in store.list_runs(runs):
+        its = store.iterations(run["id"])
+        if its:
+            out.append({"run": run, "iterations": its})
+    return out
+
+
+def _prompt_ops(cmp: Comparison) -> list[tuple[str, str]]:
+    from flywheel.report.compare import prompt_diff
+
+    return prompt_diff(cmp.a["messages"], cmp.b["messages"])
+
+
+def serve_reports(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, review: bool = False,
+                  reviewer: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the review server until interrupted. Any host but loopback accepts every Host header."""
+    import uvicorn
+
+    from flywheel.serve import bind_socket, uvicorn_config
+
+    allowed = None if host in LOOPBACK else ["*"]
+    app = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=allowed)
+    sock = bind_socket(host, port)
+    server = uvicorn.Server(uvicorn_config(app))
+    if on_ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        on_ready(f"http://{shown}:{sock.getsockname()[1]}/")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
