@@ -166,6 +166,8 @@ def print_captures(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console.width = 160  # piped output: do not squeeze the table to 80 columns
     if not rows:
         console.print("no captures match")
         return
