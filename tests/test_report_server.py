@@ -1,0 +1,177 @@
+"""The review server, over real HTTP on 127.0.0.1 (uvicorn in a thread)."""
+
+import http.client
+import re
+import urllib.parse
+
+import pytest
+from click.testing import CliRunner
+
+from flywheel.cli import main
+from flywheel.report.server import _safe_next, create_app, word_diff
+from flywheel.reviews import review_dpo_pairs, review_sft_rows
+from flywheel.serve import BackgroundServer
+
+from report_helpers import XSS, build_run, default_outcome, sample_id
+
+
+def request(server, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    data = urllib.parse.urlencode(body).encode() if body is not None else None
+    hdrs = {"Content-Type": "application/x-www-form-urlencoded"} if body is not None else {}
+    conn.request(method, path, body=data, headers={**hdrs, **(headers or {})})
+    response = conn.getresponse()
+    text = response.read().decode()
+    conn.close()
+    return response.status, dict(response.getheaders()), text
+
+
+@pytest.fixture
+def run(store):
+    def outcome(k, i):
+        o = default_outcome(k, i)
+        if i == 1:
+            o.output = XSS
+        return o
+
+    return build_run(store, n_items=60, outcome=outcome, item_text=lambda i: XSS if i == 3 else f"question {i}")
+
+
+@pytest.fixture
+def reviewing(store, run):
+    with BackgroundServer(create_app(store.path, review=True, reviewer="ana")) as server:
+        yield server
+
+
+@pytest.fixture
+def read_only(store, run):
+    with BackgroundServer(create_app(store.path)) as server:
+        yield server
+
+
+def token_of(html):
+    return re.search(r'name="token" value="([^"]+)"', html).group(1)
+
+
+def compare_path(run, a=0, b=1, **extra):
+    return "/compare?" + urllib.parse.urlencode({"a": run["iterations"][a], "b": run["iterations"][b], **extra})
+
+
+def test_pages_render_and_escape_everything(read_only, run, store):
+    status, headers, html = request(read_only, "GET", "/")
+    assert status == 200 and run["run_id"] in html and "read-only" in html
+    assert "default-src 'none'" in headers["content-security-policy"]
+    status, _, html = request(read_only, "GET", f"/runs/{run['run_id']}")
+    assert status == 200 and "#2 sft" in html and "<svg" in html and "Judge vs human" in html
+    status, _, html = request(read_only, "GET", compare_path(run))
+    assert status == 200
+    assert "<script" not in html and "<img" not in html and "<b>bold" not in html
+    assert "&lt;/script&gt;&lt;script&gt;window.__pwned=1&lt;/script&gt;" in html
+    assert "McNemar" in html and "Prompt diff" in html
+    sid = sample_id(store, run["iterations"][1], "item-00001")
+    status, _, html = request(read_only, "GET", f"/samples/{sid}")
+    assert status == 200 and "<script" not in html and "&lt;img src=x" in html
+
+
+def test_compare_puts_regressions_first_filters_and_pages(read_only, run):
+    _, _, html = request(read_only, "GET", compare_path(run))
+    statuses = re.findall(r'data-status="(\w+)"', html)
+    assert len(statuses) == 50 and statuses[0] == "regression"
+    assert re.search(r'class="chip regression"[^>]*>Regressions<b>(\d+)</b>', html)
+    _, _, html = request(read_only, "GET", compare_path(run, f="regression"))
+    statuses = re.findall(r'data-status="(\w+)"', html)
+    assert statuses and set(statuses) == {"regression"}
+    _, _, html = request(read_only, "GET", compare_path(run, page=1))
+    assert "page 2 of 2" in html and len(re.findall(r'data-status="', html)) == 10
+    _, _, html = request(read_only, "GET", compare_path(run, q="question 17"))
+    assert re.findall(r'data-key="([^"]+)"', html) == ["item-00017"]
+    _, _, html = request(read_only, "GET", compare_path(run, g="judge"))
+    assert '<option value="judge" selected>' in html
+    _, _, html = request(read_only, "GET", compare_path(run, a=2, b=2))  # one iteration alone
+    assert "McNemar" not in html and len(re.findall(r'data-status="', html)) == 50
+
+
+def test_search_finds_items_and_outputs(read_only, run):
+    _, _, html = request(read_only, "GET", "/search?q=question+42")
+    assert html.count("item-00042") >= 3  # one result per iteration
+    _, _, html = request(read_only, "GET", "/search?q=" + urllib.parse.quote("window.__pwned=1"))
+    assert "item-00001" in html and "item-00003" in html and "<script>" not in html
+    _, _, html = request(read_only, "GET", "/search?q=100%25")
+    assert "0 samples" in html
+
+
+def test_read_only_server_refuses_reviews(read_only, run, store):
+    _, _, html = request(read_only, "GET", compare_path(run))
+    assert 'action="/reviews"' not in html
+    status, _, html = request(read_only, "POST", "/reviews", {"sample_id": "1", "verdict": "fail"})
+    assert status == 403 and "--review" in html
+    assert store.db["reviews"].count == 0
+
+
+def test_reviews_are_recorded_and_feed_training(reviewing, run, store):
+    _, _, html = request(reviewing, "GET", compare_path(run))
+    token = token_of(html)
+    a = sample_id(store, run["iterations"][0], "item-00002")
+    b = sample_id(store, run["iterations"][1], "item-00002")
+    status, headers, _ = request(reviewing, "POST", "/reviews", {
+        "token": token, "sample_id": b, "verdict": "fail", "next": compare_path(run), "anchor": "row-0-0"})
+    assert status == 303 and headers["location"] == compare_path(run) + "#row-0-0"
+    request(reviewing, "POST", "/reviews", {"token": token, "sample_id": b, "other_sample_id": a,
+                                            "preference": "other", "next": "/"})
+    request(reviewing, "POST", "/reviews", {"token": token, "sample_id": b, "correction": "exchange_rate",
+                                            "note": "label is in the item", "next": "/"})
+    rows = list(store.db.query("select * from reviews order by id"))
+    assert [(r["verdict"], r["preference"], r["correction"], r["reviewer"]) for r in rows] == [
+        ("fail", None, None, "ana"), (None, "other", None, "ana"), (None, None, "exchange_rate", "ana")]
+    assert review_sft_rows(store, run_ids=[run["run_id"]])[0]["messages"][-1]["content"] == "exchange_rate"
+    assert len(review_dpo_pairs(store, run_ids=[run["run_id"]])) == 2
+    _, _, html = request(reviewing, "GET", compare_path(run))
+    assert "human: fail" in html and "preferred: A" in html and "exchange_rate" in html
+    _, _, html = request(reviewing, "GET", f"/runs/{run['run_id']}")
+    assert re.search(r'data-grader="judge".*?agreement-rate"><strong>(0\.0|100\.0)%', html, re.S)
+
+
+def test_writes_need_token_local_host_and_same_origin(reviewing, run, store):
+    sid = sample_id(store, run["iterations"][1], "item-00002")
+    _, _, html = request(reviewing, "GET", "/")
+    status, _, _ = request(reviewing, "POST", "/reviews", {"token": "guess", "sample_id": sid, "verdict": "fail"})
+    assert status == 403
+    token = token_of(request(reviewing, "GET", compare_path(run))[2])
+    status, _, _ = request(reviewing, "POST", "/reviews", {"token": token, "sample_id": sid, "verdict": "fail"},
+                           headers={"Origin": "http://evil.example"})
+    assert status == 403
+    status, _, _ = request(reviewing, "GET", "/", headers={"Host": "evil.example"})  # DNS rebinding
+    assert status == 400
+    status, _, html = request(reviewing, "POST", "/reviews", {"token": token, "sample_id": sid, "verdict": "maybe"})
+    assert status == 400 and "verdict &#39;maybe&#39;" in html
+    status, headers, _ = request(reviewing, "POST", "/reviews", {"token": token, "sample_id": sid, "verdict": "pass",
+                                                                 "next": "//evil.example/x", "anchor": "x\"><"})
+    assert status == 303 and headers["location"] == "/"
+    assert [r["verdict"] for r in store.db.query("select verdict from reviews")] == ["pass"]
+
+
+def test_safe_next_and_word_diff():
+    assert _safe_next("/compare?a=1") == "/compare?a=1"
+    for bad in ("//evil.example", "https://evil.example", "/\\evil", "", None, "javascript:alert(1)"):
+        assert _safe_next(bad) == "/"
+    left, right = word_diff("the card is lost", "the card arrived")
+    assert ("-", "is lost") in left and ("+", "arrived") in right
+
+
+def test_missing_things_are_404_pages(read_only):
+    assert request(read_only, "GET", "/runs/nope")[0] == 404
+    assert request(read_only, "GET", "/samples/999999")[0] == 404
+    assert request(read_only, "GET", "/compare?a=x&b=y")[0] == 404
+
+
+def test_serve_binds_loopback_and_is_read_only_by_default(monkeypatch, store):
+    import flywheel.report.server as server_module
+
+    calls = []
+    monkeypatch.setattr(server_module, "serve_reports", lambda db, **kw: calls.append((db, kw)))
+    result = CliRunner().invoke(main, ["serve", "--db", store.path])
+    assert result.exit_code == 0, result.output
+    assert calls == [(store.path, {"host": "127.0.0.1", "port": 8765, "review": False, "reviewer": None,
+                                   "on_ready": calls[0][1]["on_ready"]})]
+    result = CliRunner().invoke(main, ["serve", "--db", store.path, "--host", "0.0.0.0", "--review"])
+    assert "warning: listening on 0.0.0.0" in result.output and calls[1][1]["review"] is True
