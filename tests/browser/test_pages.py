@@ -1,0 +1,185 @@
+"""The report and the review server in headless Chromium (Debian's chromium, driven by playwright).
+
+`make test` installs chromium when it is missing (see the Makefile's `browser` target); outside CI
+these tests are skipped on a machine without it. Set FLYWHEEL_SCREENSHOTS=DIR to keep screenshots.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flywheel.report.compare import compare_iterations, load_run_view
+from flywheel.report.html import write_report
+from flywheel.report.server import create_app
+from flywheel.reviews import review_dpo_pairs, review_sft_rows
+from flywheel.serve import BackgroundServer
+
+from report_helpers import XSS, build_run, default_outcome, sample_id
+
+CHROMIUM = os.environ.get("FLYWHEEL_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: `make browser` installs it")
+        pytest.skip(f"{CHROMIUM} is missing: `make browser` installs it")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    yield pg
+    context.close()
+
+
+def keep_screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path))
+    if os.environ.get("FLYWHEEL_SCREENSHOTS"):
+        target = Path(os.environ["FLYWHEEL_SCREENSHOTS"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target / path.name)
+    return path
+
+
+def outcome(k, i):
+    o = default_outcome(k, i)
+    if i == 1:
+        o.output = XSS
+    if k == 2 and i == 5:
+        o.error = "model_error: " + XSS
+    return o
+
+
+@pytest.fixture
+def run(store):
+    return build_run(store, n_items=120, outcome=outcome,
+                     item_text=lambda i: XSS if i == 3 else f"My card has not arrived after {i} days. What now?")
+
+
+def test_report_compare_filter_and_search(page, run, store, tmp_path):
+    path = write_report(store, [run["run_id"]], tmp_path / "report.html").path
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    from playwright.sync_api import expect
+
+    page.goto(Path(path).as_uri())
+    page.wait_for_selector("body[data-ready='1']")
+    assert requests == [Path(path).as_uri()]  # nothing but the file itself
+    assert page.evaluate("window.__pwned") is None and page.errors == []
+    # The payloads show as text.
+    assert XSS in page.locator("#rows").inner_text() or XSS in page.content().replace("&lt;", "<").replace("&gt;", ">")
+    rows = page.locator("#rows .row")
+    assert rows.count() == 50 and rows.first.get_attribute("data-status") == "regression"
+    keep_screenshot(page, tmp_path, "report-top")
+    page.locator("#compare").scroll_into_view_if_needed()
+    keep_screenshot(page, tmp_path, "report-compare")
+
+    # Switch the compared iterations: #2 sft against #0 eval.
+    page.select_option("#sel-b", "2")
+    view = load_run_view(store, [run["run_id"]])
+    cmp = compare_iterations(store, view, run["iterations"][0], run["iterations"][2])
+    p = cmp.stats["p_mcnemar"]
+    expected_p = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    mcnemar = page.locator("#mcnemar").inner_text()
+    assert expected_p in mcnemar and f"{cmp.stats['regressions']} regressed" in mcnemar
+    assert "#2 sft" in page.locator("#verdict").inner_text()
+    assert "b=2" in page.evaluate("location.hash")
+
+    # Filter: only regressions, then errors.
+    page.click("#filters [data-filter='regression']")
+    statuses = set(page.locator("#rows .row").evaluate_all("rs => rs.map(r => r.dataset.status)"))
+    assert statuses == {"regression"}
+    assert page.locator("#rows .row").count() == min(50, cmp.stats["counts"]["regression"])
+    page.click("#filters [data-filter='errors']")
+    assert page.locator("#rows .row").count() == 1
+    assert "model_error: " + XSS in page.locator("#rows .row").first.inner_text()
+    keep_screenshot(page, tmp_path, "report-errors")
+
+    # Search across item fields and outputs; then page through everything.
+    page.click("#filters [data-filter='all']")
+    page.fill("#q", "after 17 days")
+    expect(page.locator("#rows .row")).to_have_count(1)  # the page's CSP forbids wait_for_function
+    assert page.locator("#rows .row").first.get_attribute("data-key") == "item-00017"
+    page.fill("#q", "")
+    expect(page.locator("#rows .row")).to_have_count(50)
+    page.click("#next")
+    assert "51–100 of 120" in page.locator("#shown").inner_text()
+    # The iteration table's A/B buttons pick a pair too.
+    page.click("button.pick[data-side='a'][data-idx='1']")
+    assert page.locator("#sel-a").input_value() == "1"
+    assert page.evaluate("window.__pwned") is None and page.errors == []
+
+
+def test_review_in_the_server_reaches_the_store(page, run, store, tmp_path):
+    with BackgroundServer(create_app(store.path, review=True, reviewer="ana")) as server:
+        page.goto(f"{server.url}/runs/{run['run_id']}")
+        keep_screenshot(page, tmp_path, "serve-run")
+        page.click("text=vs parent >> nth=0")
+        page.wait_for_selector("#rows .row")
+        keep_screenshot(page, tmp_path, "serve-compare")
+        first = page.locator("#rows .row").first
+        key = first.get_attribute("data-key")
+        assert first.get_attribute("data-status") == "regression"
+        b_id = sample_id(store, run["iterations"][1], key)
+        a_id = sample_id(store, run["iterations"][0], key)
+
+        # Mark B's output as failing, then prefer A's.
+        first.locator(".side-b .mark-fail").click()
+        page.wait_for_load_state()
+        assert [r["verdict"] for r in store.db.query("select verdict from reviews where sample_id = ?", [b_id])] == ["fail"]
+        row = page.locator(f"#rows .row[data-key='{key}']")
+        assert "human: fail" in row.inner_text()
+        row.locator(".prefer-a").click()
+        page.wait_for_load_state()
+        assert "preferred: A" in page.locator(f"#rows .row[data-key='{key}']").inner_text()
+
+        # Correct the output on the sample page.
+        page.goto(f"{server.url}/samples/{b_id}")
+        page.fill("textarea[name=correction]", "card_arrival (corrected)")
+        page.fill("textarea[name=note]", "the item says the card is late")
+        page.click("#review-form button[type=submit]")
+        page.wait_for_selector("#history")
+        assert "card_arrival (corrected)" in page.locator("#history").inner_text()
+        keep_screenshot(page, tmp_path, "serve-sample")
+
+        # Verdicts now show judge-vs-human agreement on the run page.
+        page.goto(f"{server.url}/runs/{run['run_id']}")
+        assert page.locator("#agreement tr[data-grader='judge']").count() == 1
+        assert page.errors == []
+
+    sft = review_sft_rows(store, run_ids=[run["run_id"]])
+    assert sft[0]["messages"][-1] == {"role": "assistant", "content": "card_arrival (corrected)"}
+    pairs = review_dpo_pairs(store, run_ids=[run["run_id"]])
+    outputs = store.samples_by_id([a_id, b_id])
+    assert {"preferred": outputs[a_id]["output_text"], "rejected": outputs[b_id]["output_text"]} in [
+        {"preferred": p["preferred_output"][0]["content"], "rejected": p["non_preferred_output"][0]["content"]}
+        for p in pairs]
+    reviewers = {r["reviewer"] for r in store.db.query("select reviewer from reviews")}
+    assert reviewers == {"ana"}
+
+
+def test_read_only_server_has_no_review_controls(page, run, store):
+    with BackgroundServer(create_app(store.path)) as server:
+        page.goto(f"{server.url}/compare?a={run['iterations'][0]}&b={run['iterations'][1]}")
+        assert page.locator("form[action='/reviews']").count() == 0
+        assert "read-only" in page.locator("nav").inner_text()
+        assert page.evaluate("window.__pwned") is None
+        assert re.search(r"\d+ regressed", page.locator("#mcnemar").inner_text())
