@@ -158,3 +158,11 @@ def test_write_report_counts(store, tmp_path):
     ids = build_run(store, n_items=7)
     result = write_report(store, [ids["run_id"]], tmp_path / "x.html")
     assert (result.iterations, result.samples) == (3, 21) and result.bytes > 10_000
+
+
+def test_run_without_samples_still_renders(store):
+    run_id = store.create_run(kind="eval", config_key="x")
+    assert "No scored iterations yet" in render_report(store, [run_id])
+    store.iteration_for(run_id, 0, stage="eval")
+    data = _data(render_report(store, [run_id]))
+    assert data["iterations"][0]["score"] is None and data["samples"] == [{**data["samples"][0], "k": []}]

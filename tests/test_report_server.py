@@ -175,3 +175,9 @@ def test_serve_binds_loopback_and_is_read_only_by_default(monkeypatch, store):
                                    "on_ready": calls[0][1]["on_ready"]})]
     result = CliRunner().invoke(main, ["serve", "--db", store.path, "--host", "0.0.0.0", "--review"])
     assert "warning: listening on 0.0.0.0" in result.output and calls[1][1]["review"] is True
+
+
+def test_empty_store(tmp_path):
+    with BackgroundServer(create_app(str(tmp_path / "empty.db"))) as server:
+        status, _, html = request(server, "GET", "/")
+        assert status == 200 and "No runs in this store yet" in html

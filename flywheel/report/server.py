@@ -221,6 +221,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             counts=counts, page=page, pages_total=pages_total, n_rows=len(rows), view=view, grader=grader,
             choices=choices, base=base, urlencode=urlencode, agreement=agreement, metric=metric,
             score=lambda v: fmt_score(v, metric), delta=lambda v: fmt_delta(v, metric),
+            ordered=lambda grades: [(g.name, grades[g.name]) for g in view.graders if g.name in grades],
             prompt_a=cmp.a["messages"], prompt_b=cmp.b["messages"], prompt_ops=_prompt_ops(cmp),
             this_url=str(request.url.path) + "?" + urlencode({**base, "page": page}),
             title=f"{cmp.b['label']} vs {cmp.a['label']}")
