@@ -93,3 +93,17 @@ def test_embedded_smollm2_answers_and_is_deterministic(smollm2_dir):
     assert "Paris" in first[0].text
     assert [c.text for c in model.generate(requests)] == [c.text for c in first]
     assert model.chat([QUESTION], max_tokens=12) == [first[0].text]
+
+
+def test_shared_prefix_cache_gives_the_same_outputs(tiny_model_dir):
+    system = {"role": "system", "content": "You sort customer messages into labels. " * 4}
+    requests = [ChatRequest([system, {"role": "user", "content": "message " * n}], Sampling(max_tokens=5))
+                for n in (1, 9, 4, 2, 6)]
+    cached = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32", "batch_size": 3})
+    plain = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32", "batch_size": 3, "prefix_cache": False})
+    rows = [cached.load()[1](cached.render_prompt(r.messages), add_special_tokens=False).input_ids for r in requests]
+    assert cached._shared_prefix(rows) > 8  # the system prompt really is shared and reused
+    with_prefix = cached.generate(requests)
+    assert cached._prefix_memo is not None
+    assert [c.text for c in with_prefix] == [c.text for c in plain.generate(requests)]
+    assert [c.prompt_tokens for c in with_prefix] == [len(r) for r in rows]

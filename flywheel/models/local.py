@@ -42,6 +42,8 @@ EMBEDDED = {
     ),
 }
 
+# Below this many shared tokens, copying a prefix cache costs more than recomputing it.
+MIN_PREFIX_TOKENS = 8
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
 
@@ -173,7 +175,7 @@ class LocalModel(Model):
     """
 
     def __init__(self, ref: str, base: str, adapter: str | None = None, *, dtype: str | None = None,
-                 batch_size: int = 32, device: str | None = None):
+                 batch_size: int = 32, device: str | None = None, prefix_cache: bool = True):
         self.ref = ref
         self.base = base
         self.adapter = Path(adapter).resolve() if adapter else None
@@ -183,6 +185,8 @@ class LocalModel(Model):
         self._model = None
         self._tokenizer = None
         self._fingerprint: str | None = None
+        self.prefix_cache = prefix_cache
+        self._prefix_memo: tuple[tuple[int, ...], Any] | None = None
         self._lock = threading.Lock()
         if self.adapter is not None and not (self.adapter / "adapter_config.json").exists():
             raise ModelError(f"{ref}: adapter folder {self.adapter} has no adapter_config.json")
@@ -256,10 +260,10 @@ class LocalModel(Model):
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
-        model, tokenizer = self.load()
-        prompts = [self.render_prompt(r.messages) for r in requests]
-        lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-        order = sorted(range(len(requests)), key=lambda i: (lengths[i], i))
+        _, tokenizer = self.load()
+        token_ids = [tokenizer(self.render_prompt(r.messages), add_special_tokens=False).input_ids
+                     for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (len(token_ids[i]), i))
         results: list[Completion | None] = [None] * len(requests)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -269,54 +273,103 @@ class LocalModel(Model):
                 groups.setdefault(requests[index].sampling, []).append(index)
             for sampling, indexes in groups.items():
                 for index, completion in zip(indexes, self._generate_batch(
-                        [prompts[i] for i in indexes], sampling, [requests[i].repeat for i in indexes])):
+                        [token_ids[i] for i in indexes], sampling, [requests[i].repeat for i in indexes])):
                     results[index] = completion
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[str], sampling, repeats: list[int]) -> list[Completion]:
+    def _shared_prefix(self, rows: list[list[int]]) -> int:
+        """Length of the token prefix every row shares, leaving each row at least one own token."""
+        if not self.prefix_cache:
+            return 0
+        shortest = min(len(r) for r in rows)
+        length = 0
+        first = rows[0]
+        while length < shortest - 1 and all(r[length] == first[length] for r in rows):
+            length += 1
+        return length if length >= MIN_PREFIX_TOKENS else 0
+
+    def _prefix_kv(self, prefix: tuple[int, ...]):
+        """KV cache of a prompt prefix (the system prompt, usually), computed once and reused."""
+        import torch
+
+        if self._prefix_memo is None or self._prefix_memo[0] != prefix:
+            model, _ = self.load()
+            with torch.inference_mode():
+                out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
+            self._prefix_memo = (prefix, out.past_key_values)
+        return self._prefix_memo[1]
+
+    def _batch_inputs(self, rows: list[list[int]]):
+        """input_ids, attention_mask and (optionally) a prefilled cache for one batch.
+
+        Without a shared prefix, rows are left-padded. With one, the layout is
+        [prefix][padding][own tokens]: the prefix's KV cache is computed once and copied per row,
+        and position ids (from the attention mask's cumulative sum) stay those of the unpadded
+        prompt, so the model sees exactly the same sequence either way.
+        """
+        import copy
+
+        import torch
+
+        model, tokenizer = self.load()
+        pad = tokenizer.pad_token_id
+        prefix_len = self._shared_prefix(rows)
+        width = max(len(r) for r in rows)
+        ids, mask = [], []
+        for row in rows:
+            gap = width - len(row)
+            ids.append(row[:prefix_len] + [pad] * gap + row[prefix_len:])
+            mask.append([1] * prefix_len + [0] * gap + [1] * (len(row) - prefix_len))
+        cache = None
+        if prefix_len:
+            cache = copy.deepcopy(self._prefix_kv(tuple(rows[0][:prefix_len])))
+            cache.batch_repeat_interleave(len(rows))
+        device = model.device
+        return torch.tensor(ids, device=device), torch.tensor(mask, device=device), cache
+
+    def _generate_batch(self, rows: list[list[int]], sampling, repeats: list[int]) -> list[Completion]:
         import torch
 
         model, tokenizer = self.load()
         started = time.perf_counter()
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = {k: v.to(model.device) for k, v in encoded.items()}
+        input_ids, attention_mask, cache = self._batch_inputs(rows)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             torch.manual_seed(sampling.seed * 1000 + min(repeats))
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         with torch.inference_mode():
-            output = model.generate(**encoded, **kwargs)
-        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        new_tokens = output[:, input_ids.shape[1]:]
         elapsed = time.perf_counter() - started
         completions = []
-        prompt_lengths = encoded["attention_mask"].sum(dim=1).tolist()
         eos = tokenizer.eos_token_id
-        for row, prompt_tokens in zip(new_tokens.tolist(), prompt_lengths):
+        for row, prompt in zip(new_tokens.tolist(), rows):
             ids = []
             finish = "length"
             for token in row:
                 if token == eos:
                     finish = "stop"
                     break
-                if token == tokenizer.pad_token_id and token != eos:
-                    continue
                 ids.append(token)
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             completions.append(Completion(
-                text=text, prompt_tokens=int(prompt_tokens), completion_tokens=len(ids) + (finish == "stop"),
-                finish_reason=finish, latency_s=elapsed / len(prompts),
+                text=text, prompt_tokens=len(prompt), completion_tokens=len(ids) + (finish == "stop"),
+                finish_reason=finish, latency_s=elapsed / len(rows),
             ))
         return completions
 
     def close(self) -> None:
         self._model = None
         self._tokenizer = None
+        self._prefix_memo = None
 
 
 def _hub_revision(hub_id: str) -> str:
