@@ -172,3 +172,24 @@ def test_identical_texts_with_nothing_to_compare_score_one(metric):
         assert grader(metric).grade("{}", {"reference": "{}"}).score == 1.0
     assert grader(metric).grade("", {"reference": ""}).score == 1.0
     assert grader(metric).grade("{}", {"reference": "[]"}).score < 1.0
+
+
+def test_cosine_embedding_cache_and_bf16_option():
+    from graders.embeddings import SentenceTransformerEmbedder
+
+    fp32 = SentenceTransformerEmbedder()
+    g = graders.build_grader({"type": "text_similarity", "name": "cos", "input": "{{sample.output_text}}",
+                              "reference": "{{item.reference}}", "evaluation_metric": "cosine"}, embedder=fp32)
+    first = [x.score for x in g.grade_batch(SAMPLES[:20], ITEMS[:20])]
+    assert fp32.encoded == 40
+    again = [x.score for x in g.grade_batch(SAMPLES[:20], ITEMS[:20])]
+    assert fp32.encoded == 40 and again == first  # every text came from the cache
+    same_ref = [x.score for x in g.grade_batch(SAMPLES[20:25], [ITEMS[0]] * 5)]
+    assert fp32.encoded == 45 and len(same_ref) == 5  # the repeated reference was embedded once
+
+    bf16 = SentenceTransformerEmbedder(dtype="bfloat16")
+    g16 = graders.build_grader(g.config, embedder=bf16)
+    low = [x.score for x in g16.grade_batch(SAMPLES[:20], ITEMS[:20])]
+    assert low == pytest.approx(first, abs=1e-2)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        SentenceTransformerEmbedder(dtype="int8")
