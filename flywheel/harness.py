@@ -25,6 +25,7 @@ import graders
 from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError, TooManyErrors
 from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
+from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.stats import mean_ci, wilson_ci
 from flywheel.store import SampleRecord, Store
@@ -104,12 +105,7 @@ def cache_key(fingerprint: str, request: ChatRequest) -> str:
 
 def render_messages(messages: Sequence[dict[str, str]], item: Item) -> list[dict[str, str]]:
     """Fill `{{item.x}}` templates; raises graders.TemplateVariableError on a missing field."""
-    return [{"role": m["role"], "content": graders.render_template(m["content"], item=item.fields)}
-            for m in messages]
-
-
-def prompt_id(messages: Sequence[dict[str, str]]) -> str:
-    return "p-" + hashlib.sha256(json.dumps(list(messages), sort_keys=True).encode()).hexdigest()[:12]
+    return Prompt(messages=list(messages)).render_base(item)
 
 
 class GraderSet:
@@ -159,9 +155,8 @@ class GraderSet:
 
 
 def _config_key(spec: EvalSpec, dataset: Dataset, model: Model, split: str, limit: int | None,
-                messages: Sequence[dict[str, str]], stage: str) -> str:
-    payload = [spec.fingerprint(), dataset.content_hash, model.fingerprint, split, limit,
-               list(messages), stage]
+                prompt: Prompt, stage: str) -> str:
+    payload = [spec.fingerprint(), dataset.content_hash, model.fingerprint, split, limit, prompt.id, stage]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -172,6 +167,98 @@ def select_items(dataset: Dataset, split: str, limit: int | None) -> list[Item]:
     return items[:limit] if limit else items
 
 
+@dataclass
+class Evaluation:
+    """What `evaluate` did to one iteration: its summary and what it cost this time."""
+
+    iteration_id: str
+    summary: dict[str, Any]
+    model_calls: int
+    cache_hits: int
+    resumed: int
+    wall_s: float
+
+    @property
+    def objective(self) -> float:
+        return self.summary["objective"]
+
+
+def sampling_of(spec: EvalSpec) -> Sampling:
+    return Sampling(temperature=spec.sampling.temperature, max_tokens=spec.sampling.max_tokens,
+                    top_p=spec.sampling.top_p, seed=spec.sampling.seed)
+
+
+def evaluate(
+    spec: EvalSpec,
+    store: Store,
+    iteration_id: str,
+    items: Sequence[Item],
+    model: Model,
+    prompt: Prompt,
+    grader_set: GraderSet,
+    *,
+    max_errors: int | None = None,
+    progress: ProgressFn | None = None,
+) -> Evaluation:
+    """Render, generate (cached), grade and store every (item, repeat) missing from an iteration.
+
+    Samples already stored in the iteration are skipped, so calling this again after a crash
+    resumes; the completion cache answers every request it has seen. Updates the iteration's
+    score, CI, tokens and cost.
+    """
+    started = time.perf_counter()
+    counters = _Counters()
+    done = store.done_keys(iteration_id)
+    counters.errors = store.db.execute(
+        "select count(*) from samples where iteration_id = ? and error is not null",
+        [iteration_id]).fetchone()[0]
+    todo = [(item, r) for item in items for r in range(spec.sampling.repeats) if (item.key, r) not in done]
+    total = len(items) * spec.sampling.repeats
+    counters.done = total - len(todo)
+    if progress:
+        progress(counters.done, total)
+
+    pending = _prepare(todo, prompt, model, sampling_of(spec))
+    cached = store.cached(p.cache_key for p in pending if p.cache_key)
+    for p in pending:
+        row = cached.get(p.cache_key) if p.cache_key else None
+        if row is not None:
+            p.completion = Completion(
+                text=row["output_text"], prompt_tokens=row["prompt_tokens"],
+                completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"],
+                latency_s=row["latency_s"], cost=row["cost"])
+            p.cache_hit = True
+
+    ready = [p for p in pending if p.cache_hit or p.error]
+    to_generate = [p for p in pending if not (p.cache_hit or p.error)]
+    counters.cache_hits = sum(p.cache_hit for p in ready)
+    _write(store, iteration_id, model, grader_set, ready, counters, max_errors, total, progress)
+    # Chunks of a few model batches keep each commit small and frequent.
+    batch = max(1, model.preferred_batch_size) * 4
+    for start in range(0, len(to_generate), batch):
+        chunk = to_generate[start:start + batch]
+        _generate(model, chunk, counters)
+        _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
+
+    summary = summarise(store, iteration_id, spec)
+    wall = time.perf_counter() - started
+    store.update_iteration(
+        iteration_id, n=summary["n_samples"], score=summary["objective"],
+        ci_low=summary["objective_ci"][0], ci_high=summary["objective_ci"][1],
+        prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
+        cost=summary["cost"], wall_s=wall)
+    return Evaluation(iteration_id=iteration_id, summary=summary, model_calls=counters.model_calls,
+                      cache_hits=counters.cache_hits, resumed=len(done), wall_s=wall)
+
+
+def register_eval(store: Store, spec: EvalSpec, dataset: Dataset) -> str:
+    """Store the eval definition and its dataset (once per content hash); return the eval id."""
+    eval_id = "e-" + spec.fingerprint()
+    store.save_eval(eval_id, spec.name, spec.source, spec.model_dump_json())
+    store.save_dataset(dataset.content_hash, str(dataset.path), dataset.items)
+    return eval_id
+
+
 def run_eval(
     spec: EvalSpec,
     store: Store,
@@ -179,7 +266,7 @@ def run_eval(
     split: str = "test",
     limit: int | None = None,
     model: Model | None = None,
-    messages: Sequence[dict[str, str]] | None = None,
+    prompt: Prompt | None = None,
     max_errors: int | None = None,
     stage: str = "eval",
     command: str | None = None,
@@ -190,15 +277,11 @@ def run_eval(
     dataset = load_dataset(spec)
     items = select_items(dataset, split, limit)
     model = model or load_model(spec.model, spec.model_options)
-    messages = list(messages or spec.messages())
+    prompt = prompt or Prompt(messages=spec.messages())
 
-    eval_id = "e-" + spec.fingerprint()
-    store.save_eval(eval_id, spec.name, spec.source, spec.model_dump_json())
-    store.save_dataset(dataset.content_hash, str(dataset.path), dataset.items)
-    pid = prompt_id(messages)
-    store.save_prompt(pid, messages, origin="spec")
-
-    config_key = _config_key(spec, dataset, model, split, limit, messages, stage)
+    eval_id = register_eval(store, spec, dataset)
+    store.save_prompt(prompt, origin="spec")
+    config_key = _config_key(spec, dataset, model, split, limit, prompt, stage)
     existing = store.find_unfinished_run(config_key)
     if existing:
         run_id = existing["id"]
@@ -209,60 +292,22 @@ def run_eval(
             command=command)
     iteration_id = store.iteration_for(
         run_id, 0, stage=stage, model_ref=model.ref, model_fingerprint=model.fingerprint,
-        prompt_id=pid, split=split)
+        prompt_id=prompt.id, split=split)
 
     grader_set = GraderSet(spec.graders)
-    counters = _Counters()
     try:
-        done = store.done_keys(iteration_id)
-        resumed = len(done)
-        counters.errors = store.db.execute(
-            "select count(*) from samples where iteration_id = ? and error is not null",
-            [iteration_id]).fetchone()[0]
-        sampling = Sampling(temperature=spec.sampling.temperature, max_tokens=spec.sampling.max_tokens,
-                            top_p=spec.sampling.top_p, seed=spec.sampling.seed)
-        todo = [(item, r) for item in items for r in range(spec.sampling.repeats) if (item.key, r) not in done]
-        total = len(items) * spec.sampling.repeats
-        counters.done = total - len(todo)
-        if progress:
-            progress(counters.done, total)
-
-        pending = _prepare(todo, messages, model, sampling)
-        cached = store.cached(p.cache_key for p in pending if p.cache_key)
-        for p in pending:
-            row = cached.get(p.cache_key) if p.cache_key else None
-            if row is not None:
-                p.completion = Completion(
-                    text=row["output_text"], prompt_tokens=row["prompt_tokens"],
-                    completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"],
-                    latency_s=row["latency_s"], cost=row["cost"])
-                p.cache_hit = True
-
-        ready = [p for p in pending if p.cache_hit or p.error]
-        to_generate = [p for p in pending if not (p.cache_hit or p.error)]
-        counters.cache_hits = sum(p.cache_hit for p in ready)
-        _write(store, iteration_id, model, grader_set, ready, counters, max_errors, total, progress)
-        batch = max(1, model.preferred_batch_size) * 4
-        # Longest prompts first inside the model; chunks keep each commit small and frequent.
-        for start in range(0, len(to_generate), batch):
-            chunk = to_generate[start:start + batch]
-            _generate(model, chunk, counters)
-            _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
+        outcome = evaluate(spec, store, iteration_id, items, model, prompt, grader_set,
+                           max_errors=max_errors, progress=progress)
     except TooManyErrors:
-        summary = summarise(store, iteration_id, spec)
-        store.finish_run(run_id, "failed", summary)
+        store.finish_run(run_id, "failed", summarise(store, iteration_id, spec))
         raise
     finally:
         grader_set.close()
 
-    summary = summarise(store, iteration_id, spec)
+    summary = dict(outcome.summary)
     wall = time.perf_counter() - started
-    store.update_iteration(
-        iteration_id, n=summary["n_samples"], score=summary["objective"],
-        ci_low=summary["objective_ci"][0], ci_high=summary["objective_ci"][1],
-        prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
-        cost=summary["cost"], wall_s=wall, decision="measured")
-    summary.update(model_calls=counters.model_calls, cache_hits=counters.cache_hits, wall_s=wall)
+    store.update_iteration(iteration_id, wall_s=wall, decision="measured")
+    summary.update(model_calls=outcome.model_calls, cache_hits=outcome.cache_hits, wall_s=wall)
     store.finish_run(run_id, "completed", summary)
     return EvalResult(
         run_id=run_id, iteration_id=iteration_id, eval_name=spec.name, model=model.ref, split=split,
@@ -270,26 +315,22 @@ def run_eval(
         pass_ci=tuple(summary["pass_ci"]), objective=summary["objective"],
         graders=[GraderSummary(**g) for g in summary["graders"]],
         prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
-        model_calls=counters.model_calls, cache_hits=counters.cache_hits, resumed=resumed, wall_s=wall)
+        model_calls=outcome.model_calls, cache_hits=outcome.cache_hits, resumed=outcome.resumed,
+        wall_s=wall)
 
 
-def _prepare(todo: list[tuple[Item, int]], messages: Sequence[dict[str, str]], model: Model,
-             sampling: Sampling) -> list[_Pending]:
-    pending = []
+def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, sampling: Sampling) -> list[_Pending]:
     fingerprint = model.fingerprint
-    rendered_by_item: dict[str, Any] = {}
+    unique = list({item.key: item for item, _ in todo}.values())
+    rendered = dict(zip((i.key for i in unique), prompt.render_many(unique)))
+    pending = []
     for item, repeat in todo:
-        if item.key not in rendered_by_item:
-            try:
-                rendered_by_item[item.key] = render_messages(messages, item)
-            except graders.TemplateVariableError as exc:
-                rendered_by_item[item.key] = f"invalid_variable_error: {exc}"
-        rendered = rendered_by_item[item.key]
-        if isinstance(rendered, str):
-            pending.append(_Pending(item=item, repeat=repeat, messages=None, error=rendered))
+        messages = rendered[item.key]
+        if isinstance(messages, str):
+            pending.append(_Pending(item=item, repeat=repeat, messages=None, error=messages))
             continue
-        request = ChatRequest(messages=rendered, sampling=sampling, repeat=repeat)
-        pending.append(_Pending(item=item, repeat=repeat, messages=rendered, request=request,
+        request = ChatRequest(messages=messages, sampling=sampling, repeat=repeat)
+        pending.append(_Pending(item=item, repeat=repeat, messages=messages, request=request,
                                 cache_key=cache_key(fingerprint, request)))
     return pending
 

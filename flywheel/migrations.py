@@ -121,3 +121,10 @@ def m003_reviews(db: sqlite_utils.Database) -> None:
     )
     db["reviews"].create_index(["sample_id"])
     db["reviews"].create_index(["other_sample_id"])
+
+
+@migration
+def m005_prompt_demos(db: sqlite_utils.Database) -> None:
+    # Few-shot prompts: fixed or nearest-neighbour demonstrations beside the message templates.
+    db["prompts"].add_column("demos_json", str)
+    db["prompts"].add_column("nearest", int)

@@ -106,13 +106,26 @@ class Store:
                   "fields_json": json.dumps(item.fields, ensure_ascii=False)} for item in items),
                 batch_size=1000)
 
-    def save_prompt(self, prompt_id: str, messages: list[dict[str, str]], origin: str,
-                    parent_id: str | None = None, rationale: str | None = None) -> None:
+    def save_prompt(self, prompt: Any, origin: str, parent_id: str | None = None,
+                    rationale: str | None = None) -> None:
+        """Store a `flywheel.prompt.Prompt` once per content id (the first origin is kept)."""
         with self.db.conn:
             self.db["prompts"].insert(
-                {"id": prompt_id, "messages_json": json.dumps(messages, ensure_ascii=False),
-                 "origin": origin, "parent_id": parent_id, "rationale": rationale,
-                 "created_at": now()}, ignore=True)
+                {"id": prompt.id, "messages_json": json.dumps(prompt.messages, ensure_ascii=False),
+                 "demos_json": json.dumps([d.__dict__ for d in prompt.demos], ensure_ascii=False)
+                 if prompt.demos else None,
+                 "nearest": prompt.nearest or None, "origin": origin, "parent_id": parent_id,
+                 "rationale": rationale, "created_at": now()}, ignore=True)
+
+    def get_prompt(self, prompt_id: str) -> dict[str, Any]:
+        """The stored prompt as `Prompt.from_json` reads it."""
+        row = self.db["prompts"].get(prompt_id)
+        data: dict[str, Any] = {"messages": json.loads(row["messages_json"])}
+        if row.get("demos_json"):
+            data["demos"] = json.loads(row["demos_json"])
+        if row.get("nearest"):
+            data["nearest"] = row["nearest"]
+        return data
 
     # -- runs and iterations --------------------------------------------------------------------
     def find_unfinished_run(self, config_key: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from flywheel.stats import wilson_ci
+from flywheel.prompt import Prompt
 from flywheel.store import SampleRecord, Store
 
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate", "lost_card"]
@@ -72,8 +73,9 @@ def build_run(store: Store, n_items: int = 12, stages: Sequence[tuple[str, str |
     for k, (stage, decision) in enumerate(stages):
         messages = [{"role": "system", "content": prompt_texts[min(k, len(prompt_texts) - 1)]},
                     {"role": "user", "content": "{{item.text}}"}]
-        prompt_id = f"p-{run_id}-{min(k, len(prompt_texts) - 1)}"
-        store.save_prompt(prompt_id, messages, origin=stage)
+        prompt = Prompt(messages=messages)
+        prompt_id = prompt.id
+        store.save_prompt(prompt, origin=stage)
         iteration_id = store.iteration_for(
             run_id, k, stage=stage, model_ref=model_ref if stage != "sft" else f"{model_ref}+ckpt/sft-{k}",
             prompt_id=prompt_id, split="test", parent_id=iteration_ids[-1] if iteration_ids else None)

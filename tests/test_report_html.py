@@ -6,6 +6,7 @@ import re
 import pytest
 from click.testing import CliRunner
 
+from flywheel.prompt import Prompt
 from flywheel.cli import main
 from flywheel.harness import run_eval
 from flywheel.report.compare import (compare_iterations, default_pair, load_run_view, mcnemar_exact, paired_stats,
@@ -137,7 +138,7 @@ def test_report_of_real_eval_runs_side_by_side(tiny_spec, store, tmp_path):
     """Two harness runs (different prompts, same items) in one report; the CLI writes it."""
     spec = load_eval_spec(tiny_spec)
     first = run_eval(spec, store, split="test")
-    second = run_eval(spec, store, split="test", messages=[{"role": "user", "content": "Label: {{item.text}}"}])
+    second = run_eval(spec, store, split="test", prompt=Prompt(messages=[{"role": "user", "content": "Label: {{item.text}}"}]))
     db = store.path
     store.close()
     out = tmp_path / "r.html"

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from flywheel.stats import mcnemar_exact, paired_stats  # noqa: F401 - re-exported
 from flywheel.store import Store
 
 MODEL_GRADER_TYPES = {"score_model", "label_model"}
@@ -220,50 +221,6 @@ def classify(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[str, f
     if (a.get("output_text") or "") != (b.get("output_text") or "") or a.get("error") != b.get("error"):
         return "changed", delta
     return "same", delta
-
-
-def mcnemar_exact(regressions: int, improvements: int) -> float:
-    """Two-sided exact McNemar p-value (binomial test on the discordant pairs)."""
-    n = regressions + improvements
-    if n == 0:
-        return 1.0
-    k = min(regressions, improvements)
-    # P(X <= k) for X ~ Bin(n, 1/2), in log space so n in the tens of thousands stays exact enough.
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
-                 for i in range(k + 1)]
-    top = max(log_terms)
-    tail = math.exp(top) * sum(math.exp(t - top) for t in log_terms)
-    return min(1.0, 2 * tail)
-
-
-def paired_stats(a_scores: Sequence[float], b_scores: Sequence[float], a_pass: Sequence[bool],
-                 b_pass: Sequence[bool], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Mean of each side, mean difference (b - a) with a 95% paired-bootstrap CI, McNemar p."""
-    a = np.asarray(a_scores, dtype=float)
-    b = np.asarray(b_scores, dtype=float)
-    n = int(a.size)
-    regressions = sum(1 for x, y in zip(a_pass, b_pass) if x and not y)
-    improvements = sum(1 for x, y in zip(a_pass, b_pass) if y and not x)
-    out = {"n": n, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "ci_low": math.nan,
-           "ci_high": math.nan, "regressions": regressions, "improvements": improvements,
-           "p_mcnemar": mcnemar_exact(regressions, improvements)}
-    if n == 0:
-        return out
-    d = b - a
-    out.update(mean_a=float(a.mean()), mean_b=float(b.mean()), diff=float(d.mean()))
-    if n == 1 or np.all(d == d[0]):
-        out.update(ci_low=float(d[0]), ci_high=float(d[0]))
-    else:
-        rng = np.random.default_rng(seed)
-        means = np.empty(resamples)
-        step = max(1, 4_000_000 // n)  # bound the index matrix to ~32 MB
-        for start in range(0, resamples, step):
-            stop = min(resamples, start + step)
-            means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-        low, high = np.quantile(means, [0.025, 0.975])
-        out.update(ci_low=float(low), ci_high=float(high))
-    out["significant"] = bool(out["p_mcnemar"] < 0.05 or not (out["ci_low"] <= 0 <= out["ci_high"]))
-    return out
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,121 @@
+"""Prompts: message templates plus optional few-shot demonstrations.
+
+A `Prompt` renders the chat messages for one item. Demonstrations are inserted as user/assistant
+turns just before the final user message, either a fixed list (`demos`) or, with
+`nearest: k`, the k demonstrations whose input is most similar (by embedding) to the item's.
+
+    prompt = Prompt(messages=spec.messages())
+    prompt.render(item)  # -> [{"role": "system", ...}, {"role": "user", ...}]
+
+A prompt's `id` is a content hash, so the same prompt is stored once whatever found it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import graders
+
+from flywheel.data import Item
+
+TEMPLATE_VARS = re.compile(r"\{\{\s*(item\.[^}]*?)\s*\}\}")
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One demonstration: the rendered user turn and the assistant reply that passed the graders."""
+
+    item_key: str
+    user: str
+    assistant: str
+
+    def turns(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.user}, {"role": "assistant", "content": self.assistant}]
+
+
+@dataclass
+class Prompt:
+    messages: list[dict[str, str]]
+    demos: list[Demo] = field(default_factory=list)
+    nearest: int = 0  # > 0: pick this many of `demos` per item, by embedding similarity
+
+    @property
+    def id(self) -> str:
+        return "p-" + hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"messages": self.messages}
+        if self.demos:
+            data["demos"] = [d.__dict__ for d in self.demos]
+        if self.nearest:
+            data["nearest"] = self.nearest
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | list[dict[str, str]]) -> "Prompt":
+        if isinstance(data, list):  # a bare message list
+            return cls(messages=data)
+        return cls(messages=data["messages"], demos=[Demo(**d) for d in data.get("demos", [])],
+                   nearest=data.get("nearest", 0))
+
+    @property
+    def template_vars(self) -> set[str]:
+        """The `item.*` variables the message templates use (what a rewrite must keep)."""
+        return {v for m in self.messages for v in TEMPLATE_VARS.findall(m["content"])}
+
+    def render_base(self, item: Item) -> list[dict[str, str]]:
+        """The messages with templates filled; raises graders.TemplateVariableError."""
+        return [{"role": m["role"], "content": graders.render_template(m["content"], item=item.fields)}
+                for m in self.messages]
+
+    def render(self, item: Item, chosen: list[Demo] | None = None) -> list[dict[str, str]]:
+        """Messages for one item, with demonstrations before the last user turn."""
+        base = self.render_base(item)
+        demos = chosen if chosen is not None else ([] if self.nearest else self.demos)
+        demos = [d for d in demos if d.item_key != item.key]  # an item never demonstrates itself
+        if not demos:
+            return base
+        last_user = max(i for i, m in enumerate(base) if m["role"] == "user")
+        turns = [t for d in demos for t in d.turns()]
+        return base[:last_user] + turns + base[last_user:]
+
+    def render_many(self, items: list[Item]) -> list[list[dict[str, str]] | str]:
+        """Render every item; an item that cannot be rendered gives an error string instead."""
+        chosen: list[list[Demo] | None] = [None] * len(items)
+        if self.nearest and self.demos:
+            chosen = nearest_demos(self, items)
+        out: list[list[dict[str, str]] | str] = []
+        for item, demos in zip(items, chosen):
+            try:
+                out.append(self.render(item, demos))
+            except graders.TemplateVariableError as exc:
+                out.append(f"invalid_variable_error: {exc}")
+        return out
+
+
+def nearest_demos(prompt: Prompt, items: list[Item]) -> list[list[Demo] | None]:
+    """For each item, the `prompt.nearest` demos whose user turn is closest to the item's."""
+    import numpy as np
+    from graders.embeddings import default_embedder
+
+    queries: list[str] = []
+    for item in items:
+        try:
+            base = prompt.render_base(item)
+            queries.append(next(m["content"] for m in reversed(base) if m["role"] == "user"))
+        except (graders.TemplateVariableError, StopIteration):
+            queries.append("")
+    embedder = default_embedder()
+    pool = embedder.embed([d.user for d in prompt.demos])
+    query = embedder.embed(queries)
+    similarity = query @ pool.T
+    picks: list[list[Demo] | None] = []
+    for item, row in zip(items, similarity):
+        order = [i for i in np.argsort(-row, kind="stable") if prompt.demos[i].item_key != item.key]
+        # Most similar last, right before the item's own question.
+        picks.append([prompt.demos[i] for i in reversed(order[: prompt.nearest])])
+    return picks
