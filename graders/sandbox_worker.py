@@ -239,6 +239,20 @@ def block_python_sockets():
             setattr(socket, name, _NoNetwork)
 
 
+def start_orphan_watchdog(parent):
+    """Exit when the parent goes away, even while user code loops (a thread, so after unshare)."""
+    import threading
+    import time
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                _exit(1)
+
+    threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
+
+
 # --- grading -------------------------------------------------------------------------------------
 
 _compiled = {}
@@ -292,10 +306,13 @@ def clean_scratch(scratch):
 
 def has_children(pid):
     try:
-        with open(f"/proc/self/task/{pid}/children") as f:
-            return bool(f.read().strip())
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                if f.read().strip():
+                    return True
     except OSError:
-        return False
+        pass
+    return False
 
 
 def main():
@@ -317,6 +334,7 @@ def main():
     if report["seccomp"] is False and hasattr(ctypes, "CDLL") and sys.platform.startswith("linux"):
         _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of user code stay ours to see
     report.update(set_limits(setup["memory_mb"], setup["file_size_mb"], setup["max_processes"], is_root))
+    start_orphan_watchdog(os.getppid())
     block_python_sockets()
     scratch = os.getcwd()
     write_message(proto_out, {"ready": True, "isolation": report})

@@ -203,3 +203,52 @@ def test_parallel_workers_and_close():
     workers = list(g.pool._idle)
     g.close()
     assert all(not w.alive for w in workers)
+
+
+def test_worker_exits_when_its_parent_dies():
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import os, threading, time, graders\n"
+        "g = graders.build_grader({'type': 'python', 'name': 'p', 'source': 'def grade(s, i):\\n    while True: pass\\n'},\n"
+        "                         sandbox=graders.SandboxLimits(timeout_s=300))\n"
+        "threading.Thread(target=lambda: g.grade('x', {}), daemon=True).start()\n"
+        "def kids():\n"
+        "    return [k for t in os.listdir('/proc/self/task') for k in open(f'/proc/self/task/{t}/children').read().split()]\n"
+        "while not kids(): time.sleep(0.05)\n"
+        "time.sleep(0.5)\n"
+        "print(kids()[0], flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    worker = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{worker}"), "the orphaned worker is still running its infinite loop"
+
+
+def test_without_kernel_layers_forked_children_are_cleaned_up():
+    """Where seccomp is unavailable, a grade that leaves a child behind gets its worker replaced."""
+    limits = SandboxLimits(timeout_s=5, memory_mb=1024, workers=1, seccomp=False, namespaces=False)
+    src = ("import os, time\n"
+           "def grade(sample, item):\n"
+           "    if os.fork() == 0:\n"
+           "        time.sleep(60)\n"
+           "        os._exit(0)\n"
+           "    return 1.0\n")
+    with grader(src, limits) as g:
+        result = g.grade("x", {})
+        assert result.score == 1.0
+        assert result.details["sandbox"]["seccomp"] is False
+        assert g.pool._idle == []  # the dirty worker was not put back
+        assert g.grade("x", {}).score == 1.0
+        assert g.pool.started == 2
+        blocked = run_with(g.pool, "import socket\ndef grade(s, i):\n    socket.socket()\n    return 1.0\n")
+        assert "network access is disabled" in blocked.error_details
+
+
+def run_with(pool, source):
+    return graders.build_grader({"type": "python", "name": "py", "source": source}, sandbox=pool).grade("x", {})
