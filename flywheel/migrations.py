@@ -128,3 +128,48 @@ def m005_prompt_demos(db: sqlite_utils.Database) -> None:
     # Few-shot prompts: fixed or nearest-neighbour demonstrations beside the message templates.
     db["prompts"].add_column("demos_json", str)
     db["prompts"].add_column("nearest", int)
+
+
+@migration
+def m004_training(db: sqlite_utils.Database) -> None:
+    # Teacher sampling (`flywheel capture`): the K graded samples per train item live in `samples` of
+    # an iteration with stage 'capture'; this row is their lineage (teacher, prompt, K, temperature).
+    db["teacher_captures"].create(
+        {"id": str, "created_at": str, "eval_name": str, "eval_id": str, "dataset_id": str, "run_id": str,
+         "iteration_id": str, "teacher": str, "teacher_fingerprint": str, "prompt_id": str, "split": str,
+         "n": int, "temperature": float, "n_items": int, "n_samples": int, "n_passed": int,
+         "items_with_pass": int, "n_errors": int},
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id"), ("iteration_id", "iterations", "id")],
+    )
+    db["teacher_captures"].create_index(["eval_name", "dataset_id"])
+    # Training sets (SFT rows, DPO pairs, RFT prompts): content hash, JSONL path, where they came from.
+    db["training_sets"].create(
+        {"id": str, "created_at": str, "kind": str, "eval_name": str, "dataset_id": str, "content_hash": str,
+         "n_rows": int, "path": str, "source_json": str},
+        pk="id",
+    )
+    # One row per training run, local (TRL) or hosted (a fine-tuning job); its log lines and metrics
+    # (local trainer logs, or the platform's job events, deduplicated by remote_id) in training_events.
+    db["training_jobs"].create(
+        {"id": str, "created_at": str, "finished_at": str, "backend": str, "method": str, "status": str,
+         "training_set_id": str, "base_model": str, "remote_id": str, "config_json": str, "error": str,
+         "checkpoint_id": str},
+        pk="id",
+        foreign_keys=[("training_set_id", "training_sets", "id")],
+    )
+    db["training_events"].create(
+        {"id": int, "job_id": str, "created_at": str, "level": str, "type": str, "message": str,
+         "data_json": str, "remote_id": str},
+        pk="id",
+        foreign_keys=[("job_id", "training_jobs", "id")],
+    )
+    db["training_events"].create_index(["job_id", "remote_id"], unique=True)
+    # Registered adapters (path under .flywheel/ckpt/) and hosted fine-tuned model ids, with lineage.
+    db["checkpoints"].create(
+        {"id": str, "created_at": str, "method": str, "backend": str, "model_ref": str, "base_model": str,
+         "path": str, "adapter_hash": str, "training_set_id": str, "training_set_hash": str, "parent_id": str,
+         "job_id": str, "config_json": str, "metrics_json": str, "eval_json": str},
+        pk="id",
+        foreign_keys=[("training_set_id", "training_sets", "id"), ("job_id", "training_jobs", "id")],
+    )
