@@ -310,3 +310,61 @@ class Store:
             for row in self.db.query(f"select * from samples where id in ({','.join('?' * len(chunk))})", chunk):
                 found[row["id"]] = row
         return found
+
+    # -- training: teacher captures, training sets, jobs, events, checkpoints (flywheel.train) ----
+    def add_teacher_capture(self, row: dict[str, Any]) -> None:
+        with self.db.conn:
+            self.db["teacher_captures"].insert({"created_at": now(), **row})
+
+    def add_training_set(self, row: dict[str, Any]) -> None:
+        """Record a training set once per id (its id derives from its content hash)."""
+        with self.db.conn:
+            self.db["training_sets"].insert({"created_at": now(), **row}, ignore=True)
+
+    def create_training_job(self, **fields: Any) -> str:
+        job_id = fields.pop("id", None) or new_id(f"job-{fields.get('method', 'train')}")
+        with self.db.conn:
+            self.db["training_jobs"].insert({"id": job_id, "created_at": now(), "status": "running", **fields})
+        return job_id
+
+    def update_training_job(self, job_id: str, **fields: Any) -> None:
+        with self.db.conn:
+            self.db["training_jobs"].update(job_id, fields)
+
+    def add_training_events(self, job_id: str, events: Sequence[dict[str, Any]]) -> int:
+        """Append log/metric events of a job; events with a `remote_id` already stored are skipped."""
+        added = 0
+        with self.db.conn:
+            for event in events:
+                cursor = self.db.conn.execute(
+                    "insert or ignore into training_events (job_id, created_at, level, type, message, data_json,"
+                    " remote_id) values (?,?,?,?,?,?,?)",
+                    (job_id, event.get("created_at") or now(), event.get("level", "info"), event.get("type", "message"),
+                     event.get("message"), json.dumps(event.get("data")) if event.get("data") is not None else None,
+                     event.get("remote_id")))
+                added += cursor.rowcount
+        return added
+
+    def training_events(self, job_id: str) -> list[dict[str, Any]]:
+        return list(self.db["training_events"].rows_where("job_id = ?", [job_id], order_by="id"))
+
+    def get_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
+        rows = list(self.db["checkpoints"].rows_where("id = ?", [checkpoint_id]))
+        if not rows:
+            raise StoreError(f"{self.path}: no checkpoint {checkpoint_id!r}")
+        return rows[0]
+
+    def list_checkpoints(self, limit: int = 50) -> list[dict[str, Any]]:
+        return list(self.db["checkpoints"].rows_where(order_by="created_at desc", limit=limit))
+
+    def update_checkpoint(self, checkpoint_id: str, **fields: Any) -> None:
+        with self.db.conn:
+            self.db["checkpoints"].update(checkpoint_id, fields)
+
+    def insert_checkpoint(self, row: dict[str, Any]) -> None:
+        """Insert a checkpoint and mark its job succeeded, in one transaction (both or neither)."""
+        with self.db.conn:
+            self.db["checkpoints"].insert({"created_at": now(), **row})
+            if row.get("job_id"):
+                self.db["training_jobs"].update(row["job_id"], {"checkpoint_id": row["id"], "status": "succeeded",
+                                                                "finished_at": now()})
