@@ -76,6 +76,27 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, db, as_j
         print_eval_result(result)
 
 
+@main.command("optimize")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("-s", "--set", "overrides", multiple=True, help="Override a spec field: key.path=value.")
+@db_option
+@json_option
+def optimize_command(spec_path, overrides, db, as_json):
+    """Search prompts for SPEC (its `optimize:` block): variants, few-shot, rewrites; paired tests."""
+    from flywheel.optimize import optimize_prompt
+    from flywheel.report.console import console, print_optimize_result
+    from flywheel.spec import load_eval_spec
+
+    spec = load_eval_spec(spec_path, list(overrides))
+    log = None if as_json else (lambda message: console.print(message, highlight=False, markup=False))
+    with _open_store(db) as store:
+        result = optimize_prompt(spec, store, command=" ".join(sys.argv), log=log)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_optimize_result(result)
+
+
 @main.group()
 def runs() -> None:
     """Browse stored runs."""

@@ -251,6 +251,41 @@ def evaluate(
                       cache_hits=counters.cache_hits, resumed=len(done), wall_s=wall)
 
 
+def generate_cached(store: Store, model: Model, requests: Sequence[ChatRequest]) -> tuple[list[Completion], int]:
+    """Completions for requests outside an eval (a proposer's), through the completion cache.
+
+    Returns the completions and how many model calls were made. Errors are returned, not cached.
+    """
+    keys = [cache_key(model.fingerprint, r) for r in requests]
+    hits = store.cached(keys)
+    missing = [i for i, k in enumerate(keys) if k not in hits]
+    fresh = model.generate([requests[i] for i in missing]) if missing else []
+    out: list[Completion] = []
+    made = dict(zip(missing, fresh))
+    for index, key in enumerate(keys):
+        if index in made:
+            out.append(made[index])
+        else:
+            row = hits[key]
+            out.append(Completion(text=row["output_text"], prompt_tokens=row["prompt_tokens"],
+                                  completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"]))
+    store.cache_completions([
+        {"key": keys[i], "model_fingerprint": model.fingerprint, "output_text": c.text,
+         "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+         "completion_tokens": c.completion_tokens, "latency_s": c.latency_s, "cost": c.cost}
+        for i, c in made.items() if c.error is None])
+    return out, len(missing)
+
+
+def item_scores(store: Store, iteration_id: str, spec: EvalSpec) -> dict[tuple[str, int], tuple[float, bool]]:
+    """(score, passed) of the objective grader per (item_key, repeat); errored samples score 0."""
+    grader = spec.objective_grader
+    rows = store.db.execute(
+        "select s.item_key, s.repeat, g.score, g.passed from samples s left join grades g"
+        " on g.sample_id = s.id and g.grader = ? where s.iteration_id = ?", [grader, iteration_id]).fetchall()
+    return {(key, repeat): (float(score or 0.0), bool(passed)) for key, repeat, score, passed in rows}
+
+
 def register_eval(store: Store, spec: EvalSpec, dataset: Dataset) -> str:
     """Store the eval definition and its dataset (once per content hash); return the eval id."""
     eval_id = "e-" + spec.fingerprint()

@@ -89,6 +89,78 @@ class ObjectiveSpec(_Spec):
     )
 
 
+class VariantSpec(_Spec):
+    name: str = Field(description="Short name shown in the search tree.")
+    system: str | None = Field(default=None, description="Replaces the first system message.")
+    messages: list[MessageSpec] | None = Field(default=None, description="Replaces all input messages.")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "VariantSpec":
+        if (self.system is None) == (self.messages is None):
+            raise ValueError("give exactly one of `system` or `messages`")
+        return self
+
+
+class FewShotSpec(_Spec):
+    source: Literal["model", "teacher", "labels"] = Field(
+        default="model",
+        description="Where demonstrations come from: the task model's own passing train outputs, "
+        "a teacher model's, or the train items' labels rendered by `demo_output` (still graded).",
+    )
+    teacher: str | None = Field(default=None, description="Model reference when source is teacher.")
+    demo_output: str | None = Field(
+        default=None, description="Template of the assistant reply when source is labels, e.g. {{item.label}}."
+    )
+    strategies: list[Literal["random", "balanced", "nearest"]] = Field(
+        default_factory=lambda: ["balanced"], description="Demo selection strategies to try."
+    )
+    k: list[int] = Field(
+        default_factory=lambda: [1],
+        description="Demo counts to try: per label for balanced, in all for random and nearest.",
+    )
+    label_field: str | None = Field(default=None, description="Item field for balanced selection.")
+    max_items: int = Field(default=200, ge=1, description="Most train items to bootstrap from.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> "FewShotSpec":
+        if self.source == "labels" and not self.demo_output:
+            raise ValueError("demo_output: required when source is labels")
+        if self.source == "teacher" and not self.teacher:
+            raise ValueError("teacher: required when source is teacher")
+        if "balanced" in self.strategies and not self.label_field:
+            raise ValueError("label_field: required by the balanced strategy")
+        if any(k < 1 for k in self.k):
+            raise ValueError("k: every demo count must be at least 1")
+        return self
+
+
+class ProposerSpec(_Spec):
+    model: str | None = Field(default=None, description="Proposer model; the teacher, else the task model.")
+    rounds: int = Field(default=1, ge=0, le=20, description="Reflective rewrite rounds.")
+    proposals: int = Field(default=2, ge=1, le=16, description="Rewrites proposed per parent per round.")
+    beam: int = Field(default=2, ge=1, le=16, description="Best candidates kept as parents.")
+    failures_shown: int = Field(default=4, ge=1, le=32, description="Failing examples shown per proposal.")
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0, description="Proposer sampling temperature.")
+    max_tokens: int = Field(default=256, ge=16, description="Longest proposal.")
+
+
+class BudgetSpec(_Spec):
+    max_candidates: int = Field(default=20, ge=1, description="Most candidates evaluated (baseline included).")
+    max_model_calls: int | None = Field(default=None, ge=1, description="Most task+proposer model calls.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Most prompt+completion tokens.")
+
+
+class OptimizeSpec(_Spec):
+    variants: list[VariantSpec] = Field(default_factory=list, description="Hand-written prompt variants.")
+    fewshot: FewShotSpec | None = Field(default=None, description="Few-shot bootstrap settings.")
+    proposer: ProposerSpec | None = Field(default=None, description="Reflective instruction rewrites.")
+    minibatch: int = Field(default=40, ge=1, description="Valid items every candidate is scored on.")
+    finalists: int = Field(default=3, ge=1, description="Best candidates re-scored on all of valid.")
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the paired test.")
+    seed: int = Field(default=0, description="Seed of minibatch and demo sampling.")
+    budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Limits of the search.")
+
+
 class EvalSpec(_Spec):
     name: str = Field(description="Short name of the eval, shown in run listings.")
     description: str = Field(default="", description="What the eval measures.")
@@ -105,6 +177,7 @@ class EvalSpec(_Spec):
         min_length=1, description="Graders in the platform's grader JSON schema."
     )
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="What is optimised.")
+    optimize: OptimizeSpec | None = Field(default=None, description="Prompt search settings (flywheel optimize).")
 
     # Where the spec was loaded from; relative dataset paths resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True, description="Folder of the spec file.")
@@ -152,7 +225,7 @@ class EvalSpec(_Spec):
 
     def fingerprint(self) -> str:
         """Content hash of everything that changes what the eval computes."""
-        payload = self.model_dump(mode="json")
+        payload = self.model_dump(mode="json", exclude={"optimize"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

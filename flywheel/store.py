@@ -164,6 +164,17 @@ class Store:
                                           "created_at": now(), **fields})
         return iteration_id
 
+    def find_iteration(self, run_id: str, **match: Any) -> dict[str, Any] | None:
+        """The first iteration of a run whose columns equal `match` (how a resumed search finds its work)."""
+        where = " and ".join(f"[{key}] is ?" for key in match)
+        rows = list(self.db["iterations"].rows_where(
+            f"run_id = ? and {where}", [run_id, *match.values()], order_by="seq", limit=1))
+        return rows[0] if rows else None
+
+    def next_seq(self, run_id: str) -> int:
+        value = self.db.execute("select max(seq) from iterations where run_id = ?", [run_id]).fetchone()[0]
+        return 0 if value is None else value + 1
+
     def update_iteration(self, iteration_id: str, **fields: Any) -> None:
         with self.db.conn:
             self.db["iterations"].update(iteration_id, fields)
@@ -217,6 +228,17 @@ class Store:
                         " values (?,?,?,?,?,?,?,?,?)",
                         (rec.cache_key, rec.model_fingerprint, rec.output_text, rec.finish_reason,
                          rec.prompt_tokens, rec.completion_tokens, rec.latency_s, rec.cost, created))
+
+    def cache_completions(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Add completions made outside an eval (e.g. a proposer's) to the completion cache."""
+        created = now()
+        with self.db.conn:
+            self.db.conn.executemany(
+                "insert or ignore into completion_cache (key, model_fingerprint, output_text, finish_reason,"
+                " prompt_tokens, completion_tokens, latency_s, cost, created_at) values (?,?,?,?,?,?,?,?,?)",
+                [(r["key"], r["model_fingerprint"], r["output_text"], r.get("finish_reason"),
+                  r.get("prompt_tokens", 0), r.get("completion_tokens", 0), r.get("latency_s", 0.0),
+                  r.get("cost", 0.0), created) for r in rows])
 
     def samples_with_grades(self, iteration_id: str) -> list[dict[str, Any]]:
         """Every sample of an iteration with a `grades` list, in item order."""

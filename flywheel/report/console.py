@@ -109,3 +109,34 @@ def print_run_detail(detail: dict[str, Any]) -> None:
                 mark = "[green]pass[/green]" if grade["passed"] else "[red]fail[/red]"
                 console.print(f"  {mark} {grade['grader']} {grade['score']:.3f}  ", end="")
                 console.print(grade["feedback"] or "", highlight=False, markup=False)
+
+
+def _ci(cmp: dict[str, Any]) -> str:
+    if not cmp:
+        return "-"
+    return (f"{cmp['diff']:+.3f} [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]  "
+            f"McNemar p={cmp['p_mcnemar']:.3g}  ({cmp['improvements']} fixed, {cmp['regressions']} broken)")
+
+
+def print_optimize_result(result) -> None:
+    """The search tree in order, then winner vs baseline on valid and on test."""
+    table = Table(show_header=True, header_style="bold", title=f"prompt search {result.run_id}")
+    for column in ("candidate", "parent", "demos", "minibatch", "valid", "test"):
+        table.add_column(column, justify="left" if column in ("candidate", "parent") else "right")
+    for c in result.candidates:
+        mark = " ★" if c is result.winner else ""
+        table.add_row(c.origin + mark, c.parent.origin if c.parent else "",
+                      (f"{len(c.prompt.demos)}" + (f" (nearest {c.prompt.nearest})" if c.prompt.nearest else "")),
+                      _num(c.minibatch.objective if c.minibatch else None),
+                      _num(c.valid.objective if c.valid else None), _num(c.test.objective if c.test else None))
+    console.print(table)
+    if result.rejected:
+        console.print(f"{len(result.rejected)} proposal(s) rejected before evaluation: "
+                      + "; ".join(sorted({r['reason'] for r in result.rejected})), highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(result.reason, highlight=False, markup=False)
+    console.print(f"valid  winner - baseline: {_ci(result.valid_comparison)}", highlight=False)
+    console.print(f"test   winner - baseline: {_ci(result.test_comparison)}", highlight=False)
+    console.print(f"model calls {result.model_calls}  tokens {result.tokens}  time {result.wall_s:.1f}s",
+                  highlight=False)
