@@ -296,5 +296,130 @@ def serve_command(host, port, review, reviewer, db):
                   reviewer=reviewer or (os.environ.get("USER") if review else None), on_ready=ready)
 
 
+@main.command("capture")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--teacher", required=True,
+              help="Model reference (openai:..., local:...), or reference:FIELD to use the labelled answers.")
+@click.option("--n", "n", default=4, show_default=True, type=click.IntRange(min=1), help="Samples per train item.")
+@click.option("--temperature", default=None, type=click.FloatRange(0, 2), help="Default: 1.0 when --n > 1.")
+@click.option("--prompt", default="best", show_default=True, help="best (top valid score), spec, or a prompt id.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Capture the first N train items.")
+@click.option("-o", "--option", "options", multiple=True, help="Teacher model option key=value (e.g. base_url=...).")
+@click.option("-s", "--set", "overrides", multiple=True, help="Override a spec field: key.path=value.")
+@db_option
+@json_option
+def capture_command(spec_path, teacher, n, temperature, prompt, limit, options, overrides, db, as_json):
+    """Sample K teacher outputs per train item with the best prompt, grade and store them."""
+    from flywheel.capture import capture
+    from flywheel.progress import progress_bar
+    from flywheel.spec import load_eval_spec
+
+    spec = load_eval_spec(spec_path, list(overrides))
+    with _open_store(db) as store, progress_bar(f"capture {spec.name}", disable=as_json) as progress:
+        result = capture(spec, store, teacher, n=n, temperature=temperature, prompt=prompt, limit=limit,
+                         teacher_options=_options(options), command=" ".join(sys.argv), progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(f"capture {result.id}: {result.n_samples} samples from {teacher} ({result.n} per item, "
+                   f"{result.n_items} train items): {result.n_passed} pass every grader ({result.pass_rate:.1%}), "
+                   f"{result.items_with_pass} items have a passing output, {result.n_errors} errors")
+
+
+@main.group("train")
+def train_group() -> None:
+    """Fine-tune on captured data: sft, dpo or rft (GRPO); locally with TRL, or hosted."""
+
+
+def _train_command(method: str, extra: list):
+    def decorate(fn):
+        options = [
+            click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False)),
+            click.option("--base", required=True, help="local:MODEL[+ADAPTER], a checkpoint id, or openai:MODEL (hosted)."),
+            click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Training config YAML."),
+            click.option("-s", "--set", "settings", multiple=True, help="Override a training setting: key.path=value."),
+            click.option("--data", default=None, help="Train on a platform JSONL file or a recorded set id (ts-...)."),
+            click.option("--split", "splits", multiple=True, default=("valid", "test"), show_default=True,
+                         type=click.Choice(["valid", "test"]), help="Evaluate the checkpoint on these splits."),
+            click.option("--no-eval", is_flag=True, help="Register the checkpoint without evaluating it."),
+            click.option("-o", "--option", "options", multiple=True, help="Hosted backend option key=value."),
+            *extra, db_option, json_option,
+        ]
+        for option in reversed(options):
+            fn = option(fn)
+        return train_group.command(method)(fn)
+    return decorate
+
+
+def _run_train(method, spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json,
+               **set_options):
+    from flywheel.spec import load_eval_spec
+    from flywheel.train import load_train_config, train
+
+    spec = load_eval_spec(spec_path)
+    config = load_train_config(method, config_path, list(settings))
+    with _open_store(db) as store:
+        result = train(method, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
+                       splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
+    if result is None:  # a non-main process under accelerate launch
+        return
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
+
+
+@_train_command("sft", [
+    click.option("--min-score", type=float, default=None, help="Keep captures scoring at least this on the "
+                 "objective (default: those that pass every grader)."),
+    click.option("--max-per-item", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Distinct passing outputs kept per item.")])
+def train_sft_command(spec_path, base, config_path, settings, data, splits, no_eval, options, min_score,
+                      max_per_item, db, as_json):
+    """Supervised fine-tuning on passing captured outputs (loss on assistant tokens)."""
+    _run_train("sft", spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json,
+               min_score=min_score, max_per_item=max_per_item)
+
+
+@_train_command("dpo", [
+    click.option("--min-margin", default=0.5, show_default=True, type=click.FloatRange(min=0),
+                 help="Least objective-score gap between the preferred and the rejected output.")])
+def train_dpo_command(spec_path, base, config_path, settings, data, splits, no_eval, options, min_margin, db,
+                      as_json):
+    """DPO on best-vs-worst graded outputs of the same item (start from an SFT checkpoint)."""
+    _run_train("dpo", spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json,
+               min_margin=min_margin)
+
+
+@_train_command("rft", [])
+def train_rft_command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json):
+    """Reward-based fine-tuning (GRPO locally) with the eval's graders as rewards."""
+    _run_train("rft", spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json)
+
+
+@train_group.command("export")
+@click.argument("kind", type=click.Choice(["sft", "dpo", "rft"]))
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Platform-format JSONL to write.")
+@click.option("--hf", "hf_dir", default=None, type=click.Path(file_okay=False), help="Also save a HF dataset here.")
+@click.option("--min-score", type=float, default=None, help="SFT: objective score a capture must reach.")
+@click.option("--min-margin", default=0.5, show_default=True, type=click.FloatRange(min=0), help="DPO: least gap.")
+@db_option
+@json_option
+def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin, db, as_json):
+    """Build a training set from the store, record it, and write it as platform JSONL (and HF)."""
+    from flywheel.spec import load_eval_spec
+    from flywheel.train import build_training_set, record_training_set, to_hf_dataset
+
+    spec = load_eval_spec(spec_path)
+    with _open_store(db) as store:
+        training_set = record_training_set(store, build_training_set(
+            kind, spec, store, min_score=min_score, min_margin=min_margin))
+    path = training_set.to_jsonl(output)
+    if hf_dir:
+        to_hf_dataset(training_set).save_to_disk(hf_dir)
+    summary = {"id": training_set.id, "kind": kind, "rows": len(training_set), "path": str(path),
+               "content_hash": training_set.content_hash, "hf": hf_dir, "source": training_set.source}
+    click.echo(json.dumps(summary, indent=2) if as_json else
+               f"wrote {len(training_set)} {kind} rows to {path} (set {training_set.id})")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

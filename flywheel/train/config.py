@@ -1,0 +1,209 @@
+"""Training configs: our pydantic models, and the TRL/PEFT configs built from them.
+
+Users write (or override with `-s key=value`) the small models below; `to_peft`, `sft_args`,
+`dpo_args` and `grpo_args` turn them into `peft.LoraConfig` and TRL's `SFTConfig` / `DPOConfig` /
+`GRPOConfig`. Nothing outside `flywheel/train/` sees a TRL or PEFT object.
+
+    config = load_train_config("sft", "train.yaml", overrides=["epochs=3", "lora.r=8"])
+
+Defaults are the settings measured on the BANKING77 demo (docs/training.md): LoRA r=16 on every
+linear layer, loss on assistant tokens only, bf16 where the hardware has it, no gradient
+checkpointing (a 135M model fits easily; recomputation costs ~25% per step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flywheel.errors import SpecError
+
+METHODS = ("sft", "dpo", "rft")
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSpec(_Config):
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(default=32, ge=1, description="LoRA scaling numerator (lora_alpha).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: str | list[str] = Field(
+        default="all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
+
+
+class TrainConfig(_Config):
+    """Settings every local method shares."""
+
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The LoRA adapter.")
+    learning_rate: float = Field(default=5e-4, gt=0, description="Peak AdamW learning rate.")
+    epochs: float = Field(default=2.0, gt=0, description="Passes over the training set (unless max_steps).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
+    batch_size: int = Field(default=8, ge=1, description="Examples (or packed sequences) per device per step.")
+    grad_accum: int = Field(default=1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(default=256, ge=8, description="Longest tokenised example; longer ones are cut.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 where the GPU or CPU supports it (AVX512-BF16/AMX), else fp32.")
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1, description="Share of steps spent warming up.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(default="linear", description="LR schedule.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    logging_steps: int = Field(default=5, ge=1, description="Steps between logged metrics.")
+    seed: int = Field(default=0, description="Seed for data order and adapter init.")
+
+
+class SFTSpec(TrainConfig):
+    """Supervised fine-tuning on passing outputs."""
+
+    loss: Literal["assistant", "all"] = Field(
+        default="assistant", description="assistant: loss on assistant tokens only; all: on every token.")
+    packing: bool = Field(
+        default=False, description="Pack short examples into max_length blocks (padding-free).")
+    group_by_length: bool = Field(
+        default=True, description="Batch examples of similar length together, so batches carry little padding.")
+
+
+class DPOSpec(TrainConfig):
+    """Direct preference optimisation on best-vs-worst pairs."""
+
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak AdamW learning rate.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the pairs (unless max_steps).")
+    beta: float = Field(default=0.1, gt=0, le=2, description="Strength of the pull towards the reference model.")
+    loss_type: str = Field(default="sigmoid", description="TRL DPO loss (sigmoid, ipo, hinge, ...).")
+
+
+class RFTSpec(TrainConfig):
+    """Reward-based fine-tuning with GRPO; rewards are the eval's graders."""
+
+    learning_rate: float = Field(default=2e-5, gt=0, description="Peak AdamW learning rate.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the prompts (unless max_steps).")
+    batch_size: int = Field(default=2, ge=1, description="Prompts per step (each sampled num_generations times).")
+    num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int | None = Field(
+        default=None, ge=1, description="Most new tokens per completion; the eval's sampling.max_tokens when unset.")
+    temperature: float = Field(default=1.0, gt=0, le=2, description="Sampling temperature of the group.")
+    beta: float = Field(default=0.0, ge=0, description="KL penalty to the reference model (0: none, no ref pass).")
+    graders: list[str] | None = Field(
+        default=None, description="Grader names used as rewards (summed by TRL); all of the eval's when unset.")
+    reward_weights: list[float] | None = Field(default=None, description="One weight per reward grader.")
+
+
+SPECS: dict[str, type[TrainConfig]] = {"sft": SFTSpec, "dpo": DPOSpec, "rft": RFTSpec}
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {loc}: {message}")
+    return "\n".join(lines)
+
+
+def load_train_config(method: str, path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The config of `method` from an optional YAML file plus `key.path=value` overrides."""
+    from flywheel.spec import apply_overrides, read_yaml
+
+    if method not in SPECS:
+        raise SpecError(f"unknown training method {method!r}; known: {', '.join(METHODS)}")
+    source = str(path) if path else "train config"
+    data: dict[str, Any] = read_yaml(Path(path)) if path else {}
+    data = apply_overrides(data, overrides or [], source)
+    try:
+        return SPECS[method].model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_error(source, exc)) from None
+
+
+# -- building TRL / PEFT configs (only here) -------------------------------------------------------
+def resolve_bf16(precision: str) -> bool:
+    """Whether to train in bf16: asked for, or `auto` on hardware with native bf16."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    import torch
+
+    from flywheel.models.local import cpu_supports_bf16
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_bf16()
+
+
+def to_peft(lora: LoraSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool) -> dict[str, Any]:
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        activation_checkpointing=config.gradient_checkpointing,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=bf16,
+        fp16=False,
+        save_strategy="no",  # the adapter is saved once, atomically, by flywheel.train.checkpoints
+        report_to=[],
+        disable_tqdm=quiet,
+        dataloader_num_workers=0,
+    )
+
+
+def sft_args(config: SFTSpec, output_dir: Path, *, bf16: bool, quiet: bool = False):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **_common(config, output_dir, bf16, quiet),
+        max_length=config.max_length,
+        packing=config.packing,
+        packing_strategy="bfd",
+        # Our rows arrive tokenised with their loss mask (flywheel.train.datasets.tokenize_sft), so TRL
+        # only truncates, packs and collates them.
+        dataset_kwargs={},
+        train_sampling_strategy="group_by_length" if config.group_by_length and not config.packing else "random",
+        remove_unused_columns=True,
+    )
+
+
+def dpo_args(config: DPOSpec, output_dir: Path, *, bf16: bool, quiet: bool = False):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **_common(config, output_dir, bf16, quiet),
+        max_length=config.max_length,
+        beta=config.beta,
+        loss_type=[config.loss_type],
+    )
+
+
+def grpo_args(config: RFTSpec, output_dir: Path, *, bf16: bool, max_completion_length: int, quiet: bool = False):
+    from trl import GRPOConfig
+
+    common = _common(config, output_dir, bf16, quiet)
+    # TRL counts completions per device batch: prompts per step x generations per prompt.
+    common["per_device_train_batch_size"] = config.batch_size * config.num_generations
+    return GRPOConfig(
+        **common,
+        num_generations=config.num_generations,
+        max_completion_length=max_completion_length,
+        temperature=config.temperature,
+        beta=config.beta,
+        reward_weights=config.reward_weights,
+        log_completions=False,
+    )

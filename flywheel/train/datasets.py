@@ -1,0 +1,519 @@
+"""Training sets out of the store: SFT rows, DPO pairs and RFT prompts, in the platform's formats.
+
+    sft = build_sft_set(spec, store)                  # passing captured outputs (+ reviewer corrections)
+    dpo = build_dpo_set(spec, store, min_margin=0.5)  # best vs worst graded output of the same item
+    rft = build_rft_set(spec)                         # the prompt plus the item fields the graders read
+    record_training_set(store, sft)                   # content-hashed JSONL under .flywheel/sets/, a row
+    sft.to_jsonl("train.jsonl"); to_hf_dataset(dpo)   # platform JSONL (reference §5.4) / TRL's format
+
+Rows are the hosted platform's JSONL formats, so a set can be uploaded as it is (`hosted.py`):
+SFT `{"messages": [..., {"role": "assistant", ...}]}`, DPO `{"input": {"messages": [...]},
+"preferred_output": [...], "non_preferred_output": [...]}`, RFT `{"messages": [...], <item fields>}`.
+
+Only `train` items are used: valid selects, test reports, neither is trained on. The input of every
+row is the eval's own prompt rendered for the item (not the capture prompt), because the trained
+model is measured with that prompt; the target is the captured (teacher) output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.data import Item, load_dataset
+from flywheel.errors import FlywheelError
+from flywheel.prompt import Prompt
+from flywheel.spec import EvalSpec
+from flywheel.store import Store
+
+KINDS = ("sft", "dpo", "rft")
+RFT_RESERVED = ("messages", "tools")
+
+
+class TrainingDataError(FlywheelError):
+    """A training set cannot be built or read: nothing captured, nothing passing, a malformed row."""
+
+
+@dataclass
+class TrainingSet:
+    """Rows in a platform JSONL format, with where they came from (`source`)."""
+
+    kind: str
+    rows: list[dict[str, Any]]
+    source: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+    path: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def jsonl(self) -> str:
+        return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in self.rows)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSONL (sorted keys): equal rows give an equal hash."""
+        return hashlib.sha256(f"{self.kind}\n{self.jsonl()}".encode()).hexdigest()
+
+    def to_jsonl(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.jsonl(), encoding="utf-8")
+        return path
+
+
+# -- reading what the store holds ------------------------------------------------------------------
+@dataclass
+class _Sample:
+    id: int
+    item_key: str
+    output: str | None
+    error: str | None
+    capture_id: str
+    grades: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def passed_all(self) -> bool:
+        return self.error is None and bool(self.grades) and all(g["passed"] for g in self.grades.values())
+
+
+def _objective(spec: EvalSpec, sample: _Sample) -> float:
+    """The sample's objective score: the objective grader's score (or pass as 0/1)."""
+    grade = sample.grades.get(spec.objective_grader)
+    if sample.error or grade is None or grade.get("error"):
+        return 0.0
+    if spec.objective.metric == "pass_rate":
+        return 1.0 if grade["passed"] else 0.0
+    return float(grade["score"] or 0.0)
+
+
+def _captures(store: Store, spec: EvalSpec, dataset_id: str, capture_ids: Sequence[str] | None) -> list[dict[str, Any]]:
+    if capture_ids:
+        marks = ",".join("?" * len(capture_ids))
+        rows = list(store.db.query(f"select * from teacher_captures where id in ({marks}) order by created_at",
+                                   list(capture_ids)))
+        missing = set(capture_ids) - {r["id"] for r in rows}
+        if missing:
+            raise TrainingDataError(f"{store.path}: no capture {sorted(missing)[0]!r}")
+        return rows
+    return list(store.db.query(
+        "select * from teacher_captures where eval_name = ? and dataset_id = ? order by created_at",
+        [spec.name, dataset_id]))
+
+
+def _captured_samples(store: Store, captures: list[dict[str, Any]]) -> list[_Sample]:
+    samples: dict[int, _Sample] = {}
+    for capture in captures:
+        for row in store.db.query(
+                "select id, item_key, output_text, error from samples where iteration_id = ? order by id",
+                [capture["iteration_id"]]):
+            samples[row["id"]] = _Sample(row["id"], row["item_key"], row["output_text"], row["error"], capture["id"])
+        for sample_id, grader, score, passed, error in store.db.execute(
+                "select g.sample_id, g.grader, g.score, g.passed, g.error from grades g join samples s"
+                " on s.id = g.sample_id where s.iteration_id = ?", [capture["iteration_id"]]).fetchall():
+            samples[sample_id].grades[grader] = {"score": score, "passed": bool(passed), "error": error}
+    return list(samples.values())
+
+
+def _reviewed(store: Store, dataset_id: str) -> tuple[dict[int, Any], list[Any], dict[int, dict[str, Any]]]:
+    """Effective reviews and preferences of samples of this dataset, with those samples."""
+    from flywheel.reviews import preferences, sample_reviews
+
+    reviews = sample_reviews(store)
+    prefs = [p for p in preferences(store) if not p.tie]
+    ids = set(reviews) | {i for p in prefs for i in (p.chosen, p.rejected)}
+    samples: dict[int, dict[str, Any]] = {}
+    id_list = sorted(ids)
+    for start in range(0, len(id_list), 500):
+        chunk = id_list[start:start + 500]
+        for row in store.db.query(
+                "select s.id, s.item_key, s.output_text, s.error, r.dataset_id from samples s join iterations i"
+                " on i.id = s.iteration_id join runs r on r.id = i.run_id"
+                f" where s.id in ({','.join('?' * len(chunk))})", chunk):
+            if row["dataset_id"] == dataset_id:
+                samples[row["id"]] = row
+    return ({k: v for k, v in reviews.items() if k in samples},
+            [p for p in prefs if p.chosen in samples and p.rejected in samples], samples)
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+class _Prompter:
+    """Renders the eval's prompt (or `prompt`) for train items, once per item."""
+
+    def __init__(self, spec: EvalSpec, prompt: Prompt | None):
+        self.spec = spec
+        self.dataset = load_dataset(spec)
+        self.train: dict[str, Item] = {item.key: item for item in self.dataset.split("train")}
+        self.prompt = prompt or Prompt(messages=spec.messages())
+        self.prompt_id = self.prompt.id
+        self._cache: dict[str, list[dict[str, str]]] = {}
+        if not self.train:
+            raise TrainingDataError(f"{self.dataset.path}: the train split has no items")
+
+    def __call__(self, key: str) -> list[dict[str, str]]:
+        if key not in self._cache:
+            import graders
+
+            try:
+                self._cache[key] = self.prompt.render(self.train[key])
+            except graders.TemplateVariableError as exc:
+                raise TrainingDataError(f"{self.dataset.path}: item {key!r}: cannot render the prompt: {exc}") from None
+        return self._cache[key]
+
+
+def _source(spec: EvalSpec, prompter: _Prompter, captures: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"eval": spec.name, "spec": spec.source, "dataset_id": prompter.dataset.content_hash,
+            "prompt_id": prompter.prompt_id, "captures": [c["id"] for c in captures],
+            "teachers": sorted({c["teacher"] for c in captures}), **extra}
+
+
+def _no_captures(store: Store, spec: EvalSpec) -> TrainingDataError:
+    return TrainingDataError(
+        f"{store.path}: no captures for eval {spec.name!r} and no reviewer corrections: run "
+        f"`flywheel capture {spec.source} --teacher MODEL` first (offline: --teacher reference:FIELD for the "
+        "labelled answers, or the student itself with --n 8 for best-of-K)")
+
+
+def _why_nothing_passed(samples: list[_Sample], spec: EvalSpec, min_score: float | None) -> str:
+    errored = [s for s in samples if s.error]
+    if samples and len(errored) == len(samples):
+        return (f"all {len(samples)} captured samples errored (first: {errored[0].error}); the teacher produced "
+                "nothing to train on: check the teacher reference and its server")
+    best = max((_objective(spec, s) for s in samples), default=math.nan)
+    rule = f"objective score >= {min_score}" if min_score is not None else "pass every grader"
+    return (f"none of the {len(samples)} captured samples ({len(errored)} errored) {rule} (best objective score "
+            f"{best:.2f}): all captures failed; capture with a stronger teacher, more samples (--n) at a higher "
+            "temperature, or --teacher reference:FIELD")
+
+
+# -- SFT -------------------------------------------------------------------------------------------
+def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = None, max_per_item: int = 1,
+                  captures: Sequence[str] | None = None, include_reviews: bool = True,
+                  prompt: Prompt | None = None) -> TrainingSet:
+    """SFT rows from captured outputs that pass every grader (or reach `min_score` on the objective),
+    at most `max_per_item` distinct outputs per item (best first), plus reviewer corrections
+    (and outputs a reviewer marked `pass`) of train items. Raises TrainingDataError when empty."""
+    prompter = _Prompter(spec, prompt)
+    capture_rows = _captures(store, spec, prompter.dataset.content_hash, captures)
+    samples = _captured_samples(store, capture_rows)
+    reviews, _, reviewed = _reviewed(store, prompter.dataset.content_hash) if include_reviews else ({}, [], {})
+    if not capture_rows and not reviews:
+        raise _no_captures(store, spec)
+
+    def eligible(s: _Sample) -> bool:
+        if s.error or s.output is None or not s.output.strip():
+            return False
+        return _objective(spec, s) >= min_score if min_score is not None else s.passed_all()
+
+    skipped_split = sum(1 for s in samples if s.item_key not in prompter.train)
+    by_item: dict[str, list[_Sample]] = {}
+    for s in samples:
+        if s.item_key in prompter.train and eligible(s):
+            by_item.setdefault(s.item_key, []).append(s)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def add(key: str, target: str) -> bool:
+        row = {"messages": [*prompter(key), _assistant(target)]}
+        fingerprint = json.dumps(row, sort_keys=True)
+        if fingerprint in seen:
+            return False
+        seen.add(fingerprint)
+        rows.append(row)
+        return True
+
+    for key in prompter.train:  # dataset order: deterministic rows, so a deterministic hash
+        kept = 0
+        for s in sorted(by_item.get(key, []), key=lambda s: (-_objective(spec, s), len(s.output or ""), s.id)):
+            if kept >= max_per_item:
+                break
+            kept += add(key, s.output)  # type: ignore[arg-type]
+    from_captures = len(rows)
+    for sample_id, review in sorted(reviews.items()):
+        sample = reviewed[sample_id]
+        if sample["item_key"] not in prompter.train:
+            continue
+        if review.correction is not None:
+            add(sample["item_key"], review.correction)
+        elif review.verdict == "pass" and sample.get("output_text"):
+            add(sample["item_key"], sample["output_text"])
+    source = _source(spec, prompter, capture_rows, method="sft",
+                     filter={"min_score": min_score, "max_per_item": max_per_item, "rule": "min_score" if min_score
+                             is not None else "passed_all"},
+                     counts={"captured_samples": len(samples), "passing": sum(map(len, by_item.values())),
+                             "items_with_pass": len(by_item), "rows": len(rows), "rows_from_reviews": len(rows) - from_captures,
+                             "skipped_not_train": skipped_split})
+    if not rows:
+        raise TrainingDataError(f"empty SFT training set for eval {spec.name!r}: "
+                                + _why_nothing_passed([s for s in samples if s.item_key in prompter.train], spec, min_score))
+    return TrainingSet("sft", rows, source)
+
+
+# -- DPO -------------------------------------------------------------------------------------------
+def build_dpo_set(spec: EvalSpec, store: Store, *, min_margin: float = 0.5, captures: Sequence[str] | None = None,
+                  include_reviews: bool = True, prompt: Prompt | None = None) -> TrainingSet:
+    """DPO pairs: per train item, the best vs the worst graded captured output when their objective
+    scores differ by at least `min_margin` (ties broken by passing every grader, then length), plus
+    reviewer preferences and corrections (the correction preferred over the reviewed output)."""
+    if min_margin < 0:
+        raise TrainingDataError(f"min_margin must be >= 0, got {min_margin}")
+    prompter = _Prompter(spec, prompt)
+    capture_rows = _captures(store, spec, prompter.dataset.content_hash, captures)
+    samples = _captured_samples(store, capture_rows)
+    reviews, prefs, reviewed = _reviewed(store, prompter.dataset.content_hash) if include_reviews else ({}, [], {})
+    if not capture_rows and not reviews and not prefs:
+        raise _no_captures(store, spec)
+
+    by_item: dict[str, list[_Sample]] = {}
+    for s in samples:
+        if s.item_key in prompter.train and s.error is None and s.output is not None:
+            by_item.setdefault(s.item_key, []).append(s)
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    margins: list[float] = []
+
+    def add(key: str, chosen: str, rejected: str) -> None:
+        if chosen == rejected:
+            return
+        row = {"input": {"messages": prompter(key)}, "preferred_output": [_assistant(chosen)],
+               "non_preferred_output": [_assistant(rejected)]}
+        fingerprint = json.dumps(row, sort_keys=True)
+        if fingerprint not in seen:
+            seen.add(fingerprint)
+            rows.append(row)
+
+    for key in prompter.train:
+        group = by_item.get(key, [])
+        if len(group) < 2:
+            continue
+        ranked = sorted(group, key=lambda s: (-_objective(spec, s), not s.passed_all(), len(s.output or ""), s.id))
+        best, worst = ranked[0], ranked[-1]
+        margin = _objective(spec, best) - _objective(spec, worst)
+        if margin >= min_margin and margin > 0 and best.output != worst.output:
+            margins.append(margin)
+            add(key, best.output, worst.output)  # type: ignore[arg-type]
+    from_captures = len(rows)
+    for p in prefs:
+        chosen, rejected = reviewed[p.chosen], reviewed[p.rejected]
+        if chosen["item_key"] in prompter.train and chosen["output_text"] and rejected["output_text"]:
+            add(chosen["item_key"], chosen["output_text"], rejected["output_text"])
+    for sample_id, review in sorted(reviews.items()):
+        sample = reviewed[sample_id]
+        if review.correction is not None and sample["item_key"] in prompter.train and sample.get("output_text"):
+            add(sample["item_key"], review.correction, sample["output_text"])
+    source = _source(spec, prompter, capture_rows, method="dpo", filter={"min_margin": min_margin},
+                     counts={"captured_samples": len(samples), "items_with_two_outputs":
+                             sum(1 for g in by_item.values() if len(g) >= 2), "pairs": len(rows),
+                             "pairs_from_reviews": len(rows) - from_captures,
+                             "mean_margin": sum(margins) / len(margins) if margins else None})
+    if not rows:
+        if samples and all(s.error for s in samples):
+            raise TrainingDataError(f"no DPO pairs for eval {spec.name!r}: " + _why_nothing_passed(samples, spec, None))
+        raise TrainingDataError(
+            f"no DPO pairs for eval {spec.name!r}: {source['counts']['items_with_two_outputs']} train items have two "
+            f"or more captured outputs, but in none do the best and worst differ by min_margin={min_margin}; "
+            "capture more samples per item (--n 4 or more) at temperature > 0 from a model that sometimes fails")
+    return TrainingSet("dpo", rows, source)
+
+
+# -- RFT -------------------------------------------------------------------------------------------
+def build_rft_set(spec: EvalSpec, *, prompt: Prompt | None = None,
+                  limit: int | None = None) -> TrainingSet:
+    """RFT prompts: per train item, the rendered prompt plus every item field (what the graders read
+    as `{{item.x}}`), in the platform's reinforcement format."""
+    prompter = _Prompter(spec, prompt)
+    rows = []
+    for key, item in list(prompter.train.items())[:limit]:
+        clash = [name for name in RFT_RESERVED if name in item.fields]
+        if clash:
+            raise TrainingDataError(
+                f"{prompter.dataset.path}: item {key!r} has a field named {clash[0]!r}, which the reinforcement "
+                f"format reserves ({', '.join(RFT_RESERVED)}); rename it with dataset.columns")
+        rows.append({"messages": prompter(key), **item.fields})
+    source = _source(spec, prompter, [], method="rft", counts={"prompts": len(rows)})
+    return TrainingSet("rft", rows, source)
+
+
+# -- platform JSONL in and out ---------------------------------------------------------------------
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise TrainingDataError(f"{where}: messages must be a non-empty list")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise TrainingDataError(f"{where}: messages[{index}] must be an object with a role")
+
+
+def validate_rows(kind: str, rows: list[dict[str, Any]], source: str) -> None:
+    """Check rows against the platform format of `kind`; errors name the line."""
+    if kind not in KINDS:
+        raise TrainingDataError(f"unknown training set kind {kind!r}; known: {', '.join(KINDS)}")
+    if not rows:
+        raise TrainingDataError(f"{source}: empty training set (no rows)")
+    for line, row in enumerate(rows, start=1):
+        where = f"{source}:{line}"
+        if not isinstance(row, dict):
+            raise TrainingDataError(f"{where}: expected a JSON object")
+        if kind == "sft":
+            _check_messages(row.get("messages"), where)
+            if not any(m.get("role") == "assistant" and m.get("weight", 1) for m in row["messages"]):
+                raise TrainingDataError(f"{where}: an SFT row needs an assistant message to learn from")
+        elif kind == "dpo":
+            if not isinstance(row.get("input"), dict):
+                raise TrainingDataError(f"{where}: a DPO row needs input.messages, preferred_output, non_preferred_output")
+            _check_messages(row["input"].get("messages"), where + ": input")
+            for name in ("preferred_output", "non_preferred_output"):
+                value = row.get(name)
+                if not isinstance(value, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                          for m in value):
+                    raise TrainingDataError(f"{where}: {name} must be a list with an assistant message")
+        else:
+            _check_messages(row.get("messages"), where)
+
+
+def load_training_file(kind: str, path: str | Path) -> TrainingSet:
+    """A platform-format JSONL file as a training set (validated)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TrainingDataError(f"{path}: cannot read training data: {exc.strerror}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise TrainingDataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+    validate_rows(kind, rows, str(path))
+    return TrainingSet(kind, rows, {"file": str(path.resolve()), "method": kind})
+
+
+def artefact_root(store: Store) -> Path:
+    """`.flywheel/` beside the store file (the working directory for an in-memory store)."""
+    base = Path.cwd() if store.path == ":memory:" else Path(store.path).resolve().parent
+    return base / ".flywheel"
+
+
+def record_training_set(store: Store, training_set: TrainingSet) -> TrainingSet:
+    """Write the set's JSONL under .flywheel/sets/ and record it (once per content hash)."""
+    validate_rows(training_set.kind, training_set.rows, f"{training_set.kind} training set")
+    digest = training_set.content_hash
+    set_id = f"ts-{training_set.kind}-{digest[:12]}"
+    path = artefact_root(store) / "sets" / f"{set_id}.jsonl"
+    if not path.exists():
+        staging = path.with_suffix(".partial")
+        training_set.to_jsonl(staging)
+        staging.replace(path)
+    store.add_training_set(
+        {"id": set_id, "kind": training_set.kind, "eval_name": training_set.source.get("eval"),
+         "dataset_id": training_set.source.get("dataset_id"), "content_hash": digest, "n_rows": len(training_set),
+         "path": str(path), "source_json": json.dumps(training_set.source, ensure_ascii=False, default=str)})
+    training_set.id, training_set.path = set_id, str(path)
+    return training_set
+
+
+def load_training_set(store: Store, set_id: str) -> TrainingSet:
+    """A recorded set by id; its JSONL must still hash to what was recorded."""
+    rows = list(store.db["training_sets"].rows_where("id = ?", [set_id]))
+    if not rows:
+        raise TrainingDataError(f"{store.path}: no training set {set_id!r}")
+    row = rows[0]
+    loaded = load_training_file(row["kind"], row["path"])
+    loaded.source = json.loads(row["source_json"] or "{}")
+    if loaded.content_hash != row["content_hash"]:
+        raise TrainingDataError(f"{row['path']}: content changed since it was recorded as {set_id}")
+    loaded.id, loaded.path = set_id, row["path"]
+    return loaded
+
+
+# -- TRL's formats ---------------------------------------------------------------------------------
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def chat_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Platform messages as chat-template input: text content, `developer` read as `system`."""
+    out = []
+    for m in messages:
+        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": _text(m.get("content"))}
+        if m.get("tool_calls"):
+            message["tool_calls"] = m["tool_calls"]
+        out.append(message)
+    return out
+
+
+def to_hf_dataset(training_set: TrainingSet):
+    """A `datasets.Dataset` in TRL's conversational format: SFT `messages`; DPO `prompt`/`chosen`/
+    `rejected`; RFT `prompt` plus the item fields (GRPO passes them to the reward functions)."""
+    from datasets import Dataset
+
+    records = []
+    for row in training_set.rows:
+        if training_set.kind == "sft":
+            records.append({"messages": chat_messages(row["messages"])})
+        elif training_set.kind == "dpo":
+            records.append({"prompt": chat_messages(row["input"]["messages"]),
+                            "chosen": chat_messages(row["preferred_output"]),
+                            "rejected": chat_messages(row["non_preferred_output"])})
+        else:
+            fields = {k: v for k, v in row.items() if k not in RFT_RESERVED}
+            if "prompt" in fields:
+                raise TrainingDataError("an RFT item field named 'prompt' clashes with GRPO's prompt column; rename it")
+            records.append({"prompt": chat_messages(row["messages"]), **fields})
+    return Dataset.from_list(records)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_sft(training_set: TrainingSet, tokenizer, *, loss: str = "assistant") -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """Token ids and labels per SFT row. With `loss="assistant"` only assistant turns are learned
+    (their content and end-of-turn tokens; `weight: 0` turns stay context), as the platform trains;
+    with `"all"` every token is. The assistant spans come from rendering each prefix of the
+    conversation with the chat template, so any prefix-consistent template works, whether or not it
+    has `{% generation %}` markers. Returns the rows and token counts."""
+    if training_set.kind != "sft":
+        raise TrainingDataError(f"tokenize_sft needs an SFT set, got {training_set.kind}")
+    if loss not in ("assistant", "all"):
+        raise TrainingDataError(f"loss must be 'assistant' or 'all', got {loss!r}")
+
+    def encode(messages: list[dict[str, Any]], tools: Any, generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    out, total, trained = [], 0, 0
+    for row in training_set.rows:
+        raw = row["messages"]
+        messages, tools = chat_messages(raw), row.get("tools")
+        input_ids = encode(messages, tools, False)
+        labels = list(input_ids) if loss == "all" else [-100] * len(input_ids)
+        if loss == "assistant":
+            for index, message in enumerate(raw):
+                if message["role"] != "assistant" or not message.get("weight", 1):
+                    continue
+                start = _common_prefix(encode(messages[:index], tools, True), input_ids)
+                end = _common_prefix(encode(messages[:index + 1], tools, False), input_ids)
+                labels[start:end] = input_ids[start:end]
+        out.append({"input_ids": input_ids, "labels": labels})
+        total += len(input_ids)
+        trained += sum(1 for label in labels if label != -100)
+    if trained == 0:
+        raise TrainingDataError("no trainable tokens: every assistant message has weight 0 or renders empty")
+    return out, {"rows": len(out), "tokens": total, "trained_tokens": trained}

@@ -1,0 +1,49 @@
+"""Direct preference optimisation: best vs worst graded output of the same prompt.
+
+    result = train_dpo(spec, store, build_dpo_set(spec, store, min_margin=0.5),
+                       base="local:smollm2+.flywheel/ckpt/sft-...")
+
+The platform's advice holds here too: SFT first, then DPO from the SFT model. Starting from an
+adapter (`local:BASE+ADAPTER` or a checkpoint id) continues that adapter, and TRL keeps a frozen
+copy of it as the reference model; starting from a bare base trains a fresh adapter against the
+base. `beta` is the pull towards the reference (higher: more conservative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flywheel.spec import EvalSpec
+from flywheel.store import Store
+from flywheel.train.config import DPOSpec, dpo_args, to_peft
+from flywheel.train.datasets import TrainingDataError, TrainingSet, to_hf_dataset
+from flywheel.train.local import TrainResult, run_local
+
+
+def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSpec, output_dir, *, bf16: bool,
+                      quiet: bool = False):
+    from peft import PeftModel
+    from trl import DPOTrainer
+
+    if training_set.kind != "dpo":
+        raise TrainingDataError(f"DPO needs a DPO training set (preference pairs), got a {training_set.kind} set")
+    trainer = DPOTrainer(
+        model=model, args=dpo_args(config, output_dir, bf16=bf16, quiet=quiet),
+        train_dataset=to_hf_dataset(training_set), processing_class=tokenizer,
+        peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
+    return trainer, {"pairs": len(training_set)}
+
+
+def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
+              config: DPOSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
+              quiet: bool = False) -> TrainResult | None:
+    """Train with DPO on preference pairs from `base`, register the adapter, evaluate it."""
+    config = config or DPOSpec()
+    if len(training_set) == 0:
+        raise TrainingDataError("empty DPO training set: no preference pairs")
+
+    def build(model, tokenizer, output_dir, bf16):
+        return build_dpo_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)
+
+    return run_local("dpo", spec, store, training_set, base=base, config=config, build=build,
+                     evaluate=evaluate, splits=splits, quiet=quiet)

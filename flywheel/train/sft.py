@@ -1,0 +1,59 @@
+"""Supervised fine-tuning: a LoRA adapter trained on passing outputs, loss on assistant tokens only.
+
+    result = train_sft(spec, store, build_sft_set(spec, store), base="local:smollm2")
+
+Rows are tokenised here (`datasets.tokenize_sft`), so the loss mask does not depend on the chat
+template carrying `{% generation %}` markers (SmolLM2's does not); TRL's `SFTTrainer` then
+truncates, optionally packs, collates and trains. Sequences in a batch are grouped by length so
+little compute goes to padding; bf16 is used where the hardware has it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flywheel.spec import EvalSpec
+from flywheel.store import Store
+from flywheel.train.config import SFTSpec, sft_args, to_peft
+from flywheel.train.datasets import TrainingDataError, TrainingSet, tokenize_sft
+from flywheel.train.local import TrainingError, TrainResult, run_local
+
+
+def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSpec, output_dir, *, bf16: bool,
+                      quiet: bool = False):
+    """TRL's SFTTrainer for an SFT set: (trainer, token statistics)."""
+    from datasets import Dataset
+    from peft import PeftModel
+    from trl import SFTTrainer
+
+    if training_set.kind != "sft":
+        raise TrainingDataError(f"SFT needs an SFT training set, got a {training_set.kind} set")
+    attention = getattr(model.config, "_attn_implementation", None)
+    if config.packing and not (attention or "").startswith(("flash_attention", "kernels-community/flash")):
+        # Packed rows are flattened into one sequence told apart only by position ids; sdpa and eager
+        # attention ignore those boundaries, so examples would attend to each other.
+        raise TrainingError(f"packing needs a varlen attention kernel (FlashAttention 2/3 on a GPU); this model "
+                            f"uses {attention!r}, where packed examples would attend across their boundaries. "
+                            "Leave packing off (group_by_length keeps padding low)")
+    rows, stats = tokenize_sft(training_set, tokenizer, loss=config.loss)
+    trainer = SFTTrainer(
+        model=model, args=sft_args(config, output_dir, bf16=bf16, quiet=quiet),
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
+    return trainer, stats
+
+
+def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
+              config: SFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
+              quiet: bool = False) -> TrainResult | None:
+    """Train an SFT adapter on `training_set` from `base` (a `local:` reference, a checkpoint id, or
+    `local:BASE+ADAPTER` to continue an adapter), register it, and evaluate it on `splits`."""
+    config = config or SFTSpec()
+    if len(training_set) == 0:
+        raise TrainingDataError("empty SFT training set: nothing to train on")
+
+    def build(model, tokenizer, output_dir, bf16):
+        return build_sft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)
+
+    return run_local("sft", spec, store, training_set, base=base, config=config, build=build,
+                     evaluate=evaluate, splits=splits, quiet=quiet)
