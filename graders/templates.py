@@ -170,6 +170,10 @@ def template_variables(text: str) -> list[str]:
     return found
 
 
+class _Slow(Exception):
+    """The fast path cannot resolve a variable; the full resolver will say why."""
+
+
 class Template:
     """A template parsed once, rendered many times (the graders' hot path).
 
@@ -177,27 +181,69 @@ class Template:
     'ok!'
     """
 
-    __slots__ = ("text", "_parts", "_single")
+    __slots__ = ("text", "_parts", "_single", "render")
 
     def __init__(self, text: str):
         self.text = text
         pos = 0
-        self._parts: list[tuple[bool, str]] = []
+        # each part: a literal string, or (expr, is_item, steps) for a variable
+        self._parts: list[str | tuple[str, bool, tuple[str | int, ...]]] = []
         for m in _TEMPLATE.finditer(text):
             if m.start() > pos:
-                self._parts.append((False, text[pos : m.start()]))
-            parse_variable(m.group(1))
-            self._parts.append((True, m.group(1)))
+                self._parts.append(text[pos : m.start()])
+            namespace, steps = parse_variable(m.group(1))
+            self._parts.append((m.group(1), namespace == "item", steps))
             pos = m.end()
         if pos < len(text) or not self._parts:
-            self._parts.append((False, text[pos:]))
-        self._single = self._parts[0][1] if len(self._parts) == 1 and self._parts[0][0] else None
+            self._parts.append(text[pos:])
+        only = self._parts[0]
+        self._single = only if len(self._parts) == 1 and isinstance(only, tuple) else None
+        self.render = self._compile()
 
-    def render(self, item: Any, sample: Any) -> str:
+    def _compile(self) -> Any:
+        """The fastest renderer for this template's shape (the general one is `_render`)."""
+        if len(self._parts) == 1 and type(self._parts[0]) is str:
+            literal = self._parts[0]
+            return lambda item, sample: literal
+        single = self._single
+        if single is not None and all(type(step) is str for step in single[2]):
+            expr, is_item, steps = single
+
+            def render_keys(item: Any, sample: Any) -> str:
+                value = item if is_item else sample
+                try:
+                    for step in steps:
+                        value = value[step]  # only dicts take str keys; anything else raises
+                except (KeyError, TypeError, IndexError):
+                    value = resolve(expr, item, sample)
+                return value if type(value) is str else to_text(value)
+
+            return render_keys
+        return self._render
+
+    @staticmethod
+    def _value(part: tuple[str, bool, tuple[str | int, ...]], item: Any, sample: Any) -> str:
+        expr, is_item, steps = part
+        value = item if is_item else sample
+        try:
+            if value is None:
+                raise _Slow
+            for step in steps:
+                if type(step) is int:
+                    if type(value) is not list:
+                        raise _Slow
+                elif type(value) is not dict:
+                    raise _Slow
+                value = value[step]
+        except (_Slow, KeyError, IndexError):
+            value = resolve(expr, item, sample)  # raises TemplateVariableError, or handles list.0
+        return value if type(value) is str else to_text(value)
+
+    def _render(self, item: Any, sample: Any) -> str:
         if self._single is not None:
-            return to_text(resolve(self._single, item, sample))
-        return "".join(to_text(resolve(p, item, sample)) if is_var else p for is_var, p in self._parts)
+            return self._value(self._single, item, sample)
+        return "".join(p if type(p) is str else self._value(p, item, sample) for p in self._parts)
 
     @property
     def variables(self) -> list[str]:
-        return [p.strip() for is_var, p in self._parts if is_var]
+        return [p[0].strip() for p in self._parts if isinstance(p, tuple)]
