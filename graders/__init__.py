@@ -25,6 +25,7 @@ from graders.config import (
     load_graders,
     parse_grader,
 )
+from graders.endpoints import run_grader, validate_grader
 from graders.errors import ERROR_KINDS, GraderConfigError, GraderError, TemplateVariableError
 from graders.grade import Grade
 from graders.judge import JudgeModel
@@ -57,4 +58,6 @@ __all__ = [
     "parse_grader",
     "render_template",
     "reward_function",
+    "run_grader",
+    "validate_grader",
 ]

@@ -67,3 +67,22 @@ def test_bad_sample_type_is_a_recorded_error():
     g = graders.build_grader({"type": "string_check", "name": "x", "input": "{{sample.output_text}}", "reference": "a", "operation": "eq"})
     grade = g.grade_batch([42], [{}])[0]
     assert grade.error == "sample_parse_error"
+
+
+def test_validate_and_run_like_the_platform_endpoints():
+    multi = json.loads((FIXTURES / "platform_graders.json").read_text())[5]
+    assert graders.validate_grader(dict(multi, graders=list(multi["graders"].values())))["grader"]["graders"].keys() == {
+        "function_name", "arguments"}
+    out = graders.run_grader({"type": "string_check", "name": "s", "input": "{{sample.output_json.intent}}",
+                              "reference": "{{item.label}}", "operation": "eq"},
+                             '{"intent": "refund"}', {"label": "refund"})
+    assert out["reward"] == 1.0 and out["passed"] is True
+    assert out["metadata"]["errors"]["invalid_variable_error"] is False
+    assert set(graders.ERROR_KINDS) <= set(out["metadata"]["errors"])
+    bad = graders.run_grader({"type": "python", "name": "p", "source": "def grade(s, i):\n    return 'x'\n"}, "hi")
+    assert bad["reward"] == 0.0
+    assert bad["metadata"]["errors"]["python_grader_runtime_error"] is True
+    assert "not a number" in bad["metadata"]["errors"]["python_grader_runtime_error_details"]
+    sub = graders.run_grader(multi, "", {"function": "f", "arguments": "{}"})
+    assert sub["metadata"]["errors"]["invalid_variable_error"] is True and sub["sub_rewards"] == {
+        "function_name": 0.0, "arguments": 0.0}
