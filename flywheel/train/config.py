@@ -162,7 +162,14 @@ def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool) -> d
         report_to=[],
         disable_tqdm=quiet,
         dataloader_num_workers=0,
+        dataloader_pin_memory=_has_cuda(),
     )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def sft_args(config: SFTSpec, output_dir: Path, *, bf16: bool, quiet: bool = False):

@@ -148,6 +148,35 @@ def _event_logger(store: Store, job_id: str, history: list[dict[str, Any]]):
     return EventLogger()
 
 
+def _progress_bar(method: str):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Bar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, desc=f"train {method}", unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "reward") if isinstance(logs.get(k), (int, float))}
+                if shown:
+                    self.bar.set_postfix(shown)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Bar()
+
+
 def _adapter_weights(model) -> dict[str, Any]:
     return {name: param.detach().float().clone() for name, param in model.named_parameters()
             if "lora_" in name and ".default." in name}
@@ -184,9 +213,21 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     work = Path(tempfile.mkdtemp(prefix=f"{method}-", dir=_scratch(store)))
     try:
+        if quiet:
+            import datasets
+
+            datasets.disable_progress_bars()
         model, tokenizer, base_model, _ = load_for_training(base_ref, bf16=bf16)
         built = build(model, tokenizer, work, bf16)
         trainer, extra = built if isinstance(built, tuple) else (built, {})
+        # The Trainer prints every log dict to stdout (with or without its bar): show one bar on
+        # stderr with the latest loss instead; the logs themselves go to the store.
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        if not quiet:
+            trainer.add_callback(_progress_bar(method))
         history: list[dict[str, Any]] = []
         if main:
             trainer.add_callback(_event_logger(store, job_id, history))
