@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load_eval_spec", "run_eval", "Store", "load_model", "FlywheelError"]
+__all__ = ["load_eval_spec", "run_eval", "run", "Store", "load_model", "FlywheelError"]
 
 
 def __getattr__(name: str):
@@ -19,6 +19,9 @@ def __getattr__(name: str):
     if name == "run_eval":
         from flywheel.harness import run_eval
         return run_eval
+    if name == "run":
+        from flywheel.wheel import run
+        return run
     if name == "Store":
         from flywheel.store import Store
         return Store

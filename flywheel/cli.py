@@ -97,6 +97,36 @@ def optimize_command(spec_path, overrides, db, as_json):
         print_optimize_result(result)
 
 
+@main.command("run")
+@click.argument("spec_path", metavar="SPEC", required=False, type=click.Path(dir_okay=False))
+@click.option("--target", type=float, default=None, help="Override the run spec's target (valid objective).")
+@click.option("--resume", "resume", default=None, metavar="RUN", help="Continue a stopped or killed run.")
+@click.option("--report-dir", default=None, help="Where the HTML report goes (default .flywheel/reports).")
+@click.option("-s", "--set", "overrides", multiple=True, help="Override a run spec field: key.path=value.")
+@db_option
+@json_option
+def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
+    """Turn the wheel on SPEC (a run spec) toward --target: prompts, capture, SFT, DPO, RFT."""
+    from flywheel.report.console import console, print_wheel_result
+    from flywheel.spec import load_run_spec
+    from flywheel.wheel import run_wheel
+
+    with _open_store(db) as store:
+        if spec_path is None:
+            if not resume:
+                raise click.UsageError("give a run SPEC, or --resume RUN")
+            spec_path = json.loads(store.get_run(resume).get("summary_json") or "{}").get("run_spec")
+            if not spec_path:
+                raise FlywheelError(f"{resume}: the run does not record its run spec; pass SPEC")
+        run_spec = load_run_spec(spec_path, list(overrides) + ([f"target={target}"] if target is not None else []))
+        log = None if as_json else (lambda message: console.print(message, highlight=False, markup=False))
+        result = run_wheel(run_spec, store, resume=resume, report_dir=report_dir, command=" ".join(sys.argv), log=log)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_wheel_result(result)
+
+
 @main.group()
 def runs() -> None:
     """Browse stored runs."""

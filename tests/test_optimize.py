@@ -128,7 +128,7 @@ def test_select_demos_balanced_and_random():
 def test_decision_needs_a_significant_gain(tmp_path, diff, p, expected):
     spec = load_eval_spec("evals/banking77/eval.yaml")
     base, other = Candidate(Prompt([]), "baseline"), Candidate(Prompt([]), "fewshot:x")
-    cmp = {"diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "p_mcnemar": p}
+    cmp = {"n": 100, "diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "p_mcnemar": p}
     promoted, reason = _decide(spec, spec.optimize, base, other, cmp)
     assert promoted is expected and ("promoted" in reason) is expected
     assert _decide(spec, spec.optimize, base, base, cmp)[0] is False

@@ -34,7 +34,7 @@ from flywheel.optimize.fewshot import demos_from_samples, labelled_demos, select
 from flywheel.optimize.propose import Failure, check_proposal, extract_instruction, proposer_messages
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec, OptimizeSpec
-from flywheel.stats import paired_stats
+from flywheel.stats import paired_stats, significant_gain
 from flywheel.store import Store
 
 LogFn = Callable[[str], None]
@@ -357,11 +357,7 @@ def _decide(spec: EvalSpec, config: OptimizeSpec, baseline: Candidate, winner: C
         return False, "kept the baseline: no candidate scored higher on valid"
     diff, low, high, p = cmp["diff"], cmp["ci_low"], cmp["ci_high"], cmp["p_mcnemar"]
     stats = f"valid diff {diff:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}], McNemar p={p:.3g}"
-    if spec.objective.metric == "pass_rate":
-        significant = diff > 0 and p < config.alpha
-    else:
-        significant = diff > 0 and low > 0
-    if significant:
+    if significant_gain(cmp, spec.objective.metric, config.alpha):
         return True, f"promoted {winner.origin}: {stats}"
     return False, f"kept the baseline: {winner.origin} is not significantly better ({stats})"
 

@@ -140,3 +140,25 @@ def print_optimize_result(result) -> None:
     console.print(f"test   winner - baseline: {_ci(result.test_comparison)}", highlight=False)
     console.print(f"model calls {result.model_calls}  tokens {result.tokens}  time {result.wall_s:.1f}s",
                   highlight=False)
+
+
+def print_wheel_result(result) -> None:
+    """Each stage's decision, then the winner vs the baseline on valid and test, cost and report."""
+    table = Table(show_header=True, header_style="bold", title=f"flywheel run {result.run_id}")
+    for column in ("stage", "valid", "decision", "why"):
+        table.add_column(column, overflow="fold")
+    for o in result.stages:
+        table.add_row(o.stage, _num(o.valid), o.decision, o.reason)
+    console.print(table)
+    console.print(f"stopped: {result.stopped}", highlight=False, markup=False)
+    console.print(f"winner: {result.winner_model} with prompt {result.winner_prompt_id}  "
+                  f"valid {_pct(result.winner_valid)} (baseline {_pct(result.baseline_valid)})",
+                  highlight=False, markup=False)
+    if result.test:
+        cmp = result.test.get("comparison") or {}
+        console.print(f"test: {_pct(result.test.get('baseline'))} -> {_pct(result.test.get('winner'))}  "
+                      f"diff {_ci(cmp)}", highlight=False, markup=False)
+    console.print(f"model calls {result.model_calls}  tokens {result.tokens}  cost {result.cost:.4f}  "
+                  f"time {result.wall_s:.0f}s", highlight=False)
+    if result.report_path:
+        console.print(f"report: {result.report_path}", highlight=False, markup=False)

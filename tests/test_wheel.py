@@ -1,0 +1,152 @@
+"""`flywheel run` end to end on the tiny real model: stages, decisions, test only at the end, resume
+after SIGKILL at several points, and a task that is not the demo."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from flywheel.cli import main
+from flywheel.spec import load_run_spec
+from flywheel.store import Store
+from flywheel.wheel import run_wheel
+
+from conftest import make_rows, spec_dict, write_jsonl
+
+FAST = {"precision": "fp32", "batch_size": 4}
+
+
+def write_run(tmp_path, model_dir, stages, rows=None, **run):
+    write_jsonl(tmp_path / "data.jsonl", rows or make_rows(6))
+    spec = spec_dict(f"local:{model_dir}", optimize={
+        "minibatch": 4, "finalists": 1,
+        "fewshot": {"source": "labels", "demo_output": "{{item.label}}", "label_field": "label",
+                    "strategies": ["balanced"], "k": [1]}})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"eval": "eval.yaml", "plateau": 9, "stages": stages, **run}))
+    return tmp_path / "run.yaml"
+
+
+STAGES = [{"stage": "optimize"}, {"stage": "capture", "teacher": "reference:label"},
+          {"stage": "sft", "config": {"max_steps": 2, **FAST}}, {"stage": "dpo", "config": {"max_steps": 1, **FAST}}]
+
+
+def test_wheel_runs_every_stage_and_reports(tmp_path, tiny_model_dir, store):
+    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, STAGES)), store,
+                       report_dir=str(tmp_path / "reports"))
+    assert [o.stage for o in result.stages] == ["optimize", "capture", "sft", "dpo"]
+    by_stage = {o.stage: o for o in result.stages}
+    assert by_stage["capture"].decision == "captured"
+    assert by_stage["sft"].decision in ("promoted", "rejected") and "checkpoint sft-" in by_stage["sft"].reason
+    assert by_stage["dpo"].decision == "failed" and "no DPO pairs" in by_stage["dpo"].reason
+    iterations = store.iterations(result.run_id)
+    # Valid decides; test is measured only after the wheel stopped, for baseline and promoted iterations.
+    test_rows = [it for it in iterations if it["split"] == "test"]
+    assert test_rows and all(it["stage"] == "test-report" for it in test_rows)
+    assert max(it["seq"] for it in iterations if it["split"] == "valid") < min(it["seq"] for it in test_rows)
+    sft_iteration = next(it for it in iterations if it["stage"] == "sft")
+    assert sft_iteration["model_ref"].startswith(f"local:{tiny_model_dir}+") and sft_iteration["parent_id"]
+    assert store.db["checkpoints"].count == 1
+    assert result.report_path and "<html" in open(result.report_path).read(200).lower()
+    assert store.get_run(result.run_id)["status"] == "completed"
+
+
+def test_target_and_plateau_stop_the_wheel(tmp_path, tiny_model_dir, store):
+    target = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, STAGES, target=0.0)), store)
+    assert target.stages == [] and target.stopped.startswith("target 0.0 reached")
+    plateau = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, STAGES, plateau=1)), store)
+    assert [o.stage for o in plateau.stages] == ["optimize"] and plateau.stopped.startswith("plateau")
+
+
+def test_bad_run_spec_is_one_line(tmp_path):
+    (tmp_path / "run.yaml").write_text("eval: e.yaml\nstages:\n  - stage: sfft\n")
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "run.yaml"), "--db", str(tmp_path / "x.db")])
+    assert result.exit_code == 1 and "run.yaml: stages[0]" in result.output and "Traceback" not in result.output
+
+
+def test_a_task_that_is_not_the_demo(tmp_path, tiny_model_dir):
+    """Different fields, graders and labels, CSV data, a python grader: no code changes."""
+    (tmp_path / "qa.csv").write_text("question,answer,part\n" + "".join(
+        f"What is {a} plus {b}?,{a + b},{['train', 'valid', 'test'][i % 3]}\n"
+        for i, (a, b) in enumerate((x, x + 1) for x in range(12))))
+    spec = {"name": "sums", "dataset": {"path": "qa.csv"}, "split": {"column": "part"},
+            "input": [{"role": "user", "content": "Answer with a number. {{item.question}}"}],
+            "model": f"local:{tiny_model_dir}", "sampling": {"max_tokens": 4},
+            "graders": [{"type": "python", "name": "exact", "source":
+                         "def grade(sample, item):\n    return float(sample['output_text'].strip() == item['answer'])\n"},
+                        {"type": "text_similarity", "name": "close", "input": "{{sample.output_text}}",
+                         "reference": "{{item.answer}}", "evaluation_metric": "fuzzy_match", "pass_threshold": 0.5}],
+            "objective": {"grader": "close", "metric": "mean_score"},
+            "optimize": {"minibatch": 2, "variants": [{"name": "digits", "system": "Reply with digits only."}]}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"eval": "eval.yaml", "stages": [
+        {"stage": "optimize"}, {"stage": "capture", "teacher": "reference:answer"},
+        {"stage": "sft", "config": {"max_steps": 1, **FAST}}], "plateau": 5}))
+    out = CliRunner().invoke(main, ["run", str(tmp_path / "run.yaml"), "--db", str(tmp_path / "w.db"), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert [s["stage"] for s in data["stages"]] == ["optimize", "capture", "sft"]
+    assert data["test"]["comparison"]["n"] == 4
+
+
+def _wait_for(db, query, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    if conn.execute(query).fetchone()[0]:
+                        return True
+            except sqlite3.OperationalError:
+                pass
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_stages_then_resume(tmp_path, tiny_model_dir):
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "optimize"}, {"stage": "capture", "teacher": "reference:label"},
+        {"stage": "sft", "config": {"max_steps": 30, **FAST}}, {"stage": "sft", "config": {"max_steps": 3, **FAST}}],
+        rows=make_rows(12))
+    db = tmp_path / "w.db"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    flywheel = [sys.executable, "-m", "flywheel"]
+    kill_points = [
+        "select count(*) from samples",                                   # during the baseline
+        "select count(*) from runs where kind = 'optimize'",              # inside prompt search
+        "select count(*) from training_jobs where status = 'running'",    # while SFT trains
+        "select count(*) from checkpoints",                               # after a checkpoint, before its eval
+    ]
+    command = flywheel + ["run", str(run_yaml), "--db", str(db), "--json"]
+    killed_at = []
+    for query in kill_points:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        if _wait_for(db, query, proc):
+            proc.send_signal(signal.SIGKILL)
+            killed_at.append(query)
+        proc.wait()
+        with sqlite3.connect(db) as conn:
+            run_id = conn.execute("select id from runs where kind = 'wheel'").fetchone()[0]
+        command = flywheel + ["run", "--resume", run_id, "--db", str(db), "--json"]
+    assert len(killed_at) >= 3, killed_at  # the run really was killed mid-way several times
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout)
+    assert [s["stage"] for s in result["stages"]] == ["optimize", "capture", "sft", "sft"]
+    store = Store.open(db)
+    assert store.db.execute("select count(*) from runs where kind = 'wheel'").fetchone()[0] == 1
+    assert store.get_run(run_id)["status"] == "completed"
+    # No sample stored twice anywhere, and each SFT stage trained exactly one registered checkpoint.
+    dupes = store.db.execute("select count(*) from (select iteration_id, item_key, repeat, count(*) c from samples"
+                             " group by 1, 2, 3 having c > 1)").fetchone()[0]
+    assert dupes == 0
+    assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 2
+    store.close()
