@@ -22,8 +22,9 @@ browser:
 	@test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		$(SUDO) apt-get install -y -qq chromium)
 
+# The main job: zero-shot baseline, then the wheel (prompt search, capture, SFT, DPO) to the target.
 demo: install
-	$(BIN)/flywheel eval evals/banking77/eval.yaml --split test
+	$(BIN)/flywheel run evals/banking77/run.yaml
 
 test: install browser
 	$(BIN)/python -m pytest -q
