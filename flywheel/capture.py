@@ -3,6 +3,7 @@
     result = capture(spec, store, teacher="openai:gpt-4.1", n=4)            # a hosted or served teacher
     result = capture(spec, store, teacher="local:smollm2", n=8)              # best-of-K self-capture
     result = capture(spec, store, teacher="reference:label")                 # the labelled answers
+    result = capture(spec, store, teacher="sft-20261122-...", n=4)           # a checkpoint, for DPO pairs
 
 The teacher answers every train item `n` times with the best prompt so far (the highest-scoring
 prompt on `valid` for the eval's model, else the spec's), through the harness: cached, resumable,
@@ -106,6 +107,10 @@ def capture(spec: EvalSpec, store: Store, teacher: str, *, n: int = 4, temperatu
         raise CaptureError(f"--n must be at least 1, got {n}")
     if teacher.startswith(REFERENCE):
         return _capture_reference(spec, store, teacher, limit=limit, command=command)
+    if ":" not in teacher:  # a checkpoint id: sample the trained model (on-policy pairs for DPO)
+        from flywheel.train.checkpoints import load_checkpoint
+
+        teacher = load_checkpoint(store, teacher).model_ref
     if temperature is None:
         temperature = spec.sampling.temperature if n == 1 else 1.0
     if n > 1 and temperature == 0:
@@ -114,7 +119,9 @@ def capture(spec: EvalSpec, store: Store, teacher: str, *, n: int = 4, temperatu
 
     started = time.perf_counter()
     chosen, origin = _resolve_prompt(store, spec, prompt)
-    options = dict(spec.model_options) if teacher == spec.model else dict(teacher_options or {})
+    # A local teacher (the student, or a checkpoint of it) runs with the spec's local options.
+    same_kind = teacher.split(":", 1)[0] == spec.model.split(":", 1)[0] == "local" or teacher == spec.model
+    options = {**(spec.model_options if same_kind else {}), **(teacher_options or {})}
     model = load_model(teacher, options)
     sampling = spec.sampling.model_copy(update={"repeats": n, "temperature": temperature, "seed": seed})
     capture_spec = spec.model_copy(update={"sampling": sampling})
