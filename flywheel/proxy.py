@@ -371,6 +371,7 @@ def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int
     if on_ready is not None:
         on_ready(app.state.upstream, f"http://{host}:{sock.getsockname()[1]}/v1")
     try:
-        uvicorn.Server(uvicorn_config(app, log_level="info")).run(sockets=[sock])
+        # No access log: the captures table is the log, and each line costs the client latency.
+        uvicorn.Server(uvicorn_config(app, log_level="info", access_log=False)).run(sockets=[sock])
     finally:
         sock.close()

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,13 +218,15 @@ def start_cli_server(args: list[str], timeout: float = 180.0) -> tuple[subproces
     from serving_helpers import free_port
 
     port = free_port()
+    log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server's access log
     process = subprocess.Popen([sys.executable, "-m", "flywheel", *args, "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+                               stdout=subprocess.DEVNULL, stderr=log, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"server exited: {process.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise AssertionError(f"server exited: {log.read().decode()[-2000:]}")
         try:
             if httpx2.get(url + "/health", timeout=1).status_code == 200:
                 return process, url + "/v1"

@@ -136,12 +136,6 @@ class OpenAIModel(Model):
             loop.close()
             self._loop = self._thread = self._client = None
 
-    def __del__(self):  # pragma: no cover - interpreter shutdown order varies
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001
-            pass
-
     # -- generation -------------------------------------------------------------------------------
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         if not requests:
