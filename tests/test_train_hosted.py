@@ -131,6 +131,7 @@ def test_sft_job_uploads_creates_polls_and_registers_the_model(spec, store, monk
     assert ckpt.model_ref == "openai:ft:gpt-4.1-mini-2025-04-14:flywheel:tiny:B7xQ2kLm"
     assert ckpt.metrics["trained_tokens"] == 1840 and ckpt.metrics["steps"] == 4
     assert (ckpt.metrics["first_loss"], ckpt.metrics["last_loss"]) == (1.9213, 0.0311)
+    assert ckpt.metrics["hyperparameters"] == {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto"}
     job = store.db.execute("select status, remote_id from training_jobs where id = ?", [result.job_id]).fetchone()
     assert job == ("succeeded", "ftjob-Qm3kT8vWz1XyR5nB2cL7dF4g")
     logged = store.training_events(result.job_id)

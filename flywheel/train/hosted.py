@@ -210,8 +210,13 @@ def _metrics(store: Store, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
             "first_reward": rewards[0] if rewards else None, "last_reward": rewards[-1] if rewards else None,
             "last_metrics": steps[-1] if steps else None, "result_files": job.get("result_files"),
-            "hyperparameters": (job.get("method") or {}).get(METHOD_TYPES.get(job.get("method", {}).get("type", ""),
-                                                                              ""), {}) or job.get("hyperparameters")}
+            "hyperparameters": _resolved_hyperparameters(job)}
+
+
+def _resolved_hyperparameters(job: dict[str, Any]) -> Any:
+    """What the platform resolved: `method.<type>.hyperparameters`, else the legacy top-level field."""
+    method = job.get("method") or {}
+    return ((method.get(method.get("type") or "") or {}).get("hyperparameters")) or job.get("hyperparameters")
 
 
 def train_hosted(method: str, spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
