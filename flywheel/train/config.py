@@ -163,6 +163,7 @@ def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool) -> d
         disable_tqdm=quiet,
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_cuda(),
+        use_cpu=not _has_cuda(),  # transformers refuses bf16 without a GPU unless told the CPU is meant
     )
 
 
