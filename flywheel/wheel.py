@@ -355,13 +355,15 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
         winner_prompt_id=incumbent.prompt.id, test=test, stages=outcomes, stopped=stopped,
         model_calls=wheel.spent.model_calls, tokens=wheel.spent.tokens, cost=wheel.spent.cost,
         wall_s=time.perf_counter() - wheel.spent.started)
+    state = _state(store, run_id)
+    store.finish_run(run_id, "completed", {**state, **result.to_dict(), "elapsed_s": result.wall_s})
     if run_spec.report:
         from flywheel.report.html import write_report
 
         folder = Path(report_dir or Path(store.path).resolve().parent / ".flywheel" / "reports")
         folder.mkdir(parents=True, exist_ok=True)
         result.report_path = write_report(store, [run_id], folder / f"{run_id}.html").path
-    store.finish_run(run_id, "completed", {**_state(store, run_id), **result.to_dict(), "elapsed_s": result.wall_s})
+        _save_state(store, run_id, {**state, **result.to_dict(), "elapsed_s": result.wall_s})
     return result
 
 

@@ -133,7 +133,9 @@ def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int
         v = low + (high - low) * k / 4
         parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#eef1f4"/>'
                      f'<text x="{pad_l - 8}" y="{y(v) + 4:.1f}" text-anchor="end">{escape(fmt_score(v, metric))}</text>')
-    path = " ".join(f"{'M' if n == 0 else 'L'}{x(i):.1f},{y(it['score_value']):.1f}" for n, (i, it) in enumerate(points))
+    # The line follows selection (train/valid); test scores are reported points, not a step of it.
+    line = [(i, it) for i, it in points if it.get("split") != "test"] or points
+    path = " ".join(f"{'M' if n == 0 else 'L'}{x(i):.1f},{y(it['score_value']):.1f}" for n, (i, it) in enumerate(line))
     parts.append(f'<path d="{path}" fill="none" stroke="#4f46e5" stroke-width="2" stroke-linejoin="round"/>')
     best = max(it["score_value"] for _, it in points)
     for i, it in points:
@@ -145,8 +147,13 @@ def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int
         fill = "#fff" if rejected else ("#1a7f37" if it["score_value"] == best and len(points) > 1 else "#4f46e5")
         stroke = "#8c959f" if rejected else fill if fill != "#fff" else "#4f46e5"
         title = f'{it["label"]}: {fmt_score(it["score_value"], metric)} ({it.get("decision") or "–"})'
-        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5.5" fill="{fill}" stroke="{stroke}" stroke-width="2">'
-                     f'<title>{escape(title)}</title></circle>')
+        if it.get("split") == "test" and len(line) < len(points):
+            parts.append(f'<rect x="{cx - 5.5:.1f}" y="{cy - 5.5:.1f}" width="11" height="11" fill="#fff" '
+                         f'stroke="{stroke if fill == "#fff" else fill}" stroke-width="2"><title>{escape(title)} · test'
+                         '</title></rect>')
+        else:
+            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5.5" fill="{fill}" stroke="{stroke}" stroke-width="2">'
+                         f'<title>{escape(title)}</title></circle>')
         parts.append(f'<text x="{cx:.1f}" y="{cy - 10:.1f}" text-anchor="middle" style="fill:#1f2328;font-weight:600">'
                      f'{escape(fmt_score(it["score_value"], metric))}</text>')
         parts.append(f'<text x="{cx:.1f}" y="{height - pad_b + 18}" text-anchor="middle">{escape(it["label"])}</text>')
