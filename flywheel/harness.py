@@ -286,6 +286,16 @@ def item_scores(store: Store, iteration_id: str, spec: EvalSpec) -> dict[tuple[s
     return {(key, repeat): (float(score or 0.0), bool(passed)) for key, repeat, score, passed in rows}
 
 
+def compare_iterations(store: Store, spec: EvalSpec, a: str, b: str) -> dict[str, Any]:
+    """Paired statistics of iteration b against a over the (item, repeat) keys they share."""
+    from flywheel.stats import paired_stats
+
+    sa, sb = item_scores(store, a, spec), item_scores(store, b, spec)
+    keys = sorted(set(sa) & set(sb))
+    return paired_stats([sa[k][0] for k in keys], [sb[k][0] for k in keys],
+                        [sa[k][1] for k in keys], [sb[k][1] for k in keys])
+
+
 def register_eval(store: Store, spec: EvalSpec, dataset: Dataset) -> str:
     """Store the eval definition and its dataset (once per content hash); return the eval id."""
     eval_id = "e-" + spec.fingerprint()

@@ -28,12 +28,12 @@ from typing import Any
 
 from flywheel.data import load_dataset
 from flywheel.errors import FlywheelError
-from flywheel.harness import GraderSet, evaluate, item_scores, register_eval
+from flywheel.harness import GraderSet, compare_iterations, evaluate, register_eval
 from flywheel.models import load_model
 from flywheel.prompt import Prompt
 from flywheel.spec import (CaptureStage, EvalSpec, OptimizeStage, RunSpec, TrainStage, load_eval_spec,
                            load_run_spec)
-from flywheel.stats import paired_stats, significant_gain
+from flywheel.stats import significant_gain
 from flywheel.store import Store
 
 LogFn = Callable[[str], None]
@@ -125,10 +125,7 @@ class Wheel:
             self.spent.cost += summary.get("cost") or 0.0
 
     def compare(self, a: str, b: str) -> dict[str, Any]:
-        sa, sb = item_scores(self.store, a, self.spec), item_scores(self.store, b, self.spec)
-        keys = sorted(set(sa) & set(sb))
-        return paired_stats([sa[k][0] for k in keys], [sb[k][0] for k in keys],
-                            [sa[k][1] for k in keys], [sb[k][1] for k in keys])
+        return compare_iterations(self.store, self.spec, a, b)
 
     def budget_exhausted(self) -> str | None:
         b, s = self.run_spec.budget, self.spent

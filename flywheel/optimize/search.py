@@ -28,13 +28,13 @@ from typing import Any
 
 from flywheel.data import Item, load_dataset
 from flywheel.errors import FlywheelError
-from flywheel.harness import (Evaluation, GraderSet, evaluate, generate_cached, item_scores, register_eval)
+from flywheel.harness import Evaluation, GraderSet, compare_iterations, evaluate, generate_cached, register_eval
 from flywheel.models import ChatRequest, Model, Sampling, load_model
 from flywheel.optimize.fewshot import demos_from_samples, labelled_demos, select_demos
 from flywheel.optimize.propose import Failure, check_proposal, extract_instruction, proposer_messages
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec, OptimizeSpec
-from flywheel.stats import paired_stats, significant_gain
+from flywheel.stats import significant_gain
 from flywheel.store import Store
 
 LogFn = Callable[[str], None]
@@ -344,11 +344,7 @@ def _failures(search: _Search, candidate: Candidate, items_by_key: dict[str, Ite
 
 
 def _compare(store: Store, spec: EvalSpec, a: Evaluation, b: Evaluation) -> dict[str, Any]:
-    """Paired comparison of two evaluations over the (item, repeat) keys they share."""
-    sa, sb = item_scores(store, a.iteration_id, spec), item_scores(store, b.iteration_id, spec)
-    keys = sorted(set(sa) & set(sb))
-    return paired_stats([sa[k][0] for k in keys], [sb[k][0] for k in keys],
-                        [sa[k][1] for k in keys], [sb[k][1] for k in keys])
+    return compare_iterations(store, spec, a.iteration_id, b.iteration_id)
 
 
 def _decide(spec: EvalSpec, config: OptimizeSpec, baseline: Candidate, winner: Candidate,

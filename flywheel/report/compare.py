@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 
 from flywheel.stats import mcnemar_exact, paired_stats  # noqa: F401 - re-exported
 from flywheel.store import Store
