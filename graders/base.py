@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from graders.errors import TemplateVariableError
@@ -27,6 +29,19 @@ def coerce_sample(sample: Any) -> dict[str, Any]:
         full.update({k: v for k, v in sample.items() if k not in full or v is not None})
         return full
     raise TypeError(f"a sample must be a dict (see graders.make_sample) or a string, got {type(sample).__name__}")
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC around a tight loop that allocates many acyclic objects (Grades and
+    their dicts): its generation scans otherwise cost ~40% of a large string_check batch."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class Grader:

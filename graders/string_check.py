@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from graders.base import Grader
+from graders.base import Grader, gc_paused
 from graders.config import StringCheckGraderConfig
 from graders.grade import Grade, shorten
 from graders.errors import TemplateVariableError
@@ -33,6 +33,10 @@ class StringCheckGrader(Grader):
 
     def _grade_prepared(self, samples: list[Any], items: list[dict[str, Any]]) -> list[Grade]:
         # the hot loop of the cheapest grader: no per-sample wrapper calls
+        with gc_paused():
+            return self._loop(samples, items)
+
+    def _loop(self, samples: list[Any], items: list[dict[str, Any]]) -> list[Grade]:
         render_input, render_reference, compare = self.input.render, self.reference.render, self._compare
         out = []
         for sample, item in zip(samples, items):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from graders.base import DEFAULT_PASS_THRESHOLD, Grader
+from graders.base import DEFAULT_PASS_THRESHOLD, Grader, gc_paused
 from graders.config import TextSimilarityGraderConfig
 from graders.errors import TemplateVariableError
 from graders.grade import Grade, passes, shorten
@@ -163,7 +163,8 @@ class TextSimilarityGrader(Grader):
 
     def _grade_prepared(self, samples: list[Any], items: list[dict[str, Any]]) -> list[Grade]:
         if self.metric != "cosine":
-            return super()._grade_prepared(samples, items)
+            with gc_paused():
+                return super()._grade_prepared(samples, items)
         # cosine: render everything, then embed all distinct texts in one call
         out: list[Grade | None] = [None] * len(samples)
         pending: list[tuple[int, str, str]] = []
