@@ -58,3 +58,18 @@ def test_batch_matches_single():
     assert [g.grade(s, i) for s, i in zip(samples, items)] == batch
     with pytest.raises(ValueError, match="3 samples but 2 items"):
         g.grade_batch(samples, items[:2])
+
+
+def test_batch_leaves_the_garbage_collector_as_it_was():
+    import gc
+
+    g = grader("eq")
+    assert gc.isenabled()
+    g.grade_batch(["a"] * 10, [{"label": "a"}] * 10)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        g.grade_batch(["a"], [{"label": "a"}])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
