@@ -17,7 +17,8 @@ Failures are answered in the platform's error shape and recorded too: upstream u
 is not a JSON object -> 400, a body over `--max-body-mb` -> 413.
 
 Captures are written by one writer thread with its own SQLite connection; a non-streamed reply is
-sent after its capture is committed, so what a client has seen is in the store.
+sent after its capture is committed, and a streamed one's closing `data: [DONE]` too, so what a
+client has seen is in the store.
 """
 
 from __future__ import annotations
@@ -106,14 +107,23 @@ class CaptureWriter:
                         ids = store.insert_captures([row for row, _ in jobs])
                     except Exception as exc:  # noqa: BLE001 - reported to each waiting request
                         for _, future in jobs:
-                            future.set_exception(exc)
+                            _settle(future, exception=exc)
                     else:
                         for (_, future), capture_id in zip(jobs, ids):
-                            future.set_result(capture_id)
+                            _settle(future, result=capture_id)
                 if None in batch:
                     return
         finally:
             store.close()
+
+
+def _settle(future: Future, result: Any = None, exception: BaseException | None = None) -> None:
+    """Resolve a writer future; one its request gave up on (cancelled) must not stop the writer."""
+    if future.set_running_or_notify_cancel():
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
 
 
 def _usage_fields(usage: Any) -> dict[str, Any]:
@@ -236,7 +246,8 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
         return {k: v for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
 
     async def record(row: dict[str, Any]) -> None:
-        await asyncio.wrap_future(writer.submit(row))
+        # Shielded: a client that hangs up does not un-record its call.
+        await asyncio.shield(asyncio.wrap_future(writer.submit(row)))
 
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
@@ -308,11 +319,15 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
 
     async def relay(response: Any, row: dict[str, Any], started: float) -> AsyncIterator[bytes]:
         assembler = StreamAssembler()
+        held: list[bytes] = []
         finished = False
         try:
             async for chunk in response.aiter_raw():
                 assembler.feed(chunk)
-                yield chunk
+                if assembler.done:
+                    held.append(chunk)  # `data: [DONE]` goes out once the capture is committed
+                else:
+                    yield chunk
             finished = True
         except httpx2.TimeoutException:
             row.update(status=504, error=f"upstream_timeout: stream stalled for {timeout:g} s")
@@ -331,8 +346,10 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
                 row["error"] = "stream ended without [DONE]"
             future = writer.submit(row)
         if finished:
-            # Committed before the response ends, so a client that read to the end finds it stored.
-            await asyncio.wrap_future(future)
+            # A client that has read [DONE] finds its call stored.
+            await asyncio.shield(asyncio.wrap_future(future))
+        for chunk in held:
+            yield chunk
 
     async def passthrough(request: Request) -> Response:
         client = state["client"]

@@ -20,7 +20,7 @@ from serving_helpers import ScriptedUpstream, build_chatty_model, free_port
 
 from flywheel.cli import main
 from flywheel.models import load_model
-from flywheel.proxy import StreamAssembler, create_proxy_app, normalise_upstream
+from flywheel.proxy import CaptureWriter, StreamAssembler, create_proxy_app, normalise_upstream
 from flywheel.serve import BackgroundServer, create_app
 from flywheel.store import Store
 
@@ -202,6 +202,20 @@ def test_oversized_body_is_413_and_recorded(scripted, make_proxy):
     (row,) = proxy.captures()
     assert row["status"] == 413 and row["request_json"] is None and row["request_bytes"] > 5000
     assert scripted.bodies == []
+
+
+def test_a_request_that_gave_up_is_still_recorded_and_the_writer_goes_on(tmp_path):
+    writer = CaptureWriter(str(tmp_path / "w.db"))
+    abandoned = writer.submit({"model": "a", "status": 200})
+    assert abandoned.cancel()  # the client hung up before the writer got to it
+    writer.start()
+    try:
+        assert writer.submit({"model": "b", "status": 200}).result(timeout=30) == 2
+    finally:
+        writer.close()
+    store = Store.open(tmp_path / "w.db")
+    assert [r["model"] for r in store.query_captures()] == ["a", "b"]
+    store.close()
 
 
 def test_stream_assembler_joins_tool_call_deltas():
