@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install browser demo test test-fast bench clean
+.PHONY: install browser wordnet demo test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,18 @@ browser:
 		$(SUDO) apt-get install -y -qq chromium)
 
 # The main job: zero-shot baseline, then the wheel (prompt search, capture, SFT, DPO) to the target.
+# WordNet 3.0 for METEOR's synonym stage (graders/wordnet.py reads Debian's copy; docs/graders.md).
+wordnet:
+	@test -d /usr/share/wordnet || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		$(SUDO) apt-get install -y -qq --no-install-recommends wordnet-base)
+
 demo: install
 	$(BIN)/flywheel run evals/banking77/run.yaml
 
-test: install browser
+test: install browser wordnet
 	$(BIN)/python -m pytest -q
 
-test-fast: install browser
+test-fast: install browser wordnet
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
