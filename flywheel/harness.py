@@ -218,7 +218,7 @@ def evaluate(
     if progress:
         progress(counters.done, total)
 
-    pending = _prepare(todo, prompt, model, sampling_of(spec))
+    pending = _prepare(todo, prompt, model, sampling_of(spec), spec.response_format)
     cached = store.cached(p.cache_key for p in pending if p.cache_key)
     for p in pending:
         row = cached.get(p.cache_key) if p.cache_key else None
@@ -364,7 +364,8 @@ def run_eval(
         wall_s=wall)
 
 
-def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, sampling: Sampling) -> list[_Pending]:
+def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, sampling: Sampling,
+             response_format: dict[str, Any] | None = None) -> list[_Pending]:
     fingerprint = model.fingerprint
     unique = list({item.key: item for item, _ in todo}.values())
     rendered = dict(zip((i.key for i in unique), prompt.render_many(unique)))
@@ -374,7 +375,7 @@ def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, samplin
         if isinstance(messages, str):
             pending.append(_Pending(item=item, repeat=repeat, messages=None, error=messages))
             continue
-        request = ChatRequest(messages=messages, sampling=sampling, repeat=repeat)
+        request = ChatRequest(messages=messages, sampling=sampling, repeat=repeat, response_format=response_format)
         pending.append(_Pending(item=item, repeat=repeat, messages=messages, request=request,
                                 cache_key=cache_key(fingerprint, request)))
     return pending

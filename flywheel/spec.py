@@ -173,6 +173,11 @@ class EvalSpec(_Spec):
         description="Backend options (e.g. base_url, api_key_env, batch_size, dtype).",
     )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling settings.")
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description="Structured output, passed to `openai:` models as is (e.g. a json_schema); the "
+        "parsed reply reaches graders as sample.output_json.",
+    )
     graders: list[dict[str, Any]] = Field(
         min_length=1, description="Graders in the platform's grader JSON schema."
     )

@@ -10,6 +10,7 @@ import json
 
 import graders
 import pytest
+import yaml
 from conftest import make_rows, spec_dict, write_jsonl
 from serving_helpers import ScriptedUpstream, build_chatty_model, free_port
 
@@ -238,3 +239,22 @@ def test_response_format_is_passed_through_and_reaches_graders_as_output_json(sc
          "reference": "{{item.label}}", "operation": "eq"}))
     assert grader.grade(sample, {"label": "card_arrival"}).passed
     assert json.loads(got.text)["echo"] == "hi"
+
+
+def test_spec_response_format_reaches_the_server_and_graders_see_output_json(scripted, tmp_path, store):
+    """An eval spec's response_format goes out with every request; graders read sample.output_json."""
+    from conftest import make_rows, spec_dict, write_jsonl
+    from flywheel.harness import run_eval
+    from flywheel.spec import load_eval_spec
+
+    write_jsonl(tmp_path / "data.jsonl", make_rows(2))
+    schema = {"type": "json_schema", "json_schema": {"name": "intent", "schema": {
+        "type": "object", "properties": {"intent": {"type": "string"}}, "required": ["intent"]}}}
+    spec = spec_dict("openai:scripted", model_options={"base_url": scripted.url, "max_retries": 0},
+                     response_format=schema)
+    spec["graders"] = [{"type": "string_check", "name": "intent", "input": "{{sample.output_json.intent}}",
+                        "reference": "card_arrival", "operation": "eq"}]
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    result = run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test")
+    assert scripted.bodies and all(b["response_format"] == schema for b in scripted.bodies)
+    assert result.n_samples == 2 and result.pass_rate == 1.0  # output_json.intent == card_arrival
