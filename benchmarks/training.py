@@ -71,7 +71,7 @@ def worker(name: str, n: int, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from flywheel.models.local import materialise_embedded
-    from flywheel.train.config import SFTSpec, resolve_bf16, sft_args, to_peft
+    from flywheel.train.config import SFTSpec, resolve_bf16, to_peft
     from flywheel.train.datasets import chat_messages, tokenize_sft
     from flywheel.train.sft import build_sft_trainer
 

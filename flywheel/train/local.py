@@ -261,7 +261,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    del trainer, model, built
+    trainer = model = built = None  # free the trained weights before evaluation loads models
     gc.collect()
     result = TrainResult(method=method, checkpoint=checkpoint, job_id=job_id, training_set_id=training_set.id or "",
                          metrics=metrics)
