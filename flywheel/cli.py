@@ -451,5 +451,60 @@ def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin,
                f"wrote {len(training_set)} {kind} rows to {path} (set {training_set.id})")
 
 
+@main.group("graders")
+def graders_group() -> None:
+    """Validate and run graders locally (the platform's /graders/validate and /graders/run)."""
+
+
+def _grader_objects(path: str) -> list:
+    import graders
+
+    try:
+        return graders.load_graders(path)
+    except (graders.GraderConfigError, OSError, ValueError) as exc:
+        raise FlywheelError(str(exc)) from None
+
+
+@graders_group.command("validate")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@json_option
+def graders_validate(path, as_json):
+    """Check every grader in FILE (JSON or YAML) and print it normalised."""
+    import graders
+
+    out = [graders.validate_grader(cfg.model_dump(by_alias=True, exclude_none=True))["grader"]
+           for cfg in _grader_objects(path)]
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        for grader in out:
+            click.echo(f"ok  {grader.get('type')}  {grader.get('name')}")
+
+
+@graders_group.command("run")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--item", "item_json", default="{}", help="The item, as a JSON object.")
+@click.option("--sample", "model_sample", required=True, help="The model output to grade.")
+@click.option("--judge", default=None, help="Model reference for judge graders (default: their `model`).")
+def graders_run(path, item_json, model_sample, judge):
+    """Grade one --sample against --item with every grader in FILE; prints the platform's response."""
+    import graders
+
+    from flywheel.harness import GraderSet
+
+    try:
+        item = json.loads(item_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="--item") from None
+    resolver = GraderSet([])
+    results = []
+    for cfg in _grader_objects(path):
+        judge_fn = (lambda ref: resolver.judge_model(judge)) if judge else resolver.judge_model
+        results.append(graders.run_grader(cfg.model_dump(by_alias=True, exclude_none=True), model_sample, item,
+                                          judge=judge_fn))
+    resolver.close()
+    click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

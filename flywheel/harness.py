@@ -119,9 +119,10 @@ class GraderSet:
         for index, raw in enumerate(configs):
             config = graders.parse_grader(raw)
             self.names.append(getattr(config, "name", None) or f"grader_{index}")
-            self.runners.append(graders.build_grader(config, judge=self._judge))
+            self.runners.append(graders.build_grader(config, judge=self.judge_model))
 
-    def _judge(self, ref: str) -> Model:
+    def judge_model(self, ref: str) -> Model:
+        """The judge model for a grader's `model` string (no scheme means openai:), loaded once."""
         if ref not in self._judges:
             full = ref if ":" in ref and ref.split(":", 1)[0] in ("local", "openai") else f"openai:{ref}"
             self._judges[ref] = load_model(full)
@@ -286,7 +287,7 @@ def item_scores(store: Store, iteration_id: str, spec: EvalSpec) -> dict[tuple[s
     return {(key, repeat): (float(score or 0.0), bool(passed)) for key, repeat, score, passed in rows}
 
 
-def compare_iterations(store: Store, spec: EvalSpec, a: str, b: str) -> dict[str, Any]:
+def paired_comparison(store: Store, spec: EvalSpec, a: str, b: str) -> dict[str, Any]:
     """Paired statistics of iteration b against a over the (item, repeat) keys they share."""
     from flywheel.stats import paired_stats
 

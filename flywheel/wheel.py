@@ -28,7 +28,7 @@ from typing import Any
 
 from flywheel.data import load_dataset
 from flywheel.errors import FlywheelError
-from flywheel.harness import GraderSet, compare_iterations, evaluate, register_eval
+from flywheel.harness import GraderSet, paired_comparison, evaluate, register_eval
 from flywheel.models import load_model
 from flywheel.prompt import Prompt
 from flywheel.spec import (CaptureStage, EvalSpec, OptimizeStage, RunSpec, TrainStage, load_eval_spec,
@@ -125,7 +125,7 @@ class Wheel:
             self.spent.cost += summary.get("cost") or 0.0
 
     def compare(self, a: str, b: str) -> dict[str, Any]:
-        return compare_iterations(self.store, self.spec, a, b)
+        return paired_comparison(self.store, self.spec, a, b)
 
     def budget_exhausted(self) -> str | None:
         b, s = self.run_spec.budget, self.spent

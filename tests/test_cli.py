@@ -109,3 +109,18 @@ def test_sigkill_then_same_command_stores_every_item_once(tmp_path, tiny_model_d
         keys = [k for (k,) in conn.execute("select item_key from samples")]
         assert sorted(keys) == sorted(r["id"] for r in rows)
         assert conn.execute("select count(*) from grades").fetchone()[0] == 300
+
+
+def test_graders_validate_and_run(tmp_path):
+    path = tmp_path / "graders.json"
+    path.write_text(json.dumps([{"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
+                                 "reference": "{{item.label}}", "operation": "ilike"}]))
+    assert "ok  string_check  label" in invoke("graders", "validate", path).output
+    ran = json.loads(invoke("graders", "run", path, "--item", '{"label": "card_arrival"}', "--sample",
+                            "Card_Arrival").stdout)
+    assert ran["reward"] == 1.0 and ran["metadata"]["errors"]["invalid_variable_error"] is False
+    missing = json.loads(invoke("graders", "run", path, "--item", "{}", "--sample", "x").stdout)
+    assert missing["reward"] == 0.0 and missing["metadata"]["errors"]["invalid_variable_error"] is True
+    path.write_text('{"type": "string_chek", "name": "x"}')
+    bad = CliRunner().invoke(main, ["graders", "validate", str(path)])
+    assert bad.exit_code == 1 and "did you mean 'string_check'" in bad.output

@@ -28,7 +28,7 @@ from typing import Any
 
 from flywheel.data import Item, load_dataset
 from flywheel.errors import FlywheelError
-from flywheel.harness import Evaluation, GraderSet, compare_iterations, evaluate, generate_cached, register_eval
+from flywheel.harness import Evaluation, GraderSet, paired_comparison, evaluate, generate_cached, register_eval
 from flywheel.models import ChatRequest, Model, Sampling, load_model
 from flywheel.optimize.fewshot import demos_from_samples, labelled_demos, select_demos
 from flywheel.optimize.propose import Failure, check_proposal, extract_instruction, proposer_messages
@@ -344,7 +344,7 @@ def _failures(search: _Search, candidate: Candidate, items_by_key: dict[str, Ite
 
 
 def _compare(store: Store, spec: EvalSpec, a: Evaluation, b: Evaluation) -> dict[str, Any]:
-    return compare_iterations(store, spec, a.iteration_id, b.iteration_id)
+    return paired_comparison(store, spec, a.iteration_id, b.iteration_id)
 
 
 def _decide(spec: EvalSpec, config: OptimizeSpec, baseline: Candidate, winner: Candidate,
