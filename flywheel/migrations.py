@@ -91,24 +91,6 @@ def m002_captures(db: sqlite_utils.Database) -> None:
     db["captures"].create_index(["model", "created_at"])
 
 
-def apply_migrations(db: sqlite_utils.Database) -> list[str]:
-    """Run pending migrations, each in its own transaction; return the names applied."""
-    if "_migrations" not in db.table_names():
-        db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
-    done = {row["name"] for row in db["_migrations"].rows}
-    applied = []
-    for name, fn in MIGRATIONS:
-        if name in done:
-            continue
-        with db.conn:
-            fn(db)
-            db["_migrations"].insert(
-                {"name": name, "applied_at": db.execute("select datetime('now')").fetchone()[0]}
-            )
-        applied.append(name)
-    return applied
-
-
 @migration
 def m003_reviews(db: sqlite_utils.Database) -> None:
     # Human verdicts on samples, append-only (the latest value of each field wins). A review is of
@@ -121,13 +103,6 @@ def m003_reviews(db: sqlite_utils.Database) -> None:
     )
     db["reviews"].create_index(["sample_id"])
     db["reviews"].create_index(["other_sample_id"])
-
-
-@migration
-def m005_prompt_demos(db: sqlite_utils.Database) -> None:
-    # Few-shot prompts: fixed or nearest-neighbour demonstrations beside the message templates.
-    db["prompts"].add_column("demos_json", str)
-    db["prompts"].add_column("nearest", int)
 
 
 @migration
@@ -173,3 +148,29 @@ def m004_training(db: sqlite_utils.Database) -> None:
         pk="id",
         foreign_keys=[("training_set_id", "training_sets", "id"), ("job_id", "training_jobs", "id")],
     )
+
+
+@migration
+def m005_prompt_demos(db: sqlite_utils.Database) -> None:
+    # Few-shot prompts: fixed or nearest-neighbour demonstrations beside the message templates.
+    db["prompts"].add_column("demos_json", str)
+    db["prompts"].add_column("nearest", int)
+
+
+
+def apply_migrations(db: sqlite_utils.Database) -> list[str]:
+    """Run pending migrations, each in its own transaction; return the names applied."""
+    if "_migrations" not in db.table_names():
+        db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        with db.conn:
+            fn(db)
+            db["_migrations"].insert(
+                {"name": name, "applied_at": db.execute("select datetime('now')").fetchone()[0]}
+            )
+        applied.append(name)
+    return applied
