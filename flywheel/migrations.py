@@ -157,7 +157,6 @@ def m005_prompt_demos(db: sqlite_utils.Database) -> None:
     db["prompts"].add_column("nearest", int)
 
 
-
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations, each in its own transaction; return the names applied."""
     if "_migrations" not in db.table_names():
