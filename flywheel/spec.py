@@ -249,7 +249,8 @@ class OptimizeStage(_Spec):
 
 class CaptureStage(_Spec):
     stage: Literal["capture"] = Field(description="Teacher outputs on train, graded, for training sets.")
-    teacher: str = Field(description="Teacher model reference (or reference:TEMPLATE for labelled data).")
+    teacher: str = Field(description="Teacher model reference, `incumbent` (the best model so far), or "
+                         "reference:FIELD for labelled data.")
     n: int = Field(default=1, ge=1, le=64, description="Samples per train item (best-of-K when > 1).")
     temperature: float | None = Field(default=None, ge=0, le=2, description="Teacher temperature.")
     limit: int | None = Field(default=None, ge=1, description="Capture at most this many train items.")

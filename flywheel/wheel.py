@@ -176,11 +176,13 @@ class Wheel:
         from flywheel.capture import capture
 
         self.store.save_prompt(incumbent.prompt, origin="incumbent")
-        result = capture(self.spec, self.store, stage.teacher, n=stage.n, temperature=stage.temperature,
+        # `incumbent`: the best model so far samples its own outputs (best-of-K gives DPO its pairs).
+        teacher = incumbent.model_ref if stage.teacher == "incumbent" else stage.teacher
+        result = capture(self.spec, self.store, teacher, n=stage.n, temperature=stage.temperature,
                          limit=stage.limit, prompt=incumbent.prompt.id)
         self._count(result.model_calls, None)
         reason = (f"capture {result.id}: {result.n_passed}/{result.n_samples} samples pass, "
-                  f"{result.items_with_pass}/{result.n_items} train items covered by {stage.teacher}")
+                  f"{result.items_with_pass}/{result.n_items} train items covered by {teacher}")
         return StageOutcome("capture", None, None, "captured", reason)
 
     def run_train(self, stage: TrainStage, incumbent: Incumbent) -> tuple[Incumbent, StageOutcome]:

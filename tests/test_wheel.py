@@ -35,17 +35,23 @@ def write_run(tmp_path, model_dir, stages, rows=None, **run):
 
 
 STAGES = [{"stage": "optimize"}, {"stage": "capture", "teacher": "reference:label"},
-          {"stage": "sft", "config": {"max_steps": 2, **FAST}}, {"stage": "dpo", "config": {"max_steps": 1, **FAST}}]
+          {"stage": "sft", "config": {"max_steps": 2, **FAST}},
+          {"stage": "capture", "teacher": "incumbent", "n": 2, "limit": 3},
+          {"stage": "dpo", "config": {"max_steps": 1, **FAST}}]
 
 
 def test_wheel_runs_every_stage_and_reports(tmp_path, tiny_model_dir, store):
     result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, STAGES)), store,
                        report_dir=str(tmp_path / "reports"))
-    assert [o.stage for o in result.stages] == ["optimize", "capture", "sft", "dpo"]
+    assert [o.stage for o in result.stages] == ["optimize", "capture", "sft", "capture", "dpo"]
     by_stage = {o.stage: o for o in result.stages}
-    assert by_stage["capture"].decision == "captured"
+    assert result.stages[1].decision == "captured" and "reference:label" in result.stages[1].reason
+    # The incumbent (base or the SFT checkpoint, whichever won) sampled its own best-of-2.
+    assert result.stages[3].decision == "captured" and "6/6 train items" not in result.stages[3].reason
+    assert "3 train items covered by local:" in result.stages[3].reason
     assert by_stage["sft"].decision in ("promoted", "rejected") and "checkpoint sft-" in by_stage["sft"].reason
-    assert by_stage["dpo"].decision == "failed" and "no DPO pairs" in by_stage["dpo"].reason
+    # Pairs: the passing reference answer vs the incumbent's failing sample of the same item.
+    assert by_stage["dpo"].decision in ("promoted", "rejected") and "checkpoint dpo-" in by_stage["dpo"].reason
     iterations = store.iterations(result.run_id)
     # Valid decides; test is measured only after the wheel stopped, for baseline and promoted iterations.
     test_rows = [it for it in iterations if it["split"] == "test"]
@@ -53,7 +59,7 @@ def test_wheel_runs_every_stage_and_reports(tmp_path, tiny_model_dir, store):
     assert max(it["seq"] for it in iterations if it["split"] == "valid") < min(it["seq"] for it in test_rows)
     sft_iteration = next(it for it in iterations if it["stage"] == "sft")
     assert sft_iteration["model_ref"].startswith(f"local:{tiny_model_dir}+") and sft_iteration["parent_id"]
-    assert store.db["checkpoints"].count == 1
+    assert store.db["checkpoints"].count == 2
     assert result.report_path and "<html" in open(result.report_path).read(200).lower()
     assert store.get_run(result.run_id)["status"] == "completed"
 
@@ -150,3 +156,11 @@ def test_sigkill_at_several_stages_then_resume(tmp_path, tiny_model_dir):
     assert dupes == 0
     assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 2
     store.close()
+
+
+def test_a_stage_that_cannot_run_is_recorded_and_the_wheel_goes_on(tmp_path, tiny_model_dir, store):
+    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, [
+        {"stage": "dpo", "config": {"max_steps": 1, **FAST}}])), store)
+    assert [(o.stage, o.decision) for o in result.stages] == [("dpo", "failed")]
+    assert "capture" in result.stages[0].reason  # says what to do: capture first
+    assert store.get_run(result.run_id)["status"] == "completed"
