@@ -45,7 +45,7 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def chatty_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+def chatty_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """Like tiny_model_dir, but with large random weights so greedy replies are varied words
     (tiny_model_dir mostly emits special tokens, which decode to ""): for tests comparing texts."""
     from serving_helpers import build_chatty_model

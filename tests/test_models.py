@@ -32,8 +32,8 @@ def test_fingerprint_needs_no_weights(tiny_model_dir):
     assert model._model is None  # computing the fingerprint loaded nothing
 
 
-def test_batched_greedy_is_deterministic_and_matches_single(chatty_model_dir):
-    model = load_model(f"local:{chatty_model_dir}", {"dtype": "fp32"})
+def test_batched_greedy_is_deterministic_and_matches_single(chatty_dir):
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32"})
     sampling = Sampling(max_tokens=5)
     prompts = [[{"role": "user", "content": "word " * n}] for n in (1, 7, 3, 12)]
     batch = model.generate([ChatRequest(p, sampling) for p in prompts])
@@ -46,8 +46,8 @@ def test_batched_greedy_is_deterministic_and_matches_single(chatty_model_dir):
     assert [c.prompt_tokens for c in batch] == [c.prompt_tokens for c in single]
 
 
-def test_lora_adapter_on_top_changes_output_and_fingerprint(chatty_model_dir, tmp_path):
-    tiny_model_dir = chatty_model_dir
+def test_lora_adapter_on_top_changes_output_and_fingerprint(chatty_dir, tmp_path):
+    tiny_model_dir = chatty_dir
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -97,8 +97,8 @@ def test_embedded_smollm2_answers_and_is_deterministic(smollm2_dir):
     assert model.chat([QUESTION], max_tokens=12) == [first[0].text]
 
 
-def test_shared_prefix_cache_gives_the_same_outputs(chatty_model_dir):
-    tiny_model_dir = chatty_model_dir
+def test_shared_prefix_cache_gives_the_same_outputs(chatty_dir):
+    tiny_model_dir = chatty_dir
     system = {"role": "system", "content": "You sort customer messages into labels. " * 4}
     requests = [ChatRequest([system, {"role": "user", "content": "message " * n}], Sampling(max_tokens=5))
                 for n in (1, 9, 4, 2, 6)]

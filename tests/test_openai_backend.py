@@ -12,7 +12,7 @@ import graders
 import pytest
 import yaml
 from conftest import make_rows, spec_dict, write_jsonl
-from serving_helpers import ScriptedUpstream, build_chatty_model, free_port
+from serving_helpers import ScriptedUpstream, free_port
 
 from flywheel.errors import ModelError
 from flywheel.harness import run_eval
@@ -22,11 +22,6 @@ from flywheel.serve import BackgroundServer, create_app
 from flywheel.spec import parse_eval_spec
 
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def chatty_dir(tmp_path_factory, tiny_model_dir):
-    return build_chatty_model(tmp_path_factory.mktemp("chatty"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import httpx2
 import openai
 import pytest
 from click.testing import CliRunner
-from serving_helpers import ScriptedUpstream, build_chatty_model, free_port
+from serving_helpers import ScriptedUpstream, free_port
 
 from flywheel.cli import main
 from flywheel.models import load_model
@@ -28,8 +28,7 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def model_server(tmp_path_factory, tiny_model_dir):
-    chatty_dir = build_chatty_model(tmp_path_factory.mktemp("chatty"), tiny_model_dir)
+def model_server(chatty_dir):
     model = load_model(f"local:{chatty_dir}", {"dtype": "fp32"})
     with BackgroundServer(create_app(model, name="chatty")) as running:
         yield running

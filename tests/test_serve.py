@@ -19,7 +19,6 @@ import httpx2
 import openai
 import pytest
 from click.testing import CliRunner
-from serving_helpers import build_chatty_model
 
 from flywheel.cli import main
 from flywheel.models import ChatRequest, Sampling, load_model
@@ -27,11 +26,6 @@ from flywheel.serve import BackgroundServer, create_app, served_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["hi", "What is the capital of France?", "word word word", "question 3 about pin blocked"]
-
-
-@pytest.fixture(scope="module")
-def chatty_dir(tmp_path_factory, tiny_model_dir):
-    return build_chatty_model(tmp_path_factory.mktemp("chatty"), tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
