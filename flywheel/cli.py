@@ -38,7 +38,7 @@ def main() -> None:
 
 
 @contextmanager
-def _open_store(db: str | None):
+def _store_at(db: str | None):
     from flywheel.store import Store
 
     store = Store.open(db or default_db_path())
@@ -66,7 +66,7 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, db, as_j
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    with _open_store(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
+    with _store_at(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
         result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,
                           model=load_model(model, spec.model_options) if model else None,
                           command=" ".join(sys.argv), progress=progress)
@@ -89,7 +89,7 @@ def optimize_command(spec_path, overrides, db, as_json):
 
     spec = load_eval_spec(spec_path, list(overrides))
     log = None if as_json else (lambda message: console.print(message, highlight=False, markup=False))
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         result = optimize_prompt(spec, store, command=" ".join(sys.argv), log=log)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -111,7 +111,7 @@ def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
     from flywheel.spec import load_run_spec
     from flywheel.wheel import run_wheel
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         if spec_path is None:
             if not resume:
                 raise click.UsageError("give a run SPEC, or --resume RUN")
@@ -140,7 +140,7 @@ def runs_list(limit, db, as_json):
     """List recent runs, newest first."""
     from flywheel.report.console import print_runs
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         rows = store.list_runs(limit)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
@@ -158,7 +158,7 @@ def runs_show(run_id, failed, limit, db, as_json):
     """Show a run: per-item input, output and grades."""
     from flywheel.report.console import print_run_detail, run_detail
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         detail = run_detail(store, run_id, failed_only=failed, limit=limit)
     if as_json:
         click.echo(json.dumps(detail, indent=2, default=str))
@@ -250,7 +250,7 @@ def captures_list(metadata, since, until, model, limit, failed, db, as_json):
     """List recorded calls, newest first."""
     from flywheel.captures import list_captures, parse_metadata_filters, print_captures
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         rows = list_captures(store, metadata=parse_metadata_filters(metadata), since=since, until=until,
                              model=model, limit=limit, outcome="failed" if failed else None)
     if as_json:
@@ -270,7 +270,7 @@ def captures_export(output, metadata, since, until, model, db, as_json):
 
     from flywheel.captures import export_sft, parse_metadata_filters
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         result = export_sft(store, output, metadata=parse_metadata_filters(metadata), since=since,
                             until=until, model=model)
     if as_json:
@@ -293,7 +293,7 @@ def report_command(run_ids, output, a, b, db, as_json):
 
     from flywheel.report.html import write_report
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         result = write_report(store, list(run_ids), output, a=a, b=b)
     if as_json:
         click.echo(json.dumps(asdict(result)))
@@ -345,7 +345,7 @@ def capture_command(spec_path, teacher, n, temperature, prompt, limit, options, 
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    with _open_store(db) as store, progress_bar(f"capture {spec.name}", disable=as_json) as progress:
+    with _store_at(db) as store, progress_bar(f"capture {spec.name}", disable=as_json) as progress:
         result = capture(spec, store, teacher, n=n, temperature=temperature, prompt=prompt, limit=limit,
                          teacher_options=_options(options), command=" ".join(sys.argv), progress=progress)
     if as_json:
@@ -388,7 +388,7 @@ def _run_train(method, spec_path, base, config_path, settings, data, splits, no_
 
     spec = load_eval_spec(spec_path)
     config = load_train_config(method, config_path, list(settings))
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         result = train(method, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
                        splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
     if result is None:  # a non-main process under accelerate launch
@@ -439,7 +439,7 @@ def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin,
     from flywheel.train import build_training_set, record_training_set, to_hf_dataset
 
     spec = load_eval_spec(spec_path)
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         training_set = record_training_set(store, build_training_set(
             kind, spec, store, min_score=min_score, min_margin=min_margin))
     path = training_set.to_jsonl(output)

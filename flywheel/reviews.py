@@ -103,7 +103,7 @@ def _iteration_ids(store: Store, run_ids: Sequence[str] | None, iteration_ids: S
 def _review_rows(store: Store, run_ids: Sequence[str] | None, iteration_ids: Sequence[str] | None) -> list[dict[str, Any]]:
     ids = _iteration_ids(store, run_ids, iteration_ids)
     if ids is None:
-        return list(store.db.query("select * from reviews order by id"))
+        return store.list_reviews()
     return store.reviews_for_iterations(ids)
 
 
@@ -268,20 +268,11 @@ def judge_agreement(store: Store, *, run_ids: Sequence[str] | None = None,
         return []
     ids = list(reviews)
     tables: dict[str, list[int]] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        for sample_id, grader, passed in store.db.execute(
-                f"select sample_id, grader, passed from grades where sample_id in ({','.join('?' * len(chunk))})",
-                chunk).fetchall():
-            human_pass = reviews[sample_id].verdict == "pass"
-            cell = (0 if passed else 2) + (0 if human_pass else 1)
-            tables.setdefault(grader, [0, 0, 0, 0])[cell] += 1
-    spec = None
-    row = store.db.execute(
-        "select e.spec_json from samples s join iterations i on i.id = s.iteration_id join runs r on r.id = i.run_id"
-        " join evals e on e.id = r.eval_id where s.id = ?", [ids[0]]).fetchone()
-    if row and row[0]:
-        spec = json.loads(row[0])
+    for grade in store.grades_of_samples(ids):
+        human_pass = reviews[grade["sample_id"]].verdict == "pass"
+        cell = (0 if grade["passed"] else 2) + (0 if human_pass else 1)
+        tables.setdefault(grade["grader"], [0, 0, 0, 0])[cell] += 1
+    spec = store.sample_spec(ids[0])
     infos = {g.name: g for g in grader_infos(spec, list(tables))}
     out = []
     for name, (pp, pf, fp, ff) in tables.items():

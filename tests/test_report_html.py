@@ -167,3 +167,19 @@ def test_run_without_samples_still_renders(store):
     store.iteration_for(run_id, 0, stage="eval")
     data = _data(render_report(store, [run_id]))
     assert data["iterations"][0]["score"] is None and data["samples"] == [{**data["samples"][0], "k": []}]
+
+
+def test_mean_score_objective_compares_scores_not_passes(store):
+    """A spec's `mean_score` metric (spec.py's spelling) must score samples by the grader's score."""
+    from report_helpers import SPEC
+
+    spec = {**SPEC, "objective": {"grader": "judge", "metric": "mean_score"}}
+    store.save_eval("e-run-test-000001", SPEC["name"], "<test>", json.dumps(spec))
+    ids = build_run(store, n_items=6)
+    view = load_run_view(store, [ids["run_id"]])
+    assert view.objective == {"grader": "judge", "metric": "mean_score"}
+    cmp = compare_iterations(store, view, *ids["iterations"][:2])
+    scores = {row.a["score"] for row in cmp.rows} | {row.b["score"] for row in cmp.rows}
+    assert scores <= {0.9, 0.2} and scores == {0.9, 0.2}  # the judge's scores, not 1.0/0.0 passes
+    html = render_report(store, [ids["run_id"]])
+    assert "judge mean score" in html and _data(html)["metric"] == "mean_score"

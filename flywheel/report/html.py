@@ -58,14 +58,14 @@ def fmt_num(value: float | None, digits: int = 3) -> str:
 
 
 def fmt_score(value: float | None, metric: str = "pass_rate") -> str:
-    return fmt_num(value) if metric == "mean" else fmt_pct(value)
+    return fmt_num(value) if metric == "mean_score" else fmt_pct(value)
 
 
 def fmt_delta(value: float | None, metric: str = "pass_rate") -> str:
     if _nan(value):
         return "–"
     sign = "+" if value > 0 else "−" if value < 0 else "±"
-    return f"{sign}{abs(value):.3f}" if metric == "mean" else f"{sign}{100 * abs(value):.1f} pts"
+    return f"{sign}{abs(value):.3f}" if metric == "mean_score" else f"{sign}{100 * abs(value):.1f} pts"
 
 
 def fmt_tokens(value: int | None) -> str:
@@ -99,7 +99,7 @@ def iteration_score(it: dict[str, Any], objective: dict[str, str]) -> float | No
     stats = it.get("grader_stats", {}).get(objective["grader"])
     if not stats:
         return None
-    return stats["mean"] if objective["metric"] == "mean" else stats["pass_rate"]
+    return stats.mean if objective["metric"] == "mean_score" else stats.pass_rate
 
 
 def parent_of(view: RunView, index: int) -> dict[str, Any] | None:
@@ -117,7 +117,7 @@ def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int
     if not points:
         return Markup('<p class="muted">No scored iterations yet.</p>')
     values = [v for _, it in points for v in (it["score_value"], it.get("ci_low"), it.get("ci_high")) if not _nan(v)]
-    low, high = (0.0, 1.0) if metric != "mean" or (min(values) >= 0 and max(values) <= 1) else (min(values), max(values))
+    low, high = (0.0, 1.0) if metric != "mean_score" or (min(values) >= 0 and max(values) <= 1) else (min(values), max(values))
     if high - low < 1e-9:
         high = low + 1
 
@@ -197,8 +197,8 @@ def grader_rows(view: RunView) -> list[dict[str, Any]]:
         cells = []
         for it in view.iterations:
             s = it["grader_stats"].get(g.name)
-            cells.append({"mean": fmt_num(s["mean"]) if s else "–", "pass": fmt_pct(s["pass_rate"]) if s else "–",
-                          "errors": s["errors"] if s else 0})
+            cells.append({"mean": fmt_num(s.mean) if s else "–", "pass": fmt_pct(s.pass_rate) if s else "–",
+                          "errors": s.errors if s else 0})
         rows.append({"name": g.name, "type": g.type, "is_model": g.is_model,
                      "is_objective": g.name == view.objective["grader"], "cells": cells})
     return rows
@@ -309,7 +309,7 @@ def report_payload(store: Store, view: RunView, page_size: int = PAGE_SIZE,
             "model_ref": it.get("model_ref"), "model_fingerprint": it.get("model_fingerprint"),
             "prompt_id": it.get("prompt_id"), "split": it.get("split"), "parent_id": it.get("parent_id"),
             "decision": it.get("decision"), "score": _round(it.get("score_value")),
-            "gstats": [[_round(st["mean"]), _round(st["pass_rate"]), st["errors"]] if (st := it["grader_stats"].get(n)) else None
+            "gstats": [[_round(st.mean), _round(st.pass_rate), st.errors] if (st := it["grader_stats"].get(n)) else None
                        for n in names],
         } for it in view.iterations],
         "prompts": prompts,
@@ -340,7 +340,7 @@ def render_report(store: Store, run_ids: Sequence[str], *, page_size: int = PAGE
     return templates_env().get_template("report.html.j2").render(
         title=title, view=view, iterations=iterations, grader_rows=grader_rows(view), kpis=kpis(view),
         trajectory_svg=trajectory_svg(iterations, objective["metric"]),
-        objective_label=f"{objective['grader']} {'mean score' if objective['metric'] == 'mean' else 'pass rate'}",
+        objective_label=f"{objective['grader']} {'mean score' if objective['metric'] == 'mean_score' else 'pass rate'}",
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         data_json=Markup(script_json(report_payload(store, view, page_size, a, b))),
         js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}")
@@ -361,10 +361,6 @@ def write_report(store: Store, run_ids: Sequence[str], path: str | Path, **optio
     html = render_report(store, run_ids, **options)
     target = Path(path)
     target.write_text(html, encoding="utf-8")
-    runs = [store.get_run(r)["id"] for r in run_ids]
-    marks = ",".join("?" * len(runs))
-    iterations, samples = store.db.execute(
-        f"select count(distinct i.id), count(s.id) from iterations i left join samples s on s.iteration_id = i.id"
-        f" where i.run_id in ({marks})", runs).fetchone()
+    iterations, samples = store.count_run_rows([store.get_run(r)["id"] for r in run_ids])
     return ReportResult(path=str(target), bytes=target.stat().st_size, iterations=iterations, samples=samples,
                         seconds=time.perf_counter() - started)
