@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flywheel.errors import FlywheelError
+from flywheel.spec import grader_infos
 from flywheel.store import Store
 
 VERDICTS = ("pass", "fail")
@@ -260,8 +261,6 @@ def judge_agreement(store: Store, *, run_ids: Sequence[str] | None = None,
     Model graders (score_model, label_model, or a multi grader containing one) come first; the
     others are included because a disagreement there usually means the reference is wrong.
     """
-    from flywheel.report.compare import grader_infos
-
     reviews = {sid: r for sid, r in sample_reviews(store, run_ids=run_ids, iteration_ids=iteration_ids).items()
                if r.verdict}
     if not reviews:

@@ -22,18 +22,11 @@ from typing import Any
 
 from flywheel import summaries
 from flywheel.stats import mcnemar_exact, paired_stats  # noqa: F401 - re-exported
+from flywheel.spec import GraderInfo, grader_infos
 from flywheel.store import Store
 from flywheel.summaries import GraderSummary
 
-MODEL_GRADER_TYPES = {"score_model", "label_model"}
 STATUS_ORDER = {"regression": 0, "improvement": 1, "changed": 2, "same": 3, "only_a": 4, "only_b": 5}
-
-
-@dataclass
-class GraderInfo:
-    name: str
-    type: str
-    is_model: bool
 
 
 @dataclass
@@ -72,26 +65,6 @@ class Comparison:
     stats: dict[str, Any]
     graders: list[dict[str, Any]] = field(default_factory=list)
     config: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _is_model_grader(config: dict[str, Any]) -> bool:
-    if config.get("type") in MODEL_GRADER_TYPES:
-        return True
-    subs = config.get("graders")
-    if isinstance(subs, dict):
-        return any(isinstance(s, dict) and _is_model_grader(s) for s in subs.values())
-    return False
-
-
-def grader_infos(spec: dict[str, Any] | None, seen_names: Sequence[str] = ()) -> list[GraderInfo]:
-    """Graders in spec order (names as the harness stores them), then any other stored names."""
-    infos = []
-    for index, config in enumerate((spec or {}).get("graders") or []):
-        name = config.get("name") or f"grader_{index}"
-        infos.append(GraderInfo(name=name, type=str(config.get("type", "?")), is_model=_is_model_grader(config)))
-    known = {g.name for g in infos}
-    infos += [GraderInfo(name=n, type="?", is_model=False) for n in seen_names if n not in known]
-    return infos
 
 
 def objective_of(spec: dict[str, Any] | None, graders: Sequence[GraderInfo]) -> dict[str, str]:
