@@ -190,7 +190,7 @@ def _options(pairs) -> dict:
 @click.option("-o", "--option", "options", multiple=True, help="Model option key=value (e.g. dtype=fp32).")
 def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, options):
     """Serve MODEL (e.g. local:smollm2+ckpt/sft-3) on an OpenAI-compatible API."""
-    from flywheel.serve import serve_model
+    from flywheel.model_server import serve_model
 
     def ready(served, url):
         click.echo(f"serving {model_ref} as model {served!r} at {url}  (Ctrl-C stops)", err=True)
@@ -210,7 +210,7 @@ def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, op
 @db_option
 def proxy_command(upstream, host, port, timeout, max_body_mb, db):
     """Forward chat calls to --upstream and record each one in the captures table."""
-    from flywheel.proxy import run_proxy
+    from flywheel.proxy.server import run_proxy
 
     db_path = db or default_db_path()
 
@@ -248,7 +248,7 @@ def _capture_filters(fn):
 @json_option
 def captures_list(metadata, since, until, model, limit, failed, db, as_json):
     """List recorded calls, newest first."""
-    from flywheel.captures import list_captures, parse_metadata_filters, print_captures
+    from flywheel.proxy.captures import list_captures, parse_metadata_filters, print_captures
 
     with _store_at(db) as store:
         rows = list_captures(store, metadata=parse_metadata_filters(metadata), since=since, until=until,
@@ -268,7 +268,7 @@ def captures_export(output, metadata, since, until, model, db, as_json):
     """Write successful captures as SFT JSONL ({"messages": [...]} per line)."""
     from dataclasses import asdict
 
-    from flywheel.captures import export_sft, parse_metadata_filters
+    from flywheel.proxy.captures import export_sft, parse_metadata_filters
 
     with _store_at(db) as store:
         result = export_sft(store, output, metadata=parse_metadata_filters(metadata), since=since,
@@ -312,7 +312,7 @@ def serve_command(host, port, review, reviewer, db):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app."""
     import os
 
-    from flywheel.report.server import LOOPBACK, serve_reports
+    from flywheel.report.review_app import LOOPBACK, serve_reports
 
     db_path = db or default_db_path()
     if host not in LOOPBACK:

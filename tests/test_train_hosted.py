@@ -22,7 +22,7 @@ from train_helpers import tiny_eval
 
 from flywheel.capture import capture
 from flywheel.errors import ModelError
-from flywheel.serve import BackgroundServer
+from flywheel.web import BackgroundServer
 from flywheel.train import SFTSpec, TrainingDataError, TrainingError, build_dpo_set, build_rft_set, build_sft_set
 from flywheel.train.config import DPOSpec, RFTSpec, load_train_config
 from flywheel.train.hosted import HostedBackend, HostedJob, job_request, train_hosted

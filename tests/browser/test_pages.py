@@ -15,9 +15,9 @@ import pytest
 
 from flywheel.report.compare import compare_iterations, load_run_view
 from flywheel.report.html import write_report
-from flywheel.report.server import create_app
+from flywheel.report.review_app import create_app
 from flywheel.reviews import review_dpo_pairs, review_sft_rows
-from flywheel.serve import BackgroundServer
+from flywheel.web import BackgroundServer
 
 from report_helpers import XSS, build_run, default_outcome, sample_id
 

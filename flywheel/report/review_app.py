@@ -334,7 +334,7 @@ def serve_reports(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, re
     """Run the review server until interrupted. Any host but loopback accepts every Host header."""
     import uvicorn
 
-    from flywheel.serve import bind_socket, uvicorn_config
+    from flywheel.web import bind_socket, uvicorn_config
 
     allowed = None if host in LOOPBACK else ["*"]
     app = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=allowed)

@@ -40,7 +40,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from flywheel.errors import FlywheelError
-from flywheel.serve import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, read_body
+from flywheel.web import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, read_body
 from flywheel.store import Store, now
 
 CHAT_PATH = "/v1/chat/completions"
@@ -379,7 +379,7 @@ def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int
     """Run the proxy until interrupted (the `flywheel proxy` command)."""
     import uvicorn
 
-    from flywheel.serve import bind_socket, uvicorn_config
+    from flywheel.web import bind_socket, uvicorn_config
 
     normalise_upstream(upstream)  # a bad --upstream or --db fails here, as one clean line
     Store.open(db_path).close()

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from flywheel.cli import main
-from flywheel.report.server import _safe_next, create_app, word_diff
+from flywheel.report.review_app import _safe_next, create_app, word_diff
 from flywheel.reviews import review_dpo_pairs, review_sft_rows
-from flywheel.serve import BackgroundServer
+from flywheel.web import BackgroundServer
 
 from report_helpers import XSS, build_run, default_outcome, sample_id
 
@@ -165,7 +165,7 @@ def test_missing_things_are_404_pages(read_only):
 
 
 def test_serve_binds_loopback_and_is_read_only_by_default(monkeypatch, store):
-    import flywheel.report.server as server_module
+    import flywheel.report.review_app as server_module
 
     calls = []
     monkeypatch.setattr(server_module, "serve_reports", lambda db, **kw: calls.append((db, kw)))
