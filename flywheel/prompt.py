@@ -62,11 +62,6 @@ class Prompt:
         return cls(messages=data["messages"], demos=[Demo(**d) for d in data.get("demos", [])],
                    nearest=data.get("nearest", 0))
 
-    @property
-    def template_vars(self) -> set[str]:
-        """The `item.*` variables the message templates use (what a rewrite must keep)."""
-        return {v for m in self.messages for v in TEMPLATE_VARS.findall(m["content"])}
-
     def render_base(self, item: Item) -> list[dict[str, str]]:
         """The messages with templates filled; raises graders.TemplateVariableError."""
         return [{"role": m["role"], "content": graders.render_template(m["content"], item=item.fields)}

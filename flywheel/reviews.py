@@ -7,16 +7,15 @@ were shown side by side, a `preference` between the sample and `other_sample_id`
 
     add_review(store, 42, verdict="fail", correction="card_arrival", reviewer="ana")
     add_review(store, 42, other_sample_id=17, preference="other")
-    review_sft_rows(store, run_ids=[run_id])    # [{"messages": [..., {"role": "assistant", ...}]}]
-    review_dpo_pairs(store, run_ids=[run_id])   # [{"input": {...}, "preferred_output": [...], ...}]
+    sample_reviews(store, run_ids=[run_id])[42].correction   # 'card_arrival'
+    preferences(store, run_ids=[run_id])                     # [Preference(chosen=17, rejected=42, ...)]
 
-Both training functions return rows in the hosted platform's JSONL formats (chat format for SFT,
-preference format for DPO), so they can be written out as they are.
+The training-set builders (`flywheel.train.datasets.build_sft_set`, `build_dpo_set`) turn these
+into SFT rows (corrections, approved outputs) and DPO pairs (preferences, corrections).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -140,86 +139,6 @@ def preferences(store: Store, *, run_ids: Sequence[str] | None = None,
         out.append(Preference(chosen=chosen, rejected=rejected, tie=row["preference"] == "tie", sample_id=s,
                               other_sample_id=o, reviewer=row["reviewer"], created_at=row["created_at"]))
     return sorted(out, key=lambda p: p.created_at)
-
-
-def _messages(sample: dict[str, Any]) -> list[dict[str, Any]] | None:
-    messages = json.loads(sample.get("input_json") or "null")
-    return messages if isinstance(messages, list) and messages else None
-
-
-def review_sft_rows(store: Store, *, run_ids: Sequence[str] | None = None,
-                    iteration_ids: Sequence[str] | None = None, include_approved: bool = False) -> list[dict[str, Any]]:
-    """Reviewer corrections as SFT rows in the platform chat format.
-
-    Each row is the sample's rendered input messages followed by the corrected assistant message:
-    `{"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", "content": CORRECTION}]}`.
-    With `include_approved`, outputs a reviewer marked `pass` (and did not correct) are added too.
-    Samples whose input could not be rendered are skipped.
-    """
-    reviews = sample_reviews(store, run_ids=run_ids, iteration_ids=iteration_ids)
-    samples = store.samples_by_id(reviews)
-    rows, seen = [], set()
-    for sample_id, review in reviews.items():
-        sample = samples[sample_id]
-        messages = _messages(sample)
-        if messages is None:
-            continue
-        if review.correction is not None:
-            target = review.correction
-        elif include_approved and review.verdict == "pass" and sample.get("output_text"):
-            target = sample["output_text"]
-        else:
-            continue
-        row = {"messages": [*messages, {"role": "assistant", "content": target}]}
-        fingerprint = json.dumps(row, sort_keys=True)
-        if fingerprint not in seen:
-            seen.add(fingerprint)
-            rows.append(row)
-    return rows
-
-
-def _dpo_row(messages: list[dict[str, Any]], preferred: str, rejected: str) -> dict[str, Any]:
-    return {"input": {"messages": messages},
-            "preferred_output": [{"role": "assistant", "content": preferred}],
-            "non_preferred_output": [{"role": "assistant", "content": rejected}]}
-
-
-def review_dpo_pairs(store: Store, *, run_ids: Sequence[str] | None = None,
-                     iteration_ids: Sequence[str] | None = None, include_corrections: bool = True) -> list[dict[str, Any]]:
-    """Reviewer preferences as DPO pairs in the platform preference format.
-
-    `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
-    "non_preferred_output": [{"role": "assistant", "content": ...}]}`. The input is the rendered
-    prompt of the preferred sample (both outputs answer the same item; their prompts may differ
-    when the two iterations used different prompts). Ties and identical outputs give no pair.
-    With `include_corrections`, a correction also yields a pair: the correction preferred over the
-    sample's own output.
-    """
-    prefs = preferences(store, run_ids=run_ids, iteration_ids=iteration_ids)
-    reviews = sample_reviews(store, run_ids=run_ids, iteration_ids=iteration_ids) if include_corrections else {}
-    ids = [i for p in prefs if not p.tie for i in (p.chosen, p.rejected)] + list(reviews)
-    samples = store.samples_by_id(ids)
-    rows, seen = [], set()
-
-    def add(messages: list[dict[str, Any]] | None, preferred: str | None, rejected: str | None) -> None:
-        if messages is None or preferred is None or rejected is None or preferred == rejected:
-            return
-        row = _dpo_row(messages, preferred, rejected)
-        fingerprint = json.dumps(row, sort_keys=True)
-        if fingerprint not in seen:
-            seen.add(fingerprint)
-            rows.append(row)
-
-    for p in prefs:
-        if p.tie:
-            continue
-        chosen, rejected = samples[p.chosen], samples[p.rejected]
-        add(_messages(chosen), chosen.get("output_text"), rejected.get("output_text"))
-    for sample_id, review in reviews.items():
-        if review.correction is not None:
-            sample = samples[sample_id]
-            add(_messages(sample), review.correction, sample.get("output_text"))
-    return rows
 
 
 @dataclass
