@@ -3,8 +3,10 @@
 The schema lives in `flywheel.migrations`; this module reads and writes rows. A sample and its
 grades are written in one transaction, so a killed process leaves either both or neither.
 
-    store = Store.open("flywheel.db")
-    for run in store.list_runs(): ...
+    >>> store = Store.open(":memory:")
+    >>> run_id = store.create_run(kind="eval", config_key="k")
+    >>> [run["status"] for run in store.list_runs()]
+    ['running']
 """
 
 from __future__ import annotations
