@@ -103,11 +103,39 @@ def iteration_score(it: dict[str, Any], objective: dict[str, str]) -> float | No
 
 
 def parent_of(view: RunView, index: int) -> dict[str, Any] | None:
+    """The iteration this one is compared with ("Δ parent"), measured on the same split, or None.
+
+    Its `parent_id` (else the iteration before it) when that is on the same split. A report on
+    another split of a selected iteration (the wheel's test report of a valid iteration) is
+    compared with the report on that split of the selected iteration's own parent, if there is one:
+    test with test, never test with valid.
+    """
     it = view.iterations[index]
+    by_id = {other["id"]: other for other in view.iterations}
+    parent = by_id.get(it.get("parent_id") or "") or (view.iterations[index - 1] if index > 0 else None)
+    if parent is None or parent.get("split") == it.get("split"):
+        return parent
+    if it.get("parent_id") != parent["id"] or not parent.get("parent_id"):
+        return None
+    grandparent = parent["parent_id"]
     for other in view.iterations:
-        if it.get("parent_id") and other["id"] == it["parent_id"]:
+        if other.get("parent_id") == grandparent and other.get("split") == it.get("split") and other is not it:
             return other
-    return view.iterations[index - 1] if index > 0 else None
+    return None
+
+
+def run_wall_time(view: RunView) -> float | None:
+    """Wall time of the view's runs: what each run's summary says (the wheel's `elapsed_s`, an eval's
+    `wall_s`), else finished_at − started_at; None while a run has neither."""
+    total = 0.0
+    for run in view.runs:
+        seconds = run["summary"].wall_time
+        if seconds is None and run.get("started_at") and run.get("finished_at"):
+            seconds = (datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"])).total_seconds()
+        if seconds is None:
+            return None
+        total += seconds
+    return total
 
 
 def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int = 1000, height: int = 230) -> Markup:
@@ -209,18 +237,20 @@ def kpis(view: RunView) -> list[dict[str, str]]:
     scored = [it for it in view.iterations if not _nan(it.get("score_value"))]
     out = []
     if scored:
-        base, best = scored[0], max(scored, key=lambda it: it["score_value"])
+        base = scored[0]  # the best is chosen among iterations on the baseline's split: like with like
+        best = max((it for it in scored if it.get("split") == base.get("split")), key=lambda it: it["score_value"])
         gain = best["score_value"] - base["score_value"]
         out.append({"label": "baseline", "value": fmt_score(base["score_value"], metric), "detail": base["label"], "cls": "muted"})
         out.append({"label": "best", "value": fmt_score(best["score_value"], metric),
                     "detail": f"{fmt_delta(gain, metric)} · {best['label']}", "cls": "pos" if gain > 0 else "muted"})
     tokens = sum(it.get("tokens") or 0 for it in view.iterations)
     cost = sum(it.get("cost") or 0.0 for it in view.iterations)
-    wall = sum(it.get("wall_s") or 0.0 for it in view.iterations)
+    evals = sum(it.get("wall_s") or 0.0 for it in view.iterations)
+    wall = run_wall_time(view)
     samples = sum(it.get("n") or 0 for it in view.iterations)
     out += [{"label": "iterations", "value": str(len(view.iterations)), "detail": f"{samples:,} samples", "cls": "muted"},
             {"label": "tokens", "value": fmt_tokens(tokens), "detail": f"cost {fmt_cost(cost)}", "cls": "muted"},
-            {"label": "time", "value": fmt_duration(wall), "detail": "", "cls": ""}]
+            {"label": "time", "value": fmt_duration(wall), "detail": f"{fmt_duration(evals)} evaluating", "cls": ""}]
     return out
 
 
