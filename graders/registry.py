@@ -22,15 +22,8 @@ from typing import Annotated, Any, Union, get_args
 from pydantic import Field, TypeAdapter
 
 from graders.base import Grader
-from graders.config import (
-    LabelModelGraderConfig,
-    MultiGraderConfig,
-    PythonGraderConfig,
-    ScoreModelGraderConfig,
-    StringCheckGraderConfig,
-    TextSimilarityGraderConfig,
-    _Config,
-)
+from graders.config import (LabelModelGraderConfig, MultiGraderConfig, PythonGraderConfig, ScoreModelGraderConfig,
+                            StringCheckGraderConfig, TextSimilarityGraderConfig, _Config)
 
 Builder = Callable[..., Grader]  # (config, *, judge, embedder, sandbox) -> Grader
 
