@@ -135,10 +135,12 @@ def item_fields(store: Store, runs: Sequence[dict[str, Any]]) -> dict[str, dict[
 
 def iteration_samples(store: Store, iteration_id: str, objective: dict[str, str]) -> list[dict[str, Any]]:
     """Samples of an iteration, each with `grades` by grader name and objective `score`/`passed`."""
-    samples = store.samples_with_grades(iteration_id, objective=(objective["grader"], objective["metric"]))
+    samples = store.samples_with_grades(iteration_id, objective=(objective["grader"], objective["metric"]),
+                                        details=False)
     for s in samples:
-        s["grades"] = {g["grader"]: {"score": g["score"], "passed": bool(g["passed"]), "feedback": g["feedback"],
-                                     "error": g["error"]} for g in s["grades"]}
+        for g in s["grades"]:
+            g["passed"] = bool(g["passed"])
+        s["grades"] = {g["grader"]: g for g in s["grades"]}
     return samples
 
 
