@@ -114,7 +114,7 @@ def main() -> None:
             outcome = evaluate(spec, store, iteration, items[: start + args.chunk], model, prompt, grader_set)
             harness_s += time.perf_counter() - started
             print(f"  {start + args.chunk} items: naive {naive_s:.1f}s, harness {harness_s:.1f}s", flush=True)
-        harness_tokens = outcome.summary["completion_tokens"]
+        harness_tokens = outcome.summary.completion_tokens
         samples = {s["item_key"]: s for s in store.samples_with_grades(iteration)}
         harness_out = [samples[i.key]["output_text"] for i in items]
         grader_set.close()

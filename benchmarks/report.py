@@ -73,8 +73,8 @@ def first_render(browser, url: str, loads: int = 3) -> tuple[float, float]:
 
 
 def serve_compare_ms(db: Path, a: str, b: str) -> tuple[float, float]:
-    from flywheel.report.server import create_app
-    from flywheel.serve import BackgroundServer
+    from flywheel.report.review_app import create_app
+    from flywheel.web import BackgroundServer
 
     with BackgroundServer(create_app(str(db))) as server:
         url = f"{server.url}/compare?a={urllib.request.quote(a)}&b={urllib.request.quote(b)}"

@@ -38,7 +38,7 @@ def main() -> None:
 
 
 @contextmanager
-def _open_store(db: str | None):
+def _store_at(db: str | None):
     from flywheel.store import Store
 
     store = Store.open(db or default_db_path())
@@ -66,7 +66,7 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, db, as_j
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    with _open_store(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
+    with _store_at(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
         result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,
                           model=load_model(model, spec.model_options) if model else None,
                           command=" ".join(sys.argv), progress=progress)
@@ -89,7 +89,7 @@ def optimize_command(spec_path, overrides, db, as_json):
 
     spec = load_eval_spec(spec_path, list(overrides))
     log = None if as_json else (lambda message: console.print(message, highlight=False, markup=False))
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         result = optimize_prompt(spec, store, command=" ".join(sys.argv), log=log)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -111,7 +111,7 @@ def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
     from flywheel.run_spec import load_run_spec
     from flywheel.wheel import run_wheel
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         if spec_path is None:
             if not resume:
                 raise click.UsageError("give a run SPEC, or --resume RUN")
@@ -140,7 +140,7 @@ def runs_list(limit, db, as_json):
     """List recent runs, newest first."""
     from flywheel.report.console import print_runs
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         rows = store.list_runs(limit)
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
@@ -158,7 +158,7 @@ def runs_show(run_id, failed, limit, db, as_json):
     """Show a run: per-item input, output and grades."""
     from flywheel.report.console import print_run_detail, run_detail
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         detail = run_detail(store, run_id, failed_only=failed, limit=limit)
     if as_json:
         click.echo(json.dumps(detail, indent=2, default=str))
@@ -190,7 +190,7 @@ def _options(pairs) -> dict:
 @click.option("-o", "--option", "options", multiple=True, help="Model option key=value (e.g. dtype=fp32).")
 def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, options):
     """Serve MODEL (e.g. local:smollm2+ckpt/sft-3) on an OpenAI-compatible API."""
-    from flywheel.serve import serve_model
+    from flywheel.model_server import serve_model
 
     def ready(served, url):
         click.echo(f"serving {model_ref} as model {served!r} at {url}  (Ctrl-C stops)", err=True)
@@ -210,7 +210,7 @@ def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, op
 @db_option
 def proxy_command(upstream, host, port, timeout, max_body_mb, db):
     """Forward chat calls to --upstream and record each one in the captures table."""
-    from flywheel.proxy import run_proxy
+    from flywheel.proxy.server import run_proxy
 
     db_path = db or default_db_path()
 
@@ -248,9 +248,9 @@ def _capture_filters(fn):
 @json_option
 def captures_list(metadata, since, until, model, limit, failed, db, as_json):
     """List recorded calls, newest first."""
-    from flywheel.captures import list_captures, parse_metadata_filters, print_captures
+    from flywheel.proxy.captures import list_captures, parse_metadata_filters, print_captures
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         rows = list_captures(store, metadata=parse_metadata_filters(metadata), since=since, until=until,
                              model=model, limit=limit, outcome="failed" if failed else None)
     if as_json:
@@ -268,9 +268,9 @@ def captures_export(output, metadata, since, until, model, db, as_json):
     """Write successful captures as SFT JSONL ({"messages": [...]} per line)."""
     from dataclasses import asdict
 
-    from flywheel.captures import export_sft, parse_metadata_filters
+    from flywheel.proxy.captures import export_sft, parse_metadata_filters
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         result = export_sft(store, output, metadata=parse_metadata_filters(metadata), since=since,
                             until=until, model=model)
     if as_json:
@@ -293,7 +293,7 @@ def report_command(run_ids, output, a, b, db, as_json):
 
     from flywheel.report.html import write_report
 
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         result = write_report(store, list(run_ids), output, a=a, b=b)
     if as_json:
         click.echo(json.dumps(asdict(result)))
@@ -312,7 +312,7 @@ def serve_command(host, port, review, reviewer, db):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app."""
     import os
 
-    from flywheel.report.server import LOOPBACK, serve_reports
+    from flywheel.report.review_app import LOOPBACK, serve_reports
 
     db_path = db or default_db_path()
     if host not in LOOPBACK:
@@ -353,7 +353,7 @@ def capture_command(spec_path, teacher, n, temperature, prompt, limit, options, 
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    with _open_store(db) as store, progress_bar(f"capture {spec.name}", disable=as_json) as progress:
+    with _store_at(db) as store, progress_bar(f"capture {spec.name}", disable=as_json) as progress:
         if inputs_path:
             result = capture_unlabelled_file(spec, store, teacher, inputs_path, id_field=id_field, n=n,
                                              temperature=temperature, min_agreement=min_agreement, prompt=prompt,
@@ -412,7 +412,7 @@ def _train_command(method):
 
         spec = load_eval_spec(spec_path)
         config = load_train_config(method.name, config_path, list(settings))
-        with _open_store(db) as store:
+        with _store_at(db) as store:
             result = train(method.name, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
                            splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
         if result is None:  # a non-main process under accelerate launch
@@ -454,7 +454,7 @@ def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin,
     from flywheel.train import build_training_set, record_training_set, to_hf_dataset, training_method
 
     spec = load_eval_spec(spec_path)
-    with _open_store(db) as store:
+    with _store_at(db) as store:
         options = {"min_score": min_score, "min_margin": min_margin, "max_per_item": 1}
         training_set = record_training_set(store, build_training_set(
             kind, spec, store, **{k: options[k] for k in training_method(kind).set_options}))

@@ -83,11 +83,7 @@ class CaptureResult:
 def best_prompt(store: Store, spec: EvalSpec) -> tuple[Prompt, str]:
     """The prompt with the best `valid` score for this eval and its model, else the spec's prompt.
     Returns the prompt and where it came from."""
-    row = store.db.execute(
-        "select i.prompt_id, i.score from iterations i join runs r on r.id = i.run_id join evals e"
-        " on e.id = r.eval_id where e.name = ? and i.split = 'valid' and i.model_ref = ? and i.score is not null"
-        " and i.stage != 'capture' and r.status = 'completed' order by i.score desc, i.created_at limit 1",
-        [spec.name, spec.model]).fetchone()
+    row = store.best_valid_prompt(spec.name, spec.model)
     if row:
         try:
             return Prompt.from_json(store.get_prompt(row[0])), f"best on valid ({row[1]:.3f}, {row[0]})"
@@ -154,12 +150,9 @@ def capture(spec: EvalSpec, store: Store, teacher: str, *, n: int = 4, temperatu
 def _record(store: Store, spec: EvalSpec, teacher: str, fingerprint: str, run_id: str, iteration_id: str,
             prompt_id: str, n: int, temperature: float, model_calls: int, wall: float,
             split: str = "train") -> CaptureResult:
-    rows = store.db.execute(
-        "select s.item_key, s.error, min(coalesce(g.passed, 0)) as ok, count(g.grader) from samples s"
-        " left join grades g on g.sample_id = s.id where s.iteration_id = ? group by s.id",
-        [iteration_id]).fetchall()
-    passed = [key for key, error, ok, graded in rows if error is None and graded and ok]
-    errors = [error for _, error, _, _ in rows if error is not None]
+    rows = store.sample_outcomes(iteration_id)
+    passed = [key for key, _, ok in rows if ok]
+    errors = [error for _, error, _ in rows if error is not None]
     run = store.get_run(run_id)
     capture_id = new_id("cap")
     record = {"id": capture_id, "eval_name": spec.name, "eval_id": run["eval_id"], "dataset_id": run["dataset_id"],
@@ -223,8 +216,8 @@ def _capture_reference(spec: EvalSpec, store: Store, teacher: str, *, limit: int
         output_text=outputs[i], finish_reason="stop" if outputs[i] is not None else None, error=failures[i],
         grades=by_index.get(i, [])) for i, item in enumerate(items)])
     summary = summarise(store, iteration_id, spec)
-    store.update_iteration(iteration_id, n=summary["n_samples"], score=summary["objective"],
-                           ci_low=summary["objective_ci"][0], ci_high=summary["objective_ci"][1],
+    store.update_iteration(iteration_id, n=summary.n_samples, score=summary.objective,
+                           ci_low=summary.objective_ci[0], ci_high=summary.objective_ci[1],
                            decision="captured", reason=f"labelled answers ({template}) as teacher outputs")
     store.finish_run(run_id, "completed", summary)
     return _record(store, spec, teacher, teacher, run_id, iteration_id, prompt.id, 1, 0.0, 0,

@@ -26,9 +26,9 @@ class GraderSet:
         self._judges: dict[str, Model] = {}
         self.runners = []
         self.names = []
-        for index, raw in enumerate(configs):
+        for raw in configs:
             config = graders.parse_grader(raw)
-            self.names.append(getattr(config, "name", None) or f"grader_{index}")
+            self.names.append(config.name)
             self.runners.append(graders.build_grader(config, judge=self.judge_model))
 
     def judge_model(self, ref: str) -> Model:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,21 +27,10 @@ from flywheel.grading import GraderSet
 from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
-from flywheel.stats import mean_ci, wilson_ci
 from flywheel.store import SampleRecord, Store
+from flywheel.summaries import EvalSummary, GraderSummary
 
 ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class GraderSummary:
-    name: str
-    n: int
-    mean: float
-    ci_low: float
-    ci_high: float
-    pass_rate: float
-    errors: int
 
 
 @dataclass
@@ -68,6 +56,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["graders"] = [g.model_dump() for g in self.graders]
         return json.loads(json.dumps(data, default=float, allow_nan=True).replace("NaN", "null"))
 
 
@@ -127,7 +116,7 @@ class Evaluation:
     """What `evaluate` did to one iteration: its summary and what it cost this time."""
 
     iteration_id: str
-    summary: dict[str, Any]
+    summary: EvalSummary
     model_calls: int
     cache_hits: int
     resumed: int
@@ -135,7 +124,7 @@ class Evaluation:
 
     @property
     def objective(self) -> float:
-        return self.summary["objective"]
+        return self.summary.objective
 
 
 def sampling_of(spec: EvalSpec) -> Sampling:
@@ -164,9 +153,7 @@ def evaluate(
     started = time.perf_counter()
     counters = _Counters()
     done = store.done_keys(iteration_id)
-    counters.errors = store.db.execute(
-        "select count(*) from samples where iteration_id = ? and error is not null",
-        [iteration_id]).fetchone()[0]
+    counters.errors = store.count_errors(iteration_id)
     todo = [(item, r) for item in items for r in range(spec.sampling.repeats) if (item.key, r) not in done]
     total = len(items) * spec.sampling.repeats
     counters.done = total - len(todo)
@@ -198,10 +185,10 @@ def evaluate(
     summary = summarise(store, iteration_id, spec)
     wall = time.perf_counter() - started
     store.update_iteration(
-        iteration_id, n=summary["n_samples"], score=summary["objective"],
-        ci_low=summary["objective_ci"][0], ci_high=summary["objective_ci"][1],
-        prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
-        cost=summary["cost"], wall_s=wall)
+        iteration_id, n=summary.n_samples, score=summary.objective,
+        ci_low=summary.objective_ci[0], ci_high=summary.objective_ci[1],
+        prompt_tokens=summary.prompt_tokens, completion_tokens=summary.completion_tokens,
+        cost=summary.cost, wall_s=wall)
     store.record_iteration_latency(iteration_id)
     return Evaluation(iteration_id=iteration_id, summary=summary, model_calls=counters.model_calls,
                       cache_hits=counters.cache_hits, resumed=len(done), wall_s=wall)
@@ -234,12 +221,11 @@ def generate_cached(store: Store, model: Model, requests: Sequence[ChatRequest])
 
 
 def item_scores(store: Store, iteration_id: str, spec: EvalSpec) -> dict[tuple[str, int], tuple[float, bool]]:
-    """(score, passed) of the objective grader per (item_key, repeat); errored samples score 0."""
-    grader = spec.objective_grader
-    rows = store.db.execute(
-        "select s.item_key, s.repeat, g.score, g.passed from samples s left join grades g"
-        " on g.sample_id = s.id and g.grader = ? where s.iteration_id = ?", [grader, iteration_id]).fetchall()
-    return {(key, repeat): (float(score or 0.0), bool(passed)) for key, repeat, score, passed in rows}
+    """(score, passed) of the objective grader per (item_key, repeat); errored samples score 0.
+
+    The grader's raw score (whatever the metric): the paired test compares scores and McNemar passes.
+    """
+    return store.objective_scores(iteration_id, spec.objective_grader)
 
 
 def paired_comparison(store: Store, spec: EvalSpec, a: str, b: str) -> dict[str, Any]:
@@ -305,17 +291,16 @@ def run_eval(
     finally:
         grader_set.close()
 
-    summary = dict(outcome.summary)
     wall = time.perf_counter() - started
     store.update_iteration(iteration_id, wall_s=wall, decision="measured")
-    summary.update(model_calls=outcome.model_calls, cache_hits=outcome.cache_hits, wall_s=wall)
+    summary = outcome.summary.model_copy(update=dict(
+        model_calls=outcome.model_calls, cache_hits=outcome.cache_hits, wall_s=wall))
     store.finish_run(run_id, "completed", summary)
     return EvalResult(
         run_id=run_id, iteration_id=iteration_id, eval_name=spec.name, model=model.ref, split=split,
-        n_samples=summary["n_samples"], n_errors=summary["n_errors"], pass_rate=summary["pass_rate"],
-        pass_ci=tuple(summary["pass_ci"]), objective=summary["objective"],
-        graders=[GraderSummary(**g) for g in summary["graders"]],
-        prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
+        n_samples=summary.n_samples, n_errors=summary.n_errors, pass_rate=summary.pass_rate,
+        pass_ci=tuple(summary.pass_ci), objective=summary.objective, graders=summary.graders,
+        prompt_tokens=summary.prompt_tokens, completion_tokens=summary.completion_tokens,
         model_calls=outcome.model_calls, cache_hits=outcome.cache_hits, resumed=outcome.resumed,
         wall_s=wall)
 
@@ -390,46 +375,6 @@ def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet,
             f"last error: {next(p.error for p in reversed(chunk) if p.error) if any(p.error for p in chunk) else 'see runs show'}")
 
 
-def summarise(store: Store, iteration_id: str, spec: EvalSpec) -> dict[str, Any]:
+def summarise(store: Store, iteration_id: str, spec: EvalSpec) -> EvalSummary:
     """Pass rate, per-grader mean with 95% CI, objective, tokens and cost of one iteration."""
-    rows = store.db.execute(
-        "select id, error, prompt_tokens, completion_tokens, cost from samples where iteration_id = ?",
-        [iteration_id]).fetchall()
-    grade_rows = store.db.execute(
-        "select g.sample_id, g.grader, g.score, g.passed, g.error from grades g"
-        " join samples s on s.id = g.sample_id where s.iteration_id = ?", [iteration_id]).fetchall()
-    by_grader: dict[str, dict[int, tuple[float, int, str | None]]] = {}
-    for sample_id, grader, score, passed, error in grade_rows:
-        by_grader.setdefault(grader, {})[sample_id] = (score, passed, error)
-    sample_ids = [r[0] for r in rows]
-    errored = {r[0] for r in rows if r[1]}
-    passed_all = [
-        int(sid not in errored and bool(by_grader) and all(g.get(sid, (0, 0, None))[1] for g in by_grader.values()))
-        for sid in sample_ids]
-    graders_out = []
-    for name, grades in by_grader.items():
-        # A sample that failed before grading scores 0 for every grader: errors are not dropped.
-        scores = [grades.get(sid, (0.0, 0, None))[0] for sid in sample_ids]
-        passes = [grades.get(sid, (0.0, 0, None))[1] for sid in sample_ids]
-        mean, low, high = mean_ci(scores)
-        graders_out.append(dict(
-            name=name, n=len(scores), mean=mean, ci_low=low, ci_high=high,
-            pass_rate=sum(passes) / len(passes) if passes else math.nan,
-            errors=sum(1 for sid in sample_ids if sid in errored or grades.get(sid, (0, 0, None))[2])))
-    n = len(sample_ids)
-    successes = sum(passed_all)
-    objective, objective_ci = successes / n if n else math.nan, list(wilson_ci(successes, n))
-    for g in graders_out:
-        if g["name"] == spec.objective_grader:
-            if spec.objective.metric == "pass_rate":
-                objective = g["pass_rate"]
-                objective_ci = list(wilson_ci(round(g["pass_rate"] * g["n"]), g["n"]))
-            else:
-                objective, objective_ci = g["mean"], [g["ci_low"], g["ci_high"]]
-    return dict(
-        n_samples=n, n_errors=len(errored), pass_rate=successes / n if n else math.nan,
-        pass_ci=list(wilson_ci(successes, n)), graders=graders_out,
-        objective=objective, objective_ci=objective_ci,
-        prompt_tokens=sum(r[2] or 0 for r in rows), completion_tokens=sum(r[3] or 0 for r in rows),
-        cost=sum(r[4] or 0.0 for r in rows))
-
+    return store.eval_summary(iteration_id, spec.objective_grader, spec.objective.metric)

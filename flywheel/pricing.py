@@ -1,7 +1,8 @@
 """What a remote model call costs: a price table in USD per million tokens, user-overridable.
 
-    price = find_price("gpt-4o-mini-2024-07-18")          # longest known prefix: gpt-4o-mini
-    cost = price.cost(prompt_tokens=1200, completion_tokens=80, cached_tokens=1024)
+    >>> price = find_price("gpt-4o-mini-2024-07-18")      # longest known prefix: gpt-4o-mini
+    >>> round(price.cost(prompt_tokens=1200, completion_tokens=80, cached_tokens=1024), 8)
+    0.0001512
 
 The built-in table holds the public list prices of common OpenAI chat models (standard tier, as
 published in 2026). Prices change: override them per model in the eval spec

@@ -4,8 +4,11 @@ A `Prompt` renders the chat messages for one item. Demonstrations are inserted a
 turns just before the final user message, either a fixed list (`demos`) or, with
 `nearest: k`, the k demonstrations whose input is most similar (by embedding) to the item's.
 
-    prompt = Prompt(messages=spec.messages())
-    prompt.render(item)  # -> [{"role": "system", ...}, {"role": "user", ...}]
+    >>> from flywheel.data import Item
+    >>> prompt = Prompt(messages=[{"role": "system", "content": "One label."},
+    ...                           {"role": "user", "content": "{{item.text}}"}])
+    >>> prompt.render(Item(key="1", fields={"text": "Where is my card?"}, split="test", line=1))
+    [{'role': 'system', 'content': 'One label.'}, {'role': 'user', 'content': 'Where is my card?'}]
 
 A prompt's `id` is a content hash, so the same prompt is stored once whatever found it.
 """
@@ -61,11 +64,6 @@ class Prompt:
             return cls(messages=data)
         return cls(messages=data["messages"], demos=[Demo(**d) for d in data.get("demos", [])],
                    nearest=data.get("nearest", 0))
-
-    @property
-    def template_vars(self) -> set[str]:
-        """The `item.*` variables the message templates use (what a rewrite must keep)."""
-        return {v for m in self.messages for v in TEMPLATE_VARS.findall(m["content"])}
 
     def render_base(self, item: Item) -> list[dict[str, str]]:
         """The messages with templates filled; raises graders.TemplateVariableError."""

@@ -7,22 +7,22 @@ were shown side by side, a `preference` between the sample and `other_sample_id`
 
     add_review(store, 42, verdict="fail", correction="card_arrival", reviewer="ana")
     add_review(store, 42, other_sample_id=17, preference="other")
-    review_sft_rows(store, run_ids=[run_id])    # [{"messages": [..., {"role": "assistant", ...}]}]
-    review_dpo_pairs(store, run_ids=[run_id])   # [{"input": {...}, "preferred_output": [...], ...}]
+    sample_reviews(store, run_ids=[run_id])[42].correction   # 'card_arrival'
+    preferences(store, run_ids=[run_id])                     # [Preference(chosen=17, rejected=42, ...)]
 
-Both training functions return rows in the hosted platform's JSONL formats (chat format for SFT,
-preference format for DPO), so they can be written out as they are.
+The training-set builders (`flywheel.train.datasets.build_sft_set`, `build_dpo_set`) turn these
+into SFT rows (corrections, approved outputs) and DPO pairs (preferences, corrections).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flywheel.errors import FlywheelError
+from flywheel.spec import grader_infos
 from flywheel.store import Store
 
 VERDICTS = ("pass", "fail")
@@ -103,7 +103,7 @@ def _iteration_ids(store: Store, run_ids: Sequence[str] | None, iteration_ids: S
 def _review_rows(store: Store, run_ids: Sequence[str] | None, iteration_ids: Sequence[str] | None) -> list[dict[str, Any]]:
     ids = _iteration_ids(store, run_ids, iteration_ids)
     if ids is None:
-        return list(store.db.query("select * from reviews order by id"))
+        return store.list_reviews()
     return store.reviews_for_iterations(ids)
 
 
@@ -139,86 +139,6 @@ def preferences(store: Store, *, run_ids: Sequence[str] | None = None,
         out.append(Preference(chosen=chosen, rejected=rejected, tie=row["preference"] == "tie", sample_id=s,
                               other_sample_id=o, reviewer=row["reviewer"], created_at=row["created_at"]))
     return sorted(out, key=lambda p: p.created_at)
-
-
-def _messages(sample: dict[str, Any]) -> list[dict[str, Any]] | None:
-    messages = json.loads(sample.get("input_json") or "null")
-    return messages if isinstance(messages, list) and messages else None
-
-
-def review_sft_rows(store: Store, *, run_ids: Sequence[str] | None = None,
-                    iteration_ids: Sequence[str] | None = None, include_approved: bool = False) -> list[dict[str, Any]]:
-    """Reviewer corrections as SFT rows in the platform chat format.
-
-    Each row is the sample's rendered input messages followed by the corrected assistant message:
-    `{"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", "content": CORRECTION}]}`.
-    With `include_approved`, outputs a reviewer marked `pass` (and did not correct) are added too.
-    Samples whose input could not be rendered are skipped.
-    """
-    reviews = sample_reviews(store, run_ids=run_ids, iteration_ids=iteration_ids)
-    samples = store.samples_by_id(reviews)
-    rows, seen = [], set()
-    for sample_id, review in reviews.items():
-        sample = samples[sample_id]
-        messages = _messages(sample)
-        if messages is None:
-            continue
-        if review.correction is not None:
-            target = review.correction
-        elif include_approved and review.verdict == "pass" and sample.get("output_text"):
-            target = sample["output_text"]
-        else:
-            continue
-        row = {"messages": [*messages, {"role": "assistant", "content": target}]}
-        fingerprint = json.dumps(row, sort_keys=True)
-        if fingerprint not in seen:
-            seen.add(fingerprint)
-            rows.append(row)
-    return rows
-
-
-def _dpo_row(messages: list[dict[str, Any]], preferred: str, rejected: str) -> dict[str, Any]:
-    return {"input": {"messages": messages},
-            "preferred_output": [{"role": "assistant", "content": preferred}],
-            "non_preferred_output": [{"role": "assistant", "content": rejected}]}
-
-
-def review_dpo_pairs(store: Store, *, run_ids: Sequence[str] | None = None,
-                     iteration_ids: Sequence[str] | None = None, include_corrections: bool = True) -> list[dict[str, Any]]:
-    """Reviewer preferences as DPO pairs in the platform preference format.
-
-    `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": ...}],
-    "non_preferred_output": [{"role": "assistant", "content": ...}]}`. The input is the rendered
-    prompt of the preferred sample (both outputs answer the same item; their prompts may differ
-    when the two iterations used different prompts). Ties and identical outputs give no pair.
-    With `include_corrections`, a correction also yields a pair: the correction preferred over the
-    sample's own output.
-    """
-    prefs = preferences(store, run_ids=run_ids, iteration_ids=iteration_ids)
-    reviews = sample_reviews(store, run_ids=run_ids, iteration_ids=iteration_ids) if include_corrections else {}
-    ids = [i for p in prefs if not p.tie for i in (p.chosen, p.rejected)] + list(reviews)
-    samples = store.samples_by_id(ids)
-    rows, seen = [], set()
-
-    def add(messages: list[dict[str, Any]] | None, preferred: str | None, rejected: str | None) -> None:
-        if messages is None or preferred is None or rejected is None or preferred == rejected:
-            return
-        row = _dpo_row(messages, preferred, rejected)
-        fingerprint = json.dumps(row, sort_keys=True)
-        if fingerprint not in seen:
-            seen.add(fingerprint)
-            rows.append(row)
-
-    for p in prefs:
-        if p.tie:
-            continue
-        chosen, rejected = samples[p.chosen], samples[p.rejected]
-        add(_messages(chosen), chosen.get("output_text"), rejected.get("output_text"))
-    for sample_id, review in reviews.items():
-        if review.correction is not None:
-            sample = samples[sample_id]
-            add(_messages(sample), review.correction, sample.get("output_text"))
-    return rows
 
 
 @dataclass
@@ -260,28 +180,17 @@ def judge_agreement(store: Store, *, run_ids: Sequence[str] | None = None,
     Model graders (score_model, label_model, or a multi grader containing one) come first; the
     others are included because a disagreement there usually means the reference is wrong.
     """
-    from flywheel.report.compare import grader_infos
-
     reviews = {sid: r for sid, r in sample_reviews(store, run_ids=run_ids, iteration_ids=iteration_ids).items()
                if r.verdict}
     if not reviews:
         return []
     ids = list(reviews)
     tables: dict[str, list[int]] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        for sample_id, grader, passed in store.db.execute(
-                f"select sample_id, grader, passed from grades where sample_id in ({','.join('?' * len(chunk))})",
-                chunk).fetchall():
-            human_pass = reviews[sample_id].verdict == "pass"
-            cell = (0 if passed else 2) + (0 if human_pass else 1)
-            tables.setdefault(grader, [0, 0, 0, 0])[cell] += 1
-    spec = None
-    row = store.db.execute(
-        "select e.spec_json from samples s join iterations i on i.id = s.iteration_id join runs r on r.id = i.run_id"
-        " join evals e on e.id = r.eval_id where s.id = ?", [ids[0]]).fetchone()
-    if row and row[0]:
-        spec = json.loads(row[0])
+    for grade in store.grades_of_samples(ids):
+        human_pass = reviews[grade["sample_id"]].verdict == "pass"
+        cell = (0 if grade["passed"] else 2) + (0 if human_pass else 1)
+        tables.setdefault(grade["grader"], [0, 0, 0, 0])[cell] += 1
+    spec = store.sample_spec(ids[0])
     infos = {g.name: g for g in grader_infos(spec, list(tables))}
     out = []
     for name, (pp, pf, fp, ff) in tables.items():

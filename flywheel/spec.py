@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,7 +202,7 @@ class EvalSpec(_Spec):
                 config = graders.parse_grader(raw)
             except graders.GraderConfigError as exc:
                 raise ValueError(f"graders[{index}]: {exc}") from None
-            name = getattr(config, "name", None) or f"grader_{index}"
+            name = config.name  # required and non-empty in every grader config
             if name in names:
                 raise ValueError(f"graders[{index}].name: duplicate grader name {name!r}")
             names.add(name)
@@ -223,7 +225,7 @@ class EvalSpec(_Spec):
 
     @property
     def objective_grader(self) -> str:
-        return self.objective.grader or self.graders[0].get("name") or "grader_0"
+        return self.objective.grader or self.graders[0]["name"]
 
     def messages(self) -> list[dict[str, str]]:
         return [m.model_dump() for m in self.input]
@@ -232,6 +234,30 @@ class EvalSpec(_Spec):
         """Content hash of everything that changes what the eval computes."""
         payload = self.model_dump(mode="json", exclude={"optimize"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class GraderInfo:
+    """A grader of a stored eval spec as reports show it: name, type, whether it asks a model."""
+
+    name: str
+    type: str
+    is_model: bool
+
+
+def grader_infos(spec: dict[str, Any] | None, seen_names: Sequence[str] = ()) -> list[GraderInfo]:
+    """Graders of a stored spec (its JSON, parsed) in spec order, then any other stored grader names.
+
+    >>> [g.name for g in grader_infos({"graders": [{"type": "score_model", "name": "judge"}]}, ["judge", "old"])]
+    ['judge', 'old']
+    """
+    from graders.registry import uses_model
+
+    infos = [GraderInfo(name=config["name"], type=str(config.get("type", "?")), is_model=uses_model(config))
+             for config in (spec or {}).get("graders") or []]
+    known = {g.name for g in infos}
+    infos += [GraderInfo(name=n, type="?", is_model=False) for n in seen_names if n not in known]
+    return infos
 
 
 def format_validation_error(source: str, exc: ValidationError) -> str:

@@ -3,13 +3,16 @@
 The schema lives in `flywheel.migrations`; this module reads and writes rows. A sample and its
 grades are written in one transaction, so a killed process leaves either both or neither.
 
-    store = Store.open("flywheel.db")
-    for run in store.list_runs(): ...
+    >>> store = Store.open(":memory:")
+    >>> run_id = store.create_run(kind="eval", config_key="k")
+    >>> [run["status"] for run in store.list_runs()]
+    ['running']
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import uuid
@@ -20,9 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
+from pydantic import BaseModel
 
 from flywheel.errors import StoreError
 from flywheel.migrations import apply_migrations
+from flywheel.summaries import (EvalSummary, GradeRow, GraderSummary, RunSummary, SampleRow, grader_summaries, objective_value,
+                                summarise_rows)
 
 if TYPE_CHECKING:
     from flywheel.cost import CostPerItem
@@ -137,6 +143,23 @@ class Store:
             data["nearest"] = row["nearest"]
         return data
 
+    def prompt_messages(self, prompt_id: str | None) -> list[dict[str, str]]:
+        """A stored prompt's messages ([] when there is none)."""
+        if not prompt_id:
+            return []
+        row = self.db.execute("select messages_json from prompts where id = ?", [prompt_id]).fetchone()
+        return json.loads(row[0]) if row and row[0] else []
+
+    def get_eval(self, eval_id: str | None) -> dict[str, Any] | None:
+        """The `evals` row (name, spec_json, ...) or None."""
+        rows = list(self.db["evals"].rows_where("id = ?", [eval_id])) if eval_id else []
+        return rows[0] if rows else None
+
+    def item_fields(self, dataset_id: str) -> dict[str, dict[str, Any]]:
+        """A stored dataset's item fields by item key."""
+        return {key: json.loads(fields_json or "{}") for key, fields_json in self.db.execute(
+            "select key, fields_json from items where dataset_id = ?", [dataset_id]).fetchall()}
+
     # -- runs and iterations --------------------------------------------------------------------
     def find_unfinished_run(self, config_key: str) -> dict[str, Any] | None:
         rows = list(self.db["runs"].rows_where(
@@ -149,10 +172,31 @@ class Store:
             self.db["runs"].insert({"id": run_id, "status": "running", "started_at": now(), **fields})
         return run_id
 
-    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+    def finish_run(self, run_id: str, status: str, summary: dict[str, Any] | BaseModel) -> None:
+        """Mark a run finished with its summary (an `EvalSummary` for eval runs)."""
+        text = summary.model_dump_json(exclude_none=True) if isinstance(summary, BaseModel) else json.dumps(summary)
         with self.db.conn:
-            self.db["runs"].update(run_id, {"status": status, "finished_at": now(),
-                                            "summary_json": json.dumps(summary)})
+            self.db["runs"].update(run_id, {"status": status, "finished_at": now(), "summary_json": text})
+
+    @staticmethod
+    def run_summary(run: dict[str, Any]) -> RunSummary:
+        """What any run's summary says of its size, pass rate and wall time (all optional)."""
+        return RunSummary.model_validate_json(run.get("summary_json") or "{}")
+
+    @staticmethod
+    def eval_summary_of(run: dict[str, Any]) -> EvalSummary | None:
+        """An eval run's stored `EvalSummary` (None while it runs)."""
+        return EvalSummary.model_validate_json(run["summary_json"]) if run.get("summary_json") else None
+
+    def save_run_state(self, run_id: str, state: dict[str, Any]) -> None:
+        """Overwrite a running run's summary with its progress (what the wheel resumes from)."""
+        with self.db.conn:
+            self.db["runs"].update(run_id, {"summary_json": json.dumps(state, default=str)})
+
+    def reopen_run(self, run_id: str) -> None:
+        """Mark a run running again (it is being resumed)."""
+        with self.db.conn:
+            self.db["runs"].update(run_id, {"status": "running"})
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         matches = list(self.db["runs"].rows_where("id = ? or id like ?", [run_id, f"%{run_id}"], limit=2))
@@ -185,12 +229,30 @@ class Store:
         value = self.db.execute("select max(seq) from iterations where run_id = ?", [run_id]).fetchone()[0]
         return 0 if value is None else value + 1
 
+    def best_valid_prompt(self, eval_name: str, model_ref: str) -> tuple[str, float] | None:
+        """(prompt id, score) of the best-scoring `valid` iteration of a completed run of this eval
+        and model (capture iterations excepted), or None."""
+        row = self.db.execute(
+            "select i.prompt_id, i.score from iterations i join runs r on r.id = i.run_id join evals e"
+            " on e.id = r.eval_id where e.name = ? and i.split = 'valid' and i.model_ref = ? and i.score is not null"
+            " and i.stage != 'capture' and r.status = 'completed' order by i.score desc, i.created_at limit 1",
+            [eval_name, model_ref]).fetchone()
+        return (row[0], row[1]) if row else None
+
     def update_iteration(self, iteration_id: str, **fields: Any) -> None:
         with self.db.conn:
             self.db["iterations"].update(iteration_id, fields)
 
     def iterations(self, run_id: str) -> list[dict[str, Any]]:
         return list(self.db["iterations"].rows_where("run_id = ?", [run_id], order_by="seq"))
+
+    def count_run_rows(self, run_ids: Sequence[str]) -> tuple[int, int]:
+        """(iterations, samples) of the given runs."""
+        marks = ",".join("?" * len(run_ids))
+        iterations, samples = self.db.execute(
+            f"select count(distinct i.id), count(s.id) from iterations i left join samples s on s.iteration_id = i.id"
+            f" where i.run_id in ({marks})", list(run_ids)).fetchone()
+        return iterations, samples
 
     # -- samples, grades, cache -----------------------------------------------------------------
     def done_keys(self, iteration_id: str) -> set[tuple[str, int]]:
@@ -250,16 +312,95 @@ class Store:
                   r.get("prompt_tokens", 0), r.get("completion_tokens", 0), r.get("latency_s", 0.0),
                   r.get("cost", 0.0), created) for r in rows])
 
-    def samples_with_grades(self, iteration_id: str) -> list[dict[str, Any]]:
-        """Every sample of an iteration with a `grades` list, in item order."""
+    def samples_with_grades(self, iteration_id: str, objective: tuple[str, str] | None = None, *,
+                            details: bool = True) -> list[dict[str, Any]]:
+        """Every sample of an iteration with a `grades` list (rows of `grades`), in item order.
+
+        With `objective=(grader, metric)` each sample also gets its objective `score` and `passed`
+        (`flywheel.summaries.objective_value`: an errored or ungraded sample is 0 and fails).
+        `details=False` reads only the columns reports show (no grade `details_json`/`error_details`,
+        no sample `finish_reason`/`created_at`): large runs render faster.
+        """
+        columns = "*" if details else ("id, item_key, repeat, input_json, output_text, error, prompt_tokens,"
+                                       " completion_tokens, latency_s, cost, cache_hit")
         samples = list(self.db.query(
-            "select * from samples where iteration_id = ? order by id", [iteration_id]))
-        by_id = {s["id"]: {**s, "grades": []} for s in samples}
+            f"select {columns} from samples where iteration_id = ? order by id", [iteration_id]))
+        by_id = {}
+        for sample in samples:
+            sample["grades"] = []
+            by_id[sample["id"]] = sample
         for grade in self.db.query(
-                "select g.* from grades g join samples s on s.id = g.sample_id"
+                f"select {'g.*' if details else 'g.sample_id, g.grader, g.score, g.passed, g.feedback, g.error'}"
+                " from grades g join samples s on s.id = g.sample_id"
                 " where s.iteration_id = ? order by g.sample_id, g.grader", [iteration_id]):
             by_id[grade["sample_id"]]["grades"].append(grade)
+        if objective is not None:
+            grader, metric = objective
+            for sample in by_id.values():
+                grade = next((g for g in sample["grades"] if g["grader"] == grader), None)
+                sample["score"], sample["passed"] = objective_value(
+                    sample["error"], grade["score"] if grade else None, grade["passed"] if grade else None, metric)
         return list(by_id.values())
+
+    def objective_scores(self, iteration_id: str, grader: str,
+                         metric: str | None = None) -> dict[tuple[str, int], tuple[float, bool]]:
+        """(score, passed) on the objective grader per (item_key, repeat) of an iteration.
+
+        An errored or ungraded sample is (0.0, False); `metric` as `summaries.objective_value` reads it
+        (None: the grader's raw score, which the paired promotion test compares).
+        """
+        rows = self.db.execute(
+            "select s.item_key, s.repeat, s.error, g.score, g.passed from samples s left join grades g"
+            " on g.sample_id = s.id and g.grader = ? where s.iteration_id = ?", [grader, iteration_id]).fetchall()
+        return {(key, repeat): objective_value(error, score, passed, metric)
+                for key, repeat, error, score, passed in rows}
+
+    def _summary_rows(self, iteration_id: str) -> tuple[list[SampleRow], list[GradeRow]]:
+        samples = [SampleRow(*r) for r in self.db.execute(
+            "select id, item_key, repeat, error, prompt_tokens, completion_tokens, cost from samples"
+            " where iteration_id = ? order by item_key, repeat", [iteration_id]).fetchall()]
+        grades = [GradeRow(r[0], r[1], r[2], bool(r[3]), r[4]) for r in self.db.execute(
+            "select g.sample_id, g.grader, g.score, g.passed, g.error from grades g"
+            " join samples s on s.id = g.sample_id where s.iteration_id = ? order by g.sample_id, g.grader",
+            [iteration_id]).fetchall()]
+        return samples, grades
+
+    def grader_stats(self, iteration_id: str, *, ci: bool = True) -> list[GraderSummary]:
+        """Per-grader statistics of an iteration (errored samples score 0), graders by name.
+
+        `ci=False` skips the bootstrap CI of each mean (NaN) and adds up in SQL: what reports of
+        large runs need, several times faster. Both ways count as `summaries.grader_summaries` does.
+        """
+        if ci:
+            return grader_summaries(*self._summary_rows(iteration_id), ci=True)
+        n, errored = self.db.execute("select count(*), count(error) from samples where iteration_id = ?",
+                                     [iteration_id]).fetchone()
+        rows = self.db.execute(
+            "select g.grader, sum(g.score), sum(g.passed), count(g.error) from grades g"
+            " join samples s on s.id = g.sample_id where s.iteration_id = ? group by g.grader order by g.grader",
+            [iteration_id]).fetchall()
+        # Errored samples have no grades, so `errored + count(g.error)` counts each failing sample once.
+        return [GraderSummary(name=grader, n=n, mean=(total or 0.0) / n if n else math.nan, ci_low=math.nan,
+                              ci_high=math.nan, pass_rate=(passes or 0) / n if n else math.nan,
+                              errors=errored + grade_errors) for grader, total, passes, grade_errors in rows]
+
+    def eval_summary(self, iteration_id: str, objective_grader: str, metric: str) -> EvalSummary:
+        """The `EvalSummary` of an iteration: pass rate, per grader, objective, tokens and cost."""
+        samples, grades = self._summary_rows(iteration_id)
+        return summarise_rows(samples, grades, objective_grader=objective_grader, metric=metric)
+
+    def sample_outcomes(self, iteration_id: str) -> list[tuple[str, str | None, bool]]:
+        """(item_key, error, passed every grader) per sample of an iteration, in id order."""
+        rows = self.db.execute(
+            "select s.item_key, s.error, min(coalesce(g.passed, 0)), count(g.grader) from samples s"
+            " left join grades g on g.sample_id = s.id where s.iteration_id = ? group by s.id order by s.id",
+            [iteration_id]).fetchall()
+        return [(key, error, bool(error is None and graded and ok)) for key, error, ok, graded in rows]
+
+    def count_errors(self, iteration_id: str) -> int:
+        """Samples of an iteration whose generation failed."""
+        return self.db.execute("select count(*) from samples where iteration_id = ? and error is not null",
+                               [iteration_id]).fetchone()[0]
 
     # -- captures (flywheel proxy) ---------------------------------------------------------------
     CAPTURE_COLUMNS = ("created_at", "endpoint", "upstream", "model", "stream", "status", "latency_s",
@@ -343,6 +484,79 @@ class Store:
                 found[row["id"]] = row
         return found
 
+    def list_reviews(self) -> list[dict[str, Any]]:
+        """Every review, oldest first."""
+        return list(self.db.query("select * from reviews order by id"))
+
+    def count_reviews(self) -> int:
+        return self.db.execute("select count(*) from reviews").fetchone()[0]
+
+    def reviews_of_sample(self, sample_id: int) -> list[dict[str, Any]]:
+        """Reviews of a sample, or comparing another sample with it, oldest first."""
+        return list(self.db.query("select * from reviews where sample_id = ? or other_sample_id = ? order by id",
+                                  [sample_id, sample_id]))
+
+    def grades_of_samples(self, sample_ids: Iterable[int]) -> list[dict[str, Any]]:
+        """The grade rows of the given samples, by sample then grader."""
+        ids = list(dict.fromkeys(int(i) for i in sample_ids))
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            out += self.db.query(f"select * from grades where sample_id in ({','.join('?' * len(chunk))})"
+                                 " order by sample_id, grader", chunk)
+        return out
+
+    def other_outputs(self, sample: dict[str, Any]) -> list[dict[str, Any]]:
+        """Other samples of the same item and repeat (in any iteration): id, iteration, output, error."""
+        return list(self.db.query(
+            "select id, iteration_id, output_text, error from samples where item_key = ? and repeat = ? and id != ?"
+            " order by id", [sample["item_key"], sample["repeat"], sample["id"]]))
+
+    def sample_spec(self, sample_id: int) -> dict[str, Any] | None:
+        """The eval spec (as stored JSON, parsed) of the run a sample belongs to."""
+        row = self.db.execute(
+            "select e.spec_json from samples s join iterations i on i.id = s.iteration_id join runs r on r.id = i.run_id"
+            " join evals e on e.id = r.eval_id where s.id = ?", [sample_id]).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
+    def samples_in_dataset(self, sample_ids: Iterable[int], dataset_id: str) -> dict[int, dict[str, Any]]:
+        """Of the given samples, those of runs over `dataset_id` (id, item_key, output_text, error)."""
+        ids = sorted(set(sample_ids))
+        found: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            for row in self.db.query(
+                    "select s.id, s.item_key, s.output_text, s.error, r.dataset_id from samples s join iterations i"
+                    " on i.id = s.iteration_id join runs r on r.id = i.run_id"
+                    f" where s.id in ({','.join('?' * len(chunk))})", chunk):
+                if row["dataset_id"] == dataset_id:
+                    found[row["id"]] = row
+        return found
+
+    def search_samples(self, text: str, limit: int = 200) -> list[dict[str, Any]]:
+        """Samples whose item key, output or item fields contain `text`, newest first, each with
+        `passed` (no error and every grade passed) and its run, seq and stage."""
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        results = list(self.db.query(
+            "select s.id, s.iteration_id, s.item_key, s.repeat, s.output_text, s.error, i.run_id,"
+            " i.seq, i.stage, it.fields_json from samples s join iterations i on i.id = s.iteration_id"
+            " join runs r on r.id = i.run_id left join items it on it.dataset_id = r.dataset_id and"
+            " it.key = s.item_key where s.item_key like :q escape '\\' or s.output_text like :q escape '\\'"
+            f" or it.fields_json like :q escape '\\' order by s.id desc limit {int(limit)}", {"q": like}))
+        passed: dict[int, bool] = {}
+        for grade in self.grades_of_samples(r["id"] for r in results):
+            passed[grade["sample_id"]] = passed.get(grade["sample_id"], True) and bool(grade["passed"])
+        for r in results:
+            r["passed"] = passed.get(r["id"], False) and not r["error"]
+        return results
+
+    def samples_version(self, iteration_ids: Sequence[str]) -> tuple[int, int]:
+        """(samples in the iterations, highest grade rowid): changes whenever a sample or grade is added."""
+        marks = ",".join("?" * len(iteration_ids))
+        return tuple(self.db.execute(
+            f"select (select count(*) from samples where iteration_id in ({marks})), (select max(rowid) from grades)",
+            list(iteration_ids)).fetchone())
+
     # -- training: teacher captures, training sets, jobs, events, checkpoints (flywheel.train) ----
     def add_teacher_capture(self, row: dict[str, Any]) -> None:
         with self.db.conn:
@@ -380,14 +594,41 @@ class Store:
     def training_events(self, job_id: str) -> list[dict[str, Any]]:
         return list(self.db["training_events"].rows_where("job_id = ?", [job_id], order_by="id"))
 
+    def teacher_captures(self, ids: Sequence[str] | None = None, *, eval_name: str | None = None,
+                         dataset_id: str | None = None) -> list[dict[str, Any]]:
+        """Teacher-capture rows, oldest first: those with `ids`, or those of an eval — over its dataset,
+        and over the unlabelled inputs captured for it (their own datasets, split `unlabelled`)."""
+        if ids:
+            marks = ",".join("?" * len(ids))
+            return list(self.db.query(f"select * from teacher_captures where id in ({marks}) order by created_at",
+                                      list(ids)))
+        return list(self.db.query(
+            "select * from teacher_captures where eval_name = ? and (dataset_id = ? or split = 'unlabelled')"
+            " order by created_at", [eval_name, dataset_id]))
+
+    def get_training_set(self, set_id: str) -> dict[str, Any] | None:
+        rows = list(self.db["training_sets"].rows_where("id = ?", [set_id]))
+        return rows[0] if rows else None
+
+    def latest_checkpoint_for(self, model_ref: str) -> str | None:
+        """The id of the newest checkpoint registered under `model_ref`, if any."""
+        row = self.db.execute("select id from checkpoints where model_ref = ? order by created_at desc limit 1",
+                              [model_ref]).fetchone()
+        return row[0] if row else None
+
     def get_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
         rows = list(self.db["checkpoints"].rows_where("id = ?", [checkpoint_id]))
         if not rows:
             raise StoreError(f"{self.path}: no checkpoint {checkpoint_id!r}")
         return rows[0]
 
-    def list_checkpoints(self, limit: int = 50) -> list[dict[str, Any]]:
-        return list(self.db["checkpoints"].rows_where(order_by="created_at desc", limit=limit))
+    def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
+                        base_model: str) -> dict[str, Any] | None:
+        """The newest checkpoint trained by `method` on this set with this config from this base."""
+        rows = list(self.db["checkpoints"].rows_where(
+            "method = ? and training_set_hash = ? and config_json = ? and base_model = ?",
+            [method, training_set_hash, config_json, base_model], order_by="created_at desc", limit=1))
+        return rows[0] if rows else None
 
     def update_checkpoint(self, checkpoint_id: str, **fields: Any) -> None:
         with self.db.conn:
@@ -432,23 +673,6 @@ class Store:
                 [(r["sample_id"], r["grader"], r["score"], int(r["passed"]), r.get("feedback"),
                   json.dumps(r.get("details") or {}, ensure_ascii=False, default=str), r.get("error"),
                   r.get("error_details")) for r in rows])
-
-    def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
-                        base_model: str) -> dict[str, Any] | None:
-        """The newest checkpoint trained by `method` on this set and config from this base (resume)."""
-        rows = list(self.db.query(
-            "select * from checkpoints where method = ? and training_set_hash = ? and config_json = ?"
-            " and base_model = ? order by created_at desc limit 1",
-            [method, training_set_hash, config_json, base_model]))
-        return rows[0] if rows else None
-
-    def update_run_summary(self, run_id: str, summary: dict[str, Any], status: str | None = None) -> None:
-        """Replace a run's summary (the wheel keeps its progress there: what resume reads)."""
-        fields: dict[str, Any] = {"summary_json": json.dumps(summary, default=str)}
-        if status:
-            fields["status"] = status
-        with self.db.conn:
-            self.db["runs"].update(run_id, fields)
 
     def dataset_items(self, dataset_id: str) -> list[dict[str, Any]]:
         """A stored dataset's items: key, split, line and fields, in stored order."""

@@ -138,8 +138,7 @@ class Wheel:
         outcome = evaluate(spec, self.store, iteration_id, items, model, prompt, self.grader_set)
         if outcome.model_calls:
             summary = outcome.summary
-            self.count(outcome.model_calls, summary["prompt_tokens"] + summary["completion_tokens"],
-                       summary.get("cost") or 0.0)
+            self.count(outcome.model_calls, summary.prompt_tokens + summary.completion_tokens, summary.cost or 0.0)
         return iteration_id, outcome.objective
 
     def measure(self, stage: str, model_ref: str, prompt: Prompt, split: str, parent: str | None) -> tuple[str, float]:
@@ -248,13 +247,13 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
         run_id = run["id"]
         state = _state(store, run_id)
         elapsed_before = state.get("elapsed_s", 0.0)
-        store.update_run_summary(run_id, state, status="running")
+        store.reopen_run(run_id)
         log(f"resuming {run_id}")
     else:
         run_id = store.create_run(kind="wheel", config_key=json.dumps(run_spec.model_dump(mode="json")),
                                   eval_id=eval_id, dataset_id=dataset.content_hash, model_ref=spec.model,
                                   split="valid", command=command or f"flywheel run {run_spec.source}")
-        store.update_run_summary(run_id, {"run_spec": run_spec.source, "stages": []})
+        store.save_run_state(run_id, {"run_spec": run_spec.source, "stages": []})
     wheel = Wheel(run_spec, spec, store, run_id, log, elapsed_before)
     outcomes: list[StageOutcome] = []
     try:
@@ -292,7 +291,7 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
                 outcome.wall_s = time.perf_counter() - started
                 state["stages"].append({"outcome": outcome.to_dict(), "incumbent": _incumbent_state(incumbent)})
                 state["elapsed_s"] = time.perf_counter() - wheel.spent.started
-                store.update_run_summary(run_id, state)
+                store.save_run_state(run_id, state)
                 log(f"  -> {outcome.decision} in {outcome.wall_s:.0f} s: {outcome.reason}")
             outcomes.append(outcome)
             if outcome.stage != "capture":
@@ -310,7 +309,7 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
     except BaseException:
         state = _state(store, run_id)
         state["elapsed_s"] = time.perf_counter() - wheel.spent.started
-        store.update_run_summary(run_id, state)
+        store.save_run_state(run_id, state)
         raise
     finally:
         wheel.close()
@@ -332,7 +331,7 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
         folder = Path(report_dir) if report_dir else store.artefact_dir / "reports"
         folder.mkdir(parents=True, exist_ok=True)
         result.report_path = write_report(store, [run_id], folder / f"{run_id}.html").path
-        store.update_run_summary(run_id, {**state, **result.to_dict(), "elapsed_s": result.wall_s})
+        store.save_run_state(run_id, {**state, **result.to_dict(), "elapsed_s": result.wall_s})
     return result
 
 

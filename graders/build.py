@@ -6,6 +6,7 @@ from typing import Any
 
 from graders.base import Grader
 from graders.config import parse_grader
+from graders.registry import TABLE
 
 
 def build_grader(
@@ -28,31 +29,4 @@ def build_grader(
     1.0
     """
     config = parse_grader(config)
-    kind = config.type
-    if kind == "string_check":
-        from graders.string_check import StringCheckGrader
-
-        return StringCheckGrader(config)
-    if kind == "text_similarity":
-        from graders.text_similarity import TextSimilarityGrader
-
-        return TextSimilarityGrader(config, embedder=embedder)
-    if kind == "score_model":
-        from graders.model_graders import ScoreModelGrader
-
-        return ScoreModelGrader(config, judge)
-    if kind == "label_model":
-        from graders.model_graders import LabelModelGrader
-
-        return LabelModelGrader(config, judge)
-    if kind == "python":
-        from graders.python_sandbox import PythonGrader
-
-        return PythonGrader(config, sandbox=sandbox)
-    if kind == "multi":
-        from graders.multi import MultiGrader
-
-        subs = {key: build_grader(sub, judge=judge, embedder=embedder, sandbox=sandbox)
-                for key, sub in config.graders.items()}
-        return MultiGrader(config, subs)
-    raise AssertionError(f"unhandled grader type {kind!r}")  # parse_grader only returns known types
+    return TABLE[config.type].build(config, judge=judge, embedder=embedder, sandbox=sandbox)

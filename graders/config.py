@@ -18,8 +18,6 @@ from graders.errors import GraderConfigError, TemplateVariableError, did_you_mea
 from graders.formula import Formula, FormulaError
 from graders.templates import template_variables
 
-GRADER_TYPES = ("string_check", "text_similarity", "score_model", "label_model", "python", "multi")
-SUB_GRADER_TYPES = ("string_check", "text_similarity", "score_model", "label_model", "python")
 STRING_CHECK_OPERATIONS = ("eq", "ne", "like", "ilike")
 TEXT_SIMILARITY_METRICS = (
     "cosine", "fuzzy_match", "bleu", "gleu", "meteor",
@@ -130,7 +128,7 @@ class StringCheckGraderConfig(_Config):
     """Compare `input` with `reference`: eq, ne, like (contains), ilike (case-insensitive contains)."""
 
     type: Literal["string_check"] = Field(description="The grader type.")
-    name: str = Field(description="The grader's name.")
+    name: str = Field(min_length=1, description="The grader's name (stored with its grades).")
     input: str = Field(description="Templated text to check, usually '{{sample.output_text}}'.")
     reference: str = Field(description="Templated text to compare against, e.g. '{{item.label}}'.")
     operation: Literal["eq", "ne", "like", "ilike"] = Field(
@@ -149,7 +147,7 @@ class TextSimilarityGraderConfig(_Config):
     """Score `input` against `reference` with a text metric in [0, 1]."""
 
     type: Literal["text_similarity"] = Field(description="The grader type.")
-    name: str = Field(description="The grader's name.")
+    name: str = Field(min_length=1, description="The grader's name (stored with its grades).")
     input: str = Field(description="Templated text to grade, usually '{{sample.output_text}}'.")
     reference: str = Field(description="Templated reference text.")
     evaluation_metric: Literal[
@@ -167,7 +165,7 @@ class ScoreModelGraderConfig(_Config):
     """A judge model gives a number, clipped to `range`."""
 
     type: Literal["score_model"] = Field(description="The grader type.")
-    name: str = Field(description="The grader's name.")
+    name: str = Field(min_length=1, description="The grader's name (stored with its grades).")
     model: str = Field(description="The judge model reference, resolved by the caller (e.g. 'local:smollm2').")
     input: list[Message] = Field(min_length=1, description="Templated messages sent to the judge.")
     range: list[float] | None = Field(
@@ -194,7 +192,7 @@ class LabelModelGraderConfig(_Config):
     """A judge model picks one of `labels`; the grade passes if it is in `passing_labels`."""
 
     type: Literal["label_model"] = Field(description="The grader type.")
-    name: str = Field(description="The grader's name.")
+    name: str = Field(min_length=1, description="The grader's name (stored with its grades).")
     model: str = Field(description="The judge model reference, resolved by the caller.")
     input: list[Message] = Field(min_length=1, description="Templated messages sent to the judge.")
     labels: list[str] = Field(min_length=1, description="The labels the judge may answer with.")
@@ -217,7 +215,7 @@ class PythonGraderConfig(_Config):
     """User code `grade(sample, item) -> float`, run in a sandboxed worker process."""
 
     type: Literal["python"] = Field(description="The grader type.")
-    name: str = Field(description="The grader's name.")
+    name: str = Field(min_length=1, description="The grader's name (stored with its grades).")
     source: str = Field(description="Python source defining grade(sample, item) -> float (< 256 kB).")
     image_tag: str | None = Field(None, description="The platform's sandbox image tag; recorded, not used.")
     pass_threshold: float | None = Field(None, description="Pass iff score >= pass_threshold (0.5 when omitted).")
@@ -235,20 +233,11 @@ class PythonGraderConfig(_Config):
         return value
 
 
-SubGraderConfig = Annotated[
-    Union[
-        StringCheckGraderConfig, TextSimilarityGraderConfig, ScoreModelGraderConfig,
-        LabelModelGraderConfig, PythonGraderConfig,
-    ],
-    Field(discriminator="type"),
-]
-
-
 class MultiGraderConfig(_Config):
     """Named sub-graders combined by a `calculate_output` formula."""
 
     type: Literal["multi"] = Field(description="The grader type.")
-    name: str = Field(description="The grader's name.")
+    name: str = Field(min_length=1, description="The grader's name (stored with its grades).")
     graders: dict[str, SubGraderConfig] = Field(
         description="Sub-graders by key; the keys are the formula's variables (a list is accepted and "
         "keyed by each grader's name)."
@@ -287,30 +276,17 @@ class MultiGraderConfig(_Config):
         return self
 
 
-GraderConfig = Annotated[
-    Union[
-        StringCheckGraderConfig, TextSimilarityGraderConfig, ScoreModelGraderConfig,
-        LabelModelGraderConfig, PythonGraderConfig, MultiGraderConfig,
-    ],
-    Field(discriminator="type"),
-]
-AnyGraderConfig = Union[
-    StringCheckGraderConfig, TextSimilarityGraderConfig, ScoreModelGraderConfig,
-    LabelModelGraderConfig, PythonGraderConfig, MultiGraderConfig,
-]
+# The grader types, their unions and CONFIG_CLASSES derive from the table in graders/registry.py.
+_FROM_REGISTRY = ("GRADER_TYPES", "SUB_GRADER_TYPES", "CONFIG_CLASSES", "GraderConfig", "AnyGraderConfig",
+                  "SubGraderConfig")
 
-CONFIG_CLASSES: dict[str, type[_Config]] = {
-    "string_check": StringCheckGraderConfig,
-    "text_similarity": TextSimilarityGraderConfig,
-    "score_model": ScoreModelGraderConfig,
-    "label_model": LabelModelGraderConfig,
-    "python": PythonGraderConfig,
-    "multi": MultiGraderConfig,
-}
 
-from pydantic import TypeAdapter  # noqa: E402
+def __getattr__(name: str) -> Any:
+    if name in _FROM_REGISTRY:
+        from graders import registry
 
-_ADAPTER: TypeAdapter = TypeAdapter(GraderConfig)
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- parsing and error messages ---------------------------------------------------------------
@@ -325,17 +301,21 @@ def parse_grader(obj: Any) -> AnyGraderConfig:
     Raises GraderConfigError naming the field: ``input: field required``, or
     ``type: unknown grader 'exct'; known: string_check, ... (did you mean 'string_check'?)``.
     """
+    from graders.registry import ADAPTER, CONFIG_CLASSES
+
     if isinstance(obj, BaseModel) and type(obj) in CONFIG_CLASSES.values():
         return obj  # already a config
     _check_types(obj, "", top=True)
     try:
-        return _ADAPTER.validate_python(obj)
+        return ADAPTER.validate_python(obj)
     except ValidationError as e:
         raise GraderConfigError(_format_errors(e, obj)) from None
 
 
 def _check_types(obj: Any, path: str, *, top: bool) -> None:
     """Catch an unknown or missing `type` before pydantic, to say which types exist."""
+    from graders.registry import GRADER_TYPES, SUB_GRADER_TYPES
+
     if not isinstance(obj, dict):
         raise GraderConfigError([(path, f"a grader must be an object, got {type(obj).__name__}")])
     known = GRADER_TYPES if top else SUB_GRADER_TYPES
@@ -436,6 +416,8 @@ def _model_at(loc: tuple, obj: Any) -> type[BaseModel] | None:
             data = data[elem]
     if not isinstance(data, dict):
         return None
+    from graders.registry import CONFIG_CLASSES
+
     if data.get("type") in CONFIG_CLASSES:
         return CONFIG_CLASSES[data["type"]]
     parts = {"input_text": InputText, "output_text": OutputText, "input_image": InputImage, "input_audio": InputAudio}

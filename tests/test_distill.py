@@ -18,7 +18,7 @@ from flywheel.distill import CaptureError, best_prompt, capture
 from flywheel.data import load_dataset
 from flywheel.harness import run_eval
 from flywheel.prompt import Prompt
-from flywheel.serve import BackgroundServer
+from flywheel.web import BackgroundServer
 from flywheel.train import TrainingDataError, build_sft_set
 
 ECHO_ONE = {"type": "string_check", "name": "echo_one", "input": "{{sample.output_text}}",

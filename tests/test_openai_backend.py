@@ -18,7 +18,8 @@ from flywheel.errors import ModelError
 from flywheel.harness import run_eval
 from flywheel.models import ChatRequest, Sampling, load_model
 from flywheel.pricing import PRICES, Price, find_price
-from flywheel.serve import BackgroundServer, create_app
+from flywheel.model_server import create_app
+from flywheel.web import BackgroundServer
 from flywheel.spec import parse_eval_spec
 
 HI = [{"role": "user", "content": "hi"}]

@@ -20,8 +20,9 @@ from serving_helpers import ScriptedUpstream, free_port
 
 from flywheel.cli import main
 from flywheel.models import load_model
-from flywheel.proxy import CaptureWriter, StreamAssembler, create_proxy_app, normalise_upstream
-from flywheel.serve import BackgroundServer, create_app
+from flywheel.proxy.server import CaptureWriter, StreamAssembler, create_proxy_app, normalise_upstream
+from flywheel.model_server import create_app
+from flywheel.web import BackgroundServer
 from flywheel.store import Store
 
 HI = [{"role": "user", "content": "hi"}]

@@ -11,7 +11,7 @@ from flywheel.cli import main
 from flywheel.harness import run_eval
 from flywheel.report.compare import (compare_iterations, default_pair, load_run_view, mcnemar_exact, paired_stats,
                                      prompt_diff)
-from flywheel.report.html import render_report, script_json, write_report
+from flywheel.report.html import decorate_iterations, kpis, render_report, script_json, write_report
 from flywheel.spec import load_eval_spec
 
 from report_helpers import XSS, Outcome, build_run, default_outcome
@@ -167,3 +167,58 @@ def test_run_without_samples_still_renders(store):
     store.iteration_for(run_id, 0, stage="eval")
     data = _data(render_report(store, [run_id]))
     assert data["iterations"][0]["score"] is None and data["samples"] == [{**data["samples"][0], "k": []}]
+
+
+def test_mean_score_objective_compares_scores_not_passes(store):
+    """A spec's `mean_score` metric (spec.py's spelling) must score samples by the grader's score."""
+    from report_helpers import SPEC
+
+    spec = {**SPEC, "objective": {"grader": "judge", "metric": "mean_score"}}
+    store.save_eval("e-run-test-000001", SPEC["name"], "<test>", json.dumps(spec))
+    ids = build_run(store, n_items=6)
+    view = load_run_view(store, [ids["run_id"]])
+    assert view.objective == {"grader": "judge", "metric": "mean_score"}
+    cmp = compare_iterations(store, view, *ids["iterations"][:2])
+    scores = {row.a["score"] for row in cmp.rows} | {row.b["score"] for row in cmp.rows}
+    assert scores <= {0.9, 0.2} and scores == {0.9, 0.2}  # the judge's scores, not 1.0/0.0 passes
+    html = render_report(store, [ids["run_id"]])
+    assert "judge mean score" in html and _data(html)["metric"] == "mean_score"
+
+
+def _wheel_like_run(store, run_id="run-wheel-000001"):
+    """Two valid iterations (baseline, promoted prompt) and the wheel's test report of each."""
+    store.create_run(id=run_id, kind="wheel", config_key=run_id)
+    ids = {}
+    for seq, (name, stage, split, parent, score) in enumerate([
+            ("v0", "eval", "valid", None, 0.5), ("v1", "prompt", "valid", "v0", 0.8),
+            ("t0", "test-report", "test", "v0", 0.4), ("t1", "test-report", "test", "v1", 0.55)]):
+        ids[name] = store.iteration_for(run_id, seq, stage=stage, split=split, parent_id=ids.get(parent))
+        store.update_iteration(ids[name], score=score, n=10, wall_s=1.0)
+    return ids
+
+
+def test_test_rows_compare_with_test_rows_never_with_valid(store):
+    _wheel_like_run(store)
+    view = load_run_view(store, ["run-wheel-000001"])
+    rows = decorate_iterations(view)
+    # v1 vs v0 (valid), t0: the baseline's test report has nothing to compare with, t1 vs t0 (test)
+    assert [(r["split"], r["delta_fmt"]) for r in rows] == [
+        ("valid", "–"), ("valid", "+30.0 pts"), ("test", "–"), ("test", "+15.0 pts")]
+    best = next(k for k in kpis(view) if k["label"] == "best")
+    assert best["value"] == "80.0%"  # the best on the baseline's split (valid), not a test score
+
+
+def test_header_shows_the_runs_wall_time(store):
+    _wheel_like_run(store)
+    store.finish_run("run-wheel-000001", "completed", {"elapsed_s": 496.0, "wall_s": 496.0})
+    time_kpi = next(k for k in kpis(load_run_view(store, ["run-wheel-000001"])) if k["label"] == "time")
+    assert time_kpi["value"] == "8 min 16 s" and time_kpi["detail"] == "4.0 s evaluating"
+    assert "8 min 16 s" in render_report(store, ["run-wheel-000001"])
+    # No wall time in the summary: finished_at - started_at.
+    _wheel_like_run(store, "run-wheel-000002")
+    store.finish_run("run-wheel-000002", "completed", {"n_samples": 40})
+    with store.db.conn:
+        store.db["runs"].update("run-wheel-000002", {"started_at": "2026-11-30T10:00:00.000+00:00",
+                                                     "finished_at": "2026-11-30T10:01:30.500+00:00"})
+    time_kpi = next(k for k in kpis(load_run_view(store, ["run-wheel-000002"])) if k["label"] == "time")
+    assert time_kpi["value"] == "1 min 30 s"

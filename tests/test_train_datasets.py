@@ -111,6 +111,47 @@ def test_reviewer_corrections_of_train_items_only(spec, store):
     assert [r["preferred_output"][0]["content"] for r in dpo.rows] == ["pin_blocked, the card PIN is blocked"]
 
 
+def _ids(store, capture_result) -> dict[str, int]:
+    return {s["item_key"]: s["id"] for s in store.samples_with_grades(capture_result.iteration_id)}
+
+
+def test_reviewer_preferences_become_dpo_pairs_in_preference_format(spec, store):
+    a = _fake_capture(store, spec, {"train-0": ["card_arrival"], "train-1": ["wrong one"], "train-2": ["x"]})
+    b = _fake_capture(store, spec, {"train-0": ["bad answer"], "train-1": ["pin_blocked"], "train-2": ["x"]})
+    ia, ib = _ids(store, a), _ids(store, b)
+    add_review(store, ib["train-0"], other_sample_id=ia["train-0"], preference="other")   # A preferred
+    add_review(store, ib["train-1"], other_sample_id=ia["train-1"], preference="sample")  # B preferred
+    add_review(store, ib["train-2"], other_sample_id=ia["train-2"], preference="tie")     # no pair
+
+    def pairs():  # one capture only: a single output per item gives no best-vs-worst pair
+        dpo = build_dpo_set(spec, store, captures=[a.id])
+        for row in dpo.rows:
+            assert set(row) == {"input", "preferred_output", "non_preferred_output"}
+            assert row["preferred_output"][0]["role"] == row["non_preferred_output"][0]["role"] == "assistant"
+        return dpo, [(r["preferred_output"][0]["content"], r["non_preferred_output"][0]["content"]) for r in dpo.rows]
+
+    dpo, got = pairs()
+    assert got == [("card_arrival", "bad answer"), ("pin_blocked", "wrong one")]
+    assert dpo.source["counts"]["pairs_from_reviews"] == 2
+    rft = build_rft_set(spec).rows  # train items in order: the eval's own prompt, rendered for the item
+    assert [r["input"]["messages"] for r in dpo.rows] == [rft[0]["messages"], rft[1]["messages"]]
+    # Changing one's mind replaces the pair, it does not add one.
+    add_review(store, ia["train-1"], other_sample_id=ib["train-1"], preference="sample")
+    assert pairs()[1] == [("card_arrival", "bad answer"), ("wrong one", "pin_blocked")]
+    with pytest.raises(TrainingDataError):
+        build_dpo_set(spec, store, captures=[a.id], include_reviews=False)
+
+
+def test_a_pass_verdict_adds_the_reviewed_output_to_sft(spec, store):
+    a = _fake_capture(store, spec, {"train-0": ["card_arrival"], "train-1": ["pin blocked, I think"]})
+    add_review(store, _ids(store, a)["train-1"], verdict="pass")
+    sft = build_sft_set(spec, store)
+    assert [r["messages"][-1]["content"] for r in sft.rows] == ["card_arrival", "pin blocked, I think"]
+    assert sft.source["counts"]["rows_from_reviews"] == 1
+    assert [r["messages"][-1]["content"] for r in build_sft_set(spec, store, include_reviews=False).rows] == [
+        "card_arrival"]
+
+
 def test_rft_prompts_carry_the_item_fields(spec, tmp_path, tiny_model_dir):
     rft = build_rft_set(spec)
     assert len(rft) == 4

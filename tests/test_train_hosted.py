@@ -22,7 +22,7 @@ from train_helpers import tiny_eval
 
 from flywheel.distill import capture
 from flywheel.errors import ModelError
-from flywheel.serve import BackgroundServer
+from flywheel.web import BackgroundServer
 from flywheel.train import SFTSpec, TrainingDataError, TrainingError, build_dpo_set, build_rft_set, build_sft_set
 from flywheel.train.config import DPOSpec, RFTSpec
 from flywheel.train.methods import load_train_config

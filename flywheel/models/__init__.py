@@ -20,7 +20,11 @@ SCHEMES = ("local", "openai")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str, str | None]:
-    """Split `scheme:name[+adapter]` into its parts; ModelError names what is wrong."""
+    """Split `scheme:name[+adapter]` into its parts; ModelError names what is wrong.
+
+    >>> parse_model_ref("local:smollm2+.flywheel/ckpt/sft-3")
+    ('local', 'smollm2', '.flywheel/ckpt/sft-3')
+    """
     scheme, sep, rest = ref.partition(":")
     if not sep or scheme not in SCHEMES or not rest:
         raise ModelError(

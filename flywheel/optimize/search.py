@@ -143,7 +143,7 @@ class _Search:
         outcome = evaluate(self.spec, self.store, iteration_id, items, model, candidate.prompt, self.grader_set)
         self.model_calls += outcome.model_calls
         if outcome.model_calls:
-            self.tokens += outcome.summary["prompt_tokens"] + outcome.summary["completion_tokens"]
+            self.tokens += outcome.summary.prompt_tokens + outcome.summary.completion_tokens
         return outcome
 
     def score_minibatch(self, candidate: Candidate, minibatch: list[Item]) -> None:
@@ -376,8 +376,8 @@ def _compare(store: Store, spec: EvalSpec, a: Evaluation, b: Evaluation) -> dict
 
 def _prompt_tokens(candidate: Candidate) -> float:
     evaluation = candidate.valid
-    n = evaluation.summary.get("n_samples") or 0 if evaluation else 0
-    return evaluation.summary["prompt_tokens"] / n if n else math.inf
+    n = evaluation.summary.n_samples if evaluation else 0
+    return evaluation.summary.prompt_tokens / n if n else math.inf
 
 
 def _cheapest_unseparated(store: Store, spec: EvalSpec, config: OptimizeSpec,

@@ -20,18 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+from flywheel import summaries
 from flywheel.stats import mcnemar_exact, paired_stats  # noqa: F401 - re-exported
+from flywheel.spec import GraderInfo, grader_infos
 from flywheel.store import Store
+from flywheel.summaries import GraderSummary
 
-MODEL_GRADER_TYPES = {"score_model", "label_model"}
 STATUS_ORDER = {"regression": 0, "improvement": 1, "changed": 2, "same": 3, "only_a": 4, "only_b": 5}
-
-
-@dataclass
-class GraderInfo:
-    name: str
-    type: str
-    is_model: bool
 
 
 @dataclass
@@ -72,26 +67,6 @@ class Comparison:
     config: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _is_model_grader(config: dict[str, Any]) -> bool:
-    if config.get("type") in MODEL_GRADER_TYPES:
-        return True
-    subs = config.get("graders")
-    if isinstance(subs, dict):
-        return any(isinstance(s, dict) and _is_model_grader(s) for s in subs.values())
-    return False
-
-
-def grader_infos(spec: dict[str, Any] | None, seen_names: Sequence[str] = ()) -> list[GraderInfo]:
-    """Graders in spec order (names as the harness stores them), then any other stored names."""
-    infos = []
-    for index, config in enumerate((spec or {}).get("graders") or []):
-        name = config.get("name") or f"grader_{index}"
-        infos.append(GraderInfo(name=name, type=str(config.get("type", "?")), is_model=_is_model_grader(config)))
-    known = {g.name for g in infos}
-    infos += [GraderInfo(name=n, type="?", is_model=False) for n in seen_names if n not in known]
-    return infos
-
-
 def objective_of(spec: dict[str, Any] | None, graders: Sequence[GraderInfo]) -> dict[str, str]:
     objective = (spec or {}).get("objective") or {}
     name = objective.get("grader") or (graders[0].name if graders else "")
@@ -105,20 +80,9 @@ def iteration_label(iteration: dict[str, Any], multi_run: bool = False) -> str:
     return label
 
 
-def grader_stats(store: Store, iteration_id: str) -> dict[str, dict[str, float]]:
+def grader_stats(store: Store, iteration_id: str) -> dict[str, GraderSummary]:
     """Per grader: mean score and pass rate over every sample (errored samples count 0), errors."""
-    n = store.db.execute("select count(*) from samples where iteration_id = ?", [iteration_id]).fetchone()[0]
-    errored = store.db.execute(
-        "select count(*) from samples where iteration_id = ? and error is not null", [iteration_id]).fetchone()[0]
-    out = {}
-    for grader, total, passes, errors in store.db.execute(
-            "select g.grader, sum(g.score), sum(g.passed), sum(g.error is not null) from grades g"
-            " join samples s on s.id = g.sample_id where s.iteration_id = ? group by g.grader",
-            [iteration_id]).fetchall():
-        out[grader] = {"mean": (total or 0) / n if n else math.nan,
-                       "pass_rate": (passes or 0) / n if n else math.nan,
-                       "errors": int(errors or 0) + errored, "n": n}
-    return out
+    return {g.name: g for g in store.grader_stats(iteration_id, ci=False)}
 
 
 def load_run_view(store: Store, run_ids: Sequence[str]) -> RunView:
@@ -129,29 +93,22 @@ def load_run_view(store: Store, run_ids: Sequence[str]) -> RunView:
     eval_name = ""
     for run in runs:
         if spec is None and run.get("eval_id"):
-            row = store.db.execute("select name, spec_json from evals where id = ?", [run["eval_id"]]).fetchone()
+            row = store.get_eval(run["eval_id"])
             if row:
-                eval_name, spec = row[0], json.loads(row[1]) if row[1] else None
+                eval_name, spec = row["name"], json.loads(row["spec_json"]) if row["spec_json"] else None
         iterations += store.iterations(run["id"])
     names: list[str] = []
     for it in iterations:
         it["grader_stats"] = grader_stats(store, it["id"])
         names += [n for n in it["grader_stats"] if n not in names]
         it["label"] = iteration_label(it, multi_run=len(runs) > 1)
-        it["messages"] = _prompt_messages(store, it.get("prompt_id"))
+        it["messages"] = store.prompt_messages(it.get("prompt_id"))
         it["tokens"] = (it.get("prompt_tokens") or 0) + (it.get("completion_tokens") or 0)
     graders = grader_infos(spec, names)
     for run in runs:
-        run["summary"] = json.loads(run.get("summary_json") or "null") or {}
+        run["summary"] = store.run_summary(run)
     return RunView(runs=runs, iterations=iterations, graders=graders, objective=objective_of(spec, graders),
                    eval_name=eval_name or (runs[0]["id"] if runs else ""), spec=spec)
-
-
-def _prompt_messages(store: Store, prompt_id: str | None) -> list[dict[str, str]]:
-    if not prompt_id:
-        return []
-    row = store.db.execute("select messages_json from prompts where id = ?", [prompt_id]).fetchone()
-    return json.loads(row[0]) if row and row[0] else []
 
 
 def default_pair(iterations: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
@@ -171,39 +128,27 @@ def item_fields(store: Store, runs: Sequence[dict[str, Any]]) -> dict[str, dict[
     """Dataset fields by item key, for the runs' datasets."""
     out: dict[str, dict[str, Any]] = {}
     for dataset_id in dict.fromkeys(r.get("dataset_id") for r in runs if r.get("dataset_id")):
-        for key, fields_json in store.db.execute(
-                "select key, fields_json from items where dataset_id = ?", [dataset_id]).fetchall():
-            out.setdefault(key, json.loads(fields_json or "{}"))
+        for key, fields in store.item_fields(dataset_id).items():
+            out.setdefault(key, fields)
     return out
 
 
 def iteration_samples(store: Store, iteration_id: str, objective: dict[str, str]) -> list[dict[str, Any]]:
     """Samples of an iteration, each with `grades` by grader name and objective `score`/`passed`."""
-    samples = {}
-    for row in store.db.query(
-            "select id, item_key, repeat, input_json, output_text, error, prompt_tokens, completion_tokens,"
-            " latency_s, cost, cache_hit from samples where iteration_id = ? order by id", [iteration_id]):
-        row["grades"] = {}
-        samples[row["id"]] = row
-    for sample_id, grader, score, passed, feedback, error in store.db.execute(
-            "select g.sample_id, g.grader, g.score, g.passed, g.feedback, g.error from grades g"
-            " join samples s on s.id = g.sample_id where s.iteration_id = ?", [iteration_id]).fetchall():
-        samples[sample_id]["grades"][grader] = {"score": score, "passed": bool(passed), "feedback": feedback,
-                                                "error": error}
-    for s in samples.values():
-        s["score"], s["passed"] = objective_value(s, objective)
-    return list(samples.values())
+    samples = store.samples_with_grades(iteration_id, objective=(objective["grader"], objective["metric"]),
+                                        details=False)
+    for s in samples:
+        for g in s["grades"]:
+            g["passed"] = bool(g["passed"])
+        s["grades"] = {g["grader"]: g for g in s["grades"]}
+    return samples
 
 
 def objective_value(sample: dict[str, Any], objective: dict[str, str]) -> tuple[float, bool]:
     """(score, passed) of one sample on the objective; an errored or ungraded sample is (0, False)."""
     grade = sample["grades"].get(objective["grader"])
-    if sample.get("error") or grade is None:
-        return 0.0, False
-    passed = bool(grade["passed"])
-    if objective["metric"] == "mean":
-        return float(grade["score"] or 0.0), passed
-    return float(passed), passed
+    return summaries.objective_value(sample.get("error"), grade["score"] if grade else None,
+                                     grade["passed"] if grade else None, objective["metric"])
 
 
 def classify(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[str, float]:
@@ -265,9 +210,9 @@ def compare_iterations(store: Store, view: RunView, a_id: str, b_id: str) -> Com
     stats["counts"] = {s: sum(1 for r in rows if r.status == s) for s in STATUS_ORDER}
     per_grader = []
     for g in view.graders:
-        sa = a_it["grader_stats"].get(g.name, {})
-        sb = b_it["grader_stats"].get(g.name, {})
+        sa = a_it["grader_stats"].get(g.name)
+        sb = b_it["grader_stats"].get(g.name)
         per_grader.append({"name": g.name, "type": g.type, "is_model": g.is_model,
-                           "a_mean": sa.get("mean"), "b_mean": sb.get("mean"),
-                           "a_pass": sa.get("pass_rate"), "b_pass": sb.get("pass_rate")})
+                           "a_mean": sa.mean if sa else None, "b_mean": sb.mean if sb else None,
+                           "a_pass": sa.pass_rate if sa else None, "b_pass": sb.pass_rate if sb else None})
     return Comparison(a=a_it, b=b_it, rows=rows, stats=stats, graders=per_grader, config=config_diff(a_it, b_it))

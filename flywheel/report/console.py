@@ -64,9 +64,9 @@ def print_runs(rows: list[dict[str, Any]]) -> None:
         table.add_column(column, no_wrap=True)
     table.add_column("started", no_wrap=True)
     for row in rows:
-        summary = json.loads(row["summary_json"]) if row.get("summary_json") else {}
+        summary = Store.run_summary(row)
         table.add_row(row["id"], row["kind"] or "", row["model_ref"] or "", row["split"] or "",
-                      row["status"], str(summary.get("n_samples", "-")), _pct(summary.get("pass_rate")),
+                      row["status"], "-" if summary.n_samples is None else str(summary.n_samples), _pct(summary.pass_rate),
                       (row["started_at"] or "")[:16].replace("T", " "))
     console.print(table)
 

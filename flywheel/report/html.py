@@ -59,14 +59,14 @@ def fmt_num(value: float | None, digits: int = 3) -> str:
 
 
 def fmt_score(value: float | None, metric: str = "pass_rate") -> str:
-    return fmt_num(value) if metric == "mean" else fmt_pct(value)
+    return fmt_num(value) if metric == "mean_score" else fmt_pct(value)
 
 
 def fmt_delta(value: float | None, metric: str = "pass_rate") -> str:
     if _nan(value):
         return "–"
     sign = "+" if value > 0 else "−" if value < 0 else "±"
-    return f"{sign}{abs(value):.3f}" if metric == "mean" else f"{sign}{100 * abs(value):.1f} pts"
+    return f"{sign}{abs(value):.3f}" if metric == "mean_score" else f"{sign}{100 * abs(value):.1f} pts"
 
 
 def fmt_tokens(value: int | None) -> str:
@@ -100,15 +100,43 @@ def iteration_score(it: dict[str, Any], objective: dict[str, str]) -> float | No
     stats = it.get("grader_stats", {}).get(objective["grader"])
     if not stats:
         return None
-    return stats["mean"] if objective["metric"] == "mean" else stats["pass_rate"]
+    return stats.mean if objective["metric"] == "mean_score" else stats.pass_rate
 
 
 def parent_of(view: RunView, index: int) -> dict[str, Any] | None:
+    """The iteration this one is compared with ("Δ parent"), measured on the same split, or None.
+
+    Its `parent_id` (else the iteration before it) when that is on the same split. A report on
+    another split of a selected iteration (the wheel's test report of a valid iteration) is
+    compared with the report on that split of the selected iteration's own parent, if there is one:
+    test with test, never test with valid.
+    """
     it = view.iterations[index]
+    by_id = {other["id"]: other for other in view.iterations}
+    parent = by_id.get(it.get("parent_id") or "") or (view.iterations[index - 1] if index > 0 else None)
+    if parent is None or parent.get("split") == it.get("split"):
+        return parent
+    if it.get("parent_id") != parent["id"] or not parent.get("parent_id"):
+        return None
+    grandparent = parent["parent_id"]
     for other in view.iterations:
-        if it.get("parent_id") and other["id"] == it["parent_id"]:
+        if other.get("parent_id") == grandparent and other.get("split") == it.get("split") and other is not it:
             return other
-    return view.iterations[index - 1] if index > 0 else None
+    return None
+
+
+def run_wall_time(view: RunView) -> float | None:
+    """Wall time of the view's runs: what each run's summary says (the wheel's `elapsed_s`, an eval's
+    `wall_s`), else finished_at − started_at; None while a run has neither."""
+    total = 0.0
+    for run in view.runs:
+        seconds = run["summary"].wall_time
+        if seconds is None and run.get("started_at") and run.get("finished_at"):
+            seconds = (datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"])).total_seconds()
+        if seconds is None:
+            return None
+        total += seconds
+    return total
 
 
 def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int = 1000, height: int = 230) -> Markup:
@@ -118,7 +146,7 @@ def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int
     if not points:
         return Markup('<p class="muted">No scored iterations yet.</p>')
     values = [v for _, it in points for v in (it["score_value"], it.get("ci_low"), it.get("ci_high")) if not _nan(v)]
-    low, high = (0.0, 1.0) if metric != "mean" or (min(values) >= 0 and max(values) <= 1) else (min(values), max(values))
+    low, high = (0.0, 1.0) if metric != "mean_score" or (min(values) >= 0 and max(values) <= 1) else (min(values), max(values))
     if high - low < 1e-9:
         high = low + 1
 
@@ -198,8 +226,8 @@ def grader_rows(view: RunView) -> list[dict[str, Any]]:
         cells = []
         for it in view.iterations:
             s = it["grader_stats"].get(g.name)
-            cells.append({"mean": fmt_num(s["mean"]) if s else "–", "pass": fmt_pct(s["pass_rate"]) if s else "–",
-                          "errors": s["errors"] if s else 0})
+            cells.append({"mean": fmt_num(s.mean) if s else "–", "pass": fmt_pct(s.pass_rate) if s else "–",
+                          "errors": s.errors if s else 0})
         rows.append({"name": g.name, "type": g.type, "is_model": g.is_model,
                      "is_objective": g.name == view.objective["grader"], "cells": cells})
     return rows
@@ -210,18 +238,20 @@ def kpis(view: RunView) -> list[dict[str, str]]:
     scored = [it for it in view.iterations if not _nan(it.get("score_value"))]
     out = []
     if scored:
-        base, best = scored[0], max(scored, key=lambda it: it["score_value"])
+        base = scored[0]  # the best is chosen among iterations on the baseline's split: like with like
+        best = max((it for it in scored if it.get("split") == base.get("split")), key=lambda it: it["score_value"])
         gain = best["score_value"] - base["score_value"]
         out.append({"label": "baseline", "value": fmt_score(base["score_value"], metric), "detail": base["label"], "cls": "muted"})
         out.append({"label": "best", "value": fmt_score(best["score_value"], metric),
                     "detail": f"{fmt_delta(gain, metric)} · {best['label']}", "cls": "pos" if gain > 0 else "muted"})
     tokens = sum(it.get("tokens") or 0 for it in view.iterations)
     cost = sum(it.get("cost") or 0.0 for it in view.iterations)
-    wall = sum(it.get("wall_s") or 0.0 for it in view.iterations)
+    evals = sum(it.get("wall_s") or 0.0 for it in view.iterations)
+    wall = run_wall_time(view)
     samples = sum(it.get("n") or 0 for it in view.iterations)
     out += [{"label": "iterations", "value": str(len(view.iterations)), "detail": f"{samples:,} samples", "cls": "muted"},
             {"label": "tokens", "value": fmt_tokens(tokens), "detail": f"cost {fmt_cost(cost)}", "cls": "muted"},
-            {"label": "time", "value": fmt_duration(wall), "detail": "", "cls": ""}]
+            {"label": "time", "value": fmt_duration(wall), "detail": f"{fmt_duration(evals)} evaluating", "cls": ""}]
     return out
 
 
@@ -310,7 +340,7 @@ def report_payload(store: Store, view: RunView, page_size: int = PAGE_SIZE,
             "model_ref": it.get("model_ref"), "model_fingerprint": it.get("model_fingerprint"),
             "prompt_id": it.get("prompt_id"), "split": it.get("split"), "parent_id": it.get("parent_id"),
             "decision": it.get("decision"), "score": _round(it.get("score_value")),
-            "gstats": [[_round(st["mean"]), _round(st["pass_rate"]), st["errors"]] if (st := it["grader_stats"].get(n)) else None
+            "gstats": [[_round(st.mean), _round(st.pass_rate), st.errors] if (st := it["grader_stats"].get(n)) else None
                        for n in names],
         } for it in view.iterations],
         "prompts": prompts,
@@ -341,7 +371,7 @@ def render_report(store: Store, run_ids: Sequence[str], *, page_size: int = PAGE
     return templates_env().get_template("report.html.j2").render(
         title=title, view=view, iterations=iterations, grader_rows=grader_rows(view), kpis=kpis(view),
         trajectory_svg=trajectory_svg(iterations, objective["metric"]),
-        objective_label=f"{objective['grader']} {'mean score' if objective['metric'] == 'mean' else 'pass rate'}",
+        objective_label=f"{objective['grader']} {'mean score' if objective['metric'] == 'mean_score' else 'pass rate'}",
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         data_json=Markup(script_json(report_payload(store, view, page_size, a, b))),
         js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}", wheel=wheel_section(store, view))
@@ -362,10 +392,6 @@ def write_report(store: Store, run_ids: Sequence[str], path: str | Path, **optio
     html = render_report(store, run_ids, **options)
     target = Path(path)
     target.write_text(html, encoding="utf-8")
-    runs = [store.get_run(r)["id"] for r in run_ids]
-    marks = ",".join("?" * len(runs))
-    iterations, samples = store.db.execute(
-        f"select count(distinct i.id), count(s.id) from iterations i left join samples s on s.iteration_id = i.id"
-        f" where i.run_id in ({marks})", runs).fetchone()
+    iterations, samples = store.count_run_rows([store.get_run(r)["id"] for r in run_ids])
     return ReportResult(path=str(target), bytes=target.stat().st_size, iterations=iterations, samples=samples,
                         seconds=time.perf_counter() - started)

@@ -82,7 +82,8 @@ def _rewrites(store: Store, search_runs: list[str]) -> list[dict[str, Any]]:
 def wheel_section(store: Store, view: RunView) -> dict[str, Any] | None:
     """Laps, milestones and chart of a `flywheel run` (the first wheel run of the view), else None."""
     run = next((r for r in view.runs if r.get("kind") == "wheel"), None)
-    summary = (run or {}).get("summary") or {}
+    stored = (run or {}).get("summary")
+    summary = stored.model_dump() if hasattr(stored, "model_dump") else (stored or {})
     if not run or "stages" not in summary:
         return None
     minimise = summary.get("minimise") or "prompt_tokens"

@@ -151,7 +151,4 @@ def resolve_base(store: Store, base: str) -> tuple[str, str | None]:
     if ":" not in base:
         checkpoint = load_checkpoint(store, base)
         return checkpoint.model_ref, checkpoint.id
-    for row in store.db.query("select id from checkpoints where model_ref = ? order by created_at desc limit 1",
-                              [base]):
-        return base, row["id"]
-    return base, None
+    return base, store.latest_checkpoint_for(base)

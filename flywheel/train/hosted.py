@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from flywheel.errors import ModelError
+from graders.registry import HOSTED_RFT_TYPES
+
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.checkpoints import register_checkpoint
@@ -36,7 +38,6 @@ from flywheel.train.sets import record_training_set
 from flywheel.train.local import TrainingError, TrainResult, evaluate_checkpoint
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-RFT_GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "multi")
 OPTIONS = ("base_url", "api_key_env", "poll_interval", "timeout", "wait", "suffix", "seed", "hyperparameters",
            "grader", "max_retries")
 
@@ -71,12 +72,12 @@ def rft_grader(spec: EvalSpec, name: str | None = None) -> dict[str, Any]:
     import graders
 
     wanted = name or spec.objective_grader
-    for index, raw in enumerate(spec.graders):
-        if (raw.get("name") or f"grader_{index}") == wanted:
+    for raw in spec.graders:
+        if raw["name"] == wanted:
             kind = raw.get("type")
-            if kind not in RFT_GRADER_TYPES:
+            if kind not in HOSTED_RFT_TYPES:
                 raise TrainingDataError(f"{spec.source}: grader {wanted!r} is {kind}; reinforcement fine-tuning "
-                                        f"accepts {', '.join(RFT_GRADER_TYPES)} (reference §2)")
+                                        f"accepts {', '.join(HOSTED_RFT_TYPES)} (reference §2)")
             if kind == "text_similarity" and raw.get("evaluation_metric") == "cosine":
                 raise TrainingDataError(f"{spec.source}: grader {wanted!r}: cosine similarity is for evals only, "
                                         "not reinforcement fine-tuning")

@@ -36,48 +36,32 @@ class _Sample:
     output: str | None
     error: str | None
     capture_id: str
+    objective: float = 0.0  # on the eval's objective (flywheel.summaries.objective_value)
     grades: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def passed_all(self) -> bool:
         return self.error is None and bool(self.grades) and all(g["passed"] for g in self.grades.values())
 
 
-def _objective(spec: EvalSpec, sample: _Sample) -> float:
-    """The sample's objective score: the objective grader's score (or pass as 0/1)."""
-    grade = sample.grades.get(spec.objective_grader)
-    if sample.error or grade is None or grade.get("error"):
-        return 0.0
-    if spec.objective.metric == "pass_rate":
-        return 1.0 if grade["passed"] else 0.0
-    return float(grade["score"] or 0.0)
-
-
 def _captures(store: Store, spec: EvalSpec, dataset_id: str, capture_ids: Sequence[str] | None) -> list[dict[str, Any]]:
     if capture_ids:
-        marks = ",".join("?" * len(capture_ids))
-        rows = list(store.db.query(f"select * from teacher_captures where id in ({marks}) order by created_at",
-                                   list(capture_ids)))
+        rows = store.teacher_captures(list(capture_ids))
         missing = set(capture_ids) - {r["id"] for r in rows}
         if missing:
             raise TrainingDataError(f"{store.path}: no capture {sorted(missing)[0]!r}")
         return rows
-    # The eval's own train captures, and unlabelled inputs captured for it (their own datasets).
-    return list(store.db.query(
-        "select * from teacher_captures where eval_name = ? and (dataset_id = ? or split = 'unlabelled')"
-        " order by created_at", [spec.name, dataset_id]))
+    return store.teacher_captures(eval_name=spec.name, dataset_id=dataset_id)
 
 
-def _captured_samples(store: Store, captures: list[dict[str, Any]]) -> list[_Sample]:
+def _captured_samples(store: Store, spec: EvalSpec, captures: list[dict[str, Any]]) -> list[_Sample]:
     samples: dict[int, _Sample] = {}
+    objective = (spec.objective_grader, spec.objective.metric)
     for capture in captures:
-        for row in store.db.query(
-                "select id, item_key, output_text, error from samples where iteration_id = ? order by id",
-                [capture["iteration_id"]]):
-            samples[row["id"]] = _Sample(row["id"], row["item_key"], row["output_text"], row["error"], capture["id"])
-        for sample_id, grader, score, passed, error in store.db.execute(
-                "select g.sample_id, g.grader, g.score, g.passed, g.error from grades g join samples s"
-                " on s.id = g.sample_id where s.iteration_id = ?", [capture["iteration_id"]]).fetchall():
-            samples[sample_id].grades[grader] = {"score": score, "passed": bool(passed), "error": error}
+        for row in store.samples_with_grades(capture["iteration_id"], objective=objective):
+            samples[row["id"]] = (_Sample(
+                row["id"], row["item_key"], row["output_text"], row["error"], capture["id"], objective=row["score"],
+                grades={g["grader"]: {"score": g["score"], "passed": bool(g["passed"]), "error": g["error"]}
+                        for g in row["grades"]}))
     return list(samples.values())
 
 
@@ -88,16 +72,7 @@ def _reviewed(store: Store, dataset_id: str) -> tuple[dict[int, Any], list[Any],
     reviews = sample_reviews(store)
     prefs = [p for p in preferences(store) if not p.tie]
     ids = set(reviews) | {i for p in prefs for i in (p.chosen, p.rejected)}
-    samples: dict[int, dict[str, Any]] = {}
-    id_list = sorted(ids)
-    for start in range(0, len(id_list), 500):
-        chunk = id_list[start:start + 500]
-        for row in store.db.query(
-                "select s.id, s.item_key, s.output_text, s.error, r.dataset_id from samples s join iterations i"
-                " on i.id = s.iteration_id join runs r on r.id = i.run_id"
-                f" where s.id in ({','.join('?' * len(chunk))})", chunk):
-            if row["dataset_id"] == dataset_id:
-                samples[row["id"]] = row
+    samples = store.samples_in_dataset(ids, dataset_id)
     return ({k: v for k, v in reviews.items() if k in samples},
             [p for p in prefs if p.chosen in samples and p.rejected in samples], samples)
 
@@ -150,7 +125,7 @@ def _why_nothing_passed(samples: list[_Sample], spec: EvalSpec, min_score: float
     if samples and len(errored) == len(samples):
         return (f"all {len(samples)} captured samples errored (first: {errored[0].error}); the teacher produced "
                 "nothing to train on: check the teacher reference and its server")
-    best = max((_objective(spec, s) for s in samples), default=math.nan)
+    best = max((s.objective for s in samples), default=math.nan)
     rule = f"objective score >= {min_score}" if min_score is not None else "pass every grader"
     return (f"none of the {len(samples)} captured samples ({len(errored)} errored) {rule} (best objective score "
             f"{best:.2f}): all captures failed; capture with a stronger teacher, more samples (--n) at a higher "
@@ -176,7 +151,7 @@ def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = Non
     dataset_id = load_dataset(spec).content_hash
     capture_rows = _captures(store, spec, dataset_id, captures)
     prompter = _Prompter(spec, prompt, _unlabelled_items(store, capture_rows))
-    samples = _captured_samples(store, capture_rows)
+    samples = _captured_samples(store, spec, capture_rows)
     reviews, _, reviewed = _reviewed(store, prompter.dataset.content_hash) if include_reviews else ({}, [], {})
     if not capture_rows and not reviews:
         raise _no_captures(store, spec)
@@ -184,7 +159,7 @@ def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = Non
     def eligible(s: _Sample) -> bool:
         if s.error or s.output is None or not s.output.strip():
             return False
-        return _objective(spec, s) >= min_score if min_score is not None else s.passed_all()
+        return s.objective >= min_score if min_score is not None else s.passed_all()
 
     skipped_split = sum(1 for s in samples if s.item_key not in prompter.train)
     by_item: dict[str, list[_Sample]] = {}
@@ -205,7 +180,7 @@ def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = Non
 
     for key in prompter.train:  # dataset order: deterministic rows, so a deterministic hash
         kept = 0
-        for s in sorted(by_item.get(key, []), key=lambda s: (-_objective(spec, s), len(s.output or ""), s.id)):
+        for s in sorted(by_item.get(key, []), key=lambda s: (-s.objective, len(s.output or ""), s.id)):
             if kept >= max_per_item:
                 break
             kept += add(key, s.output)  # type: ignore[arg-type]
@@ -241,7 +216,7 @@ def build_dpo_set(spec: EvalSpec, store: Store, *, min_margin: float = 0.5, capt
         raise TrainingDataError(f"min_margin must be >= 0, got {min_margin}")
     prompter = _Prompter(spec, prompt)
     capture_rows = _captures(store, spec, prompter.dataset.content_hash, captures)
-    samples = _captured_samples(store, capture_rows)
+    samples = _captured_samples(store, spec, capture_rows)
     reviews, prefs, reviewed = _reviewed(store, prompter.dataset.content_hash) if include_reviews else ({}, [], {})
     if not capture_rows and not reviews and not prefs:
         raise _no_captures(store, spec)
@@ -268,9 +243,9 @@ def build_dpo_set(spec: EvalSpec, store: Store, *, min_margin: float = 0.5, capt
         group = by_item.get(key, [])
         if len(group) < 2:
             continue
-        ranked = sorted(group, key=lambda s: (-_objective(spec, s), not s.passed_all(), len(s.output or ""), s.id))
+        ranked = sorted(group, key=lambda s: (-s.objective, not s.passed_all(), len(s.output or ""), s.id))
         best, worst = ranked[0], ranked[-1]
-        margin = _objective(spec, best) - _objective(spec, worst)
+        margin = best.objective - worst.objective
         if margin >= min_margin and margin > 0 and best.output != worst.output:
             margins.append(margin)
             add(key, best.output, worst.output)  # type: ignore[arg-type]
@@ -336,10 +311,9 @@ def record_training_set(store: Store, training_set: TrainingSet) -> TrainingSet:
 
 def load_training_set(store: Store, set_id: str) -> TrainingSet:
     """A recorded set by id; its JSONL must still hash to what was recorded."""
-    rows = list(store.db["training_sets"].rows_where("id = ?", [set_id]))
-    if not rows:
+    row = store.get_training_set(set_id)
+    if row is None:
         raise TrainingDataError(f"{store.path}: no training set {set_id!r}")
-    row = rows[0]
     loaded = load_training_file(row["kind"], row["path"])
     loaded.source = json.loads(row["source_json"] or "{}")
     if loaded.content_hash != row["content_hash"]:

@@ -15,9 +15,9 @@ import pytest
 
 from flywheel.report.compare import compare_iterations, load_run_view
 from flywheel.report.html import write_report
-from flywheel.report.server import create_app
-from flywheel.reviews import review_dpo_pairs, review_sft_rows
-from flywheel.serve import BackgroundServer
+from flywheel.report.review_app import create_app
+from flywheel.reviews import preferences, sample_reviews
+from flywheel.web import BackgroundServer
 
 from report_helpers import XSS, build_run, default_outcome, sample_id
 
@@ -165,13 +165,9 @@ def test_review_in_the_server_reaches_the_store(page, run, store, tmp_path):
         assert page.locator("#agreement tr[data-grader='judge']").count() == 1
         assert page.errors == []
 
-    sft = review_sft_rows(store, run_ids=[run["run_id"]])
-    assert sft[0]["messages"][-1] == {"role": "assistant", "content": "card_arrival (corrected)"}
-    pairs = review_dpo_pairs(store, run_ids=[run["run_id"]])
-    outputs = store.samples_by_id([a_id, b_id])
-    assert {"preferred": outputs[a_id]["output_text"], "rejected": outputs[b_id]["output_text"]} in [
-        {"preferred": p["preferred_output"][0]["content"], "rejected": p["non_preferred_output"][0]["content"]}
-        for p in pairs]
+    # What the training-set builders read (tests/test_train_datasets.py turns these into rows and pairs).
+    assert sample_reviews(store, run_ids=[run["run_id"]])[b_id].correction == "card_arrival (corrected)"
+    assert (a_id, b_id) in [(p.chosen, p.rejected) for p in preferences(store, run_ids=[run["run_id"]])]
     reviewers = {r["reviewer"] for r in store.db.query("select reviewer from reviews")}
     assert reviewers == {"ana"}
 

@@ -16,11 +16,11 @@
   }
   function str(i) { return i < 0 || i === null || i === undefined ? null : S[i]; }
   function isNum(x) { return typeof x === "number" && isFinite(x); }
-  function fmtScore(x) { return !isNum(x) ? "–" : D.metric === "mean" ? x.toFixed(3) : (100 * x).toFixed(1) + "%"; }
+  function fmtScore(x) { return !isNum(x) ? "–" : D.metric === "mean_score" ? x.toFixed(3) : (100 * x).toFixed(1) + "%"; }
   function fmtDelta(x) {
     if (!isNum(x)) return "–";
     var s = x > 0 ? "+" : x < 0 ? "−" : "±";
-    return D.metric === "mean" ? s + Math.abs(x).toFixed(3) : s + (100 * Math.abs(x)).toFixed(1) + " pts";
+    return D.metric === "mean_score" ? s + Math.abs(x).toFixed(3) : s + (100 * Math.abs(x)).toFixed(1) + " pts";
   }
   function fmtP(p) { return p < 0.001 ? "p < 0.001" : "p = " + p.toFixed(3); }
 
@@ -58,7 +58,7 @@
     if (state.g < 0) return [s.s[j], s.p[j] === 1];
     var passed = s.gp[state.g][j];
     if (s.e[j] >= 0 || passed === null) return [0, false];
-    return [D.metric === "mean" ? (s.gs[state.g][j] || 0) : passed, passed === 1];
+    return [D.metric === "mean_score" ? (s.gs[state.g][j] || 0) : passed, passed === 1];
   }
   function classify(va, vb, ja, jb) {
     var d = vb[0] - va[0];
@@ -228,7 +228,7 @@
       var name = el("td"); name.appendChild(el("strong", null, g.name));
       if (g.model) { name.appendChild(document.createTextNode(" ")); name.appendChild(el("span", "pill judge", "judge")); }
       tr.appendChild(name);
-      var va = a ? (D.metric === "mean" ? a[0] : a[1]) : null, vb = b ? (D.metric === "mean" ? b[0] : b[1]) : null;
+      var va = a ? (D.metric === "mean_score" ? a[0] : a[1]) : null, vb = b ? (D.metric === "mean_score" ? b[0] : b[1]) : null;
       tr.appendChild(el("td", "num", fmtScore(va))); tr.appendChild(el("td", "num", fmtScore(vb)));
       var d = isNum(va) && isNum(vb) ? vb - va : null;
       tr.appendChild(el("td", "num " + (d > 0 ? "pos" : d < 0 ? "neg" : ""), fmtDelta(d)));
@@ -281,7 +281,7 @@
     head.appendChild(el("span", null, (sideName === "a" ? "A · " : "B · ") + IT[it].label));
     if (j < 0) { cell.appendChild(head); cell.appendChild(el("pre", "out empty", "not in this iteration")); return cell; }
     var v = value(it, j);
-    head.appendChild(el("span", "pill " + (v[1] ? "pass" : "fail"), (v[1] ? "pass" : "fail") + (D.metric === "mean" ? " " + fmtScore(v[0]) : "")));
+    head.appendChild(el("span", "pill " + (v[1] ? "pass" : "fail"), (v[1] ? "pass" : "fail") + (D.metric === "mean_score" ? " " + fmtScore(v[0]) : "")));
     cell.appendChild(head);
     var err = str(s.e[j]), out = str(s.o[j]);
     if (err) cell.appendChild(el("pre", "out err", err));

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from click.testing import CliRunner
 
-from flywheel.captures import export_sft, list_captures, parse_metadata_filters, parse_when, sft_example
+from flywheel.proxy.captures import export_sft, list_captures, parse_metadata_filters, parse_when, sft_example
 from flywheel.cli import main
 from flywheel.errors import FlywheelError
 

@@ -72,9 +72,7 @@ class _Pages:
 
     def comparison(self, store: Store, view: RunView, a: str, b: str, grader: str | None) -> Comparison:
         """Cached by the iterations and their sample and grade counts (a running wheel adds rows)."""
-        counts = store.db.execute(
-            "select (select count(*) from samples where iteration_id in (?, ?)),"
-            " (select max(rowid) from grades)", [a, b]).fetchone()
+        counts = store.samples_version([a, b])
         key = (a, b, grader, *counts)
         if key not in self._comparisons:
             if grader:
@@ -153,11 +151,11 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             rows = []
             for run in store.list_runs(200):
                 its = store.iterations(run["id"])
-                name = store.db.execute("select name from evals where id = ?", [run.get("eval_id")]).fetchone()
+                evaluation = store.get_eval(run.get("eval_id"))
                 scores = [it["score"] for it in its if it.get("score") is not None]
-                rows.append({**run, "eval_name": name[0] if name else "", "n_iterations": len(its),
+                rows.append({**run, "eval_name": evaluation["name"] if evaluation else "", "n_iterations": len(its),
                              "best": max(scores) if scores else None, "n": sum(it.get("n") or 0 for it in its)})
-            reviews = store.db.execute("select count(*) from reviews").fetchone()[0]
+            reviews = store.count_reviews()
         finally:
             store.close()
         return pages.render(request, "runs.html.j2", runs=rows, n_reviews=reviews, title="Runs")
@@ -233,16 +231,13 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             sample = store.samples_by_id([sample_id]).get(sample_id)
             if sample is None:
                 raise StoreError(f"no sample with id {sample_id}")
-            grades = list(store.db.query("select * from grades where sample_id = ? order by grader", [sample_id]))
+            grades = store.grades_of_samples([sample_id])
             iteration = store.get_iteration(sample["iteration_id"])
             view = load_run_view(store, [iteration["run_id"]])
             fields = item_fields(store, view.runs).get(sample["item_key"], {})
-            history = list(store.db.query(
-                "select * from reviews where sample_id = ? or other_sample_id = ? order by id", [sample_id, sample_id]))
+            history = store.reviews_of_sample(sample_id)
             review = sample_reviews(store, iteration_ids=[sample["iteration_id"]]).get(sample_id)
-            others = list(store.db.query(
-                "select s.id, s.iteration_id, s.output_text, s.error from samples s where s.item_key = ? and"
-                " s.repeat = ? and s.id != ? order by s.id", [sample["item_key"], sample["repeat"], sample_id]))
+            others = store.other_outputs(sample)
         finally:
             store.close()
         import json
@@ -257,25 +252,9 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         q = request.query_params.get("q", "").strip()
         results = []
         if q:
-            like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             store = pages.store()
             try:
-                results = list(store.db.query(
-                    "select s.id, s.iteration_id, s.item_key, s.repeat, s.output_text, s.error, i.run_id,"
-                    " i.seq, i.stage, it.fields_json from samples s join iterations i on i.id = s.iteration_id"
-                    " join runs r on r.id = i.run_id left join items it on it.dataset_id = r.dataset_id and"
-                    " it.key = s.item_key where s.item_key like :q escape '\\' or s.output_text like :q escape '\\'"
-                    " or it.fields_json like :q escape '\\' order by s.id desc limit 200", {"q": like}))
-                ids = [r["id"] for r in results]
-                passed = {}
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
-                    for sid, ok in store.db.execute(
-                            f"select sample_id, min(passed) from grades where sample_id in ({','.join('?' * len(chunk))})"
-                            " group by sample_id", chunk).fetchall():
-                        passed[sid] = bool(ok)
-                for r in results:
-                    r["passed"] = passed.get(r["id"], False) and not r["error"]
+                results = store.search_samples(q)
             finally:
                 store.close()
         return pages.render(request, "search.html.j2", q=q, results=results, title=f"search {q}")
@@ -355,7 +334,7 @@ def serve_reports(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, re
     """Run the review server until interrupted. Any host but loopback accepts every Host header."""
     import uvicorn
 
-    from flywheel.serve import bind_socket, uvicorn_config
+    from flywheel.web import bind_socket, uvicorn_config
 
     allowed = None if host in LOOPBACK else ["*"]
     app = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=allowed)

@@ -29,7 +29,11 @@ AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def parse_metadata_filters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """`["usecase=triage", "v=2"]` -> `{"usecase": "triage", "v": "2"}`."""
+    """`--metadata key=value` options as a dict.
+
+    >>> parse_metadata_filters(["usecase=triage", "v=2"])
+    {'usecase': 'triage', 'v': '2'}
+    """
     filters = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

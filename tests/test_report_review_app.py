@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from flywheel.cli import main
-from flywheel.report.server import _safe_next, create_app, word_diff
-from flywheel.reviews import review_dpo_pairs, review_sft_rows
-from flywheel.serve import BackgroundServer
+from flywheel.report.review_app import _safe_next, create_app, word_diff
+from flywheel.reviews import preferences, sample_reviews
+from flywheel.web import BackgroundServer
 
 from report_helpers import XSS, build_run, default_outcome, sample_id
 
@@ -123,8 +123,9 @@ def test_reviews_are_recorded_and_feed_training(reviewing, run, store):
     rows = list(store.db.query("select * from reviews order by id"))
     assert [(r["verdict"], r["preference"], r["correction"], r["reviewer"]) for r in rows] == [
         ("fail", None, None, "ana"), (None, "other", None, "ana"), (None, None, "exchange_rate", "ana")]
-    assert review_sft_rows(store, run_ids=[run["run_id"]])[0]["messages"][-1]["content"] == "exchange_rate"
-    assert len(review_dpo_pairs(store, run_ids=[run["run_id"]])) == 2
+    # What the training-set builders read (tests/test_train_datasets.py turns these into SFT rows and DPO pairs).
+    assert sample_reviews(store, run_ids=[run["run_id"]])[b].correction == "exchange_rate"
+    assert [(p.chosen, p.rejected) for p in preferences(store, run_ids=[run["run_id"]])] == [(a, b)]
     _, _, html = request(reviewing, "GET", compare_path(run))
     assert "human: fail" in html and "preferred: A" in html and "exchange_rate" in html
     _, _, html = request(reviewing, "GET", f"/runs/{run['run_id']}")
@@ -165,7 +166,7 @@ def test_missing_things_are_404_pages(read_only):
 
 
 def test_serve_binds_loopback_and_is_read_only_by_default(monkeypatch, store):
-    import flywheel.report.server as server_module
+    import flywheel.report.review_app as server_module
 
     calls = []
     monkeypatch.setattr(server_module, "serve_reports", lambda db, **kw: calls.append((db, kw)))

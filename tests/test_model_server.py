@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 from flywheel.cli import main
 from flywheel.models import ChatRequest, Sampling, load_model
-from flywheel.serve import BackgroundServer, create_app, served_name
+from flywheel.model_server import create_app, served_name
+from flywheel.web import BackgroundServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["hi", "What is the capital of France?", "word word word", "question 3 about pin blocked"]

@@ -40,7 +40,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from flywheel.errors import FlywheelError
-from flywheel.serve import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, read_body
+from flywheel.web import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, read_body
 from flywheel.store import Store, now
 
 CHAT_PATH = "/v1/chat/completions"
@@ -245,6 +245,12 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
     def reply_headers(response: Any) -> dict[str, str]:
         return {k: v for k, v in response.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
 
+    def upstream_failure(exc: Exception, timed_out: str, broken: str) -> ApiError:
+        """A 504 for an upstream timeout, a 502 for any other transport failure."""
+        if isinstance(exc, httpx2.TimeoutException):
+            return ApiError(504, f"upstream {upstream} {timed_out} within {timeout:g} s", code="upstream_timeout")
+        return ApiError(502, f"upstream {upstream} {broken}: {exc or type(exc).__name__}", code="upstream_unreachable")
+
     async def record(row: dict[str, Any]) -> None:
         # Shielded: a client that hangs up does not un-record its call.
         await asyncio.shield(asyncio.wrap_future(writer.submit(row)))
@@ -281,12 +287,8 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
         outgoing = client.build_request("POST", upstream_url(request), content=raw, headers=forward_headers(request))
         try:
             response = await client.send(outgoing, stream=True)
-        except httpx2.TimeoutException:
-            return await fail(ApiError(504, f"upstream {upstream} did not answer within {timeout:g} s",
-                                       code="upstream_timeout"))
         except httpx2.HTTPError as exc:
-            return await fail(ApiError(502, f"upstream {upstream} is unreachable: {exc or type(exc).__name__}",
-                                       code="upstream_unreachable"))
+            return await fail(upstream_failure(exc, "did not answer", "is unreachable"))
         row["status"] = response.status_code
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if row["stream"] and response.status_code == 200 and is_sse:
@@ -294,12 +296,8 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
                                      headers=reply_headers(response))
         try:
             content = await response.aread()
-        except httpx2.TimeoutException:
-            return await fail(ApiError(504, f"upstream {upstream} stopped answering within {timeout:g} s",
-                                       code="upstream_timeout"))
         except httpx2.HTTPError as exc:
-            return await fail(ApiError(502, f"upstream {upstream} broke off its reply: {exc or type(exc).__name__}",
-                                       code="upstream_unreachable"))
+            return await fail(upstream_failure(exc, "stopped answering", "broke off its reply"))
         finally:
             await response.aclose()
         row["latency_s"] = time.perf_counter() - started
@@ -379,7 +377,7 @@ def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int
     """Run the proxy until interrupted (the `flywheel proxy` command)."""
     import uvicorn
 
-    from flywheel.serve import bind_socket, uvicorn_config
+    from flywheel.web import bind_socket, uvicorn_config
 
     normalise_upstream(upstream)  # a bad --upstream or --db fails here, as one clean line
     Store.open(db_path).close()

@@ -1,0 +1,171 @@
+"""HTTP plumbing shared by the model server, the capture proxy and the review app.
+
+OpenAI-style JSON errors (`ApiError`, `EXCEPTION_HANDLERS`), a size-limited body reader, sockets
+and uvicorn settings, and `BackgroundServer`, which runs any ASGI app in a thread (tests,
+benchmarks, the proxy in front of a server in one process).
+
+    with BackgroundServer(app) as server:
+        openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from flywheel.errors import FlywheelError
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+# -- OpenAI-style errors ----------------------------------------------------------------------------
+class ApiError(Exception):
+    """An error a client gets as `{"error": {...}}` with an HTTP status."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             502: "upstream_error", 504: "upstream_error"}
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or self.TYPES.get(status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; this server has /v1/chat/completions and /v1/models"
+        return ApiError(404, message, code="not_found").response()
+    if exc.status_code == 405:
+        return ApiError(405, f"method {request.method} not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+    return ApiError(exc.status_code, str(exc.detail)).response()
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error").response()
+
+
+EXCEPTION_HANDLERS = {HTTPException: _http_exception, ApiError: _api_error, Exception: _server_error}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes with a 413 before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit of {limit} bytes",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+# -- running servers ------------------------------------------------------------------------------
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening-ready TCP socket; port 0 picks a free port (read it back from the socket)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio sets TCP_NODELAY on accepted sockets only then, and without it
+    # every reply on a kept-alive connection waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise FlywheelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config(app: Any, **kwargs: Any):
+    import uvicorn
+
+    kwargs.setdefault("log_level", "warning")
+    return uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=5, **kwargs)
+
+
+class BackgroundServer:
+    """Run an ASGI app with uvicorn in a daemon thread on 127.0.0.1 (a free port by default).
+
+        with BackgroundServer(create_app(model)) as server:
+            openai.OpenAI(base_url=server.url + "/v1", api_key="x")
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **config: Any):
+        import uvicorn
+
+        self.host = host
+        self.socket = bind_socket(host, port)
+        self.port = self.socket.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn_config(app, **config))
+        self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.socket])
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
+            self.error = exc
+
+    def start(self, timeout: float = 120.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise FlywheelError(f"server on {self.url} did not start: {self.error or 'timed out'}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        self.socket.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
