@@ -232,3 +232,27 @@ def test_capture_cli_takes_unlabelled_inputs(tmp_path, chatty_dir):
     assert (data["n_items"], data["n_samples"], data["n"]) == (2, 4, 2)
     one = CliRunner().invoke(main, [*args, "--n", "1"])
     assert one.exit_code == 1 and "at least 2" in one.output and "Traceback" not in one.output
+
+
+def test_proxy_captures_become_unlabelled_inputs_filtered_by_metadata(tmp_path, tiny_model_dir, store):
+    from flywheel.distill import CaptureError, InputsSpec, load_inputs
+
+    spec = tiny_eval(tmp_path, tiny_model_dir)
+
+    def request(text):
+        return json.dumps({"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                                      {"role": "user", "content": text}]})
+
+    store.insert_captures([
+        {"endpoint": "/v1/chat/completions", "model": "m", "status": 200, "request_json": request("card late"),
+         "metadata_json": json.dumps({"app": "support"})},
+        {"endpoint": "/v1/chat/completions", "model": "m", "status": 200, "request_json": request("other app"),
+         "metadata_json": json.dumps({"app": "sales"})},
+        {"endpoint": "/v1/chat/completions", "model": "m", "status": 502, "request_json": request("failed call"),
+         "metadata_json": json.dumps({"app": "support"}), "error": "upstream down"}])
+    inputs = load_inputs(spec, InputsSpec(captures={"field": "text", "metadata": {"app": "support"}}), store)
+    # Only the successful call of the chosen app; its last user message becomes the item's field.
+    assert [item.fields for item in inputs.items] == [{"text": "card late"}]
+    assert inputs.items[0].key.startswith("u:cap-") and inputs.items[0].split == "unlabelled"
+    with pytest.raises(CaptureError, match="no proxy captures match"):
+        load_inputs(spec, InputsSpec(captures={"field": "text", "metadata": {"app": "nobody"}}), store)

@@ -142,7 +142,7 @@ def test_finalists_that_no_test_separates_go_to_the_cheapest(tmp_path, tiny_mode
     spec = write_spec(tmp_path, tiny_model_dir, finalists=3, proposer=None)
     result = optimize_prompt(spec, store)
     finalists = [c for c in result.candidates if c.valid is not None]
-    tokens = {c.origin: c.valid.summary["prompt_tokens"] / c.valid.summary["n_samples"] for c in finalists}
+    tokens = {c.origin: c.valid.summary.prompt_tokens / c.valid.summary.n_samples for c in finalists}
     cheapest = min(finalists, key=lambda c: (tokens[c.origin], finalists.index(c)))
     assert len(set(tokens.values())) > 1 and tokens["baseline"] > tokens[cheapest.origin]
     assert result.winner.origin == cheapest.origin
