@@ -208,6 +208,8 @@ class Worker:
         self.cgroup: MemoryCgroup | None = None
         self.source: str | None = None  # a worker only ever runs one grader's source
         self.threads = 0
+        self.tainted = False  # it sent a frame nobody asked for: never reuse it
+        self._previous: str | None = None
         self._start()
 
     def _env(self) -> dict[str, str]:
@@ -311,11 +313,20 @@ class Worker:
         return f"the worker process exited with status {code}"
 
     def call(self, source: str, sample: Any, item: Any, timeout: float) -> dict[str, Any]:
-        """One grade; the reply must answer this request (its nonce) and have the reply's shape."""
+        """One grade; the reply must answer this request (its nonce) and have the reply's shape.
+        A late frame for the previous request (user code forged that one's reply, so the real one
+        came after it) is skipped, and the worker marked tainted so it is not reused."""
         nonce = secrets.token_hex(16)
         self.source = source
         self._send({"id": nonce, "source": source, "sample": sample, "item": item})
-        reply = self._receive(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._receive(max(0.0, deadline - time.monotonic()))
+            if isinstance(reply, dict) and self._previous is not None and reply.get("id") == self._previous:
+                self._previous, self.tainted = None, True
+                continue
+            break
+        self._previous = nonce
         problem = _reply_problem(reply, nonce)
         if problem:
             raise WorkerFailed("protocol", f"the worker sent an invalid reply: {problem}")
@@ -437,7 +448,7 @@ class SandboxPool:
         healthy = False
         try:
             reply = worker.call(source, sample, item, self.limits.timeout_s)
-            healthy = not reply.get("dirty")
+            healthy = not reply.get("dirty") and not worker.tainted
             seconds = time.monotonic() - started
             common = dict(stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""), seconds=seconds,
                           isolation=worker.isolation)
