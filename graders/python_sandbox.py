@@ -113,15 +113,23 @@ class WorkerFailed(Exception):
 _FRAME = struct.Struct(">I")
 
 
-def _proc_threads(pid: int) -> int | None:
+def _open_status(pid: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Threads:"):
-                    return int(line.split()[1])
+        return os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _threads(status_fd: int | None) -> int | None:
+    """The worker's thread count, read from outside it (a kept /proc/<pid>/status descriptor)."""
+    if status_fd is None:
+        return None
+    try:
+        text = os.pread(status_fd, 8192, 0)
+        start = text.index(b"\nThreads:") + 9
+        return int(text[start:text.index(b"\n", start)])
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 class MemoryCgroup:
@@ -208,6 +216,7 @@ class Worker:
         self.cgroup: MemoryCgroup | None = None
         self.source: str | None = None  # a worker only ever runs one grader's source
         self.threads = 0
+        self._status: int | None = None
         self.tainted = False  # it sent a frame nobody asked for: never reuse it
         self._previous: str | None = None
         self._start()
@@ -251,7 +260,8 @@ class Worker:
             raise WorkerFailed("start", f"the python grader worker did not start: {e}") from None
         self.isolation = ready.get("isolation", {}) if isinstance(ready, dict) else {}
         self.isolation["cgroup_mb"] = limits.memory_mb if self.cgroup else None
-        self.threads = _proc_threads(self.proc.pid) or 0
+        self._status = _open_status(self.proc.pid)
+        self.threads = _threads(self._status) or 0
 
     @property
     def alive(self) -> bool:
@@ -263,7 +273,7 @@ class Worker:
             return False
         if select.select([self.proc.stdout.fileno()], [], [], 0)[0]:
             return False  # bytes the parent did not ask for: forged frames or a worker out of step
-        threads = _proc_threads(self.proc.pid)
+        threads = _threads(self._status)
         return threads is None or threads <= self.threads
 
     def _send(self, obj: Any) -> None:
@@ -352,6 +362,9 @@ class Worker:
                     stream.close()
                 except OSError:
                     pass
+        if self._status is not None:
+            os.close(self._status)
+            self._status = None
         if self.cgroup is not None:
             self.cgroup.remove()
         shutil.rmtree(self.base, ignore_errors=True)

@@ -589,7 +589,7 @@ def main():
                 _exit(0)  # a forked copy of the worker (only possible without seccomp): never answer
         reply["stdout"] = out.getvalue()[-MAX_CAPTURE:]
         reply["stderr"] = err.getvalue()[-MAX_CAPTURE:]
-        reply["dirty"] = has_children(me)
+        reply["dirty"] = False if report["seccomp"] else has_children(me)  # no children under seccomp
         clean_scratch(scratch)
         try:
             write_message(proto_out, reply)
