@@ -30,6 +30,7 @@ import pytest
 import graders
 from graders import SandboxLimits, SandboxPool
 
+FILL_MB = 3000  # what the fill probes try to write (the benchmark's layers-off baseline writes less)
 PLATFORM = dict(timeout_s=5, memory_mb=2048)  # 2 GB as on the platform; a short wall clock for tests
 OK = "def grade(sample, item):\n    return 0.5\n"
 
@@ -87,6 +88,7 @@ class Probe:
     setup: Callable[[Ctx], None] | None = None
     requires: tuple[str, ...] = ()  # isolation keys of which at least one must be on, else skip
     limits: dict[str, Any] = field(default_factory=dict)
+    unsafe_without_layers: bool = False  # the benchmark's layers-off baseline must never run it
 
     def program(self) -> str:
         return PRE + "\ndef grade(sample, item):\n" + textwrap.indent(textwrap.dedent(self.source), "    ")
@@ -97,16 +99,17 @@ LAYERS = {"seccomp": "a seccomp filter (kernel seccomp-bpf)",
           "uid": "a privilege drop to nobody", "netns": "a network namespace (unshare CLONE_NEWNET)"}
 
 
-def run_probe(probe: Probe, tmp: Path) -> str | None:
+def run_probe(probe: Probe, tmp: Path, *, override: dict[str, Any] | None = None, force: bool = False) -> str | None:
     """Run one probe; None when contained, else a description of the escape. Skips (pytest.skip)
-    when the machine lacks every layer the probe relies on."""
-    limits = SandboxLimits(**{**PLATFORM, "workers": 1, **probe.limits})
+    when the machine lacks every layer the probe relies on, unless `force` (the benchmark's
+    layers-off baseline, which `override`s the limits)."""
+    limits = SandboxLimits(**{**PLATFORM, "workers": 1, **probe.limits, **(override or {})})
     pool = SandboxPool(limits)
     ctx = Ctx(tmp, pool)
     try:
         isolation = _grade(pool, OK, {}).details.get("sandbox", {})
         missing = [k for k in probe.requires if not (isolation.get(k) if k != "uid" else isolation.get(k) == 65534)]
-        if probe.requires and len(missing) == len(probe.requires):
+        if probe.requires and len(missing) == len(probe.requires) and not force:
             pytest.skip(f"needs {' or '.join(LAYERS.get(k, k) for k in missing)}; this machine gave {isolation}")
         if probe.setup:
             probe.setup(ctx)
@@ -318,7 +321,7 @@ written = 0
 try:
     with open(item['path'], 'wb') as f:
         chunk = b'x' * (1 << 20)
-        for _ in range(3000):
+        for _ in range(item['mb']):
             f.write(chunk)
             f.flush()
             written += 1
@@ -342,7 +345,7 @@ def bounded(mb_key: str) -> Callable[[graders.Grade, Ctx], str | None]:
 
 def fill_setup(path: str, key: str) -> Callable[[Ctx], None]:
     def setup(ctx: Ctx) -> None:
-        ctx.item = {"path": path.format(pid=os.getpid())}
+        ctx.item = {"path": path.format(pid=os.getpid()), "mb": FILL_MB}
         ctx.host[key] = getattr(ctx.pool.limits, key)
         host_file = ctx.item["path"]
         ctx.cleanup.append(lambda: os.path.exists(host_file) and os.unlink(host_file))
@@ -424,7 +427,7 @@ PROBES: list[Probe] = [
     Probe("sleep past the limit", "2 minutes", "time.sleep(60)\nreturn 1.0", error_with("time limit"),
           limits={"timeout_s": 1}),
     Probe("fork bomb", "isolation", "while True:\n    os.fork()", error_with("Operation not permitted"),
-          requires=("seccomp",)),
+          requires=("seccomp",), unsafe_without_layers=True),
     Probe("subprocess / execve", "isolation", "import subprocess\nreturn float(subprocess.check_output(['echo', '1']))",
           error_with("Operation not permitted"), requires=("seccomp",)),
     Probe("10 GB allocation", "2 GB", "block = bytearray(10 * 1024 ** 3)\nreturn 1.0",
@@ -439,7 +442,7 @@ PROBES: list[Probe] = [
     *[signal_probe(name, body, {"drop_privileges": False}, " (as root: seccomp alone)")
       for name, body in SIGNAL_PROBES.items()],
     Probe("signal: ptrace attach the parent", "isolation",
-          "log = [sc('ptrace', 16, item['parent'], 0, 0)]\nprint(log)\nreturn float(log[0][0])",
+          "log = [sc('ptrace', 0x4206, item['parent'], 0, 0)]\nprint(log)\nreturn float(log[0][0])",
           lambda g, c: None if g.score == -1.0 else f"ptrace returned {g.score}", remember_parent,
           requires=("seccomp", "uid")),
     Probe("terminal: TIOCSTI ioctl", "isolation",
@@ -473,7 +476,9 @@ PROBES: list[Probe] = [
           requires=("private_root",)),
     Probe("memfd_create fill", "2 GB", "fd, e = sc('memfd_create', b'x', 0)\nprint(fd, e)\nreturn float(fd)",
           lambda g, c: None if g.score == -1.0 else f"memfd_create gave fd {g.score}", requires=("seccomp",)),
-    Probe("SysV shmget 3 GB", "2 GB", "r, e = sc('shmget', 0, 3 << 30, 0o1000 | 0o600)\nprint(r, e)\nreturn float(r)",
+    Probe("SysV shmget 3 GB", "2 GB",
+          "r, e = sc('shmget', 0, 3 << 30, 0o1000 | 0o600)\nprint(r, e)\nif r >= 0:\n    libc.shmctl(r, 0, None)\n"
+          "return float(r)",
           lambda g, c: None if g.score == -1.0 else f"shmget gave id {g.score}", requires=("seccomp",)),
     Probe("pipe buffers", "2 GB", PIPES, lambda g, c: None if g.error is None and g.score < 1024
           else f"{g.score} MB in pipes / {g.error_details}"),

@@ -1,0 +1,156 @@
+"""Replay every sandbox probe (tests/test_grader_sandbox_escapes.py) and print a table.
+
+    PYTHONPATH=$PWD OMP_WAIT_POLICY=PASSIVE python benchmarks/sandbox_probes.py [--no-baseline]
+
+Columns: the probe, the platform promise it tests, whether this sandbox contained it, and, in the
+same run, whether the sandbox with its kernel layers switched off contained it (namespaces, private
+root, privilege drop, seccomp and cgroup off; rlimits, protocol checks and Python guards stay):
+this is what a machine without those kernel features gets, and it shows each probe can fail.
+Each baseline probe runs in its own child process: a probe that escapes may SIGKILL its parent.
+
+Then grade throughput with one reused worker: this sandbox vs the one on git `main` (same run).
+Goal: 0 escapes of the platform's limits; worker reuse no slower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # before benchmarks/, whose graders.py would shadow the package
+
+import pytest  # noqa: E402
+LAYERS_OFF = {"namespaces": False, "private_root": False, "drop_privileges": False, "seccomp": False,
+              "cgroup": False}
+
+
+def load_probes():
+    spec = importlib.util.spec_from_file_location("sandbox_escapes", ROOT / "tests" / "test_grader_sandbox_escapes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sandbox_escapes"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def verdict(module, probe, override=None, force=False) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as tmp:
+        try:
+            escaped = module.run_probe(probe, Path(tmp), override=override, force=force)
+        except pytest.skip.Exception as e:
+            return "skipped", str(e)
+        except Exception as e:  # a probe that could not run is not a pass
+            return "error", f"{type(e).__name__}: {e}"
+    return ("yes", "") if escaped is None else ("NO", escaped)
+
+
+def one(name: str) -> None:
+    """Child mode: one probe with the kernel layers off; prints a JSON verdict."""
+    module = load_probes()
+    module.FILL_MB = 320  # enough to pass the limits, not enough to hurt a shared machine
+    probe = next(p for p in module.PROBES if p.name == name)
+    status, detail = verdict(module, probe, override=LAYERS_OFF, force=True)
+    print(json.dumps({"status": status, "detail": detail}), flush=True)
+
+
+def baseline(name: str) -> tuple[str, str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
+                             timeout=120, env=env, cwd=tempfile.gettempdir())
+    except subprocess.TimeoutExpired:
+        return "NO", "the probe's parent hung"
+    if out.returncode < 0:
+        return "NO", f"the parent process was killed by signal {-out.returncode}"
+    try:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return "error", (out.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    return result["status"], result["detail"]
+
+
+def throughput(n: int = 1000) -> tuple[float, float]:
+    """Grades/s with one reused worker: this sandbox, and git main's (same run, same grader)."""
+    import graders
+    import graders.python_sandbox as new
+
+    old_dir = Path(tempfile.mkdtemp(prefix="sandbox-main-"))
+    for name in ("python_sandbox.py", "sandbox_worker.py"):
+        text = subprocess.run(["git", "show", f"main:graders/{name}"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+        (old_dir / name).write_text(text)
+    spec = importlib.util.spec_from_file_location("main_python_sandbox", old_dir / "python_sandbox.py")
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["main_python_sandbox"] = old
+    spec.loader.exec_module(old)
+    cfg = graders.parse_grader({"type": "python", "name": "py", "source":
+                                "def grade(sample, item):\n    return float(item['label'] in sample['output_text'])\n"})
+    sample, item = graders.make_sample("my card has not arrived"), {"label": "card"}
+
+    def rate(module) -> float:
+        g = module.PythonGrader(cfg, sandbox=module.SandboxLimits(workers=1))
+        g.grade(sample, item)
+        start = time.perf_counter()
+        for _ in range(n):
+            g.grade(sample, item)
+        seconds = time.perf_counter() - start
+        g.close()
+        return n / seconds
+
+    pairs = [(rate(new), rate(old)) for _ in range(3)]  # interleaved: the machine is shared
+    return max(p[0] for p in pairs), max(p[1] for p in pairs)
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main() -> None:
+    if "--one" in sys.argv:
+        one(sys.argv[sys.argv.index("--one") + 1])
+        return
+    module = load_probes()
+    with_baseline = "--no-baseline" not in sys.argv
+    rows, escapes, base_escapes = [], 0, 0
+    start_load = load()
+    for probe in module.PROBES:
+        status, detail = verdict(module, probe)
+        escapes += status == "NO"
+        if not with_baseline:
+            base = ("-", "")
+        elif probe.unsafe_without_layers:
+            base = ("not run", "")  # e.g. a real fork bomb as root: nothing would stop it
+        else:
+            base = baseline(probe.name)
+        base_escapes += base[0] == "NO"
+        rows.append((probe.name, probe.limit, status, detail, *base))
+    import graders
+
+    isolation = module._grade(graders.SandboxPool(graders.SandboxLimits(workers=1)), module.OK, {}).details["sandbox"]
+    print(f"sandbox probes — {len(rows)} probes, uid {os.geteuid()}, kernel {os.uname().release}, load {start_load}")
+    print("layers here: " + ", ".join(f"{k}={isolation.get(k)}" for k in
+                                      ("netns", "private_root", "proc", "uid", "seccomp", "cgroup_mb", "memory_mb",
+                                       "scratch_mb", "shm_mb")))
+    print()
+    print("| probe | platform limit | contained | kernel layers off (same run) |")
+    print("|---|---|---|---|")
+    for name, limit, status, detail, bstatus, bdetail in rows:
+        note = f" ({detail[:90]})" if status != "yes" and detail else ""
+        bnote = f" ({bdetail[:70]})" if bstatus == "NO" and bdetail else ""
+        print(f"| {name} | {limit} | {status}{note} | {bstatus}{bnote} |")
+    skipped = sum(r[2] == "skipped" for r in rows)
+    print(f"\nescapes: {escapes} of {len(rows)} (skipped {skipped}); with the kernel layers off: "
+          f"{base_escapes if with_baseline else '-'} (goal: 0 escapes)")
+    new, old = throughput()
+    print(f"\ngrade throughput, one reused worker: this sandbox {new:,.0f} grades/s, git main's {old:,.0f} grades/s "
+          f"({new / old:.2f}×); load {load()}")
+
+
+if __name__ == "__main__":
+    main()
