@@ -165,7 +165,6 @@ def victims_alive(g: graders.Grade, ctx: Ctx) -> str | None:
 SIGINFO = "struct.pack('iii', 9, 0, -1) + bytes(116)"  # si_code SI_QUEUE, as sigqueue() sends
 SIGNAL_PROBES = {
     "kill() the parent and another process": "attempt(log, 'kill', lambda: os.kill(t, 9))",
-    "kill(-1) (every process; signal 0 only)": "attempt(log, 'kill -1', lambda: os.kill(-1, 0)) if t == item['targets'][0] else None",
     "tkill / tgkill": "log.append(sc('tkill', t, 9)); log.append(sc('tgkill', t, t, 9))",
     "rt_sigqueueinfo": f"buf = ctypes.create_string_buffer({SIGINFO}, 128); log.append(sc('rt_sigqueueinfo', t, 9, buf))",
     "rt_tgsigqueueinfo": f"buf = ctypes.create_string_buffer({SIGINFO}, 128); log.append(sc('rt_tgsigqueueinfo', t, t, 9, buf))",
@@ -183,7 +182,9 @@ SIGNAL_PROBES = {
         attempt(log, 'O_ASYNC', lambda: fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_ASYNC))
         os.write(w, b'x')"""),
     "ioctl FIOSETOWN / SIOCSPGRP + O_ASYNC": textwrap.dedent("""\
-        r, w = os.pipe()
+        pair = (ctypes.c_int * 2)()
+        log.append(('socketpair', libc.socketpair(1, 1, 0, pair)))  # allowed: it reaches nothing
+        r, w = pair[0], pair[1]
         attempt(log, 'FIOSETOWN', lambda: fcntl.ioctl(r, 0x8901, struct.pack('i', t)))
         attempt(log, 'SIOCSPGRP', lambda: fcntl.ioctl(r, 0x8902, struct.pack('i', t)))
         attempt(log, 'F_SETSIG', lambda: fcntl.fcntl(r, 10, 9))
@@ -441,6 +442,10 @@ PROBES: list[Probe] = [
     *[signal_probe(name, body) for name, body in SIGNAL_PROBES.items()],
     *[signal_probe(name, body, {"drop_privileges": False}, " (as root: seccomp alone)")
       for name, body in SIGNAL_PROBES.items()],
+    Probe("signal: kill(-1) (every process; signal 0 only)", "isolation",
+          "try:\n    os.kill(-1, 0)\nexcept PermissionError:\n    return 1.0\nreturn 0.0",
+          lambda g, c: None if g.score == 1.0 else f"kill(-1, 0) was allowed / {g.error_details}",
+          requires=("seccomp",)),
     Probe("signal: ptrace attach the parent", "isolation",
           "log = [sc('ptrace', 0x4206, item['parent'], 0, 0)]\nprint(log)\nreturn float(log[0][0])",
           lambda g, c: None if g.score == -1.0 else f"ptrace returned {g.score}", remember_parent,
