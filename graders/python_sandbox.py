@@ -139,9 +139,14 @@ class MemoryCgroup:
     def __init__(self, path: str, limit_file: str):
         self.path, self.limit_file = path, limit_file
 
+    _swept: set[str] = set()
+
     @classmethod
     def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup | None":
         for base, limit_file in cls._candidates():
+            if base not in cls._swept:
+                cls._swept.add(base)
+                _sweep(base, lambda path: os.rmdir(path))
             path = os.path.join(base, name)
             try:
                 os.mkdir(path)
@@ -192,8 +197,32 @@ class MemoryCgroup:
             return False
 
     def remove(self) -> None:
+        for _ in range(20):  # the kernel may release a just-reaped process's group a moment later
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+
+
+def _sweep(folder: str, remove: Any) -> None:
+    """Remove what workers of dead parents left in `folder` (named graders-sandbox-<parent pid>-...):
+    a parent killed with SIGKILL cannot clean up after itself."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if not name.startswith("graders-sandbox-") or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
         try:
-            os.rmdir(self.path)
+            remove(os.path.join(folder, name))
         except OSError:
             pass
 
@@ -202,11 +231,15 @@ class Worker:
     """One sandboxed worker process, its scratch folder, and the one grader source it may run."""
 
     _ids = itertools.count()
+    _swept = False
 
     def __init__(self, limits: SandboxLimits):
         self.limits = limits
         self.id = next(self._ids)
-        self.base = tempfile.mkdtemp(prefix="graders-sandbox-")
+        if not Worker._swept:
+            Worker._swept = True
+            _sweep(tempfile.gettempdir(), lambda path: shutil.rmtree(path, ignore_errors=True))
+        self.base = tempfile.mkdtemp(prefix=f"graders-sandbox-{os.getpid()}-")
         self.scratch = os.path.join(self.base, "scratch")
         self.root = os.path.join(self.base, "root")
         os.mkdir(self.scratch)
