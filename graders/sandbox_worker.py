@@ -239,8 +239,9 @@ def build_private_root(root, scratch, hidden, scratch_mb, shm_mb, owner):
     return report
 
 
-def _write_id_maps():
-    uid, gid = os.getuid(), os.getgid()
+def _write_id_maps(uid, gid):
+    """Map our own uid and gid into the new user namespace (read them before unshare: after it,
+    they show as the overflow id 65534)."""
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
@@ -254,6 +255,7 @@ def isolate_namespaces(setup, is_root):
     if not sys.platform.startswith("linux"):
         return report
     libc = _libc()
+    uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC
     for extra in ((0, CLONE_NEWUSER) if is_root else (CLONE_NEWUSER, 0)):
         if libc.unshare(flags | extra) == 0:
@@ -267,7 +269,7 @@ def isolate_namespaces(setup, is_root):
         return report
     try:
         if report["userns"]:
-            _write_id_maps()
+            _write_id_maps(uid, gid)
         _Mounter().mount(None, "/", None, MS_REC | MS_PRIVATE)
     except OSError as e:
         report["why"] = str(e)
@@ -395,42 +397,39 @@ def install_seccomp(pid):
     return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
 
 
-def set_limits(memory_mb, file_size_mb, max_processes, is_root):
-    report = {}
+def _limit(which, value):
+    try:
+        soft, hard = resource.getrlimit(which)
+        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+        resource.setrlimit(which, (value, value))
+        return value
+    except (ValueError, OSError):
+        return None
 
-    def limit(which, value):
-        try:
-            soft, hard = resource.getrlimit(which)
-            value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-            resource.setrlimit(which, (value, value))
-            return value
-        except (ValueError, OSError):
-            return None
 
-    report["memory_mb"] = memory_mb if limit(resource.RLIMIT_AS, memory_mb * 1024 * 1024) else None
-    limit(resource.RLIMIT_FSIZE, file_size_mb * 1024 * 1024)
-    limit(resource.RLIMIT_CORE, 0)
-    report["open_files"] = limit(resource.RLIMIT_NOFILE, 256)  # bounds pipe and socketpair buffers too
-    if hasattr(resource, "RLIMIT_NPROC") and not is_root:
-        # counts every process of this user, so allow what already runs plus a small margin
-        running = _count_user_processes(os.getuid())
-        report["max_processes"] = limit(resource.RLIMIT_NPROC, running + max_processes)
+def set_limits(memory_mb, file_size_mb):
+    report = {"memory_mb": memory_mb if _limit(resource.RLIMIT_AS, memory_mb * 1024 * 1024) else None}
+    _limit(resource.RLIMIT_FSIZE, file_size_mb * 1024 * 1024)
+    _limit(resource.RLIMIT_CORE, 0)
+    report["open_files"] = _limit(resource.RLIMIT_NOFILE, 256)  # bounds pipe and socketpair buffers too
     return report
 
 
-def _count_user_processes(uid):
-    count = 0
+def count_tasks_by_uid():
+    """Tasks (threads included: what RLIMIT_NPROC counts) per uid, read before /proc is replaced."""
+    counts = {}
     try:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.stat(f"/proc/{entry}").st_uid == uid:
-                        count += 1
-                except OSError:
-                    pass
+        entries = os.listdir("/proc")
     except OSError:
-        return 64
-    return count
+        return counts
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                uid = os.stat(f"/proc/{entry}").st_uid
+                counts[uid] = counts.get(uid, 0) + len(os.listdir(f"/proc/{entry}/task"))
+            except OSError:
+                pass
+    return counts
 
 
 class _NoNetwork:
@@ -542,6 +541,7 @@ def main():
     me = _getpid()
     is_root = os.geteuid() == 0
     scratch = os.getcwd()
+    tasks = count_tasks_by_uid() if not setup.get("seccomp", True) else {}
     report = {"pid": me}
     report.update(isolate_namespaces(setup, is_root) if setup.get("namespaces", True) else {})
     if is_root and setup.get("drop_privileges", True) and (
@@ -552,12 +552,16 @@ def main():
         report["uid"] = os.geteuid() if not drop_privileges() else NOBODY
     else:
         report["uid"] = os.geteuid()
-    report.update(set_limits(setup["memory_mb"], setup["file_size_mb"], setup["max_processes"], os.geteuid() == 0))
+    report.update(set_limits(setup["memory_mb"], setup["file_size_mb"]))
     if sys.platform.startswith("linux"):
         _libc().prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem or environ for other processes
     report["seccomp"] = install_seccomp(me) if setup.get("seccomp", True) else False
     if report["seccomp"] is False and sys.platform.startswith("linux"):
         _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of user code stay ours to see
+    if report["seccomp"] is False and os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
+        # without seccomp only this stops a fork bomb; it counts every task of the user
+        running = tasks.get(os.getuid(), 64) if tasks else 64
+        report["max_processes"] = _limit(resource.RLIMIT_NPROC, running + setup["max_processes"])
     start_orphan_watchdog(os.getppid())
     block_python_sockets()
     write_message(proto_out, {"ready": True, "isolation": report})
