@@ -96,7 +96,8 @@ class Probe:
 
 LAYERS = {"seccomp": "a seccomp filter (kernel seccomp-bpf)",
           "private_root": "a private mount namespace (unshare CLONE_NEWNS + pivot_root)",
-          "uid": "a privilege drop to nobody", "netns": "a network namespace (unshare CLONE_NEWNET)"}
+          "uid": "a privilege drop to nobody", "netns": "a network namespace (unshare CLONE_NEWNET)",
+          "cgroup_mb": "a writable memory cgroup (v2 memory.max or v1 memory.limit_in_bytes)"}
 
 
 def run_probe(probe: Probe, tmp: Path, *, override: dict[str, Any] | None = None, force: bool = False) -> str | None:
@@ -479,6 +480,9 @@ PROBES: list[Probe] = [
           requires=("private_root",)),
     Probe("scratch fill (3 GB)", "2 GB", FILL, bounded("scratch_mb"), fill_setup("fill-{pid}", "scratch_mb"),
           requires=("private_root",)),
+    Probe("scratch files + heap past the total (cgroup)", "2 GB",
+          "open('fill', 'wb').write(b'x' * (250 << 20))\nblock = bytearray(250 << 20)\nreturn 1.0",
+          error_with("killed by SIGKILL"), limits={"memory_mb": 400}, requires=("cgroup_mb",)),
     Probe("memfd_create fill", "2 GB", "fd, e = sc('memfd_create', b'x', 0)\nprint(fd, e)\nreturn float(fd)",
           lambda g, c: None if g.score == -1.0 else f"memfd_create gave fd {g.score}", requires=("seccomp",)),
     Probe("SysV shmget 3 GB", "2 GB",
