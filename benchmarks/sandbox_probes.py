@@ -75,8 +75,9 @@ def baseline(name: str) -> tuple[str, str]:
     return result["status"], result["detail"]
 
 
-def throughput(n: int = 1000) -> tuple[float, float]:
-    """Grades/s with one reused worker: this sandbox, and git main's (same run, same grader)."""
+def throughput(n: int = 1000) -> tuple[float, ...]:
+    """Grades/s with one reused worker, then with a new worker per grade: this sandbox and git
+    main's (same run, same grader; best of 3 interleaved rounds)."""
     import graders
     import graders.python_sandbox as new
 
@@ -93,18 +94,19 @@ def throughput(n: int = 1000) -> tuple[float, float]:
                                 "def grade(sample, item):\n    return float(item['label'] in sample['output_text'])\n"})
     sample, item = graders.make_sample("my card has not arrived"), {"label": "card"}
 
-    def rate(module) -> float:
-        g = module.PythonGrader(cfg, sandbox=module.SandboxLimits(workers=1))
+    def rate(module, reuse: bool = True) -> float:
+        g = module.PythonGrader(cfg, sandbox=module.SandboxLimits(workers=1, reuse_workers=reuse))
         g.grade(sample, item)
+        count = n if reuse else n // 50
         start = time.perf_counter()
-        for _ in range(n):
+        for _ in range(count):
             g.grade(sample, item)
         seconds = time.perf_counter() - start
         g.close()
-        return n / seconds
+        return count / seconds
 
-    pairs = [(rate(new), rate(old)) for _ in range(3)]  # interleaved: the machine is shared
-    return max(p[0] for p in pairs), max(p[1] for p in pairs)
+    rows = [(rate(new), rate(old), rate(new, False), rate(old, False)) for _ in range(3)]  # interleaved
+    return tuple(max(r[i] for r in rows) for i in range(4))
 
 
 def load() -> str:
@@ -141,15 +143,17 @@ def main() -> None:
     print("| probe | platform limit | contained | kernel layers off (same run) |")
     print("|---|---|---|---|")
     for name, limit, status, detail, bstatus, bdetail in rows:
+        detail, bdetail = (" ".join(str(d).split()).replace("|", "/") for d in (detail, bdetail))
         note = f" ({detail[:90]})" if status != "yes" and detail else ""
         bnote = f" ({bdetail[:70]})" if bstatus == "NO" and bdetail else ""
         print(f"| {name} | {limit} | {status}{note} | {bstatus}{bnote} |")
     skipped = sum(r[2] == "skipped" for r in rows)
     print(f"\nescapes: {escapes} of {len(rows)} (skipped {skipped}); with the kernel layers off: "
           f"{base_escapes if with_baseline else '-'} (goal: 0 escapes)")
-    new, old = throughput()
+    new, old, new_fresh, old_fresh = throughput()
     print(f"\ngrade throughput, one reused worker: this sandbox {new:,.0f} grades/s, git main's {old:,.0f} grades/s "
-          f"({new / old:.2f}×); load {load()}")
+          f"({new / old:.2f}×); a new worker per grade: {new_fresh:,.1f}/s vs {old_fresh:,.1f}/s; "
+          f"reuse speed-up here {new / new_fresh:,.0f}×; load {load()}")
 
 
 if __name__ == "__main__":
