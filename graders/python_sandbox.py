@@ -1,22 +1,23 @@
 """`python` graders: the user's `grade(sample, item)` run in sandboxed, reused worker processes.
 
-Each worker is `python -I graders/sandbox_worker.py` started in its own scratch folder (also its
-HOME and TMPDIR, emptied after every grade) with a stripped environment (no API keys, no
-FLYWHEEL_DB), in its own session. Before user code runs it locks itself down (see
-sandbox_worker.py): no network (a new network namespace where the kernel allows, plus a seccomp
-filter and Python-level socket guards), no new processes (seccomp; RLIMIT_NPROC when not root),
-a memory limit (RLIMIT_AS), a file size limit, and the hidden paths (by default the SQLite files
-in the current folder, i.e. the project database) covered by /dev/null in a private mount
-namespace.
+Each worker is `python -I graders/sandbox_worker.py` with a stripped environment (no API keys, no
+FLYWHEEL_DB), in its own session and its own memory cgroup where one is writable. Before user code
+runs it locks itself down (sandbox_worker.py; docs/graders.md has the whole list): new mount,
+network and IPC namespaces; a private read-only root holding only what Python needs, a size-limited
+scratch tmpfs (cwd, HOME, TMPDIR; emptied after every grade) and /dev/shm, and a /proc without
+other users' processes; the store's database and other hidden paths are not there; root becomes
+nobody; rlimits; a seccomp filter (no processes, programs, sockets, or signals to anyone else by
+any route); Python-level socket guards. Each layer falls back cleanly where the kernel refuses it,
+and `grade.details["sandbox"]` says what the worker got.
 
-The parent enforces the wall-clock limit. Every failure is a recorded `python_grader_runtime_error`
-grade, within the limit, and the parent keeps working: an exception, a non-numeric return, a
-timeout or infinite loop (the worker is killed and replaced), a crash, a fork bomb (fork fails),
-a 10 GB allocation (MemoryError), a socket (PermissionError). A worker that cannot be started is a
-`python_grader_server_error`. Workers are reused between grades; `close()` stops them.
-
-What it does not do: it is a guard against accidents and runaway code, not a security boundary
-for hostile code run as root (that belongs in a container or a separate user).
+The parent trusts nothing the worker sends: replies are capped (`MAX_REPLY_BYTES`), must answer the
+request's random id and have the reply's shape; a worker only runs one grader's source, and is
+retired when it holds unasked-for bytes or a thread user code left behind. It enforces the
+wall-clock limit. Every failure is a recorded `python_grader_runtime_error` grade, within the
+limit, and the parent keeps working: an exception, a non-numeric return, a timeout or infinite
+loop (the worker is killed and replaced), a crash, a fork bomb, a 10 GB allocation, a socket, a
+forged frame. A worker that cannot be started is a `python_grader_server_error`. Workers are reused
+between grades; `close()` stops them.
 """
 
 from __future__ import annotations
@@ -136,10 +137,10 @@ class MemoryCgroup:
     """A memory cgroup (v2 memory.max or v1 memory.limit_in_bytes) for one worker: its limit covers
     everything the worker's pages cost, tmpfs and kernel memory included. None where not writable."""
 
+    _swept: set[str] = set()  # cgroup folders already cleared of dead parents' groups
+
     def __init__(self, path: str, limit_file: str):
         self.path, self.limit_file = path, limit_file
-
-    _swept: set[str] = set()
 
     @classmethod
     def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup | None":
@@ -172,6 +173,8 @@ class MemoryCgroup:
         except OSError:
             return out
         for line in lines:
+            if line.count(":") < 2:
+                continue
             _, controllers, rel = line.split(":", 2)
             rel = rel.lstrip("/")
             if controllers == "":

@@ -2,18 +2,22 @@
 
 Started by graders.python_sandbox as `python -I sandbox_worker.py` in a scratch folder with a
 stripped environment. The parent talks to it over stdin/stdout with length-prefixed JSON; the
-worker then points fds 0/1 at /dev/null so user code cannot write into the protocol.
+worker then points fds 0/1 at /dev/null so user code does not write into the protocol by accident
+(on purpose it can: the parent validates every reply).
 
 Before any user code runs, the worker locks itself down as far as the machine allows and reports
 what it got:
-* namespaces (unshare): a new network namespace (no interfaces but a down loopback: no network)
-  and a new mount namespace where the hidden paths (the project database) are covered by /dev/null;
-* seccomp filter (Linux x86_64 / aarch64): no new processes (fork, vfork, clone without
-  CLONE_THREAD; threads are fine), no sockets other than AF_UNIX, no signals to other processes,
-  no ptrace, no more namespace or mount changes;
-* rlimits: address space (memory), file size, no core dumps, and a process count when not root;
-* Python level: socket constructors raise a clear PermissionError (the kernel layers above stop
-  code that goes around Python).
+* namespaces (unshare): new mount, network and IPC namespaces (inside a user namespace when not
+  root): no network, no host abstract sockets, no host SysV IPC;
+* a private root (pivot_root into a tmpfs): read-only binds of what Python needs, a synthetic
+  /etc/passwd, a size-limited scratch tmpfs and /dev/shm, /proc with hidepid=invisible (as root);
+  hidden paths inside the exposed trees covered by /dev/null. Where that fails: /dev/null covers;
+* root drops to nobody (uid/gid 65534, no groups, no capabilities);
+* rlimits: address space, file size, open files, no core dumps; non-dumpable;
+* seccomp filter (Linux x86_64 / aarch64): no new processes or programs, no socket(), no signal to
+  any other process by any route (kill family, sigqueue family, pidfd, fcntl/ioctl owners), no
+  ptrace, no memfd/SysV shm, no namespace or mount changes (see install_seccomp);
+* Python level: socket constructors raise a clear PermissionError.
 """
 
 import ctypes
