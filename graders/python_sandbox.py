@@ -275,6 +275,7 @@ class Worker:
             )
         except OSError as e:
             raise WorkerFailed("start", f"cannot start a python grader worker: {e}") from None
+        os.set_blocking(self.proc.stdin.fileno(), False)  # writes wait in select(), with a deadline
         limits = self.limits
         if limits.cgroup and sys.platform.startswith("linux"):  # all of it: heap, tmpfs, kernel memory
             name = f"graders-sandbox-{os.getpid()}-{self.id}"
@@ -289,7 +290,7 @@ class Worker:
             "drop_privileges": limits.drop_privileges, "seccomp": limits.seccomp,
         }
         try:
-            self._send(setup)
+            self._send(setup, time.monotonic() + limits.startup_timeout_s)
             ready = self._receive(limits.startup_timeout_s)
         except WorkerFailed as e:
             self.kill()
@@ -312,11 +313,20 @@ class Worker:
         threads = _threads(self._status)
         return threads is None or threads <= self.threads
 
-    def _send(self, obj: Any) -> None:
+    def _send(self, obj: Any, deadline: float) -> None:
+        """Write one frame by `deadline`: a worker that stops reading cannot block the parent."""
         body = json.dumps(obj, ensure_ascii=False, default=repr).encode("utf-8")
+        data = memoryview(_FRAME.pack(len(body)) + body)
+        fd = self.proc.stdin.fileno()
         try:
-            self.proc.stdin.write(_FRAME.pack(len(body)) + body)
-            self.proc.stdin.flush()
+            while data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([], [fd], [], remaining)[1]:
+                    raise WorkerFailed("timeout", "timed out")
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:
+                    continue
         except (BrokenPipeError, OSError, ValueError):
             raise WorkerFailed("died", self._death()) from None
 
@@ -364,8 +374,8 @@ class Worker:
         came after it) is skipped, and the worker marked tainted so it is not reused."""
         nonce = secrets.token_hex(16)
         self.source = source
-        self._send({"id": nonce, "source": source, "sample": sample, "item": item})
         deadline = time.monotonic() + timeout
+        self._send({"id": nonce, "source": source, "sample": sample, "item": item}, deadline)
         while True:
             reply = self._receive(max(0.0, deadline - time.monotonic()))
             if isinstance(reply, dict) and self._previous is not None and reply.get("id") == self._previous:

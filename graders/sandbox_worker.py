@@ -225,7 +225,7 @@ def build_private_root(root, scratch, hidden, scratch_mb, shm_mb, owner):
     report["proc"] = False
     for option in ("hidepid=invisible", "hidepid=2"):
         try:
-            m.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, option)
+            m.mount("proc", root + "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, option)
             report["proc"] = option
             break
         except OSError:

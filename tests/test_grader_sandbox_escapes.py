@@ -422,6 +422,18 @@ def worker_replaced(g: graders.Grade, ctx: Ctx) -> str | None:
     return followup_is_honest(g, ctx)
 
 
+def big_request_is_bounded(g: graders.Grade, ctx: Ctx) -> str | None:
+    """The worker no longer reads: sending the next (3 MB) request must time out, not block the parent."""
+    source = ctx.pool._idle[0].source if ctx.pool._idle else None
+    if source is None:
+        return "the hijacked worker was not kept: the probe proves nothing"
+    big = graders.build_grader({"type": "python", "name": "probe", "source": source}, sandbox=ctx.pool)
+    again = big.grade("x" * 3_000_000, {"quiet": True})
+    if again.error_details != f"grade() did not finish within the time limit of {ctx.pool.limits.timeout_s:g} s":
+        return f"the next grade got {again.score} / {again.error_details}"
+    return followup_is_honest(g, ctx)
+
+
 PROBES: list[Probe] = [
     # contained before issue 13 (kept as regression probes)
     Probe("exception in grade()", "errors", "raise ValueError('bad output')", error_with("ValueError: bad output")),
@@ -519,6 +531,9 @@ PROBES: list[Probe] = [
           "    out.write(frame({'id': nonce, 'ok': True, 'score': 1.0}))\n"
           "if not item.get('quiet'):\n    threading.Thread(target=later, daemon=True).start()\nreturn 0.0",
           worker_replaced),
+    Probe("worker stops reading requests (parent must not block)", "2 minutes",
+          "if not item.get('quiet'):\n    sys.modules['__main__'].read_message = lambda stream: time.sleep(3600)\n"
+          "return 0.0", big_request_is_bounded, limits={"timeout_s": 2}),
     Probe("regain root / new namespaces", "isolation",
           "log = []\nattempt(log, 'setuid', lambda: os.setuid(0))\nlog.append(sc('unshare', 0x10000000))\n"
           "print(log)\nreturn float(os.geteuid() == 0 or log[-1][0] == 0)",
