@@ -196,10 +196,12 @@ def build_private_root(root, scratch, hidden, scratch_mb, shm_mb, owner):
         m.mount(real, target, None, MS_BIND | MS_REC)
         exposed.append(path)
     os.makedirs(root + "/etc", exist_ok=True)
+    uid, gid = os.getuid(), os.getgid()
+    me = f"grader:x:{uid}:{gid}:grader:/:/bin/false\n" if uid not in (0, NOBODY) else ""
     with open(root + "/etc/passwd", "w") as f:
-        f.write(f"root:x:0:0:root:/:/bin/false\nnobody:x:{NOBODY}:{NOBODY}:nobody:/:/bin/false\n")
+        f.write(f"root:x:0:0:root:/:/bin/false\nnobody:x:{NOBODY}:{NOBODY}:nobody:/:/bin/false\n{me}")
     with open(root + "/etc/group", "w") as f:
-        f.write(f"root:x:0:\nnogroup:x:{NOBODY}:\n")
+        f.write(f"root:x:0:\nnogroup:x:{NOBODY}:\n" + (f"grader:x:{gid}:\n" if me else ""))
     os.makedirs(root + "/dev/shm")
     for dev in ("null", "zero", "full", "random", "urandom"):
         _make_mountpoint(f"{root}/dev/{dev}", False)
