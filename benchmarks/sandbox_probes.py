@@ -3,10 +3,11 @@
     PYTHONPATH=$PWD OMP_WAIT_POLICY=PASSIVE python benchmarks/sandbox_probes.py [--no-baseline]
 
 Columns: the probe, the platform promise it tests, whether this sandbox contained it, and, in the
-same run, whether the sandbox with its kernel layers switched off contained it (namespaces, private
-root, privilege drop, seccomp and cgroup off; rlimits, protocol checks and Python guards stay):
-this is what a machine without those kernel features gets, and it shows each probe can fail.
-Each baseline probe runs in its own child process: a probe that escapes may SIGKILL its parent.
+same run, whether the sandbox contained it with its kernel layers switched off (namespaces, private
+root, privilege drop, seccomp and cgroup off; rlimits, protocol checks and Python guards stay:
+what a machine without those kernel features gets, and the proof each probe can fail), and in the
+fallback where the private root cannot be built (mount namespace + /dev/null covers).
+Each of those runs in its own child process: a probe that escapes may SIGKILL its parent.
 
 Then grade throughput with one reused worker: this sandbox vs the one on git `main` (same run).
 Goal: 0 escapes of the platform's limits; worker reuse no slower.
@@ -27,8 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before benchmarks/, whose graders.py would shadow the package
 
 import pytest  # noqa: E402
-LAYERS_OFF = {"namespaces": False, "private_root": False, "drop_privileges": False, "seccomp": False,
-              "cgroup": False}
+MODES = {
+    # what a machine without the kernel features gets (rlimits, protocol checks, Python guard stay)
+    "off": {"namespaces": False, "private_root": False, "drop_privileges": False, "seccomp": False, "cgroup": False},
+    # the fallback where the mount namespace exists but the private root cannot be built
+    "fallback": {"private_root": False},
+}
 
 
 def load_probes():
@@ -50,19 +55,19 @@ def verdict(module, probe, override=None, force=False) -> tuple[str, str]:
     return ("yes", "") if escaped is None else ("NO", escaped)
 
 
-def one(name: str) -> None:
-    """Child mode: one probe with the kernel layers off; prints a JSON verdict."""
+def one(name: str, mode: str) -> None:
+    """Child mode: one probe with the layers of `mode` off; prints a JSON verdict."""
     module = load_probes()
     module.FILL_MB = 320  # enough to pass the limits, not enough to hurt a shared machine
     probe = next(p for p in module.PROBES if p.name == name)
-    status, detail = verdict(module, probe, override=LAYERS_OFF, force=True)
+    status, detail = verdict(module, probe, override=MODES[mode], force=True)
     print(json.dumps({"status": status, "detail": detail}), flush=True)
 
 
-def baseline(name: str) -> tuple[str, str]:
+def baseline(name: str, mode: str) -> tuple[str, str]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     try:
-        out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, __file__, "--one", name, mode], capture_output=True, text=True,
                              timeout=120, env=env, cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired:
         return "NO", "the probe's parent hung"
@@ -115,23 +120,25 @@ def load() -> str:
 
 def main() -> None:
     if "--one" in sys.argv:
-        one(sys.argv[sys.argv.index("--one") + 1])
+        at = sys.argv.index("--one")
+        one(sys.argv[at + 1], sys.argv[at + 2])
         return
     module = load_probes()
-    with_baseline = "--no-baseline" not in sys.argv
-    rows, escapes, base_escapes = [], 0, 0
+    modes = [] if "--no-baseline" in sys.argv else list(MODES)
+    rows, escapes, mode_escapes = [], 0, {m: 0 for m in modes}
     start_load = load()
     for probe in module.PROBES:
         status, detail = verdict(module, probe)
         escapes += status == "NO"
-        if not with_baseline:
-            base = ("-", "")
-        elif probe.unsafe_without_layers:
-            base = ("not run", "")  # e.g. a real fork bomb as root: nothing would stop it
-        else:
-            base = baseline(probe.name)
-        base_escapes += base[0] == "NO"
-        rows.append((probe.name, probe.limit, status, detail, *base))
+        others = []
+        for mode in modes:
+            if probe.unsafe_without_layers and mode == "off":
+                result = ("not run", "")  # e.g. a real fork bomb as root: nothing would stop it
+            else:
+                result = baseline(probe.name, mode)
+            mode_escapes[mode] += result[0] == "NO"
+            others.append(result)
+        rows.append((probe.name, probe.limit, status, detail, others))
     import graders
 
     isolation = module._grade(graders.SandboxPool(graders.SandboxLimits(workers=1)), module.OK, {}).details["sandbox"]
@@ -140,16 +147,19 @@ def main() -> None:
                                       ("netns", "private_root", "proc", "uid", "seccomp", "cgroup_mb", "memory_mb",
                                        "scratch_mb", "shm_mb")))
     print()
-    print("| probe | platform limit | contained | kernel layers off (same run) |")
-    print("|---|---|---|---|")
-    for name, limit, status, detail, bstatus, bdetail in rows:
-        detail, bdetail = (" ".join(str(d).split()).replace("|", "/") for d in (detail, bdetail))
-        note = f" ({detail[:90]})" if status != "yes" and detail else ""
-        bnote = f" ({bdetail[:70]})" if bstatus == "NO" and bdetail else ""
-        print(f"| {name} | {limit} | {status}{note} | {bstatus}{bnote} |")
+    titles = {"off": "kernel layers off", "fallback": "fallback: no private root"}
+    print("| probe | platform limit | contained | " + " | ".join(titles[m] for m in modes) + " |")
+    print("|---|---|---|" + "---|" * len(modes))
+
+    def cell(status: str, detail: str, width: int) -> str:
+        detail = " ".join(str(detail).split()).replace("|", "/")
+        return status + (f" ({detail[:width]})" if status not in ("yes", "not run") and detail else "")
+
+    for name, limit, status, detail, others in rows:
+        print(f"| {name} | {limit} | {cell(status, detail, 90)} | " + " | ".join(cell(s, d, 60) for s, d in others) + " |")
     skipped = sum(r[2] == "skipped" for r in rows)
-    print(f"\nescapes: {escapes} of {len(rows)} (skipped {skipped}); with the kernel layers off: "
-          f"{base_escapes if with_baseline else '-'} (goal: 0 escapes)")
+    print(f"\nescapes: {escapes} of {len(rows)} (skipped {skipped}); "
+          + "; ".join(f"{titles[m]}: {n}" for m, n in mode_escapes.items()) + " (goal: 0 escapes)")
     new, old, new_fresh, old_fresh = throughput()
     print(f"\ngrade throughput, one reused worker: this sandbox {new:,.0f} grades/s, git main's {old:,.0f} grades/s "
           f"({new / old:.2f}×); a new worker per grade: {new_fresh:,.1f}/s vs {old_fresh:,.1f}/s; "

@@ -239,19 +239,24 @@ return 0.0
 """
 
 
-def database_untouched(g: graders.Grade, ctx: Ctx) -> str | None:
-    out = g.details.get("stdout", "")
-    if g.error:
-        return f"the probe did not run: {g.error_details}"
-    import re
+def database_untouched(listing: bool = True) -> Callable[[graders.Grade, Ctx], str | None]:
+    """No byte of the database read, none written; with `listing`, not even its name seen (where it
+    is registered, /dev/null covers are enough: the folder may still list it)."""
+    def verdict(g: graders.Grade, ctx: Ctx) -> str | None:
+        import re
 
-    leaks = [m for m in re.findall(r"read [^:']+: [1-9][0-9]* bytes[^']*|write [^:']+: done", out)]
-    if "list: [" in out and "store.db" in out.split("list: [")[1]:
-        leaks.append("the folder listing shows the database")
-    for path, data in ctx.host["before"].items():
-        if path.name == "store.db" and path.read_bytes() != data:
-            leaks.append("the database file changed")
-    return f"{leaks}" if leaks else None
+        out = g.details.get("stdout", "")
+        if g.error:
+            return f"the probe did not run: {g.error_details}"
+        leaks = re.findall(r"read [^:']+: [1-9][0-9]* bytes[^']*", out)
+        if listing and "list: [" in out and "store.db" in out.split("list: [")[1]:
+            leaks.append("the folder listing shows the database")
+        for path, data in ctx.host["before"].items():
+            now = path.read_bytes()
+            if b"tampered" in now or (path.name == "store.db" and now != data):
+                leaks.append(f"{path.name} was written")
+        return f"{leaks}" if leaks else None
+    return verdict
 
 
 def late_database(ctx: Ctx) -> None:
@@ -469,11 +474,11 @@ PROBES: list[Probe] = [
           lambda g, c: None if g.score == 1.0 else f"errno {g.score} (EPERM expected: the filter saw it)",
           requires=("seccomp",)),
     # files
-    Probe("store DB outside cwd (registered), -wal/-shm", "isolation", READ_DB, database_untouched,
+    Probe("store DB outside cwd (registered), -wal/-shm", "isolation", READ_DB, database_untouched(listing=False),
           lambda c: make_database(c, register=True)),
-    Probe("store DB anywhere (not registered)", "isolation", READ_DB, database_untouched,
+    Probe("store DB anywhere (not registered)", "isolation", READ_DB, database_untouched(),
           lambda c: make_database(c, register=False), requires=("private_root",)),
-    Probe("store DB created after the worker started", "isolation", READ_DB, database_untouched, late_database,
+    Probe("store DB created after the worker started", "isolation", READ_DB, database_untouched(), late_database,
           requires=("private_root",)),
     Probe("write outside scratch", "isolation", WRITE_OUTSIDE, nothing_written, write_targets,
           requires=("private_root", "uid")),
