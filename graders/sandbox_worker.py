@@ -233,7 +233,9 @@ def build_private_root(root, scratch, hidden, scratch_mb, shm_mb, owner):
         except OSError:
             pass
     os.chdir(root)
-    nr = 155 if platform.machine().lower() == "x86_64" else 41
+    nr = {"x86_64": 155, "aarch64": 41, "arm64": 41}.get(platform.machine().lower())
+    if nr is None:
+        raise OSError(ENOSYS, f"pivot_root: no syscall number known for {platform.machine()}")
     if m.libc.syscall(nr, b".", b".") != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"pivot_root: {os.strerror(err)}")
@@ -282,14 +284,16 @@ def isolate_namespaces(setup, is_root):
         return report
     if setup.get("private_root", True) and setup.get("root"):
         owner = (NOBODY, NOBODY) if is_root and setup.get("drop_privileges", True) else None
+        scratch = os.getcwd()
         try:
-            report.update(build_private_root(setup["root"], os.getcwd(), hidden, setup["scratch_mb"],
+            report.update(build_private_root(setup["root"], scratch, hidden, setup["scratch_mb"],
                                              setup["shm_mb"], owner))
             report["private_root"] = True
             return report
         except OSError as e:  # the namespace is ours and nothing was pivoted: fall back to /dev/null covers
             report["why"] = f"no private root: {e}"
-            _libc().umount2(setup["root"].encode(), MNT_DETACH)
+            os.chdir(scratch)
+            _libc().umount2(setup["root"].encode(), MNT_DETACH)  # with everything mounted below it
     for path in hidden:
         if os.path.lexists(path) and libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None) == 0:
             report["hidden"].append(path)
