@@ -134,20 +134,37 @@ class _Mounter:
             err = ctypes.get_errno()
             raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
 
-    def read_only(self, target):
-        """Make the tree at `target` read-only, every submount included (mount_setattr, Linux 5.12+)."""
+    def set_attr(self, target, set_=0, clear=0, recursive=True):
+        """Change mount attributes of the tree at `target`, every submount included unless not
+        `recursive` (mount_setattr, Linux 5.12+; the same number on every architecture)."""
 
         class MountAttr(ctypes.Structure):
             _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                         ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
-        attr = MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
-        nr = 442  # same number on x86_64 and aarch64
-        if self.libc.syscall(nr, AT_FDCWD, target.encode(), AT_RECURSIVE, ctypes.byref(attr),
-                             ctypes.sizeof(attr)) == 0:
+        attr = MountAttr(set_, clear, 0, 0)
+        if self.libc.syscall(442, AT_FDCWD, target.encode(), AT_RECURSIVE if recursive else 0,
+                             ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
             return
         err = ctypes.get_errno()
         raise OSError(err, f"mount_setattr {target}: {os.strerror(err)}")
+
+    def read_only(self, target):
+        self.set_attr(target, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+
+
+def read_only_host(scratch):
+    """The fallback without a private root: the whole host tree read-only (and nosuid), scratch
+    (bound onto itself) the only writable place. Returns True if done."""
+    m = _Mounter()
+    try:
+        m.mount(scratch, scratch, None, MS_BIND)
+        m.set_attr("/", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)
+        m.set_attr(scratch, clear=MOUNT_ATTR_RDONLY, recursive=False)
+        os.chdir(scratch)  # the cwd still pointed into the folder under the new bind mount
+    except OSError:
+        return False
+    return True
 
 
 def exposed_paths():
@@ -297,6 +314,7 @@ def isolate_namespaces(setup, is_root):
     for path in hidden:
         if os.path.lexists(path) and libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None) == 0:
             report["hidden"].append(path)
+    report["read_only"] = read_only_host(os.getcwd())
     return report
 
 

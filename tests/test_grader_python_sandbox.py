@@ -276,7 +276,8 @@ def test_numpy_grades_keep_their_worker(pool):
 
 def test_without_a_private_root_hidden_paths_are_covered(tmp_path, monkeypatch):
     """Where the private root cannot be built (here its mount point is gone), the worker falls back
-    to covering the hidden paths, SQLite companions included, with /dev/null, and says why."""
+    to covering the hidden paths, SQLite companions included, with /dev/null, and to a read-only
+    host tree where only scratch is writable; it says why."""
     from graders.python_sandbox import Worker
 
     db = tmp_path / "elsewhere.db"
@@ -289,14 +290,22 @@ def test_without_a_private_root_hidden_paths_are_covered(tmp_path, monkeypatch):
         start(self)
 
     monkeypatch.setattr(Worker, "_start", start_without_root)
-    src = f"def grade(s, i):\n    return float(sum(len(open({str(db)!r} + x, 'rb').read()) for x in ('', '-wal', '-shm')))\n"
+    src = ("def grade(s, i):\n"
+           f"    read = sum(len(open({str(db)!r} + x, 'rb').read()) for x in ('', '-wal', '-shm'))\n"
+           "    open('in-scratch.txt', 'w').write('fine')\n"
+           "    try:\n"
+           f"        open({str(tmp_path / 'outside.txt')!r}, 'w').write('escaped')\n"
+           "    except OSError:\n"
+           "        return float(read)\n"
+           "    return 1000.0\n")
     with grader(src, SandboxLimits(timeout_s=5, memory_mb=1024, workers=1, hidden_paths=(str(db),))) as g:
         result = g.grade("x", {})
     sandbox = result.details["sandbox"]
     if not sandbox.get("mountns"):
         pytest.skip(f"no mount namespace on this machine ({sandbox})")
     assert sandbox["private_root"] is False and "no private root" in sandbox["why"]
-    assert result.score == 0.0
+    assert result.error is None and result.score == 0.0  # nothing read, scratch writable, the rest not
+    assert sandbox["read_only"] is True and not (tmp_path / "outside.txt").exists()
     assert {str(db), f"{db}-wal", f"{db}-shm"} <= set(sandbox["hidden"])
 
 
