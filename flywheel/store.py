@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 from pydantic import BaseModel
 
+import graders
 from flywheel.errors import StoreError
 from flywheel.migrations import apply_migrations
 from flywheel.summaries import (EvalSummary, GradeRow, GraderSummary, RunSummary, SampleRow, grader_summaries, objective_value,
@@ -91,6 +92,8 @@ class Store:
             apply_migrations(db)
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open database: {exc}") from None
+        if path != ":memory:":
+            graders.hide_from_sandbox(path)  # python graders never see the store, wherever it lives
         return cls(db, path)
 
     def close(self) -> None:

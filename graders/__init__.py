@@ -29,7 +29,7 @@ from graders.endpoints import run_grader, validate_grader
 from graders.errors import ERROR_KINDS, GraderConfigError, GraderError, TemplateVariableError
 from graders.grade import Grade
 from graders.judge import JudgeModel
-from graders.python_sandbox import SandboxLimits, SandboxPool
+from graders.python_sandbox import SandboxLimits, SandboxPool, hide_from_sandbox
 from graders.reward import reward_function
 from graders.templates import make_sample, render_template
 
@@ -53,6 +53,7 @@ __all__ = [
     "TemplateVariableError",
     "TextSimilarityGraderConfig",
     "build_grader",
+    "hide_from_sandbox",
     "load_graders",
     "make_sample",
     "parse_grader",

@@ -1,22 +1,23 @@
 """`python` graders: the user's `grade(sample, item)` run in sandboxed, reused worker processes.
 
-Each worker is `python -I graders/sandbox_worker.py` started in its own scratch folder (also its
-HOME and TMPDIR, emptied after every grade) with a stripped environment (no API keys, no
-FLYWHEEL_DB), in its own session. Before user code runs it locks itself down (see
-sandbox_worker.py): no network (a new network namespace where the kernel allows, plus a seccomp
-filter and Python-level socket guards), no new processes (seccomp; RLIMIT_NPROC when not root),
-a memory limit (RLIMIT_AS), a file size limit, and the hidden paths (by default the SQLite files
-in the current folder, i.e. the project database) covered by /dev/null in a private mount
-namespace.
+Each worker is `python -I graders/sandbox_worker.py` with a stripped environment (no API keys, no
+FLYWHEEL_DB), in its own session and its own memory cgroup where one is writable. Before user code
+runs it locks itself down (sandbox_worker.py; docs/graders.md has the whole list): new mount,
+network and IPC namespaces; a private read-only root holding only what Python needs, a size-limited
+scratch tmpfs (cwd, HOME, TMPDIR; emptied after every grade) and /dev/shm, and a /proc without
+other users' processes; the store's database and other hidden paths are not there; root becomes
+nobody; rlimits; a seccomp filter (no processes, programs, sockets, or signals to anyone else by
+any route); Python-level socket guards. Each layer falls back cleanly where the kernel refuses it,
+and `grade.details["sandbox"]` says what the worker got.
 
-The parent enforces the wall-clock limit. Every failure is a recorded `python_grader_runtime_error`
-grade, within the limit, and the parent keeps working: an exception, a non-numeric return, a
-timeout or infinite loop (the worker is killed and replaced), a crash, a fork bomb (fork fails),
-a 10 GB allocation (MemoryError), a socket (PermissionError). A worker that cannot be started is a
-`python_grader_server_error`. Workers are reused between grades; `close()` stops them.
-
-What it does not do: it is a guard against accidents and runaway code, not a security boundary
-for hostile code run as root (that belongs in a container or a separate user).
+The parent trusts nothing the worker sends: replies are capped (`MAX_REPLY_BYTES`), must answer the
+request's random id and have the reply's shape; a worker only runs one grader's source, and is
+retired when it holds unasked-for bytes or a thread user code left behind. It enforces the
+wall-clock limit. Every failure is a recorded `python_grader_runtime_error` grade, within the
+limit, and the parent keeps working: an exception, a non-numeric return, a timeout or infinite
+loop (the worker is killed and replaced), a crash, a fork bomb, a 10 GB allocation, a socket, a
+forged frame. A worker that cannot be started is a `python_grader_server_error`. Workers are reused
+between grades; `close()` stops them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import math
 import os
+import secrets
 import select
 import signal
 import shutil
@@ -46,7 +49,16 @@ from graders.grade import Grade, passes, shorten
 
 WORKER_SCRIPT = Path(__file__).with_name("sandbox_worker.py")
 DATABASE_PATTERNS = ("*.db", "*.db-wal", "*.db-shm", "*.sqlite", "*.sqlite3")
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
+MAX_REPLY_BYTES = 1 << 20  # a real reply is a few KB (captured output is cut at 4,000 characters)
 _KEPT_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "SYSTEMROOT")
+_registered_hidden: set[str] = set()
+
+
+def hide_from_sandbox(path: str | os.PathLike) -> None:
+    """Hide a file (and its SQLite -wal/-shm/-journal companions) from every worker started after
+    this call, wherever it is: e.g. the store calls it with its database path when it opens it."""
+    _registered_hidden.add(os.path.realpath(os.fspath(path)))
 
 
 @dataclass(frozen=True)
@@ -56,20 +68,27 @@ class SandboxLimits:
     timeout_s: float = 120.0
     memory_mb: int = 2048
     file_size_mb: int = 1024
+    scratch_mb: int = 256
+    shm_mb: int = 64
     max_processes: int = 32
     workers: int = 2
     reuse_workers: bool = True
     hidden_paths: tuple[str, ...] = ()
     hide_databases_in_cwd: bool = True
     namespaces: bool = True
+    private_root: bool = True
+    drop_privileges: bool = True
+    cgroup: bool = True
     seccomp: bool = True
     startup_timeout_s: float = 30.0
 
     def all_hidden_paths(self) -> list[str]:
-        paths = [os.path.abspath(p) for p in self.hidden_paths]
+        """The explicit, registered and current-folder database paths, with their SQLite companions."""
+        paths = [os.path.realpath(p) for p in self.hidden_paths] + sorted(_registered_hidden)
         if self.hide_databases_in_cwd:
             for pattern in DATABASE_PATTERNS:
-                paths.extend(os.path.abspath(p) for p in glob.glob(pattern))
+                paths.extend(os.path.realpath(p) for p in glob.glob(pattern))
+        paths += [p + suffix for p in list(paths) for suffix in SIDE_FILES if not p.endswith(suffix)]
         return sorted(set(paths))
 
 
@@ -89,23 +108,153 @@ class SandboxResult:
 class WorkerFailed(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
-        self.kind = kind  # "timeout" | "died" | "start"
+        self.kind = kind  # "timeout" | "died" | "start" | "protocol"
 
 
 _FRAME = struct.Struct(">I")
 
 
+def _open_status(pid: int) -> int | None:
+    try:
+        return os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _threads(status_fd: int | None) -> int | None:
+    """The worker's thread count, read from outside it (a kept /proc/<pid>/status descriptor)."""
+    if status_fd is None:
+        return None
+    try:
+        text = os.pread(status_fd, 8192, 0)
+        start = text.index(b"\nThreads:") + 9
+        return int(text[start:text.index(b"\n", start)])
+    except (OSError, ValueError):
+        return None
+
+
+class MemoryCgroup:
+    """A memory cgroup (v2 memory.max or v1 memory.limit_in_bytes) for one worker: its limit covers
+    everything the worker's pages cost, tmpfs and kernel memory included. None where not writable."""
+
+    _swept: set[str] = set()  # cgroup folders already cleared of dead parents' groups
+
+    def __init__(self, path: str, limit_file: str):
+        self.path, self.limit_file = path, limit_file
+
+    @classmethod
+    def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup | None":
+        for base, limit_file in cls._candidates():
+            if base not in cls._swept:
+                cls._swept.add(base)
+                _sweep(base, lambda path: os.rmdir(path))
+            path = os.path.join(base, name)
+            try:
+                os.mkdir(path)
+            except OSError:
+                continue
+            group = cls(path, limit_file)
+            try:
+                group._write(limit_file, str(limit_bytes))
+                if os.path.exists(os.path.join(path, "memory.swap.max")):
+                    group._write("memory.swap.max", "0")
+                elif os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
+                    group._write("memory.memsw.limit_in_bytes", str(limit_bytes))
+                return group
+            except OSError:
+                group.remove()
+        return None
+
+    @staticmethod
+    def _candidates() -> list[tuple[str, str]]:
+        out = []
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            if line.count(":") < 2:
+                continue
+            _, controllers, rel = line.split(":", 2)
+            rel = rel.lstrip("/")
+            if controllers == "":
+                for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                    try:
+                        if "memory" in Path(root, rel, "cgroup.subtree_control").read_text().split():
+                            out.append((os.path.join(root, rel), "memory.max"))
+                    except OSError:
+                        pass
+            elif "memory" in controllers.split(","):
+                out.append((os.path.join("/sys/fs/cgroup/memory", rel), "memory.limit_in_bytes"))
+        return out
+
+    def _write(self, name: str, value: str) -> None:
+        with open(os.path.join(self.path, name), "w") as f:
+            f.write(value)
+
+    def add(self, pid: int) -> bool:
+        try:
+            self._write("cgroup.procs", str(pid))
+            return True
+        except OSError:
+            return False
+
+    def remove(self) -> None:
+        for _ in range(20):  # the kernel may release a just-reaped process's group a moment later
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.01)
+
+
+def _sweep(folder: str, remove: Any) -> None:
+    """Remove what workers of dead parents left in `folder` (named graders-sandbox-<parent pid>-...):
+    a parent killed with SIGKILL cannot clean up after itself."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if not name.startswith("graders-sandbox-") or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            remove(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
 class Worker:
-    """One sandboxed worker process and its scratch folder."""
+    """One sandboxed worker process, its scratch folder, and the one grader source it may run."""
 
     _ids = itertools.count()
+    _swept = False
 
     def __init__(self, limits: SandboxLimits):
         self.limits = limits
         self.id = next(self._ids)
-        self.scratch = tempfile.mkdtemp(prefix="graders-sandbox-")
+        if not Worker._swept:
+            Worker._swept = True
+            _sweep(tempfile.gettempdir(), lambda path: shutil.rmtree(path, ignore_errors=True))
+        self.base = tempfile.mkdtemp(prefix=f"graders-sandbox-{os.getpid()}-")
+        self.scratch = os.path.join(self.base, "scratch")
+        self.root = os.path.join(self.base, "root")
+        os.mkdir(self.scratch)
+        os.mkdir(self.root)
         self.isolation: dict[str, Any] = {}
         self.proc: subprocess.Popen | None = None
+        self.cgroup: MemoryCgroup | None = None
+        self.source: str | None = None  # a worker only ever runs one grader's source
+        self.threads = 0
+        self._status: int | None = None
+        self.tainted = False  # it sent a frame nobody asked for: never reuse it
+        self._previous: str | None = None
         self._start()
 
     def _env(self) -> dict[str, str]:
@@ -126,28 +275,58 @@ class Worker:
             )
         except OSError as e:
             raise WorkerFailed("start", f"cannot start a python grader worker: {e}") from None
+        os.set_blocking(self.proc.stdin.fileno(), False)  # writes wait in select(), with a deadline
+        limits = self.limits
+        if limits.cgroup and sys.platform.startswith("linux"):  # all of it: heap, tmpfs, kernel memory
+            name = f"graders-sandbox-{os.getpid()}-{self.id}"
+            self.cgroup = MemoryCgroup.create(name, limits.memory_mb * 1024 * 1024)
+            if self.cgroup and not self.cgroup.add(self.proc.pid):
+                self.cgroup.remove()
+                self.cgroup = None
         setup = {
-            "memory_mb": self.limits.memory_mb, "file_size_mb": self.limits.file_size_mb,
-            "max_processes": self.limits.max_processes, "hidden": self.limits.all_hidden_paths(),
-            "namespaces": self.limits.namespaces, "seccomp": self.limits.seccomp,
+            "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb, "scratch_mb": limits.scratch_mb,
+            "shm_mb": limits.shm_mb, "max_processes": limits.max_processes, "hidden": limits.all_hidden_paths(),
+            "namespaces": limits.namespaces, "private_root": limits.private_root, "root": self.root,
+            "drop_privileges": limits.drop_privileges, "seccomp": limits.seccomp,
         }
         try:
-            self._send(setup)
-            ready = self._receive(self.limits.startup_timeout_s)
+            self._send(setup, time.monotonic() + limits.startup_timeout_s)
+            ready = self._receive(limits.startup_timeout_s)
         except WorkerFailed as e:
             self.kill()
             raise WorkerFailed("start", f"the python grader worker did not start: {e}") from None
-        self.isolation = ready.get("isolation", {})
+        self.isolation = ready.get("isolation", {}) if isinstance(ready, dict) else {}
+        self.isolation["cgroup_mb"] = limits.memory_mb if self.cgroup else None
+        self._status = _open_status(self.proc.pid)
+        self.threads = _threads(self._status) or 0
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def _send(self, obj: Any) -> None:
+    def usable(self) -> bool:
+        """Alive, nothing unasked-for waiting on its pipe, and no thread left behind by user code."""
+        if not self.alive:
+            return False
+        if select.select([self.proc.stdout.fileno()], [], [], 0)[0]:
+            return False  # bytes the parent did not ask for: forged frames or a worker out of step
+        threads = _threads(self._status)
+        return threads is None or threads <= self.threads
+
+    def _send(self, obj: Any, deadline: float) -> None:
+        """Write one frame by `deadline`: a worker that stops reading cannot block the parent."""
         body = json.dumps(obj, ensure_ascii=False, default=repr).encode("utf-8")
+        data = memoryview(_FRAME.pack(len(body)) + body)
+        fd = self.proc.stdin.fileno()
         try:
-            self.proc.stdin.write(_FRAME.pack(len(body)) + body)
-            self.proc.stdin.flush()
+            while data:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not select.select([], [fd], [], remaining)[1]:
+                    raise WorkerFailed("timeout", "timed out")
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:
+                    continue
         except (BrokenPipeError, OSError, ValueError):
             raise WorkerFailed("died", self._death()) from None
 
@@ -161,17 +340,22 @@ class Worker:
             ready, _, _ = select.select([fd], [], [], remaining)
             if not ready:
                 raise WorkerFailed("timeout", "timed out")
-            chunk = os.read(fd, n - got)
+            chunk = os.read(fd, min(n - got, 1 << 16))
             if not chunk:
                 raise WorkerFailed("died", self._death())
             chunks.append(chunk)
             got += len(chunk)
         return b"".join(chunks)
 
-    def _receive(self, timeout: float) -> dict[str, Any]:
+    def _receive(self, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         (size,) = _FRAME.unpack(self._read_exact(4, deadline))
-        return json.loads(self._read_exact(size, deadline).decode("utf-8"))
+        if size > MAX_REPLY_BYTES:
+            raise WorkerFailed("protocol", f"the worker announced a {size:,}-byte reply (limit {MAX_REPLY_BYTES:,})")
+        try:
+            return json.loads(self._read_exact(size, deadline).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise WorkerFailed("protocol", f"the worker sent a reply that is not JSON ({e})") from None
 
     def _death(self) -> str:
         try:
@@ -185,8 +369,24 @@ class Worker:
         return f"the worker process exited with status {code}"
 
     def call(self, source: str, sample: Any, item: Any, timeout: float) -> dict[str, Any]:
-        self._send({"id": 0, "source": source, "sample": sample, "item": item})
-        return self._receive(timeout)
+        """One grade; the reply must answer this request (its nonce) and have the reply's shape.
+        A late frame for the previous request (user code forged that one's reply, so the real one
+        came after it) is skipped, and the worker marked tainted so it is not reused."""
+        nonce = secrets.token_hex(16)
+        self.source = source
+        deadline = time.monotonic() + timeout
+        self._send({"id": nonce, "source": source, "sample": sample, "item": item}, deadline)
+        while True:
+            reply = self._receive(max(0.0, deadline - time.monotonic()))
+            if isinstance(reply, dict) and self._previous is not None and reply.get("id") == self._previous:
+                self._previous, self.tainted = None, True
+                continue
+            break
+        self._previous = nonce
+        problem = _reply_problem(reply, nonce)
+        if problem:
+            raise WorkerFailed("protocol", f"the worker sent an invalid reply: {problem}")
+        return reply
 
     def kill(self) -> None:
         """Kill the worker and everything it started (its process group)."""
@@ -208,7 +408,32 @@ class Worker:
                     stream.close()
                 except OSError:
                     pass
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if self._status is not None:
+            os.close(self._status)
+            self._status = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _reply_problem(reply: Any, nonce: str) -> str | None:
+    """Why `reply` is not the answer to request `nonce` (None when it is)."""
+    if not isinstance(reply, dict):
+        return f"a {type(reply).__name__}, not an object"
+    if reply.get("id") != nonce:
+        return "it does not answer the request that was sent (wrong or missing request id)"
+    if not isinstance(reply.get("ok"), bool):
+        return "no ok flag"
+    if reply["ok"]:
+        score = reply.get("score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            return f"score {score!r:.40} is not a finite number"
+    elif not isinstance(reply.get("error"), str):
+        return "no error message"
+    for key in ("stdout", "stderr"):
+        if not isinstance(reply.get(key, ""), str):
+            return f"{key} is not text"
+    return None
 
 
 class SandboxPool:
@@ -222,36 +447,51 @@ class SandboxPool:
         self._closed = False
         self.started = 0  # workers started so far (for tests and benchmarks)
 
-    def _acquire(self) -> Worker:
-        with self._cond:
-            while True:
-                while self._idle:
-                    worker = self._idle.pop()
-                    if worker.alive:
-                        return worker
-                    worker.kill()
-                    self._count -= 1
-                if self._count < max(1, self.limits.workers):
-                    self._count += 1
-                    break
-                self._cond.wait()
-        try:
-            worker = Worker(self.limits)
-        except WorkerFailed:
+    def _acquire(self, source: str) -> Worker:
+        """An idle worker that ran this source (or none yet) and is still clean, else a new one."""
+        while True:
+            stale: Worker | None = None
             with self._cond:
-                self._count -= 1
-                self._cond.notify()
-            raise
+                while True:
+                    match = next((w for w in self._idle if w.source in (source, None)), None)
+                    if match is not None:
+                        self._idle.remove(match)
+                        break
+                    if self._count < max(1, self.limits.workers):
+                        self._count += 1
+                        break
+                    if self._idle:  # only workers of other sources are free: replace the oldest
+                        stale = self._idle.pop(0)
+                        break
+                    self._cond.wait()
+            if stale is not None:
+                self._discard(stale)
+                continue
+            if match is not None:
+                if match.usable():
+                    return match
+                self._discard(match)
+                continue
+            try:
+                worker = Worker(self.limits)
+            except WorkerFailed:
+                with self._cond:
+                    self._count -= 1
+                    self._cond.notify()
+                raise
+            with self._cond:
+                self.started += 1
+            return worker
+
+    def _discard(self, worker: Worker) -> None:
+        worker.kill()
         with self._cond:
-            self.started += 1
-        return worker
+            self._count -= 1
+            self._cond.notify()
 
     def _release(self, worker: Worker, healthy: bool) -> None:
         if not healthy or not self.limits.reuse_workers or self._closed:
-            worker.kill()
-            with self._cond:
-                self._count -= 1
-                self._cond.notify()
+            self._discard(worker)
             return
         with self._cond:
             self._idle.append(worker)
@@ -261,23 +501,25 @@ class SandboxPool:
         """Call grade(sample, item) from `source` in a worker; never raises for user-code problems."""
         started = time.monotonic()
         try:
-            worker = self._acquire()
+            worker = self._acquire(source)
         except WorkerFailed as e:
             return SandboxResult(None, "python_grader_server_error", str(e))
         healthy = False
         try:
             reply = worker.call(source, sample, item, self.limits.timeout_s)
-            healthy = not reply.get("dirty")
+            healthy = not reply.get("dirty") and not worker.tainted
             seconds = time.monotonic() - started
             common = dict(stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""), seconds=seconds,
                           isolation=worker.isolation)
-            if reply.get("ok"):
+            if reply["ok"]:
                 return SandboxResult(float(reply["score"]), **common)
-            return SandboxResult(None, "python_grader_runtime_error", reply.get("error", "unknown error"), **common)
+            return SandboxResult(None, "python_grader_runtime_error", reply["error"], **common)
         except WorkerFailed as e:
             seconds = time.monotonic() - started
             if e.kind == "timeout":
                 message = f"grade() did not finish within the time limit of {self.limits.timeout_s:g} s"
+            elif e.kind == "protocol":
+                message = f"grade() broke the worker protocol, reply refused: {e}"
             else:
                 message = f"grade() crashed the worker: {e}"
             return SandboxResult(None, "python_grader_runtime_error", message, seconds=seconds,

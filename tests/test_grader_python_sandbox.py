@@ -263,3 +263,107 @@ def test_without_kernel_layers_forked_children_are_cleaned_up():
 
 def run_with(pool, source):
     return graders.build_grader({"type": "python", "name": "py", "source": source}, sandbox=pool).grade("x", {})
+
+
+def test_numpy_grades_keep_their_worker(pool):
+    """numpy's thread pools stay at one thread in a worker, so the thread check does not retire it."""
+    src = "import numpy as np\ndef grade(s, i):\n    return float(np.arange(4).mean())\n"
+    assert run(pool, src).score == 1.5
+    started = pool.started
+    assert [run(pool, src).score for _ in range(5)] == [1.5] * 5
+    assert pool.started == started
+
+
+def test_without_a_private_root_hidden_paths_are_covered(tmp_path, monkeypatch):
+    """Where the private root cannot be built (here its mount point is gone), the worker falls back
+    to covering the hidden paths, SQLite companions included, with /dev/null, and to a read-only
+    host tree where only scratch is writable; it says why."""
+    from graders.python_sandbox import Worker
+
+    db = tmp_path / "elsewhere.db"
+    for path in (db, tmp_path / "elsewhere.db-wal", tmp_path / "elsewhere.db-shm"):
+        path.write_bytes(b"SQLite format 3\x00 secret rows")
+    start = Worker._start
+
+    def start_without_root(self):
+        os.rmdir(self.root)
+        start(self)
+
+    monkeypatch.setattr(Worker, "_start", start_without_root)
+    src = ("def grade(s, i):\n"
+           f"    read = sum(len(open({str(db)!r} + x, 'rb').read()) for x in ('', '-wal', '-shm'))\n"
+           "    open('in-scratch.txt', 'w').write('fine')\n"
+           "    try:\n"
+           f"        open({str(tmp_path / 'outside.txt')!r}, 'w').write('escaped')\n"
+           "    except OSError:\n"
+           "        return float(read)\n"
+           "    return 1000.0\n")
+    with grader(src, SandboxLimits(timeout_s=5, memory_mb=1024, workers=1, hidden_paths=(str(db),))) as g:
+        result = g.grade("x", {})
+    sandbox = result.details["sandbox"]
+    if not sandbox.get("mountns"):
+        pytest.skip(f"no mount namespace on this machine ({sandbox})")
+    assert sandbox["private_root"] is False and "no private root" in sandbox["why"]
+    assert result.error is None and result.score == 0.0  # nothing read, scratch writable, the rest not
+    assert sandbox["read_only"] is True and not (tmp_path / "outside.txt").exists()
+    assert {str(db), f"{db}-wal", f"{db}-shm"} <= set(sandbox["hidden"])
+
+
+def test_store_hides_its_database_from_workers(tmp_path):
+    from flywheel.store import Store
+
+    (tmp_path / "far").mkdir()
+    store = Store.open(tmp_path / "far" / "away.db")  # not in the current folder: only registration hides it
+    try:
+        paths = SandboxLimits(hide_databases_in_cwd=False).all_hidden_paths()
+        real = os.path.realpath(store.path)
+        assert {real, real + "-wal", real + "-shm", real + "-journal"} <= set(paths)
+    finally:
+        store.close()
+
+
+UNPRIVILEGED = """
+set -e
+if [ -n "$PYENV_UNDER_ROOT" ]; then  # the interpreter lives under /root (0700): lend it to the user
+  mkdir -p "$KEEP" && mount --bind /root "$KEEP"
+  mount -t tmpfs -o mode=755 tmpfs /root
+  mkdir -p "/root/$PYENV_UNDER_ROOT" && mount --bind "$KEEP/$PYENV_UNDER_ROOT" "/root/$PYENV_UNDER_ROOT"
+fi
+cd /tmp
+exec setpriv --reuid=1000 --regid=1000 --clear-groups env HOME=/tmp PYTHONPATH="$PYTHONPATH" "$@"
+"""
+
+
+def test_unprivileged_user_gets_the_private_root_and_seccomp(tmp_path):
+    """The path a non-root user takes (a user namespace; no /proc, no privilege drop): run the pool
+    as uid 1000 in a private mount namespace of this (root) test."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"):
+        pytest.skip("needs root and util-linux unshare/setpriv to become an unprivileged user")
+    base = os.path.realpath(sys.base_prefix)
+    under_root = os.path.relpath(base, "/root").split(os.sep)[0] if base.startswith("/root/") else ""
+    code = ("import graders, json, os\n"
+            "src = 'import os\\ndef grade(s, i):\\n    os.kill(os.getppid(), 0)\\n    return 1.0\\n'\n"
+            "g = graders.build_grader({'type': 'python', 'name': 'p', 'source': src}, sandbox=graders.SandboxLimits(workers=1))\n"
+            "r = g.grade('x', {})\n"
+            "print(json.dumps({'error': r.error_details, 'sandbox': r.details['sandbox'], 'uid': os.getuid()}))\n")
+    script = tmp_path / "unprivileged.sh"
+    script.write_text(UNPRIVILEGED)
+    env = {**os.environ, "PYENV_UNDER_ROOT": under_root, "KEEP": str(tmp_path / "keep"),
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", str(script), sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=120, env=env)
+    if out.returncode != 0 and ("Operation not permitted" in out.stderr or "setpriv" in out.stderr):
+        pytest.skip(f"cannot become an unprivileged user here: {out.stderr.strip()[-200:]}")
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    sandbox = report["sandbox"]
+    if not sandbox.get("userns"):
+        pytest.skip(f"no unprivileged user namespaces on this kernel ({sandbox.get('why')})")
+    assert report["uid"] == 1000 and sandbox["uid"] == 1000
+    assert sandbox["private_root"] is True and sandbox["proc"] is False  # no /proc without a PID namespace
+    assert sandbox["seccomp"] is True
+    assert "PermissionError" in report["error"]  # signalling the parent: seccomp alone refuses it
