@@ -43,7 +43,7 @@ def load_model(ref: str, options: dict[str, Any] | None = None) -> Model:
     if scheme == "local":
         from flywheel.models.local import LocalModel
 
-        known = {"dtype", "batch_size", "device", "prefix_cache"}
+        known = {"dtype", "batch_size", "device", "prefix_cache", "decoder"}
         unknown = set(options) - known
         if unknown:
             raise ModelError(f"model_options: unknown option(s) for local models: {', '.join(sorted(unknown))}")

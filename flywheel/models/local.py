@@ -5,8 +5,10 @@
 so the first load rebuilds it with `from_config` + `load_state_dict` and caches safetensors under
 the user cache dir; later loads read the cache (a few seconds).
 
-Generation is batched: requests are sorted by prompt length, left-padded, and rendered with the
-model's chat template. Greedy decoding (temperature 0) is deterministic for a given batch.
+Generation is batched (flywheel.models.decoding): prompts are rendered with the model's chat
+template, the prefix they share (the system prompt, usually) is computed once, and requests stream
+through one running batch that they join and leave as they finish. Greedy decoding (temperature 0)
+is deterministic for a given set of requests.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ EMBEDDED = {
 # Below this many shared tokens, copying a prefix cache costs more than recomputing it.
 MIN_PREFIX_TOKENS = 8
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+# "continuous": flywheel.models.decoding's continuous-batching loop; "hf": one transformers
+# `generate` call per fixed batch (the reference the loop is tested against).
+DECODERS = ("continuous", "hf")
+# The running batch of the continuous decoder holds this many rows per unit of batch_size.
+RUNNING_BATCH_FACTOR = 4
 
 
 def cache_dir() -> Path:
@@ -175,7 +182,8 @@ class LocalModel(Model):
     """
 
     def __init__(self, ref: str, base: str, adapter: str | None = None, *, dtype: str | None = None,
-                 batch_size: int = 32, device: str | None = None, prefix_cache: bool = True):
+                 batch_size: int = 32, device: str | None = None, prefix_cache: bool = True,
+                 decoder: str = "continuous"):
         self.ref = ref
         self.base = base
         self.adapter = Path(adapter).resolve() if adapter else None
@@ -186,6 +194,9 @@ class LocalModel(Model):
         self._tokenizer = None
         self._fingerprint: str | None = None
         self.prefix_cache = prefix_cache
+        if decoder not in DECODERS:
+            raise ModelError(f"model_options.decoder: unknown decoder {decoder!r}; use {' or '.join(DECODERS)}")
+        self.decoder = decoder
         self._prefix_memo: tuple[tuple[int, ...], Any] | None = None
         self._lock = threading.Lock()
         if self.adapter is not None and not (self.adapter / "adapter_config.json").exists():
@@ -263,18 +274,72 @@ class LocalModel(Model):
         _, tokenizer = self.load()
         token_ids = [tokenizer(self.render_prompt(r.messages), add_special_tokens=False).input_ids
                      for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: (len(token_ids[i]), i))
+        # Requests decoded together must share sampling settings.
+        groups: dict[Any, list[int]] = {}
+        for index in range(len(requests)):
+            groups.setdefault(requests[index].sampling, []).append(index)
         results: list[Completion | None] = [None] * len(requests)
+        for sampling, indexes in groups.items():
+            rows = [token_ids[i] for i in indexes]
+            repeats = [requests[i].repeat for i in indexes]
+            if self._use_continuous():
+                completions = self._generate_continuous(rows, sampling, repeats)
+            else:
+                completions = self._generate_hf(rows, sampling, repeats)
+            for index, completion in zip(indexes, completions):
+                results[index] = completion
+        return results  # type: ignore[return-value]
+
+    def _use_continuous(self) -> bool:
+        """The continuous loop edits the KV cache column-wise: plain full-attention caches only."""
+        if self.decoder != "continuous":
+            return False
+        model, _ = self.load()
+        config = model.config.get_text_config(decoder=True)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            return set(layer_types) == {"full_attention"}
+        return not getattr(config, "sliding_window", None)
+
+    def _generate_continuous(self, rows: list[list[int]], sampling, repeats: list[int]) -> list[Completion]:
+        from flywheel.models.decoding import Decoder
+
+        model, tokenizer = self.load()
+        started = time.perf_counter()
+        prefix_len = self._shared_prefix(rows)
+        prefix_cache = self._prefix_kv(tuple(rows[0][:prefix_len])) if prefix_len else None
+        decoder = Decoder(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                          max_batch=self.batch_size * RUNNING_BATCH_FACTOR, prefill_batch=self.batch_size)
+        decoded = decoder.run(rows, max_new_tokens=sampling.max_tokens, prefix_len=prefix_len,
+                              prefix_cache=prefix_cache, temperature=sampling.temperature,
+                              top_p=sampling.top_p, seed=sampling.seed * 1000 + min(repeats))
+        self._last_decode_stats = decoder.stats
+        elapsed = time.perf_counter() - started
+        return [self._completion(result.tokens, prompt, elapsed / len(rows)) for result, prompt in zip(decoded, rows)]
+
+    def _completion(self, tokens: list[int], prompt: list[int], latency_s: float) -> Completion:
+        """Decode generated ids (cut at EOS) into a Completion."""
+        _, tokenizer = self.load()
+        eos = tokenizer.eos_token_id
+        ids, finish = [], "length"
+        for token in tokens:
+            if token == eos:
+                finish = "stop"
+                break
+            ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Completion(text=text, prompt_tokens=len(prompt), completion_tokens=len(ids) + (finish == "stop"),
+                          finish_reason=finish, latency_s=latency_s)
+
+    def _generate_hf(self, rows: list[list[int]], sampling, repeats: list[int]) -> list[Completion]:
+        """transformers `generate` per length-sorted batch of `batch_size` rows."""
+        order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
+        results: list[Completion | None] = [None] * len(rows)
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            # Requests in one generate call must share sampling settings.
-            groups: dict[Any, list[int]] = {}
-            for index in chunk:
-                groups.setdefault(requests[index].sampling, []).append(index)
-            for sampling, indexes in groups.items():
-                for index, completion in zip(indexes, self._generate_batch(
-                        [token_ids[i] for i in indexes], sampling, [requests[i].repeat for i in indexes])):
-                    results[index] = completion
+            chunk = order[start:start + self.batch_size]
+            for index, completion in zip(chunk, self._generate_batch(
+                    [rows[i] for i in chunk], sampling, [repeats[i] for i in chunk])):
+                results[index] = completion
         return results  # type: ignore[return-value]
 
     def _shared_prefix(self, rows: list[list[int]]) -> int:
@@ -349,22 +414,7 @@ class LocalModel(Model):
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:]
         elapsed = time.perf_counter() - started
-        completions = []
-        eos = tokenizer.eos_token_id
-        for row, prompt in zip(new_tokens.tolist(), rows):
-            ids = []
-            finish = "length"
-            for token in row:
-                if token == eos:
-                    finish = "stop"
-                    break
-                ids.append(token)
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            completions.append(Completion(
-                text=text, prompt_tokens=len(prompt), completion_tokens=len(ids) + (finish == "stop"),
-                finish_reason=finish, latency_s=elapsed / len(rows),
-            ))
-        return completions
+        return [self._completion(row, prompt, elapsed / len(rows)) for row, prompt in zip(new_tokens.tolist(), rows)]
 
     def close(self) -> None:
         self._model = None

@@ -1,0 +1,115 @@
+"""The continuous-batching decoder against transformers' own greedy `generate`, in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flywheel.models import ChatRequest, Sampling, load_model
+from flywheel.models.decoding import Decoder
+
+SYSTEM = {"role": "system", "content": "You sort customer messages into labels. " * 4}
+
+
+def requests(n: int, max_tokens: int = 8, **sampling) -> list[ChatRequest]:
+    return [ChatRequest([SYSTEM, {"role": "user", "content": "message " * (1 + (7 * i) % 11)}],
+                        Sampling(max_tokens=max_tokens, **sampling)) for i in range(n)]
+
+
+def hf_greedy(model, rows: list[list[int]], max_tokens: int, eos: int) -> list[list[int]]:
+    """One unpadded `generate` call per row: the reference the decoder must reproduce."""
+    hf_model, tokenizer = model.load()
+    out = []
+    with torch.inference_mode():
+        for row in rows:
+            # An explicit mask: without one, generate masks every prompt token equal to the pad
+            # token whenever pad != eos (here, the chat template's <|im_end|>).
+            ids = hf_model.generate(torch.tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                                    max_new_tokens=max_tokens, do_sample=False,
+                                    eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                    temperature=None, top_p=None, top_k=None)[0, len(row):].tolist()
+            out.append(ids[: ids.index(eos) + 1] if eos in ids else ids)
+    return out
+
+
+def token_rows(model, reqs) -> list[list[int]]:
+    _, tokenizer = model.load()
+    return [tokenizer(model.render_prompt(r.messages), add_special_tokens=False).input_ids for r in reqs]
+
+
+def test_continuous_batching_matches_hf_generate_token_for_token(chatty_dir):
+    # batch_size 2: a running batch of 8 and prefill chunks of 2, so 11 requests must join mid-way.
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "batch_size": 2})
+    reqs = requests(11)
+    completions = model.generate(reqs)
+    stats = model._last_decode_stats
+    assert stats.joins > 0 and stats.peak_rows == 8  # rows really joined a running batch
+    _, tokenizer = model.load()
+    expected = hf_greedy(model, token_rows(model, reqs), 8, tokenizer.eos_token_id)
+    assert [c.text for c in completions] == [tokenizer.decode(e, skip_special_tokens=True).strip()
+                                             for e in expected]
+    assert len({c.text for c in completions}) > 3  # varied, real words
+    reference = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "decoder": "hf", "batch_size": 4})
+    assert [c.text for c in reference.generate(reqs)] == [c.text for c in completions]
+
+
+def test_rows_leave_the_batch_at_eos(chatty_dir):
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32"})
+    hf_model, tokenizer = model.load()
+    rows = token_rows(model, requests(9))
+    plain = hf_greedy(model, rows, 10, tokenizer.eos_token_id)
+    # Make a token that some rows emit mid-answer the stop token, so they finish early.
+    eos = plain[0][3]
+    expected = hf_greedy(model, rows, 10, eos)
+    decoder = Decoder(hf_model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, max_batch=4,
+                      prefill_batch=2)
+    results = decoder.run(rows, max_new_tokens=10)
+    assert [r.tokens for r in results] == expected
+    assert [r.finish_reason for r in results] == ["stop" if e[-1] == eos else "length" for e in expected]
+    assert any(len(e) < 10 for e in expected) and any(len(e) == 10 for e in expected)
+
+
+def test_prefix_cache_off_gives_the_same_tokens(chatty_dir):
+    reqs = requests(6)
+    cached = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "batch_size": 2})
+    plain = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "batch_size": 2, "prefix_cache": False})
+    assert [c.text for c in cached.generate(reqs)] == [c.text for c in plain.generate(reqs)]
+    assert cached._prefix_memo is not None and plain._prefix_memo is None
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(chatty_dir):
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "batch_size": 2})
+    greedy = [c.text for c in model.generate(requests(5))]
+    hot = [c.text for c in model.generate(requests(5, temperature=1.5, seed=3))]
+    assert hot == [c.text for c in model.generate(requests(5, temperature=1.5, seed=3))]
+    assert hot != [c.text for c in model.generate(requests(5, temperature=1.5, seed=4))]
+    assert hot != greedy
+    # top_p keeps the smallest set of tokens whose probability reaches p: near 0, only the argmax.
+    assert [c.text for c in model.generate(requests(5, temperature=1.5, top_p=1e-9))] == greedy
+
+
+def test_one_token_and_empty_requests(chatty_dir):
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32"})
+    assert model.generate([]) == []
+    one = model.generate(requests(3, max_tokens=1))
+    assert all(c.completion_tokens == 1 for c in one)
+
+
+@pytest.mark.slow
+def test_smollm2_banking77_matches_hf_generate_in_fp32(smollm2_dir):
+    from flywheel.data import load_dataset
+    from flywheel.harness import render_messages
+    from flywheel.spec import load_eval_spec
+    from pathlib import Path
+
+    spec = load_eval_spec(Path(__file__).parents[1] / "evals" / "banking77" / "eval.yaml")
+    items = load_dataset(spec).split("test")[:24]
+    model = load_model("local:smollm2", {"dtype": "fp32", "batch_size": 4})
+    reqs = [ChatRequest(render_messages(spec.messages(), item), Sampling(max_tokens=12)) for item in items]
+    completions = model.generate(reqs)
+    assert model._last_decode_stats.joins > 0
+    _, tokenizer = model.load()
+    expected = hf_greedy(model, token_rows(model, reqs), 12, tokenizer.eos_token_id)
+    assert [c.text for c in completions] == [tokenizer.decode(e, skip_special_tokens=True).strip()
+                                             for e in expected]
+    assert [c.completion_tokens for c in completions] == [len(e) for e in expected]
