@@ -366,6 +366,12 @@ class LocalModel(Model):
             ))
         return completions
 
+    def score_choices(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[list[float]]:
+        """Log-probability of each choice as the reply to each conversation (constrained judging)."""
+        from flywheel.models.scoring import score_choices
+
+        return score_choices(self, conversations, choices)
+
     def close(self) -> None:
         self._model = None
         self._tokenizer = None

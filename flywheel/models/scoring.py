@@ -1,0 +1,102 @@
+"""Log-probabilities of candidate continuations under a local model: constrained judging.
+
+A judge that must answer with one of a few strings (a label, a number in a range) need not
+generate at all: the model's own probability of each candidate, written after the chat
+template's generation prompt, says which one it prefers, and it always answers.
+
+    model = load_model("local:smollm2")
+    model.score_choices([[{"role": "user", "content": "Is 'great film' positive?"}]],
+                        ['{"result": "yes"}', '{"result": "no"}'])
+    # -> [[-0.41, -1.09]]  (summed log-probabilities of each candidate's tokens)
+
+Batched: the prompts of a batch are left-padded and run once; their KV cache is repeated once per
+candidate and the candidates (right-padded) run on top of it, so a prompt is computed once however
+many candidates it has. Position ids come from the attention mask, so a padded row computes
+exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Rows (prompt x candidate) per forward pass: bounds the memory of the repeated KV cache.
+MAX_ROWS = 64
+
+
+def score_choices(model: Any, conversations: list[list[dict[str, str]]], choices: list[str],
+                  *, max_rows: int = MAX_ROWS) -> list[list[float]]:
+    """Summed log-probability of each choice as the assistant's reply, per conversation.
+
+    `model` is a flywheel LocalModel (its `load()` gives the transformers model and tokenizer).
+    Returns one list per conversation, aligned with `choices`.
+    """
+    if not choices:
+        raise ValueError("score_choices needs at least one choice")
+    if not conversations:
+        return []
+    hf_model, tokenizer = model.load()
+    prompts = [tokenizer(tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False).input_ids for c in conversations]
+    continuations = [tokenizer(choice, add_special_tokens=False).input_ids for choice in choices]
+    if any(not ids for ids in continuations):
+        raise ValueError("a choice encodes to no tokens: " + repr(choices[[len(i) for i in continuations].index(0)]))
+    per_batch = max(1, max_rows // len(choices))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
+    out: list[list[float] | None] = [None] * len(prompts)
+    for start in range(0, len(order), per_batch):
+        chunk = order[start:start + per_batch]
+        scores = _score_batch(hf_model, tokenizer, [prompts[i] for i in chunk], continuations)
+        for index, row in zip(chunk, scores):
+            out[index] = row
+    return out  # type: ignore[return-value]
+
+
+def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
+                 continuations: list[list[int]]) -> list[list[float]]:
+    import torch
+
+    device = hf_model.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n, k = len(prompts), len(continuations)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        first = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # log-probs of every candidate's first token, read off the prompt's last position
+        head = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)  # [n, vocab]
+        cache = first.cache if "cache" in first else first.past_key_values
+        cache.batch_repeat_interleave(k)  # row r*k + j: prompt r, candidate j
+        length = max(len(c) for c in continuations)
+        cont = torch.tensor([c + [pad] * (length - len(c)) for c in continuations], device=device)
+        cont_ids = cont.repeat(n, 1)  # [n*k, length]
+        # Candidate padding sits after the real tokens: causal attention keeps it out of them.
+        cont_mask = torch.cat([mask.repeat_interleave(k, dim=0),
+                               torch.ones(n * k, length, dtype=mask.dtype, device=device)], dim=1)
+        lengths = mask.sum(-1).repeat_interleave(k)  # real prompt length per row
+        cont_positions = lengths[:, None] + torch.arange(length, device=device)[None, :]
+        rest = hf_model(input_ids=cont_ids, attention_mask=cont_mask, position_ids=cont_positions,
+                        use_cache=False, **{_cache_kwarg(hf_model): cache})
+        logp = torch.log_softmax(rest.logits.float(), dim=-1)  # [n*k, length, vocab]
+    results = []
+    for r in range(n):
+        row = []
+        for j, tokens in enumerate(continuations):
+            total = float(head[r, tokens[0]])
+            for t in range(1, len(tokens)):
+                total += float(logp[r * k + j, t - 1, tokens[t]])
+            row.append(total)
+        results.append(row)
+    return results
+
+
+def _cache_kwarg(hf_model: Any) -> str:
+    """`cache` in recent transformers, `past_key_values` before (the old name warns in 5.x)."""
+    import inspect
+
+    forward = getattr(hf_model, "forward", None)
+    try:
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
