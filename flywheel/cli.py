@@ -506,5 +506,32 @@ def graders_run(path, item_json, model_sample, judge):
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
 
 
+@graders_group.command("calibrate")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="Labelled JSONL/CSV: per row the output to grade and its reference.")
+@click.option("--output-field", default="output", show_default=True, help="Field holding the output to grade.")
+@click.option("--label-field", default="label", show_default=True,
+              help="Field holding the reference: a label, a number, or true/false.")
+@click.option("--passing", multiple=True, help="Reference values that count as a pass (repeatable).")
+@click.option("--judge", default=None, help="Model reference for judge graders (default: their `model`).")
+@json_option
+def graders_calibrate(path, data_path, output_field, label_field, passing, judge, as_json):
+    """Agreement of each grader in FILE with the reference labels of --data (accuracy, kappa, calibration)."""
+    from flywheel.calibration import calibrate, format_calibration
+    from flywheel.data import read_rows
+    from flywheel.harness import GraderSet
+
+    resolver = GraderSet([])
+    try:
+        results = calibrate(_grader_objects(path), read_rows(data_path), output_field=output_field,
+                            label_field=label_field, passing=list(passing), source=data_path,
+                            judge=(lambda ref: resolver.judge_model(judge)) if judge else resolver.judge_model)
+    finally:
+        resolver.close()
+    click.echo(json.dumps([r.to_dict() for r in results], indent=2) if as_json
+               else "\n".join(format_calibration(r) for r in results))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
