@@ -25,6 +25,7 @@ import graders
 from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError, TooManyErrors
 from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
+from flywheel.outputs import DataOutputs
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.stats import mean_ci, wilson_ci
@@ -220,6 +221,8 @@ def evaluate(
         progress(counters.done, total)
 
     pending = _prepare(todo, prompt, model, sampling_of(spec), spec.response_format)
+    if isinstance(model, DataOutputs):  # no model: outputs come from the data
+        model.fill(pending)
     cached = store.cached(p.cache_key for p in pending if p.cache_key)
     for p in pending:
         row = cached.get(p.cache_key) if p.cache_key else None
@@ -230,8 +233,8 @@ def evaluate(
                 latency_s=row["latency_s"], cost=row["cost"])
             p.cache_hit = True
 
-    ready = [p for p in pending if p.cache_hit or p.error]
-    to_generate = [p for p in pending if not (p.cache_hit or p.error)]
+    ready = [p for p in pending if p.cache_hit or p.error or p.completion]
+    to_generate = [p for p in pending if not (p.cache_hit or p.error or p.completion)]
     counters.cache_hits = sum(p.cache_hit for p in ready)
     _write(store, iteration_id, model, grader_set, ready, counters, max_errors, total, progress)
     # Chunks of a few model batches keep each commit small and frequent.
@@ -322,6 +325,8 @@ def run_eval(
     started = time.perf_counter()
     dataset = load_dataset(spec)
     items = select_items(dataset, split, limit)
+    if model is None and spec.outputs is not None:  # no model: outputs come from the data
+        model = DataOutputs.for_spec(spec, dataset)
     model = model or load_model(spec.model, spec.model_options)
     prompt = prompt or Prompt(messages=spec.messages())
 

@@ -80,6 +80,13 @@ class SamplingSpec(_Spec):
     repeats: int = Field(default=1, ge=1, le=100, description="Samples drawn per item.")
 
 
+class OutputsSpec(_Spec):
+    field: str = Field(
+        description="Item field holding an output that already exists (another system's answer, "
+        "logged traffic): it is graded as the sample, and no model is called."
+    )
+
+
 class ObjectiveSpec(_Spec):
     grader: str | None = Field(
         default=None, description="Name of the grader to optimise; the first grader when omitted."
@@ -166,8 +173,17 @@ class EvalSpec(_Spec):
     description: str = Field(default="", description="What the eval measures.")
     dataset: DatasetSpec = Field(description="Where the items come from.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="How items are split.")
-    input: list[MessageSpec] = Field(min_length=1, description="Chat messages sent per item.")
+    input: list[MessageSpec] = Field(
+        default_factory=list,
+        description="Chat messages sent per item (required unless `outputs` is set; then they are "
+        "only stored with each sample, as the prompt the outputs answered).",
+    )
     model: str = Field(default="local:smollm2", description="Model reference, e.g. local:smollm2.")
+    outputs: OutputsSpec | None = Field(
+        default=None,
+        description="Grade outputs the dataset already holds (`outputs: {field: answer}`) instead of "
+        "generating them; the iteration's model is recorded as data:FIELD.",
+    )
     model_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Backend options (e.g. base_url, api_key_env, batch_size, dtype).",
@@ -206,6 +222,15 @@ class EvalSpec(_Spec):
             names.add(name)
             out.append(raw)
         return out
+
+    @model_validator(mode="after")
+    def _input_or_outputs(self) -> "EvalSpec":
+        if self.outputs is None and not self.input:
+            raise ValueError("input: at least one message is required (or set outputs.field to grade existing outputs)")
+        if self.outputs is not None and "model" in self.model_fields_set:
+            raise ValueError("model: give either a model or outputs.field, not both "
+                             "(outputs are read from the data, no model is called)")
+        return self
 
     @model_validator(mode="after")
     def _objective_names_a_grader(self) -> "EvalSpec":
@@ -307,7 +332,7 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         # A nested "graders[2]: type: ..." message already carries its own location.
-        if message.startswith("graders[") or message.startswith("objective.grader"):
+        if message.startswith(("graders[", "objective.grader", "input: ", "model: ")):
             lines.append(f"{source}: {message}")
         else:
             lines.append(f"{source}: {loc or '(top level)'}: {message}")
