@@ -50,6 +50,20 @@ def test_batched_scores_equal_one_unpadded_pass_per_pair(model):
             assert value < 0 and math.isfinite(value)
 
 
+def test_a_shared_system_prompt_runs_once_and_changes_nothing(model):
+    from flywheel.models.scoring import _shared_prefix
+
+    system = {"role": "system", "content": "You grade replies. Respond with only a JSON object."}
+    conversations = [[system, {"role": "user", "content": text}] for text in ("a", "a longer message here", "mid one")]
+    _, tok = model.load()
+    prompts = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids for c in conversations]
+    assert _shared_prefix(prompts) >= 8
+    got = model.score_choices(conversations, CHOICES)
+    for conversation, row in zip(conversations, got):
+        assert row == pytest.approx([reference(model, conversation, c) for c in CHOICES], abs=1e-3)
+
+
 def test_small_batches_give_the_same_scores(model):
     whole = model.score_choices(CONVERSATIONS, CHOICES)
     one_row_at_a_time = score_choices(model, CONVERSATIONS, CHOICES, max_rows=1)

@@ -11,8 +11,9 @@ template's generation prompt, says which one it prefers, and it always answers.
 
 Batched: the prompts of a batch are left-padded and run once; their KV cache is repeated once per
 candidate and the candidates (right-padded) run on top of it, so a prompt is computed once however
-many candidates it has. Position ids come from the attention mask, so a padded row computes
-exactly what it would alone.
+many candidates it has; a prefix all prompts share (the system prompt and the grader's
+instruction) runs once per batch. Position ids come from the attention mask, so a padded row
+computes exactly what it would alone.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 
 #: Rows (prompt x candidate) per forward pass: bounds the memory of the repeated KV cache.
 MAX_ROWS = 64
+#: Below this many shared tokens, copying a prefix cache costs more than recomputing it.
+MIN_PREFIX_TOKENS = 8
 
 
 def score_choices(model: Any, conversations: list[list[dict[str, str]]], choices: list[str],
@@ -51,19 +54,38 @@ def score_choices(model: Any, conversations: list[list[dict[str, str]]], choices
     return out  # type: ignore[return-value]
 
 
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with (the system prompt, usually), leaving each one own token."""
+    shortest = min(len(p) for p in prompts)
+    length, first = 0, prompts[0]
+    while length < shortest - 1 and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length if length >= MIN_PREFIX_TOKENS else 0
+
+
 def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
                  continuations: list[list[int]]) -> list[list[float]]:
     import torch
 
     device = hf_model.device
+    cache_kw = _cache_kwarg(hf_model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n, k = len(prompts), len(continuations)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Layout per row: [shared prefix][left padding][own prompt tokens]; the prefix runs once.
+    prefix = _shared_prefix(prompts) if n > 1 else 0
+    own = [p[prefix:] for p in prompts]
+    width = max(len(o) for o in own)
+    ids = torch.tensor([[pad] * (width - len(o)) + o for o in own], device=device)
+    mask = torch.tensor([[1] * prefix + [0] * (width - len(o)) + [1] * len(o) for o in own], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix:]
     with torch.inference_mode():
-        first = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        extra: dict[str, Any] = {}
+        if prefix:
+            shared = hf_model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), use_cache=True)
+            cache = shared.cache if "cache" in shared else shared.past_key_values
+            cache.batch_repeat_interleave(n)
+            extra[cache_kw] = cache
+        first = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         # log-probs of every candidate's first token, read off the prompt's last position
         head = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)  # [n, vocab]
         cache = first.cache if "cache" in first else first.past_key_values
@@ -77,15 +99,17 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
         lengths = mask.sum(-1).repeat_interleave(k)  # real prompt length per row
         cont_positions = lengths[:, None] + torch.arange(length, device=device)[None, :]
         rest = hf_model(input_ids=cont_ids, attention_mask=cont_mask, position_ids=cont_positions,
-                        use_cache=False, **{_cache_kwarg(hf_model): cache})
-        logp = torch.log_softmax(rest.logits.float(), dim=-1)  # [n*k, length, vocab]
+                        use_cache=False, **{cache_kw: cache})
+        targets = torch.tensor([c[1:] + [0] * (length - len(c) + 1) for c in continuations], device=device)
+        # only the log-probs of the candidates' own next tokens are read: gather, not a full softmax copy
+        logits = rest.logits.float()
+        picked = logits.gather(-1, targets.repeat(n, 1)[:, :, None])[:, :, 0] - torch.logsumexp(logits, dim=-1)
     results = []
     for r in range(n):
         row = []
         for j, tokens in enumerate(continuations):
             total = float(head[r, tokens[0]])
-            for t in range(1, len(tokens)):
-                total += float(logp[r * k + j, t - 1, tokens[t]])
+            total += float(picked[r * k + j, : len(tokens) - 1].sum())
             row.append(total)
         results.append(row)
     return results
