@@ -91,6 +91,12 @@ def _seeded_split(key: str, seed: int, ratios: dict[str, float]) -> str:
 
 def load_dataset(spec: EvalSpec) -> Dataset:
     """Read, map, split and hash the spec's dataset; DataError names file, line or column."""
+    if spec.dataset.captures is not None:  # items from the proxy's captures, not a file
+        from flywheel.outputs import captures_dataset
+
+        dataset = captures_dataset(spec)
+        check_templates(spec, dataset)
+        return dataset
     path = spec.dataset_path
     try:
         raw = path.read_bytes()

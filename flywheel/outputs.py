@@ -69,3 +69,59 @@ class DataOutputs(Model):
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         raise TypeError(f"{self.ref}: outputs come from the data; the harness fills them, nothing generates")
+
+
+def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
+    """A successful chat capture as item fields; None when it holds no chat request and reply."""
+    from flywheel.captures import _loads, reply_message
+
+    request = _loads(capture.get("request_json"))
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        return None
+    reply = reply_message(_loads(capture.get("response_json")))
+    if reply is None:
+        return None
+    messages = request["messages"]
+    last_user = next((m.get("content") for m in reversed(messages)
+                      if isinstance(m, dict) and m.get("role") == "user"), None)
+    output = reply.get("content")
+    if output is None:  # a tool call only: graded as its JSON
+        output = json.dumps(reply.get("tool_calls"), ensure_ascii=False)
+    return {
+        "input": last_user if isinstance(last_user, str) else json.dumps(last_user, ensure_ascii=False),
+        "messages": messages, "output": output, "model": capture.get("model"),
+        "created_at": capture.get("created_at"), "metadata": _loads(capture.get("metadata_json")) or {},
+    }
+
+
+def captures_dataset(spec: Any) -> Any:
+    """The proxy's successful captures matching `spec.dataset.captures`, as a Dataset (all in test)."""
+    import hashlib
+
+    from flywheel.captures import parse_when
+    from flywheel.data import Dataset, Item
+    from flywheel.store import Store
+
+    source = spec.dataset.captures
+    path = spec.dataset_path
+    if not path.exists():
+        raise DataError(f"{spec.source}: dataset.captures.db: no store at {path}")
+    store = Store.open(path)
+    try:
+        rows = store.query_captures(
+            metadata=source.metadata, since=parse_when(source.since, option="dataset.captures.since"),
+            until=parse_when(source.until, end=True, option="dataset.captures.until"), model=source.model,
+            outcome="ok")
+    finally:
+        store.close()
+    items, digest = [], hashlib.sha256()
+    for line, row in enumerate(rows, start=1):
+        fields = capture_fields(row)
+        if fields is None:
+            continue
+        items.append(Item(key=str(row["id"]), fields=fields, split="test", line=line))
+        digest.update(json.dumps([row["id"], fields], sort_keys=True, default=str).encode())
+    if not items:
+        filters = source.model_dump(exclude_none=True, exclude={"db"})
+        raise DataError(f"{spec.source}: dataset.captures: no successful chat captures in {path} match {filters}")
+    return Dataset(path=path, content_hash=digest.hexdigest()[:16], items=items)

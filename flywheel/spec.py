@@ -26,8 +26,25 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CapturesSourceSpec(_Spec):
+    db: str | None = Field(
+        default=None, description="SQLite store the proxy wrote, relative to the spec file; "
+        "default $FLYWHEEL_DB, else ./flywheel.db."
+    )
+    metadata: dict[str, str] = Field(default_factory=dict, description="Only captures whose metadata has these values.")
+    since: str | None = Field(default=None, description="Only captures from then on: 2026-11-05, a timestamp, or an age (7d).")
+    until: str | None = Field(default=None, description="Only captures before then (a bare day is inclusive).")
+    model: str | None = Field(default=None, description="Only captures of this model.")
+
+
 class DatasetSpec(_Spec):
-    path: str = Field(description="JSONL or CSV file, relative to the spec file.")
+    path: str | None = Field(default=None, description="JSONL or CSV file, relative to the spec file.")
+    captures: CapturesSourceSpec | None = Field(
+        default=None,
+        description="Items from the proxy's successful captures instead of a file: fields input (the "
+        "last user message), messages, output (the reply), model, created_at, metadata; all in the "
+        "test split.",
+    )
     format: Literal["jsonl", "csv"] | None = Field(
         default=None, description="File format; inferred from the suffix when omitted."
     )
@@ -40,11 +57,17 @@ class DatasetSpec(_Spec):
         default=None, description="Field holding a stable item id; the row number when omitted."
     )
 
+    @model_validator(mode="after")
+    def _path_or_captures(self) -> "DatasetSpec":
+        if (self.path is None) == (self.captures is None):
+            raise ValueError("give exactly one of `path` (a file) or `captures` (the proxy's captures)")
+        return self
+
     @property
     def resolved_format(self) -> str:
         if self.format:
             return self.format
-        return "csv" if self.path.lower().endswith(".csv") else "jsonl"
+        return "csv" if (self.path or "").lower().endswith(".csv") else "jsonl"
 
 
 class SplitSpec(_Spec):
@@ -244,6 +267,12 @@ class EvalSpec(_Spec):
 
     @property
     def dataset_path(self) -> Path:
+        """The dataset file, or the store holding the captures it reads."""
+        if self.dataset.captures is not None:
+            import os
+
+            db = self.dataset.captures.db
+            return (self.base_dir / db).resolve() if db else Path(os.environ.get("FLYWHEEL_DB") or "flywheel.db").resolve()
         return (self.base_dir / self.dataset.path).resolve()
 
     @property

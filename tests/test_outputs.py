@@ -109,3 +109,71 @@ def test_cli_eval_runs_an_outputs_spec(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["model"] == "data:answer" and summary["pass_rate"] == 0.5
+
+
+# -- the proxy's captures as the source ------------------------------------------------------------
+def capture(created_at, question, answer, metadata, status=200, error=None):
+    """A captures row as flywheel proxy writes it (request and response bodies as JSON text)."""
+    request = {"model": "gpt-4o-mini", "metadata": metadata,
+               "messages": [{"role": "system", "content": "Classify."}, {"role": "user", "content": question}]}
+    response = None if answer is None else {
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]}
+    return {"created_at": created_at, "endpoint": "/v1/chat/completions", "upstream": "http://up/v1",
+            "model": "gpt-4o-mini", "stream": 0, "status": status, "latency_s": 0.2, "prompt_tokens": 20,
+            "completion_tokens": 2, "total_tokens": 22, "metadata_json": json.dumps(metadata),
+            "request_json": json.dumps(request), "response_json": json.dumps(response) if response else None,
+            "error": error}
+
+
+def captures_spec(tmp_path, **source):
+    spec = {
+        "name": "traffic", "dataset": {"captures": {"db": "traffic.db", **source}},
+        "input": [{"role": "user", "content": "{{item.input}}"}], "outputs": {"field": "output"},
+        "graders": [{"type": "string_check", "name": "is_card", "input": "{{sample.output_text}}",
+                     "reference": "card", "operation": "like"}],
+    }
+    path = tmp_path / "traffic.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_captures_filtered_by_metadata_and_date_are_graded(tmp_path, store):
+    from flywheel.store import Store
+
+    traffic = Store.open(tmp_path / "traffic.db")
+    traffic.insert_captures([
+        capture("2026-11-01T09:00:00.000+00:00", "where is my card", "card_arrival", {"usecase": "triage"}),
+        capture("2026-11-03T12:00:00.000+00:00", "pin locked", "pin_blocked", {"usecase": "triage"}),
+        capture("2026-11-03T13:00:00.000+00:00", "card stuck", "card_swallowed", {"usecase": "triage"}),
+        capture("2026-11-03T14:00:00.000+00:00", "rate?", "card_rate", {"usecase": "faq"}),
+        capture("2026-11-04T08:00:00.000+00:00", "broken", None, {"usecase": "triage"}, status=502, error="down"),
+    ])
+    traffic.close()
+    spec = load_eval_spec(captures_spec(tmp_path, metadata={"usecase": "triage"}, since="2026-11-02"))
+    result = run_eval(spec, store, split="test")
+    assert result.model == "data:output" and result.model_calls == 0
+    rows = store.db.execute("select output_text, input_json from samples where iteration_id = ? order by id",
+                            [result.iteration_id]).fetchall()
+    # the faq capture, the one before the 2nd and the failed call are left out
+    assert [r[0] for r in rows] == ["pin_blocked", "card_swallowed"]
+    assert json.loads(rows[0][1]) == [{"role": "user", "content": "pin locked"}]
+    assert result.pass_rate == 0.5
+    whole = run_eval(load_eval_spec(captures_spec(tmp_path)), store, split="test")
+    assert whole.n_samples == 4 and whole.run_id != result.run_id
+
+
+def test_captures_source_errors(tmp_path, store):
+    with pytest.raises(DataError, match=r"traffic.yaml: dataset.captures.db: no store at .*traffic.db"):
+        run_eval(load_eval_spec(captures_spec(tmp_path)), store)
+    from flywheel.store import Store
+
+    Store.open(tmp_path / "traffic.db").close()
+    with pytest.raises(DataError, match=r"dataset.captures: no successful chat captures .* match \{'metadata': \{'usecase': 'x'\}"):
+        run_eval(load_eval_spec(captures_spec(tmp_path, metadata={"usecase": "x"})), store)
+    path = captures_spec(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["dataset"]["path"] = "data.csv"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match=r"traffic.yaml: dataset: give exactly one of `path` .* or `captures`"):
+        load_eval_spec(path)
