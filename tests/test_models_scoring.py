@@ -77,3 +77,10 @@ def test_empty_inputs(model):
         model.score_choices(CONVERSATIONS, [])
     with pytest.raises(ValueError, match="no tokens"):
         model.score_choices(CONVERSATIONS, ["a", ""])
+
+
+def test_tokens_all_choices_share_are_scored_once_and_counted(model):
+    choices = ['{"result": 1}', '{"result": 10}', '{"result": 7}', '{"result": "yes"}']
+    got = model.score_choices(CONVERSATIONS, choices)
+    for conversation, row in zip(CONVERSATIONS, got):
+        assert row == pytest.approx([reference(model, conversation, c) for c in choices], abs=1e-3)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 #: Rows (prompt x candidate) per forward pass: bounds the memory of the repeated KV cache.
-MAX_ROWS = 64
+MAX_ROWS = 128
 #: Below this many shared tokens, copying a prefix cache costs more than recomputing it.
 MIN_PREFIX_TOKENS = 8
 
@@ -43,12 +43,18 @@ def score_choices(model: Any, conversations: list[list[dict[str, str]]], choices
     continuations = [tokenizer(choice, add_special_tokens=False).input_ids for choice in choices]
     if any(not ids for ids in continuations):
         raise ValueError("a choice encodes to no tokens: " + repr(choices[[len(i) for i in continuations].index(0)]))
+    # Tokens all candidates start with (`{"result": `) are scored once, as part of the prompt.
+    common = 0
+    while common < min(len(c) for c in continuations) - 1 and all(
+            c[common] == continuations[0][common] for c in continuations):
+        common += 1
+    shared, continuations = continuations[0][:common], [c[common:] for c in continuations]
     per_batch = max(1, max_rows // len(choices))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     out: list[list[float] | None] = [None] * len(prompts)
     for start in range(0, len(order), per_batch):
         chunk = order[start:start + per_batch]
-        scores = _score_batch(hf_model, tokenizer, [prompts[i] for i in chunk], continuations)
+        scores = _score_batch(hf_model, tokenizer, [prompts[i] for i in chunk], continuations, shared)
         for index, row in zip(chunk, scores):
             out[index] = row
     return out  # type: ignore[return-value]
@@ -64,8 +70,11 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
 
 
 def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
-                 continuations: list[list[int]]) -> list[list[float]]:
+                 continuations: list[list[int]], shared: list[int]) -> list[list[float]]:
+    """Log-probs of `shared + c` after each prompt, for each continuation c."""
     import torch
+
+    prompts = [p + shared for p in prompts]
 
     device = hf_model.device
     cache_kw = _cache_kwarg(hf_model)
@@ -81,13 +90,15 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
     with torch.inference_mode():
         extra: dict[str, Any] = {}
         if prefix:
-            shared = hf_model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), use_cache=True)
-            cache = shared.cache if "cache" in shared else shared.past_key_values
+            pre = hf_model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), use_cache=True)
+            cache = pre.cache if "cache" in pre else pre.past_key_values
             cache.batch_repeat_interleave(n)
             extra[cache_kw] = cache
         first = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-        # log-probs of every candidate's first token, read off the prompt's last position
-        head = torch.log_softmax(first.logits[:, -1, :].float(), dim=-1)  # [n, vocab]
+        # log-probs of the shared tokens and of every candidate's first token: the prompts' last positions
+        tail = torch.log_softmax(first.logits[:, -len(shared) - 1:, :].float(), dim=-1)  # [n, shared+1, vocab]
+        head = tail[:, -1, :]
+        shared_logp = [sum(float(tail[r, t, token]) for t, token in enumerate(shared)) for r in range(n)]
         cache = first.cache if "cache" in first else first.past_key_values
         cache.batch_repeat_interleave(k)  # row r*k + j: prompt r, candidate j
         length = max(len(c) for c in continuations)
@@ -108,7 +119,7 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
     for r in range(n):
         row = []
         for j, tokens in enumerate(continuations):
-            total = float(head[r, tokens[0]])
+            total = shared_logp[r] + float(head[r, tokens[0]])
             total += float(picked[r * k + j, : len(tokens) - 1].sum())
             row.append(total)
         results.append(row)
