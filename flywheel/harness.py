@@ -101,6 +101,8 @@ def cache_key(fingerprint: str, request: ChatRequest) -> str:
         "repeat": request.repeat,
         "response_format": request.response_format,
     }
+    if request.tools is not None or request.tool_choice is not None:  # absent otherwise: older keys stay valid
+        payload.update(tools=request.tools, tool_choice=request.tool_choice)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -220,7 +222,7 @@ def evaluate(
     if progress:
         progress(counters.done, total)
 
-    pending = _prepare(todo, prompt, model, sampling_of(spec), spec.response_format)
+    pending = _prepare(todo, prompt, model, sampling_of(spec), spec.response_format, spec.tools, spec.tool_choice)
     if isinstance(model, DataOutputs):  # no model: outputs come from the data
         model.fill(pending)
     cached = store.cached(p.cache_key for p in pending if p.cache_key)
@@ -230,7 +232,8 @@ def evaluate(
             p.completion = Completion(
                 text=row["output_text"], prompt_tokens=row["prompt_tokens"],
                 completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"],
-                latency_s=row["latency_s"], cost=row["cost"])
+                latency_s=row["latency_s"], cost=row["cost"],
+                tool_calls=json.loads(row["output_tools_json"]) if row.get("output_tools_json") else None)
             p.cache_hit = True
 
     ready = [p for p in pending if p.cache_hit or p.error or p.completion]
@@ -371,7 +374,8 @@ def run_eval(
 
 
 def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, sampling: Sampling,
-             response_format: dict[str, Any] | None = None) -> list[_Pending]:
+             response_format: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
+             tool_choice: Any = None) -> list[_Pending]:
     fingerprint = model.fingerprint
     unique = list({item.key: item for item, _ in todo}.values())
     rendered = dict(zip((i.key for i in unique), prompt.render_many(unique)))
@@ -381,7 +385,8 @@ def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, samplin
         if isinstance(messages, str):
             pending.append(_Pending(item=item, repeat=repeat, messages=None, error=messages))
             continue
-        request = ChatRequest(messages=messages, sampling=sampling, repeat=repeat, response_format=response_format)
+        request = ChatRequest(messages=messages, sampling=sampling, repeat=repeat, response_format=response_format,
+                              tools=tools, tool_choice=tool_choice)
         pending.append(_Pending(item=item, repeat=repeat, messages=messages, request=request,
                                 cache_key=cache_key(fingerprint, request)))
     return pending
@@ -415,7 +420,8 @@ def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet,
         return
     gradable = [p for p in chunk if p.completion is not None]
     grades = grader_set.grade(
-        [graders.make_sample(p.completion.text) for p in gradable],  # type: ignore[union-attr]
+        [graders.make_sample(p.completion.text, output_tools=p.completion.tool_calls)  # type: ignore[union-attr]
+         for p in gradable],
         [p.item.fields for p in gradable])
     grades_by_id = {id(p): g for p, g in zip(gradable, grades)}
     records = []
@@ -428,7 +434,8 @@ def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet,
             prompt_tokens=c.prompt_tokens if c else 0, completion_tokens=c.completion_tokens if c else 0,
             latency_s=c.latency_s if c else 0.0, cost=c.cost if c else 0.0, cache_hit=p.cache_hit,
             error=p.error, grades=grades_by_id.get(id(p), []), cache_key=p.cache_key,
-            model_fingerprint=model.fingerprint))
+            model_fingerprint=model.fingerprint,
+            output_tools_json=json.dumps(c.tool_calls, ensure_ascii=False) if c and c.tool_calls else None))
     store.write_samples(records)
     counters.errors += sum(1 for p in chunk if p.error)
     counters.done += len(chunk)

@@ -157,6 +157,13 @@ def m005_prompt_demos(db: sqlite_utils.Database) -> None:
     db["prompts"].add_column("nearest", int)
 
 
+@migration
+def m006_tools_output_tools(db: sqlite_utils.Database) -> None:
+    # Tool calls of an output (platform shape, JSON), beside its text; cached with it.
+    db["samples"].add_column("output_tools_json", str)
+    db["completion_cache"].add_column("output_tools_json", str)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations, each in its own transaction; return the names applied."""
     if "_migrations" not in db.table_names():

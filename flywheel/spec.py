@@ -217,6 +217,15 @@ class EvalSpec(_Spec):
         description="Structured output, passed to `openai:` models as is (e.g. a json_schema); the "
         "parsed reply reaches graders as sample.output_json.",
     )
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Function definitions in the platform's Chat Completions shape "
+        "({type: function, function: {name, description, parameters}}); sent with every request, "
+        "calls reach graders as sample.output_tools (docs/spec.md, Tools).",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="auto | none | required | {type: function, function: {name: NAME}}."
+    )
     graders: list[dict[str, Any]] = Field(
         min_length=1, description="Graders in the platform's grader JSON schema."
     )
@@ -245,6 +254,13 @@ class EvalSpec(_Spec):
             names.add(name)
             out.append(raw)
         return out
+
+    @model_validator(mode="after")
+    def _tools_are_functions(self) -> "EvalSpec":
+        from flywheel.tools import check_tools
+
+        check_tools(self.tools, self.tool_choice)
+        return self
 
     @model_validator(mode="after")
     def _input_or_outputs(self) -> "EvalSpec":
@@ -361,7 +377,7 @@ def _format_validation_error(source: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         # A nested "graders[2]: type: ..." message already carries its own location.
-        if message.startswith(("graders[", "objective.grader", "input: ", "model: ")):
+        if message.startswith(("graders[", "objective.grader", "input: ", "model: ", "tools[", "tool_choice: ")):
             lines.append(f"{source}: {message}")
         else:
             lines.append(f"{source}: {loc or '(top level)'}: {message}")

@@ -58,6 +58,7 @@ class SampleRecord:
     grades: list[dict[str, Any]] = field(default_factory=list)
     cache_key: str | None = None
     model_fingerprint: str | None = None
+    output_tools_json: str | None = None  # the output's tool calls (flywheel.tools), JSON
 
 
 class Store:
@@ -215,6 +216,9 @@ class Store:
                      rec.finish_reason, rec.prompt_tokens, rec.completion_tokens, rec.latency_s,
                      rec.cost, int(rec.cache_hit), rec.error, created))
                 sample_id = cursor.lastrowid
+                if rec.output_tools_json:
+                    cursor.execute("update samples set output_tools_json = ? where id = ?",
+                                   (rec.output_tools_json, sample_id))
                 cursor.executemany(
                     "insert into grades (sample_id, grader, score, passed, feedback, details_json,"
                     " error, error_details) values (?,?,?,?,?,?,?,?)",
@@ -228,6 +232,9 @@ class Store:
                         " values (?,?,?,?,?,?,?,?,?)",
                         (rec.cache_key, rec.model_fingerprint, rec.output_text, rec.finish_reason,
                          rec.prompt_tokens, rec.completion_tokens, rec.latency_s, rec.cost, created))
+                    if rec.output_tools_json:
+                        cursor.execute("update completion_cache set output_tools_json = ? where key = ?",
+                                       (rec.output_tools_json, rec.cache_key))
 
     def cache_completions(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add completions made outside an eval (e.g. a proposer's) to the completion cache."""

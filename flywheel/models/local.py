@@ -253,15 +253,20 @@ class LocalModel(Model):
         return model, tokenizer
 
     # -- generation -------------------------------------------------------------------------------
-    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+    def render_prompt(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None,
+                      tool_choice: Any = None) -> str:
         _, tokenizer = self.load()
+        if tools:  # the template's own tool rendering, else the Hermes convention (flywheel.tools)
+            from flywheel.tools import render_with_tools
+
+            return render_with_tools(tokenizer, messages, tools, tool_choice)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
         _, tokenizer = self.load()
-        token_ids = [tokenizer(self.render_prompt(r.messages), add_special_tokens=False).input_ids
+        token_ids = [tokenizer(self.render_prompt(r.messages, r.tools, r.tool_choice), add_special_tokens=False).input_ids
                      for r in requests]
         order = sorted(range(len(requests)), key=lambda i: (len(token_ids[i]), i))
         results: list[Completion | None] = [None] * len(requests)
@@ -275,6 +280,10 @@ class LocalModel(Model):
                 for index, completion in zip(indexes, self._generate_batch(
                         [token_ids[i] for i in indexes], sampling, [requests[i].repeat for i in indexes])):
                     results[index] = completion
+        if any(r.tools for r in requests):
+            from flywheel.tools import attach_tool_calls
+
+            attach_tool_calls(requests, results)
         return results  # type: ignore[return-value]
 
     def _shared_prefix(self, rows: list[list[int]]) -> int:
