@@ -177,6 +177,34 @@ def rank_auc(scores: list[float], refs: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
+def save_calibrations(store: Any, results: list[Calibration], configs: list[Any], *, data_path: str,
+                      judge: str | None = None) -> list[int]:
+    """Store results in `judge_calibrations` (reports show the newest per grader); returns row ids."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    try:
+        data_hash = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()[:16]
+    except OSError:
+        data_hash = None
+    ids = []
+    for result, config in zip(results, configs):
+        raw = config.model_dump(by_alias=True, exclude_none=True) if hasattr(config, "model_dump") else dict(config)
+        ids.append(store.save_calibration({
+            "grader": result.grader, "type": result.type, "judge": judge or raw.get("model"),
+            "config_json": json.dumps(raw), "data_path": str(data_path), "data_hash": data_hash, "n": result.n,
+            "errors": result.errors, "pass_accuracy": result.pass_accuracy, "pass_kappa": _finite(result.pass_kappa),
+            "label_accuracy": result.label_accuracy, "label_kappa": _finite(result.label_kappa),
+            "auc": _finite(result.auc), "constrained": int(result.constrained),
+            "result_json": json.dumps(result.to_dict(), default=str)}))
+    return ids
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or value != value else value
+
+
 def format_calibration(result: Calibration) -> str:
     """A calibration as the text `flywheel graders calibrate` prints."""
     lines = [f"{result.grader} ({result.type}{', constrained' if result.constrained else ''}): "

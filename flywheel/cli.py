@@ -515,20 +515,25 @@ def graders_run(path, item_json, model_sample, judge):
               help="Field holding the reference: a label, a number, or true/false.")
 @click.option("--passing", multiple=True, help="Reference values that count as a pass (repeatable).")
 @click.option("--judge", default=None, help="Model reference for judge graders (default: their `model`).")
+@click.option("--no-save", is_flag=True, help="Do not store the result (reports show the newest per grader).")
+@db_option
 @json_option
-def graders_calibrate(path, data_path, output_field, label_field, passing, judge, as_json):
+def graders_calibrate(path, data_path, output_field, label_field, passing, judge, no_save, db, as_json):
     """Agreement of each grader in FILE with the reference labels of --data (accuracy, kappa, calibration)."""
-    from flywheel.calibration import calibrate, format_calibration
+    from flywheel.calibration import calibrate, format_calibration, save_calibrations
     from flywheel.data import read_rows
     from flywheel.harness import GraderSet
 
-    resolver = GraderSet([])
+    resolver, configs = GraderSet([]), _grader_objects(path)
     try:
-        results = calibrate(_grader_objects(path), read_rows(data_path), output_field=output_field,
+        results = calibrate(configs, read_rows(data_path), output_field=output_field,
                             label_field=label_field, passing=list(passing), source=data_path,
                             judge=(lambda ref: resolver.judge_model(judge)) if judge else resolver.judge_model)
     finally:
         resolver.close()
+    if not no_save:
+        with _open_store(db) as store:
+            save_calibrations(store, results, configs, data_path=data_path, judge=judge)
     click.echo(json.dumps([r.to_dict() for r in results], indent=2) if as_json
                else "\n".join(format_calibration(r) for r in results))
 

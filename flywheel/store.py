@@ -304,6 +304,26 @@ class Store:
             sql += f" limit {int(limit)}"
         return list(self.db.query(sql, params))
 
+    # -- judge calibrations (flywheel.calibration) ------------------------------------------------
+    def save_calibration(self, row: dict[str, Any]) -> int:
+        """Store one grader's calibration (a `judge_calibrations` row without id and created_at)."""
+        with self.db.conn:
+            cursor = self.db.conn.execute(
+                "insert into judge_calibrations (" + ", ".join(["created_at", *row]) + ") values ("
+                + ", ".join("?" * (len(row) + 1)) + ")", [now(), *row.values()])
+        return cursor.lastrowid
+
+    def latest_calibrations(self, graders: Sequence[str]) -> list[dict[str, Any]]:
+        """The newest calibration of each named grader that has one, in the order given."""
+        out = []
+        for name in dict.fromkeys(graders):
+            row = self.db.execute("select * from judge_calibrations where grader = ? order by created_at desc, id desc"
+                                  " limit 1", [name]).fetchone()
+            if row is not None:
+                columns = [d[0] for d in self.db.execute("select * from judge_calibrations limit 0").description]
+                out.append(dict(zip(columns, row)))
+        return out
+
     # -- reviews and report reads (flywheel.reviews, flywheel.report) ----------------------------
     REVIEW_COLUMNS = ("created_at", "reviewer", "sample_id", "other_sample_id", "verdict", "preference",
                       "correction", "note")

@@ -94,20 +94,58 @@ def test_cli_prints_the_table_and_json(tmp_path):
     (tmp_path / "graders.json").write_text(json.dumps([EXACT]))
     (tmp_path / "data.csv").write_text("output,expected,label\na,a,pass\na,b,fail\nb,b,fail\n")
     runner = CliRunner()
+    db = str(tmp_path / "f.db")
     result = runner.invoke(main, ["graders", "calibrate", str(tmp_path / "graders.json"),
-                                  "--data", str(tmp_path / "data.csv")])
+                                  "--data", str(tmp_path / "data.csv"), "--db", db])
     assert result.exit_code == 0, result.output
     assert "exact (string_check): n=3 errors=0 pass/fail accuracy 0.667" in result.output
     result = runner.invoke(main, ["graders", "calibrate", str(tmp_path / "graders.json"),
-                                  "--data", str(tmp_path / "data.csv"), "--json"])
+                                  "--data", str(tmp_path / "data.csv"), "--json", "--no-save", "--db", db])
     assert json.loads(result.output)[0]["pass_accuracy"] == pytest.approx(2 / 3)
+    from flywheel.store import Store
+
+    store = Store.open(db)
+    try:
+        [row] = store.latest_calibrations(["exact", "other"])  # --no-save stored nothing
+        assert store.db.execute("select count(*) from judge_calibrations").fetchone()[0] == 1
+    finally:
+        store.close()
+    assert row["grader"] == "exact" and row["n"] == 3 and row["pass_accuracy"] == pytest.approx(2 / 3)
+    assert row["data_path"].endswith("data.csv") and len(row["data_hash"]) == 16
 
 
 def test_cli_bad_data_is_one_error_line(tmp_path):
     (tmp_path / "graders.json").write_text(json.dumps([EXACT]))
     (tmp_path / "data.jsonl").write_text('{"output": "a", "label": true}\n{"output": "b"}\n')
     result = CliRunner().invoke(main, ["graders", "calibrate", str(tmp_path / "graders.json"),
-                                       "--data", str(tmp_path / "data.jsonl")])
+                                       "--data", str(tmp_path / "data.jsonl"), "--db", str(tmp_path / "f.db")])
     assert result.exit_code == 1
     assert result.output.strip().endswith("data.jsonl:2: no 'label' field (fields: output)")
     assert result.output.count("error:") == 1
+
+
+def test_the_review_server_shows_the_newest_calibration_beside_judge_vs_human(store):
+    import http.client
+
+    from report_helpers import build_run
+
+    from flywheel.calibration import Calibration, save_calibrations
+    from flywheel.report.server import create_app
+    from flywheel.serve import BackgroundServer
+
+    run = build_run(store, n_items=4)
+    judge_cfg = {"type": "score_model", "name": "judge", "model": "openai:judge", "input": []}
+    old = Calibration(grader="judge", type="score_model", n=10, errors=0, pass_accuracy=0.5, pass_kappa=0.0)
+    new = Calibration(grader="judge", type="score_model", n=48, errors=1, pass_accuracy=0.9375, pass_kappa=0.875,
+                      auc=0.66, constrained=True)
+    save_calibrations(store, [old], [judge_cfg], data_path="old.jsonl")
+    save_calibrations(store, [new], [judge_cfg], data_path="labelled.jsonl")
+    with BackgroundServer(create_app(store.path)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", f"/runs/{run['run_id']}")
+        page = conn.getresponse().read().decode()
+        conn.close()
+    table = page[page.index('id="calibrations"'):]
+    table = table[:table.index("</table>")]
+    assert "labelled.jsonl" in table and "old.jsonl" not in table
+    assert "93.8%" in table and "0.88" in table and "0.66" in table and "constrained" in table
