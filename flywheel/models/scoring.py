@@ -90,11 +90,14 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
     with torch.inference_mode():
         extra: dict[str, Any] = {}
         if prefix:
-            pre = hf_model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), use_cache=True)
+            pre = hf_model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), use_cache=True,
+                           **_keep(hf_model, 1))
             cache = pre.cache if "cache" in pre else pre.past_key_values
             cache.batch_repeat_interleave(n)
             extra[cache_kw] = cache
-        first = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        # the LM head only where log-probs are read: it costs as much as the model on long prompts
+        first = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **_keep(hf_model, len(shared) + 1), **extra)
         # log-probs of the shared tokens and of every candidate's first token: the prompts' last positions
         tail = torch.log_softmax(first.logits[:, -len(shared) - 1:, :].float(), dim=-1)  # [n, shared+1, vocab]
         head = tail[:, -1, :]
@@ -124,6 +127,17 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
             row.append(total)
         results.append(row)
     return results
+
+
+def _keep(hf_model: Any, last: int) -> dict[str, int]:
+    """`logits_to_keep=last` where the model takes it (all positions' logits otherwise)."""
+    import inspect
+
+    try:
+        accepted = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+    except (TypeError, ValueError):
+        accepted = False
+    return {"logits_to_keep": last} if accepted else {}
 
 
 def _cache_kwarg(hf_model: Any) -> str:
