@@ -177,3 +177,31 @@ def test_captures_source_errors(tmp_path, store):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(SpecError, match=r"traffic.yaml: dataset: give exactly one of `path` .* or `captures`"):
         load_eval_spec(path)
+
+
+def test_traffic_recorded_by_the_real_proxy_is_graded(tmp_path, store):
+    """The proxy (flywheel proxy, over real HTTP) records calls to an upstream; an eval grades them."""
+    import openai
+    from serving_helpers import ScriptedUpstream
+
+    from flywheel.proxy import create_proxy_app
+    from flywheel.serve import BackgroundServer
+    from flywheel.store import Store
+
+    upstream = ScriptedUpstream()
+    with BackgroundServer(upstream.app) as up:
+        with BackgroundServer(create_proxy_app(up.url + "/v1", str(tmp_path / "traffic.db"))) as proxy:
+            client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-app", max_retries=0)
+            for question, usecase in (("my card is late", "triage"), ("pin blocked", "triage"), ("hello", "chat")):
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": question}],
+                                               metadata={"usecase": usecase})
+    traffic = Store.open(tmp_path / "traffic.db")  # the proxy has stopped: its writer flushed
+    try:
+        assert len(traffic.query_captures()) == 3
+    finally:
+        traffic.close()
+    result = run_eval(load_eval_spec(captures_spec(tmp_path, metadata={"usecase": "triage"})), store, split="test")
+    outputs = [r[0] for r in store.db.execute("select output_text from samples where iteration_id = ? order by id",
+                                               [result.iteration_id])]
+    assert outputs == ["echo: my card is late", "echo: pin blocked"]  # the upstream's replies, as recorded
+    assert result.pass_rate == 0.5 and result.model_calls == 0  # the grader looks for "card"
