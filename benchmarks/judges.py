@@ -26,19 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import graders  # noqa: E402
+from graders.constrained import FreeText  # noqa: E402
 
 from flywheel.calibration import calibrate  # noqa: E402
 from flywheel.models import load_model  # noqa: E402
-
-
-class FreeText:
-    """The judge seen only through `chat`: graders then parse its free-text reply."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def chat(self, conversations, **kwargs):
-        return self.model.chat(conversations, **kwargs)
 
 
 def load() -> str:

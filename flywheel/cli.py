@@ -515,20 +515,27 @@ def graders_run(path, item_json, model_sample, judge):
               help="Field holding the reference: a label, a number, or true/false.")
 @click.option("--passing", multiple=True, help="Reference values that count as a pass (repeatable).")
 @click.option("--judge", default=None, help="Model reference for judge graders (default: their `model`).")
+@click.option("--free-text", is_flag=True, help="Read judges' free-text replies even when they can score choices.")
 @click.option("--no-save", is_flag=True, help="Do not store the result (reports show the newest per grader).")
 @db_option
 @json_option
-def graders_calibrate(path, data_path, output_field, label_field, passing, judge, no_save, db, as_json):
+def graders_calibrate(path, data_path, output_field, label_field, passing, judge, free_text, no_save, db, as_json):
     """Agreement of each grader in FILE with the reference labels of --data (accuracy, kappa, calibration)."""
+    from graders.constrained import FreeText
+
     from flywheel.calibration import calibrate, format_calibration, save_calibrations
     from flywheel.data import read_rows
     from flywheel.harness import GraderSet
 
     resolver, configs = GraderSet([]), _grader_objects(path)
+
+    def resolve(ref):
+        model = resolver.judge_model(judge or ref)
+        return FreeText(model) if free_text else model
+
     try:
         results = calibrate(configs, read_rows(data_path), output_field=output_field,
-                            label_field=label_field, passing=list(passing), source=data_path,
-                            judge=(lambda ref: resolver.judge_model(judge)) if judge else resolver.judge_model)
+                            label_field=label_field, passing=list(passing), source=data_path, judge=resolve)
     finally:
         resolver.close()
     if not no_save:

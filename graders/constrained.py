@@ -29,6 +29,20 @@ MIN_INTEGERS, MAX_INTEGERS = 4, 20
 GRID_POINTS = 11
 
 
+class FreeText:
+    """A judge seen only through `chat`: model graders then read its free-text reply.
+
+    `build_grader(cfg, judge=FreeText(model))` turns constrained judging off, e.g. to measure
+    what it buys (`flywheel graders calibrate --free-text`, benchmarks/judges.py).
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def chat(self, conversations: list[list[dict[str, str]]], **kwargs: Any) -> list[str]:
+        return self.model.chat(conversations, **kwargs)
+
+
 def can_score_choices(judge: Any) -> bool:
     """True when the judge offers `score_choices(conversations, choices)`."""
     return callable(getattr(judge, "score_choices", None))

@@ -149,3 +149,21 @@ def test_the_review_server_shows_the_newest_calibration_beside_judge_vs_human(st
     table = table[:table.index("</table>")]
     assert "labelled.jsonl" in table and "old.jsonl" not in table
     assert "93.8%" in table and "0.88" in table and "0.66" in table and "constrained" in table
+
+
+def test_cli_free_text_turns_constrained_judging_off(tmp_path, chatty_dir):
+    label = {"type": "label_model", "name": "sentiment", "model": f"local:{chatty_dir}", "labels": ["positive", "negative"],
+             "passing_labels": ["positive"], "input": [{"role": "user", "content": "{{sample.output_text}}"}],
+             "sampling_params": {"max_completions_tokens": 4}}
+    (tmp_path / "graders.json").write_text(json.dumps([label]))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"output": f"text {i}", "label": lab}) + "\n"
+                                                 for i, lab in enumerate(["positive", "negative"] * 2)))
+    out = {}
+    for flags in ([], ["--free-text"]):
+        result = CliRunner().invoke(main, ["graders", "calibrate", str(tmp_path / "graders.json"), "--data",
+                                           str(tmp_path / "data.jsonl"), "--json", "--no-save", *flags])
+        assert result.exit_code == 0, result.output
+        out[bool(flags)] = json.loads(result.output)[0]
+    assert out[False]["constrained"] is True and out[False]["errors"] == 0
+    # the tiny random model never writes a label: read as free text, every grade is a parse error
+    assert out[True]["constrained"] is False and out[True]["errors"] == 4
