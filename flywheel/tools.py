@@ -79,11 +79,33 @@ def hermes_system(tools: list[dict[str, Any]], tool_choice: Any) -> str:
 
 
 def with_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]], tool_choice: Any) -> list[dict[str, Any]]:
-    """Messages with the Hermes tool block added to (or as) the system message."""
+    """Messages with the Hermes tool block added to (or as) the system message; earlier calls
+    written back as `<tool_call>` blocks, tool results as `<tool_response>` user turns."""
     block = hermes_system(tools, tool_choice)
+    messages = [_hermes_turn(m) for m in messages]
     if messages and messages[0].get("role") == "system":
         return [{**messages[0], "content": f"{messages[0]['content']}\n\n{block}"}, *messages[1:]]
     return [{"role": "system", "content": block}, *messages]
+
+
+def _hermes_turn(message: dict[str, Any]) -> dict[str, Any]:
+    if message.get("role") == "tool":
+        return {"role": "user", "content": f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"}
+    calls = message.get("tool_calls")
+    if message.get("role") != "assistant" or not calls:
+        return message
+    blocks = []
+    for call in calls:
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass
+        blocks.append("<tool_call>" + json.dumps({"name": function.get("name"), "arguments": arguments},
+                                                 ensure_ascii=False) + "</tool_call>")
+    text = "\n".join(filter(None, [message.get("content") or "", *blocks]))
+    return {"role": "assistant", "content": text}
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:

@@ -210,3 +210,58 @@ def test_bundled_tool_eval_runs_end_to_end_on_a_local_model(tmp_path, store, tin
     assert result.n_samples == 6 and result.n_errors == 0
     inputs = [json.loads(r[0]) for r in store.db.execute("select input_json from samples")]
     assert all(i[-1]["role"] == "user" for i in inputs)
+
+
+def test_hermes_rendering_writes_earlier_calls_and_results_back():
+    from flywheel.tools import with_tools
+
+    messages = [{"role": "user", "content": "balance?"}, *PLATFORM_ROW["messages"][1:],
+                {"role": "tool", "content": "120.50 EUR"}]
+    out = with_tools(messages, PLATFORM_ROW["tools"], "auto")
+    assert out[0]["role"] == "system" and "<tools>" in out[0]["content"]
+    assert out[2] == {"role": "assistant",
+                      "content": '<tool_call>{"name": "get_balance", "arguments": {"account": "savings"}}</tool_call>'}
+    assert out[3] == {"role": "user", "content": "<tool_response>\n120.50 EUR\n</tool_response>"}
+    _, calls = parse_tool_calls(out[2]["content"])
+    assert calls[0]["function"] == PLATFORM_ROW["messages"][1]["tool_calls"][0]["function"]
+
+
+class ScriptedReply:
+    """Wraps a real local model (tokenization, tool rendering and call parsing all real); only the
+    sampled text is scripted, since a tiny random model never writes a tool call."""
+
+    def __init__(self, model, text):
+        self.model, self.text = model, text
+        self.prompts: list[str] = []
+        model._generate_batch = self._generate_batch
+
+    def _generate_batch(self, rows, sampling, repeats):
+        _, tokenizer = self.model.load()
+        self.prompts += [tokenizer.decode(r) for r in rows]
+        return [Completion(text=self.text, prompt_tokens=len(r), completion_tokens=5) for r in rows]
+
+
+def test_serve_model_accepts_tools_and_answers_tool_calls(tiny_model_dir):
+    import openai
+
+    from flywheel.serve import create_app
+
+    model = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32"})
+    scripted = ScriptedReply(model, 'ok <tool_call>{"name": "get_balance", "arguments": {"account": "savings"}}</tool_call>')
+    with BackgroundServer(create_app(model, name="tiny")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "balance?"}],
+                                               tools=PLATFORM_ROW["tools"], tool_choice="required")
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "balance?"}],
+                                                tools=PLATFORM_ROW["tools"], stream=True)
+        streamed = [c.choices[0].delta.tool_calls for c in stream if c.choices and c.choices[0].delta.tool_calls]
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                           tools=PLATFORM_ROW["tools"],
+                                           tool_choice={"type": "function", "function": {"name": "nope"}})
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "ok"
+    assert choice.message.tool_calls[0].function.name == "get_balance"
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"account": "savings"}
+    assert streamed[0][0].function.name == "get_balance"
+    assert '"name": "get_balance"' in scripted.prompts[0] and "You must call a function." in scripted.prompts[0]
