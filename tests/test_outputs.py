@@ -205,3 +205,18 @@ def test_traffic_recorded_by_the_real_proxy_is_graded(tmp_path, store):
                                                [result.iteration_id])]
     assert outputs == ["echo: my card is late", "echo: pin blocked"]  # the upstream's replies, as recorded
     assert result.pass_rate == 0.5 and result.model_calls == 0  # the grader looks for "card"
+
+
+def test_a_report_puts_a_data_run_beside_a_generated_run(tmp_path, tiny_model_dir):
+    (tmp_path / "data.csv").write_text(CSV)
+    db = str(tmp_path / "f.db")
+    runner = CliRunner()
+    data_run = json.loads(runner.invoke(main, ["eval", str(outputs_spec(tmp_path)), "--db", db, "--json"]).output)
+    generated = json.loads(runner.invoke(main, ["eval", str(outputs_spec(tmp_path)), "--db", db, "--json",
+                                                "--model", f"local:{tiny_model_dir}"]).output)
+    assert generated["model"] == f"local:{tiny_model_dir}" and generated["model_calls"] == 4
+    result = runner.invoke(main, ["report", data_run["run_id"], generated["run_id"], "--db", db,
+                                  "-o", str(tmp_path / "r.html"), "--json"])
+    assert result.exit_code == 0, result.output
+    html = (tmp_path / "r.html").read_text()
+    assert "data:answer" in html and "pin_blocked, I think" in html
