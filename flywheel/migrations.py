@@ -158,14 +158,14 @@ def m005_prompt_demos(db: sqlite_utils.Database) -> None:
 
 
 @migration
-def m006_tools_output_tools(db: sqlite_utils.Database) -> None:
+def m007_tools_output_tools(db: sqlite_utils.Database) -> None:
     # Tool calls of an output (platform shape, JSON), beside its text; cached with it.
     db["samples"].add_column("output_tools_json", str)
     db["completion_cache"].add_column("output_tools_json", str)
 
 
 @migration
-def m007_judges_calibrations(db: sqlite_utils.Database) -> None:
+def m008_judges_calibrations(db: sqlite_utils.Database) -> None:
     # `flywheel graders calibrate`: a grader's agreement with a labelled set, shown in reports.
     db["judge_calibrations"].create(
         {"id": int, "created_at": str, "grader": str, "type": str, "judge": str, "config_json": str,
