@@ -265,3 +265,25 @@ def test_serve_model_accepts_tools_and_answers_tool_calls(tiny_model_dir):
     assert json.loads(choice.message.tool_calls[0].function.arguments) == {"account": "savings"}
     assert streamed[0][0].function.name == "get_balance"
     assert '"name": "get_balance"' in scripted.prompts[0] and "You must call a function." in scripted.prompts[0]
+
+
+def test_round_trip_jsonl_spec_request_capture_jsonl(server, tmp_path, store):
+    """Tools from a platform JSONL row -> eval spec -> request through the recording proxy ->
+    captured -> exported as a platform SFT JSONL row: the definitions arrive unchanged, with the call."""
+    from flywheel.captures import export_sft
+    from flywheel.proxy import create_proxy_app
+    from flywheel.store import Store
+
+    with BackgroundServer(create_proxy_app(server.url, str(tmp_path / "traffic.db"))) as proxy:
+        path = write_spec(tmp_path, "openai:m", PLATFORM_ROW["tools"],
+                          model_options={"base_url": proxy.url + "/v1", "max_retries": 0})
+        result = run_eval(load_eval_spec(path), store, split="test")
+    assert result.pass_rate == 1.0
+    traffic = Store.open(tmp_path / "traffic.db")
+    try:
+        export_sft(traffic, tmp_path / "sft.jsonl")
+    finally:
+        traffic.close()
+    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["tools"] == PLATFORM_ROW["tools"] for r in rows)
+    assert {r["messages"][-1]["tool_calls"][0]["function"]["name"] for r in rows} == {"get_balance"}
