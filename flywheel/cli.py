@@ -522,5 +522,44 @@ def graders_run(path, item_json, model_sample, judge):
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
 
 
+@graders_group.command("calibrate")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
+@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+              help="Labelled JSONL/CSV: per row the output to grade and its reference.")
+@click.option("--output-field", default="output", show_default=True, help="Field holding the output to grade.")
+@click.option("--label-field", default="label", show_default=True,
+              help="Field holding the reference: a label, a number, or true/false.")
+@click.option("--passing", multiple=True, help="Reference values that count as a pass (repeatable).")
+@click.option("--judge", default=None, help="Model reference for judge graders (default: their `model`).")
+@click.option("--free-text", is_flag=True, help="Read judges' free-text replies even when they can score choices.")
+@click.option("--no-save", is_flag=True, help="Do not store the result (reports show the newest per grader).")
+@db_option
+@json_option
+def graders_calibrate(path, data_path, output_field, label_field, passing, judge, free_text, no_save, db, as_json):
+    """Agreement of each grader in FILE with the reference labels of --data (accuracy, kappa, calibration)."""
+    from graders.constrained import FreeText
+
+    from flywheel.calibration import calibrate, format_calibration, save_calibrations
+    from flywheel.data import read_rows
+    from flywheel.harness import GraderSet
+
+    resolver, configs = GraderSet([]), _grader_objects(path)
+
+    def resolve(ref):
+        model = resolver.judge_model(judge or ref)
+        return FreeText(model) if free_text else model
+
+    try:
+        results = calibrate(configs, read_rows(data_path), output_field=output_field,
+                            label_field=label_field, passing=list(passing), source=data_path, judge=resolve)
+    finally:
+        resolver.close()
+    if not no_save:
+        with _open_store(db) as store:
+            save_calibrations(store, results, configs, data_path=data_path, judge=judge)
+    click.echo(json.dumps([r.to_dict() for r in results], indent=2) if as_json
+               else "\n".join(format_calibration(r) for r in results))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

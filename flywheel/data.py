@@ -91,6 +91,12 @@ def _seeded_split(key: str, seed: int, ratios: dict[str, float]) -> str:
 
 def load_dataset(spec: EvalSpec) -> Dataset:
     """Read, map, split and hash the spec's dataset; DataError names file, line or column."""
+    if spec.dataset.captures is not None:  # items from the proxy's captures, not a file
+        from flywheel.outputs import captures_dataset
+
+        dataset = captures_dataset(spec)
+        check_templates(spec, dataset)
+        return dataset
     path = spec.dataset_path
     try:
         raw = path.read_bytes()
@@ -158,3 +164,20 @@ def check_templates(spec: EvalSpec, dataset: Dataset) -> None:
                     f"{spec.source}: input[{index}].content: template names item.{name}, but "
                     f"{dataset.path.name} has no field {name!r}; fields: {', '.join(sorted(available))}"
                 )
+
+
+def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a JSONL or CSV file (by suffix), outside any eval spec."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    rows = _read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows

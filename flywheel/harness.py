@@ -25,6 +25,7 @@ from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError, TooManyErrors
 from flywheel.grading import GraderSet
 from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
+from flywheel.outputs import DataOutputs
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import SampleRecord, Store
@@ -90,6 +91,8 @@ def cache_key(fingerprint: str, request: ChatRequest) -> str:
         "repeat": request.repeat,
         "response_format": request.response_format,
     }
+    if request.tools is not None or request.tool_choice is not None:  # absent otherwise: older keys stay valid
+        payload.update(tools=request.tools, tool_choice=request.tool_choice)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -160,7 +163,9 @@ def evaluate(
     if progress:
         progress(counters.done, total)
 
-    pending = _prepare(todo, prompt, model, sampling_of(spec), spec.response_format)
+    pending = _prepare(todo, prompt, model, sampling_of(spec), spec.response_format, spec.tools, spec.tool_choice)
+    if isinstance(model, DataOutputs):  # no model: outputs come from the data
+        model.fill(pending)
     cached = store.cached(p.cache_key for p in pending if p.cache_key)
     for p in pending:
         row = cached.get(p.cache_key) if p.cache_key else None
@@ -168,11 +173,12 @@ def evaluate(
             p.completion = Completion(
                 text=row["output_text"], prompt_tokens=row["prompt_tokens"],
                 completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"],
-                latency_s=row["latency_s"], cost=row["cost"])
+                latency_s=row["latency_s"], cost=row["cost"],
+                tool_calls=json.loads(row["output_tools_json"]) if row.get("output_tools_json") else None)
             p.cache_hit = True
 
-    ready = [p for p in pending if p.cache_hit or p.error]
-    to_generate = [p for p in pending if not (p.cache_hit or p.error)]
+    ready = [p for p in pending if p.cache_hit or p.error or p.completion]
+    to_generate = [p for p in pending if not (p.cache_hit or p.error or p.completion)]
     counters.cache_hits = sum(p.cache_hit for p in ready)
     _write(store, iteration_id, model, grader_set, ready, counters, max_errors, total, progress)
     # Chunks of a few model batches keep each commit small and frequent.
@@ -263,6 +269,8 @@ def run_eval(
     started = time.perf_counter()
     dataset = load_dataset(spec)
     items = select_items(dataset, split, limit)
+    if model is None and spec.outputs is not None:  # no model: outputs come from the data
+        model = DataOutputs.for_spec(spec, dataset)
     model = model or load_model(spec.model, spec.model_options)
     prompt = prompt or Prompt(messages=spec.messages())
 
@@ -306,7 +314,8 @@ def run_eval(
 
 
 def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, sampling: Sampling,
-             response_format: dict[str, Any] | None = None) -> list[_Pending]:
+             response_format: dict[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
+             tool_choice: Any = None) -> list[_Pending]:
     fingerprint = model.fingerprint
     unique = list({item.key: item for item, _ in todo}.values())
     rendered = dict(zip((i.key for i in unique), prompt.render_many(unique)))
@@ -316,7 +325,8 @@ def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, samplin
         if isinstance(messages, str):
             pending.append(_Pending(item=item, repeat=repeat, messages=None, error=messages))
             continue
-        request = ChatRequest(messages=messages, sampling=sampling, repeat=repeat, response_format=response_format)
+        request = ChatRequest(messages=messages, sampling=sampling, repeat=repeat, response_format=response_format,
+                              tools=tools, tool_choice=tool_choice)
         pending.append(_Pending(item=item, repeat=repeat, messages=messages, request=request,
                                 cache_key=cache_key(fingerprint, request)))
     return pending
@@ -350,7 +360,8 @@ def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet,
         return
     gradable = [p for p in chunk if p.completion is not None]
     grades = grader_set.grade(
-        [graders.make_sample(p.completion.text) for p in gradable],  # type: ignore[union-attr]
+        [graders.make_sample(p.completion.text, output_tools=p.completion.tool_calls)  # type: ignore[union-attr]
+         for p in gradable],
         [p.item.fields for p in gradable])
     grades_by_id = {id(p): g for p, g in zip(gradable, grades)}
     records = []
@@ -363,7 +374,8 @@ def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet,
             prompt_tokens=c.prompt_tokens if c else 0, completion_tokens=c.completion_tokens if c else 0,
             latency_s=c.latency_s if c else 0.0, cost=c.cost if c else 0.0, cache_hit=p.cache_hit,
             error=p.error, grades=grades_by_id.get(id(p), []), cache_key=p.cache_key,
-            model_fingerprint=model.fingerprint))
+            model_fingerprint=model.fingerprint,
+            output_tools_json=json.dumps(c.tool_calls, ensure_ascii=False) if c and c.tool_calls else None))
     store.write_samples(records)
     counters.errors += sum(1 for p in chunk if p.error)
     counters.done += len(chunk)

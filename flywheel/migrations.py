@@ -165,6 +165,26 @@ def m006_wheel_laps_and_cost(db: sqlite_utils.Database) -> None:
     db["iterations"].add_column("latency_s", float)
 
 
+@migration
+def m007_tools_output_tools(db: sqlite_utils.Database) -> None:
+    # Tool calls of an output (platform shape, JSON), beside its text; cached with it.
+    db["samples"].add_column("output_tools_json", str)
+    db["completion_cache"].add_column("output_tools_json", str)
+
+
+@migration
+def m008_judges_calibrations(db: sqlite_utils.Database) -> None:
+    # `flywheel graders calibrate`: a grader's agreement with a labelled set, shown in reports.
+    db["judge_calibrations"].create(
+        {"id": int, "created_at": str, "grader": str, "type": str, "judge": str, "config_json": str,
+         "data_path": str, "data_hash": str, "n": int, "errors": int, "pass_accuracy": float,
+         "pass_kappa": float, "label_accuracy": float, "label_kappa": float, "auc": float,
+         "constrained": int, "result_json": str},
+        pk="id",
+    )
+    db["judge_calibrations"].create_index(["grader", "created_at"])
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations, each in its own transaction; return the names applied."""
     if "_migrations" not in db.table_names():

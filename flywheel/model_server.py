@@ -64,10 +64,13 @@ class ChatCall:
     include_usage: bool = False
     stop: list[str] = field(default_factory=list)
     response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
 
     def requests(self) -> list[ChatRequest]:
         return [ChatRequest(messages=self.messages, sampling=self.sampling, repeat=i,
-                            response_format=self.response_format) for i in range(self.n)]
+                            response_format=self.response_format, tools=self.tools, tool_choice=self.tool_choice)
+                for i in range(self.n)]
 
 
 def _message_text(content: Any, index: int) -> str:
@@ -115,8 +118,15 @@ def parse_chat_call(body: dict[str, Any]) -> ChatCall:
         # Chat templates of small open models know `system`, not the platform's `developer`.
         role = "system" if message["role"] == "developer" else message["role"]
         messages.append({"role": role, "content": _message_text(message.get("content"), index)})
-    if body.get("tools"):
-        raise ApiError(400, "tools are not supported by this server", param="tools", code="unsupported_parameter")
+        if role == "assistant" and isinstance(message.get("tool_calls"), list):  # kept for tool-aware templates
+            messages[-1]["tool_calls"] = message["tool_calls"]
+    tools, tool_choice = body.get("tools") or None, body.get("tool_choice")
+    try:
+        from flywheel.tools import check_tools
+
+        check_tools(tools, tool_choice)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param=str(exc).split(":")[0].split("[")[0]) from None
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", DEFAULT_MAX_TOKENS, 1, MAX_TOKENS_LIMIT, True)
     sampling = Sampling(
@@ -138,7 +148,7 @@ def parse_chat_call(body: dict[str, Any]) -> ChatCall:
         model=model, messages=messages, sampling=sampling,
         n=int(_number(body, "n", 1, 1, MAX_N, True)), stream=body.get("stream") is True,
         include_usage=isinstance(stream_options, dict) and stream_options.get("include_usage") is True,
-        stop=[s for s in stop if s], response_format=response_format)
+        stop=[s for s in stop if s], response_format=response_format, tools=tools, tool_choice=tool_choice)
 
 
 def apply_stop(text: str, finish_reason: str, stop: Sequence[str]) -> tuple[str, str]:
@@ -301,8 +311,11 @@ def create_app(model: Model, *, name: str | None = None, batch_size: int = 32, m
         choices = []
         for index, completion in enumerate(completions):
             text, finish = apply_stop(completion.text, completion.finish_reason, call.stop)
-            choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": None, "finish_reason": finish})
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if completion.tool_calls:  # read from the reply by flywheel.tools
+                message.update(content=text or None, tool_calls=completion.tool_calls)
+                finish = "tool_calls"
+            choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
         payload = {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
                    "model": name, "system_fingerprint": fingerprint, "choices": choices,
                    "usage": _usage(completions)}
@@ -335,6 +348,9 @@ async def _sse(payload: dict[str, Any], include_usage: bool) -> AsyncIterator[by
                       "finish_reason": None}])
         if choice["message"]["content"]:
             yield event([{"index": index, "delta": {"content": choice["message"]["content"]}, "logprobs": None,
+                          "finish_reason": None}])
+        for position, call in enumerate(choice["message"].get("tool_calls") or []):
+            yield event([{"index": index, "delta": {"tool_calls": [{"index": position, **call}]}, "logprobs": None,
                           "finish_reason": None}])
         yield event([{"index": index, "delta": {}, "logprobs": None, "finish_reason": choice["finish_reason"]}])
     if include_usage:

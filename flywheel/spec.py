@@ -28,8 +28,25 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class CapturesSourceSpec(_Spec):
+    db: str | None = Field(
+        default=None, description="SQLite store the proxy wrote, relative to the spec file; "
+        "default $FLYWHEEL_DB, else ./flywheel.db."
+    )
+    metadata: dict[str, str] = Field(default_factory=dict, description="Only captures whose metadata has these values.")
+    since: str | None = Field(default=None, description="Only captures from then on: 2026-11-05, a timestamp, or an age (7d).")
+    until: str | None = Field(default=None, description="Only captures before then (a bare day is inclusive).")
+    model: str | None = Field(default=None, description="Only captures of this model.")
+
+
 class DatasetSpec(_Spec):
-    path: str = Field(description="JSONL or CSV file, relative to the spec file.")
+    path: str | None = Field(default=None, description="JSONL or CSV file, relative to the spec file.")
+    captures: CapturesSourceSpec | None = Field(
+        default=None,
+        description="Items from the proxy's successful captures instead of a file: fields input (the "
+        "last user message), messages, output (the reply), model, created_at, metadata; all in the "
+        "test split.",
+    )
     format: Literal["jsonl", "csv"] | None = Field(
         default=None, description="File format; inferred from the suffix when omitted."
     )
@@ -42,11 +59,17 @@ class DatasetSpec(_Spec):
         default=None, description="Field holding a stable item id; the row number when omitted."
     )
 
+    @model_validator(mode="after")
+    def _path_or_captures(self) -> "DatasetSpec":
+        if (self.path is None) == (self.captures is None):
+            raise ValueError("give exactly one of `path` (a file) or `captures` (the proxy's captures)")
+        return self
+
     @property
     def resolved_format(self) -> str:
         if self.format:
             return self.format
-        return "csv" if self.path.lower().endswith(".csv") else "jsonl"
+        return "csv" if (self.path or "").lower().endswith(".csv") else "jsonl"
 
 
 class SplitSpec(_Spec):
@@ -80,6 +103,13 @@ class SamplingSpec(_Spec):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     seed: int = Field(default=0, description="Sampling seed (used when temperature > 0).")
     repeats: int = Field(default=1, ge=1, le=100, description="Samples drawn per item.")
+
+
+class OutputsSpec(_Spec):
+    field: str = Field(
+        description="Item field holding an output that already exists (another system's answer, "
+        "logged traffic): it is graded as the sample, and no model is called."
+    )
 
 
 class ObjectiveSpec(_Spec):
@@ -168,8 +198,17 @@ class EvalSpec(_Spec):
     description: str = Field(default="", description="What the eval measures.")
     dataset: DatasetSpec = Field(description="Where the items come from.")
     split: SplitSpec = Field(default_factory=SplitSpec, description="How items are split.")
-    input: list[MessageSpec] = Field(min_length=1, description="Chat messages sent per item.")
+    input: list[MessageSpec] = Field(
+        default_factory=list,
+        description="Chat messages sent per item (required unless `outputs` is set; then they are "
+        "only stored with each sample, as the prompt the outputs answered).",
+    )
     model: str = Field(default="local:smollm2", description="Model reference, e.g. local:smollm2.")
+    outputs: OutputsSpec | None = Field(
+        default=None,
+        description="Grade outputs the dataset already holds (`outputs: {field: answer}`) instead of "
+        "generating them; the iteration's model is recorded as data:FIELD.",
+    )
     model_options: dict[str, Any] = Field(
         default_factory=dict,
         description="Backend options (e.g. base_url, api_key_env, batch_size, dtype).",
@@ -179,6 +218,15 @@ class EvalSpec(_Spec):
         default=None,
         description="Structured output, passed to `openai:` models as is (e.g. a json_schema); the "
         "parsed reply reaches graders as sample.output_json.",
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Function definitions in the platform's Chat Completions shape "
+        "({type: function, function: {name, description, parameters}}); sent with every request, "
+        "calls reach graders as sample.output_tools (docs/spec.md, Tools).",
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="auto | none | required | {type: function, function: {name: NAME}}."
     )
     graders: list[dict[str, Any]] = Field(
         min_length=1, description="Graders in the platform's grader JSON schema."
@@ -210,6 +258,22 @@ class EvalSpec(_Spec):
         return out
 
     @model_validator(mode="after")
+    def _tools_are_functions(self) -> "EvalSpec":
+        from flywheel.tools import check_tools
+
+        check_tools(self.tools, self.tool_choice)
+        return self
+
+    @model_validator(mode="after")
+    def _input_or_outputs(self) -> "EvalSpec":
+        if self.outputs is None and not self.input:
+            raise ValueError("input: at least one message is required (or set outputs.field to grade existing outputs)")
+        if self.outputs is not None and "model" in self.model_fields_set:
+            raise ValueError("model: give either a model or outputs.field, not both "
+                             "(outputs are read from the data, no model is called)")
+        return self
+
+    @model_validator(mode="after")
     def _objective_names_a_grader(self) -> "EvalSpec":
         names = [g.get("name") for g in self.graders]
         if self.objective.grader is not None and self.objective.grader not in names:
@@ -221,6 +285,12 @@ class EvalSpec(_Spec):
 
     @property
     def dataset_path(self) -> Path:
+        """The dataset file, or the store holding the captures it reads."""
+        if self.dataset.captures is not None:
+            import os
+
+            db = self.dataset.captures.db
+            return (self.base_dir / db).resolve() if db else Path(os.environ.get("FLYWHEEL_DB") or "flywheel.db").resolve()
         return (self.base_dir / self.dataset.path).resolve()
 
     @property
@@ -272,7 +342,7 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         # A nested "graders[2]: type: ..." message already carries its own location.
-        if message.startswith("graders[") or message.startswith("objective.grader"):
+        if message.startswith(("graders[", "objective.grader", "input: ", "model: ", "tools[", "tool_choice: ")):
             lines.append(f"{source}: {message}")
         else:
             lines.append(f"{source}: {loc or '(top level)'}: {message}")

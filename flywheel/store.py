@@ -68,6 +68,7 @@ class SampleRecord:
     grades: list[dict[str, Any]] = field(default_factory=list)
     cache_key: str | None = None
     model_fingerprint: str | None = None
+    output_tools_json: str | None = None  # the output's tool calls (flywheel.tools), JSON
 
 
 class Store:
@@ -290,6 +291,9 @@ class Store:
                      rec.finish_reason, rec.prompt_tokens, rec.completion_tokens, rec.latency_s,
                      rec.cost, int(rec.cache_hit), rec.error, created))
                 sample_id = cursor.lastrowid
+                if rec.output_tools_json:
+                    cursor.execute("update samples set output_tools_json = ? where id = ?",
+                                   (rec.output_tools_json, sample_id))
                 cursor.executemany(
                     "insert into grades (sample_id, grader, score, passed, feedback, details_json,"
                     " error, error_details) values (?,?,?,?,?,?,?,?)",
@@ -303,6 +307,9 @@ class Store:
                         " values (?,?,?,?,?,?,?,?,?)",
                         (rec.cache_key, rec.model_fingerprint, rec.output_text, rec.finish_reason,
                          rec.prompt_tokens, rec.completion_tokens, rec.latency_s, rec.cost, created))
+                    if rec.output_tools_json:
+                        cursor.execute("update completion_cache set output_tools_json = ? where key = ?",
+                                       (rec.output_tools_json, rec.cache_key))
 
     def cache_completions(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add completions made outside an eval (e.g. a proposer's) to the completion cache."""
@@ -450,6 +457,26 @@ class Store:
         if limit:
             sql += f" limit {int(limit)}"
         return list(self.db.query(sql, params))
+
+    # -- judge calibrations (flywheel.calibration) ------------------------------------------------
+    def save_calibration(self, row: dict[str, Any]) -> int:
+        """Store one grader's calibration (a `judge_calibrations` row without id and created_at)."""
+        with self.db.conn:
+            cursor = self.db.conn.execute(
+                "insert into judge_calibrations (" + ", ".join(["created_at", *row]) + ") values ("
+                + ", ".join("?" * (len(row) + 1)) + ")", [now(), *row.values()])
+        return cursor.lastrowid
+
+    def latest_calibrations(self, graders: Sequence[str]) -> list[dict[str, Any]]:
+        """The newest calibration of each named grader that has one, in the order given."""
+        out = []
+        for name in dict.fromkeys(graders):
+            row = self.db.execute("select * from judge_calibrations where grader = ? order by created_at desc, id desc"
+                                  " limit 1", [name]).fetchone()
+            if row is not None:
+                columns = [d[0] for d in self.db.execute("select * from judge_calibrations limit 0").description]
+                out.append(dict(zip(columns, row)))
+        return out
 
     # -- reviews and report reads (flywheel.reviews, flywheel.report) ----------------------------
     REVIEW_COLUMNS = ("created_at", "reviewer", "sample_id", "other_sample_id", "verdict", "preference",

@@ -6,6 +6,10 @@ flywheel's models (local and OpenAI-compatible) implement `chat`; so can any obj
         def chat(self, conversations, *, temperature=0.0, max_tokens=256, seed=None,
                  response_format=None) -> list[str]:
             return [my_llm(messages) for messages in conversations]
+
+A judge may also offer `score_choices` (`ChoiceScorer`): then model graders pick among the
+allowed replies by its log-probabilities instead of parsing free text (graders.constrained).
+flywheel's local models do.
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ class JudgeModel(Protocol):
         seed: int | None = None,
         response_format: dict[str, Any] | None = None,
     ) -> list[str]: ...
+
+
+@runtime_checkable
+class ChoiceScorer(Protocol):
+    """Optional judge capability: the log-probability of each choice as the reply to each conversation."""
+
+    def score_choices(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[list[float]]: ...
 
 
 #: What `build_grader(judge=...)` accepts: a resolver from a config's `model` string, or one model.
@@ -135,8 +146,16 @@ def _match_label(text: str, labels: list[str]) -> str | None:
     return folded[0] if len(folded) == 1 else None
 
 
-def score_response_format() -> dict[str, Any]:
-    """The structured output the platform forces on score_model judges: {result, steps}."""
+def score_response_format(low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    """The structured output the platform forces on score_model judges: {result, steps}.
+
+    With `low`/`high` (the grader's range), `result` is bounded by `minimum`/`maximum`.
+    """
+    result: dict[str, Any] = {"type": "number"}
+    if low is not None:
+        result["minimum"] = low
+    if high is not None:
+        result["maximum"] = high
     return {
         "type": "json_schema",
         "json_schema": {
@@ -154,7 +173,7 @@ def score_response_format() -> dict[str, Any]:
                             "additionalProperties": False,
                         },
                     },
-                    "result": {"type": "number"},
+                    "result": result,
                 },
                 "required": ["steps", "result"],
                 "additionalProperties": False,

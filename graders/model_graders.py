@@ -10,12 +10,17 @@ reply; a judge that fails is a `model_grader_server_error` grade. Nothing raises
   score >= pass_threshold (the middle of `range` when omitted).
 * label_model: the reply must name one of `labels` (exactly, or case-insensitively when that is
   unambiguous); score 1 and pass iff the label is in `passing_labels`.
+
+A judge that can score candidate replies (`score_choices`, e.g. flywheel's local models) is not
+asked to write at all: it picks among the allowed replies by its own probabilities
+(graders.constrained), so it never fails to answer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from graders import constrained as constrained_judging
 from graders.base import Grader
 from graders.config import LabelModelGraderConfig, Message, ScoreModelGraderConfig
 from graders.errors import TemplateVariableError
@@ -87,18 +92,35 @@ class _JudgeGrader(Grader):
             self._judge = source if hasattr(source, "chat") else source(self.config.model)
         return self._judge
 
-    def instruction(self) -> str:
+    def instruction(self, constrained: bool = False) -> str:
         raise NotImplementedError
+
+    def choices(self) -> list[str]:
+        """The replies a constrained judge chooses among."""
+        raise NotImplementedError
+
+    def read_choices(self, logprobs: list[float], details: dict[str, Any]) -> Grade:
+        """The grade of one constrained judgement (log-probabilities aligned with `choices`)."""
+        raise NotImplementedError
+
+    def constrained(self) -> bool:
+        """True when the judge scores candidate replies; a judge that fails to resolve is not."""
+        try:
+            return constrained_judging.can_score_choices(self.judge())
+        except Exception:  # noqa: BLE001 - the chat path reports it as a server error
+            return False
 
     def response_format(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def conversation(self, sample: dict[str, Any], item: dict[str, Any]) -> list[dict[str, str]]:
+    def conversation(self, sample: dict[str, Any], item: dict[str, Any],
+                     constrained: bool = False) -> list[dict[str, str]]:
         rendered = [m.render(item, sample) for m in self.messages]
+        instruction = self.instruction(constrained)
         if rendered and rendered[0]["role"] == "system":
-            rendered[0] = {"role": "system", "content": rendered[0]["content"].rstrip() + "\n\n" + self.instruction()}
+            rendered[0] = {"role": "system", "content": rendered[0]["content"].rstrip() + "\n\n" + instruction}
         else:
-            rendered.insert(0, {"role": "system", "content": self.instruction()})
+            rendered.insert(0, {"role": "system", "content": instruction})
         return rendered
 
     def _grade_one(self, sample: dict[str, Any], item: dict[str, Any]) -> Grade:
@@ -107,18 +129,21 @@ class _JudgeGrader(Grader):
     def _grade_prepared(self, samples: list[Any], items: list[dict[str, Any]]) -> list[Grade]:
         out: list[Grade | None] = [None] * len(samples)
         pending: list[tuple[int, list[dict[str, str]]]] = []
+        constrained = self.constrained()
         for i, (sample, item) in enumerate(zip(samples, items)):
             if isinstance(sample, Exception):
                 out[i] = self._failure("sample_parse_error", str(sample))
                 continue
             try:
-                pending.append((i, self.conversation(sample, item)))
+                pending.append((i, self.conversation(sample, item, constrained)))
             except TemplateVariableError as e:
                 out[i] = self._failure("invalid_variable_error", str(e))
             except UnsupportedContent as e:
                 out[i] = self._failure("other_error", str(e))
         if not pending:
             return out  # type: ignore[return-value]
+        if constrained:
+            return self._grade_constrained(pending, out)
         conversations = [c for _, c in pending]
         try:
             replies = self.judge().chat(
@@ -151,6 +176,21 @@ class _JudgeGrader(Grader):
                 )
         return out  # type: ignore[return-value]
 
+    def _grade_constrained(self, pending: list[tuple[int, list[dict[str, str]]]],
+                           out: list[Grade | None]) -> list[Grade]:
+        choices = self.choices()
+        try:
+            rows = constrained_judging.ask(self.judge(), [c for _, c in pending], choices)
+        except Exception as e:
+            for i, conversation in pending:
+                out[i] = self._failure("model_grader_server_error", f"{type(e).__name__}: {e}",
+                                       model=self.config.model, messages=conversation)
+            return out  # type: ignore[return-value]
+        for (i, conversation), row in zip(pending, rows):
+            out[i] = self.read_choices(row, {"name": self.name, "type": self.type, "model": self.config.model,
+                                             "messages": conversation, "choices": choices})
+        return out  # type: ignore[return-value]
+
     def read_reply(self, reply: str, details: dict[str, Any]) -> Grade:
         raise NotImplementedError
 
@@ -164,7 +204,9 @@ class ScoreModelGrader(_JudgeGrader):
         mid = (self.low + self.high) / 2
         self.threshold = config.pass_threshold if config.pass_threshold is not None else mid
 
-    def instruction(self) -> str:
+    def instruction(self, constrained: bool = False) -> str:
+        if constrained:  # the judge writes no steps: it only chooses the result
+            return f'Respond with only a JSON object of this form: {{"result": <a number from {self.low:g} to {self.high:g}>}}'
         return (
             "Respond with only a JSON object of this form: "
             '{"steps": [{"description": "<what you checked>", "conclusion": "<what you found>"}], '
@@ -172,7 +214,15 @@ class ScoreModelGrader(_JudgeGrader):
         )
 
     def response_format(self) -> dict[str, Any]:
-        return score_response_format()
+        return score_response_format(self.low, self.high)
+
+    def choices(self) -> list[str]:
+        return constrained_judging.score_choices_text(constrained_judging.score_values(self.low, self.high))
+
+    def read_choices(self, logprobs: list[float], details: dict[str, Any]) -> Grade:
+        return constrained_judging.score_grade(
+            constrained_judging.score_values(self.low, self.high), self.low, self.high, self.threshold,
+            self.choices(), logprobs, details)
 
     def read_reply(self, reply: str, details: dict[str, Any]) -> Grade:
         raw, steps = parse_score_reply(reply)
@@ -199,12 +249,19 @@ class LabelModelGrader(_JudgeGrader):
         self.labels = list(config.labels)
         self.passing = set(config.passing_labels)
 
-    def instruction(self) -> str:
+    def instruction(self, constrained: bool = False) -> str:
         options = ", ".join(f'"{label}"' for label in self.labels)
         return f'Respond with only a JSON object of this form: {{"result": "<label>"}} where <label> is one of {options}.'
 
     def response_format(self) -> dict[str, Any]:
         return label_response_format(self.labels)
+
+    def choices(self) -> list[str]:
+        return constrained_judging.label_choices(self.labels)
+
+    def read_choices(self, logprobs: list[float], details: dict[str, Any]) -> Grade:
+        return constrained_judging.label_grade(self.labels, list(self.config.passing_labels), self.choices(),
+                                               logprobs, details)
 
     def read_reply(self, reply: str, details: dict[str, Any]) -> Grade:
         label = parse_label_reply(reply, self.labels)

@@ -30,6 +30,8 @@ class ChatRequest:
     sampling: Sampling = field(default_factory=Sampling)
     repeat: int = 0
     response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # function definitions (flywheel.tools)
+    tool_choice: Any = None
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Completion:
     latency_s: float = 0.0
     cost: float = 0.0
     error: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # platform shape: [{id, type, function: {name, arguments}}]
 
 
 class Model(abc.ABC):

@@ -264,15 +264,20 @@ class LocalModel(Model):
         return model, tokenizer
 
     # -- generation -------------------------------------------------------------------------------
-    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+    def render_prompt(self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None,
+                      tool_choice: Any = None) -> str:
         _, tokenizer = self.load()
+        if tools:  # the template's own tool rendering, else the Hermes convention (flywheel.tools)
+            from flywheel.tools import render_with_tools
+
+            return render_with_tools(tokenizer, messages, tools, tool_choice)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
         _, tokenizer = self.load()
-        token_ids = [tokenizer(self.render_prompt(r.messages), add_special_tokens=False).input_ids
+        token_ids = [tokenizer(self.render_prompt(r.messages, r.tools, r.tool_choice), add_special_tokens=False).input_ids
                      for r in requests]
         # Requests decoded together must share sampling settings.
         groups: dict[Any, list[int]] = {}
@@ -288,6 +293,10 @@ class LocalModel(Model):
                 completions = self._generate_hf(rows, sampling, repeats)
             for index, completion in zip(indexes, completions):
                 results[index] = completion
+        if any(r.tools for r in requests):
+            from flywheel.tools import attach_tool_calls
+
+            attach_tool_calls(requests, results)
         return results  # type: ignore[return-value]
 
     def _use_continuous(self) -> bool:
@@ -415,6 +424,12 @@ class LocalModel(Model):
         new_tokens = output[:, input_ids.shape[1]:]
         elapsed = time.perf_counter() - started
         return [self._completion(row, prompt, elapsed / len(rows)) for row, prompt in zip(new_tokens.tolist(), rows)]
+
+    def score_choices(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[list[float]]:
+        """Log-probability of each choice as the reply to each conversation (constrained judging)."""
+        from flywheel.models.scoring import score_choices
+
+        return score_choices(self, conversations, choices)
 
     def close(self) -> None:
         self._model = None

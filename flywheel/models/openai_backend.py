@@ -36,6 +36,7 @@ from typing import Any
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
 from flywheel.pricing import Price, find_price
+from flywheel.tools import calls_from_message
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 PLACEHOLDER_KEY = "not-needed"  # local servers ignore the key, but the SDK insists on one
@@ -149,7 +150,8 @@ class OpenAIModel(Model):
             return [[i] for i in range(len(requests))]
         by_prompt: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
-            key = json.dumps([request.messages, request.sampling.__dict__, request.response_format],
+            key = json.dumps([request.messages, request.sampling.__dict__, request.response_format,
+                              request.tools, request.tool_choice],
                              sort_keys=True, default=str)
             by_prompt.setdefault(key, []).append(index)
         return [sorted(group, key=lambda i: requests[i].repeat) for group in by_prompt.values()]
@@ -187,6 +189,10 @@ class OpenAIModel(Model):
             params["n"] = n
         if request.response_format is not None:
             params["response_format"] = request.response_format
+        if request.tools:
+            params["tools"] = request.tools
+        if request.tool_choice is not None:
+            params["tool_choice"] = request.tool_choice
         if self.extra_body:
             params["extra_body"] = self.extra_body
         return params
@@ -226,13 +232,14 @@ class OpenAIModel(Model):
             message = choice.message
             text = message.content or ""
             error = None
-            if not text and getattr(message, "refusal", None):
+            tool_calls = calls_from_message(message)
+            if not text and not tool_calls and getattr(message, "refusal", None):
                 error = f"refusal: {message.refusal}"
             completions.append(Completion(
                 text=text, prompt_tokens=_share(prompt, k, position),
                 completion_tokens=_share(output, k, position),
                 finish_reason=choice.finish_reason or "stop", latency_s=latency,
-                cost=cost / k if k else 0.0, error=error))
+                cost=cost / k if k else 0.0, error=error, tool_calls=tool_calls))
         return completions
 
 

@@ -166,12 +166,14 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             view = load_run_view(store, [request.path_params["run_id"]])
             iterations = decorate_iterations(view)
             agreement = judge_agreement(store, run_ids=[view.runs[0]["id"]])
+            calibrations = store.latest_calibrations([g.name for g in view.graders])
             n_reviews = len(sample_reviews(store, run_ids=[view.runs[0]["id"]]))
         finally:
             store.close()
         metric = view.objective["metric"]
         return pages.render(request, "run.html.j2", view=view, run=view.runs[0], iterations=iterations,
                             grader_rows=grader_rows(view), kpis=kpis(view), agreement=agreement,
+                            calibrations=calibrations,
                             trajectory_svg=trajectory_svg(iterations, metric), n_reviews=n_reviews,
                             metric=metric, title=view.eval_name)
 
@@ -195,6 +197,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             prefs = {frozenset((p.sample_id, p.other_sample_id)): p
                      for p in preferences(store, iteration_ids=[a_id, b_id])}
             agreement = judge_agreement(store, iteration_ids=list(dict.fromkeys([a_id, b_id])))
+            calibrations = store.latest_calibrations([g.name for g in view.graders])
             choices = _iteration_choices(store)
         finally:
             store.close()
@@ -217,7 +220,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         return pages.render(
             request, "compare.html.j2", cmp=cmp, rows=shown, single=a_id == b_id, filters=FILTERS, flt=flt,
             counts=counts, page=page, pages_total=pages_total, n_rows=len(rows), view=view, grader=grader,
-            choices=choices, base=base, urlencode=urlencode, agreement=agreement, metric=metric,
+            choices=choices, base=base, urlencode=urlencode, agreement=agreement, calibrations=calibrations, metric=metric,
             score=lambda v: fmt_score(v, metric), delta=lambda v: fmt_delta(v, metric),
             ordered=lambda grades: [(g.name, grades[g.name]) for g in view.graders if g.name in grades],
             prompt_a=cmp.a["messages"], prompt_b=cmp.b["messages"], prompt_ops=_prompt_ops(cmp),
