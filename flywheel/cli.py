@@ -291,8 +291,13 @@ def report_command(run_ids, output, a, b, db, as_json):
     """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side)."""
     from dataclasses import asdict
 
+    from pathlib import Path
+
     from flywheel.report.html import write_report
 
+    folder = Path(output).resolve().parent
+    if not folder.is_dir():
+        raise FlywheelError(f"{output}: cannot write the report: folder {folder} does not exist")
     with _open_store(db) as store:
         result = write_report(store, list(run_ids), output, a=a, b=b)
     if as_json:
@@ -496,6 +501,8 @@ def graders_run(path, item_json, model_sample, judge):
         item = json.loads(item_json)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="--item") from None
+    if not isinstance(item, dict):
+        raise click.BadParameter(f"must be a JSON object, got {type(item).__name__}", param_hint="--item")
     resolver = GraderSet([])
     results = []
     for cfg in _grader_objects(path):
