@@ -207,8 +207,12 @@ def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, op
               help="Seconds to wait for the upstream before answering 504.")
 @click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Larger request bodies are refused with 413.")
+@click.option("--max-concurrency", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Chat calls in flight at once; more are refused with 429 (and recorded).")
+@click.option("--max-buffered-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Request-body megabytes held at once; past it calls are refused with 429 (and recorded).")
 @db_option
-def proxy_command(upstream, host, port, timeout, max_body_mb, db):
+def proxy_command(upstream, host, port, timeout, max_body_mb, max_concurrency, max_buffered_mb, db):
     """Forward chat calls to --upstream and record each one in the captures table."""
     from flywheel.proxy import run_proxy
 
@@ -218,7 +222,8 @@ def proxy_command(upstream, host, port, timeout, max_body_mb, db):
         click.echo(f"proxying {url} -> {upstream_url}, recording into {db_path}  (Ctrl-C stops)", err=True)
 
     run_proxy(upstream, db_path=db_path, host=host, port=port, timeout=timeout,
-              max_body_bytes=int(max_body_mb * 1024 * 1024), on_ready=ready)
+              max_body_bytes=int(max_body_mb * 1024 * 1024), max_concurrency=max_concurrency,
+              max_buffered_bytes=int(max_buffered_mb * 1024 * 1024), on_ready=ready)
 
 
 @main.group()
