@@ -19,6 +19,7 @@ from typing import Any
 from flywheel.errors import DataError
 from flywheel.spec import SPLITS, EvalSpec
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _TEMPLATE_VAR = re.compile(r"\{\{\s*item\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -61,8 +62,18 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+            raise DataError(f"{path}:{number}: invalid JSON: {str(exc).split(';')[0]}") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if _SURROGATE_ESCAPE.search(line):
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}:{number}: a string holds a lone surrogate escape (such as \\ud800) "
+                                "that is not a character") from None
         rows.append((number, row))
     return rows
 

@@ -208,17 +208,30 @@ def _pending(db: sqlite_utils.Database) -> list[tuple[str, Callable[[sqlite_util
     return [(name, fn) for name, fn in MIGRATIONS if name not in done]
 
 
-def expected_tables() -> set[str]:
-    """The tables a fully migrated store has (built once in memory from the migrations)."""
+def expected_schema() -> dict[str, set[str]]:
+    """Table -> columns of a fully migrated store (built once in memory from the migrations)."""
     global _EXPECTED
     if _EXPECTED is None:
         import sqlite3
 
         memory = sqlite_utils.Database(sqlite3.connect(":memory:"))
         apply_migrations(memory)
-        _EXPECTED = set(memory.table_names())
+        _EXPECTED = {name: set(memory[name].columns_dict) for name in memory.table_names()}
         memory.conn.close()
     return _EXPECTED
 
 
-_EXPECTED: set[str] | None = None
+def missing_schema(db: sqlite_utils.Database) -> list[str]:
+    """Tables (`name`) and columns (`table.column`) a migrated store should have but lacks."""
+    missing = []
+    present = set(db.table_names())
+    for table, columns in sorted(expected_schema().items()):
+        if table not in present:
+            missing.append(table)
+            continue
+        have = {row[1] for row in db.execute(f"pragma table_info([{table}])")}
+        missing += [f"{table}.{column}" for column in sorted(columns - have)]
+    return missing
+
+
+_EXPECTED: dict[str, set[str]] | None = None

@@ -415,8 +415,10 @@ def _parse_yaml(text: str, where: str) -> Any:
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise SpecError(f"{where}{at}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{where}: malformed YAML: nested too deeply") from None
     except ValueError as exc:  # e.g. an out-of-range date
-        raise SpecError(f"{where}: malformed YAML: {exc}") from None
+        raise SpecError(f"{where}: malformed YAML: {str(exc).split(';')[0]}") from None
     bad = _invalid_unicode(data)
     if bad is not None:
         raise SpecError(f"{where}: {bad or '(top level)'}: text holds a lone surrogate (an escape such as "

@@ -23,7 +23,7 @@ from typing import Any
 import sqlite_utils
 
 from flywheel.errors import StoreError
-from flywheel.migrations import SchemaTooNew, apply_migrations, expected_tables
+from flywheel.migrations import SchemaTooNew, apply_migrations, missing_schema
 
 DEFAULT_DB = "flywheel.db"
 DEFAULT_BUSY_TIMEOUT = 30.0
@@ -199,7 +199,7 @@ class Store:
             conn.execute("pragma foreign_keys=on")
             db = sqlite_utils.Database(conn)
             apply_migrations(db)
-            missing = sorted(expected_tables() - set(db.table_names()))
+            missing = missing_schema(db)
         except SchemaTooNew as exc:
             conn.close()
             raise StoreError(f"{path}: {exc}") from None
@@ -209,7 +209,8 @@ class Store:
             raise StoreError(f"{path}: cannot open database: {exc}") from None
         if missing:
             conn.close()
-            raise StoreError(f"{path}: damaged store: table {', '.join(missing)} missing although its migration "
+            what = "table" if "." not in missing[0] else "column"
+            raise StoreError(f"{path}: damaged store: {what} {', '.join(missing[:5])} missing although its migration "
                              "is recorded; restore the file from a backup or use another --db")
         return cls(db, path)
 

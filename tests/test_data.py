@@ -150,3 +150,15 @@ def test_ids_must_be_strings_or_integers(tmp_path, value, kind):
 def test_integer_ids_are_accepted(tmp_path):
     write_jsonl(tmp_path / "data.jsonl", [{"id": 7, "text": "a", "label": "b", "split": "test"}])
     assert load(tmp_path).items[0].key == "7"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('"x\\ud800"', r"data\.jsonl:2: a string holds a lone surrogate escape"),
+    ("[" * 100000 + "]" * 100000, r"data\.jsonl:2: invalid JSON: nested too deeply"),
+    ("9" * 5000, r"data\.jsonl:2: invalid JSON: Exceeds the limit \(4300 digits\)"),
+])
+def test_jsonl_values_python_cannot_hold_are_errors_naming_the_line(tmp_path, text, message):
+    good = json.dumps({"id": "a", "text": "t", "label": "l", "split": "test"})
+    (tmp_path / "data.jsonl").write_text(good + '\n{"id": "b", "text": ' + text + ', "label": "l", "split": "test"}\n')
+    with pytest.raises(DataError, match=message):
+        load(tmp_path)

@@ -208,3 +208,12 @@ def test_old_database_without_user_version_is_migrated(tmp_path):
     assert store.db["_migrations"].count == len(MIGRATIONS)
     assert store.db.execute("pragma user_version").fetchone()[0] == len(MIGRATIONS)
     store.close()
+
+
+def test_database_missing_a_column_is_one_line_error(tmp_path):
+    db = tmp_path / "drift.db"
+    Store.open(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("alter table samples drop column finish_reason")
+    with pytest.raises(StoreError, match=r"damaged store: column samples\.finish_reason missing"):
+        Store.open(db)
