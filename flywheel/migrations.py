@@ -190,15 +190,19 @@ def apply_migrations(db: sqlite_utils.Database) -> list[str]:
 
 
 class SchemaTooNew(Exception):
-    """The database holds migrations this version of flywheel does not know."""
+    """The database holds migrations this version of flywheel does not know, or is no flywheel store."""
 
 
 def _pending(db: sqlite_utils.Database) -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
     """Migrations not yet applied; raises SchemaTooNew for a database from a newer version."""
     version = db.execute("pragma user_version").fetchone()[0]
     done: set[str] = set()
-    if db.execute("select 1 from sqlite_master where type = 'table' and name = '_migrations'").fetchone():
+    tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
+    if "_migrations" in tables:
         done = {name for (name,) in db.execute("select name from _migrations")}
+    elif tables - {"sqlite_sequence"}:
+        raise SchemaTooNew(f"not a flywheel store: it has tables ({', '.join(sorted(tables)[:4])}) but no "
+                           "_migrations table; use another --db")
     known = [name for name, _ in MIGRATIONS]
     unknown = sorted(done - set(known))
     if unknown or version > len(MIGRATIONS):

@@ -484,6 +484,8 @@ def load_graders(path: str | Path) -> list[AnyGraderConfig]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise GraderConfigError([("", f"cannot read the file: {e.strerror or e}")], source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise GraderConfigError([("", f"not UTF-8 text (byte {e.start})")], source=str(path)) from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)

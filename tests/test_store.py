@@ -217,3 +217,13 @@ def test_database_missing_a_column_is_one_line_error(tmp_path):
         conn.execute("alter table samples drop column finish_reason")
     with pytest.raises(StoreError, match=r"damaged store: column samples\.finish_reason missing"):
         Store.open(db)
+
+
+def test_a_sqlite_file_that_is_not_a_flywheel_store_is_refused_untouched(tmp_path):
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table notes (body text)")
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match=r"other\.db: not a flywheel store: it has tables \(notes\)"):
+        Store.open(db)
+    assert db.read_bytes() == before
