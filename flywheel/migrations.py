@@ -165,14 +165,14 @@ def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     (a migration name this version does not know, or a higher `user_version`) raises
     `SchemaTooNew`, before anything is written.
     """
-    if not _pending(db):
+    if not pending_migrations(db):
         return []
     conn = db.conn
     if conn.in_transaction:
         conn.commit()
     conn.execute("BEGIN IMMEDIATE")
     try:
-        pending = _pending(db)  # re-check under the lock: another process may have done the work
+        pending = pending_migrations(db)  # re-check under the lock: another process may have done the work
         if "_migrations" not in db.table_names():
             db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
         applied = []
@@ -193,7 +193,7 @@ class SchemaTooNew(Exception):
     """The database holds migrations this version of flywheel does not know, or is no flywheel store."""
 
 
-def _pending(db: sqlite_utils.Database) -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
+def pending_migrations(db: sqlite_utils.Database) -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
     """Migrations not yet applied; raises SchemaTooNew for a database from a newer version."""
     version = db.execute("pragma user_version").fetchone()[0]
     done: set[str] = set()

@@ -23,7 +23,7 @@ from typing import Any
 import sqlite_utils
 
 from flywheel.errors import StoreError
-from flywheel.migrations import SchemaTooNew, apply_migrations, missing_schema
+from flywheel.migrations import SchemaTooNew, apply_migrations, missing_schema, pending_migrations
 
 DEFAULT_DB = "flywheel.db"
 DEFAULT_BUSY_TIMEOUT = 30.0
@@ -194,10 +194,11 @@ class Store:
         try:
             conn = sqlite3.connect(path, timeout=timeout, factory=_Connection)
             conn.store_path, conn.busy_limit = path, timeout
+            db = sqlite_utils.Database(conn)
+            pending_migrations(db)  # refuse a newer or foreign database before writing to it (WAL included)
             _set_wal(conn, path, timeout)
             conn.execute("pragma synchronous=normal")
             conn.execute("pragma foreign_keys=on")
-            db = sqlite_utils.Database(conn)
             apply_migrations(db)
             missing = missing_schema(db)
         except SchemaTooNew as exc:
