@@ -392,7 +392,7 @@ def replay(work: Path, tiny: Path) -> list[dict[str, Any]]:
     from flywheel.cli import main
 
     base_dir = work / "base"
-    base_dir.mkdir()
+    base_dir.mkdir(parents=True)
     (base_dir / "data.jsonl").write_text(jsonl(rows()))
     (base_dir / "eval.yaml").write_text(yaml_text(spec(f"local:{tiny}")))
     base_db = base_dir / "base.db"

@@ -193,6 +193,9 @@ class Store:
         timeout = busy_timeout()
         try:
             conn = sqlite3.connect(path, timeout=timeout, factory=_Connection)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open database: {exc}") from None
+        try:
             conn.store_path, conn.busy_limit = path, timeout
             db = sqlite_utils.Database(conn)
             pending_migrations(db)  # refuse a newer or foreign database before writing to it (WAL included)
@@ -201,13 +204,13 @@ class Store:
             conn.execute("pragma foreign_keys=on")
             apply_migrations(db)
             missing = missing_schema(db)
-        except SchemaTooNew as exc:
+        except BaseException as exc:
             conn.close()
-            raise StoreError(f"{path}: {exc}") from None
-        except StoreError:
+            if isinstance(exc, SchemaTooNew):
+                raise StoreError(f"{path}: {exc}") from None
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{path}: cannot open database: {exc}") from None
             raise
-        except sqlite3.Error as exc:
-            raise StoreError(f"{path}: cannot open database: {exc}") from None
         if missing:
             conn.close()
             what = "table" if "." not in missing[0] else "column"
