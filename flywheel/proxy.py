@@ -32,7 +32,8 @@ import json
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
@@ -63,6 +64,17 @@ def _describe(exc: BaseException) -> str:
     """An exception as text that is never empty."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _once(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+    """`fn(*args)` callable any number of times, run only the first."""
+    done = []
+
+    def call() -> None:
+        if not done:
+            done.append(True)
+            fn(*args)
+    return call
 
 
 def decode_json_text(raw: bytes) -> str:
@@ -389,8 +401,10 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if row["stream"] and response.status_code == 200 and is_sse:
             held["handed_over"] = True
-            return StreamingResponse(relay(response, row, started, held["bytes"]), status_code=200,
-                                     headers=reply_headers(response))
+            release = _once(budget.release, held["bytes"])
+            stream = relay(response, row, started, release)
+            weakref.finalize(stream, release)  # a stream never started (client gone at once) frees its slot too
+            return StreamingResponse(stream, status_code=200, headers=reply_headers(response))
         try:
             content = await response.aread()
         except httpx2.TimeoutException:
@@ -421,7 +435,8 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
         await record(row)
         return Response(content, status_code=response.status_code, headers=reply_headers(response))
 
-    async def relay(response: Any, row: dict[str, Any], started: float, reserved: int) -> AsyncIterator[bytes]:
+    async def relay(response: Any, row: dict[str, Any], started: float,
+                    release: Callable[[], None]) -> AsyncIterator[bytes]:
         assembler = StreamAssembler()
         held: list[bytes] = []
         finished = False
@@ -442,7 +457,7 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             row.update(status=CLIENT_CLOSED, error="client_disconnected: the client hung up during the stream")
             raise
         finally:
-            budget.release(reserved)
+            release()
             if not finished and not row.get("error"):
                 row.update(status=502, error="proxy_error: the stream was cut off")
             assembled = assembler.result()
