@@ -526,12 +526,17 @@ def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str,
         killed_mid += 0 < before < 60
         done = subprocess.run(command + ["--db", str(db)], env=env, capture_output=True, text=True, timeout=600)
         result = json.loads(done.stdout) if done.returncode == 0 else {}
+        # Per iteration: a kill that lands after the run was marked completed makes the rerun a new
+        # run (answered from the cache), which is a second iteration, not a duplicate.
         with sqlite3.connect(db) as conn:
-            n, distinct = conn.execute("select count(*), count(distinct item_key) from samples").fetchone()
-            outputs = dict(conn.execute("select item_key, output_text from samples"))
+            groups = conn.execute("select iteration_id, count(*), count(distinct item_key) from samples"
+                                  " group by iteration_id").fetchall()
+            iteration = result.get("iteration_id") or (groups[-1][0] if groups else "")
+            outputs = dict(conn.execute("select item_key, output_text from samples where iteration_id = ?",
+                                        [iteration]))
         conn.close()
-        lost += 60 - distinct
-        duplicated += n - distinct
+        lost += 60 - len(outputs)
+        duplicated += sum(n - distinct for _, n, distinct in groups)
         paid_twice += max(0, result.get("model_calls", 60) - (60 - before))
         different += sum(outputs.get(k) != v for k, v in reference.items())
     return {"trials": trials, "killed_mid_eval": killed_mid, "stored_at_kill": stored_at_kill, "lost": lost,
