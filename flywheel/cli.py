@@ -207,8 +207,12 @@ def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, op
               help="Seconds to wait for the upstream before answering 504.")
 @click.option("--max-body-mb", default=4.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Larger request bodies are refused with 413.")
+@click.option("--max-concurrency", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Chat calls in flight at once; more are refused with 429 (and recorded).")
+@click.option("--max-buffered-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Request-body megabytes held at once; past it calls are refused with 429 (and recorded).")
 @db_option
-def proxy_command(upstream, host, port, timeout, max_body_mb, db):
+def proxy_command(upstream, host, port, timeout, max_body_mb, max_concurrency, max_buffered_mb, db):
     """Forward chat calls to --upstream and record each one in the captures table."""
     from flywheel.proxy.server import run_proxy
 
@@ -218,7 +222,8 @@ def proxy_command(upstream, host, port, timeout, max_body_mb, db):
         click.echo(f"proxying {url} -> {upstream_url}, recording into {db_path}  (Ctrl-C stops)", err=True)
 
     run_proxy(upstream, db_path=db_path, host=host, port=port, timeout=timeout,
-              max_body_bytes=int(max_body_mb * 1024 * 1024), on_ready=ready)
+              max_body_bytes=int(max_body_mb * 1024 * 1024), max_concurrency=max_concurrency,
+              max_buffered_bytes=int(max_buffered_mb * 1024 * 1024), on_ready=ready)
 
 
 @main.group()
@@ -291,8 +296,13 @@ def report_command(run_ids, output, a, b, db, as_json):
     """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side)."""
     from dataclasses import asdict
 
+    from pathlib import Path
+
     from flywheel.report.html import write_report
 
+    folder = Path(output).resolve().parent
+    if not folder.is_dir():
+        raise FlywheelError(f"{output}: cannot write the report: folder {folder} does not exist")
     with _store_at(db) as store:
         result = write_report(store, list(run_ids), output, a=a, b=b)
     if as_json:
@@ -512,6 +522,8 @@ def graders_run(path, item_json, model_sample, judge):
         item = json.loads(item_json)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc.msg}", param_hint="--item") from None
+    if not isinstance(item, dict):
+        raise click.BadParameter(f"must be a JSON object, got {type(item).__name__}", param_hint="--item")
     resolver = GraderSet([])
     results = []
     for cfg in _grader_objects(path):
@@ -555,7 +567,7 @@ def graders_calibrate(path, data_path, output_field, label_field, passing, judge
     finally:
         resolver.close()
     if not no_save:
-        with _open_store(db) as store:
+        with _store_at(db) as store:
             save_calibrations(store, results, configs, data_path=data_path, judge=judge)
     click.echo(json.dumps([r.to_dict() for r in results], indent=2) if as_json
                else "\n".join(format_calibration(r) for r in results))

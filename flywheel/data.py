@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 from flywheel.errors import DataError
 from flywheel.spec import SPLITS, EvalSpec
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _TEMPLATE_VAR = re.compile(r"\{\{\s*item\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -49,32 +51,68 @@ class Dataset:
 
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    # Lines end at "\n" only: U+2028, U+2029 and U+0085 are valid inside JSON strings (what
+    # json.dumps(ensure_ascii=False) writes), so str.splitlines would cut rows in half.
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip(" \t"):
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{number}: invalid JSON: nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+            raise DataError(f"{path}:{number}: invalid JSON: {str(exc).split(';')[0]}") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if _SURROGATE_ESCAPE.search(line):
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{path}:{number}: a string holds a lone surrogate escape (such as \\ud800) "
+                                "that is not a character") from None
         rows.append((number, row))
     return rows
 
 
 def _read_csv(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames:
-        raise DataError(f"{path}: CSV file has no header row")
-    rows = []
+    """Rows by the csv module's full quoting rules (quoted newlines kept); rows are numbered by the
+    line they start on. Duplicate or empty header names, ragged rows and unterminated quotes are
+    errors naming the line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    header: list[str] | None = None
+    start = 1
     try:
-        for row in reader:
-            if None in row:
-                raise DataError(f"{path}:{reader.line_num}: more values than header columns")
-            rows.append((reader.line_num, dict(row)))
+        for values in reader:
+            line, start = start, reader.line_num + 1
+            if not values or values == [""] and header is not None:
+                continue  # a blank line
+            if header is None:
+                header = values
+                seen: set[str] = set()
+                for position, name in enumerate(header, start=1):
+                    if not name.strip():
+                        raise DataError(f"{path}:{line}: header column {position} has no name")
+                    if name in seen:
+                        raise DataError(f"{path}:{line}: duplicate header column {name!r}")
+                    seen.add(name)
+                continue
+            if len(values) != len(header):
+                more = "more" if len(values) > len(header) else "fewer"
+                raise DataError(f"{path}:{line}: {len(values)} values but {len(header)} header columns "
+                                f"({more} values than columns)")
+            rows.append((line, dict(zip(header, values))))
     except csv.Error as exc:
-        raise DataError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+        problem = str(exc)
+        if "unexpected end of data" in problem or "EOF" in problem:
+            problem = "a quoted field is never closed (unterminated quote)"
+        raise DataError(f"{path}:{start}: malformed CSV: {problem}") from None
+    if header is None:
+        raise DataError(f"{path}: CSV file has no header row")
     return rows
 
 
@@ -132,7 +170,12 @@ def load_dataset(spec: EvalSpec) -> Dataset:
         if spec.dataset.id_field:
             if spec.dataset.id_field not in row:
                 raise DataError(f"{path}:{number}: id field {spec.dataset.id_field!r} missing")
-            key = str(row[spec.dataset.id_field])
+            raw_key = row[spec.dataset.id_field]
+            if isinstance(raw_key, bool) or not isinstance(raw_key, (str, int)):
+                kind = "null" if raw_key is None else type(raw_key).__name__
+                raise DataError(f"{path}:{number}: id field {spec.dataset.id_field!r} is {kind}; "
+                                "item ids must be strings or integers")
+            key = str(raw_key)
         else:
             key = str(number)
         if key in seen:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -146,6 +148,7 @@ def evaluate(
     *,
     max_errors: int | None = None,
     progress: ProgressFn | None = None,
+    commit_every_s: float | None = None,
 ) -> Evaluation:
     """Render, generate (cached), grade and store every (item, repeat) missing from an iteration.
 
@@ -181,12 +184,29 @@ def evaluate(
     to_generate = [p for p in pending if not (p.cache_hit or p.error or p.completion)]
     counters.cache_hits = sum(p.cache_hit for p in ready)
     _write(store, iteration_id, model, grader_set, ready, counters, max_errors, total, progress)
-    # Chunks of a few model batches keep each commit small and frequent.
-    batch = max(1, model.preferred_batch_size) * 4
-    for start in range(0, len(to_generate), batch):
-        chunk = to_generate[start:start + batch]
+    # Commit by batch and by time: a chunk starts as one model batch and is resized so that its
+    # generation takes about `commit_every_s` (never more than four model batches), so a kill loses
+    # at most a few seconds of generated work. Before each chunk, what another process running the
+    # same eval has stored meanwhile is skipped.
+    target = commit_interval() if commit_every_s is None else commit_every_s
+    preferred = max(1, model.preferred_batch_size)
+    size, start = preferred, 0
+    while start < len(to_generate):
+        chunk = to_generate[start:start + size]
+        start += len(chunk)
+        stored = store.done_keys(iteration_id)
+        others = [p for p in chunk if (p.item.key, p.repeat) in stored]
+        if others:
+            counters.done += len(others)
+            chunk = [p for p in chunk if (p.item.key, p.repeat) not in stored]
+            if not chunk:
+                continue
+        began = time.perf_counter()
         _generate(model, chunk, counters)
+        elapsed = time.perf_counter() - began
         _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
+        if elapsed > 0:
+            size = max(1, min(preferred * 4, int(len(chunk) * target / elapsed)))
 
     summary = summarise(store, iteration_id, spec)
     wall = time.perf_counter() - started
@@ -198,6 +218,21 @@ def evaluate(
     store.record_iteration_latency(iteration_id)
     return Evaluation(iteration_id=iteration_id, summary=summary, model_calls=counters.model_calls,
                       cache_hits=counters.cache_hits, resumed=len(done), wall_s=wall)
+
+
+COMMIT_EVERY_S = 5.0
+
+
+def commit_interval() -> float:
+    """Seconds of generation between commits ($FLYWHEEL_COMMIT_EVERY_S, default 5)."""
+    raw = os.environ.get("FLYWHEEL_COMMIT_EVERY_S", "")
+    try:
+        value = float(raw) if raw else COMMIT_EVERY_S
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise FlywheelError(f"$FLYWHEEL_COMMIT_EVERY_S={raw!r}: expected a positive number of seconds")
+    return value
 
 
 def generate_cached(store: Store, model: Model, requests: Sequence[ChatRequest]) -> tuple[list[Completion], int]:
@@ -289,15 +324,26 @@ def run_eval(
         run_id, 0, stage=stage, model_ref=model.ref, model_fingerprint=model.fingerprint,
         prompt_id=prompt.id, split=split)
 
-    grader_set = GraderSet(spec.graders)
     try:
-        outcome = evaluate(spec, store, iteration_id, items, model, prompt, grader_set,
-                           max_errors=max_errors, progress=progress)
+        grader_set = GraderSet(spec.graders)
+        try:
+            outcome = evaluate(spec, store, iteration_id, items, model, prompt, grader_set,
+                               max_errors=max_errors, progress=progress)
+        finally:
+            grader_set.close()
     except TooManyErrors:
         store.finish_run(run_id, "failed", summarise(store, iteration_id, spec))
         raise
-    finally:
-        grader_set.close()
+    except BaseException as exc:
+        # Failing before the first sample (a model that does not load, no API key) leaves nothing
+        # to resume: the run is marked failed rather than left `running`. Later failures leave it
+        # running, so the same command resumes it.
+        try:
+            if not store.done_keys(iteration_id):
+                store.finish_run(run_id, "failed", {"n_samples": 0, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        except FlywheelError:
+            pass  # the store itself is the problem (busy): the original error says more
+        raise
 
     wall = time.perf_counter() - started
     store.update_iteration(iteration_id, wall_s=wall, decision="measured")

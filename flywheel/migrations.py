@@ -186,18 +186,84 @@ def m008_judges_calibrations(db: sqlite_utils.Database) -> None:
 
 
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
-    """Run pending migrations, each in its own transaction; return the names applied."""
-    if "_migrations" not in db.table_names():
-        db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
-    done = {row["name"] for row in db["_migrations"].rows}
-    applied = []
-    for name, fn in MIGRATIONS:
-        if name in done:
-            continue
-        with db.conn:
+    """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
+
+    Two processes opening a fresh file at once both succeed: the one that waits for the lock
+    re-reads what the other applied and runs nothing twice. A database written by a newer flywheel
+    (a migration name this version does not know, or a higher `user_version`) raises
+    `SchemaTooNew`, before anything is written.
+    """
+    if not pending_migrations(db):
+        return []
+    conn = db.conn
+    if conn.in_transaction:
+        conn.commit()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        pending = pending_migrations(db)  # re-check under the lock: another process may have done the work
+        if "_migrations" not in db.table_names():
+            db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+        applied = []
+        for name, fn in pending:
             fn(db)
-            db["_migrations"].insert(
-                {"name": name, "applied_at": db.execute("select datetime('now')").fetchone()[0]}
-            )
-        applied.append(name)
+            conn.execute("insert into _migrations (name, applied_at) values (?, datetime('now'))", [name])
+            applied.append(name)
+        conn.execute(f"pragma user_version = {len(MIGRATIONS)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return applied
+
+
+class SchemaTooNew(Exception):
+    """The database holds migrations this version of flywheel does not know, or is no flywheel store."""
+
+
+def pending_migrations(db: sqlite_utils.Database) -> list[tuple[str, Callable[[sqlite_utils.Database], None]]]:
+    """Migrations not yet applied; raises SchemaTooNew for a database from a newer version."""
+    version = db.execute("pragma user_version").fetchone()[0]
+    done: set[str] = set()
+    tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
+    if "_migrations" in tables:
+        done = {name for (name,) in db.execute("select name from _migrations")}
+    elif tables - {"sqlite_sequence"}:
+        raise SchemaTooNew(f"not a flywheel store: it has tables ({', '.join(sorted(tables)[:4])}) but no "
+                           "_migrations table; use another --db")
+    known = [name for name, _ in MIGRATIONS]
+    unknown = sorted(done - set(known))
+    if unknown or version > len(MIGRATIONS):
+        found = f"schema version {max(version, len(done))}" + (f" (migrations {', '.join(unknown)})" if unknown else "")
+        raise SchemaTooNew(f"written by a newer flywheel: {found}; this version knows schema version "
+                           f"{len(MIGRATIONS)} (up to {known[-1]}); upgrade flywheel to open it")
+    return [(name, fn) for name, fn in MIGRATIONS if name not in done]
+
+
+def expected_schema() -> dict[str, set[str]]:
+    """Table -> columns of a fully migrated store (built once in memory from the migrations)."""
+    global _EXPECTED
+    if _EXPECTED is None:
+        import sqlite3
+
+        memory = sqlite_utils.Database(sqlite3.connect(":memory:"))
+        apply_migrations(memory)
+        _EXPECTED = {name: set(memory[name].columns_dict) for name in memory.table_names()}
+        memory.conn.close()
+    return _EXPECTED
+
+
+def missing_schema(db: sqlite_utils.Database) -> list[str]:
+    """Tables (`name`) and columns (`table.column`) a migrated store should have but lacks."""
+    missing = []
+    present = set(db.table_names())
+    for table, columns in sorted(expected_schema().items()):
+        if table not in present:
+            missing.append(table)
+            continue
+        have = {row[1] for row in db.execute(f"pragma table_info([{table}])")}
+        missing += [f"{table}.{column}" for column in sorted(columns - have)]
+    return missing
+
+
+_EXPECTED: dict[str, set[str]] | None = None

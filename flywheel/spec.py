@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,8 @@ class SplitSpec(_Spec):
     @field_validator("ratios")
     @classmethod
     def _ratios_sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
+        if not all(math.isfinite(v) for v in value.values()):
+            raise ValueError("split ratios must be finite numbers (no NaN or inf)")
         if any(v < 0 for v in value.values()):
             raise ValueError("split ratios must not be negative")
         if abs(sum(value.values()) - 1.0) > 1e-6:
@@ -95,6 +99,33 @@ class SplitSpec(_Spec):
 class MessageSpec(_Spec):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="Chat role.")
     content: str = Field(description="Message text; may hold `{{item.field}}` templates.")
+
+
+def check_item_templates(text: str) -> None:
+    """Every `{{...}}` in an input message must name `item.<path>`: there is no sample yet."""
+    import graders
+    from graders.templates import parse_variable
+
+    for expr in _TEMPLATE.findall(text):
+        try:
+            namespace, _ = parse_variable(expr)
+        except graders.TemplateVariableError as exc:
+            raise ValueError(f"template {{{{{expr.strip()}}}}}: {exc.reason}") from None
+        if namespace != "item":
+            raise ValueError(f"template {{{{{expr.strip()}}}}}: input messages can use item.<field> only "
+                             "(the sample does not exist before the model answers)")
+
+
+_TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
+
+
+def _checked_messages(messages: list[MessageSpec]) -> list[MessageSpec]:
+    for index, message in enumerate(messages):
+        try:
+            check_item_templates(message.content)
+        except ValueError as exc:
+            raise ValueError(f"[{index}].content: {exc}") from None
+    return messages
 
 
 class SamplingSpec(_Spec):
@@ -125,6 +156,18 @@ class VariantSpec(_Spec):
     name: str = Field(description="Short name shown in the search tree.")
     system: str | None = Field(default=None, description="Replaces the first system message.")
     messages: list[MessageSpec] | None = Field(default=None, description="Replaces all input messages.")
+
+    @field_validator("system")
+    @classmethod
+    def _system_templates(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_item_templates(value)
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _message_templates(cls, value: list[MessageSpec] | None) -> list[MessageSpec] | None:
+        return _checked_messages(value) if value is not None else None
 
     @model_validator(mode="after")
     def _one_of(self) -> "VariantSpec":
@@ -237,6 +280,11 @@ class EvalSpec(_Spec):
     # Where the spec was loaded from; relative dataset paths resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True, description="Folder of the spec file.")
     source: str = Field(default="<spec>", exclude=True, description="The spec file, for errors.")
+
+    @field_validator("input")
+    @classmethod
+    def _input_templates(cls, value: list[MessageSpec]) -> list[MessageSpec]:
+        return _checked_messages(value)
 
     @field_validator("graders")
     @classmethod
@@ -355,9 +403,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
         if "=" not in override:
             raise SpecError(f"{source}: override {override!r}: expected key=value")
         key, raw = override.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        value = _parse_yaml(raw, f"{source}: override {key.strip()}") if raw else ""
         target = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise SpecError(f"{source}: override {override!r}: empty key")
         for part in parts[:-1]:
             nxt = target.get(part)
             if nxt is None:
@@ -372,21 +422,67 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a one-line SpecError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{path}: spec file not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder, not a spec file") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: not UTF-8 text (byte {exc.start}: {raw[exc.start]:#04x}); "
+                        "save the spec as UTF-8") from None
+    data = _parse_yaml(text, str(path))
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML text as data; malformed YAML and strings that are not valid Unicode are SpecErrors."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError(f"{path}{where}: malformed YAML: {problem}") from None
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise SpecError(f"{where}{at}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{where}: malformed YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an out-of-range date
+        raise SpecError(f"{where}: malformed YAML: {str(exc).split(';')[0]}") from None
+    bad = _invalid_unicode(data)
+    if bad is not None:
+        raise SpecError(f"{where}: {bad or '(top level)'}: text holds a lone surrogate (an escape such as "
+                        "\\ud800 that is not a character); remove it")
     return data
+
+
+def _invalid_unicode(value: Any, at: str = "") -> str | None:
+    """The path of the first string (key or value) that cannot be encoded as UTF-8, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return at
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{at}.{key}" if at else str(key)
+            if isinstance(key, str) and _invalid_unicode(key) is not None:
+                return where
+            found = _invalid_unicode(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _invalid_unicode(item, f"{at}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def load_eval_spec(path: str | Path, overrides: list[str] | None = None) -> EvalSpec:

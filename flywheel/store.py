@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from pydantic import BaseModel
 
 import graders
 from flywheel.errors import StoreError
-from flywheel.migrations import apply_migrations
+from flywheel.migrations import SchemaTooNew, apply_migrations, missing_schema, pending_migrations
 from flywheel.summaries import (EvalSummary, GradeRow, GraderSummary, RunSummary, SampleRow, grader_summaries, objective_value,
                                 summarise_rows)
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from flywheel.cost import CostPerItem
 
 DEFAULT_DB = "flywheel.db"
+DEFAULT_BUSY_TIMEOUT = 30.0
 
 
 def now() -> str:
@@ -47,6 +49,116 @@ def new_id(prefix: str) -> str:
 
 def default_db_path() -> str:
     return os.environ.get("FLYWHEEL_DB", DEFAULT_DB)
+
+
+def busy_timeout() -> float:
+    """Seconds a writer waits for a busy database before giving up ($FLYWHEEL_DB_TIMEOUT, default 30)."""
+    raw = os.environ.get("FLYWHEEL_DB_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else DEFAULT_BUSY_TIMEOUT
+    except ValueError:
+        raise StoreError(f"$FLYWHEEL_DB_TIMEOUT={raw!r}: expected a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise StoreError(f"$FLYWHEEL_DB_TIMEOUT={raw!r}: expected a finite number of seconds >= 0")
+    return value
+
+
+class StoreBusy(StoreError):
+    """Another process held the database's write lock for longer than the busy timeout."""
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("database is locked" in text or "database is busy" in text)
+
+
+def lock_holders(path: str) -> list[str]:
+    """Other processes with the database (or its -wal) open, as `pid N (command)`; Linux /proc only."""
+    try:
+        targets = {os.path.realpath(path), os.path.realpath(path) + "-wal"}
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue
+        if links & targets:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    command = fh.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            except OSError:
+                command = "?"
+            found.append(f"pid {pid} ({command[:80]})")
+    return found
+
+
+def busy_error(path: str, timeout: float) -> StoreBusy:
+    """The one-line error for a database whose lock stayed held past the timeout."""
+    holders = lock_holders(path) if path != ":memory:" else []
+    who = "held by " + ", ".join(holders[:3]) if holders else "held by another process"
+    return StoreBusy(f"{path}: database is busy: its write lock was {who} for more than {timeout:g} s; "
+                     "wait for that command to finish, or raise $FLYWHEEL_DB_TIMEOUT")
+
+
+class _Cursor(sqlite3.Cursor):
+    def execute(self, *args: Any) -> "_Cursor":  # type: ignore[override]
+        try:
+            return super().execute(*args)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise busy_error(self.connection.store_path, self.connection.busy_limit) from None
+            raise
+
+    def executemany(self, *args: Any) -> "_Cursor":  # type: ignore[override]
+        try:
+            return super().executemany(*args)
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise busy_error(self.connection.store_path, self.connection.busy_limit) from None
+            raise
+
+
+class _Connection(sqlite3.Connection):
+    """A connection whose busy errors (lock held past the timeout) become one-line StoreBusy errors."""
+
+    store_path = ""
+    busy_limit = DEFAULT_BUSY_TIMEOUT
+
+    def cursor(self, factory: Any = None) -> sqlite3.Cursor:  # type: ignore[override]
+        return super().cursor(factory or _Cursor)
+
+    def execute(self, sql: str, parameters: Any = ()) -> sqlite3.Cursor:  # type: ignore[override]
+        return self.cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any) -> sqlite3.Cursor:  # type: ignore[override]
+        return self.cursor().executemany(sql, parameters)
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except sqlite3.OperationalError as exc:
+            if _is_busy(exc):
+                raise busy_error(self.store_path, self.busy_limit) from None
+            raise
+
+
+def _set_wal(conn: sqlite3.Connection, path: str, timeout: float) -> None:
+    """Switch to WAL, retrying while a process racing us on a fresh file holds its lock."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            if conn.execute("pragma journal_mode").fetchone()[0] != "wal":
+                conn.execute("pragma journal_mode=wal")
+            return
+        except StoreBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
 
 @dataclass
@@ -78,21 +190,43 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None) -> "Store":
-        """Open (creating if needed) and migrate a store; StoreError names the path on failure."""
+        """Open (creating if needed) and migrate a store; StoreError names the path on failure.
+
+        A busy database is waited for ($FLYWHEEL_DB_TIMEOUT seconds, default 30), then refused in
+        one line naming the process that holds it when it can be found. A database from a newer
+        flywheel, or one missing a table, is refused before anything is written.
+        """
         path = str(path or default_db_path())
         if path != ":memory:":
             parent = Path(path).resolve().parent
             if not parent.is_dir():
                 raise StoreError(f"{path}: cannot create database: folder {parent} does not exist")
+        timeout = busy_timeout()
         try:
-            conn = sqlite3.connect(path, timeout=30)
-            conn.execute("pragma journal_mode=wal")
-            conn.execute("pragma synchronous=normal")
-            conn.execute("pragma foreign_keys=on")
-            db = sqlite_utils.Database(conn)
-            apply_migrations(db)
+            conn = sqlite3.connect(path, timeout=timeout, factory=_Connection)
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open database: {exc}") from None
+        try:
+            conn.store_path, conn.busy_limit = path, timeout
+            db = sqlite_utils.Database(conn)
+            pending_migrations(db)  # refuse a newer or foreign database before writing to it (WAL included)
+            _set_wal(conn, path, timeout)
+            conn.execute("pragma synchronous=normal")
+            conn.execute("pragma foreign_keys=on")
+            apply_migrations(db)
+            missing = missing_schema(db)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, SchemaTooNew):
+                raise StoreError(f"{path}: {exc}") from None
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{path}: cannot open database: {exc}") from None
+            raise
+        if missing:
+            conn.close()
+            what = "table" if "." not in missing[0] else "column"
+            raise StoreError(f"{path}: damaged store: {what} {', '.join(missing[:5])} missing although its migration "
+                             "is recorded; restore the file from a backup or use another --db")
         if path != ":memory:":
             graders.hide_from_sandbox(path)  # python graders never see the store, wherever it lives
         return cls(db, path)
@@ -119,12 +253,13 @@ class Store:
         if self.db["datasets"].count_where("id = ?", [dataset_id]):
             return
         with self.db.conn:
+            # `ignore`: a second process saving the same dataset at the same moment is no error.
             self.db["datasets"].insert(
-                {"id": dataset_id, "path": path, "n_items": len(items), "created_at": now()})
+                {"id": dataset_id, "path": path, "n_items": len(items), "created_at": now()}, ignore=True)
             self.db["items"].insert_all(
                 ({"dataset_id": dataset_id, "key": item.key, "split": item.split, "line": item.line,
                   "fields_json": json.dumps(item.fields, ensure_ascii=False)} for item in items),
-                batch_size=1000)
+                batch_size=1000, ignore=True)
 
     def save_prompt(self, prompt: Any, origin: str, parent_id: str | None = None,
                     rationale: str | None = None) -> None:
@@ -218,8 +353,9 @@ class Store:
             return existing[0]["id"]
         iteration_id = f"{run_id}/{seq}"
         with self.db.conn:
+            # `ignore`: another process resuming the same run may have just created it.
             self.db["iterations"].insert({"id": iteration_id, "run_id": run_id, "seq": seq,
-                                          "created_at": now(), **fields})
+                                          "created_at": now(), **fields}, ignore=True)
         return iteration_id
 
     def find_iteration(self, run_id: str, **match: Any) -> dict[str, Any] | None:
@@ -275,31 +411,38 @@ class Store:
                 found[row["key"]] = row
         return found
 
-    def write_samples(self, records: Sequence[SampleRecord]) -> None:
-        """Write samples, their grades and new cache rows in one transaction."""
+    def write_samples(self, records: Sequence[SampleRecord]) -> int:
+        """Write samples, their grades and new cache rows in one transaction; return how many were new.
+
+        A sample whose (iteration, item, repeat) is already stored (another process running the same
+        eval wrote it first) is skipped with its grades: the store keeps one copy of each sample.
+        """
         if not records:
-            return
+            return 0
         created = now()
+        written = 0
         with self.db.conn:
             cursor = self.db.conn.cursor()
             for rec in records:
                 cursor.execute(
-                    "insert into samples (iteration_id, item_key, repeat, input_json, output_text,"
+                    "insert or ignore into samples (iteration_id, item_key, repeat, input_json, output_text,"
                     " finish_reason, prompt_tokens, completion_tokens, latency_s, cost, cache_hit,"
                     " error, created_at) values (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (rec.iteration_id, rec.item_key, rec.repeat, rec.input_json, rec.output_text,
                      rec.finish_reason, rec.prompt_tokens, rec.completion_tokens, rec.latency_s,
                      rec.cost, int(rec.cache_hit), rec.error, created))
-                sample_id = cursor.lastrowid
-                if rec.output_tools_json:
-                    cursor.execute("update samples set output_tools_json = ? where id = ?",
-                                   (rec.output_tools_json, sample_id))
-                cursor.executemany(
-                    "insert into grades (sample_id, grader, score, passed, feedback, details_json,"
-                    " error, error_details) values (?,?,?,?,?,?,?,?)",
-                    [(sample_id, g["grader"], g["score"], int(g["passed"]), g.get("feedback"),
-                      json.dumps(g.get("details") or {}, ensure_ascii=False, default=str),
-                      g.get("error"), g.get("error_details")) for g in rec.grades])
+                if cursor.rowcount == 1:
+                    written += 1
+                    sample_id = cursor.lastrowid
+                    if rec.output_tools_json:
+                        cursor.execute("update samples set output_tools_json = ? where id = ?",
+                                       (rec.output_tools_json, sample_id))
+                    cursor.executemany(
+                        "insert into grades (sample_id, grader, score, passed, feedback, details_json,"
+                        " error, error_details) values (?,?,?,?,?,?,?,?)",
+                        [(sample_id, g["grader"], g["score"], int(g["passed"]), g.get("feedback"),
+                          json.dumps(g.get("details") or {}, ensure_ascii=False, default=str),
+                          g.get("error"), g.get("error_details")) for g in rec.grades])
                 if rec.cache_key and not rec.cache_hit and rec.error is None:
                     cursor.execute(
                         "insert or ignore into completion_cache (key, model_fingerprint, output_text,"
@@ -310,6 +453,7 @@ class Store:
                     if rec.output_tools_json:
                         cursor.execute("update completion_cache set output_tools_json = ? where key = ?",
                                        (rec.output_tools_json, rec.cache_key))
+        return written
 
     def cache_completions(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add completions made outside an eval (e.g. a proposer's) to the completion cache."""

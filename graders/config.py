@@ -8,6 +8,7 @@ config round-trips. Invalid input raises `GraderConfigError` with one `path: mes
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -230,7 +231,31 @@ class PythonGraderConfig(_Config):
             compile(value, "<grader source>", "exec", dont_inherit=True)
         except SyntaxError as e:
             raise ValueError(f"is not valid Python: line {e.lineno}: {e.msg}") from None
+        if not _defines_grade(ast.parse(value).body):
+            raise ValueError("defines no top-level grade(sample, item) function")
         return value
+
+
+def _defines_grade(body: list[ast.stmt]) -> bool:
+    """Whether module-level code binds the name `grade` (a def, an assignment or an import),
+    looking into top-level if/try/with blocks but not into functions or classes."""
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == "grade":
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(n, ast.Name) and n.id == "grade" for t in targets for n in ast.walk(t)):
+                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any((alias.asname or alias.name.split(".")[0]) == "grade" for alias in node.names):
+                return True
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+            return True  # cannot tell statically; the worker reports a missing grade at run time
+        blocks = [getattr(node, name, None) or [] for name in ("body", "orelse", "finalbody")]
+        blocks += [h.body for h in getattr(node, "handlers", [])]
+        if isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)) and any(_defines_grade(b) for b in blocks):
+            return True
+    return False
 
 
 class MultiGraderConfig(_Config):
@@ -441,6 +466,8 @@ def load_graders(path: str | Path) -> list[AnyGraderConfig]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise GraderConfigError([("", f"cannot read the file: {e.strerror or e}")], source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise GraderConfigError([("", f"not UTF-8 text (byte {e.start})")], source=str(path)) from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)

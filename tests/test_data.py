@@ -1,3 +1,4 @@
+import json
 from collections import Counter
 
 import pytest
@@ -92,3 +93,72 @@ def test_demo_dataset_is_stratified():
         assert (counts[("train", label)], counts[("valid", label)], counts[("test", label)]) == (40, 10, 20)
     train_texts = {i.fields["text"] for i in dataset.items if i.split != "test"}
     assert not train_texts & {i.fields["text"] for i in dataset.split("test")}
+
+
+# -- loaders never mangle valid files, and name the line of a bad one ---------------------------------
+def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
+    # What json.dumps(ensure_ascii=False) writes: U+2028, U+2029 and U+0085 stay raw inside strings.
+    rows = [{"id": f"r{i}", "text": f"a{sep}b", "label": "x", "split": "test"}
+            for i, sep in enumerate(["\u2028", "\u2029", "\u0085", "\x1c", "\r"])]
+    (tmp_path / "data.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:4]), encoding="utf-8")
+    dataset = load(tmp_path)
+    assert [i.fields["text"] for i in dataset.items] == [r["text"] for r in rows[:4]]
+    assert [i.line for i in dataset.items] == [1, 2, 3, 4]
+
+
+def test_jsonl_with_crlf_line_ends(tmp_path):
+    rows = make_rows(1)
+    (tmp_path / "data.jsonl").write_bytes(b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))
+    assert len(load(tmp_path).items) == 3
+
+
+def _csv(tmp_path, text, **dataset):
+    (tmp_path / "data.csv").write_text(text, encoding="utf-8", newline="")
+    return load(tmp_path, dataset={"path": "data.csv", **dataset}, split={"ratios": {"test": 1.0}})
+
+
+def test_csv_quoted_newlines_and_quotes_are_kept(tmp_path):
+    dataset = _csv(tmp_path, 'text,label\n"line one\nline two",x\n"say ""hi""",y\r\n"a,b",z\n')
+    assert [i.fields["text"] for i in dataset.items] == ["line one\nline two", 'say "hi"', "a,b"]
+    assert [i.line for i in dataset.items] == [2, 4, 5]  # the line each row starts on
+
+
+@pytest.mark.parametrize("text, message", [
+    ('text,label\n"never closed,x\nnext,y\n', r"data\.csv:2: malformed CSV: a quoted field is never closed"),
+    ('text,label\n"a"b,x\n', r"data\.csv:2: malformed CSV: ',' expected after '\"'"),
+    ("text,label,text\na,b,c\n", r"data\.csv:1: duplicate header column 'text'"),
+    ("text,,label\na,b,c\n", r"data\.csv:1: header column 2 has no name"),
+    ("text,label\na,b\nc\n", r"data\.csv:3: 1 values but 2 header columns \(fewer"),
+    ("text,label\na,b,c\n", r"data\.csv:2: 3 values but 2 header columns \(more"),
+    ("", r"data\.csv: dataset is empty|CSV file has no header row"),
+])
+def test_malformed_csv_is_an_error_naming_the_line(tmp_path, text, message):
+    with pytest.raises(DataError, match=message):
+        _csv(tmp_path, text)
+
+
+@pytest.mark.parametrize("value, kind", [(None, "null"), ({"a": 1}, "dict"), ([1], "list"), (1.5, "float"),
+                                         (True, "bool")])
+def test_ids_must_be_strings_or_integers(tmp_path, value, kind):
+    write_jsonl(tmp_path / "data.jsonl", [{"id": "ok", "text": "a", "label": "b", "split": "test"},
+                                          {"id": value, "text": "a", "label": "b", "split": "test"}])
+    with pytest.raises(DataError, match=rf"data\.jsonl:2: id field 'id' is {kind}; item ids must be strings or integers"):
+        load(tmp_path)
+
+
+def test_integer_ids_are_accepted(tmp_path):
+    write_jsonl(tmp_path / "data.jsonl", [{"id": 7, "text": "a", "label": "b", "split": "test"}])
+    assert load(tmp_path).items[0].key == "7"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('"x\\ud800"', r"data\.jsonl:2: a string holds a lone surrogate escape"),
+    ("[" * 100000 + "]" * 100000, r"data\.jsonl:2: invalid JSON: nested too deeply"),
+    ("9" * 5000, r"data\.jsonl:2: invalid JSON: Exceeds the limit \(4300 digits\)"),
+])
+def test_jsonl_values_python_cannot_hold_are_errors_naming_the_line(tmp_path, text, message):
+    good = json.dumps({"id": "a", "text": "t", "label": "l", "split": "test"})
+    (tmp_path / "data.jsonl").write_text(good + '\n{"id": "b", "text": ' + text + ', "label": "l", "split": "test"}\n')
+    with pytest.raises(DataError, match=message):
+        load(tmp_path)

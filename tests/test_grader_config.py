@@ -197,3 +197,17 @@ def test_prefixed_errors_for_callers():
         assert str(e.prefixed("graders[2]", source="evals/x.yaml")).startswith(
             "evals/x.yaml: graders[2].type: unknown grader 'exct'"
         )
+
+
+def test_python_grader_without_grade_function_is_refused():
+    import graders
+
+    with pytest.raises(graders.GraderConfigError, match="defines no top-level grade"):
+        graders.parse_grader({"type": "python", "name": "p", "source": "def score(sample, item):\n    return 1.0\n"})
+    with pytest.raises(graders.GraderConfigError, match="defines no top-level grade"):
+        # A nested grade is not module-level.
+        graders.parse_grader({"type": "python", "name": "p",
+                              "source": "def outer():\n    def grade(sample, item):\n        return 1.0\n"})
+    for source in ("def grade(sample, item):\n    return 1.0\n", "grade = lambda sample, item: 1.0\n",
+                   "from math import floor as grade\n", "try:\n    def grade(s, i):\n        return 1\nexcept Exception:\n    pass\n"):
+        graders.parse_grader({"type": "python", "name": "p", "source": source})

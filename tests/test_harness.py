@@ -1,10 +1,12 @@
 import json
+import time
 
 import pytest
 import yaml
 
 from flywheel.errors import TooManyErrors
 from flywheel.harness import run_eval
+from flywheel.models import Completion, Model
 from flywheel.spec import load_eval_spec
 
 from conftest import make_rows, spec_dict, write_jsonl
@@ -89,3 +91,54 @@ def test_grader_that_throws_is_recorded(tmp_path, tiny_model_dir, store):
     assert boom.errors == 4 and boom.mean == 0
     grades = [g for s in store.samples_with_grades(result.iteration_id) for g in s["grades"] if g["grader"] == "boom"]
     assert all(g["error"] == "python_grader_runtime_error" and "no luck" in g["error_details"] for g in grades)
+
+
+# -- commit cadence and failures before the first sample ----------------------------------------------
+class SlowModel(Model):
+    """A model whose every request takes `delay` seconds (time is what the test is about); it
+    records the size of each generate call, i.e. of each chunk the harness commits."""
+
+    ref = "slow:test"
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.calls: list[int] = []
+
+    @property
+    def fingerprint(self) -> str:
+        return "slow-test"
+
+    @property
+    def preferred_batch_size(self) -> int:
+        return 16
+
+    def generate(self, requests):
+        self.calls.append(len(requests))
+        time.sleep(self.delay * len(requests))
+        return [Completion(text="card_arrival", prompt_tokens=1, completion_tokens=1) for _ in requests]
+
+
+def test_long_batches_are_committed_every_few_seconds(tmp_path, store, monkeypatch):
+    rows = [{"id": f"i{n}", "text": f"item {n}", "label": "card_arrival", "split": "test"} for n in range(40)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict("local:smollm2")))
+    spec = load_eval_spec(tmp_path / "eval.yaml")
+    model = SlowModel(delay=0.05)  # a 16-item batch takes 0.8 s: longer than the 0.2 s commit target
+    monkeypatch.setenv("FLYWHEEL_COMMIT_EVERY_S", "0.2")
+    writes: list[int] = []
+    real_write = store.write_samples
+    monkeypatch.setattr(store, "write_samples", lambda records: writes.append(len(records)) or real_write(records))
+    result = run_eval(spec, store, split="test", model=model)
+    assert result.n_samples == 40 and store.db["samples"].count == 40
+    assert model.calls[0] == 16  # one model batch first ...
+    assert max(model.calls[1:]) <= 5  # ... then chunks sized to about 0.2 s of generation
+    assert sum(writes) == 40 and len(writes) >= 8
+
+
+def test_failure_before_the_first_sample_leaves_no_running_run(tiny_spec, store, monkeypatch):
+    spec = load_eval_spec(tiny_spec, ["model=openai:gpt-4o-mini", "model_options={api_key_env: NO_SUCH_KEY_FOR_TEST}"])
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(Exception, match="no API key"):
+        run_eval(spec, store, split="test")
+    (run,) = store.list_runs()
+    assert run["status"] == "failed" and "no API key" in json.loads(run["summary_json"])["error"]

@@ -6,6 +6,7 @@ that misbehaves on purpose (serving_helpers.ScriptedUpstream). Every call must l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -266,3 +267,143 @@ def test_cli_proxy_records_into_the_db(scripted, tmp_path):
 def test_cli_proxy_rejects_a_bad_upstream(tmp_path):
     result = CliRunner().invoke(main, ["proxy", "--upstream", "localhost:8000", "--db", str(tmp_path / "x.db")])
     assert result.exit_code == 1 and "expected an http(s) URL" in result.output
+
+
+# -- robustness: encodings, caps, hang-ups, error text -----------------------------------------------
+class Misbehaving:
+    """An upstream with replies the scripted one lacks: empty error bodies and a slow stream."""
+
+    def __init__(self):
+        from starlette.applications import Starlette
+        from starlette.responses import Response, StreamingResponse
+        from starlette.routing import Route
+
+        async def chat(request):
+            body = json.loads(await request.body())
+            mode = body.get("model")
+            if mode == "empty-500":
+                return Response(b"", status_code=500)
+            if mode == "blank-message":
+                return Response(json.dumps({"error": {"message": "", "type": None, "code": None}}).encode(),
+                                status_code=503, media_type="application/json")
+
+            async def slow():
+                for i in range(50):
+                    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": f"w{i} "}}]}
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    await asyncio.sleep(0.1)
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(slow(), media_type="text/event-stream")
+
+        self.app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+
+@pytest.fixture
+def misbehaving():
+    upstream = Misbehaving()
+    with BackgroundServer(upstream.app) as running:
+        yield running.url + "/v1"
+
+
+def _wait_for_captures(proxy, n, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = proxy.captures()
+        if len(rows) >= n or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+                                      "utf-32-be"])
+def test_request_bodies_in_every_json_encoding(scripted, make_proxy, encoding):
+    proxy = make_proxy(scripted.url)
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "héllo \u2028 ☃ 𝄞"}],
+            "metadata": {"enc": encoding}}
+    response = httpx2.post(proxy.url + "/chat/completions", content=json.dumps(body, ensure_ascii=False).encode(encoding),
+                           headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "echo: héllo \u2028 ☃ 𝄞"
+    (row,) = proxy.captures()
+    assert row["status"] == 200 and row["error"] is None
+    assert json.loads(row["request_json"]) == body and json.loads(row["metadata_json"]) == {"enc": encoding}
+
+
+def test_concurrency_cap_answers_429_and_records_it(make_proxy):
+    from concurrent.futures import ThreadPoolExecutor
+
+    upstream = ScriptedUpstream(hold_s=1.0)
+    with BackgroundServer(upstream.app) as running:
+        proxy = make_proxy(running.url + "/v1", max_concurrency=2)
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda i: httpx2.post(
+                proxy.url + "/chat/completions", json={"model": "scripted", "messages": HI}, timeout=30).status_code,
+                range(6)))
+        assert sorted(statuses).count(200) >= 2 and statuses.count(429) >= 1
+        assert upstream.max_in_flight <= 2
+        rows = _wait_for_captures(proxy, 6)
+        refused = [r for r in rows if r["status"] == 429]
+        assert len(refused) == statuses.count(429)
+        assert all(r["error"].startswith("proxy_overloaded: too many calls at once") for r in refused)
+        # The slots come back: a later call goes through.
+        assert httpx2.post(proxy.url + "/chat/completions", json={"model": "scripted", "messages": HI},
+                           timeout=30).status_code == 200
+
+
+def test_buffered_body_cap_answers_429_and_records_it(make_proxy):
+    import threading
+
+    upstream = ScriptedUpstream(hold_s=1.5)
+    with BackgroundServer(upstream.app) as running:
+        proxy = make_proxy(running.url + "/v1", max_buffered_bytes=12_000)
+        big = {"model": "scripted", "messages": [{"role": "user", "content": "x" * 8000}]}
+        first: list[int] = []
+        thread = threading.Thread(target=lambda: first.append(httpx2.post(
+            proxy.url + "/chat/completions", json=big, timeout=30).status_code))
+        thread.start()
+        deadline = time.monotonic() + 10
+        while upstream.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = httpx2.post(proxy.url + "/chat/completions", json=big, timeout=30)
+        thread.join()
+        assert first == [200] and second.status_code == 429
+        assert second.json()["error"]["code"] == "proxy_overloaded"
+        rows = _wait_for_captures(proxy, 2)
+        assert sorted(r["status"] for r in rows) == [200, 429]
+        assert "request bodies" in next(r["error"] for r in rows if r["status"] == 429)
+        # Released: the same body fits again once the first call is over.
+        assert httpx2.post(proxy.url + "/chat/completions", json=big, timeout=30).status_code == 200
+
+
+def test_client_hangup_before_the_reply_is_recorded_as_such(make_proxy):
+    upstream = ScriptedUpstream(plan=["stall"], stall_s=1.5)
+    with BackgroundServer(upstream.app) as running:
+        proxy = make_proxy(running.url + "/v1")
+        with pytest.raises(httpx2.TimeoutException):
+            httpx2.post(proxy.url + "/chat/completions", json={"model": "scripted", "messages": HI}, timeout=0.3)
+        (row,) = _wait_for_captures(proxy, 1)
+        assert row["status"] == 499 and row["error"].startswith("client_disconnected")
+
+
+def test_client_hangup_mid_stream_is_recorded_as_such(misbehaving, make_proxy):
+    proxy = make_proxy(misbehaving)
+    with httpx2.stream("POST", proxy.url + "/chat/completions", timeout=30,
+                       json={"model": "slow", "messages": HI, "stream": True}) as response:
+        assert response.status_code == 200
+        for _ in response.iter_raw():
+            break  # one chunk, then hang up
+    (row,) = _wait_for_captures(proxy, 1)
+    assert row["status"] == 499 and row["error"].startswith("client_disconnected")
+    assert json.loads(row["response_json"])["choices"][0]["message"]["content"].startswith("w0")
+
+
+@pytest.mark.parametrize("mode, expected", [("empty-500", "HTTP 500: the upstream sent an empty body"),
+                                            ("blank-message", "HTTP 503: the upstream sent no error message")])
+def test_upstream_error_text_is_never_empty(misbehaving, make_proxy, mode, expected):
+    proxy = make_proxy(misbehaving)
+    response = httpx2.post(proxy.url + "/chat/completions", json={"model": mode, "messages": HI}, timeout=30)
+    assert response.status_code in (500, 503)
+    (row,) = proxy.captures()
+    assert row["error"] == expected

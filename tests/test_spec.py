@@ -79,3 +79,43 @@ def test_ratios_must_sum_to_one(tmp_path):
     data = spec_dict("local:smollm2", split={"ratios": {"train": 0.5, "test": 0.2}})
     with pytest.raises(SpecError, match="split.ratios: split ratios must sum to 1"):
         load_eval_spec(write(tmp_path, data))
+
+
+# -- bad input is one clean error ---------------------------------------------------------------------
+def test_spec_that_is_not_utf8(tmp_path):
+    path = tmp_path / "eval.yaml"
+    path.write_bytes(yaml.safe_dump(spec_dict("local:smollm2")).encode() + b"description: caf\xe9\n")
+    with pytest.raises(SpecError, match=r"eval\.yaml:\d+: not UTF-8 text \(byte \d+: 0xe9\)"):
+        load_eval_spec(path)
+
+
+def test_spec_with_a_lone_surrogate(tmp_path):
+    path = write(tmp_path, yaml.safe_dump(spec_dict("local:smollm2")) + 'description: "bad \\ud800 here"\n')
+    with pytest.raises(SpecError, match=r"eval\.yaml: description: text holds a lone surrogate"):
+        load_eval_spec(path)
+
+
+@pytest.mark.parametrize("override", ["name=[1", "name={a", "sampling.max_tokens=: :"])
+def test_override_that_is_not_yaml(tmp_path, override):
+    path = write(tmp_path, spec_dict("local:smollm2"))
+    with pytest.raises(SpecError, match=r"eval\.yaml: override .*malformed YAML"):
+        load_eval_spec(path, [override])
+
+
+@pytest.mark.parametrize("ratio", [".nan", ".inf", "-.inf"])
+def test_split_ratios_must_be_finite(tmp_path, ratio):
+    path = write(tmp_path, spec_dict("local:smollm2"))
+    with pytest.raises(SpecError, match=r"split\.ratios: split ratios must be finite"):
+        load_eval_spec(path, [f"split.ratios={{train: {ratio}, test: 1.0}}"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{{foo.x}}", r"input: \[1\]\.content: template \{\{foo\.x\}\}: unknown namespace 'foo'"),
+    ("{{sample.output_text}}", r"template \{\{sample\.output_text\}\}: input messages can use item\.<field> only"),
+    ("{{item..x}}", r"template \{\{item\.\.x\}\}: cannot parse"),
+])
+def test_input_templates_must_name_item_fields(tmp_path, content, message):
+    spec = spec_dict("local:smollm2")
+    spec["input"][1]["content"] = content
+    with pytest.raises(SpecError, match=message):
+        load_eval_spec(write(tmp_path, spec))

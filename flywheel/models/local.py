@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -161,6 +162,10 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+DTYPES = ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
 def pick_dtype(requested: str | None):
     import torch
 
@@ -201,7 +206,19 @@ class LocalModel(Model):
         self._lock = threading.Lock()
         if self.adapter is not None and not (self.adapter / "adapter_config.json").exists():
             raise ModelError(f"{ref}: adapter folder {self.adapter} has no adapter_config.json")
-        if base not in EMBEDDED and not Path(base).exists() and base.count("/") != 1:
+        if dtype is not None and dtype not in DTYPES:
+            raise ModelError(f"{ref}: model_options.dtype: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ModelError(f"{ref}: model_options.batch_size must be a positive integer, got {batch_size!r}")
+        looks_like_path = base.startswith(("/", ".", "~")) or base.count("/") > 1 or not _HUB_ID.match(base)
+        if base in EMBEDDED:
+            pass
+        elif Path(base).is_dir():
+            if not any((Path(base) / name).is_file() for name in ("config.json", "adapter_config.json")):
+                raise ModelError(f"{ref}: {base} is not a model folder (it has no config.json)")
+        elif Path(base).exists():
+            raise ModelError(f"{ref}: {base} is a file, not a model folder")
+        elif looks_like_path:
             raise ModelError(
                 f"{ref}: unknown local model {base!r}: not an embedded model "
                 f"({', '.join(EMBEDDED)}), not a folder, not a hub id (owner/name)"

@@ -32,6 +32,7 @@ import os
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
@@ -62,7 +63,14 @@ class OpenAIModel(Model):
                              f"{', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
         self.ref = ref
         self.name = name
+        if base_url is not None and not isinstance(base_url, str):
+            raise ModelError(f"{ref}: model_options.base_url must be a URL string, got {type(base_url).__name__}")
         self.base_url = resolve_base_url(base_url)
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            origin = "model_options.base_url" if base_url else "$OPENAI_BASE_URL"
+            raise ModelError(f"{ref}: {origin} {self.base_url!r} is not an http(s) URL "
+                             "(e.g. http://127.0.0.1:8000/v1)")
         self.api_key_env = api_key_env
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ModelError(f"{ref}: model_options.concurrency must be a positive integer")

@@ -14,7 +14,11 @@ through without recording.
 
 Failures are answered in the platform's error shape and recorded too: upstream unreachable ->
 502, no answer within `--timeout` -> 504, an upstream error status -> relayed as is, a body that
-is not a JSON object -> 400, a body over `--max-body-mb` -> 413.
+is not a JSON object -> 400, a body over `--max-body-mb` -> 413, more than `max_concurrency` calls
+in flight or more than `max_buffered_mb` of request bodies held at once -> 429 (so a burst of large
+bodies cannot grow the process without bound), a client that hangs up before its reply is
+complete -> recorded with status 499 and a `client_disconnected` error. Request bodies may be in
+any encoding JSON allows (UTF-8, UTF-16 or UTF-32, with or without a BOM).
 
 Captures are written by one writer thread with its own SQLite connection; a non-streamed reply is
 sent after its capture is committed, and a streamed one's closing `data: [DONE]` too, so what a
@@ -28,7 +32,8 @@ import json
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Any
@@ -50,6 +55,85 @@ DROP_REQUEST_HEADERS = {"host", "content-length", "connection", "keep-alive", "t
 DROP_RESPONSE_HEADERS = {"content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding",
                          "date", "server"}
 MAX_STORED_BODY = 1024 * 1024  # a malformed body is kept only up to this many characters
+DEFAULT_MAX_CONCURRENCY = 64
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the reply"
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as text that is never empty."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _once(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+    """`fn(*args)` callable any number of times, run only the first."""
+    done = []
+
+    def call() -> None:
+        if not done:
+            done.append(True)
+            fn(*args)
+    return call
+
+
+def decode_json_text(raw: bytes) -> str:
+    """The body as text in the encoding JSON allows (RFC 8259 / json.loads: UTF-8, -16, -32, BOM or not)."""
+    return raw.decode(json.detect_encoding(raw), "surrogatepass")
+
+
+class BodyBudget:
+    """Counts calls in flight and request-body bytes held in memory; past either cap, 429."""
+
+    def __init__(self, max_concurrency: int, max_bytes: int):
+        self.max_concurrency = max_concurrency
+        self.max_bytes = max_bytes
+        self.calls = 0
+        self.bytes = 0
+
+    def admit(self) -> str | None:
+        """Take a call slot; the refusal reason when none is free."""
+        if self.calls >= self.max_concurrency:
+            return f"the proxy already has {self.calls} calls in flight (its limit is {self.max_concurrency})"
+        self.calls += 1
+        return None
+
+    def reserve(self, size: int) -> str | None:
+        if self.bytes + size > self.max_bytes:
+            return (f"the proxy holds {self.bytes} bytes of request bodies; {size} more would pass its "
+                    f"limit of {self.max_bytes}")
+        self.bytes += size
+        return None
+
+    def release(self, size: int) -> None:
+        self.calls -= 1
+        self.bytes -= size
+
+
+async def read_body_within(request: Request, limit: int, budget: BodyBudget) -> tuple[bytes, int]:
+    """The request body, refusing more than `limit` bytes (413) or more than the budget allows (429).
+
+    Returns the body and how many bytes it reserved from the budget (release them when done)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit of {limit} bytes",
+                       code="request_too_large")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            if size + len(chunk) > limit:
+                raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes",
+                               code="request_too_large")
+            refused = budget.reserve(len(chunk))
+            if refused:
+                raise ApiError(429, f"too many large requests at once: {refused}; retry shortly",
+                               code="proxy_overloaded")
+            size += len(chunk)
+            chunks.append(chunk)
+    except BaseException:
+        budget.bytes -= size
+        raise
+    return b"".join(chunks), size
 
 
 def normalise_upstream(url: str) -> str:
@@ -134,12 +218,18 @@ def _usage_fields(usage: Any) -> dict[str, Any]:
 
 
 def _error_text(status: int, payload: Any, raw: bytes) -> str:
+    """What went wrong, from an upstream error reply; never empty."""
+    detail = ""
     if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
         error = payload["error"]
-        return f"HTTP {status}: {error.get('message') or error.get('code') or error}"
-    if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-        return f"HTTP {status}: {payload['error']}"
-    return f"HTTP {status}: {raw[:500].decode('utf-8', 'replace')}"
+        detail = str(error.get("message") or error.get("code") or error.get("type") or "").strip()
+    elif isinstance(payload, dict) and isinstance(payload.get("error"), str):
+        detail = payload["error"].strip()
+    elif payload is None:
+        detail = raw[:500].decode("utf-8", "replace").strip()
+    if not detail:
+        detail = "the upstream sent no error message" if raw.strip() else "the upstream sent an empty body"
+    return f"HTTP {status}: {detail}"
 
 
 class StreamAssembler:
@@ -211,13 +301,15 @@ class StreamAssembler:
 
 
 def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
-                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+                     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+                     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES) -> Starlette:
     """The recording proxy as an ASGI app. `app.state.writer` is the capture writer."""
     import httpx2
 
     upstream = normalise_upstream(upstream)
     writer = CaptureWriter(db_path)
     state: dict[str, Any] = {}
+    budget = BodyBudget(max_concurrency, max(max_buffered_bytes, 1))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -249,7 +341,7 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
         """A 504 for an upstream timeout, a 502 for any other transport failure."""
         if isinstance(exc, httpx2.TimeoutException):
             return ApiError(504, f"upstream {upstream} {timed_out} within {timeout:g} s", code="upstream_timeout")
-        return ApiError(502, f"upstream {upstream} {broken}: {exc or type(exc).__name__}", code="upstream_unreachable")
+        return ApiError(502, f"upstream {upstream} {broken}: {_describe(exc)}", code="upstream_unreachable")
 
     async def record(row: dict[str, Any]) -> None:
         # Shielded: a client that hangs up does not un-record its call.
@@ -265,19 +357,37 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             await record(row)
             return error.response()
 
+        declared = request.headers.get("content-length")
+        refused = budget.admit()
+        if refused:
+            return await fail(ApiError(429, f"too many calls at once: {refused}; retry shortly",
+                                       code="proxy_overloaded"),
+                              request_bytes=int(declared) if declared and declared.isdigit() else None)
+        held = {"bytes": 0, "handed_over": False}
         try:
-            raw = await read_body(request, max_body_bytes)
+            return await handle(request, row, started, fail, held)
+        finally:
+            if not held["handed_over"]:  # a streamed reply releases its slot when the stream ends
+                budget.release(held["bytes"])
+
+    async def handle(request: Request, row: dict[str, Any], started: float, fail: Any,
+                     held: dict[str, Any]) -> Response:
+        try:
+            raw, held["bytes"] = await read_body_within(request, max_body_bytes, budget)
         except ApiError as error:
-            return await fail(error, request_bytes=int(request.headers.get("content-length") or 0) or None)
+            declared = request.headers.get("content-length")
+            return await fail(error, request_bytes=int(declared) if declared and declared.isdigit() else None)
         row["request_bytes"] = len(raw)
         try:
-            body = json.loads(raw)
+            body = json.loads(raw)  # bytes: UTF-8, UTF-16 or UTF-32, BOM or not, as RFC 8259 allows
             if not isinstance(body, dict):
                 raise ValueError(f"request body must be a JSON object, got {type(body).__name__}")
-        except (UnicodeDecodeError, ValueError) as exc:
+            text = decode_json_text(raw)
+            text.encode("utf-8")  # a lone surrogate (from UTF-16 bytes) cannot be stored as text
+        except (UnicodeError, ValueError) as exc:
             return await fail(ApiError(400, f"request body is not a JSON object: {exc}", code="invalid_json"),
                               request_json=json.dumps({"raw": raw[:MAX_STORED_BODY].decode("utf-8", "replace")}))
-        row["request_json"] = raw.decode("utf-8")
+        row["request_json"] = text
         row["model"] = body.get("model") if isinstance(body.get("model"), str) else None
         metadata = body.get("metadata")
         row["metadata_json"] = json.dumps(metadata, ensure_ascii=False) if isinstance(metadata, dict) else None
@@ -292,8 +402,11 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
         row["status"] = response.status_code
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
         if row["stream"] and response.status_code == 200 and is_sse:
-            return StreamingResponse(relay(response, row, started), status_code=200,
-                                     headers=reply_headers(response))
+            held["handed_over"] = True
+            release = _once(budget.release, held["bytes"])
+            stream = relay(response, row, started, release)
+            weakref.finalize(stream, release)  # a stream never started (client gone at once) frees its slot too
+            return StreamingResponse(stream, status_code=200, headers=reply_headers(response))
         try:
             content = await response.aread()
         except httpx2.HTTPError as exc:
@@ -312,10 +425,16 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             row["response_id"] = payload.get("id") if isinstance(payload.get("id"), str) else None
         if response.status_code >= 400 or payload is None:
             row["error"] = _error_text(response.status_code, payload, content)
+        if await request.is_disconnected():
+            # The client hung up while the upstream worked: it never got this reply.
+            row["error"] = (f"client_disconnected: the client hung up before the reply (upstream status "
+                            f"{response.status_code})")
+            row["status"] = CLIENT_CLOSED
         await record(row)
         return Response(content, status_code=response.status_code, headers=reply_headers(response))
 
-    async def relay(response: Any, row: dict[str, Any], started: float) -> AsyncIterator[bytes]:
+    async def relay(response: Any, row: dict[str, Any], started: float,
+                    release: Callable[[], None]) -> AsyncIterator[bytes]:
         assembler = StreamAssembler()
         held: list[bytes] = []
         finished = False
@@ -330,19 +449,29 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
         except httpx2.TimeoutException:
             row.update(status=504, error=f"upstream_timeout: stream stalled for {timeout:g} s")
         except httpx2.HTTPError as exc:
-            row.update(status=502, error=f"upstream_unreachable: stream broke off: {exc or type(exc).__name__}")
+            row.update(status=502, error=f"upstream_unreachable: stream broke off: {_describe(exc)}")
+        except (asyncio.CancelledError, GeneratorExit):
+            # Starlette stops the stream when the client goes away mid-reply.
+            row.update(status=CLIENT_CLOSED, error="client_disconnected: the client hung up during the stream")
+            raise
         finally:
-            await response.aclose()
+            release()
+            if not finished and not row.get("error"):
+                row.update(status=502, error="proxy_error: the stream was cut off")
             assembled = assembler.result()
             row["latency_s"] = time.perf_counter() - started
             row["response_json"] = json.dumps(assembled, ensure_ascii=False)
             row.update(_usage_fields(assembled.get("usage")))
             row["response_id"] = assembled.get("id")
             if assembler.error is not None and not row.get("error"):
-                row["error"] = f"stream error: {assembler.error}"
+                row["error"] = f"stream error: {str(assembler.error).strip() or 'the upstream sent an empty error'}"
             elif finished and not assembler.done and not row.get("error"):
                 row["error"] = "stream ended without [DONE]"
-            future = writer.submit(row)
+            future = writer.submit(row)  # before any await: a cancelled stream must still be recorded
+            try:
+                await asyncio.shield(response.aclose())
+            except BaseException:  # noqa: BLE001 - cancelled while closing; the row is already queued
+                pass
         if finished:
             # A client that has read [DONE] finds its call stored.
             await asyncio.shield(asyncio.wrap_future(future))
@@ -359,7 +488,7 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             return ApiError(504, f"upstream {upstream} did not answer within {timeout:g} s",
                             code="upstream_timeout").response()
         except httpx2.HTTPError as exc:
-            return ApiError(502, f"upstream {upstream} is unreachable: {exc or type(exc).__name__}",
+            return ApiError(502, f"upstream {upstream} is unreachable: {_describe(exc)}",
                             code="upstream_unreachable").response()
         return Response(response.content, status_code=response.status_code, headers=reply_headers(response))
 
@@ -373,7 +502,8 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
 
 
 def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int = 8080, timeout: float = 600.0,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, on_ready=None) -> None:
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+              max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, on_ready=None) -> None:
     """Run the proxy until interrupted (the `flywheel proxy` command)."""
     import uvicorn
 
@@ -381,7 +511,8 @@ def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int
 
     normalise_upstream(upstream)  # a bad --upstream or --db fails here, as one clean line
     Store.open(db_path).close()
-    app = create_proxy_app(upstream, db_path, timeout=timeout, max_body_bytes=max_body_bytes)
+    app = create_proxy_app(upstream, db_path, timeout=timeout, max_body_bytes=max_body_bytes,
+                           max_concurrency=max_concurrency, max_buffered_bytes=max_buffered_bytes)
     sock = bind_socket(host, port)
     if on_ready is not None:
         on_ready(app.state.upstream, f"http://{host}:{sock.getsockname()[1]}/v1")

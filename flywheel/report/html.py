@@ -26,6 +26,7 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from flywheel.errors import FlywheelError
 from flywheel.report.compare import RunView, default_pair, item_fields, iteration_samples, load_run_view
 from flywheel.report.wheel_view import wheel_section
 from flywheel.store import Store
@@ -391,7 +392,10 @@ def write_report(store: Store, run_ids: Sequence[str], path: str | Path, **optio
     started = time.perf_counter()
     html = render_report(store, run_ids, **options)
     target = Path(path)
-    target.write_text(html, encoding="utf-8")
+    try:
+        target.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise FlywheelError(f"{target}: cannot write the report: {exc.strerror or exc}") from None
     iterations, samples = store.count_run_rows([store.get_run(r)["id"] for r in run_ids])
     return ReportResult(path=str(target), bytes=target.stat().st_size, iterations=iterations, samples=samples,
                         seconds=time.perf_counter() - started)

@@ -1,0 +1,173 @@
+"""Hostile and careless use through the real CLI: bad input is one clean line and loses no data;
+two writers on one store never crash; a kill near the end of an eval keeps what was generated.
+
+Real subprocesses (`python -m flywheel`) and real SQLite files; the model is the tiny Llama of
+conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from flywheel.cli import main
+
+from conftest import make_rows, spec_dict, write_jsonl
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flywheel", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+
+
+def one_clean_line(result, *needles: str) -> None:
+    output = getattr(result, "output", None) or (result.stdout + result.stderr)
+    code = getattr(result, "exit_code", getattr(result, "returncode", None))
+    assert code in (1, 2), output
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def runs_of(db: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select id, status from runs").fetchall()
+
+
+@pytest.mark.parametrize("model, options, needle", [
+    ("local:/etc", {}, "/etc is not a model folder"),
+    ("local:/nonexistent", {}, "unknown local model '/nonexistent'"),
+    ("local:smollm2", {"dtype": "int3"}, "unknown dtype 'int3'"),
+    ("openai:x", {"base_url": "not a url"}, "is not an http(s) URL"),
+    ("openai:gpt-4o-mini", {"api_key_env": "NO_SUCH_KEY_FOR_FLYWHEEL_TESTS"}, "no API key"),
+])
+def test_a_model_that_cannot_work_is_one_line_and_leaves_no_running_run(tmp_path, monkeypatch, model, options,
+                                                                        needle):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    write_jsonl(tmp_path / "data.jsonl", make_rows())
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict(model, model_options=options)))
+    db = tmp_path / "x.db"
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "eval.yaml"), "--db", str(db)])
+    one_clean_line(result, needle)
+    assert all(status != "running" for _, status in runs_of(db)) if db.exists() else True
+
+
+def test_report_into_a_missing_folder(tiny_spec, tmp_path):
+    db = tmp_path / "r.db"
+    run_id = json.loads(CliRunner().invoke(main, ["eval", str(tiny_spec), "--db", str(db), "--json"]).stdout)["run_id"]
+    result = CliRunner().invoke(main, ["report", run_id, "--db", str(db), "-o", str(tmp_path / "no" / "r.html")])
+    one_clean_line(result, "cannot write the report", "does not exist")
+
+
+@pytest.mark.parametrize("item", ["[1]", "1", '"x"', "null"])
+def test_graders_run_item_must_be_an_object(tmp_path, item):
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"type": "string_check", "name": "a", "input": "{{sample.output_text}}",
+                                "reference": "x", "operation": "eq"}))
+    result = CliRunner().invoke(main, ["graders", "run", str(path), "--item", item, "--sample", "x"])
+    assert result.exit_code == 2 and "must be a JSON object" in result.output and "Traceback" not in result.output
+
+
+def test_a_db_missing_a_table_and_a_db_from_the_future(tiny_spec, tmp_path):
+    db = tmp_path / "d.db"
+    assert CliRunner().invoke(main, ["eval", str(tiny_spec), "--db", str(db)]).exit_code == 0
+    with sqlite3.connect(db) as conn:
+        conn.execute("pragma user_version = 99")
+    before = db.read_bytes()
+    one_clean_line(CliRunner().invoke(main, ["runs", "list", "--db", str(db)]), "newer flywheel", "99")
+    assert db.read_bytes() == before
+    with sqlite3.connect(db) as conn:
+        conn.execute("pragma user_version = 0")
+        conn.execute("drop table grades")
+    one_clean_line(CliRunner().invoke(main, ["eval", str(tiny_spec), "--db", str(db)]), "table grades missing")
+
+
+def test_a_lock_held_past_the_timeout_is_one_line_naming_the_holder(tiny_spec, tmp_path):
+    db = tmp_path / "busy.db"
+    assert CliRunner().invoke(main, ["runs", "list", "--db", str(db)]).exit_code == 0  # create it
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1]); "
+         "c.execute('begin immediate'); print('locked', flush=True); time.sleep(120)", str(db)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = subprocess.run([sys.executable, "-m", "flywheel", "eval", str(tiny_spec), "--db", str(db)],
+                                capture_output=True, text=True, env={**ENV, "FLYWHEEL_DB_TIMEOUT": "1"}, timeout=300)
+        one_clean_line(result, str(db), "database is busy", f"pid {holder.pid}", "more than 1 s")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert runs_of(db) == []  # nothing half-written
+
+
+def _many_items_spec(tmp_path: Path, tiny_model_dir: Path, n: int, **options) -> Path:
+    rows = [{"id": f"i{k}", "text": f"item number {k}", "label": "x", "split": "test"} for k in range(n)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    spec = spec_dict(f"local:{tiny_model_dir}", model_options=options)
+    spec["sampling"]["max_tokens"] = 12
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path / "eval.yaml"
+
+
+def test_the_same_eval_twice_at_once_both_succeed_with_one_copy_of_each_sample(tmp_path, tiny_model_dir):
+    spec = _many_items_spec(tmp_path, tiny_model_dir, 40, batch_size=2)
+    db = tmp_path / "two.db"  # a fresh file: the two processes also race the first migrations
+    command = [sys.executable, "-m", "flywheel", "eval", str(spec), "--db", str(db), "--json"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+        assert json.loads(out)["n_samples"] == 40
+    with sqlite3.connect(db) as conn:
+        per_iteration = conn.execute(
+            "select iteration_id, count(*), count(distinct item_key) from samples group by iteration_id").fetchall()
+        assert per_iteration and all(n == distinct == 40 for _, n, distinct in per_iteration)
+        assert conn.execute("select count(*) from grades").fetchone()[0] == 40 * len(per_iteration)
+        assert {status for (status,) in conn.execute("select status from runs")} == {"completed"}
+
+
+def test_kill_near_the_end_of_a_60_item_eval_keeps_what_was_generated(tmp_path, tiny_model_dir):
+    # The default local batch is 32: before commits by time, the 60 items were one commit.
+    spec = _many_items_spec(tmp_path, tiny_model_dir, 60)
+    db = tmp_path / "kill.db"
+    command = [sys.executable, "-m", "flywheel", "eval", str(spec), "--db", str(db), "--json"]
+    env = {**ENV, "FLYWHEEL_COMMIT_EVERY_S": "0.02"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stored, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    stored = conn.execute("select count(*) from samples").fetchone()[0]
+            except sqlite3.OperationalError:
+                stored = 0
+            if stored >= 40:
+                break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the eval finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as conn:
+        before = conn.execute("select count(*) from samples").fetchone()[0]
+    assert 40 <= before < 60
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout)
+    assert result["n_samples"] == 60 and result["resumed"] == before and result["model_calls"] == 60 - before
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*), count(distinct item_key) from samples").fetchone() == (60, 60)
