@@ -49,6 +49,10 @@ def build_grader(
         from graders.python_sandbox import PythonGrader
 
         return PythonGrader(config, sandbox=sandbox)
+    if kind in ("pii", "blocklist"):  # Flywheel extensions: safety checks
+        from graders.safety import BlocklistGrader, PIIGrader
+
+        return PIIGrader(config) if kind == "pii" else BlocklistGrader(config)
     if kind == "multi":
         from graders.multi import MultiGrader
 
