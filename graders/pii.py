@@ -96,11 +96,19 @@ def _recognizers(entities: tuple[str, ...], nlp_engine: Any) -> list[Any]:
             return OfflineEmailRecognizer._extract(pattern_text.rsplit("@", 1)[-1]).fqdn != ""
 
     class CandidatePhoneRecognizer(PhoneRecognizer):
-        """Presidio's phone recogniser, run on each digit run that may be a number (with a margin
-        of context) instead of on the whole text once per region; a run that one region reads as
-        a number is not tried in the others, and runs inside other entities (`skip`) are not tried."""
+        """Presidio's phone recogniser (libphonenumber), run on each digit run that may be a number,
+        with a margin of context, instead of on the whole text once per region:
 
-        CANDIDATE = re.compile(r"[+(]?\d[\d\s().\-/]{4,22}\d(?:\s*(?:x|ext\.?)\s*\d{1,5})?", re.IGNORECASE)
+        * a run inside another entity (`skip`: a card, an IBAN, an IP) is not tried;
+        * a run that one region reads as a number is not tried in the others;
+        * a run written in international form (`+...`) or after a phone word ("call", "mobile",
+          "tel", ...) needs only a plausible length (libphonenumber's POSSIBLE), else it must be a
+          VALID number of a region (Presidio's default), and a bare digit run with neither a
+          separator nor a phone word is left alone (order and tracking numbers look like that)."""
+
+        CANDIDATE = re.compile(r"[+(]?\d[\d \t().\-/]{4,22}\d(?:\s*(?:x|ext\.?)\s*\d{1,5})?", re.IGNORECASE)
+        CUE = re.compile(r"(?:phone|call|mobile|cell|tel|fax|whatsapp|sms|text|reach|ring|dial)\w*"
+                         r"(?:\W+(?:me|us|on|at|is|number|no|nr|my|our|the|him|her)){0,3}\W*$", re.IGNORECASE)
 
         def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None,
                     skip: list[tuple[int, int]] = ()) -> list[Any]:
@@ -108,15 +116,20 @@ def _recognizers(entities: tuple[str, ...], nlp_engine: Any) -> list[Any]:
 
             results = []
             for candidate in self.CANDIDATE.finditer(text):
-                if sum(c.isdigit() for c in candidate.group()) < 7:
+                raw = candidate.group()
+                if sum(c.isdigit() for c in raw) < 7:
                     continue
                 if any(candidate.start() < end and start < candidate.end() for start, end in skip):
                     continue
+                cued = raw.startswith("+") or bool(self.CUE.search(text[max(0, candidate.start() - 40):candidate.start()]))
+                if not cued and raw.isdigit():
+                    continue
+                leniency = phonenumbers.Leniency.POSSIBLE if cued else self.leniency
                 start = max(0, candidate.start() - 4)
                 window = text[start:min(len(text), candidate.end() + 4)]
                 for region in self.supported_regions:
                     found = [self._get_recognizer_result(m, window, region, nlp_artifacts)
-                             for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=self.leniency)]
+                             for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=leniency)]
                     for result in found:
                         result.start += start
                         result.end += start
@@ -125,11 +138,24 @@ def _recognizers(entities: tuple[str, ...], nlp_engine: Any) -> list[Any]:
                         break
             return EntityRecognizer.remove_duplicates(results)
 
+    class CardRecognizer(CreditCardRecognizer):
+        """Presidio's card recogniser (Luhn-checked) plus Mastercard's 2-series (2221-2720), which
+        its pattern lacks."""
+
+        def __init__(self) -> None:
+            from presidio_analyzer import Pattern
+
+            two_series = Pattern("Mastercard 2-series", r"\b2(?:2[2-9]\d|[3-6]\d\d|7[01]\d|720)(?:[- ]?\d{4}){3}\b",
+                                 0.3)
+            super().__init__(patterns=[*CreditCardRecognizer.PATTERNS, two_series])
+
+    import regex  # Unicode classes (\p{Lu}) for names; Presidio depends on it
+
     class CuedNameRecognizer(LocalRecognizer):
         """Person names introduced by a cue: 1-3 capitalised words after "my name is", "name:",
         "Dear", "Mr./Ms./Dr.", a sign-off ("Regards,", "Thanks,"), "I am"/"this is" (two words)."""
 
-        WORD = r"[A-Z](?:'[A-Z])?[a-z]+(?:[A-Z][a-z]+)?(?:-[A-Z](?:'[A-Z])?[a-z]+)?"
+        WORD = r"\p{Lu}(?:'\p{Lu})?\p{Ll}+(?:\p{Lu}\p{Ll}+)?(?:-\p{Lu}(?:'\p{Lu})?\p{Ll}+)?"
         STRONG = (r"my name is|my name's|name\s*:|full name\s*:|(?:first|last) name\s*:|dear|signed|sincerely,?"
                   r"|regards,?|best regards,?|kind regards,?|cheers,?|thanks,|thank you,|best,|"
                   r"(?:mr|mrs|ms|mx|miss|dr|prof)\.?|spoke (?:to|with)|speak (?:to|with)|ask for|contact person\s*:")
@@ -138,7 +164,7 @@ def _recognizers(entities: tuple[str, ...], nlp_engine: Any) -> list[Any]:
                 "Everyone", "Sorry", "Happy", "Good", "Not", "Just", "Here", "Thanks", "Thank", "Regards", "Best",
                 "Please", "Hi", "Hello", "Hey", "Dear", "And", "But", "So", "We", "You", "Your", "Our", "My", "It",
                 "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "Bank", "Account"}
-        PATTERN = re.compile(
+        PATTERN = regex.compile(
             rf"(?:(?<![\w])(?i:(?P<strong>{STRONG}))[ \t]*\n?[ \t]*(?P<name1>{WORD}(?:[ \t]+{WORD}){{0,2}}))"
             rf"|(?:(?<![\w])(?i:(?P<weak>{WEAK}))[ \t]+(?P<name2>{WORD}(?:[ \t]+{WORD}){{1,2}}))")
         SCORE = 0.6
@@ -168,7 +194,7 @@ def _recognizers(entities: tuple[str, ...], nlp_engine: Any) -> list[Any]:
             return results
 
     own = {"EMAIL_ADDRESS": OfflineEmailRecognizer, "PHONE_NUMBER": CandidatePhoneRecognizer,
-           "CREDIT_CARD": CreditCardRecognizer, "IBAN_CODE": IbanRecognizer, "IP_ADDRESS": IpRecognizer,
+           "CREDIT_CARD": CardRecognizer, "IBAN_CODE": IbanRecognizer, "IP_ADDRESS": IpRecognizer,
            "US_SSN": UsSsnRecognizer, "PERSON": CuedNameRecognizer}
     recognizers = [own[e]() for e in entities if e in own]
     others = [e for e in entities if e not in own]
@@ -203,7 +229,7 @@ class PIIDetector:
         self.analyzer = presidio_analyzer.AnalyzerEngine(nlp_engine=nlp, registry=registry,
                                                          supported_languages=["en"])
         self._others = [e for e in self.entities if e != "PHONE_NUMBER" or self.phone is None]
-        self._cheap = re.compile(r"\d|@|[A-Z][a-z]")  # no digit, '@' or capitalised word: nothing to find
+        self._cheap = re.compile(r"\d|@|[^\W\d_]")  # no digit, '@' or capitalised word: nothing to find
 
     def analyze(self, text: str) -> list[Any]:
         """Presidio's RecognizerResults for `text`, overlaps resolved, sorted by position."""
