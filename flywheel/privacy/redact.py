@@ -157,10 +157,14 @@ class Redactor:
         if op == "mask":
             keep = min(self.policy.keep_last, max(len(value) - 1, 0))
             return self.policy.mask_char * (len(value) - keep) + (value[-keep:] if keep else "")
-        key = (kind, _normalise(kind, value))
         if op == "hash":
+            key = (kind, _normalise(kind, value))
             digest = hmac.new(self._key, f"{key[0]}\0{key[1]}".encode(), hashlib.sha256).hexdigest()[:8]
             return f"<{kind}_{digest}>"
+        return self._label(kind, value)
+
+    def _label(self, kind: str, value: str) -> str:
+        key = (kind, _normalise(kind, value))
         if key not in self._scope:
             self._scope[key] = f"<{kind}_{sum(1 for k in self._scope if k[0] == kind) + 1}>"
         return self._scope[key]
@@ -181,6 +185,9 @@ class Redactor:
         found = self._with_known(text, found)
         if not found:
             return text
+        if self.policy.operator == "replace":  # number values in reading order (Presidio works backwards)
+            for r in sorted(found, key=lambda r: r.start):
+                self._label(r.entity_type, text[r.start:r.end])
         result = self._engine.anonymize(text=text, analyzer_results=found,
                                         operators=self._operators({r.entity_type for r in found}))
         return result.text
@@ -262,7 +269,8 @@ class Redactor:
                     bodies[column] = {"raw": out[column]}
         redacted = self.redact_json(bodies)
         for column, body in redacted.items():
-            out[column] = json.dumps(body, ensure_ascii=False)
+            plain = out[column] == bodies[column].get("raw") if isinstance(bodies[column], dict) else False
+            out[column] = body["raw"] if plain else json.dumps(body, ensure_ascii=False)
         if out.get("error"):
             out["error"] = self.redact_text(out["error"])
         return out
