@@ -20,6 +20,8 @@ from graders.templates import template_variables
 
 GRADER_TYPES = ("string_check", "text_similarity", "score_model", "label_model", "python", "multi", "pii", "blocklist")
 SUB_GRADER_TYPES = ("string_check", "text_similarity", "score_model", "label_model", "python", "pii", "blocklist")
+# Flywheel's own types (safety checks, graders/safety.py): not in the platform's schema.
+EXTENSION_GRADER_TYPES = ("pii", "blocklist")
 STRING_CHECK_OPERATIONS = ("eq", "ne", "like", "ilike")
 TEXT_SIMILARITY_METRICS = (
     "cosine", "fuzzy_match", "bleu", "gleu", "meteor",
