@@ -12,8 +12,8 @@ NER model the baseline finds none.
 
 Part 2 times detection and redaction per message (messages/s), both detectors, one thread.
 
-Part 3 starts an echo upstream (answers each chat call at once with the user's text, so the reply
-holds the same PII) and `flywheel proxy` three times in front of it: plain, `--redact`, and
+Part 3 starts an echo upstream (answers each chat call at once with "Noted: " + the user's text, so
+the reply holds the same PII and is analysed separately) and `flywheel proxy` three times in front of it: plain, `--redact`, and
 `--redact --block-output-pii`, each its own process; one keep-alive client alternates direct and
 proxied round trips with 500-character Faker messages. Added latency = median(proxy with the
 option) - median(plain proxy). Prints markdown tables and the load average.
@@ -93,9 +93,9 @@ def bench_speed(messages):
     chars = sum(len(m.text) for m in messages) / len(messages)
     for name, fn in (("detect, stock Presidio patterns", lambda m: stock.detect(m.text)),
                      ("detect, flywheel (graders.pii)", lambda m: ours.detect(m.text)),
-                     ("redact a conversation (message + echoed reply)", lambda m: redactor.redact_json(
+                     ("redact a conversation (message + reply quoting it)", lambda m: redactor.redact_json(
                          {"messages": [{"role": "user", "content": m.text},
-                                       {"role": "assistant", "content": m.text}]}))):
+                                       {"role": "assistant", "content": "Noted: " + m.text}]}))):
         fn(messages[0])
         started = time.perf_counter()
         for m in messages:
@@ -113,7 +113,7 @@ def echo_app():
 
     async def chat(request):
         body = json.loads(await request.body())
-        text = body["messages"][-1]["content"]
+        text = "Noted: " + body["messages"][-1]["content"]  # not the same string: analysed on its own
         return JSONResponse({"id": "chatcmpl-echo", "object": "chat.completion", "created": 0, "model": "echo",
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                           "finish_reason": "stop"}],
