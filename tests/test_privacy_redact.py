@@ -104,3 +104,12 @@ def test_parse_redact_settings():
         parse_redact("blur")
     with pytest.raises(PrivacyError, match=r"redact\.entities: .*unknown PII entity 'EMAIL'"):
         parse_redact({"entities": ["EMAIL"]})
+
+
+def test_a_name_given_once_is_replaced_where_it_recurs_but_not_common_words():
+    redactor = Redactor()
+    out = redactor.redact_json({"messages": [
+        {"role": "user", "content": "My name is Will Hunt. I will pay tomorrow."},
+        {"role": "assistant", "content": "Thanks Will, we will wait. Hunt is noted."}]})
+    assert out["messages"][0]["content"] == "My name is <PERSON_1>. I will pay tomorrow."
+    assert out["messages"][1]["content"] == "Thanks <PERSON_1>, we will wait. <PERSON_1> is noted."

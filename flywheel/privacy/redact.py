@@ -142,6 +142,7 @@ class Redactor:
         self._scope: dict[tuple[str, str], str] = {}
         self._found: dict[str, list[Any]] = {}
         self._known: dict[str, str] = {}
+        self._alias: dict[tuple[str, str], str] = {}
 
     # -- scopes and operators -------------------------------------------------------------------
     def new_conversation(self) -> None:
@@ -149,6 +150,7 @@ class Redactor:
         self._scope = {}
         self._found: dict[str, list[Any]] = {}
         self._known: dict[str, str] = {}
+        self._alias: dict[tuple[str, str], str] = {}
         self.conversations += 1
 
     def _pseudonym(self, kind: str, value: str) -> str:
@@ -158,12 +160,14 @@ class Redactor:
             keep = min(self.policy.keep_last, max(len(value) - 1, 0))
             return self.policy.mask_char * (len(value) - keep) + (value[-keep:] if keep else "")
         if op == "hash":
+            value = self._alias.get((kind, _normalise(kind, value)), value)
             key = (kind, _normalise(kind, value))
             digest = hmac.new(self._key, f"{key[0]}\0{key[1]}".encode(), hashlib.sha256).hexdigest()[:8]
             return f"<{kind}_{digest}>"
         return self._label(kind, value)
 
     def _label(self, kind: str, value: str) -> str:
+        value = self._alias.get((kind, _normalise(kind, value)), value)
         key = (kind, _normalise(kind, value))
         if key not in self._scope:
             self._scope[key] = f"<{kind}_{sum(1 for k in self._scope if k[0] == kind) + 1}>"
@@ -201,7 +205,8 @@ class Redactor:
 
         extra = []
         for surface, kind in self._known.items():
-            for match in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", text, re.IGNORECASE):
+            flags = 0 if kind == "PERSON" else re.IGNORECASE  # "Will" the person, not "will" the verb
+            for match in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", text, flags):
                 if all(match.end() <= r.start or match.start() >= r.end for r in [*found, *extra]):
                     extra.append(RecognizerResult(kind, match.start(), match.end(), 0.5))
         return [*found, *extra] if extra else found
@@ -223,6 +228,8 @@ class Redactor:
                     for part in [surface, *(p for p in parts if len(parts) > 1)]:
                         if len(part) >= 3:
                             self._known.setdefault(part, r.entity_type)
+                        if part is not surface:  # "Thanks Ann" gets Ann Lee's pseudonym
+                            self._alias.setdefault(("PERSON", _normalise("PERSON", part)), surface)
         return self._walk(value, None)
 
     def _collect(self, value: Any, key: str | None, out: list[str]) -> None:
