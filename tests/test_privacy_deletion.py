@@ -154,3 +154,20 @@ def test_deleted_text_leaves_no_bytes_even_where_sqlite_keeps_freed_cells(db):
             assert b"zebra7781" not in path.read_bytes(), path
     store.close()
     writer.close()
+
+
+def test_export_without_presidio_is_one_clean_error_and_writes_nothing(db, tmp_path, monkeypatch):
+    import sys
+
+    from graders import pii
+
+    pii._cached.cache_clear()
+    monkeypatch.setitem(sys.modules, "presidio_analyzer", None)  # as if the privacy extra were not installed
+    out = tmp_path / "export.jsonl"
+    result = CliRunner().invoke(main, ["captures", "export", "-o", str(out), "--db", db])
+    pii._cached.cache_clear()
+    assert result.exit_code == 1, result.output
+    assert result.output == ("error: PII detection needs Microsoft Presidio: pip install 'flywheel[privacy]' "
+                             "(presidio-analyzer, presidio-anonymizer)\n")
+    assert not out.exists()
+    assert "wrote 3 examples" in run("captures", "export", "-o", str(out), "--redact", "none", "--db", db)
