@@ -67,6 +67,12 @@ def test_replace_numbers_values_consistently_within_a_conversation():
     assert again["messages"][0]["content"] == "write to <EMAIL_ADDRESS_1>"  # a new conversation numbers anew
 
 
+def test_neighbouring_values_keep_their_own_pseudonyms():
+    redactor = Redactor()
+    assert redactor.redact_json({"content": "cc a@example.org b@example.org, a@example.org"})["content"] == \
+        "cc <EMAIL_ADDRESS_1> <EMAIL_ADDRESS_2>, <EMAIL_ADDRESS_1>"
+
+
 def test_mask_keeps_length_and_the_last_characters():
     redactor = Redactor(RedactionPolicy(operator="mask", keep_last=4, entities=["CREDIT_CARD"]))
     assert redactor.redact_text("card 4111 1111 1111 1111 ok") == "card " + "*" * 15 + "1111 ok"

@@ -192,7 +192,7 @@ class Redactor:
         if self.policy.operator == "replace":  # number values in reading order (Presidio works backwards)
             for r in sorted(found, key=lambda r: r.start):
                 self._label(r.entity_type, text[r.start:r.end])
-        result = self._engine.anonymize(text=text, analyzer_results=found,
+        result = self._engine.anonymize(text=text, analyzer_results=found, merge_entities_with_spaces=False,
                                         operators=self._operators({r.entity_type for r in found}))
         return result.text
 
