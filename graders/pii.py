@@ -38,6 +38,8 @@ EXTRA_ENTITIES = ("URL", "CRYPTO", "MAC_ADDRESS", "UK_NHS", "US_PASSPORT", "US_B
                   "US_ITIN", "MEDICAL_LICENSE", "DATE_TIME")
 KNOWN_ENTITIES = DEFAULT_ENTITIES + EXTRA_ENTITIES
 DEFAULT_MIN_SCORE = 0.35
+# A pseudonym flywheel.privacy.redact wrote (replace: `<KIND_3>`, hash: `<KIND_3f2a9c1d>`): not PII.
+PSEUDONYM = re.compile(r"<[A-Z][A-Z_]*_(?:\d{1,6}|[0-9a-f]{8})>")
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "IL", "IN", "CA", "BR")
 
 
@@ -237,8 +239,11 @@ class PIIDetector:
             return []
         found = self.analyzer.analyze(text=text, language="en", entities=self._others,
                                       score_threshold=self.min_score) if self._others else []
+        tags = [m.span() for m in PSEUDONYM.finditer(text)]  # already redacted: `<EMAIL_ADDRESS_1>`
+        if tags:
+            found = [r for r in found if all(r.end <= a or r.start >= b for a, b in tags)]
         if self.phone is not None and self.phone.SCORE >= self.min_score:
-            found += self.phone.analyze(text, ["PHONE_NUMBER"], skip=[(r.start, r.end) for r in found])
+            found += self.phone.analyze(text, ["PHONE_NUMBER"], skip=[(r.start, r.end) for r in found] + tags)
         kept: list[Any] = []
         for result in sorted(found, key=lambda r: (-r.score, -(r.end - r.start), r.start)):
             if all(result.end <= k.start or result.start >= k.end for k in kept):

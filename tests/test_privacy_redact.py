@@ -119,3 +119,12 @@ def test_a_name_given_once_is_replaced_where_it_recurs_but_not_common_words():
         {"role": "assistant", "content": "Thanks Will, we will wait. Hunt is noted."}]})
     assert out["messages"][0]["content"] == "My name is <PERSON_1>. I will pay tomorrow."
     assert out["messages"][1]["content"] == "Thanks <PERSON_1>, we will wait. <PERSON_1> is noted."
+
+
+@pytest.mark.parametrize("operator", ["replace", "hash"])
+def test_redacting_twice_changes_nothing_more(messages, operator):
+    """Captures stored with `proxy --redact` are redacted again on export: the tags must survive."""
+    redactor = Redactor(RedactionPolicy(operator=operator), hash_key="k")
+    for msg in messages[:60]:
+        once = redactor.redact_json({"content": msg.text})["content"]
+        assert redactor.redact_json({"content": once})["content"] == once
