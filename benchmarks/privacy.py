@@ -179,7 +179,19 @@ def bench_proxy(round_trips: int):
         started = time.thread_time()
         redactor.redact_capture(row)
         cpu.append(time.thread_time() - started)
+    from flywheel.privacy.policy import ProxyPrivacy
+
+    screen, screen_cpu = ProxyPrivacy(block_output_pii="reject"), []
+    for body in bodies * 2:
+        request = json.loads(body)
+        reply = {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                      "content": "Noted: " + request["messages"][0]["content"]}}]}
+        started = time.thread_time()
+        screen.screen(request, reply)
+        screen_cpu.append(time.thread_time() - started)
     rows = [("request: 500 characters, PII entities per message (mean)", f"{pii_per_message:.1f}"),
+            ("CPU to screen one reply (--block-output-pii), median (p90)",
+             f"{1000 * statistics.median(screen_cpu):.2f} ms ({1000 * statistics.quantiles(screen_cpu, n=10)[8]:.2f})"),
             ("CPU to redact one such capture (request + reply), median (p90)",
              f"{1000 * statistics.median(cpu):.2f} ms ({1000 * statistics.quantiles(cpu, n=10)[8]:.2f})")]
     rows += [(f"{name}: median (p90) of {round_trips}", f"{median[name]:.2f} ms ({p90[name]:.2f})") for name in times]
@@ -194,6 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--round-trips", type=int, default=200)
+    parser.add_argument("--proxy-only", action="store_true", help="Only part 3 (proxy round trips).")
     parser.add_argument("--echo-upstream", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_upstream:
@@ -202,9 +215,10 @@ def main() -> None:
         uvicorn.run(echo_app(), host="127.0.0.1", port=args.echo_upstream, log_level="warning")
         return
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start\n")
-    quality, messages = bench_quality(args.messages)
-    print(f"Detection on {args.messages} Faker messages (seed {SEED}):\n\n{quality}\n")
-    print(table("speed, one thread", bench_speed(messages)) + f"\n\nload average {os.getloadavg()[0]:.1f}\n")
+    if not args.proxy_only:
+        quality, messages = bench_quality(args.messages)
+        print(f"Detection on {args.messages} Faker messages (seed {SEED}):\n\n{quality}\n")
+        print(table("speed, one thread", bench_speed(messages)) + f"\n\nload average {os.getloadavg()[0]:.1f}\n")
     print(table("proxy round trips", bench_proxy(args.round_trips)))
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
