@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flywheel.data import load_dataset  # noqa: E402
-from flywheel.harness import GraderSet, evaluate, render_messages  # noqa: E402
+from flywheel.grading import GraderSet
+from flywheel.harness import evaluate, render_messages  # noqa: E402
 from flywheel.models import load_model  # noqa: E402
 from flywheel.prompt import Prompt  # noqa: E402
 from flywheel.spec import load_eval_spec  # noqa: E402

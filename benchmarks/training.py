@@ -51,7 +51,7 @@ MAIN = ("trl_defaults", "flywheel")
 
 
 def rows(n: int):
-    from flywheel.capture import capture
+    from flywheel.distill import capture
     from flywheel.spec import load_eval_spec
     from flywheel.store import Store
     from flywheel.train import build_sft_set
@@ -72,7 +72,7 @@ def worker(name: str, n: int, out: Path) -> None:
 
     from flywheel.models.local import materialise_embedded
     from flywheel.train.config import SFTSpec, resolve_bf16, to_peft
-    from flywheel.train.datasets import chat_messages, tokenize_sft
+    from flywheel.train.formats import chat_messages, tokenize_sft
     from flywheel.train.sft import build_sft_trainer
 
     settings = CONFIGS[name][1]

@@ -108,7 +108,7 @@ def optimize_command(spec_path, overrides, db, as_json):
 def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
     """Turn the wheel on SPEC (a run spec) toward --target: prompts, capture, SFT, DPO, RFT."""
     from flywheel.report.console import console, print_wheel_result
-    from flywheel.spec import load_run_spec
+    from flywheel.run_spec import load_run_spec
     from flywheel.wheel import run_wheel
 
     with _open_store(db) as store:
@@ -367,97 +367,112 @@ def serve_command(host, port, review, reviewer, db):
 @click.option("--prompt", default="best", show_default=True, help="best (top valid score), spec, or a prompt id.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Capture the first N train items.")
 @click.option("-o", "--option", "options", multiple=True, help="Teacher model option key=value (e.g. base_url=...).")
+@click.option("--inputs", "inputs_path", default=None, type=click.Path(dir_okay=False),
+              help="Unlabelled inputs (JSONL/CSV of items) instead of train: kept by self-consistency of the --n "
+              "samples.")
+@click.option("--id-field", default=None, help="With --inputs: the field holding each input's id.")
+@click.option("--min-agreement", default=0.6, show_default=True, type=click.FloatRange(0.5, 1, min_open=True),
+              help="With --inputs: share of the --n samples that must agree on the answer.")
 @click.option("-s", "--set", "overrides", multiple=True, help="Override a spec field: key.path=value.")
 @db_option
 @json_option
-def capture_command(spec_path, teacher, n, temperature, prompt, limit, options, overrides, db, as_json):
-    """Sample K teacher outputs per train item with the best prompt, grade and store them."""
-    from flywheel.capture import capture
+def capture_command(spec_path, teacher, n, temperature, prompt, limit, options, inputs_path, id_field, min_agreement,
+                    overrides, db, as_json):
+    """Sample K teacher outputs per train item with the best prompt, grade and store them (or, with
+    --inputs, per unlabelled input, accepted by self-consistency)."""
+    from flywheel.distill import capture, capture_unlabelled_file
     from flywheel.progress import progress_bar
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
     with _open_store(db) as store, progress_bar(f"capture {spec.name}", disable=as_json) as progress:
-        result = capture(spec, store, teacher, n=n, temperature=temperature, prompt=prompt, limit=limit,
-                         teacher_options=_options(options), command=" ".join(sys.argv), progress=progress)
+        if inputs_path:
+            result = capture_unlabelled_file(spec, store, teacher, inputs_path, id_field=id_field, n=n,
+                                             temperature=temperature, min_agreement=min_agreement, prompt=prompt,
+                                             limit=limit, teacher_options=_options(options),
+                                             command=" ".join(sys.argv), progress=progress)
+        else:
+            result = capture(spec, store, teacher, n=n, temperature=temperature, prompt=prompt, limit=limit,
+                             teacher_options=_options(options), command=" ".join(sys.argv), progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
+        where, check = ("unlabelled inputs", "agree with their majority") if inputs_path else ("train items",
+                                                                                              "pass every grader")
         click.echo(f"capture {result.id}: {result.n_samples} samples from {teacher} ({result.n} per item, "
-                   f"{result.n_items} train items): {result.n_passed} pass every grader ({result.pass_rate:.1%}), "
-                   f"{result.items_with_pass} items have a passing output, {result.n_errors} errors")
+                   f"{result.n_items} {where}): {result.n_passed} {check} ({result.pass_rate:.1%}), "
+                   f"{result.items_with_pass} items have an accepted output, {result.n_errors} errors")
 
 
-@main.group("train")
+class _TrainGroup(FlywheelGroup):
+    """`flywheel train`: one subcommand per training method, built from the methods table when asked
+    for (so `flywheel --help` does not import the training stack), plus `export`."""
+
+    def list_commands(self, ctx):
+        from flywheel.train.methods import METHODS
+
+        return [*METHODS, *super().list_commands(ctx)]
+
+    def get_command(self, ctx, name):
+        from flywheel.train.methods import METHODS
+
+        return _train_command(METHODS[name]) if name in METHODS else super().get_command(ctx, name)
+
+
+@main.group("train", cls=_TrainGroup)
 def train_group() -> None:
     """Fine-tune on captured data: sft, dpo or rft (GRPO); locally with TRL, or hosted."""
 
 
-def _train_command(method: str, extra: list):
-    def decorate(fn):
-        options = [
-            click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False)),
-            click.option("--base", required=True, help="local:MODEL[+ADAPTER], a checkpoint id, or openai:MODEL (hosted)."),
-            click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Training config YAML."),
-            click.option("-s", "--set", "settings", multiple=True, help="Override a training setting: key.path=value."),
-            click.option("--data", default=None, help="Train on a platform JSONL file or a recorded set id (ts-...)."),
-            click.option("--split", "splits", multiple=True, default=("valid", "test"), show_default=True,
-                         type=click.Choice(["valid", "test"]), help="Evaluate the checkpoint on these splits."),
-            click.option("--no-eval", is_flag=True, help="Register the checkpoint without evaluating it."),
-            click.option("-o", "--option", "options", multiple=True, help="Hosted backend option key=value."),
-            *extra, db_option, json_option,
-        ]
-        for option in reversed(options):
-            fn = option(fn)
-        return train_group.command(method)(fn)
-    return decorate
+# Options of each method's set builder (flywheel.train.methods: TrainingMethod.set_options).
+_SET_OPTIONS = {
+    "min_score": click.option("--min-score", type=float, default=None, help="Keep captures scoring at least this on "
+                              "the objective (default: those that pass every grader)."),
+    "max_per_item": click.option("--max-per-item", default=1, show_default=True, type=click.IntRange(min=1),
+                                 help="Distinct passing outputs kept per item."),
+    "min_margin": click.option("--min-margin", default=0.5, show_default=True, type=click.FloatRange(min=0),
+                               help="Least objective-score gap between the preferred and the rejected output."),
+}
 
 
-def _run_train(method, spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json,
-               **set_options):
-    from flywheel.spec import load_eval_spec
-    from flywheel.train import load_train_config, train
+def _train_command(method):
+    """`flywheel train <method>`: one command per row of the methods table."""
 
-    spec = load_eval_spec(spec_path)
-    config = load_train_config(method, config_path, list(settings))
-    with _open_store(db) as store:
-        result = train(method, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
-                       splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
-    if result is None:  # a non-main process under accelerate launch
-        return
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
+    def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, **set_options):
+        from flywheel.spec import load_eval_spec
+        from flywheel.train import load_train_config, train
 
+        spec = load_eval_spec(spec_path)
+        config = load_train_config(method.name, config_path, list(settings))
+        with _open_store(db) as store:
+            result = train(method.name, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
+                           splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
+        if result is None:  # a non-main process under accelerate launch
+            return
+        click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
-@_train_command("sft", [
-    click.option("--min-score", type=float, default=None, help="Keep captures scoring at least this on the "
-                 "objective (default: those that pass every grader)."),
-    click.option("--max-per-item", default=1, show_default=True, type=click.IntRange(min=1),
-                 help="Distinct passing outputs kept per item.")])
-def train_sft_command(spec_path, base, config_path, settings, data, splits, no_eval, options, min_score,
-                      max_per_item, db, as_json):
-    """Supervised fine-tuning on passing captured outputs (loss on assistant tokens)."""
-    _run_train("sft", spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json,
-               min_score=min_score, max_per_item=max_per_item)
-
-
-@_train_command("dpo", [
-    click.option("--min-margin", default=0.5, show_default=True, type=click.FloatRange(min=0),
-                 help="Least objective-score gap between the preferred and the rejected output.")])
-def train_dpo_command(spec_path, base, config_path, settings, data, splits, no_eval, options, min_margin, db,
-                      as_json):
-    """DPO on best-vs-worst graded outputs of the same item (start from an SFT checkpoint)."""
-    _run_train("dpo", spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json,
-               min_margin=min_margin)
+    options = [
+        click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False)),
+        click.option("--base", required=True, help="local:MODEL[+ADAPTER], a checkpoint id, or openai:MODEL (hosted)."),
+        click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Training config YAML."),
+        click.option("-s", "--set", "settings", multiple=True, help="Override a training setting: key.path=value."),
+        click.option("--data", default=None, help="Train on a platform JSONL file or a recorded set id (ts-...)."),
+        click.option("--split", "splits", multiple=True, default=("valid", "test"), show_default=True,
+                     type=click.Choice(["valid", "test"]), help="Evaluate the checkpoint on these splits."),
+        click.option("--no-eval", is_flag=True, help="Register the checkpoint without evaluating it."),
+        click.option("-o", "--option", "options", multiple=True, help="Hosted backend option key=value."),
+        *(_SET_OPTIONS[name] for name in method.set_options), db_option, json_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    command.__doc__ = method.summary[0].upper() + method.summary[1:] + "."
+    return click.command(method.name)(command)
 
 
-@_train_command("rft", [])
-def train_rft_command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json):
-    """Reward-based fine-tuning (GRPO locally) with the eval's graders as rewards."""
-    _run_train("rft", spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json)
 
 
 @train_group.command("export")
-@click.argument("kind", type=click.Choice(["sft", "dpo", "rft"]))
+@click.argument("kind", metavar="METHOD")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Platform-format JSONL to write.")
 @click.option("--hf", "hf_dir", default=None, type=click.Path(file_okay=False), help="Also save a HF dataset here.")
@@ -468,12 +483,13 @@ def train_rft_command(spec_path, base, config_path, settings, data, splits, no_e
 def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin, db, as_json):
     """Build a training set from the store, record it, and write it as platform JSONL (and HF)."""
     from flywheel.spec import load_eval_spec
-    from flywheel.train import build_training_set, record_training_set, to_hf_dataset
+    from flywheel.train import build_training_set, record_training_set, to_hf_dataset, training_method
 
     spec = load_eval_spec(spec_path)
     with _open_store(db) as store:
+        options = {"min_score": min_score, "min_margin": min_margin, "max_per_item": 1}
         training_set = record_training_set(store, build_training_set(
-            kind, spec, store, min_score=min_score, min_margin=min_margin))
+            kind, spec, store, **{k: options[k] for k in training_method(kind).set_options}))
     path = training_set.to_jsonl(output)
     with _open_store(db) as store:  # recorded, so that `captures delete` finds copies in it
         from flywheel.privacy.lineage import record_export
@@ -526,7 +542,7 @@ def graders_run(path, item_json, model_sample, judge):
     """Grade one --sample against --item with every grader in FILE; prints the platform's response."""
     import graders
 
-    from flywheel.harness import GraderSet
+    from flywheel.grading import GraderSet
 
     try:
         item = json.loads(item_json)

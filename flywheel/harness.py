@@ -24,6 +24,7 @@ import graders
 
 from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError, TooManyErrors
+from flywheel.grading import GraderSet
 from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
@@ -106,53 +107,6 @@ def cache_key(fingerprint: str, request: ChatRequest) -> str:
 def render_messages(messages: Sequence[dict[str, str]], item: Item) -> list[dict[str, str]]:
     """Fill `{{item.x}}` templates; raises graders.TemplateVariableError on a missing field."""
     return Prompt(messages=list(messages)).render_base(item)
-
-
-class GraderSet:
-    """The spec's graders, built once per run, with a model resolver for judge graders."""
-
-    def __init__(self, configs: list[dict[str, Any]], judge_options: dict[str, Any] | None = None):
-        self._judges: dict[str, Model] = {}
-        self._judge_options = judge_options or {}
-        self.runners = []
-        self.names = []
-        for index, raw in enumerate(configs):
-            config = graders.parse_grader(raw)
-            self.names.append(getattr(config, "name", None) or f"grader_{index}")
-            self.runners.append(graders.build_grader(config, judge=self.judge_model))
-
-    def judge_model(self, ref: str) -> Model:
-        """The judge model for a grader's `model` string (no scheme means openai:), loaded once."""
-        if ref not in self._judges:
-            full = ref if ":" in ref and ref.split(":", 1)[0] in ("local", "openai") else f"openai:{ref}"
-            self._judges[ref] = load_model(full)
-        return self._judges[ref]
-
-    def grade(self, samples: list[dict[str, Any]], items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        """Grades per sample: a list (one per grader) of store-ready dicts. Never raises."""
-        per_sample: list[list[dict[str, Any]]] = [[] for _ in samples]
-        for name, runner in zip(self.names, self.runners):
-            try:
-                results = runner.grade_batch(samples, items)
-            except Exception as exc:  # noqa: BLE001 - a grader bug is a recorded error, not a crash
-                message = f"{type(exc).__name__}: {exc}"
-                results = [None] * len(samples)
-            for row, grade in zip(per_sample, results):
-                if grade is None:
-                    row.append({"grader": name, "score": 0.0, "passed": False,
-                                "feedback": f"grader raised {message}", "details": {},
-                                "error": "other_error", "error_details": message})
-                else:
-                    row.append({"grader": name, "score": float(grade.score), "passed": bool(grade.passed),
-                                "feedback": grade.feedback, "details": grade.details,
-                                "error": grade.error, "error_details": grade.error_details})
-        return per_sample
-
-    def close(self) -> None:
-        for runner in self.runners:
-            runner.close()
-        for model in self._judges.values():
-            model.close()
 
 
 def _config_key(spec: EvalSpec, dataset: Dataset, model: Model, split: str, limit: int | None,
@@ -248,6 +202,7 @@ def evaluate(
         ci_low=summary["objective_ci"][0], ci_high=summary["objective_ci"][1],
         prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
         cost=summary["cost"], wall_s=wall)
+    store.record_iteration_latency(iteration_id)
     return Evaluation(iteration_id=iteration_id, summary=summary, model_calls=counters.model_calls,
                       cache_hits=counters.cache_hits, resumed=len(done), wall_s=wall)
 

@@ -157,6 +157,13 @@ def m005_prompt_demos(db: sqlite_utils.Database) -> None:
     db["prompts"].add_column("nearest", int)
 
 
+@migration
+def m006_wheel_laps_and_cost(db: sqlite_utils.Database) -> None:
+    # The wheel turns laps; every iteration records the lap it ran in and its summed sample latency
+    # (tokens and money were already summed), so cost per item is read off the row.
+    db["iterations"].add_column("lap", int)
+    db["iterations"].add_column("latency_s", float)
+
 
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations, each in its own transaction; return the names applied."""

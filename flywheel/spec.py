@@ -234,68 +234,7 @@ class EvalSpec(_Spec):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class BudgetLimits(_Spec):
-    iterations: int | None = Field(default=None, ge=1, description="Most candidate stages run.")
-    model_calls: int | None = Field(default=None, ge=1, description="Most model calls, all stages.")
-    tokens: int | None = Field(default=None, ge=1, description="Most prompt+completion tokens.")
-    money: float | None = Field(default=None, gt=0, description="Most spend, in the price table's currency.")
-    wall_s: float | None = Field(default=None, gt=0, description="Most wall-clock seconds.")
-
-
-class OptimizeStage(_Spec):
-    stage: Literal["optimize"] = Field(description="Prompt search.")
-    optimize: OptimizeSpec | None = Field(default=None, description="Settings; the eval's `optimize:` when unset.")
-
-
-class CaptureStage(_Spec):
-    stage: Literal["capture"] = Field(description="Teacher outputs on train, graded, for training sets.")
-    teacher: str = Field(description="Teacher model reference, `incumbent` (the best model so far), or "
-                         "reference:FIELD for labelled data.")
-    n: int = Field(default=1, ge=1, le=64, description="Samples per train item (best-of-K when > 1).")
-    temperature: float | None = Field(default=None, ge=0, le=2, description="Teacher temperature.")
-    limit: int | None = Field(default=None, ge=1, description="Capture at most this many train items.")
-
-
-class TrainStage(_Spec):
-    stage: Literal["sft", "dpo", "rft"] = Field(description="Fine-tune the incumbent with TRL + PEFT.")
-    config: dict[str, Any] = Field(default_factory=dict, description="Training settings (docs/training.md).")
-    min_score: float | None = Field(default=None, description="SFT: objective score a capture needs.")
-    min_margin: float = Field(default=0.5, ge=0, description="DPO: best-minus-worst score a pair needs.")
-
-
-StageSpec = OptimizeStage | CaptureStage | TrainStage
-
-
-class RunSpec(_Spec):
-    eval: str = Field(description="The eval spec, relative to this file.")
-    target: float | None = Field(default=None, description="Stop once the incumbent's valid objective reaches it.")
-    budget: BudgetLimits = Field(default_factory=BudgetLimits, description="Limits of the whole run.")
-    stages: list[StageSpec] = Field(min_length=1, description="Stages in order, each optional.")
-    plateau: int = Field(default=1, ge=1, description="Stop after this many candidate stages in a row bring no significant gain.")
-    alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of promotion tests.")
-    report: bool = Field(default=True, description="Write the HTML report at the end.")
-
-    source: str = Field(default="<run spec>", exclude=True, description="The run spec file, for errors.")
-    base_dir: Path = Field(default=Path("."), exclude=True, description="Folder of the run spec file.")
-
-    @property
-    def eval_path(self) -> Path:
-        return (self.base_dir / self.eval).resolve()
-
-
-def load_run_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
-    """Load and validate a run spec (the eval it names is loaded by the wheel)."""
-    path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [], str(path))
-    try:
-        spec = RunSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(_format_validation_error(str(path), exc)) from None
-    spec.source, spec.base_dir = str(path), path.resolve().parent
-    return spec
-
-
-def _format_validation_error(source: str, exc: ValidationError) -> str:
+def format_validation_error(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(
@@ -366,7 +305,7 @@ def parse_eval_spec(data: dict[str, Any], source: str = "<spec>", base_dir: Path
     try:
         spec = EvalSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_validation_error(source, exc)) from None
+        raise SpecError(format_validation_error(source, exc)) from None
     spec.base_dir = base_dir or Path(".").resolve()
     spec.source = source
     return spec

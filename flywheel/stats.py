@@ -80,15 +80,4 @@ def paired_stats(a_scores: Sequence[float], b_scores: Sequence[float], a_pass: S
             means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
         low, high = np.quantile(means, [0.025, 0.975])
         out.update(ci_low=float(low), ci_high=float(high))
-    out["significant"] = bool(out["p_mcnemar"] < 0.05 or not (out["ci_low"] <= 0 <= out["ci_high"]))
     return out
-
-
-def significant_gain(cmp: dict[str, Any], metric: str, alpha: float = 0.05) -> bool:
-    """Promotion rule: a positive paired difference that is significant — McNemar's exact test for
-    pass/fail objectives, the bootstrap CI of the per-item difference excluding 0 otherwise."""
-    if not cmp or cmp.get("n", 0) == 0 or not cmp["diff"] > 0:
-        return False
-    if metric == "pass_rate":
-        return cmp["p_mcnemar"] < alpha
-    return cmp["ci_low"] > 0

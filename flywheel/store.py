@@ -17,12 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
 
 from flywheel.errors import StoreError
 from flywheel.migrations import apply_migrations
+
+if TYPE_CHECKING:
+    from flywheel.cost import CostPerItem
 
 DEFAULT_DB = "flywheel.db"
 
@@ -86,6 +89,13 @@ class Store:
 
     def close(self) -> None:
         self.db.conn.close()
+
+    @property
+    def artefact_dir(self) -> Path:
+        """`.flywheel/` beside the database file (the working directory for an in-memory store):
+        adapters (`ckpt/`), training sets (`sets/`) and reports live there, rows point at them."""
+        base = Path.cwd() if self.path == ":memory:" else Path(self.path).resolve().parent
+        return base / ".flywheel"
 
     # -- definitions ----------------------------------------------------------------------------
     def save_eval(self, eval_id: str, name: str, spec_path: str, spec_json: str) -> None:
@@ -390,6 +400,67 @@ class Store:
             if row.get("job_id"):
                 self.db["training_jobs"].update(row["job_id"], {"checkpoint_id": row["id"], "status": "succeeded",
                                                                 "finished_at": now()})
+
+    # -- cost per item and extra grades (flywheel.cost, flywheel.distill) -------------------------------
+    def iteration_cost(self, iteration_id: str) -> "CostPerItem":
+        """Mean tokens, latency and money of an iteration's samples (errored samples included)."""
+        from flywheel.cost import CostPerItem
+
+        n, prompt, completion, latency, money = self.db.execute(
+            "select count(*), avg(coalesce(prompt_tokens, 0)), avg(coalesce(completion_tokens, 0)),"
+            " avg(coalesce(latency_s, 0)), avg(coalesce(cost, 0)) from samples where iteration_id = ?",
+            [iteration_id]).fetchone()
+        if not n:
+            return CostPerItem()
+        return CostPerItem(n=n, prompt_tokens=prompt, completion_tokens=completion, latency_s=latency,
+                           money_per_1k=1000 * money)
+
+    def record_iteration_latency(self, iteration_id: str) -> None:
+        """Store the summed sample latency on the iteration row (tokens and cost are summed already)."""
+        with self.db.conn:
+            self.db.conn.execute(
+                "update iterations set latency_s = (select sum(coalesce(latency_s, 0)) from samples"
+                " where iteration_id = ?) where id = ?", [iteration_id, iteration_id])
+
+    def add_grades(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Add grade rows to stored samples (e.g. self-consistency of unlabelled captures); a grade
+        already stored for (sample, grader) is kept."""
+        with self.db.conn:
+            self.db.conn.executemany(
+                "insert or ignore into grades (sample_id, grader, score, passed, feedback, details_json, error,"
+                " error_details) values (?,?,?,?,?,?,?,?)",
+                [(r["sample_id"], r["grader"], r["score"], int(r["passed"]), r.get("feedback"),
+                  json.dumps(r.get("details") or {}, ensure_ascii=False, default=str), r.get("error"),
+                  r.get("error_details")) for r in rows])
+
+    def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
+                        base_model: str) -> dict[str, Any] | None:
+        """The newest checkpoint trained by `method` on this set and config from this base (resume)."""
+        rows = list(self.db.query(
+            "select * from checkpoints where method = ? and training_set_hash = ? and config_json = ?"
+            " and base_model = ? order by created_at desc limit 1",
+            [method, training_set_hash, config_json, base_model]))
+        return rows[0] if rows else None
+
+    def update_run_summary(self, run_id: str, summary: dict[str, Any], status: str | None = None) -> None:
+        """Replace a run's summary (the wheel keeps its progress there: what resume reads)."""
+        fields: dict[str, Any] = {"summary_json": json.dumps(summary, default=str)}
+        if status:
+            fields["status"] = status
+        with self.db.conn:
+            self.db["runs"].update(run_id, fields)
+
+    def dataset_items(self, dataset_id: str) -> list[dict[str, Any]]:
+        """A stored dataset's items: key, split, line and fields, in stored order."""
+        return [{"key": key, "split": split, "line": line, "fields": json.loads(fields or "{}")}
+                for key, split, line, fields in self.db.execute(
+                    "select key, split, line, fields_json from items where dataset_id = ? order by rowid",
+                    [dataset_id]).fetchall()]
+
+    def prompt_row(self, prompt_id: str) -> dict[str, Any] | None:
+        """A stored prompt's row: id, origin, parent_id, rationale (and its JSON columns)."""
+        rows = list(self.db["prompts"].rows_where("id = ?", [prompt_id]))
+        return rows[0] if rows else None
 
     # -- privacy: exports, capture lineage, deletions (flywheel.privacy) --------------------------
     def record_export(self, row: dict[str, Any]) -> str:

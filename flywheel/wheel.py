@@ -1,60 +1,64 @@
-"""The wheel: `flywheel run` turns stages toward a target score, promoting only real gains.
+"""The wheel: `flywheel run` turns laps of stages toward a score target and a cost goal.
 
     result = run_wheel(load_run_spec("evals/banking77/run.yaml"), store)
-    result.winner, result.test, result.report_path
+    result.milestones, result.test, result.report_path
 
-The incumbent is a (model, prompt) pair, first the eval's own. Each stage proposes a candidate:
-`optimize` a better prompt for the incumbent model; `capture` no candidate but training data
-(teacher outputs on train, graded); `sft` / `dpo` / `rft` a LoRA checkpoint trained from the
-incumbent model. Every candidate is evaluated on `valid` in this run (the completion cache makes
-that free when the stage already measured it) and promoted only when it beats the incumbent by a
-paired test. The wheel stops at the target (on valid), at a budget, or after `plateau` candidate
-stages in a row without a significant gain. `test` is measured only for the baseline and the
-promoted iterations, after the wheel has stopped.
+The incumbent is a (model, prompt) pair, first the eval's own. A lap runs the run spec's stages in
+order (`flywheel.stages`: optimize, capture, sft, dpo, rft); each stage gets the incumbent and
+returns an outcome, perhaps with a candidate. The wheel itself is only three things:
 
-Resume: `flywheel run --resume RUN` re-enters the same run; finished stages are read back from
-their iterations (nothing is retrained), evaluations skip stored samples, and the completion
-cache answers every model call already paid for.
+* **the loop**: laps of stages, each stage resumable (its outcome is saved on the run row);
+* **the promotion rule** (`flywheel.promotion`): a candidate measured on `valid` replaces the
+  incumbent when it is significantly better, or cheaper per item and non-inferior;
+* **the stop**: the score target and the cost goal met, a budget spent, `plateau` candidate stages
+  in a row without a promotion, or the laps done.
+
+`test` is measured only after the wheel stops, for the baseline and the promoted iterations; the
+summary names three milestones — the baseline, the best prompt, the final model — with score and
+cost per item.
+
+Resume: `flywheel run --resume RUN` re-enters the same run; finished stages are read back (nothing
+is retrained), evaluations skip stored samples, and the completion cache answers every model call
+already paid for.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.data import load_dataset
+from flywheel.cost import CostPerItem
+from flywheel.data import Item, load_dataset
 from flywheel.errors import FlywheelError
-from flywheel.harness import GraderSet, paired_comparison, evaluate, register_eval
+from flywheel.grading import GraderSet
+from flywheel.harness import evaluate, paired_comparison, register_eval
 from flywheel.models import load_model
+from flywheel.promotion import decide
 from flywheel.prompt import Prompt
-from flywheel.spec import (CaptureStage, EvalSpec, OptimizeStage, RunSpec, TrainStage, load_eval_spec,
-                           load_run_spec)
-from flywheel.stats import significant_gain
+from flywheel.run_spec import RunSpec, load_run_spec
+from flywheel.spec import EvalSpec, load_eval_spec
+from flywheel.stages import Incumbent, StageOutcome, build_stage
 from flywheel.store import Store
 
 LogFn = Callable[[str], None]
 
 
 @dataclass
-class Incumbent:
+class Milestone:
+    """A system the summary names: score on valid and test, and cost per item."""
+
+    label: str  # baseline | best prompt | final model
     model_ref: str
-    prompt: Prompt
+    prompt_id: str
     iteration_id: str
-    score: float
-
-
-@dataclass
-class StageOutcome:
-    stage: str
-    candidate: str | None  # what was tried: a model ref and prompt, or None (capture)
-    valid: float | None
-    decision: str
-    reason: str
-    iteration_id: str | None = None
+    valid: float
+    test: float | None
+    cost: dict[str, Any]
 
 
 @dataclass
@@ -71,10 +75,15 @@ class WheelResult:
     tokens: int
     cost: float
     wall_s: float
+    milestones: list[Milestone] = field(default_factory=list)
+    minimise: str = "prompt_tokens"
+    lap_wall_s: dict[int, float] = field(default_factory=dict)
     report_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=str).replace("NaN", "null"))
+        data = asdict(self)
+        data["stages"] = [o.to_dict() for o in self.stages]
+        return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
 
 
 @dataclass
@@ -87,46 +96,73 @@ class _Spent:
 
 
 class Wheel:
-    """One `flywheel run`: the run row, the incumbent, the budget and the stages."""
+    """One `flywheel run`: what stages may use (the `WheelContext`), the budget and the promotion rule."""
 
     def __init__(self, run_spec: RunSpec, spec: EvalSpec, store: Store, run_id: str, log: LogFn,
                  elapsed_before: float = 0.0):
-        self.run_spec, self.spec, self.store, self.run_id, self.log = run_spec, spec, store, run_id, log
+        self.run_spec, self.spec, self.store, self.run_id, self._log = run_spec, spec, store, run_id, log
         self.dataset = load_dataset(spec)
         self.grader_set = GraderSet(spec.graders)
+        self.base_dir = run_spec.base_dir
+        self.goal = run_spec.goal.rule() if run_spec.goal else None
+        self.minimise = run_spec.goal.minimise if run_spec.goal else "prompt_tokens"
+        self.lap = 1
         self.spent = _Spent()
         self.spent.started -= elapsed_before
         self.models: dict[str, Any] = {}
 
-    # -- evaluation inside the wheel run ----------------------------------------------------------
+    # -- what stages use ----------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        self._log(message)
+
     def model(self, ref: str):
         if ref not in self.models:
-            options = dict(self.spec.model_options) if ref.startswith("local:") == self.spec.model.startswith("local:") else {}
-            self.models[ref] = load_model(ref, options)
+            same_kind = ref.startswith("local:") == self.spec.model.startswith("local:")
+            self.models[ref] = load_model(ref, dict(self.spec.model_options) if same_kind else {})
         return self.models[ref]
 
-    def measure(self, stage: str, model_ref: str, prompt: Prompt, split: str, parent: str | None) -> tuple[str, float]:
-        """Evaluate (model, prompt) on a split as an iteration of the wheel run; (iteration id, score)."""
+    def count(self, model_calls: int, tokens: int = 0, cost: float = 0.0) -> None:
+        self.spent.model_calls += model_calls
+        self.spent.tokens += tokens
+        self.spent.cost += cost
+
+    def _evaluate(self, spec: EvalSpec, stage: str, model_ref: str, prompt: Prompt, split: str,
+                  items: Sequence[Item], parent: str | None) -> tuple[str, float]:
         model = self.model(model_ref)
         self.store.save_prompt(prompt, origin=stage)
         match = dict(stage=stage, split=split, prompt_id=prompt.id, model_fingerprint=model.fingerprint)
         found = self.store.find_iteration(self.run_id, **match)
         iteration_id = found["id"] if found else self.store.iteration_for(
-            self.run_id, self.store.next_seq(self.run_id), model_ref=model_ref, parent_id=parent, **match)
-        items = self.dataset.split(split)
-        outcome = evaluate(self.spec, self.store, iteration_id, items, model, prompt, self.grader_set)
-        self._count(outcome.model_calls, outcome.summary if outcome.model_calls else None)
+            self.run_id, self.store.next_seq(self.run_id), model_ref=model_ref, parent_id=parent, lap=self.lap,
+            **match)
+        outcome = evaluate(spec, self.store, iteration_id, items, model, prompt, self.grader_set)
+        if outcome.model_calls:
+            summary = outcome.summary
+            self.count(outcome.model_calls, summary["prompt_tokens"] + summary["completion_tokens"],
+                       summary.get("cost") or 0.0)
         return iteration_id, outcome.objective
 
-    def _count(self, calls: int, summary: dict[str, Any] | None) -> None:
-        self.spent.model_calls += calls
-        if summary:
-            self.spent.tokens += summary["prompt_tokens"] + summary["completion_tokens"]
-            self.spent.cost += summary.get("cost") or 0.0
+    def measure(self, stage: str, model_ref: str, prompt: Prompt, split: str, parent: str | None) -> tuple[str, float]:
+        """Evaluate (model, prompt) on a split as an iteration of the wheel run; (iteration id, score)."""
+        return self._evaluate(self.spec, stage, model_ref, prompt, split, self.dataset.split(split), parent)
 
-    def compare(self, a: str, b: str) -> dict[str, Any]:
-        return paired_comparison(self.store, self.spec, a, b)
+    def sample(self, stage: str, model_ref: str, prompt: Prompt, items: Sequence[Item], *, repeats: int,
+               temperature: float, max_tokens: int | None = None) -> str:
+        """Sample `repeats` graded outputs per item at a temperature (e.g. RFT's reward probe); the iteration id."""
+        sampling = self.spec.sampling.model_copy(update={
+            "repeats": repeats, "temperature": temperature, "max_tokens": max_tokens or self.spec.sampling.max_tokens})
+        spec = self.spec.model_copy(update={"sampling": sampling})
+        return self._evaluate(spec, stage, model_ref, prompt, "train", items, None)[0]
 
+    def best_tuned(self, incumbent: Incumbent) -> str | None:
+        """The tuned model to polish: the incumbent when tuned, else this run's best tuned candidate on valid."""
+        if incumbent.tuned:
+            return incumbent.model_ref
+        tuned = [it for it in self.store.iterations(self.run_id)
+                 if it["split"] == "valid" and it["model_ref"] and "+" in it["model_ref"] and it["score"] is not None]
+        return max(tuned, key=lambda it: (it["score"], it["seq"]))["model_ref"] if tuned else None
+
+    # -- the budget, the goal, the promotion rule ---------------------------------------------------
     def budget_exhausted(self) -> str | None:
         b, s = self.run_spec.budget, self.spent
         if b.iterations is not None and s.candidates >= b.iterations:
@@ -141,86 +177,38 @@ class Wheel:
             return f"budget: {b.wall_s:.0f} s wall time"
         return None
 
-    # -- stages -----------------------------------------------------------------------------------
-    def promote_or_reject(self, stage: str, incumbent: Incumbent, model_ref: str, prompt: Prompt,
-                          detail: str) -> tuple[Incumbent, StageOutcome]:
-        iteration_id, score = self.measure(stage, model_ref, prompt, "valid", incumbent.iteration_id)
-        cmp = self.compare(incumbent.iteration_id, iteration_id)
-        stats = (f"valid {score:.3f} vs {incumbent.score:.3f}: diff {cmp['diff']:+.3f} "
-                 f"[{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}], McNemar p={cmp['p_mcnemar']:.3g}")
-        promoted = significant_gain(cmp, self.spec.objective.metric, self.run_spec.alpha)
-        decision = "promoted" if promoted else "rejected"
-        reason = f"{detail}; {stats}" + ("" if promoted else "; not a significant gain")
+    def goal_met(self, incumbent: Incumbent) -> str | None:
+        """Why the run may stop now: the score target met and, with a cost goal, its `at_most` too."""
+        target, goal = self.run_spec.target, self.run_spec.goal
+        score_ok = target is None or incumbent.score >= target
+        if goal is None:
+            return f"target {target} reached on valid ({incumbent.score:.3f})" if target is not None and score_ok else None
+        cost = incumbent.cost.value(goal.minimise)
+        if not score_ok or goal.at_most is None or math.isnan(cost) or cost > goal.at_most:
+            return None
+        score = f"target {target} reached on valid ({incumbent.score:.3f}) and " if target is not None else ""
+        return f"{score}cost goal met ({incumbent.cost.describe(goal.minimise)} <= {goal.at_most:g})"
+
+    def promote_or_reject(self, outcome: StageOutcome, incumbent: Incumbent) -> tuple[Incumbent, StageOutcome]:
+        """Measure the outcome's candidate on valid, pair it with the incumbent, apply the rule."""
+        candidate = outcome.proposal
+        assert candidate is not None
+        iteration_id, score = self.measure(outcome.stage, candidate.model_ref, candidate.prompt, "valid",
+                                           incumbent.iteration_id)
+        cost = self.store.iteration_cost(iteration_id)
+        cmp = paired_comparison(self.store, self.spec, incumbent.iteration_id, iteration_id)
+        verdict = decide(cmp, metric=self.spec.objective.metric, alpha=self.run_spec.alpha, goal=self.goal,
+                         candidate_cost=cost, incumbent_cost=incumbent.cost)
+        decision = "promoted" if verdict.promoted else "rejected"
+        reason = f"{candidate.detail}; {verdict.reason}"
         self.store.update_iteration(iteration_id, decision=decision, reason=reason)
-        outcome = StageOutcome(stage, f"{model_ref} · {prompt.id}", score, decision, reason, iteration_id)
-        if promoted:
-            return Incumbent(model_ref, prompt, iteration_id, score), outcome
-        return incumbent, outcome
-
-    def run_optimize(self, stage: OptimizeStage, incumbent: Incumbent) -> tuple[Incumbent, StageOutcome]:
-        from flywheel.optimize import optimize_prompt
-
-        spec = self.spec.model_copy(update={"model": incumbent.model_ref,
-                                            "input": [_message(m) for m in incumbent.prompt.messages]})
-        result = optimize_prompt(spec, self.store, model=self.model(incumbent.model_ref),
-                                 config=stage.optimize or self.spec.optimize, log=lambda m: self.log(f"  {m}"))
-        self._count(result.model_calls, {"prompt_tokens": result.tokens, "completion_tokens": 0})
-        winner = result.winner.prompt
-        if winner.id == incumbent.prompt.id:
-            return incumbent, StageOutcome("optimize", None, incumbent.score, "no candidate",
-                                           f"search {result.run_id}: {result.reason}")
-        return self.promote_or_reject("optimize", incumbent, incumbent.model_ref, winner,
-                                      f"search {result.run_id} winner {result.winner.origin}")
-
-    def run_capture(self, stage: CaptureStage, incumbent: Incumbent) -> StageOutcome:
-        from flywheel.capture import capture
-
-        self.store.save_prompt(incumbent.prompt, origin="incumbent")
-        # `incumbent`: the best model so far samples its own outputs (best-of-K gives DPO its pairs).
-        teacher = incumbent.model_ref if stage.teacher == "incumbent" else stage.teacher
-        result = capture(self.spec, self.store, teacher, n=stage.n, temperature=stage.temperature,
-                         limit=stage.limit, prompt=incumbent.prompt.id)
-        self._count(result.model_calls, None)
-        reason = (f"capture {result.id}: {result.n_passed}/{result.n_samples} samples pass, "
-                  f"{result.items_with_pass}/{result.n_items} train items covered by {teacher}")
-        return StageOutcome("capture", None, None, "captured", reason)
-
-    def run_train(self, stage: TrainStage, incumbent: Incumbent) -> tuple[Incumbent, StageOutcome]:
-        from flywheel.train import build_dpo_set, build_rft_set, build_sft_set, load_train_config
-        from flywheel.train.dpo import train_dpo
-        from flywheel.train.grpo import train_grpo
-        from flywheel.train.sft import train_sft
-
-        # Checkpoints are trained and evaluated with the eval's own prompt: a tuned model should
-        # not need the few-shot context a base model was given.
-        prompt = Prompt(messages=self.spec.messages())
-        overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in stage.config.items()]
-        config = load_train_config(stage.stage, overrides=overrides)
-        if stage.stage == "sft":
-            training_set = build_sft_set(self.spec, self.store, min_score=stage.min_score, prompt=prompt)
-            trainer = train_sft
-        elif stage.stage == "dpo":
-            training_set = build_dpo_set(self.spec, self.store, min_margin=stage.min_margin, prompt=prompt)
-            trainer = train_dpo
-        else:
-            training_set = build_rft_set(self.spec)
-            trainer = train_grpo
-        self.log(f"  {stage.stage}: {len(training_set)} rows from {incumbent.model_ref}")
-        done = self.store.db.execute(
-            "select id, model_ref, metrics_json from checkpoints where method = ? and training_set_hash = ?"
-            " and config_json = ? and base_model = ? order by created_at desc limit 1",
-            [stage.stage, training_set.content_hash, json.dumps(config.model_dump()), _base_of(incumbent.model_ref)],
-        ).fetchone()
-        if done:  # trained before a kill: never train twice
-            checkpoint_id, model_ref, metrics = done[0], done[1], json.loads(done[2] or "{}")
-            self.log(f"  reusing {checkpoint_id}, trained before")
-        else:
-            result = trainer(self.spec, self.store, training_set, base=incumbent.model_ref, config=config,
-                             evaluate=False, quiet=True)
-            checkpoint_id, model_ref, metrics = result.checkpoint.id, result.checkpoint.model_ref, result.metrics
-        detail = (f"checkpoint {checkpoint_id} ({len(training_set)} rows, "
-                  f"loss {metrics.get('first_loss')} -> {metrics.get('last_loss')})")
-        return self.promote_or_reject(stage.stage, incumbent, model_ref, prompt, detail)
+        done = StageOutcome(outcome.stage, decision, reason, lap=outcome.lap,
+                            candidate=f"{candidate.model_ref} · {candidate.prompt.id}", valid=score,
+                            iteration_id=iteration_id, cost=cost.to_dict(), rule=verdict.rule,
+                            search_run=outcome.search_run)
+        if verdict.promoted:
+            return Incumbent(candidate.model_ref, candidate.prompt, iteration_id, score, cost), done
+        return incumbent, done
 
     def close(self) -> None:
         self.grader_set.close()
@@ -228,29 +216,24 @@ class Wheel:
             model.close()
 
 
-def _base_of(model_ref: str) -> str:
-    return model_ref.split("+", 1)[0]
-
-
-def _message(m: dict[str, str]):
-    from flywheel.spec import MessageSpec
-
-    return MessageSpec(role=m["role"], content=m["content"])
-
-
 def _state(store: Store, run_id: str) -> dict[str, Any]:
     return json.loads(store.get_run(run_id).get("summary_json") or "{}")
 
 
-def _save_state(store: Store, run_id: str, state: dict[str, Any]) -> None:
-    """The wheel's progress (finished stages, incumbent) on its run row: what resume reads."""
-    with store.db.conn:
-        store.db["runs"].update(run_id, {"summary_json": json.dumps(state, default=str)})
+def _incumbent_state(incumbent: Incumbent) -> dict[str, Any]:
+    return {"model_ref": incumbent.model_ref, "prompt_id": incumbent.prompt.id,
+            "iteration_id": incumbent.iteration_id, "score": incumbent.score, "cost": incumbent.cost.to_dict()}
+
+
+def _plan(run_spec: RunSpec) -> list[tuple[int, int]]:
+    """(lap, stage index) in the order they run."""
+    return [(lap, index) for lap in range(1, run_spec.laps + 1)
+            for index, stage in enumerate(run_spec.stages) if stage.runs_in(lap)]
 
 
 def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, report_dir: str | None = None,
               command: str | None = None, log: LogFn | None = None) -> WheelResult:
-    """Turn the wheel (see the module docstring); returns the winner, its test score and the report."""
+    """Turn the wheel (see the module docstring); returns the milestones, the test comparison and the report."""
     log = log or (lambda message: None)
     spec = load_eval_spec(run_spec.eval_path)
     dataset = load_dataset(spec)
@@ -263,14 +246,15 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
         if run["kind"] != "wheel":
             raise FlywheelError(f"{run['id']} is a {run['kind']} run, not a `flywheel run`")
         run_id = run["id"]
-        elapsed_before = _state(store, run_id).get("elapsed_s", 0.0)
-        store.db["runs"].update(run_id, {"status": "running"})
+        state = _state(store, run_id)
+        elapsed_before = state.get("elapsed_s", 0.0)
+        store.update_run_summary(run_id, state, status="running")
         log(f"resuming {run_id}")
     else:
         run_id = store.create_run(kind="wheel", config_key=json.dumps(run_spec.model_dump(mode="json")),
                                   eval_id=eval_id, dataset_id=dataset.content_hash, model_ref=spec.model,
                                   split="valid", command=command or f"flywheel run {run_spec.source}")
-        _save_state(store, run_id, {"run_spec": run_spec.source, "stages": []})
+        store.update_run_summary(run_id, {"run_spec": run_spec.source, "stages": []})
     wheel = Wheel(run_spec, spec, store, run_id, log, elapsed_before)
     outcomes: list[StageOutcome] = []
     try:
@@ -278,92 +262,128 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
         base_prompt = Prompt(messages=spec.messages())
         base_iteration, base_score = wheel.measure("baseline", spec.model, base_prompt, "valid", None)
         store.update_iteration(base_iteration, decision="incumbent", reason="the eval's own model and prompt")
-        incumbent = Incumbent(spec.model, base_prompt, base_iteration, base_score)
-        log(f"baseline valid {base_score:.3f}")
-        stopped, without_gain = "all stages ran", 0
-        for index, stage in enumerate(run_spec.stages):
-            if run_spec.target is not None and incumbent.score >= run_spec.target:
-                stopped = f"target {run_spec.target} reached on valid ({incumbent.score:.3f})"
-                break
-            if (why := wheel.budget_exhausted()):
+        incumbent = Incumbent(spec.model, base_prompt, base_iteration, base_score, store.iteration_cost(base_iteration))
+        log(f"baseline valid {base_score:.3f}, {incumbent.cost.describe(wheel.minimise)}")
+        stopped, without_gain = f"{run_spec.laps} lap(s) ran", 0
+        for position, (lap, index) in enumerate(_plan(run_spec)):
+            wheel.lap = lap
+            stage_spec = run_spec.stages[index]
+            if (why := wheel.goal_met(incumbent)) or (why := wheel.budget_exhausted()):
                 stopped = why
                 break
             state = _state(store, run_id)
-            done = state["stages"][index] if index < len(state.get("stages", [])) else None
+            done = state["stages"][position] if position < len(state.get("stages", [])) else None
             if done:
-                outcome = StageOutcome(**done["outcome"])
+                outcome = StageOutcome.from_dict(done["outcome"])
                 kept = done["incumbent"]
                 incumbent = Incumbent(kept["model_ref"], Prompt.from_json(store.get_prompt(kept["prompt_id"])),
-                                      kept["iteration_id"], kept["score"])
-                log(f"stage {index + 1} {stage.stage}: done before ({outcome.decision})")
+                                      kept["iteration_id"], kept["score"], CostPerItem.from_dict(kept.get("cost")))
+                log(f"lap {lap} stage {index + 1} {stage_spec.stage}: done before ({outcome.decision})")
             else:
-                log(f"stage {index + 1}/{len(run_spec.stages)} {stage.stage} (incumbent valid {incumbent.score:.3f})")
+                log(f"lap {lap} stage {index + 1}/{len(run_spec.stages)} {stage_spec.stage} "
+                    f"(incumbent valid {incumbent.score:.3f}, {incumbent.cost.describe(wheel.minimise)})")
+                started = time.perf_counter()
                 try:
-                    if isinstance(stage, CaptureStage):
-                        outcome = wheel.run_capture(stage, incumbent)
-                    elif isinstance(stage, OptimizeStage):
-                        incumbent, outcome = wheel.run_optimize(stage, incumbent)
-                    else:
-                        incumbent, outcome = wheel.run_train(stage, incumbent)
+                    outcome = build_stage(stage_spec).run(wheel, incumbent)
+                    if outcome.proposal is not None:
+                        incumbent, outcome = wheel.promote_or_reject(outcome, incumbent)
                 except FlywheelError as exc:  # e.g. no DPO pairs: the stage brings nothing, the wheel goes on
-                    outcome = StageOutcome(stage.stage, None, None, "failed", str(exc).splitlines()[0])
-                state["stages"].append({"outcome": asdict(outcome), "incumbent": {
-                    "model_ref": incumbent.model_ref, "prompt_id": incumbent.prompt.id,
-                    "iteration_id": incumbent.iteration_id, "score": incumbent.score}})
+                    outcome = StageOutcome(stage_spec.stage, "failed", str(exc).splitlines()[0], lap=lap)
+                outcome.wall_s = time.perf_counter() - started
+                state["stages"].append({"outcome": outcome.to_dict(), "incumbent": _incumbent_state(incumbent)})
                 state["elapsed_s"] = time.perf_counter() - wheel.spent.started
-                _save_state(store, run_id, state)
-                log(f"  -> {outcome.decision}: {outcome.reason}")
+                store.update_run_summary(run_id, state)
+                log(f"  -> {outcome.decision} in {outcome.wall_s:.0f} s: {outcome.reason}")
             outcomes.append(outcome)
             if outcome.stage != "capture":
                 wheel.spent.candidates += 1
                 without_gain = 0 if outcome.decision == "promoted" else without_gain + 1
                 if without_gain >= run_spec.plateau:
-                    stopped = f"plateau: {without_gain} stage(s) without a significant gain"
+                    stopped = f"plateau: {without_gain} stage(s) in a row without a promotion"
                     break
         else:
-            if run_spec.target is not None and incumbent.score >= run_spec.target:
-                stopped = f"target {run_spec.target} reached on valid ({incumbent.score:.3f})"
+            if (why := wheel.goal_met(incumbent)):
+                stopped = why
 
-        # Test, only now, for the baseline and every promoted iteration.
-        test: dict[str, Any] = {}
-        if dataset.split("test"):
-            promoted = [row for row in store.iterations(run_id) if row["decision"] == "promoted" and row["split"] == "valid"]
-            base_test, base_test_score = wheel.measure("test-report", spec.model, base_prompt, "test", base_iteration)
-            store.update_iteration(base_test, decision="reported", reason="baseline on test")
-            test = {"baseline": base_test_score, "iterations": {}}
-            winner_test = base_test
-            for row in promoted:
-                prompt = Prompt.from_json(store.get_prompt(row["prompt_id"]))
-                tid, tscore = wheel.measure("test-report", row["model_ref"], prompt, "test", row["id"])
-                store.update_iteration(tid, decision="reported", reason=f"promoted {row['stage']} on test")
-                test["iterations"][row["id"]] = tscore
-                if row["id"] == incumbent.iteration_id:
-                    winner_test = tid
-            test["winner"] = test["iterations"].get(incumbent.iteration_id, base_test_score)
-            test["comparison"] = wheel.compare(base_test, winner_test)
+        test = _measure_test(wheel, spec, dataset, base_prompt, base_iteration, incumbent)
+        milestones = _milestones(wheel, spec, base_iteration, incumbent, test)
     except BaseException:
         state = _state(store, run_id)
         state["elapsed_s"] = time.perf_counter() - wheel.spent.started
-        _save_state(store, run_id, state)
+        store.update_run_summary(run_id, state)
         raise
     finally:
         wheel.close()
 
+    laps: dict[int, float] = {}
+    for o in outcomes:
+        laps[o.lap] = laps.get(o.lap, 0.0) + o.wall_s
     result = WheelResult(
         run_id=run_id, baseline_valid=base_score, winner_valid=incumbent.score, winner_model=incumbent.model_ref,
         winner_prompt_id=incumbent.prompt.id, test=test, stages=outcomes, stopped=stopped,
         model_calls=wheel.spent.model_calls, tokens=wheel.spent.tokens, cost=wheel.spent.cost,
-        wall_s=time.perf_counter() - wheel.spent.started)
+        wall_s=time.perf_counter() - wheel.spent.started, milestones=milestones, minimise=wheel.minimise,
+        lap_wall_s=laps)
     state = _state(store, run_id)
     store.finish_run(run_id, "completed", {**state, **result.to_dict(), "elapsed_s": result.wall_s})
     if run_spec.report:
         from flywheel.report.html import write_report
 
-        folder = Path(report_dir or Path(store.path).resolve().parent / ".flywheel" / "reports")
+        folder = Path(report_dir) if report_dir else store.artefact_dir / "reports"
         folder.mkdir(parents=True, exist_ok=True)
         result.report_path = write_report(store, [run_id], folder / f"{run_id}.html").path
-        _save_state(store, run_id, {**state, **result.to_dict(), "elapsed_s": result.wall_s})
+        store.update_run_summary(run_id, {**state, **result.to_dict(), "elapsed_s": result.wall_s})
     return result
+
+
+def _measure_test(wheel: Wheel, spec: EvalSpec, dataset, base_prompt: Prompt, base_iteration: str,
+                  incumbent: Incumbent) -> dict[str, Any]:
+    """Test, only now, for the baseline and every promoted iteration."""
+    if not dataset.split("test"):
+        return {}
+    store = wheel.store
+    promoted = [row for row in store.iterations(wheel.run_id) if row["decision"] == "promoted" and row["split"] == "valid"]
+    base_test, base_test_score = wheel.measure("test-report", spec.model, base_prompt, "test", base_iteration)
+    store.update_iteration(base_test, decision="reported", reason="baseline on test")
+    test: dict[str, Any] = {"baseline": base_test_score, "iterations": {}, "test_iterations": {base_iteration: base_test}}
+    winner_test = base_test
+    for row in promoted:
+        prompt = Prompt.from_json(store.get_prompt(row["prompt_id"]))
+        tid, tscore = wheel.measure("test-report", row["model_ref"], prompt, "test", row["id"])
+        store.update_iteration(tid, decision="reported", reason=f"promoted {row['stage']} on test")
+        test["iterations"][row["id"]] = tscore
+        test["test_iterations"][row["id"]] = tid
+        if row["id"] == incumbent.iteration_id:
+            winner_test = tid
+    test["winner"] = test["iterations"].get(incumbent.iteration_id, base_test_score)
+    test["comparison"] = paired_comparison(store, spec, base_test, winner_test)
+    return test
+
+
+def _milestones(wheel: Wheel, spec: EvalSpec, base_iteration: str, incumbent: Incumbent,
+                test: dict[str, Any]) -> list[Milestone]:
+    """Baseline, best prompt (the best promoted prompt on the eval's own model) and final model,
+    each with valid and test scores and cost per item (on test when measured, else on valid)."""
+    store = wheel.store
+    rows = {row["id"]: row for row in store.iterations(wheel.run_id)}
+
+    def milestone(label: str, iteration_id: str) -> Milestone:
+        row = rows[iteration_id]
+        test_iteration = test.get("test_iterations", {}).get(iteration_id)
+        cost = store.iteration_cost(test_iteration or iteration_id)
+        score = test.get("baseline") if iteration_id == base_iteration else test.get("iterations", {}).get(iteration_id)
+        return Milestone(label, row["model_ref"], row["prompt_id"], iteration_id, row["score"], score, cost.to_dict())
+
+    out = [milestone("baseline", base_iteration)]
+    prompts = [row for row in rows.values() if row["decision"] == "promoted" and row["split"] == "valid"
+               and row["model_ref"] == spec.model and row["prompt_id"] != rows[base_iteration]["prompt_id"]]
+    if prompts:
+        best = max(prompts, key=lambda row: (row["score"], row["seq"]))
+        if best["id"] != incumbent.iteration_id:
+            out.append(milestone("best prompt", best["id"]))
+    if incumbent.iteration_id != base_iteration:
+        out.append(milestone("final model" if incumbent.tuned else "final prompt", incumbent.iteration_id))
+    return out
 
 
 def run(spec: str | Path | RunSpec, *, db: str | None = None, **options: Any) -> WheelResult:

@@ -50,9 +50,10 @@ def test_search_stores_every_candidate_with_lineage(tmp_path, tiny_model_dir, st
     assert sorted(d.assistant for d in balanced.prompt.demos) == sorted(LABELS)
     # Proposals from the tiny random model are garbage: each is either rejected with a reason or scored.
     assert len(result.rejected) + sum(o.startswith("proposer") for o in origins) == 2
-    for r in result.rejected:
+    for r in result.rejected:  # invalid proposals, and rewrites that do not beat their parent
         assert r["reason"] and store.db.execute(
-            "select count(*) from iterations where decision = 'invalid' and reason = ?", [r["reason"]]).fetchone()[0]
+            "select count(*) from iterations where decision in ('invalid', 'dropped') and reason = ?",
+            [r["reason"]]).fetchone()[0]
     assert result.test_comparison["n"] == 6  # baseline and winner reported on test
     assert store.get_run(result.run_id)["status"] == "completed"
 
@@ -128,7 +129,34 @@ def test_select_demos_balanced_and_random():
 def test_decision_needs_a_significant_gain(tmp_path, diff, p, expected):
     spec = load_eval_spec("evals/banking77/eval.yaml")
     base, other = Candidate(Prompt([]), "baseline"), Candidate(Prompt([]), "fewshot:x")
-    cmp = {"n": 100, "diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "p_mcnemar": p}
+    cmp = {"n": 100, "diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "p_mcnemar": p,
+           "improvements": 12, "regressions": 2}
     promoted, reason = _decide(spec, spec.optimize, base, other, cmp)
     assert promoted is expected and ("promoted" in reason) is expected
     assert _decide(spec, spec.optimize, base, base, cmp)[0] is False
+
+
+def test_finalists_that_no_test_separates_go_to_the_cheapest(tmp_path, tiny_model_dir, store):
+    # The tiny random model scores 0 everywhere: no paired test separates any finalist from the best,
+    # so the winner is the finalist with the fewest prompt tokens per item, not the first in order.
+    spec = write_spec(tmp_path, tiny_model_dir, finalists=3, proposer=None)
+    result = optimize_prompt(spec, store)
+    finalists = [c for c in result.candidates if c.valid is not None]
+    tokens = {c.origin: c.valid.summary["prompt_tokens"] / c.valid.summary["n_samples"] for c in finalists}
+    cheapest = min(finalists, key=lambda c: (tokens[c.origin], finalists.index(c)))
+    assert len(set(tokens.values())) > 1 and tokens["baseline"] > tokens[cheapest.origin]
+    assert result.winner.origin == cheapest.origin
+
+
+def test_a_rewrite_that_does_not_beat_its_parent_is_dropped(tmp_path, tiny_model_dir, chatty_dir, store):
+    # The chatty model writes non-empty instructions; the tiny task model scores 0 with any of them,
+    # which never beats the parent: every rewrite is dropped with both scores, none goes further.
+    spec = write_spec(tmp_path, tiny_model_dir, proposer={"model": f"local:{chatty_dir}", "rounds": 1,
+                                                           "proposals": 2, "beam": 1, "max_tokens": 24})
+    result = optimize_prompt(spec, store)
+    assert not [c for c in result.candidates if c.origin.startswith("proposer")]
+    dropped = [r for r in result.rejected if "does not beat its parent" in r["reason"]]
+    assert dropped and all("0.000 vs 0.000, same demonstrations" in r["reason"] for r in dropped)
+    rows = [it for it in store.iterations(result.run_id) if it["decision"] == "dropped"
+            and "does not beat its parent" in (it["reason"] or "")]
+    assert len(rows) == len(dropped)

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from flywheel.cli import main
 from flywheel.privacy.lineage import row_hash
 from flywheel.store import Store
-from flywheel.train.datasets import load_training_file, load_training_set, record_training_set
+from flywheel.train.formats import load_training_file
+from flywheel.train.sets import load_training_set, record_training_set
 
 pytest.importorskip("presidio_analyzer")
 

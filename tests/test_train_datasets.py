@@ -8,7 +8,7 @@ import json
 import pytest
 from train_helpers import tiny_eval
 
-from flywheel.capture import capture
+from flywheel.distill import capture
 from flywheel.harness import run_eval
 from flywheel.reviews import add_review
 from flywheel.store import SampleRecord
@@ -23,14 +23,15 @@ from flywheel.train import (
     record_training_set,
     to_hf_dataset,
 )
-from flywheel.train.datasets import tokenize_sft
+from flywheel.train.formats import tokenize_sft
 
 
 def _fake_capture(store, spec, outputs: dict[str, list[str]]):
     """A capture whose teacher said `outputs[item_key]` (graded by the spec's real graders)."""
-    from flywheel.capture import _record
+    from flywheel.distill import _record
     from flywheel.data import load_dataset
-    from flywheel.harness import GraderSet, register_eval
+    from flywheel.grading import GraderSet
+    from flywheel.harness import register_eval
     from flywheel.prompt import Prompt
 
     import graders

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from train_helpers import events, quick_dpo, quick_sft, tiny_eval
 
-from flywheel.capture import capture
+from flywheel.distill import capture
 from flywheel.train import TrainingDataError, TrainingSet, build_dpo_set, build_sft_set
 from flywheel.train.dpo import train_dpo
 from flywheel.train.sft import train_sft

@@ -20,11 +20,12 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from train_helpers import tiny_eval
 
-from flywheel.capture import capture
+from flywheel.distill import capture
 from flywheel.errors import ModelError
 from flywheel.serve import BackgroundServer
 from flywheel.train import SFTSpec, TrainingDataError, TrainingError, build_dpo_set, build_rft_set, build_sft_set
-from flywheel.train.config import DPOSpec, RFTSpec, load_train_config
+from flywheel.train.config import DPOSpec, RFTSpec
+from flywheel.train.methods import load_train_config
 from flywheel.train.hosted import HostedBackend, HostedJob, job_request, train_hosted
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "hosted_finetuning"
@@ -139,7 +140,10 @@ def test_sft_job_uploads_creates_polls_and_registers_the_model(spec, store, monk
     assert remote == [f"ftevent-aQ{i}" for i in range(1, 10)]  # each event once, oldest first
     # The fine-tuned model is evaluated like any other, paired with its base.
     [valid] = result.evals
-    assert valid.score == 1.0 and valid.parent_score == 0.0 and valid.decision == "promoted"
+    # 4 of 4 fixed: McNemar's exact p = 0.125, so on 4 items the pass-rate objective's test cannot promote
+    # (the decision names the test that made it; it is not taken by another statistic).
+    assert valid.score == 1.0 and valid.parent_score == 0.0 and valid.decision == "rejected"
+    assert "McNemar exact p=0.125" in store.get_iteration(valid.iteration_id)["reason"]
 
 
 def test_events_are_paged_with_after(spec, store, monkeypatch):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from train_helpers import events, quick_sft, tiny_eval
 
-from flywheel.capture import capture
+from flywheel.distill import capture
 from flywheel.errors import ModelError
 from flywheel.models import ChatRequest, load_model
 from flywheel.store import Store

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from flywheel.cli import main
-from flywheel.spec import load_run_spec
+from flywheel.run_spec import load_run_spec
 from flywheel.store import Store
 from flywheel.wheel import run_wheel
 
@@ -162,5 +162,102 @@ def test_a_stage_that_cannot_run_is_recorded_and_the_wheel_goes_on(tmp_path, tin
     result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, [
         {"stage": "dpo", "config": {"max_steps": 1, **FAST}}])), store)
     assert [(o.stage, o.decision) for o in result.stages] == [("dpo", "failed")]
-    assert "capture" in result.stages[0].reason  # says what to do: capture first
+    # DPO polishes a tuned model: with none in the run, it says what to do instead of training the base.
+    assert "put an sft stage before it" in result.stages[0].reason
     assert store.get_run(result.run_id)["status"] == "completed"
+
+
+SHORT_STUDENT = [{"role": "user", "content": "{{item.text}}"}]
+
+
+def test_a_cheaper_non_inferior_student_is_promoted_and_the_summary_names_the_milestones(tmp_path, tiny_model_dir, store):
+    # The tiny model scores 0 with any prompt: the student with a one-line prompt is not worse (CI [0, 0])
+    # and costs fewer prompt tokens, so the cost goal promotes it; the decision names that rule.
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "capture", "teacher": "reference:label"},
+        {"stage": "sft", "student_prompt": SHORT_STUDENT, "config": {"max_steps": 2, **FAST}}],
+        goal={"minimise": "prompt_tokens", "margin": 0.05})
+    result = run_wheel(load_run_spec(run_yaml), store)
+    sft = result.stages[1]
+    assert sft.decision == "promoted" and sft.rule == "cheaper and non-inferior"
+    assert "prompt tokens/item vs" in sft.reason and "> −0.05 margin" in sft.reason
+    labels = [m.label for m in result.milestones]
+    assert labels == ["baseline", "final model"]
+    base, final = result.milestones
+    assert final.cost["prompt_tokens"] < base.cost["prompt_tokens"] and final.test is not None
+    assert final.model_ref.startswith(f"local:{tiny_model_dir}+")
+    # The student's prompt is part of the candidate: stored, and what the final model is measured with.
+    assert json.loads(store.db["prompts"].get(final.prompt_id)["messages_json"]) == SHORT_STUDENT
+    rows = {it["id"]: it for it in store.iterations(result.run_id)}
+    assert rows[sft.iteration_id]["lap"] == 1 and rows[sft.iteration_id]["latency_s"] is not None
+
+
+def test_without_a_goal_the_same_student_is_not_promoted(tmp_path, tiny_model_dir, store):
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "capture", "teacher": "reference:label"},
+        {"stage": "sft", "student_prompt": SHORT_STUDENT, "config": {"max_steps": 2, **FAST}}])
+    result = run_wheel(load_run_spec(run_yaml), store)
+    assert result.stages[1].decision == "rejected" and "not significantly better: McNemar" in result.stages[1].reason
+
+
+def test_rft_without_reward_signal_says_so_and_does_not_train(tmp_path, tiny_model_dir, store):
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "capture", "teacher": "reference:label"},
+        {"stage": "sft", "config": {"max_steps": 2, **FAST}},
+        {"stage": "rft", "config": {"max_steps": 1, "num_generations": 2, **FAST}}])
+    result = run_wheel(load_run_spec(run_yaml), store)
+    rft = result.stages[2]
+    assert rft.decision == "failed" and rft.reason.startswith("no reward signal")
+    # The probe sampled the tuned checkpoint (RL starts from it, not from the base model) and nothing trained.
+    probe = next(it for it in store.iterations(result.run_id) if it["stage"] == "rft-probe")
+    assert "+" in probe["model_ref"]
+    assert store.db.execute("select count(*) from checkpoints where method = 'rft'").fetchone()[0] == 0
+
+
+def test_laps_repeat_the_stages_and_the_cost_goal_stops_the_run(tmp_path, tiny_model_dir, store):
+    stages = [{"stage": "capture", "teacher": "reference:label", "laps": [1]},
+              {"stage": "sft", "student_prompt": SHORT_STUDENT, "config": {"max_steps": 2, **FAST}, "laps": [1]},
+              {"stage": "sft", "config": {"max_steps": 1, **FAST}, "laps": [2]}]
+    goal = {"minimise": "prompt_tokens", "margin": 0.05}
+    two = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages, laps=2, goal=goal)), store)
+    assert [(o.lap, o.stage) for o in two.stages] == [(1, "capture"), (1, "sft"), (2, "sft")]
+    assert set(two.lap_wall_s) == {1, 2} and two.stopped == "2 lap(s) ran"
+    # With `at_most` between the student's and the baseline's cost, the goal is met after lap 1's SFT
+    # (promoted: cheaper, non-inferior) and lap 2 never runs.
+    base, final = two.milestones[0].cost["prompt_tokens"], two.milestones[-1].cost["prompt_tokens"]
+    assert final < base
+    met = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages, laps=2, goal={
+        "minimise": "prompt_tokens", "margin": 0.05, "at_most": (base + final) / 2})), store)
+    assert [(o.lap, o.stage) for o in met.stages] == [(1, "capture"), (1, "sft")]
+    assert "cost goal met" in met.stopped
+
+
+@pytest.mark.slow
+def test_sigkill_in_the_second_lap_then_resume(tmp_path, tiny_model_dir):
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "capture", "teacher": "reference:label", "laps": [1]},
+        {"stage": "sft", "config": {"max_steps": 2, **FAST}, "laps": [1]},
+        {"stage": "sft", "config": {"max_steps": 40, **FAST}, "laps": [2]}], rows=make_rows(12), laps=2)
+    db = tmp_path / "w.db"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "flywheel", "run", str(run_yaml), "--db", str(db), "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # Lap 2's SFT is training: the second training job is running.
+    assert _wait_for(db, "select (select count(*) from training_jobs) >= 2", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with sqlite3.connect(db) as conn:
+        run_id = conn.execute("select id from runs where kind = 'wheel'").fetchone()[0]
+        assert json.loads(conn.execute("select summary_json from runs where id = ?", [run_id]).fetchone()[0])["stages"]
+    finished = subprocess.run([sys.executable, "-m", "flywheel", "run", "--resume", run_id, "--db", str(db), "--json"],
+                              capture_output=True, text=True, env=env, timeout=600)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout)
+    assert [(s["lap"], s["stage"]) for s in result["stages"]] == [(1, "capture"), (1, "sft"), (2, "sft")]
+    store = Store.open(db)
+    assert store.db.execute("select count(*) from runs where kind = 'wheel'").fetchone()[0] == 1
+    dupes = store.db.execute("select count(*) from (select iteration_id, item_key, repeat, count(*) c from samples"
+                             " group by 1, 2, 3 having c > 1)").fetchone()[0]
+    assert dupes == 0
+    assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 2  # one per SFT stage
+    store.close()

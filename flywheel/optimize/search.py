@@ -7,12 +7,17 @@ Order of work (every evaluation is an iteration of one `optimize` run, with line
   1. the baseline and the hand-written variants, on the minibatch;
   2. few-shot candidates built on the best so far (demos from passing train outputs);
   3. reflective rewrites of the best `beam` candidates' instruction, for `rounds` rounds;
-  4. the top `finalists` and the baseline on all of `valid`; the best is the winner;
+  4. the top `finalists` and the baseline on all of `valid`; the winner is the cheapest (fewest
+     prompt tokens per item; the earlier, simpler one on a tie) among the finalists that no paired
+     test separates from the best, a rewrite giving way to its parent unless it beats it on valid;
   5. winner vs baseline by a paired test on `valid` (McNemar for pass/fail, bootstrap CI of the
      per-item difference otherwise); promoted only when significant;
-  6. only now, baseline and winner on `test` — reported, never used to choose.
-`test` items are not rendered, generated or graded before step 6. A stopped search resumes: the
-unfinished run is found by its configuration and every evaluation skips what it stored.
+  6. only now, baseline and winner on `test` — reported, never used to choose (skipped inside a
+     wheel run, which measures test once, at its end).
+A rewrite is kept only when it beats its parent, which has the same demonstrations, on the
+minibatch; otherwise it is recorded as dropped with both scores. `test` items are not rendered,
+generated or graded before step 6. A stopped search resumes: the unfinished run is found by its
+configuration and every evaluation skips what it stored.
 """
 
 from __future__ import annotations
@@ -28,13 +33,14 @@ from typing import Any
 
 from flywheel.data import Item, load_dataset
 from flywheel.errors import FlywheelError
-from flywheel.harness import Evaluation, GraderSet, paired_comparison, evaluate, generate_cached, register_eval
+from flywheel.grading import GraderSet
+from flywheel.harness import Evaluation, paired_comparison, evaluate, generate_cached, register_eval
 from flywheel.models import ChatRequest, Model, Sampling, load_model
 from flywheel.optimize.fewshot import demos_from_samples, labelled_demos, select_demos
 from flywheel.optimize.propose import Failure, check_proposal, extract_instruction, proposer_messages
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec, OptimizeSpec
-from flywheel.stats import significant_gain
+from flywheel.promotion import describe_test, significantly_better
 from flywheel.store import Store
 
 LogFn = Callable[[str], None]
@@ -146,6 +152,15 @@ class _Search:
         self.log(f"{candidate.origin:<28} minibatch {candidate.minibatch.objective:.3f}"
                  f"  ({candidate.minibatch.model_calls} calls)")
 
+    def drop_rewrite(self, candidate: Candidate, parent: Candidate) -> None:
+        """A rewrite that does not beat its parent on the minibatch is recorded and never goes further."""
+        reason = (f"{candidate.origin}: rewrite does not beat its parent {parent.origin} on the minibatch "
+                  f"({candidate.score:.3f} vs {parent.score:.3f}, same demonstrations)")
+        self.store.update_iteration(candidate.minibatch.iteration_id, decision="dropped", reason=reason)
+        self.rejected.append({"parent_prompt_id": parent.prompt.id, "reason": reason,
+                              "text": candidate.prompt.messages[0]["content"][:500]})
+        self.log(f"{'rewrite dropped':<28} {reason}")
+
     def reject(self, parent: Candidate, text: str, reason: str) -> None:
         prompt = Prompt(messages=[{"role": "proposal", "content": text}])
         self.store.save_prompt(prompt, origin="proposer", parent_id=parent.prompt.id, rationale=reason)
@@ -159,15 +174,21 @@ class _Search:
         self.log(f"{'proposal rejected':<28} {reason}")
 
 
-def _config_key(spec: EvalSpec, dataset_hash: str, model: Model, config: OptimizeSpec) -> str:
-    payload = [spec.fingerprint(), dataset_hash, model.fingerprint, config.model_dump(mode="json"), "optimize"]
+def _config_key(spec: EvalSpec, dataset_hash: str, model: Model, config: OptimizeSpec, base: Prompt) -> str:
+    payload = [spec.fingerprint(), dataset_hash, model.fingerprint, config.model_dump(mode="json"), "optimize",
+               base.id]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
                     config: OptimizeSpec | None = None, command: str | None = None,
-                    log: LogFn | None = None) -> OptimizeResult:
-    """Search prompts for `spec` (see the module docstring) and store every step."""
+                    log: LogFn | None = None, base_prompt: Prompt | None = None,
+                    measure_test: bool = True) -> OptimizeResult:
+    """Search prompts for `spec` (see the module docstring) and store every step.
+
+    `base_prompt` is the starting point (the spec's prompt by default; the wheel passes its
+    incumbent's, demonstrations included); `measure_test=False` leaves `test` alone (the wheel
+    measures it once, at its end)."""
     started = time.perf_counter()
     config = config or spec.optimize or OptimizeSpec()
     log = log or (lambda message: None)
@@ -177,7 +198,8 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
         raise FlywheelError(f"{spec.source}: prompt search needs a `valid` split; {dataset.path} has none")
     model = model or load_model(spec.model, spec.model_options)
     eval_id = register_eval(store, spec, dataset)
-    config_key = _config_key(spec, dataset.content_hash, model, config)
+    base_prompt = base_prompt or Prompt(messages=spec.messages())
+    config_key = _config_key(spec, dataset.content_hash, model, config, base_prompt)
     existing = store.find_unfinished_run(config_key)
     run_id = existing["id"] if existing else store.create_run(
         kind="optimize", config_key=config_key, eval_id=eval_id, dataset_id=dataset.content_hash,
@@ -191,7 +213,7 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
     search = _Search(spec, store, run_id, model, grader_set, config, log)
     notes: list[str] = []
     try:
-        baseline = Candidate(Prompt(messages=spec.messages()), "baseline")
+        baseline = Candidate(base_prompt, "baseline")
         candidates = [baseline]
         search.score_minibatch(baseline, minibatch)
         for variant in config.variants:
@@ -213,13 +235,15 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
         for candidate in finalists:
             candidate.valid = search.run(candidate, valid, "valid", "prompt-valid")
             log(f"{candidate.origin:<28} valid     {candidate.valid.objective:.3f}")
-        winner = max(finalists, key=lambda c: (c.valid.objective, -finalists.index(c)))
+        winner = _cheapest_unseparated(store, spec, config, finalists)
+        if winner is not finalists[0]:
+            log(f"{winner.origin:<28} winner: the cheapest finalist no paired test separates from the best")
         valid_cmp = _compare(store, spec, baseline.valid, winner.valid)
         promoted, reason = _decide(spec, config, baseline, winner, valid_cmp)
         log(reason)
 
         # Only now is `test` touched: baseline and winner, reported, never used to choose.
-        test = dataset.split("test")
+        test = dataset.split("test") if measure_test else []
         test_cmp: dict[str, Any] = {}
         if test:
             for candidate in dict.fromkeys([baseline, winner]):
@@ -321,6 +345,9 @@ def _proposer_candidates(search: _Search, candidates: list[Candidate], minibatch
                 candidate = Candidate(proposal.prompt, f"proposer:r{round_ + 1}", parent=parent,
                                       rationale=f"rewrite of {parent.origin} from {len(failures)} failures")
                 search.score_minibatch(candidate, minibatch)
+                if candidate.score <= parent.score:  # same demonstrations: only the instruction changed
+                    search.drop_rewrite(candidate, parent)
+                    continue
                 out.append(candidate)
                 pool.append(candidate)
     return out
@@ -347,15 +374,35 @@ def _compare(store: Store, spec: EvalSpec, a: Evaluation, b: Evaluation) -> dict
     return paired_comparison(store, spec, a.iteration_id, b.iteration_id)
 
 
+def _prompt_tokens(candidate: Candidate) -> float:
+    evaluation = candidate.valid
+    n = evaluation.summary.get("n_samples") or 0 if evaluation else 0
+    return evaluation.summary["prompt_tokens"] / n if n else math.inf
+
+
+def _cheapest_unseparated(store: Store, spec: EvalSpec, config: OptimizeSpec,
+                          finalists: list[Candidate]) -> Candidate:
+    """Among the finalists that no paired test on valid separates from the best (the best is not
+    significantly better than them), the one with the fewest prompt tokens per item; on a tie, the
+    earlier one (the baseline and parents come before their rewrites)."""
+    best = max(finalists, key=lambda c: (c.valid.objective, -finalists.index(c)))
+    tied = [c for c in finalists if c is best or not significantly_better(
+        _compare(store, spec, c.valid, best.valid), spec.objective.metric, config.alpha)]
+    # A rewrite that does not beat its parent on all of valid too gives way to the parent.
+    tied = [c for c in tied if not (c.parent in tied and c.origin.startswith("proposer")
+                                    and c.valid.objective <= c.parent.valid.objective)] or tied
+    return min(tied, key=lambda c: (_prompt_tokens(c), finalists.index(c)))
+
+
 def _decide(spec: EvalSpec, config: OptimizeSpec, baseline: Candidate, winner: Candidate,
             cmp: dict[str, Any]) -> tuple[bool, str]:
     if winner is baseline:
-        return False, "kept the baseline: no candidate scored higher on valid"
-    diff, low, high, p = cmp["diff"], cmp["ci_low"], cmp["ci_high"], cmp["p_mcnemar"]
-    stats = f"valid diff {diff:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}], McNemar p={p:.3g}"
-    if significant_gain(cmp, spec.objective.metric, config.alpha):
-        return True, f"promoted {winner.origin}: {stats}"
-    return False, f"kept the baseline: {winner.origin} is not significantly better ({stats})"
+        return False, "kept the baseline: no finalist is significantly better on valid, and none is cheaper"
+    stats = f"valid diff {cmp['diff']:+.3f}, 95% CI [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]"
+    test = describe_test(cmp, spec.objective.metric)
+    if significantly_better(cmp, spec.objective.metric, config.alpha):
+        return True, f"promoted {winner.origin}: {stats}; significantly better: {test}"
+    return False, f"kept the baseline: {winner.origin} is not significantly better ({stats}; {test})"
 
 
 def _record_decisions(store: Store, candidates: list[Candidate], finalists: list[Candidate],
@@ -373,8 +420,10 @@ def _record_decisions(store: Store, candidates: list[Candidate], finalists: list
             decision = "promoted" if promoted else ("incumbent" if candidate is baseline else "not significant")
         else:
             decision = "incumbent" if candidate is baseline else "rejected"
+        why = ("lower valid score" if candidate.valid.objective < winner.valid.objective
+               else "no better on valid than the cheaper winner")
         store.update_iteration(candidate.valid.iteration_id, decision=decision,
-                               reason=reason if candidate is winner else f"{candidate.origin}: lower valid score")
+                               reason=reason if candidate is winner else f"{candidate.origin}: {why}")
         if candidate.test is not None:
             store.update_iteration(candidate.test.iteration_id, decision="reported",
                                    reason=f"{candidate.origin} on test, after selection")

@@ -124,7 +124,7 @@ def _count(path: str, hashes: set[str]) -> tuple[int, int] | None:
 
 def _content_hash(kind: str, path: str) -> str:
     """The training set's content hash after a rewrite (as `TrainingSet.content_hash` computes it)."""
-    from flywheel.train.datasets import TrainingSet
+    from flywheel.train.formats import TrainingSet
 
     rows = [json.loads(line) for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
     return TrainingSet(kind, rows).content_hash

@@ -86,7 +86,8 @@ def record_capture_set(store: Store, rows: list[dict[str, Any]], capture_ids: li
                        redaction: dict[str, Any] | None, filters: dict[str, Any]) -> str:
     """Record captured SFT rows as a training set (under .flywheel/sets), with the redaction
     report and each row's lineage; returns the set id."""
-    from flywheel.train.datasets import TrainingSet, record_training_set
+    from flywheel.train.formats import TrainingSet
+    from flywheel.train.sets import record_training_set
 
     training_set = record_training_set(store, TrainingSet("sft", rows, {
         "method": "sft", "proxy_captures": filters, "n_captures": len(capture_ids),

@@ -143,22 +143,34 @@ def print_optimize_result(result) -> None:
 
 
 def print_wheel_result(result) -> None:
-    """Each stage's decision, then the winner vs the baseline on valid and test, cost and report."""
+    """Each stage's decision by lap, then baseline -> best prompt -> final model with score and cost,
+    the winner vs the baseline on test, the spend and the report."""
+    from flywheel.cost import CostPerItem
+
     table = Table(show_header=True, header_style="bold", title=f"flywheel run {result.run_id}")
-    for column in ("stage", "valid", "decision", "why"):
+    for column in ("lap", "stage", "valid", "decision", "time", "why"):
         table.add_column(column, overflow="fold")
     for o in result.stages:
-        table.add_row(o.stage, _num(o.valid), o.decision, o.reason)
+        table.add_row(str(o.lap), o.stage, _num(o.valid), o.decision, f"{o.wall_s:.0f}s", o.reason)
     console.print(table)
     console.print(f"stopped: {result.stopped}", highlight=False, markup=False)
-    console.print(f"winner: {result.winner_model} with prompt {result.winner_prompt_id}  "
-                  f"valid {_pct(result.winner_valid)} (baseline {_pct(result.baseline_valid)})",
-                  highlight=False, markup=False)
+    if result.milestones:
+        goal = result.minimise
+        milestones = Table(show_header=True, header_style="bold", title="baseline -> best prompt -> final model")
+        for column in ("", "model", "prompt", "valid", "test", "cost per item"):
+            milestones.add_column(column, overflow="fold")
+        for m in result.milestones:
+            cost = CostPerItem.from_dict(m.cost)
+            milestones.add_row(m.label, m.model_ref, m.prompt_id, _pct(m.valid), _pct(m.test),
+                               ", ".join(dict.fromkeys([cost.describe(goal), cost.describe("tokens"),
+                                                        cost.describe("latency_s")])))
+        console.print(milestones)
     if result.test:
         cmp = result.test.get("comparison") or {}
         console.print(f"test: {_pct(result.test.get('baseline'))} -> {_pct(result.test.get('winner'))}  "
                       f"diff {_ci(cmp)}", highlight=False, markup=False)
+    laps = "  ".join(f"lap {lap} {seconds:.0f}s" for lap, seconds in sorted(result.lap_wall_s.items()))
     console.print(f"model calls {result.model_calls}  tokens {result.tokens}  cost {result.cost:.4f}  "
-                  f"time {result.wall_s:.0f}s", highlight=False)
+                  f"time {result.wall_s:.0f}s ({laps})", highlight=False)
     if result.report_path:
         console.print(f"report: {result.report_path}", highlight=False, markup=False)

@@ -27,6 +27,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from flywheel.report.compare import RunView, default_pair, item_fields, iteration_samples, load_run_view
+from flywheel.report.wheel_view import wheel_section
 from flywheel.store import Store
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -343,7 +344,7 @@ def render_report(store: Store, run_ids: Sequence[str], *, page_size: int = PAGE
         objective_label=f"{objective['grader']} {'mean score' if objective['metric'] == 'mean' else 'pass rate'}",
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         data_json=Markup(script_json(report_payload(store, view, page_size, a, b))),
-        js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}")
+        js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}", wheel=wheel_section(store, view))
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Training: captured outputs become SFT rows, DPO pairs and RFT prompts; TRL + PEFT train a LoRA
 adapter locally (or the hosted platform trains remotely); the result is registered and evaluated.
 
-One file per method, TRL style: `sft.py`, `dpo.py`, `grpo.py`; `datasets.py` builds the sets,
-`config.py` our configs (TRL/PEFT configs are built there and nowhere else), `checkpoints.py`
-registers adapters, `local.py` is the shared local run, `hosted.py` the fine-tuning API backend.
+`methods.py` is the table of methods (sft, dpo, rft); one file per method, TRL style: `sft.py`,
+`dpo.py`, `rft.py` (GRPO); `sets.py` builds training sets out of the store, `formats.py` holds the
+platform's JSONL formats and TRL's forms, `config.py` our configs (TRL/PEFT configs are built there
+and nowhere else), `checkpoints.py` registers adapters, `local.py` is the shared local run,
+`hosted.py` the fine-tuning API backend.
 
     from flywheel.train import train
     result = train("sft", spec, store, base="local:smollm2")   # set from the store, train, evaluate
@@ -17,22 +19,15 @@ from typing import Any
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.checkpoints import Checkpoint, CheckpointError, load_checkpoint, register_checkpoint
-from flywheel.train.config import DPOSpec, LoraSpec, RFTSpec, SFTSpec, TrainConfig, load_train_config
-from flywheel.train.datasets import (
-    TrainingDataError,
-    TrainingSet,
-    build_dpo_set,
-    build_rft_set,
-    build_sft_set,
-    load_training_file,
-    load_training_set,
-    record_training_set,
-    to_hf_dataset,
-)
+from flywheel.train.config import DPOSpec, LoraSpec, RFTSpec, SFTSpec, TrainConfig
+from flywheel.train.formats import TrainingDataError, TrainingSet, load_training_file, to_hf_dataset
+from flywheel.train.methods import METHODS, TrainingMethod, load_train_config, training_method
+from flywheel.train.sets import build_dpo_set, build_rft_set, build_sft_set, load_training_set, record_training_set
 from flywheel.train.local import SplitEval, TrainingError, TrainResult, evaluate_checkpoint
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "DPOSpec", "LoraSpec", "RFTSpec", "SFTSpec", "SplitEval", "TrainConfig",
+    "METHODS", "Checkpoint", "CheckpointError", "DPOSpec", "LoraSpec", "RFTSpec", "SFTSpec", "SplitEval",
+    "TrainConfig", "TrainingMethod", "training_method",
     "TrainResult", "TrainingDataError", "TrainingError", "TrainingSet", "build_dpo_set", "build_rft_set",
     "build_sft_set", "build_training_set", "evaluate_checkpoint", "load_checkpoint", "load_train_config",
     "load_training_file", "load_training_set", "record_training_set", "register_checkpoint", "to_hf_dataset",
@@ -41,23 +36,19 @@ __all__ = [
 
 
 def build_training_set(method: str, spec: EvalSpec, store: Store, *, data: str | None = None,
-                       min_score: float | None = None, min_margin: float = 0.5, max_per_item: int = 1,
-                       captures: Sequence[str] | None = None) -> TrainingSet:
+                       **options: Any) -> TrainingSet:
     """The set a method trains on: a platform JSONL file or recorded set id (`data`), else built
-    from the store (SFT: passing captures; DPO: best-vs-worst pairs; RFT: the train prompts)."""
-    kind = {"sft": "sft", "dpo": "dpo", "rft": "rft"}[method]
+    from the store by the method (SFT: passing captures; DPO: best-vs-worst pairs; RFT: the train
+    prompts); `options` go to the method's builder (min_score, max_per_item, min_margin, captures)."""
+    chosen = training_method(method)
     if data:
         if data.startswith("ts-"):
             loaded = load_training_set(store, data)
-            if loaded.kind != kind:
-                raise TrainingDataError(f"{data} is a {loaded.kind} set; {method} needs a {kind} set")
+            if loaded.kind != chosen.name:
+                raise TrainingDataError(f"{data} is a {loaded.kind} set; {method} needs a {chosen.name} set")
             return loaded
-        return load_training_file(kind, data)
-    if kind == "sft":
-        return build_sft_set(spec, store, min_score=min_score, max_per_item=max_per_item, captures=captures)
-    if kind == "dpo":
-        return build_dpo_set(spec, store, min_margin=min_margin, captures=captures)
-    return build_rft_set(spec)
+        return load_training_file(chosen.name, data)
+    return chosen.build_set(spec, store, **options)
 
 
 def train(method: str, spec: EvalSpec, store: Store, *, base: str, config: TrainConfig | None = None,
@@ -69,6 +60,7 @@ def train(method: str, spec: EvalSpec, store: Store, *, base: str, config: Train
     (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`)."""
     from flywheel.train.checkpoints import resolve_base
 
+    chosen = training_method(method)
     base_ref, _ = resolve_base(store, base)
     config = config or load_train_config(method)
     training_set = build_training_set(method, spec, store, data=data, **set_options)
@@ -77,17 +69,5 @@ def train(method: str, spec: EvalSpec, store: Store, *, base: str, config: Train
 
         return train_hosted(method, spec, store, training_set, base=base_ref, config=config,
                             evaluate=evaluate, splits=splits, **(hosted_options or {}))
-    if method == "sft":
-        from flywheel.train.sft import train_sft
-
-        return train_sft(spec, store, training_set, base=base, config=config, evaluate=evaluate,  # type: ignore[arg-type]
-                         splits=splits, quiet=quiet)
-    if method == "dpo":
-        from flywheel.train.dpo import train_dpo
-
-        return train_dpo(spec, store, training_set, base=base, config=config, evaluate=evaluate,  # type: ignore[arg-type]
-                         splits=splits, quiet=quiet)
-    from flywheel.train.grpo import train_grpo
-
-    return train_grpo(spec, store, training_set, base=base, config=config, evaluate=evaluate,  # type: ignore[arg-type]
-                      splits=splits, quiet=quiet)
+    return chosen.train(spec, store, training_set, base=base, config=config, evaluate=evaluate, splits=splits,
+                        quiet=quiet)

@@ -24,7 +24,6 @@ from typing import Any
 
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, new_id
-from flywheel.train.datasets import artefact_root
 
 LINEAGE_FILE = "flywheel_checkpoint.json"
 
@@ -65,7 +64,7 @@ class Checkpoint:
 
 
 def checkpoint_dir(store: Store) -> Path:
-    return artefact_root(store) / "ckpt"
+    return store.artefact_dir / "ckpt"
 
 
 def local_model_ref(base_model: str, adapter_dir: Path) -> str:

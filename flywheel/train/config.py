@@ -4,7 +4,7 @@ Users write (or override with `-s key=value`) the small models below; `to_peft`,
 `dpo_args` and `grpo_args` turn them into `peft.LoraConfig` and TRL's `SFTConfig` / `DPOConfig` /
 `GRPOConfig`. Nothing outside `flywheel/train/` sees a TRL or PEFT object.
 
-    config = load_train_config("sft", "train.yaml", overrides=["epochs=3", "lora.r=8"])
+    config = load_train_config("sft", "train.yaml", overrides=["epochs=3", "lora.r=8"])  # flywheel.train.methods
 
 Defaults are the settings measured on the BANKING77 demo (docs/training.md): LoRA r=16 on every
 linear layer, loss on assistant tokens only, bf16 where the hardware has it, no gradient
@@ -16,11 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from flywheel.errors import SpecError
-
-METHODS = ("sft", "dpo", "rft")
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Config(BaseModel):
@@ -91,33 +87,6 @@ class RFTSpec(TrainConfig):
     reward_weights: list[float] | None = Field(default=None, description="One weight per reward grader.")
 
 
-SPECS: dict[str, type[TrainConfig]] = {"sft": SFTSpec, "dpo": DPOSpec, "rft": RFTSpec}
-
-
-def _format_error(source: str, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{source}: {loc}: {message}")
-    return "\n".join(lines)
-
-
-def load_train_config(method: str, path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """The config of `method` from an optional YAML file plus `key.path=value` overrides."""
-    from flywheel.spec import apply_overrides, read_yaml
-
-    if method not in SPECS:
-        raise SpecError(f"unknown training method {method!r}; known: {', '.join(METHODS)}")
-    source = str(path) if path else "train config"
-    data: dict[str, Any] = read_yaml(Path(path)) if path else {}
-    data = apply_overrides(data, overrides or [], source)
-    try:
-        return SPECS[method].model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(_format_error(source, exc)) from None
-
-
 # -- building TRL / PEFT configs (only here) -------------------------------------------------------
 def resolve_bf16(precision: str) -> bool:
     """Whether to train in bf16: asked for, or `auto` on hardware with native bf16."""
@@ -181,7 +150,7 @@ def sft_args(config: SFTSpec, output_dir: Path, *, bf16: bool, quiet: bool = Fal
         max_length=config.max_length,
         packing=config.packing,
         packing_strategy="bfd",
-        # Our rows arrive tokenised with their loss mask (flywheel.train.datasets.tokenize_sft), so TRL
+        # Our rows arrive tokenised with their loss mask (flywheel.train.formats.tokenize_sft), so TRL
         # only truncates, packs and collates them.
         dataset_kwargs={},
         train_sampling_strategy="group_by_length" if config.group_by_length and not config.packing else "random",

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import DPOSpec, dpo_args, to_peft
-from flywheel.train.datasets import TrainingDataError, TrainingSet, to_hf_dataset
-from flywheel.train.local import TrainResult, run_local
+from flywheel.train.formats import TrainingDataError, TrainingSet, to_hf_dataset
+from flywheel.train.local import BuiltTrainer, TrainResult, run_local
 
 
 def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSpec, output_dir, *, bf16: bool,
@@ -31,7 +31,7 @@ def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSp
         model=model, args=dpo_args(config, output_dir, bf16=bf16, quiet=quiet),
         train_dataset=to_hf_dataset(training_set), processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
-    return trainer, {"pairs": len(training_set)}
+    return BuiltTrainer(trainer, {"pairs": len(training_set)})
 
 
 def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,

@@ -31,10 +31,10 @@ from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.checkpoints import register_checkpoint
 from flywheel.train.config import TrainConfig
-from flywheel.train.datasets import TrainingDataError, TrainingSet, record_training_set
+from flywheel.train.formats import TrainingDataError, TrainingSet
+from flywheel.train.sets import record_training_set
 from flywheel.train.local import TrainingError, TrainResult, evaluate_checkpoint
 
-METHOD_TYPES = {"sft": "supervised", "dpo": "dpo", "rft": "reinforcement"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 RFT_GRADER_TYPES = ("string_check", "text_similarity", "python", "score_model", "multi")
 OPTIONS = ("base_url", "api_key_env", "poll_interval", "timeout", "wait", "suffix", "seed", "hyperparameters",
@@ -105,7 +105,9 @@ def job_request(method: str, spec: EvalSpec, training_set: TrainingSet, base_mod
                 *, training_file: str, suffix: str | None = None, seed: int | None = None,
                 extra_hyperparameters: dict[str, Any] | None = None, grader: str | None = None) -> dict[str, Any]:
     """The keyword arguments of `client.fine_tuning.jobs.create` for this training run."""
-    kind = METHOD_TYPES[method]
+    from flywheel.train.methods import training_method
+
+    kind = training_method(method).hosted_type
     body: dict[str, Any] = {"hyperparameters": hyperparameters(method, config, extra_hyperparameters)}
     if kind == "reinforcement":
         body = {"grader": rft_grader(spec, grader), **body}

@@ -1,7 +1,7 @@
 """What every local training method shares: load the base (+adapter), record the job and its logs,
 train, register the adapter, and evaluate it with the harness against its parent.
 
-`sft.py`, `dpo.py` and `grpo.py` each build one TRL trainer; `run_local` does the rest:
+`sft.py`, `dpo.py` and `rft.py` each build one TRL trainer; `run_local` does the rest:
 
     result = run_local("sft", spec, store, training_set, base="local:smollm2", config=cfg, build=build)
     result.checkpoint.model_ref    # local:smollm2+.flywheel/ckpt/sft-...
@@ -30,11 +30,22 @@ from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.checkpoints import Checkpoint, register_checkpoint, resolve_base
 from flywheel.train.config import TrainConfig, resolve_bf16
-from flywheel.train.datasets import TrainingSet, artefact_root, record_training_set
+from flywheel.train.formats import TrainingSet
+from flywheel.train.sets import record_training_set
 
 
 class TrainingError(FlywheelError):
     """Training could not start or did not finish (bad base model, diverged loss, failed job)."""
+
+
+@dataclass
+class BuiltTrainer:
+    """What a method's `build` returns: the TRL trainer, statistics to record with the job's metrics,
+    and what to release after training (e.g. the RFT reward graders' sandboxes and judges)."""
+
+    trainer: Any
+    stats: dict[str, Any] = field(default_factory=dict)
+    close: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -199,8 +210,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
               config: TrainConfig, build: Callable[..., Any], evaluate: bool = True,
               splits: Sequence[str] = ("valid", "test"), quiet: bool = False,
               loss_key: str = "loss") -> TrainResult | None:
-    """Train with the trainer `build(model, tokenizer, output_dir, bf16)` returns, then register and
-    evaluate. `build` may return (trainer, extra_metrics). Returns None on non-main processes."""
+    """Train with the `BuiltTrainer` that `build(model, tokenizer, output_dir, bf16)` returns, then
+    register and evaluate. Returns None on non-main processes."""
     main = is_main_process()
     base_ref, parent_id = resolve_base(store, base)
     if main:
@@ -218,8 +229,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
 
             datasets.disable_progress_bars()
         model, tokenizer, base_model, _ = load_for_training(base_ref, bf16=bf16)
-        built = build(model, tokenizer, work, bf16)
-        trainer, extra = built if isinstance(built, tuple) else (built, {})
+        built: BuiltTrainer = build(model, tokenizer, work, bf16)
+        trainer, extra = built.trainer, built.stats
         # The Trainer prints every log dict to stdout (with or without its bar): show one bar on
         # stderr with the latest loss instead; the logs themselves go to the store.
         from transformers import PrinterCallback, ProgressCallback
@@ -236,7 +247,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         try:
             trainer.train()
         finally:
-            getattr(trainer, "flywheel_close", lambda: None)()
+            built.close()
         wall = time.perf_counter() - started
         after = _adapter_weights(trainer.model)
         changed = sum(1 for k in before if not bool((before[k] == after.get(k, before[k])).all()))
@@ -271,7 +282,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
 
 
 def _scratch(store: Store) -> Path:
-    folder = artefact_root(store) / "tmp"
+    folder = store.artefact_dir / "tmp"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -291,6 +302,7 @@ def evaluate_checkpoint(spec: EvalSpec, store: Store, checkpoint: Checkpoint, *,
     `rejected`; on `test` it is only `reported`. Results are stored on the checkpoint row too."""
     from flywheel.harness import item_scores, run_eval
     from flywheel.models import load_model
+    from flywheel.promotion import describe_test, significantly_better
     from flywheel.stats import paired_stats
 
     if model_options is None:
@@ -315,11 +327,12 @@ def evaluate_checkpoint(spec: EvalSpec, store: Store, checkpoint: Checkpoint, *,
 
         stats = paired_stats([value(*a[k]) for k in keys], [value(*b[k]) for k in keys],
                              [a[k][1] for k in keys], [b[k][1] for k in keys])
-        better = stats.get("significant", False) and stats["diff"] > 0
+        better = significantly_better(stats, spec.objective.metric)
         decision = ("promoted" if better else "rejected") if split == "valid" else "reported"
         reason = (f"{checkpoint.id} vs {parent_ref} on {split}: {stats['mean_b']:.3f} vs {stats['mean_a']:.3f}, "
-                  f"diff {stats['diff']:+.3f} [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}], "
-                  f"McNemar p={stats['p_mcnemar']:.3g}")
+                  f"diff {stats['diff']:+.3f} [{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]; "
+                  + ("significantly better: " if better else "not significantly better: ")
+                  + describe_test(stats, spec.objective.metric))
         store.update_iteration(new.iteration_id, parent_id=parent.iteration_id, decision=decision, reason=reason)
         iteration = store.get_iteration(new.iteration_id)
         out.append(SplitEval(

@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import SFTSpec, sft_args, to_peft
-from flywheel.train.datasets import TrainingDataError, TrainingSet, tokenize_sft
-from flywheel.train.local import TrainingError, TrainResult, run_local
+from flywheel.train.formats import TrainingDataError, TrainingSet, tokenize_sft
+from flywheel.train.local import BuiltTrainer, TrainingError, TrainResult, run_local
 
 
 def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSpec, output_dir, *, bf16: bool,
                       quiet: bool = False):
-    """TRL's SFTTrainer for an SFT set: (trainer, token statistics)."""
+    """TRL's SFTTrainer for an SFT set, with its token statistics."""
     from datasets import Dataset
     from peft import PeftModel
     from trl import SFTTrainer
@@ -40,7 +40,7 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
         model=model, args=sft_args(config, output_dir, bf16=bf16, quiet=quiet),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
-    return trainer, stats
+    return BuiltTrainer(trainer, stats)
 
 
 def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,

@@ -1,23 +1,19 @@
-"""Training sets out of the store: SFT rows, DPO pairs and RFT prompts, in the platform's formats.
+"""Training sets out of the store: SFT rows, DPO pairs and RFT prompts.
 
     sft = build_sft_set(spec, store)                  # passing captured outputs (+ reviewer corrections)
     dpo = build_dpo_set(spec, store, min_margin=0.5)  # best vs worst graded output of the same item
     rft = build_rft_set(spec)                         # the prompt plus the item fields the graders read
     record_training_set(store, sft)                   # content-hashed JSONL under .flywheel/sets/, a row
-    sft.to_jsonl("train.jsonl"); to_hf_dataset(dpo)   # platform JSONL (reference §5.4) / TRL's format
 
-Rows are the hosted platform's JSONL formats, so a set can be uploaded as it is (`hosted.py`):
-SFT `{"messages": [..., {"role": "assistant", ...}]}`, DPO `{"input": {"messages": [...]},
-"preferred_output": [...], "non_preferred_output": [...]}`, RFT `{"messages": [...], <item fields>}`.
-
-Only `train` items are used: valid selects, test reports, neither is trained on. The input of every
-row is the eval's own prompt rendered for the item (not the capture prompt), because the trained
-model is measured with that prompt; the target is the captured (teacher) output.
+Rows are in the platform's formats (`flywheel.train.formats`). Only `train` items (and unlabelled
+inputs captured for distillation) are used: valid selects, test reports, neither is trained on. The
+input of every row is the student's prompt rendered for the item (the eval's own prompt unless a
+stage names a shorter student prompt), not the capture prompt, because the trained model is
+measured with that prompt; the target is the captured (teacher) output.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -26,45 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.data import Item, load_dataset
-from flywheel.errors import FlywheelError
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
-
-KINDS = ("sft", "dpo", "rft")
-RFT_RESERVED = ("messages", "tools")
-
-
-class TrainingDataError(FlywheelError):
-    """A training set cannot be built or read: nothing captured, nothing passing, a malformed row."""
-
-
-@dataclass
-class TrainingSet:
-    """Rows in a platform JSONL format, with where they came from (`source`)."""
-
-    kind: str
-    rows: list[dict[str, Any]]
-    source: dict[str, Any] = field(default_factory=dict)
-    id: str | None = None
-    path: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def jsonl(self) -> str:
-        return "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in self.rows)
-
-    @property
-    def content_hash(self) -> str:
-        """sha256 of the canonical JSONL (sorted keys): equal rows give an equal hash."""
-        return hashlib.sha256(f"{self.kind}\n{self.jsonl()}".encode()).hexdigest()
-
-    def to_jsonl(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.jsonl(), encoding="utf-8")
-        return path
+from flywheel.train.formats import RFT_RESERVED, TrainingDataError, TrainingSet, load_training_file, validate_rows
 
 
 # -- reading what the store holds ------------------------------------------------------------------
@@ -100,9 +61,10 @@ def _captures(store: Store, spec: EvalSpec, dataset_id: str, capture_ids: Sequen
         if missing:
             raise TrainingDataError(f"{store.path}: no capture {sorted(missing)[0]!r}")
         return rows
+    # The eval's own train captures, and unlabelled inputs captured for it (their own datasets).
     return list(store.db.query(
-        "select * from teacher_captures where eval_name = ? and dataset_id = ? order by created_at",
-        [spec.name, dataset_id]))
+        "select * from teacher_captures where eval_name = ? and (dataset_id = ? or split = 'unlabelled')"
+        " order by created_at", [spec.name, dataset_id]))
 
 
 def _captured_samples(store: Store, captures: list[dict[str, Any]]) -> list[_Sample]:
@@ -147,10 +109,12 @@ def _assistant(text: str) -> dict[str, str]:
 class _Prompter:
     """Renders the eval's prompt (or `prompt`) for train items, once per item."""
 
-    def __init__(self, spec: EvalSpec, prompt: Prompt | None):
+    def __init__(self, spec: EvalSpec, prompt: Prompt | None, unlabelled: Sequence[Item] = ()):
         self.spec = spec
         self.dataset = load_dataset(spec)
+        # Items a row may be built for: train items, and unlabelled inputs captured for distillation.
         self.train: dict[str, Item] = {item.key: item for item in self.dataset.split("train")}
+        self.train.update((item.key, item) for item in unlabelled)
         self.prompt = prompt or Prompt(messages=spec.messages())
         self.prompt_id = self.prompt.id
         self._cache: dict[str, list[dict[str, str]]] = {}
@@ -193,6 +157,15 @@ def _why_nothing_passed(samples: list[_Sample], spec: EvalSpec, min_score: float
             "temperature, or --teacher reference:FIELD")
 
 
+def _unlabelled_items(store: Store, captures: list[dict[str, Any]]) -> list[Item]:
+    """The inputs of unlabelled captures, read back from the store."""
+    out: list[Item] = []
+    for dataset_id in dict.fromkeys(c["dataset_id"] for c in captures if c["split"] == "unlabelled"):
+        out += [Item(key=row["key"], fields=row["fields"], split="unlabelled", line=row["line"])
+                for row in store.dataset_items(dataset_id)]
+    return out
+
+
 # -- SFT -------------------------------------------------------------------------------------------
 def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = None, max_per_item: int = 1,
                   captures: Sequence[str] | None = None, include_reviews: bool = True,
@@ -200,8 +173,9 @@ def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = Non
     """SFT rows from captured outputs that pass every grader (or reach `min_score` on the objective),
     at most `max_per_item` distinct outputs per item (best first), plus reviewer corrections
     (and outputs a reviewer marked `pass`) of train items. Raises TrainingDataError when empty."""
-    prompter = _Prompter(spec, prompt)
-    capture_rows = _captures(store, spec, prompter.dataset.content_hash, captures)
+    dataset_id = load_dataset(spec).content_hash
+    capture_rows = _captures(store, spec, dataset_id, captures)
+    prompter = _Prompter(spec, prompt, _unlabelled_items(store, capture_rows))
     samples = _captured_samples(store, capture_rows)
     reviews, _, reviewed = _reviewed(store, prompter.dataset.content_hash) if include_reviews else ({}, [], {})
     if not capture_rows and not reviews:
@@ -249,6 +223,7 @@ def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = Non
                              is not None else "passed_all"},
                      counts={"captured_samples": len(samples), "passing": sum(map(len, by_item.values())),
                              "items_with_pass": len(by_item), "rows": len(rows), "rows_from_reviews": len(rows) - from_captures,
+                             "unlabelled_items_with_pass": sum(1 for k in by_item if prompter.train[k].split == "unlabelled"),
                              "skipped_not_train": skipped_split})
     if not rows:
         raise TrainingDataError(f"empty SFT training set for eval {spec.name!r}: "
@@ -341,73 +316,12 @@ def build_rft_set(spec: EvalSpec, *, prompt: Prompt | None = None,
     return TrainingSet("rft", rows, source)
 
 
-# -- platform JSONL in and out ---------------------------------------------------------------------
-def _check_messages(messages: Any, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise TrainingDataError(f"{where}: messages must be a non-empty list")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message:
-            raise TrainingDataError(f"{where}: messages[{index}] must be an object with a role")
-
-
-def validate_rows(kind: str, rows: list[dict[str, Any]], source: str) -> None:
-    """Check rows against the platform format of `kind`; errors name the line."""
-    if kind not in KINDS:
-        raise TrainingDataError(f"unknown training set kind {kind!r}; known: {', '.join(KINDS)}")
-    if not rows:
-        raise TrainingDataError(f"{source}: empty training set (no rows)")
-    for line, row in enumerate(rows, start=1):
-        where = f"{source}:{line}"
-        if not isinstance(row, dict):
-            raise TrainingDataError(f"{where}: expected a JSON object")
-        if kind == "sft":
-            _check_messages(row.get("messages"), where)
-            if not any(m.get("role") == "assistant" and m.get("weight", 1) for m in row["messages"]):
-                raise TrainingDataError(f"{where}: an SFT row needs an assistant message to learn from")
-        elif kind == "dpo":
-            if not isinstance(row.get("input"), dict):
-                raise TrainingDataError(f"{where}: a DPO row needs input.messages, preferred_output, non_preferred_output")
-            _check_messages(row["input"].get("messages"), where + ": input")
-            for name in ("preferred_output", "non_preferred_output"):
-                value = row.get(name)
-                if not isinstance(value, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
-                                                          for m in value):
-                    raise TrainingDataError(f"{where}: {name} must be a list with an assistant message")
-        else:
-            _check_messages(row.get("messages"), where)
-
-
-def load_training_file(kind: str, path: str | Path) -> TrainingSet:
-    """A platform-format JSONL file as a training set (validated)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TrainingDataError(f"{path}: cannot read training data: {exc.strerror}") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise TrainingDataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-    validate_rows(kind, rows, str(path))
-    return TrainingSet(kind, rows, {"file": str(path.resolve()), "method": kind})
-
-
-def artefact_root(store: Store) -> Path:
-    """`.flywheel/` beside the store file (the working directory for an in-memory store)."""
-    base = Path.cwd() if store.path == ":memory:" else Path(store.path).resolve().parent
-    return base / ".flywheel"
-
-
 def record_training_set(store: Store, training_set: TrainingSet) -> TrainingSet:
     """Write the set's JSONL under .flywheel/sets/ and record it (once per content hash)."""
     validate_rows(training_set.kind, training_set.rows, f"{training_set.kind} training set")
     digest = training_set.content_hash
     set_id = f"ts-{training_set.kind}-{digest[:12]}"
-    path = artefact_root(store) / "sets" / f"{set_id}.jsonl"
+    path = store.artefact_dir / "sets" / f"{set_id}.jsonl"
     if not path.exists():
         staging = path.with_suffix(".partial")
         training_set.to_jsonl(staging)
@@ -432,88 +346,3 @@ def load_training_set(store: Store, set_id: str) -> TrainingSet:
         raise TrainingDataError(f"{row['path']}: content changed since it was recorded as {set_id}")
     loaded.id, loaded.path = set_id, row["path"]
     return loaded
-
-
-# -- TRL's formats ---------------------------------------------------------------------------------
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
-
-
-def chat_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Platform messages as chat-template input: text content, `developer` read as `system`."""
-    out = []
-    for m in messages:
-        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": _text(m.get("content"))}
-        if m.get("tool_calls"):
-            message["tool_calls"] = m["tool_calls"]
-        out.append(message)
-    return out
-
-
-def to_hf_dataset(training_set: TrainingSet):
-    """A `datasets.Dataset` in TRL's conversational format: SFT `messages`; DPO `prompt`/`chosen`/
-    `rejected`; RFT `prompt` plus the item fields (GRPO passes them to the reward functions)."""
-    from datasets import Dataset
-
-    records = []
-    for row in training_set.rows:
-        if training_set.kind == "sft":
-            records.append({"messages": chat_messages(row["messages"])})
-        elif training_set.kind == "dpo":
-            records.append({"prompt": chat_messages(row["input"]["messages"]),
-                            "chosen": chat_messages(row["preferred_output"]),
-                            "rejected": chat_messages(row["non_preferred_output"])})
-        else:
-            fields = {k: v for k, v in row.items() if k not in RFT_RESERVED}
-            if "prompt" in fields:
-                raise TrainingDataError("an RFT item field named 'prompt' clashes with GRPO's prompt column; rename it")
-            records.append({"prompt": chat_messages(row["messages"]), **fields})
-    return Dataset.from_list(records)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def tokenize_sft(training_set: TrainingSet, tokenizer, *, loss: str = "assistant") -> tuple[list[dict[str, list[int]]], dict[str, int]]:
-    """Token ids and labels per SFT row. With `loss="assistant"` only assistant turns are learned
-    (their content and end-of-turn tokens; `weight: 0` turns stay context), as the platform trains;
-    with `"all"` every token is. The assistant spans come from rendering each prefix of the
-    conversation with the chat template, so any prefix-consistent template works, whether or not it
-    has `{% generation %}` markers. Returns the rows and token counts."""
-    if training_set.kind != "sft":
-        raise TrainingDataError(f"tokenize_sft needs an SFT set, got {training_set.kind}")
-    if loss not in ("assistant", "all"):
-        raise TrainingDataError(f"loss must be 'assistant' or 'all', got {loss!r}")
-
-    def encode(messages: list[dict[str, Any]], tools: Any, generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    out, total, trained = [], 0, 0
-    for row in training_set.rows:
-        raw = row["messages"]
-        messages, tools = chat_messages(raw), row.get("tools")
-        input_ids = encode(messages, tools, False)
-        labels = list(input_ids) if loss == "all" else [-100] * len(input_ids)
-        if loss == "assistant":
-            for index, message in enumerate(raw):
-                if message["role"] != "assistant" or not message.get("weight", 1):
-                    continue
-                start = _common_prefix(encode(messages[:index], tools, True), input_ids)
-                end = _common_prefix(encode(messages[:index + 1], tools, False), input_ids)
-                labels[start:end] = input_ids[start:end]
-        out.append({"input_ids": input_ids, "labels": labels})
-        total += len(input_ids)
-        trained += sum(1 for label in labels if label != -100)
-    if trained == 0:
-        raise TrainingDataError("no trainable tokens: every assistant message has weight 0 or renders empty")
-    return out, {"rows": len(out), "tokens": total, "trained_tokens": trained}

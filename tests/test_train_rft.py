@@ -11,7 +11,7 @@ import pytest
 from train_helpers import events, quick_rft, tiny_eval
 
 from flywheel.train import TrainingDataError, build_rft_set
-from flywheel.train.grpo import reward_functions, train_grpo
+from flywheel.train.rft import reward_functions, train_rft
 
 FUZZY = {"type": "text_similarity", "name": "close", "input": "{{sample.output_text}}",
          "reference": "{{item.label}}", "evaluation_metric": "fuzzy_match", "pass_threshold": 0.8}
@@ -33,7 +33,7 @@ def test_rewards_are_the_spec_graders(tmp_path, tiny_model_dir):
 
 def test_grpo_steps_move_the_adapter_and_log_rewards(tmp_path, tiny_model_dir, store):
     spec = tiny_eval(tmp_path, tiny_model_dir, graders=[FUZZY], objective={"metric": "mean_score"})
-    result = train_grpo(spec, store, build_rft_set(spec), base=spec.model, config=quick_rft(),
+    result = train_rft(spec, store, build_rft_set(spec), base=spec.model, config=quick_rft(),
                         splits=("valid",), quiet=True)
     m = result.metrics
     assert m["steps"] == 2 and m["rewards"] == ["close"]

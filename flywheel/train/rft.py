@@ -1,6 +1,6 @@
 """Reward-based fine-tuning (RFT) with GRPO: the eval's graders are the rewards.
 
-    result = train_grpo(spec, store, build_rft_set(spec), base="local:smollm2+.flywheel/ckpt/sft-...")
+    result = train_rft(spec, store, build_rft_set(spec), base="local:smollm2+.flywheel/ckpt/sft-...")
 
 Each step samples `num_generations` completions for each of `batch_size` prompts, scores them with
 `graders.reward_function` of the spec's graders (the same code that grades evals; a grade that
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flywheel.harness import GraderSet
+from flywheel.grading import GraderSet
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import RFTSpec, grpo_args, to_peft
-from flywheel.train.datasets import TrainingDataError, TrainingSet, to_hf_dataset
-from flywheel.train.local import TrainResult, run_local
+from flywheel.train.formats import TrainingDataError, TrainingSet, to_hf_dataset
+from flywheel.train.local import BuiltTrainer, TrainResult, run_local
 
 
 def reward_functions(spec: EvalSpec, names: Sequence[str] | None = None):
@@ -34,7 +34,7 @@ def reward_functions(spec: EvalSpec, names: Sequence[str] | None = None):
     return [graders.reward_function(grader_set.runners[grader_set.names.index(n)]) for n in chosen], grader_set
 
 
-def build_grpo_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSpec, output_dir, *, bf16: bool,
+def build_rft_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSpec, output_dir, *, bf16: bool,
                        spec: EvalSpec, quiet: bool = False):
     from peft import PeftModel
     from trl import GRPOTrainer
@@ -51,20 +51,20 @@ def build_grpo_trainer(model, tokenizer, training_set: TrainingSet, config: RFTS
         args=grpo_args(config, output_dir, bf16=bf16, quiet=quiet,
                        max_completion_length=config.max_completion_length or spec.sampling.max_tokens),
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
-    trainer.flywheel_close = grader_set.close  # sandboxes and judges of the reward graders; closed by run_local
-    return trainer, {"prompts": len(training_set), "rewards": [r.__name__ for r in rewards]}
+    return BuiltTrainer(trainer, {"prompts": len(training_set), "rewards": [r.__name__ for r in rewards]},
+                        close=grader_set.close)  # the reward graders' sandboxes and judges
 
 
-def train_grpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
+def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
                config: RFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
                quiet: bool = False) -> TrainResult | None:
-    """Train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it."""
+    """RFT: train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it."""
     config = config or RFTSpec()
     if len(training_set) == 0:
         raise TrainingDataError("empty RFT training set: no prompts")
 
     def build(model, tokenizer, output_dir, bf16):
-        return build_grpo_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, spec=spec,
+        return build_rft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, spec=spec,
                                   quiet=quiet)
 
     return run_local("rft", spec, store, training_set, base=base, config=config, build=build,

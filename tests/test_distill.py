@@ -14,7 +14,7 @@ import pytest
 from serving_helpers import ScriptedUpstream, free_port
 from train_helpers import quick_sft, tiny_eval
 
-from flywheel.capture import CaptureError, best_prompt, capture
+from flywheel.distill import CaptureError, best_prompt, capture
 from flywheel.data import load_dataset
 from flywheel.harness import run_eval
 from flywheel.prompt import Prompt
@@ -131,3 +131,104 @@ def test_best_of_k_capture_trains_end_to_end(tmp_path, tiny_model_dir, store, up
                        splits=("valid",), quiet=True)
     assert result.checkpoint.training_set_id.startswith("ts-sft-")
     assert [e.split for e in result.evals] == ["valid"]
+
+
+def _unlabelled(tmp_path, texts):
+    path = tmp_path / "unlabelled.jsonl"
+    path.write_text("".join(json.dumps({"id": f"u{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def test_unlabelled_inputs_are_voted_by_self_consistency_and_leaks_dropped(tmp_path, chatty_dir, store):
+    from collections import Counter
+
+    from flywheel.distill import InputsSpec, capture_unlabelled, load_inputs
+
+    spec = tiny_eval(tmp_path, chatty_dir)
+    valid_text = load_dataset(spec).split("valid")[0].fields["text"]
+    path = _unlabelled(tmp_path, ["where is my new card", "my pin is blocked", valid_text])
+    inputs = load_inputs(spec, InputsSpec(path=str(path), id_field="id"), store)
+    assert [i.key for i in inputs.items] == ["u:u0", "u:u1", "u:u2"] and {i.split for i in inputs.items} == {"unlabelled"}
+    prompt = Prompt(messages=spec.messages())
+    result = capture_unlabelled(spec, store, f"local:{chatty_dir}", inputs=inputs, prompt=prompt, n=3,
+                                temperature=1.0, min_agreement=0.6)
+    samples = store.samples_with_grades(result.iteration_id)
+    # The input equal to a valid item is never sampled: training on it would leak what selection measures.
+    assert sorted({s["item_key"] for s in samples}) == ["u:u0", "u:u1"] and len(samples) == 6
+    assert all([g["grader"] for g in s["grades"]] == ["self_consistency"] for s in samples)
+    accepted = 0
+    for key in ("u:u0", "u:u1"):
+        outputs = [" ".join((s["output_text"] or "").split()).casefold() for s in samples if s["item_key"] == key]
+        answer, count = Counter(o for o in outputs if o).most_common(1)[0] if any(outputs) else (None, 0)
+        accepted += bool(answer) and count / 3 >= 0.6
+        for s in samples:
+            if s["item_key"] == key:
+                mine = " ".join((s["output_text"] or "").split()).casefold()
+                assert bool(s["grades"][0]["passed"]) == (bool(answer) and count / 3 >= 0.6 and mine == answer)
+    assert result.items_with_pass == accepted and result.n_items == 2
+    row = store.db.execute("select split, n from teacher_captures where id = ?", [result.id]).fetchone()
+    assert tuple(row) == ("unlabelled", 3)
+    # Same call again: resumed from the store, no model call.
+    again = capture_unlabelled(spec, store, f"local:{chatty_dir}", inputs=inputs, prompt=prompt, n=3,
+                               temperature=1.0, min_agreement=0.6)
+    assert again.model_calls == 0 and again.items_with_pass == accepted
+
+
+def test_inputs_spec_needs_one_source_and_a_real_vote():
+    from pydantic import ValidationError
+
+    from flywheel.distill import InputsSpec
+
+    with pytest.raises(ValidationError, match="exactly one of `path` or `captures`"):
+        InputsSpec()
+    with pytest.raises(ValidationError):
+        InputsSpec(path="x.jsonl", min_agreement=0.5)  # a tie is not a majority
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_labels_unlabelled_inputs_and_sft_rows_use_the_student_prompt(tmp_path, store):
+    from flywheel.distill import InputsSpec, capture_unlabelled, load_inputs
+
+    from train_helpers import write_eval
+
+    from flywheel.spec import load_eval_spec
+
+    # The prompted teacher: demonstrations in the messages make SmolLM2 echo the word consistently.
+    spec = load_eval_spec(write_eval(tmp_path, "local:smollm2", input=[
+        {"role": "system", "content": "Repeat the user's word, nothing else."},
+        {"role": "user", "content": "cat"}, {"role": "assistant", "content": "cat"},
+        {"role": "user", "content": "house"}, {"role": "assistant", "content": "house"},
+        {"role": "user", "content": "{{item.text}}"}]))
+    path = _unlabelled(tmp_path, ["apple", "river", "seven", "window"])
+    inputs = load_inputs(spec, InputsSpec(path=str(path), id_field="id"), store)
+    teacher_prompt = Prompt(messages=spec.messages())
+    result = capture_unlabelled(spec, store, "local:smollm2", inputs=inputs, prompt=teacher_prompt, n=4,
+                                temperature=0.7, min_agreement=0.6)
+    assert result.items_with_pass >= 2, result  # SmolLM2 repeats a word consistently
+    student = Prompt(messages=[{"role": "user", "content": "{{item.text}}"}])
+    training_set = build_sft_set(spec, store, prompt=student)
+    words = {"apple", "river", "seven", "window"}
+    unlabelled_rows = [r for r in training_set.rows if r["messages"][0]["content"] in words]
+    assert len(unlabelled_rows) == result.items_with_pass
+    assert all(r["messages"][-1]["content"].strip(". ").casefold() == r["messages"][0]["content"]
+               for r in unlabelled_rows)  # the accepted majority answer is the target
+    assert training_set.source["counts"]["unlabelled_items_with_pass"] == result.items_with_pass
+    assert all(r["messages"][:-1] == [{"role": "user", "content": r["messages"][0]["content"]}] for r in unlabelled_rows)
+
+
+def test_capture_cli_takes_unlabelled_inputs(tmp_path, chatty_dir):
+    from click.testing import CliRunner
+    from train_helpers import write_eval
+
+    from flywheel.cli import main
+
+    spec_path = write_eval(tmp_path, f"local:{chatty_dir}")
+    inputs = _unlabelled(tmp_path, ["card not here yet", "cannot use my pin"])
+    args = ["capture", str(spec_path), "--teacher", f"local:{chatty_dir}", "--inputs", str(inputs), "--id-field", "id",
+            "--db", str(tmp_path / "x.db")]
+    out = CliRunner().invoke(main, [*args, "--n", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)
+    assert (data["n_items"], data["n_samples"], data["n"]) == (2, 4, 2)
+    one = CliRunner().invoke(main, [*args, "--n", "1"])
+    assert one.exit_code == 1 and "at least 2" in one.output and "Traceback" not in one.output

@@ -1,0 +1,80 @@
+"""The promotion rule: when a candidate replaces the incumbent, and which test said so.
+
+A candidate (a prompt, a checkpoint, a student with a shorter prompt) is measured on `valid` and
+paired with the incumbent item by item. It is promoted when
+
+* it is **significantly better**: McNemar's exact test on pass/fail (objective metric `pass_rate`)
+  or the paired bootstrap 95% CI of the mean per-item difference excluding 0 (`mean_score`); or
+* it is **cheaper and non-inferior**: cheaper per item on the run's cost goal, and the paired
+  bootstrap 95% CI of the difference has its lower bound above −margin.
+
+Every verdict names the test that made it, so a reason never cites one statistic while another
+decided.
+
+    verdict = decide(cmp, metric="pass_rate", alpha=0.05, goal=goal, candidate_cost=c, incumbent_cost=i)
+    verdict.promoted, verdict.reason
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from flywheel.cost import CostPerItem, cheaper
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What a run minimises once it is good enough, and how much score it may give up for it."""
+
+    minimise: str = "prompt_tokens"
+    margin: float = 0.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promoted: bool
+    rule: str      # "significantly better", "cheaper and non-inferior", or why not
+    reason: str    # the statistics, naming the test that decided
+
+
+def describe_test(cmp: dict[str, Any], metric: str) -> str:
+    """The test that decides significance for this objective, with its figures."""
+    if metric == "pass_rate":
+        return (f"McNemar exact p={cmp['p_mcnemar']:.3g} ({cmp['improvements']} fixed, "
+                f"{cmp['regressions']} broken)")
+    return f"paired bootstrap 95% CI of the mean difference [{cmp['ci_low']:+.3f}, {cmp['ci_high']:+.3f}]"
+
+
+def significantly_better(cmp: dict[str, Any], metric: str, alpha: float = 0.05) -> bool:
+    """A positive paired difference that is significant: McNemar's exact test for pass/fail
+    objectives, the bootstrap CI of the per-item difference excluding 0 otherwise."""
+    if not cmp or cmp.get("n", 0) == 0 or not cmp["diff"] > 0:
+        return False
+    if metric == "pass_rate":
+        return cmp["p_mcnemar"] < alpha
+    return cmp["ci_low"] > 0
+
+
+def non_inferior(cmp: dict[str, Any], margin: float) -> bool:
+    """The paired bootstrap 95% CI lower bound of (candidate − incumbent) lies above −margin."""
+    return bool(cmp and cmp.get("n", 0) and not math.isnan(cmp["ci_low"]) and cmp["ci_low"] > -margin)
+
+
+def decide(cmp: dict[str, Any], *, metric: str, alpha: float, goal: Goal | None,
+           candidate_cost: CostPerItem, incumbent_cost: CostPerItem) -> Verdict:
+    """Promote when significantly better, or cheaper and non-inferior (see the module docstring)."""
+    scores = f"valid {cmp['mean_b']:.3f} vs {cmp['mean_a']:.3f}, diff {cmp['diff']:+.3f}" if cmp.get("n") else "no paired items"
+    if significantly_better(cmp, metric, alpha):
+        return Verdict(True, "significantly better", f"{scores}; significantly better: {describe_test(cmp, metric)}")
+    if goal is not None and goal.margin > 0 and cheaper(candidate_cost, incumbent_cost, goal.minimise):
+        costs = f"{candidate_cost.describe(goal.minimise)} vs {incumbent_cost.describe(goal.minimise)}"
+        if non_inferior(cmp, goal.margin):
+            return Verdict(True, "cheaper and non-inferior",
+                           f"{scores}; cheaper ({costs}) and non-inferior: paired bootstrap 95% CI lower bound "
+                           f"{cmp['ci_low']:+.3f} > −{goal.margin:g} margin")
+        return Verdict(False, "cheaper but possibly worse",
+                       f"{scores}; cheaper ({costs}) but not shown non-inferior: paired bootstrap 95% CI lower "
+                       f"bound {cmp['ci_low']:+.3f} ≤ −{goal.margin:g} margin")
+    return Verdict(False, "not significantly better", f"{scores}; not significantly better: {describe_test(cmp, metric)}")

@@ -1,0 +1,118 @@
+"""The training stages (`sft`, `dpo`, `rft`): a LoRA checkpoint trained from the incumbent.
+
+The student is trained and measured with its own prompt: `student_prompt` when the stage names
+one (a tuned model needs neither the label list nor long instructions: distilling them into the
+weights is the point), else the tuned incumbent's prompt, else the eval's plain prompt; never the
+teacher's demonstrations. SFT starts from the incumbent's model; DPO and RFT polish a tuned model
+(the incumbent when it is tuned, else the best checkpoint this run trained). Before RFT trains, a
+probe samples the start model on train prompts: when every group of samples scores the same, there
+is no reward signal and the stage says so instead of training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any, Literal
+
+from pydantic import Field
+
+from flywheel.errors import FlywheelError
+from flywheel.prompt import Prompt
+from flywheel.spec import MessageSpec
+from flywheel.stages.base import Candidate, Incumbent, StageOutcome, StageSpecBase, WheelContext
+from flywheel.train.methods import METHODS, load_train_config, training_method
+
+PROBE_PROMPTS = 16
+
+
+class TrainStageSpec(StageSpecBase):
+    stage: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]
+        description="Fine-tune with TRL + PEFT: " + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
+    config: dict[str, Any] = Field(default_factory=dict, description="Training settings (docs/training.md).")
+    student_prompt: list[MessageSpec] | None = Field(
+        default=None, description="Messages the student is trained and measured with (e.g. a one-line system "
+        "message and the user template); the incumbent's (tuned) or the eval's prompt when unset.")
+    min_score: float | None = Field(default=None, description="SFT: objective score a capture needs.")
+    max_per_item: int = Field(default=1, ge=1, description="SFT: distinct passing outputs kept per item.")
+    min_margin: float = Field(default=0.5, ge=0, description="DPO: best-minus-worst score a pair needs.")
+
+
+class TrainStage:
+    """Build the method's set from the store, train (or reuse a checkpoint trained before a kill),
+    and propose the checkpoint with the student prompt."""
+
+    spec_class = TrainStageSpec
+
+    def __init__(self, spec: TrainStageSpec):
+        self.spec = spec
+        self.method = training_method(spec.stage)
+
+    def student_prompt(self, wheel: WheelContext, incumbent: Incumbent) -> Prompt:
+        if self.spec.student_prompt:
+            return Prompt(messages=[m.model_dump() for m in self.spec.student_prompt])
+        if incumbent.tuned:
+            return Prompt(messages=incumbent.prompt.messages)
+        return Prompt(messages=wheel.spec.messages())
+
+    def run(self, wheel: WheelContext, incumbent: Incumbent) -> StageOutcome:
+        from flywheel.train.checkpoints import resolve_base
+
+        method, spec = self.method, self.spec
+        name = method.name
+        base = incumbent.model_ref
+        if method.starts_tuned and not incumbent.tuned:
+            base = wheel.best_tuned(incumbent)
+            if base is None:
+                raise FlywheelError(f"{name} polishes a tuned model and this run has none yet: put an sft stage "
+                                    "before it")
+        prompt = self.student_prompt(wheel, incumbent)
+        wheel.store.save_prompt(prompt, origin="student")
+        config = load_train_config(name, values=spec.config)
+        if name == "rft":
+            probe = self.reward_probe(wheel, base, prompt, config)
+            if probe is not None:
+                return StageOutcome(name, "failed", probe, lap=wheel.lap)
+        options = {key: getattr(spec, key) for key in method.set_options}
+        training_set = method.build_set(wheel.spec, wheel.store, prompt=prompt, **options)
+        wheel.log(f"  {name}: {len(training_set)} rows, from {base}")
+        base_ref, parent_id = resolve_base(wheel.store, base)
+        done = wheel.store.find_checkpoint(method=name, training_set_hash=training_set.content_hash,
+                                           config_json=json.dumps(config.model_dump()),
+                                           base_model=base_ref.split("+", 1)[0])
+        if done and done["parent_id"] == parent_id:  # trained before a kill: never train twice
+            checkpoint_id, model_ref, metrics = done["id"], done["model_ref"], json.loads(done["metrics_json"] or "{}")
+            wheel.log(f"  reusing {checkpoint_id}, trained before")
+        else:
+            result = method.train(wheel.spec, wheel.store, training_set, base=base, config=config, evaluate=False,
+                                  quiet=True)
+            checkpoint_id, model_ref, metrics = result.checkpoint.id, result.checkpoint.model_ref, result.metrics
+        loss = (f", loss {metrics['first_loss']:.3g} -> {metrics['last_loss']:.3g}"
+                if metrics.get("first_loss") is not None and metrics.get("last_loss") is not None else "")
+        reward = (f", reward {metrics['first_reward']:.3g} -> {metrics['last_reward']:.3g}"
+                  if metrics.get("first_reward") is not None else "")
+        detail = f"checkpoint {checkpoint_id} ({len(training_set)} rows{loss}{reward}; student prompt {prompt.id})"
+        return StageOutcome(name, "proposed", detail, lap=wheel.lap,
+                            proposal=Candidate(model_ref, prompt, detail, origin=f"{name}:{checkpoint_id}"))
+
+    def reward_probe(self, wheel: WheelContext, base: str, prompt: Prompt, config) -> str | None:
+        """Sample the start model `num_generations` times on a few train prompts and grade them with
+        the reward graders: None when some group's rewards differ (GRPO can learn), else why not."""
+        items = wheel.dataset.split("train")
+        chosen = sorted(random.Random(config.seed).sample(items, min(PROBE_PROMPTS, len(items))), key=lambda i: i.key)
+        k = config.num_generations
+        iteration_id = wheel.sample("rft-probe", base, prompt, chosen, repeats=k, temperature=config.temperature,
+                                    max_tokens=config.max_completion_length)
+        graders_used = config.graders or wheel.grader_set.names
+        weights = dict(zip(graders_used, config.reward_weights or [1.0] * len(graders_used)))
+        groups: dict[str, list[float]] = {}
+        for sample in wheel.store.samples_with_grades(iteration_id):
+            reward = sum(weights[g["grader"]] * (g["score"] or 0.0) for g in sample["grades"] if g["grader"] in weights)
+            groups.setdefault(sample["item_key"], []).append(reward)
+        varied = sum(1 for rewards in groups.values() if max(rewards) - min(rewards) > 1e-9)
+        if varied:
+            wheel.log(f"  reward probe: {varied}/{len(groups)} groups of {k} samples differ in reward")
+            return None
+        mean = sum(sum(r) for r in groups.values()) / max(1, sum(len(r) for r in groups.values()))
+        return (f"no reward signal: in {len(groups)} groups of {k} samples from {base}, every group scored the "
+                f"same (mean reward {mean:.3f}); GRPO would learn nothing, so RFT did not train")

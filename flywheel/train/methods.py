@@ -1,0 +1,97 @@
+"""The training methods, in one table: every list of methods, CLI choice and dispatch reads it.
+
+    METHODS["sft"].config           # SFTSpec, our pydantic settings
+    METHODS["sft"].build_set(...)   # the SFT rows out of the store
+    METHODS["sft"].train(...)       # TRL + PEFT, locally
+    METHODS["rft"].hosted_type      # "reinforcement": the platform's `method.type`
+
+A method is named once here, beside what it builds; `load_train_config`, the wheel's training
+stages, `flywheel train <method>`, the hosted backend and the training-set formats derive from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from flywheel.errors import SpecError
+from flywheel.train.config import DPOSpec, RFTSpec, SFTSpec, TrainConfig
+from flywheel.train.dpo import train_dpo
+from flywheel.train.rft import train_rft
+from flywheel.train.sets import build_dpo_set, build_rft_set, build_sft_set
+from flywheel.train.sft import train_sft
+
+
+@dataclass(frozen=True)
+class TrainingMethod:
+    """One training method: its name (CLI word, store `method`, training-set format), settings,
+    how its set is built from the store, its local trainer and the platform's name for it."""
+
+    name: str
+    summary: str
+    config: type[TrainConfig]
+    set_builder: Callable[..., Any]
+    trainer: Callable[..., Any]
+    hosted_type: str
+    set_options: tuple[str, ...] = ()  # the stage settings its set builder takes
+    needs_store: bool = True  # RFT prompts come from the eval's items alone
+    starts_tuned: bool = False  # polishes a tuned model (the platform's advice: SFT first)
+
+    def build_set(self, spec, store, **options: Any):
+        """The method's training set for `spec` (options: prompt, min_score, max_per_item, min_margin, ...)."""
+        options = {k: v for k, v in options.items() if v is not None}
+        return self.set_builder(spec, store, **options) if self.needs_store else self.set_builder(spec, **options)
+
+    def train(self, spec, store, training_set, **options: Any):
+        """Train locally with TRL + PEFT (see the method's module), register and optionally evaluate."""
+        return self.trainer(spec, store, training_set, **options)
+
+
+METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
+    TrainingMethod("sft", "supervised fine-tuning on passing outputs", SFTSpec, build_sft_set, train_sft,
+                   "supervised", set_options=("min_score", "max_per_item")),
+    TrainingMethod("dpo", "preference optimisation on best-vs-worst outputs", DPOSpec, build_dpo_set, train_dpo,
+                   "dpo", set_options=("min_margin",), starts_tuned=True),
+    TrainingMethod("rft", "reward-based fine-tuning (GRPO) with the eval's graders as rewards", RFTSpec,
+                   build_rft_set, train_rft, "reinforcement", needs_store=False, starts_tuned=True),
+)}
+
+
+def training_method(name: str) -> TrainingMethod:
+    """The method called `name`; SpecError lists the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SpecError(f"unknown training method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{source}: {loc}: {message}")
+    return "\n".join(lines)
+
+
+def load_train_config(method: str, path: str | Path | None = None, overrides: list[str] | None = None,
+                      values: dict[str, Any] | None = None) -> TrainConfig:
+    """The settings of `method` from an optional YAML file (or `values`) plus `key.path=value` overrides.
+
+    >>> load_train_config("sft", overrides=["epochs=3", "lora.r=8"]).lora.r
+    8
+    """
+    from flywheel.spec import apply_overrides, read_yaml
+
+    config_class = training_method(method).config
+    source = str(path) if path else "train config"
+    data: dict[str, Any] = read_yaml(Path(path)) if path else dict(values or {})
+    data = apply_overrides(data, overrides or [], source)
+    try:
+        return config_class.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_error(source, exc)) from None
