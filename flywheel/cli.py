@@ -211,9 +211,17 @@ def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, op
               help="Chat calls in flight at once; more are refused with 429 (and recorded).")
 @click.option("--max-buffered-mb", default=256.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Request-body megabytes held at once; past it calls are refused with 429 (and recorded).")
+@click.option("--redact", "redact", is_flag=False, flag_value="replace", default=None,
+              type=click.Choice(["replace", "mask", "hash"]), help="Store captures with PII anonymised (docs/privacy.md).")
+@click.option("--block-output-pii", is_flag=False, flag_value="reject", default=None,
+              type=click.Choice(["reject", "redact"]), help="Screen replies: PII the request lacked -> 422 or <KIND>.")
+@click.option("--retention-days", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Delete captures older than this (at start, then hourly), with their copies.")
 @db_option
-def proxy_command(upstream, host, port, timeout, max_body_mb, max_concurrency, max_buffered_mb, db):
+def proxy_command(upstream, host, port, timeout, max_body_mb, max_concurrency, max_buffered_mb, redact,
+                  block_output_pii, retention_days, db):
     """Forward chat calls to --upstream and record each one in the captures table."""
+    from flywheel.privacy.policy import proxy_privacy
     from flywheel.proxy.server import run_proxy
 
     db_path = db or default_db_path()
@@ -223,7 +231,8 @@ def proxy_command(upstream, host, port, timeout, max_body_mb, max_concurrency, m
 
     run_proxy(upstream, db_path=db_path, host=host, port=port, timeout=timeout,
               max_body_bytes=int(max_body_mb * 1024 * 1024), max_concurrency=max_concurrency,
-              max_buffered_bytes=int(max_buffered_mb * 1024 * 1024), on_ready=ready)
+              max_buffered_bytes=int(max_buffered_mb * 1024 * 1024), on_ready=ready,
+              privacy=proxy_privacy(redact, block_output_pii, retention_days))
 
 
 @main.group()
@@ -267,21 +276,45 @@ def captures_list(metadata, since, until, model, limit, failed, db, as_json):
 @captures.command("export")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="JSONL file to write.")
 @_capture_filters
+@click.option("--redact", "redact", default="replace", show_default=True,
+              type=click.Choice(["replace", "mask", "hash", "none"]), help="PII anonymisation (none: verbatim).")
+@click.option("--record-set", is_flag=True, help="Also record the rows as an SFT training set (ts-sft-...).")
 @db_option
 @json_option
-def captures_export(output, metadata, since, until, model, db, as_json):
-    """Write successful captures as SFT JSONL ({"messages": [...]} per line)."""
-    from dataclasses import asdict
-
-    from flywheel.proxy.captures import export_sft, parse_metadata_filters
+def captures_export(output, metadata, since, until, model, redact, record_set, db, as_json):
+    """Write successful captures as SFT JSONL ({"messages": [...]} per line), PII redacted."""
+    from flywheel.proxy.captures import parse_metadata_filters
+    from flywheel.privacy.exports import export_captures
+    from flywheel.privacy.redact import parse_redact
 
     with _store_at(db) as store:
-        result = export_sft(store, output, metadata=parse_metadata_filters(metadata), since=since,
-                            until=until, model=model)
+        result = export_captures(store, output, metadata=parse_metadata_filters(metadata), since=since,
+                                 until=until, model=model, redact=parse_redact(redact != "none" and redact),
+                                 record_set=record_set)
     if as_json:
-        click.echo(json.dumps(asdict(result)))
+        click.echo(json.dumps(result.to_dict()))
     else:
-        click.echo(f"wrote {result.written} examples to {result.path}")
+        replaced = f", {result.redaction['replaced']} PII entities replaced" if result.redaction else " (not redacted)"
+        click.echo(f"wrote {result.written} examples to {result.path}{replaced}"
+                   + (f"; training set {result.training_set_id}" if result.training_set_id else ""))
+
+
+@captures.command("delete")
+@click.option("--id", "ids", multiple=True, type=int, help="A capture id (repeatable).")
+@click.option("--metadata", "metadata", multiple=True, help="Captures whose metadata has key=value.")
+@click.option("--before", default=None, help="Captures created before a date, timestamp or age (2026-11-05, 90d).")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
+@db_option
+@json_option
+def captures_delete(ids, metadata, before, dry_run, db, as_json):
+    """Delete captures and every copy in training sets and exports; mark checkpoints trained on them."""
+    from flywheel.proxy.captures import parse_metadata_filters, parse_when
+    from flywheel.privacy.deletion import delete_captures
+
+    with _store_at(db) as store:
+        result = delete_captures(store, ids=ids, metadata=parse_metadata_filters(metadata),
+                                 before=parse_when(before, option="--before"), dry_run=dry_run)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
 
 @main.command("report")
@@ -469,6 +502,10 @@ def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin,
         training_set = record_training_set(store, build_training_set(
             kind, spec, store, **{k: options[k] for k in training_method(kind).set_options}))
     path = training_set.to_jsonl(output)
+    with _store_at(db) as store:  # recorded, so that `captures delete` finds copies in it
+        from flywheel.privacy.lineage import record_export
+
+        record_export(store, path, kind, training_set.rows, source={"training_set": training_set.id})
     if hf_dir:
         to_hf_dataset(training_set).save_to_disk(hf_dir)
     summary = {"id": training_set.id, "kind": kind, "rows": len(training_set), "path": str(path),
@@ -553,7 +590,7 @@ def graders_calibrate(path, data_path, output_field, label_field, passing, judge
 
     from flywheel.calibration import calibrate, format_calibration, save_calibrations
     from flywheel.data import read_rows
-    from flywheel.harness import GraderSet
+    from flywheel.grading import GraderSet
 
     resolver, configs = GraderSet([]), _grader_objects(path)
 

@@ -185,6 +185,33 @@ def m008_judges_calibrations(db: sqlite_utils.Database) -> None:
     db["judge_calibrations"].create_index(["grader", "created_at"])
 
 
+@migration
+def m009_privacy(db: sqlite_utils.Database) -> None:
+    # Files Flywheel wrote outside .flywheel/sets (`captures export`, `train export`), so that a
+    # deletion can find every copy of a captured row.
+    db["exports"].create(
+        {"id": str, "created_at": str, "kind": str, "path": str, "n_rows": int, "content_hash": str,
+         "redaction_json": str, "source_json": str},
+        pk="id",
+    )
+    # Lineage of proxy captures into artefacts: one row per copied capture and artefact (an export
+    # or a training set), with the sha256 of the canonical JSON row it became.
+    db["capture_copies"].create(
+        {"capture_id": int, "artefact": str, "artefact_id": str, "row_hash": str}, pk=("capture_id", "artefact",
+                                                                                       "artefact_id", "row_hash"),
+    )
+    db["capture_copies"].create_index(["artefact", "artefact_id"])
+    # `flywheel captures delete` / retention: what was deleted (ids, never text) and where copies went.
+    db["deletions"].create(
+        {"id": str, "created_at": str, "reason": str, "filters_json": str, "n_captures": int,
+         "capture_ids_json": str, "training_sets_json": str, "exports_json": str, "checkpoints_json": str},
+        pk="id",
+    )
+    db["training_sets"].add_column("redaction_json", str)
+    db["training_sets"].add_column("deleted_rows", int)
+    db["checkpoints"].add_column("trained_on_deleted", str)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

@@ -73,7 +73,7 @@ class DataOutputs(Model):
 
 def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
     """A successful chat capture as item fields; None when it holds no chat request and reply."""
-    from flywheel.captures import _loads, reply_message
+    from flywheel.proxy.captures import _loads, reply_message
 
     request = _loads(capture.get("request_json"))
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
@@ -98,7 +98,7 @@ def captures_dataset(spec: Any) -> Any:
     """The proxy's successful captures matching `spec.dataset.captures`, as a Dataset (all in test)."""
     import hashlib
 
-    from flywheel.captures import parse_when
+    from flywheel.proxy.captures import parse_when
     from flywheel.data import Dataset, Item
     from flywheel.store import Store
 

@@ -10,7 +10,7 @@ were shown side by side, a `preference` between the sample and `other_sample_id`
     sample_reviews(store, run_ids=[run_id])[42].correction   # 'card_arrival'
     preferences(store, run_ids=[run_id])                     # [Preference(chosen=17, rejected=42, ...)]
 
-The training-set builders (`flywheel.train.datasets.build_sft_set`, `build_dpo_set`) turn these
+The training-set builders (`flywheel.train.sets.build_sft_set`, `build_dpo_set`) turn these
 into SFT rows (corrections, approved outputs) and DPO pairs (preferences, corrections).
 """
 

@@ -258,6 +258,62 @@ def _defines_grade(body: list[ast.stmt]) -> bool:
     return False
 
 
+# --- Flywheel extensions of the platform schema: safety checks (graders/safety.py) ----------------
+
+class PIIGraderConfig(_Config):
+    """Flywheel extension: fails when `input` (the output) holds PII that `reference` (what the model
+    was given) does not — a leak. Detection: graders.pii (Presidio pattern recognisers)."""
+
+    type: Literal["pii"] = Field(description="The grader type (a Flywheel extension, not a platform type).")
+    name: str = Field(description="The grader's name.")
+    input: str = Field("{{sample.output_text}}", description="Templated text checked for PII (the output).")
+    reference: str | None = Field(
+        None, description="Templated text the model was given (e.g. '{{item.question}}'); PII also found "
+        "there is not a leak. Omitted: any PII in the output fails.")
+    entities: list[str] | None = Field(None, description="Entity kinds checked (default: graders.pii.DEFAULT_ENTITIES).")
+    min_score: float = Field(0.35, ge=0, le=1, description="Least detector confidence that counts.")
+
+    _t = field_validator("input", "reference")(classmethod(lambda cls, v: v if v is None else _check_template(v)))
+
+    @field_validator("entities")
+    @classmethod
+    def _entities(cls, value: list[str] | None) -> list[str] | None:
+        from graders.pii import check_entities
+
+        return None if value is None else list(check_entities(value))
+
+
+class BlocklistGraderConfig(_Config):
+    """Flywheel extension: fails when `input` contains a blocked term or matches a blocked regex."""
+
+    type: Literal["blocklist"] = Field(description="The grader type (a Flywheel extension, not a platform type).")
+    name: str = Field(description="The grader's name.")
+    input: str = Field("{{sample.output_text}}", description="Templated text to check.")
+    terms: list[str] = Field(default_factory=list, description="Blocked words or phrases (whole words).")
+    patterns: list[str] = Field(default_factory=list, description="Blocked regular expressions (Python syntax).")
+    case_sensitive: bool = Field(False, description="Match terms and patterns case-sensitively.")
+
+    _t = field_validator("input")(classmethod(lambda cls, v: _check_template(v)))
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        import re
+
+        for i, pattern in enumerate(value):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"[{i}] {pattern!r} is not a valid regular expression: {e}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> BlocklistGraderConfig:
+        if not self.terms and not self.patterns:
+            raise ValueError("terms: give terms or patterns to block (both are empty)")
+        return self
+
+
 class MultiGraderConfig(_Config):
     """Named sub-graders combined by a `calculate_output` formula."""
 
@@ -303,7 +359,7 @@ class MultiGraderConfig(_Config):
 
 # The grader types, their unions and CONFIG_CLASSES derive from the table in graders/registry.py.
 _FROM_REGISTRY = ("GRADER_TYPES", "SUB_GRADER_TYPES", "CONFIG_CLASSES", "GraderConfig", "AnyGraderConfig",
-                  "SubGraderConfig")
+                  "SubGraderConfig", "EXTENSION_GRADER_TYPES")
 
 
 def __getattr__(name: str) -> Any:

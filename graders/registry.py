@@ -8,7 +8,7 @@ A grader's name is its config class's `type` literal. Builders import their grad
 first use, so parsing a config never loads a metric library.
 
     >>> GRADER_TYPES
-    ('string_check', 'text_similarity', 'score_model', 'label_model', 'python', 'multi')
+    ('string_check', 'text_similarity', 'score_model', 'label_model', 'python', 'multi', 'pii', 'blocklist')
     >>> uses_model({"type": "multi", "graders": {"j": {"type": "score_model"}}})
     True
 """
@@ -22,8 +22,9 @@ from typing import Annotated, Any, Union, get_args
 from pydantic import Field, TypeAdapter
 
 from graders.base import Grader
-from graders.config import (LabelModelGraderConfig, MultiGraderConfig, PythonGraderConfig, ScoreModelGraderConfig,
-                            StringCheckGraderConfig, TextSimilarityGraderConfig, _Config)
+from graders.config import (BlocklistGraderConfig, LabelModelGraderConfig, MultiGraderConfig, PIIGraderConfig,
+                            PythonGraderConfig, ScoreModelGraderConfig, StringCheckGraderConfig,
+                            TextSimilarityGraderConfig, _Config)
 
 Builder = Callable[..., Grader]  # (config, *, judge, embedder, sandbox) -> Grader
 
@@ -37,6 +38,7 @@ class GraderType:
     uses_model: bool  # asks a judge model: the report flags it, judge agreement lists it first
     sub_grader: bool = True  # may stand inside a multi grader
     hosted_rft: bool = True  # the hosted reinforcement fine-tuning API accepts it (reference §2)
+    platform: bool = True  # in the platform's schema; False for Flywheel's own extensions
 
     @property
     def name(self) -> str:
@@ -73,6 +75,18 @@ def _python(config: Any, *, sandbox: Any = None, **_: Any) -> Grader:
     return PythonGrader(config, sandbox=sandbox)
 
 
+def _pii(config: Any, **_: Any) -> Grader:
+    from graders.safety import PIIGrader
+
+    return PIIGrader(config)
+
+
+def _blocklist(config: Any, **_: Any) -> Grader:
+    from graders.safety import BlocklistGrader
+
+    return BlocklistGrader(config)
+
+
 def _multi(config: Any, **options: Any) -> Grader:
     from graders.multi import MultiGrader
 
@@ -86,6 +100,9 @@ GRADER_TABLE: tuple[GraderType, ...] = (
     GraderType(LabelModelGraderConfig, _label_model, uses_model=True, hosted_rft=False),
     GraderType(PythonGraderConfig, _python, uses_model=False),
     GraderType(MultiGraderConfig, _multi, uses_model=False, sub_grader=False),
+    # Flywheel extensions (safety checks, graders/safety.py): not in the platform's schema.
+    GraderType(PIIGraderConfig, _pii, uses_model=False, hosted_rft=False, platform=False),
+    GraderType(BlocklistGraderConfig, _blocklist, uses_model=False, hosted_rft=False, platform=False),
 )
 
 TABLE: dict[str, GraderType] = {row.name: row for row in GRADER_TABLE}
@@ -93,6 +110,7 @@ GRADER_TYPES: tuple[str, ...] = tuple(TABLE)
 SUB_GRADER_TYPES: tuple[str, ...] = tuple(row.name for row in GRADER_TABLE if row.sub_grader)
 MODEL_GRADER_TYPES: frozenset[str] = frozenset(row.name for row in GRADER_TABLE if row.uses_model)
 HOSTED_RFT_TYPES: tuple[str, ...] = tuple(row.name for row in GRADER_TABLE if row.hosted_rft)
+EXTENSION_GRADER_TYPES: tuple[str, ...] = tuple(row.name for row in GRADER_TABLE if not row.platform)
 CONFIG_CLASSES: dict[str, type[_Config]] = {row.name: row.config for row in GRADER_TABLE}
 
 SubGraderConfig = Annotated[Union[tuple(row.config for row in GRADER_TABLE if row.sub_grader)],  # type: ignore[misc]

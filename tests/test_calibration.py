@@ -130,8 +130,8 @@ def test_the_review_server_shows_the_newest_calibration_beside_judge_vs_human(st
     from report_helpers import build_run
 
     from flywheel.calibration import Calibration, save_calibrations
-    from flywheel.report.server import create_app
-    from flywheel.serve import BackgroundServer
+    from flywheel.report.review_app import create_app
+    from flywheel.web import BackgroundServer
 
     run = build_run(store, n_items=4)
     judge_cfg = {"type": "score_model", "name": "judge", "model": "openai:judge", "input": []}

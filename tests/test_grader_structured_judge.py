@@ -19,7 +19,7 @@ from starlette.routing import Route
 import graders
 from graders.judge import score_response_format
 from flywheel.models import load_model
-from flywheel.serve import BackgroundServer
+from flywheel.web import BackgroundServer
 
 
 class StructuredServer:

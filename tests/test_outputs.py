@@ -185,7 +185,7 @@ def test_traffic_recorded_by_the_real_proxy_is_graded(tmp_path, store):
     from serving_helpers import ScriptedUpstream
 
     from flywheel.proxy import create_proxy_app
-    from flywheel.serve import BackgroundServer
+    from flywheel.web import BackgroundServer
     from flywheel.store import Store
 
     upstream = ScriptedUpstream()

@@ -19,7 +19,7 @@ import graders
 from flywheel.errors import SpecError
 from flywheel.harness import run_eval
 from flywheel.models import ChatRequest, Completion, load_model
-from flywheel.serve import BackgroundServer
+from flywheel.web import BackgroundServer
 from flywheel.spec import load_eval_spec
 from flywheel.tools import attach_tool_calls, parse_tool_calls
 
@@ -244,7 +244,7 @@ class ScriptedReply:
 def test_serve_model_accepts_tools_and_answers_tool_calls(tiny_model_dir):
     import openai
 
-    from flywheel.serve import create_app
+    from flywheel.model_server import create_app
 
     model = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32"})
     scripted = ScriptedReply(model, 'ok <tool_call>{"name": "get_balance", "arguments": {"account": "savings"}}</tool_call>')
@@ -270,7 +270,7 @@ def test_serve_model_accepts_tools_and_answers_tool_calls(tiny_model_dir):
 def test_round_trip_jsonl_spec_request_capture_jsonl(server, tmp_path, store):
     """Tools from a platform JSONL row -> eval spec -> request through the recording proxy ->
     captured -> exported as a platform SFT JSONL row: the definitions arrive unchanged, with the call."""
-    from flywheel.captures import export_sft
+    from flywheel.proxy.captures import export_sft
     from flywheel.proxy import create_proxy_app
     from flywheel.store import Store
 

@@ -148,8 +148,9 @@ def normalise_upstream(url: str) -> str:
 class CaptureWriter:
     """Writes capture rows from one thread with its own store connection, in small batches."""
 
-    def __init__(self, db_path: str):
+    def __init__(self, db_path: str, transform: Any = None):
         self.db_path = db_path
+        self.transform = transform  # row -> row as stored (e.g. PII redaction), run in this thread
         self._queue: queue.Queue[tuple[dict[str, Any], Future] | None] = queue.Queue()
         self._ready: Future = Future()
         self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
@@ -188,7 +189,8 @@ class CaptureWriter:
                 jobs = [job for job in batch if job is not None]
                 if jobs:
                     try:
-                        ids = store.insert_captures([row for row, _ in jobs])
+                        rows = [row for row, _ in jobs]
+                        ids = store.insert_captures([self.transform(r) for r in rows] if self.transform else rows)
                     except Exception as exc:  # noqa: BLE001 - reported to each waiting request
                         for _, future in jobs:
                             _settle(future, exception=exc)
@@ -302,12 +304,13 @@ class StreamAssembler:
 
 def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-                     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES) -> Starlette:
-    """The recording proxy as an ASGI app. `app.state.writer` is the capture writer."""
+                     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, privacy: Any = None) -> Starlette:
+    """The recording proxy as an ASGI app. `app.state.writer` is the capture writer. `privacy`: a
+    `flywheel.privacy.policy.ProxyPrivacy` (redaction, output PII screening, retention)."""
     import httpx2
 
     upstream = normalise_upstream(upstream)
-    writer = CaptureWriter(db_path)
+    writer = CaptureWriter(db_path, transform=privacy.transform_row if privacy else None)
     state: dict[str, Any] = {}
     budget = BodyBudget(max_concurrency, max(max_buffered_bytes, 1))
 
@@ -318,9 +321,16 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             timeout=httpx2.Timeout(timeout, connect=min(connect_timeout, timeout)),
             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64),
             follow_redirects=False)
+        retention = None
+        if privacy is not None and privacy.retention_days is not None:
+            from flywheel.privacy.retention import purge_periodically
+
+            retention = asyncio.create_task(purge_periodically(db_path, privacy))
         try:
             yield
         finally:
+            if retention is not None:
+                retention.cancel()
             await state["client"].aclose()
             writer.close()
 
@@ -401,7 +411,8 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             return await fail(upstream_failure(exc, "did not answer", "is unreachable"))
         row["status"] = response.status_code
         is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
-        if row["stream"] and response.status_code == 200 and is_sse:
+        screening = privacy is not None and privacy.block_output_pii is not None and response.status_code == 200
+        if row["stream"] and response.status_code == 200 and is_sse and not screening:
             held["handed_over"] = True
             release = _once(budget.release, held["bytes"])
             stream = relay(response, row, started, release)
@@ -420,11 +431,26 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             payload = None
         row["response_json"] = content.decode("utf-8", "replace") if payload is not None \
             else json.dumps({"raw": content[:MAX_STORED_BODY].decode("utf-8", "replace")})
+        if screening and is_sse:  # a screened stream is read whole, then checked like a reply
+            assembler = StreamAssembler()
+            assembler.feed(content + b"\n")
+            payload = assembler.result()
+            row["response_json"] = json.dumps(payload, ensure_ascii=False)
         if isinstance(payload, dict):
             row.update(_usage_fields(payload.get("usage")))
             row["response_id"] = payload.get("id") if isinstance(payload.get("id"), str) else None
         if response.status_code >= 400 or payload is None:
             row["error"] = _error_text(response.status_code, payload, content)
+        if screening and payload is not None:
+            # a short reply is screened inline (< 1 ms); a thread hop costs more than that on a busy machine
+            screened = privacy.screen(body, payload) if len(content) < 32768 else \
+                await asyncio.to_thread(privacy.screen, body, payload)
+            if screened.blocked:
+                row["response_json"] = json.dumps(screened.payload, ensure_ascii=False)
+                if privacy.block_output_pii == "reject":
+                    return await fail(ApiError(422, screened.message(), code="output_pii_blocked"))
+                content = privacy.stream_of(screened.payload) if is_sse else row["response_json"].encode("utf-8")
+                row["error"] = None
         if await request.is_disconnected():
             # The client hung up while the upstream worked: it never got this reply.
             row["error"] = (f"client_disconnected: the client hung up before the reply (upstream status "
@@ -503,7 +529,7 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
 
 def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int = 8080, timeout: float = 600.0,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-              max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, on_ready=None) -> None:
+              max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, on_ready=None, privacy: Any = None) -> None:
     """Run the proxy until interrupted (the `flywheel proxy` command)."""
     import uvicorn
 
@@ -512,7 +538,7 @@ def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int
     normalise_upstream(upstream)  # a bad --upstream or --db fails here, as one clean line
     Store.open(db_path).close()
     app = create_proxy_app(upstream, db_path, timeout=timeout, max_body_bytes=max_body_bytes,
-                           max_concurrency=max_concurrency, max_buffered_bytes=max_buffered_bytes)
+                           max_concurrency=max_concurrency, max_buffered_bytes=max_buffered_bytes, privacy=privacy)
     sock = bind_socket(host, port)
     if on_ready is not None:
         on_ready(app.state.upstream, f"http://{host}:{sock.getsockname()[1]}/v1")
