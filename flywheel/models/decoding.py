@@ -13,14 +13,24 @@ HF `generate` call per fixed batch, requests stream through one running batch:
   are dropped), so the step cost shrinks and its slot goes to a waiting row; padding columns that
   no remaining row needs are cut off.
 
+Two things HF's defaults do that cost more than the model on a CPU are replaced: the KV cache's
+append by `torch.cat` (a copy of the whole cache per layer per step; here `BufferLayer` writes one
+column into a preallocated buffer), and SDPA for one query token (here `decode_attention`).
+
 Greedy decoding takes the argmax of the last position's logits in fp32, as
 `generate(do_sample=False)` does; sampling applies temperature then top-p, as HF's warpers do, from
-a seeded generator. Each forward computes logits for the last position only.
+a seeded generator. Each forward computes logits for the last position only. In fp32 the tokens
+are those of HF `generate` (tests/test_decoding.py); in bf16, as with any change of batch shape,
+a near-tie can round the other way.
+
+    decoder = Decoder(model, eos_token_id=2, pad_token_id=2, max_batch=128, prefill_batch=32)
+    results = decoder.run(token_rows, max_new_tokens=12, prefix_len=90, prefix_cache=cache)
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +39,9 @@ from transformers.cache_utils import DynamicLayer
 
 # The attention implementation the loop switches the model to while it runs (registered below).
 ATTENTION = "flywheel_decode"
+
+# One loop at a time per process: `run` switches the model's attention implementation while it runs.
+_RUN_LOCK = threading.Lock()
 
 # A running batch is refilled once this fraction of its slots is free (a prefill pass has a fixed
 # cost, so refilling one slot at a time would spend more than it saves).
@@ -153,14 +166,15 @@ class Decoder:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
         waiting = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
         config = self.model.config
-        attention = config._attn_implementation
-        if attention == "sdpa":
-            config._attn_implementation = ATTENTION
-        try:
-            self._loop(rows, waiting, results, max_new_tokens, prefix_len, prefix_cache, temperature, top_p,
-                       generator)
-        finally:
-            config._attn_implementation = attention
+        with _RUN_LOCK:
+            attention = config._attn_implementation
+            if attention == "sdpa":
+                config._attn_implementation = ATTENTION
+            try:
+                self._loop(rows, waiting, results, max_new_tokens, prefix_len, prefix_cache, temperature, top_p,
+                           generator)
+            finally:
+                config._attn_implementation = attention
         return results
 
     def _loop(self, rows, waiting, results, max_new_tokens, prefix_len, prefix_cache, temperature, top_p,
