@@ -34,7 +34,12 @@ def run(tiny_model_dir, training_set, tmp_path, *, compact: bool, loss: str = "a
     trainer, _ = build_sft_trainer(model, tokenizer, training_set, config, tmp_path / f"out-{compact}",
                                    bf16=False, quiet=True, compact_loss=compact)
     assert isinstance(trainer, CompactLossSFTTrainer) == compact
+    seen = set()
+    attention = next(m for name, m in model.named_modules() if name.endswith("self_attn"))
+    attention.register_forward_hook(lambda module, args, out: seen.add(module.config._attn_implementation))
     trainer.train()
+    assert seen == ({"eager"} if compact else {"sdpa"})  # eager while training on CPU...
+    assert model.config._attn_implementation == "sdpa"  # ...and SDPA again afterwards
     logs = [e for e in trainer.state.log_history if "loss" in e]
     adapter = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
     return logs, adapter

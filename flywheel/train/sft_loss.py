@@ -10,6 +10,11 @@ labelled positions only (transformers' `logits_to_keep` with an index tensor) an
 loss, the labelled tokens' summed negative log-likelihood over their count, plus TRL's `entropy` and
 `mean_token_accuracy` metrics from those few logits. Elsewhere (a GPU, packing, label smoothing,
 another loss type) it leaves TRL's own computation alone.
+
+It also trains with HF's eager attention on CPU: for short rows (~110 tokens) torch's CPU SDPA
+kernels took about twice the time of eager's matmul + softmax, forward and backward (measured
+36 vs 16 ms of CPU per layer at batch 8, bf16), about a tenth of a step. The model's attention
+setting is restored when training ends, so a model reused for generation keeps SDPA.
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ from trl import SFTTrainer
 
 class CompactLossSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with the loss computed on the labelled positions only (see the module)."""
+
+    def train(self, *args, **kwargs):
+        """TRL's training loop, with eager attention on CPU while it runs (see the module)."""
+        config = self.model.config
+        attention = getattr(config, "_attn_implementation", None)
+        switch = attention == "sdpa" and self.args.device.type == "cpu"
+        if switch:
+            config._attn_implementation = "eager"
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if switch:
+                config._attn_implementation = attention
 
     def _compact_loss_applies(self, inputs) -> bool:
         return (inputs["input_ids"].device.type not in ("cuda", "xpu")
