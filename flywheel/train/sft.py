@@ -20,11 +20,17 @@ from flywheel.train.local import BuiltTrainer, TrainingError, TrainResult, run_l
 
 
 def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSpec, output_dir, *, bf16: bool,
-                      quiet: bool = False):
-    """TRL's SFTTrainer for an SFT set, with its token statistics."""
+                      quiet: bool = False, compact_loss: bool = True):
+    """TRL's SFTTrainer for an SFT set, with its token statistics.
+
+    `compact_loss` (the default) projects only labelled positions through the LM head on CPU
+    (flywheel.train.sft_loss); False keeps TRL's own loss, which scores every position there.
+    """
     from datasets import Dataset
     from peft import PeftModel
     from trl import SFTTrainer
+
+    from flywheel.train.sft_loss import CompactLossSFTTrainer
 
     if training_set.kind != "sft":
         raise TrainingDataError(f"SFT needs an SFT training set, got a {training_set.kind} set")
@@ -36,7 +42,7 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
                             f"uses {attention!r}, where packed examples would attend across their boundaries. "
                             "Leave packing off (group_by_length keeps padding low)")
     rows, stats = tokenize_sft(training_set, tokenizer, loss=config.loss)
-    trainer = SFTTrainer(
+    trainer = (CompactLossSFTTrainer if compact_loss else SFTTrainer)(
         model=model, args=sft_args(config, output_dir, bf16=bf16, quiet=quiet),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
