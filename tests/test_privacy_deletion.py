@@ -111,7 +111,7 @@ def test_delete_removes_every_copy_and_marks_checkpoints(db, tmp_path):
     assert b"giraffe4410" in (tmp_path / "all.jsonl").read_bytes()  # other users' rows stay
 
     store = Store.open(db)
-    marks = {r["id"]: r["trained_on_deleted"] for r in store.list_checkpoints()}
+    marks = {r["id"]: r["trained_on_deleted"] for r in store.db["checkpoints"].rows}
     assert marks == {"ckpt-a": result["id"], "ckpt-b": result["id"], "ckpt-c": None}
     assert len(load_training_set(store, full_set)) == 1  # its recorded hash follows the rewrite
     (deletion,) = store.list_deletions()
