@@ -71,9 +71,16 @@ class DataOutputs(Model):
         raise TypeError(f"{self.ref}: outputs come from the data; the harness fills them, nothing generates")
 
 
+def _loads(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
 def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
     """A successful chat capture as item fields; None when it holds no chat request and reply."""
-    from flywheel.proxy.captures import _loads, reply_message
+    from flywheel.proxy.captures import reply_message
 
     request = _loads(capture.get("request_json"))
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):

@@ -142,6 +142,18 @@ def calls_from_message(message: Any) -> list[dict[str, Any]] | None:
     return out
 
 
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                *, add_generation_prompt: bool = False) -> str:
+    """A conversation (assistant tool calls and tool results included) as the chat template's text,
+    with tools rendered the way `render_with_tools` renders them at inference: for SFT rows, so a
+    model learns to write calls exactly as they are read back."""
+    if tools and not template_renders_tools(tokenizer):
+        return tokenizer.apply_chat_template(with_tools(messages, tools, None), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
 def render_with_tools(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                       tool_choice: Any) -> str:
     """A local model's prompt with tools: its template renders them, else the Hermes block does.

@@ -134,3 +134,11 @@ def test_a_template_error_still_comes_first():
     cfg = {**LABEL, "input": [{"role": "user", "content": "{{item.missing}}"}]}
     grade = graders.build_grader(cfg, judge=BrokenScorer(RuntimeError("unused"))).grade("a", {})
     assert grade.error == "invalid_variable_error"
+
+
+def test_a_constrained_judge_is_a_smooth_trl_reward(judge):
+    reward = graders.reward_function(SCORE, judge=judge)
+    rewards = reward(prompts=["p"] * len(SAMPLES), completions=SAMPLES)
+    expected = [g.score for g in graders.build_grader(SCORE, judge=judge).grade_batch(SAMPLES, [{}] * len(SAMPLES))]
+    assert rewards == pytest.approx(expected, abs=1e-4)
+    assert all(0 < r < 10 for r in rewards)  # probability-weighted: never stuck on a grid value

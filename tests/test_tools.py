@@ -288,3 +288,19 @@ def test_round_trip_jsonl_spec_request_capture_jsonl(server, tmp_path, store):
     rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["tools"] == PLATFORM_ROW["tools"] for r in rows)
     assert {r["messages"][-1]["tool_calls"][0]["function"]["name"] for r in rows} == {"get_balance"}
+
+
+def test_training_rows_render_calls_as_inference_reads_them(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from flywheel.tools import render_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # SmolLM2's template: no tools
+    messages = PLATFORM_ROW["messages"]
+    full = render_chat(tokenizer, messages, PLATFORM_ROW["tools"])
+    prompt = render_chat(tokenizer, messages[:1], PLATFORM_ROW["tools"], add_generation_prompt=True)
+    assert full.startswith(prompt) and "<tools>" in prompt  # prefix-consistent: assistant spans are found
+    reply = full[len(prompt):].split("<|im_end|>")[0]
+    _, calls = parse_tool_calls(reply)
+    assert calls[0]["function"] == messages[1]["tool_calls"][0]["function"]
+    assert render_chat(tokenizer, messages[:1]) == tokenizer.apply_chat_template(messages[:1], tokenize=False)
