@@ -104,8 +104,8 @@ def worker(name: str, n: int, out: Path) -> None:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=to_peft(spec.lora))
     else:
-        trainer, _ = build_sft_trainer(model, tokenizer, training_set, spec, work, bf16=bf16, quiet=True,
-                                       compact_loss=settings.get("compact_loss", True))
+        trainer = build_sft_trainer(model, tokenizer, training_set, spec, work, bf16=bf16, quiet=True,
+                                    compact_loss=settings.get("compact_loss", True)).trainer
         if settings.get("fp32_weights"):
             assert next(model.parameters()).dtype == torch.float32
     tokens, _ = tokenize_sft(training_set, tokenizer, loss="assistant")

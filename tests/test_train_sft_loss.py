@@ -6,7 +6,7 @@ import pytest
 import torch
 from train_helpers import quick_sft, tiny_eval
 
-from flywheel.capture import capture
+from flywheel.distill import capture
 from flywheel.store import Store
 from flywheel.train import build_sft_set
 from flywheel.train.sft import build_sft_trainer
@@ -31,8 +31,8 @@ def run(tiny_model_dir, training_set, tmp_path, *, compact: bool, loss: str = "a
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config = quick_sft(max_steps=5, loss=loss, seed=3)
-    trainer, _ = build_sft_trainer(model, tokenizer, training_set, config, tmp_path / f"out-{compact}",
-                                   bf16=False, quiet=True, compact_loss=compact)
+    trainer = build_sft_trainer(model, tokenizer, training_set, config, tmp_path / f"out-{compact}",
+                                bf16=False, quiet=True, compact_loss=compact).trainer
     assert isinstance(trainer, CompactLossSFTTrainer) == compact
     seen = set()
     attention = next(m for name, m in model.named_modules() if name.endswith("self_attn"))

@@ -172,9 +172,11 @@ def tokenize_sft(training_set: TrainingSet, tokenizer, *, loss: str = "assistant
     if loss not in ("assistant", "all"):
         raise TrainingDataError(f"loss must be 'assistant' or 'all', got {loss!r}")
 
+    from flywheel.tools import render_chat
+
     def encode(messages: list[dict[str, Any]], tools: Any, generation_prompt: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        # Tools rendered as inference renders them, so a model learns to write calls as they are read back.
+        text = render_chat(tokenizer, messages, tools, add_generation_prompt=generation_prompt)
         return tokenizer(text, add_special_tokens=False).input_ids
 
     out, total, trained = [], 0, 0
