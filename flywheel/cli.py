@@ -307,14 +307,23 @@ def report_command(run_ids, output, a, b, db, as_json):
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--review", is_flag=True, help="Allow recording reviews (read-only without it).")
 @click.option("--reviewer", default=None, help="Name stored with each review (default: $USER).")
+@click.option("--api", is_flag=True, help="Also serve the platform's Files/Evals API under /v1 (keys off loopback).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64), help="Job workers (with --api).")
 @db_option
-def serve_command(host, port, review, reviewer, db):
+def serve_command(host, port, review, reviewer, api, workers, db):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app."""
     import os
 
     from flywheel.report.review_app import LOOPBACK, serve_reports
 
     db_path = db or default_db_path()
+    if api:
+        from flywheel.api.app import serve_api
+
+        serve_api(db_path, host=host, port=port, workers=workers, review=review, reviewer=reviewer,
+                  on_ready=lambda url: click.echo(f"serving the API at {url}v1 and reports at {url} "
+                                                  f"({workers} workers; Ctrl-C stops)", err=True))
+        return
     if host not in LOOPBACK:
         click.echo(f"warning: listening on {host}: anyone who can reach it can read this store"
                    + (" and write reviews" if review else ""), err=True)
@@ -520,6 +529,24 @@ def graders_run(path, item_json, model_sample, judge):
                                           judge=judge_fn))
     resolver.close()
     click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys for `flywheel serve --api` off loopback."""
+
+
+@keys_group.command("create")
+@click.option("--name", default="", help="A label for the key.")
+@db_option
+def keys_create_command(name, db):
+    """Create an API key and print it (only its hash is stored: it is shown this once)."""
+    from flywheel.api.access import create_key
+
+    with _store_at(db) as store:
+        key, key_id = create_key(store, name)
+    click.echo(f"created {key_id}; the key (shown once):", err=True)
+    click.echo(key)
 
 
 if __name__ == "__main__":  # pragma: no cover

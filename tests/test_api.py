@@ -1,0 +1,184 @@
+"""`flywheel serve --api`: the real openai SDK against the real API server on 127.0.0.1.
+
+Files, evals, runs on a tiny real Llama (`local:<dir>`), output items and result counts, cancel,
+keys. The queue's restart behaviour is tests/test_api_jobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from api_helpers import CRITERIA, client_for, completions_source, create_eval, items, jsonl, wait_run
+from flywheel.api.access import create_key
+from flywheel.api.app import create_api_app
+from flywheel.store import Store
+from flywheel.web import BackgroundServer
+
+
+@pytest.fixture
+def server(tmp_path):
+    with BackgroundServer(create_api_app(str(tmp_path / "flywheel.db"))) as running:
+        yield running
+
+
+def test_files_upload_list_retrieve_content_delete(server):
+    client = client_for(server.url)
+    data = jsonl(items(5))
+    uploaded = client.files.create(file=("items.jsonl", data), purpose="evals")
+    assert (uploaded.object, uploaded.filename, uploaded.purpose, uploaded.bytes) == ("file", "items.jsonl", "evals",
+                                                                                       len(data))
+    assert uploaded.id.startswith("file-")
+    assert client.files.retrieve(uploaded.id).bytes == len(data)
+    assert client.files.content(uploaded.id).read() == data
+    assert [f.id for f in client.files.list()] == [uploaded.id]
+    assert [f.id for f in client.files.list(purpose="fine-tune")] == []
+    assert client.files.delete(uploaded.id).deleted is True
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        client.files.retrieve(uploaded.id)
+    assert excinfo.value.body["code"] == "not_found"
+
+
+def test_upload_rejects_the_line_that_is_not_a_chat_example(server):
+    client = client_for(server.url)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "no answer"}]},
+            {"prompt": "legacy"}]
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.files.create(file=("train.jsonl", jsonl(rows)), purpose="fine-tune")
+    error = excinfo.value.body
+    assert "train.jsonl:2" in error["message"] and "assistant" in error["message"]
+    assert error["param"] == "file" and error["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match=r"items.jsonl:3: invalid JSON"):
+        client.files.create(file=("items.jsonl", jsonl(items(2)) + b"{oops\n"), purpose="evals")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("items.jsonl", jsonl(items(2))), purpose="assistants")
+    assert list(client.files.list()) == []  # nothing stored from a refused upload
+
+
+def test_eval_crud_and_bad_criteria(server):
+    client = client_for(server.url)
+    created = create_eval(client)
+    assert created.object == "eval" and created.id.startswith("eval_")
+    assert [c.id.split("-")[0] for c in created.testing_criteria] == ["not_zzz", "is_card"]
+    assert created.data_source_config.type == "custom"
+    assert set(created.data_source_config.schema_["properties"]) == {"item", "sample"}
+    assert client.evals.retrieve(created.id).name == "tiny-api"
+    updated = client.evals.update(created.id, name="renamed", metadata={"team": "a"})
+    assert (updated.name, updated.metadata) == ("renamed", {"team": "a"})
+    assert [e.id for e in client.evals.list()] == [created.id]
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        create_eval(client, [{"type": "string_chek", "name": "x"}])
+    assert excinfo.value.body["param"] == "testing_criteria[0]"
+    assert client.evals.delete(created.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.evals.retrieve(created.id)
+
+
+def test_run_on_a_tiny_model_reports_items_and_counts(server, tiny_model_dir):
+    client = client_for(server.url)
+    evaluation = create_eval(client)
+    uploaded = client.files.create(file=("items.jsonl", jsonl(items(9))), purpose="evals")
+    run = client.evals.runs.create(evaluation.id, name="first",
+                                   data_source=completions_source(tiny_model_dir, {"type": "file_id", "id": uploaded.id}))
+    assert run.status == "queued" and run.id.startswith("evalrun_")
+    run = wait_run(client, evaluation.id, run.id)
+    assert run.status == "completed", run.error
+    assert run.result_counts.model_dump() == {"total": 9, "passed": 3, "failed": 6, "errored": 0}
+    ids = {c.name: c.id for c in evaluation.testing_criteria}
+    per = {r.testing_criteria: (r.passed, r.failed) for r in run.per_testing_criteria_results}
+    assert per == {ids["not_zzz"]: (9, 0), ids["is_card"]: (3, 6)}
+    assert run.per_model_usage[0].invocation_count == 9
+
+    page = client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=4)
+    assert len(page.data) == 4 and page.has_more
+    everything = list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=4))
+    assert len(everything) == 9 and len({i.id for i in everything}) == 9
+    first = everything[0]
+    assert first.datasource_item_id == 0 and first.datasource_item == items(1)[0]["item"]
+    assert first.status == "pass" and {r.name for r in first.results} == set(ids.values())
+    assert first.sample.input[1].content == "question 0 about card arrival"
+    assert first.sample.model == f"local:{tiny_model_dir}"
+    passing = list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, status="pass"))
+    assert sorted(i.datasource_item_id for i in passing) == [0, 3, 6]
+    again = client.evals.runs.output_items.retrieve(first.id, eval_id=evaluation.id, run_id=run.id)
+    assert again.model_dump() == first.model_dump()
+    # the same store that `flywheel report` reads: the harness run and its samples
+    store = Store.open(server_db(server))
+    try:
+        harness_runs = store.list_runs()
+        assert len(harness_runs) == 1 and harness_runs[0]["command"] == f"api:{run.id}"
+        assert harness_runs[0]["status"] == "completed"
+    finally:
+        store.close()
+
+
+def server_db(server) -> str:
+    return server.server.config.app.state.api.db_path
+
+
+def test_run_with_inline_content_and_bad_run_requests(server, tiny_model_dir):
+    client = client_for(server.url)
+    evaluation = create_eval(client)
+    run = client.evals.runs.create(evaluation.id, data_source=completions_source(
+        tiny_model_dir, {"type": "file_content", "content": items(3)}))
+    assert wait_run(client, evaluation.id, run.id).result_counts.total == 3
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        client.evals.runs.create(evaluation.id, data_source=completions_source(
+            tiny_model_dir, {"type": "file_id", "id": "file-missing"}))
+    assert excinfo.value.body["param"] == "data_source.source.id"
+    bad_template = completions_source(tiny_model_dir, {"type": "file_content", "content": items(1)})
+    bad_template["input_messages"]["template"][0]["role"] = "robot"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.evals.runs.create(evaluation.id, data_source=bad_template)
+    assert excinfo.value.body["param"] == "data_source.input_messages.template[0]"
+    assert [r.id for r in client.evals.runs.list(evaluation.id)] == [run.id]
+
+
+def test_cancel_a_queued_run(tmp_path, tiny_model_dir):
+    # workers=0: nothing picks the run up, so it is still queued when cancelled
+    with BackgroundServer(create_api_app(str(tmp_path / "q.db"), workers=0)) as running:
+        client = client_for(running.url)
+        evaluation = create_eval(client)
+        run = client.evals.runs.create(evaluation.id, data_source=completions_source(
+            tiny_model_dir, {"type": "file_content", "content": items(3)}))
+        assert client.evals.runs.cancel(run.id, eval_id=evaluation.id).status == "canceled"
+        assert client.evals.runs.retrieve(run.id, eval_id=evaluation.id).status == "canceled"
+        store = Store.open(tmp_path / "q.db")
+        try:
+            assert store.count_jobs() == {"cancelled": 1}
+        finally:
+            store.close()
+
+
+def test_cancel_a_running_run_stops_it_between_batches(server, tiny_model_dir):
+    client = client_for(server.url)
+    evaluation = create_eval(client)
+    run = client.evals.runs.create(evaluation.id, data_source=completions_source(
+        tiny_model_dir, {"type": "file_content", "content": items(600)}, max_tokens=16))
+    wait_run(client, evaluation.id, run.id, states=("in_progress",))
+    client.evals.runs.cancel(run.id, eval_id=evaluation.id)
+    done = wait_run(client, evaluation.id, run.id)
+    assert done.status == "canceled"
+    stored = len(list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=100)))
+    assert stored < 600
+
+
+def test_keys_required_when_asked(tmp_path):
+    db = str(tmp_path / "k.db")
+    store = Store.open(db)
+    key, _ = create_key(store, "tests")
+    store.close()
+    with BackgroundServer(create_api_app(db, require_key=True)) as running:
+        with pytest.raises(openai.AuthenticationError) as excinfo:
+            client_for(running.url, key="fw-wrong").evals.list()
+        assert excinfo.value.status_code == 401 and excinfo.value.body["code"] == "invalid_api_key"
+        assert list(client_for(running.url, key=key).evals.list()) == []
+    row = Store.open(db)
+    try:
+        stored = json.dumps(list(row.db["api_keys"].rows))
+        assert key not in stored  # only the hash
+    finally:
+        row.close()
