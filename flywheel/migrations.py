@@ -180,9 +180,11 @@ def m008_api_objects(db: sqlite_utils.Database) -> None:
     db["api_eval_runs"].create(
         {"id": str, "eval_id": str, "created_at": int, "name": str, "status": str, "model": str,
          "data_source_json": str, "metadata_json": str, "error_json": str, "run_id": str,
-         "iteration_id": str, "dataset_path": str},
+         "iteration_id": str, "dataset_path": str, "result_json": str},
         pk="id", foreign_keys=[("eval_id", "api_evals", "id")])
     db["api_eval_runs"].create_index(["eval_id"])
+    # Output items are pages of an iteration's samples in id order: this index reads a page directly.
+    db["samples"].create_index(["iteration_id", "id"], if_not_exists=True)
     db["api_fine_tuning_jobs"].create(
         {"id": str, "created_at": int, "finished_at": int, "status": str, "model": str, "training_file": str,
          "validation_file": str, "method_json": str, "suffix": str, "seed": int, "metadata_json": str,

@@ -136,8 +136,17 @@ class EvalRunRunner:
         fields: dict[str, Any] = {"status": RUN_STATUS[status]}
         if error:
             fields["error_json"] = json.dumps({"code": "run_failed", "message": error})
-        if store.api_get("api_eval_runs", job["object_id"]):
-            store.api_update("api_eval_runs", job["object_id"], **fields)
+        run = store.api_get("api_eval_runs", job["object_id"])
+        if run is None:
+            return
+        iteration_id = run.get("iteration_id")
+        if iteration_id is None and (link := store.harness_run_of(f"api:{run['id']}")):
+            fields["run_id"], fields["iteration_id"] = link
+            iteration_id = link[1]
+        if iteration_id:
+            # A finished run's counts never change: kept on the row, retrieving it reads no samples.
+            fields["result_json"] = json.dumps(store.result_counts(iteration_id))
+        store.api_update("api_eval_runs", job["object_id"], **fields)
 
 
 # -- shapes ------------------------------------------------------------------------------------------
@@ -149,7 +158,10 @@ def run_object(store: Store, run: dict[str, Any], criteria: list[dict[str, Any]]
                report_base: str | None = None) -> dict[str, Any]:
     """An eval run as the platform shows it, with counts read from the harness rows."""
     source = json.loads(run["data_source_json"])
-    counts = store.result_counts(run["iteration_id"]) if run.get("iteration_id") else None
+    if run.get("result_json"):
+        counts = json.loads(run["result_json"])
+    else:
+        counts = store.result_counts(run["iteration_id"]) if run.get("iteration_id") else None
     ids = {c["name"]: c["id"] for c in criteria}
     per_criteria = [{"testing_criteria": ids.get(name, name), "passed": ok or 0, "failed": bad or 0}
                     for name, (ok, bad) in (counts or {}).get("graders", {}).items()]
