@@ -20,10 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from flywheel.api import evals, files
+from flywheel.api import chat, evals, files, fine_tuning
 from flywheel.api.access import KeyCheck
 from flywheel.api.errors import HANDLERS
 from flywheel.api.eval_runs import EvalRunRunner
+from flywheel.api.fine_tuning import FineTuningRunner
 from flywheel.api.jobs import JobQueue
 from flywheel.store import Store
 from flywheel.web import ApiError
@@ -75,7 +76,8 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         if workers > 0:
-            state.queue = JobQueue(db_path, {"eval_run": EvalRunRunner(batch_size)}, workers=workers)
+            state.queue = JobQueue(db_path, {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner()},
+                                   workers=workers)
             state.queue.start()
         try:
             yield
@@ -92,6 +94,7 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
         raise ApiError(404, f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
 
     routes: list[Any] = [Route("/v1/health", health, methods=["GET"]), *files.routes(state), *evals.routes(state),
+                         *fine_tuning.routes(state), *chat.routes(state),
                          Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
     if fallback is not None:
         routes.append(Mount("/", app=fallback))
