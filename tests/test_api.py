@@ -12,7 +12,9 @@ import openai
 import pytest
 
 from api_helpers import CRITERIA, client_for, completions_source, create_eval, items, jsonl, wait_run
-from flywheel.api.access import create_key
+from click.testing import CliRunner
+
+from flywheel.cli import main
 from flywheel.api.app import create_api_app
 from flywheel.store import Store
 from flywheel.web import BackgroundServer
@@ -168,9 +170,10 @@ def test_cancel_a_running_run_stops_it_between_batches(server, tiny_model_dir):
 
 def test_keys_required_when_asked(tmp_path):
     db = str(tmp_path / "k.db")
-    store = Store.open(db)
-    key, _ = create_key(store, "tests")
-    store.close()
+    created = CliRunner().invoke(main, ["keys", "create", "--name", "tests", "--db", db])
+    assert created.exit_code == 0, created.output
+    key = created.stdout.strip()
+    assert key.startswith("fw-")
     with BackgroundServer(create_api_app(db, require_key=True)) as running:
         with pytest.raises(openai.AuthenticationError) as excinfo:
             client_for(running.url, key="fw-wrong").evals.list()
@@ -182,3 +185,17 @@ def test_keys_required_when_asked(tmp_path):
         assert key not in stored  # only the hash
     finally:
         row.close()
+
+
+def test_grader_endpoints(server):
+    client = client_for(server.url)
+    grader = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+              "reference": "{{item.label}}", "operation": "eq"}
+    assert client.fine_tuning.alpha.graders.validate(grader=grader).grader.name == "exact"
+    result = client.fine_tuning.alpha.graders.run(grader=grader, model_sample="pin_blocked",
+                                                  item={"label": "pin_blocked"})
+    assert result.reward == 1.0 and result.metadata.errors.other_error is False
+    assert client.fine_tuning.alpha.graders.run(grader=grader, model_sample="x", item={"label": "y"}).reward == 0.0
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.alpha.graders.validate(grader={"type": "string_check", "name": "x", "operation": "eqq"})
+    assert excinfo.value.body["param"] == "grader"

@@ -99,3 +99,20 @@ def test_cancel_a_queued_job(tmp_path, tiny_model_dir):
         assert [e.message for e in client.fine_tuning.jobs.list_events(job.id)][0] == "The job was cancelled."
         with pytest.raises(openai.BadRequestError):
             client.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.slow
+def test_cancel_a_running_job_stops_training(server, tiny_model_dir):
+    client = client_for(server.url)
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}})
+    deadline = time.monotonic() + 300
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.fine_tuning.jobs.cancel(job.id)
+    done = wait_job(client, job.id, timeout=60)
+    assert done.status == "cancelled" and done.fine_tuned_model is None
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    assert max(steps) < 400

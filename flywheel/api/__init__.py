@@ -8,6 +8,6 @@ Code written against the official `openai` SDK points its `base_url` here and ke
     run = client.evals.runs.create(ev.id, data_source={"type": "completions", ...})
 
 Modules: `app` wires the routes, `files`, `evals` (+ `eval_runs`, what a run executes) and
-`fine_tuning` hold the endpoints, `jobs` is the queue that runs work in the server, `access` checks
+`fine_tuning`, `graders_api` and `chat` hold the endpoints, `jobs` is the queue that runs work in the server, `access` checks
 API keys, `errors` the platform's error JSON and `pagination` its cursor lists.
 """

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from flywheel.api import chat, evals, files, fine_tuning
+from flywheel.api import chat, evals, files, fine_tuning, graders_api
 from flywheel.api.access import KeyCheck
 from flywheel.api.errors import HANDLERS
 from flywheel.api.eval_runs import EvalRunRunner
@@ -94,7 +94,7 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
         raise ApiError(404, f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
 
     routes: list[Any] = [Route("/v1/health", health, methods=["GET"]), *files.routes(state), *evals.routes(state),
-                         *fine_tuning.routes(state), *chat.routes(state),
+                         *fine_tuning.routes(state), *graders_api.routes(state), *chat.routes(state),
                          Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
     if fallback is not None:
         routes.append(Mount("/", app=fallback))
