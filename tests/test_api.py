@@ -199,3 +199,24 @@ def test_grader_endpoints(server):
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.alpha.graders.validate(grader={"type": "string_check", "name": "x", "operation": "eqq"})
     assert excinfo.value.body["param"] == "grader"
+
+
+def test_jsonl_run_grades_the_given_samples(server):
+    client = client_for(server.url)
+    evaluation = create_eval(client, [{"type": "string_check", "name": "exact", "input": "{{sample.output_text}}",
+                                       "reference": "{{item.label}}", "operation": "eq"}])
+    rows = [{**row, "sample": {"output_text": row["item"]["label"] if i != 1 else "wrong"}}
+            for i, row in enumerate(items(3))]
+    uploaded = client.files.create(file=("graded.jsonl", jsonl(rows)), purpose="evals")
+    run = client.evals.runs.create(evaluation.id, data_source={
+        "type": "jsonl", "source": {"type": "file_id", "id": uploaded.id}})
+    run = wait_run(client, evaluation.id, run.id)
+    assert run.status == "completed", run.error
+    assert run.result_counts.model_dump() == {"total": 3, "passed": 2, "failed": 1, "errored": 0}
+    listed = list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id))
+    assert [i.status for i in listed] == ["pass", "fail", "pass"]
+    assert listed[1].datasource_item == items(3)[1]["item"]  # the row index stays internal
+    assert listed[1].sample.output[0].content == "wrong"
+    with pytest.raises(openai.BadRequestError, match="row 0"):
+        client.evals.runs.create(evaluation.id, data_source={
+            "type": "jsonl", "source": {"type": "file_content", "content": items(1)}})

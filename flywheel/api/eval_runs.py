@@ -11,6 +11,7 @@ server resumes: the same spec finds its unfinished harness run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from datetime import datetime
@@ -20,6 +21,7 @@ from typing import Any
 from flywheel.api.errors import invalid
 from flywheel.api.jobs import JobContext
 from flywheel.errors import FlywheelError
+from flywheel.models import ChatRequest, Completion, Model
 from flywheel.spec import EvalSpec, parse_eval_spec
 from flywheel.store import Store
 
@@ -61,11 +63,44 @@ def template_messages(input_messages: Any) -> list[dict[str, str]]:
     return messages
 
 
+ROW_FIELD = "_row"  # the row index a `jsonl` run's items carry to its RecordedModel
+
+
+def recorded_path(dataset: Path) -> Path:
+    """Where a `jsonl` run keeps its given outputs, beside its items."""
+    return dataset.with_suffix(".outputs.json")
+
+
+class RecordedModel(Model):
+    """The "model" of a `jsonl` run: it answers each item with the sample the user gave for it.
+
+    Its prompt is the item's row index (`{{item._row}}`), so the harness stores, caches, grades and
+    resumes these samples exactly as generated ones."""
+
+    ref = "recorded"
+
+    def __init__(self, outputs: list[str]):
+        self.outputs = outputs
+        digest = hashlib.sha256(json.dumps(outputs, ensure_ascii=False).encode()).hexdigest()[:16]
+        self._fingerprint = f"recorded:{digest}"
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        return [Completion(text=self.outputs[int(r.messages[-1]["content"])]) for r in requests]
+
+
 def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size: int = 8) -> EvalSpec:
     """The harness spec of an API eval run; 400 when the run cannot be expressed as one."""
     source = json.loads(run_row["data_source_json"])
     params = source.get("sampling_params") or {}
     model = source.get("model")
+    if source.get("type") == "jsonl":
+        model = RecordedModel.ref
+        source = {**source, "input_messages": {"type": "template", "template": [
+            {"role": "user", "content": "{{item.%s}}" % ROW_FIELD}]}}
     if not isinstance(model, str) or not model:
         raise invalid("data_source.model: a Flywheel model reference is required (e.g. local:smollm2).",
                       "data_source.model")
@@ -99,9 +134,12 @@ class EvalRunRunner:
         self.batch_size = batch_size
         self.local = threading.local()
 
-    def _model(self, spec: EvalSpec):
+    def _model(self, spec: EvalSpec, run: dict[str, Any]):
         from flywheel.models import load_model
 
+        if spec.model == RecordedModel.ref:
+            path = recorded_path(Path(run["dataset_path"]))
+            return RecordedModel(json.loads(path.read_text(encoding="utf-8")))
         cached = getattr(self.local, "model", None)
         if cached is None or cached[0] != spec.model:
             self.local.model = (spec.model, load_model(spec.model, spec.model_options))
@@ -129,7 +167,7 @@ class EvalRunRunner:
             ctx.event(f"{done}/{total} samples done", type="metrics", data={"done": done, "total": total})
             ctx.check()
 
-        result = run_eval(spec, store, split="test", model=self._model(spec), progress=progress, command=command)
+        result = run_eval(spec, store, split="test", model=self._model(spec, run), progress=progress, command=command)
         store.api_update("api_eval_runs", run["id"], run_id=result.run_id, iteration_id=result.iteration_id)
 
     def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
@@ -186,6 +224,7 @@ def output_item_object(row: dict[str, Any], run: dict[str, Any], criteria: list[
     by_name = {c["name"]: c for c in criteria}
     source = json.loads(run["data_source_json"])
     params = source.get("sampling_params") or {}
+    recorded = source.get("type") == "jsonl"
     results = []
     for grade in row["grades"]:
         criterion = by_name.get(grade["grader"], {})
@@ -198,10 +237,11 @@ def output_item_object(row: dict[str, Any], run: dict[str, Any], criteria: list[
         "eval_id": run["eval_id"], "created_at": unix(row["created_at"]),
         "status": "pass" if row["passed"] else "fail",
         "datasource_item_id": (row["line"] or 1) - 1,
-        "datasource_item": json.loads(row["fields_json"] or "{}"),
+        "datasource_item": {k: v for k, v in json.loads(row["fields_json"] or "{}").items()
+                            if not (recorded and k == ROW_FIELD)},
         "results": results,
         "sample": {
-            "input": json.loads(row["input_json"] or "null") or [],
+            "input": [] if recorded else json.loads(row["input_json"] or "null") or [],
             "output": [{"role": "assistant", "content": row["output_text"]}] if row["output_text"] is not None else [],
             "finish_reason": row["finish_reason"] or "", "model": run["model"],
             "usage": {"prompt_tokens": row["prompt_tokens"] or 0, "completion_tokens": row["completion_tokens"] or 0,

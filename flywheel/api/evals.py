@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.eval_runs import build_spec, output_item_object, run_object
+from flywheel.api.eval_runs import ROW_FIELD, build_spec, output_item_object, recorded_path, run_object
 from flywheel.api.files import read_rows
 from flywheel.api.jobs import new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
@@ -96,12 +96,22 @@ def run_items(state: "ApiState", source: Any) -> list[dict[str, Any]]:
     else:
         raise invalid(f"{param}.type must be file_id or file_content (stored_completions is not supported yet), "
                       f"got {source.get('type')!r}.", param + ".type")
-    items = []
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
             raise invalid(f"{param}: row {index}: expected {{\"item\": {{...}}}}.", param)
-        items.append(row["item"])
-    return items
+    return rows
+
+
+def recorded_outputs(rows: list[dict[str, Any]]) -> list[str]:
+    """The `sample.output_text` of each row of a `jsonl` run (graded as given, no model)."""
+    outputs = []
+    for index, row in enumerate(rows):
+        sample = row.get("sample")
+        if not isinstance(sample, dict) or not isinstance(sample.get("output_text"), str):
+            raise invalid(f"data_source.source: row {index}: a jsonl run grades given samples; each row needs "
+                          "\"sample\": {\"output_text\": \"...\"}.", "data_source.source")
+        outputs.append(sample["output_text"])
+    return outputs
 
 
 def routes(state: "ApiState") -> list[Route]:
@@ -168,15 +178,21 @@ def routes(state: "ApiState") -> list[Route]:
         evaluation = get_eval(request.path_params["eval_id"])
         body = await body_of(request)
         source = field(body, "data_source", dict, required=True)
-        if source.get("type") != "completions":
-            raise invalid(f"data_source.type must be 'completions' (jsonl grading of stored samples and responses "
-                          f"are not supported yet), got {source.get('type')!r}.", "data_source.type")
-        items = run_items(state, source.get("source"))
+        if source.get("type") not in ("completions", "jsonl"):
+            raise invalid(f"data_source.type must be 'completions' or 'jsonl' (responses runs are not supported "
+                          f"yet), got {source.get('type')!r}.", "data_source.type")
+        rows = run_items(state, source.get("source"))
+        items = [row["item"] for row in rows]
         store = state.store()
         run_id = new_object_id("evalrun_")
         folder = store.artefact_dir / "api" / "runs"
         folder.mkdir(parents=True, exist_ok=True)
         dataset = folder / f"{run_id}.jsonl"
+        if source["type"] == "jsonl":
+            outputs = recorded_outputs(rows)
+            # The row index reaches the recorded "model" through the prompt (see eval_runs.RecordedModel).
+            items = [{**item, ROW_FIELD: index} for index, item in enumerate(items)]
+            recorded_path(dataset).write_text(json.dumps(outputs, ensure_ascii=False), encoding="utf-8")
         dataset.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
         row = {"id": run_id, "eval_id": evaluation["id"], "created_at": unix_now(),
                "name": field(body, "name", str, default="") or run_id, "status": "queued",
