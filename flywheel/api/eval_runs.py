@@ -11,6 +11,7 @@ server resumes: the same spec finds its unfinished harness run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -127,6 +128,12 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
         raise invalid(str(exc), "data_source") from None
 
 
+# Local models compute on this machine's cores with their own thread pools: two workers generating
+# at once oversubscribe them (measured: 30 tiny jobs took 40x longer with 2 workers than with 1), so
+# local runs take turns; remote (`openai:`) runs overlap.
+LOCAL_COMPUTE = threading.Lock()
+
+
 class EvalRunRunner:
     """Runs `eval_run` jobs; keeps the last model each worker loaded (loading is the slow part)."""
 
@@ -167,7 +174,10 @@ class EvalRunRunner:
             ctx.event(f"{done}/{total} samples done", type="metrics", data={"done": done, "total": total})
             ctx.check()
 
-        result = run_eval(spec, store, split="test", model=self._model(spec, run), progress=progress, command=command)
+        local = spec.model.startswith("local:")
+        with LOCAL_COMPUTE if local else contextlib.nullcontext():
+            result = run_eval(spec, store, split="test", model=self._model(spec, run), progress=progress,
+                              command=command)
         store.api_update("api_eval_runs", run["id"], run_id=result.run_id, iteration_id=result.iteration_id)
 
     def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:

@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.files import training_kind, read_rows
+from flywheel.api.eval_runs import LOCAL_COMPUTE
+from flywheel.api.files import read_rows, training_kind
 from flywheel.api.jobs import JobCancelled, JobContext, new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
 from flywheel.errors import FlywheelError
@@ -152,8 +153,9 @@ class FineTuningRunner:
             built.trainer.add_callback(_cancel_callback(ctx))
             return built
 
-        result = run_local("sft", spec, store, training_set, base=base, config=config, build=build,
-                           evaluate=False, quiet=True)
+        with LOCAL_COMPUTE:  # local training and local eval runs take turns on the cores
+            result = run_local("sft", spec, store, training_set, base=base, config=config, build=build,
+                               evaluate=False, quiet=True)
         short = row["id"].removeprefix("ftjob-")[:8]
         name = Path(base.partition(":")[2].partition("+")[0]).name or "model"
         fine_tuned = f"ft:{name}:{row['suffix'] or 'flywheel'}:{short}"
