@@ -7,6 +7,7 @@ keys. The queue's restart behaviour is tests/test_api_jobs.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -220,3 +221,49 @@ def test_jsonl_run_grades_the_given_samples(server):
     with pytest.raises(openai.BadRequestError, match="row 0"):
         client.evals.runs.create(evaluation.id, data_source={
             "type": "jsonl", "source": {"type": "file_content", "content": items(1)}})
+
+
+def test_objects_have_the_platforms_fields(tmp_path, tiny_model_dir):
+    """Every field the platform documents for an object is in ours (extra fields are allowed)."""
+    import httpx
+
+    shapes = json.loads((Path(__file__).resolve().parents[1] / "fixtures/api/platform_objects.json").read_text())
+    with BackgroundServer(create_api_app(str(tmp_path / "shapes.db"))) as running, \
+            httpx.Client(base_url=running.url + "/v1") as http:
+        def call(method, path, **kwargs):
+            response = http.request(method, path, **kwargs)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        def missing(kind, obj):
+            return set(shapes[kind]) - set(obj)
+
+        file = call("POST", "/files", files={"file": ("items.jsonl", jsonl(items(2)))}, data={"purpose": "evals"})
+        evaluation = call("POST", "/evals", json={"name": "x", "data_source_config": {"type": "custom", "item_schema": {}},
+                                                 "testing_criteria": CRITERIA})
+        run = call("POST", f"/evals/{evaluation['id']}/runs", json={"data_source": {
+            "type": "jsonl", "source": {"type": "file_content",
+                                        "content": [{**r, "sample": {"output_text": "a"}} for r in items(2)]}}})
+        client = client_for(running.url)
+        wait_run(client, evaluation["id"], run["id"])
+        run = call("GET", f"/evals/{evaluation['id']}/runs/{run['id']}")
+        listed = call("GET", f"/evals/{evaluation['id']}/runs/{run['id']}/output_items")
+        item = listed["data"][0]
+    # a queued fine-tuning job (no workers: nothing trains) and its events
+    with BackgroundServer(create_api_app(str(tmp_path / "shapes.db"), workers=0)) as running, \
+            httpx.Client(base_url=running.url + "/v1") as http:
+        training = call("POST", "/files", data={"purpose": "fine-tune"}, files={"file": ("t.jsonl", jsonl([
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]))})
+        job = call("POST", "/fine_tuning/jobs", json={"model": f"local:{tiny_model_dir}", "training_file": training["id"]})
+        events = call("GET", f"/fine_tuning/jobs/{job['id']}/events")
+        checks = {"file": file, "eval": evaluation, "eval.run": run, "eval.run.result_counts": run["result_counts"],
+                  "eval.run.per_testing_criteria_results[]": run["per_testing_criteria_results"][0],
+                  "eval.run.per_model_usage[]": run["per_model_usage"][0], "list": listed,
+                  "eval.run.output_item": item, "eval.run.output_item.results[]": item["results"][0],
+                  "eval.run.output_item.sample": item["sample"],
+                  "eval.run.output_item.sample.usage": item["sample"]["usage"],
+                  "fine_tuning.job": job, "fine_tuning.job.event": events["data"][0]}
+        assert {kind: missing(kind, obj) for kind, obj in checks.items() if missing(kind, obj)} == {}
+        assert (file["object"], evaluation["object"], run["object"], item["object"], job["object"],
+                events["data"][0]["object"]) == ("file", "eval", "eval.run", "eval.run.output_item",
+                                                 "fine_tuning.job", "fine_tuning.job.event")
