@@ -267,3 +267,27 @@ def test_objects_have_the_platforms_fields(tmp_path, tiny_model_dir):
         assert (file["object"], evaluation["object"], run["object"], item["object"], job["object"],
                 events["data"][0]["object"]) == ("file", "eval", "eval.run", "eval.run.output_item",
                                                  "fine_tuning.job", "fine_tuning.job.event")
+
+
+def test_stored_chat_completions_are_graded_by_an_eval(server, tiny_model_dir):
+    client = client_for(server.url)
+    for index in range(3):
+        client.chat.completions.create(model=f"local:{tiny_model_dir}", max_tokens=2, store=True,
+                                       metadata={"usecase": "triage" if index < 2 else "other"},
+                                       messages=[{"role": "user", "content": f"question {index}"}])
+    client.chat.completions.create(model=f"local:{tiny_model_dir}", max_tokens=2,  # not stored
+                                   messages=[{"role": "user", "content": "unstored"}])
+    evaluation = client.evals.create(
+        name="stored", data_source_config={"type": "stored_completions", "metadata": {"usecase": "triage"}},
+        testing_criteria=[{"type": "string_check", "name": "asked", "input": "{{item.metadata.usecase}}",
+                           "reference": "triage", "operation": "eq"}])
+    run = client.evals.runs.create(evaluation.id, data_source={
+        "type": "completions", "source": {"type": "stored_completions", "metadata": {"usecase": "triage"}}})
+    run = wait_run(client, evaluation.id, run.id)
+    assert run.status == "completed", run.error
+    assert run.result_counts.model_dump() == {"total": 2, "passed": 2, "failed": 0, "errored": 0}
+    listed = list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id))
+    assert [i.datasource_item["input"][0]["content"] for i in listed] == ["question 0", "question 1"]
+    with pytest.raises(openai.BadRequestError, match="no stored completions"):
+        client.evals.runs.create(evaluation.id, data_source={
+            "type": "completions", "source": {"type": "stored_completions", "metadata": {"usecase": "none"}}})

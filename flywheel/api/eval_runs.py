@@ -93,12 +93,18 @@ class RecordedModel(Model):
         return [Completion(text=self.outputs[int(r.messages[-1]["content"])]) for r in requests]
 
 
+def is_recorded(source: dict[str, Any]) -> bool:
+    """Whether a run grades given outputs (a `jsonl` run, or stored completions graded as they are)."""
+    inner = source.get("source") if isinstance(source.get("source"), dict) else {}
+    return source.get("type") == "jsonl" or inner.get("type") == "stored_completions"
+
+
 def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size: int = 8) -> EvalSpec:
     """The harness spec of an API eval run; 400 when the run cannot be expressed as one."""
     source = json.loads(run_row["data_source_json"])
     params = source.get("sampling_params") or {}
     model = source.get("model")
-    if source.get("type") == "jsonl":
+    if is_recorded(source):
         model = RecordedModel.ref
         source = {**source, "input_messages": {"type": "template", "template": [
             {"role": "user", "content": "{{item.%s}}" % ROW_FIELD}]}}
@@ -234,7 +240,7 @@ def output_item_object(row: dict[str, Any], run: dict[str, Any], criteria: list[
     by_name = {c["name"]: c for c in criteria}
     source = json.loads(run["data_source_json"])
     params = source.get("sampling_params") or {}
-    recorded = source.get("type") == "jsonl"
+    recorded = is_recorded(source)
     results = []
     for grade in row["grades"]:
         criterion = by_name.get(grade["grader"], {})

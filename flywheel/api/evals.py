@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.eval_runs import ROW_FIELD, build_spec, output_item_object, recorded_path, run_object
+from flywheel.api.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, recorded_path,
+                                   run_object)
 from flywheel.api.files import read_rows
 from flywheel.api.jobs import new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
@@ -89,16 +90,50 @@ def run_items(state: "ApiState", source: Any) -> list[dict[str, Any]]:
         raise invalid(f"{param}: an object with type file_id or file_content is required.", param)
     if source.get("type") == "file_id":
         rows = read_rows(state, field(source, "id", str, required=True, param=param + ".id"), param + ".id")
+    elif source.get("type") == "stored_completions":
+        rows = stored_completion_rows(state, source)
     elif source.get("type") == "file_content":
         rows = source.get("content")
         if not isinstance(rows, list) or not rows:
             raise invalid(f"{param}.content must be a non-empty list of {{item: {{...}}}} rows.", param + ".content")
     else:
-        raise invalid(f"{param}.type must be file_id or file_content (stored_completions is not supported yet), "
+        raise invalid(f"{param}.type must be file_id, file_content or stored_completions, "
                       f"got {source.get('type')!r}.", param + ".type")
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
             raise invalid(f"{param}: row {index}: expected {{\"item\": {{...}}}}.", param)
+    return rows
+
+
+def stored_completion_rows(state: "ApiState", source: dict[str, Any]) -> list[dict[str, Any]]:
+    """Chat completions stored with `store: true` (the captures table) as `{item, sample}` rows:
+    the item holds the request's `input` messages, `metadata` and `model`; the sample its reply."""
+    from datetime import datetime, timezone
+
+    def when(name: str) -> str | None:
+        value = source.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int):
+            raise invalid(f"data_source.source.{name} must be a unix timestamp.", f"data_source.source.{name}")
+        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
+
+    limit = source.get("limit")
+    captures = state.store().query_captures(
+        metadata=check_metadata(source.get("metadata"), "data_source.source.metadata"), since=when("created_after"),
+        until=when("created_before"), model=source.get("model"), outcome="ok",
+        limit=limit if isinstance(limit, int) and limit > 0 else None)
+    rows = []
+    for capture in captures:
+        request, response = json.loads(capture["request_json"]), json.loads(capture["response_json"] or "{}")
+        choices = response.get("choices") or [{}]
+        rows.append({"item": {"input": request.get("messages", []), "model": capture["model"],
+                              "metadata": json.loads(capture["metadata_json"] or "{}"),
+                              "completion_id": capture["response_id"]},
+                     "sample": {"output_text": (choices[0].get("message") or {}).get("content") or ""}})
+    if not rows:
+        raise invalid("data_source.source: no stored completions match (store them with `store: true`).",
+                      "data_source.source")
     return rows
 
 
@@ -188,7 +223,10 @@ def routes(state: "ApiState") -> list[Route]:
         folder = store.artefact_dir / "api" / "runs"
         folder.mkdir(parents=True, exist_ok=True)
         dataset = folder / f"{run_id}.jsonl"
-        if source["type"] == "jsonl":
+        if is_recorded(source):
+            if source["type"] == "completions" and (source.get("model") or source.get("input_messages")):
+                raise invalid("data_source: stored completions are graded as they are here; sampling them again "
+                              "with model / input_messages is not supported yet.", "data_source.model")
             outputs = recorded_outputs(rows)
             # The row index reaches the recorded "model" through the prompt (see eval_runs.RecordedModel).
             items = [{**item, ROW_FIELD: index} for index, item in enumerate(items)]
