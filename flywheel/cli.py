@@ -549,5 +549,38 @@ def keys_create_command(name, db):
     click.echo(key)
 
 
+@main.group("import")
+def import_group() -> None:
+    """Turn the hosted platform's exported definitions into Flywheel specs."""
+
+
+@import_group.command("openai-eval")
+@click.argument("eval_path", metavar="EVAL.json", type=click.Path(dir_okay=False))
+@click.argument("items", metavar="[ITEMS.jsonl]...", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--run", "run_path", type=click.Path(dir_okay=False), help="A run definition (model, input_messages).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for eval.yaml + data.jsonl.")
+def import_openai_eval_command(eval_path, items, run_path, out_dir):
+    """Write an eval spec from a platform eval (its testing_criteria), a run and {"item": ...} JSONL files."""
+    from flywheel.api.convert import import_openai_eval
+
+    result = import_openai_eval(eval_path, list(items), out_dir=out_dir, run_path=run_path)
+    click.echo(f"wrote {result.spec_path} ({result.graders} graders) and {result.data_path} ({result.items} items)")
+
+
+@main.group("export")
+def export_group() -> None:
+    """Turn Flywheel specs into the hosted platform's definitions."""
+
+
+@export_group.command("openai-eval")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+def export_openai_eval_command(spec_path):
+    """Print the platform's eval and run create bodies for an eval spec (items inline), as JSON."""
+    from flywheel.api.convert import export_openai_eval
+    from flywheel.spec import load_eval_spec
+
+    click.echo(json.dumps(export_openai_eval(load_eval_spec(spec_path)), indent=2, ensure_ascii=False))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
