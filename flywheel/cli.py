@@ -320,6 +320,10 @@ def serve_command(host, port, review, reviewer, api, workers, db):
     if api:
         from flywheel.api.app import serve_api
 
+        if host not in LOOPBACK:
+            click.echo(f"warning: listening on {host}: /v1 needs an API key (flywheel keys create), but the "
+                       "report pages under / are readable by anyone who can reach it", err=True)
+
         serve_api(db_path, host=host, port=port, workers=workers, review=review, reviewer=reviewer,
                   on_ready=lambda url: click.echo(f"serving the API at {url}v1 and reports at {url} "
                                                   f"({workers} workers; Ctrl-C stops)", err=True))

@@ -189,6 +189,10 @@ def m008_api_objects(db: sqlite_utils.Database) -> None:
         {"id": str, "created_at": int, "finished_at": int, "status": str, "model": str, "training_file": str,
          "validation_file": str, "method_json": str, "suffix": str, "seed": int, "metadata_json": str,
          "fine_tuned_model": str, "checkpoint_id": str, "error_json": str, "trained_tokens": int}, pk="id")
+    # `POST /v1/flywheel/runs`: a wheel run submitted over HTTP; `run_id` is its `flywheel run` row.
+    db["api_wheel_runs"].create(
+        {"id": str, "created_at": int, "status": str, "spec_path": str, "run_id": str, "result_json": str,
+         "error_json": str, "metadata_json": str}, pk="id")
     # The queue: one row per piece of work (kind 'eval_run' / 'fine_tuning'), claimed atomically.
     db["api_jobs"].create(
         {"id": str, "kind": str, "object_id": str, "status": str, "cancel_requested": int, "attempts": int,

@@ -688,7 +688,8 @@ class Store:
 
 
     # -- the platform API (flywheel.api): its objects, the job queue, events, keys ------------------
-    API_TABLES = ("api_files", "api_evals", "api_eval_runs", "api_fine_tuning_jobs", "api_jobs", "api_keys")
+    API_TABLES = ("api_files", "api_evals", "api_eval_runs", "api_fine_tuning_jobs", "api_wheel_runs", "api_jobs",
+                  "api_keys")
 
     def _api_table(self, table: str) -> str:
         if table not in self.API_TABLES:
@@ -862,3 +863,9 @@ class Store:
             "select r.id, it.id from runs r join iterations it on it.run_id = r.id where r.command = ?"
             " order by r.rowid desc, it.seq limit 1", [command]).fetchone()
         return (row[0], row[1]) if row else None
+
+    def run_with_command(self, command: str) -> str | None:
+        """The latest run started with `command` (an API wheel run's link), or None."""
+        row = self.db.conn.execute("select id from runs where command = ? order by rowid desc limit 1",
+                                   [command]).fetchone()
+        return row[0] if row else None

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from flywheel.api import chat, evals, files, fine_tuning, graders_api
+from flywheel.api import chat, evals, files, fine_tuning, graders_api, wheel_runs
 from flywheel.api.access import KeyCheck
 from flywheel.api.errors import HANDLERS
 from flywheel.api.eval_runs import EvalRunRunner
@@ -76,8 +76,9 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         if workers > 0:
-            state.queue = JobQueue(db_path, {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner()},
-                                   workers=workers)
+            runners = {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner(),
+                       "wheel_run": wheel_runs.WheelRunner()}
+            state.queue = JobQueue(db_path, runners, workers=workers)
             state.queue.start()
         try:
             yield
@@ -95,6 +96,7 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
 
     routes: list[Any] = [Route("/v1/health", health, methods=["GET"]), *files.routes(state), *evals.routes(state),
                          *fine_tuning.routes(state), *graders_api.routes(state), *chat.routes(state),
+                         *wheel_runs.routes(state),
                          Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
     if fallback is not None:
         routes.append(Mount("/", app=fallback))

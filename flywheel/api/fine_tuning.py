@@ -21,7 +21,7 @@ from starlette.routing import Route
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.eval_runs import LOCAL_COMPUTE
 from flywheel.api.files import read_rows, training_kind
-from flywheel.api.jobs import JobCancelled, JobContext, new_object_id, unix_now
+from flywheel.api.jobs import JobContext, new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
