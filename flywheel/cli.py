@@ -324,7 +324,8 @@ def serve_command(host, port, review, reviewer, api, workers, db):
             click.echo(f"warning: listening on {host}: /v1 needs an API key (flywheel keys create), but the "
                        "report pages under / are readable by anyone who can reach it", err=True)
 
-        serve_api(db_path, host=host, port=port, workers=workers, review=review, reviewer=reviewer,
+        serve_api(db_path, host=host, port=port, workers=workers, review=review,
+                  reviewer=reviewer or (os.environ.get("USER") if review else None),
                   on_ready=lambda url: click.echo(f"serving the API at {url}v1 and reports at {url} "
                                                   f"({workers} workers; Ctrl-C stops)", err=True))
         return

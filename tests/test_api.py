@@ -291,3 +291,17 @@ def test_stored_chat_completions_are_graded_by_an_eval(server, tiny_model_dir):
     with pytest.raises(openai.BadRequestError, match="no stored completions"):
         client.evals.runs.create(evaluation.id, data_source={
             "type": "completions", "source": {"type": "stored_completions", "metadata": {"usecase": "none"}}})
+
+
+def test_the_review_app_beside_the_api(tmp_path):
+    import httpx
+
+    from flywheel.report.review_app import create_app
+
+    db = str(tmp_path / "both.db")
+    with BackgroundServer(create_api_app(db, fallback=create_app(db), report_base="/")) as running:
+        page = httpx.get(running.url + "/")
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        missing = httpx.get(running.url + "/v1/nothing")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
+        assert httpx.get(running.url + "/v1/health").json()["status"] == "ok"
