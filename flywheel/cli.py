@@ -563,7 +563,8 @@ def import_group() -> None:
 @click.argument("eval_path", metavar="EVAL.json", type=click.Path(dir_okay=False))
 @click.argument("items", metavar="[ITEMS.jsonl]...", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--run", "run_path", type=click.Path(dir_okay=False), help="A run definition (model, input_messages).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for eval.yaml + data.jsonl.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for eval.yaml + data.jsonl.")
 def import_openai_eval_command(eval_path, items, run_path, out_dir):
     """Write an eval spec from a platform eval (its testing_criteria), a run and {"item": ...} JSONL files."""
     from flywheel.api.convert import import_openai_eval

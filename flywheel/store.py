@@ -726,7 +726,8 @@ class Store:
             params.append(value)
         direction, op = ("asc", ">") if order == "asc" else ("desc", "<")
         if after:
-            clauses.append(f"rowid {op} coalesce((select rowid from {table} where id = ?), {'-1' if op == '>' else '1e18'})")
+            missing = "-1" if op == ">" else "1e18"  # an unknown `after` id pages from the start
+            clauses.append(f"rowid {op} coalesce((select rowid from {table} where id = ?), {missing})")
             params.append(after)
         sql = (f"select * from {table}" + (" where " + " and ".join(clauses) if clauses else "")
                + f" order by rowid {direction} limit ?")

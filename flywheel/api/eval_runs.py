@@ -167,8 +167,6 @@ class EvalRunRunner:
         if run is None or evaluation is None:
             raise FlywheelError(f"eval run {ctx.job['object_id']} or its eval was deleted")
         spec = build_spec(evaluation, run, batch_size=self.batch_size)
-        store.api_update("api_eval_runs", run["id"], status="in_progress")
-        ctx.event(f"Run started on {spec.model}" + (f" (attempt {ctx.job['attempts']})" if ctx.job["attempts"] > 1 else ""))
         command = f"api:{run['id']}"
 
         def progress(done: int, total: int) -> None:
@@ -182,6 +180,10 @@ class EvalRunRunner:
 
         local = spec.model.startswith("local:")
         with LOCAL_COMPUTE if local else contextlib.nullcontext():
+            ctx.check()  # cancelled while waiting for its turn
+            store.api_update("api_eval_runs", run["id"], status="in_progress")
+            attempt = f" (attempt {ctx.job['attempts']})" if ctx.job["attempts"] > 1 else ""
+            ctx.event(f"Run started on {spec.model}{attempt}")
             result = run_eval(spec, store, split="test", model=self._model(spec, run), progress=progress,
                               command=command)
         store.api_update("api_eval_runs", run["id"], run_id=result.run_id, iteration_id=result.iteration_id)
