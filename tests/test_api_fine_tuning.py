@@ -78,8 +78,11 @@ def test_job_requests_are_checked(server, tiny_model_dir):
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file="file-nope")
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=evals_file.id,
-                                       method={"type": "dpo"})
+                                       method={"type": "reinforcement"})
     assert excinfo.value.body["param"] == "method.type"
+    with pytest.raises(openai.BadRequestError) as excinfo:  # chat examples are not preference pairs
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={"type": "dpo"})
+    assert excinfo.value.body["param"] == "training_file"
     training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
@@ -116,3 +119,23 @@ def test_cancel_a_running_job_stops_training(server, tiny_model_dir):
     assert done.status == "cancelled" and done.fine_tuned_model is None
     steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
     assert max(steps) < 400
+
+
+PAIRS = [{"input": {"messages": [{"role": "user", "content": f"question {i}"}]},
+          "preferred_output": [{"role": "assistant", "content": "card_arrival"}],
+          "non_preferred_output": [{"role": "assistant", "content": "I am not sure"}]} for i in range(4)]
+
+
+@pytest.mark.slow
+def test_dpo_job(server, tiny_model_dir):
+    client = client_for(server.url)
+    pairs = client.files.create(file=("pairs.jsonl", jsonl(PAIRS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=pairs.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 2, "beta": 0.2}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data)
+    reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                           messages=[{"role": "user", "content": "question 0"}])
+    assert reply.choices[0].message.role == "assistant"

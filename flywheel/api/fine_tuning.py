@@ -1,11 +1,12 @@
-"""Fine-tuning jobs: create (method `supervised`), list, retrieve, cancel, events, checkpoints.
+"""Fine-tuning jobs: create (method `supervised` or `dpo`), list, retrieve, cancel, events, checkpoints.
 
-A job trains a LoRA adapter with `flywheel.train` (TRL's SFTTrainer) on an uploaded `fine-tune`
-file, in the job queue. Every trainer log line is a `metrics` event; cancelling stops the trainer
+A job trains a LoRA adapter with `flywheel.train` (TRL's SFTTrainer / DPOTrainer) on an uploaded
+`fine-tune` file, in the job queue. Every trainer log line is a `metrics` event; cancelling stops the trainer
 at its next step. The result is registered as a checkpoint (as `flywheel train` does) and gets a
 platform-looking model id, `ft:<base>:<suffix>:<job>`, that `/v1/chat/completions` on the same
-server answers with at once. The platform's hyper-parameters map onto `SFTSpec`: `n_epochs` ->
-epochs, `batch_size`, `learning_rate_multiplier` x the default learning rate; "auto" keeps ours.
+server answers with at once. The platform's hyper-parameters map onto `SFTSpec` / `DPOSpec`:
+`n_epochs` -> epochs, `batch_size`, `learning_rate_multiplier` x our default learning rate, `beta`;
+"auto" keeps ours.
 """
 
 from __future__ import annotations
@@ -33,40 +34,47 @@ if TYPE_CHECKING:
 # name: (type, lowest, highest, whether the lowest is allowed) — the platform's OpenAPI ranges
 HYPERPARAMETERS = {"n_epochs": (int, 1, 50, True), "batch_size": (int, 1, 256, True),
                    "learning_rate_multiplier": (float, 0, 100, False)}
+# method type -> (training set kind, its extra hyper-parameters)
+METHODS = {"supervised": ("sft", {}), "dpo": ("dpo", {"beta": (float, 0, 2, False)})}
 
 
-def hyperparameters(method: dict[str, Any]) -> dict[str, Any]:
-    """The supervised hyper-parameters, checked; "auto" (or absent) stays "auto"."""
-    given = (method.get("supervised") or {}).get("hyperparameters") or {}
+def hyperparameters(method_type: str, method: dict[str, Any]) -> dict[str, Any]:
+    """The method's hyper-parameters, checked; "auto" (or absent) stays "auto"."""
+    known = {**HYPERPARAMETERS, **METHODS[method_type][1]}
+    given = (method.get(method_type) or {}).get("hyperparameters") or {}
     out: dict[str, Any] = {}
-    for name, (kind, low, high, closed) in HYPERPARAMETERS.items():
+    for name, (kind, low, high, closed) in known.items():
         value = given.get(name, "auto")
-        param = f"method.supervised.hyperparameters.{name}"
+        param = f"method.{method_type}.hyperparameters.{name}"
         if value != "auto" and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                 or (kind is int and not float(value).is_integer())
                                 or not (low <= value if closed else low < value) or value > high):
             raise invalid(f"{param} must be 'auto' or a number in {'[' if closed else '('}{low}, {high}], "
                           f"got {value!r}.", param)
         out[name] = value
-    unknown = set(given) - set(HYPERPARAMETERS)
+    unknown = set(given) - set(known)
     if unknown:
-        raise invalid(f"unknown supervised hyper-parameter(s): {', '.join(sorted(unknown))}.",
-                      "method.supervised.hyperparameters")
+        raise invalid(f"unknown {method_type} hyper-parameter(s): {', '.join(sorted(unknown))}.",
+                      f"method.{method_type}.hyperparameters")
     return out
 
 
-def sft_config(row: dict[str, Any]):
-    from flywheel.train.config import SFTSpec
+def train_config(row: dict[str, Any]):
+    """Our SFTSpec / DPOSpec for a job: n_epochs -> epochs, batch_size, learning_rate_multiplier x our
+    default learning rate, beta; "auto" keeps our defaults."""
+    from flywheel.train.config import DPOSpec, SFTSpec
 
     method = json.loads(row["method_json"])
-    hp = method["supervised"]["hyperparameters"]
-    defaults = SFTSpec()
-    return SFTSpec(
+    hp = method[method["type"]]["hyperparameters"]
+    cls = SFTSpec if method["type"] == "supervised" else DPOSpec
+    defaults = cls()
+    extra = {"beta": float(hp["beta"])} if hp.get("beta", "auto") != "auto" else {}
+    return cls(
         epochs=defaults.epochs if hp["n_epochs"] == "auto" else float(hp["n_epochs"]),
         batch_size=defaults.batch_size if hp["batch_size"] == "auto" else int(hp["batch_size"]),
         learning_rate=defaults.learning_rate * (1.0 if hp["learning_rate_multiplier"] == "auto"
                                                 else float(hp["learning_rate_multiplier"])),
-        seed=row["seed"] or 0, logging_steps=1)
+        seed=row["seed"] or 0, logging_steps=1, **extra)
 
 
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +85,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "fine_tuned_model": row["fine_tuned_model"], "organization_id": "flywheel",
         "training_file": row["training_file"], "validation_file": row["validation_file"], "result_files": [],
         "trained_tokens": row["trained_tokens"], "seed": row["seed"],
-        "hyperparameters": method["supervised"]["hyperparameters"], "method": method,
+        "hyperparameters": method[method["type"]]["hyperparameters"], "method": method,
         "metadata": json.loads(row["metadata_json"] or "{}"), "integrations": [],
         "user_provided_suffix": row["suffix"],
         "error": json.loads(row["error_json"]) if row["error_json"] else None,
@@ -128,6 +136,7 @@ class FineTuningRunner:
 
     def run(self, ctx: JobContext) -> None:
         from flywheel.spec import parse_eval_spec
+        from flywheel.train.dpo import build_dpo_trainer
         from flywheel.train.formats import load_training_file
         from flywheel.train.local import run_local
         from flywheel.train.sft import build_sft_trainer
@@ -139,8 +148,11 @@ class FineTuningRunner:
             raise FlywheelError(f"training file {row['training_file']} was deleted")
         store.api_update("api_fine_tuning_jobs", row["id"], status="running")
         ctx.event("Fine-tuning job started." if ctx.job["attempts"] == 1 else "Fine-tuning job restarted.")
-        training_set = load_training_file("sft", file_row["path"])
-        config = sft_config(row)
+        method_type = json.loads(row["method_json"])["type"]
+        kind = METHODS[method_type][0]
+        builder = build_sft_trainer if kind == "sft" else build_dpo_trainer
+        training_set = load_training_file(kind, file_row["path"])
+        config = train_config(row)
         base = model_for(store, row["model"])
         # run_local wants an eval spec for evaluating afterwards; the API job does not evaluate.
         spec = parse_eval_spec({"name": f"api-{row['id']}", "dataset": {"path": file_row["path"]},
@@ -149,12 +161,12 @@ class FineTuningRunner:
                                              "reference": "-", "operation": "eq"}]})
 
         def build(model, tokenizer, output_dir, bf16):
-            built = build_sft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=True)
+            built = builder(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=True)
             built.trainer.add_callback(_cancel_callback(ctx))
             return built
 
         with LOCAL_COMPUTE:  # local training and local eval runs take turns on the cores
-            result = run_local("sft", spec, store, training_set, base=base, config=config, build=build,
+            result = run_local(kind, spec, store, training_set, base=base, config=config, build=build,
                                evaluate=False, quiet=True)
         short = row["id"].removeprefix("ftjob-")[:8]
         name = Path(base.partition(":")[2].partition("+")[0]).name or "model"
@@ -192,17 +204,19 @@ def routes(state: "ApiState") -> list[Route]:
         training_file = field(body, "training_file", str, required=True)
         validation_file = field(body, "validation_file", str)
         method = field(body, "method", dict, default={"type": "supervised"})
-        if method.get("type", "supervised") != "supervised":
-            raise invalid(f"method.type {method.get('type')!r} is not supported yet; this server trains "
-                          "'supervised' jobs.", "method.type")
-        method = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters(method)}}
+        method_type = method.get("type", "supervised")
+        if method_type not in METHODS:
+            raise invalid(f"method.type {method_type!r} is not supported yet; this server trains "
+                          f"{' and '.join(METHODS)} jobs.", "method.type")
+        method = {"type": method_type, method_type: {"hyperparameters": hyperparameters(method_type, method)}}
         suffix = field(body, "suffix", str)
         if suffix is not None and len(suffix) > 64:
             raise invalid("suffix must be at most 64 characters.", "suffix")
         rows = read_rows(state, training_file, "training_file")
-        if training_kind(rows) != "sft":
-            raise invalid(f"training_file {training_file} is a {training_kind(rows)} file; supervised jobs need "
-                          "chat examples with an assistant message.", "training_file")
+        wanted = METHODS[method_type][0]
+        if training_kind(rows) != wanted:
+            raise invalid(f"training_file {training_file} holds {training_kind(rows)} rows; {method_type} jobs need "
+                          f"{wanted} rows (the platform's {method_type} format).", "training_file")
         if validation_file is not None:
             read_rows(state, validation_file, "validation_file")
         store = state.store()
