@@ -305,3 +305,13 @@ def test_the_review_app_beside_the_api(tmp_path):
         missing = httpx.get(running.url + "/v1/nothing")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
         assert httpx.get(running.url + "/v1/health").json()["status"] == "ok"
+
+
+def test_uploads_are_size_limited(tmp_path):
+    with BackgroundServer(create_api_app(str(tmp_path / "s.db"), max_upload_bytes=2000)) as running:
+        client = client_for(running.url)
+        with pytest.raises(openai.APIStatusError) as excinfo:
+            client.files.create(file=("big.jsonl", jsonl(items(100))), purpose="evals")
+        assert excinfo.value.status_code == 413 and excinfo.value.body["code"] == "request_too_large"
+        assert client.files.create(file=("small.jsonl", jsonl(items(2))), purpose="evals").bytes < 2000
+        assert len(list(client.files.list())) == 1
