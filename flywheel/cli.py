@@ -311,7 +311,8 @@ def report_command(run_ids, output, a, b, db, as_json):
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64), help="Job workers (with --api).")
 @db_option
 def serve_command(host, port, review, reviewer, api, workers, db):
-    """Browse runs, compare iterations and (with --review) record reviews in a local web app."""
+    """Browse runs, compare iterations and (with --review) record reviews in a local web app; with --api
+    also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md)."""
     import os
 
     from flywheel.report.review_app import LOOPBACK, serve_reports
