@@ -350,14 +350,29 @@ def report_command(run_ids, output, a, b, db, as_json):
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--review", is_flag=True, help="Allow recording reviews (read-only without it).")
 @click.option("--reviewer", default=None, help="Name stored with each review (default: $USER).")
+@click.option("--api", is_flag=True, help="Also serve the platform's Files/Evals API under /v1 (keys off loopback).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64), help="Job workers (with --api).")
 @db_option
-def serve_command(host, port, review, reviewer, db):
-    """Browse runs, compare iterations and (with --review) record reviews in a local web app."""
+def serve_command(host, port, review, reviewer, api, workers, db):
+    """Browse runs, compare iterations and (with --review) record reviews in a local web app; with --api
+    also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md)."""
     import os
 
     from flywheel.report.review_app import LOOPBACK, serve_reports
 
     db_path = db or default_db_path()
+    if api:
+        from flywheel.api.app import serve_api
+
+        if host not in LOOPBACK:
+            click.echo(f"warning: listening on {host}: /v1 needs an API key (flywheel keys create), but the "
+                       "report pages under / are readable by anyone who can reach it", err=True)
+
+        serve_api(db_path, host=host, port=port, workers=workers, review=review,
+                  reviewer=reviewer or (os.environ.get("USER") if review else None),
+                  on_ready=lambda url: click.echo(f"serving the API at {url}v1 and reports at {url} "
+                                                  f"({workers} workers; Ctrl-C stops)", err=True))
+        return
     if host not in LOOPBACK:
         click.echo(f"warning: listening on {host}: anyone who can reach it can read this store"
                    + (" and write reviews" if review else ""), err=True)
@@ -608,6 +623,58 @@ def graders_calibrate(path, data_path, output_field, label_field, passing, judge
             save_calibrations(store, results, configs, data_path=data_path, judge=judge)
     click.echo(json.dumps([r.to_dict() for r in results], indent=2) if as_json
                else "\n".join(format_calibration(r) for r in results))
+
+
+@main.group("keys")
+def keys_group() -> None:
+    """API keys for `flywheel serve --api` off loopback."""
+
+
+@keys_group.command("create")
+@click.option("--name", default="", help="A label for the key.")
+@db_option
+def keys_create_command(name, db):
+    """Create an API key and print it (only its hash is stored: it is shown this once)."""
+    from flywheel.api.access import create_key
+
+    with _store_at(db) as store:
+        key, key_id = create_key(store, name)
+    click.echo(f"created {key_id}; the key (shown once):", err=True)
+    click.echo(key)
+
+
+@main.group("import")
+def import_group() -> None:
+    """Turn the hosted platform's exported definitions into Flywheel specs."""
+
+
+@import_group.command("openai-eval")
+@click.argument("eval_path", metavar="EVAL.json", type=click.Path(dir_okay=False))
+@click.argument("items", metavar="[ITEMS.jsonl]...", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--run", "run_path", type=click.Path(dir_okay=False), help="A run definition (model, input_messages).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for eval.yaml + data.jsonl.")
+def import_openai_eval_command(eval_path, items, run_path, out_dir):
+    """Write an eval spec from a platform eval (its testing_criteria), a run and {"item": ...} JSONL files."""
+    from flywheel.api.convert import import_openai_eval
+
+    result = import_openai_eval(eval_path, list(items), out_dir=out_dir, run_path=run_path)
+    click.echo(f"wrote {result.spec_path} ({result.graders} graders) and {result.data_path} ({result.items} items)")
+
+
+@main.group("export")
+def export_group() -> None:
+    """Turn Flywheel specs into the hosted platform's definitions."""
+
+
+@export_group.command("openai-eval")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+def export_openai_eval_command(spec_path):
+    """Print the platform's eval and run create bodies for an eval spec (items inline), as JSON."""
+    from flywheel.api.convert import export_openai_eval
+    from flywheel.spec import load_eval_spec
+
+    click.echo(json.dumps(export_openai_eval(load_eval_spec(spec_path)), indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -212,6 +212,50 @@ def m009_privacy(db: sqlite_utils.Database) -> None:
     db["checkpoints"].add_column("trained_on_deleted", str)
 
 
+@migration
+def m010_api_objects(db: sqlite_utils.Database) -> None:
+    # `flywheel serve --api`: the platform's objects (files, evals, eval runs, fine-tuning jobs),
+    # the job queue that runs them, their events and the API keys. created_at is unix seconds, as
+    # the platform reports it; `rowid` order is creation order and pages lists (`after`).
+    db["api_files"].create(
+        {"id": str, "created_at": int, "filename": str, "purpose": str, "bytes": int, "path": str,
+         "n_rows": int}, pk="id")
+    db["api_evals"].create(
+        {"id": str, "created_at": int, "name": str, "metadata_json": str, "data_source_config_json": str,
+         "testing_criteria_json": str}, pk="id")
+    # An eval run's samples and grades live in the harness tables: `run_id` / `iteration_id` point there.
+    db["api_eval_runs"].create(
+        {"id": str, "eval_id": str, "created_at": int, "name": str, "status": str, "model": str,
+         "data_source_json": str, "metadata_json": str, "error_json": str, "run_id": str,
+         "iteration_id": str, "dataset_path": str, "result_json": str},
+        pk="id", foreign_keys=[("eval_id", "api_evals", "id")])
+    db["api_eval_runs"].create_index(["eval_id"])
+    # Output items are pages of an iteration's samples in id order: this index reads a page directly.
+    db["samples"].create_index(["iteration_id", "id"], if_not_exists=True)
+    db["api_fine_tuning_jobs"].create(
+        {"id": str, "created_at": int, "finished_at": int, "status": str, "model": str, "training_file": str,
+         "validation_file": str, "method_json": str, "suffix": str, "seed": int, "metadata_json": str,
+         "fine_tuned_model": str, "checkpoint_id": str, "error_json": str, "trained_tokens": int}, pk="id")
+    # `POST /v1/flywheel/runs`: a wheel run submitted over HTTP; `run_id` is its `flywheel run` row.
+    db["api_wheel_runs"].create(
+        {"id": str, "created_at": int, "status": str, "spec_path": str, "run_id": str, "result_json": str,
+         "error_json": str, "metadata_json": str}, pk="id")
+    # The queue: one row per piece of work (kind 'eval_run' / 'fine_tuning'), claimed atomically.
+    db["api_jobs"].create(
+        {"id": str, "kind": str, "object_id": str, "status": str, "cancel_requested": int, "attempts": int,
+         "created_at": int, "started_at": int, "finished_at": int, "error": str}, pk="id")
+    db["api_jobs"].create_index(["status"])
+    db["api_jobs"].create_index(["object_id"])
+    db["api_events"].create(
+        {"id": int, "object_id": str, "created_at": int, "level": str, "type": str, "message": str,
+         "data_json": str}, pk="id")
+    db["api_events"].create_index(["object_id", "id"])
+    # Keys are stored as sha256 hashes; `prefix` (the first characters) names a key in listings.
+    db["api_keys"].create(
+        {"id": str, "created_at": int, "name": str, "key_hash": str, "prefix": str, "revoked": int}, pk="id")
+    db["api_keys"].create_index(["key_hash"], unique=True)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

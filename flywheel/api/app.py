@@ -1,0 +1,129 @@
+"""The API's ASGI app: routes under `/v1`, the store, the job queue's workers, key checks.
+
+    app = create_api_app("flywheel.db")                       # loopback: no key needed
+    app = create_api_app("flywheel.db", require_key=True)     # any other bind
+    serve_api("flywheel.db", host="127.0.0.1", port=8765)     # `flywheel serve --api`
+
+The review app (`flywheel.report.review_app`) can be mounted under `/` of the same server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from flywheel.api import chat, evals, files, fine_tuning, graders_api, wheel_runs
+from flywheel.api.access import KeyCheck
+from flywheel.api.errors import HANDLERS
+from flywheel.api.eval_runs import EvalRunRunner
+from flywheel.api.fine_tuning import FineTuningRunner
+from flywheel.api.jobs import JobQueue
+from flywheel.store import Store
+from flywheel.web import ApiError
+
+DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+
+
+class ApiState:
+    """What every endpoint shares: one store connection per thread, limits, the queue to wake."""
+
+    def __init__(self, db_path: str, *, max_upload_bytes: int, report_base: str | None):
+        self.db_path = db_path
+        self.max_upload_bytes = max_upload_bytes
+        self.report_base = report_base
+        self.queue: JobQueue | None = None
+        self._local = threading.local()
+        self._opened: list[Store] = []
+
+    def store(self) -> Store:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = Store.open(self.db_path)
+            self._opened.append(store)
+        return store
+
+    def notify(self) -> None:
+        if self.queue is not None:
+            self.queue.notify()
+
+    def close(self) -> None:
+        for store in self._opened:
+            with contextlib.suppress(Exception):
+                store.close()
+        self._opened.clear()
+        self._local = threading.local()
+
+
+def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1, batch_size: int = 8,
+                   max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, fallback: Any = None,
+                   report_base: str | None = None) -> Starlette:
+    """The API app over the store at `db_path`, running `workers` job workers while it is up.
+
+    `workers=0` queues jobs without running them (another server on the same store runs them).
+    `fallback` (an ASGI app, e.g. the review app) answers every path the API does not.
+    """
+    Store.open(db_path).close()  # fail now (and migrate) rather than on the first request
+    state = ApiState(db_path, max_upload_bytes=max_upload_bytes, report_base=report_base)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        if workers > 0:
+            runners = {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner(),
+                       "wheel_run": wheel_runs.WheelRunner()}
+            state.queue = JobQueue(db_path, runners, workers=workers)
+            state.queue.start()
+        try:
+            yield
+        finally:
+            if state.queue is not None:
+                state.queue.stop()
+                state.queue = None
+            state.close()
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", "jobs": state.store().count_jobs()})
+
+    async def no_route(request: Request) -> JSONResponse:
+        raise ApiError(404, f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
+
+    routes: list[Any] = [Route("/v1/health", health, methods=["GET"]), *files.routes(state), *evals.routes(state),
+                         *fine_tuning.routes(state), *graders_api.routes(state), *chat.routes(state),
+                         *wheel_runs.routes(state),
+                         Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
+    if fallback is not None:
+        routes.append(Mount("/", app=fallback))
+    middleware = [Middleware(KeyCheck, store=state.store)] if require_key else []
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=HANDLERS, lifespan=lifespan)
+    app.state.api = state
+    return app
+
+
+def serve_api(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, workers: int = 1,
+              review: bool = False, reviewer: str | None = None,
+              on_ready: Callable[[str], None] | None = None) -> None:
+    """Run the API (and the review app beside it) until interrupted; keys are required off loopback."""
+    import uvicorn
+
+    from flywheel.report.review_app import LOOPBACK, create_app
+    from flywheel.web import bind_socket, uvicorn_config
+
+    local = host in LOOPBACK
+    pages = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=None if local else ["*"])
+    app = create_api_app(db_path, require_key=not local, workers=workers, fallback=pages, report_base="/")
+    sock = bind_socket(host, port)
+    server = uvicorn.Server(uvicorn_config(app))
+    if on_ready is not None:
+        shown = f"[{host}]" if ":" in host else host
+        on_ready(f"http://{shown}:{sock.getsockname()[1]}/")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,140 @@
+"""Moving without the API: the platform's eval / run definitions to a Flywheel eval spec, and back.
+
+    written = import_openai_eval("eval.json", ["items.jsonl"], run_path="run.json", out_dir="evals/mine")
+    bodies = export_openai_eval(load_eval_spec("evals/mine/eval.yaml"))   # {"eval": ..., "run": ...}
+
+An imported eval keeps its `testing_criteria` as graders (the same schema), the run's
+`input_messages` template as the spec's input, its `model` (a platform model name becomes
+`openai:<name>`) and sampling; items come from the given JSONL files (`{"item": {...}}` lines) or
+the run's inline `file_content`. The spec is written beside a `data.jsonl` and loaded back, so a
+definition Flywheel cannot run fails here with the spec's own error lines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flywheel.errors import SpecError
+from flywheel.spec import EvalSpec, load_eval_spec
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_items(path: Path) -> list[dict[str, Any]]:
+    items = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
+            raise SpecError(f"{path}:{number}: expected {{\"item\": {{...}}}}")
+        items.append(row["item"])
+    return items
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts)
+
+
+def _model_ref(model: str | None) -> str:
+    if not model:
+        return "local:smollm2"
+    return model if model.split(":", 1)[0] in ("local", "openai") else f"openai:{model}"
+
+
+@dataclass
+class ImportResult:
+    spec_path: Path
+    data_path: Path
+    items: int
+    graders: int
+
+
+def import_openai_eval(eval_path: str | Path, items_paths: list[str | Path], *, out_dir: str | Path,
+                       run_path: str | Path | None = None) -> ImportResult:
+    """Write `out_dir/eval.yaml` and `out_dir/data.jsonl` from a platform eval (and run) definition."""
+    eval_path = Path(eval_path)
+    evaluation = _read_json(eval_path)
+    run = _read_json(Path(run_path)) if run_path else {}
+    source = run.get("data_source") or {}
+    items = [item for path in items_paths for item in _read_items(Path(path))]
+    inline = (source.get("source") or {}).get("content")
+    if not items and isinstance(inline, list):
+        items = [row["item"] for row in inline if isinstance(row, dict) and isinstance(row.get("item"), dict)]
+    if not items:
+        raise SpecError(f"{eval_path}: no items: give ITEMS.jsonl files or a run whose source has file_content")
+    criteria = evaluation.get("testing_criteria")
+    if not isinstance(criteria, list) or not criteria:
+        raise SpecError(f"{eval_path}: testing_criteria: a non-empty list of graders is required")
+    template = ((source.get("input_messages") or {}).get("template")
+                or [{"role": "user", "content": "{{item.input}}"}])
+    params = source.get("sampling_params") or {}
+    spec: dict[str, Any] = {
+        "name": evaluation.get("name") or eval_path.stem,
+        "description": f"imported from {eval_path.name}" + (f" and {Path(run_path).name}" if run_path else ""),
+        "dataset": {"path": "data.jsonl"},
+        "input": [{"role": m.get("role", "user"), "content": _text(m.get("content"))} for m in template],
+        "model": _model_ref(source.get("model")),
+        "sampling": {k: v for k, v in {"temperature": params.get("temperature"), "top_p": params.get("top_p"),
+                                       "seed": params.get("seed"),
+                                       "max_tokens": params.get("max_completion_tokens")}.items() if v is not None},
+        "graders": [{k: v for k, v in c.items() if k != "id"} for c in criteria],
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = out / "data.jsonl"
+    data_path.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+    spec_path = out / "eval.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    loaded = load_eval_spec(spec_path)  # the spec's own validation, with file: field: message lines
+    return ImportResult(spec_path=spec_path, data_path=data_path, items=len(items), graders=len(loaded.graders))
+
+
+def export_openai_eval(spec: EvalSpec) -> dict[str, Any]:
+    """The platform's create bodies for a spec: `eval` (POST /v1/evals) and `run` (POST .../runs),
+    the run carrying the spec's items inline (`file_content`)."""
+    from flywheel.data import load_dataset
+
+    dataset = load_dataset(spec)
+    fields = dataset.fields
+    model = spec.model.removeprefix("openai:")
+    return {
+        "eval": {"name": spec.name,
+                 "data_source_config": {"type": "custom", "include_sample_schema": True,
+                                        "item_schema": {"type": "object",
+                                                        "properties": {f: {} for f in fields}}},
+                 "testing_criteria": spec.graders},
+        "run": {"name": f"{spec.name} on {model}",
+                "data_source": {"type": "completions", "model": model,
+                                "input_messages": {"type": "template", "template": spec.messages()},
+                                "sampling_params": {"temperature": spec.sampling.temperature,
+                                                    "top_p": spec.sampling.top_p, "seed": spec.sampling.seed,
+                                                    "max_completion_tokens": spec.sampling.max_tokens},
+                                "source": {"type": "file_content",
+                                           "content": [{"item": item.fields} for item in dataset.items]}}},
+    }

@@ -1,0 +1,325 @@
+"""Evals: create, list, retrieve, update, delete; runs create, list, retrieve, cancel, delete;
+output items list and retrieve — the platform's `/v1/evals` routes over the store.
+
+`testing_criteria` are graders in the platform schema (parsed by `graders.parse_grader`; each gets
+an id `<name>-<uuid>`). A run's `data_source` is `completions` over a `file_id` or `file_content`
+source, with an `input_messages` template and any Flywheel model reference as `model`; it is
+queued and executed by `flywheel.api.eval_runs` in the job queue.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from flywheel.api.errors import check_metadata, field, invalid, not_found
+from flywheel.api.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, recorded_path,
+                                   run_object)
+from flywheel.api.files import read_rows
+from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.pagination import page, page_args
+from flywheel.web import parse_json_object, read_body
+
+if TYPE_CHECKING:
+    from flywheel.api.app import ApiState
+
+SOURCE_CONFIGS = ("custom", "logs", "stored_completions")
+RUN_STATES = ("queued", "in_progress", "completed", "canceled", "failed")
+
+
+def parse_criteria(value: Any) -> list[dict[str, Any]]:
+    """Validated testing criteria with platform ids; a 400 naming `testing_criteria[i]`."""
+    import graders
+
+    if not isinstance(value, list) or not value:
+        raise invalid("testing_criteria must be a non-empty list of graders.", "testing_criteria")
+    names: set[str] = set()
+    out = []
+    for index, raw in enumerate(value):
+        param = f"testing_criteria[{index}]"
+        if not isinstance(raw, dict):
+            raise invalid(f"{param}: a grader object is required.", param)
+        try:
+            config = graders.parse_grader(raw)
+        except graders.GraderConfigError as exc:
+            raise invalid(f"{param}: {exc}", param) from None
+        if config.name in names:
+            raise invalid(f"{param}.name: duplicate criterion name {config.name!r}.", param + ".name")
+        names.add(config.name)
+        out.append({**raw, "id": f"{config.name}-{uuid.uuid4()}"})
+    return out
+
+
+def source_config(value: Any) -> dict[str, Any]:
+    """The stored `data_source_config` with the generated `schema` the platform returns."""
+    if not isinstance(value, dict) or value.get("type") not in SOURCE_CONFIGS:
+        raise invalid(f"data_source_config.type must be one of {', '.join(SOURCE_CONFIGS)}.", "data_source_config")
+    if value["type"] == "custom":
+        item_schema = value.get("item_schema")
+        if not isinstance(item_schema, dict):
+            raise invalid("data_source_config.item_schema: a JSON Schema object is required.",
+                          "data_source_config.item_schema")
+        properties: dict[str, Any] = {"item": item_schema}
+        if value.get("include_sample_schema"):
+            properties["sample"] = {"type": "object", "properties": {"output_text": {"type": "string"}}}
+        return {"type": "custom", "schema": {"type": "object", "properties": properties,
+                                             "required": list(properties)}}
+    config = {"type": value["type"], "metadata": check_metadata(value.get("metadata"), "data_source_config.metadata")}
+    config["schema"] = {"type": "object", "properties": {"item": {"type": "object"}, "sample": {"type": "object"}},
+                        "required": ["item", "sample"]}
+    return config
+
+
+def eval_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "eval", "id": row["id"], "name": row["name"], "created_at": row["created_at"],
+            "metadata": json.loads(row["metadata_json"] or "{}"),
+            "data_source_config": json.loads(row["data_source_config_json"]),
+            "testing_criteria": json.loads(row["testing_criteria_json"])}
+
+
+def run_items(state: "ApiState", source: Any) -> list[dict[str, Any]]:
+    """The item dicts of a run's `data_source.source` (a stored file or inline content)."""
+    param = "data_source.source"
+    if not isinstance(source, dict):
+        raise invalid(f"{param}: an object with type file_id or file_content is required.", param)
+    if source.get("type") == "file_id":
+        rows = read_rows(state, field(source, "id", str, required=True, param=param + ".id"), param + ".id")
+    elif source.get("type") == "stored_completions":
+        rows = stored_completion_rows(state, source)
+    elif source.get("type") == "file_content":
+        rows = source.get("content")
+        if not isinstance(rows, list) or not rows:
+            raise invalid(f"{param}.content must be a non-empty list of {{item: {{...}}}} rows.", param + ".content")
+    else:
+        raise invalid(f"{param}.type must be file_id, file_content or stored_completions, "
+                      f"got {source.get('type')!r}.", param + ".type")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
+            raise invalid(f"{param}: row {index}: expected {{\"item\": {{...}}}}.", param)
+    return rows
+
+
+def stored_completion_rows(state: "ApiState", source: dict[str, Any]) -> list[dict[str, Any]]:
+    """Chat completions stored with `store: true` (the captures table) as `{item, sample}` rows:
+    the item holds the request's `input` messages, `metadata` and `model`; the sample its reply."""
+    from datetime import datetime, timezone
+
+    def when(name: str) -> str | None:
+        value = source.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int):
+            raise invalid(f"data_source.source.{name} must be a unix timestamp.", f"data_source.source.{name}")
+        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
+
+    limit = source.get("limit")
+    captures = state.store().query_captures(
+        metadata=check_metadata(source.get("metadata"), "data_source.source.metadata"), since=when("created_after"),
+        until=when("created_before"), model=source.get("model"), outcome="ok",
+        limit=limit if isinstance(limit, int) and limit > 0 else None)
+    rows = []
+    for capture in captures:
+        request, response = json.loads(capture["request_json"]), json.loads(capture["response_json"] or "{}")
+        choices = response.get("choices") or [{}]
+        rows.append({"item": {"input": request.get("messages", []), "model": capture["model"],
+                              "metadata": json.loads(capture["metadata_json"] or "{}"),
+                              "completion_id": capture["response_id"]},
+                     "sample": {"output_text": (choices[0].get("message") or {}).get("content") or ""}})
+    if not rows:
+        raise invalid("data_source.source: no stored completions match (store them with `store: true`).",
+                      "data_source.source")
+    return rows
+
+
+def recorded_outputs(rows: list[dict[str, Any]]) -> list[str]:
+    """The `sample.output_text` of each row of a `jsonl` run (graded as given, no model)."""
+    outputs = []
+    for index, row in enumerate(rows):
+        sample = row.get("sample")
+        if not isinstance(sample, dict) or not isinstance(sample.get("output_text"), str):
+            raise invalid(f"data_source.source: row {index}: a jsonl run grades given samples; each row needs "
+                          "\"sample\": {\"output_text\": \"...\"}.", "data_source.source")
+        outputs.append(sample["output_text"])
+    return outputs
+
+
+def routes(state: "ApiState") -> list[Route]:
+    async def body_of(request: Request) -> dict[str, Any]:
+        return parse_json_object(await read_body(request, state.max_upload_bytes))
+
+    def get_eval(eval_id: str) -> dict[str, Any]:
+        row = state.store().api_get("api_evals", eval_id)
+        if row is None:
+            raise not_found("eval", eval_id, "eval_id")
+        return row
+
+    def get_run(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+        evaluation = get_eval(request.path_params["eval_id"])
+        run = state.store().api_get("api_eval_runs", request.path_params["run_id"])
+        if run is None or run["eval_id"] != evaluation["id"]:
+            raise not_found("eval run", request.path_params["run_id"], "run_id")
+        return evaluation, run
+
+    def shaped_run(run: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+        return run_object(state.store(), run, json.loads(evaluation["testing_criteria_json"]), state.report_base)
+
+    async def create_eval(request: Request) -> Response:
+        body = await body_of(request)
+        config = source_config(body.get("data_source_config"))
+        criteria = parse_criteria(body.get("testing_criteria"))
+        row = {"id": new_object_id("eval_"), "created_at": unix_now(), "name": field(body, "name", str, default=""),
+               "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}),
+               "data_source_config_json": json.dumps(config), "testing_criteria_json": json.dumps(criteria)}
+        state.store().api_insert("api_evals", row)
+        return JSONResponse(eval_object(row))
+
+    async def list_evals(request: Request) -> Response:
+        after, limit, order = page_args(request, default_order="asc")
+        rows, more = state.store().api_list("api_evals", after=after, limit=limit, order=order)
+        return JSONResponse(page([eval_object(r) for r in rows], more))
+
+    async def retrieve_eval(request: Request) -> Response:
+        return JSONResponse(eval_object(get_eval(request.path_params["eval_id"])))
+
+    async def update_eval(request: Request) -> Response:
+        row = get_eval(request.path_params["eval_id"])
+        body = await body_of(request)
+        changes = {}
+        if "name" in body:
+            changes["name"] = field(body, "name", str, default="")
+        if "metadata" in body:
+            changes["metadata_json"] = json.dumps(check_metadata(body["metadata"]) or {})
+        if changes:
+            state.store().api_update("api_evals", row["id"], **changes)
+        return JSONResponse(eval_object({**row, **changes}))
+
+    async def delete_eval(request: Request) -> Response:
+        row = get_eval(request.path_params["eval_id"])
+        store = state.store()
+        runs, _ = store.api_list("api_eval_runs", limit=10000, where={"eval_id": row["id"]})
+        for run in runs:
+            store.request_job_cancel(run["id"])
+            store.api_delete("api_eval_runs", run["id"])
+        store.api_delete("api_evals", row["id"])
+        return JSONResponse({"object": "eval.deleted", "deleted": True, "eval_id": row["id"]})
+
+    async def create_run(request: Request) -> Response:
+        evaluation = get_eval(request.path_params["eval_id"])
+        body = await body_of(request)
+        source = field(body, "data_source", dict, required=True)
+        if source.get("type") not in ("completions", "jsonl"):
+            raise invalid(f"data_source.type must be 'completions' or 'jsonl' (responses runs are not supported "
+                          f"yet), got {source.get('type')!r}.", "data_source.type")
+        rows = run_items(state, source.get("source"))
+        items = [row["item"] for row in rows]
+        store = state.store()
+        run_id = new_object_id("evalrun_")
+        folder = store.artefact_dir / "api" / "runs"
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset = folder / f"{run_id}.jsonl"
+        if is_recorded(source):
+            if source["type"] == "completions" and (source.get("model") or source.get("input_messages")):
+                raise invalid("data_source: stored completions are graded as they are here; sampling them again "
+                              "with model / input_messages is not supported yet.", "data_source.model")
+            outputs = recorded_outputs(rows)
+            # The row index reaches the recorded "model" through the prompt (see eval_runs.RecordedModel).
+            items = [{**item, ROW_FIELD: index} for index, item in enumerate(items)]
+            recorded_path(dataset).write_text(json.dumps(outputs, ensure_ascii=False), encoding="utf-8")
+        dataset.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
+        row = {"id": run_id, "eval_id": evaluation["id"], "created_at": unix_now(),
+               "name": field(body, "name", str, default="") or run_id, "status": "queued",
+               "model": source.get("model"), "data_source_json": json.dumps(source),
+               "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}), "dataset_path": str(dataset)}
+        try:
+            build_spec(evaluation, row)  # refuse now what the worker could not run
+        except Exception:
+            Path(dataset).unlink(missing_ok=True)
+            raise
+        store.api_insert("api_eval_runs", row)
+        store.enqueue_job(new_object_id("job_"), "eval_run", run_id, row["created_at"])
+        state.notify()
+        return JSONResponse(shaped_run(row, evaluation))
+
+    async def list_runs(request: Request) -> Response:
+        evaluation = get_eval(request.path_params["eval_id"])
+        after, limit, order = page_args(request, default_order="asc")
+        where = {"eval_id": evaluation["id"]}
+        status = request.query_params.get("status")
+        if status:
+            if status not in RUN_STATES:
+                raise invalid(f"status must be one of {', '.join(RUN_STATES)}.", "status")
+            where["status"] = status
+        rows, more = state.store().api_list("api_eval_runs", after=after, limit=limit, order=order, where=where)
+        return JSONResponse(page([shaped_run(r, evaluation) for r in rows], more))
+
+    async def retrieve_run(request: Request) -> Response:
+        evaluation, run = get_run(request)
+        return JSONResponse(shaped_run(run, evaluation))
+
+    async def cancel_run(request: Request) -> Response:
+        evaluation, run = get_run(request)
+        store = state.store()
+        job = store.request_job_cancel(run["id"])
+        if job and job["status"] == "cancelled" and run["status"] == "queued":
+            store.api_update("api_eval_runs", run["id"], status="canceled")
+            store.add_api_event(run["id"], "Run cancelled before it started.", created_at=unix_now())
+        return JSONResponse(shaped_run(store.api_get("api_eval_runs", run["id"]), evaluation))
+
+    async def delete_run(request: Request) -> Response:
+        _, run = get_run(request)
+        store = state.store()
+        store.request_job_cancel(run["id"])
+        store.api_delete("api_eval_runs", run["id"])
+        return JSONResponse({"object": "eval.run.deleted", "deleted": True, "run_id": run["id"]})
+
+    def item_id(value: str | None, param: str) -> int | None:
+        if value is None:
+            return None
+        if not value.startswith("outputitem_") or not value[11:].isdigit():
+            raise not_found("output item", value, param)
+        return int(value[11:])
+
+    async def list_items(request: Request) -> Response:
+        evaluation, run = get_run(request)
+        after, limit, order = page_args(request, default_order="asc")
+        status = request.query_params.get("status")
+        if status not in (None, "pass", "fail"):
+            raise invalid("status must be 'pass' or 'fail'.", "status")
+        if not run.get("iteration_id"):
+            return JSONResponse(page([], False))
+        rows, more = state.store().output_items(run["iteration_id"], after=item_id(after, "after"), limit=limit,
+                                                order=order, status=status)
+        criteria = json.loads(evaluation["testing_criteria_json"])
+        return JSONResponse(page([output_item_object(r, run, criteria) for r in rows], more))
+
+    async def retrieve_item(request: Request) -> Response:
+        evaluation, run = get_run(request)
+        wanted = request.path_params["item_id"]
+        sample_id = item_id(wanted, "output_item_id")
+        rows, _ = (state.store().output_items(run["iteration_id"], sample_id=sample_id, limit=1)
+                   if run.get("iteration_id") else ([], False))
+        if not rows:
+            raise not_found("output item", wanted, "output_item_id")
+        return JSONResponse(output_item_object(rows[0], run, json.loads(evaluation["testing_criteria_json"])))
+
+    base = "/v1/evals"
+    return [
+        Route(base, create_eval, methods=["POST"]), Route(base, list_evals, methods=["GET"]),
+        Route(base + "/{eval_id}", retrieve_eval, methods=["GET"]),
+        Route(base + "/{eval_id}", update_eval, methods=["POST"]),
+        Route(base + "/{eval_id}", delete_eval, methods=["DELETE"]),
+        Route(base + "/{eval_id}/runs", create_run, methods=["POST"]),
+        Route(base + "/{eval_id}/runs", list_runs, methods=["GET"]),
+        Route(base + "/{eval_id}/runs/{run_id}", retrieve_run, methods=["GET"]),
+        Route(base + "/{eval_id}/runs/{run_id}", cancel_run, methods=["POST"]),  # the reference's path
+        Route(base + "/{eval_id}/runs/{run_id}/cancel", cancel_run, methods=["POST"]),  # the SDK's path
+        Route(base + "/{eval_id}/runs/{run_id}", delete_run, methods=["DELETE"]),
+        Route(base + "/{eval_id}/runs/{run_id}/output_items", list_items, methods=["GET"]),
+        Route(base + "/{eval_id}/runs/{run_id}/output_items/{item_id}", retrieve_item, methods=["GET"]),
+    ]

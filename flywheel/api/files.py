@@ -1,0 +1,151 @@
+"""Files: upload (multipart, purpose `fine-tune` or `evals`), list, retrieve, content, delete.
+
+Uploads are checked line by line before anything is stored: a fine-tune file must be in one of
+the platform's training formats (`flywheel.train.formats.validate_rows`: SFT chat, DPO
+preference or RFT prompts), an evals file must hold `{"item": {...}}` objects. The first bad
+line is a 400 naming the file and the line. The bytes live under `.flywheel/api/files/`, the row
+in `api_files`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from flywheel.api.errors import invalid, not_found
+from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.pagination import page, page_args
+from flywheel.web import read_body
+
+if TYPE_CHECKING:
+    from flywheel.api.app import ApiState
+
+PURPOSES = ("fine-tune", "evals")
+
+
+def file_object(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored file as the platform shows it."""
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
+            "expires_at": None, "status_details": None}
+
+
+def parse_jsonl(data: bytes, filename: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL upload; a 400 naming the first bad line."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"{filename}: file is not UTF-8 text (byte {exc.start}).", "file", "invalid_file_format") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise invalid(f"{filename}:{number}: invalid JSON: {exc.msg}.", "file", "invalid_file_format") from None
+        if not isinstance(row, dict):
+            raise invalid(f"{filename}:{number}: expected a JSON object, got {type(row).__name__}.", "file",
+                          "invalid_file_format")
+        rows.append(row)
+    if not rows:
+        raise invalid(f"{filename}: the file has no JSONL rows.", "file", "invalid_file_format")
+    return rows
+
+
+def training_kind(rows: list[dict[str, Any]]) -> str:
+    """The platform training format of a fine-tune file, read off its first row."""
+    first = rows[0]
+    if "preferred_output" in first or "input" in first:
+        return "dpo"
+    messages = first.get("messages")
+    if isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        return "sft"
+    return "rft"
+
+
+def validate_upload(purpose: str, rows: list[dict[str, Any]], filename: str) -> None:
+    """Check rows against the purpose's format; a 400 naming the line."""
+    if purpose == "fine-tune":
+        from flywheel.train.formats import TrainingDataError, validate_rows
+
+        try:
+            validate_rows(training_kind(rows), rows, filename)
+        except TrainingDataError as exc:
+            raise invalid(f"Invalid file format: {exc}.", "file", "invalid_file_format") from None
+        return
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row.get("item"), dict):
+            raise invalid(f"{filename}:{number}: an evals file line must be {{\"item\": {{...}}}} "
+                          "(optionally with \"sample\").", "file", "invalid_file_format")
+
+
+def read_rows(state: "ApiState", file_id: str, param: str) -> list[dict[str, Any]]:
+    """The JSONL rows of a stored file (for eval runs and fine-tuning jobs); 404 naming `param`."""
+    row = state.store().api_get("api_files", file_id)
+    if row is None:
+        raise not_found("file", file_id, param)
+    return parse_jsonl(Path(row["path"]).read_bytes(), row["filename"])
+
+
+def routes(state: "ApiState") -> list[Route]:
+    async def upload(request: Request) -> Response:
+        raw = await read_body(request, state.max_upload_bytes)
+        request._body = raw  # the form parser reads the body we already size-checked
+        form = await request.form()
+        purpose = form.get("purpose")
+        upload = form.get("file")
+        if purpose not in PURPOSES:
+            raise invalid(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}.", "purpose")
+        if upload is None or isinstance(upload, str):
+            raise invalid("Missing required parameter: 'file' (a multipart file part).", "file")
+        data = await upload.read()
+        filename = upload.filename or "upload.jsonl"
+        rows = parse_jsonl(data, filename)
+        validate_upload(purpose, rows, filename)
+        store = state.store()
+        file_id = new_object_id("file-")
+        folder = store.artefact_dir / "api" / "files"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{file_id}.jsonl"
+        path.write_bytes(data)
+        row = {"id": file_id, "created_at": unix_now(), "filename": filename, "purpose": purpose,
+               "bytes": len(data), "path": str(path), "n_rows": len(rows)}
+        store.api_insert("api_files", row)
+        return JSONResponse(file_object(row))
+
+    async def list_files(request: Request) -> Response:
+        after, limit, order = page_args(request, max_limit=10000)
+        purpose = request.query_params.get("purpose")
+        rows, more = state.store().api_list("api_files", after=after, limit=limit, order=order,
+                                            where={"purpose": purpose} if purpose else None)
+        return JSONResponse(page([file_object(r) for r in rows], more))
+
+    def _get(file_id: str) -> dict[str, Any]:
+        row = state.store().api_get("api_files", file_id)
+        if row is None:
+            raise not_found("file", file_id, "file_id")
+        return row
+
+    async def retrieve(request: Request) -> Response:
+        return JSONResponse(file_object(_get(request.path_params["file_id"])))
+
+    async def content(request: Request) -> Response:
+        row = _get(request.path_params["file_id"])
+        return Response(Path(row["path"]).read_bytes(), media_type="application/octet-stream")
+
+    async def delete(request: Request) -> Response:
+        row = _get(request.path_params["file_id"])
+        state.store().api_delete("api_files", row["id"])
+        Path(row["path"]).unlink(missing_ok=True)
+        return JSONResponse({"id": row["id"], "object": "file", "deleted": True})
+
+    return [Route("/v1/files", upload, methods=["POST"]), Route("/v1/files", list_files, methods=["GET"]),
+            Route("/v1/files/{file_id}", retrieve, methods=["GET"]),
+            Route("/v1/files/{file_id}", delete, methods=["DELETE"]),
+            Route("/v1/files/{file_id}/content", content, methods=["GET"])]

@@ -1,0 +1,56 @@
+"""`POST /v1/fine_tuning/alpha/graders/validate` and `/run`: the grader library behind the
+platform's alpha endpoints (`graders.validate_grader`, `graders.run_grader`); judge graders use
+Flywheel models, as `flywheel graders run` does. Grading runs in a thread (a judge may be slow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from flywheel.api.errors import field, invalid
+from flywheel.web import parse_json_object, read_body
+
+if TYPE_CHECKING:
+    from flywheel.api.app import ApiState
+
+
+def routes(state: "ApiState") -> list[Route]:
+    import graders
+
+    async def grader_of(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
+        body = parse_json_object(await read_body(request, state.max_upload_bytes))
+        return body, field(body, "grader", dict, required=True)
+
+    async def validate(request: Request) -> Response:
+        _, grader = await grader_of(request)
+        try:
+            return JSONResponse(graders.validate_grader(grader))
+        except graders.GraderConfigError as exc:
+            raise invalid(f"grader: {exc}", "grader") from None
+
+    async def run(request: Request) -> Response:
+        body, grader = await grader_of(request)
+        sample = field(body, "model_sample", str, required=True)
+        item = field(body, "item", dict, default={})
+
+        def grade() -> dict[str, Any]:
+            from flywheel.grading import GraderSet
+
+            resolver = GraderSet([])
+            try:
+                return graders.run_grader(grader, sample, item, judge=resolver.judge_model)
+            finally:
+                resolver.close()
+
+        try:
+            return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, grade))
+        except graders.GraderConfigError as exc:
+            raise invalid(f"grader: {exc}", "grader") from None
+
+    base = "/v1/fine_tuning/alpha/graders"
+    return [Route(base + "/validate", validate, methods=["POST"]), Route(base + "/run", run, methods=["POST"])]

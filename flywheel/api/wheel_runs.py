@@ -1,0 +1,175 @@
+"""`/v1/flywheel/runs`: the wheel (`flywheel run`) over HTTP — an extension the platform never had.
+
+Submit a run spec with its eval spec and items (or the path of a run spec on the server), then
+follow it: status, events (every line the wheel logs), cancel. The run executes in the job queue
+as `flywheel run` would, so its iterations, samples and report are in the same store; a run killed
+with the server resumes (`run_wheel(resume=...)`: finished stages are read back). Cancel takes
+effect at the wheel's next logged step (a stage boundary or an evaluation).
+
+    POST /v1/flywheel/runs {"run_spec": {"stages": [...], "target": 0.8},
+                            "eval_spec": {...}, "file_id": "file-..."}      # items: {"item": ...} lines
+    POST /v1/flywheel/runs {"path": "evals/banking77/run.yaml"}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from flywheel.api.errors import check_metadata, field, invalid, not_found
+from flywheel.api.eval_runs import LOCAL_COMPUTE
+from flywheel.api.files import read_rows
+from flywheel.api.jobs import JobContext, new_object_id, unix_now
+from flywheel.api.pagination import page, page_args
+from flywheel.errors import FlywheelError
+from flywheel.store import Store
+from flywheel.web import parse_json_object, read_body
+
+if TYPE_CHECKING:
+    from flywheel.api.app import ApiState
+
+
+def wheel_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "flywheel.run", "id": row["id"], "created_at": row["created_at"], "status": row["status"],
+            "run_id": row["run_id"], "spec_path": row["spec_path"],
+            "result": json.loads(row["result_json"]) if row["result_json"] else None,
+            "error": json.loads(row["error_json"]) if row["error_json"] else None,
+            "metadata": json.loads(row["metadata_json"] or "{}")}
+
+
+def write_specs(folder: Path, body: dict[str, Any], items: list[dict[str, Any]]) -> Path:
+    """eval.yaml, data.jsonl and run.yaml of an inline submission; the run spec's path."""
+    run_spec = dict(field(body, "run_spec", dict, required=True))
+    eval_spec = dict(field(body, "eval_spec", dict, required=True))
+    eval_spec["dataset"] = {**(eval_spec.get("dataset") or {}), "path": "data.jsonl"}
+    run_spec["eval"] = "eval.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items),
+                                       encoding="utf-8")
+    (folder / "eval.yaml").write_text(yaml.safe_dump(eval_spec, sort_keys=False), encoding="utf-8")
+    (folder / "run.yaml").write_text(yaml.safe_dump(run_spec, sort_keys=False), encoding="utf-8")
+    return folder / "run.yaml"
+
+
+def check_specs(path: Path) -> None:
+    """Load the run spec and its eval spec; a 400 with their `file: field: message` lines."""
+    from flywheel.run_spec import load_run_spec
+    from flywheel.spec import load_eval_spec
+
+    try:
+        load_eval_spec(load_run_spec(path).eval_path)
+    except FlywheelError as exc:
+        raise invalid(str(exc), "run_spec") from None
+
+
+class WheelRunner:
+    """Runs `wheel_run` jobs with `flywheel.wheel.run_wheel`, resuming a run a dead server left."""
+
+    def run(self, ctx: JobContext) -> None:
+        from flywheel.run_spec import load_run_spec
+        from flywheel.wheel import run_wheel
+
+        store = ctx.store
+        row = store.api_get("api_wheel_runs", ctx.job["object_id"])
+        command = f"api:{row['id']}"
+        resume = row["run_id"] or store.run_with_command(command)
+        store.api_update("api_wheel_runs", row["id"], status="running")
+        ctx.event(f"Wheel run {'resumed' if resume else 'started'}.")
+
+        def log(message: str) -> None:
+            if row["run_id"] is None and (linked := store.run_with_command(command)):
+                row["run_id"] = linked
+                store.api_update("api_wheel_runs", row["id"], run_id=linked)
+            ctx.event(message)
+            ctx.check()
+
+        report_dir = store.artefact_dir / "reports"
+        with LOCAL_COMPUTE:
+            result = run_wheel(load_run_spec(row["spec_path"]), store, resume=resume, command=command, log=log,
+                               report_dir=str(report_dir))
+        summary = {"run_id": result.run_id, "stopped": result.stopped, "baseline_valid": result.baseline_valid,
+                   "winner_valid": result.winner_valid, "winner_model": result.winner_model,
+                   "winner_prompt_id": result.winner_prompt_id, "test": result.test,
+                   "stages": [{"stage": o.stage, "decision": o.decision, "reason": o.reason, "valid": o.valid}
+                              for o in result.stages],
+                   "report_path": result.report_path}
+        store.api_update("api_wheel_runs", row["id"], run_id=result.run_id,
+                         result_json=json.dumps(summary, default=str))
+
+    def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
+        if store.api_get("api_wheel_runs", job["object_id"]) is None:
+            return
+        fields: dict[str, Any] = {"status": status}
+        if error:
+            fields["error_json"] = json.dumps({"code": "run_failed", "message": error})
+        store.api_update("api_wheel_runs", job["object_id"], **fields)
+        store.add_api_event(job["object_id"], f"Wheel run {status}." + (f" {error}" if error else ""),
+                            created_at=unix_now(), level="error" if error else "info")
+
+
+def routes(state: "ApiState") -> list[Route]:
+    def get_row(request: Request) -> dict[str, Any]:
+        row = state.store().api_get("api_wheel_runs", request.path_params["run_id"])
+        if row is None:
+            raise not_found("flywheel run", request.path_params["run_id"], "run_id")
+        return row
+
+    async def create(request: Request) -> Response:
+        body = parse_json_object(await read_body(request, state.max_upload_bytes))
+        store = state.store()
+        run_id = new_object_id("fwrun_")
+        if body.get("path") is not None:
+            path = Path(field(body, "path", str)).resolve()
+            if not path.is_file():
+                raise invalid(f"path: no run spec at {path} on the server.", "path")
+        else:
+            rows = read_rows(state, field(body, "file_id", str, required=True), "file_id")
+            if not all(isinstance(r.get("item"), dict) for r in rows):
+                raise invalid("file_id: the items file must hold {\"item\": {...}} lines (purpose evals).", "file_id")
+            path = write_specs(store.artefact_dir / "api" / "wheel" / run_id, body, [r["item"] for r in rows])
+        check_specs(path)
+        row = {"id": run_id, "created_at": unix_now(), "status": "queued", "spec_path": str(path),
+               "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {})}
+        store.api_insert("api_wheel_runs", row)
+        store.enqueue_job(new_object_id("job_"), "wheel_run", run_id, row["created_at"])
+        state.notify()
+        return JSONResponse(wheel_object({**row, "run_id": None, "result_json": None, "error_json": None}))
+
+    async def list_runs(request: Request) -> Response:
+        after, limit, order = page_args(request)
+        rows, more = state.store().api_list("api_wheel_runs", after=after, limit=limit, order=order)
+        return JSONResponse(page([wheel_object(r) for r in rows], more))
+
+    async def retrieve(request: Request) -> Response:
+        return JSONResponse(wheel_object(get_row(request)))
+
+    async def cancel(request: Request) -> Response:
+        row = get_row(request)
+        store = state.store()
+        job = store.request_job_cancel(row["id"])
+        if job and job["status"] == "cancelled" and row["status"] == "queued":
+            store.api_update("api_wheel_runs", row["id"], status="cancelled")
+        return JSONResponse(wheel_object(store.api_get("api_wheel_runs", row["id"])))
+
+    async def events(request: Request) -> Response:
+        row = get_row(request)
+        after, limit, order = page_args(request, default_order="asc", max_limit=1000)
+        if after is not None and not (after.startswith("fwevent-") and after[8:].isdigit()):
+            raise invalid(f"after must be an event id (fwevent-N), got {after!r}.", "after")
+        rows, more = state.store().api_events(row["id"], after=int(after[8:]) if after else None, limit=limit,
+                                              newest_first=order == "desc")
+        return JSONResponse(page([{"object": "flywheel.run.event", "id": f"fwevent-{e['id']}",
+                                   "created_at": e["created_at"], "level": e["level"], "message": e["message"]}
+                                  for e in rows], more))
+
+    base = "/v1/flywheel/runs"
+    return [Route(base, create, methods=["POST"]), Route(base, list_runs, methods=["GET"]),
+            Route(base + "/{run_id}", retrieve, methods=["GET"]),
+            Route(base + "/{run_id}/cancel", cancel, methods=["POST"]),
+            Route(base + "/{run_id}/events", events, methods=["GET"])]

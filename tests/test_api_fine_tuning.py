@@ -1,0 +1,141 @@
+"""Fine-tuning over the API with the real openai SDK: a supervised job on a tiny real Llama, its
+events (paged with `after`), its checkpoint, and a chat with the resulting `ft:` model id."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from api_helpers import client_for, jsonl
+from flywheel.api.app import create_api_app
+from flywheel.web import BackgroundServer
+
+ROWS = [{"messages": [{"role": "user", "content": f"question {i}"},
+                      {"role": "assistant", "content": ["card_arrival", "pin_blocked"][i % 2]}]} for i in range(8)]
+
+
+@pytest.fixture
+def server(tmp_path):
+    with BackgroundServer(create_api_app(str(tmp_path / "flywheel.db"))) as running:
+        yield running
+
+
+def wait_job(client, job_id, timeout=600.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        assert time.monotonic() < deadline, f"job still {job.status}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_supervised_job_events_and_chat_with_the_tuned_model(server, tiny_model_dir):
+    client = client_for(server.url)
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=f"local:{tiny_model_dir}", training_file=training.id, suffix="intents", seed=3,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+        metadata={"team": "a"})
+    assert (job.object, job.status, job.metadata, job.seed) == ("fine_tuning.job", "queued", {"team": "a"}, 3)
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith("ft:") and ":intents:" in done.fine_tuned_model
+    assert [j.id for j in client.fine_tuning.jobs.list()] == [job.id]
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # the SDK follows `after`
+    messages = [e.message for e in events]
+    assert messages[0] == "The job has successfully completed."  # newest first
+    assert messages[-1].startswith("Created fine-tuning job")
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and metrics[0].data["total_steps"] == 2
+    first_page = client.fine_tuning.jobs.list_events(job.id, limit=2)
+    second = client.fine_tuning.jobs.list_events(job.id, limit=2, after=first_page.data[-1].id)
+    assert [e.id for e in second.data] == [e.id for e in events[2:4]]
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert len(checkpoints) == 1 and checkpoints[0].fine_tuning_job_id == job.id
+
+    reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3,
+                                           messages=[{"role": "user", "content": "question 1"}])
+    assert reply.model == done.fine_tuned_model and reply.choices[0].message.role == "assistant"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="ft:nothing:here:0", messages=[{"role": "user", "content": "x"}])
+
+
+def test_job_requests_are_checked(server, tiny_model_dir):
+    client = client_for(server.url)
+    evals_file = client.files.create(file=("items.jsonl", jsonl([{"item": {"a": 1}}])), purpose="evals")
+    rft = client.files.create(file=("rft.jsonl", jsonl([{"messages": [{"role": "user", "content": "q"}],
+                                                          "answer": "a"}])), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id)
+    assert excinfo.value.body["param"] == "training_file"
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file="file-nope")
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=evals_file.id,
+                                       method={"type": "reinforcement"})
+    assert excinfo.value.body["param"] == "method.type"
+    with pytest.raises(openai.BadRequestError) as excinfo:  # chat examples are not preference pairs
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={"type": "dpo"})
+    assert excinfo.value.body["param"] == "training_file"
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}})
+    assert excinfo.value.body["param"] == "method.supervised.hyperparameters.n_epochs"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model="nonsense", training_file=training.id)
+    assert excinfo.value.body["param"] == "model"
+
+
+def test_cancel_a_queued_job(tmp_path, tiny_model_dir):
+    with BackgroundServer(create_api_app(str(tmp_path / "q.db"), workers=0)) as running:
+        client = client_for(running.url)
+        training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id)
+        assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        assert [e.message for e in client.fine_tuning.jobs.list_events(job.id)][0] == "The job was cancelled."
+        with pytest.raises(openai.BadRequestError):
+            client.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.slow
+def test_cancel_a_running_job_stops_training(server, tiny_model_dir):
+    client = client_for(server.url)
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}})
+    deadline = time.monotonic() + 300
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    client.fine_tuning.jobs.cancel(job.id)
+    done = wait_job(client, job.id, timeout=60)
+    assert done.status == "cancelled" and done.fine_tuned_model is None
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
+    assert max(steps) < 400
+
+
+PAIRS = [{"input": {"messages": [{"role": "user", "content": f"question {i}"}]},
+          "preferred_output": [{"role": "assistant", "content": "card_arrival"}],
+          "non_preferred_output": [{"role": "assistant", "content": "I am not sure"}]} for i in range(4)]
+
+
+@pytest.mark.slow
+def test_dpo_job(server, tiny_model_dir):
+    client = client_for(server.url)
+    pairs = client.files.create(file=("pairs.jsonl", jsonl(PAIRS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=pairs.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 2, "beta": 0.2}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    assert any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data)
+    reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                           messages=[{"role": "user", "content": "question 0"}])
+    assert reply.choices[0].message.role == "assistant"

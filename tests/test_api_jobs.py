@@ -1,0 +1,148 @@
+"""The API's job queue: no job runs twice, cancel and stop are honoured, and a run killed with the
+server (SIGKILL of a real `flywheel serve --api` process) finishes after a restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from api_helpers import client_for, completions_source, create_eval, items, wait_run
+from flywheel.api.jobs import JobContext, JobQueue, unix_now
+from flywheel.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recorder:
+    """A runner that records each job it runs (and can be told to spin until stopped)."""
+
+    def __init__(self, spin: bool = False):
+        self.ran: list[str] = []
+        self.settled: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+        self.spin = spin
+        self.started = threading.Event()
+
+    def run(self, ctx: JobContext) -> None:
+        with self.lock:
+            self.ran.append(ctx.job["object_id"])
+        self.started.set()
+        while self.spin:
+            ctx.check()
+            time.sleep(0.01)
+        time.sleep(0.002)
+
+    def settle(self, store, job, status, error) -> None:
+        with self.lock:
+            self.settled.append((job["object_id"], status))
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_four_workers_run_every_job_exactly_once(tmp_path):
+    db = str(tmp_path / "q.db")
+    store = Store.open(db)
+    for index in range(60):
+        store.enqueue_job(f"job-{index}", "noop", f"obj-{index}", unix_now())
+    recorder = Recorder()
+    queue = JobQueue(db, {"noop": recorder}, workers=4, poll_s=0.01)
+    queue.start()
+    try:
+        wait_for(lambda: store.count_jobs() == {"succeeded": 60})
+    finally:
+        queue.stop()
+        store.close()
+    assert Counter(recorder.ran) == Counter(f"obj-{i}" for i in range(60))
+    assert len(recorder.settled) == 60
+
+
+def test_cancel_stops_a_running_job_and_stop_requeues_one(tmp_path):
+    db = str(tmp_path / "q.db")
+    store = Store.open(db)
+    store.enqueue_job("job-a", "spin", "obj-a", unix_now())
+    recorder = Recorder(spin=True)
+    queue = JobQueue(db, {"spin": recorder}, workers=1, poll_s=0.01)
+    queue.start()
+    try:
+        recorder.started.wait(10)
+        store.request_job_cancel("obj-a")
+        wait_for(lambda: store.count_jobs() == {"cancelled": 1})
+        assert recorder.settled == [("obj-a", "cancelled")]
+        recorder.started.clear()
+        store.enqueue_job("job-b", "spin", "obj-b", unix_now())
+        recorder.started.wait(10)
+    finally:
+        queue.stop()
+    # stopped mid-job: back in the queue for the next start, not failed
+    assert store.api_get("api_jobs", "job-b")["status"] == "queued"
+    store.close()
+
+
+def start_server(db: Path) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "serve", "--api", "--port", "0", "--db", str(db)],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=db.parent)
+    for line in proc.stderr:
+        match = re.search(r"serving the API at (http://[\d.]+:\d+)/v1", line)
+        if match:
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+            return proc, match.group(1)
+    raise AssertionError(f"server did not start (exit {proc.wait()})")
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_the_server_finishes_after_restart(tmp_path, tiny_model_dir):
+    db = tmp_path / "flywheel.db"
+    proc, url = start_server(db)
+    try:
+        client = client_for(url)
+        evaluation = create_eval(client)
+        run = client.evals.runs.create(evaluation.id, data_source=completions_source(
+            tiny_model_dir, {"type": "file_content", "content": items(400)}, max_tokens=16))
+
+        def some_done():
+            return len(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=5).data) > 0
+
+        wait_for(some_done, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store = Store.open(db)
+    job = store.db.execute("select status, attempts from api_jobs").fetchone()
+    store.close()
+    assert job == ("running", 1)  # as the dead server left it
+
+    proc, url = start_server(db)
+    try:
+        client = client_for(url)
+        done = wait_run(client, evaluation.id, run.id)
+        assert done.status == "completed", done.error
+        assert done.result_counts.total == 400
+        listed = list(client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=100))
+        assert sorted(i.datasource_item_id for i in listed) == list(range(400))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    store = Store.open(db)
+    try:
+        assert store.db.execute("select status, attempts from api_jobs").fetchone() == ("succeeded", 2)
+        runs = store.list_runs()
+        assert len(runs) == 1 and runs[0]["status"] == "completed"  # the harness resumed its own run
+        events, _ = store.api_events(run.id, limit=100, newest_first=False)
+        assert any("resumed after a server restart" in e["message"] for e in events)
+    finally:
+        store.close()

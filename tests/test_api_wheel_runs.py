@@ -1,0 +1,62 @@
+"""`/v1/flywheel/runs`: the wheel submitted over HTTP (inline specs + an uploaded items file), its
+events and result, and a bad spec refused with the spec's own error line."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from api_helpers import jsonl
+from conftest import make_rows, spec_dict
+from flywheel.api.app import create_api_app
+from flywheel.store import Store
+from flywheel.web import BackgroundServer
+
+
+@pytest.fixture
+def server(tmp_path):
+    with BackgroundServer(create_api_app(str(tmp_path / "flywheel.db"))) as running:
+        yield running
+
+
+def upload_items(http) -> str:
+    data = jsonl([{"item": row} for row in make_rows(6)])
+    response = http.post("/files", files={"file": ("rows.jsonl", data)}, data={"purpose": "evals"})
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def test_a_wheel_run_over_http(server, tiny_model_dir, tmp_path):
+    with httpx.Client(base_url=server.url + "/v1", timeout=30) as http:
+        file_id = upload_items(http)
+        eval_spec = spec_dict(f"local:{tiny_model_dir}")
+        created = http.post("/flywheel/runs", json={"run_spec": {"stages": [{"stage": "optimize"}], "target": 0.0},
+                                                    "eval_spec": eval_spec, "file_id": file_id})
+        assert created.status_code == 200, created.text
+        run = created.json()
+        assert (run["object"], run["status"]) == ("flywheel.run", "queued")
+        deadline = time.monotonic() + 300
+        while run["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            run = http.get(f"/flywheel/runs/{run['id']}").json()
+        assert run["status"] == "succeeded", run["error"]
+        assert run["result"]["stopped"].startswith("target 0.0 reached")
+        events = http.get(f"/flywheel/runs/{run['id']}/events", params={"limit": 100}).json()["data"]
+        messages = [e["message"] for e in events]
+        assert messages[0] == "Wheel run started." and messages[-1] == "Wheel run succeeded."
+        assert any(m.startswith("baseline:") for m in messages)
+        assert [r["id"] for r in http.get("/flywheel/runs").json()["data"]] == [run["id"]]
+
+        bad = dict(eval_spec, graders=[{"type": "string_chek", "name": "x"}])
+        refused = http.post("/flywheel/runs", json={"run_spec": {"stages": [{"stage": "optimize"}]},
+                                                    "eval_spec": bad, "file_id": file_id})
+        assert refused.status_code == 400 and "graders[0]" in refused.json()["error"]["message"]
+    store = Store.open(tmp_path / "flywheel.db")
+    try:
+        wheel = store.get_run(run["run_id"])
+        assert wheel["kind"] == "wheel" and wheel["status"] == "completed" and wheel["command"] == f"api:{run['id']}"
+    finally:
+        store.close()
