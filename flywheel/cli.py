@@ -406,10 +406,20 @@ _SET_OPTIONS = {
 def _train_command(method):
     """`flywheel train <method>`: one command per row of the methods table."""
 
-    def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, **set_options):
+    def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, launcher,
+                num_processes, accelerate_config, cpu, **set_options):
         from flywheel.spec import load_eval_spec
         from flywheel.train import load_train_config, train
 
+        if launcher == "local" and (num_processes or accelerate_config or cpu):
+            raise click.UsageError("--num-processes, --accelerate-config and --cpu need --launcher accelerate")
+        if launcher == "accelerate":  # the same command, on every process of `accelerate launch`
+            from flywheel.train.launch import LaunchSpec, launch_training
+
+            launch = LaunchSpec(launcher=launcher, num_processes=num_processes, accelerate_config=accelerate_config,
+                                cpu=cpu)
+            launch_training(launch, ["train", method.name, *_forwarded_args(click.get_current_context(), _LAUNCH)])
+            return
         spec = load_eval_spec(spec_path)
         config = load_train_config(method.name, config_path, list(settings))
         with _store_at(db) as store:
@@ -430,6 +440,13 @@ def _train_command(method):
         click.option("--no-eval", is_flag=True, help="Register the checkpoint without evaluating it."),
         click.option("-o", "--option", "options", multiple=True, help="Hosted backend option key=value."),
         *(_SET_OPTIONS[name] for name in method.set_options), db_option, json_option,
+        click.option("--launcher", type=click.Choice(["local", "accelerate"]), default="local", show_default=True,
+                     help="local: train here; accelerate: run this command under `accelerate launch`."),
+        click.option("--num-processes", type=click.IntRange(min=1), default=None,
+                     help="Processes for --launcher accelerate (default: the accelerate config's)."),
+        click.option("--accelerate-config", default=None, help="accelerate config file, or a shipped template: "
+                     "ddp, deepspeed_zero2, deepspeed_zero3, fsdp (flywheel/train/accelerate_configs)."),
+        click.option("--cpu", is_flag=True, help="With --launcher accelerate: CPU processes over gloo."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -437,6 +454,25 @@ def _train_command(method):
     return click.command(method.name)(command)
 
 
+
+
+_LAUNCH = ("launcher", "num_processes", "accelerate_config", "cpu")
+
+
+def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
+    """The command line that reproduces this command's parsed parameters, less those in `drop`."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            args += [param.opts[0]] if value else []
+        else:
+            args += [part for v in (value if param.multiple else [value]) for part in (param.opts[0], str(v))]
+    return args
 
 
 @train_group.command("export")
