@@ -94,3 +94,41 @@ def test_two_cpu_processes_train_one_checkpoint(tmp_path, tiny_model_dir, method
     assert jobs == [(rows[0][3], "succeeded")]
     assert events >= 2  # the main process streamed its logs into the store
     assert dir_fingerprint(Path(rows[0][1]))[:16] == rows[0][2] == checkpoint["adapter_hash"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_launch_stops_every_process_and_fails_the_job(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    db = tmp_path / "flywheel.db"
+    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
+    assert captured.exit_code == 0, captured.output
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flywheel", "train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
+         "-s", "max_steps=100000", "-s", "precision=fp32", "-s", "batch_size=2", "-s", "logging_steps=1",
+         "--no-eval", "--db", str(db), "--launcher", "accelerate", "--num-processes", "2", "--cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 600
+    steps = 0
+    while time.monotonic() < deadline and launcher.poll() is None and steps < 2:
+        time.sleep(1)
+        with sqlite3.connect(db) as conn:
+            try:
+                steps = conn.execute("SELECT count(*) FROM training_events WHERE type = 'metrics'").fetchone()[0]
+            except sqlite3.OperationalError:
+                steps = 0
+    assert steps >= 2, "training never started"
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = launcher.communicate(timeout=180)
+    assert launcher.returncode == 1
+    assert "error: accelerate launch interrupted (SIGINT)" in err
+    with sqlite3.connect(db) as conn:
+        jobs = conn.execute("SELECT status, error FROM training_jobs").fetchall()
+        checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    assert len(jobs) == 1 and jobs[0][0] == "failed" and "KeyboardInterrupt" in jobs[0][1]
+    assert checkpoints == 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""  # no worker outlived the launcher

@@ -120,7 +120,9 @@ def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
         nonlocal interrupted
         interrupted = signum
-        process.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        # SIGINT to the launcher and every worker: each worker's KeyboardInterrupt marks the job
+        # failed on the main process (flywheel.train.local.run_local) before it exits.
+        _signal_group(process, signal.SIGINT)
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     in_main_thread = _in_main_thread()
@@ -131,14 +133,14 @@ def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
         try:
             code = process.wait()
         except BaseException:
-            process.terminate()
+            _signal_group(process, signal.SIGINT)
             raise
         finally:
             try:
-                process.wait(timeout=60)
+                code = process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                _signal_group(process, signal.SIGKILL)
+                code = process.wait()
     finally:
         if in_main_thread:
             for sig, handler in previous.items():
@@ -150,6 +152,13 @@ def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
         raise TrainingError(f"accelerate launch exited with status {code} (its output is above); "
                             f"command: {shlex.join(command)}")
     return code
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _in_main_thread() -> bool:
