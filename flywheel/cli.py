@@ -55,10 +55,15 @@ def _store_at(db: str | None):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N items.")
 @click.option("--max-errors", type=click.IntRange(min=0), default=None, help="Give up after more failing samples.")
 @click.option("-s", "--set", "overrides", multiple=True, help="Override a spec field: key.path=value.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: generate and grade in Ray tasks (pip install 'flywheel[ray]'); the store stays here.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: "
+              "$RAY_ADDRESS, else a cluster started here.")
 @db_option
 @json_option
-def eval_command(spec_path, split, model, limit, max_errors, overrides, db, as_json):
+def eval_command(spec_path, split, model, limit, max_errors, overrides, executor, ray_address, db, as_json):
     """Evaluate SPEC on one split and store every sample and grade."""
+    from flywheel.executors import RayExecutor
     from flywheel.harness import run_eval
     from flywheel.models import load_model
     from flywheel.progress import progress_bar
@@ -66,10 +71,15 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, db, as_j
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
+    fan_out = RayExecutor(address=ray_address) if executor == "ray" else None
     with _store_at(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
-        result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,
-                          model=load_model(model, spec.model_options) if model else None,
-                          command=" ".join(sys.argv), progress=progress)
+        try:
+            result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,
+                              model=load_model(model, spec.model_options) if model else None,
+                              command=" ".join(sys.argv), progress=progress, executor=fan_out)
+        finally:
+            if fan_out is not None:
+                fan_out.close()
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

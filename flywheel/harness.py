@@ -143,8 +143,12 @@ def evaluate(
     *,
     max_errors: int | None = None,
     progress: ProgressFn | None = None,
+    executor: Any = None,
 ) -> Evaluation:
     """Render, generate (cached), grade and store every (item, repeat) missing from an iteration.
+
+    `executor` (flywheel.executors.RayExecutor) generates and grades the chunks elsewhere; this
+    process still writes every result.
 
     Samples already stored in the iteration are skipped, so calling this again after a crash
     resumes; the completion cache answers every request it has seen. Updates the iteration's
@@ -176,9 +180,18 @@ def evaluate(
     counters.cache_hits = sum(p.cache_hit for p in ready)
     _write(store, iteration_id, model, grader_set, ready, counters, max_errors, total, progress)
     # Chunks of a few model batches keep each commit small and frequent.
-    batch = max(1, model.preferred_batch_size) * 4
-    for start in range(0, len(to_generate), batch):
-        chunk = to_generate[start:start + batch]
+    batch = getattr(executor, "chunk_size", None) or max(1, model.preferred_batch_size) * 4
+    chunks = [to_generate[start:start + batch] for start in range(0, len(to_generate), batch)]
+    if executor is not None:
+        work = [([p.request for p in c], [p.item.fields for p in c]) for c in chunks]
+        for index, result in executor.map(model.ref, spec.model_options, spec.graders, work):
+            chunk = chunks[index]
+            counters.model_calls += len(chunk)
+            for p, completion in zip(chunk, result.completions):
+                p.error, p.completion = (completion.error, None) if completion.error else (None, completion)
+            _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress,
+                   grades=result.grades)
+    for chunk in chunks if executor is None else []:
         _generate(model, chunk, counters)
         _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
 
@@ -258,8 +271,11 @@ def run_eval(
     stage: str = "eval",
     command: str | None = None,
     progress: ProgressFn | None = None,
+    executor: Any = None,
 ) -> EvalResult:
-    """Evaluate `spec` on one split and store everything; resume an unfinished identical run."""
+    """Evaluate `spec` on one split and store everything; resume an unfinished identical run.
+
+    `executor`: see `evaluate` (None: generate and grade in this process)."""
     started = time.perf_counter()
     dataset = load_dataset(spec)
     items = select_items(dataset, split, limit)
@@ -284,7 +300,7 @@ def run_eval(
     grader_set = GraderSet(spec.graders)
     try:
         outcome = evaluate(spec, store, iteration_id, items, model, prompt, grader_set,
-                           max_errors=max_errors, progress=progress)
+                           max_errors=max_errors, progress=progress, executor=executor)
     except TooManyErrors:
         store.finish_run(run_id, "failed", summarise(store, iteration_id, spec))
         raise
@@ -345,13 +361,16 @@ def _generate(model: Model, chunk: list[_Pending], counters: _Counters) -> None:
 
 
 def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet, chunk: list[_Pending],
-           counters: _Counters, max_errors: int | None, total: int, progress: ProgressFn | None) -> None:
+           counters: _Counters, max_errors: int | None, total: int, progress: ProgressFn | None,
+           grades: list[list[dict[str, Any]]] | None = None) -> None:
+    """Grade (unless an executor sent `grades`, one per completed sample) and commit one chunk."""
     if not chunk:
         return
     gradable = [p for p in chunk if p.completion is not None]
-    grades = grader_set.grade(
-        [graders.make_sample(p.completion.text) for p in gradable],  # type: ignore[union-attr]
-        [p.item.fields for p in gradable])
+    if grades is None:
+        grades = grader_set.grade(
+            [graders.make_sample(p.completion.text) for p in gradable],  # type: ignore[union-attr]
+            [p.item.fields for p in gradable])
     grades_by_id = {id(p): g for p, g in zip(gradable, grades)}
     records = []
     for p in chunk:
