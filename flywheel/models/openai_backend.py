@@ -262,7 +262,9 @@ class OpenAIModel(Model):
         import openai
 
         if isinstance(exc, openai.APITimeoutError):
-            return f"timeout: no answer from {url} within {self.timeout:g} s ({self.max_retries} retries)"
+            tries = f"{self.max_retries} retries" if len(self.base_urls) == 1 else \
+                f"the last of {len(self.base_urls)} servers tried"
+            return f"timeout: no answer from {url} within {self.timeout:g} s ({tries})"
         if isinstance(exc, openai.APIStatusError):
             return f"api_error: HTTP {exc.status_code} from {url}: {_error_message(exc)}"
         if isinstance(exc, openai.APIConnectionError):
