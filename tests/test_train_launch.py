@@ -45,6 +45,20 @@ def test_shipped_templates_load_in_accelerate(name, kind):
     assert command[command.index("--config_file") + 1] == str(templates()[name])
 
 
+def test_a_multi_node_config_keeps_its_own_port(tmp_path):
+    import yaml
+
+    config = yaml.safe_load(templates()["ddp"].read_text())
+    config.update(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29555)
+    path = tmp_path / "two_nodes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path)), ["train"])
+    assert "--main_process_port" not in command  # every node must use the config's 29555
+    pinned = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path),
+                                           main_process_port=29600), ["train"])
+    assert pinned[pinned.index("--main_process_port") + 1] == "29600"
+
+
 def test_a_missing_config_is_one_clean_error_before_anything_starts(tmp_path, tiny_model_dir):
     spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
     result = CliRunner().invoke(main, ["train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",

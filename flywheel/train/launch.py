@@ -87,9 +87,26 @@ def accelerate_command(spec: LaunchSpec, argv: list[str]) -> list[str]:
         # ACCELERATE_USE_CPU set (launch_env) starts N processes that meet over gloo instead.
         several = (spec.num_processes or 1) > 1
         command += ["--multi_gpu"] if several else ["--cpu"]
-    # A free port by default: several launches on one machine must not meet at 29500.
-    command += ["--main_process_port", str(spec.main_process_port or _free_port())]
+    if spec.main_process_port:
+        command += ["--main_process_port", str(spec.main_process_port)]
+    elif not _multi_node(spec):
+        # A free port: several launches on one machine must not meet at 29500. Several nodes must
+        # agree on one, so there the config's (or accelerate's default) stands.
+        command += ["--main_process_port", str(_free_port())]
     return command + ["-m", "flywheel", *argv]
+
+
+def _multi_node(spec: LaunchSpec) -> bool:
+    if not spec.accelerate_config:
+        return False
+    import yaml
+
+    path = resolve_accelerate_config(spec.accelerate_config)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: not a readable accelerate config: {str(exc).splitlines()[0]}") from None
+    return isinstance(config, dict) and int(config.get("num_machines") or 1) > 1
 
 
 def launch_env(spec: LaunchSpec) -> dict[str, str]:
