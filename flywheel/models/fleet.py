@@ -49,11 +49,11 @@ class Fleet:
     servers: list[Server]
     base_cooldown_s: float = 1.0
     max_cooldown_s: float = 30.0
-    _changed: asyncio.Condition | None = field(default=None, repr=False)
+    _changed: asyncio.Event | None = field(default=None, repr=False)
 
-    def _condition(self) -> asyncio.Condition:
+    def _event(self) -> asyncio.Event:
         if self._changed is None:
-            self._changed = asyncio.Condition()
+            self._changed = asyncio.Event()
         return self._changed
 
     def _pick(self, now: float) -> Server | None:
@@ -65,32 +65,27 @@ class Fleet:
 
     async def acquire(self) -> Server:
         """Take a slot on the healthy server with the most room; wait while there is none."""
-        changed = self._condition()
-        async with changed:
-            while True:
-                now = time.monotonic()
-                server = self._pick(now)
-                if server is not None:
-                    server.in_flight += 1
-                    return server
-                # Wake on a release, or when the first cool-down ends (whichever comes first).
-                downs = [s.down_until - now for s in self.servers if not s.is_up(now)]
-                timeout = max(min(downs), 0.01) if downs else None
-                try:
-                    await asyncio.wait_for(changed.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
+        changed = self._event()
+        while True:
+            now = time.monotonic()
+            server = self._pick(now)
+            if server is not None:
+                server.in_flight += 1
+                return server
+            # No await between the check and the clear: a release cannot slip in between (one
+            # event loop). Wake on a release, or when the first cool-down ends.
+            changed.clear()
+            downs = [s.down_until - now for s in self.servers if not s.is_up(now)]
+            timeout = max(min(downs), 0.01) if downs else None
+            try:
+                await asyncio.wait_for(changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
 
     def release(self, server: Server) -> None:
         """Give back the slot taken by `acquire`."""
         server.in_flight -= 1
-        changed = self._condition()
-
-        async def notify() -> None:
-            async with changed:
-                changed.notify_all()
-
-        asyncio.get_running_loop().create_task(notify())
+        self._event().set()
 
     def succeeded(self, server: Server) -> None:
         """A call answered: the server is healthy again."""
