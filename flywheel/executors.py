@@ -8,7 +8,9 @@ model and the graders once per worker process (kept between tasks), generates th
 completions and grades them, and sends both back. The driver stays the only writer of the store:
 it commits each chunk as its task finishes (in finishing order), so a run killed half way
 resumes like a local one, skipping what is stored. A task that fails (a worker died, a model
-error that raised) becomes error rows for its samples, as a failing request does locally.
+that raised) becomes error rows for its samples, as a failing request does locally; a
+FlywheelError raised in a task (a missing API key, say) stops the run with its message, as it
+does locally.
 
 Workers need flywheel importable (a local cluster started here inherits this process's
 environment; on a real cluster install flywheel on every node or pass a `runtime_env`), the
@@ -133,6 +135,9 @@ class RayExecutor:
                 try:
                     result = ray.get(done[0])
                 except Exception as exc:  # noqa: BLE001 - a failed task is error rows, not a crash
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, FlywheelError):  # as locally: a usage error stops the run
+                        raise cause from None
                     message = f"executor_error: ray task failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
                     result = ChunkResult([Completion(text="", error=message, finish_reason="error")
                                           for _ in chunks[index][0]], [])

@@ -99,3 +99,17 @@ def test_a_failing_task_is_error_rows_not_a_crash(tmp_path, ray_cluster):
     rows, _ = samples(tmp_path / "f.db", result.iteration_id)
     assert all(error.startswith("executor_error: ray task failed") for *_, error in rows)
     assert json.loads(json.dumps(result.to_dict()))["n_errors"] == 4
+
+
+def test_a_flywheel_error_in_a_task_stops_the_run_as_it_does_locally(tmp_path, ray_cluster, monkeypatch):
+    from flywheel.errors import ModelError
+
+    monkeypatch.delenv("FLYWHEEL_TEST_NO_SUCH_KEY", raising=False)
+    write_jsonl(tmp_path / "data.jsonl", make_rows(2))
+    # api.openai.com without a key: the worker refuses before any network call.
+    spec = parse_eval_spec(spec_dict("openai:gpt-4o-mini", model_options={"api_key_env": "FLYWHEEL_TEST_NO_SUCH_KEY",
+                                                              "base_url": "https://api.openai.com/v1"}),
+                           source="eval.yaml", base_dir=tmp_path)
+    with closing(Store.open(tmp_path / "f.db")) as store:
+        with pytest.raises(ModelError, match=r"no API key: set \$FLYWHEEL_TEST_NO_SUCH_KEY"):
+            run_eval(spec, store, split="test", executor=RayExecutor(chunk_size=1))
