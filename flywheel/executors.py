@@ -28,7 +28,6 @@ from typing import Any
 from flywheel.errors import FlywheelError
 from flywheel.models import ChatRequest, Completion
 
-EXECUTORS = ("local", "ray")
 
 
 class ExecutorError(FlywheelError):

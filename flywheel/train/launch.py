@@ -33,7 +33,6 @@ from flywheel.errors import SpecError
 from flywheel.train.local import TrainingError
 
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
-LAUNCHERS = ("local", "accelerate")
 
 
 def templates() -> dict[str, Path]:
