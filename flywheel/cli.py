@@ -55,10 +55,15 @@ def _store_at(db: str | None):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N items.")
 @click.option("--max-errors", type=click.IntRange(min=0), default=None, help="Give up after more failing samples.")
 @click.option("-s", "--set", "overrides", multiple=True, help="Override a spec field: key.path=value.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: generate and grade in Ray tasks (pip install 'flywheel[ray]'); the store stays here.")
+@click.option("--ray-address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: "
+              "$RAY_ADDRESS, else a cluster started here.")
 @db_option
 @json_option
-def eval_command(spec_path, split, model, limit, max_errors, overrides, db, as_json):
+def eval_command(spec_path, split, model, limit, max_errors, overrides, executor, ray_address, db, as_json):
     """Evaluate SPEC on one split and store every sample and grade."""
+    from flywheel.executors import RayExecutor
     from flywheel.harness import run_eval
     from flywheel.models import load_model
     from flywheel.progress import progress_bar
@@ -66,10 +71,15 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, db, as_j
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
+    fan_out = RayExecutor(address=ray_address) if executor == "ray" else None
     with _store_at(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
-        result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,
-                          model=load_model(model, spec.model_options) if model else None,
-                          command=" ".join(sys.argv), progress=progress)
+        try:
+            result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,
+                              model=load_model(model, spec.model_options) if model else None,
+                              command=" ".join(sys.argv), progress=progress, executor=fan_out)
+        finally:
+            if fan_out is not None:
+                fan_out.close()
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
@@ -464,10 +474,20 @@ _SET_OPTIONS = {
 def _train_command(method):
     """`flywheel train <method>`: one command per row of the methods table."""
 
-    def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, **set_options):
+    def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, launcher,
+                num_processes, accelerate_config, cpu, **set_options):
         from flywheel.spec import load_eval_spec
         from flywheel.train import load_train_config, train
 
+        if launcher == "local" and (num_processes or accelerate_config or cpu):
+            raise click.UsageError("--num-processes, --accelerate-config and --cpu need --launcher accelerate")
+        if launcher == "accelerate":  # the same command, on every process of `accelerate launch`
+            from flywheel.train.launch import LaunchSpec, launch_training
+
+            launch = LaunchSpec(launcher=launcher, num_processes=num_processes, accelerate_config=accelerate_config,
+                                cpu=cpu)
+            launch_training(launch, ["train", method.name, *_forwarded_args(click.get_current_context(), _LAUNCH)])
+            return
         spec = load_eval_spec(spec_path)
         config = load_train_config(method.name, config_path, list(settings))
         with _store_at(db) as store:
@@ -488,6 +508,13 @@ def _train_command(method):
         click.option("--no-eval", is_flag=True, help="Register the checkpoint without evaluating it."),
         click.option("-o", "--option", "options", multiple=True, help="Hosted backend option key=value."),
         *(_SET_OPTIONS[name] for name in method.set_options), db_option, json_option,
+        click.option("--launcher", type=click.Choice(["local", "accelerate"]), default="local", show_default=True,
+                     help="local: train here; accelerate: run this command under `accelerate launch`."),
+        click.option("--num-processes", type=click.IntRange(min=1), default=None,
+                     help="Processes for --launcher accelerate (default: the accelerate config's)."),
+        click.option("--accelerate-config", default=None, help="accelerate config file, or a shipped template: "
+                     "ddp, deepspeed_zero2, deepspeed_zero3, fsdp (flywheel/train/accelerate_configs)."),
+        click.option("--cpu", is_flag=True, help="With --launcher accelerate: CPU processes over gloo."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -495,6 +522,25 @@ def _train_command(method):
     return click.command(method.name)(command)
 
 
+
+
+_LAUNCH = ("launcher", "num_processes", "accelerate_config", "cpu")
+
+
+def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
+    """The command line that reproduces this command's parsed parameters, less those in `drop`."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or value is None:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif getattr(param, "is_flag", False):
+            args += [param.opts[0]] if value else []
+        else:
+            args += [part for v in (value if param.multiple else [value]) for part in (param.opts[0], str(v))]
+    return args
 
 
 @train_group.command("export")

@@ -149,8 +149,12 @@ def evaluate(
     max_errors: int | None = None,
     progress: ProgressFn | None = None,
     commit_every_s: float | None = None,
+    executor: Any = None,
 ) -> Evaluation:
     """Render, generate (cached), grade and store every (item, repeat) missing from an iteration.
+
+    `executor` (flywheel.executors.RayExecutor) generates and grades the chunks elsewhere; this
+    process still writes every result.
 
     Samples already stored in the iteration are skipped, so calling this again after a crash
     resumes; the completion cache answers every request it has seen. Updates the iteration's
@@ -184,6 +188,18 @@ def evaluate(
     to_generate = [p for p in pending if not (p.cache_hit or p.error or p.completion)]
     counters.cache_hits = sum(p.cache_hit for p in ready)
     _write(store, iteration_id, model, grader_set, ready, counters, max_errors, total, progress)
+    if executor is not None:  # tasks elsewhere generate and grade; this process stays the single writer
+        batch = getattr(executor, "chunk_size", None) or max(1, model.preferred_batch_size) * 4
+        chunks = [to_generate[start:start + batch] for start in range(0, len(to_generate), batch)]
+        work = [([p.request for p in c], [p.item.fields for p in c]) for c in chunks]
+        for index, result in executor.map(model.ref, spec.model_options, spec.graders, work):
+            chunk = chunks[index]
+            counters.model_calls += len(chunk)
+            for p, completion in zip(chunk, result.completions):
+                p.error, p.completion = (completion.error, None) if completion.error else (None, completion)
+            _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress,
+                   grades=result.grades)
+        to_generate = []
     # Commit by batch and by time: a chunk starts as one model batch and is resized so that its
     # generation takes about `commit_every_s` (never more than four model batches), so a kill loses
     # at most a few seconds of generated work. Before each chunk, what another process running the
@@ -299,8 +315,11 @@ def run_eval(
     stage: str = "eval",
     command: str | None = None,
     progress: ProgressFn | None = None,
+    executor: Any = None,
 ) -> EvalResult:
-    """Evaluate `spec` on one split and store everything; resume an unfinished identical run."""
+    """Evaluate `spec` on one split and store everything; resume an unfinished identical run.
+
+    `executor`: see `evaluate` (None: generate and grade in this process)."""
     started = time.perf_counter()
     dataset = load_dataset(spec)
     items = select_items(dataset, split, limit)
@@ -328,7 +347,7 @@ def run_eval(
         grader_set = GraderSet(spec.graders)
         try:
             outcome = evaluate(spec, store, iteration_id, items, model, prompt, grader_set,
-                               max_errors=max_errors, progress=progress)
+                               max_errors=max_errors, progress=progress, executor=executor)
         finally:
             grader_set.close()
     except TooManyErrors:
@@ -401,14 +420,17 @@ def _generate(model: Model, chunk: list[_Pending], counters: _Counters) -> None:
 
 
 def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet, chunk: list[_Pending],
-           counters: _Counters, max_errors: int | None, total: int, progress: ProgressFn | None) -> None:
+           counters: _Counters, max_errors: int | None, total: int, progress: ProgressFn | None,
+           grades: list[list[dict[str, Any]]] | None = None) -> None:
+    """Grade (unless an executor sent `grades`, one per completed sample) and commit one chunk."""
     if not chunk:
         return
     gradable = [p for p in chunk if p.completion is not None]
-    grades = grader_set.grade(
-        [graders.make_sample(p.completion.text, output_tools=p.completion.tool_calls)  # type: ignore[union-attr]
-         for p in gradable],
-        [p.item.fields for p in gradable])
+    if grades is None:
+        grades = grader_set.grade(
+            [graders.make_sample(p.completion.text, output_tools=p.completion.tool_calls)  # type: ignore[union-attr]
+             for p in gradable],
+            [p.item.fields for p in gradable])
     grades_by_id = {id(p): g for p, g in zip(gradable, grades)}
     records = []
     for p in chunk:

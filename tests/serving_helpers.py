@@ -52,7 +52,7 @@ def completion_body(content: str, model: str = "scripted", n: int = 1, prompt_to
 class ScriptedUpstream:
     """An OpenAI-compatible app whose behaviour a test sets: `plan` is consumed call by call.
 
-    Plan entries: "ok", "429", "500", "stall" (sleeps `stall_s`), "json" (replies with JSON text
+    Plan entries: "ok", "400", "429", "500", "stall" (sleeps `stall_s`), "json" (replies with JSON text
     when response_format asks for it), "ignore_n" (answers one choice whatever `n` is).
     When the plan is empty, it answers "ok". `bodies` keeps every request body it received.
     """
@@ -87,6 +87,9 @@ class ScriptedUpstream:
             if step == "429":
                 return JSONResponse({"error": {"message": "slow down", "type": "rate_limit_error", "code": None}},
                                     status_code=429, headers={"retry-after-ms": "1"})
+            if step == "400":
+                return JSONResponse({"error": {"message": "bad request", "type": "invalid_request_error"}},
+                                    status_code=400)
             if step == "500":
                 return JSONResponse({"error": {"message": "upstream exploded", "type": "server_error"}},
                                     status_code=500, headers={"retry-after-ms": "1"})

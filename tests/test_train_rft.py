@@ -43,3 +43,40 @@ def test_grpo_steps_move_the_adapter_and_log_rewards(tmp_path, tiny_model_dir, s
     assert 0.0 <= m["mean_reward"] <= 1.0
     [valid] = result.evals
     assert store.get_iteration(valid.iteration_id)["stage"] == "rft"
+
+
+# -- generation on vLLM: TRL's options pass through; a clear error where vLLM is missing ------------
+def test_vllm_options_reach_trl(tmp_path):
+    from flywheel.train.config import grpo_args
+
+    config = quick_rft(use_vllm=True, vllm_mode="server", vllm_server_base_url="http://10.0.0.5:8000",
+                       vllm_tensor_parallel_size=2, vllm_gpu_memory_utilization=0.5)
+    args = grpo_args(config, tmp_path, bf16=False, max_completion_length=8)
+    assert (args.use_vllm, args.vllm_mode, args.vllm_server_base_url) == (True, "server", "http://10.0.0.5:8000")
+    assert (args.vllm_tensor_parallel_size, args.vllm_gpu_memory_utilization) == (2, 0.5)
+    assert grpo_args(quick_rft(), tmp_path, bf16=False, max_completion_length=8).use_vllm is False
+
+
+def test_use_vllm_without_vllm_is_one_clean_error_and_no_job(tmp_path, tiny_model_dir):
+    import importlib.util
+    import sqlite3
+
+    from click.testing import CliRunner
+    from train_helpers import write_eval
+
+    from flywheel.cli import main
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: the guard has nothing to refuse")
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    db = tmp_path / "flywheel.db"
+    result = CliRunner().invoke(main, ["train", "rft", str(spec), "--base", f"local:{tiny_model_dir}",
+                                       "-s", "use_vllm=true", "-s", "vllm_mode=server", "--db", str(db)])
+    assert result.exit_code == 1
+    assert result.output == ("error: rft: use_vllm is set but the vllm package is not installed here: "
+                             "pip install vllm (on a machine with a GPU), or set use_vllm=false\n")
+    bad = CliRunner().invoke(main, ["train", "rft", str(spec), "--base", f"local:{tiny_model_dir}",
+                                    "-s", "vllm_mode=remote", "--db", str(db)])
+    assert bad.exit_code == 1 and "vllm_mode" in bad.output
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM training_jobs").fetchone()[0] == 0

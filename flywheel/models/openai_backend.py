@@ -6,10 +6,11 @@
 The same backend serves OpenAI itself, vLLM, SGLang, TGI, llama.cpp, Ollama and
 `flywheel serve-model`. Options (the eval spec's `model_options`):
 
-    base_url      server URL ending in /v1 (default $OPENAI_BASE_URL, else api.openai.com)
+    base_url      server URL ending in /v1 (default $OPENAI_BASE_URL, else api.openai.com), or a
+                  list of URLs serving the same model: a fleet (see below)
     api_key_env   environment variable holding the key (default OPENAI_API_KEY); local servers
                   that need no key get a placeholder
-    concurrency   requests in flight at once (default 8)
+    concurrency   requests in flight at once, per server (default 8)
     max_retries   SDK retries with exponential backoff on 408/409/429/5xx, connection errors
                   and timeouts (default 3)
     timeout       seconds per request attempt (default 120)
@@ -17,6 +18,14 @@ The same backend serves OpenAI itself, vLLM, SGLang, TGI, llama.cpp, Ollama and
     use_n         send repeats of one prompt as one call with `n` (default true)
     max_tokens_param  max_tokens | max_completion_tokens (default: the latter on api.openai.com)
     extra_body    extra JSON fields sent with every request (e.g. vLLM's top_k)
+
+A fleet (`base_url: [http://a:8000/v1, http://b:8000/v1]`) spreads requests over its servers, each
+with its own `concurrency` slots, the least loaded first (flywheel.models.fleet). A request that
+fails for a server's reason (connection refused, timeout, 429, 5xx) marks that server down for a
+cool-down and is sent again to another; the dead server is tried again when its cool-down ends.
+Every request still yields exactly one completion (an error row only when every server failed
+it, `(max_retries + 1) x servers` times in all), so no sample is lost or stored twice. In a
+fleet the SDK's own retries are off: failing over is the retry.
 
 `generate` is synchronous, as the harness wants, and drives an `AsyncOpenAI` client on a private
 event loop in a background thread, so the connection pool lives across calls and `generate` also
@@ -36,6 +45,7 @@ from urllib.parse import urlsplit
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
+from flywheel.models.fleet import Fleet, Server
 from flywheel.pricing import Price, find_price
 from flywheel.tools import calls_from_message
 
@@ -50,10 +60,35 @@ def resolve_base_url(base_url: str | None) -> str:
     return (base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
 
 
+def resolve_base_urls(ref: str, base_url: str | list[str] | None) -> list[str]:
+    """One URL or a list of them (a fleet), each resolved as `resolve_base_url`; no duplicates."""
+    if isinstance(base_url, (list, tuple)):
+        if not base_url or not all(isinstance(u, str) and u.strip() for u in base_url):
+            raise ModelError(f"{ref}: model_options.base_url: a list must hold one or more URLs")
+        urls = [resolve_base_url(u.strip()) for u in base_url]
+        if len(set(urls)) != len(urls):
+            raise ModelError(f"{ref}: model_options.base_url: a URL is listed twice: {', '.join(urls)}")
+        return urls
+    if base_url is not None and not isinstance(base_url, str):
+        raise ModelError(f"{ref}: model_options.base_url must be a URL or a list of URLs")
+    return [resolve_base_url(base_url)]
+
+
+def _server_fault(exc: Exception) -> bool:
+    """Whether another server might answer: connection, timeout, 408/409/429 and 5xx."""
+    import openai
+
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return False
+
+
 class OpenAIModel(Model):
     """A chat model behind an OpenAI-compatible HTTP API. Constructing it makes no network call."""
 
-    def __init__(self, ref: str, name: str, *, base_url: str | None = None,
+    def __init__(self, ref: str, name: str, *, base_url: str | list[str] | None = None,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, max_retries: int = 3,
                  timeout: float = 120.0, prices: dict[str, float] | None = None, use_n: bool = True,
                  max_tokens_param: str | None = None, extra_body: dict[str, Any] | None = None,
@@ -63,14 +98,13 @@ class OpenAIModel(Model):
                              f"{', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
         self.ref = ref
         self.name = name
-        if base_url is not None and not isinstance(base_url, str):
-            raise ModelError(f"{ref}: model_options.base_url must be a URL string, got {type(base_url).__name__}")
-        self.base_url = resolve_base_url(base_url)
-        parts = urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            origin = "model_options.base_url" if base_url else "$OPENAI_BASE_URL"
-            raise ModelError(f"{ref}: {origin} {self.base_url!r} is not an http(s) URL "
-                             "(e.g. http://127.0.0.1:8000/v1)")
+        self.base_urls = resolve_base_urls(ref, base_url)
+        for url in self.base_urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                origin = "model_options.base_url" if base_url else "$OPENAI_BASE_URL"
+                raise ModelError(f"{ref}: {origin} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+        self.base_url = self.base_urls[0]
         self.api_key_env = api_key_env
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ModelError(f"{ref}: model_options.concurrency must be a positive integer")
@@ -91,16 +125,19 @@ class OpenAIModel(Model):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client = None
+        self.fleet: Fleet | None = None
         self._start_lock = threading.Lock()
 
     @property
     def fingerprint(self) -> str:
-        return f"openai:{self.base_url}:{self.name}"
+        if len(self.base_urls) == 1:
+            return f"openai:{self.base_url}:{self.name}"
+        return f"openai:[{','.join(sorted(self.base_urls))}]:{self.name}"
 
     @property
     def preferred_batch_size(self) -> int:
         # The harness hands over `4 x this` requests per chunk: enough to keep every slot busy.
-        return max(self.concurrency, 8)
+        return max(self.concurrency * len(self.base_urls), 8)
 
     # -- the private event loop -------------------------------------------------------------------
     def _api_key(self) -> str:
@@ -122,28 +159,34 @@ class OpenAIModel(Model):
                 thread = threading.Thread(target=loop.run_forever, name=f"openai-{self.name}", daemon=True)
                 thread.start()
 
-                async def make_client():
-                    return AsyncOpenAI(api_key=key, base_url=self.base_url, max_retries=self.max_retries,
-                                       timeout=self.timeout)
+                # In a fleet, failing over to another server is the retry.
+                retries = self.max_retries if len(self.base_urls) == 1 else 0
 
-                self._client = asyncio.run_coroutine_threadsafe(make_client(), loop).result()
+                async def make_fleet() -> Fleet:
+                    return Fleet([Server(url, AsyncOpenAI(api_key=key, base_url=url, max_retries=retries,
+                                                          timeout=self.timeout), limit=self.concurrency)
+                                  for url in self.base_urls])
+
+                self.fleet = asyncio.run_coroutine_threadsafe(make_fleet(), loop).result()
+                self._client = self.fleet.servers[0].client
                 self._loop, self._thread = loop, thread
         return self._loop
 
     def close(self) -> None:
         with self._start_lock:
-            loop, client = self._loop, self._client
+            loop, fleet = self._loop, self.fleet
             if loop is None:
                 return
-            try:
-                asyncio.run_coroutine_threadsafe(client.close(), loop).result(timeout=10)
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
+            for server in fleet.servers if fleet else []:
+                try:
+                    asyncio.run_coroutine_threadsafe(server.client.close(), loop).result(timeout=10)
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
             loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout=10)
             loop.close()
-            self._loop = self._thread = self._client = None
+            self._loop = self._thread = self._client = self.fleet = None
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
@@ -165,12 +208,10 @@ class OpenAIModel(Model):
         return [sorted(group, key=lambda i: requests[i].repeat) for group in by_prompt.values()]
 
     async def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
-        semaphore = asyncio.Semaphore(self.concurrency)
         results: list[Completion | None] = [None] * len(requests)
 
         async def run(group: list[int]) -> None:
-            async with semaphore:
-                completions = await self._call([requests[i] for i in group])
+            completions = await self._call([requests[i] for i in group])
             for index, completion in zip(group, completions):
                 results[index] = completion
             # A server that ignores `n` returns fewer choices: ask for the rest one by one.
@@ -206,26 +247,45 @@ class OpenAIModel(Model):
         return params
 
     async def _call(self, group: list[ChatRequest]) -> list[Completion]:
-        """One API call for a group of repeats; failures become error completions."""
+        """One API call for a group of repeats, failing over in a fleet; failures become error
+        completions."""
+        fleet = self.fleet
+        assert fleet is not None
+        attempts = 1 if len(fleet.servers) == 1 else (self.max_retries + 1) * len(fleet.servers)
+        params = self._params(group[0], len(group))
+        for attempt in range(attempts):
+            server = await fleet.acquire()
+            started = time.perf_counter()
+            try:
+                response = await server.client.chat.completions.create(**params)
+            except Exception as exc:  # noqa: BLE001 - sorted out below
+                if len(fleet.servers) > 1 and _server_fault(exc):
+                    fleet.failed(server)
+                    if attempt + 1 < attempts:
+                        continue
+                return _failed(self._describe(exc, server.url), len(group))
+            finally:
+                fleet.release(server)
+            fleet.succeeded(server)
+            return self._completions(response, group, time.perf_counter() - started)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop always returns
+
+    def _describe(self, exc: Exception, url: str) -> str:
         import openai
 
-        started = time.perf_counter()
-        try:
-            response = await self._client.chat.completions.create(**self._params(group[0], len(group)))
-        except openai.APITimeoutError:
-            error = f"timeout: no answer from {self.base_url} within {self.timeout:g} s " \
-                    f"({self.max_retries} retries)"
-            return _failed(error, len(group))
-        except openai.APIStatusError as exc:
-            error = f"api_error: HTTP {exc.status_code} from {self.base_url}: {_error_message(exc)}"
-            return _failed(error, len(group))
-        except openai.APIConnectionError as exc:
-            error = f"connection_error: cannot reach {self.base_url}: {exc.__cause__ or exc}"
-            return _failed(error, len(group))
-        except openai.OpenAIError as exc:
-            error = f"model_error: {type(exc).__name__}: {exc}"
-            return _failed(error, len(group))
-        latency = time.perf_counter() - started
+        if isinstance(exc, openai.APITimeoutError):
+            tries = f"{self.max_retries} retries" if len(self.base_urls) == 1 else \
+                f"the last of {len(self.base_urls)} servers tried"
+            return f"timeout: no answer from {url} within {self.timeout:g} s ({tries})"
+        if isinstance(exc, openai.APIStatusError):
+            return f"api_error: HTTP {exc.status_code} from {url}: {_error_message(exc)}"
+        if isinstance(exc, openai.APIConnectionError):
+            return f"connection_error: cannot reach {url}: {exc.__cause__ or exc}"
+        if isinstance(exc, openai.OpenAIError):
+            return f"model_error: {type(exc).__name__}: {exc}"
+        raise exc
+
+    def _completions(self, response: Any, group: list[ChatRequest], latency: float) -> list[Completion]:
         choices = sorted(response.choices, key=lambda c: c.index)[:len(group)]
         usage = response.usage
         prompt = usage.prompt_tokens if usage else 0

@@ -85,6 +85,18 @@ class RFTSpec(TrainConfig):
     graders: list[str] | None = Field(
         default=None, description="Grader names used as rewards (summed by TRL); all of the eval's when unset.")
     reward_weights: list[float] | None = Field(default=None, description="One weight per reward grader.")
+    # Generation on vLLM (TRL's own options; docs/scale.md has the `trl vllm-serve` command pair).
+    use_vllm: bool = Field(default=False, description="Generate the groups with vLLM instead of transformers "
+                           "(needs the vllm package and a GPU).")
+    vllm_mode: Literal["server", "colocate"] = Field(
+        default="colocate", description="colocate: vLLM inside each training process; server: a separate "
+        "`trl vllm-serve` process (vllm_server_base_url).")
+    vllm_server_base_url: str | None = Field(
+        default=None, description="server mode: URL of `trl vllm-serve` (default http://0.0.0.0:8000).")
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.3, gt=0, le=1, description="colocate mode: share of GPU memory vLLM may take.")
+    vllm_tensor_parallel_size: int = Field(
+        default=1, ge=1, description="colocate mode: GPUs each vLLM engine spans.")
 
 
 # -- building TRL / PEFT configs (only here) -------------------------------------------------------
@@ -183,4 +195,20 @@ def grpo_args(config: RFTSpec, output_dir: Path, *, bf16: bool, max_completion_l
         beta=config.beta,
         reward_weights=config.reward_weights,
         log_completions=False,
+        use_vllm=config.use_vllm,
+        vllm_mode=config.vllm_mode,
+        vllm_server_base_url=config.vllm_server_base_url,
+        vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        vllm_tensor_parallel_size=config.vllm_tensor_parallel_size,
     )
+
+
+def require_vllm(config: RFTSpec) -> None:
+    """With `use_vllm`, vLLM must be importable here: say so before any model is loaded."""
+    import importlib.util
+
+    if config.use_vllm and importlib.util.find_spec("vllm") is None:
+        from flywheel.train.local import TrainingError
+
+        raise TrainingError("rft: use_vllm is set but the vllm package is not installed here: "
+                            "pip install vllm (on a machine with a GPU), or set use_vllm=false")

@@ -134,8 +134,11 @@ def load_for_training(base_ref: str, *, bf16: bool):
 def is_main_process() -> bool:
     try:
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        return PartialState().is_main_process
+        # Under `accelerate launch` on CPUs (flywheel.train.launch), the state must know it is a
+        # CPU run before the Trainer asks, or it settles on one process.
+        return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
     except Exception:  # noqa: BLE001 - without accelerate state there is one process
         return True
 
@@ -252,6 +255,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         after = _adapter_weights(trainer.model)
         changed = sum(1 for k in before if not bool((before[k] == after.get(k, before[k])).all()))
         metrics = {**_summarise_history(history, loss_key), "wall_s": wall, "bf16": bf16,
+                   "processes": trainer.accelerator.num_processes,
                    "adapter_tensors": len(before), "adapter_tensors_changed": changed,
                    "rows": len(training_set), **extra}
         if metrics["last_loss"] is not None and not math.isfinite(metrics["last_loss"]):

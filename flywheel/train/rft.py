@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from flywheel.grading import GraderSet
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
-from flywheel.train.config import RFTSpec, grpo_args, to_peft
+from flywheel.train.config import RFTSpec, grpo_args, require_vllm, to_peft
 from flywheel.train.formats import TrainingDataError, TrainingSet, to_hf_dataset
 from flywheel.train.local import BuiltTrainer, TrainResult, run_local
 
@@ -60,6 +60,7 @@ def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
                quiet: bool = False) -> TrainResult | None:
     """RFT: train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it."""
     config = config or RFTSpec()
+    require_vllm(config)
     if len(training_set) == 0:
         raise TrainingDataError("empty RFT training set: no prompts")
 

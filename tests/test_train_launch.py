@@ -1,0 +1,148 @@
+"""`flywheel train --launcher accelerate`: the real `accelerate launch`, 2 CPU processes over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from train_helpers import write_eval
+
+from flywheel.cli import main
+from flywheel.models.local import dir_fingerprint
+from flywheel.train.launch import LaunchSpec, accelerate_command, launch_env, templates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_processes_use_torchrun_and_the_cpu_switch():
+    spec = LaunchSpec(launcher="accelerate", num_processes=2, cpu=True)
+    command = accelerate_command(spec, ["train", "sft", "eval.yaml"])
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    # accelerate's own --cpu would start one process: N > 1 CPU processes go through torchrun.
+    assert "--multi_gpu" in command and "--cpu" not in command
+    assert command[command.index("--num_processes") + 1] == "2"
+    assert int(command[command.index("--main_process_port") + 1]) > 0
+    assert command[-5:] == ["-m", "flywheel", "train", "sft", "eval.yaml"]
+    assert launch_env(spec)["ACCELERATE_USE_CPU"] == "true"
+    one = accelerate_command(LaunchSpec(launcher="accelerate", cpu=True), ["train"])
+    assert "--cpu" in one and "--multi_gpu" not in one
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
+                                        ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_shipped_templates_load_in_accelerate(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(templates()[name]))
+    assert config.distributed_type.value == kind and config.num_machines == 1
+    command = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=name), ["train"])
+    assert command[command.index("--config_file") + 1] == str(templates()[name])
+
+
+def test_a_multi_node_config_keeps_its_own_port(tmp_path):
+    import yaml
+
+    config = yaml.safe_load(templates()["ddp"].read_text())
+    config.update(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29555)
+    path = tmp_path / "two_nodes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path)), ["train"])
+    assert "--main_process_port" not in command  # every node must use the config's 29555
+    pinned = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path),
+                                           main_process_port=29600), ["train"])
+    assert pinned[pinned.index("--main_process_port") + 1] == "29600"
+
+
+def test_a_missing_config_is_one_clean_error_before_anything_starts(tmp_path, tiny_model_dir):
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    result = CliRunner().invoke(main, ["train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
+                                       "--launcher", "accelerate", "--accelerate-config", "nope.yaml",
+                                       "--db", str(tmp_path / "f.db")])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: --accelerate-config: no file 'nope.yaml' and no template")
+    assert "ddp, deepspeed_zero2" in result.output
+    assert not (tmp_path / "f.db").exists()  # nothing was started or stored
+
+
+def test_launcher_options_without_the_accelerate_launcher_are_a_usage_error(tmp_path, tiny_model_dir):
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    result = CliRunner().invoke(main, ["train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
+                                       "--num-processes", "2", "--db", str(tmp_path / "f.db")])
+    assert result.exit_code == 2 and "--launcher accelerate" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_two_cpu_processes_train_one_checkpoint(tmp_path, tiny_model_dir, method):
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    db = tmp_path / "flywheel.db"
+    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db),
+                                         "--json"])
+    assert captured.exit_code == 0, captured.output
+    if method == "dpo":  # pairs need worse outputs too: the student's own (as tests/test_train_dpo.py)
+        worse = CliRunner().invoke(main, ["capture", str(spec), "--teacher", f"local:{tiny_model_dir}",
+                                          "--n", "2", "--temperature", "1.0", "--db", str(db), "--json"])
+        assert worse.exit_code == 0, worse.output
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    trained = subprocess.run(
+        [sys.executable, "-m", "flywheel", "train", method, str(spec), "--base", f"local:{tiny_model_dir}",
+         "-s", "max_steps=2", "-s", "precision=fp32", "-s", "batch_size=2", "-s", "learning_rate=0.01",
+         "-s", "logging_steps=1", "--no-eval", "--db", str(db), "--json",
+         "--launcher", "accelerate", "--num-processes", "2", "--cpu"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = json.loads(trained.stdout)  # one result: only the main process prints
+    assert result["metrics"]["processes"] == 2 and result["metrics"]["steps"] == 2
+    checkpoint = result["checkpoint"]
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT id, path, adapter_hash, job_id FROM checkpoints").fetchall()
+        jobs = conn.execute("SELECT id, status FROM training_jobs").fetchall()
+        events = conn.execute("SELECT count(*) FROM training_events WHERE type = 'metrics'").fetchone()[0]
+    assert len(rows) == 1 and rows[0][0] == checkpoint["id"]  # registered once
+    assert jobs == [(rows[0][3], "succeeded")]
+    assert events >= 2  # the main process streamed its logs into the store
+    assert dir_fingerprint(Path(rows[0][1]))[:16] == rows[0][2] == checkpoint["adapter_hash"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_launch_stops_every_process_and_fails_the_job(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    db = tmp_path / "flywheel.db"
+    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
+    assert captured.exit_code == 0, captured.output
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flywheel", "train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
+         "-s", "max_steps=100000", "-s", "precision=fp32", "-s", "batch_size=2", "-s", "logging_steps=1",
+         "--no-eval", "--db", str(db), "--launcher", "accelerate", "--num-processes", "2", "--cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 600
+    steps = 0
+    while time.monotonic() < deadline and launcher.poll() is None and steps < 2:
+        time.sleep(1)
+        with sqlite3.connect(db) as conn:
+            try:
+                steps = conn.execute("SELECT count(*) FROM training_events WHERE type = 'metrics'").fetchone()[0]
+            except sqlite3.OperationalError:
+                steps = 0
+    assert steps >= 2, "training never started"
+    launcher.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = launcher.communicate(timeout=180)
+    assert launcher.returncode == 1
+    assert "error: accelerate launch interrupted (SIGINT)" in err
+    with sqlite3.connect(db) as conn:
+        jobs = conn.execute("SELECT status, error FROM training_jobs").fetchall()
+        checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    assert len(jobs) == 1 and jobs[0][0] == "failed" and "KeyboardInterrupt" in jobs[0][1]
+    assert checkpoints == 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""  # no worker outlived the launcher
