@@ -90,8 +90,10 @@ def test_a_ray_run_killed_half_way_resumes(tmp_path, chatty_dir, ray_cluster):
 
 def test_a_failing_task_is_error_rows_not_a_crash(tmp_path, ray_cluster):
     write_jsonl(tmp_path / "data.jsonl", make_rows(4))
-    # A folder with no weights: the model is named fine here, and every task raises loading it.
+    # A model folder whose config names no known architecture: it passes the check at load, and
+    # every task raises loading it.
     (tmp_path / "empty-model").mkdir()
+    (tmp_path / "empty-model" / "config.json").write_text('{"model_type": "no-such-architecture"}')
     spec = parse_eval_spec(spec_dict(f"local:{tmp_path / 'empty-model'}"), source="eval.yaml", base_dir=tmp_path)
     with closing(Store.open(tmp_path / "f.db")) as store:
         result = run_eval(spec, store, split="test", executor=RayExecutor(chunk_size=2))
