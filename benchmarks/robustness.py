@@ -48,6 +48,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+# Subprocesses run from a neutral folder, so `python -m flywheel` imports the code on PYTHONPATH,
+# not a checkout that happens to be the current directory (what --baseline relies on).
+NEUTRAL_CWD = tempfile.gettempdir()
 
 
 # -- the tiny model and a valid eval --------------------------------------------------------------
@@ -477,7 +480,8 @@ def two_writers(work: Path, tiny: Path, pairs: int) -> dict[str, Any]:
         path = many_items(folder, tiny, PAIR_ITEMS, batch_size=2)
         db = folder / "pair.db"
         command = [sys.executable, "-m", "flywheel", "eval", str(path), "--db", str(db), "--json"]
-        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                  cwd=NEUTRAL_CWD)]
         if trial % 2:
             # The second starts once the first has stored samples: it finds the first's running run
             # (the case that ended in an IntegrityError traceback).
@@ -490,7 +494,8 @@ def two_writers(work: Path, tiny: Path, pairs: int) -> dict[str, Any]:
                 except sqlite3.Error:
                     pass
                 time.sleep(0.01)
-        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV))
+        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                      cwd=NEUTRAL_CWD))
         for proc in procs:
             out, err = proc.communicate(timeout=600)
             if proc.returncode != 0 or "Traceback" in err:
@@ -513,7 +518,7 @@ def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str,
     command = [sys.executable, "-m", "flywheel", "eval", str(path), "--json"]
     # A reference run, never interrupted, for the outputs.
     reference_db = work / "kill" / "reference.db"
-    subprocess.run(command + ["--db", str(reference_db)], env=ENV, capture_output=True, check=True)
+    subprocess.run(command + ["--db", str(reference_db)], env=ENV, capture_output=True, check=True, cwd=NEUTRAL_CWD)
     with sqlite3.connect(reference_db) as conn:
         reference = dict(conn.execute("select item_key, output_text from samples"))
     conn.close()
@@ -522,7 +527,8 @@ def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str,
     stored_at_kill = []
     for trial in range(trials):
         db = work / "kill" / f"trial{trial:02d}.db"
-        proc = subprocess.Popen(command + ["--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(command + ["--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                cwd=NEUTRAL_CWD)
         target = rng.randint(1, 59)  # kill once this many samples are stored (or earlier, while loading)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -540,7 +546,8 @@ def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str,
         conn.close()
         stored_at_kill.append(before)
         killed_mid += 0 < before < 60
-        done = subprocess.run(command + ["--db", str(db)], env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command + ["--db", str(db)], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=NEUTRAL_CWD)
         result = json.loads(done.stdout) if done.returncode == 0 else {}
         # Per iteration: a kill that lands after the run was marked completed makes the rerun a new
         # run (answered from the cache), which is a second iteration, not a duplicate.
