@@ -8,8 +8,10 @@
      silent     exit 0: the bad input was accepted
    and, independently, damaged: a row of the pre-existing store was lost or changed (or a foreign
    store file was written to).
-2. Two-writer pairs: the same eval started twice at once on one store (`python -m flywheel eval`,
-   real processes; half on a fresh file, so the pair also races the first migrations).
+2. Two-writer pairs: the same eval started twice on one store (`python -m flywheel eval`, real
+   processes, a fresh file each): half start together (they race the first migrations and the
+   run's creation), half start the second once the first has stored samples (it finds the first's
+   running run and works on the same iteration).
    Counted: crashes (non-zero exit or a traceback), samples lost or duplicated.
 3. kill -9 trials: a 60-item eval on the tiny model is SIGKILLed at a random moment, then the
    same command is run again. Counted: samples lost (fewer than 60, or generated work not
@@ -46,6 +48,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+# Subprocesses run from a neutral folder, so `python -m flywheel` imports the code on PYTHONPATH,
+# not a checkout that happens to be the current directory (what --baseline relies on).
+NEUTRAL_CWD = tempfile.gettempdir()
 
 
 # -- the tiny model and a valid eval --------------------------------------------------------------
@@ -465,18 +470,32 @@ def many_items(folder: Path, tiny: Path, n: int, **options: Any) -> Path:
     return folder / "eval.yaml"
 
 
+PAIR_ITEMS = 200  # batch 2: long enough on the tiny model for the two processes to overlap
+
+
 def two_writers(work: Path, tiny: Path, pairs: int) -> dict[str, Any]:
-    crashes, lost, duplicated, messages = 0, 0, 0, []
+    crashes, lost, duplicated, shared, messages = 0, 0, 0, 0, []
     for trial in range(pairs):
         folder = work / f"pair{trial:02d}"
-        path = many_items(folder, tiny, 30, batch_size=2)
+        path = many_items(folder, tiny, PAIR_ITEMS, batch_size=2)
         db = folder / "pair.db"
-        if trial % 2:  # half the pairs meet an existing store, half race its creation
-            subprocess.run([sys.executable, "-m", "flywheel", "runs", "list", "--db", str(db)], env=ENV,
-                           capture_output=True, check=True)
         command = [sys.executable, "-m", "flywheel", "eval", str(path), "--db", str(db), "--json"]
-        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-                 for _ in range(2)]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                  cwd=NEUTRAL_CWD)]
+        if trial % 2:
+            # The second starts once the first has stored samples: it finds the first's running run
+            # (the case that ended in an IntegrityError traceback).
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and procs[0].poll() is None:
+                try:
+                    with sqlite3.connect(db, timeout=1) as conn:
+                        if conn.execute("select count(*) from samples").fetchone()[0] >= 4:
+                            break
+                except sqlite3.Error:
+                    pass
+                time.sleep(0.01)
+        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                                      cwd=NEUTRAL_CWD))
         for proc in procs:
             out, err = proc.communicate(timeout=600)
             if proc.returncode != 0 or "Traceback" in err:
@@ -486,9 +505,11 @@ def two_writers(work: Path, tiny: Path, pairs: int) -> dict[str, Any]:
             groups = conn.execute("select iteration_id, count(*), count(distinct item_key) from samples"
                                   " group by iteration_id").fetchall()
         conn.close()
-        lost += sum(30 - distinct for _, _, distinct in groups) if groups else 30
+        shared += len(groups) == 1  # both worked on one iteration
+        lost += sum(PAIR_ITEMS - distinct for _, _, distinct in groups) if groups else PAIR_ITEMS
         duplicated += sum(n - distinct for _, n, distinct in groups)
-    return {"pairs": pairs, "crashes": crashes, "lost": lost, "duplicated": duplicated, "messages": messages[:5]}
+    return {"pairs": pairs, "crashes": crashes, "lost": lost, "duplicated": duplicated, "shared": shared,
+            "messages": messages[:5]}
 
 
 def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str, Any]:
@@ -497,7 +518,7 @@ def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str,
     command = [sys.executable, "-m", "flywheel", "eval", str(path), "--json"]
     # A reference run, never interrupted, for the outputs.
     reference_db = work / "kill" / "reference.db"
-    subprocess.run(command + ["--db", str(reference_db)], env=ENV, capture_output=True, check=True)
+    subprocess.run(command + ["--db", str(reference_db)], env=ENV, capture_output=True, check=True, cwd=NEUTRAL_CWD)
     with sqlite3.connect(reference_db) as conn:
         reference = dict(conn.execute("select item_key, output_text from samples"))
     conn.close()
@@ -506,7 +527,8 @@ def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str,
     stored_at_kill = []
     for trial in range(trials):
         db = work / "kill" / f"trial{trial:02d}.db"
-        proc = subprocess.Popen(command + ["--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(command + ["--db", str(db)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                cwd=NEUTRAL_CWD)
         target = rng.randint(1, 59)  # kill once this many samples are stored (or earlier, while loading)
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -524,7 +546,8 @@ def kill_trials(work: Path, tiny: Path, trials: int, seed: int = 0) -> dict[str,
         conn.close()
         stored_at_kill.append(before)
         killed_mid += 0 < before < 60
-        done = subprocess.run(command + ["--db", str(db)], env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command + ["--db", str(db)], env=env, capture_output=True, text=True, timeout=600,
+                              cwd=NEUTRAL_CWD)
         result = json.loads(done.stdout) if done.returncode == 0 else {}
         # Per iteration: a kill that lands after the run was marked completed makes the rerun a new
         # run (answered from the cache), which is a second iteration, not a duplicate.
@@ -598,8 +621,10 @@ def main() -> None:
             started = time.perf_counter()
             pairs = two_writers(work / "pairs", tiny, args.pairs)
             print(f"\n## Two writers, same eval, same store ({time.perf_counter() - started:.0f} s)\n")
-            print("| pairs | crashes | samples lost | samples duplicated |\n|---|---|---|---|")
-            print(f"| {pairs['pairs']} | {pairs['crashes']} | {pairs['lost']} | {pairs['duplicated']} |")
+            print("| pairs | crashes | samples lost | samples duplicated | pairs that shared one run |")
+            print("|---|---|---|---|---|")
+            print(f"| {pairs['pairs']} | {pairs['crashes']} | {pairs['lost']} | {pairs['duplicated']} | "
+                  f"{pairs['shared']} |")
             for message in pairs["messages"]:
                 print(f"- {message}")
         if args.kills:

@@ -201,15 +201,20 @@ def evaluate(
                    grades=result.grades)
         to_generate = []
     # Commit by batch and by time: a chunk starts as one model batch and is resized so that its
-    # generation takes about `commit_every_s` (never more than four model batches), so a kill loses
-    # at most a few seconds of generated work. Before each chunk, what another process running the
-    # same eval has stored meanwhile is skipped.
+    # generation takes about `commit_every_s` (between the model's `min_chunk_size` and four model
+    # batches), so a kill loses at most a few seconds of generated work. A chunk never splits the
+    # repeats of one item (a remote model sends them as one call with `n`). Before each chunk, what
+    # another process running the same eval has stored meanwhile is skipped.
     target = commit_interval() if commit_every_s is None else commit_every_s
     preferred = max(1, model.preferred_batch_size)
+    floor = max(1, min(preferred, model.min_chunk_size))
     size, start = preferred, 0
     while start < len(to_generate):
-        chunk = to_generate[start:start + size]
-        start += len(chunk)
+        end = min(start + size, len(to_generate))
+        while end < len(to_generate) and to_generate[end].item.key == to_generate[end - 1].item.key:
+            end += 1
+        chunk = to_generate[start:end]
+        start = end
         stored = store.done_keys(iteration_id)
         others = [p for p in chunk if (p.item.key, p.repeat) in stored]
         if others:
@@ -222,7 +227,7 @@ def evaluate(
         elapsed = time.perf_counter() - began
         _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
         if elapsed > 0:
-            size = max(1, min(preferred * 4, int(len(chunk) * target / elapsed)))
+            size = max(floor, min(preferred * 4, int(len(chunk) * target / elapsed)))
 
     summary = summarise(store, iteration_id, spec)
     wall = time.perf_counter() - started

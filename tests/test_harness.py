@@ -112,6 +112,10 @@ class SlowModel(Model):
     def preferred_batch_size(self) -> int:
         return 16
 
+    @property
+    def min_chunk_size(self) -> int:
+        return 1
+
     def generate(self, requests):
         self.calls.append(len(requests))
         time.sleep(self.delay * len(requests))
@@ -133,6 +137,28 @@ def test_long_batches_are_committed_every_few_seconds(tmp_path, store, monkeypat
     assert model.calls[0] == 16  # one model batch first ...
     assert max(model.calls[1:]) <= 5  # ... then chunks sized to about 0.2 s of generation
     assert sum(writes) == 40 and len(writes) >= 8
+
+
+def test_time_chunks_keep_repeats_together_and_respect_the_model_floor(tmp_path, store, monkeypatch):
+    rows = [{"id": f"i{n}", "text": f"item {n}", "label": "card_arrival", "split": "test"} for n in range(12)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict("local:smollm2", sampling={"repeats": 3})))
+    spec = load_eval_spec(tmp_path / "eval.yaml")
+
+    class Floored(SlowModel):
+        @property
+        def min_chunk_size(self) -> int:
+            return 4
+
+    model = Floored(delay=0.05)
+    monkeypatch.setenv("FLYWHEEL_COMMIT_EVERY_S", "0.01")
+    seen: list[list[tuple[str, int]]] = []
+    real = model.generate
+    model.generate = lambda requests: seen.append([r.messages[-1]["content"] for r in requests]) or real(requests)
+    result = run_eval(spec, store, split="test", model=model)
+    assert result.n_samples == 36
+    assert all(len(call) % 3 == 0 for call in seen)  # the 3 repeats of an item are always in one call
+    assert min(model.calls) >= 4 and model.calls[0] == 18  # 16 rounded up to whole items, then >= the floor
 
 
 def test_failure_before_the_first_sample_leaves_no_running_run(tiny_spec, store, monkeypatch):

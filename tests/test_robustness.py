@@ -171,3 +171,31 @@ def test_kill_near_the_end_of_a_60_item_eval_keeps_what_was_generated(tmp_path, 
     assert result["n_samples"] == 60 and result["resumed"] == before and result["model_calls"] == 60 - before
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*), count(distinct item_key) from samples").fetchone() == (60, 60)
+
+
+def test_a_second_writer_joining_a_running_eval_shares_its_run(tmp_path, tiny_model_dir):
+    # The case that crashed with an IntegrityError: the second command finds the first's running
+    # run and works on the same iteration; each sample is stored once, both commands succeed.
+    spec = _many_items_spec(tmp_path, tiny_model_dir, 300, batch_size=2)
+    db = tmp_path / "join.db"
+    command = [sys.executable, "-m", "flywheel", "eval", str(spec), "--db", str(db), "--json"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        try:
+            with sqlite3.connect(db, timeout=1) as conn:
+                if conn.execute("select count(*) from samples").fetchone()[0] >= 4:
+                    break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.01)
+    assert first.poll() is None, "the first eval finished before the second started; make it longer"
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    for proc in (first, second):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+        assert json.loads(out)["n_samples"] == 300
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*), count(distinct item_key) from samples").fetchone() == (300, 300)
+        assert conn.execute("select count(*) from grades").fetchone()[0] == 300
+        assert conn.execute("select count(*), min(status) from runs").fetchone() == (1, "completed")

@@ -64,6 +64,12 @@ class Model(abc.ABC):
     def preferred_batch_size(self) -> int:
         return 16
 
+    @property
+    def min_chunk_size(self) -> int:
+        """Fewest requests worth one `generate` call: the harness, which commits by time, never
+        shrinks a chunk below this (a remote model needs enough to fill its concurrent slots)."""
+        return self.preferred_batch_size
+
     def chat(
         self,
         conversations: list[list[dict[str, str]]],

@@ -228,6 +228,12 @@ class LocalModel(Model):
     def preferred_batch_size(self) -> int:
         return self.batch_size
 
+    @property
+    def min_chunk_size(self) -> int:
+        # A local batch is generated as one; committing more often means smaller batches, so
+        # a quarter batch is the floor (throughput falls below it faster than it is worth).
+        return max(1, self.batch_size // 4)
+
     # -- identity ---------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
