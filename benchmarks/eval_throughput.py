@@ -118,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=200)
     parser.add_argument("--chunk", type=int, default=40, help="items per interleaved chunk")
-    parser.add_argument("--naive-items", type=int, default=None, help="items for the naive loop (default: all; 0 skips)")
+    parser.add_argument("--naive-items", type=int, default=None,
+                        help="items for the naive loop (default: all; 0 skips)")
     parser.add_argument("--repeats", type=int, default=1, help="harness passes per decoder (medians reported)")
     parser.add_argument("--cached-items", type=int, default=1000, help="0 skips part 2")
     parser.add_argument("--dtype", default=None, help="bf16 or fp32 (default: the model's auto choice)")

@@ -52,7 +52,7 @@ CONFIGS = {
     "bf16_autocast": ("+ bf16 autocast, fp32 weights", {"precision": "bf16", "fp32_weights": True}),
     "trl_loss": ("flywheel before issue 14 (bf16 weights + autocast, TRL's loss)",
                  {"precision": "auto", "compact_loss": False}),
-    "flywheel": ("flywheel (+ loss on labelled positions only)", {"precision": "auto"}),
+    "flywheel": ("flywheel (+ loss on labelled positions only, eager attention)", {"precision": "auto"}),
 }
 MAIN = ("trl_defaults", "trl_loss", "flywheel")
 

@@ -202,6 +202,7 @@ class LocalModel(Model):
         if decoder not in DECODERS:
             raise ModelError(f"model_options.decoder: unknown decoder {decoder!r}; use {' or '.join(DECODERS)}")
         self.decoder = decoder
+        self._last_decode_stats = None  # the continuous decoder's DecodeStats of the last call (tests, benchmarks)
         self._prefix_memo: tuple[tuple[int, ...], Any] | None = None
         self._lock = threading.Lock()
         if self.adapter is not None and not (self.adapter / "adapter_config.json").exists():
