@@ -5,8 +5,9 @@ paired with the incumbent item by item. It is promoted when
 
 * it is **significantly better**: McNemar's exact test on pass/fail (objective metric `pass_rate`)
   or the paired bootstrap 95% CI of the mean per-item difference excluding 0 (`mean_score`); or
-* it is **cheaper and non-inferior**: cheaper per item on the run's cost goal, and the paired
-  bootstrap 95% CI of the difference has its lower bound above −margin.
+* it is **cheaper and non-inferior**: cheaper per item on the run's cost goal, and the one-sided
+  paired bootstrap 95% lower bound of (candidate − incumbent) lies above −margin (the standard
+  non-inferiority test at one-sided level 0.05, i.e. the lower end of a two-sided 90% interval).
 
 Every verdict names the test that made it, so a reason never cites one statistic while another
 decided.
@@ -58,8 +59,9 @@ def significantly_better(cmp: dict[str, Any], metric: str, alpha: float = 0.05) 
 
 
 def non_inferior(cmp: dict[str, Any], margin: float) -> bool:
-    """The paired bootstrap 95% CI lower bound of (candidate − incumbent) lies above −margin."""
-    return bool(cmp and cmp.get("n", 0) and not math.isnan(cmp["ci_low"]) and cmp["ci_low"] > -margin)
+    """The one-sided paired bootstrap 95% lower bound of (candidate − incumbent) lies above −margin."""
+    low = cmp.get("low_one_sided", math.nan) if cmp else math.nan
+    return bool(cmp and cmp.get("n", 0) and not math.isnan(low) and low > -margin)
 
 
 def decide(cmp: dict[str, Any], *, metric: str, alpha: float, goal: Goal | None,
@@ -72,9 +74,9 @@ def decide(cmp: dict[str, Any], *, metric: str, alpha: float, goal: Goal | None,
         costs = f"{candidate_cost.describe(goal.minimise)} vs {incumbent_cost.describe(goal.minimise)}"
         if non_inferior(cmp, goal.margin):
             return Verdict(True, "cheaper and non-inferior",
-                           f"{scores}; cheaper ({costs}) and non-inferior: paired bootstrap 95% CI lower bound "
-                           f"{cmp['ci_low']:+.3f} > −{goal.margin:g} margin")
+                           f"{scores}; cheaper ({costs}) and non-inferior: one-sided paired bootstrap 95% lower "
+                           f"bound {cmp['low_one_sided']:+.3f} > −{goal.margin:g} margin")
         return Verdict(False, "cheaper but possibly worse",
-                       f"{scores}; cheaper ({costs}) but not shown non-inferior: paired bootstrap 95% CI lower "
-                       f"bound {cmp['ci_low']:+.3f} ≤ −{goal.margin:g} margin")
+                       f"{scores}; cheaper ({costs}) but not shown non-inferior: one-sided paired bootstrap 95% "
+                       f"lower bound {cmp['low_one_sided']:+.3f} ≤ −{goal.margin:g} margin")
     return Verdict(False, "not significantly better", f"{scores}; not significantly better: {describe_test(cmp, metric)}")

@@ -62,7 +62,8 @@ def paired_stats(a_scores: Sequence[float], b_scores: Sequence[float], a_pass: S
     n = int(a.size)
     regressions = sum(1 for x, y in zip(a_pass, b_pass) if x and not y)
     improvements = sum(1 for x, y in zip(a_pass, b_pass) if y and not x)
-    out = {"n": n, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "ci_low": math.nan,
+    out = {"n": n, "mean_a": math.nan, "mean_b": math.nan, "diff": math.nan, "low_one_sided": math.nan,
+           "ci_low": math.nan,
            "ci_high": math.nan, "regressions": regressions, "improvements": improvements,
            "p_mcnemar": mcnemar_exact(regressions, improvements)}
     if n == 0:
@@ -70,7 +71,7 @@ def paired_stats(a_scores: Sequence[float], b_scores: Sequence[float], a_pass: S
     d = b - a
     out.update(mean_a=float(a.mean()), mean_b=float(b.mean()), diff=float(d.mean()))
     if n == 1 or np.all(d == d[0]):
-        out.update(ci_low=float(d[0]), ci_high=float(d[0]))
+        out.update(ci_low=float(d[0]), ci_high=float(d[0]), low_one_sided=float(d[0]))
     else:
         rng = np.random.default_rng(seed)
         means = np.empty(resamples)
@@ -78,6 +79,6 @@ def paired_stats(a_scores: Sequence[float], b_scores: Sequence[float], a_pass: S
         for start in range(0, resamples, step):
             stop = min(resamples, start + step)
             means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-        low, high = np.quantile(means, [0.025, 0.975])
-        out.update(ci_low=float(low), ci_high=float(high))
+        low, high, one_sided = np.quantile(means, [0.025, 0.975, 0.05])
+        out.update(ci_low=float(low), ci_high=float(high), low_one_sided=float(one_sided))
     return out

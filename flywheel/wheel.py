@@ -153,13 +153,17 @@ class Wheel:
         spec = self.spec.model_copy(update={"sampling": sampling})
         return self._evaluate(spec, stage, model_ref, prompt, "train", items, None)[0]
 
-    def best_tuned(self, incumbent: Incumbent) -> str | None:
-        """The tuned model to polish: the incumbent when tuned, else this run's best tuned candidate on valid."""
+    def best_tuned(self, incumbent: Incumbent) -> tuple[str, Prompt] | None:
+        """The tuned model to polish and the prompt it was measured with: the incumbent when tuned,
+        else this run's best tuned candidate on valid (None when the run has none)."""
         if incumbent.tuned:
-            return incumbent.model_ref
+            return incumbent.model_ref, incumbent.prompt
         tuned = [it for it in self.store.iterations(self.run_id)
                  if it["split"] == "valid" and it["model_ref"] and "+" in it["model_ref"] and it["score"] is not None]
-        return max(tuned, key=lambda it: (it["score"], it["seq"]))["model_ref"] if tuned else None
+        if not tuned:
+            return None
+        best = max(tuned, key=lambda it: (it["score"], it["seq"]))
+        return best["model_ref"], Prompt.from_json(self.store.get_prompt(best["prompt_id"]))
 
     # -- the budget, the goal, the promotion rule ---------------------------------------------------
     def budget_exhausted(self) -> str | None:

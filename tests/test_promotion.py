@@ -34,11 +34,12 @@ def test_a_cheaper_non_inferior_candidate_is_promoted_and_says_why():
     a = [True] * 88 + [True, True] + [False, False] + [False] * 8
     b = [True] * 88 + [False, False] + [True, True] + [False] * 8
     cmp = paired(a, b)
-    assert cmp["diff"] == 0 and cmp["ci_low"] > -0.05
+    assert cmp["diff"] == 0 and cmp["low_one_sided"] > -0.05 and cmp["ci_low"] <= cmp["low_one_sided"]
     verdict = decide(cmp, metric="pass_rate", alpha=0.05, goal=Goal("prompt_tokens", 0.05),
                      candidate_cost=CHEAP, incumbent_cost=COSTLY)
     assert verdict.promoted and verdict.rule == "cheaper and non-inferior"
     assert "31 prompt tokens/item vs 181 prompt tokens/item" in verdict.reason and "> −0.05 margin" in verdict.reason
+    assert "one-sided paired bootstrap 95% lower bound" in verdict.reason
     # The same scores at a higher cost: nothing to gain, not promoted; without a goal, not promoted either.
     assert not decide(cmp, metric="pass_rate", alpha=0.05, goal=Goal("prompt_tokens", 0.05),
                       candidate_cost=COSTLY, incumbent_cost=CHEAP).promoted

@@ -13,13 +13,15 @@ from typing import Literal
 from pydantic import Field
 
 from flywheel.distill import InputsSpec, capture, capture_unlabelled, load_inputs
+from flywheel.errors import FlywheelError
 from flywheel.stages.base import Incumbent, StageOutcome, StageSpecBase, WheelContext
 
 
 class CaptureStageSpec(StageSpecBase):
     stage: Literal["capture"] = Field(description="Teacher outputs on train (and unlabelled inputs), graded.")
     teacher: str = Field(description="Teacher model reference, `incumbent` (the best system so far, with its "
-                         "prompt), or reference:FIELD for labelled data.")
+                         "prompt), `tuned` (the tuned model the wheel would polish, with its prompt: on-policy "
+                         "best-of-K for DPO), or reference:FIELD for labelled data.")
     n: int = Field(default=1, ge=1, le=64, description="Samples per train item (best-of-K when > 1).")
     temperature: float | None = Field(default=None, ge=0, le=2, description="Teacher temperature on train items.")
     limit: int | None = Field(default=None, ge=1, description="Capture at most this many train items.")
@@ -37,16 +39,22 @@ class CaptureStage:
     def run(self, wheel: WheelContext, incumbent: Incumbent) -> StageOutcome:
         spec = self.spec
         wheel.store.save_prompt(incumbent.prompt, origin="incumbent")
-        teacher = incumbent.model_ref if spec.teacher == "incumbent" else spec.teacher
+        teacher, prompt = (incumbent.model_ref, incumbent.prompt) if spec.teacher == "incumbent" else (spec.teacher, incumbent.prompt)
+        if spec.teacher == "tuned":  # the tuned model DPO will polish, with its own prompt: on-policy pairs
+            tuned = wheel.best_tuned(incumbent)
+            if tuned is None:
+                raise FlywheelError("teacher: tuned: this run has no tuned model yet; put an sft stage before it")
+            teacher, prompt = tuned
+        wheel.store.save_prompt(prompt, origin="teacher")
         result = capture(wheel.spec, wheel.store, teacher, n=spec.n, temperature=spec.temperature,
-                         limit=spec.limit, prompt=incumbent.prompt.id)
+                         limit=spec.limit, prompt=prompt.id)
         wheel.count(result.model_calls)
         reason = (f"capture {result.id}: {result.n_passed}/{result.n_samples} samples pass, "
                   f"{result.items_with_pass}/{result.n_items} train items covered by {teacher}")
         if spec.inputs is not None and not teacher.startswith("reference:"):
             inputs = load_inputs(wheel.spec, spec.inputs, wheel.store, base_dir=wheel.base_dir)
             wheel.log(f"  {len(inputs.items)} unlabelled inputs, {spec.inputs.n} samples each (self-consistency)")
-            extra = capture_unlabelled(wheel.spec, wheel.store, teacher, inputs=inputs, prompt=incumbent.prompt,
+            extra = capture_unlabelled(wheel.spec, wheel.store, teacher, inputs=inputs, prompt=prompt,
                                        n=spec.inputs.n, temperature=spec.inputs.temperature,
                                        min_agreement=spec.inputs.min_agreement)
             wheel.count(extra.model_calls)

@@ -60,13 +60,15 @@ class TrainStage:
 
         method, spec = self.method, self.spec
         name = method.name
-        base = incumbent.model_ref
+        base, prompt = incumbent.model_ref, self.student_prompt(wheel, incumbent)
         if method.starts_tuned and not incumbent.tuned:
-            base = wheel.best_tuned(incumbent)
-            if base is None:
+            tuned = wheel.best_tuned(incumbent)
+            if tuned is None:
                 raise FlywheelError(f"{name} polishes a tuned model and this run has none yet: put an sft stage "
                                     "before it")
-        prompt = self.student_prompt(wheel, incumbent)
+            base, measured_with = tuned  # the tuned model keeps the prompt it was trained and measured with
+            prompt = Prompt(messages=[m.model_dump() for m in spec.student_prompt]) if spec.student_prompt \
+                else Prompt(messages=measured_with.messages)
         wheel.store.save_prompt(prompt, origin="student")
         config = load_train_config(name, values=spec.config)
         if name == "rft":
