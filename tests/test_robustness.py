@@ -190,7 +190,23 @@ def test_a_second_writer_joining_a_running_eval_shares_its_run(tmp_path, tiny_mo
             pass
         time.sleep(0.01)
     assert first.poll() is None, "the first eval finished before the second started; make it longer"
+    # Hold the first still (SIGSTOP) while the second starts, so it cannot finish before the second
+    # looks for a running run; resume it once the second has written (or after a while: the first
+    # may have been stopped holding the write lock).
+    first.send_signal(signal.SIGSTOP)
+    with sqlite3.connect(db, timeout=1) as conn:
+        before = conn.execute("select count(*) from samples").fetchone()[0]
     second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and second.poll() is None:
+        try:
+            with sqlite3.connect(db, timeout=1) as conn:
+                if conn.execute("select count(*) from samples").fetchone()[0] > before:
+                    break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)
+    first.send_signal(signal.SIGCONT)
     for proc in (first, second):
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
