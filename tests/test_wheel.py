@@ -261,3 +261,16 @@ def test_sigkill_in_the_second_lap_then_resume(tmp_path, tiny_model_dir):
     assert dupes == 0
     assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 2  # one per SFT stage
     store.close()
+
+
+def test_capture_from_the_tuned_model_with_its_own_prompt(tmp_path, tiny_model_dir, store):
+    # `teacher: tuned`: the model DPO would polish (here the rejected SFT checkpoint), sampled with the
+    # student prompt it was measured with: on-policy pairs.
+    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, [
+        {"stage": "capture", "teacher": "reference:label"},
+        {"stage": "sft", "student_prompt": SHORT_STUDENT, "config": {"max_steps": 2, **FAST}},
+        {"stage": "capture", "teacher": "tuned", "n": 2, "limit": 3}])), store)
+    capture = result.stages[2]
+    assert capture.decision == "captured" and f"covered by local:{tiny_model_dir}+" in capture.reason
+    row = store.db.execute("select prompt_id, n from teacher_captures order by created_at desc limit 1").fetchone()
+    assert json.loads(store.db["prompts"].get(row[0])["messages_json"]) == SHORT_STUDENT and row[1] == 2

@@ -39,7 +39,8 @@ class CaptureStage:
     def run(self, wheel: WheelContext, incumbent: Incumbent) -> StageOutcome:
         spec = self.spec
         wheel.store.save_prompt(incumbent.prompt, origin="incumbent")
-        teacher, prompt = (incumbent.model_ref, incumbent.prompt) if spec.teacher == "incumbent" else (spec.teacher, incumbent.prompt)
+        teacher = incumbent.model_ref if spec.teacher == "incumbent" else spec.teacher
+        prompt = incumbent.prompt
         if spec.teacher == "tuned":  # the tuned model DPO will polish, with its own prompt: on-policy pairs
             tuned = wheel.best_tuned(incumbent)
             if tuned is None:

@@ -18,7 +18,6 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from flywheel.data import Item, load_dataset
