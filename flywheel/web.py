@@ -121,6 +121,22 @@ def uvicorn_config(app: Any, **kwargs: Any):
     return uvicorn.Config(app, lifespan="on", timeout_graceful_shutdown=5, **kwargs)
 
 
+def page_url(host: str, sock: socket.socket, path: str = "/") -> str:
+    """The address a bound socket serves, for the ready line (IPv6 hosts in brackets)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{sock.getsockname()[1]}{path}"
+
+
+def serve_forever(app: Any, sock: socket.socket, **config: Any) -> None:
+    """Run an ASGI app with uvicorn on an already bound socket until it is stopped; closes the socket."""
+    import uvicorn
+
+    try:
+        uvicorn.Server(uvicorn_config(app, **config)).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
 class BackgroundServer:
     """Run an ASGI app with uvicorn in a daemon thread on 127.0.0.1 (a free port by default).
 

@@ -110,20 +110,13 @@ def serve_api(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, worker
               review: bool = False, reviewer: str | None = None,
               on_ready: Callable[[str], None] | None = None) -> None:
     """Run the API (and the review app beside it) until interrupted; keys are required off loopback."""
-    import uvicorn
-
     from flywheel.report.review_app import LOOPBACK, create_app
-    from flywheel.web import bind_socket, uvicorn_config
+    from flywheel.web import bind_socket, page_url, serve_forever
 
     local = host in LOOPBACK
     pages = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=None if local else ["*"])
     app = create_api_app(db_path, require_key=not local, workers=workers, fallback=pages, report_base="/")
     sock = bind_socket(host, port)
-    server = uvicorn.Server(uvicorn_config(app))
     if on_ready is not None:
-        shown = f"[{host}]" if ":" in host else host
-        on_ready(f"http://{shown}:{sock.getsockname()[1]}/")
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+        on_ready(page_url(host, sock))
+    serve_forever(app, sock)

@@ -335,18 +335,11 @@ def _prompt_ops(cmp: Comparison) -> list[tuple[str, str]]:
 def serve_reports(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, review: bool = False,
                   reviewer: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
     """Run the review server until interrupted. Any host but loopback accepts every Host header."""
-    import uvicorn
-
-    from flywheel.web import bind_socket, uvicorn_config
+    from flywheel.web import bind_socket, page_url, serve_forever
 
     allowed = None if host in LOOPBACK else ["*"]
     app = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=allowed)
     sock = bind_socket(host, port)
-    server = uvicorn.Server(uvicorn_config(app))
     if on_ready is not None:
-        shown = f"[{host}]" if ":" in host else host
-        on_ready(f"http://{shown}:{sock.getsockname()[1]}/")
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+        on_ready(page_url(host, sock))
+    serve_forever(app, sock)
