@@ -110,6 +110,9 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise FlywheelError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    # Listening from the start: a client told the address (the ready line) before uvicorn has started
+    # queues in the backlog instead of being refused.
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
