@@ -475,7 +475,7 @@ def _train_command(method):
     """`flywheel train <method>`: one command per row of the methods table."""
 
     def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, launcher,
-                num_processes, accelerate_config, cpu, **set_options):
+                num_processes, accelerate_config, cpu, resume, **set_options):
         from flywheel.spec import load_eval_spec
         from flywheel.train import load_train_config, train
 
@@ -488,18 +488,26 @@ def _train_command(method):
                                 cpu=cpu)
             launch_training(launch, ["train", method.name, *_forwarded_args(click.get_current_context(), _LAUNCH)])
             return
+        if resume and (base or data or settings or config_path):
+            raise click.UsageError("--resume continues a job with its own base, data and config: drop --base, --data, "
+                                   "-s and -c")
+        if not resume and not base:
+            raise click.UsageError("give --base (or --resume JOB)")
         spec = load_eval_spec(spec_path)
-        config = load_train_config(method.name, config_path, list(settings))
+        config = None if resume else load_train_config(method.name, config_path, list(settings))
         with _store_at(db) as store:
             result = train(method.name, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
-                           splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
+                           splits=splits, quiet=as_json, hosted_options=_options(options), resume=resume,
+                           **set_options)
         if result is None:  # a non-main process under accelerate launch
             return
         click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
     options = [
         click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False)),
-        click.option("--base", required=True, help="local:MODEL[+ADAPTER], a checkpoint id, or openai:MODEL (hosted)."),
+        click.option("--base", default=None, help="local:MODEL[+ADAPTER], a checkpoint id, or openai:MODEL (hosted)."),
+        click.option("--resume", default=None, metavar="JOB", help="Continue a killed local job from its last saved "
+                     "step (it must have trained with save_steps); a re-run of the same command resumes too."),
         click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Training config YAML."),
         click.option("-s", "--set", "settings", multiple=True, help="Override a training setting: key.path=value."),
         click.option("--data", default=None, help="Train on a platform JSONL file or a recorded set id (ts-...)."),

@@ -256,6 +256,18 @@ def m010_api_objects(db: sqlite_utils.Database) -> None:
     db["api_keys"].create_index(["key_hash"], unique=True)
 
 
+@migration
+def m011_checkpoints_validation(db: sqlite_utils.Database) -> None:
+    # Checkpoints saved every `save_steps` (flywheel.train.validation): each row carries its step, and
+    # `pruned_at` once `keep` deleted its folder (the row and its metrics stay). A job records why it
+    # stopped (end of schedule, early stopping, a search's pruning) and its resumable output folder.
+    db["checkpoints"].add_column("step", int)
+    db["checkpoints"].add_column("pruned_at", str)
+    db["training_jobs"].add_column("stop_reason", str)
+    db["training_jobs"].add_column("output_dir", str)
+    db["checkpoints"].create_index(["job_id", "step"])
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

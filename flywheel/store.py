@@ -808,13 +808,42 @@ class Store:
         with self.db.conn:
             self.db["checkpoints"].update(checkpoint_id, fields)
 
-    def insert_checkpoint(self, row: dict[str, Any]) -> None:
-        """Insert a checkpoint and mark its job succeeded, in one transaction (both or neither)."""
+    def insert_checkpoint(self, row: dict[str, Any], *, finish_job: bool = True) -> None:
+        """Insert a checkpoint and (unless `finish_job` is False: an intermediate checkpoint) mark its
+        job succeeded, in one transaction (both or neither)."""
         with self.db.conn:
             self.db["checkpoints"].insert({"created_at": now(), **row})
-            if row.get("job_id"):
+            if row.get("job_id") and finish_job:
                 self.db["training_jobs"].update(row["job_id"], {"checkpoint_id": row["id"], "status": "succeeded",
                                                                 "finished_at": now()})
+
+    def job_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+        """A training job's checkpoints, pruned ones included, by step (then creation)."""
+        return list(self.db.query("select * from checkpoints where job_id = ? order by coalesce(step, 0), created_at",
+                                  [job_id]))
+
+    def get_training_job(self, job_id: str) -> dict[str, Any]:
+        rows = list(self.db["training_jobs"].rows_where("id = ?", [job_id]))
+        if not rows:
+            raise StoreError(f"{self.path}: no training job {job_id!r}")
+        return rows[0]
+
+    def find_resumable_job(self, *, method: str, training_set_id: str, base_model: str,
+                           config_json: str) -> dict[str, Any] | None:
+        """The newest unfinished local job (running or failed) of this method, set, base and config that
+        has an output folder: a training run killed part-way, which the same command resumes."""
+        rows = list(self.db["training_jobs"].rows_where(
+            "backend = 'local' and method = ? and training_set_id = ? and base_model = ? and config_json = ?"
+            " and status in ('running', 'failed') and output_dir is not null",
+            [method, training_set_id, base_model, config_json], order_by="created_at desc", limit=1))
+        return rows[0] if rows else None
+
+    def finish_training_job(self, job_id: str, *, checkpoint_id: str, stop_reason: str | None) -> None:
+        """Mark a job succeeded with its chosen (best) checkpoint and why it stopped."""
+        with self.db.conn:
+            self.db["training_jobs"].update(job_id, {"checkpoint_id": checkpoint_id, "status": "succeeded",
+                                                     "finished_at": now(), "stop_reason": stop_reason,
+                                                     "error": None})
 
     # -- cost per item and extra grades (flywheel.cost, flywheel.distill) -------------------------------
     def iteration_cost(self, iteration_id: str) -> "CostPerItem":

@@ -51,16 +51,27 @@ def build_training_set(method: str, spec: EvalSpec, store: Store, *, data: str |
     return chosen.build_set(spec, store, **options)
 
 
-def train(method: str, spec: EvalSpec, store: Store, *, base: str, config: TrainConfig | None = None,
+def train(method: str, spec: EvalSpec, store: Store, *, base: str | None, config: TrainConfig | None = None,
           data: str | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
-          quiet: bool = False, hosted_options: dict[str, Any] | None = None, **set_options: Any):
+          quiet: bool = False, hosted_options: dict[str, Any] | None = None, resume: str | None = None,
+          monitor: Any = None, **set_options: Any):
     """Build (or load) the training set, train with `method` from `base`, register and evaluate.
 
     `base` is a `local:` model (trained here with TRL), a checkpoint id, or an `openai:` model
-    (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`)."""
+    (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`). `resume` continues a
+    killed local job from its last saved step, with the job's own set, base and config.
+    `monitor(point)` sees each validation point (flywheel.train.validation) and may stop the job."""
     from flywheel.train.checkpoints import resolve_base
 
     chosen = training_method(method)
+    if resume:
+        job = _resumable(store, resume, chosen.name)
+        config = chosen.config.model_validate_json(job["config_json"])
+        training_set = load_training_set(store, job["training_set_id"])
+        return chosen.train(spec, store, training_set, base=job["base_model"], config=config, evaluate=evaluate,
+                            splits=splits, quiet=quiet, monitor=monitor, resume=resume)
+    if not base:
+        raise TrainingError(f"{method}: give --base (a local: model, a checkpoint id or openai:MODEL), or --resume JOB")
     base_ref, _ = resolve_base(store, base)
     config = config or load_train_config(method)
     training_set = build_training_set(method, spec, store, data=data, **set_options)
@@ -70,4 +81,17 @@ def train(method: str, spec: EvalSpec, store: Store, *, base: str, config: Train
         return train_hosted(method, spec, store, training_set, base=base_ref, config=config,
                             evaluate=evaluate, splits=splits, **(hosted_options or {}))
     return chosen.train(spec, store, training_set, base=base, config=config, evaluate=evaluate, splits=splits,
-                        quiet=quiet)
+                        quiet=quiet, monitor=monitor)
+
+
+def _resumable(store: Store, job_id: str, method: str) -> dict[str, Any]:
+    from flywheel.errors import FlywheelError
+
+    try:
+        job = store.get_training_job(job_id)
+    except FlywheelError as exc:
+        raise TrainingError(str(exc)) from None
+    if job["method"] != method or job["backend"] != "local":
+        raise TrainingError(f"job {job_id} is a {job['backend']} {job['method']} job; resume it with "
+                            f"`flywheel train {job['method']} SPEC --resume {job_id}` (local jobs only)")
+    return job

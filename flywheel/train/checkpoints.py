@@ -49,6 +49,8 @@ class Checkpoint:
     metrics: dict[str, Any]
     evals: dict[str, Any]
     created_at: str | None = None
+    step: int | None = None
+    pruned_at: str | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> "Checkpoint":
@@ -57,7 +59,8 @@ class Checkpoint:
                    training_set_id=row["training_set_id"], training_set_hash=row["training_set_hash"],
                    parent_id=row["parent_id"], job_id=row["job_id"],
                    config=json.loads(row["config_json"] or "{}"), metrics=json.loads(row["metrics_json"] or "{}"),
-                   evals=json.loads(row["eval_json"] or "{}"), created_at=row["created_at"])
+                   evals=json.loads(row["eval_json"] or "{}"), created_at=row["created_at"],
+                   step=row.get("step"), pruned_at=row.get("pruned_at"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,11 +83,14 @@ def local_model_ref(base_model: str, adapter_dir: Path) -> str:
 def register_checkpoint(store: Store, *, method: str, base_model: str, save: Callable[[Path], None] | None,
                         training_set_id: str | None, training_set_hash: str | None, config: dict[str, Any],
                         metrics: dict[str, Any], parent_id: str | None = None, job_id: str | None = None,
-                        backend: str = "local", model_ref: str | None = None) -> Checkpoint:
+                        backend: str = "local", model_ref: str | None = None, step: int | None = None,
+                        finish_job: bool = True) -> Checkpoint:
     """Save (via `save(folder)`) and register a checkpoint, all or nothing.
 
     Local checkpoints pass `save`, which must write a PEFT adapter (adapter_config.json) into the
     folder it is given; hosted ones pass `save=None` and the `model_ref` of the fine-tuned model.
+    `step` is the training step it was saved at; an intermediate checkpoint (`finish_job=False`)
+    leaves its job running.
     """
     from flywheel.models.local import dir_fingerprint
 
@@ -95,12 +101,14 @@ def register_checkpoint(store: Store, *, method: str, base_model: str, save: Cal
         "job_id": job_id, "config_json": json.dumps(config, default=str),
         "metrics_json": json.dumps(metrics, default=str), "eval_json": "{}",
     }
+    if step is not None:
+        row["step"] = step
     if save is None:
         if not model_ref:
             raise CheckpointError("a checkpoint without saved weights needs the model_ref of the trained model")
         row.update(model_ref=model_ref, path=None, adapter_hash=None)
         try:
-            store.insert_checkpoint(row)
+            store.insert_checkpoint(row, finish_job=finish_job)
         except Exception as exc:  # noqa: BLE001 - the row is one transaction: nothing was written
             raise CheckpointError(f"{store.path}: cannot register checkpoint {checkpoint_id}: {exc}") from exc
         return Checkpoint.from_row(store.get_checkpoint(checkpoint_id))
@@ -121,7 +129,7 @@ def register_checkpoint(store: Store, *, method: str, base_model: str, save: Cal
         moved = True
         row.update(model_ref=model_ref or local_model_ref(base_model, final), path=str(final),
                    adapter_hash=dir_fingerprint(final)[:16])
-        store.insert_checkpoint(row)
+        store.insert_checkpoint(row, finish_job=finish_job)
     except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if moved:

@@ -31,6 +31,16 @@ class LoraSpec(_Config):
         default="all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
 
 
+class EarlyStoppingSpec(_Config):
+    """Stop when the validation metric has not improved for `patience` measurements."""
+
+    metric: Literal["valid_loss", "valid_score"] = Field(
+        default="valid_loss", description="valid_loss (needs eval_steps): lower is better; valid_score (needs "
+        "save_steps and valid_subset): the eval's objective on the valid subset, higher is better.")
+    patience: int = Field(default=2, ge=1, description="Measurements without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0, description="Least change that counts as an improvement.")
+
+
 class TrainConfig(_Config):
     """Settings every local method shares."""
 
@@ -49,6 +59,27 @@ class TrainConfig(_Config):
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     logging_steps: int = Field(default=5, ge=1, description="Steps between logged metrics.")
     seed: int = Field(default=0, description="Seed for data order and adapter init.")
+    # -- validation, checkpoints, early stopping (flywheel.train.validation; docs/training.md) --------
+    eval_steps: int | None = Field(
+        default=None, ge=1, description="Validation loss every N steps on the validation set (off when unset).")
+    validation_file: str | None = Field(
+        default=None, description="Validation rows: a JSONL in this method's training format (as the platform's "
+        "validation_file). Default for SFT: the eval's valid split rendered with the training prompt, answered "
+        "by validation_reference.")
+    validation_reference: str | None = Field(
+        default=None, description="SFT: the assistant answer of a valid-split item, a template such as "
+        "'{{item.label}}'; default: the objective grader's reference when it reads item fields only.")
+    valid_subset: int = Field(
+        default=0, ge=0, description="At each saved checkpoint, generate (greedy, the training prompt) on the first "
+        "N valid items and grade them with the eval's graders (0: off).")
+    save_steps: int | None = Field(
+        default=None, ge=1, description="Save (and register) a checkpoint every N steps; training can resume from "
+        "the last one. Unset: one adapter at the end.")
+    keep: str = Field(
+        default="best", pattern=r"^(best|all|[1-9][0-9]*)$", description="Checkpoint folders kept after training: "
+        "best, all, or N (the N best); pruned ones keep their store rows.")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop when validation stops improving (metric, patience, min_delta).")
 
 
 class SFTSpec(TrainConfig):
@@ -139,7 +170,15 @@ def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool) -> d
         data_seed=config.seed,
         bf16=bf16,
         fp16=False,
-        save_strategy="no",  # the adapter is saved once, atomically, by flywheel.train.checkpoints
+        # Checkpoints every save_steps into the job's folder (resumable); flywheel.train.validation
+        # registers each one. Without save_steps the adapter is saved once, by flywheel.train.checkpoints.
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        save_total_limit=None,
+        eval_strategy="steps" if config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        per_device_eval_batch_size=config.batch_size,
+        prediction_loss_only=True,
         report_to=[],
         disable_tqdm=quiet,
         dataloader_num_workers=0,
@@ -187,6 +226,9 @@ def grpo_args(config: RFTSpec, output_dir: Path, *, bf16: bool, max_completion_l
     common = _common(config, output_dir, bf16, quiet)
     # TRL counts completions per device batch: prompts per step x generations per prompt.
     common["per_device_train_batch_size"] = config.batch_size * config.num_generations
+    # GRPO has no validation loss (flywheel.train.validation refuses eval_steps for rft); TRL still
+    # checks the eval batch against the group size.
+    common.update(eval_strategy="no", per_device_eval_batch_size=common["per_device_train_batch_size"])
     return GRPOConfig(
         **common,
         num_generations=config.num_generations,

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import DPOSpec, dpo_args, to_peft
 from flywheel.train.formats import TrainingDataError, TrainingSet, to_hf_dataset
 from flywheel.train.local import BuiltTrainer, TrainResult, run_local
+from flywheel.train.validation import Monitor, training_prompt, validation_set
 
 
 def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSpec, output_dir, *, bf16: bool,
-                      quiet: bool = False):
+                      quiet: bool = False, eval_set: TrainingSet | None = None):
     from peft import PeftModel
     from trl import DPOTrainer
 
@@ -30,20 +32,28 @@ def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSp
     trainer = DPOTrainer(
         model=model, args=dpo_args(config, output_dir, bf16=bf16, quiet=quiet),
         train_dataset=to_hf_dataset(training_set), processing_class=tokenizer,
+        eval_dataset=to_hf_dataset(eval_set) if eval_set is not None else None,
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
     return BuiltTrainer(trainer, {"pairs": len(training_set)})
 
 
 def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: DPOSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
-              quiet: bool = False) -> TrainResult | None:
-    """Train with DPO on preference pairs from `base`, register the adapter, evaluate it."""
+              quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
+              resume: str | None = None) -> TrainResult | None:
+    """Train with DPO on preference pairs from `base`, register the adapter, evaluate it.
+
+    With `eval_steps`, the DPO loss on `validation_file` (pairs) is the validation loss; the rest
+    (checkpoints, valid score, early stopping, resume) is flywheel.train.validation's."""
     config = config or DPOSpec()
     if len(training_set) == 0:
         raise TrainingDataError("empty DPO training set: no preference pairs")
+    prompt = training_prompt(spec, store, training_set, prompt)
+    eval_set = validation_set("dpo", spec, config, prompt)
 
     def build(model, tokenizer, output_dir, bf16):
-        return build_dpo_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)
+        return build_dpo_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet,
+                                 eval_set=eval_set)
 
     return run_local("dpo", spec, store, training_set, base=base, config=config, build=build,
-                     evaluate=evaluate, splits=splits, quiet=quiet)
+                     evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume)

@@ -17,21 +17,26 @@ import gc
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flywheel.errors import FlywheelError, ModelError
+from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
-from flywheel.train.checkpoints import Checkpoint, register_checkpoint, resolve_base
+from flywheel.train.checkpoints import Checkpoint, resolve_base
 from flywheel.train.config import TrainConfig, resolve_bf16
 from flywheel.train.formats import TrainingSet
 from flywheel.train.sets import record_training_set
+
+if TYPE_CHECKING:
+    from flywheel.train.validation import Monitor
 
 
 class TrainingError(FlywheelError):
@@ -75,6 +80,9 @@ class TrainResult:
     training_set_id: str
     metrics: dict[str, Any]
     evals: list[SplitEval] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # every step saved: losses, score, kept
+    best_reason: str | None = None  # why `checkpoint` is the best of them
+    stop_reason: str | None = None  # early stopping or a monitor (None: the schedule ended)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -88,6 +96,17 @@ class TrainResult:
                  + (f", {m['steps']} steps in {m['wall_s']:.0f}s" if m.get("wall_s") else "")
                  + (f", loss {m['first_loss']:.4f} -> {m['last_loss']:.4f}" if m.get("first_loss") is not None
                     and m.get("last_loss") is not None else "")]
+        if self.stop_reason:
+            lines.append(f"  stopped: {self.stop_reason}")
+        if len(self.checkpoints) > 1 or any(c.get("valid_loss") is not None or c.get("valid_score") is not None
+                                            for c in self.checkpoints):
+            lines.append(f"  checkpoints (best: {self.best_reason}):")
+            for c in self.checkpoints:
+                parts = [f"{name} {c[key]:.4g}" for key, name in (("train_loss", "train loss"),
+                         ("valid_loss", "valid loss"), ("valid_score", "valid score")) if c.get(key) is not None]
+                mark = "*" if c["best"] else " "
+                lines.append(f"   {mark} {c['id']} step {c['step']}: " + (", ".join(parts) or "not measured")
+                             + ("" if c["kept"] else " (folder pruned)"))
         for e in self.evals:
             lines.append(f"  {e.split:<5} {e.score:.3f} [{e.ci[0]:.3f}, {e.ci[1]:.3f}] vs parent {e.parent_score:.3f}:"
                          f" diff {e.diff:+.3f} [{e.diff_ci[0]:+.3f}, {e.diff_ci[1]:+.3f}], McNemar p={e.p_mcnemar:.3g}"
@@ -209,29 +228,109 @@ def _summarise_history(history: list[dict[str, Any]], loss_key: str) -> dict[str
 
 
 # -- the run ---------------------------------------------------------------------------------------
+def _job(store: Store, method: str, training_set: TrainingSet, base_ref: str, config: TrainConfig,
+         resume: str | None) -> tuple[str, tuple[int, Path] | None]:
+    """(job id, (step, trainer checkpoint folder) to resume from or None) on the main process.
+
+    `resume` names a job to continue; otherwise, with `save_steps`, an unfinished job of the same
+    method, set, base and config (killed part-way) is resumed; else a new job is created."""
+    from flywheel.train.validation import last_saved_step
+
+    config_json = config.model_dump_json()
+    if resume:
+        try:
+            job = store.get_training_job(resume)
+        except FlywheelError as exc:
+            raise TrainingError(str(exc)) from None
+        if job["backend"] != "local" or job["method"] != method:
+            raise TrainingError(f"job {resume} is a {job['backend']} {job['method']} job, not a local {method} job")
+        if job["status"] == "succeeded":
+            raise TrainingError(f"job {resume} already finished: its checkpoint is {job['checkpoint_id']}")
+        if job["training_set_id"] != training_set.id or job["config_json"] != config_json:
+            raise TrainingError(f"job {resume} was trained on {job['training_set_id']} with another config; resume it "
+                                "with its own (flywheel train METHOD SPEC --resume JOB, without --data or -s)")
+        saved = last_saved_step(job.get("output_dir"))
+        if saved is None:
+            raise TrainingError(f"job {resume}: no saved step to resume from in {job.get('output_dir')} (a job is "
+                                "resumable when it trains with save_steps)")
+        return resume, saved
+    if config.save_steps:
+        job = store.find_resumable_job(method=method, training_set_id=training_set.id or "", base_model=base_ref,
+                                       config_json=config_json)
+        saved = last_saved_step(job.get("output_dir")) if job else None
+        if job and saved:
+            return job["id"], saved
+    job_id = store.create_training_job(backend="local", method=method, training_set_id=training_set.id,
+                                       base_model=base_ref, config_json=config_json)
+    if config.save_steps:
+        store.update_training_job(job_id, output_dir=str(store.artefact_dir / "jobs" / job_id))
+    return job_id, None
+
+
+def _earlier_history(store: Store, job_id: str, up_to_step: int) -> list[dict[str, Any]]:
+    """The metrics a resumed job logged before the step it resumes from."""
+    out = []
+    for event in store.training_events(job_id):
+        if event["type"] == "metrics" and event["data_json"]:
+            data = json.loads(event["data_json"])
+            if data.get("step", 0) <= up_to_step and "train_runtime" not in data:
+                out.append(data)
+    return out
+
+
 def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: TrainConfig, build: Callable[..., Any], evaluate: bool = True,
               splits: Sequence[str] = ("valid", "test"), quiet: bool = False,
-              loss_key: str = "loss") -> TrainResult | None:
+              loss_key: str = "loss", prompt: Prompt | None = None, monitor: Monitor | None = None,
+              resume: str | None = None) -> TrainResult | None:
     """Train with the `BuiltTrainer` that `build(model, tokenizer, output_dir, bf16)` returns, then
-    register and evaluate. Returns None on non-main processes."""
+    register, choose the best checkpoint and evaluate it. Returns None on non-main processes.
+
+    With `save_steps` a checkpoint is registered every N steps (flywheel.train.validation) and the
+    job is resumable: `resume` (a job id), or the same call after a kill, continues from its last
+    saved step with the trainer's optimizer, scheduler and data position. `monitor` sees every
+    validation point and may stop the job (a search's pruner)."""
+    from flywheel.train.validation import JobValidation, _broadcast, saved_steps, training_prompt
+
     main = is_main_process()
     base_ref, parent_id = resolve_base(store, base)
     if main:
         record_training_set(store, training_set)
-    job_id = store.create_training_job(
-        backend="local", method=method, training_set_id=training_set.id, base_model=base_ref,
-        config_json=config.model_dump_json()) if main else ""
+    job_id, saved = _job(store, method, training_set, base_ref, config, resume) if main else ("", None)
+    output_dir = str(store.artefact_dir / "jobs" / job_id) if main and config.save_steps else None
+    job_id, saved, output_dir = _broadcast((job_id, saved, output_dir))
     bf16 = resolve_bf16(config.precision)
     # transformers 5 warns about its own deprecated gradient-checkpointing names on every step
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    work = Path(tempfile.mkdtemp(prefix=f"{method}-", dir=_scratch(store)))
+    work = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix=f"{method}-", dir=_scratch(store)))
+    work.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, Any]] = []
+    succeeded = False
     try:
+        if main and saved:
+            history += _earlier_history(store, job_id, saved[0])
+            store.update_training_job(job_id, status="running", error=None)
+            store.add_training_events(job_id, [{"type": "resume", "message": f"resumed from step {saved[0]} ({saved[1]})",
+                                                "data": {"from_step": saved[0], "folder": str(saved[1])}}])
+        prompt = training_prompt(spec, store, training_set, prompt)
+        base_model_ref = _without_adapter(base_ref)
+        validation = JobValidation(store=store, job_id=job_id, method=method, spec=spec, config=config, prompt=prompt,
+                                   base_model=base_model_ref, parent_id=parent_id, training_set=training_set,
+                                   history=history, main=main, monitor=monitor,
+                                   log=None if quiet else lambda message: print(message, file=sys.stderr))
+        if saved and main:
+            validation.replay(saved[0])
+            # A kill between the trainer's save and its registration: register what is on disk.
+            for step, folder in saved_steps(work):
+                if step not in validation.registered_steps():
+                    from flywheel.train.validation import copy_adapter
+
+                    validation.register(step, lambda target, folder=folder: copy_adapter(folder, target))
         if quiet:
             import datasets
 
             datasets.disable_progress_bars()
-        model, tokenizer, base_model, _ = load_for_training(base_ref, bf16=bf16)
+        model, tokenizer, _, _ = load_for_training(base_ref, bf16=bf16)
         built: BuiltTrainer = build(model, tokenizer, work, bf16)
         trainer, extra = built.trainer, built.stats
         # The Trainer prints every log dict to stdout (with or without its bar): show one bar on
@@ -242,13 +341,13 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         trainer.remove_callback(ProgressCallback)
         if not quiet:
             trainer.add_callback(_progress_bar(method))
-        history: list[dict[str, Any]] = []
         if main:
             trainer.add_callback(_event_logger(store, job_id, history))
+        trainer.add_callback(validation.callback())
         before = _adapter_weights(trainer.model)
         started = time.perf_counter()
         try:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(saved[1]) if saved else None)
         finally:
             built.close()
         wall = time.perf_counter() - started
@@ -258,31 +357,51 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
                    "processes": trainer.accelerator.num_processes,
                    "adapter_tensors": len(before), "adapter_tensors_changed": changed,
                    "rows": len(training_set), **extra}
+        if saved:
+            metrics["resumed_from_step"] = saved[0]
         if metrics["last_loss"] is not None and not math.isfinite(metrics["last_loss"]):
             raise TrainingError(f"{method}: the loss diverged ({metrics['last_loss']}); lower learning_rate")
-        if not main:
-            return None
 
         def save(folder: Path) -> None:
             trainer.model.save_pretrained(str(folder), selected_adapters=["default"])
 
-        checkpoint = register_checkpoint(
-            store, method=method, base_model=base_model, save=save, training_set_id=training_set.id,
-            training_set_hash=training_set.content_hash, config=config.model_dump(), metrics=metrics,
-            parent_id=parent_id, job_id=job_id)
+        final_step = trainer.state.global_step
+        validation.register(final_step, save)  # unless the trainer saved this step already
+        if not main:
+            return None
+        last = next(c for c in reversed(validation.checkpoints()) if c.step == final_step)
+        store.update_checkpoint(last.id, metrics_json=json.dumps({**last.metrics, **metrics}, default=str))
+        checkpoint, best_reason, _ = validation.finish()
+        succeeded = True
     except BaseException as exc:
         if main and job_id:
             store.update_training_job(job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if succeeded or not output_dir:  # a failed job keeps its folder: the same command resumes it
+            shutil.rmtree(work, ignore_errors=True)
     trainer = model = built = None  # free the trained weights before evaluation loads models
     gc.collect()
     result = TrainResult(method=method, checkpoint=checkpoint, job_id=job_id, training_set_id=training_set.id or "",
-                         metrics=metrics)
+                         metrics=metrics, checkpoints=_checkpoint_rows(validation.checkpoints(), checkpoint.id),
+                         best_reason=best_reason, stop_reason=validation.stop_reason)
     if evaluate:
         result.evals = evaluate_checkpoint(spec, store, checkpoint, parent_ref=base_ref, splits=splits)
     return result
+
+
+def _without_adapter(base_ref: str) -> str:
+    """`local:BASE` of `local:BASE+ADAPTER` (the base a new adapter is registered on)."""
+    from flywheel.models import parse_model_ref
+
+    scheme, name, _ = parse_model_ref(base_ref)
+    return f"{scheme}:{name}"
+
+
+def _checkpoint_rows(checkpoints: list[Checkpoint], best_id: str) -> list[dict[str, Any]]:
+    return [{"id": c.id, "step": c.step, "train_loss": c.metrics.get("train_loss"),
+             "valid_loss": c.metrics.get("valid_loss"), "valid_score": c.metrics.get("valid_score"),
+             "kept": not c.pruned_at, "best": c.id == best_id, "model_ref": c.model_ref} for c in checkpoints]
 
 
 def _scratch(store: Store) -> Path:

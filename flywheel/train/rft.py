@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flywheel.grading import GraderSet
+from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import RFTSpec, grpo_args, require_vllm, to_peft
 from flywheel.train.formats import TrainingDataError, TrainingSet, to_hf_dataset
 from flywheel.train.local import BuiltTrainer, TrainResult, run_local
+from flywheel.train.validation import Monitor, validation_set
 
 
 def reward_functions(spec: EvalSpec, names: Sequence[str] | None = None):
@@ -57,10 +59,15 @@ def build_rft_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSp
 
 def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
                config: RFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
-               quiet: bool = False) -> TrainResult | None:
-    """RFT: train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it."""
+               quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
+               resume: str | None = None) -> TrainResult | None:
+    """RFT: train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it.
+
+    GRPO has no validation loss; `valid_subset` scores each saved checkpoint with the graders
+    (flywheel.train.validation)."""
     config = config or RFTSpec()
     require_vllm(config)
+    validation_set("rft", spec, config, Prompt(messages=spec.messages()))  # refuses eval_steps
     if len(training_set) == 0:
         raise TrainingDataError("empty RFT training set: no prompts")
 
@@ -69,4 +76,4 @@ def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
                                   quiet=quiet)
 
     return run_local("rft", spec, store, training_set, base=base, config=config, build=build,
-                     evaluate=evaluate, splits=splits, quiet=quiet)
+                     evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume)
