@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Config(BaseModel):
@@ -76,10 +76,18 @@ class TrainConfig(_Config):
         default=None, ge=1, description="Save (and register) a checkpoint every N steps; training can resume from "
         "the last one. Unset: one adapter at the end.")
     keep: str = Field(
-        default="best", pattern=r"^(best|all|[1-9][0-9]*)$", description="Checkpoint folders kept after training: "
+        default="best", description="Checkpoint folders kept after training: "
         "best, all, or N (the N best); pruned ones keep their store rows.")
     early_stopping: EarlyStoppingSpec | None = Field(
         default=None, description="Stop when validation stops improving (metric, patience, min_delta).")
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep_number(cls, value: Any) -> Any:
+        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(text, str) or not (text in ("best", "all") or (text.isdigit() and int(text) >= 1)):
+            raise ValueError(f"keep must be best, all or a number N >= 1 (the N best checkpoints), not {value!r}")
+        return text
 
 
 class SFTSpec(TrainConfig):
