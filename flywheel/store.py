@@ -798,9 +798,11 @@ class Store:
 
     def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
                         base_model: str) -> dict[str, Any] | None:
-        """The newest checkpoint trained by `method` on this set with this config from this base."""
+        """The newest checkpoint trained by `method` on this set with this config from this base: the
+        one its job chose (a job saving every N steps registers several; a killed job chose none)."""
         rows = list(self.db["checkpoints"].rows_where(
-            "method = ? and training_set_hash = ? and config_json = ? and base_model = ?",
+            "method = ? and training_set_hash = ? and config_json = ? and base_model = ? and (job_id is null or id in"
+            " (select checkpoint_id from training_jobs where status = 'succeeded' and checkpoint_id is not null))",
             [method, training_set_hash, config_json, base_model], order_by="created_at desc", limit=1))
         return rows[0] if rows else None
 

@@ -86,9 +86,15 @@ class TrainStage:
             checkpoint_id, model_ref, metrics = done["id"], done["model_ref"], json.loads(done["metrics_json"] or "{}")
             wheel.log(f"  reusing {checkpoint_id}, trained before")
         else:
+            # With save_steps the job registers a checkpoint every N steps and returns the best (by the valid
+            # score, else the valid loss); a wheel killed mid-training resumes the job from its last saved step.
             result = method.train(wheel.spec, wheel.store, training_set, base=base, config=config, evaluate=False,
-                                  quiet=True)
+                                  quiet=True, prompt=prompt)
             checkpoint_id, model_ref, metrics = result.checkpoint.id, result.checkpoint.model_ref, result.metrics
+            if len(result.checkpoints) > 1:
+                wheel.log(f"  {name}: best of {len(result.checkpoints)} checkpoints: {result.best_reason}")
+            if result.stop_reason:
+                wheel.log(f"  {name}: {result.stop_reason}")
         loss = (f", loss {metrics['first_loss']:.3g} -> {metrics['last_loss']:.3g}"
                 if metrics.get("first_loss") is not None and metrics.get("last_loss") is not None else "")
         reward = (f", reward {metrics['first_reward']:.3g} -> {metrics['last_reward']:.3g}"
