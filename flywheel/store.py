@@ -824,6 +824,12 @@ class Store:
         return list(self.db.query("select * from checkpoints where job_id = ? order by coalesce(step, 0), created_at",
                                   [job_id]))
 
+    def training_job_of(self, model_ref: str) -> str | None:
+        """The job that trained the checkpoint registered under `model_ref`, if any."""
+        row = self.db.execute("select job_id from checkpoints where model_ref = ? and job_id is not null"
+                              " order by created_at desc limit 1", [model_ref]).fetchone()
+        return row[0] if row else None
+
     def get_training_job(self, job_id: str) -> dict[str, Any]:
         rows = list(self.db["training_jobs"].rows_where("id = ?", [job_id]))
         if not rows:
