@@ -301,3 +301,36 @@ def test_a_job_killed_with_sigkill_resumes_from_its_last_saved_step(tmp_path, ti
     assert again.returncode == 1 and f"job {job_id} already finished" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     store.close()
+
+
+def test_the_same_call_after_a_crash_resumes_the_unfinished_job(tmp_path, tiny_model_dir):
+    """A job that died after its step-2 save (here: an exception at step 4's validation) is picked
+    up by the same call: same job, continued from step 2, not trained from scratch."""
+    spec = tiny_eval(tmp_path, tiny_model_dir, n_per_split=4)
+    store = Store.open(tmp_path / "flywheel.db")
+    capture(spec, store, "reference:label")
+    training_set = build_sft_set(spec, store)
+    config = quick_sft(max_steps=6, eval_steps=2, save_steps=2)
+
+    def crash(point):
+        if point.step == 4:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True,
+                  monitor=crash)
+    [job] = store.db.execute("select id, status, output_dir from training_jobs").fetchall()
+    assert job[1] == "failed" and Path(job[2], "checkpoint-2", "trainer_state.json").is_file()
+    result = train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True)
+    assert result.job_id == job[0] and result.metrics["resumed_from_step"] == 2
+    trail = store.training_events(job[0])
+    kinds = [e["type"] for e in trail]
+    after = [json.loads(e["data_json"])["step"] for e in trail[kinds.index("resume"):]
+             if e["type"] == "metrics" and "loss" in json.loads(e["data_json"])]
+    assert after == [3, 4, 5, 6]
+    assert [r["step"] for r in store.job_checkpoints(job[0])] == [2, 4, 6]
+    assert store.get_training_job(job[0])["status"] == "succeeded"
+    with pytest.raises(TrainingError, match=f"job {job[0]} already finished"):
+        train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True,
+                  resume=job[0])
+    store.close()
