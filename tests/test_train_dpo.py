@@ -39,3 +39,16 @@ def test_dpo_from_an_sft_checkpoint_continues_that_adapter(captured, store):
 def test_dpo_needs_pairs(captured, store):
     with pytest.raises(TrainingDataError, match="empty DPO training set"):
         train_dpo(captured, store, TrainingSet("dpo", []), base=captured.model)
+
+
+def test_dpo_validates_on_a_validation_file_of_pairs(captured, store, tmp_path):
+    spec = captured
+    pairs = build_dpo_set(spec, store)
+    valid = pairs.to_jsonl(tmp_path / "valid_pairs.jsonl")
+    result = train_dpo(spec, store, pairs, base=spec.model, evaluate=False, quiet=True,
+                       config=quick_dpo(max_steps=4, eval_steps=2, save_steps=2, validation_file=str(valid)))
+    logged = events(store, result.job_id)
+    assert [e["step"] for e in logged if "eval_loss" in e] == [2, 4]
+    assert [c["step"] for c in result.checkpoints] == [2, 4]
+    assert all(c["valid_loss"] > 0 for c in result.checkpoints)
+    assert result.best_reason.startswith("lowest valid loss")
