@@ -146,3 +146,28 @@ def test_an_interrupted_launch_stops_every_process_and_fails_the_job(tmp_path, t
     assert checkpoints == 0
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # no worker outlived the launcher
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_validate_register_each_checkpoint_once_and_stop_together(tmp_path, tiny_model_dir):
+    """Only the main process scores and registers; the valid-score stop decision reaches both."""
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    db = tmp_path / "flywheel.db"
+    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
+    assert captured.exit_code == 0, captured.output
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    trained = subprocess.run(
+        [sys.executable, "-m", "flywheel", "train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
+         "-s", "max_steps=6", "-s", "precision=fp32", "-s", "batch_size=2", "-s", "logging_steps=1",
+         "-s", "eval_steps=1", "-s", "save_steps=1", "-s", "valid_subset=2", "-s", "keep=all",
+         "-s", "early_stopping.metric=valid_score", "-s", "early_stopping.patience=1",
+         "--no-eval", "--db", str(db), "--json", "--launcher", "accelerate", "--num-processes", "2", "--cpu"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = json.loads(trained.stdout)
+    # The tiny model scores 0 at every checkpoint: no improvement after the first, so both processes stop at 2.
+    assert result["stop_reason"].startswith("early stopping at step 2: valid_score")
+    assert result["metrics"]["processes"] == 2 and result["metrics"]["steps"] == 2
+    with sqlite3.connect(db) as conn:
+        steps = [r[0] for r in conn.execute("SELECT step FROM checkpoints ORDER BY step")]
+    assert steps == [1, 2]
