@@ -89,7 +89,9 @@ def test_the_job_returns_its_best_checkpoint_and_drops_its_trainer_folder(valida
     assert job["status"] == "succeeded" and job["checkpoint_id"] == best.id
     assert job["stop_reason"] == "end of the schedule" and result.stop_reason is None
     assert not Path(job["output_dir"]).exists()  # optimizer states go once the job succeeded
-    assert json.loads(store.get_checkpoint(checkpoints[-1].id)["metrics_json"])["steps"] == 6
+    last = json.loads(store.get_checkpoint(checkpoints[-1].id)["metrics_json"])
+    assert last["steps"] == 6  # the run's summary joins the last checkpoint's row
+    assert last["train_loss"] == result.metrics["last_loss"]  # its own step's loss, not the run's mean
     lines = "\n".join(result.summary_lines())
     assert "checkpoints (best:" in lines and all(c.id in lines for c in checkpoints)
 

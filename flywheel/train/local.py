@@ -370,7 +370,9 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         if not main:
             return None
         last = next(c for c in reversed(validation.checkpoints()) if c.step == final_step)
-        store.update_checkpoint(last.id, metrics_json=json.dumps({**last.metrics, **metrics}, default=str))
+        # The run's summary joins the last checkpoint's own metrics (its train_loss is the loss logged at
+        # its step, not the run's mean, which stays in the result's metrics).
+        store.update_checkpoint(last.id, metrics_json=json.dumps({**metrics, **last.metrics}, default=str))
         checkpoint, best_reason, _ = validation.finish()
         succeeded = True
     except BaseException as exc:
