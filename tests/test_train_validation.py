@@ -206,7 +206,6 @@ def test_early_stopping_fires_and_the_cli_prints_why_and_every_checkpoint(tmp_pa
 def test_validation_settings_that_cannot_work_are_one_line_errors(tmp_path, tiny_model_dir, store):
     spec = tiny_eval(tmp_path / "e", tiny_model_dir, graders=[
         {"type": "string_check", "name": "label", "input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}])
-    prompt = None
     from flywheel.prompt import Prompt
 
     prompt = Prompt(messages=spec.messages())

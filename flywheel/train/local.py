@@ -290,7 +290,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     job is resumable: `resume` (a job id), or the same call after a kill, continues from its last
     saved step with the trainer's optimizer, scheduler and data position. `monitor` sees every
     validation point and may stop the job (a search's pruner)."""
-    from flywheel.train.validation import JobValidation, _broadcast, saved_steps, training_prompt
+    from flywheel.train.validation import JobValidation, broadcast, copy_adapter, saved_steps, training_prompt
 
     main = is_main_process()
     base_ref, parent_id = resolve_base(store, base)
@@ -298,7 +298,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         record_training_set(store, training_set)
     job_id, saved = _job(store, method, training_set, base_ref, config, resume) if main else ("", None)
     output_dir = str(store.artefact_dir / "jobs" / job_id) if main and config.save_steps else None
-    job_id, saved, output_dir = _broadcast((job_id, saved, output_dir))
+    job_id, saved, output_dir = broadcast((job_id, saved, output_dir))
     bf16 = resolve_bf16(config.precision)
     # transformers 5 warns about its own deprecated gradient-checkpointing names on every step
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
@@ -323,8 +323,6 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
             # A kill between the trainer's save and its registration: register what is on disk.
             for step, folder in saved_steps(work):
                 if step not in validation.registered_steps():
-                    from flywheel.train.validation import copy_adapter
-
                     validation.register(step, lambda target, folder=folder: copy_adapter(folder, target))
         if quiet:
             import datasets

@@ -265,7 +265,7 @@ class JobValidation:
                 step=step, finish_job=False)
             if self.config.valid_subset:
                 score = self.score(checkpoint)
-        score = _broadcast(score)
+        score = broadcast(score)
         if score is not None:
             self._point(ValidationPoint(step, "valid_score", score, self._train_loss(step),
                                         checkpoint.id if checkpoint else None))
@@ -341,7 +341,7 @@ def copy_adapter(source: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
-def _broadcast(value: Any) -> Any:
+def broadcast(value: Any) -> Any:
     """The main process's value on every process (one process: the value itself)."""
     try:
         import torch.distributed as dist
