@@ -26,7 +26,7 @@ from flywheel.train import SFTSpec, TrainingDataError, TrainingError, build_sft_
 from flywheel.train.checkpoints import Checkpoint
 from flywheel.train.config import EarlyStoppingSpec
 from flywheel.train.sft import train_sft
-from flywheel.train.validation import EarlyStopper, JobValidation, choose_best, validation_set
+from flywheel.train.validation import EarlyStopper, JobValidation, choose_best, lock_job_folder, validation_set
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +322,11 @@ def test_the_same_call_after_a_crash_resumes_the_unfinished_job(tmp_path, tiny_m
                   monitor=crash)
     [job] = store.db.execute("select id, status, output_dir from training_jobs").fetchall()
     assert job[1] == "failed" and Path(job[2], "checkpoint-2", "trainer_state.json").is_file()
+    held = lock_job_folder(job[2])  # as if the job were still training in another process
+    with pytest.raises(TrainingError, match=f"job {job[0]} is still training in another process"):
+        train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True,
+                  resume=job[0])
+    held.close()
     result = train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True)
     assert result.job_id == job[0] and result.metrics["resumed_from_step"] == 2
     trail = store.training_events(job[0])

@@ -229,12 +229,14 @@ def _summarise_history(history: list[dict[str, Any]], loss_key: str) -> dict[str
 
 # -- the run ---------------------------------------------------------------------------------------
 def _job(store: Store, method: str, training_set: TrainingSet, base_ref: str, config: TrainConfig,
-         resume: str | None) -> tuple[str, tuple[int, Path] | None]:
-    """(job id, (step, trainer checkpoint folder) to resume from or None) on the main process.
+         resume: str | None) -> tuple[str, tuple[int, Path] | None, Any]:
+    """(job id, (step, trainer checkpoint folder) to resume from or None, the job folder's lock) on
+    the main process.
 
     `resume` names a job to continue; otherwise, with `save_steps`, an unfinished job of the same
-    method, set, base and config (killed part-way) is resumed; else a new job is created."""
-    from flywheel.train.validation import last_saved_step
+    method, set, base and config (killed part-way: its folder is not locked by a live process) is
+    resumed; else a new job is created."""
+    from flywheel.train.validation import last_saved_step, lock_job_folder
 
     config_json = config.model_dump_json()
     if resume:
@@ -253,18 +255,26 @@ def _job(store: Store, method: str, training_set: TrainingSet, base_ref: str, co
         if saved is None:
             raise TrainingError(f"job {resume}: no saved step to resume from in {job.get('output_dir')} (a job is "
                                 "resumable when it trains with save_steps)")
-        return resume, saved
+        lock = lock_job_folder(job["output_dir"])
+        if lock is None:
+            raise TrainingError(f"job {resume} is still training in another process; wait for it, or stop it first")
+        return resume, saved, lock
     if config.save_steps:
         job = store.find_resumable_job(method=method, training_set_id=training_set.id or "", base_model=base_ref,
                                        config_json=config_json)
         saved = last_saved_step(job.get("output_dir")) if job else None
         if job and saved:
-            return job["id"], saved
+            lock = lock_job_folder(job["output_dir"])
+            if lock is not None:  # else it is alive in another process: train a job of our own
+                return job["id"], saved, lock
     job_id = store.create_training_job(backend="local", method=method, training_set_id=training_set.id,
                                        base_model=base_ref, config_json=config_json)
+    lock = None
     if config.save_steps:
-        store.update_training_job(job_id, output_dir=str(store.artefact_dir / "jobs" / job_id))
-    return job_id, None
+        folder = store.artefact_dir / "jobs" / job_id
+        store.update_training_job(job_id, output_dir=str(folder))
+        lock = lock_job_folder(folder)
+    return job_id, None, lock
 
 
 def _earlier_history(store: Store, job_id: str, up_to_step: int) -> list[dict[str, Any]]:
@@ -296,7 +306,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     base_ref, parent_id = resolve_base(store, base)
     if main:
         record_training_set(store, training_set)
-    job_id, saved = _job(store, method, training_set, base_ref, config, resume) if main else ("", None)
+    job_id, saved, lock = _job(store, method, training_set, base_ref, config, resume) if main else ("", None, None)
     output_dir = str(store.artefact_dir / "jobs" / job_id) if main and config.save_steps else None
     job_id, saved, output_dir = broadcast((job_id, saved, output_dir))
     bf16 = resolve_bf16(config.precision)
@@ -380,6 +390,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     finally:
         if succeeded or not output_dir:  # a failed job keeps its folder: the same command resumes it
             shutil.rmtree(work, ignore_errors=True)
+        if lock is not None:
+            lock.close()
     trainer = model = built = None  # free the trained weights before evaluation loads models
     gc.collect()
     result = TrainResult(method=method, checkpoint=checkpoint, job_id=job_id, training_set_id=training_set.id or "",

@@ -356,6 +356,25 @@ def broadcast(value: Any) -> Any:
 
 
 # -- resuming --------------------------------------------------------------------------------------
+def lock_job_folder(folder: str | Path) -> Any:
+    """An exclusive lock on a job's folder for as long as the returned handle stays open (the OS
+    drops it when the process dies, even on kill -9); None when another process holds it, i.e. the
+    job is still training there. Without fcntl (Windows) every lock is granted."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "w")  # noqa: SIM115 - held open for the whole training run
+    try:
+        import fcntl
+    except ImportError:
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
 def last_saved_step(output_dir: str | Path | None) -> tuple[int, Path] | None:
     """The newest complete trainer checkpoint under a job's folder, as (step, folder), or None."""
     found = saved_steps(output_dir) if output_dir else []
