@@ -50,6 +50,7 @@ class Model(abc.ABC):
     """A chat model. Subclasses load lazily: constructing one reads no weights."""
 
     ref: str
+    reads_images: bool = False  # True for vision-language models (flywheel.models.vision)
 
     @property
     @abc.abstractmethod

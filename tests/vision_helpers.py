@@ -1,0 +1,126 @@
+"""Tiny images and a tiny vision-language model for the vision tests (nothing is downloaded).
+
+The model is a real transformers LlavaForConditionalGeneration (a 2-layer CLIP vision tower, a
+projector and a 2-layer Llama) with random weights, saved with a real LlavaProcessor built from
+the embedded SmolLM2 tokenizer plus an `<image>` token and a CLIP image processor, so loading
+goes through AutoModelForImageTextToText + AutoProcessor exactly as for a downloaded VLM.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+# A chat template with image placeholders and {% generation %} markers, in SmolLM2's turn format.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def image_bytes(colour: str | tuple[int, int, int] = "red", size: tuple[int, int] = (24, 20), fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    rgb = COLOURS[colour] if isinstance(colour, str) else colour
+    buffer = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def write_images(folder: Path) -> dict[str, Path]:
+    """One PNG per colour under folder/images/."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in COLOURS:
+        path = folder / "images" / f"{name}.png"
+        path.write_bytes(image_bytes(name))
+        out[name] = path
+    return out
+
+
+def colour_rows(per_split: int = 4) -> list[dict]:
+    """Rows naming a colour image by relative path, with the colour as the label."""
+    names = list(COLOURS)
+    rows = []
+    for split in ("train", "valid", "test"):
+        for i in range(per_split):
+            colour = names[i % len(names)]
+            rows.append({"id": f"{split}-{i}", "image": f"images/{colour}.png", "label": colour, "split": split})
+    return rows
+
+
+def vision_spec(model: str, **overrides) -> dict:
+    spec = {
+        "name": "colours",
+        "dataset": {"path": "data.jsonl", "id_field": "id"},
+        "split": {"column": "split"},
+        "input": [
+            {"role": "system", "content": "Name the colour: red, green, blue or yellow."},
+            {"role": "user", "content": [
+                {"type": "input_image", "image_url": "{{item.image}}", "detail": "low"},
+                {"type": "input_text", "text": "Which colour is this?"},
+            ]},
+        ],
+        "model": model,
+        "sampling": {"temperature": 0, "max_tokens": 4},
+        "graders": [{"type": "string_check", "name": "colour", "input": "{{sample.output_text}}",
+                     "reference": "{{item.label}}", "operation": "ilike"}],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def write_vision_eval(folder: Path, model: str, rows: list[dict] | None = None, **overrides) -> Path:
+    import yaml
+
+    write_images(folder)
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (rows or colour_rows())))
+    path = folder / "eval.yaml"
+    path.write_text(yaml.safe_dump(vision_spec(model, **overrides)), encoding="utf-8")
+    return path
+
+
+def build_tiny_vlm(target: Path, smollm2_dir: Path, seed: int = 0) -> Path:
+    """Save a tiny random LLaVA (model + processor) into `target`."""
+    import torch
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=16)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory, smollm2_dir) -> Path:
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), smollm2_dir)
