@@ -38,7 +38,15 @@ FETCH_TIMEOUT_S = 30.0
 
 
 class ImageError(FlywheelError):
-    """An image cannot be used: unreadable, an unsupported format, corrupt, or over a limit."""
+    """An image cannot be used: unreadable, an unsupported format, corrupt, or over a limit.
+    `reason` is one of REASONS (the skip reasons training-set screening counts)."""
+
+    def __init__(self, message: str, reason: str = "unreadable_image"):
+        super().__init__(message)
+        self.reason = reason
+
+
+REASONS = ("too_many_images", "image_too_large", "unsupported_format", "corrupt_image", "unreadable_image")
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,11 @@ def check_image_bytes(data: bytes) -> LoadedImage:
     if not data:
         raise ImageError("empty image (0 bytes)")
     if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"image is {_megabytes(len(data))}, over the {_megabytes(MAX_IMAGE_BYTES)} limit")
+        raise ImageError(f"image is {_megabytes(len(data))}, over the {_megabytes(MAX_IMAGE_BYTES)} limit", reason="image_too_large")
     kind = sniff_format(data)
     if kind not in MEDIA_TYPES:
         found = f"{kind} image" if kind else "not an image (unknown file signature)"
-        raise ImageError(f"{found}; supported formats: JPEG, PNG, WEBP")
+        raise ImageError(f"{found}; supported formats: JPEG, PNG, WEBP", reason="unsupported_format")
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -102,9 +110,10 @@ def check_image_bytes(data: bytes) -> LoadedImage:
             img.load()  # decodes the pixels: a truncated or corrupt file fails here
             width, height, decoded = img.width, img.height, img.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"corrupt {kind} image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise ImageError(f"corrupt {kind} image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                         reason="corrupt_image") from None
     if decoded != kind:
-        raise ImageError(f"file signature says {kind} but Pillow decodes it as {decoded}")
+        raise ImageError(f"file signature says {kind} but Pillow decodes it as {decoded}", reason="corrupt_image")
     return LoadedImage(data=data, media_type=MEDIA_TYPES[kind], width=width, height=height,
                        sha256=hashlib.sha256(data).hexdigest())
 
@@ -163,7 +172,7 @@ def _read_file(path: Path) -> LoadedImage:
     if found is not None:
         return found
     if stat.st_size > MAX_IMAGE_BYTES:
-        raise ImageError(f"image is {_megabytes(stat.st_size)}, over the {_megabytes(MAX_IMAGE_BYTES)} limit")
+        raise ImageError(f"image is {_megabytes(stat.st_size)}, over the {_megabytes(MAX_IMAGE_BYTES)} limit", reason="image_too_large")
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -185,7 +194,7 @@ def _fetch(url: str) -> bytes:
     except (urllib.error.URLError, OSError) as exc:
         raise ImageError(f"cannot fetch image: {getattr(exc, 'reason', exc)}") from None
     if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"image is over the {_megabytes(MAX_IMAGE_BYTES)} limit")
+        raise ImageError(f"image is over the {_megabytes(MAX_IMAGE_BYTES)} limit", reason="image_too_large")
     return data
 
 
@@ -305,7 +314,7 @@ def check_image_count(messages: Sequence[dict[str, Any]]) -> None:
     """At most MAX_IMAGES images in one example."""
     count = sum(1 for _ in iter_image_urls(messages))
     if count > MAX_IMAGES:
-        raise ImageError(f"{count} images in one example; the limit is {MAX_IMAGES}")
+        raise ImageError(f"{count} images in one example; the limit is {MAX_IMAGES}", reason="too_many_images")
 
 
 # -- thumbnails for pages --------------------------------------------------------------------------
@@ -369,11 +378,12 @@ def render_parts(messages: Sequence[dict[str, Any]], item: Any) -> list[dict[str
             try:
                 image = load_image(ref, item.source.parent if item.source else None)
             except ImageError as exc:
-                raise ImageError(f"{where}: {short_ref(ref)}: {exc}") from None
+                raise ImageError(f"{where}: {short_ref(ref)}: {exc}", reason=exc.reason) from None
             count += 1
             if count > MAX_IMAGES:
                 raise ImageError(f"{item.where}: more than {MAX_IMAGES} images in one example "
-                                 f"(input[{index}].content[{position}] is image {count}); the limit is {MAX_IMAGES}")
+                                 f"(input[{index}].content[{position}] is image {count}); the limit is {MAX_IMAGES}",
+                                 reason="too_many_images")
             parts.append(image_part(image, detail))
         if all(p["type"] == "text" for p in parts):
             out.append({"role": message["role"], "content": "".join(p["text"] for p in parts)})
