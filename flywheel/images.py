@@ -414,3 +414,47 @@ def check_item_images(messages: Sequence[dict[str, Any]], items: Sequence[Any]) 
             continue  # recorded per sample, as for text prompts
         checked += sum(1 for _ in iter_image_urls(rendered))
     return checked
+
+
+class Thumbnails:
+    """Thumbnails for one page: each distinct image made once, and no more than `max_total`
+    bytes of them in all (past that, images are left out and counted in `omitted`)."""
+
+    def __init__(self, max_total: int = 2 * 1024 * 1024, side: int = THUMB_SIDE):
+        self.max_total, self.side = max_total, side
+        self.total = 0
+        self.omitted = 0
+        self._made: dict[str, str | None] = {}
+
+    def of(self, url: str) -> str | None:
+        """The thumbnail data URL of an inline image, or None (not inline, undecodable, over budget)."""
+        key = hashlib.sha256(url.encode()).hexdigest()
+        if key in self._made:
+            return self._made[key]
+        thumb = thumbnail_data_url(url, self.side)
+        if thumb is not None and self.total + len(thumb) > self.max_total:
+            self.omitted += 1
+            thumb = None
+        elif thumb is not None:
+            self.total += len(thumb)
+        self._made[key] = thumb
+        return thumb
+
+    def for_messages(self, messages: Sequence[dict[str, Any]] | None) -> list[str]:
+        """Thumbnails of every image in a conversation, in order (those that could be made)."""
+        return [t for t in (self.of(u) for u in iter_image_urls(messages)) if t is not None]
+
+
+def describe_content(content: Any) -> str:
+    """A message's content as plain text for pages and diffs: text parts as they are, images as
+    `[image: REF]` (data URLs cut to their media type)."""
+    if not isinstance(content, list):
+        return "" if content is None else str(content)
+    out = []
+    for part in content:
+        url = image_url_of(part)
+        if url is not None:
+            out.append(f"[image: {short_ref(url)}]")
+        elif isinstance(part, dict):
+            out.append(str(part.get("text", "")))
+    return "".join(out)

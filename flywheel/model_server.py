@@ -106,14 +106,14 @@ def _vision_parts(content: list[Any], index: int) -> list[dict[str, Any]]:
             continue
         url = image_url_of(part)
         if not isinstance(url, str):
-            raise ApiError(400, f"{where}: expected a text or image_url part", param=where, code="unsupported_content")
+            raise ApiError(400, f"{where}: expected a text or image_url part", param=f"messages[{index}].content", code="unsupported_content")
         if not url.startswith("data:"):
             raise ApiError(400, f"{where}: only base64 data URLs are accepted for images (this server fetches "
-                           "no URLs)", param=where, code="unsupported_content")
+                           "no URLs)", param=f"messages[{index}].content", code="unsupported_content")
         try:
             image = load_image(url)
         except ImageError as exc:
-            raise ApiError(400, f"{where}: {exc}", param=where, code="invalid_image") from None
+            raise ApiError(400, f"{where}: {exc}", param=f"messages[{index}].content", code="invalid_image") from None
         inner = part.get("image_url") if isinstance(part.get("image_url"), dict) else {}
         parts.append(image_part(image, inner.get("detail") or part.get("detail")))
     return parts
