@@ -93,8 +93,10 @@ def write_vision_eval(folder: Path, model: str, rows: list[dict] | None = None, 
     return path
 
 
-def build_tiny_vlm(target: Path, smollm2_dir: Path, seed: int = 0) -> Path:
-    """Save a tiny random LLaVA (model + processor) into `target`."""
+def build_tiny_vlm(target: Path, smollm2_dir: Path, seed: int = 0, *, hidden: int = 32, layers: int = 2,
+                   image_size: int = 32, patch: int = 8) -> Path:
+    """Save a tiny random LLaVA (model + processor) into `target`; (image_size / patch)^2 image
+    tokens per image (16 by default)."""
     import torch
     from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
@@ -102,19 +104,21 @@ def build_tiny_vlm(target: Path, smollm2_dir: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=hidden)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=16)
+                         vision_feature_layer=-1, vision_feature_select_strategy="default",
+                         image_seq_length=(image_size // patch) ** 2)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     model.save_pretrained(target)
     processor.save_pretrained(target)
