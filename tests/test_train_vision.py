@@ -179,3 +179,30 @@ def test_hosted_vision_job_uploads_screened_rows_and_logs_the_skips(vision_eval,
     data = json.loads(event["data_json"])
     assert data["skipped"] == {"unsupported_format": 1, "too_many_images": 1} and data["kept"] == 2
     assert "CAPTCHAs" in event["message"]
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+def test_cli_exports_vision_jsonl_and_trains_on_an_imported_file(vision_eval, store, tmp_path, tiny_vlm_dir):
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+
+    capture(vision_eval, store, "reference:label")
+    runner = CliRunner()
+    out = tmp_path / "vision.jsonl"
+    result = runner.invoke(main, ["train", "export", "sft", vision_eval.source, "-o", str(out), "--db", str(store.path)])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(set_has_images(TrainingSet("sft", [r], {})) for r in rows)
+    hf = runner.invoke(main, ["train", "export", "sft", vision_eval.source, "-o", str(out), "--hf", str(tmp_path / "hf"),
+                              "--db", str(store.path)])
+    assert hf.exit_code == 1 and "this training set has images" in hf.output
+    rows.append(_row("red", url=data_url(image_bytes(fmt="GIF"), "image/gif")))
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(main, ["train", "sft", vision_eval.source, "--base", f"local:{tiny_vlm_dir}", "--data",
+                                  str(out), "-s", "max_steps=2", "-s", "batch_size=2", "-s", "precision=fp32",
+                                  "--no-eval", "--json", "--db", str(store.path)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{"):])["metrics"]
+    assert metrics["rows"] == 4 and metrics["steps"] == 2
+    assert metrics["image_screening"]["skipped"] == {"unsupported_format": 1}
