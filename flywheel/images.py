@@ -98,12 +98,14 @@ def check_image_bytes(data: bytes) -> LoadedImage:
     if not data:
         raise ImageError("empty image (0 bytes)")
     if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"image is {_megabytes(len(data))}, over the {_megabytes(MAX_IMAGE_BYTES)} limit", reason="image_too_large")
+        raise ImageError(f"image is {_megabytes(len(data))}, over the {_megabytes(MAX_IMAGE_BYTES)} limit",
+                         reason="image_too_large")
     kind = sniff_format(data)
     if kind not in MEDIA_TYPES:
         found = f"{kind} image" if kind else "not an image (unknown file signature)"
         raise ImageError(f"{found}; supported formats: JPEG, PNG, WEBP", reason="unsupported_format")
-    from PIL import Image, UnidentifiedImageError
+    Image = pillow()
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -116,6 +118,15 @@ def check_image_bytes(data: bytes) -> LoadedImage:
         raise ImageError(f"file signature says {kind} but Pillow decodes it as {decoded}", reason="corrupt_image")
     return LoadedImage(data=data, media_type=MEDIA_TYPES[kind], width=width, height=height,
                        sha256=hashlib.sha256(data).hexdigest())
+
+
+def pillow():
+    """PIL.Image, or ImageError saying how to install it."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImageError("images need Pillow: pip install 'flywheel[vision]'") from None
+    return Image
 
 
 # -- loading references ----------------------------------------------------------------------------
@@ -172,7 +183,8 @@ def _read_file(path: Path) -> LoadedImage:
     if found is not None:
         return found
     if stat.st_size > MAX_IMAGE_BYTES:
-        raise ImageError(f"image is {_megabytes(stat.st_size)}, over the {_megabytes(MAX_IMAGE_BYTES)} limit", reason="image_too_large")
+        raise ImageError(f"image is {_megabytes(stat.st_size)}, over the {_megabytes(MAX_IMAGE_BYTES)} limit",
+                         reason="image_too_large")
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -229,7 +229,7 @@ def test_cli_prints_one_error_line(tmp_path):
     result = CliRunner().invoke(main, ["eval", str(path), "--split", "test", "--db", str(tmp_path / "f.db")])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines == [f"error: data.jsonl:2 (item 'bad-2'): input[0].content[0].image_url: images/anim.gif: "
+    assert lines == ["error: data.jsonl:2 (item 'bad-2'): input[0].content[0].image_url: images/anim.gif: "
                      "GIF image; supported formats: JPEG, PNG, WEBP"], result.output
 
 

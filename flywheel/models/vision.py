@@ -175,7 +175,8 @@ class VisionModel(Model):
                     results[index] = completion
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, rows: list[tuple[list[dict[str, Any]], list[Any]]], sampling, repeat: int) -> list[Completion]:
+    def _generate_batch(self, rows: list[tuple[list[dict[str, Any]], list[Any]]], sampling,
+                        repeat: int) -> list[Completion]:
         import torch
 
         model, processor = self.load()
