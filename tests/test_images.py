@@ -256,3 +256,38 @@ def test_thumbnails_are_small_inline_jpegs():
     assert max(image.width, image.height) <= images.THUMB_SIDE
     assert len(image.data) <= images.THUMB_MAX_BYTES
     assert thumbnail_data_url("https://example.com/cat.png") is None  # never fetched
+
+
+def test_proxy_captures_with_images_become_a_vision_eval(tmp_path):
+    from test_outputs import capture as capture_row
+
+    red, blue = data_url(image_bytes("red")), data_url(image_bytes("blue"))
+    rows = []
+    for url, answer in ((red, "red"), (blue, "blue")):
+        row = capture_row("2026-11-03T12:00:00.000+00:00", "q", answer, {"usecase": "colours"})
+        request = json.loads(row["request_json"])
+        request["messages"][1]["content"] = [{"type": "text", "text": "Which colour?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]
+        row["request_json"] = json.dumps(request)
+        rows.append(row)
+    traffic = Store.open(tmp_path / "traffic.db")
+    traffic.insert_captures(rows)
+    traffic.close()
+    spec = {"name": "traffic", "dataset": {"captures": {"db": "traffic.db"}},
+            "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "{{item.image}}"},
+                                                   {"type": "input_text", "text": "{{item.input}}"}]}],
+            "outputs": {"field": "output"},
+            "graders": [{"type": "string_check", "name": "ok", "input": "{{sample.output_text}}",
+                         "reference": "red", "operation": "eq"}]}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(spec))
+    loaded = load_eval_spec(tmp_path / "t.yaml")
+    store = Store.open(tmp_path / "f.db")
+    try:
+        result = run_eval(loaded, store, split="test")
+        assert result.n_samples == 2 and result.n_errors == 0 and result.pass_rate == 0.5
+        inputs = [json.loads(r[0]) for r in store.db.execute("select input_json from samples order by item_key")]
+    finally:
+        store.close()
+    assert [m[0]["content"][1] for m in inputs] == [{"type": "text", "text": "Which colour?"}] * 2
+    assert [load_image(m[0]["content"][0]["image_url"]["url"]).data for m in inputs] == \
+        [image_bytes("red"), image_bytes("blue")]
