@@ -339,7 +339,7 @@ def create_app(model: Model, *, name: str | None = None, batch_size: int = 32, m
         if call.model not in aliases:
             raise ApiError(404, f"The model '{call.model}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
-        if not model.reads_images:
+        if model.reads_images is False:
             from flywheel.images import has_images
 
             if has_images(call.messages):

@@ -291,3 +291,17 @@ def test_proxy_captures_with_images_become_a_vision_eval(tmp_path):
     assert [m[0]["content"][1] for m in inputs] == [{"type": "text", "text": "Which colour?"}] * 2
     assert [load_image(m[0]["content"][0]["image_url"]["url"]).data for m in inputs] == \
         [image_bytes("red"), image_bytes("blue")]
+
+
+def test_an_image_prompt_for_a_text_model_fails_before_anything_is_stored(tmp_path, tiny_model_dir):
+    from flywheel.errors import ModelError
+
+    spec = load_eval_spec(write_vision_eval(tmp_path / "e", f"local:{tiny_model_dir}"))
+    db = tmp_path / "f.db"
+    store = Store.open(db)
+    try:
+        with pytest.raises(ModelError, match=r"is a text model: it does not read images"):
+            run_eval(spec, store, split="test")
+    finally:
+        store.close()
+    _store_is_empty(db)

@@ -50,7 +50,8 @@ class Model(abc.ABC):
     """A chat model. Subclasses load lazily: constructing one reads no weights."""
 
     ref: str
-    reads_images: bool = False  # True for vision-language models (flywheel.models.vision)
+    # True: a vision-language model (flywheel.models.vision); False: a text model; None: unknown (remote).
+    reads_images: bool | None = None
 
     @property
     @abc.abstractmethod

@@ -186,6 +186,8 @@ class LocalModel(Model):
     `base` is an embedded name (`smollm2`), a folder or a hub id; `adapter` a PEFT adapter folder.
     """
 
+    reads_images = False  # vision-language models load as flywheel.models.vision.VisionModel
+
     def __init__(self, ref: str, base: str, adapter: str | None = None, *, dtype: str | None = None,
                  batch_size: int = 32, device: str | None = None, prefix_cache: bool = True,
                  decoder: str = "continuous"):
