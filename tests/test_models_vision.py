@@ -12,7 +12,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from vision_helpers import data_url, image_bytes, tiny_vlm_dir, write_vision_eval  # noqa: F401 - fixture
+from vision_helpers import (data_url, image_bytes, tiny_idefics3_dir, tiny_vlm_dir,  # noqa: F401 - fixtures
+                            write_vision_eval)
 
 from flywheel.harness import run_eval
 from flywheel.images import check_image_bytes, image_part
@@ -61,6 +62,19 @@ def test_batched_generation_equals_one_at_a_time_and_sees_the_image(tiny_vlm_dir
         with torch.inference_mode():
             logits.append(net(**processor(text=[text], images=[images], return_tensors="pt")).logits[0, -1])
     assert not torch.allclose(logits[0], logits[1])
+
+
+def test_idefics3_with_image_splitting_batches_like_one_at_a_time(tiny_idefics3_dir):
+    """Another architecture and processor: image tokens vary with each image's size and shape."""
+    model = load_model(f"local:{tiny_idefics3_dir}", {"batch_size": 4, "dtype": "fp32"})
+    assert isinstance(model, VisionModel)
+    requests = [ChatRequest(messages=[{"role": "user", "content": [
+        image_part(check_image_bytes(image_bytes(colour, size=size))), {"type": "text", "text": "Which?"}]}],
+        sampling=Sampling(max_tokens=5)) for colour, size in (("red", (24, 20)), ("blue", (64, 30)), ("green", (20, 64)))]
+    batched = model.generate(requests)
+    single = [model.generate([r])[0] for r in requests]
+    assert [(c.text, c.prompt_tokens) for c in batched] == [(c.text, c.prompt_tokens) for c in single]
+    assert len({c.prompt_tokens for c in batched}) == 3  # a wide image is split into more tiles
 
 
 def test_text_only_requests_still_work(tiny_vlm_dir):

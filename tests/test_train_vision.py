@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from vision_helpers import data_url, image_bytes, tiny_vlm_dir, write_vision_eval  # noqa: F401 - fixture
+from vision_helpers import (data_url, image_bytes, tiny_idefics3_dir, tiny_vlm_dir,  # noqa: F401 - fixtures
+                            write_vision_eval)
 
 from flywheel.distill import capture
 from flywheel.images import iter_image_urls, load_image
@@ -98,8 +99,10 @@ def test_sft_set_exports_and_imports_as_the_platform_vision_jsonl(vision_eval, s
     assert back.rows == training_set.rows and back.content_hash == training_set.content_hash
 
 
-def test_collator_learns_assistant_tokens_only_never_image_tokens(tiny_vlm_dir):
-    model = load_model(f"local:{tiny_vlm_dir}")
+@pytest.mark.parametrize("which", ["llava", "idefics3"])
+def test_collator_learns_assistant_tokens_only_never_image_tokens(which, request):
+    folder = request.getfixturevalue("tiny_vlm_dir" if which == "llava" else "tiny_idefics3_dir")
+    model = load_model(f"local:{folder}")
     net, processor = model.load()
     from flywheel.train.vision import image_token_id
 
@@ -107,7 +110,8 @@ def test_collator_learns_assistant_tokens_only_never_image_tokens(tiny_vlm_dir):
     collator = VisionSFTCollator(processor, loss="assistant", image_token_id=image_id)
     batch = collator([{"messages": json.dumps(_row("green")["messages"])},
                       {"messages": json.dumps(_row("blue", n_images=2)["messages"])}])
-    assert batch["pixel_values"].shape[0] == 3  # three images in the batch
+    if which == "llava":
+        assert batch["pixel_values"].shape[0] == 3  # three images in the batch
     for row in range(2):
         learned = batch["labels"][row][batch["labels"][row] != -100]
         text = processor.tokenizer.decode(learned)
@@ -128,12 +132,14 @@ def test_text_models_refuse_image_sets(vision_eval, store, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_a_few_lora_sft_steps_on_a_tiny_vlm_lower_the_loss_and_evaluate(vision_eval, store, tiny_vlm_dir):
+@pytest.mark.parametrize("which", ["llava", "idefics3"])
+def test_a_few_lora_sft_steps_on_a_tiny_vlm_lower_the_loss_and_evaluate(which, vision_eval, store, request):
+    folder = request.getfixturevalue("tiny_vlm_dir" if which == "llava" else "tiny_idefics3_dir")
     capture(vision_eval, store, "reference:label")
     training_set = build_sft_set(vision_eval, store)
     config = SFTSpec(max_steps=8, batch_size=4, learning_rate=1e-2, logging_steps=1, precision="fp32",
                      lora={"r": 4, "alpha": 8})
-    result = train_sft(vision_eval, store, training_set, base=f"local:{tiny_vlm_dir}", config=config,
+    result = train_sft(vision_eval, store, training_set, base=f"local:{folder}", config=config,
                        splits=("test",), quiet=True)
     metrics = result.metrics
     assert metrics["vision"] is True and metrics["images"] == 4 and metrics["steps"] == 8

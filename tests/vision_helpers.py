@@ -125,6 +125,40 @@ def build_tiny_vlm(target: Path, smollm2_dir: Path, seed: int = 0, *, hidden: in
     return target
 
 
+def build_tiny_idefics3(target: Path, smollm2_dir: Path, seed: int = 0) -> Path:
+    """Save a tiny random Idefics3 (SmolVLM's architecture) with image splitting: unlike LLaVA, the
+    number of image tokens depends on each image's size and shape."""
+    import torch
+    from transformers import (AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
+                              Idefics3Processor, LlamaConfig)
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [
+        "<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]})
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=32, patch_size=8)
+    config = Idefics3Config(vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).save_pretrained(target)
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                               do_image_splitting=True),
+        tokenizer=tokenizer, image_seq_len=4, chat_template=CHAT_TEMPLATE)
+    processor.save_pretrained(target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory, smollm2_dir) -> Path:
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory, smollm2_dir) -> Path:
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny-idefics3"), smollm2_dir)
