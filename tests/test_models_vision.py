@@ -179,3 +179,11 @@ def test_a_text_model_server_refuses_images(tiny_model_dir):
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image_bytes())}}]}]
         with pytest.raises(openai.BadRequestError, match="does not read images"):
             client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+
+
+def test_a_local_text_model_refuses_image_requests(tiny_model_dir):
+    from flywheel.errors import ModelError
+
+    model = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32"})
+    with pytest.raises(ModelError, match="is a text model: it does not read images"):
+        model.generate([_ask("red")])

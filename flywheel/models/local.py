@@ -302,6 +302,10 @@ class LocalModel(Model):
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
+        from flywheel.images import has_images
+
+        if any(has_images(r.messages) for r in requests):  # the chat template would print the bytes as text
+            raise ModelError(f"{self.ref} is a text model: it does not read images (docs/vision.md)")
         _, tokenizer = self.load()
         token_ids = [tokenizer(self.render_prompt(r.messages, r.tools, r.tool_choice), add_special_tokens=False).input_ids
                      for r in requests]
