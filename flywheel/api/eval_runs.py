@@ -96,13 +96,22 @@ class RecordedModel(Model):
 def is_recorded(source: dict[str, Any]) -> bool:
     """Whether a run grades given outputs (a `jsonl` run, or stored completions graded as they are)."""
     inner = source.get("source") if isinstance(source.get("source"), dict) else {}
-    return source.get("type") == "jsonl" or inner.get("type") == "stored_completions"
+    return source.get("type") == "jsonl" or inner.get("type") in ("stored_completions", "responses")
+
+
+def chat_response_format(text_format: dict[str, Any]) -> dict[str, Any]:
+    """The Responses API's `text.format` (json_schema flattened) as a chat `response_format`."""
+    if text_format.get("type") == "json_schema" and "json_schema" not in text_format:
+        return {"type": "json_schema", "json_schema": {k: v for k, v in text_format.items() if k != "type"}}
+    return text_format
 
 
 def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size: int = 8) -> EvalSpec:
     """The harness spec of an API eval run; 400 when the run cannot be expressed as one."""
     source = json.loads(run_row["data_source_json"])
-    params = source.get("sampling_params") or {}
+    params = dict(source.get("sampling_params") or {})
+    if isinstance((params.get("text") or {}).get("format"), dict):  # a `responses` run's response format
+        params.setdefault("response_format", chat_response_format(params["text"]["format"]))
     model = source.get("model")
     if is_recorded(source):
         model = RecordedModel.ref

@@ -17,9 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flywheel.api.access import caller
 from flywheel.api.errors import invalid, not_found
 from flywheel.api.jobs import new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
+from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.web import read_body
 
 if TYPE_CHECKING:
@@ -85,9 +87,9 @@ def validate_upload(purpose: str, rows: list[dict[str, Any]], filename: str) -> 
                           "(optionally with \"sample\").", "file", "invalid_file_format")
 
 
-def read_rows(state: "ApiState", file_id: str, param: str) -> list[dict[str, Any]]:
-    """The JSONL rows of a stored file (for eval runs and fine-tuning jobs); 404 naming `param`."""
-    row = state.store().api_get("api_files", file_id)
+def read_rows(state: "ApiState", file_id: str, param: str, project: str) -> list[dict[str, Any]]:
+    """The JSONL rows of a file of `project` (for eval runs and fine-tuning jobs); 404 naming `param`."""
+    row = get_owned(state.store(), "api_files", file_id, project)
     if row is None:
         raise not_found("file", file_id, param)
     return parse_jsonl(Path(row["path"]).read_bytes(), row["filename"])
@@ -116,31 +118,32 @@ def routes(state: "ApiState") -> list[Route]:
         path.write_bytes(data)
         row = {"id": file_id, "created_at": unix_now(), "filename": filename, "purpose": purpose,
                "bytes": len(data), "path": str(path), "n_rows": len(rows)}
-        store.api_insert("api_files", row)
+        insert_owned(store, "api_files", row, caller(request).project)
         return JSONResponse(file_object(row))
 
     async def list_files(request: Request) -> Response:
         after, limit, order = page_args(request, max_limit=10000)
         purpose = request.query_params.get("purpose")
-        rows, more = state.store().api_list("api_files", after=after, limit=limit, order=order,
-                                            where={"purpose": purpose} if purpose else None)
+        rows, more = list_owned(state.store(), "api_files", caller(request).project, after=after, limit=limit,
+                                order=order, where={"purpose": purpose} if purpose else None)
         return JSONResponse(page([file_object(r) for r in rows], more))
 
-    def _get(file_id: str) -> dict[str, Any]:
-        row = state.store().api_get("api_files", file_id)
+    def _get(request: Request) -> dict[str, Any]:
+        file_id = request.path_params["file_id"]
+        row = get_owned(state.store(), "api_files", file_id, caller(request).project)
         if row is None:
             raise not_found("file", file_id, "file_id")
         return row
 
     async def retrieve(request: Request) -> Response:
-        return JSONResponse(file_object(_get(request.path_params["file_id"])))
+        return JSONResponse(file_object(_get(request)))
 
     async def content(request: Request) -> Response:
-        row = _get(request.path_params["file_id"])
+        row = _get(request)
         return Response(Path(row["path"]).read_bytes(), media_type="application/octet-stream")
 
     async def delete(request: Request) -> Response:
-        row = _get(request.path_params["file_id"])
+        row = _get(request)
         state.store().api_delete("api_files", row["id"])
         Path(row["path"]).unlink(missing_ok=True)
         return JSONResponse({"id": row["id"], "object": "file", "deleted": True})

@@ -19,11 +19,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.eval_runs import LOCAL_COMPUTE
 from flywheel.api.files import read_rows, training_kind
 from flywheel.api.jobs import JobContext, new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
+from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
 from flywheel.web import parse_json_object, read_body
@@ -98,14 +100,15 @@ def event_object(row: dict[str, Any]) -> dict[str, Any]:
             "data": json.loads(row["data_json"]) if row["data_json"] else None}
 
 
-def model_for(store: Store, model: str) -> str:
-    """The Flywheel model reference of a `ft:` id made here; any other value is taken as a reference."""
+def model_for(store: Store, model: str, project: str) -> str:
+    """The Flywheel model reference of a `ft:` id made here by `project`; any other value is taken as a
+    reference."""
     if not model.startswith("ft:"):
         from flywheel.models import parse_model_ref
 
         parse_model_ref(model)  # ModelError for what is no reference
         return model
-    rows, _ = store.api_list("api_fine_tuning_jobs", limit=1, where={"fine_tuned_model": model})
+    rows, _ = list_owned(store, "api_fine_tuning_jobs", project, limit=1, where={"fine_tuned_model": model})
     if not rows or not rows[0]["checkpoint_id"]:
         raise FlywheelError(f"no fine-tuned model {model!r} on this server")
     return store.get_checkpoint(rows[0]["checkpoint_id"])["model_ref"]
@@ -153,7 +156,7 @@ class FineTuningRunner:
         builder = build_sft_trainer if kind == "sft" else build_dpo_trainer
         training_set = load_training_file(kind, file_row["path"])
         config = train_config(row)
-        base = model_for(store, row["model"])
+        base = model_for(store, row["model"], row.get("project") or "default")
         # run_local wants an eval spec for evaluating afterwards; the API job does not evaluate.
         spec = parse_eval_spec({"name": f"api-{row['id']}", "dataset": {"path": file_row["path"]},
                                 "input": [{"role": "user", "content": "-"}], "model": base,
@@ -193,7 +196,7 @@ class FineTuningRunner:
 def routes(state: "ApiState") -> list[Route]:
     def get_job(request: Request) -> dict[str, Any]:
         job_id = request.path_params["job_id"]
-        row = state.store().api_get("api_fine_tuning_jobs", job_id)
+        row = get_owned(state.store(), "api_fine_tuning_jobs", job_id, caller(request).project)
         if row is None:
             raise not_found("fine-tuning job", job_id, "fine_tuning_job_id")
         return row
@@ -212,23 +215,24 @@ def routes(state: "ApiState") -> list[Route]:
         suffix = field(body, "suffix", str)
         if suffix is not None and len(suffix) > 64:
             raise invalid("suffix must be at most 64 characters.", "suffix")
-        rows = read_rows(state, training_file, "training_file")
+        project = caller(request).project
+        rows = read_rows(state, training_file, "training_file", project)
         wanted = METHODS[method_type][0]
         if training_kind(rows) != wanted:
             raise invalid(f"training_file {training_file} holds {training_kind(rows)} rows; {method_type} jobs need "
                           f"{wanted} rows (the platform's {method_type} format).", "training_file")
         if validation_file is not None:
-            read_rows(state, validation_file, "validation_file")
+            read_rows(state, validation_file, "validation_file", project)
         store = state.store()
         try:
-            model_for(store, model)
+            model_for(store, model, project)
         except FlywheelError as exc:
             raise invalid(str(exc), "model", "model_not_found") from None
         row = {"id": new_object_id("ftjob-"), "created_at": unix_now(), "status": "queued", "model": model,
                "training_file": training_file, "validation_file": validation_file, "method_json": json.dumps(method),
                "suffix": suffix, "seed": field(body, "seed", int, default=0),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {})}
-        store.api_insert("api_fine_tuning_jobs", row)
+        insert_owned(store, "api_fine_tuning_jobs", row, project)
         store.add_api_event(row["id"], f"Created fine-tuning job: {row['id']}", created_at=row["created_at"])
         store.enqueue_job(new_object_id("job_"), "fine_tuning", row["id"], row["created_at"])
         state.notify()
@@ -237,7 +241,8 @@ def routes(state: "ApiState") -> list[Route]:
 
     async def list_jobs(request: Request) -> Response:
         after, limit, order = page_args(request)
-        rows, more = state.store().api_list("api_fine_tuning_jobs", after=after, limit=limit, order=order)
+        rows, more = list_owned(state.store(), "api_fine_tuning_jobs", caller(request).project, after=after,
+                                limit=limit, order=order)
         return JSONResponse(page([job_object(r) for r in rows], more))
 
     async def retrieve(request: Request) -> Response:
