@@ -271,6 +271,10 @@ def m011_api_projects_roles_limits(db: sqlite_utils.Database) -> None:
     db.execute("update api_keys set project = 'default', role = 'admin' where project is null")
     # A fine-tuning job can be paused (`POST .../pause`): the flag the running job reads, like cancel.
     db["api_jobs"].add_column("pause_requested", int)
+    # Where a paused job stopped (step, total steps, the adapter saved there), and the job's final
+    # metrics (train_loss, valid_loss on its validation_file, or RFT rewards).
+    db["api_fine_tuning_jobs"].add_column("resume_json", str)
+    db["api_fine_tuning_jobs"].add_column("metrics_json", str)
     # Chat completions stored through the API carry their project; proxy captures (null) are 'default'.
     db["captures"].add_column("api_project", str)
 

@@ -12,6 +12,8 @@ from api_helpers import client_for, jsonl
 from flywheel.api.app import create_api_app
 from flywheel.web import BackgroundServer
 
+GRADER = {"type": "string_check", "name": "says_card", "input": "{{sample.output_text}}",
+          "reference": "card", "operation": "like"}
 ROWS = [{"messages": [{"role": "user", "content": f"question {i}"},
                       {"role": "assistant", "content": ["card_arrival", "pin_blocked"][i % 2]}]} for i in range(8)]
 
@@ -78,8 +80,25 @@ def test_job_requests_are_checked(server, tiny_model_dir):
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file="file-nope")
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=evals_file.id,
-                                       method={"type": "reinforcement"})
+                                       method={"type": "distillation"})
     assert excinfo.value.body["param"] == "method.type"
+    with pytest.raises(openai.BadRequestError) as excinfo:  # RFT needs its grader
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id,
+                                       method={"type": "reinforcement"})
+    assert excinfo.value.body["param"] == "method.reinforcement.grader"
+    with pytest.raises(openai.BadRequestError, match="label_model graders cannot be RFT rewards") as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": {
+                "type": "label_model", "name": "l", "model": "local:smollm2", "input": [], "labels": ["a"],
+                "passing_labels": ["a"]}}})
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": {"type": "string_check", "name": "x"}}})
+    assert excinfo.value.body["param"] == "method.reinforcement.grader"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {"reasoning_effort": "max"}}})
+    assert excinfo.value.body["param"] == "method.reinforcement.hyperparameters.reasoning_effort"
     with pytest.raises(openai.BadRequestError) as excinfo:  # chat examples are not preference pairs
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={"type": "dpo"})
     assert excinfo.value.body["param"] == "training_file"
@@ -91,6 +110,11 @@ def test_job_requests_are_checked(server, tiny_model_dir):
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.jobs.create(model="nonsense", training_file=training.id)
     assert excinfo.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as excinfo:  # validation rows in the method's format too
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id,
+                                       validation_file=rft.id)
+    assert excinfo.value.body["param"] == "validation_file"
+    assert list(client.fine_tuning.jobs.list()) == []  # nothing stored from a refused create
 
 
 def test_cancel_a_queued_job(tmp_path, tiny_model_dir):

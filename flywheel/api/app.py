@@ -25,7 +25,7 @@ from flywheel.api import chat, evals, files, fine_tuning, graders_api, wheel_run
 from flywheel.api.access import Access
 from flywheel.api.errors import HANDLERS
 from flywheel.api.eval_runs import EvalRunRunner
-from flywheel.api.fine_tuning import FineTuningRunner
+from flywheel.api.fine_tuning_runner import FineTuningRunner
 from flywheel.api.jobs import JobQueue
 from flywheel.api.limits import RateLimiter
 from flywheel.store import Store

@@ -22,6 +22,7 @@ from flywheel.api.errors import invalid, not_found
 from flywheel.api.jobs import new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
+from flywheel.store import Store
 from flywheel.web import read_body
 
 if TYPE_CHECKING:
@@ -89,7 +90,12 @@ def validate_upload(purpose: str, rows: list[dict[str, Any]], filename: str) -> 
 
 def read_rows(state: "ApiState", file_id: str, param: str, project: str) -> list[dict[str, Any]]:
     """The JSONL rows of a file of `project` (for eval runs and fine-tuning jobs); 404 naming `param`."""
-    row = get_owned(state.store(), "api_files", file_id, project)
+    return read_file_rows(state.store(), file_id, param, project)
+
+
+def read_file_rows(store: Store, file_id: str, param: str, project: str) -> list[dict[str, Any]]:
+    """`read_rows` on a store."""
+    row = get_owned(store, "api_files", file_id, project)
     if row is None:
         raise not_found("file", file_id, param)
     return parse_jsonl(Path(row["path"]).read_bytes(), row["filename"])
