@@ -743,6 +743,32 @@ def import_openai_eval_command(eval_path, items, run_path, out_dir):
     click.echo(f"wrote {result.spec_path} ({result.graders} graders) and {result.data_path} ({result.items} items)")
 
 
+@import_group.command("openai-job")
+@click.argument("job_path", metavar="JOB.json", type=click.Path(dir_okay=False))
+@click.option("--training-file", "training_path", required=True, type=click.Path(dir_okay=False),
+              help="The local copy of the job's training_file (platform JSONL).")
+@click.option("--validation-file", "validation_path", type=click.Path(dir_okay=False),
+              help="The local copy of its validation_file.")
+@click.option("--model", default=None, help="Local base to train (the platform's model names none here).")
+@click.option("--project", default="default", show_default=True, help="The API project the job belongs to.")
+@click.option("--config-out", type=click.Path(dir_okay=False), help="Also write our training config (YAML) here.")
+@db_option
+@json_option
+def import_openai_job_command(job_path, training_path, validation_path, model, project, config_out, db, as_json):
+    """Queue a platform fine-tuning job (its JSON and files) in the store; `serve --api` runs it."""
+    from flywheel.api.convert import import_openai_job
+
+    with _store_at(db) as store:
+        result = import_openai_job(store, job_path, training_path, validation_path=validation_path, model=model,
+                                   project=project, config_out=config_out)
+    job = result.job
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    click.echo(f"queued {job['id']} ({job['method']['type']} on {job['model']}, project {project!r}); "
+               "`flywheel serve --api` runs it" + (f"; training config: {result.config_path}" if config_out else ""))
+
+
 @main.group("export")
 def export_group() -> None:
     """Turn Flywheel specs into the hosted platform's definitions."""

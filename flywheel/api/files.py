@@ -88,6 +88,20 @@ def validate_upload(purpose: str, rows: list[dict[str, Any]], filename: str) -> 
                           "(optionally with \"sample\").", "file", "invalid_file_format")
 
 
+def store_file(store: Store, data: bytes, filename: str, purpose: str, project: str) -> dict[str, Any]:
+    """Check an upload (a 400 naming the line), then keep its bytes and row for `project`."""
+    rows = parse_jsonl(data, filename)
+    validate_upload(purpose, rows, filename)
+    file_id = new_object_id("file-")
+    folder = store.artefact_dir / "api" / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{file_id}.jsonl"
+    path.write_bytes(data)
+    row = {"id": file_id, "created_at": unix_now(), "filename": filename, "purpose": purpose,
+           "bytes": len(data), "path": str(path), "n_rows": len(rows)}
+    return insert_owned(store, "api_files", row, project)
+
+
 def read_rows(state: "ApiState", file_id: str, param: str, project: str) -> list[dict[str, Any]]:
     """The JSONL rows of a file of `project` (for eval runs and fine-tuning jobs); 404 naming `param`."""
     return read_file_rows(state.store(), file_id, param, project)
@@ -113,18 +127,7 @@ def routes(state: "ApiState") -> list[Route]:
         if upload is None or isinstance(upload, str):
             raise invalid("Missing required parameter: 'file' (a multipart file part).", "file")
         data = await upload.read()
-        filename = upload.filename or "upload.jsonl"
-        rows = parse_jsonl(data, filename)
-        validate_upload(purpose, rows, filename)
-        store = state.store()
-        file_id = new_object_id("file-")
-        folder = store.artefact_dir / "api" / "files"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{file_id}.jsonl"
-        path.write_bytes(data)
-        row = {"id": file_id, "created_at": unix_now(), "filename": filename, "purpose": purpose,
-               "bytes": len(data), "path": str(path), "n_rows": len(rows)}
-        insert_owned(store, "api_files", row, caller(request).project)
+        row = store_file(state.store(), data, upload.filename or "upload.jsonl", purpose, caller(request).project)
         return JSONResponse(file_object(row))
 
     async def list_files(request: Request) -> Response:
