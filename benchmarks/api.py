@@ -14,6 +14,11 @@ queue), and checks that every job succeeded once (attempts = 1, one harness run 
 
     .venv/bin/python benchmarks/api.py                       # N=10000, R=200, J=100, K=2
     .venv/bin/python benchmarks/api.py --jobs 30 --items 2   # a smaller queue run
+    .venv/bin/python benchmarks/api.py --skip-latency --skip-queue --repeats 500   # access + rate limit only
+
+Access: the list endpoints without a key or limit (the baseline), with the rate limiter on (a
+limit never reached, so every request pays the bucket and its headers), and with a key too
+(hash lookup per request); p50 / p95 and the p95 ratio to the baseline.
 """
 
 from __future__ import annotations
@@ -48,11 +53,13 @@ def linked_run(store: Store, n: int, tag: str) -> tuple[str, str, str]:
                 {"type": "score_model", "name": "judge", "model": "openai:judge", "input": [], "id": "judge-1"}]
     eval_id, run_id = f"eval_bench{tag}", f"evalrun_bench{tag}"
     store.api_insert("api_evals", {"id": eval_id, "created_at": 0, "name": "bench", "metadata_json": "{}",
+                                   "project": "default",
                                    "data_source_config_json": json.dumps({"type": "custom", "schema": {}}),
                                    "testing_criteria_json": json.dumps(criteria)})
     source = {"type": "completions", "model": "local:tiny", "source": {"type": "file_content", "content": []},
               "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.text}}"}]}}
     store.api_insert("api_eval_runs", {"id": run_id, "eval_id": eval_id, "created_at": 0, "name": "bench",
+                                       "project": "default",
                                        "status": "completed", "model": "local:tiny", "data_source_json": json.dumps(source),
                                        "metadata_json": "{}", "run_id": ids["run_id"],
                                        "iteration_id": ids["iterations"][0], "dataset_path": ""})
@@ -105,6 +112,38 @@ def latency(n: int, repeats: int) -> None:
                     rows.append(timed(http, template.format(e=e, r=r, i=i), repeats))
                 print(f"| {label} | {rows[0][0]:.1f} / {rows[0][1]:.1f} | {rows[1][0]:.1f} / {rows[1][1]:.1f} "
                       f"| {rows[0][1] / rows[1][1]:.2f} |")
+
+
+def limits(n: int, repeats: int) -> None:
+    """Access checks and the rate limiter on the list endpoints: the same store served without a key
+    or limit (baseline), with a limit (keyless: by client address), and with a key and a limit."""
+    from flywheel.api.access import create_key
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "limits.db")
+        store = Store.open(db)
+        eval_id, run_id, _ = linked_run(store, n, "lim")
+        key, _ = create_key(store, "bench")
+        store.close()
+        setups = [("no key, no limit (baseline)", {}, {}),
+                  ("rate limit, no key", {"rate_limit_rpm": 10**9}, {}),
+                  ("key + rate limit", {"rate_limit_rpm": 10**9, "require_key": True},
+                   {"Authorization": f"Bearer {key}"})]
+        paths = [("list evals", "/v1/evals"), ("list output items (20)", f"/v1/evals/{eval_id}/runs/{run_id}/output_items")]
+        results = {}
+        for label, options, headers in setups:
+            with BackgroundServer(create_api_app(db, workers=0, **options)) as server, \
+                    httpx.Client(base_url=server.url, headers=headers) as http:
+                for name, path in paths:
+                    results[label, name] = timed(http, path, repeats)
+        print(f"\n| access setup ({repeats} calls, {n} items) | " + " | ".join(f"{name} p50 / p95 ms" for name, _ in paths)
+              + " | p95 vs baseline |")
+        print("|---|" + "---|" * len(paths) + "---|")
+        base = setups[0][0]
+        for label, _, _ in setups:
+            cells = " | ".join(f"{results[label, name][0]:.2f} / {results[label, name][1]:.2f}" for name, _ in paths)
+            ratios = ", ".join(f"{results[label, name][1] / results[base, name][1]:.2f}" for name, _ in paths)
+            print(f"| {label} | {cells} | {ratios} |")
 
 
 def tiny_model(folder: Path) -> Path:
@@ -173,10 +212,13 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-queue", action="store_true")
+    parser.add_argument("--skip-limits", action="store_true")
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if not args.skip_latency:
         latency(args.items_stored, args.repeats)
+    if not args.skip_limits:
+        limits(min(args.items_stored, 1000), args.repeats)
     if not args.skip_queue:
         with tempfile.TemporaryDirectory() as name:
             tmp = Path(name)
