@@ -8,7 +8,6 @@ import math
 import time
 
 import httpx
-import openai
 import pytest
 
 from api_helpers import client_for, jsonl

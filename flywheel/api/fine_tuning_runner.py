@@ -114,7 +114,8 @@ def validation_metrics(kind: str, builder, config, model_ref: str, validation_se
 
         model = load_model(model_ref)
         try:
-            requests = [ChatRequest(messages=chat_messages(row["messages"]), sampling=Sampling(max_tokens=RFT_MAX_TOKENS))
+            greedy = Sampling(max_tokens=RFT_MAX_TOKENS)
+            requests = [ChatRequest(messages=chat_messages(row["messages"]), sampling=greedy)
                         for row in validation_set.rows]
             replies = model.generate(requests)
         finally:

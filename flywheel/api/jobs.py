@@ -1,11 +1,12 @@
 """The job queue: work (eval runs, fine-tuning jobs) as rows of `api_jobs`, run by worker threads.
 
-A job goes queued -> running -> succeeded | failed | cancelled. A worker claims the oldest queued
+A job goes queued -> running (<-> paused) -> succeeded | failed | cancelled. A worker claims the oldest queued
 job with one guarded UPDATE, so no job runs twice at once. A job found `running` when the server
 starts belonged to a server that died: it goes back to the queue, and its runner resumes (the
 harness and the trainers skip what they already stored). Cancelling sets a flag that the running
 job reads between batches (`JobContext.check`), so it stops within a batch; a queued job is
-cancelled at once. Stopping the server puts its running jobs back in the queue.
+cancelled at once. Stopping the server puts its running jobs back in the queue. A pause (fine-
+tuning jobs) is a flag read like cancel: the job leaves the queue as `paused` until resumed.
 
     queue = JobQueue(db_path, {"eval_run": EvalRunRunner()}, workers=1)
     queue.start(); ...; queue.stop()
