@@ -366,8 +366,9 @@ def report_command(run_ids, output, a, b, db, as_json):
               help="With --api: requests per minute per key (429 beyond; a key's own --rpm overrides).")
 @click.option("--rate-burst", default=None, type=click.IntRange(1), metavar="N",
               help="With --rate-limit: requests allowed at once (default: the whole minute's).")
+@click.option("--worker-processes", is_flag=True, help="With --api: run the workers as processes, not threads.")
 @db_option
-def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, db):
+def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, worker_processes, db):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app; with --api
     also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md)."""
     import os
@@ -383,7 +384,7 @@ def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_b
                        "report pages under / are readable by anyone who can reach it", err=True)
 
         serve_api(db_path, host=host, port=port, workers=workers, review=review, rate_limit_rpm=rate_limit,
-                  rate_limit_burst=rate_burst,
+                  rate_limit_burst=rate_burst, worker_processes=worker_processes,
                   reviewer=reviewer or (os.environ.get("USER") if review else None),
                   on_ready=lambda url: click.echo(f"serving the API at {url}v1 and reports at {url} "
                                                   f"({workers} workers; Ctrl-C stops)", err=True))

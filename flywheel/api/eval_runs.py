@@ -149,6 +149,22 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
 LOCAL_COMPUTE = threading.Lock()
 
 
+@contextlib.contextmanager
+def local_turn(store: Store):
+    """Hold the cores for local-model work: against this process's other workers (LOCAL_COMPUTE)
+    and against worker processes on the same store (a file lock beside it)."""
+    import fcntl
+
+    path = store.artefact_dir / "api" / "local-compute.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with LOCAL_COMPUTE, open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class EvalRunRunner:
     """Runs `eval_run` jobs; keeps the last model each worker loaded (loading is the slow part)."""
 
@@ -188,7 +204,7 @@ class EvalRunRunner:
             ctx.check()
 
         local = spec.model.startswith("local:")
-        with LOCAL_COMPUTE if local else contextlib.nullcontext():
+        with local_turn(store) if local else contextlib.nullcontext():
             ctx.check()  # cancelled while waiting for its turn
             store.api_update("api_eval_runs", run["id"], status="in_progress")
             attempt = f" (attempt {ctx.job['attempts']})" if ctx.job["attempts"] > 1 else ""

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flywheel.api.eval_runs import LOCAL_COMPUTE
+from flywheel.api.eval_runs import local_turn
 from flywheel.api.jobs import JobContext, JobPaused, unix_now
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
@@ -195,7 +195,7 @@ class FineTuningRunner:
             built.trainer.add_callback(_watch(ctx, pause_dir, offset, total))
             return built
 
-        with LOCAL_COMPUTE:  # local training and local eval runs take turns on the cores
+        with local_turn(store):  # local training and local eval runs take turns on the cores
             result = run_local(kind, spec, store, training_set, base=start, config=config, build=build,
                                evaluate=False, quiet=True)
             metrics = {k: result.metrics.get(k) for k in ("train_loss", "last_loss", "steps", "mean_reward")

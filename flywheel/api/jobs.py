@@ -122,11 +122,14 @@ class JobQueue:
         self.wake = threading.Event()
         self.threads: list[threading.Thread] = []
 
-    def start(self) -> list[str]:
-        """Re-queue orphaned jobs and start the workers; returns the ids re-queued."""
+    def start(self, requeue: bool = True) -> list[str]:
+        """Re-queue orphaned jobs (unless `requeue` is False: a worker process, whose server did)
+        and start the workers; returns the ids re-queued."""
+        requeued: list[str] = []
         store = Store.open(self.db_path)
         try:
-            requeued = store.requeue_running_jobs()
+            if requeue:
+                requeued = store.requeue_running_jobs()
             for job_id in requeued:
                 job = store.api_get("api_jobs", job_id)
                 store.add_api_event(job["object_id"], "Job resumed after a server restart.", created_at=unix_now())

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.eval_runs import LOCAL_COMPUTE
+from flywheel.api.eval_runs import local_turn
 from flywheel.api.files import read_rows
 from flywheel.api.jobs import JobContext, new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
@@ -92,7 +92,7 @@ class WheelRunner:
             ctx.check()
 
         report_dir = store.artefact_dir / "reports"
-        with LOCAL_COMPUTE:
+        with local_turn(store):
             result = run_wheel(load_run_spec(row["spec_path"]), store, resume=resume, command=command, log=log,
                                report_dir=str(report_dir))
         summary = {"run_id": result.run_id, "stopped": result.stopped, "baseline_valid": result.baseline_valid,
