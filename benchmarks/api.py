@@ -15,10 +15,14 @@ queue), and checks that every job succeeded once (attempts = 1, one harness run 
     .venv/bin/python benchmarks/api.py                       # N=10000, R=200, J=100, K=2
     .venv/bin/python benchmarks/api.py --jobs 30 --items 2   # a smaller queue run
     .venv/bin/python benchmarks/api.py --skip-latency --skip-queue --repeats 500   # access + rate limit only
+    .venv/bin/python benchmarks/api.py --skip-latency --skip-queue --skip-limits --contention  # workers
 
 Access: the list endpoints without a key or limit (the baseline), with the rate limiter on (a
 limit never reached, so every request pays the bucket and its headers), and with a key too
 (hash lookup per request); p50 / p95 and the p95 ratio to the baseline.
+
+Contention (`--contention`): `GET /v1/evals` latency idle, while an eval run generates on the tiny
+model, and while an SFT job trains it, with one worker as a thread of the server vs as a process.
 """
 
 from __future__ import annotations
@@ -146,6 +150,43 @@ def limits(n: int, repeats: int) -> None:
             print(f"| {label} | {cells} | {ratios} |")
 
 
+def contention(repeats: int, model_dir: Path, tmp: Path) -> None:
+    """List latency while a job runs, with the workers as threads of the server vs as processes."""
+    chat = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": "card_arrival"}]} for i in range(8)]
+    rows = {}
+    for mode in ("threads", "processes"):
+        db = str(tmp / f"contention-{mode}.db")
+        app = create_api_app(db, workers=1, worker_processes=mode == "processes")
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as http:
+            client = client_for(server.url)
+            evaluation = create_eval(client)
+            rows[mode, "idle"] = timed(http, "/v1/evals", repeats)
+            run = client.evals.runs.create(evaluation.id, data_source=completions_source(
+                model_dir, {"type": "file_content", "content": items(2000)}, max_tokens=16))
+            while client.evals.runs.retrieve(run.id, eval_id=evaluation.id).status != "in_progress":
+                time.sleep(0.05)
+            rows[mode, "eval run generating"] = timed(http, "/v1/evals", repeats)
+            client.evals.runs.cancel(run.id, eval_id=evaluation.id)
+            wait_run(client, evaluation.id, run.id)
+            training = client.files.create(file=("train.jsonl", "".join(json.dumps(r) + "\n" for r in chat).encode()),
+                                           purpose="fine-tune")
+            job = client.fine_tuning.jobs.create(model=f"local:{model_dir}", training_file=training.id, method={
+                "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}})
+            while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
+                time.sleep(0.05)
+            rows[mode, "SFT job training"] = timed(http, "/v1/evals", repeats)
+            client.fine_tuning.jobs.cancel(job.id)
+            while client.fine_tuning.jobs.retrieve(job.id).status not in ("cancelled", "succeeded", "failed"):
+                time.sleep(0.1)
+    print(f"\n| GET /v1/evals ({repeats} calls) while | workers as threads p50 / p95 ms | as processes p50 / p95 ms "
+          "| p95 threads / processes |")
+    print("|---|---|---|---|")
+    for what in ("idle", "eval run generating", "SFT job training"):
+        t, p = rows["threads", what], rows["processes", what]
+        print(f"| {what} | {t[0]:.1f} / {t[1]:.1f} | {p[0]:.1f} / {p[1]:.1f} | {t[1] / p[1]:.2f} |")
+
+
 def tiny_model(folder: Path) -> Path:
     from serving_helpers import build_chatty_model
 
@@ -213,12 +254,17 @@ def main() -> None:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-queue", action="store_true")
     parser.add_argument("--skip-limits", action="store_true")
+    parser.add_argument("--contention", action="store_true", help="Also: list latency while jobs run, "
+                        "workers as threads vs processes.")
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if not args.skip_latency:
         latency(args.items_stored, args.repeats)
     if not args.skip_limits:
         limits(min(args.items_stored, 1000), args.repeats)
+    if args.contention:
+        with tempfile.TemporaryDirectory() as name:
+            contention(args.repeats, tiny_model(Path(name)), Path(name))
     if not args.skip_queue:
         with tempfile.TemporaryDirectory() as name:
             tmp = Path(name)
