@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from api_helpers import client_for, jsonl
+from api_helpers import client_for, completions_source, create_eval, items, jsonl, wait_run
 from flywheel.api.app import create_api_app
 from flywheel.web import BackgroundServer
 
@@ -66,6 +66,19 @@ def test_supervised_job_events_and_chat_with_the_tuned_model(server, tiny_model_
     assert reply.model == done.fine_tuned_model and reply.choices[0].message.role == "assistant"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ft:nothing:here:0", messages=[{"role": "user", "content": "x"}])
+
+    # an eval run on the tuned model by its ft: id, as a platform script would do next
+    evaluation = create_eval(client)
+    source = {"type": "file_content", "content": items(3)}
+    run = client.evals.runs.create(evaluation.id, data_source={
+        **completions_source(tiny_model_dir, source), "model": done.fine_tuned_model})
+    run = wait_run(client, evaluation.id, run.id)
+    assert run.status == "completed" and run.result_counts.total == 3, run.error
+    assert run.model == done.fine_tuned_model and run.per_model_usage[0].model_name == done.fine_tuned_model
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.evals.runs.create(evaluation.id, data_source={
+            **completions_source(tiny_model_dir, source), "model": "ft:nothing:here:0"})
+    assert excinfo.value.body["param"] == "data_source.model"
 
 
 def test_job_requests_are_checked(server, tiny_model_dir):

@@ -106,8 +106,10 @@ def chat_response_format(text_format: dict[str, Any]) -> dict[str, Any]:
     return text_format
 
 
-def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size: int = 8) -> EvalSpec:
-    """The harness spec of an API eval run; 400 when the run cannot be expressed as one."""
+def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size: int = 8,
+               store: Store | None = None) -> EvalSpec:
+    """The harness spec of an API eval run; 400 when the run cannot be expressed as one. With
+    `store`, an `ft:` model made on this server (in the run's project) becomes its adapter's reference."""
     source = json.loads(run_row["data_source_json"])
     params = dict(source.get("sampling_params") or {})
     if isinstance((params.get("text") or {}).get("format"), dict):  # a `responses` run's response format
@@ -120,6 +122,13 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
     if not isinstance(model, str) or not model:
         raise invalid("data_source.model: a Flywheel model reference is required (e.g. local:smollm2).",
                       "data_source.model")
+    if model.startswith("ft:") and store is not None:
+        from flywheel.api.fine_tuning import model_for
+
+        try:
+            model = model_for(store, model, run_row.get("project") or "default")
+        except FlywheelError as exc:
+            raise invalid(f"data_source.model: {exc}.", "data_source.model", "model_not_found") from None
     criteria = json.loads(eval_row["testing_criteria_json"])
     sampling = {"temperature": params.get("temperature", 0.0), "top_p": params.get("top_p", 1.0),
                 "seed": params.get("seed", 0), "max_tokens": params.get("max_completion_tokens", 64)}
@@ -191,7 +200,7 @@ class EvalRunRunner:
         evaluation = store.api_get("api_evals", run["eval_id"]) if run else None
         if run is None or evaluation is None:
             raise FlywheelError(f"eval run {ctx.job['object_id']} or its eval was deleted")
-        spec = build_spec(evaluation, run, batch_size=self.batch_size)
+        spec = build_spec(evaluation, run, batch_size=self.batch_size, store=store)
         command = f"api:{run['id']}"
 
         def progress(done: int, total: int) -> None:

@@ -216,8 +216,8 @@ def routes(state: "ApiState") -> list[Route]:
                "name": field(body, "name", str, default="") or run_id, "status": "queued",
                "model": source.get("model"), "data_source_json": json.dumps(source),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}), "dataset_path": str(dataset)}
-        try:
-            build_spec(evaluation, row)  # refuse now what the worker could not run
+        try:  # refuse now what the worker could not run
+            build_spec(evaluation, {**row, "project": caller(request).project}, store=store)
         except Exception:
             Path(dataset).unlink(missing_ok=True)
             raise
