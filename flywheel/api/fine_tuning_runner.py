@@ -200,6 +200,9 @@ class FineTuningRunner:
                                evaluate=False, quiet=True)
             metrics = {k: result.metrics.get(k) for k in ("train_loss", "last_loss", "steps", "mean_reward")
                        if result.metrics.get(k) is not None}
+            # VALIDATION_HOOK: when flywheel.train.local takes an eval dataset (validation during
+            # training, the `validate` work), pass the validation set to run_local here and report its
+            # periodic `valid_loss` per step; until then the finished adapter is scored once, below.
             if files["validation_file"]:
                 ctx.event("Scoring the adapter on the validation file.")
                 validation_set = load_training_file(kind, files["validation_file"]["path"])
