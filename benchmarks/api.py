@@ -148,6 +148,27 @@ def limits(n: int, repeats: int) -> None:
             cells = " | ".join(f"{results[label, name][0]:.2f} / {results[label, name][1]:.2f}" for name, _ in paths)
             ratios = ", ".join(f"{results[label, name][1] / results[base, name][1]:.2f}" for name, _ in paths)
             print(f"| {label} | {cells} | {ratios} |")
+        # The same work without HTTP around it: what each request pays, in microseconds.
+        from flywheel.api.access import Access, hash_key
+        from flywheel.api.limits import RateLimiter
+
+        store = Store.open(db)
+        limiter = RateLimiter(10**9)
+        access = Access(None, store=lambda: store, require_key=True, limiter=limiter)
+        scope = {"headers": [(b"authorization", f"Bearer {key}".encode())]}
+        calls = 20_000
+        costs = {}
+        for label, work in [("RateLimiter.take + headers", lambda: limiter.take("key_x").headers()),
+                            ("sha256 of the key", lambda: hash_key(key)),
+                            ("key check (hash + indexed lookup)", lambda: access.identify(scope))]:
+            started = time.perf_counter()
+            for _ in range(calls):
+                work()
+            costs[label] = (time.perf_counter() - started) / calls * 1e6
+        store.close()
+        print("\n| per request, in process | µs |\n|---|---|")
+        for label, micros in costs.items():
+            print(f"| {label} | {micros:.1f} |")
 
 
 def contention(repeats: int, model_dir: Path, tmp: Path) -> None:
