@@ -195,3 +195,20 @@ def test_keys_cli_create_list_revoke(tmp_path):
     assert bad.exit_code == 1 and bad.output.startswith("error: project must be")
     missing = runner.invoke(main, ["keys", "revoke", "key_nope", "--db", db])
     assert missing.exit_code == 1 and "no API key 'key_nope'" in missing.output
+
+
+def test_serve_rate_limit_options_reach_the_server(tmp_path):
+    import signal
+
+    from test_api_jobs import start_server
+
+    proc, url = start_server(tmp_path / "s.db", "--rate-limit", "60", "--rate-burst", "1")
+    try:
+        with httpx.Client() as http:
+            first = http.get(url + "/v1/evals")
+            second = http.get(url + "/v1/evals")
+        assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "60"
+        assert second.status_code == 429 and second.headers["retry-after"] == "1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
