@@ -122,3 +122,36 @@ def test_import_openai_job_refuses_bad_files_and_keeps_nothing(tmp_path, tiny_mo
         assert not list((store.artefact_dir / "api" / "files").glob("*"))
     finally:
         store.close()
+
+
+def test_import_the_platforms_rft_job_fixture(tmp_path, tiny_model_dir):
+    from pathlib import Path
+
+    from flywheel.store import Store
+
+    fixture = json.loads((Path(__file__).resolve().parents[1] / "fixtures/hosted_finetuning/rft_succeeded.json")
+                         .read_text())["created"]
+    (tmp_path / "prompts.jsonl").write_bytes(jsonl([{"messages": [{"role": "user", "content": "q"}], "label": "a"}]))
+    db = str(tmp_path / "r.db")
+    base = ["import", "openai-job", str(tmp_path / "job.json"), "--training-file", str(tmp_path / "prompts.jsonl"),
+            "--model", f"local:{tiny_model_dir}", "--db", db]
+    (tmp_path / "job.json").write_text(json.dumps(fixture))  # its grader is abbreviated: no input / reference
+    refused = CliRunner().invoke(main, base)
+    assert refused.exit_code == 1
+    assert refused.output.startswith(f"error: {tmp_path / 'job.json'}: method.reinforcement.grader: ")
+    grader = {"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
+              "reference": "{{item.label}}", "operation": "eq"}
+    fixture["method"]["reinforcement"]["grader"] = grader
+    (tmp_path / "job.json").write_text(json.dumps(fixture))
+    done = CliRunner().invoke(main, [*base, "--json", "--config-out", str(tmp_path / "rft.yaml")])
+    assert done.exit_code == 0, done.output
+    job = json.loads(done.stdout)
+    assert job["method"]["reinforcement"]["grader"] == grader
+    assert job["method"]["reinforcement"]["hyperparameters"]["reasoning_effort"] == "medium"
+    assert (job["seed"], job["metadata"]) == (7, {"flywheel_eval": "tiny"})
+    assert "num_generations" in (tmp_path / "rft.yaml").read_text()
+    store = Store.open(db)
+    try:
+        assert store.db["api_files"].count == 1 and store.db["api_jobs"].count == 1
+    finally:
+        store.close()

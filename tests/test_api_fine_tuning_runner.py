@@ -97,8 +97,14 @@ def test_a_reinforcement_job_trains_on_its_grader(server, tiny_model_dir):
     train_steps = [e for e in events if "reward" in e.data]
     assert train_steps and train_steps[0].data["total_steps"] == 2  # 4 prompts / 2 per step
     assert any(f"rewards/{GRADER['name']}" in key for e in train_steps for key in e.data)
+    # the platform's RFT metric event fields (fixtures/hosted_finetuning/rft_succeeded.json)
+    shaped = train_steps[0].data
+    assert shaped["train_mean_reward"] == shaped["reward"] == shaped["scores"]["train_reward_mean"]
+    assert shaped["scores"]["graders"][0]["name"] == GRADER["name"]
+    assert shaped["scores"]["graders"][0]["type"] == "string_check"
     valid = [e for e in events if "full_valid_mean_reward" in e.data]
     assert len(valid) == 1 and 0.0 <= valid[0].data["full_valid_mean_reward"] <= 1.0
+    assert valid[0].data["scores"]["valid_reward_mean"] == valid[0].data["full_valid_mean_reward"]
     reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
                                            messages=[{"role": "user", "content": "question 0"}])
     assert reply.model == done.fine_tuned_model and ":rft:" in done.fine_tuned_model

@@ -73,7 +73,19 @@ def job_spec(row: dict[str, Any], base: str, data_path: str):
                             "sampling": {"max_tokens": RFT_MAX_TOKENS}, "graders": [grader]})
 
 
-def _watch(ctx: JobContext, pause_dir: Path, offset: int, total: int | None):
+def platform_rewards(data: dict[str, Any], grader: dict[str, Any] | None) -> dict[str, Any]:
+    """TRL's GRPO log (`reward`, `rewards/<name>/mean`) with the platform's RFT metric names added:
+    `train_mean_reward` and `scores: {train_reward_mean, graders: [{name, type, train_reward_mean}]}`."""
+    if grader is None or not isinstance(data.get("reward"), float):
+        return data
+    name = grader.get("name")
+    mean = data.get(f"rewards/{name}/mean", data["reward"])
+    return {**data, "train_mean_reward": data["reward"], "scores": {
+        "train_reward_mean": data["reward"],
+        "graders": [{"name": name, "type": grader.get("type"), "train_reward_mean": mean}]}}
+
+
+def _watch(ctx: JobContext, pause_dir: Path, offset: int, total: int | None, grader: dict[str, Any] | None = None):
     from transformers import TrainerCallback
 
     class Watch(TrainerCallback):
@@ -85,7 +97,8 @@ def _watch(ctx: JobContext, pause_dir: Path, offset: int, total: int | None):
                 data["step"] = offset + state.global_step
                 steps = total or state.max_steps
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in data.items() if k != "step")
-                ctx.event(f"Step {data['step']}/{steps}: {shown}", type="metrics", data={**data, "total_steps": steps})
+                ctx.event(f"Step {data['step']}/{steps}: {shown}", type="metrics",
+                          data=platform_rewards({**data, "total_steps": steps}, grader))
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             try:
@@ -189,10 +202,11 @@ class FineTuningRunner:
         spec = job_spec(row, base, files["training_file"]["path"])
         pause_dir = store.artefact_dir / "api" / "paused" / row["id"] / f"attempt-{ctx.job['attempts']}"
         extra = {"spec": spec} if kind == "rft" else {}
+        grader = json.loads(row["method_json"]).get("reinforcement", {}).get("grader")
 
         def build(model, tokenizer, output_dir, bf16):
             built = builder(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=True, **extra)
-            built.trainer.add_callback(_watch(ctx, pause_dir, offset, total))
+            built.trainer.add_callback(_watch(ctx, pause_dir, offset, total, grader))
             return built
 
         with local_turn(store):  # local training and local eval runs take turns on the cores
@@ -211,8 +225,12 @@ class FineTuningRunner:
                 metrics.update(found)
                 step = offset + int(result.metrics.get("steps") or 0)
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in found.items() if k != "valid_rows")
-                ctx.event(f"Step {step}/{total or step}: {shown}", type="metrics",
-                          data={"step": step, "total_steps": total or step, **found})
+                data = {"step": step, "total_steps": total or step, **found}
+                if kind == "rft":
+                    data["scores"] = {"valid_reward_mean": found["valid_reward_mean"], "graders": [
+                        {"name": grader.get("name"), "type": grader.get("type"),
+                         "valid_reward_mean": found["valid_reward_mean"]}]}
+                ctx.event(f"Step {step}/{total or step}: {shown}", type="metrics", data=data)
                 checkpoint = store.get_checkpoint(result.checkpoint.id)
                 stored = json.loads(checkpoint.get("metrics_json") or "{}")
                 store.update_checkpoint(result.checkpoint.id, metrics_json=json.dumps({**stored, **found}))
