@@ -158,13 +158,16 @@ def test_a_keys_own_rpm_overrides_the_servers(tmp_path):
     store = Store.open(db)
     slow, _ = create_key(store, "slow", rpm=1)
     store.close()
-    app = create_api_app(db, require_key=True, workers=0, rate_limit_rpm=1000)
-    with BackgroundServer(app) as server, httpx.Client() as http:
-        headers = {"Authorization": f"Bearer {slow}"}
-        assert http.get(server.url + "/v1/evals", headers=headers).status_code == 200
-        refused = http.get(server.url + "/v1/evals", headers=headers)
-        assert refused.status_code == 429 and refused.headers["x-ratelimit-limit-requests"] == "1"
-        assert int(refused.headers["retry-after"]) > 50  # one request a minute
+    for limit in (1000, None):  # a key's own limit holds with or without the server's
+        app = create_api_app(db, require_key=True, workers=0, rate_limit_rpm=limit)
+        with BackgroundServer(app) as server, httpx.Client() as http:
+            headers = {"Authorization": f"Bearer {slow}"}
+            assert http.get(server.url + "/v1/evals", headers=headers).status_code == 200
+            refused = http.get(server.url + "/v1/evals", headers=headers)
+            assert refused.status_code == 429 and refused.headers["x-ratelimit-limit-requests"] == "1"
+            assert int(refused.headers["retry-after"]) > 50  # one request a minute
+            keyless = http.get(server.url + "/v1/evals")
+            assert keyless.status_code == 401 and "x-ratelimit-limit-requests" not in keyless.headers
 
 
 def test_limiter_refills_at_rpm_per_minute():

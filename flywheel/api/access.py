@@ -99,14 +99,15 @@ def _error(status: int, message: str, type: str, code: str,
 class Access:
     """ASGI middleware for `/v1`: authenticate (401), enforce the role (403), rate-limit (429).
 
-    `require_key`: off loopback, a valid key is needed; `limiter`: None for no rate limit."""
+    `require_key`: off loopback, a valid key is needed; `limiter`: the server's rate limit (None:
+    none, though a key made with its own `rpm` is still held to it)."""
 
     def __init__(self, app: Any, store: Callable[[], Store], require_key: bool = False,
                  limiter: RateLimiter | None = None):
         self.app = app
         self.store = store
         self.require_key = require_key
-        self.limiter = limiter
+        self.limiter = limiter or RateLimiter(None)  # without a server limit, keys' own `rpm` still apply
 
     def identify(self, scope: dict[str, Any]) -> tuple[Caller | None, dict[str, Any] | None, str]:
         """(caller or None for a 401, the key row, the presented key)."""
@@ -137,11 +138,11 @@ class Access:
             refusal = _error(403, f"You have insufficient permissions for this operation: key {who.key_id} is a "
                              f"reader of project {who.project!r} ({scope['method']} {scope['path']} needs the "
                              "member or admin role).", "invalid_request_error", "insufficient_permissions")
-        elif self.limiter is not None:
+        else:
             client = (scope.get("client") or ("local", 0))[0]
             decision = self.limiter.take(who.key_id or f"addr:{client}", (row or {}).get("rpm"))
-            limit_headers = decision.headers()
-            if not decision.allowed:
+            limit_headers = decision.headers() if decision is not None else []
+            if decision is not None and not decision.allowed:
                 whom = f"key {who.key_id}" if who.key_id else f"client {client}"
                 refusal = _error(429, f"Rate limit reached for requests per min (RPM) on {whom} in project "
                                  f"{who.project!r}: Limit {decision.limit}, Remaining 0. Please try again in "

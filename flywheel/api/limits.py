@@ -51,19 +51,23 @@ def duration(seconds: float) -> str:
 
 
 class RateLimiter:
-    """Token buckets by caller; `rpm` requests per minute each, `burst` at once (default `rpm`)."""
+    """Token buckets by caller; `rpm` requests per minute each, `burst` at once (default `rpm`).
+    `rpm` None: only callers with their own limit are limited."""
 
-    def __init__(self, rpm: int, burst: int | None = None):
-        if rpm < 1:
+    def __init__(self, rpm: int | None, burst: int | None = None):
+        if rpm is not None and rpm < 1:
             raise ValueError("rpm must be at least 1")
         self.rpm = rpm
         self.burst = burst  # None: a whole minute's requests at once
         self.lock = threading.Lock()
         self.buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at monotonic time)
 
-    def take(self, caller: str, rpm: int | None = None) -> Decision:
-        """Take one request from `caller`'s bucket (`rpm` overrides the server's for this caller)."""
+    def take(self, caller: str, rpm: int | None = None) -> Decision | None:
+        """Take one request from `caller`'s bucket (`rpm` overrides the server's for this caller);
+        None when neither sets a limit."""
         rpm = rpm or self.rpm
+        if rpm is None:
+            return None
         burst = min(self.burst or rpm, rpm)
         rate = rpm / 60.0
         now = time.monotonic()
