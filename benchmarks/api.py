@@ -185,8 +185,8 @@ def contention(repeats: int, model_dir: Path, tmp: Path) -> None:
             rows[mode, "idle"] = timed(http, "/v1/evals", repeats)
             run = client.evals.runs.create(evaluation.id, data_source=completions_source(
                 model_dir, {"type": "file_content", "content": items(2000)}, max_tokens=16))
-            while client.evals.runs.retrieve(run.id, eval_id=evaluation.id).status != "in_progress":
-                time.sleep(0.05)
+            while not client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=1).data:
+                time.sleep(0.05)  # generating (past loading the model): samples are being stored
             rows[mode, "eval run generating"] = timed(http, "/v1/evals", repeats)
             client.evals.runs.cancel(run.id, eval_id=evaluation.id)
             wait_run(client, evaluation.id, run.id)
