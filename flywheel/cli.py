@@ -710,7 +710,29 @@ def import_openai_eval_command(eval_path, items, run_path, out_dir):
 
 @main.group("export")
 def export_group() -> None:
-    """Turn Flywheel specs into the hosted platform's definitions."""
+    """Export models (merged, quantised HF folders) and specs (the hosted platform's definitions)."""
+
+
+@export_group.command("model")
+@click.argument("model_ref", metavar="MODEL_REF")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--merge", is_flag=True, help="Merge the reference's LoRA adapters into the weights (needed when it "
+              "has adapters).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Store int8 weights (torchao; the "
+              "quantize extra).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="dtype of the saved (unquantised) weights.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def export_model_command(model_ref, output, merge, quantize, dtype, force, as_json):
+    """Write MODEL_REF (local:BASE[+ADAPTER...]) as one HF folder with a model card; evaluate it as local:OUTPUT."""
+    from flywheel.export import export_model
+    from flywheel.models import parse_model_ref
+
+    if parse_model_ref(model_ref)[2] and not merge:
+        raise click.UsageError(f"{model_ref} has adapters: pass --merge to merge them into the weights")
+    result = export_model(model_ref, output, quantize=quantize, dtype=dtype, overwrite=force)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
 
 @export_group.command("openai-eval")
