@@ -474,8 +474,8 @@ _SET_OPTIONS = {
 def _train_command(method):
     """`flywheel train <method>`: one command per row of the methods table."""
 
-    def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, launcher,
-                num_processes, accelerate_config, cpu, **set_options):
+    def command(spec_paths, weights, base, config_path, settings, data, splits, no_eval, options, db, as_json,
+                launcher, num_processes, accelerate_config, cpu, **set_options):
         from flywheel.spec import load_eval_spec
         from flywheel.train import load_train_config, train
 
@@ -488,17 +488,31 @@ def _train_command(method):
                                 cpu=cpu)
             launch_training(launch, ["train", method.name, *_forwarded_args(click.get_current_context(), _LAUNCH)])
             return
-        spec = load_eval_spec(spec_path)
+        specs = [load_eval_spec(path) for path in spec_paths]
+        weight_list = _weights(weights, len(specs))
+        if weight_list and len(specs) == 1:
+            raise click.UsageError("--weights weighs several SPECs against each other; give two or more")
+        if len(specs) > 1 and data:
+            raise click.UsageError("--data trains on one file; drop it to build and combine each eval's set")
         config = load_train_config(method.name, config_path, list(settings))
         with _store_at(db) as store:
-            result = train(method.name, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
-                           splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
+            if len(specs) > 1:  # one adapter on the weighted union of the evals' sets (flywheel.train.multi)
+                from flywheel.train.multi import train_multi
+
+                result = train_multi(method.name, specs, store, base=base, weights=weight_list, config=config,
+                                     evaluate=not no_eval, splits=splits, quiet=as_json, **set_options)
+            else:
+                result = train(method.name, specs[0], store, base=base, config=config, data=data,
+                               evaluate=not no_eval, splits=splits, quiet=as_json, hosted_options=_options(options),
+                               **set_options)
         if result is None:  # a non-main process under accelerate launch
             return
         click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
     options = [
-        click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False)),
+        click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False)),
+        click.option("--weights", default=None, help="With several SPECs: how many times an epoch goes over each "
+                     "eval's rows, comma-separated (default 1 each), e.g. 2,1 or 1,0.5."),
         click.option("--base", required=True, help="local:MODEL[+ADAPTER], a checkpoint id, or openai:MODEL (hosted)."),
         click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Training config YAML."),
         click.option("-s", "--set", "settings", multiple=True, help="Override a training setting: key.path=value."),
@@ -527,6 +541,21 @@ def _train_command(method):
 _LAUNCH = ("launcher", "num_processes", "accelerate_config", "cpu")
 
 
+def _weights(text: str | None, n_specs: int) -> list[float] | None:
+    """`--weights 2,1` as floats, one per SPEC (a usage error otherwise)."""
+    if text is None:
+        return None
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.UsageError(f"--weights {text!r}: expected comma-separated numbers, e.g. 2,1") from None
+    if len(weights) != n_specs:
+        raise click.UsageError(f"--weights {text!r}: {len(weights)} weight(s) for {n_specs} SPEC(s); give one per SPEC")
+    if any(not w > 0 or w == float("inf") for w in weights):
+        raise click.UsageError(f"--weights {text!r}: weights must be positive numbers")
+    return weights
+
+
 def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
     """The command line that reproduces this command's parsed parameters, less those in `drop`."""
     args: list[str] = []
@@ -535,7 +564,7 @@ def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
         if param.name in drop or value is None:
             continue
         if isinstance(param, click.Argument):
-            args.append(str(value))
+            args += [str(v) for v in value] if param.nargs == -1 else [str(value)]
         elif getattr(param, "is_flag", False):
             args += [param.opts[0]] if value else []
         else:
