@@ -105,3 +105,15 @@ def test_combination_cannot_be_trained_further(chatty_dir, adapters):
     with pytest.raises(ModelError, match="merge it first"):
         _ = model.adapter
     assert load_model(f"local:{chatty_dir}+{a}").adapter == a.resolve()
+    from flywheel.train.local import load_for_training
+
+    with pytest.raises(ModelError, match="a weighted combination of adapters is not one adapter; merge it first"):
+        load_for_training(f"local:{chatty_dir}+{a}*0.5+{b}", bf16=False)
+
+
+def test_served_name_of_a_combination(chatty_dir, adapters):
+    from flywheel.model_server import served_name
+
+    a, b = adapters
+    assert served_name(f"local:{chatty_dir}+{a}") == f"{chatty_dir.name}-a"
+    assert served_name(f"local:{chatty_dir}+{a}*0.7+{b}") == f"{chatty_dir.name}-ax0.7-b"
