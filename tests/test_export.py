@@ -153,3 +153,14 @@ def test_int8_without_torchao_is_a_clear_error(chatty_dir, tmp_path, monkeypatch
     with pytest.raises(ExportError, match=r"needs torchao; install it with: pip install 'flywheel\[quantize\]'"):
         export_model(f"local:{chatty_dir}", tmp_path / "q", quantize="int8")
     assert not (tmp_path / "q").exists()
+
+
+def test_force_replaces_an_earlier_export(chatty_dir, adapter, tmp_path):
+    first = export_model(f"local:{chatty_dir}", tmp_path / "out")
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(f"local:{chatty_dir}+{adapter}", tmp_path / "out")
+    second = export_model(f"local:{chatty_dir}+{adapter}", tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "stale.txt").exists() and second.adapters and not first.adapters
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old copy left behind
+    assert greedy_texts(second.model_ref) == greedy_texts(f"local:{chatty_dir}+{adapter}")
