@@ -500,10 +500,20 @@ def merge_adapters(ref: str, model, adapters: list[tuple[Path, float]], base: st
 
     One adapter of weight 1 is merged as it is; otherwise PEFT's `add_weighted_adapter` with
     `combination_type="cat"` builds one adapter whose delta is exactly the weighted sum of theirs."""
-    from peft import PeftConfig, PeftModel
+    import warnings
+
+    from peft import PeftConfig
 
     for path, _ in adapters:
         _check_adapter_base(ref, PeftConfig.from_pretrained(str(path)).base_model_name_or_path, base, base_path)
+    with warnings.catch_warnings():  # PEFT asks transformers 5 a deprecated name on every load
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return _merge_adapters(ref, model, adapters)
+
+
+def _merge_adapters(ref: str, model, adapters: list[tuple[Path, float]]):
+    from peft import PeftModel
+
     if len(adapters) == 1 and adapters[0][1] == 1.0:
         return PeftModel.from_pretrained(model, str(adapters[0][0])).merge_and_unload()
     names = [f"adapter{i}" for i in range(len(adapters))]
