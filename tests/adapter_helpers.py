@@ -8,14 +8,14 @@ QUESTIONS = [[{"role": "user", "content": f"question {i} about my card and the e
 
 
 def make_adapter(base_dir: Path, target: Path, *, seed: int, scale: float = 1.0, r: int = 4,
-                 target_modules=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")) -> Path:
+                 alpha: int | None = None, target_modules=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")) -> Path:
     """Save a LoRA adapter for `base_dir` with random (non-zero) A and B, so it changes outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules)))
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=list(target_modules)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

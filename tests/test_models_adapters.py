@@ -15,7 +15,8 @@ from flywheel.models import format_model_ref, load_model, parse_adapters, parse_
 def adapters(chatty_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters")
     return (make_adapter(chatty_dir, folder / "a", seed=1, scale=0.5),
-            make_adapter(chatty_dir, folder / "b", seed=2, scale=0.5, target_modules=("q_proj", "k_proj", "gate_proj")))
+            make_adapter(chatty_dir, folder / "b", seed=2, scale=0.5, r=8, alpha=4,  # another rank and scaling
+                         target_modules=("q_proj", "k_proj", "gate_proj")))
 
 
 @pytest.mark.parametrize("ref", ["local:smollm2+ckpt/a", "local:smollm2+ckpt/a+ckpt/b",

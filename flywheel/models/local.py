@@ -289,15 +289,15 @@ class LocalModel(Model):
         dtype = pick_dtype(self.dtype_name)
         path = self.base_path()
         quantised = quantisation_of(path)
-        if quantised:
-            if self.adapters:
-                raise ModelError(f"{self.ref}: adapters cannot go on a quantised model ({quantised}); apply them "
-                                 "before quantising: flywheel export model BASE+ADAPTER -o DIR --quantize int8")
+        if quantised and self.adapters:
+            raise ModelError(f"{self.ref}: adapters cannot go on a quantised model ({quantised}); apply them "
+                             "before quantising: flywheel export model BASE+ADAPTER -o DIR --quantize int8")
+        if quantised == "torchao":
             require_torchao(self.ref)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as exc:
+        except (OSError, ImportError) as exc:  # ImportError: a quantisation library that is not installed
             raise ModelError(f"{self.ref}: cannot load {path}: {str(exc).splitlines()[0]}") from None
         if self.adapters:
             model = merge_adapters(self.ref, model, self.adapters, self.base, path)
