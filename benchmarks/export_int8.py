@@ -16,7 +16,8 @@ the BANKING77 demo eval (greedy, a fresh store per variant, so nothing comes fro
 
 `--variants` picks the rows (fp32 is always run: it is the baseline). `int8` runs with the
 activation dtype Flywheel picks (bf16 on CPUs with AVX512-BF16/AMX, else fp32) unless
-`--int8-dtype` says otherwise; `int8-fp32` always computes in fp32. The load average is printed with the table: the machine is shared.
+`--int8-dtype` says otherwise; `int8-fp32` always computes in fp32; `int8-bf16` is exported with
+`--dtype bf16` (the embeddings, which stay unquantised, in bf16) and computes in bf16. The load average is printed with the table: the machine is shared.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ VARIANTS = {  # name: (export options, model_options dtype)
     "bf16": ({"dtype": "bf16"}, "bf16"),
     "int8": ({"dtype": "fp32", "quantize": "int8"}, None),
     "int8-fp32": ({"dtype": "fp32", "quantize": "int8"}, "fp32"),  # int8 weights, fp32 activations
+    "int8-bf16": ({"dtype": "bf16", "quantize": "int8"}, "bf16"),  # int8 linears, bf16 embeddings and activations
 }
 
 
