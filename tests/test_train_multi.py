@@ -96,3 +96,7 @@ def test_multi_eval_usage_errors(tmp_path, tiny_model_dir):
     assert run("train", "sft", first, second, "--data", "x.jsonl", *base).exit_code == 2
     same = run("train", "sft", first, first, *base)
     assert same.exit_code == 1 and same.output.startswith("error: eval names must differ")
+    hosted = run("train", "sft", first, second, "--base", "openai:gpt-4o-mini", "--db", tmp_path / "f.db")
+    assert hosted.exit_code == 1 and hosted.output.strip().splitlines() == [
+        "error: openai:gpt-4o-mini: several evals train one local adapter; a hosted job takes one eval: "
+        "train each eval on its own"]
