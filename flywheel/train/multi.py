@@ -70,7 +70,7 @@ def train_multi(method: str, specs: Sequence[EvalSpec], store: Store, *, base: s
     base_ref, _ = resolve_base(store, base)
     if not base_ref.startswith("local:"):
         raise TrainingError(f"{base}: several evals train one local adapter; a hosted job takes one eval: "
-                            "train each eval on its own"))
+                            "train each eval on its own")
     config = config or load_train_config(method)
     parts = [build_training_set(method, spec, store, **set_options) for spec in specs]
     training_set = combine_training_sets(parts, weights)
