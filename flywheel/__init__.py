@@ -6,7 +6,16 @@
 
 from __future__ import annotations
 
+import logging
+
 __version__ = "0.1.0"
+
+# torchao (the `quantize` extra; peft and transformers import it whenever it is installed) logs at
+# import every optional GPU kernel it cannot load, and torch warns about its pytree registrations:
+# noise on every command of a CPU machine. Its real errors still raise.
+logging.getLogger("torchao").addHandler(logging.NullHandler())
+logging.getLogger("torchao").propagate = False
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 __all__ = ["load_eval_spec", "run_eval", "run", "Store", "load_model", "FlywheelError"]
 

@@ -480,8 +480,8 @@ _SET_OPTIONS = {
 def _train_command(method):
     """`flywheel train <method>`: one command per row of the methods table."""
 
-    def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, launcher,
-                num_processes, accelerate_config, cpu, resume, **set_options):
+    def command(spec_paths, weights, base, config_path, settings, data, splits, no_eval, options, db, as_json,
+                launcher, num_processes, accelerate_config, cpu, resume, **set_options):
         from flywheel.spec import load_eval_spec
         from flywheel.train import load_train_config, train
 
@@ -494,23 +494,36 @@ def _train_command(method):
                                 cpu=cpu)
             launch_training(launch, ["train", method.name, *_forwarded_args(click.get_current_context(), _LAUNCH)])
             return
-        if resume and (base or data or settings or config_path):
-            raise click.UsageError("--resume continues a job with its own base, data and config: drop --base, --data, "
-                                   "-s and -c")
+        if resume and (base or data or settings or config_path or len(spec_paths) > 1):
+            raise click.UsageError("--resume continues one job with its own base, data and config: give its SPEC "
+                                   "alone, without --base, --data, -s and -c")
         if not resume and not base:
             raise click.UsageError("give --base (or --resume JOB)")
-        spec = load_eval_spec(spec_path)
+        specs = [load_eval_spec(path) for path in spec_paths]
+        weight_list = _weights(weights, len(specs))
+        if weight_list and len(specs) == 1:
+            raise click.UsageError("--weights weighs several SPECs against each other; give two or more")
+        if len(specs) > 1 and data:
+            raise click.UsageError("--data trains on one file; drop it to build and combine each eval's set")
         config = None if resume else load_train_config(method.name, config_path, list(settings))
         with _store_at(db) as store:
-            result = train(method.name, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
-                           splits=splits, quiet=as_json, hosted_options=_options(options), resume=resume,
-                           **set_options)
+            if len(specs) > 1:  # one adapter on the weighted union of the evals' sets (flywheel.train.multi)
+                from flywheel.train.multi import train_multi
+
+                result = train_multi(method.name, specs, store, base=base, weights=weight_list, config=config,
+                                     evaluate=not no_eval, splits=splits, quiet=as_json, **set_options)
+            else:
+                result = train(method.name, specs[0], store, base=base, config=config, data=data,
+                               evaluate=not no_eval, splits=splits, quiet=as_json, hosted_options=_options(options),
+                               resume=resume, **set_options)
         if result is None:  # a non-main process under accelerate launch
             return
         click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
     options = [
-        click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False)),
+        click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False)),
+        click.option("--weights", default=None, help="With several SPECs: how many times an epoch goes over each "
+                     "eval's rows, comma-separated (default 1 each), e.g. 2,1 or 1,0.5."),
         click.option("--base", default=None, help="local:MODEL[+ADAPTER], a checkpoint id, or openai:MODEL (hosted)."),
         click.option("--resume", default=None, metavar="JOB", help="Continue a killed local job from its last saved "
                      "step (it must have trained with save_steps); a re-run of the same command resumes too."),
@@ -541,6 +554,21 @@ def _train_command(method):
 _LAUNCH = ("launcher", "num_processes", "accelerate_config", "cpu")
 
 
+def _weights(text: str | None, n_specs: int) -> list[float] | None:
+    """`--weights 2,1` as floats, one per SPEC (a usage error otherwise)."""
+    if text is None:
+        return None
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise click.UsageError(f"--weights {text!r}: expected comma-separated numbers, e.g. 2,1") from None
+    if len(weights) != n_specs:
+        raise click.UsageError(f"--weights {text!r}: {len(weights)} weight(s) for {n_specs} SPEC(s); give one per SPEC")
+    if any(not w > 0 or w == float("inf") for w in weights):
+        raise click.UsageError(f"--weights {text!r}: weights must be positive numbers")
+    return weights
+
+
 def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
     """The command line that reproduces this command's parsed parameters, less those in `drop`."""
     args: list[str] = []
@@ -549,7 +577,7 @@ def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
         if param.name in drop or value is None:
             continue
         if isinstance(param, click.Argument):
-            args.append(str(value))
+            args += [str(v) for v in value] if param.nargs == -1 else [str(value)]
         elif getattr(param, "is_flag", False):
             args += [param.opts[0]] if value else []
         else:
@@ -780,7 +808,29 @@ def import_openai_job_command(job_path, training_path, validation_path, model, p
 
 @main.group("export")
 def export_group() -> None:
-    """Turn Flywheel specs into the hosted platform's definitions."""
+    """Export models (merged, quantised HF folders) and specs (the hosted platform's definitions)."""
+
+
+@export_group.command("model")
+@click.argument("model_ref", metavar="MODEL_REF")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--merge", is_flag=True, help="Merge the reference's LoRA adapters into the weights (needed when it "
+              "has adapters).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Store int8 weights (torchao; the "
+              "quantize extra).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="dtype of the saved (unquantised) weights.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def export_model_command(model_ref, output, merge, quantize, dtype, force, as_json):
+    """Write MODEL_REF (local:BASE[+ADAPTER...]) as one HF folder with a model card; evaluate it as local:OUTPUT."""
+    from flywheel.export import export_model
+    from flywheel.models import parse_model_ref
+
+    if parse_model_ref(model_ref)[2] and not merge:
+        raise click.UsageError(f"{model_ref} has adapters: pass --merge to merge them into the weights")
+    result = export_model(model_ref, output, quantize=quantize, dtype=dtype, overwrite=force)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
 
 @export_group.command("openai-eval")

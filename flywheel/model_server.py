@@ -286,8 +286,11 @@ def served_name(ref: str) -> str:
         return ref
     if scheme == "local" and Path(name).exists():
         name = Path(name).resolve().name
-    if adapter:
-        name = f"{name}-{Path(adapter).resolve().name}"
+    if adapter:  # one adapter, or a combination (`A*0.7+B*0.3`): their folder names
+        from flywheel.models import parse_adapters
+
+        name = "-".join([name, *(Path(path).resolve().name + ("" if weight == 1.0 else f"x{weight:g}")
+                                 for path, weight in parse_adapters(adapter))])
     return name
 
 

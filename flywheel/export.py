@@ -1,0 +1,216 @@
+"""Export a local model reference as one self-contained Hugging Face folder.
+
+    result = export_model("local:smollm2+.flywheel/ckpt/sft-3", "out/banking-sft")           # merged
+    result = export_model("local:smollm2+.flywheel/ckpt/sft-3", "out/banking-int8", quantize="int8")
+    result.model_ref   # local:out/banking-int8: evaluate it like any model
+
+The adapters of the reference (one, or a weighted combination: flywheel.models.local) are merged
+into the base weights with PEFT's `merge_and_unload`, and the folder gets safetensors weights, the
+tokenizer with its chat template, the config, a model card (README.md) and `flywheel_export.json`
+with the lineage: base model, every adapter's content hash and weight, and the checkpoint, training
+job and training set it came from. transformers' `AutoModelForCausalLM.from_pretrained(DIR)` loads
+it, and so does vLLM for the unquantised export (untested here: vLLM is not installed).
+
+`quantize="int8"` stores the merged model's linear layers as int8 weights with per-channel scales
+(torchao's `Int8WeightOnlyConfig`, through transformers' `TorchAoConfig`; the `quantize` extra).
+The folder's config.json carries the `quantization_config`, so transformers (with torchao
+installed) and `local:DIR` load it without being told. Embeddings stay in the saved dtype.
+
+The folder is written to a staging folder beside DIR and renamed into place: a failed export
+leaves nothing half-written, and an existing DIR is only replaced with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flywheel.errors import FlywheelError
+
+EXPORT_FILE = "flywheel_export.json"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+class ExportError(FlywheelError):
+    """A model could not be exported; nothing was written to the output folder."""
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """One `--quantize` choice: what it does, and the transformers quantization config it builds."""
+
+    name: str
+    summary: str
+    build: Callable[[], Any]
+
+
+def _torchao_int8():
+    from transformers import TorchAoConfig
+
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError:
+        raise ExportError("--quantize int8 needs torchao; install it with: pip install 'flywheel[quantize]'") from None
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (
+    Quantizer("int8", "int8 weights with per-channel scales (torchao Int8WeightOnlyConfig); runs on CPU",
+              _torchao_int8),
+)}
+
+
+@dataclass
+class ExportResult:
+    """What `export_model` wrote."""
+
+    path: str
+    model_ref: str
+    source_ref: str
+    base: str
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    quantize: str | None = None
+    dtype: str = "fp32"
+    size_bytes: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary_lines(self) -> list[str]:
+        """What `flywheel export model` prints."""
+        what = "merged" + (f", {self.quantize}" if self.quantize else "") + f", {self.dtype}"
+        lines = [f"exported {self.source_ref} to {self.path} ({what}, {self.size_bytes / 1e6:.1f} MB)"]
+        for adapter in self.adapters:
+            job = f", job {adapter['job_id']}" if adapter.get("job_id") else ""
+            lines.append(f"  adapter {adapter['path']} x{adapter['weight']:g} (hash {adapter['hash']}{job})")
+        lines.append(f"  evaluate it as {self.model_ref}")
+        return lines
+
+
+def _adapter_lineage(path: Path, weight: float) -> dict[str, Any]:
+    from flywheel.models.local import dir_fingerprint
+    from flywheel.train.checkpoints import LINEAGE_FILE
+
+    entry: dict[str, Any] = {"path": str(path), "weight": weight, "hash": dir_fingerprint(path)[:16]}
+    lineage_path = path / LINEAGE_FILE
+    if lineage_path.is_file():  # written by register_checkpoint: the checkpoint, job and training set
+        try:
+            lineage = json.loads(lineage_path.read_text(encoding="utf-8"))
+        except ValueError:
+            lineage = {}
+        entry.update({k: lineage.get(k) for k in ("id", "method", "base_model", "job_id", "training_set_id",
+                                                   "training_set_hash", "parent_id")})
+        entry["checkpoint_id"] = entry.pop("id")
+    return entry
+
+
+def _model_card(result: ExportResult, base_source: str) -> str:
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [flywheel"
+        + (", lora-merged" if result.adapters else "") + (f", {result.quantize}" if result.quantize else "") + "]",
+        "---", "", f"# {Path(result.path).name}", "",
+        f"Exported by Flywheel from `{result.source_ref}`"
+        + (" with the LoRA adapters merged into the weights" if result.adapters else "")
+        + (f", {QUANTIZERS[result.quantize].summary}" if result.quantize else "") + ".", "",
+        "## Lineage", "", f"- base model: `{result.base}` (`{base_source}`)",
+    ]
+    for adapter in result.adapters:
+        lines.append(f"- adapter `{adapter['path']}`, weight {adapter['weight']:g}, content hash `{adapter['hash']}`")
+        for key in ("checkpoint_id", "method", "job_id", "training_set_id", "training_set_hash", "parent_id"):
+            if adapter.get(key):
+                lines.append(f"  - {key.replace('_', ' ')}: `{adapter[key]}`")
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              f'model = AutoModelForCausalLM.from_pretrained("{result.path}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{result.path}")', "```", "",
+              f"With Flywheel: `flywheel eval SPEC --model {result.model_ref}`."
+              + (" Loading needs torchao (`pip install 'flywheel[quantize]'`)." if result.quantize else ""), ""]
+    return "\n".join(lines)
+
+
+def _folder_size(folder: Path) -> tuple[int, list[str]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in files), [p.relative_to(folder).as_posix() for p in files]
+
+
+def export_model(ref: str, output: str | Path, *, quantize: str | None = None, dtype: str = "fp32",
+                 overwrite: bool = False) -> ExportResult:
+    """Write `ref` (a `local:` model, with its adapters merged) to `output` as a HF folder.
+
+    `quantize`: None or a name in QUANTIZERS ("int8"); `dtype`: "fp32" or "bf16", the dtype of the
+    saved weights (of the unquantised layers, and of the activations, when quantised)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from flywheel.models import parse_model_ref
+    from flywheel.models.local import LocalModel, merge_adapters, quantisation_of
+
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; use {' or '.join(DTYPES)}")
+    if quantize is not None and quantize not in QUANTIZERS:
+        raise ExportError(f"unknown quantisation {quantize!r}; known: {', '.join(QUANTIZERS)}")
+    scheme, name, adapter = parse_model_ref(ref)
+    if scheme != "local":
+        raise ExportError(f"{ref}: only local: models can be exported (the weights of {scheme}: models are not here)")
+    local = LocalModel(ref, name, adapter)  # validates the base and every adapter folder
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"{out}: already exists and is not empty; choose another folder or pass --force")
+    quantization = QUANTIZERS[quantize].build() if quantize else None  # fails early without torchao
+    base_path = local.base_path()
+    if quantisation_of(base_path):
+        raise ExportError(f"{ref}: {base_path} is already quantised ({quantisation_of(base_path)}); "
+                          "export from the unquantised model")
+    hf_logging.disable_progress_bar()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_path)
+        # Merge in fp32 (exact), then store in the chosen dtype.
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        if local.adapters:
+            model = merge_adapters(ref, model, local.adapters, name, base_path)
+        model = model.to(getattr(torch, DTYPES[dtype]))
+        model.config.use_cache = True
+        if quantization is not None:
+            merged = staging / ".merged"
+            model.save_pretrained(merged)
+            del model
+            model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, DTYPES[dtype]),
+                                                         quantization_config=quantization)
+            model.save_pretrained(staging)
+            shutil.rmtree(merged)
+        else:
+            model.save_pretrained(staging)
+        del model
+        tokenizer.save_pretrained(staging)
+        target_ref = f"local:{out}"
+        result = ExportResult(path=str(out), model_ref=target_ref, source_ref=ref, base=name,
+                              adapters=[_adapter_lineage(path, weight) for path, weight in local.adapters],
+                              quantize=quantize, dtype=dtype)
+        (staging / "README.md").write_text(_model_card(result, base_path), encoding="utf-8")
+        lineage = {"source_ref": ref, "base": name, "base_path": base_path, "source_fingerprint": local.fingerprint,
+                   "adapters": result.adapters, "quantize": quantize, "dtype": dtype}
+        (staging / EXPORT_FILE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
+        if out.exists():
+            old = out.with_name(f".{out.name}-old-{staging.name}")
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    except FlywheelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one clean line; the staging folder goes
+        raise ExportError(f"exporting {ref} to {out} failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                          "nothing was written") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.size_bytes, result.files = _folder_size(out)
+    return result

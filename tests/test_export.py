@@ -1,0 +1,166 @@
+"""`flywheel export model`: merged HF folders (and int8 ones) that transformers and `local:DIR` load."""
+
+import json
+import sys
+
+import pytest
+from adapter_helpers import QUESTIONS, greedy_texts, make_adapter
+from click.testing import CliRunner
+
+from flywheel.cli import main
+from flywheel.errors import ModelError
+from flywheel.export import ExportError, export_model
+
+
+@pytest.fixture(scope="module")
+def adapter(chatty_dir, tmp_path_factory):
+    return make_adapter(chatty_dir, tmp_path_factory.mktemp("export") / "adapter", seed=7, scale=0.5)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_merged_export_loads_in_transformers_with_identical_greedy_outputs(chatty_dir, adapter, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = f"local:{chatty_dir}+{adapter}"
+    result = cli("export", "model", ref, "--merge", "-o", tmp_path / "merged", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    folder = tmp_path / "merged"
+    assert out["model_ref"] == f"local:{folder}" and out["quantize"] is None
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "flywheel_export.json"} <= set(out["files"])
+
+    # transformers alone: the merged folder vs the unmerged adapter on its base, greedy token ids
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template(QUESTIONS[0], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(chatty_dir, dtype=torch.float32),
+                                         str(adapter)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(chatty_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        a, b = merged.generate(ids, **kwargs), unmerged.generate(input_ids=ids, **kwargs)
+        c = plain.generate(ids, **kwargs)
+    assert a.tolist() == b.tolist()
+    assert a.tolist() != c.tolist()  # the adapter mattered
+
+    # Flywheel: local:DIR answers exactly as local:BASE+ADAPTER
+    assert greedy_texts(out["model_ref"]) == greedy_texts(ref)
+
+
+def test_model_card_and_lineage_name_base_adapter_and_job(chatty_dir, adapter, store, tmp_path):
+    import shutil
+
+    from flywheel.train import TrainingSet, record_training_set
+    from flywheel.train.checkpoints import register_checkpoint
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(3)]
+    training_set = record_training_set(store, TrainingSet("sft", rows, {"eval": "tiny"}))
+    job_id = store.create_training_job(backend="local", method="sft", training_set_id=training_set.id,
+                                       base_model=f"local:{chatty_dir}", config_json="{}")
+    checkpoint = register_checkpoint(store, method="sft", base_model=f"local:{chatty_dir}",
+                                     save=lambda d: shutil.copytree(adapter, d), training_set_id=training_set.id,
+                                     training_set_hash=training_set.content_hash, config={}, metrics={},
+                                     job_id=job_id)
+    result = export_model(checkpoint.model_ref, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    lineage = json.loads((tmp_path / "out" / "flywheel_export.json").read_text())
+    assert result.adapters[0]["hash"] == checkpoint.adapter_hash
+    assert lineage["adapters"][0]["checkpoint_id"] == checkpoint.id and lineage["adapters"][0]["job_id"] == job_id
+    assert lineage["base"] == str(chatty_dir)
+    for needle in (str(chatty_dir), checkpoint.adapter_hash, checkpoint.id, job_id, training_set.id):
+        assert needle in card
+
+
+def test_combined_adapters_export_matches_the_combination(chatty_dir, adapter, tmp_path):
+    other = make_adapter(chatty_dir, tmp_path / "other", seed=8, scale=0.5)
+    ref = f"local:{chatty_dir}+{adapter}*0.6+{other}*0.4"
+    result = export_model(ref, tmp_path / "combo")
+    assert [a["weight"] for a in result.adapters] == [0.6, 0.4]
+    assert greedy_texts(result.model_ref) == greedy_texts(ref)
+
+
+def test_int8_export_loads_and_evaluates(chatty_dir, adapter, tiny_spec, tmp_path):
+    pytest.importorskip("torchao")
+    from flywheel.models import load_model
+
+    ref = f"local:{chatty_dir}+{adapter}"
+    result = cli("export", "model", ref, "--merge", "--quantize", "int8", "-o", tmp_path / "int8", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    merged = export_model(ref, tmp_path / "fp32")
+    assert out["size_bytes"] < merged.size_bytes
+
+    model = load_model(out["model_ref"], {"dtype": "fp32"})
+    weights = model.load()[0].model.layers[0].mlp.up_proj.weight
+    assert "Int8" in type(weights).__name__  # quantised weights, not dequantised on load
+    assert model.fingerprint != load_model(merged.model_ref).fingerprint
+    texts = greedy_texts(out["model_ref"])
+    assert all(isinstance(t, str) for t in texts) and any(texts)
+
+    db = tmp_path / "f.db"
+    result = cli("eval", tiny_spec, "--split", "valid", "--model", out["model_ref"], "--db", db, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["n_samples"] == 4 and summary["n_errors"] == 0
+
+
+def test_adapters_on_a_quantised_model_are_refused(chatty_dir, adapter, tmp_path):
+    pytest.importorskip("torchao")
+    from flywheel.models import load_model
+
+    export_model(f"local:{chatty_dir}", tmp_path / "q", quantize="int8")
+    with pytest.raises(ModelError, match="adapters cannot go on a quantised model"):
+        load_model(f"local:{tmp_path / 'q'}+{adapter}").load()
+    with pytest.raises(ExportError, match="already quantised"):
+        export_model(f"local:{tmp_path / 'q'}", tmp_path / "again")
+
+
+def test_bad_exports_are_one_line_errors_and_lose_nothing(chatty_dir, adapter, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    ref = f"local:{chatty_dir}+{adapter}"
+    cases = [
+        (("export", "model", ref, "--merge", "-o", existing), f"error: {existing}: already exists and is not empty"),
+        (("export", "model", "openai:gpt-4o-mini", "-o", tmp_path / "x"), "error: openai:gpt-4o-mini: only local:"),
+        (("export", "model", f"local:{chatty_dir}+{tmp_path / 'gone'}", "--merge", "-o", tmp_path / "y"),
+         f"error: local:{chatty_dir}+{tmp_path / 'gone'}: adapter folder {tmp_path / 'gone'} has no"),
+    ]
+    for args, start in cases:
+        result = cli(*args)
+        assert result.exit_code == 1, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), lines
+    assert (existing / "keep.txt").read_text() == "mine" and len(list(existing.iterdir())) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    usage = cli("export", "model", ref, "-o", tmp_path / "z")  # adapters without --merge
+    assert usage.exit_code == 2 and "pass --merge" in usage.output
+
+
+def test_int8_without_torchao_is_a_clear_error(chatty_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ExportError, match=r"needs torchao; install it with: pip install 'flywheel\[quantize\]'"):
+        export_model(f"local:{chatty_dir}", tmp_path / "q", quantize="int8")
+    assert not (tmp_path / "q").exists()
+
+
+def test_force_replaces_an_earlier_export(chatty_dir, adapter, tmp_path):
+    first = export_model(f"local:{chatty_dir}", tmp_path / "out")
+    (tmp_path / "out" / "stale.txt").write_text("old")
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(f"local:{chatty_dir}+{adapter}", tmp_path / "out")
+    second = export_model(f"local:{chatty_dir}+{adapter}", tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "stale.txt").exists() and second.adapters and not first.adapters
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old copy left behind
+    assert greedy_texts(second.model_ref) == greedy_texts(f"local:{chatty_dir}+{adapter}")
