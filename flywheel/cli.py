@@ -475,12 +475,16 @@ def _train_command(method):
     """`flywheel train <method>`: one command per row of the methods table."""
 
     def command(spec_path, base, config_path, settings, data, splits, no_eval, options, db, as_json, launcher,
-                num_processes, accelerate_config, cpu, **set_options):
+                num_processes, accelerate_config, cpu, search_path, trials, sampler, wall_s, **set_options):
         from flywheel.spec import load_eval_spec
         from flywheel.train import load_train_config, train
 
         if launcher == "local" and (num_processes or accelerate_config or cpu):
             raise click.UsageError("--num-processes, --accelerate-config and --cpu need --launcher accelerate")
+        if not search_path and (trials or sampler or wall_s):
+            raise click.UsageError("--trials, --sampler and --wall-s need --search")
+        if search_path and (launcher != "local" or no_eval):
+            raise click.UsageError("--search trains here and scores every trial on valid: drop --launcher/--no-eval")
         if launcher == "accelerate":  # the same command, on every process of `accelerate launch`
             from flywheel.train.launch import LaunchSpec, launch_training
 
@@ -490,9 +494,16 @@ def _train_command(method):
             return
         spec = load_eval_spec(spec_path)
         config = load_train_config(method.name, config_path, list(settings))
+        search = None
+        if search_path:  # checked against the method's config before anything trains
+            from flywheel.train.search import load_search_spec
+
+            search = load_search_spec(method.name, search_path, base=config, trials=trials, sampler=sampler,
+                                      wall_s=wall_s)
         with _store_at(db) as store:
             result = train(method.name, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
-                           splits=splits, quiet=as_json, hosted_options=_options(options), **set_options)
+                           splits=splits, quiet=as_json, hosted_options=_options(options), search=search,
+                           log=lambda line: click.echo(line, err=True), **set_options)
         if result is None:  # a non-main process under accelerate launch
             return
         click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
@@ -515,6 +526,13 @@ def _train_command(method):
         click.option("--accelerate-config", default=None, help="accelerate config file, or a shipped template: "
                      "ddp, deepspeed_zero2, deepspeed_zero3, fsdp (flywheel/train/accelerate_configs)."),
         click.option("--cpu", is_flag=True, help="With --launcher accelerate: CPU processes over gloo."),
+        click.option("--search", "search_path", type=click.Path(dir_okay=False), default=None,
+                     help="Hyper-parameter search: a YAML space of config keys (docs/training.md#search)."),
+        click.option("--trials", type=click.IntRange(min=1), default=None, help="--search: most trials (default 10)."),
+        click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None,
+                     help="--search: tpe (Bayesian, the default), random or grid."),
+        click.option("--wall-s", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="--search: wall-clock budget; no trial starts once it is spent."),
     ]
     for option in reversed(options):
         command = option(command)
