@@ -336,7 +336,8 @@ def captures_delete(ids, metadata, before, dry_run, db, as_json):
 @db_option
 @json_option
 def report_command(run_ids, output, a, b, db, as_json):
-    """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side)."""
+    """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side), or
+    of a hyper-parameter search (`search-...` id from `flywheel train --search`)."""
     from dataclasses import asdict
 
     from pathlib import Path
@@ -346,6 +347,15 @@ def report_command(run_ids, output, a, b, db, as_json):
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise FlywheelError(f"{output}: cannot write the report: folder {folder} does not exist")
+    if run_ids[0].startswith("search-"):
+        from flywheel.report.search_view import write_search_report
+
+        if len(run_ids) > 1:
+            raise click.UsageError("a search report takes one search id")
+        with _store_at(db) as store:
+            path = write_search_report(store, run_ids[0], output)
+        click.echo(json.dumps({"path": str(path)}) if as_json else f"wrote {path}")
+        return
     with _store_at(db) as store:
         result = write_report(store, list(run_ids), output, a=a, b=b)
     if as_json:

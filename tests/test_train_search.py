@@ -9,17 +9,19 @@ import json
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import spec_dict, write_jsonl
+from conftest import make_rows, spec_dict, write_jsonl
 from train_helpers import quick_sft, tiny_eval, write_eval
 
 from flywheel.cli import main
 from flywheel.distill import capture
 from flywheel.errors import SpecError
 from flywheel.harness import run_eval
+from flywheel.run_spec import load_run_spec
 from flywheel.spec import load_eval_spec
 from flywheel.store import Store
 from flywheel.train import SFTSpec, build_sft_set
 from flywheel.train.search import SearchSpec, Trial, choose_best, load_search_spec, run_search
+from flywheel.wheel import run_wheel
 
 
 def write_space(tmp_path, data, name="space.yaml"):
@@ -218,3 +220,40 @@ def test_train_cli_search_json(tmp_path, tiny_model_dir):
     assert len(data["trials"]) == 2 and data["best"] in (0, 1) and data["reason"]
     assert {t["state"] for t in data["trials"]} == {"complete"} and data["checkpoint"]["id"].startswith("sft-")
     assert SFTSpec().lora.r == 16  # the base config is untouched by the trials
+
+
+# -- the wheel's `search:` block and the reports ---------------------------------------------------
+def _write_run(tmp_path, model_dir, stages):
+    write_jsonl(tmp_path / "data.jsonl", make_rows(6))
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict(f"local:{model_dir}")))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"eval": "eval.yaml", "plateau": 9, "stages": stages}))
+    return tmp_path / "run.yaml"
+
+
+def test_a_bad_search_block_is_one_line_when_the_run_spec_loads(tmp_path):
+    path = _write_run(tmp_path, tmp_path, [{"stage": "dpo", "search": {"space": {"lora.rank": {"choices": [4]}}}}])
+    with pytest.raises(SpecError) as caught:
+        load_run_spec(path)
+    assert str(caught.value) == (f"{path}: stages[0].dpo: search: lora.rank: unknown key for dpo (did you mean "
+                                 f"'lora.r'?); known: " + str(caught.value).split("; known: ", 1)[1])
+    assert "\n" not in str(caught.value)
+
+
+def test_the_wheel_runs_a_search_stage_and_its_report_shows_the_table(tmp_path, tiny_model_dir, store):
+    stages = [{"stage": "capture", "teacher": "reference:label"},
+              {"stage": "sft", "config": {"max_steps": 1, "precision": "fp32", "batch_size": 4},
+               "search": {"space": {"lora.r": {"choices": [2, 4]}}, "sampler": "grid", "trials": 5}}]
+    result = run_wheel(load_run_spec(_write_run(tmp_path, tiny_model_dir, stages)), store,
+                       report_dir=str(tmp_path / "reports"))
+    sft = result.stages[1]
+    assert sft.decision in ("promoted", "rejected") and "search search-sft-" in sft.reason, sft.reason
+    [search] = store.training_searches([result.run_id])
+    assert search["status"] == "succeeded" and len(store.search_trials(search["id"])) == 2
+    assert search["best_checkpoint_id"] in sft.reason
+    html = open(result.report_path, encoding="utf-8").read()
+    assert f'id="{search["id"]}"' in html and "★ best" in html and "Hyper-parameter search" in html
+    page = tmp_path / "search.html"
+    out = CliRunner().invoke(main, ["report", search["id"], "-o", str(page), "--db", str(store.path)])
+    assert out.exit_code == 0, out.output
+    text = page.read_text(encoding="utf-8")
+    assert "<script" not in text and text.count("<tr") == 3 and search["reason"].split(" (")[0] in text

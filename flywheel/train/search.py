@@ -309,6 +309,7 @@ class SearchResult:
         lines.append(f"best: {self.reason}")
         if self.checkpoint is not None:
             lines.append(f"  checkpoint {self.checkpoint.id}: {self.checkpoint.model_ref}")
+        lines.append(f"  the table as HTML: flywheel report {self.id} -o search.html")
         if self.test is not None:
             t = self.test
             lines.append(f"  test  {t.score:.3f} [{t.ci[0]:.3f}, {t.ci[1]:.3f}] vs base {t.parent_score:.3f}: "
@@ -355,8 +356,16 @@ def pruning_callback(trial, losses: list[tuple[int, float]], signal: list[str]):
 
 
 # -- the search ------------------------------------------------------------------------------------
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise FlywheelError("a hyper-parameter search needs Optuna: pip install 'flywheel[search]'") from None
+    return optuna
+
+
 def _sampler(search: SearchSpec, kinds: dict[str, str]):
-    import optuna
+    optuna = _optuna()
 
     if search.sampler == "grid":
         grid = {k: grid_values(k, d, kinds[k]) for k, d in search.space.items()}
@@ -383,7 +392,7 @@ def run_search(method: str, spec: EvalSpec, store: Store, training_set, search: 
     """Run `search.trials` training jobs of `method` from `base` on `training_set`, each with
     settings sampled from `search.space` on top of `config`; evaluate each on valid, choose the
     best by a paired test among the finalists, and evaluate it on test when `splits` has it."""
-    import optuna
+    optuna = _optuna()
 
     from flywheel.train.checkpoints import resolve_base
     from flywheel.train.methods import training_method
