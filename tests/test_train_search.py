@@ -5,6 +5,7 @@ the store, pruning on a constructed case, the best chosen by the paired rule, th
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,8 +17,10 @@ from flywheel.cli import main
 from flywheel.distill import capture
 from flywheel.errors import SpecError
 from flywheel.harness import run_eval
+from flywheel.prompt import Prompt
 from flywheel.run_spec import load_run_spec
 from flywheel.spec import load_eval_spec
+from flywheel.stages.training import TrainStage
 from flywheel.store import Store
 from flywheel.train import SFTSpec, build_sft_set
 from flywheel.train.search import SearchSpec, Trial, choose_best, load_search_spec, run_search
@@ -250,6 +253,18 @@ def test_the_wheel_runs_a_search_stage_and_its_report_shows_the_table(tmp_path, 
     [search] = store.training_searches([result.run_id])
     assert search["status"] == "succeeded" and len(store.search_trials(search["id"])) == 2
     assert search["best_checkpoint_id"] in sft.reason
+    # Resumed after a kill, the stage finds the finished search of its run and trains nothing.
+    run_spec = load_run_spec(tmp_path / "run.yaml")
+    stage = TrainStage(run_spec.stages[1])
+    spec = load_eval_spec(tmp_path / "eval.yaml")
+    logged = []
+    wheel = SimpleNamespace(spec=spec, store=store, run_id=result.run_id, lap=1, log=logged.append)
+    prompt = Prompt(messages=spec.messages())
+    jobs = store.db["training_jobs"].count
+    again = stage.search(wheel, build_sft_set(spec, store, prompt=prompt), spec.model, prompt,
+                         SFTSpec(max_steps=1, precision="fp32", batch_size=4))
+    assert logged == [f"  reusing search {search['id']}, finished before"] and again.decision == "proposed"
+    assert store.db["training_jobs"].count == jobs and len(store.training_searches([result.run_id])) == 1
     html = open(result.report_path, encoding="utf-8").read()
     assert f'id="{search["id"]}"' in html and "★ best" in html and "Hyper-parameter search" in html
     page = tmp_path / "search.html"
