@@ -537,7 +537,7 @@ def _train_command(method):
                      "ddp, deepspeed_zero2, deepspeed_zero3, fsdp (flywheel/train/accelerate_configs)."),
         click.option("--cpu", is_flag=True, help="With --launcher accelerate: CPU processes over gloo."),
         click.option("--search", "search_path", type=click.Path(dir_okay=False), default=None,
-                     help="Hyper-parameter search: a YAML space of config keys (docs/training.md#search)."),
+                     help="Hyper-parameter search over a YAML space of config keys (docs/training.md, Hyper-parameter search)."),
         click.option("--trials", type=click.IntRange(min=1), default=None, help="--search: most trials (default 10)."),
         click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None,
                      help="--search: tpe (Bayesian, the default), random or grid."),
