@@ -272,3 +272,24 @@ def test_the_wheel_runs_a_search_stage_and_its_report_shows_the_table(tmp_path, 
     assert out.exit_code == 0, out.output
     text = page.read_text(encoding="utf-8")
     assert "<script" not in text and text.count("<tr") == 3 and search["reason"].split(" (")[0] in text
+
+
+def test_a_dpo_search_over_beta_from_an_sft_checkpoint(tmp_path, tiny_model_dir, store):
+    from train_helpers import quick_dpo
+
+    from flywheel.train import build_dpo_set
+    from flywheel.train.sft import train_sft
+
+    spec = tiny_eval(tmp_path, tiny_model_dir)
+    capture(spec, store, "reference:label")
+    capture(spec, store, spec.model, n=2, temperature=1.0)
+    sft = train_sft(spec, store, build_sft_set(spec, store), base=spec.model, config=quick_sft(max_steps=2),
+                    evaluate=False, quiet=True)
+    search = load_search_spec("dpo", write_space(tmp_path, {"beta": {"choices": [0.05, 0.5]}}), sampler="grid")
+    result = run_search("dpo", spec, store, build_dpo_set(spec, store), search, base=sft.checkpoint.id,
+                        config=quick_dpo(max_steps=2), splits=("valid",))
+    assert sorted(t.params["beta"] for t in result.trials) == [0.05, 0.5]
+    for trial in result.trials:
+        ckpt = store.get_checkpoint(trial.checkpoint_id)
+        assert ckpt["parent_id"] == sft.checkpoint.id and json.loads(ckpt["config_json"])["beta"] == trial.params["beta"]
+    assert result.checkpoint is not None and result.checkpoint.method == "dpo"
