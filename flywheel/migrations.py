@@ -256,9 +256,31 @@ def m010_api_objects(db: sqlite_utils.Database) -> None:
     db["api_keys"].create_index(["key_hash"], unique=True)
 
 
+@migration
+def m011_api_projects_roles_limits(db: sqlite_utils.Database) -> None:
+    # Every API object belongs to the project of the key that made it; rows made before projects
+    # (and on a loopback bind without a key) belong to 'default'. Keys carry a project, a role
+    # (admin / member / reader) and an optional requests-per-minute limit of their own.
+    for table in ("api_files", "api_evals", "api_eval_runs", "api_fine_tuning_jobs", "api_wheel_runs"):
+        db[table].add_column("project", str)
+        db.execute(f"update {table} set project = 'default' where project is null")
+        db[table].create_index(["project"], if_not_exists=True)
+    db["api_keys"].add_column("project", str)
+    db["api_keys"].add_column("role", str)
+    db["api_keys"].add_column("rpm", int)
+    db.execute("update api_keys set project = 'default', role = 'admin' where project is null")
+    # A fine-tuning job can be paused (`POST .../pause`): the flag the running job reads, like cancel.
+    db["api_jobs"].add_column("pause_requested", int)
+    # Where a paused job stopped (step, total steps, the adapter saved there), and the job's final
+    # metrics (train_loss, valid_loss on its validation_file, or RFT rewards).
+    db["api_fine_tuning_jobs"].add_column("resume_json", str)
+    db["api_fine_tuning_jobs"].add_column("metrics_json", str)
+    # Chat completions stored through the API carry their project; proxy captures (null) are 'default'.
+    db["captures"].add_column("api_project", str)
+
 
 @migration
-def m011_search_training_searches(db: sqlite_utils.Database) -> None:
+def m012_search_training_searches(db: sqlite_utils.Database) -> None:
     # Hyper-parameter searches (flywheel/train/search.py): one row per search, one per trial. Each
     # trial that started training points at its training job (and, when it finished, its checkpoint
     # and the valid iteration that scored it); `signal` names the loss the pruner was fed.
@@ -276,6 +298,7 @@ def m011_search_training_searches(db: sqlite_utils.Database) -> None:
         pk=("search_id", "number"),
         foreign_keys=[("search_id", "training_searches", "id"), ("job_id", "training_jobs", "id")])
     db["training_search_trials"].create_index(["job_id"])
+
 
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
