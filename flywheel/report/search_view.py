@@ -25,6 +25,14 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def describe_distribution(dist: dict[str, Any]) -> str:
+    """`8, 16, 32` for choices; `0.0001 .. 0.005 log` or `1 .. 3 step 1` for a range."""
+    if dist.get("choices") is not None:
+        return "choices " + ", ".join(_cell(v) for v in dist["choices"])
+    text = f"{_cell(dist.get('low'))} .. {_cell(dist.get('high'))}"
+    return text + (" log" if dist.get("log") else "") + (f" step {_cell(dist['step'])}" if dist.get("step") else "")
+
+
 def search_tables(store: Store, searches: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What the report shows of each search row: its settings, its trials as table rows, the winner."""
     out = []
@@ -42,8 +50,7 @@ def search_tables(store: Store, searches: list[dict[str, Any]]) -> list[dict[str
                     "stopped_by": search["stopped_by"], "wall_s": search["wall_s"],
                     "budget_s": settings.get("wall_s"), "columns": keys, "rows": rows, "reason": search["reason"],
                     "base_model": search["base_model"], "training_set_id": search["training_set_id"],
-                    "space": {k: {f: v for f, v in d.items() if v not in (None, False)}
-                              for k, d in (settings.get("space") or {}).items()}})
+                    "space": {k: describe_distribution(d) for k, d in (settings.get("space") or {}).items()}})
     return out
 
 
