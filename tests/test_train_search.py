@@ -309,3 +309,34 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(captured):
     assert store.search_trials(result.id)[failed.number]["state"] == "failed"
     assert done.state == "complete" and result.best == done.number
     assert "the only completed trial" in result.reason
+
+
+def test_with_an_eval_dataset_the_pruner_is_fed_the_eval_loss(tmp_path):
+    """The callback reads `eval_loss` when the trainer evaluates (real TrainingArguments, a real
+    Optuna trial): training losses are then ignored, and a worse eval loss than the median prunes."""
+    import optuna
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from flywheel.train.search import pruning_callback
+
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=0))
+    earlier = study.ask()
+    earlier.report(-1.0, 2)
+    study.tell(earlier, 0.5)
+    losses, signal = [], ["loss"]
+    callback = pruning_callback(study.ask(), losses, signal)
+    args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="steps", eval_steps=2, report_to=[],
+                             use_cpu=True)
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 2
+    callback.on_train_begin(args, state, control)
+    assert signal == ["eval_loss"]
+    callback.on_log(args, state, control, logs={"loss": 9.0})
+    assert losses == []
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 2: eval_loss 5 is worse than the median"):
+        callback.on_log(args, state, control, logs={"eval_loss": 5.0})
+    assert losses == [(2, 5.0)]
+    no_eval = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    callback.on_train_begin(no_eval, state, control)
+    assert signal == ["loss"]
