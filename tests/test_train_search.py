@@ -223,6 +223,15 @@ def test_train_cli_search_json(tmp_path, tiny_model_dir):
     assert len(data["trials"]) == 2 and data["best"] in (0, 1) and data["reason"]
     assert {t["state"] for t in data["trials"]} == {"complete"} and data["checkpoint"]["id"].startswith("sft-")
     assert SFTSpec().lora.r == 16  # the base config is untouched by the trials
+    text = runner.invoke(main, ["train", "sft", str(spec), "--base", f"local:{tiny_model_dir}", "--search",
+                                str(space), "--trials", "1", "--split", "valid", "-s", "max_steps=1",
+                                "-s", "precision=fp32", "--db", str(db)])
+    assert text.exit_code == 0, text.output
+    lines = text.stdout.splitlines()
+    assert lines[0].startswith("sft search search-sft-") and "stopped by 1 trial;" in lines[0]
+    assert lines[1].split()[:3] == ["trial", "state", "lora.r"] and lines[2].split()[:2] == ["0", "complete"]
+    assert lines[3] == "best: trial 0, the only completed trial (valid " + lines[3].split("(valid ", 1)[1]
+    assert "  trial 0 lora.r=" in text.stderr  # progress goes to stderr
 
 
 # -- the wheel's `search:` block and the reports ---------------------------------------------------

@@ -480,7 +480,8 @@ def run_search(method: str, spec: EvalSpec, store: Store, training_set, search: 
         raise
     wall = time.perf_counter() - clock
     stopped_by = ("the wall-clock budget" if search.wall_s and len(trials) < n_trials and wall >= search.wall_s
-                  else "grid exhausted" if grid_size and grid_size <= search.trials else f"{n_trials} trials")
+                  else "grid exhausted" if grid_size and grid_size <= search.trials
+                  else f"{n_trials} trial" + ("s" if n_trials != 1 else ""))
     best, reason, comparisons = choose_best(store, spec, trials, search.finalists)
     checkpoint = test = None
     if best is not None:
