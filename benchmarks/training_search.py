@@ -101,7 +101,7 @@ def main() -> None:
         print("\n".join(result.summary_lines()))
         cmp = paired_comparison(store, spec, d_test.iteration_id, result.test.iteration_id) if result.test else None
 
-        print(f"\n| side | trials | steps each | wall s | valid | test | load (1/5/15 min) |")
+        print("\n| side | trials | steps each | wall s | valid | test | load (1/5/15 min) |")
         print("|---|---|---|---|---|---|---|")
         print(f"| default config | 1 | {default.metrics['steps']} | {budget:.0f} | {d_valid.score:.3f} | "
               f"{d_test.score:.3f} | {default_load} |")
