@@ -12,6 +12,7 @@ base. `beta` is the pull towards the reference (higher: more conservative).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
@@ -36,7 +37,7 @@ def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSp
 
 def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: DPOSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
-              quiet: bool = False) -> TrainResult | None:
+              quiet: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult | None:
     """Train with DPO on preference pairs from `base`, register the adapter, evaluate it."""
     config = config or DPOSpec()
     if len(training_set) == 0:
@@ -46,4 +47,4 @@ def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
         return build_dpo_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)
 
     return run_local("dpo", spec, store, training_set, base=base, config=config, build=build,
-                     evaluate=evaluate, splits=splits, quiet=quiet)
+                     evaluate=evaluate, splits=splits, quiet=quiet, callbacks=callbacks)

@@ -219,9 +219,12 @@ def _summarise_history(history: list[dict[str, Any]], loss_key: str) -> dict[str
 def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: TrainConfig, build: Callable[..., Any], evaluate: bool = True,
               splits: Sequence[str] = ("valid", "test"), quiet: bool = False,
-              loss_key: str = "loss") -> TrainResult | None:
+              loss_key: str = "loss", callbacks: Sequence[Any] = ()) -> TrainResult | None:
     """Train with the `BuiltTrainer` that `build(model, tokenizer, output_dir, bf16)` returns, then
-    register and evaluate. Returns None on non-main processes."""
+    register and evaluate. Returns None on non-main processes.
+
+    `callbacks`: extra transformers `TrainerCallback`s added to the trainer (e.g. the search's
+    pruning reporter, flywheel.train.search); an exception one raises fails the job and propagates."""
     main = is_main_process()
     base_ref, parent_id = resolve_base(store, base)
     if main:
@@ -252,6 +255,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         history: list[dict[str, Any]] = []
         if main:
             trainer.add_callback(_event_logger(store, job_id, history))
+        for callback in callbacks:
+            trainer.add_callback(callback)
         before = _adapter_weights(trainer.model)
         started = time.perf_counter()
         try:

@@ -12,6 +12,7 @@ model that never passes, every reward is 0. With `beta` 0 (the default) no refer
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from flywheel.grading import GraderSet
 from flywheel.spec import EvalSpec
@@ -57,7 +58,7 @@ def build_rft_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSp
 
 def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
                config: RFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
-               quiet: bool = False) -> TrainResult | None:
+               quiet: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult | None:
     """RFT: train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it."""
     config = config or RFTSpec()
     require_vllm(config)
@@ -69,4 +70,4 @@ def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
                                   quiet=quiet)
 
     return run_local("rft", spec, store, training_set, base=base, config=config, build=build,
-                     evaluate=evaluate, splits=splits, quiet=quiet)
+                     evaluate=evaluate, splits=splits, quiet=quiet, callbacks=callbacks)

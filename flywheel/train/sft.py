@@ -11,6 +11,7 @@ little compute goes to padding; bf16 is used where the hardware has it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
@@ -63,7 +64,7 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
 
 def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: SFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
-              quiet: bool = False) -> TrainResult | None:
+              quiet: bool = False, callbacks: Sequence[Any] = ()) -> TrainResult | None:
     """Train an SFT adapter on `training_set` from `base` (a `local:` reference, a checkpoint id, or
     `local:BASE+ADAPTER` to continue an adapter), register it, and evaluate it on `splits`."""
     config = config or SFTSpec()
@@ -78,4 +79,4 @@ def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
         return build_sft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)
 
     return run_local("sft", spec, store, training_set, base=base, config=config, build=build,
-                     evaluate=evaluate, splits=splits, quiet=quiet)
+                     evaluate=evaluate, splits=splits, quiet=quiet, callbacks=callbacks)
