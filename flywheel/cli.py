@@ -336,7 +336,8 @@ def captures_delete(ids, metadata, before, dry_run, db, as_json):
 @db_option
 @json_option
 def report_command(run_ids, output, a, b, db, as_json):
-    """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side)."""
+    """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side), or
+    of a hyper-parameter search (`search-...` id from `flywheel train --search`)."""
     from dataclasses import asdict
 
     from pathlib import Path
@@ -346,6 +347,15 @@ def report_command(run_ids, output, a, b, db, as_json):
     folder = Path(output).resolve().parent
     if not folder.is_dir():
         raise FlywheelError(f"{output}: cannot write the report: folder {folder} does not exist")
+    if run_ids[0].startswith("search-"):
+        from flywheel.report.search_view import write_search_report
+
+        if len(run_ids) > 1:
+            raise click.UsageError("a search report takes one search id")
+        with _store_at(db) as store:
+            path = write_search_report(store, run_ids[0], output)
+        click.echo(json.dumps({"path": str(path)}) if as_json else f"wrote {path}")
+        return
     with _store_at(db) as store:
         result = write_report(store, list(run_ids), output, a=a, b=b)
     if as_json:
@@ -481,12 +491,17 @@ def _train_command(method):
     """`flywheel train <method>`: one command per row of the methods table."""
 
     def command(spec_paths, weights, base, config_path, settings, data, splits, no_eval, options, db, as_json,
-                launcher, num_processes, accelerate_config, cpu, resume, **set_options):
+                launcher, num_processes, accelerate_config, cpu, resume, search_path, trials, sampler, wall_s,
+                **set_options):
         from flywheel.spec import load_eval_spec
         from flywheel.train import load_train_config, train
 
         if launcher == "local" and (num_processes or accelerate_config or cpu):
             raise click.UsageError("--num-processes, --accelerate-config and --cpu need --launcher accelerate")
+        if not search_path and (trials or sampler or wall_s):
+            raise click.UsageError("--trials, --sampler and --wall-s need --search")
+        if search_path and (launcher != "local" or no_eval):
+            raise click.UsageError("--search trains here and scores every trial on valid: drop --launcher/--no-eval")
         if launcher == "accelerate":  # the same command, on every process of `accelerate launch`
             from flywheel.train.launch import LaunchSpec, launch_training
 
@@ -505,7 +520,17 @@ def _train_command(method):
             raise click.UsageError("--weights weighs several SPECs against each other; give two or more")
         if len(specs) > 1 and data:
             raise click.UsageError("--data trains on one file; drop it to build and combine each eval's set")
+        if len(specs) > 1 and search_path:
+            raise click.UsageError("--search tunes one eval's training; give one SPEC")
+        if resume and search_path:
+            raise click.UsageError("--resume continues one job; --search starts new ones: give one of them")
         config = None if resume else load_train_config(method.name, config_path, list(settings))
+        search = None
+        if search_path:  # checked against the method's config before anything trains
+            from flywheel.train.search import load_search_spec
+
+            search = load_search_spec(method.name, search_path, base=config, trials=trials, sampler=sampler,
+                                      wall_s=wall_s)
         with _store_at(db) as store:
             if len(specs) > 1:  # one adapter on the weighted union of the evals' sets (flywheel.train.multi)
                 from flywheel.train.multi import train_multi
@@ -515,7 +540,8 @@ def _train_command(method):
             else:
                 result = train(method.name, specs[0], store, base=base, config=config, data=data,
                                evaluate=not no_eval, splits=splits, quiet=as_json, hosted_options=_options(options),
-                               resume=resume, **set_options)
+                               resume=resume, search=search, log=lambda line: click.echo(line, err=True),
+                               **set_options)
         if result is None:  # a non-main process under accelerate launch
             return
         click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
@@ -542,6 +568,13 @@ def _train_command(method):
         click.option("--accelerate-config", default=None, help="accelerate config file, or a shipped template: "
                      "ddp, deepspeed_zero2, deepspeed_zero3, fsdp (flywheel/train/accelerate_configs)."),
         click.option("--cpu", is_flag=True, help="With --launcher accelerate: CPU processes over gloo."),
+        click.option("--search", "search_path", type=click.Path(dir_okay=False), default=None,
+                     help="Hyper-parameter search over a YAML space of config keys (docs/training.md, Hyper-parameter search)."),
+        click.option("--trials", type=click.IntRange(min=1), default=None, help="--search: most trials (default 10)."),
+        click.option("--sampler", type=click.Choice(["tpe", "random", "grid"]), default=None,
+                     help="--search: tpe (Bayesian, the default), random or grid."),
+        click.option("--wall-s", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="--search: wall-clock budget; no trial starts once it is spent."),
     ]
     for option in reversed(options):
         command = option(command)

@@ -280,7 +280,28 @@ def m011_api_projects_roles_limits(db: sqlite_utils.Database) -> None:
 
 
 @migration
-def m012_checkpoints_validation(db: sqlite_utils.Database) -> None:
+def m012_search_training_searches(db: sqlite_utils.Database) -> None:
+    # Hyper-parameter searches (flywheel/train/search.py): one row per search, one per trial. Each
+    # trial that started training points at its training job (and, when it finished, its checkpoint
+    # and the valid iteration that scored it); `signal` names the loss the pruner was fed.
+    db["training_searches"].create(
+        {"id": str, "created_at": str, "finished_at": str, "method": str, "eval_name": str, "base_model": str,
+         "training_set_id": str, "run_id": str, "sampler": str, "settings_json": str, "signal": str,
+         "status": str, "stopped_by": str, "best_trial": int, "best_checkpoint_id": str, "reason": str,
+         "wall_s": float, "error": str},
+        pk="id", foreign_keys=[("training_set_id", "training_sets", "id")])
+    db["training_searches"].create_index(["run_id"])
+    db["training_search_trials"].create(
+        {"search_id": str, "number": int, "state": str, "params_json": str, "job_id": str, "checkpoint_id": str,
+         "valid_iteration_id": str, "valid_score": float, "loss": float, "steps": int, "wall_s": float,
+         "error": str, "started_at": str, "finished_at": str},
+        pk=("search_id", "number"),
+        foreign_keys=[("search_id", "training_searches", "id"), ("job_id", "training_jobs", "id")])
+    db["training_search_trials"].create_index(["job_id"])
+
+
+@migration
+def m013_checkpoints_validation(db: sqlite_utils.Database) -> None:
     # Checkpoints saved every `save_steps` (flywheel.train.validation): each row carries its step, and
     # `pruned_at` once `keep` deleted its folder (the row and its metrics stay). A job records why it
     # stopped (end of schedule, early stopping, a search's pruning) and its resumable output folder.

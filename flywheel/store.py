@@ -853,6 +853,46 @@ class Store:
                                                      "finished_at": now(), "stop_reason": stop_reason,
                                                      "error": None})
 
+    # -- hyper-parameter searches (flywheel.train.search) -----------------------------------------------
+    def create_training_search(self, **fields: Any) -> str:
+        search_id = fields.pop("id", None) or new_id(f"search-{fields.get('method', 'train')}")
+        with self.db.conn:
+            self.db["training_searches"].insert({"id": search_id, "created_at": now(), "status": "running", **fields})
+        return search_id
+
+    def update_training_search(self, search_id: str, **fields: Any) -> None:
+        with self.db.conn:
+            self.db["training_searches"].update(search_id, fields)
+
+    def get_training_search(self, search_id: str) -> dict[str, Any]:
+        rows = list(self.db["training_searches"].rows_where("id = ?", [search_id]))
+        if not rows:
+            raise StoreError(f"{self.path}: no training search {search_id!r}")
+        return rows[0]
+
+    def training_searches(self, run_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Searches, oldest first: all of them, or those a wheel run (one of `run_ids`) started."""
+        if not run_ids:
+            return list(self.db["training_searches"].rows_where(order_by="created_at"))
+        marks = ", ".join("?" for _ in run_ids)
+        return list(self.db["training_searches"].rows_where(f"run_id in ({marks})", list(run_ids),
+                                                            order_by="created_at"))
+
+    def save_search_trial(self, search_id: str, number: int, **fields: Any) -> None:
+        """Insert or update one trial of a search (its row is keyed by search and trial number)."""
+        with self.db.conn:
+            self.db["training_search_trials"].upsert({"search_id": search_id, "number": number, **fields},
+                                                     pk=("search_id", "number"))
+
+    def search_trials(self, search_id: str) -> list[dict[str, Any]]:
+        return list(self.db["training_search_trials"].rows_where("search_id = ?", [search_id], order_by="number"))
+
+    def newest_training_job(self, since: str) -> str | None:
+        """The id of the newest training job created at or after `since` (an ISO timestamp)."""
+        row = self.db.execute("select id from training_jobs where created_at >= ? order by created_at desc, "
+                              "rowid desc limit 1", [since]).fetchone()
+        return row[0] if row else None
+
     # -- cost per item and extra grades (flywheel.cost, flywheel.distill) -------------------------------
     def iteration_cost(self, iteration_id: str) -> "CostPerItem":
         """Mean tokens, latency and money of an iteration's samples (errored samples included)."""

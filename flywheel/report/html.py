@@ -30,6 +30,7 @@ from flywheel.errors import FlywheelError
 from flywheel.images import Thumbnails, describe_content
 from flywheel.report.compare import RunView, default_pair, item_fields, iteration_samples, load_run_view
 from flywheel.report.training_view import training_section
+from flywheel.report.search_view import search_tables
 from flywheel.report.wheel_view import wheel_section
 from flywheel.store import Store
 
@@ -381,7 +382,8 @@ def render_report(store: Store, run_ids: Sequence[str], *, page_size: int = PAGE
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         data_json=Markup(script_json(report_payload(store, view, page_size, a, b))),
         js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}", wheel=wheel_section(store, view),
-        training=training_section(store, view))
+        training=training_section(store, view),
+        searches=search_tables(store, store.training_searches([r["id"] for r in view.runs])))
 
 
 @dataclass

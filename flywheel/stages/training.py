@@ -15,13 +15,14 @@ import json
 import random
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from flywheel.errors import FlywheelError
 from flywheel.prompt import Prompt
 from flywheel.spec import MessageSpec
 from flywheel.stages.base import Candidate, Incumbent, StageOutcome, StageSpecBase, WheelContext
 from flywheel.train.methods import METHODS, load_train_config, training_method
+from flywheel.train.search import SearchSpec
 
 PROBE_PROMPTS = 16
 
@@ -36,6 +37,28 @@ class TrainStageSpec(StageSpecBase):
     min_score: float | None = Field(default=None, description="SFT: objective score a capture needs.")
     max_per_item: int = Field(default=1, ge=1, description="SFT: distinct passing outputs kept per item.")
     min_margin: float = Field(default=0.5, ge=0, description="DPO: best-minus-worst score a pair needs.")
+    search: SearchSpec | None = Field(
+        default=None, description="Hyper-parameter search instead of one training job: a space of config keys "
+        "(on top of `config`), trials, sampler, wall_s ... (docs/training.md); the best trial is proposed.")
+
+    @model_validator(mode="after")
+    def _search_keys_exist(self) -> "TrainStageSpec":
+        """A search's keys and bounds are checked against the method's config when the run spec loads."""
+        if self.search is not None:
+            from flywheel.errors import SpecError
+            from flywheel.train.search import check_enqueued, check_space
+
+            config_class = training_method(self.stage).config
+            try:
+                base = config_class.model_validate(self.config)
+            except ValidationError:
+                base = None  # the config's own errors are reported when the stage runs
+            try:
+                check_space(self.stage, self.search.space, base)
+                check_enqueued(self.search)
+            except SpecError as exc:
+                raise ValueError(f"search: {exc}") from None
+        return self
 
 
 class TrainStage:
@@ -78,6 +101,8 @@ class TrainStage:
         options = {key: getattr(spec, key) for key in method.set_options}
         training_set = method.build_set(wheel.spec, wheel.store, prompt=prompt, **options)
         wheel.log(f"  {name}: {len(training_set)} rows, from {base}")
+        if spec.search is not None:
+            return self.search(wheel, training_set, base, prompt, config)
         base_ref, parent_id = resolve_base(wheel.store, base)
         done = wheel.store.find_checkpoint(method=name, training_set_hash=training_set.content_hash,
                                            config_json=json.dumps(config.model_dump()),
@@ -102,6 +127,34 @@ class TrainStage:
         detail = f"checkpoint {checkpoint_id} ({len(training_set)} rows{loss}{reward}; student prompt {prompt.id})"
         return StageOutcome(name, "proposed", detail, lap=wheel.lap,
                             proposal=Candidate(model_ref, prompt, detail, origin=f"{name}:{checkpoint_id}"))
+
+    def search(self, wheel: WheelContext, training_set, base: str, prompt: Prompt, config) -> StageOutcome:
+        """Run the stage's hyper-parameter search (or reuse one this run finished before a kill) and
+        propose its best trial's checkpoint."""
+        from flywheel.train.checkpoints import load_checkpoint, resolve_base
+        from flywheel.train.search import run_search
+        from flywheel.train.sets import record_training_set
+
+        name, search = self.method.name, self.spec.search
+        training_set = record_training_set(wheel.store, training_set)  # its id names the search's data
+        base_ref, _ = resolve_base(wheel.store, base)
+        done = [s for s in wheel.store.training_searches([wheel.run_id])
+                if s["status"] == "succeeded" and s["method"] == name and s["base_model"] == base_ref
+                and s["training_set_id"] == training_set.id and s["settings_json"] == search.model_dump_json()
+                and s["best_checkpoint_id"]]
+        if done:
+            row = done[-1]
+            checkpoint, reason, search_id = load_checkpoint(wheel.store, row["best_checkpoint_id"]), row["reason"], row["id"]
+            wheel.log(f"  reusing search {search_id}, finished before")
+        else:
+            result = run_search(name, wheel.spec, wheel.store, training_set, search, base=base, config=config,
+                                splits=("valid",), run_id=wheel.run_id, log=wheel.log)
+            if result.checkpoint is None:
+                return StageOutcome(name, "failed", f"search {result.id}: {result.reason}", lap=wheel.lap)
+            checkpoint, reason, search_id = result.checkpoint, result.reason, result.id
+        detail = f"search {search_id}, best {checkpoint.id}: {reason} ({len(training_set)} rows; student prompt {prompt.id})"
+        return StageOutcome(name, "proposed", detail, lap=wheel.lap,
+                            proposal=Candidate(checkpoint.model_ref, prompt, detail, origin=f"{name}:{checkpoint.id}"))
 
     def reward_probe(self, wheel: WheelContext, base: str, prompt: Prompt, config) -> str | None:
         """Sample the start model `num_generations` times on a few train prompts and grade them with

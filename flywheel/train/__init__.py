@@ -54,13 +54,15 @@ def build_training_set(method: str, spec: EvalSpec, store: Store, *, data: str |
 def train(method: str, spec: EvalSpec, store: Store, *, base: str | None, config: TrainConfig | None = None,
           data: str | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
           quiet: bool = False, hosted_options: dict[str, Any] | None = None, resume: str | None = None,
-          monitor: Any = None, **set_options: Any):
+          monitor: Any = None, search=None, log=None, **set_options: Any):
     """Build (or load) the training set, train with `method` from `base`, register and evaluate.
 
     `base` is a `local:` model (trained here with TRL), a checkpoint id, or an `openai:` model
     (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`). `resume` continues a
     killed local job from its last saved step, with the job's own set, base and config.
-    `monitor(point)` sees each validation point (flywheel.train.validation) and may stop the job."""
+    `monitor(point)` sees each validation point (flywheel.train.validation) and may stop the job.
+    With `search` (a `search.SearchSpec`) it runs a hyper-parameter search instead and returns its
+    `SearchResult`; `log` receives one line per trial."""
     from flywheel.train.checkpoints import resolve_base
 
     chosen = training_method(method)
@@ -75,6 +77,11 @@ def train(method: str, spec: EvalSpec, store: Store, *, base: str | None, config
     base_ref, _ = resolve_base(store, base)
     config = config or load_train_config(method)
     training_set = build_training_set(method, spec, store, data=data, **set_options)
+    if search is not None:
+        from flywheel.train.search import run_search
+
+        return run_search(method, spec, store, training_set, search, base=base, config=config, splits=splits,
+                          log=log)
     if base_ref.startswith("openai:"):
         from flywheel.train.hosted import train_hosted
 

@@ -12,6 +12,7 @@ base. `beta` is the pull towards the reference (higher: more conservative).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
@@ -40,7 +41,7 @@ def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSp
 def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: DPOSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
               quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
-              resume: str | None = None) -> TrainResult | None:
+              resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult | None:
     """Train with DPO on preference pairs from `base`, register the adapter, evaluate it.
 
     With `eval_steps`, the DPO loss on `validation_file` (pairs) is the validation loss; the rest
@@ -56,4 +57,5 @@ def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
                                  eval_set=eval_set)
 
     return run_local("dpo", spec, store, training_set, base=base, config=config, build=build,
-                     evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume)
+                     evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume,
+                     callbacks=callbacks)

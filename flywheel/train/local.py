@@ -299,14 +299,16 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
               config: TrainConfig, build: Callable[..., Any], evaluate: bool = True,
               splits: Sequence[str] = ("valid", "test"), quiet: bool = False,
               loss_key: str = "loss", prompt: Prompt | None = None, monitor: Monitor | None = None,
-              resume: str | None = None) -> TrainResult | None:
+              resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult | None:
     """Train with the `BuiltTrainer` that `build(model, tokenizer, output_dir, bf16)` returns, then
     register, choose the best checkpoint and evaluate it. Returns None on non-main processes.
 
     With `save_steps` a checkpoint is registered every N steps (flywheel.train.validation) and the
     job is resumable: `resume` (a job id), or the same call after a kill, continues from its last
     saved step with the trainer's optimizer, scheduler and data position. `monitor` sees every
-    validation point and may stop the job (a search's pruner)."""
+    validation point and may stop the job (a search's pruner). `callbacks`: extra transformers
+    `TrainerCallback`s added to the trainer (e.g. the search's pruning reporter,
+    flywheel.train.search); an exception one raises fails the job and propagates."""
     from flywheel.train.validation import JobValidation, broadcast, copy_adapter, saved_steps, training_prompt
 
     main = is_main_process()
@@ -359,6 +361,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         if main:
             trainer.add_callback(_event_logger(store, job_id, history))
         trainer.add_callback(validation.callback())
+        for callback in callbacks:
+            trainer.add_callback(callback)
         before = _adapter_weights(trainer.model)
         started = time.perf_counter()
         try:
