@@ -336,8 +336,9 @@ def captures_delete(ids, metadata, before, dry_run, db, as_json):
 @db_option
 @json_option
 def report_command(run_ids, output, a, b, db, as_json):
-    """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side), or
-    of a hyper-parameter search (`search-...` id from `flywheel train --search`)."""
+    """Write one self-contained HTML report of RUN (several RUNs: their iterations side by side), of a
+    trained checkpoint (its id or its `job-...` id: the runs that evaluated it, with the loss curves),
+    or of a hyper-parameter search (`search-...` id from `flywheel train --search`)."""
     from dataclasses import asdict
 
     from pathlib import Path
@@ -356,8 +357,10 @@ def report_command(run_ids, output, a, b, db, as_json):
             path = write_search_report(store, run_ids[0], output)
         click.echo(json.dumps({"path": str(path)}) if as_json else f"wrote {path}")
         return
+    from flywheel.report.compare import resolve_run_ids
+
     with _store_at(db) as store:
-        result = write_report(store, list(run_ids), output, a=a, b=b)
+        result = write_report(store, resolve_run_ids(store, run_ids), output, a=a, b=b)
     if as_json:
         click.echo(json.dumps(asdict(result)))
     else:

@@ -796,6 +796,11 @@ class Store:
             raise StoreError(f"{self.path}: no checkpoint {checkpoint_id!r}")
         return rows[0]
 
+    def checkpoint_row(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """The checkpoint's row, or None when there is no such checkpoint."""
+        rows = list(self.db["checkpoints"].rows_where("id = ?", [checkpoint_id], limit=1))
+        return rows[0] if rows else None
+
     def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
                         base_model: str) -> dict[str, Any] | None:
         """The newest checkpoint trained by `method` on this set with this config from this base: the

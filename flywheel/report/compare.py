@@ -23,7 +23,7 @@ from typing import Any
 from flywheel import summaries
 from flywheel.stats import mcnemar_exact, paired_stats  # noqa: F401 - re-exported
 from flywheel.spec import GraderInfo, grader_infos
-from flywheel.store import Store
+from flywheel.store import Store, StoreError
 from flywheel.summaries import GraderSummary
 
 STATUS_ORDER = {"regression": 0, "improvement": 1, "changed": 2, "same": 3, "only_a": 4, "only_b": 5}
@@ -83,6 +83,36 @@ def iteration_label(iteration: dict[str, Any], multi_run: bool = False) -> str:
 def grader_stats(store: Store, iteration_id: str) -> dict[str, GraderSummary]:
     """Per grader: mean score and pass rate over every sample (errored samples count 0), errors."""
     return {g.name: g for g in store.grader_stats(iteration_id, ci=False)}
+
+
+def resolve_run_ids(store: Store, ids: Sequence[str]) -> list[str]:
+    """Run ids for a report: run ids (or unique suffixes) as given; a checkpoint id or a training job id
+    (the job's chosen checkpoint) becomes the runs that evaluated it after training, each split's parent
+    run before its own (valid, then test), so `flywheel report sft-...` shows what `flywheel train`
+    printed, with the job's loss curves and checkpoint scores."""
+    out: list[str] = []
+    for given in ids:
+        checkpoint_id = given
+        if given.startswith("job-"):
+            checkpoint_id = store.get_training_job(given).get("checkpoint_id") or ""
+            if not checkpoint_id:
+                raise StoreError(f"{store.path}: training job {given!r} has no checkpoint (it did not finish)")
+        row = None if given.startswith("run-") else store.checkpoint_row(checkpoint_id)
+        if row is None:
+            out.append(given)
+            continue
+        evals = json.loads(row.get("eval_json") or "{}")
+        runs = [store.get_iteration(e[key])["run_id"] for split in ("valid", "test") if (e := evals.get(split))
+                for key in ("parent_iteration_id", "iteration_id") if e.get(key)]
+        job = store.get_training_job(row["job_id"]) if row.get("job_id") else {}
+        if not runs and job.get("checkpoint_id") and job["checkpoint_id"] != checkpoint_id:
+            raise StoreError(f"{store.path}: checkpoint {checkpoint_id!r} (step {row.get('step')}) is not the one its "
+                             f"job chose; report that one: flywheel report {job['checkpoint_id']}")
+        if not runs:
+            raise StoreError(f"{store.path}: checkpoint {checkpoint_id!r} was not evaluated after training; "
+                             f"run flywheel eval SPEC --model {row['model_ref']} and report that run")
+        out += [r for r in dict.fromkeys(runs) if r not in out]
+    return out
 
 
 def load_run_view(store: Store, run_ids: Sequence[str]) -> RunView:

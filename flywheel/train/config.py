@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Config(BaseModel):
@@ -88,6 +88,36 @@ class TrainConfig(_Config):
         if not isinstance(text, str) or not (text in ("best", "all") or (text.isdigit() and int(text) >= 1)):
             raise ValueError(f"keep must be best, all or a number N >= 1 (the N best checkpoints), not {value!r}")
         return text
+
+    @field_validator("early_stopping", mode="before")
+    @classmethod
+    def _early_stopping_shorthand(cls, value: Any) -> Any:
+        # `-s early_stopping=valid_score` reads as `-s early_stopping.metric=valid_score`.
+        return {"metric": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _validation_fits_together(self) -> "TrainConfig":
+        """Fill the one obvious step setting validation asks for, and refuse what cannot work, when the
+        config loads (not minutes later when training starts): the checkpoints that `valid_subset` and
+        early stopping on `valid_score` score are saved every `save_steps` (default: `eval_steps`);
+        early stopping on `valid_loss` measures every `eval_steps` (default: `save_steps`)."""
+        wants_checkpoints = self.valid_subset > 0 or (
+            self.early_stopping is not None and self.early_stopping.metric == "valid_score")
+        if wants_checkpoints and self.save_steps is None:
+            if self.eval_steps is None:
+                what = "valid_subset" if self.valid_subset else "early_stopping on valid_score"
+                raise ValueError(f"{what} scores the checkpoints saved every save_steps: set save_steps (or "
+                                 "eval_steps, which it then defaults to), e.g. save_steps=10")
+            self.save_steps = self.eval_steps
+        if self.early_stopping is not None and self.early_stopping.metric == "valid_score" and not self.valid_subset:
+            raise ValueError("early_stopping on valid_score needs valid_subset (the number of valid items "
+                             "scored at each checkpoint), e.g. valid_subset=16")
+        if self.early_stopping is not None and self.early_stopping.metric == "valid_loss" and self.eval_steps is None:
+            if self.save_steps is None:
+                raise ValueError("early_stopping on valid_loss needs eval_steps (validation loss every N steps), "
+                                 "e.g. eval_steps=10")
+            self.eval_steps = self.save_steps
+        return self
 
 
 class SFTSpec(TrainConfig):

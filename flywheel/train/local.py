@@ -111,6 +111,8 @@ class TrainResult:
             lines.append(f"  {e.split:<5} {e.score:.3f} [{e.ci[0]:.3f}, {e.ci[1]:.3f}] vs parent {e.parent_score:.3f}:"
                          f" diff {e.diff:+.3f} [{e.diff_ci[0]:+.3f}, {e.diff_ci[1]:+.3f}], McNemar p={e.p_mcnemar:.3g}"
                          f" ({e.improvements} up, {e.regressions} down) -> {e.decision}")
+        if self.evals:
+            lines.append(f"  report: flywheel report {self.checkpoint.id} -o report.html")
         return lines
 
 

@@ -72,9 +72,11 @@ def training_method(name: str) -> TrainingMethod:
 def _format_error(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in err["loc"])
         message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{source}: {loc}: {message}")
+        message = message.removeprefix("Value error, ")
+        # A check across fields (TrainConfig._validation_fits_together) names its fields itself.
+        lines.append(f"{source}: {loc}: {message}" if loc else f"{source}: {message}")
     return "\n".join(lines)
 
 
