@@ -3,10 +3,13 @@ measured checkpoint, as inline, escaped SVG (a monitor's stop reason is user tex
 
 from __future__ import annotations
 
+import json
 import re
 
+from click.testing import CliRunner
 from train_helpers import quick_sft, tiny_eval
 
+from flywheel.cli import main
 from flywheel.distill import capture
 from flywheel.report.html import render_report
 from flywheel.store import Store
@@ -43,4 +46,18 @@ def test_the_report_draws_the_jobs_curves_and_checkpoints(tmp_path, tiny_model_d
     assert "folder pruned" in section and "best" in section
     assert "<script>alert" not in html and "&lt;script&gt;alert(&#39;pruned&#39;)&lt;/script&gt;" in section
     assert "http://" not in section and "https://" not in section
+    # What `flywheel train` prints names the command; the checkpoint id (or the job id) is the report's.
+    assert f"  report: flywheel report {result.checkpoint.id} -o report.html" in result.summary_lines()
     store.close()
+    db = str(tmp_path / "flywheel.db")
+    for given in (result.checkpoint.id, result.job_id):
+        out = CliRunner().invoke(main, ["report", given, "-o", str(tmp_path / "r.html"), "--db", db, "--json"])
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.stdout)["iterations"] == 2  # the parent and the checkpoint, on valid
+        page = (tmp_path / "r.html").read_text(encoding="utf-8")
+        assert 'aria-label="train and valid loss by step"' in page and result.job_id in page
+    other = next(c["id"] for c in result.checkpoints if not c["best"])
+    out = CliRunner().invoke(main, ["report", other, "-o", str(tmp_path / "o.html"), "--db", db])
+    assert out.exit_code == 1 and out.output.count("\n") == 1
+    assert f"is not the one its job chose; report that one: flywheel report {result.checkpoint.id}" in out.output
+    assert not (tmp_path / "o.html").exists()

@@ -21,10 +21,12 @@ from train_helpers import events, quick_sft, tiny_eval, write_eval
 
 from flywheel.cli import main
 from flywheel.distill import capture
+from flywheel.spec import SpecError
 from flywheel.store import Store
 from flywheel.train import SFTSpec, TrainingDataError, TrainingError, build_sft_set, register_checkpoint
 from flywheel.train.checkpoints import Checkpoint
 from flywheel.train.config import EarlyStoppingSpec
+from flywheel.train.methods import load_train_config
 from flywheel.train.sft import train_sft
 from flywheel.train.validation import EarlyStopper, JobValidation, choose_best, lock_job_folder, validation_set
 
@@ -221,10 +223,36 @@ def test_validation_settings_that_cannot_work_are_one_line_errors(tmp_path, tiny
         validation_set("sft", spec, SFTSpec(eval_steps=2, validation_file=str(bad)), prompt)
     rows = validation_set("sft", spec, SFTSpec(eval_steps=2, validation_reference="{{item.label}}"), prompt).rows
     assert rows[0]["messages"][-1] == {"role": "assistant", "content": "card_arrival"}
+    # A config that bypasses the checks made when it loads is still refused before training starts.
+    config = quick_sft().model_copy(update={"early_stopping": EarlyStoppingSpec(metric="valid_score")})
     with pytest.raises(TrainingDataError, match="early_stopping on valid_score needs save_steps and valid_subset"):
-        train_sft(spec, store, _tiny_set(), base=spec.model, evaluate=False, quiet=True,
-                  config=quick_sft(early_stopping={"metric": "valid_score"}))
+        train_sft(spec, store, _tiny_set(), base=spec.model, evaluate=False, quiet=True, config=config)
     assert store.db.execute("select status from training_jobs").fetchall() in ([], [("failed",)])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["valid_subset=8"], "train config: valid_subset scores the checkpoints saved every save_steps: set save_steps"),
+    (["early_stopping=valid_score", "save_steps=2"], "train config: early_stopping on valid_score needs valid_subset"),
+    (["early_stopping.metric=valid_score"], "train config: early_stopping on valid_score scores the checkpoints"),
+    (["early_stopping.patience=3"], "train config: early_stopping on valid_loss needs eval_steps"),
+    (["early_stopping=valid_los", "eval_steps=2"], "train config: early_stopping.metric: Input should be"),
+])
+def test_validation_settings_that_cannot_work_are_refused_when_the_config_loads(overrides, message):
+    with pytest.raises(SpecError) as caught:
+        load_train_config("sft", overrides=overrides)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value), str(caught.value)
+
+
+def test_the_step_settings_validation_needs_default_from_each_other():
+    config = load_train_config("sft", overrides=["eval_steps=4", "valid_subset=16", "early_stopping=valid_score"])
+    assert (config.eval_steps, config.save_steps, config.valid_subset) == (4, 4, 16)
+    assert config.early_stopping == EarlyStoppingSpec(metric="valid_score")
+    config = load_train_config("sft", overrides=["save_steps=3", "early_stopping=valid_loss"])
+    assert (config.eval_steps, config.save_steps) == (3, 3)
+    config = load_train_config("sft", overrides=["eval_steps=5", "save_steps=10", "valid_subset=4"])
+    assert (config.eval_steps, config.save_steps) == (5, 10)  # set ones are kept
+    plain = load_train_config("sft")  # validation stays off unless asked for
+    assert (plain.eval_steps, plain.save_steps, plain.valid_subset, plain.early_stopping) == (None, None, 0, None)
 
 
 def _tiny_set():
