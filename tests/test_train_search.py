@@ -349,3 +349,41 @@ def test_with_an_eval_dataset_the_pruner_is_fed_the_eval_loss(tmp_path):
     no_eval = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     callback.on_train_begin(no_eval, state, control)
     assert signal == ["loss"]
+
+
+def test_a_search_with_validation_prunes_on_eval_loss_and_compares_each_trials_best_checkpoint(captured):
+    """End to end, no constructed TrainingArguments: trials validate every 2 steps and save a scored
+    checkpoint there. The pruner is fed TRL's eval_loss (recorded as the search's signal); the trial
+    that barely learns (lr 1e-9) has a worse eval loss at step 2 than the two before it: pruned. A
+    completed trial is its job's best checkpoint by the graders, and that is what the search pairs."""
+    from flywheel.train.checkpoints import load_checkpoint
+    from flywheel.train.validation import choose_best as best_of_job
+
+    spec, store, training_set = captured
+    search = _search(space={"learning_rate": {"low": 1e-9, "high": 5e-2, "log": True}}, trials=3,
+                     sampler="tpe", prune_startup_trials=2, prune_warmup_steps=2, seed=1,
+                     enqueue=[{"learning_rate": 2e-2}, {"learning_rate": 3e-2}, {"learning_rate": 1e-9}])
+    config = quick_sft(max_steps=6, eval_steps=2, valid_subset=3, keep="all")
+    assert config.save_steps == 2  # defaulted from eval_steps
+    result = run_search("sft", spec, store, training_set, search, base=spec.model, config=config,
+                        splits=("valid",))
+    assert result.signal == "eval_loss" and store.get_training_search(result.id)["signal"] == "eval_loss"
+    assert "pruning fed by eval_loss" in result.summary_lines()[0]
+    assert [t.state for t in result.trials] == ["complete", "complete", "pruned"]
+    pruned = result.trials[2]
+    assert pruned.error.startswith("pruned at step 2: eval_loss") and pruned.steps == 2
+    assert store.get_training_job(pruned.job_id)["status"] == "pruned"
+    assert store.job_checkpoints(pruned.job_id) == []  # pruned at the evaluation, before the step was saved
+    # The loss the pruner saw is the job's stored validation loss, not a training loss.
+    for trial in result.trials[:2]:
+        points = [json.loads(e["data_json"]) for e in store.training_events(trial.job_id) if e["type"] == "validation"]
+        valid_losses = {p["step"]: p["valid_loss"] for p in points if "valid_loss" in p}
+        assert sorted(valid_losses) == [2, 4, 6] and trial.loss == pytest.approx(valid_losses[6])
+        job = store.get_training_job(trial.job_id)
+        saved = [load_checkpoint(store, row["id"]) for row in store.job_checkpoints(trial.job_id)]
+        assert [c.step for c in saved] == [2, 4, 6] and all("valid_score" in c.metrics for c in saved)
+        chosen, _ = best_of_job(saved)
+        assert trial.checkpoint_id == job["checkpoint_id"] == chosen.id
+        valid = store.get_iteration(trial.valid_iteration_id)
+        assert valid["split"] == "valid" and store.get_run(valid["run_id"])["model_ref"] == chosen.model_ref
+    assert result.checkpoint.id == result.trials[result.best].checkpoint_id
