@@ -274,3 +274,47 @@ def test_capture_from_the_tuned_model_with_its_own_prompt(tmp_path, tiny_model_d
     assert capture.decision == "captured" and f"covered by local:{tiny_model_dir}+" in capture.reason
     row = store.db.execute("select prompt_id, n from teacher_captures order by created_at desc limit 1").fetchone()
     assert json.loads(store.db["prompts"].get(row[0])["messages_json"]) == SHORT_STUDENT and row[1] == 2
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"valid_subset": 4}, "config: valid_subset scores the checkpoints saved every save_steps"),
+    ({"keep": "bset"}, "config: keep: keep must be best, all or a number N >= 1"),
+    ({"early_stoping": {"metric": "valid_loss"}}, "config: early_stoping: unknown field"),
+    ({"eval_steps": 2, "early_stopping": "valid_scor"}, "config: early_stopping.metric: Input should be"),
+])
+def test_a_training_stages_config_is_checked_when_the_run_spec_loads(tmp_path, config, message):
+    path = write_run(tmp_path, tmp_path, [{"stage": "capture", "teacher": "reference:label"},
+                                          {"stage": "sft", "config": {"max_steps": 2, **config}}])
+    result = CliRunner().invoke(main, ["run", str(path), "--db", str(tmp_path / "x.db")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith(f"error: {path}: stages[1].sft: {message}"), result.output
+    assert not (tmp_path / "x.db").exists() or not Store.open(tmp_path / "x.db").db["runs"].count
+
+
+def test_a_training_stage_with_validation_proposes_its_best_checkpoint(tmp_path, tiny_model_dir, store):
+    """One sft stage that validates every 2 steps, scores each saved checkpoint on 3 valid items, may
+    stop early and keeps 2 folders: the wheel proposes the job's best checkpoint by the graders."""
+    from flywheel.train.checkpoints import Checkpoint
+    from flywheel.train.validation import choose_best
+
+    stages = [{"stage": "capture", "teacher": "reference:label"},
+              {"stage": "sft", "config": {"max_steps": 6, "learning_rate": 2e-2, "logging_steps": 1, **FAST,
+                                          "eval_steps": 2, "valid_subset": 3, "keep": 2,
+                                          "early_stopping": {"metric": "valid_score", "patience": 2}}}]
+    logged = []
+    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages)), store, log=logged.append,
+                       report_dir=str(tmp_path / "reports"))
+    sft = result.stages[1]
+    assert sft.decision in ("promoted", "rejected"), sft.reason
+    [job] = store.db["training_jobs"].rows
+    saved = [Checkpoint.from_row(row) for row in store.job_checkpoints(job["id"])]  # pruned ones too
+    assert job["status"] == "succeeded" and [c.step for c in saved][:2] == [2, 4]
+    assert all(c.metrics.get("valid_score") is not None and c.metrics.get("valid_loss") is not None for c in saved)
+    best, why = choose_best(saved)
+    assert job["checkpoint_id"] == best.id and f"checkpoint {best.id}" in sft.reason
+    assert any(f"best of {len(saved)} checkpoints: {why}" in line for line in logged), logged
+    assert sum(1 for c in saved if c.pruned_at is None) == min(2, len(saved))  # keep: 2
+    iteration = next(it for it in store.iterations(result.run_id) if it["stage"] == "sft")
+    assert iteration["model_ref"] == best.model_ref
+    html = open(result.report_path, encoding="utf-8").read()
+    assert 'aria-label="train and valid loss by step"' in html and best.id in html

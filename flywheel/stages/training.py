@@ -42,17 +42,21 @@ class TrainStageSpec(StageSpecBase):
         "(on top of `config`), trials, sampler, wall_s ... (docs/training.md); the best trial is proposed.")
 
     @model_validator(mode="after")
-    def _search_keys_exist(self) -> "TrainStageSpec":
-        """A search's keys and bounds are checked against the method's config when the run spec loads."""
+    def _config_and_search_are_valid(self) -> "TrainStageSpec":
+        """The stage's `config` (validation, early stopping, keep ... included) and its search's keys and
+        bounds are checked against the method's config class when the run spec loads, not after the
+        stages before this one have run."""
+        from flywheel.train.methods import format_config_error
+
+        config_class = training_method(self.stage).config
+        try:
+            base = config_class.model_validate(self.config)
+        except ValidationError as exc:
+            raise ValueError("; ".join(format_config_error("config", exc).splitlines())) from None
         if self.search is not None:
             from flywheel.errors import SpecError
             from flywheel.train.search import check_enqueued, check_space
 
-            config_class = training_method(self.stage).config
-            try:
-                base = config_class.model_validate(self.config)
-            except ValidationError:
-                base = None  # the config's own errors are reported when the stage runs
             try:
                 check_space(self.stage, self.search.space, base)
                 check_enqueued(self.search)

@@ -69,7 +69,9 @@ def training_method(name: str) -> TrainingMethod:
         raise SpecError(f"unknown training method {name!r}; known: {', '.join(METHODS)}") from None
 
 
-def _format_error(source: str, exc: ValidationError) -> str:
+def format_config_error(source: str, exc: ValidationError) -> str:
+    """One `source: field: message` line per error of a training config (a check across fields names
+    its fields itself: `source: message`)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
@@ -96,4 +98,4 @@ def load_train_config(method: str, path: str | Path | None = None, overrides: li
     try:
         return config_class.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_error(source, exc)) from None
+        raise SpecError(format_config_error(source, exc)) from None
