@@ -135,6 +135,20 @@ def test_best_is_chosen_by_the_score_not_by_the_loss_and_keep_prunes_folders_not
     assert choose_best(plain)[0].step == 6 and "last step" in choose_best(plain)[1]
 
 
+def test_a_tie_on_the_valid_score_says_how_it_was_broken():
+    def point(step, score, loss=None):
+        metrics = {"valid_score": score, **({"valid_loss": loss} if loss is not None else {})}
+        return Checkpoint(id=f"c{step}", method="sft", backend="local", model_ref="local:x", base_model="local:x",
+                          path=None, adapter_hash=None, training_set_id=None, training_set_hash=None,
+                          parent_id=None, job_id=None, config={}, metrics=metrics, evals={}, step=step)
+
+    best, why = choose_best([point(2, 0.5, 1.1), point(4, 0.5, 0.6), point(6, 0.5, 0.9), point(8, 0.25, 0.1)])
+    assert best.step == 4 and why == "highest valid score 0.5 (step 4; tied with steps 2, 6: lowest valid loss 0.6 of those)"
+    best, why = choose_best([point(2, 0.0), point(4, 0.0)])
+    assert best.step == 4 and why == "highest valid score 0 (step 4; tied with step 2: the latest of those)"
+    assert choose_best([point(2, 0.0), point(4, 1.0)])[1] == "highest valid score 1 (step 4)"
+
+
 class _FakeSet:
     id = None
     content_hash = "h"

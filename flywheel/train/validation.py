@@ -121,7 +121,14 @@ def choose_best(checkpoints: list[Checkpoint]) -> tuple[Checkpoint, str]:
     if scored:
         best = max(scored, key=lambda c: (c.metrics["valid_score"], -c.metrics.get("valid_loss", math.inf)
                                            if _finite(c.metrics.get("valid_loss")) else -math.inf, c.step or 0))
-        return best, f"highest valid score {best.metrics['valid_score']:.4g} (step {best.step})"
+        tied = [c.step for c in scored if c is not best and c.metrics["valid_score"] == best.metrics["valid_score"]]
+        if not tied:
+            return best, f"highest valid score {best.metrics['valid_score']:.4g} (step {best.step})"
+        loss = best.metrics.get("valid_loss")
+        tie = (f"lowest valid loss {loss:.4g} of those" if _finite(loss) else "the latest of those")
+        return best, (f"highest valid score {best.metrics['valid_score']:.4g} (step {best.step}; tied with step"
+                      f"{'s' if len(tied) > 1 else ''} {', '.join(str(t) for t in sorted(tied, key=lambda t: t or 0))}"
+                      f": {tie})")
     with_loss = [c for c in checkpoints if _finite(c.metrics.get("valid_loss"))]
     if with_loss:
         best = min(with_loss, key=lambda c: (c.metrics["valid_loss"], -(c.step or 0)))
