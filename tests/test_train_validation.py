@@ -265,6 +265,11 @@ def test_the_step_settings_validation_needs_default_from_each_other():
     assert (config.eval_steps, config.save_steps) == (3, 3)
     config = load_train_config("sft", overrides=["eval_steps=5", "save_steps=10", "valid_subset=4"])
     assert (config.eval_steps, config.save_steps) == (5, 10)  # set ones are kept
+    # The train loss beside a checkpoint is the one logged at its step (default logging_steps is 5).
+    assert [load_train_config("sft", overrides=[f"eval_steps={n}"]).logging_steps for n in (3, 4, 10, 12, 7)] == [
+        3, 4, 5, 4, 1]
+    assert load_train_config("sft", overrides=["eval_steps=3", "logging_steps=2"]).logging_steps == 2  # as set
+    assert load_train_config("sft").logging_steps == 5
     plain = load_train_config("sft")  # validation stays off unless asked for
     assert (plain.eval_steps, plain.save_steps, plain.valid_subset, plain.early_stopping) == (None, None, 0, None)
 

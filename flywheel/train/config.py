@@ -13,6 +13,7 @@ checkpointing (a 135M model fits easily; recomputation costs ~25% per step).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,7 +101,8 @@ class TrainConfig(_Config):
         """Fill the one obvious step setting validation asks for, and refuse what cannot work, when the
         config loads (not minutes later when training starts): the checkpoints that `valid_subset` and
         early stopping on `valid_score` score are saved every `save_steps` (default: `eval_steps`);
-        early stopping on `valid_loss` measures every `eval_steps` (default: `save_steps`)."""
+        early stopping on `valid_loss` measures every `eval_steps` (default: `save_steps`). Unless set,
+        `logging_steps` divides both, so each checkpoint's train loss is the one logged at its step."""
         wants_checkpoints = self.valid_subset > 0 or (
             self.early_stopping is not None and self.early_stopping.metric == "valid_score")
         if wants_checkpoints and self.save_steps is None:
@@ -117,6 +119,10 @@ class TrainConfig(_Config):
                 raise ValueError("early_stopping on valid_loss needs eval_steps (validation loss every N steps), "
                                  "e.g. eval_steps=10")
             self.eval_steps = self.save_steps
+        steps = math.gcd(self.eval_steps or 0, self.save_steps or 0)
+        if steps and "logging_steps" not in self.model_fields_set and steps % self.logging_steps:
+            # The train loss shown beside each checkpoint is the last one logged: log on its steps.
+            self.logging_steps = max(d for d in range(1, self.logging_steps + 1) if steps % d == 0)
         return self
 
 
