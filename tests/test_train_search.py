@@ -128,6 +128,13 @@ def test_the_leader_wins_only_when_a_paired_test_separates_it(tmp_path):
     assert best == 0 and "significantly better than the other finalists" in reason and "McNemar" in reason
     best, _, _ = choose_best(store, spec, [trial(0, "a", 1.0, 16), trial(1, "b", 0.95, 4)], finalists=1)
     assert best == 0  # one finalist: no comparison
+    # Equally simple (same rank, same examples): the leader stays, however long it took.
+    slow, fast = trial(0, "a", 1.0, 8), trial(1, "b", 0.95, 8)
+    slow.wall_s, fast.wall_s = 75.0, 65.0
+    best, reason, _ = choose_best(store, spec, [fast, slow], finalists=2)
+    assert best == 0 and reason.startswith("trial 0 leads on valid (1.000); no paired test separates it from "
+                                           "trial(s) 1") and reason.endswith("none of them is simpler (LoRA r=8, "
+                                                                             "40 examples trained), so it stays")
     store.close()
 
 

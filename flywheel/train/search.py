@@ -264,7 +264,8 @@ class Trial:
     config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def cost_key(self) -> tuple[float, float, float]:
-        """Simplest first: LoRA rank, then examples trained (steps x batch x accumulation), then wall time."""
+        """Simplest first: LoRA rank, then examples trained (steps x batch x accumulation), then wall time
+        (`choose_best` puts the valid score before wall time)."""
         c = self.config
         examples = (self.steps or 0) * c.get("batch_size", 1) * c.get("grad_accum", 1)
         return (c.get("lora", {}).get("r", 0), examples, self.wall_s or 0.0)
@@ -532,10 +533,16 @@ def choose_best(store: Store, spec: EvalSpec, trials: Sequence[Trial],
     if len(tied) == 1:
         tests = "; ".join(f"vs trial {c['trial']}: {c['test']}" for c in comparisons)
         return leader.number, f"{head} and is significantly better than the other finalists ({tests})", comparisons
-    winner = min(tied, key=lambda t: t.cost_key())
+    # Simpler means a lower rank or fewer examples trained; between equally simple trials the higher
+    # valid score wins, and wall time (which moves with the machine's load) only breaks exact ties.
+    winner = min(tied, key=lambda t: (*t.cost_key()[:2], -t.valid_score, t.cost_key()[2]))
     untested = ", ".join(str(t.number) for t in tied if t is not leader)
     tests = "; ".join(f"vs trial {c['trial']}: {c['test']}" for c in comparisons if not c["leader_significantly_better"])
     r, examples, _ = winner.cost_key()
+    if winner is leader:
+        return leader.number, (f"{head}; no paired test separates it from trial(s) {untested} ({tests}), but none "
+                               f"of them is simpler (LoRA r={r:g}, {examples:g} examples trained), so it stays"), \
+            comparisons
     simplest = (f"trial {winner.number} is the simplest of them (LoRA r={r:g}, {examples:g} examples trained, "
                 f"valid {winner.valid_score:.3f})")
     return winner.number, (f"{head} but no paired test separates it from trial(s) {untested} ({tests}); "
