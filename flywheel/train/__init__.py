@@ -13,7 +13,7 @@ and nowhere else), `checkpoints.py` registers adapters, `local.py` is the shared
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flywheel.spec import EvalSpec
@@ -53,17 +53,23 @@ def build_training_set(method: str, spec: EvalSpec, store: Store, *, data: str |
 
 def train(method: str, spec: EvalSpec, store: Store, *, base: str, config: TrainConfig | None = None,
           data: str | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
-          quiet: bool = False, hosted_options: dict[str, Any] | None = None, **set_options: Any):
-    """Build (or load) the training set, train with `method` from `base`, register and evaluate.
+          quiet: bool = False, hosted_options: dict[str, Any] | None = None,
+          log: Callable[[str], None] | None = None, **set_options: Any):
+    """Build (or load) the training set, check it, train with `method` from `base`, register and evaluate.
 
     `base` is a `local:` model (trained here with TRL), a checkpoint id, or an `openai:` model
-    (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`)."""
+    (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`). The data checks
+    (`flywheel.train.datachecks`) go to `log` and are stored with the set; a failed one raises
+    TrainingDataError before training."""
     from flywheel.train.checkpoints import resolve_base
+    from flywheel.train.datachecks import preflight, run_data_checks
 
     chosen = training_method(method)
     base_ref, _ = resolve_base(store, base)
     config = config or load_train_config(method)
+    preflight(config)
     training_set = build_training_set(method, spec, store, data=data, **set_options)
+    run_data_checks(training_set, config, spec=spec, store=store, base=base, log=log)
     if base_ref.startswith("openai:"):
         from flywheel.train.hosted import train_hosted
 

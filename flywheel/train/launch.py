@@ -117,10 +117,10 @@ def launch_env(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
-def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
+def launch_training(spec: LaunchSpec, argv: list[str], *, stdout=None) -> int:
     """Run `flywheel <argv>` (a `train` command) under `accelerate launch`; returns 0 or raises.
 
-    Output streams through. Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every
+    Output streams through (stdout to `stdout` when given: the wheel reads the `--json` result there). Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every
     process; TrainingError then says so."""
     if importlib.util.find_spec("accelerate") is None:
         raise TrainingError("--launcher accelerate needs the accelerate package: pip install accelerate")
@@ -130,7 +130,7 @@ def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
     here = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=stdout)
     interrupted = None
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature

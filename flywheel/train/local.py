@@ -96,7 +96,7 @@ class TrainResult:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load_for_training(base_ref: str, *, bf16: bool):
+def load_for_training(base_ref: str, *, bf16: bool, quantize: str | None = None):
     """(model, tokenizer, base model ref without adapter, adapter dir or None) for a `local:` ref.
 
     A `local:BASE+ADAPTER` reference continues training that adapter (checked against BASE); the
@@ -117,7 +117,14 @@ def load_for_training(base_ref: str, *, bf16: bool):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if quantize:  # QLoRA: the frozen base in 4-bit on the GPU (flywheel.train.config.require_quantization)
+            from flywheel.train.config import LoraSpec, quantization_config
+
+            model = AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=quantization_config(LoraSpec(quantize_base=quantize), bf16),
+                device_map={"": torch.cuda.current_device()}, dtype=torch.bfloat16 if bf16 else torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     except OSError as exc:
         raise ModelError(f"{base_ref}: cannot load {path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -215,6 +222,9 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
               loss_key: str = "loss") -> TrainResult | None:
     """Train with the `BuiltTrainer` that `build(model, tokenizer, output_dir, bf16)` returns, then
     register and evaluate. Returns None on non-main processes."""
+    from flywheel.train.datachecks import preflight
+
+    preflight(config)  # trackers, QLoRA hardware: one clean error before anything is stored or loaded
     main = is_main_process()
     base_ref, parent_id = resolve_base(store, base)
     if main:
@@ -226,12 +236,13 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     # transformers 5 warns about its own deprecated gradient-checkpointing names on every step
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     work = Path(tempfile.mkdtemp(prefix=f"{method}-", dir=_scratch(store)))
+    tracker = None
     try:
         if quiet:
             import datasets
 
             datasets.disable_progress_bars()
-        model, tokenizer, base_model, _ = load_for_training(base_ref, bf16=bf16)
+        model, tokenizer, base_model, _ = load_for_training(base_ref, bf16=bf16, quantize=config.lora.quantize_base)
         built: BuiltTrainer = build(model, tokenizer, work, bf16)
         trainer, extra = built.trainer, built.stats
         # The Trainer prints every log dict to stdout (with or without its bar): show one bar on
@@ -245,6 +256,11 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         history: list[dict[str, Any]] = []
         if main:
             trainer.add_callback(_event_logger(store, job_id, history))
+            from flywheel.tracking import tracking_callback
+
+            tracker = tracking_callback(config, store, job_id, method=method, eval_name=spec.name)
+            if tracker is not None:
+                trainer.add_callback(tracker)
         before = _adapter_weights(trainer.model)
         started = time.perf_counter()
         try:
@@ -271,6 +287,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
             training_set_hash=training_set.content_hash, config=config.model_dump(), metrics=metrics,
             parent_id=parent_id, job_id=job_id)
     except BaseException as exc:
+        if tracker is not None:
+            tracker.close(ok=False)
         if main and job_id:
             store.update_training_job(job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
