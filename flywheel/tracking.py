@@ -129,6 +129,10 @@ class MLflowTracker:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        if uri.startswith("file:"):
+            # MLflow 3 keeps its file store in maintenance mode and refuses it unless told: a local
+            # folder is what a user without a tracking server has, so we opt in (sqlite:/http: URIs work too).
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -197,32 +201,32 @@ def open_trackers(names: Sequence[str], *, store, name: str, experiment: str, pa
     require_trackers(names)
     folder = Path(tracking_dir).expanduser() if tracking_dir else default_tracking_dir(store)
     opened: list[Tracker] = []
+    kind_name = ""
     try:
-        for tracker in names:
-            if tracker == "tensorboard":
+        for kind_name in names:
+            if kind_name == "tensorboard":
                 opened.append(TensorBoardTracker(folder / name, params))
-            elif tracker == "mlflow":
+            elif kind_name == "mlflow":
                 opened.append(MLflowTracker(_uri(mlflow_uri) if mlflow_uri else default_mlflow_uri(store),
                                             experiment, name, params, tags))
-            elif tracker == "wandb":
-                opened.append(WandbTracker(folder / "wandb", experiment, name, params))
+            elif kind_name == "wandb":
+                opened.append(WandbTracker(folder, experiment, name, params))  # runs in FOLDER/wandb/
     except Exception as exc:
-        for tracker in opened:
-            tracker.finish(ok=False)
+        for done in opened:
+            done.finish(ok=False)
         if isinstance(exc, FlywheelError):
             raise
-        raise TrackingError(f"{tracker}: cannot open a run: {type(exc).__name__}: "
+        raise TrackingError(f"report_to: {kind_name}: cannot open a run: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     return opened
 
 
 # -- during training -------------------------------------------------------------------------------
 def metric_name(key: str) -> str:
-    """A trainer log key as trackers show it: `eval_loss` -> `eval/loss`, `loss` -> `train/loss`."""
+    """A trainer log key as trackers show it (as transformers' own callbacks name them): `eval_loss`
+    -> `eval/loss`, `loss` -> `train/loss`, the end-of-run `train_loss` -> `train/train_loss`."""
     if key.startswith("eval_"):
         return "eval/" + key[len("eval_"):]
-    if key.startswith("train_"):
-        return "train/" + key[len("train_"):]
     return "train/" + key
 
 
@@ -319,7 +323,7 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
         raise TrackingError(f"--to: unknown tracker {to!r}; known: {', '.join(EXPORT_TARGETS)}")
     run = store.get_run(run_id)
     if run["kind"] != "wheel":
-        raise TrackingError(f"{store.path}: run {run['id']} is a {run['kind']} run; export-tracking writes wheel "
+        raise TrackingError(f"{store.path}: run {run['id']} is not a wheel run (kind: {run['kind']}); export-tracking writes wheel "
                             "runs (flywheel run)")
     rows = store.iterations(run["id"])
     if not rows:
