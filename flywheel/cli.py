@@ -512,7 +512,7 @@ def _train_command(method):
         with _store_at(db) as store:
             result = train(method.name, spec, store, base=base, config=config, data=data, evaluate=not no_eval,
                            splits=splits, quiet=as_json, hosted_options=_options(options),
-                           log=lambda line: click.echo(line, err=True), **set_options)
+                           log=None if as_json else lambda line: click.echo(line, err=True), **set_options)
         if result is None:  # a non-main process under accelerate launch
             return
         click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
