@@ -16,7 +16,8 @@ from flywheel.cli import main
 from flywheel.distill import capture
 from flywheel.run_spec import load_run_spec
 from flywheel.store import Store
-from flywheel.tracking import TrackingError, export_tracking, iteration_metrics, metric_name, require_trackers
+from flywheel.tracking import (TrackingError, export_tracking, iteration_metrics, metric_name, require_trackers,
+                               tracking_callback)
 from flywheel.train import build_sft_set, load_train_config
 from flywheel.train.sft import train_sft
 from flywheel.wheel import run_wheel
@@ -231,3 +232,20 @@ def test_export_refuses_a_run_that_is_not_a_wheel_run(tmp_path, tiny_model_dir):
     store = Store.open(db)  # nothing stored was touched
     assert store.get_run(run_id)["status"] == "completed"
     store.close()
+
+
+def test_a_failed_job_ends_its_mlflow_run_as_failed(store, tmp_path):
+    from types import SimpleNamespace
+
+    config = load_train_config("sft", values={"report_to": ["mlflow", "tensorboard"]})
+    callback = tracking_callback(config, store, "job-x", method="sft", eval_name="tiny")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=1)
+    callback.on_log(None, state, None, logs={"loss": 2.5, "grad_norm": float("nan"), "note": "text"})
+    callback.close(ok=False)  # what run_local does when training raises
+    callback.close(ok=True)  # once closed, stays closed
+    client = mlflow_client((tmp_path / "mlruns").as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("flywheel-tiny").experiment_id])
+    assert run.info.status == "FAILED" and run.data.metrics == {"train/loss": 2.5}  # NaN and text left out
+    assert scalars(tmp_path / ".flywheel" / "tracking" / "job-x") == {"train/loss": [(1, 2.5)]}
+    assert load_train_config("sft").report_to == [] and tracking_callback(
+        load_train_config("sft"), store, "job-y", method="sft") is None
