@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/tracking.py                      # 48 BANKING77 rows, 6 steps of 8
     .venv/bin/python benchmarks/tracking.py --rows 64 --repeats 3
+    .venv/bin/python benchmarks/tracking.py --per-step-only       # what one logged step costs each tracker
 
 Every configuration trains the same LoRA adapter on SmolLM2-135M (flywheel's default SFTSpec, one
 epoch, batch 8, logging every step: the worst case for a tracker) through `train_sft`, the path
@@ -55,6 +56,28 @@ def worker(name: str, n: int) -> dict:
             "rows": len(training_set), "bytes": written}
 
 
+def per_step(n: int = 200) -> dict[str, float]:
+    """Milliseconds one logged step costs each tracker (a trainer's typical 8-number log line),
+    measured by calling it `n` times: the part of the overhead that grows with the steps."""
+    from flywheel.store import Store
+    from flywheel.tracking import open_trackers
+
+    line = {"train/loss": 2.0, "train/grad_norm": 1.0, "train/learning_rate": 5e-4, "train/epoch": 0.5,
+            "train/entropy": 3.0, "train/num_tokens": 1e4, "train/mean_token_accuracy": 0.5, "train/step_s": 4.0}
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store.open(Path(folder) / "bench.db")
+        for name in ("tensorboard", "mlflow"):
+            [tracker] = open_trackers([name], store=store, name=f"micro-{name}", experiment="bench", params={})
+            started = time.perf_counter()
+            for step in range(n):
+                tracker.log(line, step)
+            tracker.finish()
+            out[name] = (time.perf_counter() - started) * 1000 / n
+        store.close()
+    return out
+
+
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -63,8 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--per-step-only", action="store_true", help="Only the per-logged-step cost (seconds).")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.per_step_only:
+        before = load()
+        costs = per_step()
+        print("per logged step (8 numbers, 200 calls): " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items())
+              + f"  (load {before} -> {load()})")
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.rows)))
         return
@@ -92,6 +122,10 @@ def main() -> None:
         train = statistics.median(r["train_s"] for r in results[name])
         print(f"{name:<20} {wall:8.1f} {wall / base:8.3f} {train:8.1f} {train / base_train:8.3f} "
               f"{results[name][-1]['bytes'] / 1024:7.0f}KB  {results[name][-1]['load']}")
+    before = load()
+    costs = per_step()
+    print(f"\nper logged step (8 numbers, 200 calls): " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items())
+          + f"  (load {before} -> {load()})")
 
 
 if __name__ == "__main__":
