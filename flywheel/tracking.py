@@ -329,10 +329,8 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
     if not rows:
         raise TrackingError(f"{store.path}: wheel run {run['id']} has no iterations yet")
     summary = json.loads(run.get("summary_json") or "{}")
-    try:
-        eval_name = json.loads(run.get("config_key") or "{}").get("eval")
-    except ValueError:
-        eval_name = None
+    eval_row = store.get_eval(run.get("eval_id"))
+    eval_name = eval_row["name"] if eval_row else None
     params = {"wheel_run": run["id"], "status": run.get("status"), "eval": eval_name,
               "model_ref": run.get("model_ref"), "started_at": run.get("started_at"),
               "finished_at": run.get("finished_at"),
@@ -340,7 +338,7 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
                                               "winner_valid", "model_calls", "tokens", "cost", "wall_s")
                  if not isinstance(summary.get(k), (dict, list))}}
     name = f"wheel-{run['id']}"
-    experiment = experiment or f"flywheel-{Path(str(eval_name)).stem if eval_name else 'wheel'}"
+    experiment = experiment or f"flywheel-{eval_name or 'wheel'}"
     metrics: set[str] = set()
     children: list[str] = []
     [tracker] = open_trackers([to], store=store, name=name, experiment=experiment, params=params,

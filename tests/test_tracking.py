@@ -203,7 +203,7 @@ def test_export_a_wheel_run_to_mlflow_as_a_parent_and_child_runs(wheel_run):
     assert out.exit_code == 0, out.output
     assert out.output.startswith(f"exported wheel run {run_id}: {len(rows)} iterations to mlflow")
     client = mlflow_client(uri)
-    experiment = client.get_experiment_by_name("flywheel-eval")
+    experiment = client.get_experiment_by_name("flywheel-tiny")  # the eval's name
     runs = client.search_runs([experiment.experiment_id])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
