@@ -124,7 +124,7 @@ def main() -> None:
               f"{results[name][-1]['bytes'] / 1024:7.0f}KB  {results[name][-1]['load']}")
     before = load()
     costs = per_step()
-    print(f"\nper logged step (8 numbers, 200 calls): " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items())
+    print("\nper logged step (8 numbers, 200 calls): " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items())
           + f"  (load {before} -> {load()})")
 
 

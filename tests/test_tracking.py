@@ -16,7 +16,7 @@ from flywheel.cli import main
 from flywheel.distill import capture
 from flywheel.run_spec import load_run_spec
 from flywheel.store import Store
-from flywheel.tracking import (TrackingError, export_tracking, iteration_metrics, metric_name, require_trackers,
+from flywheel.tracking import (TrackingError, iteration_metrics, metric_name, require_trackers,
                                tracking_callback)
 from flywheel.train import build_sft_set, load_train_config
 from flywheel.train.sft import train_sft
