@@ -51,6 +51,18 @@ def test_the_launcher_setting_is_validated_with_the_run_spec(tmp_path):
         assert message in str(caught.value), str(caught.value)
 
 
+def test_a_missing_tracker_package_fails_the_run_spec_at_load(tmp_path, monkeypatch):
+    import importlib.util
+
+    # The only double: "is wandb installed?" answers no, as on a machine without the extra.
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"eval": "eval.yaml", "stages": [
+        {"stage": "sft", "config": {"report_to": ["wandb"]}}]}))
+    with pytest.raises(SpecError, match=r"config.report_to: wandb needs the wandb package.*flywheel\[wandb\]"):
+        load_run_spec(tmp_path / "run.yaml")
+
+
 def test_a_config_file_resolves_against_the_run_spec_folder(tmp_path):
     (tmp_path / "mine.yaml").write_text("compute_environment: LOCAL_MACHINE\n")
     spec = StageLauncher(kind="accelerate", config_file="mine.yaml").launch_spec(tmp_path)

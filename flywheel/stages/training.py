@@ -80,10 +80,16 @@ class TrainStageSpec(StageSpecBase):
         # The training settings are checked when the run spec loads, not when the stage is reached.
         from flywheel.errors import SpecError
 
+        from flywheel.tracking import TrackingError, require_trackers
+
         try:
-            load_train_config(self.stage, values=self.config)
+            config = load_train_config(self.stage, values=self.config)
         except SpecError as exc:
             raise ValueError(str(exc).replace("train config: ", "config.")) from None
+        try:  # a tracker whose package is missing would only fail the stage, after the stages before it
+            require_trackers(config.report_to)
+        except TrackingError as exc:
+            raise ValueError(f"config.{exc}") from None
         if self.launcher.kind == "accelerate" and self.launcher.config_file:
             from flywheel.train.launch import templates
 
