@@ -93,3 +93,36 @@ def test_the_wheel_trains_sft_under_a_two_process_cpu_accelerate_launch(tmp_path
     assert jobs == [(checkpoints[0][3], "succeeded")]
     assert iteration[0] == checkpoints[0][1]  # the wheel evaluated the checkpoint the launch registered
     assert json.loads(checks)["examples"] == 6  # the data checks ran before the launch
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_launched_stage_stops_the_wheel_and_every_process(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    run_yaml = write_run(tmp_path, tiny_model_dir, {
+        "config": {"max_steps": 100000, **FAST},
+        "launcher": {"kind": "accelerate", "num_processes": 2, "cpu": True}})
+    db = tmp_path / "flywheel.db"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    wheel = subprocess.Popen([sys.executable, "-m", "flywheel", "run", str(run_yaml), "--db", str(db)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline, steps = time.monotonic() + 600, 0
+    while time.monotonic() < deadline and wheel.poll() is None and steps < 2:
+        time.sleep(1)
+        try:
+            with sqlite3.connect(db) as conn:
+                steps = conn.execute("SELECT count(*) FROM training_events WHERE type = 'metrics'").fetchone()[0]
+        except sqlite3.OperationalError:
+            steps = 0
+    assert steps >= 2, "training never started"
+    wheel.send_signal(signal.SIGINT)  # Ctrl-C
+    out, err = wheel.communicate(timeout=180)
+    assert wheel.returncode != 0 and "Aborted" in err
+    assert "lap 1 stage 2/2 sft" in out + err and "-> failed" not in out + err  # not a stage failure: stopped
+    with sqlite3.connect(db) as conn:
+        jobs = conn.execute("SELECT status, error FROM training_jobs").fetchall()
+        checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
+    assert len(jobs) == 1 and jobs[0][0] == "failed" and "KeyboardInterrupt" in jobs[0][1] and checkpoints == 0
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""  # no worker outlived the wheel

@@ -173,7 +173,7 @@ class TrainStage:
 
         import yaml
 
-        from flywheel.train.launch import launch_training
+        from flywheel.train.launch import LaunchInterrupted, launch_training
 
         store = wheel.store
         scratch = store.artefact_dir / "tmp"
@@ -188,7 +188,11 @@ class TrainStage:
             wheel.log(f"  {self.method.name}: accelerate launch, {launch.num_processes or 'config'} processes"
                       + (" on CPU" if launch.cpu else ""))
             with out_path.open("w", encoding="utf-8") as out:
-                launch_training(launch, argv, stdout=out)
+                try:
+                    launch_training(launch, argv, stdout=out)
+                except LaunchInterrupted as exc:
+                    # Ctrl-C stops the wheel (resumable), as it does a local stage; it is no stage failure.
+                    raise KeyboardInterrupt(str(exc)) from None
             try:
                 result = json.loads(out_path.read_text(encoding="utf-8"))
             except ValueError:

@@ -36,12 +36,15 @@ _JUDGE_TYPES = ('"score_model"', '"label_model"')
 
 
 def preflight(config) -> None:
-    """Before anything is stored or loaded: the trackers' packages (report_to) and QLoRA's hardware."""
+    """Before anything is stored or loaded: the trackers' packages (report_to), QLoRA's hardware,
+    and for RFT with `use_vllm` the vllm package."""
     from flywheel.tracking import require_trackers
-    from flywheel.train.config import require_quantization
+    from flywheel.train.config import RFTSpec, require_quantization, require_vllm
 
     require_trackers(config.report_to)
     require_quantization(config.lora)
+    if isinstance(config, RFTSpec):
+        require_vllm(config)
 
 
 class DataCheck(BaseModel):

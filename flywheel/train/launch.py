@@ -35,6 +35,10 @@ from flywheel.train.local import TrainingError
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
 
 
+class LaunchInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM reached the launcher: every process was stopped (the wheel stops too)."""
+
+
 def templates() -> dict[str, Path]:
     """The accelerate config templates shipped with flywheel, by name."""
     return {path.stem: path for path in sorted(CONFIG_DIR.glob("*.yaml"))}
@@ -162,7 +166,7 @@ def launch_training(spec: LaunchSpec, argv: list[str], *, stdout=None) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     if interrupted is not None:
-        raise TrainingError(f"accelerate launch interrupted ({signal.Signals(interrupted).name}); "
+        raise LaunchInterrupted(f"accelerate launch interrupted ({signal.Signals(interrupted).name}); "
                             "every process was stopped and the job marked failed")
     if code != 0:
         raise TrainingError(f"accelerate launch exited with status {code} (its output is above); "
