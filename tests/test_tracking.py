@@ -94,6 +94,17 @@ def test_wandb_runs_offline_into_the_tracking_dir(tmp_path, tiny_model_dir, monk
 
 
 def wandb_history(path: Path) -> list[dict[str, str]]:
+    """The history rows of an offline W&B run file, waiting up to 30 s for them: wandb-core, a
+    separate process, may still be writing the file when `finish()` has returned."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while not (rows := _wandb_history(path)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return rows
+
+
+def _wandb_history(path: Path) -> list[dict[str, str]]:
     """The history rows of an offline W&B run file: a LevelDB-style log (7-byte file header, 32 KiB
     blocks, records with a 7-byte header: crc32, length, type) of W&B's own protobuf records.
     wandb 0.31 ships no Python reader of it, so the format is read here with its protobuf classes."""
@@ -249,3 +260,20 @@ def test_a_failed_job_ends_its_mlflow_run_as_failed(store, tmp_path):
     assert scalars(tmp_path / ".flywheel" / "tracking" / "job-x") == {"train/loss": [(1, 2.5)]}
     assert load_train_config("sft").report_to == [] and tracking_callback(
         load_train_config("sft"), store, "job-y", method="sft") is None
+
+
+@pytest.mark.slow
+def test_export_a_wheel_run_to_wandb_offline(wheel_run, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    folder, run_id, rows = wheel_run
+    out = CliRunner().invoke(main, ["export-tracking", run_id, "--to", "wandb", "--dir", str(folder / "wb"),
+                                    "--db", str(folder / "flywheel.db")])
+    assert out.exit_code == 0, out.output
+    [offline] = list((folder / "wb" / "wandb").glob("offline-run-*"))
+    [records] = list(offline.glob("*.wandb"))
+    logged = wandb_history(records)
+    valid = [r for r in rows if r["split"] == "valid"]
+    assert [json.loads(row["valid/score"]) for row in logged if "valid/score" in row] == \
+        [pytest.approx(r["score"]) for r in valid]
