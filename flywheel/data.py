@@ -29,6 +29,13 @@ class Item:
     fields: dict[str, Any]
     split: str
     line: int
+    # The dataset file: image paths in the item resolve against its folder (flywheel.images).
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        """`file:line (item KEY)` for error lines."""
+        return f"{self.source.name if self.source else 'item'}:{self.line} (item {self.key!r})"
 
 
 @dataclass
@@ -190,7 +197,7 @@ def load_dataset(spec: EvalSpec) -> Dataset:
                 )
         else:
             split = _seeded_split(key, split_spec.seed, split_spec.ratios)
-        items.append(Item(key=key, fields=fields, split=split, line=number))
+        items.append(Item(key=key, fields=fields, split=split, line=number, source=path))
 
     dataset = Dataset(path=path, content_hash=hashlib.sha256(raw).hexdigest()[:16], items=items)
     check_templates(spec, dataset)
@@ -201,12 +208,13 @@ def check_templates(spec: EvalSpec, dataset: Dataset) -> None:
     """Fail fast when an input message names an item field that no row has."""
     available = set(dataset.fields)
     for index, message in enumerate(spec.input):
-        for name in _TEMPLATE_VAR.findall(message.content):
-            if name not in available:
-                raise DataError(
-                    f"{spec.source}: input[{index}].content: template names item.{name}, but "
-                    f"{dataset.path.name} has no field {name!r}; fields: {', '.join(sorted(available))}"
-                )
+        for where, text in message.templates():
+            for name in _TEMPLATE_VAR.findall(text):
+                if name not in available:
+                    raise DataError(
+                        f"{spec.source}: input[{index}].{where}: template names item.{name}, but "
+                        f"{dataset.path.name} has no field {name!r}; fields: {', '.join(sorted(available))}"
+                    )
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:

@@ -24,8 +24,9 @@ from typing import Any
 import graders
 
 from flywheel.data import Dataset, Item, load_dataset
-from flywheel.errors import FlywheelError, TooManyErrors
+from flywheel.errors import FlywheelError, ModelError, TooManyErrors
 from flywheel.grading import GraderSet
+from flywheel.images import check_item_images, hashed_view
 from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
 from flywheel.outputs import DataOutputs
 from flywheel.prompt import Prompt
@@ -88,7 +89,7 @@ def cache_key(fingerprint: str, request: ChatRequest) -> str:
     """The completion-cache key: model, full messages, sampling and repeat index."""
     payload = {
         "model": fingerprint,
-        "messages": request.messages,
+        "messages": hashed_view(request.messages),  # images by content hash; text messages as they are
         "sampling": asdict(request.sampling),
         "repeat": request.repeat,
         "response_format": request.response_format,
@@ -333,6 +334,10 @@ def run_eval(
     model = model or load_model(spec.model, spec.model_options)
     prompt = prompt or Prompt(messages=spec.messages())
 
+    # A bad image, or images for a text model, fail the run before anything is stored.
+    if check_item_images(prompt.messages, items) and model.reads_images is False:
+        raise ModelError(f"{model.ref} is a text model: it does not read images, and the prompt has image "
+                         "parts (use a vision-language model, docs/vision.md)")
     eval_id = register_eval(store, spec, dataset)
     store.save_prompt(prompt, origin="spec")
     config_key = _config_key(spec, dataset, model, split, limit, prompt, stage)

@@ -73,11 +73,14 @@ class ChatCall:
                 for i in range(self.n)]
 
 
-def _message_text(content: Any, index: int) -> str:
+def _message_text(content: Any, index: int) -> str | list[dict[str, Any]]:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
+    if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image_url", "input_image")
+                                         for p in content):
+        return _vision_parts(content, index)
     if isinstance(content, list):
         parts = []
         for part in content:
@@ -88,6 +91,32 @@ def _message_text(content: Any, index: int) -> str:
         return "".join(parts)
     raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts",
                    param=f"messages[{index}].content")
+
+
+def _vision_parts(content: list[Any], index: int) -> list[dict[str, Any]]:
+    """Text and image parts, each image checked (flywheel.images) and kept as a data URL. Only
+    data URLs are taken: the server fetches nothing from the network on a client's behalf."""
+    from flywheel.images import ImageError, image_part, image_url_of, load_image
+
+    parts: list[dict[str, Any]] = []
+    for position, part in enumerate(content):
+        where = f"messages[{index}].content[{position}]"
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        url = image_url_of(part)
+        if not isinstance(url, str):
+            raise ApiError(400, f"{where}: expected a text or image_url part", param=f"messages[{index}].content", code="unsupported_content")
+        if not url.startswith("data:"):
+            raise ApiError(400, f"{where}: only base64 data URLs are accepted for images (this server fetches "
+                           "no URLs)", param=f"messages[{index}].content", code="unsupported_content")
+        try:
+            image = load_image(url)
+        except ImageError as exc:
+            raise ApiError(400, f"{where}: {exc}", param=f"messages[{index}].content", code="invalid_image") from None
+        inner = part.get("image_url") if isinstance(part.get("image_url"), dict) else {}
+        parts.append(image_part(image, inner.get("detail") or part.get("detail")))
+    return parts
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float,
@@ -272,10 +301,16 @@ def _usage(completions: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
 
 
+# Ten images of 10 MB each, base64-encoded (4/3), plus the rest of the request.
+VISION_MAX_BODY_BYTES = 10 * 10 * 1024 * 1024 * 4 // 3 + DEFAULT_MAX_BODY_BYTES
+
+
 def create_app(model: Model, *, name: str | None = None, batch_size: int = 32, max_wait_ms: float = 10.0,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, preload: bool = True) -> Starlette:
     """The OpenAI-compatible app for one model. `app.state.batcher` exposes the batcher."""
     name = name or served_name(model.ref)
+    if model.reads_images and max_body_bytes == DEFAULT_MAX_BODY_BYTES:
+        max_body_bytes = VISION_MAX_BODY_BYTES
     aliases = {name, model.ref}
     batcher = MicroBatcher(model, batch_size=batch_size, max_wait_ms=max_wait_ms)
     created = int(time.time())
@@ -304,6 +339,18 @@ def create_app(model: Model, *, name: str | None = None, batch_size: int = 32, m
         if call.model not in aliases:
             raise ApiError(404, f"The model '{call.model}' does not exist; this server serves '{name}'",
                            param="model", code="model_not_found")
+        if model.reads_images is False:
+            from flywheel.images import has_images
+
+            if has_images(call.messages):
+                raise ApiError(400, f"'{name}' is a text model: it does not read images (serve a vision-language "
+                               "model for image parts)", param="messages", code="unsupported_content")
+        from flywheel.images import check_image_count, ImageError
+
+        try:
+            check_image_count(call.messages)
+        except ImageError as exc:
+            raise ApiError(400, str(exc), param="messages", code="invalid_image") from None
         completions = await batcher.submit(call.requests())
         failed = next((c.error for c in completions if c.error), None)
         if failed:

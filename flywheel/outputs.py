@@ -94,11 +94,17 @@ def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
     output = reply.get("content")
     if output is None:  # a tool call only: graded as its JSON
         output = json.dumps(reply.get("tool_calls"), ensure_ascii=False)
-    return {
+    fields = {
         "input": last_user if isinstance(last_user, str) else json.dumps(last_user, ensure_ascii=False),
         "messages": messages, "output": output, "model": capture.get("model"),
         "created_at": capture.get("created_at"), "metadata": _loads(capture.get("metadata_json")) or {},
     }
+    from flywheel.images import iter_image_urls, message_text
+
+    images = list(iter_image_urls([{"content": last_user}]))
+    if images:  # a vision request: its text as `input`, its images for {{item.image}} / image parts
+        fields.update(input=message_text(last_user), images=images, image=images[0])
+    return fields
 
 
 def captures_dataset(spec: Any) -> Any:

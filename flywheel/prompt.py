@@ -65,10 +65,15 @@ class Prompt:
         return cls(messages=data["messages"], demos=[Demo(**d) for d in data.get("demos", [])],
                    nearest=data.get("nearest", 0))
 
-    def render_base(self, item: Item) -> list[dict[str, str]]:
-        """The messages with templates filled; raises graders.TemplateVariableError."""
-        return [{"role": m["role"], "content": graders.render_template(m["content"], item=item.fields)}
-                for m in self.messages]
+    def render_base(self, item: Item) -> list[dict[str, Any]]:
+        """The messages with templates filled; raises graders.TemplateVariableError, and
+        flywheel.images.ImageError (naming the item) for an image that cannot be used."""
+        if not any(isinstance(m["content"], list) for m in self.messages):
+            return [{"role": m["role"], "content": graders.render_template(m["content"], item=item.fields)}
+                    for m in self.messages]
+        from flywheel.images import render_parts
+
+        return render_parts(self.messages, item)
 
     def render(self, item: Item, chosen: list[Demo] | None = None) -> list[dict[str, str]]:
         """Messages for one item, with demonstrations before the last user turn."""

@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -96,9 +96,62 @@ class SplitSpec(_Spec):
         return value
 
 
+class TextPartSpec(_Spec):
+    type: Literal["input_text", "text"] = Field(description="A text part (`text` is the Chat Completions name).")
+    text: str = Field(description="The text; may hold `{{item.field}}` templates.")
+
+
+class ImagePartSpec(_Spec):
+    type: Literal["input_image"] = Field(description="An image part (flywheel.images).")
+    image_url: str | None = Field(
+        default=None, description="A path (relative to the dataset file), an http(s) URL or a base64 data "
+        "URL; usually a template such as {{item.image}}.")
+    file_id: str | None = Field(default=None, description="A local image file path (instead of image_url).")
+    detail: Literal["auto", "low", "high"] | None = Field(
+        default=None, description="Resolution the model should use; passed on as is (the platform's default is auto).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ImagePartSpec":
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of `image_url` or `file_id`")
+        return self
+
+    @property
+    def ref(self) -> str:
+        return self.image_url if self.image_url is not None else self.file_id  # type: ignore[return-value]
+
+
+ContentPartSpec = Annotated[TextPartSpec | ImagePartSpec, Field(discriminator="type")]
+
+
 class MessageSpec(_Spec):
     role: Literal["system", "developer", "user", "assistant"] = Field(description="Chat role.")
-    content: str = Field(description="Message text; may hold `{{item.field}}` templates.")
+    content: str | list[ContentPartSpec] = Field(
+        description="Message text with `{{item.field}}` templates, or a list of parts: "
+        "{type: input_text, text} and {type: input_image, image_url, detail} (docs/vision.md).")
+
+    @model_validator(mode="after")
+    def _parts_not_empty(self) -> "MessageSpec":
+        if isinstance(self.content, list) and not self.content:
+            raise ValueError("content: a list of parts needs at least one part")
+        return self
+
+    def templates(self) -> list[tuple[str, str]]:
+        """(where, template text) of every templated string: the content or each part's."""
+        if isinstance(self.content, str):
+            return [("content", self.content)]
+        return [(f"content[{i}].{'text' if isinstance(p, TextPartSpec) else 'image_url' if p.image_url is not None else 'file_id'}",
+                 p.text if isinstance(p, TextPartSpec) else p.ref) for i, p in enumerate(self.content)]
+
+    def image_templates(self) -> list[str]:
+        """The templates naming images."""
+        return [p.ref for p in self.content if isinstance(p, ImagePartSpec)] if isinstance(self.content, list) else []
+
+    def to_message(self) -> dict[str, Any]:
+        """The message as the prompt stores it (parts without unset fields)."""
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": [p.model_dump(exclude_none=True) for p in self.content]}
 
 
 def check_item_templates(text: str) -> None:
@@ -121,10 +174,11 @@ _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.S)
 
 def _checked_messages(messages: list[MessageSpec]) -> list[MessageSpec]:
     for index, message in enumerate(messages):
-        try:
-            check_item_templates(message.content)
-        except ValueError as exc:
-            raise ValueError(f"[{index}].content: {exc}") from None
+        for where, text in message.templates():
+            try:
+                check_item_templates(text)
+            except ValueError as exc:
+                raise ValueError(f"[{index}].{where}: {exc}") from None
     return messages
 
 
@@ -322,6 +376,20 @@ class EvalSpec(_Spec):
         return self
 
     @model_validator(mode="after")
+    def _images_not_in_string_graders(self) -> "EvalSpec":
+        fields = image_fields(self.input)
+        if not fields:
+            return self
+        for index, raw in enumerate(self.graders):
+            for where, text in _string_grader_templates(raw, f"graders[{index}]"):
+                for name in _ITEM_FIELD.findall(text):
+                    if name in fields:
+                        raise ValueError(
+                            f"{where}: {{{{item.{name}}}}} is an image (an input_image part names it); "
+                            f"{raw.get('type')} graders compare text, not images: grade a text field instead")
+        return self
+
+    @model_validator(mode="after")
     def _objective_names_a_grader(self) -> "EvalSpec":
         names = [g.get("name") for g in self.graders]
         if self.objective.grader is not None and self.objective.grader not in names:
@@ -345,13 +413,33 @@ class EvalSpec(_Spec):
     def objective_grader(self) -> str:
         return self.objective.grader or self.graders[0]["name"]
 
-    def messages(self) -> list[dict[str, str]]:
-        return [m.model_dump() for m in self.input]
+    def messages(self) -> list[dict[str, Any]]:
+        return [m.to_message() for m in self.input]
 
     def fingerprint(self) -> str:
         """Content hash of everything that changes what the eval computes."""
         payload = self.model_dump(mode="json", exclude={"optimize"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ITEM_FIELD = re.compile(r"\{\{\s*item\.([A-Za-z_][A-Za-z0-9_]*)")
+STRING_GRADERS = ("string_check", "text_similarity")
+
+
+def image_fields(messages: Sequence[MessageSpec]) -> set[str]:
+    """Item fields that input messages use as images (`{{item.x}}` in an image part)."""
+    return {name for m in messages for ref in m.image_templates() for name in _ITEM_FIELD.findall(ref)}
+
+
+def _string_grader_templates(raw: Any, where: str) -> list[tuple[str, str]]:
+    """(where, template) of the text templates of string graders, inside multi graders too."""
+    if not isinstance(raw, dict):
+        return []
+    if raw.get("type") in STRING_GRADERS:
+        return [(f"{where}.{key}", raw[key]) for key in ("input", "reference") if isinstance(raw.get(key), str)]
+    if raw.get("type") == "multi" and isinstance(raw.get("graders"), dict):
+        return [t for name, sub in raw["graders"].items() for t in _string_grader_templates(sub, f"{where}.graders.{name}")]
+    return []
 
 
 @dataclass

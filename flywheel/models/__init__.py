@@ -42,6 +42,10 @@ def load_model(ref: str, options: dict[str, Any] | None = None) -> Model:
     scheme, name, adapter = parse_model_ref(ref)
     if scheme == "local":
         from flywheel.models.local import LocalModel
+        from flywheel.models.vision import VisionModel, is_vision_model
+
+        if is_vision_model(name):  # a vision-language model: transformers' image-text-to-text classes
+            return VisionModel(ref, name, adapter, **options)
 
         known = {"dtype", "batch_size", "device", "prefix_cache", "decoder"}
         unknown = set(options) - known

@@ -50,6 +50,8 @@ class Model(abc.ABC):
     """A chat model. Subclasses load lazily: constructing one reads no weights."""
 
     ref: str
+    # True: a vision-language model (flywheel.models.vision); False: a text model; None: unknown (remote).
+    reads_images: bool | None = None
 
     @property
     @abc.abstractmethod

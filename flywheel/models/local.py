@@ -186,6 +186,8 @@ class LocalModel(Model):
     `base` is an embedded name (`smollm2`), a folder or a hub id; `adapter` a PEFT adapter folder.
     """
 
+    reads_images = False  # vision-language models load as flywheel.models.vision.VisionModel
+
     def __init__(self, ref: str, base: str, adapter: str | None = None, *, dtype: str | None = None,
                  batch_size: int = 32, device: str | None = None, prefix_cache: bool = True,
                  decoder: str = "continuous"):
@@ -300,6 +302,10 @@ class LocalModel(Model):
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         if not requests:
             return []
+        from flywheel.images import has_images
+
+        if any(has_images(r.messages) for r in requests):  # the chat template would print the bytes as text
+            raise ModelError(f"{self.ref} is a text model: it does not read images (docs/vision.md)")
         _, tokenizer = self.load()
         token_ids = [tokenizer(self.render_prompt(r.messages, r.tools, r.tool_choice), add_special_tokens=False).input_ids
                      for r in requests]

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flywheel.harness import EvalResult
+from flywheel.images import describe_content
 from flywheel.store import Store
 
 
@@ -98,7 +99,7 @@ def print_run_detail(detail: dict[str, Any]) -> None:
     for iteration in detail["iterations"]:
         console.print(f"iteration {iteration['seq']} ({iteration['stage']}): score {_num(iteration['score'])}")
         for sample in iteration["samples"]:
-            user = next((m["content"] for m in reversed(sample["input"] or []) if m["role"] == "user"), "")
+            user = describe_content(next((m["content"] for m in reversed(sample["input"] or []) if m["role"] == "user"), ""))
             console.print(f"[dim]item {sample['item_key']}#{sample['repeat']}[/dim] {user!r}", markup=True,
                           highlight=False)
             if sample["error"]:

@@ -27,6 +27,7 @@ from typing import Any
 from markupsafe import Markup, escape
 
 from flywheel.errors import FlywheelError
+from flywheel.images import Thumbnails, describe_content
 from flywheel.report.compare import RunView, default_pair, item_fields, iteration_samples, load_run_view
 from flywheel.report.wheel_view import wheel_section
 from flywheel.store import Store
@@ -292,9 +293,11 @@ def report_payload(store: Store, view: RunView, page_size: int = PAGE_SIZE,
     names = [g.name for g in view.graders]
     samples_out = []
     prompts: dict[str, list[list[str]]] = {}
+    thumbs: list[list[int]] = []  # per item: its input images, as small inline JPEGs (string indexes)
+    thumbnails = Thumbnails()
     for it in view.iterations:
         if it.get("prompt_id") and it["prompt_id"] not in prompts:
-            prompts[it["prompt_id"]] = [[m.get("role", ""), str(m.get("content", ""))] for m in it["messages"]]
+            prompts[it["prompt_id"]] = [[m.get("role", ""), describe_content(m.get("content", ""))] for m in it["messages"]]
         cols: dict[str, Any] = {"k": [], "r": [], "o": [], "e": [], "s": [], "p": [], "t": [], "l": [],
                                 "gs": [[] for _ in names], "gp": [[] for _ in names], "gf": [[] for _ in names]}
         for s in iteration_samples(store, it["id"], view.objective):
@@ -302,12 +305,13 @@ def report_payload(store: Store, view: RunView, page_size: int = PAGE_SIZE,
             if key not in key_index:
                 key_index[key] = len(keys)
                 keys.append(key)
+                messages = json.loads(s["input_json"] or "null") or []
                 if key in fields:
                     item_rows.append([[name, _field_text(v)] for name, v in fields[key].items()])
                 else:  # no dataset row: show the last user message instead
-                    messages = json.loads(s["input_json"] or "null") or []
                     user = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
-                    item_rows.append([["input", str(user)]])
+                    item_rows.append([["input", describe_content(user)]])
+                thumbs.append([strings(t) for t in thumbnails.for_messages(messages)])
             cols["k"].append(key_index[key])
             cols["r"].append(s["repeat"])
             cols["o"].append(strings(s["output_text"]))
@@ -345,7 +349,7 @@ def report_payload(store: Store, view: RunView, page_size: int = PAGE_SIZE,
                        for n in names],
         } for it in view.iterations],
         "prompts": prompts,
-        "items": {"keys": keys, "fields": item_rows},
+        "items": {"keys": keys, "fields": item_rows, "thumbs": thumbs, "thumbsOmitted": thumbnails.omitted},
         "samples": samples_out,
         "pageSize": page_size,
         "initial": {"a": ids.index(a) if a in ids else 0, "b": ids.index(b) if b in ids else 0},

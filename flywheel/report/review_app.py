@@ -245,7 +245,13 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             store.close()
         import json
 
-        messages = json.loads(sample["input_json"] or "null") or []
+        from flywheel.images import Thumbnails, describe_content
+
+        # Text, and the input images as small inline copies beside it: the page fetches nothing.
+        thumbnails = Thumbnails()
+        messages = [{"role": m.get("role", ""), "content": describe_content(m.get("content")),
+                     "thumbs": thumbnails.for_messages([m])}
+                    for m in json.loads(sample["input_json"] or "null") or []]
         return pages.render(request, "sample.html.j2", sample=sample, grades=grades, iteration=iteration,
                             fields=fields, history=history, sample_review=review, messages=messages, others=others,
                             graders={g.name: g for g in view.graders}, run=view.runs[0],

@@ -136,6 +136,11 @@ def to_hf_dataset(training_set: TrainingSet):
     `rejected`; RFT `prompt` plus the item fields (GRPO passes them to the reward functions)."""
     from datasets import Dataset
 
+    from flywheel.train.vision import set_has_images
+
+    if set_has_images(training_set):  # chat_messages keeps text only: the images would vanish
+        raise TrainingDataError("this training set has images; TRL's text formats would drop them: use its "
+                                "platform JSONL (docs/vision.md)")
     records = []
     for row in training_set.rows:
         if training_set.kind == "sft":

@@ -239,9 +239,18 @@ def train_hosted(method: str, spec: EvalSpec, store: Store, training_set: Traini
         base_url=options.get("base_url"), api_key_env=options.get("api_key_env", "OPENAI_API_KEY"),
         poll_interval=options.get("poll_interval", 30.0), timeout=options.get("timeout"),
         max_retries=options.get("max_retries", 3))
+    from flywheel.train.vision import screen_images, set_has_images
+
+    screening = None
+    if set_has_images(training_set):  # a vision job: upload only what the platform's image rules keep
+        training_set, screening = screen_images(training_set)
     record_training_set(store, training_set)
     job_id = store.create_training_job(backend="hosted", method=method, training_set_id=training_set.id,
                                        base_model=base, config_json=config.model_dump_json(), status="uploading")
+    if screening is not None:
+        store.add_training_events(job_id, [{"type": "message", "level": "warn" if screening.skipped else "info",
+                                            "message": f"image screening: {screening.summary()}; {screening.not_checked}",
+                                            "data": screening.to_dict()}])
     try:
         uploaded = backend.upload(training_set)
         store.add_training_events(job_id, [{"type": "message", "message": f"uploaded {uploaded.get('id')}",

@@ -115,6 +115,13 @@ def load_for_training(base_ref: str, *, bf16: bool, quantize: str | None = None)
     local = LocalModel(base_ref, name, adapter)  # validates the base and the adapter folder
     path = local.base_path()
     hf_logging.disable_progress_bar()
+    from flywheel.models.vision import is_vision_model
+
+    if is_vision_model(path):  # a vision-language model: its processor stands in for the tokenizer
+        from flywheel.train.vision import load_vision_for_training
+
+        model, processor = load_vision_for_training(base_ref, path, local.adapter, bf16=bf16)
+        return model, processor, f"local:{name}", local.adapter
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if quantize:  # QLoRA: the frozen base in 4-bit on the GPU (flywheel.train.config.require_quantization)

@@ -35,6 +35,17 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
 
     if training_set.kind != "sft":
         raise TrainingDataError(f"SFT needs an SFT training set, got a {training_set.kind} set")
+    from transformers import ProcessorMixin
+
+    if isinstance(tokenizer, ProcessorMixin):  # a vision-language model (flywheel.train.vision)
+        from flywheel.train.vision import build_vision_sft_trainer
+
+        return build_vision_sft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)
+    from flywheel.train.vision import set_has_images
+
+    if set_has_images(training_set):
+        raise TrainingDataError("the training set has images, but the base is a text model (it would train on "
+                                "the text alone): train a vision-language model (docs/vision.md)")
     attention = getattr(model.config, "_attn_implementation", None)
     if config.packing and not (attention or "").startswith(("flash_attention", "kernels-community/flash")):
         # Packed rows are flattened into one sequence told apart only by position ids; sdpa and eager
@@ -58,6 +69,10 @@ def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
     config = config or SFTSpec()
     if len(training_set) == 0:
         raise TrainingDataError("empty SFT training set: nothing to train on")
+    from flywheel.train.vision import screen_images, set_has_images
+
+    if set_has_images(training_set):  # the platform's image rules: what would be skipped is not trained on
+        training_set, _ = screen_images(training_set)
 
     def build(model, tokenizer, output_dir, bf16):
         return build_sft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)

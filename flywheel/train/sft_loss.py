@@ -15,11 +15,17 @@ It also trains with HF's eager attention on CPU: for short rows (~110 tokens) to
 kernels took about twice the time of eager's matmul + softmax, forward and backward (measured
 36 vs 16 ms of CPU per layer at batch 8, bf16), about a tenth of a step. The model's attention
 setting is restored when training ends, so a model reused for generation keeps SDPA.
+
+Under bf16 autocast it also stops PEFT casting each LoRA layer's input to the adapter's fp32 dtype:
+autocast casts it straight back to bf16 for the matmul, so every LoRA layer copied its activations
+twice for nothing (`aten::copy_` was 12% of a step's CPU time; the loss is unchanged, the step
+7-12% cheaper in CPU seconds, benchmarks/training.py).
 """
 
 from __future__ import annotations
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 from trl import SFTTrainer
 
 
@@ -34,7 +40,9 @@ class CompactLossSFTTrainer(SFTTrainer):
         if switch:
             config._attn_implementation = "eager"
         try:
-            return super().train(*args, **kwargs)
+            # Autocast casts the LoRA input to bf16 itself; PEFT's cast to fp32 first is a wasted copy.
+            with disable_input_dtype_casting(self.model, active=bool(self.args.bf16)):
+                return super().train(*args, **kwargs)
         finally:
             if switch:
                 config._attn_implementation = attention

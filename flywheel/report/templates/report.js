@@ -311,6 +311,17 @@
     var fields = el("div", "fields clamp"), f = D.items.fields[r.k] || [];
     f.forEach(function (kv) { var d = el("div"); d.appendChild(el("span", "n", kv[0])); d.appendChild(document.createTextNode(kv[1])); fields.appendChild(d); });
     item.appendChild(fields);
+    var th = (D.items.thumbs || [])[r.k] || [];
+    if (th.length) {
+      var pics = el("div", "thumbs");
+      th.forEach(function (i) {
+        var src = str(i);
+        // Only inline images are shown: the page fetches nothing.
+        if (!src || !/^data:image\/(jpeg|png|webp);base64,[A-Za-z0-9+\/=]+$/.test(src)) return;
+        var img = el("img", "thumb"); img.src = src; img.alt = "input image of " + D.items.keys[r.k]; pics.appendChild(img);
+      });
+      item.appendChild(pics);
+    }
     var more = el("button", "more", "details"); more.type = "button";
     more.addEventListener("click", function () { row.classList.toggle("open"); more.textContent = row.classList.contains("open") ? "less" : "details"; });
     item.appendChild(more);
