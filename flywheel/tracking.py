@@ -240,7 +240,8 @@ def tracking_callback(config, store, job_id: str, *, method: str, eval_name: str
     from transformers import TrainerCallback
 
     trackers = open_trackers(
-        config.report_to, store=store, name=job_id, experiment=config.mlflow_experiment or f"flywheel-{eval_name or method}",
+        config.report_to, store=store, name=job_id,
+        experiment=config.mlflow_experiment or f"flywheel-{eval_name or method}",
         params={"method": method, "job_id": job_id, **config.model_dump(mode="json")},
         tracking_dir=config.tracking_dir, mlflow_uri=config.mlflow_tracking_uri,
         tags={"flywheel.job_id": job_id, "flywheel.method": method})
@@ -318,13 +319,14 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
     MLflow: a parent run named after the wheel run (params: eval, status, stop reason, the result's
     headline numbers) and a child run per iteration (params: stage, lap, split, model, prompt,
     decision; metrics: score, CI, cost and tokens, also per item). TensorBoard and W&B: the same
-    numbers as `<split>/<metric>` scalars at step = iteration number, and a text line per step."""
+    numbers as `<split>/<metric>` scalars at step = iteration number (TensorBoard also a text line
+    per iteration: stage, model, prompt, decision)."""
     if to not in EXPORT_TARGETS:
         raise TrackingError(f"--to: unknown tracker {to!r}; known: {', '.join(EXPORT_TARGETS)}")
     run = store.get_run(run_id)
     if run["kind"] != "wheel":
-        raise TrackingError(f"{store.path}: run {run['id']} is not a wheel run (kind: {run['kind']}); export-tracking writes wheel "
-                            "runs (flywheel run)")
+        raise TrackingError(f"{store.path}: run {run['id']} is not a wheel run (kind: {run['kind']}); "
+                            "export-tracking writes wheel runs (flywheel run)")
     rows = store.iterations(run["id"])
     if not rows:
         raise TrackingError(f"{store.path}: wheel run {run['id']} has no iterations yet")

@@ -124,8 +124,9 @@ def launch_env(spec: LaunchSpec) -> dict[str, str]:
 def launch_training(spec: LaunchSpec, argv: list[str], *, stdout=None) -> int:
     """Run `flywheel <argv>` (a `train` command) under `accelerate launch`; returns 0 or raises.
 
-    Output streams through (stdout to `stdout` when given: the wheel reads the `--json` result there). Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every
-    process; TrainingError then says so."""
+    Output streams through (stdout to `stdout` when given: the wheel reads the `--json` result
+    there). Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every process;
+    LaunchInterrupted (a TrainingError) then says so."""
     if importlib.util.find_spec("accelerate") is None:
         raise TrainingError("--launcher accelerate needs the accelerate package: pip install accelerate")
     command = accelerate_command(spec, argv)
