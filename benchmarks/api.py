@@ -14,6 +14,15 @@ queue), and checks that every job succeeded once (attempts = 1, one harness run 
 
     .venv/bin/python benchmarks/api.py                       # N=10000, R=200, J=100, K=2
     .venv/bin/python benchmarks/api.py --jobs 30 --items 2   # a smaller queue run
+    .venv/bin/python benchmarks/api.py --skip-latency --skip-queue --repeats 500   # access + rate limit only
+    .venv/bin/python benchmarks/api.py --skip-latency --skip-queue --skip-limits --contention  # workers
+
+Access: the list endpoints without a key or limit (the baseline), with the rate limiter on (a
+limit never reached, so every request pays the bucket and its headers), and with a key too
+(hash lookup per request); p50 / p95 and the p95 ratio to the baseline.
+
+Contention (`--contention`): `GET /v1/evals` latency idle, while an eval run generates on the tiny
+model, and while an SFT job trains it, with one worker as a thread of the server vs as a process.
 """
 
 from __future__ import annotations
@@ -48,11 +57,13 @@ def linked_run(store: Store, n: int, tag: str) -> tuple[str, str, str]:
                 {"type": "score_model", "name": "judge", "model": "openai:judge", "input": [], "id": "judge-1"}]
     eval_id, run_id = f"eval_bench{tag}", f"evalrun_bench{tag}"
     store.api_insert("api_evals", {"id": eval_id, "created_at": 0, "name": "bench", "metadata_json": "{}",
+                                   "project": "default",
                                    "data_source_config_json": json.dumps({"type": "custom", "schema": {}}),
                                    "testing_criteria_json": json.dumps(criteria)})
     source = {"type": "completions", "model": "local:tiny", "source": {"type": "file_content", "content": []},
               "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.text}}"}]}}
     store.api_insert("api_eval_runs", {"id": run_id, "eval_id": eval_id, "created_at": 0, "name": "bench",
+                                       "project": "default",
                                        "status": "completed", "model": "local:tiny", "data_source_json": json.dumps(source),
                                        "metadata_json": "{}", "run_id": ids["run_id"],
                                        "iteration_id": ids["iterations"][0], "dataset_path": ""})
@@ -105,6 +116,96 @@ def latency(n: int, repeats: int) -> None:
                     rows.append(timed(http, template.format(e=e, r=r, i=i), repeats))
                 print(f"| {label} | {rows[0][0]:.1f} / {rows[0][1]:.1f} | {rows[1][0]:.1f} / {rows[1][1]:.1f} "
                       f"| {rows[0][1] / rows[1][1]:.2f} |")
+
+
+def limits(n: int, repeats: int) -> None:
+    """Access checks and the rate limiter on the list endpoints: the same store served without a key
+    or limit (baseline), with a limit (keyless: by client address), and with a key and a limit."""
+    from flywheel.api.access import create_key
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = str(Path(tmp) / "limits.db")
+        store = Store.open(db)
+        eval_id, run_id, _ = linked_run(store, n, "lim")
+        key, _ = create_key(store, "bench")
+        store.close()
+        setups = [("no key, no limit (baseline)", {}, {}),
+                  ("rate limit, no key", {"rate_limit_rpm": 10**9}, {}),
+                  ("key + rate limit", {"rate_limit_rpm": 10**9, "require_key": True},
+                   {"Authorization": f"Bearer {key}"})]
+        paths = [("list evals", "/v1/evals"), ("list output items (20)", f"/v1/evals/{eval_id}/runs/{run_id}/output_items")]
+        results = {}
+        for label, options, headers in setups:
+            with BackgroundServer(create_api_app(db, workers=0, **options)) as server, \
+                    httpx.Client(base_url=server.url, headers=headers) as http:
+                for name, path in paths:
+                    results[label, name] = timed(http, path, repeats)
+        print(f"\n| access setup ({repeats} calls, {n} items) | " + " | ".join(f"{name} p50 / p95 ms" for name, _ in paths)
+              + " | p95 vs baseline |")
+        print("|---|" + "---|" * len(paths) + "---|")
+        base = setups[0][0]
+        for label, _, _ in setups:
+            cells = " | ".join(f"{results[label, name][0]:.2f} / {results[label, name][1]:.2f}" for name, _ in paths)
+            ratios = ", ".join(f"{results[label, name][1] / results[base, name][1]:.2f}" for name, _ in paths)
+            print(f"| {label} | {cells} | {ratios} |")
+        # The same work without HTTP around it: what each request pays, in microseconds.
+        from flywheel.api.access import Access, hash_key
+        from flywheel.api.limits import RateLimiter
+
+        store = Store.open(db)
+        limiter = RateLimiter(10**9)
+        access = Access(None, store=lambda: store, require_key=True, limiter=limiter)
+        scope = {"headers": [(b"authorization", f"Bearer {key}".encode())]}
+        calls = 20_000
+        costs = {}
+        for label, work in [("RateLimiter.take + headers", lambda: limiter.take("key_x").headers()),
+                            ("sha256 of the key", lambda: hash_key(key)),
+                            ("key check (hash + indexed lookup)", lambda: access.identify(scope))]:
+            started = time.perf_counter()
+            for _ in range(calls):
+                work()
+            costs[label] = (time.perf_counter() - started) / calls * 1e6
+        store.close()
+        print("\n| per request, in process | µs |\n|---|---|")
+        for label, micros in costs.items():
+            print(f"| {label} | {micros:.1f} |")
+
+
+def contention(repeats: int, model_dir: Path, tmp: Path) -> None:
+    """List latency while a job runs, with the workers as threads of the server vs as processes."""
+    chat = [{"messages": [{"role": "user", "content": f"question {i}"},
+                          {"role": "assistant", "content": "card_arrival"}]} for i in range(8)]
+    rows = {}
+    for mode in ("threads", "processes"):
+        db = str(tmp / f"contention-{mode}.db")
+        app = create_api_app(db, workers=1, worker_processes=mode == "processes")
+        with BackgroundServer(app) as server, httpx.Client(base_url=server.url) as http:
+            client = client_for(server.url)
+            evaluation = create_eval(client)
+            rows[mode, "idle"] = timed(http, "/v1/evals", repeats)
+            run = client.evals.runs.create(evaluation.id, data_source=completions_source(
+                model_dir, {"type": "file_content", "content": items(2000)}, max_tokens=16))
+            while not client.evals.runs.output_items.list(run.id, eval_id=evaluation.id, limit=1).data:
+                time.sleep(0.05)  # generating (past loading the model): samples are being stored
+            rows[mode, "eval run generating"] = timed(http, "/v1/evals", repeats)
+            client.evals.runs.cancel(run.id, eval_id=evaluation.id)
+            wait_run(client, evaluation.id, run.id)
+            training = client.files.create(file=("train.jsonl", "".join(json.dumps(r) + "\n" for r in chat).encode()),
+                                           purpose="fine-tune")
+            job = client.fine_tuning.jobs.create(model=f"local:{model_dir}", training_file=training.id, method={
+                "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}})
+            while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
+                time.sleep(0.05)
+            rows[mode, "SFT job training"] = timed(http, "/v1/evals", repeats)
+            client.fine_tuning.jobs.cancel(job.id)
+            while client.fine_tuning.jobs.retrieve(job.id).status not in ("cancelled", "succeeded", "failed"):
+                time.sleep(0.1)
+    print(f"\n| GET /v1/evals ({repeats} calls) while | workers as threads p50 / p95 ms | as processes p50 / p95 ms "
+          "| p95 threads / processes |")
+    print("|---|---|---|---|")
+    for what in ("idle", "eval run generating", "SFT job training"):
+        t, p = rows["threads", what], rows["processes", what]
+        print(f"| {what} | {t[0]:.1f} / {t[1]:.1f} | {p[0]:.1f} / {p[1]:.1f} | {t[1] / p[1]:.2f} |")
 
 
 def tiny_model(folder: Path) -> Path:
@@ -173,10 +274,18 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2)
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-queue", action="store_true")
+    parser.add_argument("--skip-limits", action="store_true")
+    parser.add_argument("--contention", action="store_true", help="Also: list latency while jobs run, "
+                        "workers as threads vs processes.")
     args = parser.parse_args()
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     if not args.skip_latency:
         latency(args.items_stored, args.repeats)
+    if not args.skip_limits:
+        limits(min(args.items_stored, 1000), args.repeats)
+    if args.contention:
+        with tempfile.TemporaryDirectory() as name:
+            contention(args.repeats, tiny_model(Path(name)), Path(name))
     if not args.skip_queue:
         with tempfile.TemporaryDirectory() as name:
             tmp = Path(name)

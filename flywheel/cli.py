@@ -381,8 +381,13 @@ def export_tracking_command(run_id, to, folder, mlflow_uri, experiment, db, as_j
 @click.option("--reviewer", default=None, help="Name stored with each review (default: $USER).")
 @click.option("--api", is_flag=True, help="Also serve the platform's Files/Evals API under /v1 (keys off loopback).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(0, 64), help="Job workers (with --api).")
+@click.option("--rate-limit", "rate_limit", default=None, type=click.IntRange(1), metavar="RPM",
+              help="With --api: requests per minute per key (429 beyond; a key's own --rpm overrides).")
+@click.option("--rate-burst", default=None, type=click.IntRange(1), metavar="N",
+              help="With --rate-limit: requests allowed at once (default: the whole minute's).")
+@click.option("--worker-processes", is_flag=True, help="With --api: run the workers as processes, not threads.")
 @db_option
-def serve_command(host, port, review, reviewer, api, workers, db):
+def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, worker_processes, db):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app; with --api
     also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md)."""
     import os
@@ -397,7 +402,8 @@ def serve_command(host, port, review, reviewer, api, workers, db):
             click.echo(f"warning: listening on {host}: /v1 needs an API key (flywheel keys create), but the "
                        "report pages under / are readable by anyone who can reach it", err=True)
 
-        serve_api(db_path, host=host, port=port, workers=workers, review=review,
+        serve_api(db_path, host=host, port=port, workers=workers, review=review, rate_limit_rpm=rate_limit,
+                  rate_limit_burst=rate_burst, worker_processes=worker_processes,
                   reviewer=reviewer or (os.environ.get("USER") if review else None),
                   on_ready=lambda url: click.echo(f"serving the API at {url}v1 and reports at {url} "
                                                   f"({workers} workers; Ctrl-C stops)", err=True))
@@ -698,15 +704,45 @@ def keys_group() -> None:
 
 @keys_group.command("create")
 @click.option("--name", default="", help="A label for the key.")
+@click.option("--project", default="default", show_default=True, help="The project whose objects the key sees.")
+@click.option("--role", type=click.Choice(["admin", "member", "reader"]), default="member", show_default=True,
+              help="reader: read only; admin: also server-side paths.")
+@click.option("--rpm", type=click.IntRange(1), default=None, help="This key's requests per minute (else the server's).")
 @db_option
-def keys_create_command(name, db):
+def keys_create_command(name, project, role, rpm, db):
     """Create an API key and print it (only its hash is stored: it is shown this once)."""
     from flywheel.api.access import create_key
 
     with _store_at(db) as store:
-        key, key_id = create_key(store, name)
-    click.echo(f"created {key_id}; the key (shown once):", err=True)
+        key, key_id = create_key(store, name, project=project, role=role, rpm=rpm)
+    click.echo(f"created {key_id} ({role} of project {project!r}); the key (shown once):", err=True)
     click.echo(key)
+
+
+@keys_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@db_option
+def keys_list_command(as_json, db):
+    """List API keys (id, prefix, project, role, rpm, revoked); never the keys themselves."""
+    from flywheel.api.access import list_keys
+
+    with _store_at(db) as store:
+        keys = list_keys(store)
+    click.echo(json.dumps(keys, indent=2) if as_json else "\n".join(
+        f"{k['id']}  {k['prefix']}…  {k['project']:<12} {k['role']:<7} rpm={k['rpm'] or '-'}"
+        + ("  REVOKED" if k["revoked"] else "") + (f"  {k['name']}" if k["name"] else "") for k in keys))
+
+
+@keys_group.command("revoke")
+@click.argument("key_id")
+@db_option
+def keys_revoke_command(key_id, db):
+    """Revoke an API key by id: requests with it get 401 from now on."""
+    from flywheel.api.access import revoke_key
+
+    with _store_at(db) as store:
+        revoke_key(store, key_id)
+    click.echo(f"revoked {key_id}")
 
 
 @main.group("import")
@@ -726,6 +762,32 @@ def import_openai_eval_command(eval_path, items, run_path, out_dir):
 
     result = import_openai_eval(eval_path, list(items), out_dir=out_dir, run_path=run_path)
     click.echo(f"wrote {result.spec_path} ({result.graders} graders) and {result.data_path} ({result.items} items)")
+
+
+@import_group.command("openai-job")
+@click.argument("job_path", metavar="JOB.json", type=click.Path(dir_okay=False))
+@click.option("--training-file", "training_path", required=True, type=click.Path(dir_okay=False),
+              help="The local copy of the job's training_file (platform JSONL).")
+@click.option("--validation-file", "validation_path", type=click.Path(dir_okay=False),
+              help="The local copy of its validation_file.")
+@click.option("--model", default=None, help="Local base to train (the platform's model names none here).")
+@click.option("--project", default="default", show_default=True, help="The API project the job belongs to.")
+@click.option("--config-out", type=click.Path(dir_okay=False), help="Also write our training config (YAML) here.")
+@db_option
+@json_option
+def import_openai_job_command(job_path, training_path, validation_path, model, project, config_out, db, as_json):
+    """Queue a platform fine-tuning job (its JSON and files) in the store; `serve --api` runs it."""
+    from flywheel.api.convert import import_openai_job
+
+    with _store_at(db) as store:
+        result = import_openai_job(store, job_path, training_path, validation_path=validation_path, model=model,
+                                   project=project, config_out=config_out)
+    job = result.job
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    click.echo(f"queued {job['id']} ({job['method']['type']} on {job['model']}, project {project!r}); "
+               "`flywheel serve --api` runs it" + (f"; training config: {result.config_path}" if config_out else ""))
 
 
 @main.group("export")

@@ -257,7 +257,30 @@ def m010_api_objects(db: sqlite_utils.Database) -> None:
 
 
 @migration
-def m011_training_set_checks(db: sqlite_utils.Database) -> None:
+def m011_api_projects_roles_limits(db: sqlite_utils.Database) -> None:
+    # Every API object belongs to the project of the key that made it; rows made before projects
+    # (and on a loopback bind without a key) belong to 'default'. Keys carry a project, a role
+    # (admin / member / reader) and an optional requests-per-minute limit of their own.
+    for table in ("api_files", "api_evals", "api_eval_runs", "api_fine_tuning_jobs", "api_wheel_runs"):
+        db[table].add_column("project", str)
+        db.execute(f"update {table} set project = 'default' where project is null")
+        db[table].create_index(["project"], if_not_exists=True)
+    db["api_keys"].add_column("project", str)
+    db["api_keys"].add_column("role", str)
+    db["api_keys"].add_column("rpm", int)
+    db.execute("update api_keys set project = 'default', role = 'admin' where project is null")
+    # A fine-tuning job can be paused (`POST .../pause`): the flag the running job reads, like cancel.
+    db["api_jobs"].add_column("pause_requested", int)
+    # Where a paused job stopped (step, total steps, the adapter saved there), and the job's final
+    # metrics (train_loss, valid_loss on its validation_file, or RFT rewards).
+    db["api_fine_tuning_jobs"].add_column("resume_json", str)
+    db["api_fine_tuning_jobs"].add_column("metrics_json", str)
+    # Chat completions stored through the API carry their project; proxy captures (null) are 'default'.
+    db["captures"].add_column("api_project", str)
+
+
+@migration
+def m012_training_set_checks(db: sqlite_utils.Database) -> None:
     # The data checks run before training (flywheel.train.datachecks.DataCheck as JSON): size, token
     # counts against max_length and the model's context, duplicates, the graders' pass share.
     db["training_sets"].add_column("checks_json", str)

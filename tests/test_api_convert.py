@@ -51,3 +51,107 @@ def test_import_names_the_bad_line(tmp_path, tiny_model_dir):
                                        str(tmp_path / "items.jsonl"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "items.jsonl:2: expected" in result.output
+
+
+# A platform job object as `GET /v1/fine_tuning/jobs/{id}` shows it (reference §5.5).
+PLATFORM_JOB = {
+    "object": "fine_tuning.job", "id": "ftjob-abc123", "model": "gpt-4o-mini-2024-07-18", "created_at": 1721764800,
+    "fine_tuned_model": None, "organization_id": "org-123", "result_files": [], "status": "queued",
+    "validation_file": "file-val", "training_file": "file-train", "seed": 7, "suffix": "intents",
+    "hyperparameters": {"n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": "auto"},
+    "method": {"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": 2}}},
+    "metadata": {"team": "a"}, "integrations": [], "trained_tokens": None, "error": None,
+}
+CHAT_ROWS = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "card_arrival"}]}
+             for i in range(4)]
+
+
+def test_import_openai_job_queues_a_job_the_api_shows(tmp_path, tiny_model_dir):
+    import yaml
+
+    from flywheel.api.app import create_api_app
+    from flywheel.web import BackgroundServer
+    from api_helpers import client_for
+
+    (tmp_path / "job.json").write_text(json.dumps(PLATFORM_JOB))
+    (tmp_path / "train.jsonl").write_bytes(jsonl(CHAT_ROWS))
+    (tmp_path / "valid.jsonl").write_bytes(jsonl(CHAT_ROWS[:2]))
+    db = str(tmp_path / "f.db")
+    runner = CliRunner()
+    args = ["import", "openai-job", str(tmp_path / "job.json"), "--training-file", str(tmp_path / "train.jsonl"),
+            "--db", db]
+    no_model = runner.invoke(main, args)
+    assert no_model.exit_code == 1 and "give the local base to train with --model" in no_model.output
+    no_validation = runner.invoke(main, [*args, "--model", f"local:{tiny_model_dir}"])
+    assert no_validation.exit_code == 1 and "validation_file: file-val is a platform file" in no_validation.output
+    done = runner.invoke(main, [*args, "--model", f"local:{tiny_model_dir}", "--validation-file",
+                                str(tmp_path / "valid.jsonl"), "--config-out", str(tmp_path / "sft.yaml"), "--json"])
+    assert done.exit_code == 0, done.output
+    job = json.loads(done.stdout)
+    config = yaml.safe_load((tmp_path / "sft.yaml").read_text())
+    assert (config["epochs"], config["learning_rate"], config["seed"]) == (3.0, 1e-3, 7)  # 2 x our 5e-4
+    with BackgroundServer(create_api_app(db, workers=0)) as server:
+        client = client_for(server.url)
+        shown = client.fine_tuning.jobs.retrieve(job["id"])
+        assert (shown.status, shown.model, shown.user_provided_suffix, shown.metadata) == (
+            "queued", f"local:{tiny_model_dir}", "intents", {"team": "a"})
+        assert shown.method.supervised.hyperparameters.n_epochs == 3
+        assert client.files.content(shown.training_file).read() == jsonl(CHAT_ROWS)
+        assert client.files.retrieve(shown.validation_file).filename == "valid.jsonl"
+
+
+def test_import_openai_job_refuses_bad_files_and_keeps_nothing(tmp_path, tiny_model_dir):
+    from flywheel.store import Store
+
+    (tmp_path / "job.json").write_text(json.dumps({**PLATFORM_JOB, "validation_file": None,
+                                                   "method": {"type": "dpo"}}))
+    (tmp_path / "train.jsonl").write_bytes(jsonl(CHAT_ROWS))
+    (tmp_path / "bad.jsonl").write_bytes(jsonl(CHAT_ROWS[:1]) + b"{oops\n")
+    db = str(tmp_path / "g.db")
+    base = ["import", "openai-job", str(tmp_path / "job.json"), "--model", f"local:{tiny_model_dir}", "--db", db]
+    wrong_kind = CliRunner().invoke(main, [*base, "--training-file", str(tmp_path / "train.jsonl")])
+    assert wrong_kind.exit_code == 1
+    assert wrong_kind.output.startswith(f"error: {tmp_path / 'train.jsonl'}: training_file ")
+    assert "dpo jobs need dpo rows" in wrong_kind.output
+    broken = CliRunner().invoke(main, [*base, "--training-file", str(tmp_path / "bad.jsonl")])
+    assert broken.exit_code == 1 and "bad.jsonl:2: invalid JSON" in broken.output
+    store = Store.open(db)
+    try:
+        assert store.db["api_files"].count == 0 and store.db["api_fine_tuning_jobs"].count == 0
+        assert not list((store.artefact_dir / "api" / "files").glob("*"))
+    finally:
+        store.close()
+
+
+def test_import_the_platforms_rft_job_fixture(tmp_path, tiny_model_dir):
+    from pathlib import Path
+
+    from flywheel.store import Store
+
+    fixture = json.loads((Path(__file__).resolve().parents[1] / "fixtures/hosted_finetuning/rft_succeeded.json")
+                         .read_text())["created"]
+    (tmp_path / "prompts.jsonl").write_bytes(jsonl([{"messages": [{"role": "user", "content": "q"}], "label": "a"}]))
+    db = str(tmp_path / "r.db")
+    base = ["import", "openai-job", str(tmp_path / "job.json"), "--training-file", str(tmp_path / "prompts.jsonl"),
+            "--model", f"local:{tiny_model_dir}", "--db", db]
+    (tmp_path / "job.json").write_text(json.dumps(fixture))  # its grader is abbreviated: no input / reference
+    refused = CliRunner().invoke(main, base)
+    assert refused.exit_code == 1
+    assert refused.output.startswith(f"error: {tmp_path / 'job.json'}: method.reinforcement.grader: ")
+    grader = {"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
+              "reference": "{{item.label}}", "operation": "eq"}
+    fixture["method"]["reinforcement"]["grader"] = grader
+    (tmp_path / "job.json").write_text(json.dumps(fixture))
+    done = CliRunner().invoke(main, [*base, "--json", "--config-out", str(tmp_path / "rft.yaml")])
+    assert done.exit_code == 0, done.output
+    job = json.loads(done.stdout)
+    assert job["method"]["reinforcement"]["grader"] == grader
+    assert job["method"]["reinforcement"]["hyperparameters"]["reasoning_effort"] == "medium"
+    assert (job["seed"], job["metadata"]) == (7, {"flywheel_eval": "tiny"})
+    assert "num_generations" in (tmp_path / "rft.yaml").read_text()
+    store = Store.open(db)
+    try:
+        assert store.db["api_files"].count == 1 and store.db["api_jobs"].count == 1
+    finally:
+        store.close()

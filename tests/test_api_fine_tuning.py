@@ -8,10 +8,12 @@ import time
 import openai
 import pytest
 
-from api_helpers import client_for, jsonl
+from api_helpers import client_for, completions_source, create_eval, items, jsonl, wait_run
 from flywheel.api.app import create_api_app
 from flywheel.web import BackgroundServer
 
+GRADER = {"type": "string_check", "name": "says_card", "input": "{{sample.output_text}}",
+          "reference": "card", "operation": "like"}
 ROWS = [{"messages": [{"role": "user", "content": f"question {i}"},
                       {"role": "assistant", "content": ["card_arrival", "pin_blocked"][i % 2]}]} for i in range(8)]
 
@@ -65,6 +67,19 @@ def test_supervised_job_events_and_chat_with_the_tuned_model(server, tiny_model_
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ft:nothing:here:0", messages=[{"role": "user", "content": "x"}])
 
+    # an eval run on the tuned model by its ft: id, as a platform script would do next
+    evaluation = create_eval(client)
+    source = {"type": "file_content", "content": items(3)}
+    run = client.evals.runs.create(evaluation.id, data_source={
+        **completions_source(tiny_model_dir, source), "model": done.fine_tuned_model})
+    run = wait_run(client, evaluation.id, run.id)
+    assert run.status == "completed" and run.result_counts.total == 3, run.error
+    assert run.model == done.fine_tuned_model and run.per_model_usage[0].model_name == done.fine_tuned_model
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.evals.runs.create(evaluation.id, data_source={
+            **completions_source(tiny_model_dir, source), "model": "ft:nothing:here:0"})
+    assert excinfo.value.body["param"] == "data_source.model"
+
 
 def test_job_requests_are_checked(server, tiny_model_dir):
     client = client_for(server.url)
@@ -78,8 +93,25 @@ def test_job_requests_are_checked(server, tiny_model_dir):
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file="file-nope")
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=evals_file.id,
-                                       method={"type": "reinforcement"})
+                                       method={"type": "distillation"})
     assert excinfo.value.body["param"] == "method.type"
+    with pytest.raises(openai.BadRequestError) as excinfo:  # RFT needs its grader
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id,
+                                       method={"type": "reinforcement"})
+    assert excinfo.value.body["param"] == "method.reinforcement.grader"
+    with pytest.raises(openai.BadRequestError, match="label_model graders cannot be RFT rewards") as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": {
+                "type": "label_model", "name": "l", "model": "local:smollm2", "input": [], "labels": ["a"],
+                "passing_labels": ["a"]}}})
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": {"type": "string_check", "name": "x"}}})
+    assert excinfo.value.body["param"] == "method.reinforcement.grader"
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={
+            "type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {"reasoning_effort": "max"}}})
+    assert excinfo.value.body["param"] == "method.reinforcement.hyperparameters.reasoning_effort"
     with pytest.raises(openai.BadRequestError) as excinfo:  # chat examples are not preference pairs
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=rft.id, method={"type": "dpo"})
     assert excinfo.value.body["param"] == "training_file"
@@ -91,6 +123,11 @@ def test_job_requests_are_checked(server, tiny_model_dir):
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.fine_tuning.jobs.create(model="nonsense", training_file=training.id)
     assert excinfo.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as excinfo:  # validation rows in the method's format too
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id,
+                                       validation_file=rft.id)
+    assert excinfo.value.body["param"] == "validation_file"
+    assert list(client.fine_tuning.jobs.list()) == []  # nothing stored from a refused create
 
 
 def test_cancel_a_queued_job(tmp_path, tiny_model_dir):

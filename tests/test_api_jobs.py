@@ -92,9 +92,10 @@ def test_cancel_stops_a_running_job_and_stop_requeues_one(tmp_path):
     store.close()
 
 
-def start_server(db: Path) -> tuple[subprocess.Popen, str]:
+def start_server(db: Path, *options: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "serve", "--api", "--port", "0", "--db", str(db)],
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel", "serve", "--api", "--port", "0", "--db", str(db),
+                             *options],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=db.parent)
     for line in proc.stderr:
         match = re.search(r"serving the API at (http://[\d.]+:\d+)/v1", line)

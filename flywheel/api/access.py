@@ -1,10 +1,20 @@
-"""API keys: created once (`flywheel keys create` prints the key), stored as sha256 hashes.
+"""Who is calling: API keys (stored as sha256 hashes), their project and role, and rate limits.
 
-On a loopback bind the API needs no key. On any other bind `require_key=True`: every `/v1`
-request must carry `Authorization: Bearer <key>` naming a stored, unrevoked key, else a 401 in
-the platform's error JSON.
+Every key belongs to a project and has a role:
 
-    key, key_id = create_key(store, "ci")
+* `admin`  — everything in its project, including `POST /v1/flywheel/runs` with a server `path`;
+* `member` — (the default) create, read, cancel and delete its project's objects;
+* `reader` — read only: any other method than GET is a 403 (grader `run` / `validate`, which
+  store nothing, are allowed).
+
+Objects (files, evals, runs, jobs) belong to the project of the key that made them, and another
+project's object is a 404, as on the platform. On a loopback bind no key is needed: a request
+without a valid one acts as an `admin` of the `default` project (where objects made before
+projects live). On any other bind (`require_key=True`) a `/v1` request without a valid bearer key
+is a 401. With a rate limit, each key (or, keyless, each client address) gets `rpm` requests per
+minute (`flywheel.api.limits`), a key's own `rpm` overriding the server's.
+
+    key, key_id = create_key(store, "ci", project="team-a", role="reader")
 """
 
 from __future__ import annotations
@@ -12,47 +22,145 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
 
 from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.limits import RateLimiter
+from flywheel.errors import FlywheelError
 from flywheel.store import Store
 
 KEY_PREFIX = "fw-"
+ROLES = ("admin", "member", "reader")
+DEFAULT_PROJECT = "default"
+READER_POSTS = ("/v1/fine_tuning/alpha/graders/",)  # stateless: a reader may call them
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The project and role a request acts as (`caller(request)` in an endpoint)."""
+
+    project: str = DEFAULT_PROJECT
+    role: str = "admin"
+    key_id: str | None = None
+
+
+LOOPBACK_CALLER = Caller()
+
+
+def caller(request: Request) -> Caller:
+    """The caller the access middleware recorded (loopback without a key: the default project's admin)."""
+    return request.scope.get("flywheel.caller", LOOPBACK_CALLER)
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(store: Store, name: str = "") -> tuple[str, str]:
+def create_key(store: Store, name: str = "", *, project: str = DEFAULT_PROJECT, role: str = "member",
+               rpm: int | None = None) -> tuple[str, str]:
     """A new API key and its id; only the hash is stored, so the key is shown this once."""
+    if role not in ROLES:
+        raise FlywheelError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if not project or len(project) > 64 or not project.replace("-", "").replace("_", "").isalnum():
+        raise FlywheelError(f"project must be 1-64 letters, digits, '-' or '_', got {project!r}")
+    if rpm is not None and rpm < 1:
+        raise FlywheelError(f"rpm must be at least 1, got {rpm}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = new_object_id("key_")
     store.api_insert("api_keys", {"id": key_id, "created_at": unix_now(), "name": name, "key_hash": hash_key(key),
-                                  "prefix": key[:8], "revoked": 0})
+                                  "prefix": key[:8], "revoked": 0, "project": project, "role": role, "rpm": rpm})
     return key, key_id
 
 
-class KeyCheck:
-    """ASGI middleware: a 401 for `/v1` requests without a valid bearer key."""
+def list_keys(store: Store) -> list[dict[str, Any]]:
+    """Every key (without hashes), oldest first."""
+    return [dict(r) for r in store.db.query("select id, created_at, name, prefix, project, role, rpm, revoked"
+                                              " from api_keys order by rowid")]
 
-    def __init__(self, app: Any, store: Callable[[], Store]):
+
+def revoke_key(store: Store, key_id: str) -> None:
+    """Revoke a key by id; a FlywheelError when there is no such key."""
+    with store.db.conn:
+        if not store.db.conn.execute("update api_keys set revoked = 1 where id = ?", [key_id]).rowcount:
+            raise FlywheelError(f"no API key {key_id!r} (see `flywheel keys list`)")
+
+
+def _error(status: int, message: str, type: str, code: str,
+           headers: list[tuple[bytes, bytes]] = ()) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    body = json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
+    return status, body, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                          *headers]
+
+
+class Access:
+    """ASGI middleware for `/v1`: authenticate (401), enforce the role (403), rate-limit (429).
+
+    `require_key`: off loopback, a valid key is needed; `limiter`: the server's rate limit (None:
+    none, though a key made with its own `rpm` is still held to it)."""
+
+    def __init__(self, app: Any, store: Callable[[], Store], require_key: bool = False,
+                 limiter: RateLimiter | None = None):
         self.app = app
         self.store = store
+        self.require_key = require_key
+        self.limiter = limiter or RateLimiter(None)  # without a server limit, keys' own `rpm` still apply
+
+    def identify(self, scope: dict[str, Any]) -> tuple[Caller | None, dict[str, Any] | None, str]:
+        """(caller or None for a 401, the key row, the presented key)."""
+        auth = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                auth = value.decode("latin-1")
+                break
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        row = self.store().api_key_by_hash(hash_key(key)) if key else None
+        if row is not None:
+            return Caller(row.get("project") or DEFAULT_PROJECT, row.get("role") or "member", row["id"]), row, key
+        return (None if self.require_key else LOOPBACK_CALLER), None, key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            headers = dict(scope["headers"])
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not key or self.store().api_key_by_hash(hash_key(key)) is None:
-                message = ("You didn't provide an API key. Send 'Authorization: Bearer <key>' (create one with "
-                           "`flywheel keys create`)." if not key else "Incorrect API key provided.")
-                body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                             "code": "invalid_api_key"}}).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        who, row, key = self.identify(scope)
+        refusal = None
+        limit_headers: list[tuple[bytes, bytes]] = []
+        if who is None:
+            message = ("You didn't provide an API key. Send 'Authorization: Bearer <key>' (create one with "
+                       "`flywheel keys create`)." if not key else "Incorrect API key provided.")
+            refusal = _error(401, message, "invalid_request_error", "invalid_api_key")
+        elif who.role == "reader" and scope["method"] not in ("GET", "HEAD") \
+                and not scope["path"].startswith(READER_POSTS):
+            refusal = _error(403, f"You have insufficient permissions for this operation: key {who.key_id} is a "
+                             f"reader of project {who.project!r} ({scope['method']} {scope['path']} needs the "
+                             "member or admin role).", "invalid_request_error", "insufficient_permissions")
+        else:
+            client = (scope.get("client") or ("local", 0))[0]
+            decision = self.limiter.take(who.key_id or f"addr:{client}", (row or {}).get("rpm"))
+            limit_headers = decision.headers() if decision is not None else []
+            if decision is not None and not decision.allowed:
+                whom = f"key {who.key_id}" if who.key_id else f"client {client}"
+                refusal = _error(429, f"Rate limit reached for requests per min (RPM) on {whom} in project "
+                                 f"{who.project!r}: Limit {decision.limit}, Remaining 0. Please try again in "
+                                 f"{decision.retry_after_s:.3g}s.", "requests", "rate_limit_exceeded",
+                                 limit_headers)
+        if refusal is not None:
+            status, body, headers = refusal
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        scope["flywheel.caller"] = who
+        if not limit_headers:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_limits(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *limit_headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)

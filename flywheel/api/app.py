@@ -2,6 +2,7 @@
 
     app = create_api_app("flywheel.db")                       # loopback: no key needed
     app = create_api_app("flywheel.db", require_key=True)     # any other bind
+    app = create_api_app("flywheel.db", rate_limit_rpm=600)   # 600 requests a minute per key
     serve_api("flywheel.db", host="127.0.0.1", port=8765)     # `flywheel serve --api`
 
 The review app (`flywheel.report.review_app`) can be mounted under `/` of the same server.
@@ -21,11 +22,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from flywheel.api import chat, evals, files, fine_tuning, graders_api, wheel_runs
-from flywheel.api.access import KeyCheck
+from flywheel.api.access import Access
 from flywheel.api.errors import HANDLERS
-from flywheel.api.eval_runs import EvalRunRunner
-from flywheel.api.fine_tuning import FineTuningRunner
 from flywheel.api.jobs import JobQueue
+from flywheel.api.limits import RateLimiter
+from flywheel.api.workers import WorkerProcesses, runners
 from flywheel.store import Store
 from flywheel.web import ApiError
 
@@ -64,21 +65,25 @@ class ApiState:
 
 def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1, batch_size: int = 8,
                    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, fallback: Any = None,
-                   report_base: str | None = None) -> Starlette:
+                   report_base: str | None = None, rate_limit_rpm: int | None = None,
+                   rate_limit_burst: int | None = None, worker_processes: bool = False) -> Starlette:
     """The API app over the store at `db_path`, running `workers` job workers while it is up.
 
     `workers=0` queues jobs without running them (another server on the same store runs them).
     `fallback` (an ASGI app, e.g. the review app) answers every path the API does not.
+    `rate_limit_rpm`: requests per minute per key (None: unlimited), `rate_limit_burst` of them at once.
+    `worker_processes`: the workers run as processes (`flywheel.api.workers`) rather than threads.
     """
     Store.open(db_path).close()  # fail now (and migrate) rather than on the first request
     state = ApiState(db_path, max_upload_bytes=max_upload_bytes, report_base=report_base)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        if workers > 0:
-            runners = {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner(),
-                       "wheel_run": wheel_runs.WheelRunner()}
-            state.queue = JobQueue(db_path, runners, workers=workers)
+        if workers > 0 and worker_processes:
+            state.queue = WorkerProcesses(db_path, workers=workers, batch_size=batch_size)
+            state.queue.start()
+        elif workers > 0:
+            state.queue = JobQueue(db_path, runners(batch_size), workers=workers)
             state.queue.start()
         try:
             yield
@@ -100,22 +105,25 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
                          Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
     if fallback is not None:
         routes.append(Mount("/", app=fallback))
-    middleware = [Middleware(KeyCheck, store=state.store)] if require_key else []
+    limiter = RateLimiter(rate_limit_rpm, rate_limit_burst) if rate_limit_rpm else None
+    middleware = [Middleware(Access, store=state.store, require_key=require_key, limiter=limiter)]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=HANDLERS, lifespan=lifespan)
     app.state.api = state
     return app
 
 
 def serve_api(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, workers: int = 1,
-              review: bool = False, reviewer: str | None = None,
-              on_ready: Callable[[str], None] | None = None) -> None:
+              review: bool = False, reviewer: str | None = None, rate_limit_rpm: int | None = None,
+              rate_limit_burst: int | None = None, worker_processes: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
     """Run the API (and the review app beside it) until interrupted; keys are required off loopback."""
     from flywheel.report.review_app import LOOPBACK, create_app
     from flywheel.web import bind_socket, page_url, serve_forever
 
     local = host in LOOPBACK
     pages = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=None if local else ["*"])
-    app = create_api_app(db_path, require_key=not local, workers=workers, fallback=pages, report_base="/")
+    app = create_api_app(db_path, require_key=not local, workers=workers, fallback=pages, report_base="/",
+                         rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst,
+                         worker_processes=worker_processes)
     sock = bind_socket(host, port)
     if on_ready is not None:
         on_ready(page_url(host, sock))

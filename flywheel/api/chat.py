@@ -20,8 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata
 from flywheel.api.fine_tuning import model_for
+from flywheel.api.logs import store_completion
 from flywheel.errors import FlywheelError
 from flywheel.model_server import _completion_id, _sse, _usage, apply_stop, parse_chat_call
 from flywheel.web import ApiError, parse_json_object, read_body
@@ -61,7 +63,7 @@ def routes(state: "ApiState") -> list[Route]:
         call = parse_chat_call(body)
         started = time.perf_counter()
         try:
-            ref = model_for(state.store(), call.model)
+            ref = model_for(state.store(), call.model, caller(request).project)
             model, lock = models.get(ref)
         except FlywheelError as exc:
             raise ApiError(404, f"The model '{call.model}' does not exist: {exc}", param="model",
@@ -85,14 +87,14 @@ def routes(state: "ApiState") -> list[Route]:
         if body.get("store") is True:
             # as `flywheel proxy` records calls: evals read them back as stored completions
             usage = payload["usage"]
-            state.store().insert_captures([{
+            store_completion(state.store(), {
                 "endpoint": "/v1/chat/completions", "upstream": "flywheel-api", "model": call.model,
                 "stream": int(call.stream), "status": 200, "latency_s": time.perf_counter() - started,
                 "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                 "total_tokens": usage["total_tokens"],
                 "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}),
                 "request_json": raw.decode("utf-8"), "request_bytes": len(raw), "response_json": json.dumps(payload),
-                "response_id": payload["id"]}])
+                "response_id": payload["id"]}, caller(request).project)
         if call.stream:
             return StreamingResponse(_sse(payload, call.include_usage), media_type="text/event-stream")
         return JSONResponse(payload)

@@ -2,12 +2,18 @@
 
     written = import_openai_eval("eval.json", ["items.jsonl"], run_path="run.json", out_dir="evals/mine")
     bodies = export_openai_eval(load_eval_spec("evals/mine/eval.yaml"))   # {"eval": ..., "run": ...}
+    job = import_openai_job(store, "job.json", "train.jsonl", model="local:smollm2")  # a queued API job
 
 An imported eval keeps its `testing_criteria` as graders (the same schema), the run's
 `input_messages` template as the spec's input, its `model` (a platform model name becomes
 `openai:<name>`) and sampling; items come from the given JSONL files (`{"item": {...}}` lines) or
 the run's inline `file_content`. The spec is written beside a `data.jsonl` and loaded back, so a
 definition Flywheel cannot run fails here with the spec's own error lines.
+
+A platform fine-tuning job (its JSON object, or the create body) with local copies of its files
+becomes a fine-tuning job record in the store, checked as `POST /v1/fine_tuning/jobs` checks it
+(`flywheel serve --api` runs it; the API lists it), and optionally our training config (YAML) for
+`flywheel train` without the server.
 """
 
 from __future__ import annotations
@@ -138,3 +144,68 @@ def export_openai_eval(spec: EvalSpec) -> dict[str, Any]:
                                 "source": {"type": "file_content",
                                            "content": [{"item": item.fields} for item in dataset.items]}}},
     }
+
+
+@dataclass
+class JobImport:
+    job: dict[str, Any]  # the job object, as the API shows it
+    config: Any  # our SFTSpec / DPOSpec / RFTSpec for it
+    config_path: Path | None
+
+
+def import_openai_job(store: Any, job_path: str | Path, training_path: str | Path, *,
+                      validation_path: str | Path | None = None, model: str | None = None,
+                      project: str = "default", config_out: str | Path | None = None) -> JobImport:
+    """Queue a platform fine-tuning job (JSON) on its local training (and validation) file copies.
+
+    The platform's model names no local model: `model` replaces it (required unless the job's own
+    model is a `local:` reference or an `ft:` id made here). Every check of the API's create applies;
+    a failure is a SpecError naming the job file and the field, and nothing is stored."""
+    from flywheel.api.files import store_file
+    from flywheel.api.fine_tuning import create_job
+    from flywheel.api.fine_tuning_runner import train_config
+    from flywheel.web import ApiError
+
+    job_path = Path(job_path)
+    job = _read_json(job_path)
+    base = model or job.get("model")
+    if not isinstance(base, str) or not base.startswith(("local:", "ft:")):
+        raise SpecError(f"{job_path}: model: {job.get('model')!r} is a platform model; give the local base to "
+                        "train with --model (e.g. local:smollm2)")
+    if job.get("validation_file") and validation_path is None:
+        raise SpecError(f"{job_path}: validation_file: {job['validation_file']} is a platform file; give its "
+                        "content with --validation-file (or drop it from the job)")
+    body = {key: job[key] for key in ("method", "hyperparameters", "suffix", "seed", "metadata")
+            if job.get(key) is not None}
+    if "method" in body:  # a job object echoes `hyperparameters` beside `method`; the method wins
+        body.pop("hyperparameters", None)
+    stored: list[dict[str, Any]] = []
+    try:
+        for name, path in (("training_file", training_path), ("validation_file", validation_path)):
+            if path is None:
+                continue
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
+            row = store_file(store, data, Path(path).name, "fine-tune", project)
+            stored.append(row)
+            body[name] = row["id"]
+        created = create_job(store, {**body, "model": base}, project)
+    except (ApiError, SpecError) as exc:
+        for row in stored:  # nothing is kept unless the job is
+            store.api_delete("api_files", row["id"])
+            Path(row["path"]).unlink(missing_ok=True)
+        if isinstance(exc, SpecError):
+            raise
+        where = {"training_file": str(training_path), "validation_file": str(validation_path),
+                 "file": str(training_path)}.get(exc.param or "", str(job_path))
+        named = exc.param and where == str(job_path) and not exc.message.startswith(exc.param)
+        raise SpecError(f"{where}: {exc.param + ': ' if named else ''}{exc.message}") from None
+    config = train_config(store.api_get("api_fine_tuning_jobs", created["id"]))
+    written = None
+    if config_out is not None:
+        written = Path(config_out)
+        written.parent.mkdir(parents=True, exist_ok=True)
+        written.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    return JobImport(job=created, config=config, config_path=written)

@@ -96,13 +96,24 @@ class RecordedModel(Model):
 def is_recorded(source: dict[str, Any]) -> bool:
     """Whether a run grades given outputs (a `jsonl` run, or stored completions graded as they are)."""
     inner = source.get("source") if isinstance(source.get("source"), dict) else {}
-    return source.get("type") == "jsonl" or inner.get("type") == "stored_completions"
+    return source.get("type") == "jsonl" or inner.get("type") in ("stored_completions", "responses")
 
 
-def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size: int = 8) -> EvalSpec:
-    """The harness spec of an API eval run; 400 when the run cannot be expressed as one."""
+def chat_response_format(text_format: dict[str, Any]) -> dict[str, Any]:
+    """The Responses API's `text.format` (json_schema flattened) as a chat `response_format`."""
+    if text_format.get("type") == "json_schema" and "json_schema" not in text_format:
+        return {"type": "json_schema", "json_schema": {k: v for k, v in text_format.items() if k != "type"}}
+    return text_format
+
+
+def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size: int = 8,
+               store: Store | None = None) -> EvalSpec:
+    """The harness spec of an API eval run; 400 when the run cannot be expressed as one. With
+    `store`, an `ft:` model made on this server (in the run's project) becomes its adapter's reference."""
     source = json.loads(run_row["data_source_json"])
-    params = source.get("sampling_params") or {}
+    params = dict(source.get("sampling_params") or {})
+    if isinstance((params.get("text") or {}).get("format"), dict):  # a `responses` run's response format
+        params.setdefault("response_format", chat_response_format(params["text"]["format"]))
     model = source.get("model")
     if is_recorded(source):
         model = RecordedModel.ref
@@ -111,6 +122,13 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
     if not isinstance(model, str) or not model:
         raise invalid("data_source.model: a Flywheel model reference is required (e.g. local:smollm2).",
                       "data_source.model")
+    if model.startswith("ft:") and store is not None:
+        from flywheel.api.fine_tuning import model_for
+
+        try:
+            model = model_for(store, model, run_row.get("project") or "default")
+        except FlywheelError as exc:
+            raise invalid(f"data_source.model: {exc}.", "data_source.model", "model_not_found") from None
     criteria = json.loads(eval_row["testing_criteria_json"])
     sampling = {"temperature": params.get("temperature", 0.0), "top_p": params.get("top_p", 1.0),
                 "seed": params.get("seed", 0), "max_tokens": params.get("max_completion_tokens", 64)}
@@ -140,6 +158,22 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
 LOCAL_COMPUTE = threading.Lock()
 
 
+@contextlib.contextmanager
+def local_turn(store: Store):
+    """Hold the cores for local-model work: against this process's other workers (LOCAL_COMPUTE)
+    and against worker processes on the same store (a file lock beside it)."""
+    import fcntl
+
+    path = store.artefact_dir / "api" / "local-compute.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with LOCAL_COMPUTE, open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class EvalRunRunner:
     """Runs `eval_run` jobs; keeps the last model each worker loaded (loading is the slow part)."""
 
@@ -166,7 +200,7 @@ class EvalRunRunner:
         evaluation = store.api_get("api_evals", run["eval_id"]) if run else None
         if run is None or evaluation is None:
             raise FlywheelError(f"eval run {ctx.job['object_id']} or its eval was deleted")
-        spec = build_spec(evaluation, run, batch_size=self.batch_size)
+        spec = build_spec(evaluation, run, batch_size=self.batch_size, store=store)
         command = f"api:{run['id']}"
 
         def progress(done: int, total: int) -> None:
@@ -179,7 +213,7 @@ class EvalRunRunner:
             ctx.check()
 
         local = spec.model.startswith("local:")
-        with LOCAL_COMPUTE if local else contextlib.nullcontext():
+        with local_turn(store) if local else contextlib.nullcontext():
             ctx.check()  # cancelled while waiting for its turn
             store.api_update("api_eval_runs", run["id"], status="in_progress")
             attempt = f" (attempt {ctx.job['attempts']})" if ctx.job["attempts"] > 1 else ""

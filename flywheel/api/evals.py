@@ -2,9 +2,11 @@
 output items list and retrieve — the platform's `/v1/evals` routes over the store.
 
 `testing_criteria` are graders in the platform schema (parsed by `graders.parse_grader`; each gets
-an id `<name>-<uuid>`). A run's `data_source` is `completions` over a `file_id` or `file_content`
-source, with an `input_messages` template and any Flywheel model reference as `model`; it is
-queued and executed by `flywheel.api.eval_runs` in the job queue.
+an id `<name>-<uuid>`). A run's `data_source` is `completions` (or `responses`, sampled the same
+way) over a `file_id` or `file_content` source, with an `input_messages` template and any Flywheel
+model reference as `model`; `jsonl` grades given samples; a stored source (`stored_completions`,
+`responses`: `flywheel.api.logs`) grades stored replies. A run is queued and executed by
+`flywheel.api.eval_runs` in the job queue. Every object belongs to its caller's project.
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, recorded_path,
                                    run_object)
 from flywheel.api.files import read_rows
 from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.logs import STORED_SOURCES, stored_rows
 from flywheel.api.pagination import page, page_args
+from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
 
 SOURCE_CONFIGS = ("custom", "logs", "stored_completions")
+RUN_SOURCES = ("completions", "responses", "jsonl")
 RUN_STATES = ("queued", "in_progress", "completed", "canceled", "failed")
 
 
@@ -83,57 +89,27 @@ def eval_object(row: dict[str, Any]) -> dict[str, Any]:
             "testing_criteria": json.loads(row["testing_criteria_json"])}
 
 
-def run_items(state: "ApiState", source: Any) -> list[dict[str, Any]]:
-    """The item dicts of a run's `data_source.source` (a stored file or inline content)."""
+def run_items(state: "ApiState", source: Any, project: str,
+              config_metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The `{item, ...}` rows of a run's `data_source.source`: a stored file, inline content, or
+    stored completions selected by filters (`flywheel.api.logs`)."""
     param = "data_source.source"
     if not isinstance(source, dict):
         raise invalid(f"{param}: an object with type file_id or file_content is required.", param)
     if source.get("type") == "file_id":
-        rows = read_rows(state, field(source, "id", str, required=True, param=param + ".id"), param + ".id")
-    elif source.get("type") == "stored_completions":
-        rows = stored_completion_rows(state, source)
+        rows = read_rows(state, field(source, "id", str, required=True, param=param + ".id"), param + ".id", project)
+    elif source.get("type") in STORED_SOURCES:
+        rows = stored_rows(state.store(), source, project, config_metadata)
     elif source.get("type") == "file_content":
         rows = source.get("content")
         if not isinstance(rows, list) or not rows:
             raise invalid(f"{param}.content must be a non-empty list of {{item: {{...}}}} rows.", param + ".content")
     else:
-        raise invalid(f"{param}.type must be file_id, file_content or stored_completions, "
+        raise invalid(f"{param}.type must be file_id, file_content, stored_completions or responses, "
                       f"got {source.get('type')!r}.", param + ".type")
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
             raise invalid(f"{param}: row {index}: expected {{\"item\": {{...}}}}.", param)
-    return rows
-
-
-def stored_completion_rows(state: "ApiState", source: dict[str, Any]) -> list[dict[str, Any]]:
-    """Chat completions stored with `store: true` (the captures table) as `{item, sample}` rows:
-    the item holds the request's `input` messages, `metadata` and `model`; the sample its reply."""
-    from datetime import datetime, timezone
-
-    def when(name: str) -> str | None:
-        value = source.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, int):
-            raise invalid(f"data_source.source.{name} must be a unix timestamp.", f"data_source.source.{name}")
-        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
-
-    limit = source.get("limit")
-    captures = state.store().query_captures(
-        metadata=check_metadata(source.get("metadata"), "data_source.source.metadata"), since=when("created_after"),
-        until=when("created_before"), model=source.get("model"), outcome="ok",
-        limit=limit if isinstance(limit, int) and limit > 0 else None)
-    rows = []
-    for capture in captures:
-        request, response = json.loads(capture["request_json"]), json.loads(capture["response_json"] or "{}")
-        choices = response.get("choices") or [{}]
-        rows.append({"item": {"input": request.get("messages", []), "model": capture["model"],
-                              "metadata": json.loads(capture["metadata_json"] or "{}"),
-                              "completion_id": capture["response_id"]},
-                     "sample": {"output_text": (choices[0].get("message") or {}).get("content") or ""}})
-    if not rows:
-        raise invalid("data_source.source: no stored completions match (store them with `store: true`).",
-                      "data_source.source")
     return rows
 
 
@@ -153,15 +129,16 @@ def routes(state: "ApiState") -> list[Route]:
     async def body_of(request: Request) -> dict[str, Any]:
         return parse_json_object(await read_body(request, state.max_upload_bytes))
 
-    def get_eval(eval_id: str) -> dict[str, Any]:
-        row = state.store().api_get("api_evals", eval_id)
+    def get_eval(request: Request) -> dict[str, Any]:
+        eval_id = request.path_params["eval_id"]
+        row = get_owned(state.store(), "api_evals", eval_id, caller(request).project)
         if row is None:
             raise not_found("eval", eval_id, "eval_id")
         return row
 
     def get_run(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
-        evaluation = get_eval(request.path_params["eval_id"])
-        run = state.store().api_get("api_eval_runs", request.path_params["run_id"])
+        evaluation = get_eval(request)
+        run = get_owned(state.store(), "api_eval_runs", request.path_params["run_id"], caller(request).project)
         if run is None or run["eval_id"] != evaluation["id"]:
             raise not_found("eval run", request.path_params["run_id"], "run_id")
         return evaluation, run
@@ -176,19 +153,20 @@ def routes(state: "ApiState") -> list[Route]:
         row = {"id": new_object_id("eval_"), "created_at": unix_now(), "name": field(body, "name", str, default=""),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}),
                "data_source_config_json": json.dumps(config), "testing_criteria_json": json.dumps(criteria)}
-        state.store().api_insert("api_evals", row)
+        insert_owned(state.store(), "api_evals", row, caller(request).project)
         return JSONResponse(eval_object(row))
 
     async def list_evals(request: Request) -> Response:
         after, limit, order = page_args(request, default_order="asc")
-        rows, more = state.store().api_list("api_evals", after=after, limit=limit, order=order)
+        rows, more = list_owned(state.store(), "api_evals", caller(request).project, after=after, limit=limit,
+                                order=order)
         return JSONResponse(page([eval_object(r) for r in rows], more))
 
     async def retrieve_eval(request: Request) -> Response:
-        return JSONResponse(eval_object(get_eval(request.path_params["eval_id"])))
+        return JSONResponse(eval_object(get_eval(request)))
 
     async def update_eval(request: Request) -> Response:
-        row = get_eval(request.path_params["eval_id"])
+        row = get_eval(request)
         body = await body_of(request)
         changes = {}
         if "name" in body:
@@ -200,7 +178,7 @@ def routes(state: "ApiState") -> list[Route]:
         return JSONResponse(eval_object({**row, **changes}))
 
     async def delete_eval(request: Request) -> Response:
-        row = get_eval(request.path_params["eval_id"])
+        row = get_eval(request)
         store = state.store()
         runs, _ = store.api_list("api_eval_runs", limit=10000, where={"eval_id": row["id"]})
         for run in runs:
@@ -210,13 +188,15 @@ def routes(state: "ApiState") -> list[Route]:
         return JSONResponse({"object": "eval.deleted", "deleted": True, "eval_id": row["id"]})
 
     async def create_run(request: Request) -> Response:
-        evaluation = get_eval(request.path_params["eval_id"])
+        evaluation = get_eval(request)
         body = await body_of(request)
         source = field(body, "data_source", dict, required=True)
-        if source.get("type") not in ("completions", "jsonl"):
-            raise invalid(f"data_source.type must be 'completions' or 'jsonl' (responses runs are not supported "
-                          f"yet), got {source.get('type')!r}.", "data_source.type")
-        rows = run_items(state, source.get("source"))
+        if source.get("type") not in RUN_SOURCES:
+            raise invalid(f"data_source.type must be one of {', '.join(RUN_SOURCES)}, got {source.get('type')!r}.",
+                          "data_source.type")
+        config = json.loads(evaluation["data_source_config_json"])
+        rows = run_items(state, source.get("source"), caller(request).project,
+                         config.get("metadata") if config.get("type") in ("logs", "stored_completions") else None)
         items = [row["item"] for row in rows]
         store = state.store()
         run_id = new_object_id("evalrun_")
@@ -224,9 +204,9 @@ def routes(state: "ApiState") -> list[Route]:
         folder.mkdir(parents=True, exist_ok=True)
         dataset = folder / f"{run_id}.jsonl"
         if is_recorded(source):
-            if source["type"] == "completions" and (source.get("model") or source.get("input_messages")):
+            if source["type"] != "jsonl" and (source.get("model") or source.get("input_messages")):
                 raise invalid("data_source: stored completions are graded as they are here; sampling them again "
-                              "with model / input_messages is not supported yet.", "data_source.model")
+                              "with model / input_messages (item_reference) is not supported.", "data_source.model")
             outputs = recorded_outputs(rows)
             # The row index reaches the recorded "model" through the prompt (see eval_runs.RecordedModel).
             items = [{**item, ROW_FIELD: index} for index, item in enumerate(items)]
@@ -236,18 +216,18 @@ def routes(state: "ApiState") -> list[Route]:
                "name": field(body, "name", str, default="") or run_id, "status": "queued",
                "model": source.get("model"), "data_source_json": json.dumps(source),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}), "dataset_path": str(dataset)}
-        try:
-            build_spec(evaluation, row)  # refuse now what the worker could not run
+        try:  # refuse now what the worker could not run
+            build_spec(evaluation, {**row, "project": caller(request).project}, store=store)
         except Exception:
             Path(dataset).unlink(missing_ok=True)
             raise
-        store.api_insert("api_eval_runs", row)
+        insert_owned(store, "api_eval_runs", row, caller(request).project)
         store.enqueue_job(new_object_id("job_"), "eval_run", run_id, row["created_at"])
         state.notify()
         return JSONResponse(shaped_run(row, evaluation))
 
     async def list_runs(request: Request) -> Response:
-        evaluation = get_eval(request.path_params["eval_id"])
+        evaluation = get_eval(request)
         after, limit, order = page_args(request, default_order="asc")
         where = {"eval_id": evaluation["id"]}
         status = request.query_params.get("status")
@@ -255,7 +235,8 @@ def routes(state: "ApiState") -> list[Route]:
             if status not in RUN_STATES:
                 raise invalid(f"status must be one of {', '.join(RUN_STATES)}.", "status")
             where["status"] = status
-        rows, more = state.store().api_list("api_eval_runs", after=after, limit=limit, order=order, where=where)
+        rows, more = list_owned(state.store(), "api_eval_runs", caller(request).project, after=after, limit=limit,
+                                order=order, where=where)
         return JSONResponse(page([shaped_run(r, evaluation) for r in rows], more))
 
     async def retrieve_run(request: Request) -> Response:

@@ -17,9 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flywheel.api.access import caller
 from flywheel.api.errors import invalid, not_found
 from flywheel.api.jobs import new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
+from flywheel.api.scoped import get_owned, insert_owned, list_owned
+from flywheel.store import Store
 from flywheel.web import read_body
 
 if TYPE_CHECKING:
@@ -85,9 +88,28 @@ def validate_upload(purpose: str, rows: list[dict[str, Any]], filename: str) -> 
                           "(optionally with \"sample\").", "file", "invalid_file_format")
 
 
-def read_rows(state: "ApiState", file_id: str, param: str) -> list[dict[str, Any]]:
-    """The JSONL rows of a stored file (for eval runs and fine-tuning jobs); 404 naming `param`."""
-    row = state.store().api_get("api_files", file_id)
+def store_file(store: Store, data: bytes, filename: str, purpose: str, project: str) -> dict[str, Any]:
+    """Check an upload (a 400 naming the line), then keep its bytes and row for `project`."""
+    rows = parse_jsonl(data, filename)
+    validate_upload(purpose, rows, filename)
+    file_id = new_object_id("file-")
+    folder = store.artefact_dir / "api" / "files"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{file_id}.jsonl"
+    path.write_bytes(data)
+    row = {"id": file_id, "created_at": unix_now(), "filename": filename, "purpose": purpose,
+           "bytes": len(data), "path": str(path), "n_rows": len(rows)}
+    return insert_owned(store, "api_files", row, project)
+
+
+def read_rows(state: "ApiState", file_id: str, param: str, project: str) -> list[dict[str, Any]]:
+    """The JSONL rows of a file of `project` (for eval runs and fine-tuning jobs); 404 naming `param`."""
+    return read_file_rows(state.store(), file_id, param, project)
+
+
+def read_file_rows(store: Store, file_id: str, param: str, project: str) -> list[dict[str, Any]]:
+    """`read_rows` on a store."""
+    row = get_owned(store, "api_files", file_id, project)
     if row is None:
         raise not_found("file", file_id, param)
     return parse_jsonl(Path(row["path"]).read_bytes(), row["filename"])
@@ -105,42 +127,32 @@ def routes(state: "ApiState") -> list[Route]:
         if upload is None or isinstance(upload, str):
             raise invalid("Missing required parameter: 'file' (a multipart file part).", "file")
         data = await upload.read()
-        filename = upload.filename or "upload.jsonl"
-        rows = parse_jsonl(data, filename)
-        validate_upload(purpose, rows, filename)
-        store = state.store()
-        file_id = new_object_id("file-")
-        folder = store.artefact_dir / "api" / "files"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{file_id}.jsonl"
-        path.write_bytes(data)
-        row = {"id": file_id, "created_at": unix_now(), "filename": filename, "purpose": purpose,
-               "bytes": len(data), "path": str(path), "n_rows": len(rows)}
-        store.api_insert("api_files", row)
+        row = store_file(state.store(), data, upload.filename or "upload.jsonl", purpose, caller(request).project)
         return JSONResponse(file_object(row))
 
     async def list_files(request: Request) -> Response:
         after, limit, order = page_args(request, max_limit=10000)
         purpose = request.query_params.get("purpose")
-        rows, more = state.store().api_list("api_files", after=after, limit=limit, order=order,
-                                            where={"purpose": purpose} if purpose else None)
+        rows, more = list_owned(state.store(), "api_files", caller(request).project, after=after, limit=limit,
+                                order=order, where={"purpose": purpose} if purpose else None)
         return JSONResponse(page([file_object(r) for r in rows], more))
 
-    def _get(file_id: str) -> dict[str, Any]:
-        row = state.store().api_get("api_files", file_id)
+    def _get(request: Request) -> dict[str, Any]:
+        file_id = request.path_params["file_id"]
+        row = get_owned(state.store(), "api_files", file_id, caller(request).project)
         if row is None:
             raise not_found("file", file_id, "file_id")
         return row
 
     async def retrieve(request: Request) -> Response:
-        return JSONResponse(file_object(_get(request.path_params["file_id"])))
+        return JSONResponse(file_object(_get(request)))
 
     async def content(request: Request) -> Response:
-        row = _get(request.path_params["file_id"])
+        row = _get(request)
         return Response(Path(row["path"]).read_bytes(), media_type="application/octet-stream")
 
     async def delete(request: Request) -> Response:
-        row = _get(request.path_params["file_id"])
+        row = _get(request)
         state.store().api_delete("api_files", row["id"])
         Path(row["path"]).unlink(missing_ok=True)
         return JSONResponse({"id": row["id"], "object": "file", "deleted": True})

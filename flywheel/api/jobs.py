@@ -1,11 +1,12 @@
 """The job queue: work (eval runs, fine-tuning jobs) as rows of `api_jobs`, run by worker threads.
 
-A job goes queued -> running -> succeeded | failed | cancelled. A worker claims the oldest queued
+A job goes queued -> running (<-> paused) -> succeeded | failed | cancelled. A worker claims the oldest queued
 job with one guarded UPDATE, so no job runs twice at once. A job found `running` when the server
 starts belonged to a server that died: it goes back to the queue, and its runner resumes (the
 harness and the trainers skip what they already stored). Cancelling sets a flag that the running
 job reads between batches (`JobContext.check`), so it stops within a batch; a queued job is
-cancelled at once. Stopping the server puts its running jobs back in the queue.
+cancelled at once. Stopping the server puts its running jobs back in the queue. A pause (fine-
+tuning jobs) is a flag read like cancel: the job leaves the queue as `paused` until resumed.
 
     queue = JobQueue(db_path, {"eval_run": EvalRunRunner()}, workers=1)
     queue.start(); ...; queue.stop()
@@ -23,7 +24,7 @@ from flywheel.store import Store
 
 log = logging.getLogger("flywheel.api")
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 
 
 def unix_now() -> int:
@@ -43,6 +44,39 @@ class JobInterrupted(Exception):
     """Raised inside a job when the server stops: the job returns to the queue."""
 
 
+class JobPaused(Exception):
+    """Raised inside a job when it was asked to pause: the job waits, `paused`, until resumed."""
+
+
+def request_job_pause(store: Store, object_id: str) -> str | None:
+    """Pause the job of an API object: a queued one at once, a running one at its next check.
+    Returns the job's status now ('paused', 'running' while it stops, None: nothing to pause)."""
+    with store.db.conn:
+        store.db.conn.execute("update api_jobs set pause_requested = 1 where object_id = ? and status = 'running'"
+                              " and not cancel_requested", [object_id])
+        store.db.conn.execute("update api_jobs set status = 'paused' where object_id = ? and status = 'queued'",
+                              [object_id])
+    row = store.db.conn.execute("select status from api_jobs where object_id = ? order by rowid desc limit 1",
+                                [object_id]).fetchone()
+    return row[0] if row and row[0] in ("paused", "running") else None
+
+
+def resume_job(store: Store, object_id: str) -> bool:
+    """Queue a paused job again; False when the object's job is not paused."""
+    with store.db.conn:
+        return store.db.conn.execute(
+            "update api_jobs set status = 'queued', pause_requested = 0, finished_at = null"
+            " where object_id = ? and status = 'paused'", [object_id]).rowcount > 0
+
+
+def cancel_paused_job(store: Store, object_id: str) -> bool:
+    """Cancel a paused job (it runs nothing, so at once); False when it is not paused."""
+    with store.db.conn:
+        return store.db.conn.execute(
+            "update api_jobs set status = 'cancelled', cancel_requested = 1, finished_at = ?"
+            " where object_id = ? and status = 'paused'", [unix_now(), object_id]).rowcount > 0
+
+
 class JobContext:
     """What a running job may ask: stop here if cancelled or interrupted, record an event."""
 
@@ -52,9 +86,13 @@ class JobContext:
         self.stopping = stopping
 
     def check(self) -> None:
-        """Raise JobCancelled / JobInterrupted when the job should stop now."""
-        if self.store.job_cancel_requested(self.job["id"]):
+        """Raise JobCancelled / JobPaused / JobInterrupted when the job should stop now."""
+        row = self.store.db.conn.execute("select cancel_requested, pause_requested from api_jobs where id = ?",
+                                         [self.job["id"]]).fetchone()
+        if row and row[0]:
             raise JobCancelled(self.job["id"])
+        if row and row[1]:
+            raise JobPaused(self.job["id"])
         if self.stopping.is_set():
             raise JobInterrupted(self.job["id"])
 
@@ -84,11 +122,14 @@ class JobQueue:
         self.wake = threading.Event()
         self.threads: list[threading.Thread] = []
 
-    def start(self) -> list[str]:
-        """Re-queue orphaned jobs and start the workers; returns the ids re-queued."""
+    def start(self, requeue: bool = True) -> list[str]:
+        """Re-queue orphaned jobs (unless `requeue` is False: a worker process, whose server did)
+        and start the workers; returns the ids re-queued."""
+        requeued: list[str] = []
         store = Store.open(self.db_path)
         try:
-            requeued = store.requeue_running_jobs()
+            if requeue:
+                requeued = store.requeue_running_jobs()
             for job_id in requeued:
                 job = store.api_get("api_jobs", job_id)
                 store.add_api_event(job["object_id"], "Job resumed after a server restart.", created_at=unix_now())
@@ -139,6 +180,8 @@ class JobQueue:
             return
         except JobCancelled:
             status = "cancelled"
+        except JobPaused:
+            status = "paused"
         except Exception as exc:  # noqa: BLE001 - a failing job is recorded, the worker goes on
             log.exception("job %s failed", job["id"])
             status, error = "failed", f"{type(exc).__name__}: {exc}"

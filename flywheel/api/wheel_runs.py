@@ -22,14 +22,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.eval_runs import LOCAL_COMPUTE
+from flywheel.api.eval_runs import local_turn
 from flywheel.api.files import read_rows
 from flywheel.api.jobs import JobContext, new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
+from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
-from flywheel.web import parse_json_object, read_body
+from flywheel.web import ApiError, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
@@ -90,7 +92,7 @@ class WheelRunner:
             ctx.check()
 
         report_dir = store.artefact_dir / "reports"
-        with LOCAL_COMPUTE:
+        with local_turn(store):
             result = run_wheel(load_run_spec(row["spec_path"]), store, resume=resume, command=command, log=log,
                                report_dir=str(report_dir))
         summary = {"run_id": result.run_id, "stopped": result.stopped, "baseline_valid": result.baseline_valid,
@@ -115,7 +117,7 @@ class WheelRunner:
 
 def routes(state: "ApiState") -> list[Route]:
     def get_row(request: Request) -> dict[str, Any]:
-        row = state.store().api_get("api_wheel_runs", request.path_params["run_id"])
+        row = get_owned(state.store(), "api_wheel_runs", request.path_params["run_id"], caller(request).project)
         if row is None:
             raise not_found("flywheel run", request.path_params["run_id"], "run_id")
         return row
@@ -125,25 +127,29 @@ def routes(state: "ApiState") -> list[Route]:
         store = state.store()
         run_id = new_object_id("fwrun_")
         if body.get("path") is not None:
+            if caller(request).role != "admin":
+                raise ApiError(403, "The path form reads a file on the server: it needs an admin key (send "
+                               "run_spec, eval_spec and file_id instead).", code="insufficient_permissions")
             path = Path(field(body, "path", str)).resolve()
             if not path.is_file():
                 raise invalid(f"path: no run spec at {path} on the server.", "path")
         else:
-            rows = read_rows(state, field(body, "file_id", str, required=True), "file_id")
+            rows = read_rows(state, field(body, "file_id", str, required=True), "file_id", caller(request).project)
             if not all(isinstance(r.get("item"), dict) for r in rows):
                 raise invalid("file_id: the items file must hold {\"item\": {...}} lines (purpose evals).", "file_id")
             path = write_specs(store.artefact_dir / "api" / "wheel" / run_id, body, [r["item"] for r in rows])
         check_specs(path)
         row = {"id": run_id, "created_at": unix_now(), "status": "queued", "spec_path": str(path),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {})}
-        store.api_insert("api_wheel_runs", row)
+        insert_owned(store, "api_wheel_runs", row, caller(request).project)
         store.enqueue_job(new_object_id("job_"), "wheel_run", run_id, row["created_at"])
         state.notify()
         return JSONResponse(wheel_object({**row, "run_id": None, "result_json": None, "error_json": None}))
 
     async def list_runs(request: Request) -> Response:
         after, limit, order = page_args(request)
-        rows, more = state.store().api_list("api_wheel_runs", after=after, limit=limit, order=order)
+        rows, more = list_owned(state.store(), "api_wheel_runs", caller(request).project, after=after, limit=limit,
+                                order=order)
         return JSONResponse(page([wheel_object(r) for r in rows], more))
 
     async def retrieve(request: Request) -> Response:

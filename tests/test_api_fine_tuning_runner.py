@@ -1,0 +1,162 @@
+"""What fine-tuning jobs run, with the real openai SDK against the real server on 127.0.0.1: the
+validation file's loss in events and checkpoint metrics, a reinforcement (RFT) job rewarded by its
+grader, and pause / resume (a running job saves its adapter at the pause and continues from it)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import httpx
+import pytest
+
+from api_helpers import client_for, jsonl
+from flywheel.api.app import create_api_app
+from flywheel.api.fine_tuning_runner import train_config
+from flywheel.web import BackgroundServer
+
+ROWS = [{"messages": [{"role": "user", "content": f"question {i}"},
+                      {"role": "assistant", "content": ["card_arrival", "pin_blocked"][i % 2]}]} for i in range(8)]
+PROMPTS = [{"messages": [{"role": "user", "content": f"question {i}"}], "answer": "card"} for i in range(4)]
+GRADER = {"type": "string_check", "name": "says_card", "input": "{{sample.output_text}}",
+          "reference": "{{item.answer}}", "operation": "like"}
+
+
+@pytest.fixture
+def server(tmp_path):
+    with BackgroundServer(create_api_app(str(tmp_path / "flywheel.db"))) as running:
+        yield running
+
+
+def wait_job(client, job_id, states=("succeeded", "failed", "cancelled"), timeout=600.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in states:
+            return job
+        assert time.monotonic() < deadline, f"job still {job.status}"
+        time.sleep(0.1)
+
+
+def metric_events(client, job_id):
+    return [e for e in client.fine_tuning.jobs.list_events(job_id, limit=100) if e.type == "metrics"]
+
+
+def test_hyperparameters_map_onto_our_configs():
+    def row(method):
+        import json
+
+        return {"method_json": json.dumps(method), "seed": 5}
+
+    sft = train_config(row({"type": "supervised", "supervised": {"hyperparameters": {
+        "n_epochs": 3, "batch_size": "auto", "learning_rate_multiplier": 2}}}))
+    assert (sft.epochs, sft.batch_size, sft.learning_rate, sft.seed) == (3.0, 8, 1e-3, 5)
+    rft = train_config(row({"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
+        "n_epochs": "auto", "batch_size": 2, "compute_multiplier": 2, "reasoning_effort": "low"}}}))
+    assert (type(rft).__name__, rft.batch_size, rft.num_generations, rft.epochs) == ("RFTSpec", 2, 8, 1.0)
+    dpo = train_config(row({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3}}}))
+    assert (type(dpo).__name__, dpo.beta) == ("DPOSpec", 0.3)
+
+
+@pytest.mark.slow
+def test_validation_loss_is_reported_in_events_and_checkpoint_metrics(server, tiny_model_dir):
+    client = client_for(server.url)
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    validation = client.files.create(file=("valid.jsonl", jsonl(ROWS[:4])), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=f"local:{tiny_model_dir}", training_file=training.id, validation_file=validation.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 40}}})
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    events = metric_events(client, job.id)
+    valid = [e for e in events if "valid_loss" in e.data]
+    assert len(valid) == 1 and "valid_loss=" in valid[0].message
+    loss = valid[0].data["valid_loss"]
+    first_train_loss = min(events, key=lambda e: e.data["step"]).data["loss"]
+    # rows it trained on: the tuned adapter's loss is well under the untrained first step's
+    assert math.isfinite(loss) and 0 < loss < first_train_loss
+    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    assert checkpoint.metrics.valid_loss == pytest.approx(loss)
+    assert checkpoint.metrics.full_valid_loss == pytest.approx(loss)
+
+
+@pytest.mark.slow
+def test_a_reinforcement_job_trains_on_its_grader(server, tiny_model_dir):
+    client = client_for(server.url)
+    prompts = client.files.create(file=("rft.jsonl", jsonl(PROMPTS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=f"local:{tiny_model_dir}", training_file=prompts.id, validation_file=prompts.id, suffix="rft",
+        method={"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
+            "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5, "reasoning_effort": "low"}}})
+    assert job.method.type == "reinforcement"
+    assert job.method.reinforcement.hyperparameters.compute_multiplier == 0.5
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    events = metric_events(client, job.id)
+    train_steps = [e for e in events if "reward" in e.data]
+    assert train_steps and train_steps[0].data["total_steps"] == 2  # 4 prompts / 2 per step
+    assert any(f"rewards/{GRADER['name']}" in key for e in train_steps for key in e.data)
+    # the platform's RFT metric event fields (fixtures/hosted_finetuning/rft_succeeded.json)
+    shaped = train_steps[0].data
+    assert shaped["train_mean_reward"] == shaped["reward"] == shaped["scores"]["train_reward_mean"]
+    assert shaped["scores"]["graders"][0]["name"] == GRADER["name"]
+    assert shaped["scores"]["graders"][0]["type"] == "string_check"
+    valid = [e for e in events if "full_valid_mean_reward" in e.data]
+    assert len(valid) == 1 and 0.0 <= valid[0].data["full_valid_mean_reward"] <= 1.0
+    assert valid[0].data["scores"]["valid_reward_mean"] == valid[0].data["full_valid_mean_reward"]
+    reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                           messages=[{"role": "user", "content": "question 0"}])
+    assert reply.model == done.fine_tuned_model and ":rft:" in done.fine_tuned_model
+
+
+def test_pause_and_resume_a_queued_job_and_cancel_a_paused_one(tmp_path, tiny_model_dir):
+    with BackgroundServer(create_api_app(str(tmp_path / "q.db"), workers=0)) as running:
+        client = client_for(running.url)
+        training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id)
+        with httpx.Client(base_url=running.url + "/v1") as http:
+            paused = http.post(f"/fine_tuning/jobs/{job.id}/pause")
+            assert paused.status_code == 200 and paused.json()["status"] == "paused"
+            again = http.post(f"/fine_tuning/jobs/{job.id}/pause")
+            assert again.status_code == 400 and again.json()["error"]["param"] == "fine_tuning_job_id"
+            resumed = http.post(f"/fine_tuning/jobs/{job.id}/resume")
+            assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+            assert http.post(f"/fine_tuning/jobs/{job.id}/resume").status_code == 400  # not paused
+            assert http.post(f"/fine_tuning/jobs/{job.id}/pause").json()["status"] == "paused"
+        assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+        assert messages[0] == "The job was cancelled." and "The job was resumed and is queued." in messages
+        missing = httpx.post(running.url + "/v1/fine_tuning/jobs/ftjob-nope/pause")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.slow
+def test_a_running_job_paused_saves_its_adapter_and_resume_continues_from_it(server, tiny_model_dir):
+    client = client_for(server.url)
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
+    deadline = time.monotonic() + 300
+    while not metric_events(client, job.id):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with httpx.Client(base_url=server.url + "/v1") as http:
+        assert http.post(f"/fine_tuning/jobs/{job.id}/pause").status_code == 200
+        paused = wait_job(client, job.id, states=("paused", "succeeded", "failed"))
+        assert paused.status == "paused", paused.error
+        pause_event = next(e for e in client.fine_tuning.jobs.list_events(job.id, limit=100)
+                           if e.message.startswith("The job was paused at step"))
+        step = int(pause_event.message.split("step ")[1].split("/")[0])
+        assert 0 < step < 80
+        time.sleep(0.5)
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"  # nothing runs while paused
+        assert http.post(f"/fine_tuning/jobs/{job.id}/resume").json()["status"] in ("queued", "running")
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert f"Fine-tuning job resumed from step {step}." in messages
+    steps = [e.data["step"] for e in metric_events(client, job.id) if "loss" in e.data]
+    assert max(steps) == 80 and all(e.data["total_steps"] == 80 for e in metric_events(client, job.id))
+    after = sorted(s for s in steps if s > step)
+    assert after[0] == step + 1 and len(after) == 80 - step  # the remaining steps, each once
