@@ -312,6 +312,13 @@ def m013_checkpoints_validation(db: sqlite_utils.Database) -> None:
     db["checkpoints"].create_index(["job_id", "step"])
 
 
+@migration
+def m014_training_set_checks(db: sqlite_utils.Database) -> None:
+    # The data checks run before training (flywheel.train.datachecks.DataCheck as JSON): size, token
+    # counts against max_length and the model's context, duplicates, the graders' pass share.
+    db["training_sets"].add_column("checks_json", str)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 
