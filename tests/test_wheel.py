@@ -278,9 +278,9 @@ def test_capture_from_the_tuned_model_with_its_own_prompt(tmp_path, tiny_model_d
 
 @pytest.mark.parametrize("config, message", [
     ({"valid_subset": 4}, "config: valid_subset scores the checkpoints saved every save_steps"),
-    ({"keep": "bset"}, "config: keep: keep must be best, all or a number N >= 1"),
-    ({"early_stoping": {"metric": "valid_loss"}}, "config: early_stoping: unknown field"),
-    ({"eval_steps": 2, "early_stopping": "valid_scor"}, "config: early_stopping.metric: Input should be"),
+    ({"keep": "bset"}, "config.keep: keep must be best, all or a number N >= 1"),
+    ({"early_stoping": {"metric": "valid_loss"}}, "config.early_stoping: unknown field"),
+    ({"eval_steps": 2, "early_stopping": "valid_scor"}, "config.early_stopping.metric: Input should be"),
 ])
 def test_a_training_stages_config_is_checked_when_the_run_spec_loads(tmp_path, config, message):
     path = write_run(tmp_path, tmp_path, [{"stage": "capture", "teacher": "reference:label"},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -80,21 +81,17 @@ class TrainStageSpec(StageSpecBase):
                                     "num_processes / config_file / cpu (issue 17; docs/scale.md).")
 
     @model_validator(mode="after")
-    def _config_and_search_are_valid(self) -> "TrainStageSpec":
-        """The stage's `config` (validation, early stopping, keep ... included) and its search's keys and
-        bounds are checked against the method's config class when the run spec loads, not after the
-        stages before this one have run."""
-        from flywheel.train.methods import format_config_error
-
-        config_class = training_method(self.stage).config
-        try:
-            base = config_class.model_validate(self.config)
-        except ValidationError as exc:
-            raise ValueError("; ".join(format_config_error("config", exc).splitlines())) from None
+    def _search_keys_exist(self) -> "TrainStageSpec":
+        """A search's keys and bounds are checked against the method's config when the run spec loads."""
         if self.search is not None:
             from flywheel.errors import SpecError
             from flywheel.train.search import check_enqueued, check_space
 
+            config_class = training_method(self.stage).config
+            try:
+                base = config_class.model_validate(self.config)
+            except ValidationError:
+                base = None  # the config's own errors are reported by _config_is_valid
             try:
                 check_space(self.stage, self.search.space, base)
                 check_enqueued(self.search)
@@ -112,7 +109,9 @@ class TrainStageSpec(StageSpecBase):
         try:
             config = load_train_config(self.stage, values=self.config)
         except SpecError as exc:
-            raise ValueError(str(exc).replace("train config: ", "config.")) from None
+            # `train config: keep: ...` reads `config.keep: ...`; a check across fields names its own fields.
+            raise ValueError("; ".join(re.sub(r"^train config: (?:([\w.]+): )?", lambda m: f"config.{m[1]}: " if m[1]
+                                              else "config: ", line) for line in str(exc).splitlines())) from None
         try:  # a tracker whose package is missing would only fail the stage, after the stages before it
             require_trackers(config.report_to)
         except TrackingError as exc:
