@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/distributed_training.py               # tiny Llama, 20 steps, global batch 8
     .venv/bin/python benchmarks/distributed_training.py --model local:smollm2 --steps 10
+    .venv/bin/python benchmarks/distributed_training.py --model local:smollm2 --eval evals/banking77/eval.yaml \
+        --train-rows 64 --epochs 1 --lr 1e-3         # 64 banking77 rows, 1 epoch, scored on all of valid
 
 Captures the reference answers of an eval's train items (`flywheel capture --teacher
 reference:label`), then trains the same SFT twice through the CLI, with the same global batch
@@ -42,6 +44,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="local: model (default: a tiny random Llama)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8, help="global batch (split over the processes)")
+    parser.add_argument("--eval", default=None, help="an eval spec whose data to use (default: a synthetic one)")
+    parser.add_argument("--train-rows", type=int, default=64, help="with --eval: the first N train rows")
+    parser.add_argument("--valid-rows", type=int, default=None, help="with --eval: the first N valid rows (all)")
+    parser.add_argument("--epochs", type=float, default=None, help="train epochs instead of --steps")
+    parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
 
     import yaml
@@ -62,10 +69,13 @@ def main() -> None:
             "model": model, "model_options": {"dtype": "fp32"}, "sampling": {"temperature": 0, "max_tokens": 8},
             "graders": [{"type": "string_check", "name": "label", "input": "{{sample.output_text}}",
                          "reference": "{{item.label}}", "operation": "ilike"}]}))
+        if args.eval:
+            _subset_eval(Path(args.eval), tmp, model, args.train_rows, args.valid_rows)
         db = str(tmp / "flywheel.db")
         flywheel("capture", "eval.yaml", "--teacher", "reference:label", "--db", db, cwd=tmp)
-        common = ["train", "sft", "eval.yaml", "--base", model, "-s", f"max_steps={args.steps}", "-s",
-                  "precision=fp32", "-s", "learning_rate=0.01", "-s", "logging_steps=1", "--split", "valid",
+        length = f"epochs={args.epochs}" if args.epochs else f"max_steps={args.steps}"
+        common = ["train", "sft", "eval.yaml", "--base", model, "-s", length, "-s",
+                  "precision=fp32", "-s", f"learning_rate={args.lr}", "-s", "logging_steps=1", "--split", "valid",
                   "--db", db]
         runs = {}
         for label, extra in [("1 process", ["-s", f"batch_size={args.batch}"]),
@@ -94,8 +104,10 @@ def main() -> None:
         with closing(Store.open(db)) as store:
             paired = paired_comparison(store, spec, valid_ids[0], valid_ids[1])
 
-    print(f"\nSFT, {args.steps} steps, global batch {args.batch}, model {args.model or 'tiny random Llama'}, "
-          f"{os.cpu_count()} CPUs\n")
+    length = f"{args.epochs} epoch(s)" if args.epochs else f"{args.steps} steps"
+    data = f"{args.eval} ({args.train_rows} train rows)" if args.eval else "synthetic rows"
+    print(f"\nSFT, {length}, global batch {args.batch}, lr {args.lr}, model {args.model or 'tiny random Llama'}, "
+          f"data {data}, {os.cpu_count()} CPUs\n")
     print("| run | processes | trainer s | tokens | tokens/s | wall s (with start-up) | first -> last loss "
           "| valid score | load average |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -106,6 +118,25 @@ def main() -> None:
         print(f"| {label} | {m.get('processes')} | {runtime:.1f} | {tokens:.0f} | {tokens / runtime:.0f} | "
               f"{wall:.1f} | {m['first_loss']:.3f} -> {m['last_loss']:.3f} | {valid['score']:.3f} | {load} |")
     print(f"\npaired on valid (2 processes - 1 process): {json.dumps(paired, default=str)[:400]}")
+
+
+def _subset_eval(source: Path, tmp: Path, model: str, train_rows: int, valid_rows: int | None) -> None:
+    """tmp/eval.yaml: `source`'s spec on its first train (and valid) rows, with `model`, no prompt search."""
+    import yaml
+
+    from flywheel.spec import load_eval_spec
+
+    spec = load_eval_spec(source)
+    raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    rows = [json.loads(line) for line in spec.dataset_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    column = spec.split.column
+    train = [r for r in rows if r[column] == "train"][:train_rows]
+    valid = [r for r in rows if r[column] == "valid"][:valid_rows]
+    (tmp / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train + valid))
+    raw["dataset"] = {**raw["dataset"], "path": "data.jsonl"}
+    raw.pop("optimize", None)
+    raw["model"] = model
+    (tmp / "eval.yaml").write_text(yaml.safe_dump(raw))
 
 
 def _valid(result: dict) -> dict:

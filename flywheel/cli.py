@@ -55,15 +55,16 @@ def _store_at(db: str | None):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N items.")
 @click.option("--max-errors", type=click.IntRange(min=0), default=None, help="Give up after more failing samples.")
 @click.option("-s", "--set", "overrides", multiple=True, help="Override a spec field: key.path=value.")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: generate and grade in Ray tasks (pip install 'flywheel[ray]'); the store stays here.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="ray: generate and grade in Ray tasks (pip install 'flywheel[ray]'); the store stays here. "
+              "Default: the spec's `executor:`, else local.")
 @click.option("--ray-address", default=None, help="Ray cluster to join (auto, ray://host:10001); default: "
               "$RAY_ADDRESS, else a cluster started here.")
 @db_option
 @json_option
 def eval_command(spec_path, split, model, limit, max_errors, overrides, executor, ray_address, db, as_json):
     """Evaluate SPEC on one split and store every sample and grade."""
-    from flywheel.executors import RayExecutor
+    from flywheel.executors import ExecutorSpec
     from flywheel.harness import run_eval
     from flywheel.models import load_model
     from flywheel.progress import progress_bar
@@ -71,7 +72,10 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, executor
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    fan_out = RayExecutor(address=ray_address) if executor == "ray" else None
+    chosen = spec.executor or ExecutorSpec()
+    if executor or ray_address:  # the command line wins over the spec's executor block
+        chosen = chosen.model_copy(update={"kind": executor or chosen.kind, "address": ray_address or chosen.address})
+    fan_out = chosen.build()
     with _store_at(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
         try:
             result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,

@@ -23,11 +23,12 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.errors import FlywheelError
 from flywheel.models import ChatRequest, Completion
-
 
 
 class ExecutorError(FlywheelError):
@@ -75,6 +76,27 @@ def generate_and_grade(model_ref: str, model_options: dict[str, Any], grader_con
     grades = grader_set.grade([graders.make_sample(completions[i].text) for i in gradable],
                               [items[i] for i in gradable])
     return ChunkResult(completions=completions, grades=grades, wall_s=time.perf_counter() - started)
+
+
+class ExecutorSpec(BaseModel):
+    """Where evaluations run: `executor: {kind: ray, address: auto}` in a run spec (the wheel's
+    evaluations) or an eval spec (`flywheel eval`). Execution only: it never changes what an eval
+    computes, so it is not part of the eval's fingerprint and stored results stay comparable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "ray"] = Field("local", description="local: generate and grade in this process; "
+                                          "ray: in Ray tasks (pip install 'flywheel[ray]'), the store stays here.")
+    address: str | None = Field(None, description="Ray cluster to join (auto, ray://host:10001); default: "
+                                "$RAY_ADDRESS, else a cluster started here.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a Ray cluster started here (default: all).")
+    chunk_size: int | None = Field(None, ge=1, description="Samples per Ray task (default: 4 model batches).")
+
+    def build(self) -> "RayExecutor | None":
+        """The executor to hand the harness (None: the local one)."""
+        if self.kind == "local":
+            return None
+        return RayExecutor(address=self.address, num_cpus=self.num_cpus, chunk_size=self.chunk_size)
 
 
 # -- the executors --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.cost import Minimise
 from flywheel.errors import SpecError
+from flywheel.executors import ExecutorSpec
 from flywheel.promotion import Goal
 from flywheel.spec import apply_overrides, format_validation_error, read_yaml
 from flywheel.stages import StageSpec
@@ -60,6 +61,9 @@ class RunSpec(_Spec):
                          "promotion.")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of promotion tests.")
     report: bool = Field(default=True, description="Write the HTML report at the end.")
+    executor: ExecutorSpec | None = Field(
+        default=None, description="Where the wheel's evaluations run ({kind: local|ray, address, num_cpus, "
+        "chunk_size}); default: the eval spec's executor, else local. Execution only: no fingerprint changes.")
 
     source: str = Field(default="<run spec>", exclude=True, description="The run spec file, for errors.")
     base_dir: Path = Field(default=Path("."), exclude=True, description="Folder of the run spec file.")

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flywheel.errors import SpecError
+from flywheel.executors import ExecutorSpec
 
 SPLITS = ("train", "valid", "test")
 
@@ -330,6 +331,9 @@ class EvalSpec(_Spec):
     )
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="What is optimised.")
     optimize: OptimizeSpec | None = Field(default=None, description="Prompt search settings (flywheel optimize).")
+    executor: ExecutorSpec | None = Field(
+        default=None, description="Where `flywheel eval` generates and grades ({kind: local|ray, address, "
+        "num_cpus, chunk_size}); execution only, so not part of the fingerprint. --executor overrides it.")
 
     # Where the spec was loaded from; relative dataset paths resolve against it.
     base_dir: Path = Field(default=Path("."), exclude=True, description="Folder of the spec file.")
@@ -418,7 +422,7 @@ class EvalSpec(_Spec):
 
     def fingerprint(self) -> str:
         """Content hash of everything that changes what the eval computes."""
-        payload = self.model_dump(mode="json", exclude={"optimize"})
+        payload = self.model_dump(mode="json", exclude={"optimize", "executor"})  # neither changes a result
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

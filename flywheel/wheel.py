@@ -35,6 +35,7 @@ from typing import Any
 from flywheel.cost import CostPerItem
 from flywheel.data import Item, load_dataset
 from flywheel.errors import FlywheelError
+from flywheel.executors import ExecutorSpec
 from flywheel.grading import GraderSet
 from flywheel.harness import evaluate, paired_comparison, register_eval
 from flywheel.models import load_model
@@ -110,6 +111,8 @@ class Wheel:
         self.spent = _Spent()
         self.spent.started -= elapsed_before
         self.models: dict[str, Any] = {}
+        # Execution only (not in any fingerprint): the run spec's executor, else the eval spec's.
+        self.executor = (run_spec.executor or spec.executor or ExecutorSpec()).build()
 
     # -- what stages use ----------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -135,7 +138,8 @@ class Wheel:
         iteration_id = found["id"] if found else self.store.iteration_for(
             self.run_id, self.store.next_seq(self.run_id), model_ref=model_ref, parent_id=parent, lap=self.lap,
             **match)
-        outcome = evaluate(spec, self.store, iteration_id, items, model, prompt, self.grader_set)
+        outcome = evaluate(spec, self.store, iteration_id, items, model, prompt, self.grader_set,
+                           executor=self.executor)
         if outcome.model_calls:
             summary = outcome.summary
             self.count(outcome.model_calls, summary.prompt_tokens + summary.completion_tokens, summary.cost or 0.0)
@@ -217,6 +221,8 @@ class Wheel:
         self.grader_set.close()
         for model in self.models.values():
             model.close()
+        if self.executor is not None:
+            self.executor.close()
 
 
 def _state(store: Store, run_id: str) -> dict[str, Any]:

@@ -115,3 +115,105 @@ def test_a_flywheel_error_in_a_task_stops_the_run_as_it_does_locally(tmp_path, r
     with closing(Store.open(tmp_path / "f.db")) as store:
         with pytest.raises(ModelError, match=r"no API key: set \$FLYWHEEL_TEST_NO_SUCH_KEY"):
             run_eval(spec, store, split="test", executor=RayExecutor(chunk_size=1))
+
+
+# -- `executor:` in a run spec: the wheel's evaluations on Ray ---------------------------------------
+def write_run(folder, chatty_dir, **run):
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "data.jsonl", make_rows(5))
+    spec = spec_dict(f"local:{chatty_dir}", model_options={"dtype": "fp32"}, optimize={
+        "minibatch": 4, "finalists": 1,
+        "fewshot": {"source": "labels", "demo_output": "{{item.label}}", "label_field": "label",
+                    "strategies": ["balanced"], "k": [1]}})
+    (folder / "eval.yaml").write_text(yaml.safe_dump(spec))
+    (folder / "run.yaml").write_text(yaml.safe_dump({"eval": "eval.yaml", "plateau": 9, "report": False,
+                                                     "stages": [{"stage": "optimize"}], **run}))
+    return folder / "run.yaml"
+
+
+def wheel_samples(db):
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT i.stage, i.split, i.score, s.item_key, s.repeat, s.output_text, s.error "
+                            "FROM samples s JOIN iterations i ON i.id = s.iteration_id").fetchall()
+
+
+def test_a_run_spec_executor_sends_the_wheels_evaluations_to_ray(tmp_path, chatty_dir, ray_cluster, monkeypatch):
+    from flywheel.run_spec import load_run_spec
+    from flywheel.wheel import run_wheel
+
+    chunks = []
+    real_map = RayExecutor.map
+
+    def counting_map(self, *args):  # the real Ray tasks run; this only counts what they were given
+        for index, result in real_map(self, *args):
+            chunks.append(len(result.completions))
+            yield index, result
+
+    local_spec = load_run_spec(write_run(tmp_path / "local", chatty_dir))
+    with closing(Store.open(tmp_path / "local" / "f.db")) as store:
+        local = run_wheel(local_spec, store)
+    assert not chunks  # no executor block: every evaluation ran here
+    monkeypatch.setattr(RayExecutor, "map", counting_map)
+    fanned_spec = load_run_spec(write_run(tmp_path / "ray", chatty_dir), ["executor={kind: ray, chunk_size: 2}"])
+    assert fanned_spec.executor.kind == "ray"
+    with closing(Store.open(tmp_path / "ray" / "f.db")) as store:
+        fanned = run_wheel(fanned_spec, store)
+        eval_ids = {row["eval_id"] for row in store.db["runs"].rows}
+    # The baseline's 5 valid samples went out as Ray tasks of <= 2 samples; the rest of the wheel's
+    # measurements were answered by the completion cache (test items repeat valid's texts here), and
+    # the search's own minibatches stay in this process.
+    assert sorted(chunks) == [1, 2, 2]
+    assert [(o.stage, o.decision) for o in fanned.stages] == [(o.stage, o.decision) for o in local.stages]
+    scores = lambda result: {k: v for k, v in result.test.items() if k != "test_iterations"}  # noqa: E731
+    assert fanned.baseline_valid == local.baseline_valid and scores(fanned) == scores(local)
+    assert sorted(wheel_samples(tmp_path / "ray" / "f.db"), key=repr) == \
+        sorted(wheel_samples(tmp_path / "local" / "f.db"), key=repr)
+    with closing(Store.open(tmp_path / "local" / "f.db")) as store:
+        assert eval_ids == {row["eval_id"] for row in store.db["runs"].rows}  # the same eval: no fingerprint change
+
+
+def test_a_bad_run_spec_executor_is_one_line(tmp_path, chatty_dir):
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+
+    path = write_run(tmp_path, chatty_dir, executor={"kind": "ray", "adress": "auto"})
+    result = CliRunner().invoke(main, ["run", str(path), "--db", str(tmp_path / "f.db")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"error: {path}: executor.adress: unknown field"]
+
+
+def test_an_eval_spec_executor_is_used_by_flywheel_eval_and_the_flag_overrides_it(tmp_path, chatty_dir,
+                                                                                   ray_cluster, monkeypatch):
+    import yaml
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+
+    write_jsonl(tmp_path / "data.jsonl", make_rows(3))
+    spec = spec_dict(f"local:{chatty_dir}", model_options={"dtype": "fp32"}, executor={"kind": "ray", "chunk_size": 1})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    chunks = []
+    real_map = RayExecutor.map
+
+    def counting_map(self, *args):
+        for index, result in real_map(self, *args):
+            chunks.append(len(result.completions))
+            yield index, result
+
+    monkeypatch.setattr(RayExecutor, "map", counting_map)
+    local = CliRunner().invoke(main, ["eval", str(tmp_path / "eval.yaml"), "--executor", "local",
+                                      "--db", str(tmp_path / "local.db"), "--json"])
+    assert local.exit_code == 0, local.output
+    assert chunks == []  # --executor local wins over the spec's block
+    fanned = CliRunner().invoke(main, ["eval", str(tmp_path / "eval.yaml"), "--db", str(tmp_path / "ray.db"), "--json"])
+    assert fanned.exit_code == 0, fanned.output
+    assert chunks == [1, 1, 1]  # the spec's block: one Ray task per sample
+    eval_ids = []
+    for db in ("local.db", "ray.db"):
+        with sqlite3.connect(tmp_path / db) as conn:
+            eval_ids += [r[0] for r in conn.execute("SELECT id FROM evals")]
+    assert len(eval_ids) == 2 and eval_ids[0] == eval_ids[1]  # the same fingerprint with and without the block
+    assert json.loads(fanned.output)["pass_rate"] == json.loads(local.output)["pass_rate"]

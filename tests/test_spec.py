@@ -119,3 +119,20 @@ def test_input_templates_must_name_item_fields(tmp_path, content, message):
     spec["input"][1]["content"] = content
     with pytest.raises(SpecError, match=message):
         load_eval_spec(write(tmp_path, spec))
+
+
+def test_an_executor_block_leaves_the_fingerprint_alone(tmp_path):
+    plain = load_eval_spec(write(tmp_path, spec_dict("local:smollm2")))
+    fanned = load_eval_spec(write(tmp_path, spec_dict("local:smollm2", executor={"kind": "ray", "address": "auto"})))
+    assert fanned.executor.kind == "ray" and fanned.executor.address == "auto"
+    assert fanned.fingerprint() == plain.fingerprint()  # stored results and caches stay comparable
+    assert fanned.executor.build().address == "auto" and plain.executor is None
+
+
+def test_a_bad_executor_block_is_one_line(tmp_path):
+    path = write(tmp_path, spec_dict("local:smollm2", executor={"kind": "dask"}))
+    with pytest.raises(SpecError, match=r"eval\.yaml: executor\.kind: Input should be 'local' or 'ray'") as err:
+        load_eval_spec(path)
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(SpecError, match=r"eval\.yaml: executor\.adress: unknown field"):
+        load_eval_spec(write(tmp_path, spec_dict("local:smollm2", executor={"kind": "ray", "adress": "auto"})))

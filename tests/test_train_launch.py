@@ -171,3 +171,72 @@ def test_two_cpu_processes_validate_register_each_checkpoint_once_and_stop_toget
     with sqlite3.connect(db) as conn:
         steps = [r[0] for r in conn.execute("SELECT step FROM checkpoints ORDER BY step")]
     assert steps == [1, 2]
+
+
+def _rank_zero_worker(marker: str) -> int | None:
+    """The pid of the `accelerate launch` worker of rank 0 whose command line holds `marker`."""
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    for pid in found:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"RANK=0" in environ and b"LOCAL_RANK=0" in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_launch_resumes_under_the_launcher_from_its_saved_step(tmp_path, tiny_model_dir):
+    """SIGKILL the main worker after a saved step; `--resume JOB --launcher accelerate` finishes the job."""
+    import signal
+    import time
+
+    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
+    db = tmp_path / "flywheel.db"
+    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
+    assert captured.exit_code == 0, captured.output
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    launch = ["--launcher", "accelerate", "--num-processes", "2", "--cpu"]
+    max_steps = 60
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flywheel", "train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
+         "-s", f"max_steps={max_steps}", "-s", "precision=fp32", "-s", "batch_size=2", "-s", "logging_steps=1",
+         "-s", "save_steps=3", "-s", "keep=all", "-s", "learning_rate=0.01", "--no-eval", "--db", str(db), *launch],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 600
+    saved, killed = [], None
+    while time.monotonic() < deadline and launcher.poll() is None and not killed:
+        time.sleep(0.2)
+        saved = [p for p in (db.parent / ".flywheel" / "jobs").glob("*/checkpoint-*/trainer_state.json")]
+        if saved:
+            killed = _rank_zero_worker(str(spec))
+            if killed:
+                os.kill(killed, signal.SIGKILL)
+    assert killed, f"no saved step before the run ended: {launcher.poll()}"
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 1 and "error: accelerate launch exited with status" in err, err[-2000:]
+    with sqlite3.connect(db) as conn:
+        (job_id, status), = conn.execute("SELECT id, status FROM training_jobs").fetchall()
+        before = dict(conn.execute("SELECT step, adapter_hash FROM checkpoints").fetchall())
+    assert status != "succeeded" and before and max(before) < max_steps  # killed part-way, a step saved
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "flywheel", "train", "sft", str(spec), "--resume", job_id, "--no-eval",
+         "--db", str(db), "--json", *launch],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads(resumed.stdout)  # one result: only the main process prints
+    assert result["job_id"] == job_id and result["metrics"]["processes"] == 2
+    assert result["metrics"]["resumed_from_step"] in before and result["metrics"]["steps"] == max_steps
+    with sqlite3.connect(db) as conn:
+        jobs = conn.execute("SELECT id, status FROM training_jobs").fetchall()
+        rows = conn.execute("SELECT id, step, path, adapter_hash FROM checkpoints ORDER BY step").fetchall()
+        resumes = conn.execute("SELECT count(*) FROM training_events WHERE type = 'resume'").fetchone()[0]
+    assert jobs == [(job_id, "succeeded")] and resumes == 1
+    steps = [r[1] for r in rows]
+    assert len(steps) == len(set(steps)) and steps[-1] == max_steps  # each step registered once, by one process
+    assert {s: h for _, s, _, h in rows if s in before} == before  # the steps saved before the kill are kept as they were
+    chosen = [r for r in rows if r[0] == result["checkpoint"]["id"]]
+    assert len(chosen) == 1  # one checkpoint chosen
+    assert dir_fingerprint(Path(chosen[0][2]))[:16] == chosen[0][3] == result["checkpoint"]["adapter_hash"]
