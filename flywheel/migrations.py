@@ -312,6 +312,14 @@ def m013_checkpoints_validation(db: sqlite_utils.Database) -> None:
     db["checkpoints"].create_index(["job_id", "step"])
 
 
+@migration
+def m014_apiwire_fine_tuning_training_jobs(db: sqlite_utils.Database) -> None:
+    # The local training job (flywheel.train) a fine-tuning API job trains in: a job killed with the
+    # server, or paused, resumes that training job from its last saved step (optimiser, schedule and
+    # data order included), and its step checkpoints are the job's `checkpoints` while it runs.
+    db["api_fine_tuning_jobs"].add_column("training_job_id", str)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 
