@@ -8,6 +8,7 @@ import math
 import time
 
 import httpx
+import openai
 import pytest
 
 from api_helpers import client_for, jsonl
@@ -70,15 +71,34 @@ def test_validation_loss_is_reported_in_events_and_checkpoint_metrics(server, ti
     done = wait_job(client, job.id)
     assert done.status == "succeeded", done.error
     events = metric_events(client, job.id)
-    valid = [e for e in events if "valid_loss" in e.data]
-    assert len(valid) == 1 and "valid_loss=" in valid[0].message
-    loss = valid[0].data["valid_loss"]
-    first_train_loss = min(events, key=lambda e: e.data["step"]).data["loss"]
-    # rows it trained on: the tuned adapter's loss is well under the untrained first step's
-    assert math.isfinite(loss) and 0 < loss < first_train_loss
-    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
-    assert checkpoint.metrics.valid_loss == pytest.approx(loss)
-    assert checkpoint.metrics.full_valid_loss == pytest.approx(loss)
+    valid = sorted((e for e in events if "valid_loss" in e.data), key=lambda e: e.data["step"])
+    # 8 steps: the validation file's loss every ~10% of them (at least every step), and at the last
+    assert [e.data["step"] for e in valid] == list(range(1, 9))
+    assert all(e.data["total_steps"] == 8 and "valid_loss=" in e.message for e in valid)
+    assert [e.data["step"] for e in valid if "full_valid_loss" in e.data] == [8]
+    first_train_loss = min((e for e in events if "loss" in e.data), key=lambda e: e.data["step"]).data["loss"]
+    losses = [e.data["valid_loss"] for e in valid]
+    # rows it trained on: the tuned adapter's loss falls well under the untrained first step's
+    assert all(math.isfinite(x) for x in losses) and 0 < losses[-1] < min(losses[0], first_train_loss)
+    assert valid[-1].data["full_valid_loss"] == losses[-1]
+    # every step was a checkpoint; the last three are kept and listed, newest first
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [8, 7, 6]
+    assert all(c.id.startswith("ftckpt_") and c.fine_tuning_job_id == job.id for c in checkpoints)
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
+    assert checkpoints[0].metrics.valid_loss == pytest.approx(losses[-1])
+    assert checkpoints[0].metrics.full_valid_loss == pytest.approx(losses[-1])
+    assert checkpoints[1].metrics.valid_loss == pytest.approx(losses[-2])
+    assert checkpoints[1].metrics.full_valid_loss is None
+    page = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1, after=checkpoints[0].id)
+    assert [c.step_number for c in page.data] == [7] and page.has_more
+    # a listed step checkpoint is a model the server answers with; a pruned one is not
+    reply = client.chat.completions.create(model=checkpoints[2].fine_tuned_model_checkpoint, max_tokens=2,
+                                           messages=[{"role": "user", "content": "question 0"}])
+    assert reply.choices[0].message.role == "assistant"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=f"{done.fine_tuned_model}:ckpt-step-2", max_tokens=2,
+                                       messages=[{"role": "user", "content": "question 0"}])
 
 
 @pytest.mark.slow
