@@ -4,7 +4,9 @@ grader, and pause / resume (a running job saves its adapter at the pause and con
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import time
 
 import httpx
@@ -180,3 +182,73 @@ def test_a_running_job_paused_saves_its_adapter_and_resume_continues_from_it(ser
     assert max(steps) == 80 and all(e.data["total_steps"] == 80 for e in metric_events(client, job.id))
     after = sorted(s for s in steps if s > step)
     assert after[0] == step + 1 and len(after) == 80 - step  # the remaining steps, each once
+    # the trainer's own state was restored: the linear schedule goes on falling across the pause
+    # (a fresh optimiser and schedule would jump back to the peak learning rate)
+    rates = [e.data["learning_rate"] for e in sorted(metric_events(client, job.id), key=lambda e: e.data["step"])
+             if "learning_rate" in e.data]
+    assert len(rates) == 80 and all(a > b for a, b in zip(rates, rates[1:]))
+
+
+@pytest.mark.slow
+def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path, tiny_model_dir):
+    from flywheel.store import Store
+    from flywheel.train.validation import last_saved_step
+    from test_api_jobs import start_server, wait_for
+
+    db = tmp_path / "flywheel.db"
+    rows = ROWS * 2  # 16 rows x 20 epochs, one per step: 320 steps, a checkpoint every 32
+    proc, url = start_server(db)
+    try:
+        client = client_for(url)
+        training = client.files.create(file=("train.jsonl", jsonl(rows)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20, "batch_size": 1}}})
+        # killed once a step checkpoint is listed, well before the end
+        wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=300)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store = Store.open(db)
+    try:
+        row = store.api_get("api_fine_tuning_jobs", job.id)
+        assert row["status"] == "running" and row["fine_tuned_model"] is None  # as the dead server left it
+        training_job = store.get_training_job(row["training_job_id"])
+        saved, _ = last_saved_step(training_job["output_dir"])
+        logged = [json.loads(r["data_json"]) for r in store.training_events(training_job["id"])
+                  if r["type"] == "metrics"]
+        killed_at = max(d["step"] for d in logged)
+    finally:
+        store.close()
+    assert 32 <= saved <= killed_at < 320
+
+    proc, url = start_server(db)
+    try:
+        client = client_for(url)
+        done = wait_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))[::-1]  # oldest first
+        messages = [e.message for e in events]
+        assert "Job resumed after a server restart." in messages
+        resumed = messages.index(f"Fine-tuning job resumed from step {saved}.")
+        trained_after = [e.data["step"] for e in events[resumed:] if e.type == "metrics" and "loss" in e.data]
+        # after the restart only the steps after the last saved one were trained, each once
+        assert trained_after == list(range(saved + 1, 321))
+        assert len(trained_after) < 320
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert [c.step_number for c in checkpoints] == [320, 288, 256]
+        reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                               messages=[{"role": "user", "content": "question 0"}])
+        assert reply.model == done.fine_tuned_model
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    store = Store.open(db)
+    try:
+        training_job = store.get_training_job(store.api_get("api_fine_tuning_jobs", job.id)["training_job_id"])
+        assert training_job["status"] == "succeeded"
+        resumes = [r for r in store.training_events(training_job["id"]) if r["type"] == "resume"]
+        assert [json.loads(r["data_json"])["from_step"] for r in resumes] == [saved]
+        final = store.get_checkpoint(store.api_get("api_fine_tuning_jobs", job.id)["checkpoint_id"])
+        assert json.loads(final["metrics_json"])["resumed_from_step"] == saved
+    finally:
+        store.close()
