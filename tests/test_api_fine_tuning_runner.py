@@ -15,7 +15,8 @@ import pytest
 
 from api_helpers import client_for, jsonl
 from flywheel.api.app import create_api_app
-from flywheel.api.fine_tuning_runner import train_config
+from flywheel.api.fine_tuning_runner import job_train_config, schedule, train_config
+from flywheel.train.config import SFTSpec
 from flywheel.web import BackgroundServer
 
 ROWS = [{"messages": [{"role": "user", "content": f"question {i}"},
@@ -59,6 +60,22 @@ def test_hyperparameters_map_onto_our_configs():
     assert (type(rft).__name__, rft.batch_size, rft.num_generations, rft.epochs) == ("RFTSpec", 2, 8, 1.0)
     dpo = train_config(row({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3}}}))
     assert (type(dpo).__name__, dpo.beta) == ("DPOSpec", 0.3)
+
+
+def test_jobs_save_and_validate_about_every_tenth_of_their_steps():
+    def row(method):
+        return {"method_json": json.dumps(method), "seed": 0}
+
+    sft = row({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 8}}})
+    config = job_train_config(sft, rows=100, validation_path="valid.jsonl")  # 13 steps an epoch, 26 in all
+    assert (config.save_steps, config.eval_steps, config.validation_file, config.keep) == (2, 2, "valid.jsonl", "all")
+    assert job_train_config(sft, rows=3).save_steps == 1 and job_train_config(sft, rows=3).eval_steps is None
+    assert schedule(SFTSpec(epochs=3, batch_size=4), 1000) == 75  # 750 steps
+    assert train_config(sft).save_steps is None  # what `flywheel import openai-job --config-out` writes
+    rft = row({"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
+        "n_epochs": 1, "batch_size": 2, "eval_interval": 5}}})
+    config = job_train_config(rft, rows=40, validation_path="valid.jsonl")
+    assert (config.save_steps, config.eval_steps) == (5, None)  # GRPO has no validation loss
 
 
 @pytest.mark.slow
