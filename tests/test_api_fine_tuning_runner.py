@@ -269,3 +269,30 @@ def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path,
         assert json.loads(final["metrics_json"])["resumed_from_step"] == saved
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_a_server_stopped_mid_job_saves_the_step_and_resumes_there(tmp_path, tiny_model_dir):
+    db = str(tmp_path / "flywheel.db")
+    with BackgroundServer(create_api_app(db)) as running:
+        client = client_for(running.url)
+        training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
+        deadline = time.monotonic() + 300
+        while not metric_events(client, job.id):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # the stop (Ctrl-C) saved the step it was at, between the periodic checkpoints (every 8)
+    with BackgroundServer(create_api_app(db)) as running:
+        client = client_for(running.url)
+        done = wait_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))[::-1]
+        messages = [e.message for e in events]
+        resumed = next(m for m in messages if m.startswith("Fine-tuning job resumed from step "))
+        step = int(resumed.split("step ")[1].rstrip("."))
+        before = [e.data["step"] for e in events[:messages.index(resumed)] if e.type == "metrics" and "loss" in e.data]
+        after = [e.data["step"] for e in events[messages.index(resumed):] if e.type == "metrics" and "loss" in e.data]
+        assert step == max(before) and after == list(range(step + 1, 81))
+
