@@ -2,7 +2,8 @@
 pause, resume, events, checkpoints.
 
 A job trains a LoRA adapter with `flywheel.train` on an uploaded `fine-tune` file, in the job
-queue (`flywheel.api.fine_tuning_runner`: the hyper-parameter mapping, validation metrics, pause).
+queue (`flywheel.api.fine_tuning_runner`: the hyper-parameter mapping, step checkpoints, validation
+loss, pause and resume).
 A `reinforcement` job is the platform's RFT: its `method.reinforcement.grader` (any grader but
 `label_model`, as on the platform) is GRPO's reward. The result is registered as a checkpoint (as
 `flywheel train` does) and gets a platform-looking model id, `ft:<base>:<suffix>:<job>`, that
