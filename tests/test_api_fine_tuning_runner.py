@@ -109,6 +109,14 @@ def test_validation_loss_is_reported_in_events_and_checkpoint_metrics(server, ti
     assert checkpoints[0].metrics.full_valid_loss == pytest.approx(losses[-1])
     assert checkpoints[1].metrics.valid_loss == pytest.approx(losses[-2])
     assert checkpoints[1].metrics.full_valid_loss is None
+    # the platform's checkpoint object (reference §5.7, §5.8), field by field
+    raw = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job.id}/checkpoints").json()
+    assert raw["object"] == "list" and raw["has_more"] is False
+    assert set(raw["data"][0]) == {"object", "id", "created_at", "fine_tuned_model_checkpoint",
+                                   "fine_tuning_job_id", "step_number", "metrics"}
+    assert raw["data"][0]["object"] == "fine_tuning.job.checkpoint" and isinstance(raw["data"][0]["created_at"], int)
+    assert set(raw["data"][0]["metrics"]) == {"step", "train_loss", "valid_loss", "full_valid_loss"}
+    assert set(raw["data"][1]["metrics"]) == {"step", "train_loss", "valid_loss"}
     page = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1, after=checkpoints[0].id)
     assert [c.step_number for c in page.data] == [7] and page.has_more
     # a listed step checkpoint is a model the server answers with; a pruned one is not
