@@ -365,6 +365,25 @@ def report_command(run_ids, output, a, b, db, as_json):
                    f"{result.samples} samples) in {result.seconds:.1f}s")
 
 
+@main.command("export-tracking")
+@click.argument("run_id", metavar="RUN")
+@click.option("--to", "to", required=True, type=click.Choice(["mlflow", "tensorboard", "wandb"]),
+              help="Tracker to write the wheel run's iterations to (flywheel.tracking).")
+@click.option("--dir", "folder", default=None, type=click.Path(file_okay=False),
+              help="TensorBoard/W&B folder (default .flywheel/tracking/ beside the store).")
+@click.option("--mlflow-uri", default=None, help="MLflow tracking URI or folder (default mlruns/ beside the store).")
+@click.option("--experiment", default=None, help="MLflow experiment / W&B project (default flywheel-<eval>).")
+@db_option
+@json_option
+def export_tracking_command(run_id, to, folder, mlflow_uri, experiment, db, as_json):
+    """Write a wheel run's iterations (score, cost, lap, stage) to MLflow or TensorBoard."""
+    from flywheel.tracking import export_tracking
+
+    with _store_at(db) as store:
+        result = export_tracking(store, run_id, to, folder=folder, mlflow_uri=mlflow_uri, experiment=experiment)
+    click.echo(result.model_dump_json(indent=2) if as_json else "\n".join(result.summary_lines()))
+
+
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it local).")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535))
@@ -540,7 +559,7 @@ def _train_command(method):
             else:
                 result = train(method.name, specs[0], store, base=base, config=config, data=data,
                                evaluate=not no_eval, splits=splits, quiet=as_json, hosted_options=_options(options),
-                               resume=resume, search=search, log=lambda line: click.echo(line, err=True),
+                               resume=resume, search=search, log=None if as_json else lambda line: click.echo(line, err=True),
                                **set_options)
         if result is None:  # a non-main process under accelerate launch
             return

@@ -313,7 +313,14 @@ def m013_checkpoints_validation(db: sqlite_utils.Database) -> None:
 
 
 @migration
-def m014_apiwire_fine_tuning_training_jobs(db: sqlite_utils.Database) -> None:
+def m014_training_set_checks(db: sqlite_utils.Database) -> None:
+    # The data checks run before training (flywheel.train.datachecks.DataCheck as JSON): size, token
+    # counts against max_length and the model's context, duplicates, the graders' pass share.
+    db["training_sets"].add_column("checks_json", str)
+
+
+@migration
+def m015_apiwire_fine_tuning_training_jobs(db: sqlite_utils.Database) -> None:
     # The local training job (flywheel.train) a fine-tuning API job trains in: a job killed with the
     # server, or paused, resumes that training job from its last saved step (optimiser, schedule and
     # data order included), and its step checkpoints are the job's `checkpoints` while it runs.

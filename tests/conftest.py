@@ -8,6 +8,7 @@ that need the embedded SmolLM2 itself are marked `slow`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ import yaml
 from flywheel.store import Store
 
 LABELS = ["card_arrival", "pin_blocked", "exchange_rate"]
+
+# Training tests train on a handful of rows to stay fast; the platform's minimum of 10 examples
+# (flywheel.train.datachecks) is lowered for them here, in this process and the CLI subprocesses it
+# starts. tests/test_train_datachecks.py sets min_examples explicitly to test the check itself.
+os.environ.setdefault("FLYWHEEL_MIN_EXAMPLES", "1")
 
 
 @pytest.fixture(scope="session")

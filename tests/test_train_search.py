@@ -88,7 +88,7 @@ def test_the_cli_refuses_a_bad_space_before_training(tmp_path, tiny_model_dir):
     assert result.exit_code == 1
     [line] = result.output.strip().splitlines()
     assert line.startswith(f"error: {space}: lora.rnak: unknown key for sft (did you mean 'lora.r'?); known: "
-                           "lora.r, lora.alpha, lora.dropout, lora.target_modules, learning_rate,")
+                           "lora.r, lora.alpha, lora.dropout, lora.target_modules, ")
     store = Store.open(db)
     assert store.db["training_jobs"].count == 0 and store.db["training_searches"].count == 0
     store.close()

@@ -15,7 +15,7 @@ import json
 import random
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flywheel.errors import FlywheelError
 from flywheel.prompt import Prompt
@@ -25,6 +25,42 @@ from flywheel.train.methods import METHODS, load_train_config, training_method
 from flywheel.train.search import SearchSpec
 
 PROBE_PROMPTS = 16
+
+
+class StageLauncher(BaseModel):
+    """How a weight stage runs its trainer: in the wheel's process, or under `accelerate launch`
+    (flywheel.train.launch: the same `flywheel train` command on every process; docs/scale.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "accelerate"] = Field(
+        default="local", description="local: train in the wheel's process; accelerate: `accelerate launch` "
+        "subprocesses (DDP, DeepSpeed or FSDP per the config file).")
+    num_processes: int | None = Field(default=None, ge=1, description="Processes to start (default: the config's).")
+    config_file: str | None = Field(
+        default=None, description="An accelerate config file (relative to the run spec's folder) or a shipped "
+        "template: ddp, deepspeed_zero2, deepspeed_zero3, fsdp.")
+    cpu: bool = Field(default=False, description="CPU processes over gloo, even where a GPU exists.")
+    main_process_port: int | None = Field(default=None, ge=1, le=65535,
+                                          description="Rendezvous port (default: a free one here).")
+
+    @model_validator(mode="after")
+    def _accelerate_settings_need_accelerate(self) -> "StageLauncher":
+        if self.kind == "local" and (self.num_processes or self.config_file or self.cpu or self.main_process_port):
+            raise ValueError("num_processes, config_file, cpu and main_process_port need kind: accelerate")
+        return self
+
+    def launch_spec(self, base_dir):
+        """The CLI's LaunchSpec, a relative config file resolved against `base_dir` (else a template)."""
+        from pathlib import Path
+
+        from flywheel.train.launch import LaunchSpec
+
+        config = self.config_file
+        if config and (Path(base_dir) / config).is_file():
+            config = str((Path(base_dir) / config).resolve())
+        return LaunchSpec(launcher="accelerate", num_processes=self.num_processes, accelerate_config=config,
+                          cpu=self.cpu, main_process_port=self.main_process_port)
 
 
 class TrainStageSpec(StageSpecBase):
@@ -40,6 +76,8 @@ class TrainStageSpec(StageSpecBase):
     search: SearchSpec | None = Field(
         default=None, description="Hyper-parameter search instead of one training job: a space of config keys "
         "(on top of `config`), trials, sampler, wall_s ... (docs/training.md); the best trial is proposed.")
+    launcher: StageLauncher = Field(default_factory=StageLauncher, description="local, or accelerate with "
+                                    "num_processes / config_file / cpu (issue 17; docs/scale.md).")
 
     @model_validator(mode="after")
     def _search_keys_exist(self) -> "TrainStageSpec":
@@ -58,6 +96,32 @@ class TrainStageSpec(StageSpecBase):
                 check_enqueued(self.search)
             except SpecError as exc:
                 raise ValueError(f"search: {exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _config_is_valid(self) -> "TrainStageSpec":
+        # The training settings are checked when the run spec loads, not when the stage is reached.
+        from flywheel.errors import SpecError
+
+        from flywheel.tracking import TrackingError, require_trackers
+
+        try:
+            config = load_train_config(self.stage, values=self.config)
+        except SpecError as exc:
+            raise ValueError(str(exc).replace("train config: ", "config.")) from None
+        try:  # a tracker whose package is missing would only fail the stage, after the stages before it
+            require_trackers(config.report_to)
+        except TrackingError as exc:
+            raise ValueError(f"config.{exc}") from None
+        if self.launcher.kind == "accelerate" and self.search is not None:
+            raise ValueError("launcher: a search's trials train in this process; drop `launcher` or `search`")
+        if self.launcher.kind == "accelerate" and self.launcher.config_file:
+            from flywheel.train.launch import templates
+
+            name = self.launcher.config_file
+            if name not in templates() and not name.endswith((".yaml", ".yml", ".json")):
+                raise ValueError(f"launcher.config_file: {name!r} is neither a shipped template "
+                                 f"({', '.join(templates())}) nor a .yaml/.json file")
         return self
 
 
@@ -101,6 +165,9 @@ class TrainStage:
         options = {key: getattr(spec, key) for key in method.set_options}
         training_set = method.build_set(wheel.spec, wheel.store, prompt=prompt, **options)
         wheel.log(f"  {name}: {len(training_set)} rows, from {base}")
+        from flywheel.train.datachecks import run_data_checks
+
+        run_data_checks(training_set, config, spec=wheel.spec, store=wheel.store, base=base, log=wheel.log)
         if spec.search is not None:
             return self.search(wheel, training_set, base, prompt, config)
         base_ref, parent_id = resolve_base(wheel.store, base)
@@ -111,15 +178,18 @@ class TrainStage:
             checkpoint_id, model_ref, metrics = done["id"], done["model_ref"], json.loads(done["metrics_json"] or "{}")
             wheel.log(f"  reusing {checkpoint_id}, trained before")
         else:
-            # With save_steps the job registers a checkpoint every N steps and returns the best (by the valid
-            # score, else the valid loss); a wheel killed mid-training resumes the job from its last saved step.
-            result = method.train(wheel.spec, wheel.store, training_set, base=base, config=config, evaluate=False,
-                                  quiet=True, prompt=prompt)
-            checkpoint_id, model_ref, metrics = result.checkpoint.id, result.checkpoint.model_ref, result.metrics
-            if len(result.checkpoints) > 1:
-                wheel.log(f"  {name}: best of {len(result.checkpoints)} checkpoints: {result.best_reason}")
-            if result.stop_reason:
-                wheel.log(f"  {name}: {result.stop_reason}")
+            if spec.launcher.kind == "accelerate":
+                checkpoint_id, model_ref, metrics = self.launch(wheel, training_set, base, config)
+            else:
+                # With save_steps the job registers a checkpoint every N steps and returns the best (by the valid
+                # score, else the valid loss); a wheel killed mid-training resumes the job from its last saved step.
+                result = method.train(wheel.spec, wheel.store, training_set, base=base, config=config, evaluate=False,
+                                      quiet=True, prompt=prompt)
+                checkpoint_id, model_ref, metrics = result.checkpoint.id, result.checkpoint.model_ref, result.metrics
+                if len(result.checkpoints) > 1:
+                    wheel.log(f"  {name}: best of {len(result.checkpoints)} checkpoints: {result.best_reason}")
+                if result.stop_reason:
+                    wheel.log(f"  {name}: {result.stop_reason}")
         loss = (f", loss {metrics['first_loss']:.3g} -> {metrics['last_loss']:.3g}"
                 if metrics.get("first_loss") is not None and metrics.get("last_loss") is not None else "")
         reward = (f", reward {metrics['first_reward']:.3g} -> {metrics['last_reward']:.3g}"
@@ -155,6 +225,42 @@ class TrainStage:
         detail = f"search {search_id}, best {checkpoint.id}: {reason} ({len(training_set)} rows; student prompt {prompt.id})"
         return StageOutcome(name, "proposed", detail, lap=wheel.lap,
                             proposal=Candidate(checkpoint.model_ref, prompt, detail, origin=f"{name}:{checkpoint.id}"))
+
+    def launch(self, wheel: WheelContext, training_set, base: str, config) -> tuple[str, str, dict[str, Any]]:
+        """Train under `accelerate launch` (`flywheel train METHOD --data ts-... --no-eval --json` on
+        every process); the main process registers the checkpoint, whose id comes back as JSON."""
+        import tempfile
+        from pathlib import Path
+
+        import yaml
+
+        from flywheel.train.launch import LaunchInterrupted, launch_training
+
+        store = wheel.store
+        scratch = store.artefact_dir / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        launch = self.spec.launcher.launch_spec(wheel.base_dir)
+        with tempfile.TemporaryDirectory(prefix=f"launch-{self.method.name}-", dir=scratch) as folder:
+            config_path, out_path = Path(folder) / "config.yaml", Path(folder) / "result.json"
+            config_path.write_text(yaml.safe_dump(config.model_dump(mode="json")), encoding="utf-8")
+            argv = ["train", self.method.name, str(Path(wheel.spec.source).resolve()), "--base", base,
+                    "-c", str(config_path), "--data", str(training_set.id), "--no-eval", "--json",
+                    "--db", str(Path(store.path).resolve())]
+            wheel.log(f"  {self.method.name}: accelerate launch, {launch.num_processes or 'config'} processes"
+                      + (" on CPU" if launch.cpu else ""))
+            with out_path.open("w", encoding="utf-8") as out:
+                try:
+                    launch_training(launch, argv, stdout=out)
+                except LaunchInterrupted as exc:
+                    # Ctrl-C stops the wheel (resumable), as it does a local stage; it is no stage failure.
+                    raise KeyboardInterrupt(str(exc)) from None
+            try:
+                result = json.loads(out_path.read_text(encoding="utf-8"))
+            except ValueError:
+                raise FlywheelError(f"{self.method.name}: accelerate launch printed no result: "
+                                    f"{out_path.read_text(encoding='utf-8')[-300:]!r}") from None
+        checkpoint = result["checkpoint"]
+        return checkpoint["id"], checkpoint["model_ref"], result.get("metrics") or {}
 
     def reward_probe(self, wheel: WheelContext, base: str, prompt: Prompt, config) -> str | None:
         """Sample the start model `num_generations` times on a few train prompts and grade them with

@@ -13,7 +13,7 @@ and nowhere else), `checkpoints.py` registers adapters, `local.py` is the shared
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flywheel.spec import EvalSpec
@@ -54,16 +54,18 @@ def build_training_set(method: str, spec: EvalSpec, store: Store, *, data: str |
 def train(method: str, spec: EvalSpec, store: Store, *, base: str | None, config: TrainConfig | None = None,
           data: str | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
           quiet: bool = False, hosted_options: dict[str, Any] | None = None, resume: str | None = None,
-          monitor: Any = None, search=None, log=None, **set_options: Any):
-    """Build (or load) the training set, train with `method` from `base`, register and evaluate.
+          monitor: Any = None, search=None, log: Callable[[str], None] | None = None, **set_options: Any):
+    """Build (or load) the training set, check it, train with `method` from `base`, register and evaluate.
 
     `base` is a `local:` model (trained here with TRL), a checkpoint id, or an `openai:` model
-    (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`). `resume` continues a
-    killed local job from its last saved step, with the job's own set, base and config.
-    `monitor(point)` sees each validation point (flywheel.train.validation) and may stop the job.
-    With `search` (a `search.SearchSpec`) it runs a hyper-parameter search instead and returns its
-    `SearchResult`; `log` receives one line per trial."""
+    (a hosted fine-tuning job; `hosted_options` go to `hosted.HostedBackend`). The data checks
+    (`flywheel.train.datachecks`) go to `log` and are stored with the set; a failed one raises
+    TrainingDataError before training. `resume` continues a killed local job from its last saved
+    step, with the job's own set, base and config. `monitor(point)` sees each validation point
+    (flywheel.train.validation) and may stop the job. With `search` (a `search.SearchSpec`) it runs a
+    hyper-parameter search instead and returns its `SearchResult`; `log` receives one line per trial."""
     from flywheel.train.checkpoints import resolve_base
+    from flywheel.train.datachecks import preflight, run_data_checks
 
     chosen = training_method(method)
     if resume:
@@ -76,7 +78,9 @@ def train(method: str, spec: EvalSpec, store: Store, *, base: str | None, config
         raise TrainingError(f"{method}: give --base (a local: model, a checkpoint id or openai:MODEL), or --resume JOB")
     base_ref, _ = resolve_base(store, base)
     config = config or load_train_config(method)
+    preflight(config)
     training_set = build_training_set(method, spec, store, data=data, **set_options)
+    run_data_checks(training_set, config, spec=spec, store=store, base=base, log=log)
     if search is not None:
         from flywheel.train.search import run_search
 

@@ -29,6 +29,14 @@ class LoraSpec(_Config):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     target_modules: str | list[str] = Field(
         default="all-linear", description="Modules that get adapters: 'all-linear' or a list of names.")
+    # -- LoRA variants and QLoRA (issue 15 part 5; flywheel.train.config.require_quantization) --
+    use_dora: bool = Field(default=False, description="DoRA: split each adapted weight into magnitude and "
+                           "direction and train both (PEFT's use_dora); slower per step, often better at low rank.")
+    use_rslora: bool = Field(default=False, description="rsLoRA: scale the adapter by alpha/sqrt(r) instead of "
+                             "alpha/r (PEFT's use_rslora), which keeps high ranks stable.")
+    quantize_base: Literal["4bit"] | None = Field(
+        default=None, description="QLoRA: load the frozen base in 4-bit NF4 with bitsandbytes (CUDA only); "
+        "unset: the base in bf16/fp32.")
 
 
 class EarlyStoppingSpec(_Config):
@@ -88,6 +96,29 @@ class TrainConfig(_Config):
         if not isinstance(text, str) or not (text in ("best", "all") or (text.isdigit() and int(text) >= 1)):
             raise ValueError(f"keep must be best, all or a number N >= 1 (the N best checkpoints), not {value!r}")
         return text
+    # -- tracking and data checks (issue 15 parts 4 and 7: flywheel.tracking, flywheel.train.datachecks) --
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers the trainer logs to (each an optional extra: "
+        "pip install 'flywheel[tensorboard]' / '[mlflow]' / '[wandb]'); W&B runs offline unless WANDB_API_KEY is set.")
+    tracking_dir: str | None = Field(
+        default=None, description="Folder of TensorBoard event files and offline W&B runs (one subfolder per "
+        "training job); default .flywheel/tracking/ beside the store.")
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default a local file store, mlruns/ beside the store.")
+    mlflow_experiment: str | None = Field(
+        default=None, description="MLflow experiment (and W&B project) name; default flywheel-<eval name>.")
+    min_examples: int = Field(
+        default_factory=lambda: _env_int("FLYWHEEL_MIN_EXAMPLES", 10), ge=1,
+        description="Fewest training examples accepted (the platform's minimum is 10; fewer than 50 warns); "
+        "default 10, or the FLYWHEEL_MIN_EXAMPLES environment variable.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_comma_separated(cls, value: Any) -> Any:
+        # `-s report_to=tensorboard` or `-s report_to=tensorboard,mlflow` as well as a YAML list
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip() and part.strip() != "none"]
+        return value
 
 
 class SFTSpec(TrainConfig):
@@ -158,7 +189,42 @@ def to_peft(lora: LoraSpec):
     from peft import LoraConfig
 
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                      target_modules=lora.target_modules, task_type="CAUSAL_LM",
+                      use_dora=lora.use_dora, use_rslora=lora.use_rslora)
+
+
+def _env_int(name: str, default: int) -> int:
+    import os
+
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else default
+
+
+def require_quantization(lora: LoraSpec) -> None:
+    """With `lora.quantize_base`, bitsandbytes and a CUDA GPU must be here: say so before anything loads."""
+    if lora.quantize_base is None:
+        return
+    import importlib.util
+
+    from flywheel.train.local import TrainingError
+
+    if not _has_cuda():
+        raise TrainingError(f"lora.quantize_base={lora.quantize_base}: QLoRA needs a CUDA GPU (bitsandbytes 4-bit "
+                            "kernels); none here: unset lora.quantize_base to train the base in bf16/fp32")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError(f"lora.quantize_base={lora.quantize_base}: the bitsandbytes package is not installed: "
+                            "pip install bitsandbytes, or unset lora.quantize_base")
+
+
+def quantization_config(lora: LoraSpec, bf16: bool):
+    """transformers' BitsAndBytesConfig for a QLoRA base (4-bit NF4, double quantisation), or None."""
+    if lora.quantize_base is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool) -> dict[str, Any]:

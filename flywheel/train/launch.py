@@ -35,6 +35,10 @@ from flywheel.train.local import TrainingError
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
 
 
+class LaunchInterrupted(TrainingError):
+    """Ctrl-C or SIGTERM reached the launcher: every process was stopped (the wheel stops too)."""
+
+
 def templates() -> dict[str, Path]:
     """The accelerate config templates shipped with flywheel, by name."""
     return {path.stem: path for path in sorted(CONFIG_DIR.glob("*.yaml"))}
@@ -117,11 +121,12 @@ def launch_env(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
-def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
+def launch_training(spec: LaunchSpec, argv: list[str], *, stdout=None) -> int:
     """Run `flywheel <argv>` (a `train` command) under `accelerate launch`; returns 0 or raises.
 
-    Output streams through. Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every
-    process; TrainingError then says so."""
+    Output streams through (stdout to `stdout` when given: the wheel reads the `--json` result
+    there). Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every process;
+    LaunchInterrupted (a TrainingError) then says so."""
     if importlib.util.find_spec("accelerate") is None:
         raise TrainingError("--launcher accelerate needs the accelerate package: pip install accelerate")
     command = accelerate_command(spec, argv)
@@ -130,7 +135,7 @@ def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
     here = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=stdout)
     interrupted = None
 
     def forward(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -162,7 +167,7 @@ def launch_training(spec: LaunchSpec, argv: list[str]) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     if interrupted is not None:
-        raise TrainingError(f"accelerate launch interrupted ({signal.Signals(interrupted).name}); "
+        raise LaunchInterrupted(f"accelerate launch interrupted ({signal.Signals(interrupted).name}); "
                             "every process was stopped and the job marked failed")
     if code != 0:
         raise TrainingError(f"accelerate launch exited with status {code} (its output is above); "

@@ -115,7 +115,7 @@ class TrainResult:
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def load_for_training(base_ref: str, *, bf16: bool):
+def load_for_training(base_ref: str, *, bf16: bool, quantize: str | None = None):
     """(model, tokenizer, base model ref without adapter, adapter dir or None) for a `local:` ref.
 
     A `local:BASE+ADAPTER` reference continues training that adapter (checked against BASE); the
@@ -143,7 +143,14 @@ def load_for_training(base_ref: str, *, bf16: bool):
         return model, processor, f"local:{name}", local.adapter
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if quantize:  # QLoRA: the frozen base in 4-bit on the GPU (flywheel.train.config.require_quantization)
+            from flywheel.train.config import LoraSpec, quantization_config
+
+            model = AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=quantization_config(LoraSpec(quantize_base=quantize), bf16),
+                device_map={"": torch.cuda.current_device()}, dtype=torch.bfloat16 if bf16 else torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
     except OSError as exc:
         raise ModelError(f"{base_ref}: cannot load {path}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -311,7 +318,10 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     flywheel.train.search); an exception one raises fails the job and propagates. `fresh`: never pick
     up another unfinished job of the same inputs (a caller that tracks its own jobs, as the API does,
     resumes them by id)."""
+    from flywheel.train.datachecks import preflight
     from flywheel.train.validation import JobValidation, broadcast, copy_adapter, saved_steps, training_prompt
+
+    preflight(config)  # trackers, QLoRA hardware: one clean error before anything is stored or loaded
 
     main = is_main_process()
     base_ref, parent_id = resolve_base(store, base)
@@ -327,6 +337,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     work.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
     succeeded = False
+    tracker = None
     try:
         if main and saved:
             history += _earlier_history(store, job_id, saved[0])
@@ -349,7 +360,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
             import datasets
 
             datasets.disable_progress_bars()
-        model, tokenizer, _, _ = load_for_training(base_ref, bf16=bf16)
+        model, tokenizer, _, _ = load_for_training(base_ref, bf16=bf16, quantize=config.lora.quantize_base)
         built: BuiltTrainer = build(model, tokenizer, work, bf16)
         trainer, extra = built.trainer, built.stats
         # The Trainer prints every log dict to stdout (with or without its bar): show one bar on
@@ -362,6 +373,11 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
             trainer.add_callback(_progress_bar(method))
         if main:
             trainer.add_callback(_event_logger(store, job_id, history))
+            from flywheel.tracking import tracking_callback
+
+            tracker = tracking_callback(config, store, job_id, method=method, eval_name=spec.name)
+            if tracker is not None:
+                trainer.add_callback(tracker)
         trainer.add_callback(validation.callback())
         for callback in callbacks:
             trainer.add_callback(callback)
@@ -397,6 +413,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         checkpoint, best_reason, _ = validation.finish()
         succeeded = True
     except BaseException as exc:
+        if tracker is not None:
+            tracker.close(ok=False)
         if main and job_id:
             store.update_training_job(job_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
