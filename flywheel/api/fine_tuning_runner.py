@@ -18,7 +18,7 @@ queue with periodic checkpoints and validation, and the resume of a paused or ki
   restarted after a kill, continue the job's training job from its last saved step
   (`flywheel.train.local.run_local(resume=...)`), so no finished step is trained again.
 
-    config = job_train_config(job_row, rows=len(training_set), validation=True)
+    config = job_train_config(job_row, rows=len(training_set), validation_path="valid.jsonl")
 """
 from __future__ import annotations
 
