@@ -319,6 +319,14 @@ def m014_training_set_checks(db: sqlite_utils.Database) -> None:
     db["training_sets"].add_column("checks_json", str)
 
 
+@migration
+def m015_apiwire_fine_tuning_training_jobs(db: sqlite_utils.Database) -> None:
+    # The local training job (flywheel.train) a fine-tuning API job trains in: a job killed with the
+    # server, or paused, resumes that training job from its last saved step (optimiser, schedule and
+    # data order included), and its step checkpoints are the job's `checkpoints` while it runs.
+    db["api_fine_tuning_jobs"].add_column("training_job_id", str)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

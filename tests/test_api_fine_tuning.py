@@ -4,6 +4,7 @@ events (paged with `after`), its checkpoint, and a chat with the resulting `ft:`
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -59,7 +60,8 @@ def test_supervised_job_events_and_chat_with_the_tuned_model(server, tiny_model_
     assert [e.id for e in second.data] == [e.id for e in events[2:4]]
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert len(checkpoints) == 1 and checkpoints[0].fine_tuning_job_id == job.id
+    # 2 steps, a checkpoint at each (about every 10% of the steps, at least every step), newest first
+    assert [c.step_number for c in checkpoints] == [2, 1] and checkpoints[0].fine_tuning_job_id == job.id
 
     reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=3,
                                            messages=[{"role": "user", "content": "question 1"}])
@@ -142,7 +144,7 @@ def test_cancel_a_queued_job(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_cancel_a_running_job_stops_training(server, tiny_model_dir):
+def test_cancel_a_running_job_stops_training(server, tiny_model_dir, tmp_path):
     client = client_for(server.url)
     training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
@@ -156,6 +158,15 @@ def test_cancel_a_running_job_stops_training(server, tiny_model_dir):
     assert done.status == "cancelled" and done.fine_tuned_model is None
     steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
     assert max(steps) < 400
+    from flywheel.store import Store
+
+    store = Store.open(tmp_path / "flywheel.db")  # the server fixture's store
+    try:
+        training_job = store.get_training_job(store.api_get("api_fine_tuning_jobs", job.id)["training_job_id"])
+    finally:
+        store.close()
+    # the API never resumes a cancelled job: its resumable trainer state is gone
+    assert training_job["status"] == "failed" and not Path(training_job["output_dir"]).exists()
 
 
 PAIRS = [{"input": {"messages": [{"role": "user", "content": f"question {i}"}]},
@@ -167,12 +178,17 @@ PAIRS = [{"input": {"messages": [{"role": "user", "content": f"question {i}"}]},
 def test_dpo_job(server, tiny_model_dir):
     client = client_for(server.url)
     pairs = client.files.create(file=("pairs.jsonl", jsonl(PAIRS)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=pairs.id, method={
-        "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 1, "batch_size": 2, "beta": 0.2}}})
+    job = client.fine_tuning.jobs.create(
+        model=f"local:{tiny_model_dir}", training_file=pairs.id, validation_file=pairs.id, method={
+            "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": 2, "beta": 0.2}}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     done = wait_job(client, job.id)
     assert done.status == "succeeded", done.error
-    assert any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data)
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data if e.type == "metrics"]
+    # 4 steps; DPO's loss on the validation pairs at each, the last one on the whole file
+    valid = sorted((d for d in metrics if "valid_loss" in d), key=lambda d: d["step"])
+    assert [d["step"] for d in valid] == [1, 2, 3, 4] and valid[-1]["full_valid_loss"] == valid[-1]["valid_loss"]
+    assert client.fine_tuning.jobs.checkpoints.list(job.id).data[0].metrics.full_valid_loss == valid[-1]["valid_loss"]
     reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
                                            messages=[{"role": "user", "content": "question 0"}])
     assert reply.choices[0].message.role == "assistant"

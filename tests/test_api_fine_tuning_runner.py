@@ -4,15 +4,19 @@ grader, and pause / resume (a running job saves its adapter at the pause and con
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import time
 
 import httpx
+import openai
 import pytest
 
 from api_helpers import client_for, jsonl
 from flywheel.api.app import create_api_app
-from flywheel.api.fine_tuning_runner import train_config
+from flywheel.api.fine_tuning_runner import job_train_config, schedule, train_config
+from flywheel.train.config import SFTSpec
 from flywheel.web import BackgroundServer
 
 ROWS = [{"messages": [{"role": "user", "content": f"question {i}"},
@@ -58,6 +62,22 @@ def test_hyperparameters_map_onto_our_configs():
     assert (type(dpo).__name__, dpo.beta) == ("DPOSpec", 0.3)
 
 
+def test_jobs_save_and_validate_about_every_tenth_of_their_steps():
+    def row(method):
+        return {"method_json": json.dumps(method), "seed": 0}
+
+    sft = row({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 8}}})
+    config = job_train_config(sft, rows=100, validation_path="valid.jsonl")  # 13 steps an epoch, 26 in all
+    assert (config.save_steps, config.eval_steps, config.validation_file, config.keep) == (2, 2, "valid.jsonl", "all")
+    assert job_train_config(sft, rows=3).save_steps == 1 and job_train_config(sft, rows=3).eval_steps is None
+    assert schedule(SFTSpec(epochs=3, batch_size=4), 1000) == 75  # 750 steps
+    assert train_config(sft).save_steps is None  # what `flywheel import openai-job --config-out` writes
+    rft = row({"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
+        "n_epochs": 1, "batch_size": 2, "eval_interval": 5}}})
+    config = job_train_config(rft, rows=40, validation_path="valid.jsonl")
+    assert (config.save_steps, config.eval_steps) == (5, None)  # GRPO has no validation loss
+
+
 @pytest.mark.slow
 def test_validation_loss_is_reported_in_events_and_checkpoint_metrics(server, tiny_model_dir):
     client = client_for(server.url)
@@ -70,15 +90,42 @@ def test_validation_loss_is_reported_in_events_and_checkpoint_metrics(server, ti
     done = wait_job(client, job.id)
     assert done.status == "succeeded", done.error
     events = metric_events(client, job.id)
-    valid = [e for e in events if "valid_loss" in e.data]
-    assert len(valid) == 1 and "valid_loss=" in valid[0].message
-    loss = valid[0].data["valid_loss"]
-    first_train_loss = min(events, key=lambda e: e.data["step"]).data["loss"]
-    # rows it trained on: the tuned adapter's loss is well under the untrained first step's
-    assert math.isfinite(loss) and 0 < loss < first_train_loss
-    checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
-    assert checkpoint.metrics.valid_loss == pytest.approx(loss)
-    assert checkpoint.metrics.full_valid_loss == pytest.approx(loss)
+    valid = sorted((e for e in events if "valid_loss" in e.data), key=lambda e: e.data["step"])
+    # 8 steps: the validation file's loss every ~10% of them (at least every step), and at the last
+    assert [e.data["step"] for e in valid] == list(range(1, 9))
+    assert all(e.data["total_steps"] == 8 and "valid_loss=" in e.message for e in valid)
+    assert [e.data["step"] for e in valid if "full_valid_loss" in e.data] == [8]
+    first_train_loss = min((e for e in events if "loss" in e.data), key=lambda e: e.data["step"]).data["loss"]
+    losses = [e.data["valid_loss"] for e in valid]
+    # rows it trained on: the tuned adapter's loss falls well under the untrained first step's
+    assert all(math.isfinite(x) for x in losses) and 0 < losses[-1] < min(losses[0], first_train_loss)
+    assert valid[-1].data["full_valid_loss"] == losses[-1]
+    # every step was a checkpoint; the last three are kept and listed, newest first
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [8, 7, 6]
+    assert all(c.id.startswith("ftckpt_") and c.fine_tuning_job_id == job.id for c in checkpoints)
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:ckpt-step-8"
+    assert checkpoints[0].metrics.valid_loss == pytest.approx(losses[-1])
+    assert checkpoints[0].metrics.full_valid_loss == pytest.approx(losses[-1])
+    assert checkpoints[1].metrics.valid_loss == pytest.approx(losses[-2])
+    assert checkpoints[1].metrics.full_valid_loss is None
+    # the platform's checkpoint object (reference §5.7, §5.8), field by field
+    raw = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job.id}/checkpoints").json()
+    assert raw["object"] == "list" and raw["has_more"] is False
+    assert set(raw["data"][0]) == {"object", "id", "created_at", "fine_tuned_model_checkpoint",
+                                   "fine_tuning_job_id", "step_number", "metrics"}
+    assert raw["data"][0]["object"] == "fine_tuning.job.checkpoint" and isinstance(raw["data"][0]["created_at"], int)
+    assert set(raw["data"][0]["metrics"]) == {"step", "train_loss", "valid_loss", "full_valid_loss"}
+    assert set(raw["data"][1]["metrics"]) == {"step", "train_loss", "valid_loss"}
+    page = client.fine_tuning.jobs.checkpoints.list(job.id, limit=1, after=checkpoints[0].id)
+    assert [c.step_number for c in page.data] == [7] and page.has_more
+    # a listed step checkpoint is a model the server answers with; a pruned one is not
+    reply = client.chat.completions.create(model=checkpoints[2].fine_tuned_model_checkpoint, max_tokens=2,
+                                           messages=[{"role": "user", "content": "question 0"}])
+    assert reply.choices[0].message.role == "assistant"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=f"{done.fine_tuned_model}:ckpt-step-2", max_tokens=2,
+                                       messages=[{"role": "user", "content": "question 0"}])
 
 
 @pytest.mark.slow
@@ -160,3 +207,100 @@ def test_a_running_job_paused_saves_its_adapter_and_resume_continues_from_it(ser
     assert max(steps) == 80 and all(e.data["total_steps"] == 80 for e in metric_events(client, job.id))
     after = sorted(s for s in steps if s > step)
     assert after[0] == step + 1 and len(after) == 80 - step  # the remaining steps, each once
+    # the trainer's own state was restored: the linear schedule goes on falling across the pause
+    # (a fresh optimiser and schedule would jump back to the peak learning rate)
+    rates = [e.data["learning_rate"] for e in sorted(metric_events(client, job.id), key=lambda e: e.data["step"])
+             if "learning_rate" in e.data]
+    assert len(rates) == 80 and all(a > b for a, b in zip(rates, rates[1:]))
+
+
+@pytest.mark.slow
+def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path, tiny_model_dir):
+    from flywheel.store import Store
+    from flywheel.train.validation import last_saved_step
+    from test_api_jobs import start_server, wait_for
+
+    db = tmp_path / "flywheel.db"
+    rows = ROWS * 2  # 16 rows x 20 epochs, one per step: 320 steps, a checkpoint every 32
+    proc, url = start_server(db)
+    try:
+        client = client_for(url)
+        training = client.files.create(file=("train.jsonl", jsonl(rows)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 20, "batch_size": 1}}})
+        # killed once a step checkpoint is listed, well before the end
+        wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, timeout=300)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    store = Store.open(db)
+    try:
+        row = store.api_get("api_fine_tuning_jobs", job.id)
+        assert row["status"] == "running" and row["fine_tuned_model"] is None  # as the dead server left it
+        training_job = store.get_training_job(row["training_job_id"])
+        saved, _ = last_saved_step(training_job["output_dir"])
+        logged = [json.loads(r["data_json"]) for r in store.training_events(training_job["id"])
+                  if r["type"] == "metrics"]
+        killed_at = max(d["step"] for d in logged)
+    finally:
+        store.close()
+    assert 32 <= saved <= killed_at < 320
+
+    proc, url = start_server(db)
+    try:
+        client = client_for(url)
+        done = wait_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))[::-1]  # oldest first
+        messages = [e.message for e in events]
+        assert "Job resumed after a server restart." in messages
+        resumed = messages.index(f"Fine-tuning job resumed from step {saved}.")
+        trained_after = [e.data["step"] for e in events[resumed:] if e.type == "metrics" and "loss" in e.data]
+        # after the restart only the steps after the last saved one were trained, each once
+        assert trained_after == list(range(saved + 1, 321))
+        assert len(trained_after) < 320
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert [c.step_number for c in checkpoints] == [320, 288, 256]
+        reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
+                                               messages=[{"role": "user", "content": "question 0"}])
+        assert reply.model == done.fine_tuned_model
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    store = Store.open(db)
+    try:
+        training_job = store.get_training_job(store.api_get("api_fine_tuning_jobs", job.id)["training_job_id"])
+        assert training_job["status"] == "succeeded"
+        resumes = [r for r in store.training_events(training_job["id"]) if r["type"] == "resume"]
+        assert [json.loads(r["data_json"])["from_step"] for r in resumes] == [saved]
+        final = store.get_checkpoint(store.api_get("api_fine_tuning_jobs", job.id)["checkpoint_id"])
+        assert json.loads(final["metrics_json"])["resumed_from_step"] == saved
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_server_stopped_mid_job_saves_the_step_and_resumes_there(tmp_path, tiny_model_dir):
+    db = str(tmp_path / "flywheel.db")
+    with BackgroundServer(create_api_app(db)) as running:
+        client = client_for(running.url)
+        training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
+        deadline = time.monotonic() + 300
+        while not metric_events(client, job.id):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # the stop (Ctrl-C) saved the step it was at, between the periodic checkpoints (every 8)
+    with BackgroundServer(create_api_app(db)) as running:
+        client = client_for(running.url)
+        done = wait_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))[::-1]
+        messages = [e.message for e in events]
+        resumed = next(m for m in messages if m.startswith("Fine-tuning job resumed from step "))
+        step = int(resumed.split("step ")[1].rstrip("."))
+        before = [e.data["step"] for e in events[:messages.index(resumed)] if e.type == "metrics" and "loss" in e.data]
+        after = [e.data["step"] for e in events[messages.index(resumed):] if e.type == "metrics" and "loss" in e.data]
+        assert step == max(before) and after == list(range(step + 1, 81))
+

@@ -387,3 +387,42 @@ def test_the_same_call_after_a_crash_resumes_the_unfinished_job(tmp_path, tiny_m
         train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True,
                   resume=job[0])
     store.close()
+
+
+def test_fresh_never_picks_up_another_unfinished_job(tmp_path, tiny_model_dir):
+    """`run_local(fresh=True)` (the API, which resumes its own jobs by id) trains a new job even when an
+    unfinished one of the same set, base and config waits to be resumed; that one stays resumable."""
+    from flywheel.train.local import run_local
+    from flywheel.train.sft import build_sft_trainer
+
+    spec = tiny_eval(tmp_path, tiny_model_dir, n_per_split=4)
+    store = Store.open(tmp_path / "flywheel.db")
+    capture(spec, store, "reference:label")
+    training_set = build_sft_set(spec, store)
+    config = quick_sft(max_steps=4, save_steps=2)
+
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # after the step-2 save
+                raise RuntimeError("power cut")
+
+    crasher = Crash()
+
+    def build(model, tokenizer, output_dir, bf16):
+        return build_sft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=True)
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_local("sft", spec, store, training_set, base=spec.model, config=config, build=build, evaluate=False,
+                  quiet=True, callbacks=[crasher])
+    [(killed, status)] = store.db.execute("select id, status from training_jobs").fetchall()
+    assert status == "failed"
+    result = run_local("sft", spec, store, training_set, base=spec.model, config=config, build=build,
+                       evaluate=False, quiet=True, fresh=True)
+    assert result.job_id != killed and "resumed_from_step" not in result.metrics
+    assert store.get_training_job(killed)["status"] == "failed"
+    resumed = run_local("sft", spec, store, training_set, base=spec.model, config=config, build=build,
+                        evaluate=False, quiet=True)  # without fresh, the same call resumes the killed one
+    assert resumed.job_id == killed and resumed.metrics["resumed_from_step"] == 2
+    store.close()

@@ -2,7 +2,8 @@
 pause, resume, events, checkpoints.
 
 A job trains a LoRA adapter with `flywheel.train` on an uploaded `fine-tune` file, in the job
-queue (`flywheel.api.fine_tuning_runner`: the hyper-parameter mapping, validation metrics, pause).
+queue (`flywheel.api.fine_tuning_runner`: the hyper-parameter mapping, step checkpoints, validation
+loss, pause and resume).
 A `reinforcement` job is the platform's RFT: its `method.reinforcement.grader` (any grader but
 `label_model`, as on the platform) is GRPO's reward. The result is registered as a checkpoint (as
 `flywheel train` does) and gets a platform-looking model id, `ft:<base>:<suffix>:<job>`, that
@@ -134,6 +135,15 @@ def model_for(store: Store, model: str, project: str) -> str:
 
         parse_model_ref(model)  # ModelError for what is no reference
         return model
+    name, _, step = model.rpartition(":ckpt-step-")
+    if name and step.isdigit():  # a step checkpoint the job lists (`fine_tuned_model_checkpoint`)
+        rows, _ = list_owned(store, "api_fine_tuning_jobs", project, limit=1, where={"fine_tuned_model": name})
+        training_job_id = rows[0].get("training_job_id") if rows else None
+        found = [c for c in (store.job_checkpoints(training_job_id) if training_job_id else [])
+                 if c.get("step") == int(step) and not c.get("pruned_at")]
+        if not found:
+            raise FlywheelError(f"no fine-tuned model checkpoint {model!r} on this server (pruned or never saved)")
+        return found[-1]["model_ref"]
     rows, _ = list_owned(store, "api_fine_tuning_jobs", project, limit=1, where={"fine_tuned_model": model})
     if not rows or not rows[0]["checkpoint_id"]:
         raise FlywheelError(f"no fine-tuned model {model!r} on this server")
@@ -172,20 +182,58 @@ def create_job(store: Store, body: dict[str, Any], project: str) -> dict[str, An
     return job_object(store.api_get("api_fine_tuning_jobs", row["id"]))
 
 
-def checkpoint_object(store: Store, row: dict[str, Any]) -> dict[str, Any]:
-    """The job's registered adapter as a `fine_tuning.job.checkpoint` with the platform's metrics."""
-    checkpoint = store.get_checkpoint(row["checkpoint_id"])
+def checkpoint_object(row: dict[str, Any], checkpoint: dict[str, Any], fine_tuned: str,
+                      final_step: int | None = None) -> dict[str, Any]:
+    """A registered step checkpoint as a `fine_tuning.job.checkpoint` with the platform's metrics
+    (`full_valid_*` on the last step only)."""
     metrics = json.loads(checkpoint.get("metrics_json") or "{}")
-    step = metrics.get("steps", 0)
-    shown = {"step": step, "train_loss": metrics.get("last_loss")}
+    step = checkpoint.get("step") or metrics.get("steps") or 0
+    shown = {"step": step, "train_loss": metrics.get("train_loss", metrics.get("last_loss"))}
     shown.update({k: metrics[k] for k in ("valid_loss", "full_valid_loss", "full_valid_mean_reward",
                                           "valid_reward_mean") if metrics.get(k) is not None})
+    if final_step is not None and step != final_step:
+        shown = {k: v for k, v in shown.items() if not k.startswith("full_valid")}
     if metrics.get("mean_reward") is not None:
         shown["train_reward_mean"] = metrics["mean_reward"]
     return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt_{checkpoint['id']}",
-            "created_at": row["finished_at"] or row["created_at"],
-            "fine_tuned_model_checkpoint": f"{row['fine_tuned_model']}:ckpt-step-{step}",
+            "created_at": _unix(checkpoint.get("created_at")) or row["finished_at"] or row["created_at"],
+            "fine_tuned_model_checkpoint": f"{fine_tuned}:ckpt-step-{step}",
             "fine_tuning_job_id": row["id"], "step_number": step, "metrics": shown}
+
+
+def _unix(stamp: str | None) -> int | None:
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(stamp) if stamp else None
+    except ValueError:
+        return None
+    if moment is None:
+        return None
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def job_checkpoints(store: Store, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's kept step checkpoints, newest first, as the platform lists them (while it trains too)."""
+    from flywheel.api.fine_tuning_runner import fine_tuned_name
+
+    training_job_id = row.get("training_job_id")
+    if not training_job_id and row["checkpoint_id"]:  # a job finished before step checkpoints
+        training_job_id = store.get_checkpoint(row["checkpoint_id"]).get("job_id")
+    rows = store.job_checkpoints(training_job_id) if training_job_id else []
+    if not rows and row["checkpoint_id"]:
+        rows = [store.get_checkpoint(row["checkpoint_id"])]
+    if not rows:
+        return []
+    try:
+        fine_tuned = row["fine_tuned_model"] or fine_tuned_name(row, model_for(store, row["model"],
+                                                                               row.get("project") or "default"))
+    except FlywheelError:
+        fine_tuned = fine_tuned_name(row, row["model"])
+    final_step = max((r.get("step") or 0) for r in rows) if row["status"] == "succeeded" else -1
+    kept = [r for r in rows if not r.get("pruned_at")]
+    return [checkpoint_object(row, r, fine_tuned, final_step)
+            for r in sorted(kept, key=lambda r: (r.get("step") or 0, r["created_at"] or ""), reverse=True)]
 
 
 def routes(state: "ApiState") -> list[Route]:
@@ -262,8 +310,14 @@ def routes(state: "ApiState") -> list[Route]:
 
     async def checkpoints(request: Request) -> Response:
         row = get_job(request)
-        data = [checkpoint_object(state.store(), row)] if row["checkpoint_id"] else []
-        return JSONResponse(page(data, False))
+        after, limit, _ = page_args(request)
+        data = job_checkpoints(state.store(), row)
+        if after is not None:
+            ids = [c["id"] for c in data]
+            if after not in ids:
+                raise invalid(f"after must be a checkpoint id of this job, got {after!r}.", "after")
+            data = data[ids.index(after) + 1:]
+        return JSONResponse(page(data[:limit], len(data) > limit))
 
     base = "/v1/fine_tuning/jobs"
     return [Route(base, create, methods=["POST"]), Route(base, list_jobs, methods=["GET"]),

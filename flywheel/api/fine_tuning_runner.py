@@ -1,23 +1,25 @@
 """What a fine-tuning job runs: our trainer config from the platform's method, training in the
-queue, validation metrics, and the adapter a pause leaves to resume from.
+queue with periodic checkpoints and validation, and the resume of a paused or killed job.
 
 * `supervised` / `dpo` / `reinforcement` train a LoRA adapter with `flywheel.train` (TRL's
   SFTTrainer / DPOTrainer / GRPOTrainer; RFT's reward is the job's grader). The platform's
   hyper-parameters map onto `SFTSpec` / `DPOSpec` / `RFTSpec`: `n_epochs` -> epochs, `batch_size`,
   `learning_rate_multiplier` x our default learning rate, `beta`; for RFT `compute_multiplier`
-  x 4 -> samples per prompt (num_generations, at least 2). `reasoning_effort`, `eval_interval` and
-  `eval_samples` are echoed, not used (no reasoning models; validation runs once, at the end).
-* Every trainer log line is a `metrics` event; cancel stops the trainer at its next step.
-* `validation_file`: after training, the adapter is scored on the whole file and the job's
-  metrics (and its checkpoint's) get `valid_loss` = `full_valid_loss` (SFT / DPO: the trainer's own
-  loss over the file) or `full_valid_mean_reward` (RFT: the grader's mean score of greedy replies).
-* Pause stops at the next step and saves the adapter there; resume continues from that adapter
-  for the remaining steps (the optimiser state and data order start afresh: an honest
-  approximation until `flywheel.train.local` offers a trainer-state resume — see RESUME_HOOK).
+  x 4 -> samples per prompt (num_generations, at least 2) and `eval_interval` -> steps between
+  checkpoints. `reasoning_effort` and `eval_samples` are echoed, not used (no reasoning models).
+* Every job saves a resumable checkpoint (adapter, optimiser, schedule, data position) about every
+  10% of its steps (`schedule`); each is registered and listed by the job's `checkpoints`, the last
+  three are kept (as the platform keeps the last three epochs'). The job's model is the last step.
+* Every trainer log line is a `metrics` event (`train_loss`); cancel stops the trainer at its next step.
+* `validation_file`, SFT / DPO: the trainer's loss over the whole file at every checkpoint (`valid_loss`
+  metrics events; the checkpoint's metrics) and at the last step (`full_valid_loss` too). RFT: after
+  training the adapter's greedy replies are graded: `full_valid_mean_reward`.
+* Pause (and a server stopping) saves a checkpoint at the current step; resume, and a server
+  restarted after a kill, continue the job's training job from its last saved step
+  (`flywheel.train.local.run_local(resume=...)`), so no finished step is trained again.
 
-    config = train_config(job_row)           # SFTSpec / DPOSpec / RFTSpec
+    config = job_train_config(job_row, rows=len(training_set), validation_path="valid.jsonl")
 """
-
 from __future__ import annotations
 
 import json
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.api.eval_runs import local_turn
-from flywheel.api.jobs import JobContext, JobPaused, unix_now
+from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused, unix_now
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
 
@@ -61,6 +63,38 @@ def train_config(row: dict[str, Any]):
         seed=row["seed"] or 0, logging_steps=1, **extra)
 
 
+SAVE_FRACTION = 10  # checkpoints (and validation) about every 1/10 of the steps
+KEEP_CHECKPOINTS = 3  # the platform keeps the last three epochs' checkpoints
+
+
+def schedule(config, rows: int) -> int:
+    """Steps between checkpoints (and validation points): about a tenth of the job's steps, at least 1.
+
+    The job's steps are estimated as the Trainer counts them on one device: ceil(epochs x
+    ceil(rows / examples per step)) (RFT: prompts per step)."""
+    import math
+
+    per_step = config.batch_size * config.grad_accum
+    total = config.max_steps or math.ceil(config.epochs * math.ceil(max(rows, 1) / per_step))
+    return max(1, total // SAVE_FRACTION)
+
+
+def job_train_config(row: dict[str, Any], *, rows: int, validation_path: str | None = None):
+    """`train_config` plus what running in the queue needs: resumable checkpoints every `schedule`
+    steps (RFT: every `eval_interval` when given), kept until the job prunes them, and for SFT / DPO
+    with a validation file its loss at each of them."""
+    config = train_config(row)
+    method = json.loads(row["method_json"])
+    hp = method[method["type"]]["hyperparameters"]
+    every = schedule(config, rows)
+    if method["type"] == "reinforcement" and not _auto(hp, "eval_interval"):
+        every = int(hp["eval_interval"])
+    update: dict[str, Any] = {"save_steps": every, "keep": "all"}
+    if validation_path and method["type"] != "reinforcement":  # GRPO has no validation loss
+        update.update(eval_steps=every, validation_file=validation_path)
+    return config.model_copy(update=update)
+
+
 def job_spec(row: dict[str, Any], base: str, data_path: str):
     """The eval spec `run_local` wants: RFT's reward grader lives there; SFT / DPO jobs do not evaluate."""
     from flywheel.spec import parse_eval_spec
@@ -85,73 +119,131 @@ def platform_rewards(data: dict[str, Any], grader: dict[str, Any] | None) -> dic
         "graders": [{"name": name, "type": grader.get("type"), "train_reward_mean": mean}]}}
 
 
-def _watch(ctx: JobContext, pause_dir: Path, offset: int, total: int | None, grader: dict[str, Any] | None = None):
+def _watch(ctx: JobContext, grader: dict[str, Any] | None = None):
     from transformers import TrainerCallback
 
     class Watch(TrainerCallback):
-        """Metrics become job events; cancel stops at the next step; pause saves the adapter there."""
+        """Links the API job to its training job; metrics become job events; cancel stops at the next
+        step; pause (or the server stopping) saves a checkpoint at this step, then stops."""
+
+        pending: Exception | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # run_local trains a job with save_steps in `.flywheel/jobs/<training job id>/`
+            ctx.store.api_update("api_fine_tuning_jobs", ctx.job["object_id"],
+                                 training_job_id=Path(args.output_dir).name)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                data = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
-                data["step"] = offset + state.global_step
-                steps = total or state.max_steps
-                shown = ", ".join(f"{k}={v:.4g}" for k, v in data.items() if k != "step")
-                ctx.event(f"Step {data['step']}/{steps}: {shown}", type="metrics",
-                          data=platform_rewards({**data, "total_steps": steps}, grader))
+            if not logs:
+                return
+            numbers = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}
+            data = {"step": state.global_step, "total_steps": state.max_steps}
+            if "eval_loss" in numbers:  # the validation file's loss, at a checkpoint
+                data["valid_loss"] = numbers["eval_loss"]
+                if state.global_step >= state.max_steps:
+                    data["full_valid_loss"] = numbers["eval_loss"]
+            else:
+                data.update(numbers)
+                if "loss" in numbers:
+                    data["train_loss"] = numbers["loss"]
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in data.items() if k not in ("step", "total_steps"))
+            ctx.event(f"Step {data['step']}/{data['total_steps']}: {shown}", type="metrics",
+                      data=platform_rewards(data, grader))
 
-        def on_step_end(self, args, state, control, model=None, **kwargs):
+        def on_step_end(self, args, state, control, **kwargs):
             try:
                 ctx.check()
-            except JobPaused:
-                pause_dir.mkdir(parents=True, exist_ok=True)
-                model.save_pretrained(str(pause_dir), selected_adapters=["default"])
-                ctx.store.api_update("api_fine_tuning_jobs", ctx.job["object_id"], resume_json=json.dumps(
-                    {"step": offset + state.global_step, "total_steps": total or state.max_steps,
-                     "adapter": str(pause_dir)}))
-                raise
+            except (JobPaused, JobInterrupted) as exc:
+                if isinstance(exc, JobPaused):
+                    ctx.store.api_update("api_fine_tuning_jobs", ctx.job["object_id"], resume_json=json.dumps(
+                        {"step": state.global_step, "total_steps": state.max_steps}))
+                self.pending = exc
+                control.should_save = True  # a resumable checkpoint at this step; on_save stops the job
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.pending is not None:
+                raise self.pending
 
     return Watch()
 
 
-def validation_metrics(kind: str, builder, config, model_ref: str, validation_set, spec, scratch: Path) -> dict:
-    """The adapter scored on the whole validation file: SFT / DPO `valid_loss` (the trainer's loss),
-    RFT `full_valid_mean_reward` (the grader's mean score of greedy replies)."""
-    import tempfile
+def rft_validation_metrics(model_ref: str, validation_set, spec) -> dict:
+    """The RFT adapter on the whole validation file: the grader's mean score of its greedy replies
+    (`full_valid_mean_reward`)."""
+    import graders
 
-    if kind == "rft":
-        import graders
+    from flywheel.models import ChatRequest, Sampling, load_model
+    from flywheel.train.formats import RFT_RESERVED, chat_messages
 
-        from flywheel.models import ChatRequest, Sampling, load_model
-        from flywheel.train.formats import RFT_RESERVED, chat_messages
+    model = load_model(model_ref)
+    try:
+        greedy = Sampling(max_tokens=RFT_MAX_TOKENS)
+        requests = [ChatRequest(messages=chat_messages(row["messages"]), sampling=greedy)
+                    for row in validation_set.rows]
+        replies = model.generate(requests)
+    finally:
+        model.close()
+    scores = []
+    for row, reply in zip(validation_set.rows, replies):
+        item = {k: v for k, v in row.items() if k not in RFT_RESERVED}
+        scores.append(float(graders.run_grader(spec.graders[0], reply.text or "", item)["reward"]))
+    mean = sum(scores) / len(scores)
+    return {"full_valid_mean_reward": mean, "valid_reward_mean": mean, "valid_rows": len(scores)}
 
-        model = load_model(model_ref)
-        try:
-            greedy = Sampling(max_tokens=RFT_MAX_TOKENS)
-            requests = [ChatRequest(messages=chat_messages(row["messages"]), sampling=greedy)
-                        for row in validation_set.rows]
-            replies = model.generate(requests)
-        finally:
-            model.close()
-        scores = []
-        for row, reply in zip(validation_set.rows, replies):
-            item = {k: v for k, v in row.items() if k not in RFT_RESERVED}
-            scores.append(float(graders.run_grader(spec.graders[0], reply.text or "", item)["reward"]))
-        mean = sum(scores) / len(scores)
-        return {"full_valid_mean_reward": mean, "valid_reward_mean": mean, "valid_rows": len(scores)}
-    from flywheel.train.config import resolve_bf16
-    from flywheel.train.local import load_for_training
 
-    bf16 = resolve_bf16(config.precision)
-    model, tokenizer, _, _ = load_for_training(model_ref, bf16=bf16)
-    with tempfile.TemporaryDirectory(dir=scratch) as folder:
-        built = builder(model, tokenizer, validation_set, config, Path(folder), bf16=bf16, quiet=True)
-        try:
-            found = built.trainer.evaluate(eval_dataset=built.trainer.train_dataset)
-        finally:
-            built.close()
-    loss = float(found["eval_loss"])
-    return {"valid_loss": loss, "full_valid_loss": loss, "valid_rows": len(validation_set)}
+def final_checkpoint(store: Store, training_job_id: str) -> dict[str, Any]:
+    """The last step's checkpoint of a training job (the job's model, as on the platform)."""
+    rows = store.job_checkpoints(training_job_id)
+    if not rows:
+        raise FlywheelError(f"training job {training_job_id} registered no checkpoint")
+    return max(rows, key=lambda r: (r.get("step") or 0, r["created_at"] or ""))
+
+
+def keep_latest(store: Store, training_job_id: str, keep: int = KEEP_CHECKPOINTS) -> list[str]:
+    """Delete the adapter folders of all but the `keep` latest step checkpoints (rows stay, marked
+    `pruned_at`); returns the ids pruned."""
+    import shutil
+
+    from flywheel.store import now
+
+    rows = [r for r in store.job_checkpoints(training_job_id) if not r.get("pruned_at")]
+    pruned = []
+    for row in sorted(rows, key=lambda r: r.get("step") or 0)[:-keep]:
+        if row.get("path"):
+            shutil.rmtree(row["path"], ignore_errors=True)
+        store.update_checkpoint(row["id"], pruned_at=now())
+        pruned.append(row["id"])
+    return pruned
+
+
+def discard_training_folder(store: Store, training_job_id: str | None) -> None:
+    """Delete a cancelled or failed job's resumable trainer state (the API never resumes it); its
+    registered checkpoints stay."""
+    import shutil
+
+    if not training_job_id:
+        return
+    try:
+        folder = store.get_training_job(training_job_id).get("output_dir")
+    except FlywheelError:
+        return
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def resumable_step(store: Store, training_job_id: str | None) -> int | None:
+    """The step an unfinished training job can resume from (its last complete saved step), or None."""
+    from flywheel.train.validation import last_saved_step
+
+    if not training_job_id:
+        return None
+    try:
+        job = store.get_training_job(training_job_id)
+    except FlywheelError:
+        return None
+    saved = last_saved_step(job.get("output_dir")) if job["status"] != "succeeded" else None
+    return saved[0] if saved else None
 
 
 def fine_tuned_name(row: dict[str, Any], base: str) -> str:
@@ -179,67 +271,77 @@ class FineTuningRunner:
         for name, file_row in files.items():
             if row[name] and file_row is None:
                 raise FlywheelError(f"{name} {row[name]} was deleted")
-        resume = json.loads(row["resume_json"]) if row.get("resume_json") else None
         store.api_update("api_fine_tuning_jobs", row["id"], status="running")
-        ctx.event(f"Fine-tuning job resumed from step {resume['step']}." if resume else
-                  "Fine-tuning job started." if ctx.job["attempts"] == 1 else "Fine-tuning job restarted.")
         method_type = json.loads(row["method_json"])["type"]
         kind = KINDS[method_type]
         builder = {"sft": build_sft_trainer, "dpo": build_dpo_trainer, "rft": build_rft_trainer}[kind]
         training_set = load_training_file(kind, files["training_file"]["path"])
-        config = train_config(row)
+        validation_path = files["validation_file"]["path"] if files["validation_file"] else None
+        config = job_train_config(row, rows=len(training_set), validation_path=validation_path)
         base = model_for(store, row["model"], row.get("project") or "default")
-        start = base
-        offset, total = 0, None
-        if resume:
-            # Continue the adapter saved at the pause for the steps that were left.
-            start = f"{base.partition('+')[0]}+{resume['adapter']}"
-            offset, total = resume["step"], resume["total_steps"]
-            config = config.model_copy(update={"max_steps": max(1, total - offset)})
-        # RESUME_HOOK: a job killed with the server trains again from `start`. When
-        # flywheel.train.local can resume a Trainer from its own periodic checkpoints (the
-        # `validate` work), pass the job's checkpoint folder here instead of starting over.
+        # RESUME_HOOK: a paused job, or one killed with the server, continues its own training job
+        # from the last step it saved (the trainer's optimiser, schedule and data position).
+        resume = row.get("training_job_id")
+        step = resumable_step(store, resume)
+        if step is None and resume:
+            try:
+                finished = store.get_training_job(resume)["status"] == "succeeded"
+            except FlywheelError:
+                finished = False
+            if not finished:  # killed before its first saved step: nothing to resume
+                store.update_training_job(resume, status="failed", error="killed before its first saved step; "
+                                          f"API job {row['id']} trains a new job")
+                resume = None
+        ctx.event(f"Fine-tuning job resumed from step {step}." if step is not None else
+                  "Fine-tuning job started." if ctx.job["attempts"] == 1 and not resume else
+                  "Fine-tuning job restarted.")
         spec = job_spec(row, base, files["training_file"]["path"])
-        pause_dir = store.artefact_dir / "api" / "paused" / row["id"] / f"attempt-{ctx.job['attempts']}"
-        extra = {"spec": spec} if kind == "rft" else {}
+        extra: dict[str, Any] = {"spec": spec} if kind == "rft" else {}
+        if validation_path and kind != "rft":
+            # VALIDATION_HOOK: the validation file is the trainer's eval set; its loss at every
+            # checkpoint is a `valid_loss` metrics event (the last one `full_valid_loss` too).
+            extra["eval_set"] = load_training_file(kind, validation_path)
         grader = json.loads(row["method_json"]).get("reinforcement", {}).get("grader")
 
         def build(model, tokenizer, output_dir, bf16):
-            built = builder(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=True, **extra)
-            built.trainer.add_callback(_watch(ctx, pause_dir, offset, total, grader))
-            return built
+            return builder(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=True, **extra)
 
         with local_turn(store):  # local training and local eval runs take turns on the cores
-            result = run_local(kind, spec, store, training_set, base=start, config=config, build=build,
-                               evaluate=False, quiet=True)
-            metrics = {k: result.metrics.get(k) for k in ("train_loss", "last_loss", "steps", "mean_reward")
-                       if result.metrics.get(k) is not None}
-            # VALIDATION_HOOK: when flywheel.train.local takes an eval dataset (validation during
-            # training, the `validate` work), pass the validation set to run_local here and report its
-            # periodic `valid_loss` per step; until then the finished adapter is scored once, below.
-            if files["validation_file"]:
+            if resume and step is None:  # it finished training; the job's record did not
+                training_job_id = resume
+            else:
+                result = run_local(kind, spec, store, training_set, base=base, config=config, build=build,
+                                   evaluate=False, quiet=True, resume=resume if step is not None else None,
+                                   callbacks=[_watch(ctx, grader)], fresh=True)
+                training_job_id = result.job_id
+            final = final_checkpoint(store, training_job_id)
+            stored = json.loads(final.get("metrics_json") or "{}")
+            found: dict[str, Any] = {}
+            if validation_path and kind != "rft" and stored.get("valid_loss") is not None:
+                found = {"full_valid_loss": stored["valid_loss"]}
+            elif validation_path and kind == "rft":
                 ctx.event("Scoring the adapter on the validation file.")
-                validation_set = load_training_file(kind, files["validation_file"]["path"])
-                found = validation_metrics(kind, builder, config, result.checkpoint.model_ref, validation_set, spec,
-                                           store.artefact_dir / "tmp")
-                metrics.update(found)
-                step = offset + int(result.metrics.get("steps") or 0)
+                found = rft_validation_metrics(final["model_ref"], load_training_file(kind, validation_path), spec)
+                step_now = final.get("step") or 0
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in found.items() if k != "valid_rows")
-                data = {"step": step, "total_steps": total or step, **found}
-                if kind == "rft":
-                    data["scores"] = {"valid_reward_mean": found["valid_reward_mean"], "graders": [
-                        {"name": grader.get("name"), "type": grader.get("type"),
-                         "valid_reward_mean": found["valid_reward_mean"]}]}
-                ctx.event(f"Step {step}/{total or step}: {shown}", type="metrics", data=data)
-                checkpoint = store.get_checkpoint(result.checkpoint.id)
-                stored = json.loads(checkpoint.get("metrics_json") or "{}")
-                store.update_checkpoint(result.checkpoint.id, metrics_json=json.dumps({**stored, **found}))
+                ctx.event(f"Step {step_now}/{step_now}: {shown}", type="metrics", data={
+                    "step": step_now, "total_steps": step_now, **found, "scores": {
+                        "valid_reward_mean": found["valid_reward_mean"], "graders": [
+                            {"name": grader.get("name"), "type": grader.get("type"),
+                             "valid_reward_mean": found["valid_reward_mean"]}]}})
+            stored.update(found)
+            store.update_checkpoint(final["id"], metrics_json=json.dumps(stored, default=str))
+        keep_latest(store, training_job_id)
+        metrics = {k: stored.get(k) for k in ("train_loss", "last_loss", "steps", "mean_reward", "valid_loss",
+                                              "full_valid_loss", "full_valid_mean_reward", "valid_reward_mean",
+                                              "valid_rows", "resumed_from_step")
+                   if stored.get(k) is not None}
         fine_tuned = fine_tuned_name(row, base)
-        store.api_update("api_fine_tuning_jobs", row["id"], fine_tuned_model=fine_tuned,
-                         checkpoint_id=result.checkpoint.id, metrics_json=json.dumps(metrics),
-                         trained_tokens=int(result.metrics.get("tokens") or result.metrics.get("train_tokens") or 0))
-        ctx.event(f"New fine-tuned model created: {fine_tuned}", data={"checkpoint": result.checkpoint.id,
-                                                                          "model_ref": result.checkpoint.model_ref})
+        store.api_update("api_fine_tuning_jobs", row["id"], fine_tuned_model=fine_tuned, checkpoint_id=final["id"],
+                         training_job_id=training_job_id, metrics_json=json.dumps(metrics),
+                         trained_tokens=int(stored.get("tokens") or stored.get("train_tokens") or 0))
+        ctx.event(f"New fine-tuned model created: {fine_tuned}", data={"checkpoint": final["id"],
+                                                                          "model_ref": final["model_ref"]})
 
     def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
         row = store.api_get("api_fine_tuning_jobs", job["object_id"])
@@ -256,6 +358,8 @@ class FineTuningRunner:
         if error:
             fields["error_json"] = json.dumps({"code": "training_failed", "message": error, "param": None})
         store.api_update("api_fine_tuning_jobs", row["id"], **fields)
+        if status != "succeeded":
+            discard_training_folder(store, row.get("training_job_id"))
         message = {"succeeded": "The job has successfully completed.", "cancelled": "The job was cancelled.",
                    "failed": f"The job failed: {error}"}[status]
         store.add_api_event(row["id"], message, created_at=unix_now(),

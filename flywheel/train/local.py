@@ -245,13 +245,13 @@ def _summarise_history(history: list[dict[str, Any]], loss_key: str) -> dict[str
 
 # -- the run ---------------------------------------------------------------------------------------
 def _job(store: Store, method: str, training_set: TrainingSet, base_ref: str, config: TrainConfig,
-         resume: str | None) -> tuple[str, tuple[int, Path] | None, Any]:
+         resume: str | None, fresh: bool = False) -> tuple[str, tuple[int, Path] | None, Any]:
     """(job id, (step, trainer checkpoint folder) to resume from or None, the job folder's lock) on
     the main process.
 
     `resume` names a job to continue; otherwise, with `save_steps`, an unfinished job of the same
     method, set, base and config (killed part-way: its folder is not locked by a live process) is
-    resumed; else a new job is created."""
+    resumed (unless `fresh`); else a new job is created."""
     from flywheel.train.validation import last_saved_step, lock_job_folder
 
     config_json = config.model_dump_json()
@@ -275,7 +275,7 @@ def _job(store: Store, method: str, training_set: TrainingSet, base_ref: str, co
         if lock is None:
             raise TrainingError(f"job {resume} is still training in another process; wait for it, or stop it first")
         return resume, saved, lock
-    if config.save_steps:
+    if config.save_steps and not fresh:
         job = store.find_resumable_job(method=method, training_set_id=training_set.id or "", base_model=base_ref,
                                        config_json=config_json)
         saved = last_saved_step(job.get("output_dir")) if job else None
@@ -308,7 +308,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
               config: TrainConfig, build: Callable[..., Any], evaluate: bool = True,
               splits: Sequence[str] = ("valid", "test"), quiet: bool = False,
               loss_key: str = "loss", prompt: Prompt | None = None, monitor: Monitor | None = None,
-              resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult | None:
+              resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False) -> TrainResult | None:
     """Train with the `BuiltTrainer` that `build(model, tokenizer, output_dir, bf16)` returns, then
     register, choose the best checkpoint and evaluate it. Returns None on non-main processes.
 
@@ -317,7 +317,9 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     saved step with the trainer's optimizer, scheduler and data position. `monitor` sees every
     validation point and may stop the job (a search's pruner). `callbacks`: extra transformers
     `TrainerCallback`s added to the trainer (e.g. the search's pruning reporter,
-    flywheel.train.search); an exception one raises fails the job and propagates."""
+    flywheel.train.search); an exception one raises fails the job and propagates. `fresh`: never pick
+    up another unfinished job of the same inputs (a caller that tracks its own jobs, as the API does,
+    resumes them by id)."""
     from flywheel.train.datachecks import preflight
     from flywheel.train.validation import JobValidation, broadcast, copy_adapter, saved_steps, training_prompt
 
@@ -327,7 +329,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     base_ref, parent_id = resolve_base(store, base)
     if main:
         record_training_set(store, training_set)
-    job_id, saved, lock = _job(store, method, training_set, base_ref, config, resume) if main else ("", None, None)
+    job_id, saved, lock = _job(store, method, training_set, base_ref, config, resume, fresh) if main else ("", None, None)
     output_dir = str(store.artefact_dir / "jobs" / job_id) if main and config.save_steps else None
     job_id, saved, output_dir = broadcast((job_id, saved, output_dir))
     bf16 = resolve_bf16(config.precision)
