@@ -23,7 +23,7 @@ import hashlib
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,32 +294,43 @@ def message_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def image_detail(part: dict[str, Any]) -> str | None:
+    """The `detail` of an image part, in either shape (inside `image_url` or beside it)."""
+    inner = part.get("image_url")
+    return (inner.get("detail") if isinstance(inner, dict) else None) or part.get("detail")
+
+
+def map_image_parts(messages: Sequence[dict[str, Any]],
+                    replace: Callable[[dict[str, Any], str], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with every image part replaced by `replace(part, url)`; text parts, string
+    contents and the messages themselves are kept as they are."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            message = {**message, "content": [part if (url := image_url_of(part)) is None else replace(part, url)
+                                               for part in content]}
+        out.append(message)
+    return out
+
+
 def hashed_view(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages with every inlined image replaced by its content hash: what the completion cache
     key covers. The same pixels give the same key however they were referenced; text-only
     messages are returned unchanged, so keys of text evals do not move."""
     if not has_images(messages):
         return list(messages)
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                url = image_url_of(part)
-                if url is not None and url.startswith("data:"):
-                    try:
-                        digest = hashlib.sha256(decode_data_url(url)[1]).hexdigest()
-                    except ImageError:
-                        digest = hashlib.sha256(url.encode()).hexdigest()
-                    detail = part.get("image_url", {}).get("detail") if isinstance(part.get("image_url"), dict) \
-                        else part.get("detail")
-                    parts.append({"type": "image", "sha256": digest, "detail": detail})
-                else:
-                    parts.append(part)
-            message = {**message, "content": parts}
-        out.append(message)
-    return out
+
+    def hashed(part: dict[str, Any], url: str) -> dict[str, Any]:
+        if not url.startswith("data:"):
+            return part
+        try:
+            digest = hashlib.sha256(decode_data_url(url)[1]).hexdigest()
+        except ImageError:
+            digest = hashlib.sha256(url.encode()).hexdigest()
+        return {"type": "image", "sha256": digest, "detail": image_detail(part)}
+
+    return map_image_parts(messages, hashed)
 
 
 def check_image_count(messages: Sequence[dict[str, Any]]) -> None:

@@ -157,7 +157,8 @@ def to_hf_dataset(training_set: TrainingSet):
     return Dataset.from_list(records)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share (where one rendering of a conversation stops matching)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -194,8 +195,8 @@ def tokenize_sft(training_set: TrainingSet, tokenizer, *, loss: str = "assistant
             for index, message in enumerate(raw):
                 if message["role"] != "assistant" or not message.get("weight", 1):
                     continue
-                start = _common_prefix(encode(messages[:index], tools, True), input_ids)
-                end = _common_prefix(encode(messages[:index + 1], tools, False), input_ids)
+                start = common_prefix(encode(messages[:index], tools, True), input_ids)
+                end = common_prefix(encode(messages[:index + 1], tools, False), input_ids)
                 labels[start:end] = input_ids[start:end]
         out.append({"input_ids": input_ids, "labels": labels})
         total += len(input_ids)

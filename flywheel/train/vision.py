@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.images import MAX_IMAGES, ImageError, image_url_of, iter_image_urls, load_image
-from flywheel.train.formats import TrainingDataError, TrainingSet
+from flywheel.images import (ImageError, check_image_count, image_detail, image_part, iter_image_urls,
+                             load_image, map_image_parts)
+from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix
 
 NOT_CHECKED = ("the platform also skips examples with people, faces, children or CAPTCHAs; flywheel does not "
                "detect those (it would need a vision model of its own), so such examples are kept: check them "
@@ -107,31 +108,14 @@ def screen_images(training_set: TrainingSet, root: Path | None = None) -> tuple[
 
 
 def _inline_row(kind: str, row: dict[str, Any], root: Path | None) -> tuple[dict[str, Any], int]:
-    count = sum(1 for _ in iter_image_urls(row_messages(kind, row)))
-    if count > MAX_IMAGES:
-        raise ImageError(f"{count} images in one example; the limit is {MAX_IMAGES}", reason="too_many_images")
+    messages = row_messages(kind, row)
+    check_image_count(messages)
+    count = sum(1 for _ in iter_image_urls(messages))
     if count == 0:
         return row, 0
 
     def inline(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for message in messages:
-            content = message.get("content")
-            if isinstance(content, list):
-                parts = []
-                for part in content:
-                    url = image_url_of(part)
-                    if url is None:
-                        parts.append(part)
-                        continue
-                    image = load_image(url, root)
-                    inner = part.get("image_url") if isinstance(part.get("image_url"), dict) else {}
-                    detail = inner.get("detail") or part.get("detail")
-                    parts.append({"type": "image_url", "image_url": {"url": image.data_url,
-                                                                     **({"detail": detail} if detail else {})}})
-                message = {**message, "content": parts}
-            out.append(message)
-        return out
+        return map_image_parts(messages, lambda part, url: image_part(load_image(url, root), image_detail(part)))
 
     if kind == "dpo":
         new = {**row, "input": {**row["input"], "messages": inline(row["input"]["messages"])},
@@ -164,15 +148,6 @@ def load_vision_for_training(base_ref: str, path: str, adapter: Path | None, *, 
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     return model, processor
-
-
-def _common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class VisionSFTCollator:
@@ -208,8 +183,8 @@ class VisionSFTCollator:
                 if message["role"] != "assistant" or not message.get("weight", 1):
                     continue
                 seen = sum(1 for m in messages[:index] for p in m["content"] if p["type"] == "image")
-                start = _common_prefix(self._encode(messages[:index], images[:seen], True), full)
-                end = _common_prefix(self._encode(messages[:index + 1], images[:seen], False), full)
+                start = common_prefix(self._encode(messages[:index], images[:seen], True), full)
+                end = common_prefix(self._encode(messages[:index + 1], images[:seen], False), full)
                 spans.append((start, end))
         return text, images, spans
 
