@@ -256,6 +256,14 @@ def main() -> None:
     parser.add_argument("--lm-eval", metavar="PYTHON", default=None,
                         help="also run lm-evaluation-harness with this python (benchmarks/lm_eval_venv.sh)")
     args = parser.parse_args()
+    if args.lm_eval:  # before minutes of harness passes, not after
+        probe = [args.lm_eval, "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('lm_eval') is None)"]
+        try:
+            missing = subprocess.run(probe, check=False, capture_output=True).returncode
+        except OSError as exc:
+            raise SystemExit(f"error: --lm-eval {args.lm_eval}: {exc.strerror}") from None
+        if missing:
+            raise SystemExit(f"error: --lm-eval {args.lm_eval}: no lm_eval there; make it with benchmarks/lm_eval_venv.sh")
 
     spec = load_eval_spec(DEMO)
     items = load_dataset(spec).split("test")[: args.items]  # the demo's test split has 200
