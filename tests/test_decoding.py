@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from flywheel.models import ChatRequest, Sampling, load_model
+from flywheel.models import decoding
 from flywheel.models.decoding import Decoder
+from flywheel.models.local import RUNNING_BATCH_FACTOR
 
 SYSTEM = {"role": "system", "content": "You sort customer messages into labels. " * 4}
 
@@ -38,12 +40,13 @@ def token_rows(model, reqs) -> list[list[int]]:
 
 
 def test_continuous_batching_matches_hf_generate_token_for_token(chatty_dir):
-    # batch_size 2: a running batch of 8 and prefill chunks of 2, so 11 requests must join mid-way.
-    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "batch_size": 2})
+    # batch_size 1: a running batch of RUNNING_BATCH_FACTOR rows and prefill chunks of 1, so 11
+    # requests must join mid-way, some only when others have left.
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "batch_size": 1})
     reqs = requests(11)
     completions = model.generate(reqs)
     stats = model._last_decode_stats
-    assert stats.joins > 0 and stats.peak_rows == 8  # rows really joined a running batch
+    assert stats.joins > 0 and stats.peak_rows == RUNNING_BATCH_FACTOR < len(reqs)
     _, tokenizer = model.load()
     expected = hf_greedy(model, token_rows(model, reqs), 8, tokenizer.eos_token_id)
     assert [c.text for c in completions] == [tokenizer.decode(e, skip_special_tokens=True).strip()
@@ -86,6 +89,33 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(chatty_dir):
     assert hot != greedy
     # top_p keeps the smallest set of tokens whose probability reaches p: near 0, only the argmax.
     assert [c.text for c in model.generate(requests(5, temperature=1.5, top_p=1e-9))] == greedy
+
+
+def test_a_small_kv_budget_runs_fewer_rows_at_once_with_the_same_tokens(chatty_dir):
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32"})
+    hf_model, tokenizer = model.load()
+    rows = token_rows(model, requests(9))
+    wide = Decoder(hf_model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    expected = [r.tokens for r in wide.run(rows, max_new_tokens=6)]
+    assert wide.stats.peak_rows == 9
+    per_row = (max(len(r) for r in rows) + 7) * wide._kv_bytes_per_token()
+    narrow = Decoder(hf_model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     kv_budget=3 * per_row)
+    assert [r.tokens for r in narrow.run(rows, max_new_tokens=6)] == expected
+    assert 1 <= narrow.stats.peak_rows <= 3
+    # A budget below one row still decodes, one row at a time.
+    tiny = Decoder(hf_model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, kv_budget=1)
+    assert [r.tokens for r in tiny.run(rows, max_new_tokens=6)] == expected and tiny.stats.peak_rows == 1
+
+
+def test_bf16_with_fp32_kv_buffers_gives_the_tokens_of_bf16_buffers(chatty_dir, monkeypatch):
+    # Decode attention widens keys/values to fp32 anyway: holding them in fp32 must change nothing.
+    model = load_model(f"local:{chatty_dir}", {"dtype": "bf16", "batch_size": 2})
+    reqs = requests(9)
+    widened = [c.text for c in model.generate(reqs)]
+    assert decoding.kv_buffer_dtype(model.load()[0]) == torch.float32
+    monkeypatch.setattr(decoding, "kv_buffer_dtype", lambda _model: None)
+    assert [c.text for c in model.generate(reqs)] == widened
 
 
 def test_one_token_and_empty_requests(chatty_dir):

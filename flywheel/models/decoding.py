@@ -3,19 +3,23 @@
 `LocalModel.generate` hands this loop every request that shares sampling settings. Rather than one
 HF `generate` call per fixed batch, requests stream through one running batch:
 
-- **prefill**: waiting rows, sorted by length, are prefilled in small chunks (little padding) on
-  top of the shared prompt prefix's KV cache, which is computed once and reused;
+- **prefill**: waiting rows, sorted by length, are prefilled in small chunks (little padding)
+  after the shared prompt prefix, whose keys/values are computed once;
 - **join**: a chunk's cache is merged into the running batch. Every row keeps the layout
-  `[prefix][padding][own tokens][generated tokens]`, so all rows write their next key/value at the
-  same column and one forward pass serves them all; position ids are tracked per row, so padding
+  `[padding][own tokens][generated tokens]`, so all rows write their next key/value at the same
+  column and one forward pass serves them all; position ids are tracked per row, so padding
   changes nothing the model sees (it is masked out of attention);
 - **leave**: a row that emits EOS or reaches `max_tokens` leaves the batch at once (its cache rows
   are dropped), so the step cost shrinks and its slot goes to a waiting row; padding columns that
-  no remaining row needs are cut off.
+  no remaining row needs are cut off. The running batch is bounded in rows and in KV bytes.
 
-Two things HF's defaults do that cost more than the model on a CPU are replaced: the KV cache's
-append by `torch.cat` (a copy of the whole cache per layer per step; here `BufferLayer` writes one
-column into a preallocated buffer), and SDPA for one query token (here `decode_attention`).
+What HF's defaults do that costs more than the model on a CPU is replaced:
+- the KV cache's append by `torch.cat` (a copy of the whole cache per layer per step): here
+  `BufferLayer` writes one column into a preallocated buffer;
+- the shared prefix copied into every row's cache and read once per row per step: here it is held
+  once (`_PREFIX`) and the decode attention reads it with one matrix product for all rows;
+- SDPA for one query token, and the per-step widening of a bf16 cache to fp32 for it: here
+  `decode_attention` runs grouped matmuls in fp32 over a cache kept in fp32 (`kv_buffer_dtype`).
 
 Greedy decoding takes the argmax of the last position's logits in fp32, as
 `generate(do_sample=False)` does; sampling applies temperature then top-p, as HF's warpers do, from
@@ -23,7 +27,7 @@ a seeded generator. Each forward computes logits for the last position only. In 
 are those of HF `generate` (tests/test_decoding.py); in bf16, as with any change of batch shape,
 a near-tie can round the other way.
 
-    decoder = Decoder(model, eos_token_id=2, pad_token_id=2, max_batch=128, prefill_batch=32)
+    decoder = Decoder(model, eos_token_id=2, pad_token_id=2, max_batch=256, prefill_batch=32)
     results = decoder.run(token_rows, max_new_tokens=12, prefix_len=90, prefix_cache=cache)
 """
 
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 # The attention implementation the loop switches the model to while it runs (registered below).
 ATTENTION = "flywheel_decode"
@@ -47,41 +51,107 @@ _RUN_LOCK = threading.Lock()
 # cost, so refilling one slot at a time would spend more than it saves).
 REFILL_FRACTION = 0.25
 
+# The running batch's KV cache stays under this many bytes: long prompts get fewer rows at once.
+KV_BUDGET_BYTES = 2 << 30
+
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs):
-    """Decode steps on CPU: grouped-query attention as two batched matmuls in fp32; else SDPA.
+    """Attention while the decode loop runs: the shared prompt prefix read once, not once per row.
 
-    torch's CPU SDPA kernel is slow for one query token per row (measured: 17 ms vs 1.2 ms of CPU
-    for 128 rows x 9 heads x 135 keys, on a loaded machine), and a decode step calls it once per
-    layer. Here each key/value head serves its group of query heads in place (no `repeat_kv`), and
-    scores, softmax and the weighted sum run in fp32, as SDPA's kernels accumulate. Prefill
-    (several query tokens per row) stays on SDPA.
+    The running batch's cache holds each row's own tokens only; the prefix's keys and values (the
+    same for every row) live in `_PREFIX`, set by `Decoder.run`. Every row sees the whole prefix,
+    then its own tokens under `attention_mask`.
+
+    Decode steps on CPU (one query token per row) run as matmuls in fp32, as SDPA's kernels
+    accumulate: the prefix part is one matrix product per key/value head for all rows at once, the
+    own part a batched product per row; each key/value head serves its group of query heads in
+    place (no `repeat_kv`). torch's CPU SDPA kernel is slow for one query token per row (measured:
+    17 ms vs 1.2 ms of CPU for 128 rows x 9 heads x 135 keys, on a loaded machine). Prefill
+    (several query tokens per row) and other devices use SDPA over the prefix and own keys joined.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    prefix = _PREFIX[module.layer_idx] if _PREFIX else None
     if (query.shape[2] != 1 or query.device.type != "cpu" or dropout
             or kwargs.get("position_bias") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return _sdpa_with_prefix(module, query, key, value, attention_mask, prefix, dropout, scaling, **kwargs)
     batch, heads, length, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    grouped = query.float().reshape(batch, kv_heads, group * length, dim)
-    scores = torch.matmul(grouped, key.float().transpose(-1, -2))
-    scores = scores.mul_(dim ** -0.5 if scaling is None else scaling).view(batch, kv_heads, group, length, keys)
+    scale = dim ** -0.5 if scaling is None else scaling
+    grouped = query.float().reshape(batch, kv_heads, group, dim)
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).mul_(scale)  # [batch, kv_heads, group, keys]
     if attention_mask is not None:
-        mask = attention_mask.reshape(batch, 1, 1, attention_mask.shape[-2], keys)
+        mask = attention_mask.reshape(batch, 1, 1, keys)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    elif length > 1:
-        causal = torch.ones(length, keys, dtype=torch.bool, device=query.device).tril(keys - length)
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    probs = scores.softmax(dim=-1).view(batch, kv_heads, group * length, keys)
-    out = torch.matmul(probs, value.float()).to(query.dtype)  # [batch, kv_heads, group * length, dim]
-    return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+    if prefix is not None:
+        prefix_keys, prefix_values = prefix.keys32, prefix.values32  # [kv_heads, prefix, dim]
+        # [kv_heads, batch * group, dim] x [kv_heads, dim, prefix]: one product for every row.
+        shared = torch.matmul(grouped.transpose(0, 1).reshape(kv_heads, batch * group, dim),
+                              prefix_keys.transpose(-1, -2)).mul_(scale)
+        shared = shared.view(kv_heads, batch, group, -1).transpose(0, 1)
+        probs = torch.cat([shared, scores], dim=-1).softmax(dim=-1)
+        width = prefix_keys.shape[1]
+        out = torch.matmul(probs[..., width:], value.float())
+        out += torch.matmul(probs[..., :width].transpose(0, 1).reshape(kv_heads, batch * group, width),
+                            prefix_values).view(kv_heads, batch, group, dim).transpose(0, 1)
+    else:
+        out = torch.matmul(scores.softmax(dim=-1), value.float())  # [batch, kv_heads, group, dim]
+    return out.to(query.dtype).view(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _sdpa_with_prefix(module, query, key, value, attention_mask, prefix, dropout, scaling, **kwargs):
+    """transformers' SDPA attention over [prefix keys][own keys], every row seeing the whole prefix."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if key.dtype != query.dtype:  # a wider KV buffer (see BufferLayer): exact, bf16 widens losslessly
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    if prefix is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    batch, length, own = query.shape[0], query.shape[2], key.shape[2]
+    width = prefix.keys.shape[2]
+    key = torch.cat([prefix.keys.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix.values.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    if attention_mask is None:  # causal over the own tokens, as SDPA's is_causal would be
+        attention_mask = torch.ones(length, own, dtype=torch.bool, device=query.device).tril(own - length)
+        attention_mask = attention_mask.expand(batch, 1, length, own)
+    if attention_mask.dtype == torch.bool:
+        seen = torch.ones(*attention_mask.shape[:-1], width, dtype=torch.bool, device=query.device)
+    else:
+        seen = torch.zeros(*attention_mask.shape[:-1], width, dtype=attention_mask.dtype, device=query.device)
+    attention_mask = torch.cat([seen, attention_mask], dim=-1)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+@dataclass
+class _Prefix:
+    """One layer's keys/values of the shared prompt prefix: as computed, and widened to fp32."""
+
+    keys: torch.Tensor  # [1, kv_heads, prefix, dim], the model's dtype
+    values: torch.Tensor
+    keys32: torch.Tensor  # [kv_heads, prefix, dim], fp32
+    values32: torch.Tensor
+
+
+# The shared prefix of the running loop, per layer (set by Decoder.run under _RUN_LOCK; empty otherwise).
+_PREFIX: list[_Prefix] = []
+
+
+def kv_buffer_dtype(model) -> torch.dtype | None:
+    """fp32 for a reduced-precision model on CPU, whose decode attention runs in fp32 (else None).
+
+    `decode_attention` widens keys and values to fp32 every step; kept in fp32, the cache is widened
+    once per written column instead of once per step over its whole width (at 128 rows that cast
+    was the largest cost after the matmuls). The values are the same: bf16 widens exactly.
+    """
+    dtype = getattr(model, "dtype", None)
+    if model.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return None
 
 
 def _register_attention() -> None:
@@ -133,18 +203,21 @@ class Decoder:
     """Runs the continuous-batching loop on one loaded causal LM.
 
     `max_batch` bounds the running batch; `prefill_batch` bounds one prefill chunk. Both trade
-    memory for speed; the defaults suit a small model on a CPU.
+    memory for speed; the defaults suit a small model on a CPU. `kv_budget` (bytes) bounds the
+    running batch's KV cache, so long prompts run in fewer rows at once.
     """
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, max_batch: int = 128,
-                 prefill_batch: int = 32):
+                 prefill_batch: int = 32, kv_budget: int = KV_BUDGET_BYTES):
         self.model = model
         self._spare = 1
+        self._kv_dtype = None  # the KV buffers' dtype when it differs from the model's (set per run)
         self.stats = DecodeStats()
         self.eos = eos_token_id
         self.pad = pad_token_id
         self.max_batch = max_batch
         self.prefill_batch = prefill_batch
+        self.kv_budget = kv_budget
         params = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` during 5.x.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -168,31 +241,37 @@ class Decoder:
         config = self.model.config
         with _RUN_LOCK:
             attention = config._attn_implementation
-            if attention == "sdpa":
+            shared = attention == "sdpa"  # the loop's own attention: shared prefix, wide KV buffers
+            if shared:
                 config._attn_implementation = ATTENTION
+                if prefix_len:
+                    _PREFIX[:] = [_prefix_of(layer) for layer in _layers(prefix_cache)]
+            else:
+                prefix_len = 0  # other attention implementations get whole prompts
+            self._kv_dtype = kv_buffer_dtype(self.model) if shared else None
             try:
-                self._loop(rows, waiting, results, max_new_tokens, prefix_len, prefix_cache, temperature, top_p,
-                           generator)
+                self._loop(rows, waiting, results, max_new_tokens, prefix_len, temperature, top_p, generator)
             finally:
                 config._attn_implementation = attention
+                _PREFIX.clear()
         return results
 
-    def _loop(self, rows, waiting, results, max_new_tokens, prefix_len, prefix_cache, temperature, top_p,
-              generator) -> None:
+    def _loop(self, rows, waiting, results, max_new_tokens, prefix_len, temperature, top_p, generator) -> None:
         batch: _Batch | None = None
         with torch.inference_mode():
             while waiting or batch is not None:
                 free = self.max_batch - (len(batch.owners) if batch else 0)
                 if waiting and (batch is None or free >= max(1, int(self.max_batch * REFILL_FRACTION))):
-                    taken, waiting = waiting[:free], waiting[free:]
+                    taken = self._admit(rows, waiting, free, batch, prefix_len)
+                    waiting = waiting[len(taken):]
                     for start in range(0, len(taken), self.prefill_batch):
                         chunk = taken[start:start + self.prefill_batch]
-                        joined, logits = self._prefill([rows[i] for i in chunk], chunk, prefix_len, prefix_cache)
+                        joined, logits = self._prefill([rows[i] for i in chunk], chunk, prefix_len)
                         joined = self._advance(joined, logits, results, max_new_tokens, temperature, top_p,
                                                generator)
                         if batch is not None and joined is not None:
                             self.stats.joins += 1
-                        batch = _merge(batch, joined, prefix_len, self._spare)
+                        batch = _merge(batch, joined, self._spare)
                         if batch is not None:
                             self.stats.peak_rows = max(self.stats.peak_rows, len(batch.owners))
                 if batch is None:
@@ -200,7 +279,29 @@ class Decoder:
                 logits = self._step(batch)
                 batch = self._advance(batch, logits, results, max_new_tokens, temperature, top_p, generator)
                 if batch is not None:
-                    batch = _compact(batch, prefix_len, self._spare)
+                    batch = _compact(batch, self._spare)
+
+    def _admit(self, rows, waiting: list[int], free: int, batch: _Batch | None, prefix_len: int) -> list[int]:
+        """The waiting rows (shortest first) that join now: up to `free`, within the KV budget."""
+        per_column = self._kv_bytes_per_token()
+        running = len(batch.owners) if batch else 0
+        width = batch.width + self._spare if batch else 0  # columns each row may come to hold
+        taken: list[int] = []
+        for index in waiting[:free]:
+            width = max(width, len(rows[index]) - prefix_len + self._spare)
+            if (running or taken) and (running + len(taken) + 1) * width * per_column > self.kv_budget:
+                break  # an empty batch always takes one row, however long
+            taken.append(index)
+        return taken
+
+    def _kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take across the layers (0 when the config does not say)."""
+        config = self.model.config.get_text_config(decoder=True)
+        heads = getattr(config, "num_attention_heads", 0) or 0
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+        size = torch.empty((), dtype=self._kv_dtype or self.model.dtype).element_size()
+        return 2 * getattr(config, "num_hidden_layers", 0) * kv_heads * head_dim * size
 
     # -- one forward pass -------------------------------------------------------------------------
     def _forward(self, input_ids, mask, positions, cache):
@@ -209,23 +310,26 @@ class Decoder:
         cache = getattr(out, "cache", None) or out.past_key_values
         return out.logits[:, -1, :].float(), cache
 
-    def _prefill(self, rows: list[list[int]], owners: list[int], prefix_len: int, prefix_cache):
-        """Prefill a chunk of rows after the shared prefix; returns its batch and last logits."""
+    def _prefill(self, rows: list[list[int]], owners: list[int], prefix_len: int):
+        """Prefill a chunk of rows after the shared prefix (in `_PREFIX`); returns its batch and last logits."""
         self.stats.prefills += 1
         device = self.model.device
         own = [r[prefix_len:] for r in rows]
         longest = max(len(o) for o in own)
         lead = [longest - len(o) for o in own]
         ids = torch.tensor([[self.pad] * gap + o for gap, o in zip(lead, own)], device=device)
-        mask = torch.tensor([[1] * prefix_len + [0] * gap + [1] * len(o) for gap, o in zip(lead, own)],
-                            device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
+        mask = torch.tensor([[0] * gap + [1] * len(o) for gap, o in zip(lead, own)], device=device)
+        positions = prefix_len + (mask.cumsum(-1) - 1).clamp(min=0)
         cache = None
-        if prefix_len:
-            cache = _expand_cache(prefix_cache, len(rows), longest + self._spare)
+        if prefix_len:  # an empty cache with room for the chunk's own tokens and its answers
+            cache = DynamicCache()
+            cache.layers = [BufferLayer.holding(p.keys[:, :, :0].expand(len(rows), -1, -1, -1),
+                                                p.values[:, :, :0].expand(len(rows), -1, -1, -1),
+                                                longest + self._spare, self._kv_dtype) for p in _PREFIX]
         logits, cache = self._forward(ids, mask, positions, cache)
         if not prefix_len:
-            _install(cache, [(layer.keys, layer.values) for layer in _layers(cache)], self._spare)
+            _install(cache, [(layer.keys, layer.values) for layer in _layers(cache)], self._spare,
+                     self._kv_dtype)
         batch = _Batch(cache=cache, mask=mask, positions=positions[:, -1] + 1, last=ids[:, -1],
                        owners=list(owners), lead=lead)
         return batch, logits
@@ -260,7 +364,7 @@ class Decoder:
             return batch
         if not keep:
             return None
-        return _select(batch, keep, self._spare)
+        return _select(batch, keep)
 
 
 def _sample(logits, temperature: float, top_p: float, generator):
@@ -282,28 +386,41 @@ def _layers(cache):
 
 
 class BufferLayer(DynamicLayer):
-    """A DynamicLayer whose keys/values are views of a preallocated buffer.
+    """A DynamicLayer whose keys/values are views of preallocated [rows, heads, capacity, dim] buffers.
 
     DynamicLayer appends by `torch.cat`, which copies the whole cache every step: at batch 128 that
-    copy cost about as much as the model's matmuls. Here a step writes its one column in place.
+    copy cost about as much as the model's matmuls. Here a step writes its one column in place. The
+    buffers may hold a wider dtype than the model computes in (fp32 for a bf16 model on CPU, whose
+    decode attention runs in fp32): then the cast happens once per written column, not once per
+    step over the whole cache.
     """
 
-    def __init__(self, keys, values, spare: int):
+    def __init__(self, buffers: list[torch.Tensor], length: int):
         super().__init__()
-        self.device = keys.device
+        self.device = buffers[0].device
         self.is_initialized = True
-        self._length = keys.shape[2]
-        self._buffers = [_allocate(t, self._length + spare) for t in (keys, values)]
+        self._buffers = buffers
+        self._length = length
         self._views()
+
+    @classmethod
+    def holding(cls, keys, values, spare: int, dtype=None) -> BufferLayer:
+        """A layer holding copies of `keys`/`values` with room for `spare` more columns."""
+        length = keys.shape[2]
+        return cls([_allocate(t, length + spare, dtype) for t in (keys, values)], length)
 
     def _views(self):
         self.keys = self._buffers[0][:, :, :self._length]
         self.values = self._buffers[1][:, :, :self._length]
 
+    @property
+    def capacity(self) -> int:
+        return self._buffers[0].shape[2]
+
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the new columns in place (growing the buffer if full); return all keys/values."""
         new = key_states.shape[2]
-        if self._length + new > self._buffers[0].shape[2]:
+        if self._length + new > self.capacity:
             self._buffers = [_allocate(t, 2 * (self._length + new)) for t in (self.keys, self.values)]
         self._buffers[0][:, :, self._length:self._length + new].copy_(key_states)
         self._buffers[1][:, :, self._length:self._length + new].copy_(value_states)
@@ -311,55 +428,83 @@ class BufferLayer(DynamicLayer):
         self._views()
         return self.keys, self.values
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the rows `index`: one copy of the whole buffers, spare columns included."""
+        self._buffers = [b.index_select(0, index) for b in self._buffers]
+        self._views()
 
-def _allocate(tensor, capacity: int):
-    """A [batch, heads, capacity, dim] buffer starting with `tensor`'s columns."""
+    def cut_columns(self, start: int, count: int, spare: int) -> None:
+        """Drop `count` columns from `start` on (padding no remaining row needs)."""
+        keep = self._length - count
+        buffers = []
+        for buffer in self._buffers:
+            shape = list(buffer.shape)
+            shape[2] = keep + spare
+            cut = buffer.new_empty(shape)
+            cut[:, :, :start].copy_(buffer[:, :, :start])
+            cut[:, :, start:keep].copy_(buffer[:, :, start + count:self._length])
+            buffers.append(cut)
+        self._buffers, self._length = buffers, keep
+        self._views()
+
+
+def _allocate(tensor, capacity: int, dtype=None):
+    """A [batch, heads, capacity, dim] buffer (of `dtype`, default the tensor's) starting with `tensor`'s columns."""
     shape = list(tensor.shape)
     shape[2] = capacity
-    buffer = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+    buffer = torch.empty(shape, dtype=dtype or tensor.dtype, device=tensor.device)
     buffer[:, :, :tensor.shape[2]].copy_(tensor)
     return buffer
 
 
-def _install(cache, tensors: list[tuple[torch.Tensor, torch.Tensor]], spare: int) -> None:
-    """Replace the cache's layers by in-place-append layers holding `tensors` (keys, values)."""
-    cache.layers = [BufferLayer(keys, values, spare) for keys, values in tensors]
+def _install(cache, tensors: list[tuple[torch.Tensor, torch.Tensor]], spare: int, dtype=None) -> None:
+    """Replace the cache's layers by in-place-append layers holding copies of `tensors` (keys, values)."""
+    cache.layers = [BufferLayer.holding(keys, values, spare, dtype) for keys, values in tensors]
 
 
-def _expand_cache(prefix_cache, rows: int, spare: int):
-    """A copy of a one-row prefix cache repeated for `rows` rows, with room for `spare` columns."""
-    import copy
-
-    cache = copy.copy(prefix_cache)
-    _install(cache, [(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
-                     for layer in _layers(prefix_cache)], spare)
-    return cache
+def _prefix_of(layer) -> _Prefix:
+    """A prefix cache layer ([1, kv_heads, prefix, dim]) as the attention reads it."""
+    return _Prefix(keys=layer.keys, values=layer.values, keys32=layer.keys[0].float(),
+                   values32=layer.values[0].float())
 
 
-def _widen(tensor, prefix_len: int, extra: int, dim: int):
-    """Insert `extra` zero columns right after the prefix along `dim`."""
+def _pad_left(tensor, extra: int, dim: int):
+    """`extra` zero columns in front of `tensor` along `dim`."""
     if extra == 0:
         return tensor
     shape = list(tensor.shape)
     shape[dim] = extra
-    zeros = torch.zeros(shape, dtype=tensor.dtype, device=tensor.device)
-    head, tail = tensor.narrow(dim, 0, prefix_len), tensor.narrow(dim, prefix_len, tensor.shape[dim] - prefix_len)
-    return torch.cat([head, zeros, tail], dim=dim)
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def _merge(batch: _Batch | None, joined: _Batch | None, prefix_len: int, spare: int) -> _Batch | None:
-    """Append `joined`'s rows to `batch`, padding whichever is narrower right after the prefix."""
+def _stack_rows(parts: list[tuple[torch.Tensor, int]], width: int, capacity: int):
+    """One [rows, heads, capacity, dim] buffer holding each part's rows, each padded on the left to
+    `width` columns (`parts`: (keys or values, padding columns))."""
+    first = parts[0][0]
+    rows = sum(t.shape[0] for t, _ in parts)
+    buffer = first.new_empty((rows, first.shape[1], capacity, first.shape[3]))
+    row = 0
+    for tensor, extra in parts:
+        span = buffer[row:row + tensor.shape[0]]
+        span[:, :, :extra].zero_()
+        span[:, :, extra:width].copy_(tensor)
+        row += tensor.shape[0]
+    return buffer
+
+
+def _merge(batch: _Batch | None, joined: _Batch | None, spare: int) -> _Batch | None:
+    """Append `joined`'s rows to `batch`, padding whichever is narrower on the left."""
     if batch is None or joined is None:
         return joined if batch is None else batch
     width = max(batch.width, joined.width)
     extra_a, extra_b = width - batch.width, width - joined.width
-    tensors = []
+    layers = []
     for layer_a, layer_b in zip(_layers(batch.cache), _layers(joined.cache)):
-        tensors.append(tuple(
-            torch.cat([_widen(x, prefix_len, extra_a, 2), _widen(y, prefix_len, extra_b, 2)], dim=0)
-            for x, y in ((layer_a.keys, layer_b.keys), (layer_a.values, layer_b.values))))
-    _install(batch.cache, tensors, spare)
-    batch.mask = torch.cat([_widen(batch.mask, prefix_len, extra_a, 1), _widen(joined.mask, prefix_len, extra_b, 1)])
+        buffers = [_stack_rows([(a, extra_a), (b, extra_b)], width, width + spare)
+                   for a, b in ((layer_a.keys, layer_b.keys), (layer_a.values, layer_b.values))]
+        layers.append(BufferLayer(buffers, width))
+    batch.cache.layers = layers
+    batch.mask = torch.cat([_pad_left(batch.mask, extra_a, 1), _pad_left(joined.mask, extra_b, 1)])
     batch.positions = torch.cat([batch.positions, joined.positions])
     batch.last = torch.cat([batch.last, joined.last])
     batch.owners = batch.owners + joined.owners
@@ -367,11 +512,11 @@ def _merge(batch: _Batch | None, joined: _Batch | None, prefix_len: int, spare: 
     return batch
 
 
-def _select(batch: _Batch, keep: list[int], spare: int) -> _Batch:
+def _select(batch: _Batch, keep: list[int]) -> _Batch:
     """Keep only the rows `keep` of the running batch."""
     index = torch.tensor(keep, device=batch.mask.device)
-    _install(batch.cache, [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
-                           for layer in _layers(batch.cache)], spare)
+    for layer in _layers(batch.cache):
+        layer.select_rows(index)
     batch.mask = batch.mask.index_select(0, index)
     batch.positions = batch.positions.index_select(0, index)
     batch.last = batch.last.index_select(0, index)
@@ -380,14 +525,13 @@ def _select(batch: _Batch, keep: list[int], spare: int) -> _Batch:
     return batch
 
 
-def _compact(batch: _Batch, prefix_len: int, spare: int) -> _Batch:
-    """Cut padding columns that every remaining row has right after the prefix."""
+def _compact(batch: _Batch, spare: int) -> _Batch:
+    """Cut the padding columns on the left that every remaining row has."""
     cut = min(batch.lead)
     if cut == 0:
         return batch
-    keep = torch.cat([torch.arange(prefix_len), torch.arange(prefix_len + cut, batch.width)]).to(batch.mask.device)
-    _install(batch.cache, [(layer.keys.index_select(2, keep), layer.values.index_select(2, keep))
-                           for layer in _layers(batch.cache)], spare)
-    batch.mask = batch.mask.index_select(1, keep)
+    for layer in _layers(batch.cache):
+        layer.cut_columns(0, cut, spare)
+    batch.mask = batch.mask[:, cut:]
     batch.lead = [x - cut for x in batch.lead]
     return batch

@@ -58,7 +58,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 # `generate` call per fixed batch (the reference the loop is tested against).
 DECODERS = ("continuous", "hf")
 # The running batch of the continuous decoder holds this many rows per unit of batch_size.
-RUNNING_BATCH_FACTOR = 4
+RUNNING_BATCH_FACTOR = 8
 
 
 def cache_dir() -> Path:
