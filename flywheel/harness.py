@@ -201,12 +201,15 @@ def evaluate(
             _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress,
                    grades=result.grades)
         to_generate = []
+    target = commit_interval() if commit_every_s is None else commit_every_s
+    if to_generate and model.streams:  # one running batch for everything; commits as rows finish
+        _stream(store, iteration_id, model, grader_set, to_generate, counters, max_errors, total, progress, target)
+        to_generate = []
     # Commit by batch and by time: a chunk starts as one model batch and is resized so that its
     # generation takes about `commit_every_s` (between the model's `min_chunk_size` and four model
     # batches), so a kill loses at most a few seconds of generated work. A chunk never splits the
     # repeats of one item (a remote model sends them as one call with `n`). Before each chunk, what
     # another process running the same eval has stored meanwhile is skipped.
-    target = commit_interval() if commit_every_s is None else commit_every_s
     preferred = max(1, model.preferred_batch_size)
     floor = max(1, min(preferred, model.min_chunk_size))
     size, start = preferred, 0
@@ -427,6 +430,54 @@ def _generate(model: Model, chunk: list[_Pending], counters: _Counters) -> None:
             p.error = completion.error
         else:
             p.completion = completion
+
+
+def _stream(store: Store, iteration_id: str, model: Model, grader_set: GraderSet, pending: list[_Pending],
+            counters: _Counters, max_errors: int | None, total: int, progress: ProgressFn | None,
+            every_s: float) -> None:
+    """Generate `pending` as one stream (`model.stream`), grading and committing what has finished
+    while the model's running batch stays full: first after one model batch, then every `every_s`
+    seconds or four model batches, whichever comes first, as the chunked path does — so a kill
+    loses at most that much finished work, and `progress` (which may cancel) is called as often.
+    A sample another process stored meanwhile is generated again but stored once (the store keeps
+    the first copy). If the stream fails, the requests not yet done go through `_generate`, which
+    isolates a failing request.
+    """
+    counters.model_calls += len(pending)
+    finished: list[_Pending] = []
+    left = set(range(len(pending)))
+    last_commit = time.perf_counter()
+    batch = max(1, model.preferred_batch_size)
+    most = batch  # finished rows held before a commit: one batch at first, then four
+
+    def commit() -> None:
+        nonlocal finished, last_commit, most
+        chunk, finished = finished, []
+        _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
+        last_commit, most = time.perf_counter(), batch * 4
+
+    stream = model.stream([p.request for p in pending])
+    while True:
+        try:  # only the model's own failures are caught here; a commit's (or a cancel's) propagate
+            index, completion = next(stream)
+        except StopIteration:
+            break
+        except FlywheelError:
+            commit()  # what finished before the failure is kept
+            raise
+        except Exception:  # noqa: BLE001 - the rest one batch, then one by one, to find the failing request
+            rest = [pending[i] for i in sorted(left)]
+            counters.model_calls -= len(rest)
+            _generate(model, rest, counters)
+            finished += rest
+            break
+        p = pending[index]
+        p.error, p.completion = (completion.error, None) if completion.error else (None, completion)
+        finished.append(p)
+        left.discard(index)
+        if len(finished) >= most or time.perf_counter() - last_commit >= every_s:
+            commit()
+    commit()
 
 
 def _write(store: Store, iteration_id: str, model: Model, grader_set: GraderSet, chunk: list[_Pending],

@@ -168,3 +168,81 @@ def test_failure_before_the_first_sample_leaves_no_running_run(tiny_spec, store,
         run_eval(spec, store, split="test")
     (run,) = store.list_runs()
     assert run["status"] == "failed" and "no API key" in json.loads(run["summary_json"])["error"]
+
+
+class StreamingModel(SlowModel):
+    """Streams completions one by one; fails with `error` after `fail_after` of them (if set)."""
+
+    def __init__(self, fail_after: int | None = None, error: Exception | None = None):
+        super().__init__(delay=0.0)
+        self.fail_after, self.error = fail_after, error
+        self.streamed: list[int] = []
+
+    @property
+    def streams(self) -> bool:
+        return True
+
+    def stream(self, requests):
+        self.streamed.append(len(requests))
+        for index in range(len(requests)):
+            if index == self.fail_after:
+                raise self.error
+            yield index, Completion(text="card_arrival", prompt_tokens=1, completion_tokens=1)
+
+
+def streaming_spec(tmp_path, n: int):
+    rows = [{"id": f"i{k}", "text": f"item {k}", "label": "card_arrival", "split": "test"} for k in range(n)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict("local:smollm2")))
+    return load_eval_spec(tmp_path / "eval.yaml")
+
+
+def test_a_streaming_model_gets_every_request_in_one_call_and_rows_commit_as_they_finish(tmp_path, store,
+                                                                                        monkeypatch):
+    spec = streaming_spec(tmp_path, 40)
+    model = StreamingModel()
+    monkeypatch.setenv("FLYWHEEL_COMMIT_EVERY_S", "1e-9")
+    writes: list[int] = []
+    real_write = store.write_samples
+    monkeypatch.setattr(store, "write_samples", lambda records: writes.append(len(records)) or real_write(records))
+    result = run_eval(spec, store, split="test", model=model)
+    assert result.n_samples == 40 and result.model_calls == 40 and store.db["samples"].count == 40
+    assert model.streamed == [40] and model.calls == []  # one stream, no batch calls
+    assert sum(writes) == 40 and len(writes) == 40  # committed row by row, as they finished
+
+
+def test_a_stream_that_breaks_keeps_what_finished_and_generates_the_rest(tmp_path, store):
+    spec = streaming_spec(tmp_path, 12)
+    model = StreamingModel(fail_after=5, error=RuntimeError("engine fell over"))
+    result = run_eval(spec, store, split="test", model=model)
+    assert result.n_samples == 12 and store.db["samples"].count == 12 and result.model_calls == 12
+    assert model.streamed == [12] and model.calls == [7]  # the 7 not yet done, in one generate call
+    assert all(s["output_text"] == "card_arrival" and not s["error"]
+               for s in store.samples_with_grades(result.iteration_id))
+
+
+def test_a_flywheel_error_mid_stream_stops_the_eval_but_keeps_the_finished_rows(tmp_path, store):
+    from flywheel.errors import ModelError
+
+    spec = streaming_spec(tmp_path, 12)
+    model = StreamingModel(fail_after=5, error=ModelError("the weights file is gone"))
+    with pytest.raises(ModelError, match="weights file is gone"):
+        run_eval(spec, store, split="test", model=model)
+    assert store.db["samples"].count == 5 and model.calls == []
+
+
+def test_a_cancel_from_progress_mid_stream_stops_it_without_generating_the_rest(tmp_path, store, monkeypatch):
+    spec = streaming_spec(tmp_path, 40)
+    model = StreamingModel()  # preferred batch 16: the first commit comes after 16 finished rows
+    monkeypatch.setenv("FLYWHEEL_COMMIT_EVERY_S", "60")
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done, total):
+        if done:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        run_eval(spec, store, split="test", model=model, progress=progress)
+    assert store.db["samples"].count == 16 and model.calls == []

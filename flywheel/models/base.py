@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,19 @@ class Model(abc.ABC):
     @abc.abstractmethod
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
         """Complete every request; a per-request failure is a Completion with `error` set."""
+
+    def stream(self, requests: list[ChatRequest]) -> Iterator[tuple[int, Completion]]:
+        """Complete every request, yielding (request index, completion) as each is done.
+
+        This default yields once `generate` returns; a model whose engine finishes requests one by
+        one (the local continuous decoder) yields them as they finish and says so in `streams`.
+        """
+        yield from enumerate(self.generate(requests))
+
+    @property
+    def streams(self) -> bool:
+        """True when `stream` yields completions as they finish, before the last one is done."""
+        return False
 
     @property
     def preferred_batch_size(self) -> int:

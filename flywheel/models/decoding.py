@@ -36,7 +36,7 @@ from __future__ import annotations
 import inspect
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -44,7 +44,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 # The attention implementation the loop switches the model to while it runs (registered below).
 ATTENTION = "flywheel_decode"
 
-# One loop at a time per process: `run` switches the model's attention implementation while it runs.
+# One forward pass of a loop at a time per process: a pass switches the model's attention
+# implementation and sets `_PREFIX`.
 _RUN_LOCK = threading.Lock()
 
 # A running batch is refilled once this fraction of its slots is free (a prefill pass has a fixed
@@ -60,7 +61,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
     """Attention while the decode loop runs: the shared prompt prefix read once, not once per row.
 
     The running batch's cache holds each row's own tokens only; the prefix's keys and values (the
-    same for every row) live in `_PREFIX`, set by `Decoder.run`. Every row sees the whole prefix,
+    same for every row) live in `_PREFIX`, set by `Decoder._forward`. Every row sees the whole prefix,
     then its own tokens under `attention_mask`.
 
     Decode steps on CPU (one query token per row) run as matmuls in fp32, as SDPA's kernels
@@ -137,7 +138,8 @@ class _Prefix:
     values32: torch.Tensor
 
 
-# The shared prefix of the running loop, per layer (set by Decoder.run under _RUN_LOCK; empty otherwise).
+# The shared prefix of the loop's current forward pass, per layer (set by Decoder._forward under
+# _RUN_LOCK for one pass; empty otherwise).
 _PREFIX: list[_Prefix] = []
 
 
@@ -211,7 +213,11 @@ class Decoder:
                  prefill_batch: int = 32, kv_budget: int = KV_BUDGET_BYTES):
         self.model = model
         self._spare = 1
-        self._kv_dtype = None  # the KV buffers' dtype when it differs from the model's (set per run)
+        # Set per run: the attention implementation the loop runs the model with (None: the model's
+        # own), the shared prefix's keys/values per layer, the KV buffers' dtype if not the model's.
+        self._attention: str | None = None
+        self._prefix: list[_Prefix] = []
+        self._kv_dtype = None
         self.stats = DecodeStats()
         self.eos = eos_token_id
         self.pad = pad_token_id
@@ -230,56 +236,70 @@ class Decoder:
         `prefix_cache` is the KV cache of `rows[i][:prefix_len]`, which every row must share.
         """
         results = [DecodeResult() for _ in rows]
+        for index, result in self.stream(rows, max_new_tokens=max_new_tokens, prefix_len=prefix_len,
+                                         prefix_cache=prefix_cache, temperature=temperature, top_p=top_p,
+                                         seed=seed):
+            results[index] = result
+        return results
+
+    def stream(self, rows: list[list[int]], *, max_new_tokens: int, prefix_len: int = 0, prefix_cache=None,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Iterator[tuple[int, DecodeResult]]:
+        """Decode every row as `run` does, yielding (row index, result) as each row finishes.
+
+        Nothing is held between two forward passes (the model's attention is switched, and the
+        process-wide lock taken, for each pass only), so the consumer may use the same model —
+        a model-graded grader, say — while the loop waits for it.
+        """
         if not rows or max_new_tokens <= 0:
-            return results
+            yield from ((index, DecodeResult()) for index in range(len(rows)))
+            return
         self._spare = max_new_tokens + 1
         self.stats = DecodeStats()
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        # The loop's own attention (shared prefix, wide KV buffers) replaces SDPA; other attention
+        # implementations get whole prompts and their own kernels.
+        self._attention = ATTENTION if self.model.config._attn_implementation in ("sdpa", ATTENTION) else None
+        self._prefix = []
+        if self._attention and prefix_len:
+            self._prefix = [_prefix_of(layer) for layer in _layers(prefix_cache)]
+        else:
+            prefix_len = 0
+        self._kv_dtype = kv_buffer_dtype(self.model) if self._attention else None
         waiting = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
-        config = self.model.config
-        with _RUN_LOCK:
-            attention = config._attn_implementation
-            shared = attention == "sdpa"  # the loop's own attention: shared prefix, wide KV buffers
-            if shared:
-                config._attn_implementation = ATTENTION
-                if prefix_len:
-                    _PREFIX[:] = [_prefix_of(layer) for layer in _layers(prefix_cache)]
-            else:
-                prefix_len = 0  # other attention implementations get whole prompts
-            self._kv_dtype = kv_buffer_dtype(self.model) if shared else None
-            try:
-                self._loop(rows, waiting, results, max_new_tokens, prefix_len, temperature, top_p, generator)
-            finally:
-                config._attn_implementation = attention
-                _PREFIX.clear()
-        return results
-
-    def _loop(self, rows, waiting, results, max_new_tokens, prefix_len, temperature, top_p, generator) -> None:
+        results = [DecodeResult() for _ in rows]
         batch: _Batch | None = None
-        with torch.inference_mode():
-            while waiting or batch is not None:
-                free = self.max_batch - (len(batch.owners) if batch else 0)
-                if waiting and (batch is None or free >= max(1, int(self.max_batch * REFILL_FRACTION))):
-                    taken = self._admit(rows, waiting, free, batch, prefix_len)
-                    waiting = waiting[len(taken):]
-                    for start in range(0, len(taken), self.prefill_batch):
-                        chunk = taken[start:start + self.prefill_batch]
-                        joined, logits = self._prefill([rows[i] for i in chunk], chunk, prefix_len)
-                        joined = self._advance(joined, logits, results, max_new_tokens, temperature, top_p,
-                                               generator)
-                        if batch is not None and joined is not None:
-                            self.stats.joins += 1
-                        batch = _merge(batch, joined, self._spare)
-                        if batch is not None:
-                            self.stats.peak_rows = max(self.stats.peak_rows, len(batch.owners))
-                if batch is None:
-                    continue
-                logits = self._step(batch)
-                batch = self._advance(batch, logits, results, max_new_tokens, temperature, top_p, generator)
+        while waiting or batch is not None:
+            with torch.inference_mode():  # not across a yield: the consumer's code runs there
+                batch, finished, waiting = self._turn(rows, waiting, batch, results, max_new_tokens, prefix_len,
+                                                      temperature, top_p, generator)
+            yield from ((owner, results[owner]) for owner in finished)
+
+    def _turn(self, rows, waiting, batch, results, max_new_tokens, prefix_len, temperature, top_p, generator):
+        """Refill the running batch if it has room, then one decode step; (batch, finished owners, waiting)."""
+        finished: list[int] = []
+        free = self.max_batch - (len(batch.owners) if batch else 0)
+        if waiting and (batch is None or free >= max(1, int(self.max_batch * REFILL_FRACTION))):
+            taken = self._admit(rows, waiting, free, batch, prefix_len)
+            waiting = waiting[len(taken):]
+            for start in range(0, len(taken), self.prefill_batch):
+                chunk = taken[start:start + self.prefill_batch]
+                joined, logits = self._prefill([rows[i] for i in chunk], chunk, prefix_len)
+                joined, done = self._advance(joined, logits, results, max_new_tokens, temperature, top_p, generator)
+                finished += done
+                if batch is not None and joined is not None:
+                    self.stats.joins += 1
+                batch = _merge(batch, joined, self._spare)
                 if batch is not None:
-                    batch = _compact(batch, self._spare)
+                    self.stats.peak_rows = max(self.stats.peak_rows, len(batch.owners))
+        if batch is not None:
+            logits = self._step(batch)
+            batch, done = self._advance(batch, logits, results, max_new_tokens, temperature, top_p, generator)
+            finished += done
+            if batch is not None:
+                batch = _compact(batch, self._spare)
+        return batch, finished, waiting
 
     def _admit(self, rows, waiting: list[int], free: int, batch: _Batch | None, prefix_len: int) -> list[int]:
         """The waiting rows (shortest first) that join now: up to `free`, within the KV budget."""
@@ -305,13 +325,23 @@ class Decoder:
 
     # -- one forward pass -------------------------------------------------------------------------
     def _forward(self, input_ids, mask, positions, cache):
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+        config = self.model.config
+        with _RUN_LOCK:
+            attention = config._attn_implementation
+            if self._attention:
+                config._attn_implementation = self._attention
+                _PREFIX[:] = self._prefix
+            try:
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                 use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+            finally:
+                config._attn_implementation = attention
+                _PREFIX.clear()
         cache = getattr(out, "cache", None) or out.past_key_values
         return out.logits[:, -1, :].float(), cache
 
     def _prefill(self, rows: list[list[int]], owners: list[int], prefix_len: int):
-        """Prefill a chunk of rows after the shared prefix (in `_PREFIX`); returns its batch and last logits."""
+        """Prefill a chunk of rows after the shared prefix; returns its batch and last logits."""
         self.stats.prefills += 1
         device = self.model.device
         own = [r[prefix_len:] for r in rows]
@@ -325,7 +355,7 @@ class Decoder:
             cache = DynamicCache()
             cache.layers = [BufferLayer.holding(p.keys[:, :, :0].expand(len(rows), -1, -1, -1),
                                                 p.values[:, :, :0].expand(len(rows), -1, -1, -1),
-                                                longest + self._spare, self._kv_dtype) for p in _PREFIX]
+                                                longest + self._spare, self._kv_dtype) for p in self._prefix]
         logits, cache = self._forward(ids, mask, positions, cache)
         if not prefix_len:
             _install(cache, [(layer.keys, layer.values) for layer in _layers(cache)], self._spare,
@@ -346,25 +376,30 @@ class Decoder:
 
     # -- choosing tokens, finishing rows ------------------------------------------------------------
     def _advance(self, batch: _Batch, logits, results, max_new_tokens, temperature, top_p, generator):
-        """Pick each row's next token, record it, and drop rows that are done (None if all are)."""
+        """Pick each row's next token, record it, and drop rows that are done.
+
+        Returns the batch (None once every row is done) and the owners of the rows that finished."""
         if temperature > 0:
             chosen = _sample(logits, temperature, top_p, generator)
         else:
             chosen = logits.argmax(dim=-1)
-        keep = []
+        keep, finished = [], []
         for row, (owner, token) in enumerate(zip(batch.owners, chosen.tolist())):
             result = results[owner]
             result.tokens.append(token)
             if token == self.eos:
                 result.finish_reason = "stop"
+                finished.append(owner)
             elif len(result.tokens) < max_new_tokens:
                 keep.append(row)
+            else:
+                finished.append(owner)
         batch.last = chosen
         if len(keep) == len(batch.owners):
-            return batch
+            return batch, finished
         if not keep:
-            return None
-        return _select(batch, keep)
+            return None, finished
+        return _select(batch, keep), finished
 
 
 def _sample(logits, temperature: float, top_p: float, generator):

@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from flywheel.errors import ModelError
 from flywheel.models import parse_adapters
@@ -321,8 +321,18 @@ class LocalModel(Model):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(requests)
+        for index, completion in self.stream(requests):
+            results[index] = completion
+        return results  # type: ignore[return-value]
+
+    def stream(self, requests: list[ChatRequest]) -> Iterator[tuple[int, Completion]]:
+        """Complete the requests, yielding (request index, completion) as each finishes.
+
+        With the continuous decoder a request is yielded the step it ends, while the others run on.
+        """
         if not requests:
-            return []
+            return
         from flywheel.images import has_images
 
         if any(has_images(r.messages) for r in requests):  # the chat template would print the bytes as text
@@ -334,21 +344,24 @@ class LocalModel(Model):
         groups: dict[Any, list[int]] = {}
         for index in range(len(requests)):
             groups.setdefault(requests[index].sampling, []).append(index)
-        results: list[Completion | None] = [None] * len(requests)
         for sampling, indexes in groups.items():
             rows = [token_ids[i] for i in indexes]
             repeats = [requests[i].repeat for i in indexes]
             if self._use_continuous():
-                completions = self._generate_continuous(rows, sampling, repeats)
+                done = self._stream_continuous(rows, sampling, repeats)
             else:
-                completions = self._generate_hf(rows, sampling, repeats)
-            for index, completion in zip(indexes, completions):
-                results[index] = completion
-        if any(r.tools for r in requests):
-            from flywheel.tools import attach_tool_calls
+                done = enumerate(self._generate_hf(rows, sampling, repeats))
+            for position, completion in done:
+                request = requests[indexes[position]]
+                if request.tools:
+                    from flywheel.tools import attach_tool_calls
 
-            attach_tool_calls(requests, results)
-        return results  # type: ignore[return-value]
+                    attach_tool_calls([request], [completion])
+                yield indexes[position], completion
+
+    @property
+    def streams(self) -> bool:
+        return self._use_continuous()
 
     def _use_continuous(self) -> bool:
         """The continuous loop edits the KV cache column-wise: plain full-attention caches only."""
@@ -361,7 +374,9 @@ class LocalModel(Model):
             return set(layer_types) == {"full_attention"}
         return not getattr(config, "sliding_window", None)
 
-    def _generate_continuous(self, rows: list[list[int]], sampling, repeats: list[int]) -> list[Completion]:
+    def _stream_continuous(self, rows: list[list[int]], sampling, repeats: list[int]) -> Iterator[tuple[int, Completion]]:
+        """(row index, completion) as the continuous decoder finishes each row; latency is the wall
+        time so far shared among the rows finished so far."""
         from flywheel.models.decoding import Decoder
 
         model, tokenizer = self.load()
@@ -370,12 +385,13 @@ class LocalModel(Model):
         prefix_cache = self._prefix_kv(tuple(rows[0][:prefix_len])) if prefix_len else None
         decoder = Decoder(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           max_batch=self.batch_size * RUNNING_BATCH_FACTOR, prefill_batch=self.batch_size)
-        decoded = decoder.run(rows, max_new_tokens=sampling.max_tokens, prefix_len=prefix_len,
-                              prefix_cache=prefix_cache, temperature=sampling.temperature,
-                              top_p=sampling.top_p, seed=sampling.seed * 1000 + min(repeats))
-        self._last_decode_stats = decoder.stats
-        elapsed = time.perf_counter() - started
-        return [self._completion(result.tokens, prompt, elapsed / len(rows)) for result, prompt in zip(decoded, rows)]
+        finished = 0
+        for index, result in decoder.stream(rows, max_new_tokens=sampling.max_tokens, prefix_len=prefix_len,
+                                            prefix_cache=prefix_cache, temperature=sampling.temperature,
+                                            top_p=sampling.top_p, seed=sampling.seed * 1000 + min(repeats)):
+            finished += 1
+            self._last_decode_stats = decoder.stats
+            yield index, self._completion(result.tokens, rows[index], (time.perf_counter() - started) / finished)
 
     def _completion(self, tokens: list[int], prompt: list[int], latency_s: float) -> Completion:
         """Decode generated ids (cut at EOS) into a Completion."""
