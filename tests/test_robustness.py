@@ -141,9 +141,15 @@ def test_the_same_eval_twice_at_once_both_succeed_with_one_copy_of_each_sample(t
         assert {status for (status,) in conn.execute("select status from runs")} == {"completed"}
 
 
-def test_kill_near_the_end_of_a_60_item_eval_keeps_what_was_generated(tmp_path, tiny_model_dir):
-    # The default local batch is 32: before commits by time, the 60 items were one commit.
-    spec = _many_items_spec(tmp_path, tiny_model_dir, 60)
+@pytest.mark.parametrize("options, kill_at", [
+    # Chunked generation (the path of remote models): the default local batch is 32, and before
+    # commits by time the 60 items were one commit.
+    ({"decoder": "hf"}, 40),
+    # The continuous decoder streams: one running batch of 8 rows, finished rows committed as they finish.
+    ({"batch_size": 1}, 24),
+], ids=["chunked", "streamed"])
+def test_kill_near_the_end_of_a_60_item_eval_keeps_what_was_generated(tmp_path, tiny_model_dir, options, kill_at):
+    spec = _many_items_spec(tmp_path, tiny_model_dir, 60, **options)
     db = tmp_path / "kill.db"
     command = [sys.executable, "-m", "flywheel", "eval", str(spec), "--db", str(db), "--json"]
     env = {**ENV, "FLYWHEEL_COMMIT_EVERY_S": "0.02"}
@@ -156,7 +162,7 @@ def test_kill_near_the_end_of_a_60_item_eval_keeps_what_was_generated(tmp_path, 
                     stored = conn.execute("select count(*) from samples").fetchone()[0]
             except sqlite3.OperationalError:
                 stored = 0
-            if stored >= 40:
+            if stored >= kill_at:
                 break
         time.sleep(0.005)
     assert proc.poll() is None, "the eval finished before it could be killed"
@@ -164,7 +170,7 @@ def test_kill_near_the_end_of_a_60_item_eval_keeps_what_was_generated(tmp_path, 
     proc.wait()
     with sqlite3.connect(db) as conn:
         before = conn.execute("select count(*) from samples").fetchone()[0]
-    assert 40 <= before < 60
+    assert kill_at <= before < 60
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr
     result = json.loads(finished.stdout)
