@@ -53,7 +53,7 @@ _RUN_LOCK = threading.Lock()
 REFILL_FRACTION = 0.25
 
 # The running batch's KV cache stays under this many bytes: long prompts get fewer rows at once.
-KV_BUDGET_BYTES = 2 << 30
+KV_BUDGET_BYTES = 1 << 30
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
