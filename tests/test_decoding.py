@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from flywheel.models import ChatRequest, Sampling, load_model
-from flywheel.models import decoding
 from flywheel.models.decoding import Decoder
 from flywheel.models.local import RUNNING_BATCH_FACTOR
 
@@ -108,14 +107,14 @@ def test_a_small_kv_budget_runs_fewer_rows_at_once_with_the_same_tokens(chatty_d
     assert [r.tokens for r in tiny.run(rows, max_new_tokens=6)] == expected and tiny.stats.peak_rows == 1
 
 
-def test_bf16_with_fp32_kv_buffers_gives_the_tokens_of_bf16_buffers(chatty_dir, monkeypatch):
-    # Decode attention widens keys/values to fp32 anyway: holding them in fp32 must change nothing.
+def test_bf16_decodes_on_the_shared_prefix_path(chatty_dir):
+    # The prefix keys are read in fp32 for the decode step and in bf16 by SDPA in prefill: no dtype
+    # may leak from one path to the other.
     model = load_model(f"local:{chatty_dir}", {"dtype": "bf16", "batch_size": 2})
-    reqs = requests(9)
-    widened = [c.text for c in model.generate(reqs)]
-    assert decoding.kv_buffer_dtype(model.load()[0]) == torch.float32
-    monkeypatch.setattr(decoding, "kv_buffer_dtype", lambda _model: None)
-    assert [c.text for c in model.generate(reqs)] == widened
+    completions = model.generate(requests(7, max_tokens=5))
+    assert model.load()[0].dtype == torch.bfloat16 and model._prefix_memo is not None
+    assert all(c.completion_tokens >= 1 and not c.error for c in completions)
+    assert model._last_decode_stats.joins > 0
 
 
 def test_one_token_and_empty_requests(chatty_dir):

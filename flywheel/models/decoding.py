@@ -18,8 +18,7 @@ What HF's defaults do that costs more than the model on a CPU is replaced:
   `BufferLayer` writes one column into a preallocated buffer;
 - the shared prefix copied into every row's cache and read once per row per step: here it is held
   once (`_PREFIX`) and the decode attention reads it with one matrix product for all rows;
-- SDPA for one query token, and the per-step widening of a bf16 cache to fp32 for it: here
-  `decode_attention` runs grouped matmuls in fp32 over a cache kept in fp32 (`kv_buffer_dtype`).
+- SDPA for one query token: here `decode_attention` runs grouped matmuls in fp32.
 
 Greedy decoding takes the argmax of the last position's logits in fp32, as
 `generate(do_sample=False)` does; sampling applies temperature then top-p, as HF's warpers do, from
@@ -107,15 +106,13 @@ def _sdpa_with_prefix(module, query, key, value, attention_mask, prefix, dropout
     """transformers' SDPA attention over [prefix keys][own keys], every row seeing the whole prefix."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if key.dtype != query.dtype:  # a wider KV buffer (see BufferLayer): exact, bf16 widens losslessly
-        key, value = key.to(query.dtype), value.to(query.dtype)
     if prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     batch, length, own = query.shape[0], query.shape[2], key.shape[2]
     width = prefix.keys.shape[2]
-    key = torch.cat([prefix.keys.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-    value = torch.cat([prefix.values.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+    key = torch.cat([prefix.keys.expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([prefix.values.expand(batch, -1, -1, -1), value], dim=2)
     if attention_mask is None:  # causal over the own tokens, as SDPA's is_causal would be
         attention_mask = torch.ones(length, own, dtype=torch.bool, device=query.device).tril(own - length)
         attention_mask = attention_mask.expand(batch, 1, length, own)
@@ -141,19 +138,6 @@ class _Prefix:
 # The shared prefix of the loop's current forward pass, per layer (set by Decoder._forward under
 # _RUN_LOCK for one pass; empty otherwise).
 _PREFIX: list[_Prefix] = []
-
-
-def kv_buffer_dtype(model) -> torch.dtype | None:
-    """fp32 for a reduced-precision model on CPU, whose decode attention runs in fp32 (else None).
-
-    `decode_attention` widens keys and values to fp32 every step; kept in fp32, the cache is widened
-    once per written column instead of once per step over its whole width (at 128 rows that cast
-    was the largest cost after the matmuls). The values are the same: bf16 widens exactly.
-    """
-    dtype = getattr(model, "dtype", None)
-    if model.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return torch.float32
-    return None
 
 
 def _register_attention() -> None:
@@ -214,10 +198,9 @@ class Decoder:
         self.model = model
         self._spare = 1
         # Set per run: the attention implementation the loop runs the model with (None: the model's
-        # own), the shared prefix's keys/values per layer, the KV buffers' dtype if not the model's.
+        # own) and the shared prefix's keys/values per layer.
         self._attention: str | None = None
         self._prefix: list[_Prefix] = []
-        self._kv_dtype = None
         self.stats = DecodeStats()
         self.eos = eos_token_id
         self.pad = pad_token_id
@@ -266,7 +249,6 @@ class Decoder:
             self._prefix = [_prefix_of(layer) for layer in _layers(prefix_cache)]
         else:
             prefix_len = 0
-        self._kv_dtype = kv_buffer_dtype(self.model) if self._attention else None
         waiting = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
         results = [DecodeResult() for _ in rows]
         batch: _Batch | None = None
@@ -320,7 +302,7 @@ class Decoder:
         heads = getattr(config, "num_attention_heads", 0) or 0
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
-        size = torch.empty((), dtype=self._kv_dtype or self.model.dtype).element_size()
+        size = torch.empty((), dtype=self.model.dtype).element_size()
         return 2 * getattr(config, "num_hidden_layers", 0) * kv_heads * head_dim * size
 
     # -- one forward pass -------------------------------------------------------------------------
@@ -355,11 +337,10 @@ class Decoder:
             cache = DynamicCache()
             cache.layers = [BufferLayer.holding(p.keys[:, :, :0].expand(len(rows), -1, -1, -1),
                                                 p.values[:, :, :0].expand(len(rows), -1, -1, -1),
-                                                longest + self._spare, self._kv_dtype) for p in self._prefix]
+                                                longest + self._spare) for p in self._prefix]
         logits, cache = self._forward(ids, mask, positions, cache)
         if not prefix_len:
-            _install(cache, [(layer.keys, layer.values) for layer in _layers(cache)], self._spare,
-                     self._kv_dtype)
+            _install(cache, [(layer.keys, layer.values) for layer in _layers(cache)], self._spare)
         batch = _Batch(cache=cache, mask=mask, positions=positions[:, -1] + 1, last=ids[:, -1],
                        owners=list(owners), lead=lead)
         return batch, logits
@@ -424,10 +405,7 @@ class BufferLayer(DynamicLayer):
     """A DynamicLayer whose keys/values are views of preallocated [rows, heads, capacity, dim] buffers.
 
     DynamicLayer appends by `torch.cat`, which copies the whole cache every step: at batch 128 that
-    copy cost about as much as the model's matmuls. Here a step writes its one column in place. The
-    buffers may hold a wider dtype than the model computes in (fp32 for a bf16 model on CPU, whose
-    decode attention runs in fp32): then the cast happens once per written column, not once per
-    step over the whole cache.
+    copy cost about as much as the model's matmuls. Here a step writes its one column in place.
     """
 
     def __init__(self, buffers: list[torch.Tensor], length: int):
@@ -439,10 +417,10 @@ class BufferLayer(DynamicLayer):
         self._views()
 
     @classmethod
-    def holding(cls, keys, values, spare: int, dtype=None) -> BufferLayer:
+    def holding(cls, keys, values, spare: int) -> BufferLayer:
         """A layer holding copies of `keys`/`values` with room for `spare` more columns."""
         length = keys.shape[2]
-        return cls([_allocate(t, length + spare, dtype) for t in (keys, values)], length)
+        return cls([_allocate(t, length + spare) for t in (keys, values)], length)
 
     def _views(self):
         self.keys = self._buffers[0][:, :, :self._length]
@@ -483,18 +461,18 @@ class BufferLayer(DynamicLayer):
         self._views()
 
 
-def _allocate(tensor, capacity: int, dtype=None):
-    """A [batch, heads, capacity, dim] buffer (of `dtype`, default the tensor's) starting with `tensor`'s columns."""
+def _allocate(tensor, capacity: int):
+    """A [batch, heads, capacity, dim] buffer starting with `tensor`'s columns."""
     shape = list(tensor.shape)
     shape[2] = capacity
-    buffer = torch.empty(shape, dtype=dtype or tensor.dtype, device=tensor.device)
+    buffer = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
     buffer[:, :, :tensor.shape[2]].copy_(tensor)
     return buffer
 
 
-def _install(cache, tensors: list[tuple[torch.Tensor, torch.Tensor]], spare: int, dtype=None) -> None:
+def _install(cache, tensors: list[tuple[torch.Tensor, torch.Tensor]], spare: int) -> None:
     """Replace the cache's layers by in-place-append layers holding copies of `tensors` (keys, values)."""
-    cache.layers = [BufferLayer.holding(keys, values, spare, dtype) for keys, values in tensors]
+    cache.layers = [BufferLayer.holding(keys, values, spare) for keys, values in tensors]
 
 
 def _prefix_of(layer) -> _Prefix:
