@@ -241,7 +241,7 @@ class Decoder:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        # The loop's own attention (shared prefix, wide KV buffers) replaces SDPA; other attention
+        # The loop's own attention (the shared prefix read once) replaces SDPA; other attention
         # implementations get whole prompts and their own kernels.
         self._attention = ATTENTION if self.model.config._attn_implementation in ("sdpa", ATTENTION) else None
         self._prefix = []
