@@ -11,6 +11,7 @@ grades are written in one transaction, so a killed process leaves either both or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -243,7 +244,7 @@ class Store:
 
     # -- definitions ----------------------------------------------------------------------------
     def save_eval(self, eval_id: str, name: str, spec_path: str, spec_json: str) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["evals"].insert(
                 {"id": eval_id, "name": name, "spec_path": spec_path, "spec_json": spec_json,
                  "created_at": now()}, ignore=True)
@@ -252,7 +253,7 @@ class Store:
         """Store a dataset's items once per content hash."""
         if self.db["datasets"].count_where("id = ?", [dataset_id]):
             return
-        with self.db.conn:
+        with self.transaction():
             # `ignore`: a second process saving the same dataset at the same moment is no error.
             self.db["datasets"].insert(
                 {"id": dataset_id, "path": path, "n_items": len(items), "created_at": now()}, ignore=True)
@@ -264,7 +265,7 @@ class Store:
     def save_prompt(self, prompt: Any, origin: str, parent_id: str | None = None,
                     rationale: str | None = None) -> None:
         """Store a `flywheel.prompt.Prompt` once per content id (the first origin is kept)."""
-        with self.db.conn:
+        with self.transaction():
             self.db["prompts"].insert(
                 {"id": prompt.id, "messages_json": json.dumps(prompt.messages, ensure_ascii=False),
                  "demos_json": json.dumps([d.__dict__ for d in prompt.demos], ensure_ascii=False)
@@ -307,14 +308,14 @@ class Store:
 
     def create_run(self, **fields: Any) -> str:
         run_id = fields.pop("id", None) or new_id("run")
-        with self.db.conn:
+        with self.transaction():
             self.db["runs"].insert({"id": run_id, "status": "running", "started_at": now(), **fields})
         return run_id
 
     def finish_run(self, run_id: str, status: str, summary: dict[str, Any] | BaseModel) -> None:
         """Mark a run finished with its summary (an `EvalSummary` for eval runs)."""
         text = summary.model_dump_json(exclude_none=True) if isinstance(summary, BaseModel) else json.dumps(summary)
-        with self.db.conn:
+        with self.transaction():
             self.db["runs"].update(run_id, {"status": status, "finished_at": now(), "summary_json": text})
 
     @staticmethod
@@ -329,12 +330,12 @@ class Store:
 
     def save_run_state(self, run_id: str, state: dict[str, Any]) -> None:
         """Overwrite a running run's summary with its progress (what the wheel resumes from)."""
-        with self.db.conn:
+        with self.transaction():
             self.db["runs"].update(run_id, {"summary_json": json.dumps(state, default=str)})
 
     def reopen_run(self, run_id: str) -> None:
         """Mark a run running again (it is being resumed)."""
-        with self.db.conn:
+        with self.transaction():
             self.db["runs"].update(run_id, {"status": "running"})
 
     def get_run(self, run_id: str) -> dict[str, Any]:
@@ -352,7 +353,7 @@ class Store:
         if existing:
             return existing[0]["id"]
         iteration_id = f"{run_id}/{seq}"
-        with self.db.conn:
+        with self.transaction():
             # `ignore`: another process resuming the same run may have just created it.
             self.db["iterations"].insert({"id": iteration_id, "run_id": run_id, "seq": seq,
                                           "created_at": now(), **fields}, ignore=True)
@@ -380,7 +381,7 @@ class Store:
         return (row[0], row[1]) if row else None
 
     def update_iteration(self, iteration_id: str, **fields: Any) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["iterations"].update(iteration_id, fields)
 
     def iterations(self, run_id: str) -> list[dict[str, Any]]:
@@ -421,7 +422,7 @@ class Store:
             return 0
         created = now()
         written = 0
-        with self.db.conn:
+        with self.transaction():
             cursor = self.db.conn.cursor()
             for rec in records:
                 cursor.execute(
@@ -458,7 +459,7 @@ class Store:
     def cache_completions(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add completions made outside an eval (e.g. a proposer's) to the completion cache."""
         created = now()
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.executemany(
                 "insert or ignore into completion_cache (key, model_fingerprint, output_text, finish_reason,"
                 " prompt_tokens, completion_tokens, latency_s, cost, created_at) values (?,?,?,?,?,?,?,?,?)",
@@ -565,7 +566,7 @@ class Store:
         """Record proxied calls in one transaction; returns their ids."""
         ids = []
         marks = ",".join("?" * len(self.CAPTURE_COLUMNS))
-        with self.db.conn:
+        with self.transaction():
             cursor = self.db.conn.cursor()
             for row in rows:
                 values = [row.get(c) for c in self.CAPTURE_COLUMNS]
@@ -605,7 +606,7 @@ class Store:
     # -- judge calibrations (flywheel.calibration) ------------------------------------------------
     def save_calibration(self, row: dict[str, Any]) -> int:
         """Store one grader's calibration (a `judge_calibrations` row without id and created_at)."""
-        with self.db.conn:
+        with self.transaction():
             cursor = self.db.conn.execute(
                 "insert into judge_calibrations (" + ", ".join(["created_at", *row]) + ") values ("
                 + ", ".join("?" * (len(row) + 1)) + ")", [now(), *row.values()])
@@ -630,7 +631,7 @@ class Store:
         """Append one review row (see `flywheel.reviews.add_review` for the checked entry point)."""
         values = {c: row.get(c) for c in self.REVIEW_COLUMNS}
         values["created_at"] = values["created_at"] or now()
-        with self.db.conn:
+        with self.transaction():
             return self.db["reviews"].insert(values).last_pk
 
     def reviews_for_iterations(self, iteration_ids: Sequence[str]) -> list[dict[str, Any]]:
@@ -733,28 +734,28 @@ class Store:
 
     # -- training: teacher captures, training sets, jobs, events, checkpoints (flywheel.train) ----
     def add_teacher_capture(self, row: dict[str, Any]) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["teacher_captures"].insert({"created_at": now(), **row})
 
     def add_training_set(self, row: dict[str, Any]) -> None:
         """Record a training set once per id (its id derives from its content hash)."""
-        with self.db.conn:
+        with self.transaction():
             self.db["training_sets"].insert({"created_at": now(), **row}, ignore=True)
 
     def create_training_job(self, **fields: Any) -> str:
         job_id = fields.pop("id", None) or new_id(f"job-{fields.get('method', 'train')}")
-        with self.db.conn:
+        with self.transaction():
             self.db["training_jobs"].insert({"id": job_id, "created_at": now(), "status": "running", **fields})
         return job_id
 
     def update_training_job(self, job_id: str, **fields: Any) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["training_jobs"].update(job_id, fields)
 
     def add_training_events(self, job_id: str, events: Sequence[dict[str, Any]]) -> int:
         """Append log/metric events of a job; events with a `remote_id` already stored are skipped."""
         added = 0
-        with self.db.conn:
+        with self.transaction():
             for event in events:
                 cursor = self.db.conn.execute(
                     "insert or ignore into training_events (job_id, created_at, level, type, message, data_json,"
@@ -812,13 +813,34 @@ class Store:
         return rows[0] if rows else None
 
     def update_checkpoint(self, checkpoint_id: str, **fields: Any) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["checkpoints"].update(checkpoint_id, fields)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One SQLite transaction around the writes in the block: all of them or none.
+
+        sqlite-utils commits each write on its own unless a transaction is already open, so `with
+        conn:` alone does not group its `insert`/`update` calls; this opens one (BEGIN IMMEDIATE: the
+        write lock up front, waiting up to the busy timeout) and commits or rolls back at the end.
+        Inside an open transaction it adds nothing.
+        """
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
 
     def insert_checkpoint(self, row: dict[str, Any], *, finish_job: bool = True) -> None:
         """Insert a checkpoint and (unless `finish_job` is False: an intermediate checkpoint) mark its
         job succeeded, in one transaction (both or neither)."""
-        with self.db.conn:
+        with self.transaction():
             self.db["checkpoints"].insert({"created_at": now(), **row})
             if row.get("job_id") and finish_job:
                 self.db["training_jobs"].update(row["job_id"], {"checkpoint_id": row["id"], "status": "succeeded",
@@ -853,7 +875,7 @@ class Store:
 
     def finish_training_job(self, job_id: str, *, checkpoint_id: str, stop_reason: str | None) -> None:
         """Mark a job succeeded with its chosen (best) checkpoint and why it stopped."""
-        with self.db.conn:
+        with self.transaction():
             self.db["training_jobs"].update(job_id, {"checkpoint_id": checkpoint_id, "status": "succeeded",
                                                      "finished_at": now(), "stop_reason": stop_reason,
                                                      "error": None})
@@ -861,12 +883,12 @@ class Store:
     # -- hyper-parameter searches (flywheel.train.search) -----------------------------------------------
     def create_training_search(self, **fields: Any) -> str:
         search_id = fields.pop("id", None) or new_id(f"search-{fields.get('method', 'train')}")
-        with self.db.conn:
+        with self.transaction():
             self.db["training_searches"].insert({"id": search_id, "created_at": now(), "status": "running", **fields})
         return search_id
 
     def update_training_search(self, search_id: str, **fields: Any) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["training_searches"].update(search_id, fields)
 
     def get_training_search(self, search_id: str) -> dict[str, Any]:
@@ -885,7 +907,7 @@ class Store:
 
     def save_search_trial(self, search_id: str, number: int, **fields: Any) -> None:
         """Insert or update one trial of a search (its row is keyed by search and trial number)."""
-        with self.db.conn:
+        with self.transaction():
             self.db["training_search_trials"].upsert({"search_id": search_id, "number": number, **fields},
                                                      pk=("search_id", "number"))
 
@@ -914,7 +936,7 @@ class Store:
 
     def record_iteration_latency(self, iteration_id: str) -> None:
         """Store the summed sample latency on the iteration row (tokens and cost are summed already)."""
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.execute(
                 "update iterations set latency_s = (select sum(coalesce(latency_s, 0)) from samples"
                 " where iteration_id = ?) where id = ?", [iteration_id, iteration_id])
@@ -922,7 +944,7 @@ class Store:
     def add_grades(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add grade rows to stored samples (e.g. self-consistency of unlabelled captures); a grade
         already stored for (sample, grader) is kept."""
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.executemany(
                 "insert or ignore into grades (sample_id, grader, score, passed, feedback, details_json, error,"
                 " error_details) values (?,?,?,?,?,?,?,?)",
@@ -946,7 +968,7 @@ class Store:
     def record_export(self, row: dict[str, Any]) -> str:
         """Record a file Flywheel wrote (so a deletion can find the copies in it); returns its id."""
         export_id = row.get("id") or new_id("export")
-        with self.db.conn:
+        with self.transaction():
             self.db["exports"].insert({"created_at": now(), **row, "id": export_id}, replace=True)
         return export_id
 
@@ -954,12 +976,12 @@ class Store:
         return list(self.db["exports"].rows_where(order_by="created_at"))
 
     def update_export(self, export_id: str, **fields: Any) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["exports"].update(export_id, fields)
 
     def add_capture_copies(self, artefact: str, artefact_id: str, copies: Iterable[tuple[int, str]]) -> None:
         """Lineage: capture `capture_id` became the row hashing to `row_hash` in this artefact."""
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.executemany(
                 "insert or ignore into capture_copies (capture_id, artefact, artefact_id, row_hash) values (?,?,?,?)",
                 [(int(c), artefact, artefact_id, h) for c, h in copies])
@@ -996,7 +1018,7 @@ class Store:
         return list(self.db["training_sets"].rows_where(order_by="created_at"))
 
     def update_training_set(self, set_id: str, **fields: Any) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["training_sets"].update(set_id, fields)
 
     def checkpoints_trained_on(self, set_ids: Sequence[str]) -> list[dict[str, Any]]:
@@ -1019,7 +1041,7 @@ class Store:
         truncated, so the deleted text is no longer in the database files."""
         ids = [int(i) for i in capture_ids]
         self.db.execute("pragma secure_delete=on")
-        with self.db.conn:
+        with self.transaction():
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 marks = ",".join("?" * len(chunk))
@@ -1046,7 +1068,7 @@ class Store:
         return table
 
     def api_insert(self, table: str, row: dict[str, Any]) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db[self._api_table(table)].insert(row)
 
     def api_get(self, table: str, object_id: str) -> dict[str, Any] | None:
@@ -1056,11 +1078,11 @@ class Store:
         return dict(zip([c[0] for c in cursor.description], row)) if row else None
 
     def api_update(self, table: str, object_id: str, **fields: Any) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db[self._api_table(table)].update(object_id, fields)
 
     def api_delete(self, table: str, object_id: str) -> bool:
-        with self.db.conn:
+        with self.transaction():
             return self.db.conn.execute(f"delete from {self._api_table(table)} where id = ?",
                                         [object_id]).rowcount > 0
 
@@ -1085,7 +1107,7 @@ class Store:
 
     # the queue: `claim_job` is one UPDATE guarded by status, so two workers never take one job
     def enqueue_job(self, job_id: str, kind: str, object_id: str, created_at: int) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db["api_jobs"].insert({"id": job_id, "kind": kind, "object_id": object_id, "status": "queued",
                                         "cancel_requested": 0, "attempts": 0, "created_at": created_at})
 
@@ -1096,7 +1118,7 @@ class Store:
                 "select id from api_jobs where status = 'queued' order by rowid limit 1").fetchone()
             if row is None:
                 return None
-            with self.db.conn:
+            with self.transaction():
                 taken = self.db.conn.execute(
                     "update api_jobs set status = 'running', started_at = ?, attempts = attempts + 1"
                     " where id = ? and status = 'queued'", [started_at, row[0]]).rowcount
@@ -1104,14 +1126,14 @@ class Store:
                 return self.api_get("api_jobs", row[0])
 
     def finish_job(self, job_id: str, status: str, finished_at: int, error: str | None = None) -> None:
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.execute("update api_jobs set status = ?, finished_at = ?, error = ? where id = ?",
                                  [status, finished_at, error, job_id])
 
     def request_job_cancel(self, object_id: str) -> dict[str, Any] | None:
         """Flag the job of an API object for cancelling; a queued job is cancelled at once.
         Returns the job row as it is now (None when the object has no job)."""
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.execute("update api_jobs set cancel_requested = 1 where object_id = ?"
                                  " and status in ('queued', 'running')", [object_id])
             self.db.conn.execute("update api_jobs set status = 'cancelled' where object_id = ? and status = 'queued'",
@@ -1128,7 +1150,7 @@ class Store:
         """Jobs left `running` by a server that died (or `job_id` alone) go back to the queue."""
         where, params = ("status = 'running'", []) if job_id is None else ("status = 'running' and id = ?", [job_id])
         ids = [r[0] for r in self.db.conn.execute(f"select id from api_jobs where {where}", params).fetchall()]
-        with self.db.conn:
+        with self.transaction():
             self.db.conn.execute(f"update api_jobs set status = 'queued' where {where}", params)
         return ids
 
@@ -1138,7 +1160,7 @@ class Store:
     # events of API objects (eval runs, fine-tuning jobs), paged by id
     def add_api_event(self, object_id: str, message: str, *, created_at: int, level: str = "info",
                       type: str = "message", data: dict[str, Any] | None = None) -> int:
-        with self.db.conn:
+        with self.transaction():
             return self.db.conn.execute(
                 "insert into api_events (object_id, created_at, level, type, message, data_json)"
                 " values (?,?,?,?,?,?)", [object_id, created_at, level, type, message,

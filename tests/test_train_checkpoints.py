@@ -75,3 +75,14 @@ def test_missing_checkpoints_and_folders_are_clear(store):
     shutil.rmtree(checkpoint.path)
     with pytest.raises(CheckpointError, match="adapter folder .* is missing"):
         load_checkpoint(store, checkpoint.id)
+
+
+def test_a_job_that_cannot_be_marked_done_leaves_no_checkpoint_row(store):
+    # The row and its job's "succeeded" are one transaction: a failure between them (here a trigger;
+    # in life a kill) leaves neither, so a resumed wheel never sees a final checkpoint of a running job.
+    store.db.execute("create trigger no_finish before update of status on training_jobs"
+                     " begin select raise(abort, 'disk gone'); end")
+    with pytest.raises(CheckpointError, match="disk gone"):
+        _register(store, _save_adapter)
+    _nothing_registered(store)
+    assert store.db.execute("select status from training_jobs").fetchall() == [("running",)]
