@@ -46,6 +46,18 @@ def metric_events(client, job_id):
     return [e for e in client.fine_tuning.jobs.list_events(job_id, limit=100) if e.type == "metrics"]
 
 
+def start_a_long_job(client, tiny_model_dir):
+    """A supervised job of 10 epochs at batch 1, once it has reported its first training metrics."""
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
+    deadline = time.monotonic() + 300
+    while not metric_events(client, job.id):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return job
+
+
 def test_hyperparameters_map_onto_our_configs():
     def row(method):
         import json
@@ -181,13 +193,7 @@ def test_pause_and_resume_a_queued_job_and_cancel_a_paused_one(tmp_path, tiny_mo
 @pytest.mark.slow
 def test_a_running_job_paused_saves_its_adapter_and_resume_continues_from_it(server, tiny_model_dir):
     client = client_for(server.url)
-    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
-        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
-    deadline = time.monotonic() + 300
-    while not metric_events(client, job.id):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job = start_a_long_job(client, tiny_model_dir)
     with httpx.Client(base_url=server.url + "/v1") as http:
         assert http.post(f"/fine_tuning/jobs/{job.id}/pause").status_code == 200
         paused = wait_job(client, job.id, states=("paused", "succeeded", "failed"))
@@ -284,13 +290,7 @@ def test_a_server_stopped_mid_job_saves_the_step_and_resumes_there(tmp_path, tin
     db = str(tmp_path / "flywheel.db")
     with BackgroundServer(create_api_app(db)) as running:
         client = client_for(running.url)
-        training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 10, "batch_size": 1}}})
-        deadline = time.monotonic() + 300
-        while not metric_events(client, job.id):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        job = start_a_long_job(client, tiny_model_dir)
     # the stop (Ctrl-C) saved the step it was at, between the periodic checkpoints (every 8)
     with BackgroundServer(create_api_app(db)) as running:
         client = client_for(running.url)
