@@ -78,13 +78,18 @@ def test_launcher_options_without_the_accelerate_launcher_are_a_usage_error(tmp_
 
 
 @pytest.mark.slow
+def captured_eval(tmp_path, model_dir):
+    """An eval spec on the model and a store holding its reference-label capture: (spec, db)."""
+    spec = write_eval(tmp_path, f"local:{model_dir}")
+    db = tmp_path / "flywheel.db"
+    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
+    assert captured.exit_code == 0, captured.output
+    return spec, db
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_two_cpu_processes_train_one_checkpoint(tmp_path, tiny_model_dir, method):
-    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
-    db = tmp_path / "flywheel.db"
-    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db),
-                                         "--json"])
-    assert captured.exit_code == 0, captured.output
+    spec, db = captured_eval(tmp_path, tiny_model_dir)
     if method == "dpo":  # pairs need worse outputs too: the student's own (as tests/test_train_dpo.py)
         worse = CliRunner().invoke(main, ["capture", str(spec), "--teacher", f"local:{tiny_model_dir}",
                                           "--n", "2", "--temperature", "1.0", "--db", str(db), "--json"])
@@ -115,10 +120,7 @@ def test_an_interrupted_launch_stops_every_process_and_fails_the_job(tmp_path, t
     import signal
     import time
 
-    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
-    db = tmp_path / "flywheel.db"
-    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
-    assert captured.exit_code == 0, captured.output
+    spec, db = captured_eval(tmp_path, tiny_model_dir)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "flywheel", "train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
@@ -151,10 +153,7 @@ def test_an_interrupted_launch_stops_every_process_and_fails_the_job(tmp_path, t
 @pytest.mark.slow
 def test_two_cpu_processes_validate_register_each_checkpoint_once_and_stop_together(tmp_path, tiny_model_dir):
     """Only the main process scores and registers; the valid-score stop decision reaches both."""
-    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
-    db = tmp_path / "flywheel.db"
-    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
-    assert captured.exit_code == 0, captured.output
+    spec, db = captured_eval(tmp_path, tiny_model_dir)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     trained = subprocess.run(
         [sys.executable, "-m", "flywheel", "train", "sft", str(spec), "--base", f"local:{tiny_model_dir}",
@@ -192,10 +191,7 @@ def test_a_killed_launch_resumes_under_the_launcher_from_its_saved_step(tmp_path
     import signal
     import time
 
-    spec = write_eval(tmp_path, f"local:{tiny_model_dir}")
-    db = tmp_path / "flywheel.db"
-    captured = CliRunner().invoke(main, ["capture", str(spec), "--teacher", "reference:label", "--db", str(db)])
-    assert captured.exit_code == 0, captured.output
+    spec, db = captured_eval(tmp_path, tiny_model_dir)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     launch = ["--launcher", "accelerate", "--num-processes", "2", "--cpu"]
     max_steps = 60
