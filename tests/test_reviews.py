@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from flywheel.migrations import MIGRATIONS
+from flywheel.store.migrations import MIGRATIONS
 from flywheel.reviews import ReviewError, add_review, cohen_kappa, judge_agreement, preferences, sample_reviews
 
 from report_helpers import build_run, sample_id

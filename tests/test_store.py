@@ -3,7 +3,7 @@ import sqlite3
 import pytest
 
 from flywheel.errors import StoreError
-from flywheel.migrations import MIGRATIONS, apply_migrations
+from flywheel.store.migrations import MIGRATIONS, apply_migrations
 from flywheel.store import SampleRecord, Store
 
 

@@ -1,6 +1,6 @@
 """The SQLite store: one file, WAL mode, written with sqlite-utils.
 
-The schema lives in `flywheel.migrations`; this module reads and writes rows. A sample and its
+The schema lives in `flywheel.store.migrations`; this module reads and writes rows. A sample and its
 grades are written in one transaction, so a killed process leaves either both or neither.
 
     >>> store = Store.open(":memory:")
@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 import graders
 from flywheel.errors import StoreError
-from flywheel.migrations import SchemaTooNew, apply_migrations, missing_schema, pending_migrations
+from flywheel.store.migrations import SchemaTooNew, apply_migrations, missing_schema, pending_migrations
 from flywheel.summaries import (EvalSummary, GradeRow, GraderSummary, RunSummary, SampleRow, grader_summaries, objective_value,
                                 summarise_rows)
 
