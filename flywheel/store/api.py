@@ -1,0 +1,184 @@
+"""The platform API (flywheel.api): its objects, the job queue, events, keys and output items."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flywheel.errors import StoreError
+from flywheel.store.db import StoreBase
+
+
+class ApiStore(StoreBase):
+    """The platform API's objects, job queue, events, keys and output items."""
+
+    API_TABLES = ("api_files", "api_evals", "api_eval_runs", "api_fine_tuning_jobs", "api_wheel_runs", "api_jobs",
+                  "api_keys")
+
+    def _api_table(self, table: str) -> str:
+        if table not in self.API_TABLES:
+            raise StoreError(f"not an API table: {table}")
+        return table
+
+    def api_insert(self, table: str, row: dict[str, Any]) -> None:
+        with self.transaction():
+            self.db[self._api_table(table)].insert(row)
+
+    def api_get(self, table: str, object_id: str) -> dict[str, Any] | None:
+        """One API object's row, or None."""
+        cursor = self.db.conn.execute(f"select * from {self._api_table(table)} where id = ?", [object_id])
+        row = cursor.fetchone()
+        return dict(zip([c[0] for c in cursor.description], row)) if row else None
+
+    def api_update(self, table: str, object_id: str, **fields: Any) -> None:
+        with self.transaction():
+            self.db[self._api_table(table)].update(object_id, fields)
+
+    def api_delete(self, table: str, object_id: str) -> bool:
+        with self.transaction():
+            return self.db.conn.execute(f"delete from {self._api_table(table)} where id = ?",
+                                        [object_id]).rowcount > 0
+
+    def api_list(self, table: str, *, after: str | None = None, limit: int = 20, order: str = "desc",
+                 where: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """A page of API objects in creation order (`order` asc/desc) after the object `after`;
+        returns the rows and whether more follow."""
+        table = self._api_table(table)
+        clauses, params = [], []
+        for column, value in (where or {}).items():
+            clauses.append(f"{column} = ?")
+            params.append(value)
+        direction, op = ("asc", ">") if order == "asc" else ("desc", "<")
+        if after:
+            missing = "-1" if op == ">" else "1e18"  # an unknown `after` id pages from the start
+            clauses.append(f"rowid {op} coalesce((select rowid from {table} where id = ?), {missing})")
+            params.append(after)
+        sql = (f"select * from {table}" + (" where " + " and ".join(clauses) if clauses else "")
+               + f" order by rowid {direction} limit ?")
+        rows = list(self.db.query(sql, [*params, limit + 1]))
+        return rows[:limit], len(rows) > limit
+
+    # the queue: `claim_job` is one UPDATE guarded by status, so two workers never take one job
+    def enqueue_job(self, job_id: str, kind: str, object_id: str, created_at: int) -> None:
+        with self.transaction():
+            self.db["api_jobs"].insert({"id": job_id, "kind": kind, "object_id": object_id, "status": "queued",
+                                        "cancel_requested": 0, "attempts": 0, "created_at": created_at})
+
+    def claim_job(self, started_at: int) -> dict[str, Any] | None:
+        """Take the oldest queued job (status -> running, attempts + 1); None when none is queued."""
+        while True:
+            row = self.db.conn.execute(
+                "select id from api_jobs where status = 'queued' order by rowid limit 1").fetchone()
+            if row is None:
+                return None
+            with self.transaction():
+                taken = self.db.conn.execute(
+                    "update api_jobs set status = 'running', started_at = ?, attempts = attempts + 1"
+                    " where id = ? and status = 'queued'", [started_at, row[0]]).rowcount
+            if taken:
+                return self.api_get("api_jobs", row[0])
+
+    def finish_job(self, job_id: str, status: str, finished_at: int, error: str | None = None) -> None:
+        with self.transaction():
+            self.db.conn.execute("update api_jobs set status = ?, finished_at = ?, error = ? where id = ?",
+                                 [status, finished_at, error, job_id])
+
+    def request_job_cancel(self, object_id: str) -> dict[str, Any] | None:
+        """Flag the job of an API object for cancelling; a queued job is cancelled at once.
+        Returns the job row as it is now (None when the object has no job)."""
+        with self.transaction():
+            self.db.conn.execute("update api_jobs set cancel_requested = 1 where object_id = ?"
+                                 " and status in ('queued', 'running')", [object_id])
+            self.db.conn.execute("update api_jobs set status = 'cancelled' where object_id = ? and status = 'queued'",
+                                 [object_id])
+        rows = list(self.db.query("select * from api_jobs where object_id = ? order by rowid desc limit 1",
+                                  [object_id]))
+        return rows[0] if rows else None
+
+    def job_cancel_requested(self, job_id: str) -> bool:
+        row = self.db.conn.execute("select cancel_requested from api_jobs where id = ?", [job_id]).fetchone()
+        return bool(row and row[0])
+
+    def requeue_running_jobs(self, job_id: str | None = None) -> list[str]:
+        """Jobs left `running` by a server that died (or `job_id` alone) go back to the queue."""
+        where, params = ("status = 'running'", []) if job_id is None else ("status = 'running' and id = ?", [job_id])
+        ids = [r[0] for r in self.db.conn.execute(f"select id from api_jobs where {where}", params).fetchall()]
+        with self.transaction():
+            self.db.conn.execute(f"update api_jobs set status = 'queued' where {where}", params)
+        return ids
+
+    def count_jobs(self) -> dict[str, int]:
+        return dict(self.db.conn.execute("select status, count(*) from api_jobs group by status").fetchall())
+
+    # events of API objects (eval runs, fine-tuning jobs), paged by id
+    def add_api_event(self, object_id: str, message: str, *, created_at: int, level: str = "info",
+                      type: str = "message", data: dict[str, Any] | None = None) -> int:
+        with self.transaction():
+            return self.db.conn.execute(
+                "insert into api_events (object_id, created_at, level, type, message, data_json)"
+                " values (?,?,?,?,?,?)", [object_id, created_at, level, type, message,
+                                          json.dumps(data) if data is not None else None]).lastrowid
+
+    def api_events(self, object_id: str, *, after: int | None = None, limit: int = 20,
+                   newest_first: bool = True) -> tuple[list[dict[str, Any]], bool]:
+        op, direction = ("<", "desc") if newest_first else (">", "asc")
+        sql = "select * from api_events where object_id = ?"
+        params: list[Any] = [object_id]
+        if after is not None:
+            sql += f" and id {op} ?"
+            params.append(after)
+        rows = list(self.db.query(sql + f" order by id {direction} limit ?", [*params, limit + 1]))
+        return rows[:limit], len(rows) > limit
+
+    def api_key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("select * from api_keys where key_hash = ? and not revoked", [key_hash]))
+        return rows[0] if rows else None
+
+    # output items of an eval run: the harness samples of its iteration, with grades and item fields
+    _ITEM_OK = ("(s.error is null and not exists (select 1 from grades g where g.sample_id = s.id"
+                " and (g.passed = 0 or g.error is not null)))")
+
+    _ITEM_ERRORED = ("(s.error is not null or exists (select 1 from grades g where g.sample_id = s.id"
+                     " and g.error is not null))")
+
+    def output_items(self, iteration_id: str, *, after: int | None = None, limit: int = 20, order: str = "asc",
+                     status: str | None = None, sample_id: int | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """A page of an iteration's samples (by id) with `passed`, `line`, `fields_json` and `grades`.
+        `status` 'pass' / 'fail' keeps samples whose every grade passed / the others."""
+        op, direction = (">", "asc") if order == "asc" else ("<", "desc")
+        sql = (f"select s.id, s.item_key, s.repeat, s.input_json, s.output_text, s.finish_reason, s.prompt_tokens,"
+               f" s.completion_tokens, s.error, s.created_at, i.line, i.fields_json, {self._ITEM_OK} as passed"
+               " from samples s join iterations it on it.id = s.iteration_id join runs r on r.id = it.run_id"
+               " left join items i on i.dataset_id = r.dataset_id and i.key = s.item_key where s.iteration_id = ?")
+        params: list[Any] = [iteration_id]
+        if sample_id is not None:
+            sql += " and s.id = ?"
+            params.append(sample_id)
+        if after is not None:
+            sql += f" and s.id {op} ?"
+            params.append(after)
+        if status in ("pass", "fail"):
+            sql += f" and {self._ITEM_OK} = {1 if status == 'pass' else 0}"
+        rows = list(self.db.query(sql + f" order by s.id {direction} limit ?", [*params, limit + 1]))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        by_id = {row["id"]: {**row, "grades": []} for row in rows}
+        if by_id:
+            marks = ",".join("?" * len(by_id))
+            for grade in self.db.query(f"select sample_id, grader, score, passed, error from grades"
+                                       f" where sample_id in ({marks}) order by grader", list(by_id)):
+                by_id[grade["sample_id"]]["grades"].append(grade)
+        return list(by_id.values()), more
+
+    def result_counts(self, iteration_id: str) -> dict[str, Any]:
+        """Per-sample pass/fail/errored counts, per-grader passed/failed and token sums of an iteration."""
+        total, passed, errored, prompt, completion = self.db.conn.execute(
+            f"select count(*), coalesce(sum({self._ITEM_OK}), 0), coalesce(sum({self._ITEM_ERRORED}), 0),"
+            " coalesce(sum(s.prompt_tokens), 0), coalesce(sum(s.completion_tokens), 0)"
+            " from samples s where s.iteration_id = ?", [iteration_id]).fetchone()
+        graders = {name: (ok, bad) for name, ok, bad in self.db.conn.execute(
+            "select g.grader, sum(g.passed = 1 and g.error is null), sum(g.passed = 0 or g.error is not null)"
+            " from grades g join samples s on s.id = g.sample_id where s.iteration_id = ? group by g.grader",
+            [iteration_id]).fetchall()}
+        return {"total": total, "passed": passed, "errored": errored, "failed": total - passed - errored,
+                "graders": graders, "prompt_tokens": prompt, "completion_tokens": completion}

@@ -1,0 +1,74 @@
+"""Typed rows of the store, and the one rule for a sample that passed.
+
+A sample **passed** when it has no error, every grader of its iteration graded it, and every such
+grade passed (no grade error). An ungraded or errored sample did not pass. `sample_passed` is the
+rule in Python; `PASSED_SQL` (with `ITERATION_GRADERS`) is the same rule as an SQL expression over
+a sample aliased `s`, for aggregates. tests/test_store_rows.py checks that both agree on a table of cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+@dataclass
+class SampleRecord:
+    """A sample and its grades, ready to be written together."""
+
+    iteration_id: str
+    item_key: str
+    repeat: int
+    input_json: str
+    output_text: str | None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    cost: float = 0.0
+    cache_hit: bool = False
+    error: str | None = None
+    grades: list[dict[str, Any]] = field(default_factory=list)
+    cache_key: str | None = None
+    model_fingerprint: str | None = None
+    output_tools_json: str | None = None  # the output's tool calls (flywheel.tools), JSON
+
+
+def grade_passed(passed: Any, error: str | None) -> bool:
+    """One grade passed: its grader said so and did not error."""
+    return bool(passed) and error is None
+
+
+def sample_passed(error: str | None, grades: Iterable[tuple[str, Any, str | None]],
+                  graders: Collection[str]) -> bool:
+    """THE passed rule: no sample error, every grader in `graders` (those of the iteration) graded
+    the sample, and each of its grades passed. `grades` are (grader, passed, grade error) triples.
+
+    >>> sample_passed(None, [("exact", 1, None)], {"exact"})
+    True
+    >>> sample_passed(None, [], {"exact"}), sample_passed("timeout", [], set())
+    (False, False)
+    """
+    if error is not None:
+        return False
+    graded: set[str] = set()
+    for grader, passed, grade_error in grades:
+        if not grade_passed(passed, grade_error):
+            return False
+        graded.add(grader)
+    return bool(graded) and graded >= set(graders)
+
+
+def passed_of_rows(error: str | None, grade_rows: Iterable[Mapping[str, Any]], graders: Collection[str]) -> bool:
+    """`sample_passed` over grade rows (dicts with `grader`, `passed` and `error`)."""
+    return sample_passed(error, ((g["grader"], g["passed"], g.get("error")) for g in grade_rows), graders)
+
+
+# The same rule in SQL, for a sample row aliased `s` in a query that starts `with {ITERATION_GRADERS}`
+# (one `?`: the iteration id) and reads `from samples s, iteration_graders`. The graders of the
+# iteration are those that graded any of its samples (a sample has at most one grade per grader), so
+# "every grader graded it and every grade passed" is "its passing grades number the iteration's graders".
+ITERATION_GRADERS = ("iteration_graders(n) as (select count(distinct g.grader) from grades g"
+                     " join samples gs on gs.id = g.sample_id where gs.iteration_id = ?)")
+PASSED_SQL = ("(s.error is null and iteration_graders.n > 0 and (select count(*) from grades g"
+              " where g.sample_id = s.id and g.passed = 1 and g.error is null) = iteration_graders.n)")
