@@ -78,15 +78,13 @@ def create_key(store: Store, name: str = "", *, project: str = DEFAULT_PROJECT, 
 
 def list_keys(store: Store) -> list[dict[str, Any]]:
     """Every key (without hashes), oldest first."""
-    return [dict(r) for r in store.db.query("select id, created_at, name, prefix, project, role, rpm, revoked"
-                                              " from api_keys order by rowid")]
+    return store.list_api_keys()
 
 
 def revoke_key(store: Store, key_id: str) -> None:
     """Revoke a key by id; a FlywheelError when there is no such key."""
-    with store.db.conn:
-        if not store.db.conn.execute("update api_keys set revoked = 1 where id = ?", [key_id]).rowcount:
-            raise FlywheelError(f"no API key {key_id!r} (see `flywheel keys list`)")
+    if not store.revoke_api_key(key_id):
+        raise FlywheelError(f"no API key {key_id!r} (see `flywheel keys list`)")
 
 
 def _error(status: int, message: str, type: str, code: str,

@@ -24,7 +24,7 @@ from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.files import read_file_rows, training_kind
 from flywheel.api.fine_tuning_runner import KINDS
-from flywheel.api.jobs import cancel_paused_job, new_object_id, request_job_pause, resume_job, unix_now
+from flywheel.api.jobs import new_object_id, unix_now
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
@@ -268,8 +268,8 @@ def routes(state: "ApiState") -> list[Route]:
             raise invalid(f"Job {row['id']} has already {row['status']}; it cannot be cancelled.", "fine_tuning_job_id")
         store = state.store()
         job = store.request_job_cancel(row["id"])
-        stopped = cancel_paused_job(store, row["id"]) or (job and job["status"] == "cancelled"
-                                                             and row["status"] == "queued")
+        stopped = store.cancel_paused_job(row["id"], unix_now()) or (
+            job and job["status"] == "cancelled" and row["status"] == "queued")
         if stopped:
             store.api_update("api_fine_tuning_jobs", row["id"], status="cancelled", finished_at=unix_now())
             store.add_api_event(row["id"], "The job was cancelled.", created_at=unix_now())
@@ -281,7 +281,7 @@ def routes(state: "ApiState") -> list[Route]:
             raise invalid(f"Job {row['id']} is {row['status']}; only a queued or running job can be paused.",
                           "fine_tuning_job_id")
         store = state.store()
-        now = request_job_pause(store, row["id"])
+        now = store.request_job_pause(row["id"])
         if now == "paused":  # it had not started: nothing to save
             store.api_update("api_fine_tuning_jobs", row["id"], status="paused")
             store.add_api_event(row["id"], "The job was paused before it started.", created_at=unix_now())
@@ -292,7 +292,7 @@ def routes(state: "ApiState") -> list[Route]:
     async def resume(request: Request) -> Response:
         row = get_job(request)
         store = state.store()
-        if row["status"] != "paused" or not resume_job(store, row["id"]):
+        if row["status"] != "paused" or not store.resume_paused_job(row["id"]):
             raise invalid(f"Job {row['id']} is {row['status']}; only a paused job can be resumed.",
                           "fine_tuning_job_id")
         store.api_update("api_fine_tuning_jobs", row["id"], status="queued")

@@ -48,35 +48,6 @@ class JobPaused(Exception):
     """Raised inside a job when it was asked to pause: the job waits, `paused`, until resumed."""
 
 
-def request_job_pause(store: Store, object_id: str) -> str | None:
-    """Pause the job of an API object: a queued one at once, a running one at its next check.
-    Returns the job's status now ('paused', 'running' while it stops, None: nothing to pause)."""
-    with store.db.conn:
-        store.db.conn.execute("update api_jobs set pause_requested = 1 where object_id = ? and status = 'running'"
-                              " and not cancel_requested", [object_id])
-        store.db.conn.execute("update api_jobs set status = 'paused' where object_id = ? and status = 'queued'",
-                              [object_id])
-    row = store.db.conn.execute("select status from api_jobs where object_id = ? order by rowid desc limit 1",
-                                [object_id]).fetchone()
-    return row[0] if row and row[0] in ("paused", "running") else None
-
-
-def resume_job(store: Store, object_id: str) -> bool:
-    """Queue a paused job again; False when the object's job is not paused."""
-    with store.db.conn:
-        return store.db.conn.execute(
-            "update api_jobs set status = 'queued', pause_requested = 0, finished_at = null"
-            " where object_id = ? and status = 'paused'", [object_id]).rowcount > 0
-
-
-def cancel_paused_job(store: Store, object_id: str) -> bool:
-    """Cancel a paused job (it runs nothing, so at once); False when it is not paused."""
-    with store.db.conn:
-        return store.db.conn.execute(
-            "update api_jobs set status = 'cancelled', cancel_requested = 1, finished_at = ?"
-            " where object_id = ? and status = 'paused'", [unix_now(), object_id]).rowcount > 0
-
-
 class JobContext:
     """What a running job may ask: stop here if cancelled or interrupted, record an event."""
 
@@ -87,11 +58,10 @@ class JobContext:
 
     def check(self) -> None:
         """Raise JobCancelled / JobPaused / JobInterrupted when the job should stop now."""
-        row = self.store.db.conn.execute("select cancel_requested, pause_requested from api_jobs where id = ?",
-                                         [self.job["id"]]).fetchone()
-        if row and row[0]:
+        cancel, pause = self.store.job_stop_flags(self.job["id"])
+        if cancel:
             raise JobCancelled(self.job["id"])
-        if row and row[1]:
+        if pause:
             raise JobPaused(self.job["id"])
         if self.stopping.is_set():
             raise JobInterrupted(self.job["id"])

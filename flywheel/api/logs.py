@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from flywheel.api.errors import check_metadata, invalid
-from flywheel.store import Store
+from flywheel.store import CompletionFilter, Store
 
 STORED_SOURCES = ("stored_completions", "responses")
 UNSUPPORTED_FILTERS = ("tools", "reasoning_effort")
@@ -44,52 +44,38 @@ def _when(source: dict[str, Any], name: str) -> str | None:
     return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def capture_filters(source: dict[str, Any], project: str,
-                    config_metadata: dict[str, str] | None = None) -> tuple[list[str], list[Any]]:
-    """SQL conditions on `captures` for a stored source (400 naming an unsupported filter)."""
+def completion_filter(source: dict[str, Any], project: str,
+                      config_metadata: dict[str, str] | None = None) -> CompletionFilter:
+    """The stored completions a stored source selects (400 naming a bad or unsupported filter)."""
     kind = source.get("type")
     for name in UNSUPPORTED_FILTERS:
         if kind == "responses" and source.get(name) not in (None, [], ""):
             raise invalid(f"{PARAM}.{name}: this server stores chat completions, which have no {name} to "
                           "filter on; drop the filter.", f"{PARAM}.{name}")
-    where = ["error is null", "status = 200", "endpoint = '/v1/chat/completions'"]
-    params: list[Any] = []
-    if project == "default":
-        where.append("(api_project is null or api_project = 'default')")
-    else:
-        where.append("api_project = ?")
-        params.append(project)
     metadata = {**(config_metadata or {}), **(check_metadata(source.get("metadata"), f"{PARAM}.metadata") or {})}
-    for key, value in metadata.items():
-        where.append("json_extract(metadata_json, ?) = ?")
-        params += ['$."' + key.replace('"', '""') + '"', value]
-    for name, op in (("created_after", ">="), ("created_before", "<")):
-        if (at := _when(source, name)) is not None:
-            where.append(f"created_at {op} ?")
-            params.append(at)
-    if source.get("model") is not None:
-        where.append("model = ?")
-        params.append(_string(source, "model"))
+    since, until = _when(source, "created_after"), _when(source, "created_before")
+    model = _string(source, "model") if source.get("model") is not None else None
+    limit = source.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise invalid(f"{PARAM}.limit must be a positive integer.", f"{PARAM}.limit")
+    instructions, users, sampling = None, None, {}
     if kind == "responses":
         if source.get("instructions_search") is not None:
-            where.append("exists (select 1 from json_each(json_extract(request_json, '$.messages')) m"
-                         " where json_extract(m.value, '$.role') in ('system', 'developer')"
-                         " and instr(lower(json_extract(m.value, '$.content')), lower(?)) > 0)")
-            params.append(_string(source, "instructions_search"))
+            instructions = _string(source, "instructions_search")
         users = source.get("users")
         if users is not None:
             if not isinstance(users, list) or not all(isinstance(u, str) for u in users) or not users:
                 raise invalid(f"{PARAM}.users must be a non-empty list of user ids.", f"{PARAM}.users")
-            where.append(f"json_extract(request_json, '$.user') in ({','.join('?' * len(users))})")
-            params += users
+            users = tuple(users)
         for name in ("temperature", "top_p"):
             value = source.get(name)
             if value is not None:
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise invalid(f"{PARAM}.{name} must be a number.", f"{PARAM}.{name}")
-                where.append(f"abs(coalesce(json_extract(request_json, '$.{name}'), 1.0) - ?) < 1e-9")
-                params.append(float(value))
-    return where, params
+                sampling[name] = float(value)
+    return CompletionFilter(project=project, metadata=metadata, since=since, until=until, model=model,
+                            instructions_search=instructions,
+                            users=users, sampling=sampling, limit=limit)
 
 
 def _string(source: dict[str, Any], name: str) -> str:
@@ -103,14 +89,8 @@ def stored_rows(store: Store, source: dict[str, Any], project: str,
                 config_metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The `{item, sample}` rows of the stored completions a source selects, oldest first; a 400
     when none match."""
-    where, params = capture_filters(source, project, config_metadata)
-    limit = source.get("limit")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise invalid(f"{PARAM}.limit must be a positive integer.", f"{PARAM}.limit")
-    sql = ("select model, metadata_json, request_json, response_json, response_id from captures where "
-           + " and ".join(where) + " order by created_at, id" + (f" limit {int(limit)}" if limit else ""))
     rows = []
-    for capture in store.db.query(sql, params):
+    for capture in store.stored_completions(completion_filter(source, project, config_metadata)):
         request, response = json.loads(capture["request_json"]), json.loads(capture["response_json"] or "{}")
         choices = response.get("choices") or [{}]
         rows.append({"item": {"input": request.get("messages", []), "model": capture["model"],
@@ -124,7 +104,4 @@ def stored_rows(store: Store, source: dict[str, Any], project: str,
 
 def store_completion(store: Store, capture: dict[str, Any], project: str) -> int:
     """Record a chat completion made with `store: true` as a capture of `project`; its id."""
-    capture_id = store.insert_captures([capture])[0]
-    with store.db.conn:
-        store.db.conn.execute("update captures set api_project = ? where id = ?", [project, capture_id])
-    return capture_id
+    return store.insert_captures([{**capture, "api_project": project}])[0]

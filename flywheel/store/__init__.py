@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from flywheel.errors import StoreError
 from flywheel.store.api import ApiStore
-from flywheel.store.captures import CapturesStore
+from flywheel.store.captures import CapturesStore, CompletionFilter
 from flywheel.store.db import (DEFAULT_BUSY_TIMEOUT, DEFAULT_DB, StoreBase, StoreBusy, busy_error, busy_timeout,
                                default_db_path, lock_holders, new_id, now)
 from flywheel.store.privacy import PrivacyStore
@@ -30,5 +30,5 @@ class Store(RunsStore, CapturesStore, ReviewsStore, TrainingStore, PrivacyStore,
     """The one door to the database: every area's reads and writes (see the module docstring)."""
 
 
-__all__ = ["DEFAULT_BUSY_TIMEOUT", "DEFAULT_DB", "SampleRecord", "Store", "StoreBase", "StoreBusy", "StoreError",
+__all__ = ["DEFAULT_BUSY_TIMEOUT", "DEFAULT_DB", "CompletionFilter", "SampleRecord", "Store", "StoreBase", "StoreBusy", "StoreError",
            "busy_error", "busy_timeout", "default_db_path", "lock_holders", "new_id", "now"]

@@ -107,6 +107,38 @@ class ApiStore(StoreBase):
             self.db.conn.execute(f"update api_jobs set status = 'queued' where {where}", params)
         return ids
 
+    def request_job_pause(self, object_id: str) -> str | None:
+        """Flag the running job of an API object for pausing (unless it is being cancelled) and pause a
+        queued one at once; returns the job's status now when it is 'paused' or 'running', else None."""
+        with self.transaction():
+            self.db.conn.execute("update api_jobs set pause_requested = 1 where object_id = ? and status = 'running'"
+                                 " and not cancel_requested", [object_id])
+            self.db.conn.execute("update api_jobs set status = 'paused' where object_id = ? and status = 'queued'",
+                                 [object_id])
+        row = self.db.conn.execute("select status from api_jobs where object_id = ? order by rowid desc limit 1",
+                                   [object_id]).fetchone()
+        return row[0] if row and row[0] in ("paused", "running") else None
+
+    def resume_paused_job(self, object_id: str) -> bool:
+        """Queue an API object's paused job again; False when its job is not paused."""
+        with self.transaction():
+            return self.db.conn.execute(
+                "update api_jobs set status = 'queued', pause_requested = 0, finished_at = null"
+                " where object_id = ? and status = 'paused'", [object_id]).rowcount > 0
+
+    def cancel_paused_job(self, object_id: str, finished_at: int) -> bool:
+        """Cancel an API object's paused job (it runs nothing, so at once); False when it is not paused."""
+        with self.transaction():
+            return self.db.conn.execute(
+                "update api_jobs set status = 'cancelled', cancel_requested = 1, finished_at = ?"
+                " where object_id = ? and status = 'paused'", [finished_at, object_id]).rowcount > 0
+
+    def job_stop_flags(self, job_id: str) -> tuple[bool, bool]:
+        """(cancel requested, pause requested) of a queue job; (False, False) when there is no such job."""
+        row = self.db.conn.execute("select cancel_requested, pause_requested from api_jobs where id = ?",
+                                   [job_id]).fetchone()
+        return (bool(row[0]), bool(row[1])) if row else (False, False)
+
     def count_jobs(self) -> dict[str, int]:
         return dict(self.db.conn.execute("select status, count(*) from api_jobs group by status").fetchall())
 
@@ -129,6 +161,16 @@ class ApiStore(StoreBase):
             params.append(after)
         rows = list(self.db.query(sql + f" order by id {direction} limit ?", [*params, limit + 1]))
         return rows[:limit], len(rows) > limit
+
+    def list_api_keys(self) -> list[dict[str, Any]]:
+        """Every API key without its hash, oldest first."""
+        return list(self.db.query("select id, created_at, name, prefix, project, role, rpm, revoked"
+                                  " from api_keys order by rowid"))
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revoke an API key by id; False when there is no such key."""
+        with self.transaction():
+            return self.db.conn.execute("update api_keys set revoked = 1 where id = ?", [key_id]).rowcount > 0
 
     def api_key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
         rows = list(self.db.query("select * from api_keys where key_hash = ? and not revoked", [key_hash]))

@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, now
+
+
+@dataclass(frozen=True)
+class CompletionFilter:
+    """Which stored chat completions (captures answered 200 without error) an API source selects;
+    `flywheel.api.logs` checks the request and builds it, `CapturesStore.stored_completions` reads."""
+
+    project: str = "default"  # proxy captures (no project) belong to `default`
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    since: str | None = None  # ISO times, [since, until)
+    until: str | None = None
+    model: str | None = None
+    instructions_search: str | None = None  # case-blind substring of system / developer messages
+    users: tuple[str, ...] | None = None  # the request's `user` field, any of these
+    sampling: Mapping[str, float] = field(default_factory=dict)  # temperature / top_p (absent reads as 1.0)
+    limit: int | None = None
 
 
 class CapturesStore(StoreBase):
@@ -13,7 +31,7 @@ class CapturesStore(StoreBase):
 
     CAPTURE_COLUMNS = ("created_at", "endpoint", "upstream", "model", "stream", "status", "latency_s",
                        "prompt_tokens", "completion_tokens", "total_tokens", "metadata_json",
-                       "request_json", "request_bytes", "response_json", "response_id", "error")
+                       "request_json", "request_bytes", "response_json", "response_id", "error", "api_project")
 
     def insert_captures(self, rows: Sequence[dict[str, Any]]) -> list[int]:
         """Record proxied calls in one transaction; returns their ids."""
@@ -54,4 +72,46 @@ class CapturesStore(StoreBase):
         sql += " order by created_at desc, id desc" if newest_first else " order by created_at, id"
         if limit:
             sql += f" limit {int(limit)}"
+        return list(self.db.query(sql, params))
+
+    def stored_completions(self, selection: CompletionFilter) -> list[dict[str, Any]]:
+        """The captured chat completions a `CompletionFilter` selects, oldest first: model,
+        metadata_json, request_json, response_json and response_id."""
+        where = ["error is null", "status = 200", "endpoint = '/v1/chat/completions'"]
+        params: list[Any] = []
+        if selection.project == "default":
+            where.append("(api_project is null or api_project = 'default')")
+        else:
+            where.append("api_project = ?")
+            params.append(selection.project)
+        for key, value in selection.metadata.items():
+            where.append("json_extract(metadata_json, ?) = ?")
+            params += ['$."' + key.replace('"', '""') + '"', value]
+        if selection.since is not None:
+            where.append("created_at >= ?")
+            params.append(selection.since)
+        if selection.until is not None:
+            where.append("created_at < ?")
+            params.append(selection.until)
+        if selection.model is not None:
+            where.append("model = ?")
+            params.append(selection.model)
+        if selection.instructions_search is not None:
+            where.append("exists (select 1 from json_each(json_extract(request_json, '$.messages')) m"
+                         " where json_extract(m.value, '$.role') in ('system', 'developer')"
+                         " and instr(lower(json_extract(m.value, '$.content')), lower(?)) > 0)")
+            params.append(selection.instructions_search)
+        if selection.users is not None:
+            where.append(f"json_extract(request_json, '$.user') in ({','.join('?' * len(selection.users))})")
+            params += list(selection.users)
+        for name, value in selection.sampling.items():
+            if name not in ("temperature", "top_p"):
+                raise StoreError(f"not a sampling filter: {name}")
+            where.append(f"abs(coalesce(json_extract(request_json, '$.{name}'), 1.0) - ?) < 1e-9")
+            params.append(float(value))
+        sql = ("select model, metadata_json, request_json, response_json, response_id from captures where "
+               + " and ".join(where) + " order by created_at, id")
+        if selection.limit is not None:
+            sql += " limit ?"
+            params.append(int(selection.limit))
         return list(self.db.query(sql, params))
