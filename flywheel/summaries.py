@@ -20,6 +20,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.stats import mean_ci, wilson_ci
+from flywheel.store.rows import sample_passed
 
 Metric = Literal["pass_rate", "mean_score"]
 
@@ -151,15 +152,11 @@ def summarise_rows(samples: Sequence[SampleRow], grades: Sequence[GradeRow], *, 
     """The `EvalSummary` of an iteration's sample and grade rows (samples in item order: the
     bootstrap CI is seeded, so the order fixes its value)."""
     per_grader = grader_summaries(samples, grades)
-    passed: dict[int, bool] = {s.id: not s.error for s in samples}
-    graded: dict[int, set[str]] = {}
+    by_sample: dict[int, list[tuple[str, bool, str | None]]] = {}
     for grade in grades:
-        graded.setdefault(grade.sample_id, set()).add(grade.grader)
-        if not grade.passed:
-            passed[grade.sample_id] = False
+        by_sample.setdefault(grade.sample_id, []).append((grade.grader, grade.passed, grade.error))
     names = {g.name for g in per_grader}
-    # A sample passes when it did not error and every grader of the iteration graded and passed it.
-    successes = sum(1 for s in samples if passed[s.id] and names and graded.get(s.id, set()) >= names)
+    successes = sum(1 for s in samples if sample_passed(s.error, by_sample.get(s.id, []), names))
     n = len(samples)
     objective, objective_ci = successes / n if n else math.nan, list(wilson_ci(successes, n))
     for g in per_grader:

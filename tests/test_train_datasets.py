@@ -26,8 +26,9 @@ from flywheel.train import (
 from flywheel.train.formats import tokenize_sft
 
 
-def _fake_capture(store, spec, outputs: dict[str, list[str]]):
-    """A capture whose teacher said `outputs[item_key]` (graded by the spec's real graders)."""
+def _fake_capture(store, spec, outputs: dict[str, list[str]], ungraded: frozenset[str] = frozenset()):
+    """A capture whose teacher said `outputs[item_key]` (graded by the spec's real graders, except the
+    items in `ungraded`, stored without grades)."""
     from flywheel.distill import _record
     from flywheel.data import load_dataset
     from flywheel.grading import GraderSet
@@ -49,7 +50,7 @@ def _fake_capture(store, spec, outputs: dict[str, list[str]]):
     records = []
     for key, texts in outputs.items():
         for repeat, text in enumerate(texts):
-            grades = grader_set.grade([graders.make_sample(text)], [items[key].fields])[0]
+            grades = [] if key in ungraded else grader_set.grade([graders.make_sample(text)], [items[key].fields])[0]
             records.append(SampleRecord(iteration_id=iteration_id, item_key=key, repeat=repeat,
                                         input_json=json.dumps(prompt.render(items[key])), output_text=text,
                                         grades=grades))
@@ -72,6 +73,13 @@ def test_sft_rows_are_passing_outputs_with_the_eval_prompt(spec, store):
     assert sft.rows[0]["messages"][0]["role"] == "system"
     assert sft.source["counts"]["passing"] == 3 and sft.source["counts"]["items_with_pass"] == 2
     assert len(build_sft_set(spec, store, max_per_item=2)) == 3
+
+
+def test_an_ungraded_output_is_not_passing_training_data(spec, store):
+    _fake_capture(store, spec, {"train-0": ["card_arrival"], "train-2": ["exchange_rate"]}, ungraded=frozenset({"train-2"}))
+    sft = build_sft_set(spec, store)
+    assert [r["messages"][-1]["content"] for r in sft.rows] == ["card_arrival"]
+    assert sft.source["counts"]["passing"] == 1
 
 
 def test_dpo_pairs_best_vs_worst_with_a_minimum_margin(tmp_path, tiny_model_dir, store):

@@ -7,6 +7,7 @@ from typing import Any
 
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase
+from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL
 
 
 class ApiStore(StoreBase):
@@ -177,22 +178,21 @@ class ApiStore(StoreBase):
         return rows[0] if rows else None
 
     # output items of an eval run: the harness samples of its iteration, with grades and item fields
-    _ITEM_OK = ("(s.error is null and not exists (select 1 from grades g where g.sample_id = s.id"
-                " and (g.passed = 0 or g.error is not null)))")
 
     _ITEM_ERRORED = ("(s.error is not null or exists (select 1 from grades g where g.sample_id = s.id"
                      " and g.error is not null))")
 
     def output_items(self, iteration_id: str, *, after: int | None = None, limit: int = 20, order: str = "asc",
                      status: str | None = None, sample_id: int | None = None) -> tuple[list[dict[str, Any]], bool]:
-        """A page of an iteration's samples (by id) with `passed`, `line`, `fields_json` and `grades`.
-        `status` 'pass' / 'fail' keeps samples whose every grade passed / the others."""
+        """A page of an iteration's samples (by id) with `passed` (`rows.PASSED_SQL`), `line`,
+        `fields_json` and `grades`. `status` 'pass' / 'fail' keeps samples that passed / the others."""
         op, direction = (">", "asc") if order == "asc" else ("<", "desc")
-        sql = (f"select s.id, s.item_key, s.repeat, s.input_json, s.output_text, s.finish_reason, s.prompt_tokens,"
-               f" s.completion_tokens, s.error, s.created_at, i.line, i.fields_json, {self._ITEM_OK} as passed"
-               " from samples s join iterations it on it.id = s.iteration_id join runs r on r.id = it.run_id"
+        sql = (f"with {ITERATION_GRADERS} select s.id, s.item_key, s.repeat, s.input_json, s.output_text,"
+               " s.finish_reason, s.prompt_tokens, s.completion_tokens, s.error, s.created_at, i.line, i.fields_json,"
+               f" {PASSED_SQL} as passed from samples s join iteration_graders join iterations it"
+               " on it.id = s.iteration_id join runs r on r.id = it.run_id"
                " left join items i on i.dataset_id = r.dataset_id and i.key = s.item_key where s.iteration_id = ?")
-        params: list[Any] = [iteration_id]
+        params: list[Any] = [iteration_id, iteration_id]
         if sample_id is not None:
             sql += " and s.id = ?"
             params.append(sample_id)
@@ -200,7 +200,7 @@ class ApiStore(StoreBase):
             sql += f" and s.id {op} ?"
             params.append(after)
         if status in ("pass", "fail"):
-            sql += f" and {self._ITEM_OK} = {1 if status == 'pass' else 0}"
+            sql += f" and {PASSED_SQL} = {1 if status == 'pass' else 0}"
         rows = list(self.db.query(sql + f" order by s.id {direction} limit ?", [*params, limit + 1]))
         more = len(rows) > limit
         rows = rows[:limit]
@@ -213,11 +213,14 @@ class ApiStore(StoreBase):
         return list(by_id.values()), more
 
     def result_counts(self, iteration_id: str) -> dict[str, Any]:
-        """Per-sample pass/fail/errored counts, per-grader passed/failed and token sums of an iteration."""
+        """Per-sample pass/fail/errored counts, per-grader passed/failed and token sums of an iteration.
+        `passed` is `rows.PASSED_SQL` (an ungraded sample did not pass); `errored` counts samples with a
+        sample or grade error; `failed` the rest."""
         total, passed, errored, prompt, completion = self.db.conn.execute(
-            f"select count(*), coalesce(sum({self._ITEM_OK}), 0), coalesce(sum({self._ITEM_ERRORED}), 0),"
-            " coalesce(sum(s.prompt_tokens), 0), coalesce(sum(s.completion_tokens), 0)"
-            " from samples s where s.iteration_id = ?", [iteration_id]).fetchone()
+            f"with {ITERATION_GRADERS} select count(*), coalesce(sum({PASSED_SQL}), 0),"
+            f" coalesce(sum({self._ITEM_ERRORED}), 0), coalesce(sum(s.prompt_tokens), 0),"
+            " coalesce(sum(s.completion_tokens), 0) from samples s join iteration_graders where s.iteration_id = ?",
+            [iteration_id, iteration_id]).fetchone()
         graders = {name: (ok, bad) for name, ok, bad in self.db.conn.execute(
             "select g.grader, sum(g.passed = 1 and g.error is null), sum(g.passed = 0 or g.error is not null)"
             " from grades g join samples s on s.id = g.sample_id where s.iteration_id = ? group by g.grader",

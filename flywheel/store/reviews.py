@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from flywheel.store.db import StoreBase, now
+from flywheel.store.rows import passed_of_rows
 
 
 class ReviewsStore(StoreBase):
@@ -112,7 +113,7 @@ class ReviewsStore(StoreBase):
 
     def search_samples(self, text: str, limit: int = 200) -> list[dict[str, Any]]:
         """Samples whose item key, output or item fields contain `text`, newest first, each with
-        `passed` (no error and every grade passed) and its run, seq and stage."""
+        `passed` (`rows.sample_passed`) and its run, seq and stage."""
         like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         results = list(self.db.query(
             "select s.id, s.iteration_id, s.item_key, s.repeat, s.output_text, s.error, i.run_id,"
@@ -120,11 +121,12 @@ class ReviewsStore(StoreBase):
             " join runs r on r.id = i.run_id left join items it on it.dataset_id = r.dataset_id and"
             " it.key = s.item_key where s.item_key like :q escape '\\' or s.output_text like :q escape '\\'"
             f" or it.fields_json like :q escape '\\' order by s.id desc limit {int(limit)}", {"q": like}))
-        passed: dict[int, bool] = {}
+        grades: dict[int, list[dict[str, Any]]] = {}
         for grade in self.grades_of_samples(r["id"] for r in results):
-            passed[grade["sample_id"]] = passed.get(grade["sample_id"], True) and bool(grade["passed"])
+            grades.setdefault(grade["sample_id"], []).append(grade)
+        graders = self.iteration_graders({r["iteration_id"] for r in results})
         for r in results:
-            r["passed"] = passed.get(r["id"], False) and not r["error"]
+            r["passed"] = passed_of_rows(r["error"], grades.get(r["id"], []), graders.get(r["iteration_id"], set()))
         return results
 
     def samples_version(self, iteration_ids: Sequence[str]) -> tuple[int, int]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, new_id, now
-from flywheel.store.rows import SampleRecord
+from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, SampleRecord
 
 if TYPE_CHECKING:
     from flywheel.cost import CostPerItem
@@ -366,12 +366,23 @@ class RunsStore(StoreBase):
         return summaries.summarise_rows(samples, grades, objective_grader=objective_grader, metric=metric)
 
     def sample_outcomes(self, iteration_id: str) -> list[tuple[str, str | None, bool]]:
-        """(item_key, error, passed every grader) per sample of an iteration, in id order."""
+        """(item_key, error, passed: `rows.sample_passed`) per sample of an iteration, in id order."""
         rows = self.db.execute(
-            "select s.item_key, s.error, min(coalesce(g.passed, 0)), count(g.grader) from samples s"
-            " left join grades g on g.sample_id = s.id where s.iteration_id = ? group by s.id order by s.id",
-            [iteration_id]).fetchall()
-        return [(key, error, bool(error is None and graded and ok)) for key, error, ok, graded in rows]
+            f"with {ITERATION_GRADERS} select s.item_key, s.error, {PASSED_SQL} from samples s join iteration_graders"
+            " where s.iteration_id = ? order by s.id", [iteration_id, iteration_id]).fetchall()
+        return [(key, error, bool(passed)) for key, error, passed in rows]
+
+    def iteration_graders(self, iteration_ids: Iterable[str]) -> dict[str, set[str]]:
+        """The graders of each iteration: those that graded any of its samples (what `passed` requires)."""
+        ids = sorted(set(iteration_ids))
+        found: dict[str, set[str]] = {i: set() for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            for iteration_id, grader in self.db.execute(
+                    "select distinct s.iteration_id, g.grader from grades g join samples s on s.id = g.sample_id"
+                    f" where s.iteration_id in ({','.join('?' * len(chunk))})", chunk).fetchall():
+                found[iteration_id].add(grader)
+        return found
 
     def count_errors(self, iteration_id: str) -> int:
         """Samples of an iteration whose generation failed."""

@@ -25,6 +25,7 @@ from flywheel.data import Item, load_dataset
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
+from flywheel.store.rows import passed_of_rows
 from flywheel.train.formats import RFT_RESERVED, TrainingDataError, TrainingSet, load_training_file, validate_rows
 
 
@@ -38,9 +39,10 @@ class _Sample:
     capture_id: str
     objective: float = 0.0  # on the eval's objective (flywheel.summaries.objective_value)
     grades: dict[str, dict[str, Any]] = field(default_factory=dict)
+    graders: frozenset[str] = frozenset()  # the graders of its iteration
 
     def passed_all(self) -> bool:
-        return self.error is None and bool(self.grades) and all(g["passed"] for g in self.grades.values())
+        return passed_of_rows(self.error, ({"grader": k, **g} for k, g in self.grades.items()), self.graders)
 
 
 def _captures(store: Store, spec: EvalSpec, dataset_id: str, capture_ids: Sequence[str] | None) -> list[dict[str, Any]]:
@@ -56,12 +58,13 @@ def _captures(store: Store, spec: EvalSpec, dataset_id: str, capture_ids: Sequen
 def _captured_samples(store: Store, spec: EvalSpec, captures: list[dict[str, Any]]) -> list[_Sample]:
     samples: dict[int, _Sample] = {}
     objective = (spec.objective_grader, spec.objective.metric)
+    graders = store.iteration_graders(c["iteration_id"] for c in captures)
     for capture in captures:
         for row in store.samples_with_grades(capture["iteration_id"], objective=objective):
             samples[row["id"]] = (_Sample(
                 row["id"], row["item_key"], row["output_text"], row["error"], capture["id"], objective=row["score"],
                 grades={g["grader"]: {"score": g["score"], "passed": bool(g["passed"]), "error": g["error"]}
-                        for g in row["grades"]}))
+                        for g in row["grades"]}, graders=frozenset(graders[capture["iteration_id"]])))
     return list(samples.values())
 
 
