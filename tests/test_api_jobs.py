@@ -123,9 +123,9 @@ def test_a_run_killed_with_the_server_finishes_after_restart(tmp_path, tiny_mode
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     store = Store.open(db)
-    job = store.db.execute("select status, attempts from api_jobs").fetchone()
+    (job,), _ = store.api_list("api_jobs")
     store.close()
-    assert job == ("running", 1)  # as the dead server left it
+    assert (job["status"], job["attempts"]) == ("running", 1)  # as the dead server left it
 
     proc, url = start_server(db)
     try:
@@ -140,7 +140,8 @@ def test_a_run_killed_with_the_server_finishes_after_restart(tmp_path, tiny_mode
         proc.wait(timeout=60)
     store = Store.open(db)
     try:
-        assert store.db.execute("select status, attempts from api_jobs").fetchone() == ("succeeded", 2)
+        (job,), _ = store.api_list("api_jobs")
+        assert (job["status"], job["attempts"]) == ("succeeded", 2)
         runs = store.list_runs()
         assert len(runs) == 1 and runs[0]["status"] == "completed"  # the harness resumed its own run
         events, _ = store.api_events(run.id, limit=100, newest_first=False)
