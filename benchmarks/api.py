@@ -45,7 +45,7 @@ from api_helpers import client_for, completions_source, create_eval, items, wait
 from report_helpers import build_run  # noqa: E402
 
 from flywheel.api.app import create_api_app  # noqa: E402
-from flywheel.store import Store  # noqa: E402
+from flywheel.store import Store, now  # noqa: E402
 from flywheel.web import BackgroundServer  # noqa: E402
 
 
@@ -56,13 +56,13 @@ def linked_run(store: Store, n: int, tag: str) -> tuple[str, str, str]:
                  "reference": "{{item.label}}", "operation": "ilike", "id": "label-1"},
                 {"type": "score_model", "name": "judge", "model": "openai:judge", "input": [], "id": "judge-1"}]
     eval_id, run_id = f"eval_bench{tag}", f"evalrun_bench{tag}"
-    store.api_insert("api_evals", {"id": eval_id, "created_at": 0, "name": "bench", "metadata_json": "{}",
+    store.api_insert("api_evals", {"id": eval_id, "created_at": now(), "name": "bench", "metadata_json": "{}",
                                    "project": "default",
                                    "data_source_config_json": json.dumps({"type": "custom", "schema": {}}),
                                    "testing_criteria_json": json.dumps(criteria)})
     source = {"type": "completions", "model": "local:tiny", "source": {"type": "file_content", "content": []},
               "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.text}}"}]}}
-    store.api_insert("api_eval_runs", {"id": run_id, "eval_id": eval_id, "created_at": 0, "name": "bench",
+    store.api_insert("api_eval_runs", {"id": run_id, "eval_id": eval_id, "created_at": now(), "name": "bench",
                                        "project": "default",
                                        "status": "completed", "model": "local:tiny", "data_source_json": json.dumps(source),
                                        "metadata_json": "{}", "run_id": ids["run_id"],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from api_helpers import client_for, completions_source, create_eval, items, wait_run
-from flywheel.api.jobs import JobContext, JobQueue, unix_now
+from flywheel.api.jobs import JobContext, JobQueue
 from flywheel.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_four_workers_run_every_job_exactly_once(tmp_path):
     db = str(tmp_path / "q.db")
     store = Store.open(db)
     for index in range(60):
-        store.enqueue_job(f"job-{index}", "noop", f"obj-{index}", unix_now())
+        store.enqueue_job(f"job-{index}", "noop", f"obj-{index}")
     recorder = Recorder()
     queue = JobQueue(db, {"noop": recorder}, workers=4, poll_s=0.01)
     queue.start()
@@ -73,7 +73,7 @@ def test_four_workers_run_every_job_exactly_once(tmp_path):
 def test_cancel_stops_a_running_job_and_stop_requeues_one(tmp_path):
     db = str(tmp_path / "q.db")
     store = Store.open(db)
-    store.enqueue_job("job-a", "spin", "obj-a", unix_now())
+    store.enqueue_job("job-a", "spin", "obj-a")
     recorder = Recorder(spin=True)
     queue = JobQueue(db, {"spin": recorder}, workers=1, poll_s=0.01)
     queue.start()
@@ -83,7 +83,7 @@ def test_cancel_stops_a_running_job_and_stop_requeues_one(tmp_path):
         wait_for(lambda: store.count_jobs() == {"cancelled": 1})
         assert recorder.settled == [("obj-a", "cancelled")]
         recorder.started.clear()
-        store.enqueue_job("job-b", "spin", "obj-b", unix_now())
+        store.enqueue_job("job-b", "spin", "obj-b")
         recorder.started.wait(10)
     finally:
         queue.stop()

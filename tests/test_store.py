@@ -227,3 +227,86 @@ def test_a_sqlite_file_that_is_not_a_flywheel_store_is_refused_untouched(tmp_pat
     with pytest.raises(StoreError, match=r"other\.db: not a flywheel store: it has tables \(notes\)"):
         Store.open(db)
     assert db.read_bytes() == before
+
+
+def test_one_timestamp_type_python_and_sql_write_the_same_text():
+    from datetime import datetime, timezone
+
+    from flywheel.store import timestamp, timestamp_from_unix, unix_seconds
+    from flywheel.store.migrations import TIMESTAMP_SQL_FORMAT
+
+    moment = datetime(2026, 12, 6, 14, 3, 7, 123456, tzinfo=timezone.utc)
+    sql = sqlite3.connect(":memory:").execute(f"select strftime('{TIMESTAMP_SQL_FORMAT}', ?)",
+                                              [moment.isoformat()]).fetchone()[0]
+    assert timestamp(moment) == sql == "2026-12-06T14:03:07.123+00:00"
+    assert timestamp_from_unix(1796565787) == "2026-12-06T14:03:07.000+00:00"
+    assert unix_seconds("2026-12-06T14:03:07.999+00:00") == 1796565787 and unix_seconds(None) is None
+
+
+def test_every_timestamp_column_is_text(store):
+    for table in store.db.table_names():
+        for column in store.db[table].columns:
+            if column.name.endswith("_at"):
+                assert column.type == "TEXT", f"{table}.{column.name} is {column.type}"
+
+
+def test_timestamp_migration_converts_a_store_made_by_the_previous_schema(tmp_path):
+    # A store as the last schema before m016 left it: API tables with unix seconds (INTEGER
+    # columns), a hosted job's events without milliseconds, `_migrations` in SQLite's own format.
+    import sqlite_utils
+
+    from flywheel.api.evals import eval_object
+    from flywheel.api.fine_tuning import event_object, job_object
+
+    index = [name for name, _ in MIGRATIONS].index("m016_one_timestamp_type")
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+    for name, fn in MIGRATIONS[:index]:
+        fn(db)
+        db["_migrations"].insert({"name": name, "applied_at": "2026-12-01 09:30:00"})
+    for n, eval_id in enumerate(["eval_z", "eval_a", "eval_m"]):  # rowid order is not id order
+        db["api_evals"].insert({"id": eval_id, "created_at": 1796565787 + n, "name": eval_id, "metadata_json": "{}",
+                                "data_source_config_json": "{}", "testing_criteria_json": "[]", "project": "default"})
+    db["api_eval_runs"].insert({"id": "evalrun_1", "eval_id": "eval_a", "created_at": 1796565800, "name": "r",
+                                "status": "queued", "data_source_json": "{}", "project": "default"})
+    db["api_fine_tuning_jobs"].insert({"id": "ftjob-1", "created_at": 1796565787, "finished_at": None,
+                                       "status": "queued", "model": "m", "method_json": '{"type": "supervised", '
+                                       '"supervised": {"hyperparameters": {}}}', "metadata_json": "{}",
+                                       "project": "default"})
+    db["api_events"].insert({"object_id": "ftjob-1", "created_at": 1796565790, "level": "info", "type": "message",
+                             "message": "hi"})
+    db["api_jobs"].insert({"id": "job_1", "kind": "fine_tuning", "object_id": "ftjob-1", "status": "running",
+                           "created_at": 1796565787, "started_at": 1796565788, "finished_at": None})
+    db["runs"].insert({"id": "run-1", "kind": "eval", "status": "completed", "started_at": "2026-12-06T14:03:07.123+00:00",
+                       "finished_at": "not a time"})
+    db["training_sets"].insert({"id": "ts-1", "created_at": "2026-12-06T14:00:00.000+00:00", "kind": "sft"})
+    db["training_jobs"].insert({"id": "tj-1", "created_at": "2026-12-06T14:00:00.000+00:00", "training_set_id": "ts-1"})
+    db["training_events"].insert({"job_id": "tj-1", "created_at": "2026-12-06T14:03:07+00:00", "message": "remote"})
+    db.conn.close()
+
+    store = Store.open(tmp_path / "old.db")
+    evals, _ = store.api_list("api_evals", order="asc")
+    assert [e["id"] for e in evals] == ["eval_z", "eval_a", "eval_m"]  # creation order survives the rebuild
+    assert [e["created_at"] for e in evals] == ["2026-12-06T14:03:07.000+00:00", "2026-12-06T14:03:08.000+00:00",
+                                                "2026-12-06T14:03:09.000+00:00"]
+    assert store.api_get("api_eval_runs", "evalrun_1")["created_at"] == "2026-12-06T14:03:20.000+00:00"
+    job = store.api_get("api_jobs", "job_1")
+    assert (job["created_at"], job["started_at"], job["finished_at"]) == (
+        "2026-12-06T14:03:07.000+00:00", "2026-12-06T14:03:08.000+00:00", None)
+    assert store.get_run("run-1")["started_at"] == "2026-12-06T14:03:07.123+00:00"
+    assert store.get_run("run-1")["finished_at"] == "not a time"  # not a date: left as it was
+    assert store.training_events("tj-1")[0]["created_at"] == "2026-12-06T14:03:07.000+00:00"
+    applied = {row["name"]: row["applied_at"] for row in store.db.query("select * from _migrations")}  # schema
+    assert applied["m001_initial"] == "2026-12-01T09:30:00.000+00:00"
+    assert store.db.execute("pragma foreign_key_check").fetchall() == []
+    # The platform API still reports unix seconds.
+    assert eval_object(evals[0])["created_at"] == 1796565787
+    ft = job_object(store.api_get("api_fine_tuning_jobs", "ftjob-1"))
+    assert (ft["created_at"], ft["finished_at"]) == (1796565787, None)
+    events, _ = store.api_events("ftjob-1")
+    assert event_object(events[0])["created_at"] == 1796565790
+    # New rows written after the migration go through the same door.
+    store.add_api_event("ftjob-1", "after")
+    events, _ = store.api_events("ftjob-1")
+    assert isinstance(event_object(events[0])["created_at"], int) and events[0]["created_at"].endswith("+00:00")
+    store.close()

@@ -28,10 +28,10 @@ from typing import Any
 
 from starlette.requests import Request
 
-from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.jobs import new_object_id
 from flywheel.api.limits import RateLimiter
 from flywheel.errors import FlywheelError
-from flywheel.store import Store
+from flywheel.store import Store, now, unix_seconds
 
 KEY_PREFIX = "fw-"
 ROLES = ("admin", "member", "reader")
@@ -71,14 +71,14 @@ def create_key(store: Store, name: str = "", *, project: str = DEFAULT_PROJECT, 
         raise FlywheelError(f"rpm must be at least 1, got {rpm}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     key_id = new_object_id("key_")
-    store.api_insert("api_keys", {"id": key_id, "created_at": unix_now(), "name": name, "key_hash": hash_key(key),
+    store.api_insert("api_keys", {"id": key_id, "created_at": now(), "name": name, "key_hash": hash_key(key),
                                   "prefix": key[:8], "revoked": 0, "project": project, "role": role, "rpm": rpm})
     return key, key_id
 
 
 def list_keys(store: Store) -> list[dict[str, Any]]:
-    """Every key (without hashes), oldest first."""
-    return store.list_api_keys()
+    """Every key (without hashes), oldest first; `created_at` in unix seconds, as the API reports times."""
+    return [{**key, "created_at": unix_seconds(key["created_at"])} for key in store.list_api_keys()]
 
 
 def revoke_key(store: Store, key_id: str) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import threading
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from flywheel.api.jobs import JobContext
 from flywheel.errors import FlywheelError
 from flywheel.models import ChatRequest, Completion, Model
 from flywheel.spec import EvalSpec, parse_eval_spec
-from flywheel.store import Store
+from flywheel.store import Store, unix_seconds
 
 RUN_STATUS = {"succeeded": "completed", "failed": "failed", "cancelled": "canceled"}
 ROLES = ("system", "developer", "user", "assistant")
@@ -240,10 +239,6 @@ class EvalRunRunner:
 
 
 # -- shapes ------------------------------------------------------------------------------------------
-def unix(created_at: str | None) -> int:
-    return int(datetime.fromisoformat(created_at).timestamp()) if created_at else 0
-
-
 def run_object(store: Store, run: dict[str, Any], criteria: list[dict[str, Any]],
                report_base: str | None = None) -> dict[str, Any]:
     """An eval run as the platform shows it, with counts read from the harness rows."""
@@ -262,7 +257,7 @@ def run_object(store: Store, run: dict[str, Any], criteria: list[dict[str, Any]]
                   "total_tokens": counts["prompt_tokens"] + counts["completion_tokens"], "cached_tokens": 0}]
     return {
         "object": "eval.run", "id": run["id"], "eval_id": run["eval_id"], "name": run["name"],
-        "created_at": run["created_at"], "status": run["status"], "model": run["model"],
+        "created_at": unix_seconds(run["created_at"]), "status": run["status"], "model": run["model"],
         "data_source": source, "metadata": json.loads(run["metadata_json"] or "{}"),
         "error": json.loads(run["error_json"]) if run.get("error_json") else None,
         "report_url": f"{report_base}runs/{run['run_id']}" if report_base and run.get("run_id") else None,
@@ -286,7 +281,7 @@ def output_item_object(row: dict[str, Any], run: dict[str, Any], criteria: list[
     error = {"code": "sample_error", "message": row["error"]} if row["error"] else None
     return {
         "object": "eval.run.output_item", "id": f"outputitem_{row['id']}", "run_id": run["id"],
-        "eval_id": run["eval_id"], "created_at": unix(row["created_at"]),
+        "eval_id": run["eval_id"], "created_at": unix_seconds(row["created_at"]),
         "status": "pass" if row["passed"] else "fail",
         "datasource_item_id": (row["line"] or 1) - 1,
         "datasource_item": {k: v for k, v in json.loads(row["fields_json"] or "{}").items()

@@ -25,10 +25,11 @@ from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, recorded_path,
                                    run_object)
 from flywheel.api.files import read_rows
-from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.jobs import new_object_id
 from flywheel.api.logs import STORED_SOURCES, stored_rows
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
+from flywheel.store import now, unix_seconds
 from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def source_config(value: Any) -> dict[str, Any]:
 
 
 def eval_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"object": "eval", "id": row["id"], "name": row["name"], "created_at": row["created_at"],
+    return {"object": "eval", "id": row["id"], "name": row["name"], "created_at": unix_seconds(row["created_at"]),
             "metadata": json.loads(row["metadata_json"] or "{}"),
             "data_source_config": json.loads(row["data_source_config_json"]),
             "testing_criteria": json.loads(row["testing_criteria_json"])}
@@ -150,7 +151,7 @@ def routes(state: "ApiState") -> list[Route]:
         body = await body_of(request)
         config = source_config(body.get("data_source_config"))
         criteria = parse_criteria(body.get("testing_criteria"))
-        row = {"id": new_object_id("eval_"), "created_at": unix_now(), "name": field(body, "name", str, default=""),
+        row = {"id": new_object_id("eval_"), "created_at": now(), "name": field(body, "name", str, default=""),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}),
                "data_source_config_json": json.dumps(config), "testing_criteria_json": json.dumps(criteria)}
         insert_owned(state.store(), "api_evals", row, caller(request).project)
@@ -212,7 +213,7 @@ def routes(state: "ApiState") -> list[Route]:
             items = [{**item, ROW_FIELD: index} for index, item in enumerate(items)]
             recorded_path(dataset).write_text(json.dumps(outputs, ensure_ascii=False), encoding="utf-8")
         dataset.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
-        row = {"id": run_id, "eval_id": evaluation["id"], "created_at": unix_now(),
+        row = {"id": run_id, "eval_id": evaluation["id"], "created_at": now(),
                "name": field(body, "name", str, default="") or run_id, "status": "queued",
                "model": source.get("model"), "data_source_json": json.dumps(source),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}), "dataset_path": str(dataset)}
@@ -222,7 +223,7 @@ def routes(state: "ApiState") -> list[Route]:
             Path(dataset).unlink(missing_ok=True)
             raise
         insert_owned(store, "api_eval_runs", row, caller(request).project)
-        store.enqueue_job(new_object_id("job_"), "eval_run", run_id, row["created_at"])
+        store.enqueue_job(new_object_id("job_"), "eval_run", run_id)
         state.notify()
         return JSONResponse(shaped_run(row, evaluation))
 
@@ -249,7 +250,7 @@ def routes(state: "ApiState") -> list[Route]:
         job = store.request_job_cancel(run["id"])
         if job and job["status"] == "cancelled" and run["status"] == "queued":
             store.api_update("api_eval_runs", run["id"], status="canceled")
-            store.add_api_event(run["id"], "Run cancelled before it started.", created_at=unix_now())
+            store.add_api_event(run["id"], "Run cancelled before it started.")
         return JSONResponse(shaped_run(store.api_get("api_eval_runs", run["id"]), evaluation))
 
     async def delete_run(request: Request) -> Response:

@@ -19,10 +19,10 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import invalid, not_found
-from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.jobs import new_object_id
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
-from flywheel.store import Store
+from flywheel.store import Store, now, unix_seconds
 from flywheel.web import read_body
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ PURPOSES = ("fine-tune", "evals")
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
     """A stored file as the platform shows it."""
-    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": unix_seconds(row["created_at"]),
             "filename": row["filename"], "purpose": row["purpose"], "status": "processed",
             "expires_at": None, "status_details": None}
 
@@ -97,7 +97,7 @@ def store_file(store: Store, data: bytes, filename: str, purpose: str, project: 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{file_id}.jsonl"
     path.write_bytes(data)
-    row = {"id": file_id, "created_at": unix_now(), "filename": filename, "purpose": purpose,
+    row = {"id": file_id, "created_at": now(), "filename": filename, "purpose": purpose,
            "bytes": len(data), "path": str(path), "n_rows": len(rows)}
     return insert_owned(store, "api_files", row, project)
 

@@ -24,11 +24,11 @@ from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.files import read_file_rows, training_kind
 from flywheel.api.fine_tuning_runner import KINDS
-from flywheel.api.jobs import new_object_id, unix_now
+from flywheel.api.jobs import new_object_id
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
-from flywheel.store import Store
+from flywheel.store import Store, now, unix_seconds
 from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
@@ -109,8 +109,8 @@ def parse_method(body: dict[str, Any]) -> dict[str, Any]:
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
     method = json.loads(row["method_json"])
     return {
-        "object": "fine_tuning.job", "id": row["id"], "created_at": row["created_at"],
-        "finished_at": row["finished_at"], "estimated_finish": None, "status": row["status"], "model": row["model"],
+        "object": "fine_tuning.job", "id": row["id"], "created_at": unix_seconds(row["created_at"]),
+        "finished_at": unix_seconds(row["finished_at"]), "estimated_finish": None, "status": row["status"], "model": row["model"],
         "fine_tuned_model": row["fine_tuned_model"], "organization_id": "flywheel",
         "training_file": row["training_file"], "validation_file": row["validation_file"], "result_files": [],
         "trained_tokens": row["trained_tokens"], "seed": row["seed"],
@@ -122,7 +122,7 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def event_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"object": "fine_tuning.job.event", "id": f"ftevent-{row['id']}", "created_at": row["created_at"],
+    return {"object": "fine_tuning.job.event", "id": f"ftevent-{row['id']}", "created_at": unix_seconds(row["created_at"]),
             "level": row["level"], "message": row["message"], "type": row["type"],
             "data": json.loads(row["data_json"]) if row["data_json"] else None}
 
@@ -172,13 +172,13 @@ def create_job(store: Store, body: dict[str, Any], project: str) -> dict[str, An
         model_for(store, model, project)
     except FlywheelError as exc:
         raise invalid(str(exc), "model", "model_not_found") from None
-    row = {"id": new_object_id("ftjob-"), "created_at": unix_now(), "status": "queued", "model": model,
+    row = {"id": new_object_id("ftjob-"), "created_at": now(), "status": "queued", "model": model,
            "training_file": training_file, "validation_file": validation_file, "method_json": json.dumps(method),
            "suffix": suffix, "seed": field(body, "seed", int, default=0),
            "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {})}
     insert_owned(store, "api_fine_tuning_jobs", row, project)
-    store.add_api_event(row["id"], f"Created fine-tuning job: {row['id']}", created_at=row["created_at"])
-    store.enqueue_job(new_object_id("job_"), "fine_tuning", row["id"], row["created_at"])
+    store.add_api_event(row["id"], f"Created fine-tuning job: {row['id']}")
+    store.enqueue_job(new_object_id("job_"), "fine_tuning", row["id"])
     return job_object(store.api_get("api_fine_tuning_jobs", row["id"]))
 
 
@@ -196,21 +196,9 @@ def checkpoint_object(row: dict[str, Any], checkpoint: dict[str, Any], fine_tune
     if metrics.get("mean_reward") is not None:
         shown["train_reward_mean"] = metrics["mean_reward"]
     return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt_{checkpoint['id']}",
-            "created_at": _unix(checkpoint.get("created_at")) or row["finished_at"] or row["created_at"],
+            "created_at": unix_seconds(checkpoint.get("created_at") or row["finished_at"] or row["created_at"]),
             "fine_tuned_model_checkpoint": f"{fine_tuned}:ckpt-step-{step}",
             "fine_tuning_job_id": row["id"], "step_number": step, "metrics": shown}
-
-
-def _unix(stamp: str | None) -> int | None:
-    from datetime import datetime, timezone
-
-    try:
-        moment = datetime.fromisoformat(stamp) if stamp else None
-    except ValueError:
-        return None
-    if moment is None:
-        return None
-    return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
 
 
 def job_checkpoints(store: Store, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -268,11 +256,11 @@ def routes(state: "ApiState") -> list[Route]:
             raise invalid(f"Job {row['id']} has already {row['status']}; it cannot be cancelled.", "fine_tuning_job_id")
         store = state.store()
         job = store.request_job_cancel(row["id"])
-        stopped = store.cancel_paused_job(row["id"], unix_now()) or (
+        stopped = store.cancel_paused_job(row["id"]) or (
             job and job["status"] == "cancelled" and row["status"] == "queued")
         if stopped:
-            store.api_update("api_fine_tuning_jobs", row["id"], status="cancelled", finished_at=unix_now())
-            store.add_api_event(row["id"], "The job was cancelled.", created_at=unix_now())
+            store.api_update("api_fine_tuning_jobs", row["id"], status="cancelled", finished_at=now())
+            store.add_api_event(row["id"], "The job was cancelled.")
         return answer(row)
 
     async def pause(request: Request) -> Response:
@@ -284,9 +272,9 @@ def routes(state: "ApiState") -> list[Route]:
         now = store.request_job_pause(row["id"])
         if now == "paused":  # it had not started: nothing to save
             store.api_update("api_fine_tuning_jobs", row["id"], status="paused")
-            store.add_api_event(row["id"], "The job was paused before it started.", created_at=unix_now())
+            store.add_api_event(row["id"], "The job was paused before it started.")
         elif now == "running":
-            store.add_api_event(row["id"], "Pausing the job at its next training step.", created_at=unix_now())
+            store.add_api_event(row["id"], "Pausing the job at its next training step.")
         return answer(row)
 
     async def resume(request: Request) -> Response:
@@ -296,7 +284,7 @@ def routes(state: "ApiState") -> list[Route]:
             raise invalid(f"Job {row['id']} is {row['status']}; only a paused job can be resumed.",
                           "fine_tuning_job_id")
         store.api_update("api_fine_tuning_jobs", row["id"], status="queued")
-        store.add_api_event(row["id"], "The job was resumed and is queued.", created_at=unix_now())
+        store.add_api_event(row["id"], "The job was resumed and is queued.")
         state.notify()
         return answer(row)
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.api.eval_runs import local_turn
-from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused, unix_now
+from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
 from flywheel.errors import FlywheelError
-from flywheel.store import Store
+from flywheel.store import Store, now
 
 # method type -> our training-set kind
 KINDS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "rft"}
@@ -205,8 +205,6 @@ def keep_latest(store: Store, training_job_id: str, keep: int = KEEP_CHECKPOINTS
     `pruned_at`); returns the ids pruned."""
     import shutil
 
-    from flywheel.store import now
-
     rows = [r for r in store.job_checkpoints(training_job_id) if not r.get("pruned_at")]
     pruned = []
     for row in sorted(rows, key=lambda r: r.get("step") or 0)[:-keep]:
@@ -351,10 +349,9 @@ class FineTuningRunner:
             resume = json.loads(row["resume_json"]) if row.get("resume_json") else {}
             store.api_update("api_fine_tuning_jobs", row["id"], status="paused")
             where = f" at step {resume['step']}/{resume['total_steps']}" if resume else ""
-            store.add_api_event(row["id"], f"The job was paused{where}; resume continues from there.",
-                                created_at=unix_now())
+            store.add_api_event(row["id"], f"The job was paused{where}; resume continues from there.")
             return
-        fields: dict[str, Any] = {"status": status, "finished_at": unix_now()}
+        fields: dict[str, Any] = {"status": status, "finished_at": now()}
         if error:
             fields["error_json"] = json.dumps({"code": "training_failed", "message": error, "param": None})
         store.api_update("api_fine_tuning_jobs", row["id"], **fields)
@@ -362,5 +359,4 @@ class FineTuningRunner:
             discard_training_folder(store, row.get("training_job_id"))
         message = {"succeeded": "The job has successfully completed.", "cancelled": "The job was cancelled.",
                    "failed": f"The job failed: {error}"}[status]
-        store.add_api_event(row["id"], message, created_at=unix_now(),
-                            level="error" if status == "failed" else "info")
+        store.add_api_event(row["id"], message, level="error" if status == "failed" else "info")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from typing import Any, Protocol
 
@@ -25,10 +24,6 @@ from flywheel.store import Store
 log = logging.getLogger("flywheel.api")
 
 STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
-
-
-def unix_now() -> int:
-    return int(time.time())
 
 
 def new_object_id(prefix: str) -> str:
@@ -68,7 +63,7 @@ class JobContext:
 
     def event(self, message: str, *, level: str = "info", type: str = "message",
               data: dict[str, Any] | None = None) -> None:
-        self.store.add_api_event(self.job["object_id"], message, created_at=unix_now(), level=level,
+        self.store.add_api_event(self.job["object_id"], message, level=level,
                                  type=type, data=data)
 
 
@@ -102,7 +97,7 @@ class JobQueue:
                 requeued = store.requeue_running_jobs()
             for job_id in requeued:
                 job = store.api_get("api_jobs", job_id)
-                store.add_api_event(job["object_id"], "Job resumed after a server restart.", created_at=unix_now())
+                store.add_api_event(job["object_id"], "Job resumed after a server restart.")
         finally:
             store.close()
         for index in range(self.workers):
@@ -126,7 +121,7 @@ class JobQueue:
         store = Store.open(self.db_path)
         try:
             while not self.stopping.is_set():
-                job = store.claim_job(unix_now())
+                job = store.claim_job()
                 if job is None:
                     self.wake.wait(self.poll_s)
                     self.wake.clear()
@@ -155,6 +150,6 @@ class JobQueue:
         except Exception as exc:  # noqa: BLE001 - a failing job is recorded, the worker goes on
             log.exception("job %s failed", job["id"])
             status, error = "failed", f"{type(exc).__name__}: {exc}"
-        store.finish_job(job["id"], status, unix_now(), error)
+        store.finish_job(job["id"], status, error)
         if runner is not None:
             runner.settle(store, job, status, error)

@@ -24,11 +24,10 @@ own stored completions; proxy captures (no project) belong to the `default` proj
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from typing import Any
 
 from flywheel.api.errors import check_metadata, invalid
-from flywheel.store import CompletionFilter, Store
+from flywheel.store import CompletionFilter, Store, timestamp_from_unix
 
 STORED_SOURCES = ("stored_completions", "responses")
 UNSUPPORTED_FILTERS = ("tools", "reasoning_effort")
@@ -41,7 +40,7 @@ def _when(source: dict[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, int) or isinstance(value, bool):
         raise invalid(f"{PARAM}.{name} must be a unix timestamp.", f"{PARAM}.{name}")
-    return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="milliseconds")
+    return timestamp_from_unix(value)
 
 
 def completion_filter(source: dict[str, Any], project: str,

@@ -26,11 +26,11 @@ from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.eval_runs import local_turn
 from flywheel.api.files import read_rows
-from flywheel.api.jobs import JobContext, new_object_id, unix_now
+from flywheel.api.jobs import JobContext, new_object_id
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
-from flywheel.store import Store
+from flywheel.store import Store, now, unix_seconds
 from flywheel.web import ApiError, parse_json_object, read_body
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 
 def wheel_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"object": "flywheel.run", "id": row["id"], "created_at": row["created_at"], "status": row["status"],
+    return {"object": "flywheel.run", "id": row["id"], "created_at": unix_seconds(row["created_at"]), "status": row["status"],
             "run_id": row["run_id"], "spec_path": row["spec_path"],
             "result": json.loads(row["result_json"]) if row["result_json"] else None,
             "error": json.loads(row["error_json"]) if row["error_json"] else None,
@@ -112,7 +112,7 @@ class WheelRunner:
             fields["error_json"] = json.dumps({"code": "run_failed", "message": error})
         store.api_update("api_wheel_runs", job["object_id"], **fields)
         store.add_api_event(job["object_id"], f"Wheel run {status}." + (f" {error}" if error else ""),
-                            created_at=unix_now(), level="error" if error else "info")
+                            level="error" if error else "info")
 
 
 def routes(state: "ApiState") -> list[Route]:
@@ -139,10 +139,10 @@ def routes(state: "ApiState") -> list[Route]:
                 raise invalid("file_id: the items file must hold {\"item\": {...}} lines (purpose evals).", "file_id")
             path = write_specs(store.artefact_dir / "api" / "wheel" / run_id, body, [r["item"] for r in rows])
         check_specs(path)
-        row = {"id": run_id, "created_at": unix_now(), "status": "queued", "spec_path": str(path),
+        row = {"id": run_id, "created_at": now(), "status": "queued", "spec_path": str(path),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {})}
         insert_owned(store, "api_wheel_runs", row, caller(request).project)
-        store.enqueue_job(new_object_id("job_"), "wheel_run", run_id, row["created_at"])
+        store.enqueue_job(new_object_id("job_"), "wheel_run", run_id)
         state.notify()
         return JSONResponse(wheel_object({**row, "run_id": None, "result_json": None, "error_json": None}))
 
@@ -171,7 +171,7 @@ def routes(state: "ApiState") -> list[Route]:
         rows, more = state.store().api_events(row["id"], after=int(after[8:]) if after else None, limit=limit,
                                               newest_first=order == "desc")
         return JSONResponse(page([{"object": "flywheel.run.event", "id": f"fwevent-{e['id']}",
-                                   "created_at": e["created_at"], "level": e["level"], "message": e["message"]}
+                                   "created_at": unix_seconds(e["created_at"]), "level": e["level"], "message": e["message"]}
                                   for e in rows], more))
 
     base = "/v1/flywheel/runs"

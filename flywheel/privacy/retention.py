@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 
 from flywheel.privacy.deletion import DeletionResult, delete_captures
 from flywheel.privacy.redact import PrivacyError
-from flywheel.store import Store
+from flywheel.store import Store, timestamp
 
 RETENTION_INTERVAL_S = 3600.0
 
@@ -21,7 +21,7 @@ def cutoff(days: float) -> str:
     """The store timestamp `days` ago (captures created before it are expired)."""
     if days <= 0:
         raise PrivacyError(f"--retention-days must be positive, got {days:g}")
-    return (datetime.now(timezone.utc) - timedelta(days=days)).isoformat(timespec="milliseconds")
+    return timestamp(datetime.now(timezone.utc) - timedelta(days=days))
 
 
 def purge_expired(store: Store, days: float) -> DeletionResult:

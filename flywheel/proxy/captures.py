@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError
-from flywheel.store import Store
+from flywheel.store import Store, timestamp
 
 AGE = re.compile(r"^(\d+)\s*([mhdw])$")
 AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -67,7 +67,7 @@ def parse_when(text: str | None, *, end: bool = False, option: str = "--since") 
                 "or an age (30m, 12h, 7d, 2w)") from None
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=timezone.utc)
-    return stamp.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    return timestamp(stamp)
 
 
 def _loads(text: str | None) -> Any:

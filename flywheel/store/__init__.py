@@ -18,7 +18,8 @@ from flywheel.errors import StoreError
 from flywheel.store.api import ApiStore
 from flywheel.store.captures import CapturesStore, CompletionFilter
 from flywheel.store.db import (DEFAULT_BUSY_TIMEOUT, DEFAULT_DB, StoreBase, StoreBusy, busy_error, busy_timeout,
-                               default_db_path, lock_holders, new_id, now)
+                               default_db_path, lock_holders, new_id, now, timestamp,
+                               timestamp_from_unix, unix_seconds)
 from flywheel.store.privacy import PrivacyStore
 from flywheel.store.reviews import ReviewsStore
 from flywheel.store.rows import SampleRecord
@@ -31,4 +32,5 @@ class Store(RunsStore, CapturesStore, ReviewsStore, TrainingStore, PrivacyStore,
 
 
 __all__ = ["DEFAULT_BUSY_TIMEOUT", "DEFAULT_DB", "CompletionFilter", "SampleRecord", "Store", "StoreBase", "StoreBusy", "StoreError",
-           "busy_error", "busy_timeout", "default_db_path", "lock_holders", "new_id", "now"]
+           "busy_error", "busy_timeout", "default_db_path", "lock_holders", "new_id", "now", "timestamp",
+           "timestamp_from_unix", "unix_seconds"]

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from flywheel.errors import StoreError
-from flywheel.store.db import StoreBase
+from flywheel.store.db import StoreBase, now
 from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL
 
 
@@ -22,6 +22,7 @@ class ApiStore(StoreBase):
         return table
 
     def api_insert(self, table: str, row: dict[str, Any]) -> None:
+        """Store a new API object (its `created_at` a stored timestamp, `now()`)."""
         with self.transaction():
             self.db[self._api_table(table)].insert(row)
 
@@ -60,12 +61,12 @@ class ApiStore(StoreBase):
         return rows[:limit], len(rows) > limit
 
     # the queue: `claim_job` is one UPDATE guarded by status, so two workers never take one job
-    def enqueue_job(self, job_id: str, kind: str, object_id: str, created_at: int) -> None:
+    def enqueue_job(self, job_id: str, kind: str, object_id: str) -> None:
         with self.transaction():
             self.db["api_jobs"].insert({"id": job_id, "kind": kind, "object_id": object_id, "status": "queued",
-                                        "cancel_requested": 0, "attempts": 0, "created_at": created_at})
+                                        "cancel_requested": 0, "attempts": 0, "created_at": now()})
 
-    def claim_job(self, started_at: int) -> dict[str, Any] | None:
+    def claim_job(self) -> dict[str, Any] | None:
         """Take the oldest queued job (status -> running, attempts + 1); None when none is queued."""
         while True:
             row = self.db.conn.execute(
@@ -75,14 +76,14 @@ class ApiStore(StoreBase):
             with self.transaction():
                 taken = self.db.conn.execute(
                     "update api_jobs set status = 'running', started_at = ?, attempts = attempts + 1"
-                    " where id = ? and status = 'queued'", [started_at, row[0]]).rowcount
+                    " where id = ? and status = 'queued'", [now(), row[0]]).rowcount
             if taken:
                 return self.api_get("api_jobs", row[0])
 
-    def finish_job(self, job_id: str, status: str, finished_at: int, error: str | None = None) -> None:
+    def finish_job(self, job_id: str, status: str, error: str | None = None) -> None:
         with self.transaction():
             self.db.conn.execute("update api_jobs set status = ?, finished_at = ?, error = ? where id = ?",
-                                 [status, finished_at, error, job_id])
+                                 [status, now(), error, job_id])
 
     def request_job_cancel(self, object_id: str) -> dict[str, Any] | None:
         """Flag the job of an API object for cancelling; a queued job is cancelled at once.
@@ -127,12 +128,12 @@ class ApiStore(StoreBase):
                 "update api_jobs set status = 'queued', pause_requested = 0, finished_at = null"
                 " where object_id = ? and status = 'paused'", [object_id]).rowcount > 0
 
-    def cancel_paused_job(self, object_id: str, finished_at: int) -> bool:
+    def cancel_paused_job(self, object_id: str) -> bool:
         """Cancel an API object's paused job (it runs nothing, so at once); False when it is not paused."""
         with self.transaction():
             return self.db.conn.execute(
                 "update api_jobs set status = 'cancelled', cancel_requested = 1, finished_at = ?"
-                " where object_id = ? and status = 'paused'", [finished_at, object_id]).rowcount > 0
+                " where object_id = ? and status = 'paused'", [now(), object_id]).rowcount > 0
 
     def job_stop_flags(self, job_id: str) -> tuple[bool, bool]:
         """(cancel requested, pause requested) of a queue job; (False, False) when there is no such job."""
@@ -144,12 +145,13 @@ class ApiStore(StoreBase):
         return dict(self.db.conn.execute("select status, count(*) from api_jobs group by status").fetchall())
 
     # events of API objects (eval runs, fine-tuning jobs), paged by id
-    def add_api_event(self, object_id: str, message: str, *, created_at: int, level: str = "info",
-                      type: str = "message", data: dict[str, Any] | None = None) -> int:
+    def add_api_event(self, object_id: str, message: str, *, level: str = "info", type: str = "message",
+                      data: dict[str, Any] | None = None) -> int:
+        """Record an event of an API object, stamped now; returns its id."""
         with self.transaction():
             return self.db.conn.execute(
                 "insert into api_events (object_id, created_at, level, type, message, data_json)"
-                " values (?,?,?,?,?,?)", [object_id, created_at, level, type, message,
+                " values (?,?,?,?,?,?)", [object_id, now(), level, type, message,
                                           json.dumps(data) if data is not None else None]).lastrowid
 
     def api_events(self, object_id: str, *, after: int | None = None, limit: int = 20,

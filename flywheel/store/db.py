@@ -25,9 +25,28 @@ DEFAULT_DB = "flywheel.db"
 DEFAULT_BUSY_TIMEOUT = 30.0
 
 
+def timestamp(moment: datetime) -> str:
+    """A moment as the text every timestamp column (`*_at`) holds: UTC ISO 8601 with milliseconds,
+    `2026-12-06T14:03:07.123+00:00` (a naive datetime is taken as UTC). Fixed width, so text order
+    is time order. The same text as SQL's `strftime(migrations.TIMESTAMP_SQL_FORMAT, …)`."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
 def now() -> str:
-    """The current UTC time as the ISO 8601 text every timestamp column holds (milliseconds)."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    """The current time as a stored timestamp (`timestamp`)."""
+    return timestamp(datetime.now(timezone.utc))
+
+
+def timestamp_from_unix(seconds: float) -> str:
+    """Unix seconds (the platform API's `created_at`, a hosted job's event) as a stored timestamp."""
+    return timestamp(datetime.fromtimestamp(seconds, timezone.utc))
+
+
+def unix_seconds(stamp: str | None) -> int | None:
+    """A stored timestamp as whole unix seconds, as the platform API reports times; None for None."""
+    return int(datetime.fromisoformat(stamp).timestamp()) if stamp else None
 
 
 def new_id(prefix: str) -> str:

@@ -10,6 +10,9 @@ from collections.abc import Callable
 
 import sqlite_utils
 
+# The text of every stored timestamp in SQL: the same as `flywheel.store.db.timestamp` in Python.
+TIMESTAMP_SQL_FORMAT = "%Y-%m-%dT%H:%M:%f+00:00"
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = []
 
 
@@ -327,6 +330,28 @@ def m015_apiwire_fine_tuning_training_jobs(db: sqlite_utils.Database) -> None:
     db["api_fine_tuning_jobs"].add_column("training_job_id", str)
 
 
+@migration
+def m016_one_timestamp_type(db: sqlite_utils.Database) -> None:
+    # One timestamp type: every `*_at` column holds UTC ISO 8601 text with milliseconds
+    # (`flywheel.store.db.now()`; docs/storage.md says why). The API tables held unix seconds
+    # (m010): their values are converted and their columns retyped TEXT (sqlite-utils rebuilds each
+    # table, keeping rowids, so API list order and `after` cursors stay). Other text stamps are
+    # normalised to the same form (a hosted job's events had no milliseconds; `_migrations` used
+    # SQLite's `YYYY-MM-DD HH:MM:SS`). Text that is not a date is left as it is.
+    for table in db.table_names():
+        columns = [c for c in db[table].columns if c.name.endswith("_at")]
+        for column in columns:
+            c = f"[{column.name}]"
+            stamp = (f"case typeof({c}) when 'text' then case when {c} glob '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*'"
+                     f" then strftime('{TIMESTAMP_SQL_FORMAT}', {c}) end"
+                     f" when 'blob' then null else strftime('{TIMESTAMP_SQL_FORMAT}', {c}, 'unixepoch') end")
+            db.execute(f"update [{table}] set {c} = {stamp} where {c} is not null and {stamp} is not null"
+                       f" and {c} is not {stamp}")
+        retype = {c.name: str for c in columns if c.type.upper() != "TEXT"}
+        if retype:
+            db[table].transform(types=retype)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 
@@ -348,7 +373,8 @@ def apply_migrations(db: sqlite_utils.Database) -> list[str]:
         applied = []
         for name, fn in pending:
             fn(db)
-            conn.execute("insert into _migrations (name, applied_at) values (?, datetime('now'))", [name])
+            conn.execute(f"insert into _migrations (name, applied_at) values (?, strftime('{TIMESTAMP_SQL_FORMAT}', 'now'))",
+                         [name])
             applied.append(name)
         conn.execute(f"pragma user_version = {len(MIGRATIONS)}")
         conn.execute("COMMIT")

@@ -30,7 +30,7 @@ from flywheel.errors import ModelError
 from graders.registry import HOSTED_RFT_TYPES
 
 from flywheel.spec import EvalSpec
-from flywheel.store import Store
+from flywheel.store import Store, timestamp_from_unix
 from flywheel.train.checkpoints import register_checkpoint
 from flywheel.train.config import TrainConfig
 from flywheel.train.formats import TrainingDataError, TrainingSet
@@ -198,8 +198,7 @@ class HostedBackend:
 
 def _event_row(event: dict[str, Any]) -> dict[str, Any]:
     created = event.get("created_at")
-    stamp = (time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(created)) if isinstance(created, (int, float))
-             else None)
+    stamp = timestamp_from_unix(created) if isinstance(created, (int, float)) else None
     return {"remote_id": event.get("id"), "created_at": stamp, "level": event.get("level", "info"),
             "type": event.get("type") or "message", "message": event.get("message"), "data": event.get("data")}
 
