@@ -310,3 +310,25 @@ def test_timestamp_migration_converts_a_store_made_by_the_previous_schema(tmp_pa
     events, _ = store.api_events("ftjob-1")
     assert isinstance(event_object(events[0])["created_at"], int) and events[0]["created_at"].endswith("+00:00")
     store.close()
+
+
+def test_each_store_area_stands_alone():
+    # Every `self.x` a mixin uses is its own or StoreBase's: an area never leans on another area.
+    import ast
+    import inspect
+
+    from flywheel.store import StoreBase
+    from flywheel.store.api import ApiStore
+    from flywheel.store.captures import CapturesStore
+    from flywheel.store.privacy import PrivacyStore
+    from flywheel.store.reviews import ReviewsStore
+    from flywheel.store.runs import RunsStore
+    from flywheel.store.training import TrainingStore
+
+    for area in (RunsStore, CapturesStore, ReviewsStore, TrainingStore, PrivacyStore, ApiStore):
+        tree = ast.parse(inspect.getsource(area))
+        used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name) and node.value.id == "self"}
+        foreign = sorted(name for name in used - {"db", "path"}
+                         if not hasattr(StoreBase, name) and name not in vars(area))
+        assert foreign == [], f"{area.__name__} uses {foreign} from another area"

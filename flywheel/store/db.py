@@ -10,7 +10,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Self
@@ -228,6 +228,19 @@ class StoreBase:
         adapters (`ckpt/`), training sets (`sets/`) and reports live there, rows point at them."""
         base = Path.cwd() if self.path == ":memory:" else Path(self.path).resolve().parent
         return base / ".flywheel"
+
+    # reads more than one area needs (the `passed` rule's grader set): here, so each mixin stands alone
+    def iteration_graders(self, iteration_ids: Iterable[str]) -> dict[str, set[str]]:
+        """The graders of each iteration: those that graded any of its samples (what `passed` requires)."""
+        ids = sorted(set(iteration_ids))
+        found: dict[str, set[str]] = {i: set() for i in ids}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            for iteration_id, grader in self.db.execute(
+                    "select distinct s.iteration_id, g.grader from grades g join samples s on s.id = g.sample_id"
+                    f" where s.iteration_id in ({','.join('?' * len(chunk))})", chunk).fetchall():
+                found[iteration_id].add(grader)
+        return found
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

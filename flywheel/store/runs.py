@@ -372,18 +372,6 @@ class RunsStore(StoreBase):
             " where s.iteration_id = ? order by s.id", [iteration_id, iteration_id]).fetchall()
         return [(key, error, bool(passed)) for key, error, passed in rows]
 
-    def iteration_graders(self, iteration_ids: Iterable[str]) -> dict[str, set[str]]:
-        """The graders of each iteration: those that graded any of its samples (what `passed` requires)."""
-        ids = sorted(set(iteration_ids))
-        found: dict[str, set[str]] = {i: set() for i in ids}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            for iteration_id, grader in self.db.execute(
-                    "select distinct s.iteration_id, g.grader from grades g join samples s on s.id = g.sample_id"
-                    f" where s.iteration_id in ({','.join('?' * len(chunk))})", chunk).fetchall():
-                found[iteration_id].add(grader)
-        return found
-
     def count_errors(self, iteration_id: str) -> int:
         """Samples of an iteration whose generation failed."""
         return self.db.execute("select count(*) from samples where iteration_id = ? and error is not null",
