@@ -118,7 +118,7 @@ def test_import_openai_job_refuses_bad_files_and_keeps_nothing(tmp_path, tiny_mo
     assert broken.exit_code == 1 and "bad.jsonl:2: invalid JSON" in broken.output
     store = Store.open(db)
     try:
-        assert store.db["api_files"].count == 0 and store.db["api_fine_tuning_jobs"].count == 0
+        assert store.api_list("api_files")[0] == [] and store.api_list("api_fine_tuning_jobs")[0] == []
         assert not list((store.artefact_dir / "api" / "files").glob("*"))
     finally:
         store.close()
@@ -152,6 +152,6 @@ def test_import_the_platforms_rft_job_fixture(tmp_path, tiny_model_dir):
     assert "num_generations" in (tmp_path / "rft.yaml").read_text()
     store = Store.open(db)
     try:
-        assert store.db["api_files"].count == 1 and store.db["api_jobs"].count == 1
+        assert len(store.api_list("api_files")[0]) == 1 and len(store.api_list("api_jobs")[0]) == 1
     finally:
         store.close()

@@ -41,7 +41,7 @@ def test_search_stores_every_candidate_with_lineage(tmp_path, tiny_model_dir, st
     # Every candidate is a stored prompt and a minibatch iteration whose parent is its parent's.
     iterations = {it["id"]: it for it in store.iterations(result.run_id)}
     for c in result.candidates:
-        assert store.db["prompts"].get(c.prompt.id)["origin"] == c.origin
+        assert store.prompt_row(c.prompt.id)["origin"] == c.origin
         row = iterations[c.minibatch.iteration_id]
         assert row["n"] == 4 and row["split"] == "valid" and row["decision"] in ("finalist", "dropped")
         if c.parent:
@@ -51,9 +51,8 @@ def test_search_stores_every_candidate_with_lineage(tmp_path, tiny_model_dir, st
     # Proposals from the tiny random model are garbage: each is either rejected with a reason or scored.
     assert len(result.rejected) + sum(o.startswith("proposer") for o in origins) == 2
     for r in result.rejected:  # invalid proposals, and rewrites that do not beat their parent
-        assert r["reason"] and store.db.execute(
-            "select count(*) from iterations where decision in ('invalid', 'dropped') and reason = ?",
-            [r["reason"]]).fetchone()[0]
+        assert r["reason"] and any(it["decision"] in ("invalid", "dropped") and it["reason"] == r["reason"]
+                                   for it in store.iterations(result.run_id))
     assert result.test_comparison["n"] == 6  # baseline and winner reported on test
     assert store.get_run(result.run_id)["status"] == "completed"
 

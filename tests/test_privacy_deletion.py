@@ -63,7 +63,7 @@ def test_capture_redact_export_sft_set_keeps_no_raw_email(db, tmp_path):
     # the training path: `flywheel train sft --data export.jsonl` loads and records the file as a set
     store = Store.open(db)
     recorded = record_training_set(store, load_training_file("sft", out))
-    set_row = store.db["training_sets"].get(summary["training_set_id"])
+    set_row = store.get_training_set(summary["training_set_id"])
     store.close()
     assert recorded.id == summary["training_set_id"]  # the same rows: the same set
     files = out.read_bytes() + every_byte(tmp_path / ".flywheel")

@@ -37,7 +37,7 @@ def test_add_review_checks_its_values(store, run):
     output = store.samples_by_id([sid])[sid]["output_text"]
     with pytest.raises(ReviewError, match="empty review"):  # an unchanged output is not a correction
         add_review(store, sid, correction=output)
-    assert store.db["reviews"].count == 0
+    assert store.count_reviews() == 0
 
 
 def test_latest_value_of_each_field_wins(store, run):
@@ -67,8 +67,7 @@ def test_judge_agreement_counts_and_kappa(store, run):
     # default_outcome: the judge agrees with the label grader except when index % 3 == 0.
     for i in range(10):
         sid = sample_id(store, b, f"item-{i:05d}")
-        label_passed = store.db.execute("select passed from grades where sample_id = ? and grader = 'label'",
-                                        [sid]).fetchone()[0]
+        (label_passed,) = [g["passed"] for g in store.grades_of_samples([sid]) if g["grader"] == "label"]
         add_review(store, sid, verdict="pass" if label_passed else "fail")
     table = judge_agreement(store, run_ids=[run["run_id"]])
     assert [a.grader for a in table] == ["judge", "label"]  # model graders first
