@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import DataError
+from flywheel.images import ImageAccess
 from flywheel.spec import SPLITS, EvalSpec
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -31,6 +32,8 @@ class Item:
     line: int
     # The dataset file: image paths in the item resolve against its folder (flywheel.images).
     source: Path | None = field(default=None, compare=False)
+    # What the item's image parts may read (the spec's dataset.images); None: the source's folder only.
+    image_access: ImageAccess | None = field(default=None, compare=False)
 
     @property
     def where(self) -> str:
@@ -172,6 +175,7 @@ def load_dataset(spec: EvalSpec) -> Dataset:
     items: list[Item] = []
     seen: set[str] = set()
     split_spec = spec.split
+    access = spec.image_access(path.parent)
     for number, row in rows:
         fields = {name: row.get(source) for name, source in columns.items()} if columns else row
         if spec.dataset.id_field:
@@ -197,7 +201,7 @@ def load_dataset(spec: EvalSpec) -> Dataset:
                 )
         else:
             split = _seeded_split(key, split_spec.seed, split_spec.ratios)
-        items.append(Item(key=key, fields=fields, split=split, line=number, source=path))
+        items.append(Item(key=key, fields=fields, split=split, line=number, source=path, image_access=access))
 
     dataset = Dataset(path=path, content_hash=hashlib.sha256(raw).hexdigest()[:16], items=items)
     check_templates(spec, dataset)

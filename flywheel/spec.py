@@ -42,6 +42,17 @@ class CapturesSourceSpec(_Spec):
     model: str | None = Field(default=None, description="Only captures of this model.")
 
 
+class ImagesSpec(_Spec):
+    folders: list[str] = Field(
+        default_factory=list,
+        description="More folders (relative to the spec file) that image paths may name, besides the dataset "
+        "file's own folder; a path, file:// URL or symlink leading anywhere else is refused.")
+    fetch: bool = Field(
+        default=False,
+        description="Fetch http(s) image URLs (when the spec is checked and run). Off by default: an eval "
+        "spec makes no network request for its images unless it says so here.")
+
+
 class DatasetSpec(_Spec):
     path: str | None = Field(default=None, description="JSONL or CSV file, relative to the spec file.")
     captures: CapturesSourceSpec | None = Field(
@@ -61,6 +72,10 @@ class DatasetSpec(_Spec):
     id_field: str | None = Field(
         default=None, description="Field holding a stable item id; the row number when omitted."
     )
+    images: ImagesSpec = Field(
+        default_factory=ImagesSpec,
+        description="What image parts may read: files inside the dataset's folder (plus `folders`), and "
+        "http(s) URLs only with `fetch: true` (docs/vision.md).")
 
     @model_validator(mode="after")
     def _path_or_captures(self) -> "DatasetSpec":
@@ -413,6 +428,14 @@ class EvalSpec(_Spec):
             return (self.base_dir / db).resolve() if db else Path(os.environ.get("FLYWHEEL_DB") or "flywheel.db").resolve()
         return (self.base_dir / self.dataset.path).resolve()
 
+    def image_access(self, root: Path | None):
+        """What this spec's image parts may read, for a dataset whose files lie in `root`."""
+        from flywheel.images import ImageAccess
+
+        images = self.dataset.images
+        return ImageAccess(root=root, folders=tuple((self.base_dir / f).resolve() for f in images.folders),
+                           fetch=images.fetch)
+
     @property
     def objective_grader(self) -> str:
         return self.objective.grader or self.graders[0]["name"]
@@ -422,7 +445,8 @@ class EvalSpec(_Spec):
 
     def fingerprint(self) -> str:
         """Content hash of everything that changes what the eval computes."""
-        payload = self.model_dump(mode="json", exclude={"optimize", "executor"})  # neither changes a result
+        # None of these changes a result (dataset.images only allows or refuses reads).
+        payload = self.model_dump(mode="json", exclude={"optimize": True, "executor": True, "dataset": {"images"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
