@@ -42,19 +42,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_items(path: Path) -> list[dict[str, Any]]:
+    from flywheel.data import read_jsonl
+
     items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
+    for number, row in read_jsonl(path, error=SpecError):
+        if not isinstance(row.get("item"), dict):
             raise SpecError(f"{path}:{number}: expected {{\"item\": {{...}}}}")
         items.append(row["item"])
     return items
