@@ -27,6 +27,11 @@ from flywheel.executors import ExecutorSpec
 SPLITS = ("train", "valid", "test")
 
 
+# Every seed field's range: what each consumer accepts (numpy's legacy seeding, which
+# transformers.set_seed calls, takes 0..2**32-1; torch and random take more).
+SEED_MAX = 2**32 - 1
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -98,7 +103,7 @@ class SplitSpec(_Spec):
         default_factory=lambda: {"train": 0.6, "valid": 0.2, "test": 0.2},
         description="Seeded split fractions, used when `column` is not set.",
     )
-    seed: int = Field(default=0, description="Seed of the ratio split.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seed of the ratio split.")
 
     @field_validator("ratios")
     @classmethod
@@ -202,7 +207,7 @@ class SamplingSpec(_Spec):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     max_tokens: int = Field(default=64, ge=1, le=32768, description="Most new tokens per sample.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int = Field(default=0, description="Sampling seed (used when temperature > 0).")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Sampling seed (used when temperature > 0).")
     repeats: int = Field(default=1, ge=1, le=100, description="Samples drawn per item.")
 
 
@@ -302,7 +307,7 @@ class OptimizeSpec(_Spec):
     minibatch: int = Field(default=40, ge=1, description="Valid items every candidate is scored on.")
     finalists: int = Field(default=3, ge=1, description="Best candidates re-scored on all of valid.")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the paired test.")
-    seed: int = Field(default=0, description="Seed of minibatch and demo sampling.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seed of minibatch and demo sampling.")
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Limits of the search.")
 
 
