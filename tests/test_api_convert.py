@@ -127,6 +127,9 @@ def test_import_openai_job_refuses_bad_files_and_keeps_nothing(tmp_path, tiny_mo
     assert "dpo jobs need dpo rows" in wrong_kind.output
     broken = CliRunner().invoke(main, [*base, "--training-file", str(tmp_path / "bad.jsonl")])
     assert broken.exit_code == 1 and "bad.jsonl:2: invalid JSON" in broken.output
+    for project in ("../x", "t\u0663am"):  # the names `keys create` refuses
+        named = CliRunner().invoke(main, [*base, "--training-file", str(tmp_path / "train.jsonl"), "--project", project])
+        assert named.exit_code == 1 and named.output.startswith("error: project must be 1-64 ASCII"), named.output
     store = Store.open(db)
     try:
         assert store.db["api_files"].count == 0 and store.db["api_fine_tuning_jobs"].count == 0

@@ -153,11 +153,13 @@ def import_openai_job(store: Any, job_path: str | Path, training_path: str | Pat
     The platform's model names no local model: `model` replaces it (required unless the job's own
     model is a `local:` reference or an `ft:` id made here). Every check of the API's create applies;
     a failure is a SpecError naming the job file and the field, and nothing is stored."""
+    from flywheel.api.access import check_project
     from flywheel.api.files import store_file
     from flywheel.api.fine_tuning import create_job
     from flywheel.api.fine_tuning_runner import train_config
     from flywheel.web import ApiError
 
+    check_project(project)
     job_path = Path(job_path)
     job = _read_json(job_path)
     base = model or job.get("model")
