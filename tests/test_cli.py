@@ -124,3 +124,13 @@ def test_graders_validate_and_run(tmp_path):
     path.write_text('{"type": "string_chek", "name": "x"}')
     bad = CliRunner().invoke(main, ["graders", "validate", str(path)])
     assert bad.exit_code == 1 and "did you mean 'string_check'" in bad.output
+
+
+def test_serve_refuses_options_that_would_do_nothing(tmp_path):
+    db = str(tmp_path / "f.db")
+    for args, message in ((["--api", "--rate-burst", "5"], "--rate-burst needs --rate-limit"),
+                          (["--rate-limit", "60"], "--rate-limit needs --api"),
+                          (["--worker-processes"], "--worker-processes needs --api")):
+        result = CliRunner().invoke(main, ["serve", *args, "--port", "0", "--db", db])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert not os.path.exists(db)  # refused before anything was opened
