@@ -88,6 +88,8 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, executor
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         print_eval_result(result)
+    if result.error:  # nothing was measured: not a 0% pass rate
+        raise FlywheelError(f"{result.run_id}: {result.error}")
 
 
 @main.command("optimize")
