@@ -88,6 +88,8 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, executor
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         print_eval_result(result)
+    if result.error:  # nothing was measured: not a 0% pass rate
+        raise FlywheelError(f"{result.run_id}: {result.error}")
 
 
 @main.command("optimize")
@@ -411,6 +413,10 @@ def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_b
 
     from flywheel.report.review_app import LOOPBACK, serve_reports
 
+    if rate_burst is not None and rate_limit is None:
+        raise click.UsageError("--rate-burst needs --rate-limit (a burst of a limit that is not set limits nothing)")
+    if not api and (rate_limit is not None or worker_processes):
+        raise click.UsageError(f"{'--rate-limit' if rate_limit is not None else '--worker-processes'} needs --api")
     db_path = db or default_db_path()
     if api:
         from flywheel.api.app import serve_api

@@ -10,13 +10,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from flywheel.errors import DataError
+from flywheel.errors import DataError, FlywheelError
+from flywheel.images import ImageAccess
 from flywheel.spec import SPLITS, EvalSpec
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -31,6 +33,8 @@ class Item:
     line: int
     # The dataset file: image paths in the item resolve against its folder (flywheel.images).
     source: Path | None = field(default=None, compare=False)
+    # What the item's image parts may read (the spec's dataset.images); None: the source's folder only.
+    image_access: ImageAccess | None = field(default=None, compare=False)
 
     @property
     def where(self) -> str:
@@ -57,38 +61,92 @@ class Dataset:
         return list(seen)
 
 
-def _read_jsonl(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    # Lines end at "\n" only: U+2028, U+2029 and U+0085 are valid inside JSON strings (what
-    # json.dumps(ensure_ascii=False) writes), so str.splitlines would cut rows in half.
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
+# A JSONL line may hold a vision row: 10 images of 10 MB as base64 data URLs, plus its text.
+MAX_JSONL_LINE_BYTES = 150 * 1024 * 1024
+
+
+def read_jsonl(source: str | Path | BinaryIO, name: str | None = None, *,
+               error: type[FlywheelError] = DataError,
+               max_line_bytes: int = MAX_JSONL_LINE_BYTES) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file or binary stream: the one
+    JSONL reader of every door (datasets, uploads, importers, training files).
+
+    Lines end at b"\n" only: U+2028, U+2029 and U+0085 are valid inside JSON strings (what
+    json.dumps(ensure_ascii=False) writes), so str.splitlines would cut rows in half. Each line
+    is read with a bound (`max_line_bytes`), so a file with no newline cannot fill memory. Any
+    problem raises `error` as `NAME:LINE: what` (NAME is the path, or `name`).
+
+        rows = read_jsonl("items.jsonl")                    # [(1, {...}), (3, {...})]
+        rows = read_jsonl(request_stream, "upload.jsonl", error=SpecError)
+    """
+    if isinstance(source, (str, Path)):
+        label = name or str(source)
+        try:
+            with open(source, "rb") as stream:
+                return read_jsonl(stream, label, error=error, max_line_bytes=max_line_bytes)
+        except FileNotFoundError:
+            raise error(f"{label}: file not found") from None
+        except IsADirectoryError:
+            raise error(f"{label}: is a folder, not a JSONL file") from None
+        except OSError as exc:
+            raise error(f"{label}: cannot read: {exc.strerror or exc}") from None
+    label = name or str(getattr(source, "name", "<stream>"))
+    rows: list[tuple[int, dict[str, Any]]] = []
+    offset = 0
+    for number in itertools.count(1):
+        try:
+            raw = source.readline(max_line_bytes + 1)
+        except OSError as exc:
+            raise error(f"{label}:{number}: cannot read: {exc.strerror or exc}") from None
+        if not raw:
+            break
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            raise error(f"{label}:{number}: line is longer than {max_line_bytes} bytes (JSONL rows end at a newline)")
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            raw, offset = raw[3:], 3
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{label}:{number}: not UTF-8 text (byte {offset + exc.start})") from None
+        offset += len(raw)
+        line = line.rstrip("\n").rstrip("\r")
         if not line.strip(" \t"):
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path}:{number}: invalid JSON: nested too deeply") from None
-        except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
-            raise DataError(f"{path}:{number}: invalid JSON: {str(exc).split(';')[0]}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        if _SURROGATE_ESCAPE.search(line):
-            try:
-                json.dumps(row, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise DataError(f"{path}:{number}: a string holds a lone surrogate escape (such as \\ud800) "
-                                "that is not a character") from None
-        rows.append((number, row))
+        rows.append((number, _json_object(line, f"{label}:{number}", error)))
     return rows
 
 
-def _read_csv(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+def _json_object(line: str, where: str, error: type[FlywheelError]) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise error(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise error(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise error(f"{where}: invalid JSON: {str(exc).split(';')[0]}") from None
+    if not isinstance(row, dict):
+        raise error(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise error(f"{where}: a string holds a lone surrogate escape (such as \\ud800) "
+                        "that is not a character") from None
+    return row
+
+
+def _read_csv(path: Path, raw: bytes) -> list[tuple[int, dict[str, Any]]]:
     """Rows by the csv module's full quoting rules (quoted newlines kept); rows are numbered by the
-    line they start on. Duplicate or empty header names, ragged rows and unterminated quotes are
-    errors naming the line."""
+    line they start on. Duplicate or empty header names, ragged rows, unterminated quotes and NUL
+    bytes are errors naming the line."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if "\0" in text:  # never text; the csv module would keep it inside a field
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DataError(f"{path}:{line}: NUL byte in a CSV file (is it a binary file?)")
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     rows: list[tuple[int, dict[str, Any]]] = []
     header: list[str] | None = None
@@ -149,12 +207,7 @@ def load_dataset(spec: EvalSpec) -> Dataset:
         raise DataError(f"{spec.source}: dataset.path: file not found: {path}") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read dataset: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-
-    rows = _read_csv(path, text) if spec.dataset.resolved_format == "csv" else _read_jsonl(path, text)
+    rows = _read_csv(path, raw) if spec.dataset.resolved_format == "csv" else read_jsonl(io.BytesIO(raw), str(path))
     if not rows:
         raise DataError(f"{path}: dataset is empty")
 
@@ -172,6 +225,7 @@ def load_dataset(spec: EvalSpec) -> Dataset:
     items: list[Item] = []
     seen: set[str] = set()
     split_spec = spec.split
+    access = spec.image_access(path.parent)
     for number, row in rows:
         fields = {name: row.get(source) for name, source in columns.items()} if columns else row
         if spec.dataset.id_field:
@@ -197,7 +251,7 @@ def load_dataset(spec: EvalSpec) -> Dataset:
                 )
         else:
             split = _seeded_split(key, split_spec.seed, split_spec.ratios)
-        items.append(Item(key=key, fields=fields, split=split, line=number, source=path))
+        items.append(Item(key=key, fields=fields, split=split, line=number, source=path, image_access=access))
 
     dataset = Dataset(path=path, content_hash=hashlib.sha256(raw).hexdigest()[:16], items=items)
     check_templates(spec, dataset)
@@ -220,15 +274,15 @@ def check_templates(spec: EvalSpec, dataset: Dataset) -> None:
 def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) of a JSONL or CSV file (by suffix), outside any eval spec."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    rows = _read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text)
+    if path.suffix.lower() == ".csv":
+        try:
+            rows = _read_csv(path, path.read_bytes())
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read: {exc.strerror}") from None
+    else:
+        rows = read_jsonl(path)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

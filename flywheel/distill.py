@@ -269,7 +269,8 @@ def load_inputs(spec: EvalSpec, inputs: InputsSpec, store: Store, base_dir: Path
     dataset_spec = DatasetSpec(path=str(path.resolve()), format=inputs.format, columns=inputs.columns,
                                id_field=inputs.id_field)
     loaded = load_dataset(spec.model_copy(update={"dataset": dataset_spec, "split": SplitSpec(ratios={"train": 1.0})}))
-    items = [Item(key=f"u:{item.key}", fields=item.fields, split="unlabelled", line=item.line, source=item.source)
+    items = [Item(key=f"u:{item.key}", fields=item.fields, split="unlabelled", line=item.line, source=item.source,
+                  image_access=item.image_access)
              for item in loaded.items[:inputs.limit]]
     return Dataset(path=loaded.path, content_hash=loaded.content_hash, items=items)
 

@@ -57,6 +57,9 @@ class EvalResult:
     resumed: int
     wall_s: float
     status: str = "completed"
+    # Set when nothing was measured (every sample, or every grade by one grader, errored): the
+    # first such error, and the run is stored as failed.
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -381,14 +384,33 @@ def run_eval(
     store.update_iteration(iteration_id, wall_s=wall, decision="measured")
     summary = outcome.summary.model_copy(update=dict(
         model_calls=outcome.model_calls, cache_hits=outcome.cache_hits, wall_s=wall))
-    store.finish_run(run_id, "completed", summary)
+    error = _nothing_measured(store, iteration_id, summary)
+    store.finish_run(run_id, "failed" if error else "completed", summary)
     return EvalResult(
         run_id=run_id, iteration_id=iteration_id, eval_name=spec.name, model=model.ref, split=split,
         n_samples=summary.n_samples, n_errors=summary.n_errors, pass_rate=summary.pass_rate,
         pass_ci=tuple(summary.pass_ci), objective=summary.objective, graders=summary.graders,
         prompt_tokens=summary.prompt_tokens, completion_tokens=summary.completion_tokens,
         model_calls=outcome.model_calls, cache_hits=outcome.cache_hits, resumed=outcome.resumed,
-        wall_s=wall)
+        wall_s=wall, status="failed" if error else "completed", error=error)
+
+
+def _nothing_measured(store: Store, iteration_id: str, summary: EvalSummary) -> str | None:
+    """The first error, when every sample errored or one grader's grade errored on every sample
+    (a judge that does not load, a base_url nobody answers): a 0% pass rate that measured nothing.
+    None when anything was measured."""
+    failing = [g.name for g in summary.graders if summary.n_samples and g.errors >= summary.n_samples]
+    if not summary.n_samples or (summary.n_errors < summary.n_samples and not failing):
+        return None
+    for sample in store.samples_with_grades(iteration_id):
+        where = f"item {sample['item_key']!r}"
+        if sample["error"]:
+            return f"every sample failed; the first, {where}: {sample['error'][:500]}"
+        for grade in sample["grades"]:
+            if grade["grader"] in failing and grade["error"]:
+                said = grade["error"] + (f": {grade['error_details']}" if grade.get("error_details") else "")
+                return f"grader {grade['grader']!r} failed on every sample; the first, {where}: {said[:500]}"
+    return f"grader {failing[0]!r} failed on every sample"
 
 
 def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, sampling: Sampling,

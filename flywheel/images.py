@@ -11,7 +11,13 @@ reads, with the bytes inlined as a base64 data URL:
 The platform's limits are enforced here: JPEG, PNG or WEBP (by magic bytes, then decoded with
 Pillow, so a truncated file is refused), at most 10 MB per image and 10 images per example.
 
-    image = load_image("images/cat.png", root=Path("evals/pets"), where="items.jsonl:3")
+What a reference may reach is an `ImageAccess`: regular files inside the dataset's folder (or a
+folder the spec allows), never a device, a pipe or a symlink out of it; sizes checked by `stat`
+before reading and reads capped; images over Pillow's decompression-bomb limit
+(`PIL.Image.MAX_IMAGE_PIXELS`) refused; http(s) URLs fetched only when the spec opts in
+(`dataset.images.fetch`). Without an access, only `data:` URLs are read.
+
+    image = load_image("images/cat.png", ImageAccess(root=Path("evals/pets")))
     image.sha256, image.media_type, image.data_url[:22]
 """
 
@@ -19,9 +25,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
+import os
+import stat as stat_module
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +60,23 @@ REASONS = ("too_many_images", "image_too_large", "unsupported_format", "corrupt_
 
 
 @dataclass(frozen=True)
+class ImageAccess:
+    """What image references may reach. Relative paths resolve against `root` (the dataset
+    file's folder); a path, `file://` URL or symlink may only end at a regular file under `root`
+    or one of `folders`; http(s) URLs are fetched only when `fetch` is on. The default reaches no
+    file and no URL: `data:` URLs only."""
+
+    root: Path | None = None
+    folders: tuple[Path, ...] = ()
+    fetch: bool = False
+
+    @property
+    def allowed(self) -> tuple[Path, ...]:
+        """The folders (resolved) that image files may lie under."""
+        return tuple(Path(os.path.realpath(f)) for f in ((self.root,) if self.root else ()) + self.folders)
+
+
+@dataclass(frozen=True)
 class LoadedImage:
     """A checked image: its bytes, media type, pixel size and content hash."""
 
@@ -65,9 +92,7 @@ class LoadedImage:
 
     def pil(self):
         """The image as a Pillow RGB image (what processors of vision models take)."""
-        from PIL import Image
-
-        with Image.open(io.BytesIO(self.data)) as img:
+        with open_image(self.data) as img:
             return img.convert("RGB")
 
 
@@ -93,6 +118,29 @@ def _megabytes(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
 
 
+@contextlib.contextmanager
+def open_image(data: bytes):
+    """The bytes opened with Pillow (header only, pixels not decoded yet), refusing images over
+    Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`) with ImageError: a few
+    hundred kB of PNG can decode to gigabytes. Pillow only warns below twice the limit; here
+    the limit itself is the error."""
+    Image = pillow()
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():  # the warning is made an error below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image refused as a decompression bomb: {str(exc).split(', could be')[0]} "
+                         "(PIL.Image.MAX_IMAGE_PIXELS)", reason="image_too_large") from None
+    with img:
+        if limit and img.width * img.height > limit:
+            raise ImageError(f"image refused as a decompression bomb: {img.width}x{img.height} = "
+                             f"{img.width * img.height} pixels, over PIL.Image.MAX_IMAGE_PIXELS = {limit}",
+                             reason="image_too_large")
+        yield img
+
+
 def check_image_bytes(data: bytes) -> LoadedImage:
     """Check size, format (magic bytes) and that Pillow decodes every pixel; ImageError says why."""
     if not data:
@@ -108,7 +156,7 @@ def check_image_bytes(data: bytes) -> LoadedImage:
     from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             img.load()  # decodes the pixels: a truncated or corrupt file fails here
             width, height, decoded = img.width, img.height, img.format
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -169,26 +217,46 @@ class _Memo:
 _MEMO = _Memo()
 
 
-def _read_file(path: Path) -> LoadedImage:
+def _inside(path: Path, folders: Sequence[Path]) -> bool:
+    return any(path == folder or folder in path.parents for folder in folders)
+
+
+def _read_file(path: Path, access: ImageAccess) -> LoadedImage:
+    """A regular file under one of the access's folders (symlinks resolved first), its size
+    checked by fstat before reading and the read capped; a device or pipe is refused unread."""
+    allowed = access.allowed
+    if not allowed:
+        raise ImageError("image files are not read here (no dataset folder): use a data: URL")
+    real = Path(os.path.realpath(path))
+    if not _inside(real, allowed):
+        where = " or ".join(str(f) for f in allowed)
+        raise ImageError(f"{path} is outside the dataset folder ({where}); image files must lie inside it "
+                         "(or in a folder listed in dataset.images.folders)")
     try:
-        stat = path.stat()
+        # O_NONBLOCK: opening a named pipe must not wait for a writer; O_NOFOLLOW: the resolved
+        # path is the file itself, so a symlink swapped in since is refused.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ImageError(f"image file not found: {path}") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc.strerror}") from None
-    if path.is_dir():
-        raise ImageError(f"{path} is a folder, not an image file")
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    found = _MEMO.get(key)
-    if found is not None:
-        return found
-    if stat.st_size > MAX_IMAGE_BYTES:
-        raise ImageError(f"image is {_megabytes(stat.st_size)}, over the {_megabytes(MAX_IMAGE_BYTES)} limit",
-                         reason="image_too_large")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read image {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        info = os.fstat(fd)
+        if stat_module.S_ISDIR(info.st_mode):
+            raise ImageError(f"{path} is a folder, not an image file")
+        if not stat_module.S_ISREG(info.st_mode):
+            raise ImageError(f"{path} is not a regular file (a device, pipe or socket); image files must be plain files")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"image is {_megabytes(info.st_size)}, over the {_megabytes(MAX_IMAGE_BYTES)} limit",
+                             reason="image_too_large")
+        key = (str(real), info.st_size, info.st_mtime_ns)
+        found = _MEMO.get(key)
+        if found is not None:
+            return found
+        try:
+            data = handle.read(MAX_IMAGE_BYTES + 1)  # capped: a file that grew since fstat is still bounded
+        except OSError as exc:
+            raise ImageError(f"cannot read image {path}: {exc.strerror}") from None
     image = check_image_bytes(data)
     _MEMO.put(key, image)
     return image
@@ -210,10 +278,12 @@ def _fetch(url: str) -> bytes:
     return data
 
 
-def load_image(ref: Any, root: Path | None = None) -> LoadedImage:
-    """Load and check an image named by a `data:` URL, an http(s) or `file://` URL, or a path
-    (relative to `root`, else the working folder). Raises ImageError without a location: the
+def load_image(ref: Any, access: ImageAccess | None = None) -> LoadedImage:
+    """Load and check an image named by a `data:` URL, a path (relative to `access.root`) or a
+    `file://` URL inside the access's folders, or an http(s) URL when `access.fetch` is on.
+    Without an access only `data:` URLs are read. Raises ImageError without a location: the
     caller knows which item and part it was rendering."""
+    access = access or ImageAccess()
     if not isinstance(ref, str) or not ref.strip():
         raise ImageError(f"expected an image path, URL or data URL, got {_show(ref)}")
     ref = ref.strip()
@@ -223,16 +293,23 @@ def load_image(ref: Any, root: Path | None = None) -> LoadedImage:
         if media_type and media_type != image.media_type:
             raise ImageError(f"data URL says {media_type} but the bytes are {image.media_type}")
         return image
-    if ref.startswith(("http://", "https://")):
+    if ref.lower().startswith(("http://", "https://")):
+        if not access.fetch:
+            raise ImageError("http(s) image URLs are not fetched unless the spec sets dataset.images.fetch: true")
         return check_image_bytes(_fetch(ref))
-    if ref.startswith("file://"):
+    if ref.lower().startswith("file:"):
         from urllib.parse import unquote, urlsplit
 
-        ref = unquote(urlsplit(ref).path)
-    path = Path(ref).expanduser()
+        parts = urlsplit(ref)
+        if parts.netloc not in ("", "localhost"):
+            raise ImageError(f"file URL names another host ({parts.netloc}); only local files inside the dataset folder are read")
+        ref = unquote(parts.path)
+    path = Path(ref)
     if not path.is_absolute():
-        path = (root or Path.cwd()) / path
-    return _read_file(path)
+        if access.root is None:
+            raise ImageError("image files are not read here (no dataset folder): use a data: URL")
+        path = access.root / path
+    return _read_file(path, access)
 
 
 def _show(value: Any) -> str:
@@ -353,9 +430,7 @@ def thumbnail_data_url(url: str, side: int = THUMB_SIDE, max_bytes: int = THUMB_
         return None
     try:
         _, data = decode_data_url(url)
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(data) as img:
             img = img.convert("RGB")
             img.thumbnail((side, side))
             for quality in (80, 60, 40):
@@ -377,6 +452,7 @@ def render_parts(messages: Sequence[dict[str, Any]], item: Any) -> list[dict[str
     graders.TemplateVariableError for a missing field and ImageError naming the item and part."""
     import graders
 
+    access = item.image_access or ImageAccess(root=item.source.parent if item.source else None)
     out: list[dict[str, Any]] = []
     count = 0
     for index, message in enumerate(messages):
@@ -399,7 +475,7 @@ def render_parts(messages: Sequence[dict[str, Any]], item: Any) -> list[dict[str
             ref = graders.render_template(template, item=item.fields) if isinstance(template, str) else template
             where = f"{item.where}: input[{index}].content[{position}].{field_name}"
             try:
-                image = load_image(ref, item.source.parent if item.source else None)
+                image = load_image(ref, access)
             except ImageError as exc:
                 raise ImageError(f"{where}: {short_ref(ref)}: {exc}", reason=exc.reason) from None
             count += 1

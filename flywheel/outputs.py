@@ -128,11 +128,12 @@ def captures_dataset(spec: Any) -> Any:
     finally:
         store.close()
     items, digest = [], hashlib.sha256()
+    access = spec.image_access(None)  # captures hold data URLs (or URLs, fetched only if the spec says so)
     for line, row in enumerate(rows, start=1):
         fields = capture_fields(row)
         if fields is None:
             continue
-        items.append(Item(key=str(row["id"]), fields=fields, split="test", line=line))
+        items.append(Item(key=str(row["id"]), fields=fields, split="test", line=line, image_access=access))
         digest.update(json.dumps([row["id"], fields], sort_keys=True, default=str).encode())
     if not items:
         filters = source.model_dump(exclude_none=True, exclude={"db"})

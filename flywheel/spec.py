@@ -27,6 +27,11 @@ from flywheel.executors import ExecutorSpec
 SPLITS = ("train", "valid", "test")
 
 
+# Every seed field's range: what each consumer accepts (numpy's legacy seeding, which
+# transformers.set_seed calls, takes 0..2**32-1; torch and random take more).
+SEED_MAX = 2**32 - 1
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,6 +45,17 @@ class CapturesSourceSpec(_Spec):
     since: str | None = Field(default=None, description="Only captures from then on: 2026-11-05, a timestamp, or an age (7d).")
     until: str | None = Field(default=None, description="Only captures before then (a bare day is inclusive).")
     model: str | None = Field(default=None, description="Only captures of this model.")
+
+
+class ImagesSpec(_Spec):
+    folders: list[str] = Field(
+        default_factory=list,
+        description="More folders (relative to the spec file) that image paths may name, besides the dataset "
+        "file's own folder; a path, file:// URL or symlink leading anywhere else is refused.")
+    fetch: bool = Field(
+        default=False,
+        description="Fetch http(s) image URLs (when the spec is checked and run). Off by default: an eval "
+        "spec makes no network request for its images unless it says so here.")
 
 
 class DatasetSpec(_Spec):
@@ -61,6 +77,10 @@ class DatasetSpec(_Spec):
     id_field: str | None = Field(
         default=None, description="Field holding a stable item id; the row number when omitted."
     )
+    images: ImagesSpec = Field(
+        default_factory=ImagesSpec,
+        description="What image parts may read: files inside the dataset's folder (plus `folders`), and "
+        "http(s) URLs only with `fetch: true` (docs/vision.md).")
 
     @model_validator(mode="after")
     def _path_or_captures(self) -> "DatasetSpec":
@@ -83,7 +103,7 @@ class SplitSpec(_Spec):
         default_factory=lambda: {"train": 0.6, "valid": 0.2, "test": 0.2},
         description="Seeded split fractions, used when `column` is not set.",
     )
-    seed: int = Field(default=0, description="Seed of the ratio split.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seed of the ratio split.")
 
     @field_validator("ratios")
     @classmethod
@@ -187,7 +207,7 @@ class SamplingSpec(_Spec):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     max_tokens: int = Field(default=64, ge=1, le=32768, description="Most new tokens per sample.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int = Field(default=0, description="Sampling seed (used when temperature > 0).")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Sampling seed (used when temperature > 0).")
     repeats: int = Field(default=1, ge=1, le=100, description="Samples drawn per item.")
 
 
@@ -287,7 +307,7 @@ class OptimizeSpec(_Spec):
     minibatch: int = Field(default=40, ge=1, description="Valid items every candidate is scored on.")
     finalists: int = Field(default=3, ge=1, description="Best candidates re-scored on all of valid.")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="Significance level of the paired test.")
-    seed: int = Field(default=0, description="Seed of minibatch and demo sampling.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seed of minibatch and demo sampling.")
     budget: BudgetSpec = Field(default_factory=BudgetSpec, description="Limits of the search.")
 
 
@@ -413,6 +433,14 @@ class EvalSpec(_Spec):
             return (self.base_dir / db).resolve() if db else Path(os.environ.get("FLYWHEEL_DB") or "flywheel.db").resolve()
         return (self.base_dir / self.dataset.path).resolve()
 
+    def image_access(self, root: Path | None):
+        """What this spec's image parts may read, for a dataset whose files lie in `root`."""
+        from flywheel.images import ImageAccess
+
+        images = self.dataset.images
+        return ImageAccess(root=root, folders=tuple((self.base_dir / f).resolve() for f in images.folders),
+                           fetch=images.fetch)
+
     @property
     def objective_grader(self) -> str:
         return self.objective.grader or self.graders[0]["name"]
@@ -422,7 +450,8 @@ class EvalSpec(_Spec):
 
     def fingerprint(self) -> str:
         """Content hash of everything that changes what the eval computes."""
-        payload = self.model_dump(mode="json", exclude={"optimize", "executor"})  # neither changes a result
+        # None of these changes a result (dataset.images only allows or refuses reads).
+        payload = self.model_dump(mode="json", exclude={"optimize": True, "executor": True, "dataset": {"images"}})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

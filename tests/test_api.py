@@ -61,6 +61,15 @@ def test_upload_rejects_the_line_that_is_not_a_chat_example(server):
     assert list(client.files.list()) == []  # nothing stored from a refused upload
 
 
+def test_upload_keeps_rows_with_unicode_line_separators(server):
+    client = client_for(server.url)
+    rows = [{"messages": [{"role": "user", "content": f"a{sep}b"}, {"role": "assistant", "content": "ok"}]}
+            for sep in ("\u2028", "\u2029", "\u0085")]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    uploaded = client.files.create(file=("train.jsonl", body), purpose="fine-tune")
+    assert client.files.content(uploaded.id).read() == body
+
+
 def test_eval_crud_and_bad_criteria(server):
     client = client_for(server.url)
     created = create_eval(client)

@@ -194,8 +194,9 @@ def test_keys_cli_create_list_revoke(tmp_path):
         assert runner.invoke(main, ["keys", "revoke", key_id, "--db", db]).exit_code == 0
         with pytest.raises(openai.AuthenticationError):
             client_for(server.url, key).evals.list()
-    bad = runner.invoke(main, ["keys", "create", "--project", "a b", "--db", db])
-    assert bad.exit_code == 1 and bad.output.startswith("error: project must be")
+    for name in ("a b", "t\u0663am", "../x", "x" * 65, ""):  # t٣am: an Arabic-Indic digit passes str.isalnum
+        bad = runner.invoke(main, ["keys", "create", "--project", name, "--db", db])
+        assert bad.exit_code == 1 and bad.output.startswith("error: project must be 1-64 ASCII"), (name, bad.output)
     missing = runner.invoke(main, ["keys", "revoke", "key_nope", "--db", db])
     assert missing.exit_code == 1 and "no API key 'key_nope'" in missing.output
 

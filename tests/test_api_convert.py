@@ -53,6 +53,17 @@ def test_import_names_the_bad_line(tmp_path, tiny_model_dir):
     assert "items.jsonl:2: expected" in result.output
 
 
+def test_import_keeps_rows_with_unicode_line_separators(tmp_path, tiny_model_dir):
+    write_platform_files(tmp_path, tiny_model_dir)
+    rows = [{"item": {"text": f"a{sep}b", "label": "x"}} for sep in ("\u2028", "\u2029", "\u0085")]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    result = CliRunner().invoke(main, ["import", "openai-eval", str(tmp_path / "eval.json"),
+                                       str(tmp_path / "items.jsonl"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    imported = (tmp_path / "o" / "data.jsonl").read_text(encoding="utf-8").split("\n")
+    assert [json.loads(line)["text"] for line in imported if line] == ["a\u2028b", "a\u2029b", "a\u0085b"]
+
+
 # A platform job object as `GET /v1/fine_tuning/jobs/{id}` shows it (reference §5.5).
 PLATFORM_JOB = {
     "object": "fine_tuning.job", "id": "ftjob-abc123", "model": "gpt-4o-mini-2024-07-18", "created_at": 1721764800,
@@ -116,6 +127,9 @@ def test_import_openai_job_refuses_bad_files_and_keeps_nothing(tmp_path, tiny_mo
     assert "dpo jobs need dpo rows" in wrong_kind.output
     broken = CliRunner().invoke(main, [*base, "--training-file", str(tmp_path / "bad.jsonl")])
     assert broken.exit_code == 1 and "bad.jsonl:2: invalid JSON" in broken.output
+    for project in ("../x", "t\u0663am"):  # the names `keys create` refuses
+        named = CliRunner().invoke(main, [*base, "--training-file", str(tmp_path / "train.jsonl"), "--project", project])
+        assert named.exit_code == 1 and named.output.startswith("error: project must be 1-64 ASCII"), named.output
     store = Store.open(db)
     try:
         assert store.api_list("api_files")[0] == [] and store.api_list("api_fine_tuning_jobs")[0] == []

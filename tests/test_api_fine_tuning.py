@@ -129,6 +129,9 @@ def test_job_requests_are_checked(server, tiny_model_dir):
         client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id,
                                        validation_file=rft.id)
     assert excinfo.value.body["param"] == "validation_file"
+    with pytest.raises(openai.BadRequestError, match=r"seed must be between 0 and 4294967295") as excinfo:
+        client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, seed=10**30)
+    assert excinfo.value.body["param"] == "seed"
     assert list(client.fine_tuning.jobs.list()) == []  # nothing stored from a refused create
 
 

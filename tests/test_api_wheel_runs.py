@@ -60,3 +60,15 @@ def test_a_wheel_run_over_http(server, tiny_model_dir, tmp_path):
         assert wheel["kind"] == "wheel" and wheel["status"] == "completed" and wheel["command"] == f"api:{run['id']}"
     finally:
         store.close()
+
+
+def test_a_submitted_spec_cannot_widen_image_access(tmp_path):
+    from flywheel.api.wheel_runs import write_specs
+    from flywheel.web import ApiError
+
+    for images in ({"folders": ["/"]}, {"fetch": True}):
+        body = {"run_spec": {}, "eval_spec": {**spec_dict("local:smollm2"), "dataset": {"images": images}}}
+        with pytest.raises(ApiError) as caught:
+            write_specs(tmp_path / "run", body, [])
+        assert caught.value.param == "eval_spec.dataset.images"
+    assert not (tmp_path / "run").exists()

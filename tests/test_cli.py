@@ -124,3 +124,35 @@ def test_graders_validate_and_run(tmp_path):
     path.write_text('{"type": "string_chek", "name": "x"}')
     bad = CliRunner().invoke(main, ["graders", "validate", str(path)])
     assert bad.exit_code == 1 and "did you mean 'string_check'" in bad.output
+
+
+def test_serve_refuses_options_that_would_do_nothing(tmp_path):
+    db = str(tmp_path / "f.db")
+    for args, message in ((["--api", "--rate-burst", "5"], "--rate-burst needs --rate-limit"),
+                          (["--rate-limit", "60"], "--rate-limit needs --api"),
+                          (["--worker-processes"], "--worker-processes needs --api")):
+        result = CliRunner().invoke(main, ["serve", *args, "--port", "0", "--db", db])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert not os.path.exists(db)  # refused before anything was opened
+
+
+def test_an_eval_where_every_sample_errored_fails_with_the_first_error(tmp_path, tiny_spec):
+    db = str(tmp_path / "f.db")
+    judge = {"type": "score_model", "name": "judge", "model": "local:/nonexistent", "range": [0, 1],
+             "pass_threshold": 0.5, "input": [{"role": "user", "content": "Score {{sample.output_text}}"}]}
+    spec = yaml.safe_load(tiny_spec.read_text())
+    spec["graders"] = [*spec["graders"], judge]
+    tiny_spec.write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(main, ["eval", str(tiny_spec), "--split", "test", "--db", db])
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "grader 'judge' failed on every sample; the first, item " in last
+    assert "/nonexistent" in last
+
+    unreachable = ["eval", str(tiny_spec), "--split", "test", "--db", db, "--model", "openai:gpt-x",
+                   "-s", "model_options={base_url: 'http://127.0.0.1:9/v1', api_key_env: HOME}", "-s", f"graders={[spec['graders'][0]]}"]
+    result = CliRunner().invoke(main, unreachable)
+    assert result.exit_code == 1, result.output
+    assert "every sample failed; the first, item " in result.output.strip().splitlines()[-1]
+    listed = CliRunner().invoke(main, ["runs", "list", "--db", db])
+    assert listed.output.count("failed") == 2, listed.output

@@ -107,6 +107,32 @@ def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
     assert [i.line for i in dataset.items] == [1, 2, 3, 4]
 
 
+def test_the_one_jsonl_reader_takes_a_path_or_a_stream_and_bounds_lines(tmp_path):
+    import io
+
+    from flywheel.data import read_jsonl
+    from flywheel.errors import SpecError
+
+    body = '\ufeff{"t": "a\u2028b\u0085c"}\n\n{"t": 2}\r\n'.encode()
+    (tmp_path / "x.jsonl").write_bytes(body)
+    expected = [(1, {"t": "a\u2028b\u0085c"}), (3, {"t": 2})]
+    assert read_jsonl(tmp_path / "x.jsonl") == expected
+    assert read_jsonl(io.BytesIO(body), "upload.jsonl") == expected
+    with pytest.raises(SpecError, match=r"^upload\.jsonl:2: line is longer than 64 bytes"):
+        read_jsonl(io.BytesIO(b'{"a": 1}\n' + b" " * 100), "upload.jsonl", error=SpecError, max_line_bytes=64)
+    with pytest.raises(DataError, match=r"^u\.jsonl:2: not UTF-8 text \(byte 11\)"):
+        read_jsonl(io.BytesIO(b'{"a": 1}\n{"\xe9": 1}\n'), "u.jsonl")
+    with pytest.raises(DataError, match=r"^u\.jsonl:1: expected a JSON object, got list"):
+        read_jsonl(io.BytesIO(b"[1]\n"), "u.jsonl")
+    with pytest.raises(DataError, match=r"missing\.jsonl: file not found"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_a_nul_byte_in_a_csv_is_an_error_naming_the_line(tmp_path):
+    with pytest.raises(DataError, match=r"data\.csv:3: NUL byte in a CSV file"):
+        _csv(tmp_path, "text,label\na,x\nb\0c,y\n")
+
+
 def test_jsonl_with_crlf_line_ends(tmp_path):
     rows = make_rows(1)
     (tmp_path / "data.jsonl").write_bytes(b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))

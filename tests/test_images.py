@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 import yaml
 from vision_helpers import data_url, image_bytes, vision_spec, write_vision_eval
 
@@ -19,7 +21,7 @@ from flywheel.cli import main
 from flywheel.data import Item, load_dataset
 from flywheel.errors import SpecError
 from flywheel.harness import cache_key, run_eval
-from flywheel.images import ImageError, check_image_bytes, hashed_view, load_image, render_parts, thumbnail_data_url
+from flywheel.images import ImageAccess, ImageError, check_image_bytes, hashed_view, load_image, render_parts, thumbnail_data_url
 from flywheel.models import ChatRequest
 from flywheel.outputs import DataOutputs
 from flywheel.spec import load_eval_spec, parse_eval_spec
@@ -67,10 +69,109 @@ def test_not_an_image_and_bad_data_urls():
 
 def test_paths_resolve_against_a_root_and_missing_files_say_so(tmp_path):
     (tmp_path / "a.png").write_bytes(image_bytes("green"))
-    assert load_image("a.png", tmp_path).media_type == "image/png"
-    assert load_image(f"file://{tmp_path / 'a.png'}").media_type == "image/png"
+    inside = ImageAccess(root=tmp_path)
+    assert load_image("a.png", inside).media_type == "image/png"
+    assert load_image(f"file://{tmp_path / 'a.png'}", inside).media_type == "image/png"
     with pytest.raises(ImageError, match="image file not found"):
-        load_image("missing.png", tmp_path)
+        load_image("missing.png", inside)
+
+
+# -- what a reference may reach (issue 26, item 6) ---------------------------------------------------
+def test_files_outside_the_dataset_folder_are_refused(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "secret"
+    data.mkdir()
+    outside.mkdir()
+    (outside / "s.png").write_bytes(image_bytes("red"))
+    (data / "link.png").symlink_to(outside / "s.png")
+    access = ImageAccess(root=data)
+    for ref in ("../secret/s.png", str(outside / "s.png"), f"file://{outside / 's.png'}", "link.png"):
+        with pytest.raises(ImageError, match="is outside the dataset folder"):
+            load_image(ref, access)
+    # a folder the spec allows is fine, and without any folder no file is read at all
+    assert load_image("../secret/s.png", ImageAccess(root=data, folders=(outside,))).media_type == "image/png"
+    with pytest.raises(ImageError, match="no dataset folder"):
+        load_image(str(outside / "s.png"))
+    with pytest.raises(ImageError, match="another host"):
+        load_image("file://evil.example/etc/passwd", access)
+
+
+def test_devices_and_pipes_are_refused_unread(tmp_path):
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(ImageError, match="outside the dataset folder"):
+        load_image("zero.png", ImageAccess(root=tmp_path))
+    with pytest.raises(ImageError, match="not a regular file"):  # /dev itself allowed: still refused unread
+        load_image("/dev/zero", ImageAccess(root=tmp_path, folders=(Path("/dev"),)))
+    os.mkfifo(tmp_path / "pipe.png")  # opening it blocking would wait for a writer for ever
+    with pytest.raises(ImageError, match="not a regular file"):
+        load_image("pipe.png", ImageAccess(root=tmp_path))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the pixels are never there): what a bomb's
+    header says before its few hundred kB of zlib decode to gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [12_500, 40_000])  # 156 Mpx (Pillow only warns), 1.6 Gpx (Pillow raises)
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
+    bomb = _png_header(side, 12_500)
+    with pytest.raises(ImageError, match="decompression bomb.*MAX_IMAGE_PIXELS") as caught:
+        check_image_bytes(bomb)
+    assert caught.value.reason == "image_too_large"
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image("bomb.png", ImageAccess(root=tmp_path))
+    assert thumbnail_data_url(data_url(bomb)) is None
+
+
+def test_a_spec_reads_no_url_and_no_file_outside_unless_it_says_so(tmp_path):
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret/s.png").write_bytes(image_bytes("blue"))
+    path = _bad_eval(tmp_path / "e", "../secret/s.png")
+    result = CliRunner().invoke(main, ["eval", str(path), "--split", "test", "--db", str(tmp_path / "f.db")])
+    assert result.exit_code == 1
+    assert "data.jsonl:2 (item 'bad-2'): input[0].content[0].image_url: ../secret/s.png: " in result.output
+    assert "is outside the dataset folder" in result.output
+    _store_is_empty(tmp_path / "f.db")
+    spec = yaml.safe_load(path.read_text())
+    spec["dataset"]["images"] = {"folders": ["../secret"]}
+    path.write_text(yaml.safe_dump(spec))
+    assert CliRunner().invoke(main, ["eval", str(path), "--split", "test", "--db", str(tmp_path / "f.db")]).exit_code == 0
+
+
+def test_http_images_are_not_fetched_unless_the_spec_opts_in(tmp_path):
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from flywheel.web import BackgroundServer
+
+    hits = []
+
+    def serve(request):
+        hits.append(request.url.path)
+        return Response(image_bytes("red"), media_type="image/png")
+
+    with BackgroundServer(Starlette(routes=[Route("/cat.png", serve)])) as server:
+        path = _bad_eval(tmp_path / "e", server.url + "/cat.png")
+        before = load_eval_spec(path).fingerprint()
+        result = CliRunner().invoke(main, ["eval", str(path), "--split", "test", "--db", str(tmp_path / "f.db")])
+        assert result.exit_code == 1 and "not fetched unless the spec sets dataset.images.fetch: true" in result.output
+        assert hits == []
+        spec = yaml.safe_load(path.read_text())
+        spec["dataset"]["images"] = {"fetch": True}
+        path.write_text(yaml.safe_dump(spec))
+        assert load_eval_spec(path).fingerprint() == before  # allowing a read changes no result
+        result = CliRunner().invoke(main, ["eval", str(path), "--split", "test", "--db", str(tmp_path / "f.db")])
+        assert result.exit_code == 0, result.output
+        assert hits and set(hits) == {"/cat.png"}
 
 
 def test_http_urls_are_fetched_and_checked(tmp_path):
@@ -83,12 +184,13 @@ def test_http_urls_are_fetched_and_checked(tmp_path):
     png = image_bytes("yellow")
     app = Starlette(routes=[Route("/cat.png", lambda r: Response(png, media_type="image/png")),
                             Route("/anim.gif", lambda r: Response(image_bytes(fmt="GIF"), media_type="image/gif"))])
+    fetching = ImageAccess(fetch=True)
     with BackgroundServer(app) as server:
-        assert load_image(server.url + "/cat.png").sha256 == hashlib.sha256(png).hexdigest()
+        assert load_image(server.url + "/cat.png", fetching).sha256 == hashlib.sha256(png).hexdigest()
         with pytest.raises(ImageError, match="GIF"):
-            load_image(server.url + "/anim.gif")
+            load_image(server.url + "/anim.gif", fetching)
         with pytest.raises(ImageError, match="HTTP 404"):
-            load_image(server.url + "/nothing.png")
+            load_image(server.url + "/nothing.png", fetching)
 
 
 # -- cache keys --------------------------------------------------------------------------------------

@@ -134,6 +134,16 @@ def test_delete_by_id_and_before_and_refusals(db, tmp_path):
     store.close()
 
 
+def test_drop_rows_finds_rows_holding_unicode_line_separators(tmp_path):
+    from flywheel.privacy.lineage import drop_rows
+
+    rows = [{"text": "keep\u2028me"}, {"text": "drop\u0085me"}, {"text": "and\u2029me"}]
+    path = tmp_path / "set.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert drop_rows(path, {row_hash(rows[1]), row_hash(rows[2])}) == (2, 1)
+    assert path.read_text(encoding="utf-8") == json.dumps(rows[0], ensure_ascii=False) + "\n"
+
+
 def test_row_hash_ignores_key_order():
     assert row_hash({"a": 1, "b": "é"}) == row_hash(json.loads('{"b": "é", "a": 1}'))
 

@@ -102,6 +102,15 @@ def test_override_that_is_not_yaml(tmp_path, override):
         load_eval_spec(path, [override])
 
 
+@pytest.mark.parametrize("field", ["sampling.seed", "split.seed", "optimize.seed"])
+@pytest.mark.parametrize("value", ["1000000000000000000000000000000", "-1", "4294967296"])
+def test_seeds_are_bounded_to_what_numpy_and_torch_accept(tmp_path, field, value):
+    path = write(tmp_path, spec_dict("local:smollm2"))
+    with pytest.raises(SpecError, match=rf"eval\.yaml: {field}: Input should be (greater|less) than or equal to"):
+        load_eval_spec(path, [f"{field}={value}"])
+    assert load_eval_spec(path, [f"{field}=4294967295"])
+
+
 @pytest.mark.parametrize("ratio", [".nan", ".inf", "-.inf"])
 def test_split_ratios_must_be_finite(tmp_path, ratio):
     path = write(tmp_path, spec_dict("local:smollm2"))

@@ -210,6 +210,11 @@ def test_bad_training_files_name_the_line(tmp_path):
     bad.write_text("{not json\n")
     with pytest.raises(TrainingDataError, match="bad.jsonl:1: invalid JSON"):
         load_training_file("rft", bad)
+    rows = [{"messages": [{"role": "user", "content": f"a{sep}b"}, {"role": "assistant", "content": "ok"}]}
+            for sep in ("\u2028", "\u2029", "\u0085")]
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert load_training_file("sft", good).rows == rows  # one row per "\n", whatever the strings hold
 
 
 def test_nothing_captured_or_nothing_passing_says_what_to_do(spec, store):

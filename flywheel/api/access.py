@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,13 +61,24 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+_PROJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_project(project: str) -> str:
+    """A project name as it may enter the store: 1-64 ASCII letters, digits, '-' or '_' (no other
+    script's digits, no path parts); FlywheelError otherwise. Every door that takes a project
+    name goes through here (keys, importers)."""
+    if not isinstance(project, str) or not _PROJECT_NAME.fullmatch(project):
+        raise FlywheelError(f"project must be 1-64 ASCII letters, digits, '-' or '_', got {project!r}")
+    return project
+
+
 def create_key(store: Store, name: str = "", *, project: str = DEFAULT_PROJECT, role: str = "member",
                rpm: int | None = None) -> tuple[str, str]:
     """A new API key and its id; only the hash is stored, so the key is shown this once."""
     if role not in ROLES:
         raise FlywheelError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if not project or len(project) > 64 or not project.replace("-", "").replace("_", "").isalnum():
-        raise FlywheelError(f"project must be 1-64 letters, digits, '-' or '_', got {project!r}")
+    check_project(project)
     if rpm is not None and rpm < 1:
         raise FlywheelError(f"rpm must be at least 1, got {rpm}")
     key = KEY_PREFIX + secrets.token_urlsafe(32)

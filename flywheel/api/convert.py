@@ -42,19 +42,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_items(path: Path) -> list[dict[str, Any]]:
+    from flywheel.data import read_jsonl
+
     items = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.strerror}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
+    for number, row in read_jsonl(path, error=SpecError):
+        if not isinstance(row.get("item"), dict):
             raise SpecError(f"{path}:{number}: expected {{\"item\": {{...}}}}")
         items.append(row["item"])
     return items
@@ -161,11 +153,13 @@ def import_openai_job(store: Any, job_path: str | Path, training_path: str | Pat
     The platform's model names no local model: `model` replaces it (required unless the job's own
     model is a `local:` reference or an `ft:` id made here). Every check of the API's create applies;
     a failure is a SpecError naming the job file and the field, and nothing is stored."""
+    from flywheel.api.access import check_project
     from flywheel.api.files import store_file
     from flywheel.api.fine_tuning import create_job
     from flywheel.api.fine_tuning_runner import train_config
     from flywheel.web import ApiError
 
+    check_project(project)
     job_path = Path(job_path)
     job = _read_json(job_path)
     base = model or job.get("model")

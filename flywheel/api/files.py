@@ -9,9 +9,9 @@ in `api_files`.
 
 from __future__ import annotations
 
-import json
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -38,24 +38,16 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
             "expires_at": None, "status_details": None}
 
 
-def parse_jsonl(data: bytes, filename: str) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL upload; a 400 naming the first bad line."""
+def parse_jsonl(data: bytes | BinaryIO, filename: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL upload (bytes, or a binary stream such as a spooled file),
+    read by flywheel.data.read_jsonl; a 400 naming the first bad line."""
+    from flywheel.data import read_jsonl
+    from flywheel.errors import DataError
+
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise invalid(f"{filename}: file is not UTF-8 text (byte {exc.start}).", "file", "invalid_file_format") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise invalid(f"{filename}:{number}: invalid JSON: {exc.msg}.", "file", "invalid_file_format") from None
-        if not isinstance(row, dict):
-            raise invalid(f"{filename}:{number}: expected a JSON object, got {type(row).__name__}.", "file",
-                          "invalid_file_format")
-        rows.append(row)
+        rows = [row for _, row in read_jsonl(io.BytesIO(data) if isinstance(data, bytes) else data, filename)]
+    except DataError as exc:
+        raise invalid(f"{exc}.", "file", "invalid_file_format") from None
     if not rows:
         raise invalid(f"{filename}: the file has no JSONL rows.", "file", "invalid_file_format")
     return rows

@@ -150,6 +150,16 @@ def model_for(store: Store, model: str, project: str) -> str:
     return store.get_checkpoint(rows[0]["checkpoint_id"])["model_ref"]
 
 
+def _seed(body: dict[str, Any]) -> int:
+    """The job's seed, within what every consumer accepts (flywheel.spec.SEED_MAX)."""
+    from flywheel.spec import SEED_MAX
+
+    seed = field(body, "seed", int, default=0)
+    if not 0 <= seed <= SEED_MAX:
+        raise invalid(f"seed must be between 0 and {SEED_MAX}, got {seed}.", "seed")
+    return seed
+
+
 def create_job(store: Store, body: dict[str, Any], project: str) -> dict[str, Any]:
     """Check a create body (400 / 404 naming the field), store the job for `project` and queue it;
     returns the job object."""
@@ -174,7 +184,7 @@ def create_job(store: Store, body: dict[str, Any], project: str) -> dict[str, An
         raise invalid(str(exc), "model", "model_not_found") from None
     row = {"id": new_object_id("ftjob-"), "created_at": now(), "status": "queued", "model": model,
            "training_file": training_file, "validation_file": validation_file, "method_json": json.dumps(method),
-           "suffix": suffix, "seed": field(body, "seed", int, default=0),
+           "suffix": suffix, "seed": _seed(body),
            "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {})}
     insert_owned(store, "api_fine_tuning_jobs", row, project)
     store.add_api_event(row["id"], f"Created fine-tuning job: {row['id']}")

@@ -49,7 +49,13 @@ def write_specs(folder: Path, body: dict[str, Any], items: list[dict[str, Any]])
     """eval.yaml, data.jsonl and run.yaml of an inline submission; the run spec's path."""
     run_spec = dict(field(body, "run_spec", dict, required=True))
     eval_spec = dict(field(body, "eval_spec", dict, required=True))
-    eval_spec["dataset"] = {**(eval_spec.get("dataset") or {}), "path": "data.jsonl"}
+    dataset = eval_spec.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("images") is not None:
+        # widening image access (server folders, network fetches) is for spec files an operator
+        # runs, not for a key holder: submitted items carry their images as data: URLs
+        raise invalid("eval_spec.dataset.images: not accepted in a submitted spec; give images as data: URLs",
+                      "eval_spec.dataset.images")
+    eval_spec["dataset"] = {**(dataset or {}), "path": "data.jsonl"}
     run_spec["eval"] = "eval.yaml"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items),

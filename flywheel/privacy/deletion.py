@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flywheel.privacy.lineage import drop_rows
@@ -110,7 +111,8 @@ def _count(path: str, hashes: set[str]) -> tuple[int, int] | None:
     from flywheel.privacy.lineage import row_hash
 
     try:
-        lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
+        # "\n" only: rows written with ensure_ascii=False may hold U+2028 (flywheel.data.read_jsonl)
+        lines = [line for line in Path(path).read_bytes().decode("utf-8").split("\n") if line.strip()]
     except (OSError, UnicodeDecodeError):
         return None
     removed = 0
@@ -124,7 +126,7 @@ def _count(path: str, hashes: set[str]) -> tuple[int, int] | None:
 
 def _content_hash(kind: str, path: str) -> str:
     """The training set's content hash after a rewrite (as `TrainingSet.content_hash` computes it)."""
+    from flywheel.data import read_jsonl
     from flywheel.train.formats import TrainingSet
 
-    rows = [json.loads(line) for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
-    return TrainingSet(kind, rows).content_hash
+    return TrainingSet(kind, [row for _, row in read_jsonl(path)]).content_hash

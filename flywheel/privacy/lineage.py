@@ -52,7 +52,9 @@ def drop_rows(path: str | Path, hashes: set[str]) -> tuple[int, int] | None:
     atomically: a staging file renamed over it). Returns (removed, kept), or None if the file is gone."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        # lines end at "\n" only: a row may hold U+2028 or U+0085 (flywheel.data.read_jsonl)
+        lines = path.read_bytes().decode("utf-8").split("\n")
+        lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
     except (OSError, UnicodeDecodeError):
         return None
     kept, removed = [], 0

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flywheel.spec import SEED_MAX
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -67,7 +69,7 @@ class TrainConfig(_Config):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     logging_steps: int = Field(default=5, ge=1, description="Steps between logged metrics.")
-    seed: int = Field(default=0, description="Seed for data order and adapter init.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seed for data order and adapter init.")
     # -- validation, checkpoints, early stopping (flywheel.train.validation; docs/training.md) --------
     eval_steps: int | None = Field(
         default=None, ge=1, description="Validation loss every N steps on the validation set (off when unset).")

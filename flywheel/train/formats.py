@@ -96,19 +96,10 @@ def validate_rows(kind: str, rows: list[dict[str, Any]], source: str) -> None:
 
 def load_training_file(kind: str, path: str | Path) -> TrainingSet:
     """A platform-format JSONL file as a training set (validated)."""
+    from flywheel.data import read_jsonl
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TrainingDataError(f"{path}: cannot read training data: {exc.strerror}") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise TrainingDataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+    rows = [row for _, row in read_jsonl(path, error=TrainingDataError)]
     validate_rows(kind, rows, str(path))
     return TrainingSet(kind, rows, {"file": str(path.resolve()), "method": kind})
 

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flywheel.errors import FlywheelError, SpecError
-from flywheel.spec import EvalSpec
+from flywheel.spec import SEED_MAX, EvalSpec
 from flywheel.store import Store, now
 from flywheel.train.config import TrainConfig
 
@@ -95,7 +95,7 @@ class SearchSpec(_Config):
     prune_startup_trials: int = Field(default=2, ge=0, description="Trials that finish before any is pruned.")
     prune_warmup_steps: int = Field(default=2, ge=0, description="Steps of each trial before it may be pruned.")
     finalists: int = Field(default=3, ge=1, description="Best trials by valid score paired against the leader.")
-    seed: int = Field(default=0, description="Seed of the sampler.")
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seed of the sampler.")
     enqueue: list[dict[str, Scalar]] = Field(default_factory=list, description="Configurations tried first, in "
                                              "order (e.g. the defaults): each maps some of the space's keys to values.")
 

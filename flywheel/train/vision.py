@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.images import (ImageError, check_image_count, image_detail, image_part, iter_image_urls,
+from flywheel.images import (ImageAccess, ImageError, check_image_count, image_detail, image_part, iter_image_urls,
                              load_image, map_image_parts)
 from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix
 
@@ -108,6 +108,7 @@ def screen_images(training_set: TrainingSet, root: Path | None = None) -> tuple[
 
 
 def _inline_row(kind: str, row: dict[str, Any], root: Path | None) -> tuple[dict[str, Any], int]:
+    access = ImageAccess(root=root)  # files beside the training file; no URL is fetched
     messages = row_messages(kind, row)
     check_image_count(messages)
     count = sum(1 for _ in iter_image_urls(messages))
@@ -115,7 +116,7 @@ def _inline_row(kind: str, row: dict[str, Any], root: Path | None) -> tuple[dict
         return row, 0
 
     def inline(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return map_image_parts(messages, lambda part, url: image_part(load_image(url, root), image_detail(part)))
+        return map_image_parts(messages, lambda part, url: image_part(load_image(url, access), image_detail(part)))
 
     if kind == "dpo":
         new = {**row, "input": {**row["input"], "messages": inline(row["input"]["messages"])},
