@@ -28,6 +28,7 @@ import sqlite_utils
 from pydantic import BaseModel
 
 import graders
+from flywheel import killpoints
 from flywheel.errors import StoreError
 from flywheel.migrations import SchemaTooNew, apply_migrations, missing_schema, pending_migrations
 from flywheel.summaries import (EvalSummary, GradeRow, GraderSummary, RunSummary, SampleRow, grader_summaries, objective_value,
@@ -805,10 +806,13 @@ class Store:
     def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
                         base_model: str) -> dict[str, Any] | None:
         """The newest checkpoint trained by `method` on this set with this config from this base: the
-        one its job chose (a job saving every N steps registers several; a killed job chose none)."""
+        one its job chose (a job saving every N steps registers several; a job killed part-way chose
+        none), or the one checkpoint of a job that saves no steps (no `output_dir`): registered only
+        once training ended, it is final even when a kill came before its job was marked succeeded."""
         rows = list(self.db["checkpoints"].rows_where(
             "method = ? and training_set_hash = ? and config_json = ? and base_model = ? and (job_id is null or id in"
-            " (select checkpoint_id from training_jobs where status = 'succeeded' and checkpoint_id is not null))",
+            " (select checkpoint_id from training_jobs where status = 'succeeded' and checkpoint_id is not null)"
+            " or job_id in (select id from training_jobs where backend = 'local' and output_dir is null))",
             [method, training_set_hash, config_json, base_model], order_by="created_at desc", limit=1))
         return rows[0] if rows else None
 
@@ -845,6 +849,7 @@ class Store:
             if row.get("job_id") and finish_job:
                 self.db["training_jobs"].update(row["job_id"], {"checkpoint_id": row["id"], "status": "succeeded",
                                                                 "finished_at": now()})
+        killpoints.reached("checkpoint-registered")
 
     def job_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
         """A training job's checkpoints, pruned ones included, by step (then creation)."""

@@ -158,6 +158,27 @@ def test_sigkill_at_several_stages_then_resume(tmp_path, tiny_model_dir):
     store.close()
 
 
+def test_a_kill_right_after_the_final_checkpoint_registers_does_not_train_it_again(tmp_path, tiny_model_dir):
+    # The window the sigkill test above hit under load: the job's one (final) checkpoint is committed,
+    # its job not yet marked succeeded. FLYWHEEL_KILL_AT lands the kill exactly there.
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "capture", "teacher": "reference:label"}, {"stage": "sft", "config": {"max_steps": 1, **FAST}}])
+    db = tmp_path / "w.db"
+    command = [sys.executable, "-m", "flywheel", "run", str(run_yaml), "--db", str(db), "--json"]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "FLYWHEEL_KILL_AT": "checkpoint-registered"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = Store.open(db)
+    try:
+        assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 1
+        run_id = next(r["id"] for r in store.list_runs() if r["kind"] == "wheel")
+        resumed = run_wheel(load_run_spec(run_yaml), store, resume=run_id)
+        assert [o.stage for o in resumed.stages] == ["capture", "sft"]
+        assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 1  # reused, not trained again
+    finally:
+        store.close()
+
+
 def test_a_stage_that_cannot_run_is_recorded_and_the_wheel_goes_on(tmp_path, tiny_model_dir, store):
     result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, [
         {"stage": "dpo", "config": {"max_steps": 1, **FAST}}])), store)
