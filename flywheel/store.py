@@ -22,10 +22,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlite_utils
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 import graders
 from flywheel import killpoints
@@ -36,6 +36,8 @@ from flywheel.summaries import (EvalSummary, GradeRow, GraderSummary, RunSummary
 
 if TYPE_CHECKING:
     from flywheel.cost import CostPerItem
+
+StateT = TypeVar("StateT", bound=BaseModel)
 
 DEFAULT_DB = "flywheel.db"
 DEFAULT_BUSY_TIMEOUT = 30.0
@@ -329,15 +331,26 @@ class Store:
         """An eval run's stored `EvalSummary` (None while it runs)."""
         return EvalSummary.model_validate_json(run["summary_json"]) if run.get("summary_json") else None
 
-    def save_run_state(self, run_id: str, state: dict[str, Any]) -> None:
-        """Overwrite a running run's summary with its progress (what the wheel resumes from)."""
+    def save_run_state(self, run_id: str, state: BaseModel) -> None:
+        """Overwrite a running run's summary with its progress (the wheel's `WheelState`)."""
         with self.transaction():
-            self.db["runs"].update(run_id, {"summary_json": json.dumps(state, default=str)})
+            self.db["runs"].update(run_id, {"summary_json": state.model_dump_json()})
 
-    def reopen_run(self, run_id: str) -> None:
-        """Mark a run running again (it is being resumed)."""
-        with self.transaction():
-            self.db["runs"].update(run_id, {"status": "running"})
+    def run_state(self, run_id: str, model: type[StateT]) -> StateT:
+        """A run's summary read back as `model` (e.g. `WheelState`); an empty summary is `model()`."""
+        row = self.db.execute("select summary_json from runs where id = ?", [run_id]).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: no run {run_id!r}")
+        try:
+            return model.model_validate_json(row[0] or "{}")
+        except ValidationError as exc:
+            raise StoreError(f"{self.path}: run {run_id}: summary_json is not a {model.__name__}: "
+                             f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+    def find_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run with exactly this id, or None (a caller-given id not used yet)."""
+        rows = list(self.db["runs"].rows_where("id = ?", [run_id], limit=1))
+        return rows[0] if rows else None
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         matches = list(self.db["runs"].rows_where("id = ? or id like ?", [run_id, f"%{run_id}"], limit=2))
