@@ -1246,16 +1246,3 @@ class Store:
             [iteration_id]).fetchall()}
         return {"total": total, "passed": passed, "errored": errored, "failed": total - passed - errored,
                 "graders": graders, "prompt_tokens": prompt, "completion_tokens": completion}
-
-    def harness_run_of(self, command: str) -> tuple[str, str] | None:
-        """(run id, iteration id) of the latest harness run started with `command` (an API run's link)."""
-        row = self.db.conn.execute(
-            "select r.id, it.id from runs r join iterations it on it.run_id = r.id where r.command = ?"
-            " order by r.rowid desc, it.seq limit 1", [command]).fetchone()
-        return (row[0], row[1]) if row else None
-
-    def run_with_command(self, command: str) -> str | None:
-        """The latest run started with `command` (an API wheel run's link), or None."""
-        row = self.db.conn.execute("select id from runs where command = ? order by rowid desc limit 1",
-                                   [command]).fetchone()
-        return row[0] if row else None
