@@ -13,6 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from flywheel import data
 from flywheel.cli import main
 from flywheel.run_spec import load_run_spec
 from flywheel.store import Store
@@ -224,6 +225,19 @@ def test_wheel_states_stored_the_old_way_still_load(tmp_path, tiny_model_dir, st
     assert summary["result"]["run_id"] == run_id and summary["stages"] == []
     out = CliRunner().invoke(main, ["run", "--resume", run_id, "--db", db])
     assert out.exit_code == 1 and "already finished" in out.output
+
+
+def test_one_wheel_run_parses_its_dataset_once(tmp_path, tiny_model_dir, store):
+    # The wheel loads the dataset and builds the grader set once and hands them to every stage
+    # (training's own loads are flywheel.train's: not in this run spec).
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "optimize"}, {"stage": "capture", "teacher": "reference:label"},
+        {"stage": "capture", "teacher": "incumbent", "limit": 2}])
+    path = str(tmp_path / "data.jsonl")
+    before = data.PARSES[path]
+    result = run_wheel(load_run_spec(run_yaml), store)
+    assert [o.decision for o in result.stages][1:] == ["captured", "captured"] and result.test
+    assert data.PARSES[path] - before == 1
 
 
 def test_a_stage_that_cannot_run_is_recorded_and_the_wheel_goes_on(tmp_path, tiny_model_dir, store):
