@@ -125,13 +125,13 @@ def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
     """Turn the wheel on SPEC (a run spec) toward --target: prompts, capture, SFT, DPO, RFT."""
     from flywheel.report.console import console, print_wheel_result
     from flywheel.run_spec import load_run_spec
-    from flywheel.wheel import run_wheel
+    from flywheel.wheel import WheelState, run_wheel
 
     with _store_at(db) as store:
         if spec_path is None:
             if not resume:
                 raise click.UsageError("give a run SPEC, or --resume RUN")
-            spec_path = json.loads(store.get_run(resume).get("summary_json") or "{}").get("run_spec")
+            spec_path = store.run_state(store.get_run(resume)["id"], WheelState).run_spec
             if not spec_path:
                 raise FlywheelError(f"{resume}: the run does not record its run spec; pass SPEC")
         run_spec = load_run_spec(spec_path, list(overrides) + ([f"target={target}"] if target is not None else []))
@@ -174,8 +174,12 @@ def runs_show(run_id, failed, limit, db, as_json):
     """Show a run: per-item input, output and grades."""
     from flywheel.report.console import print_run_detail, run_detail
 
+    from flywheel.wheel import WheelState
+
     with _store_at(db) as store:
         detail = run_detail(store, run_id, failed_only=failed, limit=limit)
+        if detail["run"]["kind"] == "wheel":  # the typed state: older stored shapes read the same way
+            detail["run"]["summary"] = store.run_state(detail["run"]["id"], WheelState).model_dump(mode="json")
     if as_json:
         click.echo(json.dumps(detail, indent=2, default=str))
     else:

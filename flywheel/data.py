@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -192,6 +193,11 @@ def _seeded_split(key: str, seed: int, ratios: dict[str, float]) -> str:
     return SPLITS[-1]
 
 
+# How many times this process parsed each dataset file (by path): a measure, read by tests and
+# benchmarks to hold "one load per run" (a wheel run loads its dataset once and passes it down).
+PARSES: Counter[str] = Counter()
+
+
 def load_dataset(spec: EvalSpec) -> Dataset:
     """Read, map, split and hash the spec's dataset; DataError names file, line or column."""
     if spec.dataset.captures is not None:  # items from the proxy's captures, not a file
@@ -201,6 +207,7 @@ def load_dataset(spec: EvalSpec) -> Dataset:
         check_templates(spec, dataset)
         return dataset
     path = spec.dataset_path
+    PARSES[str(path)] += 1
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

@@ -106,19 +106,22 @@ def _resolve_prompt(store: Store, spec: EvalSpec, prompt: str | None) -> tuple[P
 def capture(spec: EvalSpec, store: Store, teacher: str, *, n: int = 4, temperature: float | None = None,
             split: str = "train", limit: int | None = None, prompt: str | None = None,
             teacher_options: dict[str, Any] | None = None, seed: int = 0, max_errors: int | None = None,
-            command: str | None = None, progress: ProgressFn | None = None) -> CaptureResult:
+            command: str | None = None, progress: ProgressFn | None = None, dataset: Dataset | None = None,
+            grader_set: GraderSet | None = None) -> CaptureResult:
     """Sample `n` teacher outputs per `split` item, grade and store them, record the lineage.
 
     `temperature` defaults to the spec's for n == 1 and 1.0 for best-of-K (n > 1 at temperature 0
     would give K copies of one output and is refused). `prompt`: `best` (default), `spec` or a
-    stored prompt id. Raises CaptureError when every teacher call failed."""
+    stored prompt id. `dataset`, `grader_set`: the spec's, already loaded by the caller (the
+    wheel's). Raises CaptureError when every teacher call failed."""
     if split != "train":
         raise CaptureError(f"capture draws training data, so only from the train split (got {split!r}): "
                            "valid selects checkpoints and test is reported, neither is trained on")
     if n < 1:
         raise CaptureError(f"--n must be at least 1, got {n}")
     if teacher.startswith(REFERENCE):
-        return _capture_reference(spec, store, teacher, limit=limit, command=command)
+        return _capture_reference(spec, store, teacher, limit=limit, command=command, dataset=dataset,
+                                  grader_set=grader_set)
     if ":" not in teacher:  # a checkpoint id: sample the trained model (on-policy pairs for DPO)
         from flywheel.train.checkpoints import load_checkpoint
 
@@ -139,7 +142,8 @@ def capture(spec: EvalSpec, store: Store, teacher: str, *, n: int = 4, temperatu
     capture_spec = spec.model_copy(update={"sampling": sampling})
     try:
         result = run_eval(capture_spec, store, split=split, limit=limit, model=model, prompt=chosen,
-                          max_errors=max_errors, stage="capture", command=command, progress=progress)
+                          max_errors=max_errors, stage="capture", command=command, progress=progress,
+                          dataset=dataset, grader_set=grader_set)
     finally:
         model.close()
     store.update_iteration(result.iteration_id, decision="captured", reason=f"teacher {teacher}, prompt: {origin}")
@@ -172,7 +176,8 @@ def _record(store: Store, spec: EvalSpec, teacher: str, fingerprint: str, run_id
 
 
 def _capture_reference(spec: EvalSpec, store: Store, teacher: str, *, limit: int | None,
-                       command: str | None) -> CaptureResult:
+                       command: str | None, dataset: Dataset | None = None,
+                       grader_set: GraderSet | None = None) -> CaptureResult:
     """The labelled answers as teacher outputs, graded by the same graders."""
     started = time.perf_counter()
     template = teacher[len(REFERENCE):].strip()
@@ -180,7 +185,7 @@ def _capture_reference(spec: EvalSpec, store: Store, teacher: str, *, limit: int
         raise CaptureError("--teacher reference:FIELD needs a field (or a {{item.x}} template), e.g. reference:label")
     if "{{" not in template:
         template = "{{item." + template + "}}"
-    dataset = load_dataset(spec)
+    dataset = dataset or load_dataset(spec)
     items = dataset.split("train")[:limit] if limit else dataset.split("train")
     if not items:
         raise CaptureError(f"{dataset.path}: the train split has no items")
@@ -202,13 +207,14 @@ def _capture_reference(spec: EvalSpec, store: Store, teacher: str, *, limit: int
             outputs.append(None)
             failures.append(f"invalid_variable_error: {exc}")
     rendered = prompt.render_many(items)
-    grader_set = GraderSet(spec.graders)
+    graders_here = grader_set or GraderSet(spec.graders)
     try:
         gradable = [i for i, out in enumerate(outputs) if out is not None]
-        grades = grader_set.grade([graders.make_sample(outputs[i]) for i in gradable],  # type: ignore[arg-type]
-                                  [items[i].fields for i in gradable])
+        grades = graders_here.grade([graders.make_sample(outputs[i]) for i in gradable],  # type: ignore[arg-type]
+                                    [items[i].fields for i in gradable])
     finally:
-        grader_set.close()
+        if grader_set is None:
+            graders_here.close()
     by_index = dict(zip(gradable, grades))
     store.write_samples([SampleRecord(
         iteration_id=iteration_id, item_key=item.key, repeat=0,
@@ -292,10 +298,12 @@ def _inputs_from_captures(store: Store, chosen: CaptureFilterSpec, limit: int | 
     return Dataset(path=Path(store.path).resolve(), content_hash=f"captures-{digest}", items=items)
 
 
-def drop_leaks(spec: EvalSpec, prompt: Prompt, inputs: list[Item]) -> tuple[list[Item], int]:
+def drop_leaks(spec: EvalSpec, prompt: Prompt, inputs: list[Item],
+               dataset: Dataset | None = None) -> tuple[list[Item], int]:
     """Inputs whose rendered messages equal a valid or test item's are dropped: training on them
-    would leak what selection and the report measure. Returns the kept inputs and the count dropped."""
-    dataset = load_dataset(spec)
+    would leak what selection and the report measure. Returns the kept inputs and the count dropped.
+    `dataset`: the spec's, already loaded by the caller."""
+    dataset = dataset or load_dataset(spec)
     guarded = dataset.split("valid") + dataset.split("test")
     seen = {json.dumps(m, sort_keys=True) for m in prompt.render_many(guarded) if not isinstance(m, str)}
     kept = [item for item, messages in zip(inputs, prompt.render_many(inputs))
@@ -319,18 +327,19 @@ def vote(outputs: list[str | None]) -> tuple[str | None, float]:
 def capture_unlabelled(spec: EvalSpec, store: Store, teacher: str, *, inputs: Dataset, prompt: Prompt,
                        n: int = 5, temperature: float = 0.7, min_agreement: float = 0.6, seed: int = 0,
                        teacher_options: dict[str, Any] | None = None, command: str | None = None,
-                       progress: ProgressFn | None = None) -> CaptureResult:
+                       progress: ProgressFn | None = None, dataset: Dataset | None = None) -> CaptureResult:
     """Sample `n` teacher outputs per unlabelled input with `prompt`, accept the majority answer by
-    self-consistency, store samples, votes and lineage (split `unlabelled`). Resumable like an eval."""
+    self-consistency, store samples, votes and lineage (split `unlabelled`). Resumable like an eval.
+    `dataset`: the spec's, already loaded by the caller."""
     from flywheel.models import load_model
 
     if n < 2:
         raise CaptureError("self-consistency needs at least 2 samples per input (n >= 2)")
     started = time.perf_counter()
-    items, leaked = drop_leaks(spec, prompt, inputs.items)
+    dataset = dataset or load_dataset(spec)
+    items, leaked = drop_leaks(spec, prompt, inputs.items, dataset)
     if not items:
         raise CaptureError(f"{inputs.path}: no unlabelled inputs left" + (f" ({leaked} equal valid/test items)" if leaked else ""))
-    dataset = load_dataset(spec)
     eval_id = register_eval(store, spec, dataset)
     store.save_dataset(inputs.content_hash, str(inputs.path), items)
     store.save_prompt(prompt, origin="teacher")

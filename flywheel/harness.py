@@ -328,12 +328,19 @@ def run_eval(
     command: str | None = None,
     progress: ProgressFn | None = None,
     executor: Any = None,
+    run_id: str | None = None,
+    dataset: Dataset | None = None,
+    grader_set: GraderSet | None = None,
 ) -> EvalResult:
     """Evaluate `spec` on one split and store everything; resume an unfinished identical run.
 
-    `executor`: see `evaluate` (None: generate and grade in this process)."""
+    `run_id`: the run's id, chosen by the caller (the API stores it on its object first): a run
+    with that id is resumed, else created with it; without one, an unfinished identical run is
+    resumed. `dataset` and `grader_set`: the spec's, already loaded by the caller (the wheel
+    loads them once per run); the caller closes its grader set. `executor`: see `evaluate` (None:
+    generate and grade in this process)."""
     started = time.perf_counter()
-    dataset = load_dataset(spec)
+    dataset = dataset or load_dataset(spec)
     items = select_items(dataset, split, limit)
     if model is None and spec.outputs is not None:  # no model: outputs come from the data
         model = DataOutputs.for_spec(spec, dataset)
@@ -347,12 +354,15 @@ def run_eval(
     eval_id = register_eval(store, spec, dataset)
     store.save_prompt(prompt, origin="spec")
     config_key = _config_key(spec, dataset, model, split, limit, prompt, stage)
-    existing = store.find_unfinished_run(config_key)
+    existing = store.find_run(run_id) if run_id else store.find_unfinished_run(config_key)
+    if existing and existing["config_key"] != config_key:
+        raise FlywheelError(f"run {run_id} is the run of another eval, model, split, limit or prompt "
+                            f"({existing['kind']}, {existing['model_ref']}); give a new run id")
     if existing:
         run_id = existing["id"]
     else:
         run_id = store.create_run(
-            kind="eval", config_key=config_key, eval_id=eval_id, dataset_id=dataset.content_hash,
+            id=run_id, kind="eval", config_key=config_key, eval_id=eval_id, dataset_id=dataset.content_hash,
             model_ref=model.ref, model_fingerprint=model.fingerprint, split=split, item_limit=limit,
             command=command)
     iteration_id = store.iteration_for(
@@ -360,12 +370,13 @@ def run_eval(
         prompt_id=prompt.id, split=split)
 
     try:
-        grader_set = GraderSet(spec.graders)
+        graders_here = grader_set or GraderSet(spec.graders)
         try:
-            outcome = evaluate(spec, store, iteration_id, items, model, prompt, grader_set,
+            outcome = evaluate(spec, store, iteration_id, items, model, prompt, graders_here,
                                max_errors=max_errors, progress=progress, executor=executor)
         finally:
-            grader_set.close()
+            if grader_set is None:
+                graders_here.close()
     except TooManyErrors:
         store.finish_run(run_id, "failed", summarise(store, iteration_id, spec))
         raise

@@ -331,6 +331,7 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
     if not rows:
         raise TrackingError(f"{store.path}: wheel run {run['id']} has no iterations yet")
     summary = json.loads(run.get("summary_json") or "{}")
+    summary = summary.get("result") or summary  # a finished wheel run's result (flywheel.wheel.WheelState)
     eval_row = store.get_eval(run.get("eval_id"))
     eval_name = eval_row["name"] if eval_row else None
     params = {"wheel_run": run["id"], "status": run.get("status"), "eval": eval_name,

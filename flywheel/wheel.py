@@ -28,12 +28,14 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from flywheel.cost import CostPerItem
-from flywheel.data import Item, load_dataset
+from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError
 from flywheel.executors import ExecutorSpec
 from flywheel.grading import GraderSet
@@ -96,13 +98,75 @@ class _Spent:
     started: float = field(default_factory=time.perf_counter)
 
 
+class KeptIncumbent(BaseModel):
+    """The incumbent after a stage, as the resume state keeps it (its prompt by id)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), ser_json_inf_nan="constants")
+
+    model_ref: str = Field(description="The incumbent's model reference.")
+    prompt_id: str = Field(description="Its prompt (a `prompts` row).")
+    iteration_id: str = Field(description="Its valid iteration.")
+    score: float = Field(description="Its valid objective score.")
+    cost: dict[str, Any] | None = Field(default=None, description="Its cost per item (`CostPerItem.to_dict`).")
+
+    @classmethod
+    def of(cls, incumbent: Incumbent) -> "KeptIncumbent":
+        return cls(model_ref=incumbent.model_ref, prompt_id=incumbent.prompt.id, iteration_id=incumbent.iteration_id,
+                   score=incumbent.score, cost=incumbent.cost.to_dict())
+
+    def restore(self, store: Store) -> Incumbent:
+        """The `Incumbent` again, its prompt read back from the store."""
+        return Incumbent(self.model_ref, Prompt.from_json(store.get_prompt(self.prompt_id)), self.iteration_id,
+                         self.score, CostPerItem.from_dict(self.cost))
+
+
+class StageRecord(BaseModel):
+    """One finished stage of a wheel run: its outcome and the incumbent after it."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    outcome: StageOutcome = Field(description="What the stage decided.")
+    incumbent: KeptIncumbent = Field(description="The incumbent once the stage was done.")
+
+
+class WheelState(BaseModel):
+    """A wheel run's summary (`runs.summary_json`): what `flywheel run --resume` continues from
+    and, once the run finished, its result.
+
+        state = store.run_state(run_id, WheelState)
+        state.stages[0].outcome.decision, state.finished
+    """
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    run_spec: str | None = Field(default=None, description="The run spec's path (`--resume` reloads it).")
+    stages: list[StageRecord] = Field(default_factory=list, description="Finished stages, in the order they ran.")
+    elapsed_s: float = Field(default=0.0, description="Wall time spent so far, over every resume.")
+    result: dict[str, Any] | None = Field(
+        default=None, description="The finished run's `WheelResult.to_dict()` (what `flywheel run --json` prints).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finished_the_old_way(cls, data: Any) -> Any:
+        # Before WheelState, a finished run's result was merged into the state, its outcomes
+        # replacing the stage records under `stages`: read it as a result (the records are gone).
+        if isinstance(data, dict) and "result" not in data and "baseline_valid" in data:
+            return {"run_spec": data.get("run_spec"), "elapsed_s": data.get("elapsed_s") or 0.0, "stages": [],
+                    "result": {k: v for k, v in data.items() if k not in ("run_spec", "elapsed_s")}}
+        return data
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None
+
+
 class Wheel:
     """One `flywheel run`: what stages may use (the `WheelContext`), the budget and the promotion rule."""
 
-    def __init__(self, run_spec: RunSpec, spec: EvalSpec, store: Store, run_id: str, log: LogFn,
+    def __init__(self, run_spec: RunSpec, spec: EvalSpec, dataset: Dataset, store: Store, run_id: str, log: LogFn,
                  elapsed_before: float = 0.0):
         self.run_spec, self.spec, self.store, self.run_id, self._log = run_spec, spec, store, run_id, log
-        self.dataset = load_dataset(spec)
+        self.dataset = dataset  # parsed once per run; every stage reads this one
         self.grader_set = GraderSet(spec.graders)
         self.base_dir = run_spec.base_dir
         self.goal = run_spec.goal.rule() if run_spec.goal else None
@@ -225,46 +289,46 @@ class Wheel:
             self.executor.close()
 
 
-def _state(store: Store, run_id: str) -> dict[str, Any]:
-    return json.loads(store.get_run(run_id).get("summary_json") or "{}")
-
-
-def _incumbent_state(incumbent: Incumbent) -> dict[str, Any]:
-    return {"model_ref": incumbent.model_ref, "prompt_id": incumbent.prompt.id,
-            "iteration_id": incumbent.iteration_id, "score": incumbent.score, "cost": incumbent.cost.to_dict()}
-
-
 def _plan(run_spec: RunSpec) -> list[tuple[int, int]]:
     """(lap, stage index) in the order they run."""
     return [(lap, index) for lap in range(1, run_spec.laps + 1)
             for index, stage in enumerate(run_spec.stages) if stage.runs_in(lap)]
 
 
-def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, report_dir: str | None = None,
-              command: str | None = None, log: LogFn | None = None) -> WheelResult:
-    """Turn the wheel (see the module docstring); returns the milestones, the test comparison and the report."""
+def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, resume: str | None = None,
+              report_dir: str | None = None, command: str | None = None, log: LogFn | None = None) -> WheelResult:
+    """Turn the wheel (see the module docstring); returns the milestones, the test comparison and the report.
+
+    `run_id`: the run's id, chosen by the caller (the API stores it on its object first); a run
+    with that id that is still `running` is resumed. `resume`: an unfinished run named by the user
+    (its id or a unique suffix). A finished run is never re-entered."""
     log = log or (lambda message: None)
     spec = load_eval_spec(run_spec.eval_path)
     dataset = load_dataset(spec)
     if not dataset.split("valid"):
         raise FlywheelError(f"{spec.source}: the wheel selects on `valid`; {dataset.path} has no valid items")
-    eval_id = register_eval(store, spec, dataset)
-    elapsed_before = 0.0
     if resume:
-        run = store.get_run(resume)
+        run_id = store.get_run(resume)["id"]
+    run = store.find_run(run_id) if run_id else None
+    if run is not None:
         if run["kind"] != "wheel":
             raise FlywheelError(f"{run['id']} is a {run['kind']} run, not a `flywheel run`")
-        run_id = run["id"]
-        state = _state(store, run_id)
-        elapsed_before = state.get("elapsed_s", 0.0)
-        store.reopen_run(run_id)
-        log(f"resuming {run_id}")
-    else:
-        run_id = store.create_run(kind="wheel", config_key=json.dumps(run_spec.model_dump(mode="json")),
+        if run["status"] != "running":
+            raise FlywheelError(f"{run['id']} already finished ({run['status']}): there is nothing to resume; "
+                                "start a new run with `flywheel run SPEC`")
+        state = store.run_state(run["id"], WheelState)
+        log(f"resuming {run['id']}")
+    elif resume:
+        raise FlywheelError(f"{resume}: no such wheel run")
+    eval_id = register_eval(store, spec, dataset)
+    if run is None:
+        run_id = store.create_run(id=run_id, kind="wheel", config_key=json.dumps(run_spec.model_dump(mode="json")),
                                   eval_id=eval_id, dataset_id=dataset.content_hash, model_ref=spec.model,
                                   split="valid", command=command or f"flywheel run {run_spec.source}")
-        store.save_run_state(run_id, {"run_spec": run_spec.source, "stages": []})
-    wheel = Wheel(run_spec, spec, store, run_id, log, elapsed_before)
+        state = WheelState(run_spec=run_spec.source)
+        store.save_run_state(run_id, state)
+    assert run_id is not None
+    wheel = Wheel(run_spec, spec, dataset, store, run_id, log, state.elapsed_s)
     outcomes: list[StageOutcome] = []
     try:
         log(f"baseline: {spec.model} on valid")
@@ -280,13 +344,9 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
             if (why := wheel.goal_met(incumbent)) or (why := wheel.budget_exhausted()):
                 stopped = why
                 break
-            state = _state(store, run_id)
-            done = state["stages"][position] if position < len(state.get("stages", [])) else None
+            done = state.stages[position] if position < len(state.stages) else None
             if done:
-                outcome = StageOutcome.from_dict(done["outcome"])
-                kept = done["incumbent"]
-                incumbent = Incumbent(kept["model_ref"], Prompt.from_json(store.get_prompt(kept["prompt_id"])),
-                                      kept["iteration_id"], kept["score"], CostPerItem.from_dict(kept.get("cost")))
+                outcome, incumbent = done.outcome, done.incumbent.restore(store)
                 log(f"lap {lap} stage {index + 1} {stage_spec.stage}: done before ({outcome.decision})")
             else:
                 log(f"lap {lap} stage {index + 1}/{len(run_spec.stages)} {stage_spec.stage} "
@@ -299,8 +359,9 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
                 except FlywheelError as exc:  # e.g. no DPO pairs: the stage brings nothing, the wheel goes on
                     outcome = StageOutcome(stage_spec.stage, "failed", str(exc).splitlines()[0], lap=lap)
                 outcome.wall_s = time.perf_counter() - started
-                state["stages"].append({"outcome": outcome.to_dict(), "incumbent": _incumbent_state(incumbent)})
-                state["elapsed_s"] = time.perf_counter() - wheel.spent.started
+                state.stages.append(StageRecord(outcome=replace(outcome, proposal=None),
+                                                incumbent=KeptIncumbent.of(incumbent)))
+                state.elapsed_s = time.perf_counter() - wheel.spent.started
                 store.save_run_state(run_id, state)
                 log(f"  -> {outcome.decision} in {outcome.wall_s:.0f} s: {outcome.reason}")
             outcomes.append(outcome)
@@ -317,8 +378,7 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
         test = _measure_test(wheel, spec, dataset, base_prompt, base_iteration, incumbent)
         milestones = _milestones(wheel, spec, base_iteration, incumbent, test)
     except BaseException:
-        state = _state(store, run_id)
-        state["elapsed_s"] = time.perf_counter() - wheel.spent.started
+        state.elapsed_s = time.perf_counter() - wheel.spent.started
         store.save_run_state(run_id, state)
         raise
     finally:
@@ -333,15 +393,16 @@ def run_wheel(run_spec: RunSpec, store: Store, *, resume: str | None = None, rep
         model_calls=wheel.spent.model_calls, tokens=wheel.spent.tokens, cost=wheel.spent.cost,
         wall_s=time.perf_counter() - wheel.spent.started, milestones=milestones, minimise=wheel.minimise,
         lap_wall_s=laps)
-    state = _state(store, run_id)
-    store.finish_run(run_id, "completed", {**state, **result.to_dict(), "elapsed_s": result.wall_s})
+    state.elapsed_s, state.result = result.wall_s, result.to_dict()
+    store.finish_run(run_id, "completed", state)
     if run_spec.report:
         from flywheel.report.html import write_report
 
         folder = Path(report_dir) if report_dir else store.artefact_dir / "reports"
         folder.mkdir(parents=True, exist_ok=True)
         result.report_path = write_report(store, [run_id], folder / f"{run_id}.html").path
-        store.save_run_state(run_id, {**state, **result.to_dict(), "elapsed_s": result.wall_s})
+        state.result = result.to_dict()
+        store.save_run_state(run_id, state)
     return result
 
 

@@ -127,6 +127,26 @@ def test_run_on_a_tiny_model_reports_items_and_counts(server, tiny_model_dir):
         store.close()
 
 
+def test_two_identical_runs_link_to_their_own_harness_runs(server, tiny_model_dir):
+    client = client_for(server.url)
+    evaluation = create_eval(client)
+    source = completions_source(tiny_model_dir, {"type": "file_content", "content": items(3)})
+    runs = [client.evals.runs.create(evaluation.id, name="same", data_source=source) for _ in range(2)]
+    runs = [wait_run(client, evaluation.id, run.id) for run in runs]
+    assert [run.status for run in runs] == ["completed", "completed"]
+    store = Store.open(server_db(server))
+    try:
+        linked = [store.api_get("api_eval_runs", run.id) for run in runs]
+        assert linked[0]["run_id"] != linked[1]["run_id"]
+        for run, row in zip(runs, linked):
+            # The API chose the harness run's id before running it: the link never depends on a command.
+            assert store.get_run(row["run_id"])["command"] == f"api:{run.id}"
+            assert [it["id"] for it in store.iterations(row["run_id"])] == [row["iteration_id"]]
+            assert run.result_counts.total == 3
+    finally:
+        store.close()
+
+
 def server_db(server) -> str:
     return server.server.config.app.state.api.db_path
 

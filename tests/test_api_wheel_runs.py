@@ -54,10 +54,21 @@ def test_a_wheel_run_over_http(server, tiny_model_dir, tmp_path):
         refused = http.post("/flywheel/runs", json={"run_spec": {"stages": [{"stage": "optimize"}]},
                                                     "eval_spec": bad, "file_id": file_id})
         assert refused.status_code == 400 and "graders[0]" in refused.json()["error"]["message"]
+        # The same submission again: its own wheel run, linked by the id the API chose, not by a command.
+        twin = http.post("/flywheel/runs", json={"run_spec": {"stages": [{"stage": "optimize"}], "target": 0.0},
+                                                 "eval_spec": eval_spec, "file_id": file_id}).json()
+        while twin["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            twin = http.get(f"/flywheel/runs/{twin['id']}").json()
+        assert twin["status"] == "succeeded", twin["error"]
+    assert twin["run_id"] != run["run_id"]
     store = Store.open(tmp_path / "flywheel.db")
     try:
-        wheel = store.get_run(run["run_id"])
-        assert wheel["kind"] == "wheel" and wheel["status"] == "completed" and wheel["command"] == f"api:{run['id']}"
+        for obj in (run, twin):
+            wheel = store.get_run(obj["run_id"])
+            assert wheel["kind"] == "wheel" and wheel["status"] == "completed" and wheel["command"] == f"api:{obj['id']}"
+            assert obj["result"]["run_id"] == obj["run_id"]
     finally:
         store.close()
 

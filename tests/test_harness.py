@@ -4,7 +4,7 @@ import time
 import pytest
 import yaml
 
-from flywheel.errors import TooManyErrors
+from flywheel.errors import FlywheelError, TooManyErrors
 from flywheel.harness import run_eval
 from flywheel.models import Completion, Model
 from flywheel.spec import load_eval_spec
@@ -24,6 +24,20 @@ def test_eval_stores_every_sample_and_grade(tiny_spec, store):
     run = store.get_run(result.run_id)
     assert run["status"] == "completed"
     assert json.loads(run["summary_json"])["n_samples"] == 4
+
+
+def test_a_run_id_given_by_the_caller_names_the_run_and_resumes_only_that_run(tiny_spec, store):
+    spec = load_eval_spec(tiny_spec)
+    first = run_eval(spec, store, split="test", limit=2, run_id="run-given-1", command="same")
+    second = run_eval(spec, store, split="test", limit=2, run_id="run-given-2", command="same")
+    # Identical evals, identical commands: each run is the one its caller named, with its own iteration.
+    assert (first.run_id, second.run_id) == ("run-given-1", "run-given-2")
+    assert [it["id"] for it in store.iterations("run-given-1")] == [first.iteration_id] != [second.iteration_id]
+    assert second.model_calls == 0  # the completion cache still answers
+    again = run_eval(spec, store, split="test", limit=2, run_id="run-given-1")
+    assert (again.run_id, again.iteration_id) == (first.run_id, first.iteration_id)
+    with pytest.raises(FlywheelError, match="run run-given-1 is the run of another eval"):
+        run_eval(spec, store, split="valid", limit=2, run_id="run-given-1")
 
 
 def test_unchanged_rerun_makes_zero_model_calls(tiny_spec, store):

@@ -13,10 +13,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from flywheel import data
 from flywheel.cli import main
 from flywheel.run_spec import load_run_spec
 from flywheel.store import Store
-from flywheel.wheel import run_wheel
+from flywheel.wheel import WheelState, run_wheel
 
 from conftest import make_rows, spec_dict, write_jsonl
 
@@ -158,6 +159,87 @@ def test_sigkill_at_several_stages_then_resume(tmp_path, tiny_model_dir):
     store.close()
 
 
+def test_a_kill_right_after_the_final_checkpoint_registers_does_not_train_it_again(tmp_path, tiny_model_dir):
+    # The window the sigkill test above hit under load: the job's one (final) checkpoint is committed,
+    # its job not yet marked succeeded. FLYWHEEL_KILL_AT lands the kill exactly there.
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "capture", "teacher": "reference:label"}, {"stage": "sft", "config": {"max_steps": 1, **FAST}}])
+    db = tmp_path / "w.db"
+    command = [sys.executable, "-m", "flywheel", "run", str(run_yaml), "--db", str(db), "--json"]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "FLYWHEEL_KILL_AT": "checkpoint-registered"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    store = Store.open(db)
+    try:
+        assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 1
+        run_id = next(r["id"] for r in store.list_runs() if r["kind"] == "wheel")
+        resumed = run_wheel(load_run_spec(run_yaml), store, resume=run_id)
+        assert [o.stage for o in resumed.stages] == ["capture", "sft"]
+        assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 1  # reused, not trained again
+    finally:
+        store.close()
+
+
+def test_resuming_a_finished_run_says_so_in_one_line_and_changes_nothing(tmp_path, tiny_model_dir, store):
+    run_yaml = write_run(tmp_path, tiny_model_dir, [{"stage": "capture", "teacher": "reference:label"}])
+    db = str(store.path)
+    result = run_wheel(load_run_spec(run_yaml), store)
+    state = store.run_state(result.run_id, WheelState)
+    assert state.finished and [r.outcome.stage for r in state.stages] == ["capture"]
+    assert state.result["winner_model"] == result.winner_model and state.run_spec == str(run_yaml)
+    before = (store.get_run(result.run_id), len(store.list_runs()), len(store.iterations(result.run_id)))
+    for args in (["run", "--resume", result.run_id], ["run", str(run_yaml), "--resume", result.run_id[-12:]]):
+        out = CliRunner().invoke(main, [*args, "--db", db])
+        assert out.exit_code == 1, out.output
+        assert out.output.strip().count("\n") == 0 and "already finished (completed)" in out.output
+        assert "Traceback" not in out.output
+    assert (store.get_run(result.run_id), len(store.list_runs()), len(store.iterations(result.run_id))) == before
+
+
+def test_wheel_states_stored_the_old_way_still_load(tmp_path, tiny_model_dir, store):
+    outcome = {"stage": "capture", "decision": "captured", "reason": "capture cap-1: 4/4", "lap": 1,
+               "candidate": None, "valid": None, "iteration_id": None, "cost": None, "rule": None, "wall_s": 1.5,
+               "search_run": None}
+    kept = {"model_ref": "local:x", "prompt_id": "p-1", "iteration_id": "run-1/0", "score": 0.25,
+            "cost": {"n": 4, "prompt_tokens": 30.0, "completion_tokens": 2.0, "latency_s": None, "money_per_1k": None}}
+    running = WheelState.model_validate_json(json.dumps(
+        {"run_spec": "run.yaml", "stages": [{"outcome": outcome, "incumbent": kept}], "elapsed_s": 12.0}))
+    assert not running.finished and running.stages[0].outcome.decision == "captured"
+    assert running.stages[0].incumbent.score == 0.25 and running.elapsed_s == 12.0
+    assert WheelState.model_validate_json(running.model_dump_json()) == running
+    # A finished run's result used to be merged into the state, its outcomes replacing the records.
+    finished = WheelState.model_validate({"run_spec": "run.yaml", "stages": [outcome], "elapsed_s": 30.0,
+                                          "run_id": "run-1", "baseline_valid": 0.25, "stopped": "1 lap(s) ran",
+                                          "milestones": [], "wall_s": 30.0})
+    assert finished.finished and finished.stages == [] and finished.result["stages"] == [outcome]
+    assert finished.result["stopped"] == "1 lap(s) ran" and finished.elapsed_s == 30.0
+    # ... and such a run is shown and refused by the CLI like any finished one.
+    run_yaml = write_run(tmp_path, tiny_model_dir, [{"stage": "capture", "teacher": "reference:label"}])
+    db = str(store.path)
+    run_id = run_wheel(load_run_spec(run_yaml), store).run_id
+    old = {**store.run_state(run_id, WheelState).result, "run_spec": str(run_yaml), "elapsed_s": 3.0}
+    store.finish_run(run_id, "completed", old)
+    shown = CliRunner().invoke(main, ["runs", "show", run_id, "--db", db, "--json"])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.stdout)["run"]["summary"]
+    assert summary["result"]["run_id"] == run_id and summary["stages"] == []
+    out = CliRunner().invoke(main, ["run", "--resume", run_id, "--db", db])
+    assert out.exit_code == 1 and "already finished" in out.output
+
+
+def test_one_wheel_run_parses_its_dataset_once(tmp_path, tiny_model_dir, store):
+    # The wheel loads the dataset and builds the grader set once and hands them to every stage
+    # (training's own loads are flywheel.train's: not in this run spec).
+    run_yaml = write_run(tmp_path, tiny_model_dir, [
+        {"stage": "optimize"}, {"stage": "capture", "teacher": "reference:label"},
+        {"stage": "capture", "teacher": "incumbent", "limit": 2}])
+    path = str(tmp_path / "data.jsonl")
+    before = data.PARSES[path]
+    result = run_wheel(load_run_spec(run_yaml), store)
+    assert [o.decision for o in result.stages][1:] == ["captured", "captured"] and result.test
+    assert data.PARSES[path] - before == 1
+
+
 def test_a_stage_that_cannot_run_is_recorded_and_the_wheel_goes_on(tmp_path, tiny_model_dir, store):
     result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, [
         {"stage": "dpo", "config": {"max_steps": 1, **FAST}}])), store)
@@ -248,7 +330,9 @@ def test_sigkill_in_the_second_lap_then_resume(tmp_path, tiny_model_dir):
     proc.wait()
     with sqlite3.connect(db) as conn:
         run_id = conn.execute("select id from runs where kind = 'wheel'").fetchone()[0]
-        assert json.loads(conn.execute("select summary_json from runs where id = ?", [run_id]).fetchone()[0])["stages"]
+    store = Store.open(db)
+    assert store.run_state(run_id, WheelState).stages
+    store.close()
     finished = subprocess.run([sys.executable, "-m", "flywheel", "run", "--resume", run_id, "--db", str(db), "--json"],
                               capture_output=True, text=True, env=env, timeout=600)
     assert finished.returncode == 0, finished.stderr

@@ -23,7 +23,7 @@ from flywheel.api.jobs import JobContext
 from flywheel.errors import FlywheelError
 from flywheel.models import ChatRequest, Completion, Model
 from flywheel.spec import EvalSpec, parse_eval_spec
-from flywheel.store import Store, unix_seconds
+from flywheel.store import Store, new_id, unix_seconds
 
 RUN_STATUS = {"succeeded": "completed", "failed": "failed", "cancelled": "canceled"}
 ROLES = ("system", "developer", "user", "assistant")
@@ -200,14 +200,14 @@ class EvalRunRunner:
         if run is None or evaluation is None:
             raise FlywheelError(f"eval run {ctx.job['object_id']} or its eval was deleted")
         spec = build_spec(evaluation, run, batch_size=self.batch_size, store=store)
-        command = f"api:{run['id']}"
+        if run.get("run_id") is None:  # the harness run's id, chosen here and kept before it runs
+            run["run_id"] = new_id("run")
+            store.api_update("api_eval_runs", run["id"], run_id=run["run_id"])
 
         def progress(done: int, total: int) -> None:
-            if run.get("iteration_id") is None:
-                link = store.harness_run_of(command)
-                if link:
-                    run["run_id"], run["iteration_id"] = link
-                    store.api_update("api_eval_runs", run["id"], run_id=link[0], iteration_id=link[1])
+            if run.get("iteration_id") is None and (iterations := store.iterations(run["run_id"])):
+                run["iteration_id"] = iterations[0]["id"]
+                store.api_update("api_eval_runs", run["id"], iteration_id=run["iteration_id"])
             ctx.event(f"{done}/{total} samples done", type="metrics", data={"done": done, "total": total})
             ctx.check()
 
@@ -218,7 +218,7 @@ class EvalRunRunner:
             attempt = f" (attempt {ctx.job['attempts']})" if ctx.job["attempts"] > 1 else ""
             ctx.event(f"Run started on {spec.model}{attempt}")
             result = run_eval(spec, store, split="test", model=self._model(spec, run), progress=progress,
-                              command=command)
+                              command=f"api:{run['id']}", run_id=run["run_id"])
         store.api_update("api_eval_runs", run["id"], run_id=result.run_id, iteration_id=result.iteration_id)
 
     def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
@@ -229,9 +229,8 @@ class EvalRunRunner:
         if run is None:
             return
         iteration_id = run.get("iteration_id")
-        if iteration_id is None and (link := store.harness_run_of(f"api:{run['id']}")):
-            fields["run_id"], fields["iteration_id"] = link
-            iteration_id = link[1]
+        if iteration_id is None and run.get("run_id") and (iterations := store.iterations(run["run_id"])):
+            iteration_id = fields["iteration_id"] = iterations[0]["id"]
         if iteration_id:
             # A finished run's counts never change: kept on the row, retrieving it reads no samples.
             fields["result_json"] = json.dumps(store.result_counts(iteration_id))
@@ -260,7 +259,7 @@ def run_object(store: Store, run: dict[str, Any], criteria: list[dict[str, Any]]
         "created_at": unix_seconds(run["created_at"]), "status": run["status"], "model": run["model"],
         "data_source": source, "metadata": json.loads(run["metadata_json"] or "{}"),
         "error": json.loads(run["error_json"]) if run.get("error_json") else None,
-        "report_url": f"{report_base}runs/{run['run_id']}" if report_base and run.get("run_id") else None,
+        "report_url": f"{report_base}runs/{run['run_id']}" if report_base and run.get("iteration_id") else None,
         "result_counts": {k: (counts or {}).get(k, 0) for k in ("total", "errored", "failed", "passed")},
         "per_model_usage": usage, "per_testing_criteria_results": per_criteria or None,
     }

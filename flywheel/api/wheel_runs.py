@@ -30,7 +30,7 @@ from flywheel.api.jobs import JobContext, new_object_id
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
-from flywheel.store import Store, now, unix_seconds
+from flywheel.store import Store, new_id, now, unix_seconds
 from flywheel.web import ApiError, parse_json_object, read_body
 
 if TYPE_CHECKING:
@@ -81,34 +81,34 @@ class WheelRunner:
 
     def run(self, ctx: JobContext) -> None:
         from flywheel.run_spec import load_run_spec
-        from flywheel.wheel import run_wheel
+        from flywheel.wheel import WheelState, run_wheel
 
         store = ctx.store
         row = store.api_get("api_wheel_runs", ctx.job["object_id"])
-        command = f"api:{row['id']}"
-        resume = row["run_id"] or store.run_with_command(command)
+        if row["run_id"] is None:  # the wheel run's id, chosen here and kept before it runs
+            row["run_id"] = new_id("run")
+            store.api_update("api_wheel_runs", row["id"], run_id=row["run_id"])
+        stored = store.find_run(row["run_id"])
         store.api_update("api_wheel_runs", row["id"], status="running")
-        ctx.event(f"Wheel run {'resumed' if resume else 'started'}.")
+        ctx.event(f"Wheel run {'resumed' if stored else 'started'}.")
 
         def log(message: str) -> None:
-            if row["run_id"] is None and (linked := store.run_with_command(command)):
-                row["run_id"] = linked
-                store.api_update("api_wheel_runs", row["id"], run_id=linked)
             ctx.event(message)
             ctx.check()
 
-        report_dir = store.artefact_dir / "reports"
-        with local_turn(store):
-            result = run_wheel(load_run_spec(row["spec_path"]), store, resume=resume, command=command, log=log,
-                               report_dir=str(report_dir))
-        summary = {"run_id": result.run_id, "stopped": result.stopped, "baseline_valid": result.baseline_valid,
-                   "winner_valid": result.winner_valid, "winner_model": result.winner_model,
-                   "winner_prompt_id": result.winner_prompt_id, "test": result.test,
-                   "stages": [{"stage": o.stage, "decision": o.decision, "reason": o.reason, "valid": o.valid}
-                              for o in result.stages],
-                   "report_path": result.report_path}
-        store.api_update("api_wheel_runs", row["id"], run_id=result.run_id,
-                         result_json=json.dumps(summary, default=str))
+        if stored and stored["status"] == "completed":  # finished before the server stopped: read it back
+            result = store.run_state(row["run_id"], WheelState).result or {}
+        else:
+            with local_turn(store):
+                result = run_wheel(load_run_spec(row["spec_path"]), store, run_id=row["run_id"],
+                                   command=f"api:{row['id']}", log=log,
+                                   report_dir=str(store.artefact_dir / "reports")).to_dict()
+        summary = {key: result.get(key) for key in ("run_id", "stopped", "baseline_valid", "winner_valid",
+                                                     "winner_model", "winner_prompt_id", "test")}
+        summary["stages"] = [{key: o.get(key) for key in ("stage", "decision", "reason", "valid")}
+                             for o in result.get("stages") or []]
+        summary["report_path"] = result.get("report_path")
+        store.api_update("api_wheel_runs", row["id"], result_json=json.dumps(summary, default=str))
 
     def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
         if store.api_get("api_wheel_runs", job["object_id"]) is None:

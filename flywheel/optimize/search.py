@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flywheel.data import Item, load_dataset
+from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError
 from flywheel.grading import GraderSet
 from flywheel.harness import Evaluation, paired_comparison, evaluate, generate_cached, register_eval
@@ -183,16 +183,18 @@ def _config_key(spec: EvalSpec, dataset_hash: str, model: Model, config: Optimiz
 def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
                     config: OptimizeSpec | None = None, command: str | None = None,
                     log: LogFn | None = None, base_prompt: Prompt | None = None,
-                    measure_test: bool = True) -> OptimizeResult:
+                    measure_test: bool = True, dataset: Dataset | None = None,
+                    grader_set: GraderSet | None = None) -> OptimizeResult:
     """Search prompts for `spec` (see the module docstring) and store every step.
 
     `base_prompt` is the starting point (the spec's prompt by default; the wheel passes its
     incumbent's, demonstrations included); `measure_test=False` leaves `test` alone (the wheel
-    measures it once, at its end)."""
+    measures it once, at its end). `dataset`, `grader_set`: the spec's, already loaded by the
+    caller (the wheel's; the caller closes its grader set)."""
     started = time.perf_counter()
     config = config or spec.optimize or OptimizeSpec()
     log = log or (lambda message: None)
-    dataset = load_dataset(spec)
+    dataset = dataset or load_dataset(spec)
     valid, train = dataset.split("valid"), dataset.split("train")
     if not valid:
         raise FlywheelError(f"{spec.source}: prompt search needs a `valid` split; {dataset.path} has none")
@@ -209,7 +211,8 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
 
     minibatch = sorted(random.Random(config.seed).sample(valid, min(config.minibatch, len(valid))),
                        key=lambda item: item.key)
-    grader_set = GraderSet(spec.graders)
+    own_graders = grader_set is None
+    grader_set = grader_set or GraderSet(spec.graders)
     search = _Search(spec, store, run_id, model, grader_set, config, log)
     notes: list[str] = []
     try:
@@ -251,7 +254,8 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
             test_cmp = _compare(store, spec, baseline.test, winner.test)
         _record_decisions(store, candidates, finalists, baseline, winner, promoted, reason)
     finally:
-        grader_set.close()
+        if own_graders:
+            grader_set.close()
 
     result = OptimizeResult(
         run_id=run_id, baseline=baseline, winner=winner, promoted=promoted, reason=reason,

@@ -86,6 +86,10 @@ def wheel_section(store: Store, view: RunView) -> dict[str, Any] | None:
     summary = stored.model_dump() if hasattr(stored, "model_dump") else (stored or {})
     if not run or "stages" not in summary:
         return None
+    # A finished run keeps its result beside the stage records (flywheel.wheel.WheelState); a run
+    # finished before that kept it at the top.
+    records = summary["stages"]
+    summary = summary.get("result") or summary
     minimise = summary.get("minimise") or "prompt_tokens"
     milestones = summary.get("milestones") or []
     named = {m["iteration_id"]: m["label"] for m in milestones}
@@ -97,7 +101,7 @@ def wheel_section(store: Store, view: RunView) -> dict[str, Any] | None:
         points.append({"x": cost.value(minimise), "y": it["score"], "label": it["label"],
                        "decision": it.get("decision"), "milestone": named.get(it["id"])})
     laps: dict[int, list[dict[str, Any]]] = {}
-    for outcome in summary.get("stages") or []:
+    for outcome in summary.get("stages") or records or []:
         outcome = outcome.get("outcome", outcome)
         laps.setdefault(int(outcome.get("lap") or 1), []).append(outcome)
     rows = []

@@ -48,7 +48,7 @@ class CaptureStage:
             teacher, prompt = tuned
         wheel.store.save_prompt(prompt, origin="teacher")
         result = capture(wheel.spec, wheel.store, teacher, n=spec.n, temperature=spec.temperature,
-                         limit=spec.limit, prompt=prompt.id)
+                         limit=spec.limit, prompt=prompt.id, dataset=wheel.dataset, grader_set=wheel.grader_set)
         wheel.count(result.model_calls)
         reason = (f"capture {result.id}: {result.n_passed}/{result.n_samples} samples pass, "
                   f"{result.items_with_pass}/{result.n_items} train items covered by {teacher}")
@@ -57,7 +57,7 @@ class CaptureStage:
             wheel.log(f"  {len(inputs.items)} unlabelled inputs, {spec.inputs.n} samples each (self-consistency)")
             extra = capture_unlabelled(wheel.spec, wheel.store, teacher, inputs=inputs, prompt=prompt,
                                        n=spec.inputs.n, temperature=spec.inputs.temperature,
-                                       min_agreement=spec.inputs.min_agreement)
+                                       min_agreement=spec.inputs.min_agreement, dataset=wheel.dataset)
             wheel.count(extra.model_calls)
             reason += (f"; capture {extra.id}: {extra.items_with_pass}/{extra.n_items} unlabelled inputs accepted "
                        f"by self-consistency (>= {spec.inputs.min_agreement:.0%} of {spec.inputs.n} agree)")

@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 # A module import: flywheel.summaries imports the passed rule from flywheel.store.rows, so either may load first.
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, new_id, now
 from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, SampleRecord
+
+StateT = TypeVar("StateT", bound=BaseModel)
 
 if TYPE_CHECKING:
     from flywheel.cost import CostPerItem
@@ -120,15 +122,26 @@ class RunsStore(StoreBase):
         """An eval run's stored `EvalSummary` (None while it runs)."""
         return summaries.EvalSummary.model_validate_json(run["summary_json"]) if run.get("summary_json") else None
 
-    def save_run_state(self, run_id: str, state: dict[str, Any]) -> None:
-        """Overwrite a running run's summary with its progress (what the wheel resumes from)."""
+    def save_run_state(self, run_id: str, state: BaseModel) -> None:
+        """Overwrite a running run's summary with its progress (the wheel's `WheelState`)."""
         with self.transaction():
-            self.db["runs"].update(run_id, {"summary_json": json.dumps(state, default=str)})
+            self.db["runs"].update(run_id, {"summary_json": state.model_dump_json()})
 
-    def reopen_run(self, run_id: str) -> None:
-        """Mark a run running again (it is being resumed)."""
-        with self.transaction():
-            self.db["runs"].update(run_id, {"status": "running"})
+    def run_state(self, run_id: str, model: type[StateT]) -> StateT:
+        """A run's summary read back as `model` (e.g. `WheelState`); an empty summary is `model()`."""
+        row = self.db.execute("select summary_json from runs where id = ?", [run_id]).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: no run {run_id!r}")
+        try:
+            return model.model_validate_json(row[0] or "{}")
+        except ValidationError as exc:
+            raise StoreError(f"{self.path}: run {run_id}: summary_json is not a {model.__name__}: "
+                             f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+
+    def find_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run with exactly this id, or None (a caller-given id not used yet)."""
+        rows = list(self.db["runs"].rows_where("id = ?", [run_id], limit=1))
+        return rows[0] if rows else None
 
     def get_run(self, run_id: str) -> dict[str, Any]:
         matches = list(self.db["runs"].rows_where("id = ? or id like ?", [run_id, f"%{run_id}"], limit=2))
@@ -192,19 +205,6 @@ class RunsStore(StoreBase):
             f"select count(distinct i.id), count(s.id) from iterations i left join samples s on s.iteration_id = i.id"
             f" where i.run_id in ({marks})", list(run_ids)).fetchone()
         return iterations, samples
-
-    def harness_run_of(self, command: str) -> tuple[str, str] | None:
-        """(run id, iteration id) of the latest harness run started with `command` (an API run's link)."""
-        row = self.db.conn.execute(
-            "select r.id, it.id from runs r join iterations it on it.run_id = r.id where r.command = ?"
-            " order by r.rowid desc, it.seq limit 1", [command]).fetchone()
-        return (row[0], row[1]) if row else None
-
-    def run_with_command(self, command: str) -> str | None:
-        """The latest run started with `command` (an API wheel run's link), or None."""
-        row = self.db.conn.execute("select id from runs where command = ? order by rowid desc limit 1",
-                                   [command]).fetchone()
-        return row[0] if row else None
 
     def done_keys(self, iteration_id: str) -> set[tuple[str, int]]:
         rows = self.db.execute(

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from flywheel import killpoints
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, new_id, now
 
@@ -116,6 +117,7 @@ class TrainingStore(StoreBase):
             if row.get("job_id") and finish_job:
                 self.db["training_jobs"].update(row["job_id"], {"checkpoint_id": row["id"], "status": "succeeded",
                                                                 "finished_at": now()})
+        killpoints.reached("checkpoint-registered")
 
     def latest_checkpoint_for(self, model_ref: str) -> str | None:
         """The id of the newest checkpoint registered under `model_ref`, if any."""
@@ -137,10 +139,13 @@ class TrainingStore(StoreBase):
     def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
                         base_model: str) -> dict[str, Any] | None:
         """The newest checkpoint trained by `method` on this set with this config from this base: the
-        one its job chose (a job saving every N steps registers several; a killed job chose none)."""
+        one its job chose (a job saving every N steps registers several; a job killed part-way chose
+        none), or the one checkpoint of a job that saves no steps (no `output_dir`): registered only
+        once training ended, it is final even when a kill came before its job was marked succeeded."""
         rows = list(self.db["checkpoints"].rows_where(
             "method = ? and training_set_hash = ? and config_json = ? and base_model = ? and (job_id is null or id in"
-            " (select checkpoint_id from training_jobs where status = 'succeeded' and checkpoint_id is not null))",
+            " (select checkpoint_id from training_jobs where status = 'succeeded' and checkpoint_id is not null)"
+            " or job_id in (select id from training_jobs where backend = 'local' and output_dir is null))",
             [method, training_set_hash, config_json, base_model], order_by="created_at desc", limit=1))
         return rows[0] if rows else None
 
