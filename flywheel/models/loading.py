@@ -389,7 +389,10 @@ def load_base(weights: LocalWeights, *, dtype: str | None = None, quantization: 
 
             processor = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: a quantisation library that is not installed
+    except (OSError, ImportError, *((ValueError,) if vision else ())) as exc:
+        # ImportError: a quantisation library that is not installed. A text model's ValueError (an
+        # unknown architecture) stays a failing task, not a usage error, as it always was: the
+        # executors' tests lean on it (issue 25 follow-up: make it one clean line too).
         what = "vision model " if vision else ""
         raise ModelError(f"{weights.ref}: cannot load {what}{path}: {str(exc).splitlines()[0]}") from None
     tokenizer = processor.tokenizer if vision else processor
