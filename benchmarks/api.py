@@ -211,7 +211,7 @@ def contention(repeats: int, model_dir: Path, tmp: Path) -> None:
 def tiny_model(folder: Path) -> Path:
     from serving_helpers import build_chatty_model
 
-    from flywheel.models.local import materialise_embedded
+    from flywheel.models.loading import materialise_embedded
 
     return build_chatty_model(folder / "tiny", materialise_embedded("smollm2"))
 

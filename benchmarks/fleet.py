@@ -31,7 +31,7 @@ def build_tiny(target: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from flywheel.models.local import materialise_embedded
+    from flywheel.models.loading import materialise_embedded
 
     tokenizer = AutoTokenizer.from_pretrained(materialise_embedded("smollm2"))
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -61,7 +61,7 @@ def build_tiny_model(target: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from flywheel.models.local import materialise_embedded
+    from flywheel.models.loading import materialise_embedded
 
     tokenizer = AutoTokenizer.from_pretrained(materialise_embedded("smollm2"))
     config = LlamaConfig(

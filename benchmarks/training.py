@@ -77,7 +77,7 @@ def worker(name: str, n: int, out: Path) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flywheel.models.local import materialise_embedded
+    from flywheel.models.loading import materialise_embedded
     from flywheel.train.config import SFTSpec, resolve_bf16, to_peft
     from flywheel.train.formats import chat_messages, tokenize_sft
     from flywheel.train.sft import build_sft_trainer

@@ -71,7 +71,7 @@ def main() -> None:
 
     from flywheel.distill import capture
     from flywheel.harness import item_scores
-    from flywheel.models.local import materialise_embedded
+    from flywheel.models.loading import materialise_embedded
     from flywheel.spec import load_eval_spec
     from flywheel.stats import paired_stats
     from flywheel.store import Store

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from flywheel.harness import run_eval  # noqa: E402
 from flywheel.images import check_image_bytes, image_part  # noqa: E402
 from flywheel.models import ChatRequest, Sampling, load_model  # noqa: E402
-from flywheel.models.local import materialise_embedded  # noqa: E402
+from flywheel.models.loading import materialise_embedded  # noqa: E402
 from flywheel.spec import load_eval_spec  # noqa: E402
 from flywheel.store import Store  # noqa: E402
 from vision_helpers import build_tiny_vlm, image_bytes, vision_spec  # noqa: E402

@@ -94,7 +94,7 @@ class ExportResult:
 
 
 def _adapter_lineage(path: Path, weight: float) -> dict[str, Any]:
-    from flywheel.models.local import dir_fingerprint
+    from flywheel.models.loading import dir_fingerprint
     from flywheel.train.checkpoints import LINEAGE_FILE
 
     entry: dict[str, Any] = {"path": str(path), "weight": weight, "hash": dir_fingerprint(path)[:16]}
@@ -145,11 +145,9 @@ def export_model(ref: str, output: str | Path, *, quantize: str | None = None, d
     `quantize`: None or a name in QUANTIZERS ("int8"); `dtype`: "fp32" or "bf16", the dtype of the
     saved weights (of the unquantised layers, and of the activations, when quantised)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from flywheel.models import parse_model_ref
-    from flywheel.models.local import LocalModel, merge_adapters, quantisation_of
+    from flywheel.models.loading import LocalWeights, load_adapters, load_base, quantisation_of
 
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; use {' or '.join(DTYPES)}")
@@ -158,32 +156,29 @@ def export_model(ref: str, output: str | Path, *, quantize: str | None = None, d
     scheme, name, adapter = parse_model_ref(ref)
     if scheme != "local":
         raise ExportError(f"{ref}: only local: models can be exported (the weights of {scheme}: models are not here)")
-    local = LocalModel(ref, name, adapter)  # validates the base and every adapter folder
+    weights = LocalWeights.of(ref, name, adapter)  # validates the base and every adapter folder
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out}: already exists and is not empty; choose another folder or pass --force")
     quantization = QUANTIZERS[quantize].build() if quantize else None  # fails early without torchao
-    base_path = local.base_path()
+    base_path = weights.base_path()
     if quantisation_of(base_path):
         raise ExportError(f"{ref}: {base_path} is already quantised ({quantisation_of(base_path)}); "
                           "export from the unquantised model")
-    hf_logging.disable_progress_bar()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_path)
         # Merge in fp32 (exact), then store in the chosen dtype.
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        if local.adapters:
-            model = merge_adapters(ref, model, local.adapters, name, base_path)
+        model, tokenizer = load_base(weights, dtype="fp32")
+        model = load_adapters(weights, model)
         model = model.to(getattr(torch, DTYPES[dtype]))
         model.config.use_cache = True
         if quantization is not None:
             merged = staging / ".merged"
             model.save_pretrained(merged)
+            tokenizer.save_pretrained(merged)  # a loadable folder: the one loader reads both
             del model
-            model = AutoModelForCausalLM.from_pretrained(merged, dtype=getattr(torch, DTYPES[dtype]),
-                                                         quantization_config=quantization)
+            model, _ = load_base(LocalWeights.of(ref, str(merged)), dtype=dtype, quantization=quantization)
             model.save_pretrained(staging)
             shutil.rmtree(merged)
         else:
@@ -192,10 +187,11 @@ def export_model(ref: str, output: str | Path, *, quantize: str | None = None, d
         tokenizer.save_pretrained(staging)
         target_ref = f"local:{out}"
         result = ExportResult(path=str(out), model_ref=target_ref, source_ref=ref, base=name,
-                              adapters=[_adapter_lineage(path, weight) for path, weight in local.adapters],
+                              adapters=[_adapter_lineage(path, weight) for path, weight in weights.adapters],
                               quantize=quantize, dtype=dtype)
         (staging / "README.md").write_text(_model_card(result, base_path), encoding="utf-8")
-        lineage = {"source_ref": ref, "base": name, "base_path": base_path, "source_fingerprint": local.fingerprint,
+        lineage = {"source_ref": ref, "base": name, "base_path": base_path,
+                   "source_fingerprint": weights.base_fingerprint() + weights.adapters_fingerprint(),
                    "adapters": result.adapters, "quantize": quantize, "dtype": dtype}
         (staging / EXPORT_FILE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
         if out.exists():

@@ -40,7 +40,7 @@ from flywheel.errors import FlywheelError
 from flywheel.executors import ExecutorSpec
 from flywheel.grading import GraderSet
 from flywheel.harness import evaluate, paired_comparison, register_eval
-from flywheel.models import load_model
+from flywheel.models import cached_model
 from flywheel.promotion import decide
 from flywheel.prompt import Prompt
 from flywheel.run_spec import RunSpec, load_run_spec
@@ -174,7 +174,6 @@ class Wheel:
         self.lap = 1
         self.spent = _Spent()
         self.spent.started -= elapsed_before
-        self.models: dict[str, Any] = {}
         # Execution only (not in any fingerprint): the run spec's executor, else the eval spec's.
         self.executor = (run_spec.executor or spec.executor or ExecutorSpec()).build()
 
@@ -183,10 +182,10 @@ class Wheel:
         self._log(message)
 
     def model(self, ref: str):
-        if ref not in self.models:
-            same_kind = ref.startswith("local:") == self.spec.model.startswith("local:")
-            self.models[ref] = load_model(ref, dict(self.spec.model_options) if same_kind else {})
-        return self.models[ref]
+        """The process's model for `ref` (flywheel.models.cached_model), with the spec's options
+        when it is the same kind of model (local or remote) as the spec's."""
+        same_kind = ref.startswith("local:") == self.spec.model.startswith("local:")
+        return cached_model(ref, dict(self.spec.model_options) if same_kind else {})
 
     def count(self, model_calls: int, tokens: int = 0, cost: float = 0.0) -> None:
         self.spent.model_calls += model_calls
@@ -283,8 +282,6 @@ class Wheel:
 
     def close(self) -> None:
         self.grader_set.close()
-        for model in self.models.values():
-            model.close()
         if self.executor is not None:
             self.executor.close()
 

@@ -26,7 +26,7 @@ os.environ.setdefault("FLYWHEEL_MIN_EXAMPLES", "1")
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from flywheel.models.local import materialise_embedded
+    from flywheel.models.loading import materialise_embedded
 
     return materialise_embedded("smollm2")
 

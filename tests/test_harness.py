@@ -260,3 +260,66 @@ def test_a_cancel_from_progress_mid_stream_stops_it_without_generating_the_rest(
     with pytest.raises(Cancelled):
         run_eval(spec, store, split="test", model=model, progress=progress)
     assert store.db["samples"].count == 16 and model.calls == []
+
+
+# -- the completion cache key: every option that changes outputs, none that does not ---------------
+def _key(ref: str, options: dict) -> str:
+    from flywheel.harness import cache_key
+    from flywheel.models import ChatRequest, Sampling, load_model
+
+    request = ChatRequest([{"role": "user", "content": "hello"}], Sampling(max_tokens=4))
+    return cache_key(load_model(ref, options).fingerprint, request)
+
+
+@pytest.mark.parametrize("changed", [{"dtype": "bf16"}, {"dtype": "fp16"}, {"decoder": "hf"}, {"device": "cuda"}],
+                         ids=["dtype-bf16", "dtype-fp16", "decoder", "device"])
+def test_an_option_that_changes_outputs_changes_the_cache_key(tiny_model_dir, changed):
+    base = {"dtype": "fp32", "device": "cpu", "decoder": "continuous"}
+    assert _key(f"local:{tiny_model_dir}", {**base, **changed}) != _key(f"local:{tiny_model_dir}", base)
+
+
+@pytest.mark.parametrize("neutral", [{"batch_size": 1}, {"batch_size": 64}, {"prefix_cache": False}],
+                         ids=["batch-1", "batch-64", "no-prefix-cache"])
+def test_an_option_that_leaves_outputs_alone_keeps_the_cache_key(tiny_model_dir, neutral):
+    base = {"dtype": "fp32", "device": "cpu"}
+    assert _key(f"local:{tiny_model_dir}", {**base, **neutral}) == _key(f"local:{tiny_model_dir}", base)
+
+
+def test_auto_dtype_is_keyed_as_the_dtype_it_resolves_to(tiny_model_dir):
+    from flywheel.models.loading import pick_dtype
+
+    resolved = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[str(pick_dtype("auto"))]
+    ref = f"local:{tiny_model_dir}"
+    assert _key(ref, {"dtype": "auto"}) == _key(ref, {}) == _key(ref, {"dtype": resolved})
+
+
+def test_adapter_weights_content_and_quantisation_change_the_cache_key(tiny_model_dir, tmp_path):
+    import shutil
+
+    from adapter_helpers import make_adapter
+
+    ref = f"local:{tiny_model_dir}"
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=1)
+    plain, tuned = _key(ref, {}), _key(f"{ref}+{adapter}", {})
+    weighted = _key(f"{ref}+{adapter}*0.5", {})
+    make_adapter(tiny_model_dir, tmp_path / "adapter", seed=2)  # other weights in the same folder
+    retrained = _key(f"{ref}+{adapter}", {})
+    assert len({plain, tuned, weighted, retrained}) == 4
+    quantised = tmp_path / "quantised"
+    shutil.copytree(tiny_model_dir, quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "torchao"}
+    (quantised / "config.json").write_text(json.dumps(config))
+    assert _key(f"local:{quantised}", {}) != plain
+
+
+def test_an_eval_in_another_dtype_is_not_answered_from_the_cache(tiny_spec, store):
+    """Issue 26 item 11: an fp32 eval on a store that evaluated the same model in bf16 got the bf16 outputs."""
+    bf16 = run_eval(load_eval_spec(tiny_spec, ["model_options.dtype=bf16"]), store, split="valid")
+    assert bf16.model_calls == 4
+    fp32 = run_eval(load_eval_spec(tiny_spec, ["model_options.dtype=fp32"]), store, split="valid")
+    assert fp32.model_calls == 4 and fp32.cache_hits == 0
+    # another batch size decodes the same rows: the cache answers
+    batched = run_eval(load_eval_spec(tiny_spec, ["model_options.dtype=fp32", "model_options.batch_size=1"]),
+                       store, split="valid")
+    assert batched.model_calls == 0 and batched.cache_hits == 4

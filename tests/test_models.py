@@ -111,3 +111,43 @@ def test_shared_prefix_cache_gives_the_same_outputs(chatty_dir):
     assert all(c.text for c in with_prefix) and len({c.text for c in with_prefix}) > 1
     assert [c.text for c in with_prefix] == [c.text for c in plain.generate(requests)]
     assert [c.prompt_tokens for c in with_prefix] == [len(r) for r in rows]
+
+
+# -- one model cache per process -------------------------------------------------------------------
+def test_the_cache_keeps_one_model_per_reference_and_options(tiny_model_dir, tmp_path):
+    import shutil
+
+    from flywheel.models import ModelCache, cached_model
+
+    ref = f"local:{tiny_model_dir}"
+    cache = ModelCache(keep=2)
+    fp32 = cache.get(ref, {"dtype": "fp32"})
+    assert cache.get(ref, {"dtype": "fp32"}) is fp32
+    assert cache.get(ref, {"dtype": "bf16"}) is not fp32  # other options, another model
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    cache.get(f"local:{copy}")  # a third model: the least recently used (fp32) goes
+    assert len(cache) == 2 and cache.get(ref, {"dtype": "fp32"}) is not fp32
+    # weights rewritten in place under the same path: built again, with the new fingerprint
+    before = cache.get(f"local:{copy}")
+    printed = before.fingerprint
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "rope_theta": 1234.0}))
+    after = cache.get(f"local:{copy}")
+    assert after is not before and after.fingerprint != printed
+    assert cached_model(ref, {"dtype": "fp32"}) is cached_model(ref, {"dtype": "fp32"})  # the process's cache
+    with pytest.raises(ModelError, match="unknown local model"):
+        cache.get("local:nosuchmodel")
+
+
+def test_threads_sharing_a_cached_model_get_what_one_thread_gets(tiny_model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flywheel.models import ModelCache
+
+    model = ModelCache().get(f"local:{tiny_model_dir}", {"dtype": "fp32"})
+    requests = [ChatRequest([{"role": "user", "content": f"question {i}"}], Sampling(max_tokens=6)) for i in range(4)]
+    alone = [c.text for c in model.generate(requests)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda _: [c.text for c in model.generate(requests)], range(4)))
+    assert together == [alone] * 4

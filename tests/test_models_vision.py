@@ -19,7 +19,8 @@ from flywheel.harness import run_eval
 from flywheel.images import check_image_bytes, image_part
 from flywheel.model_server import create_app
 from flywheel.models import ChatRequest, Sampling, load_model
-from flywheel.models.vision import VisionModel, is_vision_model
+from flywheel.models.loading import is_vision_model
+from flywheel.models.vision import VisionModel
 from flywheel.spec import load_eval_spec
 from flywheel.web import BackgroundServer
 

@@ -59,6 +59,16 @@ def test_fingerprint_names_server_and_model_without_a_call(monkeypatch):
     assert explicit._client is None  # nothing was started
 
 
+def test_extra_body_changes_the_fingerprint_and_sending_options_do_not():
+    url = {"base_url": "http://127.0.0.1:9/v1"}
+    plain = load_model("openai:qwen", url).fingerprint
+    assert load_model("openai:qwen", {**url, "extra_body": {"top_k": 5}}).fingerprint != plain
+    assert load_model("openai:qwen", {**url, "extra_body": {"top_k": 5}}).fingerprint != \
+        load_model("openai:qwen", {**url, "extra_body": {"top_k": 6}}).fingerprint
+    for neutral in ({"timeout": 5}, {"concurrency": 2}, {"max_retries": 0}, {"use_n": False}):
+        assert load_model("openai:qwen", {**url, **neutral}).fingerprint == plain
+
+
 def test_unknown_and_bad_options_are_model_errors():
     with pytest.raises(ModelError, match="unknown option.*batch_sise.*known: base_url"):
         load_model("openai:gpt-4o", {"batch_sise": 4})

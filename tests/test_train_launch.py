@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from train_helpers import write_eval
 
 from flywheel.cli import main
-from flywheel.models.local import dir_fingerprint
+from flywheel.models.loading import dir_fingerprint
 from flywheel.train.launch import LaunchSpec, accelerate_command, launch_env, templates
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -212,3 +212,23 @@ def test_cli_exports_vision_jsonl_and_trains_on_an_imported_file(vision_eval, st
     metrics = json.loads(result.output[result.output.index("{"):])["metrics"]
     assert metrics["rows"] == 4 and metrics["steps"] == 2
     assert metrics["image_screening"]["skipped"] == {"unsupported_format": 1}
+
+
+def test_a_vision_adapter_trained_on_another_base_is_refused_in_one_line(tiny_vlm_dir, tmp_path):
+    """Training and inference load vision adapters through the one loader, which checks the base."""
+    from peft import LoraConfig
+
+    from flywheel.errors import ModelError
+    from flywheel.train.local import load_for_training
+
+    folder = tmp_path / "adapter"
+    config = LoraConfig(r=4, target_modules=["q_proj"])
+    config.base_model_name_or_path = "someone/another-vlm"
+    config.save_pretrained(folder)
+    ref = f"local:{tiny_vlm_dir}+{folder}"
+    with pytest.raises(ModelError) as training:
+        load_for_training(ref, bf16=False)
+    with pytest.raises(ModelError) as inference:
+        load_model(ref, {"dtype": "fp32"}).load()
+    for refused in (training.value, inference.value):
+        assert "adapter was trained on 'someone/another-vlm'" in str(refused) and "\n" not in str(refused)

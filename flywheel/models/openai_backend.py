@@ -36,6 +36,7 @@ works when called from inside someone else's event loop. A failing request becom
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -130,9 +131,14 @@ class OpenAIModel(Model):
 
     @property
     def fingerprint(self) -> str:
-        if len(self.base_urls) == 1:
-            return f"openai:{self.base_url}:{self.name}"
-        return f"openai:[{','.join(sorted(self.base_urls))}]:{self.name}"
+        """Server(s) and model name, and `extra_body` when set (its fields, e.g. vLLM's `top_k`,
+        change outputs). Timeouts, retries, concurrency, `use_n`, `max_tokens_param` and prices
+        change how a request is sent or billed, not what it answers, so they are left out."""
+        servers = self.base_url if len(self.base_urls) == 1 else f"[{','.join(sorted(self.base_urls))}]"
+        extra = ""
+        if self.extra_body:
+            extra = "+extra_body:" + hashlib.sha256(json.dumps(self.extra_body, sort_keys=True).encode()).hexdigest()[:16]
+        return f"openai:{servers}:{self.name}{extra}"
 
     @property
     def preferred_batch_size(self) -> int:

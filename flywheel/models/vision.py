@@ -2,7 +2,8 @@
 
 `local:<folder>` whose config.json has a `vision_config` (LLaVA, Idefics3/SmolVLM, Qwen2-VL,
 PaliGemma, ...) loads here instead of `flywheel.models.local`: `AutoModelForImageTextToText` for
-the weights, `AutoProcessor` for the chat template, tokenizer and image processor. Requests are
+the weights, `AutoProcessor` for the chat template, tokenizer and image processor (both loaded,
+with any adapters, by flywheel.models.loading). Requests are
 the same `ChatRequest`s as for text models, with images as Chat Completions parts holding data
 URLs (flywheel.images); they are generated in left-padded batches of `batch_size` with
 transformers' `generate`, and go through the same store and completion cache as text models.
@@ -15,7 +16,6 @@ transformers' `generate`, and go through the same store and completion cache as 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -23,29 +23,9 @@ from typing import Any
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
+from flywheel.models.loading import DTYPES, LocalWeights, load_adapters, load_base, output_settings, pick_device
 
 OPTIONS = ("dtype", "batch_size", "device")
-
-
-def is_vision_model(base: str) -> bool:
-    """Whether a local model folder (or a hub id already in the local cache) is a vision-language
-    model: its config has a `vision_config`. Reads only config.json."""
-    path = Path(base) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(base, "config.json")
-        except Exception:  # noqa: BLE001 - not a hub id, or no hub client: not a known VLM
-            return False
-        if not isinstance(found, str):
-            return False
-        path = Path(found)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "vision_config" in config
 
 
 def processor_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -85,11 +65,11 @@ class VisionModel(Model):
                              f"{', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ModelError(f"{ref}: model_options.batch_size must be a positive integer, got {batch_size!r}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ModelError(f"{ref}: model_options.dtype: unknown dtype {dtype!r}; use {', '.join(DTYPES)}")
         self.ref = ref
         self.base = base
-        self.adapter = Path(adapter).resolve() if adapter else None
-        if self.adapter is not None and not (self.adapter / "adapter_config.json").exists():
-            raise ModelError(f"{ref}: adapter folder {self.adapter} has no adapter_config.json")
+        self.weights = LocalWeights.of(ref, base, adapter)  # the base and every adapter folder, checked
         self.dtype_name = dtype
         self.batch_size = batch_size
         self.device_name = device
@@ -97,6 +77,12 @@ class VisionModel(Model):
         self._processor = None
         self._fingerprint: str | None = None
         self._lock = threading.Lock()
+        self._generating = threading.RLock()  # one generation at a time per model (as LocalModel)
+
+    @property
+    def adapter(self) -> Path | None:
+        """The one adapter (weight 1) on the base, or None; a combination is not one adapter."""
+        return self.weights.adapter
 
     @property
     def preferred_batch_size(self) -> int:
@@ -108,16 +94,12 @@ class VisionModel(Model):
 
     @property
     def fingerprint(self) -> str:
+        """The weights by content and the options that change outputs (dtype, device type), as for
+        text models (flywheel.models.local), marked `vlm-`."""
         if self._fingerprint is None:
-            from flywheel.models.local import _hub_revision, dir_fingerprint
-
-            if Path(self.base).is_dir():
-                base = f"vlm-dir:{dir_fingerprint(Path(self.base))[:16]}"
-            else:
-                base = f"vlm-hub:{self.base}:{_hub_revision(self.base)}"
-            if self.adapter is not None:
-                base += f"+adapter:{dir_fingerprint(self.adapter)[:16]}"
-            self._fingerprint = base
+            self._fingerprint = ("vlm-" + self.weights.base_fingerprint()
+                                 + output_settings(self.dtype_name, self.device_name)
+                                 + self.weights.adapters_fingerprint())
         return self._fingerprint
 
     def load(self):
@@ -128,30 +110,10 @@ class VisionModel(Model):
         return self._model, self._processor
 
     def _load(self):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-        from transformers.utils import logging as hf_logging
-
-        from flywheel.models.local import _check_adapter_base, pick_dtype
-
-        hf_logging.disable_progress_bar()
-        try:
-            processor = AutoProcessor.from_pretrained(self.base)
-            model = AutoModelForImageTextToText.from_pretrained(self.base, dtype=pick_dtype(self.dtype_name))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.ref}: cannot load vision model {self.base}: {str(exc).splitlines()[0]}") from None
-        if self.adapter is not None:
-            from peft import PeftConfig, PeftModel
-
-            adapter_base = PeftConfig.from_pretrained(str(self.adapter)).base_model_name_or_path
-            _check_adapter_base(self.ref, adapter_base, self.base, self.base)
-            model = PeftModel.from_pretrained(model, str(self.adapter)).merge_and_unload()
-        device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
-        tokenizer = processor.tokenizer
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        model, processor = load_base(self.weights, dtype=self.dtype_name)
+        model = load_adapters(self.weights, model)
+        model.to(pick_device(self.device_name)).eval()
+        processor.tokenizer.padding_side = "left"
         return model, processor
 
     def generate(self, requests: list[ChatRequest]) -> list[Completion]:
@@ -159,6 +121,10 @@ class VisionModel(Model):
             return []
         if any(r.tools for r in requests):
             raise ModelError(f"{self.ref}: tools are not supported by local vision models")
+        with self._generating:
+            return self._generate(requests)
+
+    def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
         self.load()
         prepared = [processor_messages(r.messages) for r in requests]
         # One batch shares sampling settings, and either every row has images or none has.
@@ -219,5 +185,6 @@ class VisionModel(Model):
         return out
 
     def close(self) -> None:
-        self._model = None
-        self._processor = None
+        with self._generating:  # after the generation in flight, if any
+            self._model = None
+            self._processor = None

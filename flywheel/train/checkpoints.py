@@ -92,7 +92,7 @@ def register_checkpoint(store: Store, *, method: str, base_model: str, save: Cal
     `step` is the training step it was saved at; an intermediate checkpoint (`finish_job=False`)
     leaves its job running.
     """
-    from flywheel.models.local import dir_fingerprint
+    from flywheel.models.loading import dir_fingerprint
 
     checkpoint_id = new_id(method)
     row: dict[str, Any] = {

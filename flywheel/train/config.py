@@ -216,7 +216,7 @@ def resolve_bf16(precision: str) -> bool:
         return True
     import torch
 
-    from flywheel.models.local import cpu_supports_bf16
+    from flywheel.models.loading import cpu_supports_bf16
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

@@ -262,9 +262,9 @@ def tokenizer_and_context(base_ref: str):
         return None, None
     from transformers import AutoConfig, AutoTokenizer
 
-    from flywheel.models.local import LocalModel
+    from flywheel.models.loading import LocalWeights
 
-    path = LocalModel(base_ref, name, adapter).base_path()
+    path = LocalWeights.of(base_ref, name, adapter).base_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model_config = AutoConfig.from_pretrained(path)
     context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flywheel.errors import FlywheelError, ModelError
+from flywheel.errors import FlywheelError
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
@@ -118,52 +118,30 @@ class TrainResult:
 
 # -- loading ---------------------------------------------------------------------------------------
 def load_for_training(base_ref: str, *, bf16: bool, quantize: str | None = None):
-    """(model, tokenizer, base model ref without adapter, adapter dir or None) for a `local:` ref.
-
-    A `local:BASE+ADAPTER` reference continues training that adapter (checked against BASE); the
-    frozen base weights are loaded in bf16 when training in bf16 (the LoRA weights stay fp32)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
+    """(model, tokenizer or processor) of a `local:` ref for LoRA training, through the one loader
+    (flywheel.models.loading): a `local:BASE+ADAPTER` reference continues training that adapter
+    (checked against BASE); the frozen base weights are loaded in bf16 when training in bf16 (the
+    LoRA weights stay fp32), or in 4-bit on the GPU with `quantize` (QLoRA)."""
     from flywheel.models import parse_model_ref
-    from flywheel.models.local import LocalModel, _check_adapter_base
+    from flywheel.models.loading import LocalWeights, load_adapters, load_base
 
     scheme, name, adapter = parse_model_ref(base_ref)
     if scheme != "local":
         raise TrainingError(f"{base_ref}: local training needs a local: model (openai: models train with the "
                             "hosted backend)")
-    local = LocalModel(base_ref, name, adapter)  # validates the base and the adapter folder
-    path = local.base_path()
-    hf_logging.disable_progress_bar()
-    from flywheel.models.vision import is_vision_model
+    weights = LocalWeights.of(base_ref, name, adapter)
+    _ = weights.adapter  # a combination of adapters cannot train on: refused before anything loads
+    quantization = device_map = None
+    if quantize:  # QLoRA: the frozen base in 4-bit on the GPU (flywheel.train.config.require_quantization)
+        import torch
 
-    if is_vision_model(path):  # a vision-language model: its processor stands in for the tokenizer
-        from flywheel.train.vision import load_vision_for_training
+        from flywheel.train.config import LoraSpec, quantization_config
 
-        model, processor = load_vision_for_training(base_ref, path, local.adapter, bf16=bf16)
-        return model, processor, f"local:{name}", local.adapter
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if quantize:  # QLoRA: the frozen base in 4-bit on the GPU (flywheel.train.config.require_quantization)
-            from flywheel.train.config import LoraSpec, quantization_config
-
-            model = AutoModelForCausalLM.from_pretrained(
-                path, quantization_config=quantization_config(LoraSpec(quantize_base=quantize), bf16),
-                device_map={"": torch.cuda.current_device()}, dtype=torch.bfloat16 if bf16 else torch.float32)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    except OSError as exc:
-        raise ModelError(f"{base_ref}: cannot load {path}: {str(exc).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if local.adapter is not None:
-        from peft import PeftConfig, PeftModel
-
-        adapter_base = PeftConfig.from_pretrained(str(local.adapter)).base_model_name_or_path
-        _check_adapter_base(base_ref, adapter_base, name, path)
-        model = PeftModel.from_pretrained(model, str(local.adapter), is_trainable=True)
-    return model, tokenizer, f"local:{name}", local.adapter
+        quantization = quantization_config(LoraSpec(quantize_base=quantize), bf16)
+        device_map = {"": torch.cuda.current_device()}
+    model, processor = load_base(weights, dtype="bf16" if bf16 else "fp32", quantization=quantization,
+                                 device_map=device_map)
+    return load_adapters(weights, model, trainable=True), processor
 
 
 def is_main_process() -> bool:
@@ -362,7 +340,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
             import datasets
 
             datasets.disable_progress_bars()
-        model, tokenizer, _, _ = load_for_training(base_ref, bf16=bf16, quantize=config.lora.quantize_base)
+        model, tokenizer = load_for_training(base_ref, bf16=bf16, quantize=config.lora.quantize_base)
         built: BuiltTrainer = build(model, tokenizer, work, bf16)
         trainer, extra = built.trainer, built.stats
         # The Trainer prints every log dict to stdout (with or without its bar): show one bar on

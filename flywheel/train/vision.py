@@ -19,8 +19,9 @@ and the report says so.
     kept, report = screen_images(load_training_file("sft", "vision.jsonl"))
     report.summary()   # "kept 48 of 50 examples; skipped 1 unsupported_format, 1 too_many_images; ..."
 
-Local training: `load_for_training` hands a vision model folder to `load_vision_for_training`
-(AutoModelForImageTextToText + AutoProcessor), and `build_sft_trainer` hands a processor to
+Local training: `load_for_training` loads a vision model folder through the one loader
+(flywheel.models.loading: AutoModelForImageTextToText + AutoProcessor, any adapter checked against
+the base), and `build_sft_trainer` hands a processor to
 `build_vision_sft_trainer`: TRL's SFTTrainer with a collator that runs the processor on each batch
 and learns only the assistant turns (spans found by rendering each prefix of the conversation, as
 for text rows), never the image tokens.
@@ -127,30 +128,7 @@ def _inline_row(kind: str, row: dict[str, Any], root: Path | None) -> tuple[dict
     return new, count
 
 
-# -- local training --------------------------------------------------------------------------------
-def load_vision_for_training(base_ref: str, path: str, adapter: Path | None, *, bf16: bool):
-    """(model, processor) of a local vision-language model for LoRA training; a given adapter is
-    loaded trainable, as for text models."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from flywheel.errors import ModelError
-
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{base_ref}: cannot load vision model {path}: {str(exc).splitlines()[0]}") from None
-    tokenizer = processor.tokenizer
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    return model, processor
-
-
+# -- local training ------------------------------------------------------------------------------
 class VisionSFTCollator:
     """Batches of vision SFT rows (`{"messages": <JSON text>}`) as model inputs with labels.
 
