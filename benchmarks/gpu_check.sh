@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 
 # The embedded SmolLM2 as a plain folder (vLLM loads folders; nothing is downloaded).
-MODEL_DIR="$("$PY" -c "from flywheel.models.local import materialise_embedded; print(materialise_embedded('smollm2'))")"
+MODEL_DIR="$("$PY" -c "from flywheel.models.loading import materialise_embedded; print(materialise_embedded('smollm2'))")"
 log "model folder: $MODEL_DIR"
 
 # -- 1. generation: vLLM's OpenAI server, else serve-model -------------------------------------
