@@ -29,6 +29,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import struct
 import sys
 import traceback
@@ -43,6 +44,7 @@ _getpid = os.getpid
 
 MAX_CAPTURE = 4000
 MAX_ERROR = 8000  # characters; a reply always stays far below the parent's frame limit
+MAX_RESULT_BYTES = 1 << 20  # the grading process's result frame (a few KB when honest)
 
 
 def read_message(stream):
@@ -97,7 +99,7 @@ SYSCALLS = {
     "mount_setattr": (442, 442), "init_module": (175, 105), "finit_module": (313, 273),
     "delete_module": (176, 106), "kexec_load": (246, 104), "kexec_file_load": (320, 294),
     "reboot": (169, 142), "swapon": (167, 224), "swapoff": (168, 225), "iopl": (172, None),
-    "ioperm": (173, None),
+    "ioperm": (173, None), "setsid": (112, 157), "setpgid": (109, 154),
 }
 AUDIT_ARCH = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1), "arm64": (0xC00000B7, 1)}
 # fcntl commands that route signals: F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY
@@ -114,7 +116,7 @@ ALWAYS_DENIED = ("fork", "vfork", "execve", "execveat", "tkill", "pidfd_send_sig
                  "name_to_handle_at", "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree",
                  "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "init_module",
                  "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff",
-                 "iopl", "ioperm")
+                 "iopl", "ioperm", "setsid", "setpgid")
 
 
 def _libc():
@@ -555,9 +557,160 @@ def has_children(pid):
     return False
 
 
+def run_grade(request):
+    """Run the user's grade() on one request (in the grading process); the reply's fields."""
+    out, err = io.StringIO(), io.StringIO()
+    reply = {}
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            fn = load_grade(request["source"])
+            value = fn(request["sample"], request["item"])
+        score, problem = check_score(value)
+        if problem:
+            reply.update(ok=False, error=problem)
+        else:
+            reply.update(ok=True, score=score)
+    except MemoryError:
+        reply.update(ok=False, error="MemoryError: the grader exceeded its memory limit")
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt from user code too
+        try:
+            reply.update(ok=False, error=_user_traceback(exc)[:MAX_ERROR])
+        except BaseException:  # an exception whose str() itself fails
+            reply.update(ok=False, error=f"{type(exc).__name__} (its message could not be shown)")
+    reply["stdout"] = out.getvalue()[-MAX_CAPTURE:]
+    reply["stderr"] = err.getvalue()[-MAX_CAPTURE:]
+    return reply
+
+
+def lock_grading_process(setup, report, nproc_base):
+    """In the grading process, before user code: die with the worker, the seccomp filter (with
+    this process's own pid), and where no pids cgroup counts tasks, RLIMIT_NPROC. Raises OSError."""
+    if sys.platform.startswith("linux"):
+        _libc().prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: no grading process outlives its worker
+    if not setup.get("pids_cgroup") and os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
+        # it counts every task of this uid on the machine, so the limit is the uid's count + ours
+        if _limit(resource.RLIMIT_NPROC, nproc_base + setup["max_processes"]) is None:
+            raise OSError("RLIMIT_NPROC could not be set")
+    if report["seccomp"] and not install_seccomp(_getpid()):
+        raise OSError("the seccomp filter could not be installed")
+
+
+def grade_in_process(request, setup, report, nproc_base, protocol_fds):
+    """Fork a grading process for one request: it drops the worker's channel to the parent (user
+    code cannot write a reply there, whatever it finds in memory), locks itself down, runs grade()
+    and sends its result over a pipe of its own; this worker checks that result and answers."""
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        return {"ok": False, "error": f"the grading process could not be started: {e}"}
+    if pid == 0:  # the grading process
+        code = 0
+        try:
+            os.close(r)
+            for fd in protocol_fds:
+                os.close(fd)
+            lock_grading_process(setup, report, nproc_base)
+            with os.fdopen(w, "wb", buffering=0) as result:
+                write_message(result, run_grade(request))
+        except BaseException:
+            code = 70
+        finally:
+            _exit(code)
+    os.close(w)
+    try:
+        body = read_result(r)
+        _, status = os.waitpid(pid, 0)
+        os.set_blocking(r, False)
+        try:
+            extra = os.read(r, 1)  # the process has ended: whatever it wrote is in the pipe now
+        except BlockingIOError:
+            extra = b""
+    finally:
+        os.close(r)
+    if status != 0:
+        return {"ok": False, "error": crash_message(status)}
+    reply = _result_fields(body) if body is not None and not extra else None
+    if reply is None:
+        return {"ok": False, "error": "grade() broke the worker protocol: the grading process's result was "
+                                      "not one valid reply (user code wrote into the result channel)"}
+    return reply
+
+
+def read_result(fd):
+    """The grading process's one frame (None when it sent none or more than allowed)."""
+    chunks, need, head = [], 4, None
+    while need:
+        chunk = os.read(fd, min(need, 1 << 16))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        need -= len(chunk)
+        if head is None and need == 0:
+            head = b"".join(chunks)
+            (need,) = _unpack(head)
+            if need > MAX_RESULT_BYTES:
+                return None
+            chunks = []
+    return b"".join(chunks)
+
+
+def _result_fields(body):
+    """The grading process's result, only the fields a reply carries, of the right types."""
+    try:
+        result = _loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+        return None
+    reply = {"ok": result["ok"]}
+    if result["ok"]:
+        score = result.get("score")
+        if type(score) is not float or not math.isfinite(score):
+            return None
+        reply["score"] = score
+    else:
+        if not isinstance(result.get("error"), str):
+            return None
+        reply["error"] = result["error"][:MAX_ERROR]
+    for key in ("stdout", "stderr"):
+        if not isinstance(result.get(key, ""), str):
+            return None
+        reply[key] = result.get(key, "")[-MAX_CAPTURE:]
+    return reply
+
+
+def crash_message(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        hint = " (likely out of memory)" if sig == signal.SIGKILL else ""
+        return f"grade() crashed the worker: the worker process was killed by {name}{hint}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code == 70:
+        return "grade() could not run: the grading process could not lock itself down"
+    return f"grade() crashed the worker: the worker process exited with status {code}"
+
+
+def seccomp_works():
+    """Whether this kernel takes the filter: tried in a throwaway process (the worker itself stays
+    free to fork its grading processes)."""
+    pid = os.fork()
+    if pid == 0:
+        _exit(0 if install_seccomp(_getpid()) else 1)
+    _, status = os.waitpid(pid, 0)
+    return status == 0
+
+
 def main():
     proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
     proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    protocol_fds = (proto_in.fileno(), proto_out.fileno())
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
@@ -569,7 +722,7 @@ def main():
     me = _getpid()
     is_root = os.geteuid() == 0
     scratch = os.getcwd()
-    tasks = count_tasks_by_uid() if not setup.get("seccomp", True) else {}
+    tasks = count_tasks_by_uid()
     report = {"pid": me}
     report.update(isolate_namespaces(setup, is_root) if setup.get("namespaces", True) else {})
     if is_root and setup.get("drop_privileges", True) and (
@@ -583,13 +736,15 @@ def main():
     report.update(set_limits(setup["memory_mb"], setup["file_size_mb"]))
     if sys.platform.startswith("linux"):
         _libc().prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem or environ for other processes
-    report["seccomp"] = install_seccomp(me) if setup.get("seccomp", True) else False
-    if report["seccomp"] is False and sys.platform.startswith("linux"):
         _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of user code stay ours to see
-    if report["seccomp"] is False and os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
-        # without seccomp only this stops a fork bomb; it counts every task of the user
-        running = tasks.get(os.getuid(), 64) if tasks else 64
-        report["max_processes"] = _limit(resource.RLIMIT_NPROC, running + setup["max_processes"])
+    report["seccomp"] = seccomp_works() if setup.get("seccomp", True) else False
+    nproc_base = tasks.get(os.getuid(), 64) + 8
+    if setup.get("pids_cgroup"):
+        report["max_processes"] = "pids cgroup"
+    elif os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
+        report["max_processes"] = nproc_base + setup["max_processes"]  # RLIMIT_NPROC of the grading process
+    else:
+        report["max_processes"] = None  # root: RLIMIT_NPROC does not apply; nothing limits tasks
     start_orphan_watchdog(os.getppid())
     block_python_sockets()
     write_message(proto_out, {"ready": True, "isolation": report})
@@ -598,30 +753,9 @@ def main():
         request = read_message(proto_in)
         if request is None:
             return
-        out, err = io.StringIO(), io.StringIO()
         reply = {"id": request.get("id")}
-        try:
-            with redirect_stdout(out), redirect_stderr(err):
-                fn = load_grade(request["source"])
-                value = fn(request["sample"], request["item"])
-            score, problem = check_score(value)
-            if problem:
-                reply.update(ok=False, error=problem)
-            else:
-                reply.update(ok=True, score=score)
-        except MemoryError:
-            reply.update(ok=False, error="MemoryError: the grader exceeded its memory limit")
-        except BaseException as exc:  # SystemExit and KeyboardInterrupt from user code too
-            try:
-                reply.update(ok=False, error=_user_traceback(exc)[:MAX_ERROR])
-            except BaseException:  # an exception whose str() itself fails
-                reply.update(ok=False, error=f"{type(exc).__name__} (its message could not be shown)")
-        finally:
-            if _getpid() != me:
-                _exit(0)  # a forked copy of the worker (only possible without seccomp): never answer
-        reply["stdout"] = out.getvalue()[-MAX_CAPTURE:]
-        reply["stderr"] = err.getvalue()[-MAX_CAPTURE:]
-        reply["dirty"] = False if report["seccomp"] else has_children(me)  # no children under seccomp
+        reply.update(grade_in_process(request, setup, report, nproc_base, protocol_fds))
+        reply["dirty"] = has_children(me)  # a process user code started and left (only without seccomp)
         clean_scratch(scratch)
         try:
             write_message(proto_out, reply)
