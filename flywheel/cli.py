@@ -25,9 +25,11 @@ class FlywheelGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FlywheelError as exc:
+            from flywheel.report.console import safe_terminal_text
+
             lines = str(exc).splitlines() or [type(exc).__name__]
             for line in lines:
-                click.echo(f"error: {line}", err=True)
+                click.echo(f"error: {safe_terminal_text(line, markup=False)}", err=True)
             ctx.exit(1)
 
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from flywheel.cli import main
 
-from conftest import spec_dict, write_jsonl
+from conftest import make_rows, spec_dict, write_jsonl
 
 
 def invoke(*args):
@@ -124,3 +124,26 @@ def test_graders_validate_and_run(tmp_path):
     path.write_text('{"type": "string_chek", "name": "x"}')
     bad = CliRunner().invoke(main, ["graders", "validate", str(path)])
     assert bad.exit_code == 1 and "did you mean 'string_check'" in bad.output
+
+
+def test_user_text_reaches_the_terminal_escaped(tmp_path, tiny_model_dir):
+    """Grader names, error texts and outputs are user text: no raw ESC/CSI/OSC byte reaches the
+    operator's terminal through `flywheel eval` or `flywheel runs show`, and rich markup in them
+    cannot open a style or a link."""
+    import yaml
+
+    write_jsonl(tmp_path / "data.jsonl", make_rows())
+    spec = spec_dict(f"local:{tiny_model_dir}")
+    evil = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b31m[link=http://x]"
+    spec["graders"].append({"type": "python", "name": "evil",
+                            "source": f"def grade(sample, item):\n    raise ValueError({evil!r})\n"})
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    db = tmp_path / "cli.db"
+    ran = invoke("eval", path, "--split", "test", "--db", db)
+    assert "evil" in ran.output
+    run_id = json.loads(invoke("runs", "list", "--db", db, "--json").stdout)[0]["id"]
+    shown = invoke("runs", "show", run_id, "--db", db)
+    assert "ValueError" in shown.output and "\\x1b]52" in shown.output
+    for output in (ran.output, shown.output):
+        assert not any(c in output for c in "\x1b\x07\x9b"), repr(output[:400])
