@@ -10,13 +10,19 @@ nobody; rlimits; a seccomp filter (no processes, programs, sockets, or signals t
 any route); Python-level socket guards. Each layer falls back cleanly where the kernel refuses it,
 and `grade.details["sandbox"]` says what the worker got.
 
-The parent trusts nothing the worker sends: replies are capped (`MAX_REPLY_BYTES`), must answer the
-request's random id and have the reply's shape; a worker only runs one grader's source, and is
-retired when it holds unasked-for bytes or a thread user code left behind. It enforces the
-wall-clock limit. Every failure is a recorded `python_grader_runtime_error` grade, within the
-limit, and the parent keeps working: an exception, a non-numeric return, a timeout or infinite
-loop (the worker is killed and replaced), a crash, a fork bomb, a 10 GB allocation, a socket, a
-forged frame. A worker that cannot be started is a `python_grader_server_error`. Workers are reused
+The parent trusts nothing the worker sends: a frame is capped (`MAX_REPLY_BYTES`), parsed with
+depth and integer-length bounds (`parse_frame`) and validated (`WorkerReply`: types, finite score,
+bounded texts, no extra fields), and must answer the request's random id. User code never holds
+this channel: the worker runs each grade in a forked grading process that closes it first
+(sandbox_worker.py), so what user code forges reaches only its own result pipe, which the worker
+checks in turn. Tasks are capped by a pids cgroup (`pids.max`) where writable, else RLIMIT_NPROC
+under the dropped uid (it counts every task of that uid, so the cap is approximate there; as root
+without a privilege drop nothing caps threads). A worker only runs one grader's source, and is
+retired when it holds unasked-for bytes or a thread. It enforces the wall-clock limit. Every
+failure is a recorded `python_grader_runtime_error` grade, within the limit, and the parent keeps
+working: an exception, a non-numeric return, a timeout or infinite loop (the worker is killed and
+replaced), a crash, a fork bomb, 2,000 threads, a 10 GB allocation, a socket, a forged or
+malformed frame. A worker that cannot be started is a `python_grader_server_error`. Workers are reused
 between grades; `close()` stops them.
 """
 

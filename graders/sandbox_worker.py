@@ -2,8 +2,11 @@
 
 Started by graders.python_sandbox as `python -I sandbox_worker.py` in a scratch folder with a
 stripped environment. The parent talks to it over stdin/stdout with length-prefixed JSON; the
-worker then points fds 0/1 at /dev/null so user code does not write into the protocol by accident
-(on purpose it can: the parent validates every reply).
+worker then points fds 0/1 at /dev/null. Each request runs in a forked grading process that closes
+the protocol descriptors before user code runs (so user code cannot write a reply to the parent,
+whatever it finds in memory), installs the seccomp filter with its own pid, dies with the worker
+(PR_SET_PDEATHSIG), and sends one result frame over a pipe of its own; the worker refuses a result
+that is not exactly one valid frame.
 
 Before any user code runs, the worker locks itself down as far as the machine allows and reports
 what it got:
