@@ -24,6 +24,7 @@ what it got:
 """
 
 import ctypes
+import gc
 import io
 import json
 import math
@@ -122,11 +123,17 @@ ALWAYS_DENIED = ("fork", "vfork", "execve", "execveat", "tkill", "pidfd_send_sig
                  "iopl", "ioperm", "setsid", "setpgid")
 
 
+_LIBC = []
+
+
 def _libc():
-    lib = ctypes.CDLL(None, use_errno=True)  # the running process already has libc loaded
-    lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return lib
+    """The C library the running process already has loaded (looked up once per process)."""
+    if not _LIBC:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _LIBC.append(lib)
+    return _LIBC[0]
 
 
 class _Mounter:
@@ -351,12 +358,37 @@ def drop_privileges():
     return os.geteuid() == NOBODY
 
 
+_SECCOMP = []  # (program buffer, sock_fprog, byte offset of the own-pid word) once compiled
+
+
 def install_seccomp(pid):
     """Kernel-enforced: no new processes or programs, no sockets, no signals to other processes
-    by any route, no tracing, no namespace or mount changes. True if active."""
+    by any route, no tracing, no namespace or mount changes. True if active.
+
+    The program is compiled once per worker (seccomp_program); each grading process only writes
+    its own pid into the one word that holds it, in its own copy-on-write page, then installs it."""
+    program = seccomp_program()
+    if program is None:
+        return False
+    buf, fprog, pid_offset = program
+    struct.pack_into("I", buf, pid_offset, pid & 0xFFFFFFFF)
+    libc = _libc()
+    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return False
+    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+
+
+def seccomp_program():
+    """The seccomp filter as a BPF program, built on first use and kept for the process (and the
+    grading processes it forks); None where this platform has none. Its own-pid check compares
+    against a placeholder that install_seccomp overwrites."""
+    if _SECCOMP:
+        return _SECCOMP[0]
     machine = platform.machine().lower()
     if not sys.platform.startswith("linux") or machine not in AUDIT_ARCH:
-        return False
+        _SECCOMP.append(None)
+        return None
     audit_arch, column = AUDIT_ARCH[machine]
     nr = {name: numbers_[column] for name, numbers_ in SYSCALLS.items() if numbers_[column] is not None}
 
@@ -389,7 +421,8 @@ def install_seccomp(pid):
     op(JSET, CLONE_THREAD, "allow", "deny")
     labels["own_pid"] = len(prog)
     op(LD_ABS, 16)  # args[0]: target pid / tgid (a pid_t: the low word is all the kernel reads)
-    op(JEQ, pid, "allow", "deny")
+    pid_at = len(prog)
+    op(JEQ, 0, "allow", "deny")  # k: the grading process's pid, written in by install_seccomp
     labels["fcntl"] = len(prog)
     op(LD_ABS, 24)  # args[1] low word: the command (an unsigned int to the kernel)
     for cmd in SIGNAL_FCNTL:
@@ -411,23 +444,21 @@ def install_seccomp(pid):
     labels["bad_arch"] = len(prog)
     op(RET, KILL)
 
+    insn = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
     raw = b""
     for i, (code, jt, jf, k) in enumerate(prog):
         jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
         jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
         assert 0 <= jt < 256 and 0 <= jf < 256, "seccomp jump out of range"
-        raw += struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
+        raw += insn.pack(code, jt, jf, k & 0xFFFFFFFF)
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     buf = ctypes.create_string_buffer(raw, len(raw))
     fprog = SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
-    libc = _libc()
-    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        return False
-    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+    _SECCOMP.append((buf, fprog, pid_at * insn.size + struct.calcsize("HBB")))
+    return _SECCOMP[0]
 
 
 def _limit(which, value):
@@ -503,13 +534,20 @@ def start_orphan_watchdog(parent):
 _compiled = {}
 
 
-def load_grade(source):
+def compile_grader(source):
+    """The grader source's code object, cached in the worker: compiled there before the fork so
+    each grading process inherits it (compiling runs no user code)."""
     code = _compiled.get(source)
     if code is None:
         code = compile(source, "<grader>", "exec", dont_inherit=True)
         if len(_compiled) > 64:
             _compiled.clear()
         _compiled[source] = code
+    return code
+
+
+def load_grade(source):
+    code = compile_grader(source)
     namespace = {"__name__": "grader", "__builtins__": __builtins__}
     exec(code, namespace)  # noqa: S102 - this is the sandbox whose job is to run user code
     fn = namespace.get("grade")
@@ -602,6 +640,10 @@ def grade_in_process(request, setup, report, nproc_base, protocol_fds):
     """Fork a grading process for one request: it drops the worker's channel to the parent (user
     code cannot write a reply there, whatever it finds in memory), locks itself down, runs grade()
     and sends its result over a pipe of its own; this worker checks that result and answers."""
+    try:
+        compile_grader(request["source"])
+    except BaseException:  # noqa: S110 - a source that does not compile: the grading process reports why
+        pass
     r, w = os.pipe()
     try:
         pid = os.fork()
@@ -703,6 +745,8 @@ def crash_message(status):
 def seccomp_works():
     """Whether this kernel takes the filter: tried in a throwaway process (the worker itself stays
     free to fork its grading processes)."""
+    if seccomp_program() is None:  # compiled here, once: every grading process inherits it
+        return False
     pid = os.fork()
     if pid == 0:
         _exit(0 if install_seccomp(_getpid()) else 1)
@@ -751,6 +795,7 @@ def main():
     start_orphan_watchdog(os.getppid())
     block_python_sockets()
     write_message(proto_out, {"ready": True, "isolation": report})
+    gc.freeze()  # the worker's objects: a grading process's collections neither scan nor copy them
 
     while True:
         request = read_message(proto_in)
@@ -758,7 +803,8 @@ def main():
             return
         reply = {"id": request.get("id")}
         reply.update(grade_in_process(request, setup, report, nproc_base, protocol_fds))
-        reply["dirty"] = has_children(me)  # a process user code started and left (only without seccomp)
+        # a process user code started and left (impossible under seccomp: no fork, no clone of a process)
+        reply["dirty"] = False if report["seccomp"] else has_children(me)
         clean_scratch(scratch)
         try:
             write_message(proto_out, reply)
