@@ -147,3 +147,39 @@ def test_user_text_reaches_the_terminal_escaped(tmp_path, tiny_model_dir):
     assert "ValueError" in shown.output and "\\x1b]52" in shown.output
     for output in (ran.output, shown.output):
         assert not any(c in output for c in "\x1b\x07\x9b"), repr(output[:400])
+
+
+HOSTILE = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b31m\u202e[link=http://x]"
+RAW_CONTROL = "\x1b\x07\x9b\u202e"
+
+
+def test_result_printers_and_cli_lines_escape_user_text(tmp_path, capsys):
+    """Every printer of user text escapes control characters and rich markup: the optimize and
+    wheel results, the captures table and the plain CLI lines (here `graders validate`)."""
+    from types import SimpleNamespace as NS
+
+    from flywheel.proxy.captures import print_captures
+    from flywheel.report.console import print_optimize_result, print_wheel_result
+
+    prompt = NS(demos=[], nearest=None)
+    parent = NS(origin=HOSTILE, parent=None, prompt=prompt, minibatch=None, valid=None, test=None)
+    child = NS(origin=HOSTILE, parent=parent, prompt=prompt, minibatch=None, valid=None, test=None)
+    print_optimize_result(NS(run_id=HOSTILE, candidates=[parent, child], winner=child, rejected=[{"reason": HOSTILE}],
+                             notes=[HOSTILE], reason=HOSTILE, valid_comparison={}, test_comparison={}, model_calls=1,
+                             tokens=2, wall_s=0.1))
+    stage = NS(lap=1, stage=HOSTILE, valid=None, decision=HOSTILE, wall_s=1.0, reason=HOSTILE)
+    print_wheel_result(NS(run_id=HOSTILE, stages=[stage], stopped=HOSTILE, milestones=[], minimise="cost", test=None,
+                          lap_wall_s={1: 1.0}, model_calls=1, tokens=2, cost=0.0, wall_s=1.0, report_path=HOSTILE))
+    row = {"id": HOSTILE, "created_at": HOSTILE, "model": HOSTILE, "status": HOSTILE, "latency_ms": 1.0,
+           "prompt_tokens": 1, "completion_tokens": 1, "metadata": {HOSTILE: HOSTILE}, "input": HOSTILE,
+           "output": HOSTILE, "error": None}
+    print_captures([row, {**row, "error": HOSTILE}])
+    printed = capsys.readouterr().out
+    assert printed.count("\\x1b]52") >= 10, printed  # every hostile field was printed, escaped
+    assert "[link=" in printed and not any(c in printed for c in RAW_CONTROL), repr(printed[:600])
+
+    path = tmp_path / "graders.json"
+    path.write_text(json.dumps([{"type": "string_check", "name": HOSTILE, "input": "{{sample.output_text}}",
+                                 "reference": "x", "operation": "eq"}]))
+    shown = invoke("graders", "validate", path).output
+    assert "\\x1b]52" in shown and not any(c in shown for c in RAW_CONTROL), repr(shown)

@@ -140,22 +140,23 @@ def _ci(cmp: dict[str, Any]) -> str:
 
 def print_optimize_result(result) -> None:
     """The search tree in order, then winner vs baseline on valid and on test."""
-    table = Table(show_header=True, header_style="bold", title=f"prompt search {result.run_id}")
+    safe = safe_terminal_text
+    table = Table(show_header=True, header_style="bold", title=f"prompt search {safe(result.run_id)}")
     for column in ("candidate", "parent", "demos", "minibatch", "valid", "test"):
         table.add_column(column, justify="left" if column in ("candidate", "parent") else "right")
     for c in result.candidates:
         mark = " ★" if c is result.winner else ""
-        table.add_row(c.origin + mark, c.parent.origin if c.parent else "",
+        table.add_row(safe(c.origin) + mark, safe(c.parent.origin) if c.parent else "",
                       (f"{len(c.prompt.demos)}" + (f" (nearest {c.prompt.nearest})" if c.prompt.nearest else "")),
                       _num(c.minibatch.objective if c.minibatch else None),
                       _num(c.valid.objective if c.valid else None), _num(c.test.objective if c.test else None))
     console.print(table)
     if result.rejected:
         console.print(f"{len(result.rejected)} proposal(s) rejected before evaluation: "
-                      + "; ".join(sorted({r['reason'] for r in result.rejected})), highlight=False)
+                      + "; ".join(sorted({safe(r['reason']) for r in result.rejected})), highlight=False)
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
-    console.print(result.reason, highlight=False, markup=False)
+        console.print(f"note: {safe(note)}", highlight=False)
+    console.print(safe(result.reason, markup=False), highlight=False, markup=False)
     console.print(f"valid  winner - baseline: {_ci(result.valid_comparison)}", highlight=False)
     console.print(f"test   winner - baseline: {_ci(result.test_comparison)}", highlight=False)
     console.print(f"model calls {result.model_calls}  tokens {result.tokens}  time {result.wall_s:.1f}s",
@@ -167,13 +168,14 @@ def print_wheel_result(result) -> None:
     the winner vs the baseline on test, the spend and the report."""
     from flywheel.cost import CostPerItem
 
-    table = Table(show_header=True, header_style="bold", title=f"flywheel run {result.run_id}")
+    safe = safe_terminal_text
+    table = Table(show_header=True, header_style="bold", title=f"flywheel run {safe(result.run_id)}")
     for column in ("lap", "stage", "valid", "decision", "time", "why"):
         table.add_column(column, overflow="fold")
     for o in result.stages:
-        table.add_row(str(o.lap), o.stage, _num(o.valid), o.decision, f"{o.wall_s:.0f}s", o.reason)
+        table.add_row(str(o.lap), safe(o.stage), _num(o.valid), safe(o.decision), f"{o.wall_s:.0f}s", safe(o.reason))
     console.print(table)
-    console.print(f"stopped: {result.stopped}", highlight=False, markup=False)
+    console.print(f"stopped: {safe(result.stopped, markup=False)}", highlight=False, markup=False)
     if result.milestones:
         goal = result.minimise
         milestones = Table(show_header=True, header_style="bold", title="baseline -> best prompt -> final model")
@@ -181,9 +183,9 @@ def print_wheel_result(result) -> None:
             milestones.add_column(column, overflow="fold")
         for m in result.milestones:
             cost = CostPerItem.from_dict(m.cost)
-            milestones.add_row(m.label, m.model_ref, m.prompt_id, _pct(m.valid), _pct(m.test),
-                               ", ".join(dict.fromkeys([cost.describe(goal), cost.describe("tokens"),
-                                                        cost.describe("latency_s")])))
+            milestones.add_row(safe(m.label), safe(m.model_ref), safe(m.prompt_id), _pct(m.valid), _pct(m.test),
+                               safe(", ".join(dict.fromkeys([cost.describe(goal), cost.describe("tokens"),
+                                                             cost.describe("latency_s")]))))
         console.print(milestones)
     if result.test:
         cmp = result.test.get("comparison") or {}
@@ -193,4 +195,4 @@ def print_wheel_result(result) -> None:
     console.print(f"model calls {result.model_calls}  tokens {result.tokens}  cost {result.cost:.4f}  "
                   f"time {result.wall_s:.0f}s ({laps})", highlight=False)
     if result.report_path:
-        console.print(f"report: {result.report_path}", highlight=False, markup=False)
+        console.print(f"report: {safe(result.report_path, markup=False)}", highlight=False, markup=False)
