@@ -118,6 +118,27 @@ def test_subprocess_is_refused(pool):
     assert_parent_still_works(pool)
 
 
+def test_each_grading_process_may_signal_itself_and_only_itself(pool):
+    """The seccomp program is compiled once per worker and each grading process writes its own pid
+    into it: a process signals itself (raise, os.kill of its own pid) in every grade, never the
+    worker that forked it."""
+    if not require_process_guard(pool).get("seccomp"):
+        pytest.skip("no seccomp filter here: signals are limited by uid, not by pid")
+    src = ("import os, signal\n"
+           "def grade(sample, item):\n"
+           "    signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+           "    signal.raise_signal(signal.SIGUSR1)\n"
+           "    os.kill(os.getpid(), 0)\n"
+           "    try:\n"
+           "        os.kill(os.getppid(), 0)\n"
+           "    except PermissionError:\n"
+           "        return 1.0\n"
+           "    return 0.0\n")
+    for _ in range(3):  # a new grading process, with a new pid, each time
+        g = run(pool, src)
+        assert g.error is None and g.score == 1.0, (g.error, g.error_details)
+
+
 def test_ten_gigabyte_allocation_is_a_memory_error(pool):
     g = run(pool, "def grade(sample, item):\n    block = bytearray(10 * 1024 ** 3)\n    return 1.0\n")
     assert g.error == "python_grader_runtime_error"
