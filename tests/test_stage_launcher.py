@@ -16,7 +16,7 @@ from conftest import make_rows, spec_dict, write_jsonl
 
 from flywheel.errors import SpecError
 from flywheel.run_spec import load_run_spec
-from flywheel.stages.training import StageLauncher
+from flywheel.train.launch import LaunchSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"precision": "fp32", "batch_size": 2, "logging_steps": 1}
@@ -65,9 +65,9 @@ def test_a_missing_tracker_package_fails_the_run_spec_at_load(tmp_path, monkeypa
 
 def test_a_config_file_resolves_against_the_run_spec_folder(tmp_path):
     (tmp_path / "mine.yaml").write_text("compute_environment: LOCAL_MACHINE\n")
-    spec = StageLauncher(kind="accelerate", config_file="mine.yaml").launch_spec(tmp_path)
-    assert spec.accelerate_config == str((tmp_path / "mine.yaml").resolve())
-    assert StageLauncher(kind="accelerate", config_file="ddp").launch_spec(tmp_path).accelerate_config == "ddp"
+    spec = LaunchSpec(kind="accelerate", config_file="mine.yaml").resolved(tmp_path)
+    assert spec.config_file == str((tmp_path / "mine.yaml").resolve())
+    assert LaunchSpec(kind="accelerate", config_file="ddp").resolved(tmp_path).config_file == "ddp"
 
 
 @pytest.mark.slow

@@ -21,16 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_processes_use_torchrun_and_the_cpu_switch():
-    spec = LaunchSpec(launcher="accelerate", num_processes=2, cpu=True)
-    command = accelerate_command(spec, ["train", "sft", "eval.yaml"])
+    spec = LaunchSpec(kind="accelerate", num_processes=2, cpu=True)
+    command = accelerate_command(spec, ["flywheel.train.worker", "request.json", "result.json"])
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     # accelerate's own --cpu would start one process: N > 1 CPU processes go through torchrun.
     assert "--multi_gpu" in command and "--cpu" not in command
     assert command[command.index("--num_processes") + 1] == "2"
     assert int(command[command.index("--main_process_port") + 1]) > 0
-    assert command[-5:] == ["-m", "flywheel", "train", "sft", "eval.yaml"]
+    assert command[-4:] == ["-m", "flywheel.train.worker", "request.json", "result.json"]
     assert launch_env(spec)["ACCELERATE_USE_CPU"] == "true"
-    one = accelerate_command(LaunchSpec(launcher="accelerate", cpu=True), ["train"])
+    one = accelerate_command(LaunchSpec(kind="accelerate", cpu=True), ["flywheel.train.worker"])
     assert "--cpu" in one and "--multi_gpu" not in one
 
 
@@ -41,7 +41,7 @@ def test_shipped_templates_load_in_accelerate(name, kind):
 
     config = load_config_from_file(str(templates()[name]))
     assert config.distributed_type.value == kind and config.num_machines == 1
-    command = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=name), ["train"])
+    command = accelerate_command(LaunchSpec(kind="accelerate", config_file=name), ["flywheel.train.worker"])
     assert command[command.index("--config_file") + 1] == str(templates()[name])
 
 
@@ -52,10 +52,10 @@ def test_a_multi_node_config_keeps_its_own_port(tmp_path):
     config.update(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29555)
     path = tmp_path / "two_nodes.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path)), ["train"])
+    command = accelerate_command(LaunchSpec(kind="accelerate", config_file=str(path)), ["flywheel.train.worker"])
     assert "--main_process_port" not in command  # every node must use the config's 29555
-    pinned = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path),
-                                           main_process_port=29600), ["train"])
+    pinned = accelerate_command(LaunchSpec(kind="accelerate", config_file=str(path),
+                                           main_process_port=29600), ["flywheel.train.worker"])
     assert pinned[pinned.index("--main_process_port") + 1] == "29600"
 
 

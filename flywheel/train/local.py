@@ -83,10 +83,18 @@ class TrainResult:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # every step saved: losses, score, kept
     best_reason: str | None = None  # why `checkpoint` is the best of them
     stop_reason: str | None = None  # early stopping or a monitor (None: the schedule ended)
+    reused: bool = False  # an identical earlier job's checkpoint, not trained again (flywheel.train.run)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainResult":
+        """The result `to_dict` wrote (e.g. by flywheel.train.worker's main process)."""
+        ci = ("ci", "diff_ci")
+        evals = [SplitEval(**{k: tuple(v) if k in ci else v for k, v in e.items()}) for e in data.get("evals") or []]
+        return cls(**{**data, "checkpoint": Checkpoint(**data["checkpoint"]), "evals": evals})
 
     def summary_lines(self) -> list[str]:
         """What `flywheel train` prints: the checkpoint, the loss, and each split against the parent."""

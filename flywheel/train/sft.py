@@ -72,7 +72,7 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
 def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: SFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
               quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
-              resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult | None:
+              resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False) -> TrainResult | None:
     """Train an SFT adapter on `training_set` from `base` (a `local:` reference, a checkpoint id, or
     `local:BASE+ADAPTER` to continue an adapter), register it, and evaluate it on `splits`.
 
@@ -95,4 +95,4 @@ def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
 
     return run_local("sft", spec, store, training_set, base=base, config=config, build=build,
                      evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume,
-                     callbacks=callbacks)
+                     callbacks=callbacks, fresh=fresh)
