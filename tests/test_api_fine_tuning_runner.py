@@ -242,7 +242,8 @@ def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path,
     store = Store.open(db)
     try:
         row = store.api_get("api_fine_tuning_jobs", job.id)
-        assert row["status"] == "running" and row["fine_tuned_model"] is None  # as the dead server left it
+        # as the dead server left it
+        assert store.fine_tuning_status(job.id) == "running" and row["fine_tuned_model"] is None
         training_job = store.get_training_job(row["training_job_id"])
         saved, _ = last_saved_step(training_job["output_dir"])
         logged = [json.loads(r["data_json"]) for r in store.training_events(training_job["id"])

@@ -155,6 +155,34 @@ def _trainer_options(request: TrainRequest) -> dict[str, Any]:
     return options
 
 
+@dataclass
+class ResumePoint:
+    """Where a training job stands for a caller that resumes its own jobs by id (the API)."""
+
+    job_id: str
+    finished: bool  # it finished training (its chosen checkpoint is registered)
+    step: int | None  # the last complete saved step it can continue from; None: nothing to resume
+
+    @property
+    def resumable(self) -> bool:
+        return not self.finished and self.step is not None
+
+
+def resume_point(store: Store, job_id: str | None) -> ResumePoint | None:
+    """The ResumePoint of training job `job_id`, or None when there is no such job."""
+    from flywheel.train.validation import last_saved_step
+
+    if not job_id:
+        return None
+    try:
+        job = store.get_training_job(job_id)
+    except FlywheelError:
+        return None
+    finished = job["status"] == "succeeded"
+    saved = None if finished else last_saved_step(job.get("output_dir"))
+    return ResumePoint(job_id, finished, saved[0] if saved else None)
+
+
 def _resume(request: TrainRequest, method: TrainingMethod):
     store, job_id = request.store, request.resume
     try:
