@@ -134,15 +134,9 @@ def _watch(ctx: JobContext, grader: dict[str, Any] | None = None):
     from transformers import TrainerCallback
 
     class Watch(TrainerCallback):
-        """Links the API job to its training job; metrics become job events; cancel stops at the next
-        step; pause (or the server stopping) saves a checkpoint at this step, then stops."""
+        """Metrics become job events; cancel stops at the next step; pause (or the server stopping) saves a checkpoint at this step, then stops."""
 
         pending: Exception | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            # run_local trains a job with save_steps in `.flywheel/jobs/<training job id>/`
-            ctx.store.api_update("api_fine_tuning_jobs", ctx.job["object_id"],
-                                 training_job_id=Path(args.output_dir).name)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
@@ -277,7 +271,9 @@ class FineTuningRunner:
                 result = run(TrainRequest(
                     method=method.name, spec=spec, store=store, base=base, config=config, data=training_set,
                     resume=point.job_id if point else None, evaluate=False, check_data=False, fresh=True,
-                    quiet=True, callbacks=[_watch(ctx, grader)]))
+                    quiet=True, callbacks=[_watch(ctx, grader)],
+                    on_job=lambda job_id: store.api_update("api_fine_tuning_jobs", row["id"],
+                                                           training_job_id=job_id)))
                 training_job_id = result.job_id
             final = final_checkpoint(store, training_job_id)
             stored = json.loads(final.get("metrics_json") or "{}")

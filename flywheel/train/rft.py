@@ -11,7 +11,7 @@ model that never passes, every reward is 0. With `beta` 0 (the default) no refer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flywheel.grading import GraderSet
@@ -64,7 +64,8 @@ def build_rft_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSp
 def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
                config: RFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
                quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
-               resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False, grader_set=None) -> TrainResult | None:
+               resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False,
+               on_job: Callable[[str], None] | None = None, grader_set=None) -> TrainResult | None:
     """RFT: train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it.
 
     GRPO has no validation loss; `valid_subset` scores each saved checkpoint with the graders
@@ -81,4 +82,4 @@ def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
 
     return run_local("rft", spec, store, training_set, base=base, config=config, build=build,
                      evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume,
-                     callbacks=callbacks, fresh=fresh)
+                     callbacks=callbacks, fresh=fresh, on_job=on_job)

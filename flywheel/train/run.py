@@ -63,6 +63,7 @@ class TrainRequest:
     launch: LaunchSpec = field(default_factory=LaunchSpec)  # local, or accelerate launch
     hosted_options: dict[str, Any] = field(default_factory=dict)  # flywheel.train.hosted options
     callbacks: Sequence[Any] = ()  # transformers TrainerCallbacks: progress events, cancel, step checkpoints
+    on_job: Callable[[str], None] | None = None  # told the training job's id once it exists (local training)
     monitor: Any = None  # sees each validation point; may stop the job (flywheel.train.validation)
     quiet: bool = False  # no progress bar
     log: Callable[[str], None] | None = None  # one line per data check, reuse, trial
@@ -147,7 +148,8 @@ def training_set_for(request: TrainRequest, method: TrainingMethod | None = None
 
 def _trainer_options(request: TrainRequest) -> dict[str, Any]:
     options: dict[str, Any] = {"evaluate": request.evaluate, "splits": request.splits, "quiet": request.quiet,
-                               "monitor": request.monitor, "callbacks": request.callbacks, "fresh": request.fresh}
+                               "monitor": request.monitor, "callbacks": request.callbacks, "fresh": request.fresh,
+                               "on_job": request.on_job}
     if request.prompt is not None:
         options["prompt"] = request.prompt
     if request.grader_set is not None and request.method == "rft":
