@@ -120,7 +120,7 @@ class TrainStage:
                 else Prompt(messages=measured_with.messages)
         wheel.store.save_prompt(prompt, origin="student")
         config = load_train_config(name, values=spec.config)
-        if name == "rft":
+        if method.grader_rewards:  # no reward signal, nothing to learn
             probe = self.reward_probe(wheel, base, prompt, config)
             if probe is not None:
                 return StageOutcome(name, "failed", probe, lap=wheel.lap)

@@ -89,8 +89,6 @@ def run(request: TrainRequest):
     config = request.config or load_train_config(method.name)
     preflight(config)
     training_set = training_set_for(request, method)
-    say = request.log or (lambda line: None)
-    say(f"{method.name}: {len(training_set)} rows, from {request.base}")
     if request.reuse:
         reused = _reused(request, method, training_set, config, base_ref, parent_id)
         if reused is not None:
@@ -147,12 +145,13 @@ def training_set_for(request: TrainRequest, method: TrainingMethod | None = None
 
 
 def _trainer_options(request: TrainRequest) -> dict[str, Any]:
+    method = training_method(request.method)
     options: dict[str, Any] = {"evaluate": request.evaluate, "splits": request.splits, "quiet": request.quiet,
                                "monitor": request.monitor, "callbacks": request.callbacks, "fresh": request.fresh,
                                "on_job": request.on_job}
     if request.prompt is not None:
         options["prompt"] = request.prompt
-    if request.grader_set is not None and request.method == "rft":
+    if request.grader_set is not None and method.grader_rewards:
         options["grader_set"] = request.grader_set
     return options
 
