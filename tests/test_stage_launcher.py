@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_rows, spec_dict, write_jsonl
+from test_train_launch import worker_marker
 
 from flywheel.errors import SpecError
 from flywheel.run_spec import load_run_spec
@@ -124,5 +125,5 @@ def test_ctrl_c_during_a_launched_stage_stops_the_wheel_and_every_process(tmp_pa
         jobs = conn.execute("SELECT status, error FROM training_jobs").fetchall()
         checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
     assert len(jobs) == 1 and jobs[0][0] == "failed" and "KeyboardInterrupt" in jobs[0][1] and checkpoints == 0
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
+    leftovers = subprocess.run(["pgrep", "-f", worker_marker(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # no worker outlived the wheel

@@ -20,6 +20,12 @@ from flywheel.train.launch import LaunchSpec, accelerate_command, launch_env, te
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def worker_marker(folder: Path) -> str:
+    """A `pgrep -f` pattern matching the command line of every launched process of a store in
+    `folder` (`python -m flywheel.train.worker <folder>/.flywheel/tmp/launch-.../request.json ...`)."""
+    return f"flywheel.train.worker {folder}"
+
+
 def test_cpu_processes_use_torchrun_and_the_cpu_switch():
     spec = LaunchSpec(kind="accelerate", num_processes=2, cpu=True)
     command = accelerate_command(spec, ["flywheel.train.worker", "request.json", "result.json"])
@@ -146,7 +152,7 @@ def test_an_interrupted_launch_stops_every_process_and_fails_the_job(tmp_path, t
         checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
     assert len(jobs) == 1 and jobs[0][0] == "failed" and "KeyboardInterrupt" in jobs[0][1]
     assert checkpoints == 0
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
+    leftovers = subprocess.run(["pgrep", "-f", worker_marker(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # no worker outlived the launcher
 
 
@@ -206,7 +212,7 @@ def test_a_killed_launch_resumes_under_the_launcher_from_its_saved_step(tmp_path
         time.sleep(0.2)
         saved = [p for p in (db.parent / ".flywheel" / "jobs").glob("*/checkpoint-*/trainer_state.json")]
         if saved:
-            killed = _rank_zero_worker(str(spec))
+            killed = _rank_zero_worker(worker_marker(tmp_path))
             if killed:
                 os.kill(killed, signal.SIGKILL)
     assert killed, f"no saved step before the run ended: {launcher.poll()}"

@@ -15,7 +15,7 @@ import random
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from flywheel.errors import FlywheelError
 from flywheel.prompt import Prompt
