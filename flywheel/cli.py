@@ -536,27 +536,30 @@ def _train_command(method):
     def command(spec_paths, weights, base, config_path, settings, data, splits, no_eval, options, db, as_json,
                 launcher, num_processes, accelerate_config, cpu, resume, search_path, trials, sampler, wall_s,
                 **set_options):
-        from flywheel.spec import load_eval_spec
-        from flywheel.train import load_train_config, train
+        from pathlib import Path
 
-        if launcher == "local" and (num_processes or accelerate_config or cpu):
-            raise click.UsageError("--num-processes, --accelerate-config and --cpu need --launcher accelerate")
+        from pydantic import ValidationError
+
+        from flywheel.spec import load_eval_spec
+        from flywheel.train import TrainRequest, load_train_config, run
+        from flywheel.train.launch import LaunchSpec
+        from flywheel.train.run import check_launch
+
+        try:  # the launcher rules live with LaunchSpec (a weight stage's `launcher` too)
+            launch = LaunchSpec(kind=launcher, num_processes=num_processes, config_file=accelerate_config, cpu=cpu)
+        except ValidationError as exc:
+            raise click.UsageError(_launch_flags(exc.errors()[0]["msg"].removeprefix("Value error, "))) from None
         if not search_path and (trials or sampler or wall_s):
             raise click.UsageError("--trials, --sampler and --wall-s need --search")
-        if search_path and (launcher != "local" or no_eval):
-            raise click.UsageError("--search trains here and scores every trial on valid: drop --launcher/--no-eval")
-        if launcher == "accelerate":  # the same command, on every process of `accelerate launch`
-            from flywheel.train.launch import LaunchSpec, launch_training
-
-            launch = LaunchSpec(launcher=launcher, num_processes=num_processes, accelerate_config=accelerate_config,
-                                cpu=cpu)
-            launch_training(launch, ["train", method.name, *_forwarded_args(click.get_current_context(), _LAUNCH)])
-            return
+        if search_path and no_eval:
+            raise click.UsageError("--search scores every trial on valid: drop --no-eval")
         if resume and (base or data or settings or config_path or len(spec_paths) > 1):
             raise click.UsageError("--resume continues one job with its own base, data and config: give its SPEC "
                                    "alone, without --base, --data, -s and -c")
         if not resume and not base:
             raise click.UsageError("give --base (or --resume JOB)")
+        launch = launch.resolved(Path.cwd())  # a missing config file is one clean error before anything starts
+        check_launch(launch, searching=search_path is not None)
         specs = [load_eval_spec(path) for path in spec_paths]
         weight_list = _weights(weights, len(specs))
         if weight_list and len(specs) == 1:
@@ -579,12 +582,14 @@ def _train_command(method):
                 from flywheel.train.multi import train_multi
 
                 result = train_multi(method.name, specs, store, base=base, weights=weight_list, config=config,
-                                     evaluate=not no_eval, splits=splits, quiet=as_json, **set_options)
+                                     evaluate=not no_eval, splits=splits, quiet=as_json, launch=launch,
+                                     **set_options)
             else:
-                result = train(method.name, specs[0], store, base=base, config=config, data=data,
-                               evaluate=not no_eval, splits=splits, quiet=as_json, hosted_options=_options(options),
-                               resume=resume, search=search, log=None if as_json else lambda line: _echo(line, err=True),
-                               **set_options)
+                result = run(TrainRequest(
+                    method=method.name, spec=specs[0], store=store, base=base, config=config, data=data,
+                    set_options=set_options, evaluate=not no_eval, splits=splits, resume=resume, search=search,
+                    launch=launch, hosted_options=_options(options), quiet=as_json,
+                    log=None if as_json else lambda line: _echo(line, err=True)))
         if result is None:  # a non-main process under accelerate launch
             return
         _echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
@@ -627,7 +632,12 @@ def _train_command(method):
 
 
 
-_LAUNCH = ("launcher", "num_processes", "accelerate_config", "cpu")
+def _launch_flags(message: str) -> str:
+    """A LaunchSpec rule in the words of `flywheel train`'s options."""
+    for field, flag in (("num_processes", "--num-processes"), ("config_file", "--accelerate-config"),
+                        ("cpu", "--cpu"), ("kind: accelerate", "--launcher accelerate")):
+        message = message.replace(field, flag)
+    return message.replace(", --cpu and main_process_port", " and --cpu")
 
 
 def _weights(text: str | None, n_specs: int) -> list[float] | None:
@@ -645,22 +655,6 @@ def _weights(text: str | None, n_specs: int) -> list[float] | None:
     return weights
 
 
-def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
-    """The command line that reproduces this command's parsed parameters, less those in `drop`."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if param.name in drop or value is None:
-            continue
-        if isinstance(param, click.Argument):
-            args += [str(v) for v in value] if param.nargs == -1 else [str(value)]
-        elif getattr(param, "is_flag", False):
-            args += [param.opts[0]] if value else []
-        else:
-            args += [part for v in (value if param.multiple else [value]) for part in (param.opts[0], str(v))]
-    return args
-
-
 @train_group.command("export")
 @click.argument("kind", metavar="METHOD")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
@@ -673,13 +667,14 @@ def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
 def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin, db, as_json):
     """Build a training set from the store, record it, and write it as platform JSONL (and HF)."""
     from flywheel.spec import load_eval_spec
-    from flywheel.train import build_training_set, record_training_set, to_hf_dataset, training_method
+    from flywheel.train import record_training_set, to_hf_dataset, training_method
 
     spec = load_eval_spec(spec_path)
     with _store_at(db) as store:
         options = {"min_score": min_score, "min_margin": min_margin, "max_per_item": 1}
-        training_set = record_training_set(store, build_training_set(
-            kind, spec, store, **{k: options[k] for k in training_method(kind).set_options}))
+        method = training_method(kind)
+        training_set = record_training_set(store, method.build_set(
+            spec, store, **{k: options[k] for k in method.set_options}))
     path = training_set.to_jsonl(output)
     with _store_at(db) as store:  # recorded, so that `captures delete` finds copies in it
         from flywheel.privacy.lineage import record_export
