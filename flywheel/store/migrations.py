@@ -363,6 +363,19 @@ def m017_fine_tuning_status_from_the_training_job(db: sqlite_utils.Database) -> 
     db.execute("alter table api_fine_tuning_jobs drop column status")
 
 
+@migration
+def m018_job_leases_completion_claims(db: sqlite_utils.Database) -> None:
+    # Paid once (flywheel/api/jobs.py, flywheel/harness.py): a running queue job holds a lease that
+    # its worker renews (`lease_owner` names the worker, `lease_expires_at` a stored timestamp); a job
+    # is taken again only when queued or when its lease ran out. `completion_claims` marks requests
+    # being generated right now (key as in `completion_cache`), so a second run of the same eval
+    # waits for the answer instead of paying for it again; a claim whose lease ran out is free.
+    db["api_jobs"].add_column("lease_owner", str)
+    db["api_jobs"].add_column("lease_expires_at", str)
+    db["completion_claims"].create({"key": str, "owner": str, "expires_at": str}, pk="key")
+    db["completion_claims"].create_index(["owner"])
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 
