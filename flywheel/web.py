@@ -10,6 +10,7 @@ benchmarks, the proxy in front of a server in one process).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import threading
@@ -95,6 +96,63 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
+
+
+# -- who may talk to the port ----------------------------------------------------------------------
+def is_loopback(host: str | None) -> bool:
+    """Whether a bind address, client address or Host name is this machine: parsed, so 127.0.0.2,
+    `::ffff:127.0.0.1` and `[::1]` count, and `localhost` (which resolves nowhere else)."""
+    if not host:
+        return False
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def host_of(value: str) -> str:
+    """The host part of a Host header or an Origin URL (`[::1]:80` -> `::1`, `http://a:1` -> `a`), lower case."""
+    value = value.strip().lower()
+    if "://" in value:
+        value = value.split("://", 1)[1].split("/", 1)[0]
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class HostGuard:
+    """ASGI middleware: a request whose Host (or, when sent, Origin) names no allowed host is a 400
+    (DNS rebinding, cross-site posts). `allowed_hosts` empty: loopback names only; `"*"`: any."""
+
+    def __init__(self, app: Any, allowed_hosts: list[str] | None = None):
+        self.app = app
+        self.allowed = {host_of(h) for h in allowed_hosts or []}
+
+    def allows(self, host: str) -> bool:
+        return "*" in self.allowed or host in self.allowed or (not self.allowed and is_loopback(host))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = host_of(headers.get(b"host", b"").decode("latin-1"))
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            refused = ("Host" if not self.allows(host) else
+                       "Origin" if origin and origin != "null" and not self.allows(host_of(origin)) else None)
+            if origin == "null" and scope["method"] not in ("GET", "HEAD"):
+                refused = "Origin"
+            if refused:
+                response = ApiError(400, f"{refused} header names a host this server does not answer for (start it "
+                                    "with --allowed-host NAME to allow one).", code="invalid_host").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # -- running servers ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from api_helpers import client_for, completions_source, create_eval, items, jsonl
 from flywheel.api.access import create_key
 from flywheel.api.app import create_api_app
+from flywheel.api.model_access import ServerModels
 from flywheel.api.limits import RateLimiter, duration
 from flywheel.api.scoped import owned
 from flywheel.cli import main
@@ -32,7 +33,8 @@ def keys(db: str, *specs: tuple[str, str]) -> list[str]:
 def test_objects_are_scoped_to_the_keys_project(tmp_path, tiny_model_dir):
     db = str(tmp_path / "p.db")
     key_a, key_b = keys(db, ("team-a", "member"), ("team-b", "member"))
-    with BackgroundServer(create_api_app(db, require_key=True, workers=0)) as server:
+    offered = ServerModels(local_bases=[str(tiny_model_dir)])  # members name only the server's bases
+    with BackgroundServer(create_api_app(db, require_key=True, workers=0, models=offered)) as server:
         a, b = client_for(server.url, key_a), client_for(server.url, key_b)
         uploaded = a.files.create(file=("items.jsonl", jsonl(items(3))), purpose="evals")
         evaluation = create_eval(a)

@@ -26,9 +26,10 @@ from flywheel.api.access import Access
 from flywheel.api.errors import HANDLERS
 from flywheel.api.jobs import JobQueue
 from flywheel.api.limits import RateLimiter
+from flywheel.api.model_access import ServerModels
 from flywheel.api.workers import WorkerProcesses, runners
 from flywheel.store import Store
-from flywheel.web import ApiError
+from flywheel.web import ApiError, HostGuard
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
@@ -36,8 +37,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 class ApiState:
     """What every endpoint shares: one store connection per thread, limits, the queue to wake."""
 
-    def __init__(self, db_path: str, *, max_upload_bytes: int, report_base: str | None):
+    def __init__(self, db_path: str, *, max_upload_bytes: int, report_base: str | None,
+                 models: ServerModels | None = None):
         self.db_path = db_path
+        self.models = models or ServerModels()  # what API callers may name (flywheel.api.model_access)
         self.max_upload_bytes = max_upload_bytes
         self.report_base = report_base
         self.queue: JobQueue | None = None
@@ -66,16 +69,22 @@ class ApiState:
 def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1, batch_size: int = 8,
                    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, fallback: Any = None,
                    report_base: str | None = None, rate_limit_rpm: int | None = None,
-                   rate_limit_burst: int | None = None, worker_processes: bool = False) -> Starlette:
+                   rate_limit_burst: int | None = None, worker_processes: bool = False,
+                   models: ServerModels | None = None, loopback_role: str = "admin",
+                   allowed_hosts: list[str] | None = None) -> Starlette:
     """The API app over the store at `db_path`, running `workers` job workers while it is up.
 
     `workers=0` queues jobs without running them (another server on the same store runs them).
     `fallback` (an ASGI app, e.g. the review app) answers every path the API does not.
     `rate_limit_rpm`: requests per minute per key (None: unlimited), `rate_limit_burst` of them at once.
     `worker_processes`: the workers run as processes (`flywheel.api.workers`) rather than threads.
+    `models`: the models API callers may name (`flywheel.api.model_access`; default: the embedded
+    bases and their projects' `ft:` models); `loopback_role`: what a keyless loopback client may do
+    (`none`: nothing); `allowed_hosts`: the Host / Origin names the port answers for, API and pages
+    alike (default: loopback names; "*": any). See docs/security.md.
     """
     Store.open(db_path).close()  # fail now (and migrate) rather than on the first request
-    state = ApiState(db_path, max_upload_bytes=max_upload_bytes, report_base=report_base)
+    state = ApiState(db_path, max_upload_bytes=max_upload_bytes, report_base=report_base, models=models)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -106,7 +115,9 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
     if fallback is not None:
         routes.append(Mount("/", app=fallback))
     limiter = RateLimiter(rate_limit_rpm, rate_limit_burst) if rate_limit_rpm else None
-    middleware = [Middleware(Access, store=state.store, require_key=require_key, limiter=limiter)]
+    middleware = [Middleware(HostGuard, allowed_hosts=allowed_hosts),
+                  Middleware(Access, store=state.store, require_key=require_key, limiter=limiter,
+                             loopback_role=loopback_role)]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=HANDLERS, lifespan=lifespan)
     app.state.api = state
     return app

@@ -246,7 +246,11 @@ def routes(state: "ApiState") -> list[Route]:
         return JSONResponse(job_object(state.store().api_get("api_fine_tuning_jobs", row["id"])))
 
     async def create(request: Request) -> Response:
+        from flywheel.api.model_access import resolve_model
+
         body = parse_json_object(await read_body(request, state.max_upload_bytes))
+        if body.get("model") is not None:  # the base: one this caller may name (docs/security.md)
+            resolve_model(state.store(), body["model"], caller(request), state.models, param="model")
         job = create_job(state.store(), body, caller(request).project)
         state.notify()
         return JSONResponse(job)

@@ -143,6 +143,14 @@ def routes(state: "ApiState") -> list[Route]:
             rows = read_rows(state, field(body, "file_id", str, required=True), "file_id", caller(request).project)
             if not all(isinstance(r.get("item"), dict) for r in rows):
                 raise invalid("file_id: the items file must hold {\"item\": {...}} lines (purpose evals).", "file_id")
+            from flywheel.api.model_access import check_spec
+
+            # every model the specs name goes through the server's registry (docs/security.md)
+            who = caller(request)
+            body = {**body, "eval_spec": check_spec(store, field(body, "eval_spec", dict, required=True), who,
+                                                    state.models, param="eval_spec"),
+                    "run_spec": check_spec(store, field(body, "run_spec", dict, required=True), who, state.models,
+                                           param="run_spec")}
             path = write_specs(store.artefact_dir / "api" / "wheel" / run_id, body, [r["item"] for r in rows])
         check_specs(path)
         row = {"id": run_id, "created_at": now(), "status": "queued", "spec_path": str(path),
