@@ -22,12 +22,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from flywheel.api import chat, evals, files, fine_tuning, graders_api, wheel_runs
-from flywheel.api.access import Access
+from flywheel.api.access import LOOPBACK_ROLES, Access
 from flywheel.api.errors import HANDLERS
 from flywheel.api.jobs import JobQueue
 from flywheel.api.limits import RateLimiter
 from flywheel.api.model_access import ServerModels
 from flywheel.api.workers import WorkerProcesses, runners
+from flywheel.errors import FlywheelError
 from flywheel.store import Store
 from flywheel.web import ApiError, HostGuard
 
@@ -83,6 +84,8 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
     (`none`: nothing); `allowed_hosts`: the Host / Origin names the port answers for, API and pages
     alike (default: loopback names; "*": any). See docs/security.md.
     """
+    if loopback_role not in LOOPBACK_ROLES:
+        raise FlywheelError(f"loopback role must be one of {', '.join(LOOPBACK_ROLES)}, got {loopback_role!r}")
     Store.open(db_path).close()  # fail now (and migrate) rather than on the first request
     state = ApiState(db_path, max_upload_bytes=max_upload_bytes, report_base=report_base, models=models)
 
