@@ -148,8 +148,11 @@ class HostGuard:
             if origin == "null" and scope["method"] not in ("GET", "HEAD"):
                 refused = "Origin"
             if refused:
-                response = ApiError(400, f"{refused} header names a host this server does not answer for (start it "
-                                    "with --allowed-host NAME to allow one).", code="invalid_host").response()
+                # a foreign Host is a bad request (400, as starlette's TrustedHostMiddleware); a foreign
+                # Origin, a cross-site request refused (403)
+                response = ApiError(400 if refused == "Host" else 403, f"{refused} header names a host this "
+                                    "server does not answer for (start it with --allowed-host NAME to allow one).",
+                                    code="invalid_host" if refused == "Host" else "invalid_origin").response()
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -22,9 +22,11 @@ overriding the server's.
 from __future__ import annotations
 
 import hashlib
+import http.cookies
 import json
 import re
 import secrets
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +128,7 @@ class Access:
         self.require_key = require_key
         self.loopback = None if loopback_role == "none" else Caller(DEFAULT_PROJECT, loopback_role)
         self.limiter = limiter or RateLimiter(None)  # without a server limit, keys' own `rpm` still apply
+        self.sessions: dict[str, str] = {}  # page session id -> key hash (a restart logs everyone out)
 
     def identify(self, scope: dict[str, Any]) -> tuple[Caller | None, dict[str, Any] | None, str]:
         """(caller or None for a 401, the key row, the presented key)."""
@@ -135,7 +138,8 @@ class Access:
                 auth = value.decode("latin-1")
                 break
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        row = self.store().api_key_by_hash(hash_key(key)) if key else None
+        key_hash = hash_key(key) if key else self.sessions.get(_cookie(scope, SESSION_COOKIE) or "")
+        row = self.store().api_key_by_hash(key_hash) if key_hash else None
         if row is not None:
             return Caller(row.get("project") or DEFAULT_PROJECT, row.get("role") or "member", row["id"]), row, key
         client = (scope.get("client") or ("", 0))[0]
@@ -144,8 +148,11 @@ class Access:
         return self.loopback, None, key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if not scope["path"].startswith("/v1"):
+            await self.pages(scope, receive, send)
             return
         who, row, key = self.identify(scope)
         refusal = None
@@ -192,3 +199,81 @@ class Access:
             await send(message)
 
         await self.app(scope, receive, send_with_limits)
+
+    # -- the pages on the same port (the review app): the same keys, projects and roles ---------------
+    async def pages(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Guard a page request: `/login` takes a key and sets an HttpOnly, SameSite=Strict session
+        cookie; every other page needs that cookie, a bearer key or a keyless loopback role, and
+        shows the caller's project only (`flywheel.project` in the scope)."""
+        if scope["path"] == "/login":
+            await self.login(scope, receive, send)
+            return
+        if scope["path"] == "/logout" and scope["method"] == "POST":
+            self.sessions.pop(_cookie(scope, SESSION_COOKIE) or "", None)
+            await _page(send, 303, "", [(b"location", b"/login"), (b"set-cookie", _session_cookie("", 0))])
+            return
+        who, _, _ = self.identify(scope)
+        if who is None:
+            if scope["method"] in ("GET", "HEAD"):
+                await _page(send, 303, "", [(b"location", b"/login")])
+            else:
+                await _page(send, 401, _LOGIN_FORM.format(message="Log in with an API key first."))
+            return
+        scope["flywheel.caller"] = who
+        scope["flywheel.project"] = who.project
+        scope["flywheel.role"] = who.role
+        await self.app(scope, receive, send)
+
+    async def login(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] != "POST":
+            await _page(send, 200, _LOGIN_FORM.format(message=""))
+            return
+        body, more = b"", True
+        while more and len(body) <= 4096:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        key = urllib.parse.parse_qs(body[:4096].decode("latin-1")).get("key", [""])[0].strip()
+        row = self.store().api_key_by_hash(hash_key(key)) if key else None
+        if row is None:
+            client = (scope.get("client") or ("local", 0))[0]
+            decision = self.limiter.take(f"addr:{client}", None)
+            status = 429 if decision is not None and not decision.allowed else 401
+            await _page(send, status, _LOGIN_FORM.format(
+                message="Too many attempts: wait a minute." if status == 429 else "Incorrect API key."))
+            return
+        session = secrets.token_urlsafe(32)
+        self.sessions[session] = hash_key(key)
+        await _page(send, 303, "", [(b"location", b"/"), (b"set-cookie", _session_cookie(session, 12 * 3600))])
+
+
+SESSION_COOKIE = "flywheel_session"
+_LOGIN_FORM = ("<!doctype html><meta charset=utf-8><title>Flywheel: log in</title><h1>Log in</h1><p>{message}</p>"
+               "<form method=post action=/login><label>API key <input name=key type=password "
+               "autocomplete=off></label> <button>Log in</button></form>")
+
+
+def _cookie(scope: dict[str, Any], name: str) -> str | None:
+    for header, value in scope["headers"]:
+        if header == b"cookie":
+            jar = http.cookies.SimpleCookie()
+            try:
+                jar.load(value.decode("latin-1"))
+            except http.cookies.CookieError:
+                return None
+            if name in jar:
+                return jar[name].value
+    return None
+
+
+def _session_cookie(value: str, max_age: int) -> bytes:
+    return f"{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}".encode()
+
+
+async def _page(send: Any, status: int, html: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = html.encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+        (b"content-security-policy", b"default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
+        (b"cache-control", b"no-store"), *headers]})
+    await send({"type": "http.response.body", "body": body})

@@ -128,16 +128,36 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
 
 def serve_api(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, workers: int = 1,
               review: bool = False, reviewer: str | None = None, rate_limit_rpm: int | None = None,
-              rate_limit_burst: int | None = None, worker_processes: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the API (and the review app beside it) until interrupted; keys are required off loopback."""
-    from flywheel.report.review_app import LOOPBACK, create_app
-    from flywheel.web import bind_socket, page_url, serve_forever
+              rate_limit_burst: int | None = None, worker_processes: bool = False,
+              on_ready: Callable[[str], None] | None = None, loopback_role: str = "admin",
+              providers: str | None = None, allowed_hosts: list[str] | None = None) -> None:
+    """Run the API (and the review app beside it, behind the same keys) until interrupted; keys are
+    required off loopback. `providers`: the file of models API callers may name
+    (`flywheel.api.model_access`); `allowed_hosts`: the Host names clients use (default: loopback
+    names on a loopback bind, the bind address otherwise; a wildcard bind needs them)."""
+    import ipaddress
 
-    local = host in LOOPBACK
-    pages = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=None if local else ["*"])
+    from flywheel.api.model_access import load_server_models
+    from flywheel.report.review_app import create_app
+    from flywheel.web import bind_socket, is_loopback, page_url, serve_forever
+
+    local = is_loopback(host)
+    if not allowed_hosts and not local:
+        try:
+            wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+        except ValueError:
+            wildcard = False
+        if wildcard:
+            raise FlywheelError(f"listening on {host} needs --allowed-host NAME (each name clients use to reach "
+                                "this server; the Host and Origin checks refuse the others)")
+        allowed_hosts = [host]
+    models = load_server_models(providers)
+    # the pages' own host check is the port's (HostGuard, before the keys)
+    pages = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=["*"])
     app = create_api_app(db_path, require_key=not local, workers=workers, fallback=pages, report_base="/",
                          rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst,
-                         worker_processes=worker_processes)
+                         worker_processes=worker_processes, models=models, loopback_role=loopback_role,
+                         allowed_hosts=allowed_hosts)
     sock = bind_socket(host, port)
     if on_ready is not None:
         on_ready(page_url(host, sock))
