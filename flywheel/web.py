@@ -74,7 +74,7 @@ EXCEPTION_HANDLERS = {HTTPException: _http_exception, ApiError: _api_error, Exce
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than `limit` bytes with a 413 before reading it all."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit of {limit} bytes",
                        code="request_too_large")
     chunks, size = [], 0
@@ -87,15 +87,88 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong with it."""
+def size_limited(request: Request, limit: int) -> Request:
+    """The request with a body that refuses (413) past `limit` bytes as it streams in, for a parser
+    that reads the body itself (a multipart form spooling its files to disk)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit of {limit} bytes",
+                       code="request_too_large")
+    seen = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal seen
+        message = await request.receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+        return message
+
+    return Request(request.scope, receive)
+
+
+# -- parsing what a client sends: the one door for bodies and parameters ---------------------------
+MAX_JSON_DEPTH = 64  # deeper is no request a client means; Python's own limit would be a 500
+MAX_INT = 2**53  # the largest integer every JSON reader agrees on; SQLite's limit is 2**63 - 1
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """The body as a JSON object (no NaN / Infinity, nested at most `max_depth` deep), or a 400 that
+    says what is wrong with it; the size is `read_body`'s limit."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(400, f"request body is nested deeper than {max_depth} levels", code="invalid_json") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, NaN, a 5,000-digit integer
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    if json_depth(body) > max_depth:
+        raise ApiError(400, f"request body is nested deeper than {max_depth} levels", code="invalid_json")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """How deep containers nest in a parsed JSON value (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_count(raw: str | None, param: str, *, low: int, high: int, default: int | None = None) -> int | None:
+    """A query parameter that is an integer: ASCII digits only (not '²' or '٣', which `isdigit`
+    passes), from `low` to `high`; a 400 naming `param` otherwise. Absent: `default`."""
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or not low <= int(raw) <= high:
+        raise ApiError(400, f"{param} must be an integer from {low} to {high}, got {raw[:40]!r}.", param=param)
+    return int(raw)
+
+
+def parse_cursor(raw: str | None, prefix: str, param: str) -> int | None:
+    """The number in an id such as `ftevent-12` (a list's `after`), within what the store holds; a
+    400 naming `param` otherwise."""
+    if raw is None or raw == "":
+        return None
+    digits = raw[len(prefix):] if raw.startswith(prefix) else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+        raise ApiError(400, f"{param} must be an id of the form {prefix}N, got {raw[:60]!r}.", param=param)
+    return int(digits)
+
+
+def bounded_int(value: Any, param: str, *, low: int = 0, high: int = MAX_INT) -> int:
+    """A body field that must be an integer from `low` to `high` (not a bool, not 1e20); a 400 naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, f"{param} must be an integer from {low} to {high}, got {str(value)[:40]}.", param=param)
+    return value
 
 
 # -- who may talk to the port ----------------------------------------------------------------------

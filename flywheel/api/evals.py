@@ -273,8 +273,9 @@ def routes(state: "ApiState") -> list[Route]:
     def item_id(value: str | None, param: str) -> int | None:
         if value is None:
             return None
-        if not value.startswith("outputitem_") or not value[11:].isdigit():
-            raise not_found("output item", value, param)
+        if not value.startswith("outputitem_") or not (value[11:].isascii() and value[11:].isdigit()
+                                                       and len(value) <= 29):
+            raise not_found("output item", value[:60], param)
         return int(value[11:])
 
     async def list_items(request: Request) -> Response:

@@ -31,7 +31,7 @@ from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, new_id, now, unix_seconds
-from flywheel.web import ApiError, parse_json_object, read_body
+from flywheel.web import ApiError, parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
@@ -180,9 +180,7 @@ def routes(state: "ApiState") -> list[Route]:
     async def events(request: Request) -> Response:
         row = get_row(request)
         after, limit, order = page_args(request, default_order="asc", max_limit=1000)
-        if after is not None and not (after.startswith("fwevent-") and after[8:].isdigit()):
-            raise invalid(f"after must be an event id (fwevent-N), got {after!r}.", "after")
-        rows, more = state.store().api_events(row["id"], after=int(after[8:]) if after else None, limit=limit,
+        rows, more = state.store().api_events(row["id"], after=parse_cursor(after, "fwevent-", "after"), limit=limit,
                                               newest_first=order == "desc")
         return JSONResponse(page([{"object": "flywheel.run.event", "id": f"fwevent-{e['id']}",
                                    "created_at": unix_seconds(e["created_at"]), "level": e["level"], "message": e["message"]}
