@@ -284,9 +284,10 @@ def routes(state: "ApiState") -> list[Route]:
         status = request.query_params.get("status")
         if status not in (None, "pass", "fail"):
             raise invalid("status must be 'pass' or 'fail'.", "status")
+        after_id = item_id(after, "after")
         if not run.get("iteration_id"):
             return JSONResponse(page([], False))
-        rows, more = state.store().output_items(run["iteration_id"], after=item_id(after, "after"), limit=limit,
+        rows, more = state.store().output_items(run["iteration_id"], after=after_id, limit=limit,
                                                 order=order, status=status)
         criteria = json.loads(evaluation["testing_criteria_json"])
         return JSONResponse(page([output_item_object(r, run, criteria) for r in rows], more))
