@@ -268,3 +268,30 @@ def test_invalid_keys_are_rate_limited_per_client_address(tmp_path):
         assert codes[:2] == [401, 401] and codes[2:] == [429, 429]
         # a valid key has its own bucket
         assert http.get(server.url + "/v1/evals", headers={"Authorization": f"Bearer {key_a}"}).status_code == 200
+
+
+def test_serve_security_options_reach_the_server(tmp_path):
+    import signal
+
+    from test_api_jobs import start_server
+
+    providers = tmp_path / "providers.yaml"
+    providers.write_text("local_bases: []\n", encoding="utf-8")
+    proc, url = start_server(tmp_path / "s.db", "--loopback-role", "reader", "--providers", str(providers),
+                             "--allowed-host", "127.0.0.1")
+    try:
+        with httpx.Client() as http:
+            assert http.get(url + "/v1/evals").status_code == 200
+            assert http.post(url + "/v1/evals", json={}).status_code == 403  # a reader, not the old admin
+            assert http.get(url + "/v1/health", headers={"Host": "localhost"}).status_code == 400  # not listed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("openai: [{base_url: x}]\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["serve", "--api", "--db", str(tmp_path / "s.db"), "--providers", str(bad)])
+    assert result.exit_code == 1 and "bad.yaml: openai.0.api_key_env" in result.output
+    result = CliRunner().invoke(main, ["serve", "--api", "--db", str(tmp_path / "s.db"), "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and "--allowed-host" in result.output
+    result = CliRunner().invoke(main, ["serve", "--db", str(tmp_path / "s.db"), "--loopback-role", "none"])
+    assert result.exit_code == 2 and "need --api" in result.output
