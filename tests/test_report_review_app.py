@@ -212,6 +212,7 @@ def test_on_the_api_port_the_pages_need_a_key_and_show_its_project_only(store):
         cookie = headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
         session = {"Cookie": cookie.split(";", 1)[0]}
+        assert request(server, "GET", "/v1/evals", headers=session)[0] == 401  # /v1 takes bearer keys only
         status, _, html = request(server, "GET", "/", headers=session)
         assert status == 200 and mine["run_id"] in html
         assert theirs["run_id"] not in html and cli_run["run_id"] not in html

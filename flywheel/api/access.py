@@ -130,15 +130,16 @@ class Access:
         self.limiter = limiter or RateLimiter(None)  # without a server limit, keys' own `rpm` still apply
         self.sessions: dict[str, str] = {}  # page session id -> key hash (a restart logs everyone out)
 
-    def identify(self, scope: dict[str, Any]) -> tuple[Caller | None, dict[str, Any] | None, str]:
-        """(caller or None for a 401, the key row, the presented key)."""
+    def identify(self, scope: dict[str, Any], cookie: bool = False) -> tuple[Caller | None, dict[str, Any] | None, str]:
+        """(caller or None for a 401, the key row, the presented key); `cookie`: a page session counts
+        (pages only: `/v1` takes bearer keys, so no browser can be made to call it with a session)."""
         auth = ""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 auth = value.decode("latin-1")
                 break
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        key_hash = hash_key(key) if key else self.sessions.get(_cookie(scope, SESSION_COOKIE) or "")
+        key_hash = hash_key(key) if key else self.sessions.get(_cookie(scope, SESSION_COOKIE) or "") if cookie else None
         row = self.store().api_key_by_hash(key_hash) if key_hash else None
         if row is not None:
             return Caller(row.get("project") or DEFAULT_PROJECT, row.get("role") or "member", row["id"]), row, key
@@ -212,7 +213,7 @@ class Access:
             self.sessions.pop(_cookie(scope, SESSION_COOKIE) or "", None)
             await _page(send, 303, "", [(b"location", b"/login"), (b"set-cookie", _session_cookie("", 0))])
             return
-        who, _, _ = self.identify(scope)
+        who, _, _ = self.identify(scope, cookie=True)
         if who is None:
             if scope["method"] in ("GET", "HEAD"):
                 await _page(send, 303, "", [(b"location", b"/login")])
