@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,35 +81,14 @@ def baseline(name: str, mode: str) -> tuple[str, str]:
 
 def throughput(n: int = 1000) -> tuple[float, ...]:
     """Grades/s with one reused worker, then with a new worker per grade: this sandbox and git
-    main's (same run, same grader; best of 3 interleaved rounds)."""
-    import graders
+    main's (same run, same grader; best of 3 interleaved rounds). benchmarks/sandbox_throughput.py
+    has the fuller table (ms/grade and the fork floor)."""
     import graders.python_sandbox as new
+    from sandbox_throughput import grade_rate, sandbox_at
 
-    old_dir = Path(tempfile.mkdtemp(prefix="sandbox-main-"))
-    for name in ("python_sandbox.py", "sandbox_worker.py"):
-        text = subprocess.run(["git", "show", f"main:graders/{name}"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout
-        (old_dir / name).write_text(text)
-    spec = importlib.util.spec_from_file_location("main_python_sandbox", old_dir / "python_sandbox.py")
-    old = importlib.util.module_from_spec(spec)
-    sys.modules["main_python_sandbox"] = old
-    spec.loader.exec_module(old)
-    cfg = graders.parse_grader({"type": "python", "name": "py", "source":
-                                "def grade(sample, item):\n    return float(item['label'] in sample['output_text'])\n"})
-    sample, item = graders.make_sample("my card has not arrived"), {"label": "card"}
-
-    def rate(module, reuse: bool = True) -> float:
-        g = module.PythonGrader(cfg, sandbox=module.SandboxLimits(workers=1, reuse_workers=reuse))
-        g.grade(sample, item)
-        count = n if reuse else n // 50
-        start = time.perf_counter()
-        for _ in range(count):
-            g.grade(sample, item)
-        seconds = time.perf_counter() - start
-        g.close()
-        return count / seconds
-
-    rows = [(rate(new), rate(old), rate(new, False), rate(old, False)) for _ in range(3)]  # interleaved
+    old = sandbox_at("main")
+    rows = [(grade_rate(new, n), grade_rate(old, n), grade_rate(new, n // 50, reuse=False),
+             grade_rate(old, n // 50, reuse=False)) for _ in range(3)]  # interleaved
     return tuple(max(r[i] for r in rows) for i in range(4))
 
 

@@ -25,10 +25,17 @@ class FlywheelGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FlywheelError as exc:
-            lines = str(exc).splitlines() or [type(exc).__name__]
-            for line in lines:
-                click.echo(f"error: {line}", err=True)
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                _echo(f"error: {line}", err=True)
             ctx.exit(1)
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """click.echo for lines people read: text from files, stores, models or callers in them shows
+    its control characters escaped (safe_terminal_text) instead of driving the terminal."""
+    from flywheel.report.console import safe_terminal_text
+
+    click.echo(safe_terminal_text(text, markup=False), err=err)
 
 
 @click.group(cls=FlywheelGroup)
@@ -100,11 +107,11 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, executor
 def optimize_command(spec_path, overrides, db, as_json):
     """Search prompts for SPEC (its `optimize:` block): variants, few-shot, rewrites; paired tests."""
     from flywheel.optimize import optimize_prompt
-    from flywheel.report.console import console, print_optimize_result
+    from flywheel.report.console import print_optimize_result
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    log = None if as_json else (lambda message: console.print(message, highlight=False, markup=False))
+    log = None if as_json else _echo
     with _store_at(db) as store:
         result = optimize_prompt(spec, store, command=" ".join(sys.argv), log=log)
     if as_json:
@@ -123,7 +130,7 @@ def optimize_command(spec_path, overrides, db, as_json):
 @json_option
 def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
     """Turn the wheel on SPEC (a run spec) toward --target: prompts, capture, SFT, DPO, RFT."""
-    from flywheel.report.console import console, print_wheel_result
+    from flywheel.report.console import print_wheel_result
     from flywheel.run_spec import load_run_spec
     from flywheel.wheel import WheelState, run_wheel
 
@@ -135,7 +142,7 @@ def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
             if not spec_path:
                 raise FlywheelError(f"{resume}: the run does not record its run spec; pass SPEC")
         run_spec = load_run_spec(spec_path, list(overrides) + ([f"target={target}"] if target is not None else []))
-        log = None if as_json else (lambda message: console.print(message, highlight=False, markup=False))
+        log = None if as_json else _echo
         result = run_wheel(run_spec, store, resume=resume, report_dir=report_dir, command=" ".join(sys.argv), log=log)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -213,7 +220,7 @@ def serve_model_command(model_ref, host, port, name, batch_size, max_wait_ms, op
     from flywheel.model_server import serve_model
 
     def ready(served, url):
-        click.echo(f"serving {model_ref} as model {served!r} at {url}  (Ctrl-C stops)", err=True)
+        _echo(f"serving {model_ref} as model {served!r} at {url}  (Ctrl-C stops)", err=True)
 
     serve_model(model_ref, options=_options(options), host=host, port=port, name=name,
                 batch_size=batch_size, max_wait_ms=max_wait_ms, on_ready=ready)
@@ -247,7 +254,7 @@ def proxy_command(upstream, host, port, timeout, max_body_mb, max_concurrency, m
     db_path = db or default_db_path()
 
     def ready(upstream_url, url):
-        click.echo(f"proxying {url} -> {upstream_url}, recording into {db_path}  (Ctrl-C stops)", err=True)
+        _echo(f"proxying {url} -> {upstream_url}, recording into {db_path}  (Ctrl-C stops)", err=True)
 
     run_proxy(upstream, db_path=db_path, host=host, port=port, timeout=timeout,
               max_body_bytes=int(max_body_mb * 1024 * 1024), max_concurrency=max_concurrency,
@@ -315,7 +322,7 @@ def captures_export(output, metadata, since, until, model, redact, record_set, d
         click.echo(json.dumps(result.to_dict()))
     else:
         replaced = f", {result.redaction['replaced']} PII entities replaced" if result.redaction else " (not redacted)"
-        click.echo(f"wrote {result.written} examples to {result.path}{replaced}"
+        _echo(f"wrote {result.written} examples to {result.path}{replaced}"
                    + (f"; training set {result.training_set_id}" if result.training_set_id else ""))
 
 
@@ -334,7 +341,7 @@ def captures_delete(ids, metadata, before, dry_run, db, as_json):
     with _store_at(db) as store:
         result = delete_captures(store, ids=ids, metadata=parse_metadata_filters(metadata),
                                  before=parse_when(before, option="--before"), dry_run=dry_run)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
+    _echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
 
 @main.command("report")
@@ -365,7 +372,7 @@ def report_command(run_ids, output, a, b, db, as_json):
             raise click.UsageError("a search report takes one search id")
         with _store_at(db) as store:
             path = write_search_report(store, run_ids[0], output)
-        click.echo(json.dumps({"path": str(path)}) if as_json else f"wrote {path}")
+        _echo(json.dumps({"path": str(path)}) if as_json else f"wrote {path}")
         return
     from flywheel.report.compare import resolve_run_ids
 
@@ -374,7 +381,7 @@ def report_command(run_ids, output, a, b, db, as_json):
     if as_json:
         click.echo(json.dumps(asdict(result)))
     else:
-        click.echo(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB, {result.iterations} iterations, "
+        _echo(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB, {result.iterations} iterations, "
                    f"{result.samples} samples) in {result.seconds:.1f}s")
 
 
@@ -394,7 +401,7 @@ def export_tracking_command(run_id, to, folder, mlflow_uri, experiment, db, as_j
 
     with _store_at(db) as store:
         result = export_tracking(store, run_id, to, folder=folder, mlflow_uri=mlflow_uri, experiment=experiment)
-    click.echo(result.model_dump_json(indent=2) if as_json else "\n".join(result.summary_lines()))
+    click.echo(result.model_dump_json(indent=2)) if as_json else _echo("\n".join(result.summary_lines()))
 
 
 @main.command("serve")
@@ -440,15 +447,15 @@ def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_b
                   rate_limit_burst=rate_burst, worker_processes=worker_processes, loopback_role=loopback_role,
                   providers=providers, allowed_hosts=list(allowed_hosts) or None,
                   reviewer=reviewer or (os.environ.get("USER") if review else None),
-                  on_ready=lambda url: click.echo(f"serving the API at {url}v1 and reports at {url} "
+                  on_ready=lambda url: _echo(f"serving the API at {url}v1 and reports at {url} "
                                                   f"({workers} workers; Ctrl-C stops)", err=True))
         return
     if not is_loopback(host):
-        click.echo(f"warning: listening on {host}: anyone who can reach it can read this store"
+        _echo(f"warning: listening on {host}: anyone who can reach it can read this store"
                    + (" and write reviews" if review else ""), err=True)
 
     def ready(url):
-        click.echo(f"serving {db_path} at {url} ({'reviewing' if review else 'read-only'}; Ctrl-C stops)", err=True)
+        _echo(f"serving {db_path} at {url} ({'reviewing' if review else 'read-only'}; Ctrl-C stops)", err=True)
 
     serve_reports(db_path, host=host, port=port, review=review,
                   reviewer=reviewer or (os.environ.get("USER") if review else None), on_ready=ready)
@@ -495,7 +502,7 @@ def capture_command(spec_path, teacher, n, temperature, prompt, limit, options, 
     else:
         where, check = ("unlabelled inputs", "agree with their majority") if inputs_path else ("train items",
                                                                                               "pass every grader")
-        click.echo(f"capture {result.id}: {result.n_samples} samples from {teacher} ({result.n} per item, "
+        _echo(f"capture {result.id}: {result.n_samples} samples from {teacher} ({result.n} per item, "
                    f"{result.n_items} {where}): {result.n_passed} {check} ({result.pass_rate:.1%}), "
                    f"{result.items_with_pass} items have an accepted output, {result.n_errors} errors")
 
@@ -537,27 +544,30 @@ def _train_command(method):
     def command(spec_paths, weights, base, config_path, settings, data, splits, no_eval, options, db, as_json,
                 launcher, num_processes, accelerate_config, cpu, resume, search_path, trials, sampler, wall_s,
                 **set_options):
-        from flywheel.spec import load_eval_spec
-        from flywheel.train import load_train_config, train
+        from pathlib import Path
 
-        if launcher == "local" and (num_processes or accelerate_config or cpu):
-            raise click.UsageError("--num-processes, --accelerate-config and --cpu need --launcher accelerate")
+        from pydantic import ValidationError
+
+        from flywheel.spec import load_eval_spec
+        from flywheel.train import TrainRequest, load_train_config, run
+        from flywheel.train.launch import LaunchSpec
+        from flywheel.train.run import check_launch
+
+        try:  # the launcher rules live with LaunchSpec (a weight stage's `launcher` too)
+            launch = LaunchSpec(kind=launcher, num_processes=num_processes, config_file=accelerate_config, cpu=cpu)
+        except ValidationError as exc:
+            raise click.UsageError(_launch_flags(exc.errors()[0]["msg"].removeprefix("Value error, "))) from None
         if not search_path and (trials or sampler or wall_s):
             raise click.UsageError("--trials, --sampler and --wall-s need --search")
-        if search_path and (launcher != "local" or no_eval):
-            raise click.UsageError("--search trains here and scores every trial on valid: drop --launcher/--no-eval")
-        if launcher == "accelerate":  # the same command, on every process of `accelerate launch`
-            from flywheel.train.launch import LaunchSpec, launch_training
-
-            launch = LaunchSpec(launcher=launcher, num_processes=num_processes, accelerate_config=accelerate_config,
-                                cpu=cpu)
-            launch_training(launch, ["train", method.name, *_forwarded_args(click.get_current_context(), _LAUNCH)])
-            return
+        if search_path and no_eval:
+            raise click.UsageError("--search scores every trial on valid: drop --no-eval")
         if resume and (base or data or settings or config_path or len(spec_paths) > 1):
             raise click.UsageError("--resume continues one job with its own base, data and config: give its SPEC "
                                    "alone, without --base, --data, -s and -c")
         if not resume and not base:
             raise click.UsageError("give --base (or --resume JOB)")
+        launch = launch.resolved(Path.cwd())  # a missing config file is one clean error before anything starts
+        check_launch(launch, searching=search_path is not None)
         specs = [load_eval_spec(path) for path in spec_paths]
         weight_list = _weights(weights, len(specs))
         if weight_list and len(specs) == 1:
@@ -580,15 +590,17 @@ def _train_command(method):
                 from flywheel.train.multi import train_multi
 
                 result = train_multi(method.name, specs, store, base=base, weights=weight_list, config=config,
-                                     evaluate=not no_eval, splits=splits, quiet=as_json, **set_options)
+                                     evaluate=not no_eval, splits=splits, quiet=as_json, launch=launch,
+                                     **set_options)
             else:
-                result = train(method.name, specs[0], store, base=base, config=config, data=data,
-                               evaluate=not no_eval, splits=splits, quiet=as_json, hosted_options=_options(options),
-                               resume=resume, search=search, log=None if as_json else lambda line: click.echo(line, err=True),
-                               **set_options)
+                result = run(TrainRequest(
+                    method=method.name, spec=specs[0], store=store, base=base, config=config, data=data,
+                    set_options=set_options, evaluate=not no_eval, splits=splits, resume=resume, search=search,
+                    launch=launch, hosted_options=_options(options), quiet=as_json,
+                    log=None if as_json else lambda line: _echo(line, err=True)))
         if result is None:  # a non-main process under accelerate launch
             return
-        click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
+        _echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
     options = [
         click.argument("spec_paths", metavar="SPEC...", nargs=-1, required=True, type=click.Path(dir_okay=False)),
@@ -628,7 +640,12 @@ def _train_command(method):
 
 
 
-_LAUNCH = ("launcher", "num_processes", "accelerate_config", "cpu")
+def _launch_flags(message: str) -> str:
+    """A LaunchSpec rule in the words of `flywheel train`'s options."""
+    for field, flag in (("num_processes", "--num-processes"), ("config_file", "--accelerate-config"),
+                        ("cpu", "--cpu"), ("kind: accelerate", "--launcher accelerate")):
+        message = message.replace(field, flag)
+    return message.replace(", --cpu and main_process_port", " and --cpu")
 
 
 def _weights(text: str | None, n_specs: int) -> list[float] | None:
@@ -646,22 +663,6 @@ def _weights(text: str | None, n_specs: int) -> list[float] | None:
     return weights
 
 
-def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
-    """The command line that reproduces this command's parsed parameters, less those in `drop`."""
-    args: list[str] = []
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if param.name in drop or value is None:
-            continue
-        if isinstance(param, click.Argument):
-            args += [str(v) for v in value] if param.nargs == -1 else [str(value)]
-        elif getattr(param, "is_flag", False):
-            args += [param.opts[0]] if value else []
-        else:
-            args += [part for v in (value if param.multiple else [value]) for part in (param.opts[0], str(v))]
-    return args
-
-
 @train_group.command("export")
 @click.argument("kind", metavar="METHOD")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
@@ -674,13 +675,14 @@ def _forwarded_args(ctx: click.Context, drop: tuple[str, ...]) -> list[str]:
 def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin, db, as_json):
     """Build a training set from the store, record it, and write it as platform JSONL (and HF)."""
     from flywheel.spec import load_eval_spec
-    from flywheel.train import build_training_set, record_training_set, to_hf_dataset, training_method
+    from flywheel.train import record_training_set, to_hf_dataset, training_method
 
     spec = load_eval_spec(spec_path)
     with _store_at(db) as store:
         options = {"min_score": min_score, "min_margin": min_margin, "max_per_item": 1}
-        training_set = record_training_set(store, build_training_set(
-            kind, spec, store, **{k: options[k] for k in training_method(kind).set_options}))
+        method = training_method(kind)
+        training_set = record_training_set(store, method.build_set(
+            spec, store, **{k: options[k] for k in method.set_options}))
     path = training_set.to_jsonl(output)
     with _store_at(db) as store:  # recorded, so that `captures delete` finds copies in it
         from flywheel.privacy.lineage import record_export
@@ -690,7 +692,7 @@ def train_export_command(kind, spec_path, output, hf_dir, min_score, min_margin,
         to_hf_dataset(training_set).save_to_disk(hf_dir)
     summary = {"id": training_set.id, "kind": kind, "rows": len(training_set), "path": str(path),
                "content_hash": training_set.content_hash, "hf": hf_dir, "source": training_set.source}
-    click.echo(json.dumps(summary, indent=2) if as_json else
+    _echo(json.dumps(summary, indent=2) if as_json else
                f"wrote {len(training_set)} {kind} rows to {path} (set {training_set.id})")
 
 
@@ -721,7 +723,7 @@ def graders_validate(path, as_json):
         click.echo(json.dumps(out, indent=2))
     else:
         for grader in out:
-            click.echo(f"ok  {grader.get('type')}  {grader.get('name')}")
+            _echo(f"ok  {grader.get('type')}  {grader.get('name')}")
 
 
 @graders_group.command("run")
@@ -786,7 +788,7 @@ def graders_calibrate(path, data_path, output_field, label_field, passing, judge
     if not no_save:
         with _store_at(db) as store:
             save_calibrations(store, results, configs, data_path=data_path, judge=judge)
-    click.echo(json.dumps([r.to_dict() for r in results], indent=2) if as_json
+    _echo(json.dumps([r.to_dict() for r in results], indent=2) if as_json
                else "\n".join(format_calibration(r) for r in results))
 
 
@@ -808,7 +810,7 @@ def keys_create_command(name, project, role, rpm, db):
 
     with _store_at(db) as store:
         key, key_id = create_key(store, name, project=project, role=role, rpm=rpm)
-    click.echo(f"created {key_id} ({role} of project {project!r}); the key (shown once):", err=True)
+    _echo(f"created {key_id} ({role} of project {project!r}); the key (shown once):", err=True)
     click.echo(key)
 
 
@@ -821,7 +823,7 @@ def keys_list_command(as_json, db):
 
     with _store_at(db) as store:
         keys = list_keys(store)
-    click.echo(json.dumps(keys, indent=2) if as_json else "\n".join(
+    _echo(json.dumps(keys, indent=2) if as_json else "\n".join(
         f"{k['id']}  {k['prefix']}…  {k['project']:<12} {k['role']:<7} rpm={k['rpm'] or '-'}"
         + ("  REVOKED" if k["revoked"] else "") + (f"  {k['name']}" if k["name"] else "") for k in keys))
 
@@ -835,7 +837,7 @@ def keys_revoke_command(key_id, db):
 
     with _store_at(db) as store:
         revoke_key(store, key_id)
-    click.echo(f"revoked {key_id}")
+    _echo(f"revoked {key_id}")
 
 
 @main.group("import")
@@ -854,7 +856,7 @@ def import_openai_eval_command(eval_path, items, run_path, out_dir):
     from flywheel.api.convert import import_openai_eval
 
     result = import_openai_eval(eval_path, list(items), out_dir=out_dir, run_path=run_path)
-    click.echo(f"wrote {result.spec_path} ({result.graders} graders) and {result.data_path} ({result.items} items)")
+    _echo(f"wrote {result.spec_path} ({result.graders} graders) and {result.data_path} ({result.items} items)")
 
 
 @import_group.command("openai-job")
@@ -879,7 +881,7 @@ def import_openai_job_command(job_path, training_path, validation_path, model, p
     if as_json:
         click.echo(json.dumps(job, indent=2))
         return
-    click.echo(f"queued {job['id']} ({job['method']['type']} on {job['model']}, project {project!r}); "
+    _echo(f"queued {job['id']} ({job['method']['type']} on {job['model']}, project {project!r}); "
                "`flywheel serve --api` runs it" + (f"; training config: {result.config_path}" if config_out else ""))
 
 
@@ -907,7 +909,7 @@ def export_model_command(model_ref, output, merge, quantize, dtype, force, as_js
     if parse_model_ref(model_ref)[2] and not merge:
         raise click.UsageError(f"{model_ref} has adapters: pass --merge to merge them into the weights")
     result = export_model(model_ref, output, quantize=quantize, dtype=dtype, overwrite=force)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
+    _echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
 
 @export_group.command("openai-eval")

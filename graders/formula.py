@@ -17,6 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
+MAX_FORMULA_CHARS = 2_000
+MAX_NESTING = 50  # parentheses, calls, unary signs and powers inside one another
+MAX_TREE_DEPTH = 200  # operations chained one inside another (a + b + c + ... counts each +)
+
+
 class FormulaError(ValueError):
     """A formula that does not parse, or whose value cannot be computed (division by zero, ...)."""
 
@@ -98,6 +103,12 @@ class _Parser:
         self.text = text
         self.tokens = tokenize(text)
         self.i = 0
+        self.depth = 0
+
+    def nest(self, tok: Token) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise FormulaError(f"the formula nests deeper than {MAX_NESTING} levels at position {tok.pos}")
 
     def peek(self) -> Token:
         return self.tokens[self.i]
@@ -138,11 +149,15 @@ class _Parser:
 
     def unary(self) -> Node:
         tok = self.peek()
-        if tok.kind == "op" and tok.text in ("-", "+"):
-            self.take()
-            operand = self.unary()
-            return ("neg", operand) if tok.text == "-" else operand
-        return self.power()
+        self.nest(tok)
+        try:
+            if tok.kind == "op" and tok.text in ("-", "+"):
+                self.take()
+                operand = self.unary()
+                return ("neg", operand) if tok.text == "-" else operand
+            return self.power()
+        finally:
+            self.depth -= 1
 
     def power(self) -> Node:
         base = self.atom()
@@ -154,7 +169,10 @@ class _Parser:
     def atom(self) -> Node:
         tok = self.take()
         if tok.kind == "num":
-            return ("num", float(tok.text))
+            value = float(tok.text)
+            if not math.isfinite(value):
+                raise FormulaError(f"the number at position {tok.pos} is too large")
+            return ("num", value)
         if tok.kind == "name":
             if self.peek().text == "(" and self.peek().kind == "op":
                 return self.call(tok)
@@ -202,6 +220,47 @@ def _variables(node: Node, out: list[str]) -> None:
 
 
 def _evaluate(node: Node, env: Mapping[str, float]) -> float:
+    """The node's value; FormulaError for any intermediate that is not a finite number."""
+    try:
+        value = _compute(node, env)
+    except (OverflowError, MemoryError):
+        raise FormulaError("an intermediate value is too large") from None
+    if not math.isfinite(value):
+        raise FormulaError(f"an intermediate value is not a finite number ({value})")
+    return value
+
+
+def _depth(tree: Node) -> int:
+    """How deep the tree is (counted without recursion: the tree may be deeper than the stack)."""
+    deepest, todo = 0, [(tree, 1)]
+    while todo:
+        node, depth = todo.pop()
+        deepest = max(deepest, depth)
+        children = [node[1]] if node[0] == "neg" else list(node[2:]) if node[0] == "bin" else \
+            node[2] if node[0] == "call" else []
+        todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _fold(node: Node) -> Node:
+    """Constant parts computed once, at parse time: a constant that overflows (`9^9^9^9`) is
+    refused when the formula is checked, not when the first sample is graded."""
+    kind = node[0]
+    if kind == "neg":
+        node = ("neg", _fold(node[1]))
+    elif kind == "bin":
+        node = ("bin", node[1], _fold(node[2]), _fold(node[3]))
+    elif kind == "call":
+        node = ("call", node[1], [_fold(a) for a in node[2]])
+    else:
+        return node
+    parts = [node[1]] if kind == "neg" else node[2:] if kind == "bin" else node[2]
+    if all(p[0] == "num" for p in parts):
+        return ("num", _evaluate(node, {}))
+    return node
+
+
+def _compute(node: Node, env: Mapping[str, float]) -> float:
     kind = node[0]
     if kind == "num":
         return node[1]
@@ -241,7 +300,12 @@ class Formula:
         """Parse `text`; FormulaError says what is wrong and where."""
         if not isinstance(text, str):
             raise FormulaError("the formula must be a string")
+        if len(text) > MAX_FORMULA_CHARS:
+            raise FormulaError(f"the formula is {len(text):,} characters long (at most {MAX_FORMULA_CHARS:,})")
         tree = _Parser(text).parse()
+        if _depth(tree) > MAX_TREE_DEPTH:
+            raise FormulaError(f"the formula chains more than {MAX_TREE_DEPTH} operations; split it into sub-graders")
+        tree = _fold(tree)
         names: list[str] = []
         _variables(tree, names)
         return cls(text, tree, tuple(names))

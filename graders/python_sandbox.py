@@ -10,13 +10,19 @@ nobody; rlimits; a seccomp filter (no processes, programs, sockets, or signals t
 any route); Python-level socket guards. Each layer falls back cleanly where the kernel refuses it,
 and `grade.details["sandbox"]` says what the worker got.
 
-The parent trusts nothing the worker sends: replies are capped (`MAX_REPLY_BYTES`), must answer the
-request's random id and have the reply's shape; a worker only runs one grader's source, and is
-retired when it holds unasked-for bytes or a thread user code left behind. It enforces the
-wall-clock limit. Every failure is a recorded `python_grader_runtime_error` grade, within the
-limit, and the parent keeps working: an exception, a non-numeric return, a timeout or infinite
-loop (the worker is killed and replaced), a crash, a fork bomb, a 10 GB allocation, a socket, a
-forged frame. A worker that cannot be started is a `python_grader_server_error`. Workers are reused
+The parent trusts nothing the worker sends: a frame is capped (`MAX_REPLY_BYTES`), parsed with
+depth and integer-length bounds (`parse_frame`) and validated (`WorkerReply`: types, finite score,
+bounded texts, no extra fields), and must answer the request's random id. User code never holds
+this channel: the worker runs each grade in a forked grading process that closes it first
+(sandbox_worker.py), so what user code forges reaches only its own result pipe, which the worker
+checks in turn. Tasks are capped by a pids cgroup (`pids.max`) where writable, else RLIMIT_NPROC
+under the dropped uid (it counts every task of that uid, so the cap is approximate there; as root
+without a privilege drop nothing caps threads). A worker only runs one grader's source, and is
+retired when it holds unasked-for bytes or a thread. It enforces the wall-clock limit. Every
+failure is a recorded `python_grader_runtime_error` grade, within the limit, and the parent keeps
+working: an exception, a non-numeric return, a timeout or infinite loop (the worker is killed and
+replaced), a crash, a fork bomb, 2,000 threads, a 10 GB allocation, a socket, a forged or
+malformed frame. A worker that cannot be started is a `python_grader_server_error`. Workers are reused
 between grades; `close()` stops them.
 """
 
@@ -25,8 +31,8 @@ from __future__ import annotations
 import glob
 import itertools
 import json
-import math
 import os
+import re
 import secrets
 import select
 import signal
@@ -43,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from graders.base import DEFAULT_PASS_THRESHOLD, Grader
 from graders.config import PythonGraderConfig
 from graders.grade import Grade, passes, shorten
@@ -51,6 +59,10 @@ WORKER_SCRIPT = Path(__file__).with_name("sandbox_worker.py")
 DATABASE_PATTERNS = ("*.db", "*.db-wal", "*.db-shm", "*.sqlite", "*.sqlite3")
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
 MAX_REPLY_BYTES = 1 << 20  # a real reply is a few KB (captured output is cut at 4,000 characters)
+MAX_REPLY_DEPTH = 4  # a reply is flat; the ready message's isolation report holds lists
+MAX_REPLY_INT_DIGITS = 20
+MAX_REPLY_TEXT = 10_000  # characters of error, stdout or stderr (the worker cuts them at 8,000 / 4,000)
+WORKER_TASKS = 4  # the worker's own tasks (main thread, orphan watchdog) and the grading process, plus one
 _KEPT_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "SYSTEMROOT")
 _registered_hidden: set[str] = set()
 
@@ -133,18 +145,20 @@ def _threads(status_fd: int | None) -> int | None:
         return None
 
 
-class MemoryCgroup:
-    """A memory cgroup (v2 memory.max or v1 memory.limit_in_bytes) for one worker: its limit covers
-    everything the worker's pages cost, tmpfs and kernel memory included. None where not writable."""
+class Cgroup:
+    """One controller's cgroup for one worker (v2 or v1): `memory` (memory.max or
+    memory.limit_in_bytes: everything the worker's pages cost, tmpfs and kernel memory included)
+    or `pids` (pids.max: every task, threads included). None where not writable."""
 
     _swept: set[str] = set()  # cgroup folders already cleared of dead parents' groups
+    LIMIT_FILES = {"memory": ("memory.max", "memory.limit_in_bytes"), "pids": ("pids.max", "pids.max")}
 
     def __init__(self, path: str, limit_file: str):
         self.path, self.limit_file = path, limit_file
 
     @classmethod
-    def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup | None":
-        for base, limit_file in cls._candidates():
+    def create(cls, controller: str, name: str, limit: int) -> "Cgroup | None":
+        for base, limit_file in cls._candidates(controller):
             if base not in cls._swept:
                 cls._swept.add(base)
                 _sweep(base, lambda path: os.rmdir(path))
@@ -155,18 +169,19 @@ class MemoryCgroup:
                 continue
             group = cls(path, limit_file)
             try:
-                group._write(limit_file, str(limit_bytes))
-                if os.path.exists(os.path.join(path, "memory.swap.max")):
+                group._write(limit_file, str(limit))
+                if controller == "memory" and os.path.exists(os.path.join(path, "memory.swap.max")):
                     group._write("memory.swap.max", "0")
-                elif os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
-                    group._write("memory.memsw.limit_in_bytes", str(limit_bytes))
+                elif controller == "memory" and os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
+                    group._write("memory.memsw.limit_in_bytes", str(limit))
                 return group
             except OSError:
                 group.remove()
         return None
 
-    @staticmethod
-    def _candidates() -> list[tuple[str, str]]:
+    @classmethod
+    def _candidates(cls, controller: str) -> list[tuple[str, str]]:
+        v2_file, v1_file = cls.LIMIT_FILES[controller]
         out = []
         try:
             lines = Path("/proc/self/cgroup").read_text().splitlines()
@@ -180,12 +195,12 @@ class MemoryCgroup:
             if controllers == "":
                 for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
                     try:
-                        if "memory" in Path(root, rel, "cgroup.subtree_control").read_text().split():
-                            out.append((os.path.join(root, rel), "memory.max"))
+                        if controller in Path(root, rel, "cgroup.subtree_control").read_text().split():
+                            out.append((os.path.join(root, rel), v2_file))
                     except OSError:
                         pass
-            elif "memory" in controllers.split(","):
-                out.append((os.path.join("/sys/fs/cgroup/memory", rel), "memory.limit_in_bytes"))
+            elif controller in controllers.split(","):
+                out.append((os.path.join("/sys/fs/cgroup", controller, rel), v1_file))
         return out
 
     def _write(self, name: str, value: str) -> None:
@@ -249,12 +264,10 @@ class Worker:
         os.mkdir(self.root)
         self.isolation: dict[str, Any] = {}
         self.proc: subprocess.Popen | None = None
-        self.cgroup: MemoryCgroup | None = None
+        self.cgroups: list[Cgroup] = []
         self.source: str | None = None  # a worker only ever runs one grader's source
         self.threads = 0
         self._status: int | None = None
-        self.tainted = False  # it sent a frame nobody asked for: never reuse it
-        self._previous: str | None = None
         self._start()
 
     def _env(self) -> dict[str, str]:
@@ -277,17 +290,18 @@ class Worker:
             raise WorkerFailed("start", f"cannot start a python grader worker: {e}") from None
         os.set_blocking(self.proc.stdin.fileno(), False)  # writes wait in select(), with a deadline
         limits = self.limits
-        if limits.cgroup and sys.platform.startswith("linux"):  # all of it: heap, tmpfs, kernel memory
+        memory = pids = None
+        if limits.cgroup and sys.platform.startswith("linux"):
             name = f"graders-sandbox-{os.getpid()}-{self.id}"
-            self.cgroup = MemoryCgroup.create(name, limits.memory_mb * 1024 * 1024)
-            if self.cgroup and not self.cgroup.add(self.proc.pid):
-                self.cgroup.remove()
-                self.cgroup = None
+            memory = self._join(Cgroup.create("memory", name, limits.memory_mb * 1024 * 1024))  # heap, tmpfs, kernel
+            # every task of the worker: its two, the grading process and what user code starts
+            pids = self._join(Cgroup.create("pids", name, limits.max_processes + WORKER_TASKS))
         setup = {
             "memory_mb": limits.memory_mb, "file_size_mb": limits.file_size_mb, "scratch_mb": limits.scratch_mb,
             "shm_mb": limits.shm_mb, "max_processes": limits.max_processes, "hidden": limits.all_hidden_paths(),
             "namespaces": limits.namespaces, "private_root": limits.private_root, "root": self.root,
             "drop_privileges": limits.drop_privileges, "seccomp": limits.seccomp,
+            "pids_cgroup": pids is not None,
         }
         try:
             self._send(setup, time.monotonic() + limits.startup_timeout_s)
@@ -295,10 +309,24 @@ class Worker:
         except WorkerFailed as e:
             self.kill()
             raise WorkerFailed("start", f"the python grader worker did not start: {e}") from None
-        self.isolation = ready.get("isolation", {}) if isinstance(ready, dict) else {}
-        self.isolation["cgroup_mb"] = limits.memory_mb if self.cgroup else None
+        isolation = ready.get("isolation") if isinstance(ready, dict) and ready.get("ready") is True else None
+        if not isinstance(isolation, dict):
+            self.kill()
+            raise WorkerFailed("start", "the python grader worker did not start: no ready message")
+        self.isolation = isolation
+        self.isolation["cgroup_mb"] = limits.memory_mb if memory else None
+        if pids:
+            self.isolation["pids_max"] = limits.max_processes + WORKER_TASKS
         self._status = _open_status(self.proc.pid)
         self.threads = _threads(self._status) or 0
+
+    def _join(self, group: Cgroup | None) -> Cgroup | None:
+        if group is not None and not group.add(self.proc.pid):
+            group.remove()
+            return None
+        if group is not None:
+            self.cgroups.append(group)
+        return group
 
     @property
     def alive(self) -> bool:
@@ -353,9 +381,9 @@ class Worker:
         if size > MAX_REPLY_BYTES:
             raise WorkerFailed("protocol", f"the worker announced a {size:,}-byte reply (limit {MAX_REPLY_BYTES:,})")
         try:
-            return json.loads(self._read_exact(size, deadline).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise WorkerFailed("protocol", f"the worker sent a reply that is not JSON ({e})") from None
+            return parse_frame(self._read_exact(size, deadline))
+        except ValueError as e:
+            raise WorkerFailed("protocol", f"the worker sent a reply that is not bounded JSON ({shorten(str(e), 200)})") from None
 
     def _death(self) -> str:
         try:
@@ -368,25 +396,14 @@ class Worker:
             return f"the worker process was killed by {name}{hint}"
         return f"the worker process exited with status {code}"
 
-    def call(self, source: str, sample: Any, item: Any, timeout: float) -> dict[str, Any]:
+    def call(self, source: str, sample: Any, item: Any, timeout: float) -> WorkerReply:
         """One grade; the reply must answer this request (its nonce) and have the reply's shape.
-        A late frame for the previous request (user code forged that one's reply, so the real one
-        came after it) is skipped, and the worker marked tainted so it is not reused."""
+        User code runs in a process of its own that cannot reach this channel (sandbox_worker.py)."""
         nonce = secrets.token_hex(16)
         self.source = source
         deadline = time.monotonic() + timeout
         self._send({"id": nonce, "source": source, "sample": sample, "item": item}, deadline)
-        while True:
-            reply = self._receive(max(0.0, deadline - time.monotonic()))
-            if isinstance(reply, dict) and self._previous is not None and reply.get("id") == self._previous:
-                self._previous, self.tainted = None, True
-                continue
-            break
-        self._previous = nonce
-        problem = _reply_problem(reply, nonce)
-        if problem:
-            raise WorkerFailed("protocol", f"the worker sent an invalid reply: {problem}")
-        return reply
+        return check_reply(self._receive(max(0.0, deadline - time.monotonic())), nonce)
 
     def kill(self) -> None:
         """Kill the worker and everything it started (its process group)."""
@@ -411,29 +428,78 @@ class Worker:
         if self._status is not None:
             os.close(self._status)
             self._status = None
-        if self.cgroup is not None:
-            self.cgroup.remove()
+        for group in self.cgroups:
+            group.remove()
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def _reply_problem(reply: Any, nonce: str) -> str | None:
-    """Why `reply` is not the answer to request `nonce` (None when it is)."""
+_JSON_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_REPLY_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text):,} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_frame(body: bytes, max_depth: int = MAX_REPLY_DEPTH) -> Any:
+    """One frame's JSON, refused (ValueError) when nested deeper than `max_depth`, holding an
+    integer longer than MAX_REPLY_INT_DIGITS digits, NaN/Infinity or bytes that are not UTF-8."""
+    depth = 0
+    for match in _JSON_NESTING.finditer(body):
+        char = match.group()
+        if char in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"nested deeper than {max_depth} levels")
+        elif char in (b"]", b"}"):
+            depth -= 1
+    try:
+        return json.loads(body.decode("utf-8"), parse_int=_bounded_int, parse_constant=_no_constant)
+    except RecursionError:  # the scan above already stops real nesting; this is the backstop
+        raise ValueError("nested too deeply") from None
+
+
+class WorkerReply(BaseModel):
+    """The worker's answer to one request, checked before anything in it is used."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    id: str = Field(max_length=64, description="The request's random id, echoed.")
+    ok: bool = Field(description="Whether grade() returned a number.")
+    score: float | None = Field(None, description="grade()'s value (finite) when ok.")
+    error: str | None = Field(None, max_length=MAX_REPLY_TEXT, description="Why grade() failed when not ok.")
+    stdout: str = Field("", max_length=MAX_REPLY_TEXT, description="The tail of what grade() printed.")
+    stderr: str = Field("", max_length=MAX_REPLY_TEXT, description="The tail of what grade() wrote to stderr.")
+    dirty: bool = Field(False, description="The grade left processes behind: retire the worker.")
+
+    @model_validator(mode="after")
+    def _outcome(self) -> WorkerReply:
+        if self.ok and self.score is None:
+            raise ValueError("ok without a score")
+        if not self.ok and self.error is None:
+            raise ValueError("no error message")
+        return self
+
+
+def check_reply(reply: Any, nonce: str) -> WorkerReply:
+    """`reply` as the answer to request `nonce`; WorkerFailed("protocol") says why it is not."""
     if not isinstance(reply, dict):
-        return f"a {type(reply).__name__}, not an object"
-    if reply.get("id") != nonce:
-        return "it does not answer the request that was sent (wrong or missing request id)"
-    if not isinstance(reply.get("ok"), bool):
-        return "no ok flag"
-    if reply["ok"]:
-        score = reply.get("score")
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            return f"score {score!r:.40} is not a finite number"
-    elif not isinstance(reply.get("error"), str):
-        return "no error message"
-    for key in ("stdout", "stderr"):
-        if not isinstance(reply.get(key, ""), str):
-            return f"{key} is not text"
-    return None
+        problem = f"a {type(reply).__name__}, not an object"
+    elif reply.get("id") != nonce:
+        problem = "it does not answer the request that was sent (wrong or missing request id)"
+    else:
+        try:
+            return WorkerReply.model_validate(reply)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "reply"
+            problem = f"{where}: {first['msg']}"
+    raise WorkerFailed("protocol", f"the worker sent an invalid reply: {shorten(problem, 200)}")
 
 
 class SandboxPool:
@@ -507,13 +573,12 @@ class SandboxPool:
         healthy = False
         try:
             reply = worker.call(source, sample, item, self.limits.timeout_s)
-            healthy = not reply.get("dirty") and not worker.tainted
+            healthy = not reply.dirty
             seconds = time.monotonic() - started
-            common = dict(stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""), seconds=seconds,
-                          isolation=worker.isolation)
-            if reply["ok"]:
-                return SandboxResult(float(reply["score"]), **common)
-            return SandboxResult(None, "python_grader_runtime_error", reply["error"], **common)
+            common = dict(stdout=reply.stdout, stderr=reply.stderr, seconds=seconds, isolation=worker.isolation)
+            if reply.ok:
+                return SandboxResult(reply.score, **common)
+            return SandboxResult(None, "python_grader_runtime_error", reply.error or "", **common)
         except WorkerFailed as e:
             seconds = time.monotonic() - started
             if e.kind == "timeout":

@@ -2,8 +2,11 @@
 
 Started by graders.python_sandbox as `python -I sandbox_worker.py` in a scratch folder with a
 stripped environment. The parent talks to it over stdin/stdout with length-prefixed JSON; the
-worker then points fds 0/1 at /dev/null so user code does not write into the protocol by accident
-(on purpose it can: the parent validates every reply).
+worker then points fds 0/1 at /dev/null. Each request runs in a forked grading process that closes
+the protocol descriptors before user code runs (so user code cannot write a reply to the parent,
+whatever it finds in memory), installs the seccomp filter with its own pid, dies with the worker
+(PR_SET_PDEATHSIG), and sends one result frame over a pipe of its own; the worker refuses a result
+that is not exactly one valid frame.
 
 Before any user code runs, the worker locks itself down as far as the machine allows and reports
 what it got:
@@ -21,6 +24,7 @@ what it got:
 """
 
 import ctypes
+import gc
 import io
 import json
 import math
@@ -29,6 +33,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import struct
 import sys
 import traceback
@@ -43,6 +48,7 @@ _getpid = os.getpid
 
 MAX_CAPTURE = 4000
 MAX_ERROR = 8000  # characters; a reply always stays far below the parent's frame limit
+MAX_RESULT_BYTES = 1 << 20  # the grading process's result frame (a few KB when honest)
 
 
 def read_message(stream):
@@ -97,7 +103,7 @@ SYSCALLS = {
     "mount_setattr": (442, 442), "init_module": (175, 105), "finit_module": (313, 273),
     "delete_module": (176, 106), "kexec_load": (246, 104), "kexec_file_load": (320, 294),
     "reboot": (169, 142), "swapon": (167, 224), "swapoff": (168, 225), "iopl": (172, None),
-    "ioperm": (173, None),
+    "ioperm": (173, None), "setsid": (112, 157), "setpgid": (109, 154),
 }
 AUDIT_ARCH = {"x86_64": (0xC000003E, 0), "aarch64": (0xC00000B7, 1), "arm64": (0xC00000B7, 1)}
 # fcntl commands that route signals: F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY
@@ -114,14 +120,20 @@ ALWAYS_DENIED = ("fork", "vfork", "execve", "execveat", "tkill", "pidfd_send_sig
                  "name_to_handle_at", "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree",
                  "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "init_module",
                  "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff",
-                 "iopl", "ioperm")
+                 "iopl", "ioperm", "setsid", "setpgid")
+
+
+_LIBC = []
 
 
 def _libc():
-    lib = ctypes.CDLL(None, use_errno=True)  # the running process already has libc loaded
-    lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    return lib
+    """The C library the running process already has loaded (looked up once per process)."""
+    if not _LIBC:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+        lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _LIBC.append(lib)
+    return _LIBC[0]
 
 
 class _Mounter:
@@ -346,12 +358,37 @@ def drop_privileges():
     return os.geteuid() == NOBODY
 
 
+_SECCOMP = []  # (program buffer, sock_fprog, byte offset of the own-pid word) once compiled
+
+
 def install_seccomp(pid):
     """Kernel-enforced: no new processes or programs, no sockets, no signals to other processes
-    by any route, no tracing, no namespace or mount changes. True if active."""
+    by any route, no tracing, no namespace or mount changes. True if active.
+
+    The program is compiled once per worker (seccomp_program); each grading process only writes
+    its own pid into the one word that holds it, in its own copy-on-write page, then installs it."""
+    program = seccomp_program()
+    if program is None:
+        return False
+    buf, fprog, pid_offset = program
+    struct.pack_into("I", buf, pid_offset, pid & 0xFFFFFFFF)
+    libc = _libc()
+    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        return False
+    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+
+
+def seccomp_program():
+    """The seccomp filter as a BPF program, built on first use and kept for the process (and the
+    grading processes it forks); None where this platform has none. Its own-pid check compares
+    against a placeholder that install_seccomp overwrites."""
+    if _SECCOMP:
+        return _SECCOMP[0]
     machine = platform.machine().lower()
     if not sys.platform.startswith("linux") or machine not in AUDIT_ARCH:
-        return False
+        _SECCOMP.append(None)
+        return None
     audit_arch, column = AUDIT_ARCH[machine]
     nr = {name: numbers_[column] for name, numbers_ in SYSCALLS.items() if numbers_[column] is not None}
 
@@ -384,7 +421,8 @@ def install_seccomp(pid):
     op(JSET, CLONE_THREAD, "allow", "deny")
     labels["own_pid"] = len(prog)
     op(LD_ABS, 16)  # args[0]: target pid / tgid (a pid_t: the low word is all the kernel reads)
-    op(JEQ, pid, "allow", "deny")
+    pid_at = len(prog)
+    op(JEQ, 0, "allow", "deny")  # k: the grading process's pid, written in by install_seccomp
     labels["fcntl"] = len(prog)
     op(LD_ABS, 24)  # args[1] low word: the command (an unsigned int to the kernel)
     for cmd in SIGNAL_FCNTL:
@@ -406,23 +444,21 @@ def install_seccomp(pid):
     labels["bad_arch"] = len(prog)
     op(RET, KILL)
 
+    insn = struct.Struct("HBBI")  # struct sock_filter: code, jt, jf, k
     raw = b""
     for i, (code, jt, jf, k) in enumerate(prog):
         jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
         jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
         assert 0 <= jt < 256 and 0 <= jf < 256, "seccomp jump out of range"
-        raw += struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
+        raw += insn.pack(code, jt, jf, k & 0xFFFFFFFF)
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     buf = ctypes.create_string_buffer(raw, len(raw))
     fprog = SockFprog(len(prog), ctypes.cast(buf, ctypes.c_void_p))
-    libc = _libc()
-    PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        return False
-    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+    _SECCOMP.append((buf, fprog, pid_at * insn.size + struct.calcsize("HBB")))
+    return _SECCOMP[0]
 
 
 def _limit(which, value):
@@ -498,13 +534,20 @@ def start_orphan_watchdog(parent):
 _compiled = {}
 
 
-def load_grade(source):
+def compile_grader(source):
+    """The grader source's code object, cached in the worker: compiled there before the fork so
+    each grading process inherits it (compiling runs no user code)."""
     code = _compiled.get(source)
     if code is None:
         code = compile(source, "<grader>", "exec", dont_inherit=True)
         if len(_compiled) > 64:
             _compiled.clear()
         _compiled[source] = code
+    return code
+
+
+def load_grade(source):
+    code = compile_grader(source)
     namespace = {"__name__": "grader", "__builtins__": __builtins__}
     exec(code, namespace)  # noqa: S102 - this is the sandbox whose job is to run user code
     fn = namespace.get("grade")
@@ -555,9 +598,166 @@ def has_children(pid):
     return False
 
 
+def run_grade(request):
+    """Run the user's grade() on one request (in the grading process); the reply's fields."""
+    out, err = io.StringIO(), io.StringIO()
+    reply = {}
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            fn = load_grade(request["source"])
+            value = fn(request["sample"], request["item"])
+        score, problem = check_score(value)
+        if problem:
+            reply.update(ok=False, error=problem)
+        else:
+            reply.update(ok=True, score=score)
+    except MemoryError:
+        reply.update(ok=False, error="MemoryError: the grader exceeded its memory limit")
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt from user code too
+        try:
+            reply.update(ok=False, error=_user_traceback(exc)[:MAX_ERROR])
+        except BaseException:  # an exception whose str() itself fails
+            reply.update(ok=False, error=f"{type(exc).__name__} (its message could not be shown)")
+    reply["stdout"] = out.getvalue()[-MAX_CAPTURE:]
+    reply["stderr"] = err.getvalue()[-MAX_CAPTURE:]
+    return reply
+
+
+def lock_grading_process(setup, report, nproc_base):
+    """In the grading process, before user code: die with the worker, the seccomp filter (with
+    this process's own pid), and where no pids cgroup counts tasks, RLIMIT_NPROC. Raises OSError."""
+    if sys.platform.startswith("linux"):
+        _libc().prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG SIGKILL: no grading process outlives its worker
+    if not setup.get("pids_cgroup") and os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
+        # it counts every task of this uid on the machine, so the limit is the uid's count + ours
+        if _limit(resource.RLIMIT_NPROC, nproc_base + setup["max_processes"]) is None:
+            raise OSError("RLIMIT_NPROC could not be set")
+    if report["seccomp"] and not install_seccomp(_getpid()):
+        raise OSError("the seccomp filter could not be installed")
+
+
+def grade_in_process(request, setup, report, nproc_base, protocol_fds):
+    """Fork a grading process for one request: it drops the worker's channel to the parent (user
+    code cannot write a reply there, whatever it finds in memory), locks itself down, runs grade()
+    and sends its result over a pipe of its own; this worker checks that result and answers."""
+    try:
+        compile_grader(request["source"])
+    except BaseException:  # noqa: S110 - a source that does not compile: the grading process reports why
+        pass
+    r, w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as e:
+        os.close(r)
+        os.close(w)
+        return {"ok": False, "error": f"the grading process could not be started: {e}"}
+    if pid == 0:  # the grading process
+        code = 0
+        try:
+            os.close(r)
+            for fd in protocol_fds:
+                os.close(fd)
+            lock_grading_process(setup, report, nproc_base)
+            with os.fdopen(w, "wb", buffering=0) as result:
+                write_message(result, run_grade(request))
+        except BaseException:
+            code = 70
+        finally:
+            _exit(code)
+    os.close(w)
+    try:
+        body = read_result(r)
+        _, status = os.waitpid(pid, 0)
+        os.set_blocking(r, False)
+        try:
+            extra = os.read(r, 1)  # the process has ended: whatever it wrote is in the pipe now
+        except BlockingIOError:
+            extra = b""
+    finally:
+        os.close(r)
+    if status != 0:
+        return {"ok": False, "error": crash_message(status)}
+    reply = _result_fields(body) if body is not None and not extra else None
+    if reply is None:
+        return {"ok": False, "error": "grade() broke the worker protocol: the grading process's result was "
+                                      "not one valid reply (user code wrote into the result channel)"}
+    return reply
+
+
+def read_result(fd):
+    """The grading process's one frame (None when it sent none or more than allowed)."""
+    chunks, need, head = [], 4, None
+    while need:
+        chunk = os.read(fd, min(need, 1 << 16))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        need -= len(chunk)
+        if head is None and need == 0:
+            head = b"".join(chunks)
+            (need,) = _unpack(head)
+            if need > MAX_RESULT_BYTES:
+                return None
+            chunks = []
+    return b"".join(chunks)
+
+
+def _result_fields(body):
+    """The grading process's result, only the fields a reply carries, of the right types."""
+    try:
+        result = _loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+        return None
+    reply = {"ok": result["ok"]}
+    if result["ok"]:
+        score = result.get("score")
+        if type(score) is not float or not math.isfinite(score):
+            return None
+        reply["score"] = score
+    else:
+        if not isinstance(result.get("error"), str):
+            return None
+        reply["error"] = result["error"][:MAX_ERROR]
+    for key in ("stdout", "stderr"):
+        if not isinstance(result.get(key, ""), str):
+            return None
+        reply[key] = result.get(key, "")[-MAX_CAPTURE:]
+    return reply
+
+
+def crash_message(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        hint = " (likely out of memory)" if sig == signal.SIGKILL else ""
+        return f"grade() crashed the worker: the worker process was killed by {name}{hint}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if code == 70:
+        return "grade() could not run: the grading process could not lock itself down"
+    return f"grade() crashed the worker: the worker process exited with status {code}"
+
+
+def seccomp_works():
+    """Whether this kernel takes the filter: tried in a throwaway process (the worker itself stays
+    free to fork its grading processes)."""
+    if seccomp_program() is None:  # compiled here, once: every grading process inherits it
+        return False
+    pid = os.fork()
+    if pid == 0:
+        _exit(0 if install_seccomp(_getpid()) else 1)
+    _, status = os.waitpid(pid, 0)
+    return status == 0
+
+
 def main():
     proto_in = os.fdopen(os.dup(0), "rb", buffering=0)
     proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    protocol_fds = (proto_in.fileno(), proto_out.fileno())
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
@@ -569,7 +769,7 @@ def main():
     me = _getpid()
     is_root = os.geteuid() == 0
     scratch = os.getcwd()
-    tasks = count_tasks_by_uid() if not setup.get("seccomp", True) else {}
+    tasks = count_tasks_by_uid()
     report = {"pid": me}
     report.update(isolate_namespaces(setup, is_root) if setup.get("namespaces", True) else {})
     if is_root and setup.get("drop_privileges", True) and (
@@ -583,45 +783,28 @@ def main():
     report.update(set_limits(setup["memory_mb"], setup["file_size_mb"]))
     if sys.platform.startswith("linux"):
         _libc().prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/<pid>/mem or environ for other processes
-    report["seccomp"] = install_seccomp(me) if setup.get("seccomp", True) else False
-    if report["seccomp"] is False and sys.platform.startswith("linux"):
         _libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of user code stay ours to see
-    if report["seccomp"] is False and os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
-        # without seccomp only this stops a fork bomb; it counts every task of the user
-        running = tasks.get(os.getuid(), 64) if tasks else 64
-        report["max_processes"] = _limit(resource.RLIMIT_NPROC, running + setup["max_processes"])
+    report["seccomp"] = seccomp_works() if setup.get("seccomp", True) else False
+    nproc_base = tasks.get(os.getuid(), 64) + 8
+    if setup.get("pids_cgroup"):
+        report["max_processes"] = "pids cgroup"
+    elif os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC"):
+        report["max_processes"] = nproc_base + setup["max_processes"]  # RLIMIT_NPROC of the grading process
+    else:
+        report["max_processes"] = None  # root: RLIMIT_NPROC does not apply; nothing limits tasks
     start_orphan_watchdog(os.getppid())
     block_python_sockets()
     write_message(proto_out, {"ready": True, "isolation": report})
+    gc.freeze()  # the worker's objects: a grading process's collections neither scan nor copy them
 
     while True:
         request = read_message(proto_in)
         if request is None:
             return
-        out, err = io.StringIO(), io.StringIO()
         reply = {"id": request.get("id")}
-        try:
-            with redirect_stdout(out), redirect_stderr(err):
-                fn = load_grade(request["source"])
-                value = fn(request["sample"], request["item"])
-            score, problem = check_score(value)
-            if problem:
-                reply.update(ok=False, error=problem)
-            else:
-                reply.update(ok=True, score=score)
-        except MemoryError:
-            reply.update(ok=False, error="MemoryError: the grader exceeded its memory limit")
-        except BaseException as exc:  # SystemExit and KeyboardInterrupt from user code too
-            try:
-                reply.update(ok=False, error=_user_traceback(exc)[:MAX_ERROR])
-            except BaseException:  # an exception whose str() itself fails
-                reply.update(ok=False, error=f"{type(exc).__name__} (its message could not be shown)")
-        finally:
-            if _getpid() != me:
-                _exit(0)  # a forked copy of the worker (only possible without seccomp): never answer
-        reply["stdout"] = out.getvalue()[-MAX_CAPTURE:]
-        reply["stderr"] = err.getvalue()[-MAX_CAPTURE:]
-        reply["dirty"] = False if report["seccomp"] else has_children(me)  # no children under seccomp
+        reply.update(grade_in_process(request, setup, report, nproc_base, protocol_fds))
+        # a process user code started and left (impossible under seccomp: no fork, no clone of a process)
+        reply["dirty"] = False if report["seccomp"] else has_children(me)
         clean_scratch(scratch)
         try:
             write_message(proto_out, reply)

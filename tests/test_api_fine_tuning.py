@@ -168,8 +168,8 @@ def test_cancel_a_running_job_stops_training(server, tiny_model_dir, tmp_path):
         training_job = store.get_training_job(store.api_get("api_fine_tuning_jobs", job.id)["training_job_id"])
     finally:
         store.close()
-    # the API never resumes a cancelled job: its resumable trainer state is gone
-    assert training_job["status"] == "failed" and not Path(training_job["output_dir"]).exists()
+    # one status per fine-tune: the training job's; the API never resumes a cancelled job (its trainer state is gone)
+    assert training_job["status"] == "cancelled" and not Path(training_job["output_dir"]).exists()
 
 
 PAIRS = [{"input": {"messages": [{"role": "user", "content": f"question {i}"}]},

@@ -242,7 +242,8 @@ def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path,
     store = Store.open(db)
     try:
         row = store.api_get("api_fine_tuning_jobs", job.id)
-        assert row["status"] == "running" and row["fine_tuned_model"] is None  # as the dead server left it
+        # as the dead server left it
+        assert store.fine_tuning_status(job.id) == "running" and row["fine_tuned_model"] is None
         training_job = store.get_training_job(row["training_job_id"])
         saved, _ = last_saved_step(training_job["output_dir"])
         logged = [json.loads(r["data_json"]) for r in store.training_events(training_job["id"])
@@ -304,3 +305,64 @@ def test_a_server_stopped_mid_job_saves_the_step_and_resumes_there(tmp_path, tin
         after = [e.data["step"] for e in events[messages.index(resumed):] if e.type == "metrics" and "loss" in e.data]
         assert step == max(before) and after == list(range(step + 1, 81))
 
+
+
+def training_job_status(db, job_id: str) -> str | None:
+    """The status of the training job a fine-tuning job trains in (None before it has one)."""
+    from flywheel.store import Store
+
+    store = Store.open(db)
+    try:
+        training_job_id = store.api_get("api_fine_tuning_jobs", job_id)["training_job_id"]
+        return store.get_training_job(training_job_id)["status"] if training_job_id else None
+    finally:
+        store.close()
+
+
+def test_a_job_whose_training_fails_reads_failed_as_its_training_job_does(tmp_path):
+    db = str(tmp_path / "flywheel.db")
+    with BackgroundServer(create_api_app(db)) as running:
+        client = client_for(running.url)
+        training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+        # a base folder that is not there: the training job exists, then loading the model fails
+        job = client.fine_tuning.jobs.create(model=f"local:{tmp_path / 'no-model'}", training_file=training.id)
+        done = wait_job(client, job.id, timeout=120)
+        assert done.status == "failed" and "no-model" in done.error.message
+        assert training_job_status(db, job.id) == "failed"
+
+
+@pytest.mark.slow
+def test_the_api_status_is_the_training_jobs_at_every_stage(tmp_path, tiny_model_dir):
+    """running, paused, queued (a server stopped mid-job), cancelled, succeeded: what the API shows
+    is what the job's training job says."""
+    db = str(tmp_path / "flywheel.db")
+    with BackgroundServer(create_api_app(db)) as running:
+        client = client_for(running.url)
+        job = start_a_long_job(client, tiny_model_dir)
+        assert (client.fine_tuning.jobs.retrieve(job.id).status, training_job_status(db, job.id)) == ("running",) * 2
+        with httpx.Client(base_url=running.url + "/v1") as http:
+            assert http.post(f"/fine_tuning/jobs/{job.id}/pause").status_code == 200
+            paused = wait_job(client, job.id, states=("paused", "succeeded", "failed"))
+            assert (paused.status, training_job_status(db, job.id)) == ("paused", "paused")
+            assert http.post(f"/fine_tuning/jobs/{job.id}/resume").status_code == 200
+        wait_for_metrics = len(metric_events(client, job.id))
+        deadline = time.monotonic() + 300
+        while len(metric_events(client, job.id)) <= wait_for_metrics:  # training again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (client.fine_tuning.jobs.retrieve(job.id).status, training_job_status(db, job.id)) == ("running",) * 2
+    # the server stopped mid-job: it waits in the queue; a server without workers shows it there
+    with BackgroundServer(create_api_app(db, workers=0)) as running:
+        client = client_for(running.url)
+        assert (client.fine_tuning.jobs.retrieve(job.id).status, training_job_status(db, job.id)) == ("queued",) * 2
+        assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+        assert training_job_status(db, job.id) == "cancelled"
+        second = client.fine_tuning.jobs.create(
+            model=f"local:{tiny_model_dir}", training_file=job.training_file,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}})
+        assert second.status == "queued" and training_job_status(db, second.id) is None  # the queue row's, until one
+    with BackgroundServer(create_api_app(db)) as running:
+        client = client_for(running.url)
+        done = wait_job(client, second.id)
+        assert (done.status, training_job_status(db, second.id)) == ("succeeded", "succeeded")
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"  # cancelled stays so

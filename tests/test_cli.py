@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from flywheel.cli import main
 
-from conftest import spec_dict, write_jsonl
+from conftest import make_rows, spec_dict, write_jsonl
 
 
 def invoke(*args):
@@ -156,3 +156,62 @@ def test_an_eval_where_every_sample_errored_fails_with_the_first_error(tmp_path,
     assert "every sample failed; the first, item " in result.output.strip().splitlines()[-1]
     listed = CliRunner().invoke(main, ["runs", "list", "--db", db])
     assert listed.output.count("failed") == 2, listed.output
+
+
+def test_user_text_reaches_the_terminal_escaped(tmp_path, tiny_model_dir):
+    """Grader names, error texts and outputs are user text: no raw ESC/CSI/OSC byte reaches the
+    operator's terminal through `flywheel eval` or `flywheel runs show`, and rich markup in them
+    cannot open a style or a link."""
+    import yaml
+
+    write_jsonl(tmp_path / "data.jsonl", make_rows())
+    spec = spec_dict(f"local:{tiny_model_dir}")
+    evil = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b31m[link=http://x]"
+    spec["graders"].append({"type": "python", "name": "evil",
+                            "source": f"def grade(sample, item):\n    raise ValueError({evil!r})\n"})
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    db = tmp_path / "cli.db"
+    ran = invoke("eval", path, "--split", "test", "--db", db)
+    assert "evil" in ran.output
+    run_id = json.loads(invoke("runs", "list", "--db", db, "--json").stdout)[0]["id"]
+    shown = invoke("runs", "show", run_id, "--db", db)
+    assert "ValueError" in shown.output and "\\x1b]52" in shown.output
+    for output in (ran.output, shown.output):
+        assert not any(c in output for c in "\x1b\x07\x9b"), repr(output[:400])
+
+
+HOSTILE = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b31m\u202e[link=http://x]"
+RAW_CONTROL = "\x1b\x07\x9b\u202e"
+
+
+def test_result_printers_and_cli_lines_escape_user_text(tmp_path, capsys):
+    """Every printer of user text escapes control characters and rich markup: the optimize and
+    wheel results, the captures table and the plain CLI lines (here `graders validate`)."""
+    from types import SimpleNamespace as NS
+
+    from flywheel.proxy.captures import print_captures
+    from flywheel.report.console import print_optimize_result, print_wheel_result
+
+    prompt = NS(demos=[], nearest=None)
+    parent = NS(origin=HOSTILE, parent=None, prompt=prompt, minibatch=None, valid=None, test=None)
+    child = NS(origin=HOSTILE, parent=parent, prompt=prompt, minibatch=None, valid=None, test=None)
+    print_optimize_result(NS(run_id=HOSTILE, candidates=[parent, child], winner=child, rejected=[{"reason": HOSTILE}],
+                             notes=[HOSTILE], reason=HOSTILE, valid_comparison={}, test_comparison={}, model_calls=1,
+                             tokens=2, wall_s=0.1))
+    stage = NS(lap=1, stage=HOSTILE, valid=None, decision=HOSTILE, wall_s=1.0, reason=HOSTILE)
+    print_wheel_result(NS(run_id=HOSTILE, stages=[stage], stopped=HOSTILE, milestones=[], minimise="cost", test=None,
+                          lap_wall_s={1: 1.0}, model_calls=1, tokens=2, cost=0.0, wall_s=1.0, report_path=HOSTILE))
+    row = {"id": HOSTILE, "created_at": HOSTILE, "model": HOSTILE, "status": HOSTILE, "latency_ms": 1.0,
+           "prompt_tokens": 1, "completion_tokens": 1, "metadata": {HOSTILE: HOSTILE}, "input": HOSTILE,
+           "output": HOSTILE, "error": None}
+    print_captures([row, {**row, "error": HOSTILE}])
+    printed = capsys.readouterr().out
+    assert printed.count("\\x1b]52") >= 10, printed  # every hostile field was printed, escaped
+    assert "[link=" in printed and not any(c in printed for c in RAW_CONTROL), repr(printed[:600])
+
+    path = tmp_path / "graders.json"
+    path.write_text(json.dumps([{"type": "string_check", "name": HOSTILE, "input": "{{sample.output_text}}",
+                                 "reference": "x", "operation": "eq"}]))
+    shown = invoke("graders", "validate", path).output
+    assert "\\x1b]52" in shown and not any(c in shown for c in RAW_CONTROL), repr(shown)

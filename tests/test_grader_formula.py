@@ -103,3 +103,33 @@ def test_agrees_with_python_arithmetic_on_random_formulas():
 
 def test_power_matches_math_pow():
     assert Formula.parse("a ^ b").evaluate({"a": 1.7, "b": 2.3}) == math.pow(1.7, 2.3)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("9^9^9^9", "overflows"),
+    ("x * 9^9^9^9", "overflows"),
+    ("x + exp(1e308)", "overflows"),
+    ("x + 1e999", "too large"),
+    ("x + 1/0", "division by zero"),
+    ("(" * 5000 + "x" + ")" * 5000, "characters long"),
+    ("(" * 100 + "x" + ")" * 100, "nests deeper"),
+    ("-" * 100 + "x", "nests deeper"),
+    ("x" + "+1" * 600, "chains more than"),
+    ("2^" * 100 + "x", "nests deeper"),
+])
+def test_blow_ups_are_refused_when_the_formula_is_checked(text, says):
+    with pytest.raises(FormulaError, match=says):
+        Formula.parse(text)
+
+
+@pytest.mark.parametrize("text, values", [
+    ("(x + 10)^400", {"x": 1.0}),
+    ("x * 1e308 * 10", {"x": 1.0}),
+    ("min(x * 1e308 * 10, 1)", {"x": 1.0}),
+    ("floor(x * 1e308 * 10)", {"x": 1.0}),
+    ("x * 1e308 - x * 1e308 * 10", {"x": 1.0}),
+])
+def test_huge_intermediates_at_grade_time_are_formula_errors(text, values):
+    formula = Formula.parse(text)
+    with pytest.raises(FormulaError):
+        formula.evaluate(values)

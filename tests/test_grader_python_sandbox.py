@@ -118,6 +118,27 @@ def test_subprocess_is_refused(pool):
     assert_parent_still_works(pool)
 
 
+def test_each_grading_process_may_signal_itself_and_only_itself(pool):
+    """The seccomp program is compiled once per worker and each grading process writes its own pid
+    into it: a process signals itself (raise, os.kill of its own pid) in every grade, never the
+    worker that forked it."""
+    if not require_process_guard(pool).get("seccomp"):
+        pytest.skip("no seccomp filter here: signals are limited by uid, not by pid")
+    src = ("import os, signal\n"
+           "def grade(sample, item):\n"
+           "    signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+           "    signal.raise_signal(signal.SIGUSR1)\n"
+           "    os.kill(os.getpid(), 0)\n"
+           "    try:\n"
+           "        os.kill(os.getppid(), 0)\n"
+           "    except PermissionError:\n"
+           "        return 1.0\n"
+           "    return 0.0\n")
+    for _ in range(3):  # a new grading process, with a new pid, each time
+        g = run(pool, src)
+        assert g.error is None and g.score == 1.0, (g.error, g.error_details)
+
+
 def test_ten_gigabyte_allocation_is_a_memory_error(pool):
     g = run(pool, "def grade(sample, item):\n    block = bytearray(10 * 1024 ** 3)\n    return 1.0\n")
     assert g.error == "python_grader_runtime_error"
@@ -368,3 +389,46 @@ def test_unprivileged_user_gets_the_private_root_and_seccomp(tmp_path):
     assert sandbox["private_root"] is True and sandbox["proc"] is False  # no /proc without a PID namespace
     assert sandbox["seccomp"] is True
     assert "PermissionError" in report["error"]  # signalling the parent: seccomp alone refuses it
+
+
+HOSTILE_WORKER = '''
+import json, struct, sys
+def send(body):
+    sys.stdout.buffer.write(struct.pack(">I", len(body)) + body)
+    sys.stdout.buffer.flush()
+def read():
+    (n,) = struct.unpack(">I", sys.stdin.buffer.read(4))
+    return json.loads(sys.stdin.buffer.read(n))
+read()
+send(json.dumps({"ready": True, "isolation": {}}).encode())
+request = read()
+send(REPLY.replace(b"NONCE", request["id"].encode()))
+sys.stdin.buffer.read()
+'''
+
+
+@pytest.mark.parametrize("reply", [
+    b"[" * 200_000,
+    b'{"id": "NONCE", "ok": true, "score": ' + b"9" * 4001 + b"}",
+    b'{"id": "NONCE", "ok": true, "score": NaN}',
+    b'{"id": "NONCE", "ok": true, "score": true}',
+    b'{"id": "NONCE", "ok": true}',
+    b'{"id": "NONCE", "ok": false, "error": "' + b"e" * 20_000 + b'"}',
+    b'{"id": "NONCE", "ok": true, "score": 1.0, "stdout": ["x"]}',
+    b'{"id": "NONCE", "ok": true, "score": 1.0, "extra": 1}',
+    b'{"id": "other", "ok": true, "score": 1.0}',
+    b'{"id": "NONCE", "ok": true, "score": 1.0' + b', "a": {"b": [[[[[1]]]]]}' + b"}",
+    b"\xff\xfe not utf-8",
+], ids=["deep", "4001-digits", "nan", "bool", "no-score", "long-error", "stdout-list", "extra", "wrong-id",
+        "nested", "bytes"])
+def test_the_parent_refuses_a_hostile_workers_reply(tmp_path, monkeypatch, reply):
+    """Whatever a (compromised) worker writes, the parent records a protocol error and goes on."""
+    import graders.python_sandbox as sandbox
+
+    script = tmp_path / "hostile_worker.py"
+    script.write_text(f"REPLY = {reply!r}\n" + HOSTILE_WORKER)
+    monkeypatch.setattr(sandbox, "WORKER_SCRIPT", script)
+    with grader(OK, SandboxLimits(timeout_s=10, workers=1, cgroup=False)) as g:
+        result = g.grade("x", {})
+    assert result.error == "python_grader_runtime_error"
+    assert result.error_details.startswith("grade() broke the worker protocol, reply refused"), result.error_details

@@ -61,6 +61,24 @@ PRE = textwrap.dedent("""
             f = f.f_back
         return f.f_locals["proto_out"], f.f_locals["request"]["id"]
 
+    def forge(data):
+        # write `data` wherever a reply could travel: the protocol stream found in memory, every fd
+        wrote = []
+        try:
+            out, _ = proto()
+            out.write(data)
+            wrote.append("protocol stream")
+        except Exception:
+            pass
+        for fd in range(3, 256):
+            try:
+                os.write(fd, data)
+                wrote.append(fd)
+            except OSError:
+                pass
+        print("forged into", wrote)
+        return wrote
+
     def frame(obj):
         import json
         body = json.dumps(obj).encode()
@@ -97,7 +115,9 @@ class Probe:
 LAYERS = {"seccomp": "a seccomp filter (kernel seccomp-bpf)",
           "private_root": "a private mount namespace (unshare CLONE_NEWNS + pivot_root)",
           "uid": "a privilege drop to nobody", "netns": "a network namespace (unshare CLONE_NEWNET)",
-          "cgroup_mb": "a writable memory cgroup (v2 memory.max or v1 memory.limit_in_bytes)"}
+          "cgroup_mb": "a writable memory cgroup (v2 memory.max or v1 memory.limit_in_bytes)",
+          "pids_max": "a writable pids cgroup (pids.max)",
+          "max_processes": "RLIMIT_NPROC under a dropped uid"}
 
 
 def run_probe(probe: Probe, tmp: Path, *, override: dict[str, Any] | None = None, force: bool = False) -> str | None:
@@ -398,7 +418,7 @@ def forged_length_refused(g: graders.Grade, ctx: Ctx) -> str | None:
     grown = rss_mb() - ctx.host["rss"]
     if grown > 64:
         return f"the parent grew by {grown:.0f} MB"
-    return error_with("broke the worker protocol", "reply (limit")(g, ctx)
+    return error_with("broke the worker protocol")(g, ctx)
 
 
 def followup_is_honest(g: graders.Grade, ctx: Ctx) -> str | None:
@@ -412,29 +432,32 @@ def followup_is_honest(g: graders.Grade, ctx: Ctx) -> str | None:
     return None
 
 
-def worker_replaced(g: graders.Grade, ctx: Ctx) -> str | None:
-    """The same grader's next grade must not meet what this one left behind (a thread, a queued
-    reply): the worker is replaced, and the next reply is the real one."""
-    started = ctx.pool.started
+def nothing_forged(g: graders.Grade, ctx: Ctx) -> str | None:
+    """The forged score never reaches the parent (the grade is refused as a protocol break, or is
+    what grade() returned), and the same grader's next grade meets nothing this one left behind."""
+    if g.error is None and g.score != 0.0:
+        return f"the parent accepted the forged score {g.score}"
+    if g.error and "broke the worker protocol" not in (g.error_details or "") \
+            and "Bad file descriptor" not in (g.error_details or ""):
+        return f"unexpected error {g.error_details!r:.200}"
     source = ctx.pool._idle[0].source if ctx.pool._idle else None
-    if source is None:
-        return None  # already discarded at release
-    again = _grade(ctx.pool, source, {"quiet": True})
-    if again.score != 0.0 or again.error:
-        return f"the next grade got {again.score} / {again.error_details}"
-    if ctx.pool.started == started and ctx.pool._idle:  # reused, and still kept after the late frame
-        return "the worker was reused with something left behind"
+    if source is not None:
+        again = _grade(ctx.pool, source, {"quiet": True})
+        if again.score != 0.0 or again.error:
+            return f"the next grade got {again.score} / {again.error_details}"
     return followup_is_honest(g, ctx)
 
 
 def big_request_is_bounded(g: graders.Grade, ctx: Ctx) -> str | None:
-    """The worker no longer reads: sending the next (3 MB) request must time out, not block the parent."""
+    """Where user code could stop the worker reading, sending the next (3 MB) request must time
+    out, not block the parent; where it could not (its own grading process), it gets its score."""
     source = ctx.pool._idle[0].source if ctx.pool._idle else None
     if source is None:
-        return "the hijacked worker was not kept: the probe proves nothing"
+        return "the worker was not kept: the probe proves nothing"
     big = graders.build_grader({"type": "python", "name": "probe", "source": source}, sandbox=ctx.pool)
     again = big.grade("x" * 3_000_000, {"quiet": True})
-    if again.error_details != f"grade() did not finish within the time limit of {ctx.pool.limits.timeout_s:g} s":
+    timed_out = f"grade() did not finish within the time limit of {ctx.pool.limits.timeout_s:g} s"
+    if again.error_details != timed_out and (again.score != 0.0 or again.error):
         return f"the next grade got {again.score} / {again.error_details}"
     return followup_is_honest(g, ctx)
 
@@ -521,21 +544,36 @@ PROBES: list[Probe] = [
       for kind in ("path", "abstract")],
     # protocol
     Probe("forged 4 GB frame length", "protocol",
-          "out, _ = proto()\nout.write(struct.pack('>I', 0xFFFFFFF0) + b'x' * 60000)\ntime.sleep(3)\nreturn 0.0",
+          "forge(struct.pack('>I', 0xFFFFFFF0) + b'x' * 60000)\ntime.sleep(3)\nreturn 0.0",
           forged_length_refused, note_rss),
     Probe("forged reply with a wrong id", "protocol",
-          "out, _ = proto()\nout.write(frame({'id': 'forged', 'ok': True, 'score': 1.0}))\nreturn 0.0",
-          error_with("does not answer the request")),
+          "if not item.get('quiet'):\n    forge(frame({'id': 'forged', 'ok': True, 'score': 1.0}))\nreturn 0.0",
+          nothing_forged),
     Probe("forged reply with the stolen id, then the real one", "protocol",
-          "if not item.get('quiet'):\n    out, nonce = proto()\n    out.write(frame({'id': nonce, 'ok': True, 'score': 0.75}))\n"
-          "return 0.0", worker_replaced),
+          "if not item.get('quiet'):\n    forge(frame({'id': proto()[1], 'ok': True, 'score': 0.75}))\n"
+          "return 0.0", nothing_forged),
+    Probe("forged reply frames from the request's own memory", "protocol",
+          "import gc\nfor obj in gc.get_objects() if not item.get('quiet') else []:\n"
+          "    if isinstance(obj, dict) and 'source' in obj and 'id' in obj:\n"
+          "        forge(frame({'id': obj['id'], 'ok': True, 'score': 1.0}))\nreturn 0.0", nothing_forged),
+    Probe("forged frame nested 200,000 deep", "protocol",
+          "if not item.get('quiet'):\n    forge(struct.pack('>I', 200000) + b'[' * 200000)\nreturn 0.0",
+          nothing_forged),
+    Probe("forged score of 4,001 digits", "protocol",
+          "body = b'{\"ok\": true, \"score\": ' + b'9' * 4001 + b'}'\n"
+          "if not item.get('quiet'):\n    forge(struct.pack('>I', len(body)) + body)\n    os._exit(0)\nreturn 0.0",
+          nothing_forged),
     Probe("worker tampered (check_score patched)", "protocol",
           "sys.modules['__main__'].check_score = lambda v: (1.0, None)\nreturn 0.0", followup_is_honest),
     Probe("thread left behind to forge later replies", "protocol",
-          "import threading\ndef later():\n    time.sleep(0.5)\n    out, nonce = proto()\n"
-          "    out.write(frame({'id': nonce, 'ok': True, 'score': 1.0}))\n"
+          "import threading\ndef later():\n    time.sleep(0.5)\n"
+          "    forge(frame({'id': proto()[1], 'ok': True, 'score': 1.0}))\n"
           "if not item.get('quiet'):\n    threading.Thread(target=later, daemon=True).start()\nreturn 0.0",
-          worker_replaced),
+          nothing_forged),
+    Probe("2,000 threads (pids limit)", "isolation",
+          "import threading\nstop = threading.Event()\nmade = []\nfor _ in range(2000):\n"
+          "    t = threading.Thread(target=stop.wait, daemon=True)\n    t.start()\n    made.append(t)\nreturn 1.0",
+          error_with("can't start new thread")),
     Probe("worker stops reading requests (parent must not block)", "2 minutes",
           "if not item.get('quiet'):\n    sys.modules['__main__'].read_message = lambda stream: time.sleep(3600)\n"
           "return 0.0", big_request_is_bounded, limits={"timeout_s": 2}),

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_rows, spec_dict, write_jsonl
+from test_train_launch import worker_marker
 
 from flywheel.errors import SpecError
 from flywheel.run_spec import load_run_spec
-from flywheel.stages.training import StageLauncher
+from flywheel.train.launch import LaunchSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"precision": "fp32", "batch_size": 2, "logging_steps": 1}
@@ -65,9 +66,9 @@ def test_a_missing_tracker_package_fails_the_run_spec_at_load(tmp_path, monkeypa
 
 def test_a_config_file_resolves_against_the_run_spec_folder(tmp_path):
     (tmp_path / "mine.yaml").write_text("compute_environment: LOCAL_MACHINE\n")
-    spec = StageLauncher(kind="accelerate", config_file="mine.yaml").launch_spec(tmp_path)
-    assert spec.accelerate_config == str((tmp_path / "mine.yaml").resolve())
-    assert StageLauncher(kind="accelerate", config_file="ddp").launch_spec(tmp_path).accelerate_config == "ddp"
+    spec = LaunchSpec(kind="accelerate", config_file="mine.yaml").resolved(tmp_path)
+    assert spec.config_file == str((tmp_path / "mine.yaml").resolve())
+    assert LaunchSpec(kind="accelerate", config_file="ddp").resolved(tmp_path).config_file == "ddp"
 
 
 @pytest.mark.slow
@@ -124,5 +125,5 @@ def test_ctrl_c_during_a_launched_stage_stops_the_wheel_and_every_process(tmp_pa
         jobs = conn.execute("SELECT status, error FROM training_jobs").fetchall()
         checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
     assert len(jobs) == 1 and jobs[0][0] == "failed" and "KeyboardInterrupt" in jobs[0][1] and checkpoints == 0
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
+    leftovers = subprocess.run(["pgrep", "-f", worker_marker(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # no worker outlived the wheel

@@ -301,7 +301,7 @@ def test_timestamp_migration_converts_a_store_made_by_the_previous_schema(tmp_pa
     assert store.db.execute("pragma foreign_key_check").fetchall() == []
     # The platform API still reports unix seconds.
     assert eval_object(evals[0])["created_at"] == 1796565787
-    ft = job_object(store.api_get("api_fine_tuning_jobs", "ftjob-1"))
+    ft = job_object(store, store.api_get("api_fine_tuning_jobs", "ftjob-1"))
     assert (ft["created_at"], ft["finished_at"]) == (1796565787, None)
     events, _ = store.api_events("ftjob-1")
     assert event_object(events[0])["created_at"] == 1796565790

@@ -20,17 +20,23 @@ from flywheel.train.launch import LaunchSpec, accelerate_command, launch_env, te
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def worker_marker(folder: Path) -> str:
+    """A `pgrep -f` pattern matching the command line of every launched process of a store in
+    `folder` (`python -m flywheel.train.worker <folder>/.flywheel/tmp/launch-.../request.json ...`)."""
+    return f"flywheel.train.worker {folder}"
+
+
 def test_cpu_processes_use_torchrun_and_the_cpu_switch():
-    spec = LaunchSpec(launcher="accelerate", num_processes=2, cpu=True)
-    command = accelerate_command(spec, ["train", "sft", "eval.yaml"])
+    spec = LaunchSpec(kind="accelerate", num_processes=2, cpu=True)
+    command = accelerate_command(spec, ["flywheel.train.worker", "request.json", "result.json"])
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     # accelerate's own --cpu would start one process: N > 1 CPU processes go through torchrun.
     assert "--multi_gpu" in command and "--cpu" not in command
     assert command[command.index("--num_processes") + 1] == "2"
     assert int(command[command.index("--main_process_port") + 1]) > 0
-    assert command[-5:] == ["-m", "flywheel", "train", "sft", "eval.yaml"]
+    assert command[-4:] == ["-m", "flywheel.train.worker", "request.json", "result.json"]
     assert launch_env(spec)["ACCELERATE_USE_CPU"] == "true"
-    one = accelerate_command(LaunchSpec(launcher="accelerate", cpu=True), ["train"])
+    one = accelerate_command(LaunchSpec(kind="accelerate", cpu=True), ["flywheel.train.worker"])
     assert "--cpu" in one and "--multi_gpu" not in one
 
 
@@ -41,7 +47,7 @@ def test_shipped_templates_load_in_accelerate(name, kind):
 
     config = load_config_from_file(str(templates()[name]))
     assert config.distributed_type.value == kind and config.num_machines == 1
-    command = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=name), ["train"])
+    command = accelerate_command(LaunchSpec(kind="accelerate", config_file=name), ["flywheel.train.worker"])
     assert command[command.index("--config_file") + 1] == str(templates()[name])
 
 
@@ -52,10 +58,10 @@ def test_a_multi_node_config_keeps_its_own_port(tmp_path):
     config.update(num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", main_process_port=29555)
     path = tmp_path / "two_nodes.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path)), ["train"])
+    command = accelerate_command(LaunchSpec(kind="accelerate", config_file=str(path)), ["flywheel.train.worker"])
     assert "--main_process_port" not in command  # every node must use the config's 29555
-    pinned = accelerate_command(LaunchSpec(launcher="accelerate", accelerate_config=str(path),
-                                           main_process_port=29600), ["train"])
+    pinned = accelerate_command(LaunchSpec(kind="accelerate", config_file=str(path),
+                                           main_process_port=29600), ["flywheel.train.worker"])
     assert pinned[pinned.index("--main_process_port") + 1] == "29600"
 
 
@@ -146,7 +152,7 @@ def test_an_interrupted_launch_stops_every_process_and_fails_the_job(tmp_path, t
         checkpoints = conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0]
     assert len(jobs) == 1 and jobs[0][0] == "failed" and "KeyboardInterrupt" in jobs[0][1]
     assert checkpoints == 0
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "eval.yaml")], capture_output=True, text=True)
+    leftovers = subprocess.run(["pgrep", "-f", worker_marker(tmp_path)], capture_output=True, text=True)
     assert leftovers.stdout.strip() == ""  # no worker outlived the launcher
 
 
@@ -206,7 +212,7 @@ def test_a_killed_launch_resumes_under_the_launcher_from_its_saved_step(tmp_path
         time.sleep(0.2)
         saved = [p for p in (db.parent / ".flywheel" / "jobs").glob("*/checkpoint-*/trainer_state.json")]
         if saved:
-            killed = _rank_zero_worker(str(spec))
+            killed = _rank_zero_worker(worker_marker(tmp_path))
             if killed:
                 os.kill(killed, signal.SIGKILL)
     assert killed, f"no saved step before the run ended: {launcher.poll()}"

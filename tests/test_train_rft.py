@@ -19,14 +19,14 @@ FUZZY = {"type": "text_similarity", "name": "close", "input": "{{sample.output_t
 
 def test_rewards_are_the_spec_graders(tmp_path, tiny_model_dir):
     spec = tiny_eval(tmp_path, tiny_model_dir, graders=[FUZZY])
-    [reward], grader_set = reward_functions(spec)
+    [reward], close = reward_functions(spec)
     try:
         scores = reward(prompts=["p", "p"], completions=[[{"role": "assistant", "content": "card_arrival"}],
                                                          [{"role": "assistant", "content": "zzz"}]],
                         label=["card_arrival", "card_arrival"], completion_ids=[[1], [2]])
         assert scores[0] == 1.0 and scores[1] < 0.5 and reward.__name__ == "close"
     finally:
-        grader_set.close()
+        close()
     with pytest.raises(TrainingDataError, match="no grader named 'nope'"):
         reward_functions(spec, ["nope"])
 

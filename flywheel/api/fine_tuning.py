@@ -23,7 +23,6 @@ from starlette.routing import Route
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.files import read_file_rows, training_kind
-from flywheel.api.fine_tuning_runner import KINDS
 from flywheel.api.jobs import new_object_id
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
@@ -34,21 +33,17 @@ from flywheel.web import parse_cursor, parse_json_object, read_body
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
 
-# name: (type, lowest, highest, whether the lowest is allowed) — the platform's OpenAPI ranges
-HYPERPARAMETERS = {"n_epochs": (int, 1, 50, True), "batch_size": (int, 1, 256, True),
-                   "learning_rate_multiplier": (float, 0, 100, False)}
-# method type -> its extra numeric hyper-parameters
-METHODS = {"supervised": {}, "dpo": {"beta": (float, 0, 2, False)},
-           "reinforcement": {"compute_multiplier": (float, 0.00001, 10, False), "eval_interval": (int, 1, 10**6, True),
-                             "eval_samples": (int, 1, 10**6, True)}}
 REASONING_EFFORTS = ("default", "low", "medium", "high")
-NO_RFT_GRADERS = ("label_model",)  # the platform's RFT takes every grader but these
 DONE = ("succeeded", "failed", "cancelled")
 
 
 def hyperparameters(method_type: str, method: dict[str, Any]) -> dict[str, Any]:
-    """The method's hyper-parameters, checked; "auto" (or absent) stays "auto"."""
-    known = {**HYPERPARAMETERS, **METHODS[method_type]}
+    """The method's hyper-parameters (flywheel.train.methods: the common ones and the method's own),
+    checked; "auto" (or absent) stays "auto"."""
+    from flywheel.train.methods import HOSTED_HYPERPARAMETERS, hosted_method
+
+    chosen = hosted_method(method_type)
+    known = {**HOSTED_HYPERPARAMETERS, **chosen.hosted_hyperparameters}
     given = (method.get(method_type) or {}).get("hyperparameters") or {}
     if not isinstance(given, dict):
         raise invalid("hyperparameters must be an object.", f"method.{method_type}.hyperparameters")
@@ -62,7 +57,7 @@ def hyperparameters(method_type: str, method: dict[str, Any]) -> dict[str, Any]:
             raise invalid(f"{param} must be 'auto' or a number in {'[' if closed else '('}{low}, {high}], "
                           f"got {value!r}.", param)
         out[name] = value
-    if method_type == "reinforcement":
+    if chosen.grader_rewards:
         effort = given.get("reasoning_effort", "default")
         if effort not in REASONING_EFFORTS:
             raise invalid(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {effort!r}.",
@@ -81,21 +76,28 @@ def parse_method(body: dict[str, Any]) -> dict[str, Any]:
     if method is None:
         legacy = field(body, "hyperparameters", dict, default={})
         method = {"type": "supervised", "supervised": {"hyperparameters": legacy}}
-    method_type = method.get("type", "supervised")
-    if method_type not in METHODS:
-        raise invalid(f"method.type must be one of {', '.join(METHODS)}, got {method_type!r}.", "method.type")
-    inner: dict[str, Any] = {"hyperparameters": hyperparameters(method_type, method)}
-    if method_type == "reinforcement":
-        import graders
+    from flywheel.train.methods import HOSTED_TYPES, hosted_method
 
-        settings = method.get("reinforcement") or {}
+    method_type = method.get("type", "supervised")
+    if method_type not in HOSTED_TYPES:
+        raise invalid(f"method.type must be one of {', '.join(HOSTED_TYPES)}, got {method_type!r}.", "method.type")
+    inner: dict[str, Any] = {"hyperparameters": hyperparameters(method_type, method)}
+    if hosted_method(method_type).grader_rewards:
+        import graders
+        from graders.registry import GRADER_TYPES, HOSTED_RFT_TYPES
+
+        settings = method.get(method_type) or {}
         grader = settings.get("grader")
-        param = "method.reinforcement.grader"
+        param = f"method.{method_type}.grader"
         if not isinstance(grader, dict):
             raise invalid(f"{param}: a grader object is required for reinforcement fine-tuning.", param)
-        if grader.get("type") in NO_RFT_GRADERS:
-            raise invalid(f"{param}: {grader['type']} graders cannot be RFT rewards (as on the platform); use "
-                          "score_model, string_check, text_similarity, python or multi.", param)
+        subs = grader.get("graders") if grader.get("type") == "multi" else None
+        types = [grader.get("type"), *(g.get("type") for g in subs.values() if isinstance(g, dict))] \
+            if isinstance(subs, dict) else [grader.get("type")]
+        refused = next((t for t in types if t in GRADER_TYPES and t not in HOSTED_RFT_TYPES), None)
+        if refused is not None:  # the grader table's `hosted_rft`
+            raise invalid(f"{param}: {refused} graders cannot be RFT rewards (as on the platform); use "
+                          f"{', '.join(HOSTED_RFT_TYPES)}.", param)
         try:
             graders.parse_grader(grader)
         except graders.GraderConfigError as exc:
@@ -106,11 +108,14 @@ def parse_method(body: dict[str, Any]) -> dict[str, Any]:
     return {"type": method_type, method_type: inner}
 
 
-def job_object(row: dict[str, Any]) -> dict[str, Any]:
+def job_object(store: Store, row: dict[str, Any]) -> dict[str, Any]:
+    """A job row as the platform's `fine_tuning.job`; its status is its training job's
+    (`Store.fine_tuning_status`)."""
     method = json.loads(row["method_json"])
     return {
         "object": "fine_tuning.job", "id": row["id"], "created_at": unix_seconds(row["created_at"]),
-        "finished_at": unix_seconds(row["finished_at"]), "estimated_finish": None, "status": row["status"], "model": row["model"],
+        "finished_at": unix_seconds(row["finished_at"]), "estimated_finish": None,
+        "status": store.fine_tuning_status(row["id"]), "model": row["model"],
         "fine_tuned_model": row["fine_tuned_model"], "organization_id": "flywheel",
         "training_file": row["training_file"], "validation_file": row["validation_file"], "result_files": [],
         "trained_tokens": row["trained_tokens"], "seed": row["seed"],
@@ -170,7 +175,9 @@ def create_job(store: Store, body: dict[str, Any], project: str) -> dict[str, An
     suffix = field(body, "suffix", str)
     if suffix is not None and len(suffix) > 64:
         raise invalid("suffix must be at most 64 characters.", "suffix")
-    wanted = KINDS[method["type"]]
+    from flywheel.train.methods import hosted_method
+
+    wanted = hosted_method(method["type"]).name
     for name, file_id in (("training_file", training_file), ("validation_file", validation_file)):
         if file_id is None:
             continue
@@ -182,14 +189,14 @@ def create_job(store: Store, body: dict[str, Any], project: str) -> dict[str, An
         model_for(store, model, project)
     except FlywheelError as exc:
         raise invalid(str(exc), "model", "model_not_found") from None
-    row = {"id": new_object_id("ftjob-"), "created_at": now(), "status": "queued", "model": model,
+    row = {"id": new_object_id("ftjob-"), "created_at": now(), "model": model,
            "training_file": training_file, "validation_file": validation_file, "method_json": json.dumps(method),
            "suffix": suffix, "seed": _seed(body),
            "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {})}
     insert_owned(store, "api_fine_tuning_jobs", row, project)
     store.add_api_event(row["id"], f"Created fine-tuning job: {row['id']}")
     store.enqueue_job(new_object_id("job_"), "fine_tuning", row["id"])
-    return job_object(store.api_get("api_fine_tuning_jobs", row["id"]))
+    return job_object(store, store.api_get("api_fine_tuning_jobs", row["id"]))
 
 
 def checkpoint_object(row: dict[str, Any], checkpoint: dict[str, Any], fine_tuned: str,
@@ -228,7 +235,8 @@ def job_checkpoints(store: Store, row: dict[str, Any]) -> list[dict[str, Any]]:
                                                                                row.get("project") or "default"))
     except FlywheelError:
         fine_tuned = fine_tuned_name(row, row["model"])
-    final_step = max((r.get("step") or 0) for r in rows) if row["status"] == "succeeded" else -1
+    succeeded = store.fine_tuning_status(row["id"]) == "succeeded"
+    final_step = max((r.get("step") or 0) for r in rows) if succeeded else -1
     kept = [r for r in rows if not r.get("pruned_at")]
     return [checkpoint_object(row, r, fine_tuned, final_step)
             for r in sorted(kept, key=lambda r: (r.get("step") or 0, r["created_at"] or ""), reverse=True)]
@@ -243,7 +251,8 @@ def routes(state: "ApiState") -> list[Route]:
         return row
 
     def answer(row: dict[str, Any]) -> Response:
-        return JSONResponse(job_object(state.store().api_get("api_fine_tuning_jobs", row["id"])))
+        store = state.store()
+        return JSONResponse(job_object(store, store.api_get("api_fine_tuning_jobs", row["id"])))
 
     async def create(request: Request) -> Response:
         from flywheel.api.model_access import resolve_model
@@ -259,45 +268,49 @@ def routes(state: "ApiState") -> list[Route]:
         after, limit, order = page_args(request)
         rows, more = list_owned(state.store(), "api_fine_tuning_jobs", caller(request).project, after=after,
                                 limit=limit, order=order)
-        return JSONResponse(page([job_object(r) for r in rows], more))
+        return JSONResponse(page([job_object(state.store(), r) for r in rows], more))
 
     async def retrieve(request: Request) -> Response:
-        return JSONResponse(job_object(get_job(request)))
+        return JSONResponse(job_object(state.store(), get_job(request)))
 
     async def cancel(request: Request) -> Response:
         row = get_job(request)
-        if row["status"] in DONE:
-            raise invalid(f"Job {row['id']} has already {row['status']}; it cannot be cancelled.", "fine_tuning_job_id")
         store = state.store()
+        status = store.fine_tuning_status(row["id"])
+        if status in DONE:
+            raise invalid(f"Job {row['id']} has already {status}; it cannot be cancelled.", "fine_tuning_job_id")
         job = store.request_job_cancel(row["id"])
-        stopped = store.cancel_paused_job(row["id"]) or (
-            job and job["status"] == "cancelled" and row["status"] == "queued")
-        if stopped:
-            store.api_update("api_fine_tuning_jobs", row["id"], status="cancelled", finished_at=now())
+        stopped = store.cancel_paused_job(row["id"]) or (job and job["status"] == "cancelled"
+                                                        and status == "queued")
+        if stopped:  # a running job is cancelled by its runner at its next step
+            store.set_fine_tuning_status(row["id"], "cancelled")
+            store.api_update("api_fine_tuning_jobs", row["id"], finished_at=now())
             store.add_api_event(row["id"], "The job was cancelled.")
         return answer(row)
 
     async def pause(request: Request) -> Response:
         row = get_job(request)
-        if row["status"] not in ("queued", "running"):
-            raise invalid(f"Job {row['id']} is {row['status']}; only a queued or running job can be paused.",
-                          "fine_tuning_job_id")
         store = state.store()
-        now = store.request_job_pause(row["id"])
-        if now == "paused":  # it had not started: nothing to save
-            store.api_update("api_fine_tuning_jobs", row["id"], status="paused")
+        status = store.fine_tuning_status(row["id"])
+        if status not in ("queued", "running"):
+            raise invalid(f"Job {row['id']} is {status}; only a queued or running job can be paused.",
+                          "fine_tuning_job_id")
+        paused_now = store.request_job_pause(row["id"])
+        if paused_now == "paused":  # it was waiting in the queue: nothing to save
+            store.set_fine_tuning_status(row["id"], "paused")
             store.add_api_event(row["id"], "The job was paused before it started.")
-        elif now == "running":
+        elif paused_now == "running":
             store.add_api_event(row["id"], "Pausing the job at its next training step.")
         return answer(row)
 
     async def resume(request: Request) -> Response:
         row = get_job(request)
         store = state.store()
-        if row["status"] != "paused" or not store.resume_paused_job(row["id"]):
-            raise invalid(f"Job {row['id']} is {row['status']}; only a paused job can be resumed.",
+        status = store.fine_tuning_status(row["id"])
+        if status != "paused" or not store.resume_paused_job(row["id"]):
+            raise invalid(f"Job {row['id']} is {status}; only a paused job can be resumed.",
                           "fine_tuning_job_id")
-        store.api_update("api_fine_tuning_jobs", row["id"], status="queued")
+        store.set_fine_tuning_status(row["id"], "queued")
         store.add_api_event(row["id"], "The job was resumed and is queued.")
         state.notify()
         return answer(row)

@@ -16,7 +16,7 @@ queue with periodic checkpoints and validation, and the resume of a paused or ki
   training the adapter's greedy replies are graded: `full_valid_mean_reward`.
 * Pause (and a server stopping) saves a checkpoint at the current step; resume, and a server
   restarted after a kill, continue the job's training job from its last saved step
-  (`flywheel.train.local.run_local(resume=...)`), so no finished step is trained again.
+  (`flywheel.train.run`, `resume=` the training job), so no finished step is trained again.
 
     config = job_train_config(job_row, rows=len(training_set), validation_path="valid.jsonl")
 """
@@ -30,9 +30,8 @@ from flywheel.api.eval_runs import local_turn
 from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now
+from flywheel.train.checkpoints import Checkpoint
 
-# method type -> our training-set kind
-KINDS = {"supervised": "sft", "dpo": "dpo", "reinforcement": "rft"}
 RFT_MAX_TOKENS = 64  # completion length while sampling RFT groups (the platform has no such knob)
 
 
@@ -40,18 +39,24 @@ def _auto(hp: dict[str, Any], name: str) -> bool:
     return hp.get(name, "auto") == "auto"
 
 
-def train_config(row: dict[str, Any]):
-    """Our SFTSpec / DPOSpec / RFTSpec for a job row (its `method_json`, `seed`)."""
-    from flywheel.train.config import DPOSpec, RFTSpec, SFTSpec
+def job_method(row: dict[str, Any]):
+    """The flywheel.train.methods row of a job (its `method.type` is the platform's name)."""
+    from flywheel.train.methods import hosted_method
 
+    return hosted_method(json.loads(row["method_json"])["type"])
+
+
+def train_config(row: dict[str, Any]):
+    """Our SFTSpec / DPOSpec / RFTSpec (the method's config) for a job row (its `method_json`, `seed`)."""
     method = json.loads(row["method_json"])
     hp = method[method["type"]]["hyperparameters"]
-    cls = {"supervised": SFTSpec, "dpo": DPOSpec, "reinforcement": RFTSpec}[method["type"]]
+    chosen = job_method(row)
+    cls = chosen.config
     defaults = cls()
     extra: dict[str, Any] = {}
-    if method["type"] == "dpo" and not _auto(hp, "beta"):
+    if "beta" in chosen.hosted_hyperparameters and not _auto(hp, "beta"):
         extra["beta"] = float(hp["beta"])
-    if method["type"] == "reinforcement":
+    if chosen.grader_rewards:
         extra["max_completion_length"] = RFT_MAX_TOKENS
         if not _auto(hp, "compute_multiplier"):
             extra["num_generations"] = max(2, round(4 * float(hp["compute_multiplier"])))
@@ -86,11 +91,12 @@ def job_train_config(row: dict[str, Any], *, rows: int, validation_path: str | N
     config = train_config(row)
     method = json.loads(row["method_json"])
     hp = method[method["type"]]["hyperparameters"]
+    chosen = job_method(row)
     every = schedule(config, rows)
-    if method["type"] == "reinforcement" and not _auto(hp, "eval_interval"):
+    if "eval_interval" in chosen.hosted_hyperparameters and not _auto(hp, "eval_interval"):
         every = int(hp["eval_interval"])
     update: dict[str, Any] = {"save_steps": every, "keep": "all"}
-    if validation_path and method["type"] != "reinforcement":  # GRPO has no validation loss
+    if validation_path and chosen.validation_loss:  # GRPO has no validation loss
         update.update(eval_steps=every, validation_file=validation_path)
     return config.model_copy(update=update)
 
@@ -99,12 +105,17 @@ def job_spec(row: dict[str, Any], base: str, data_path: str):
     """The eval spec `run_local` wants: RFT's reward grader lives there; SFT / DPO jobs do not evaluate."""
     from flywheel.spec import parse_eval_spec
 
-    method = json.loads(row["method_json"])
-    grader = method.get("reinforcement", {}).get("grader") or {
+    grader = job_grader(row) or {
         "type": "string_check", "name": "none", "input": "-", "reference": "-", "operation": "eq"}
     return parse_eval_spec({"name": f"api-{row['id']}", "dataset": {"path": data_path},
                             "input": [{"role": "user", "content": "-"}], "model": base,
                             "sampling": {"max_tokens": RFT_MAX_TOKENS}, "graders": [grader]})
+
+
+def job_grader(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The grader of a job whose method trains on grader rewards (RFT), else None."""
+    method = json.loads(row["method_json"])
+    return (method.get(method["type"]) or {}).get("grader")
 
 
 def platform_rewards(data: dict[str, Any], grader: dict[str, Any] | None) -> dict[str, Any]:
@@ -123,15 +134,9 @@ def _watch(ctx: JobContext, grader: dict[str, Any] | None = None):
     from transformers import TrainerCallback
 
     class Watch(TrainerCallback):
-        """Links the API job to its training job; metrics become job events; cancel stops at the next
-        step; pause (or the server stopping) saves a checkpoint at this step, then stops."""
+        """Metrics become job events; cancel stops at the next step; pause (or the server stopping) saves a checkpoint at this step, then stops."""
 
         pending: Exception | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            # run_local trains a job with save_steps in `.flywheel/jobs/<training job id>/`
-            ctx.store.api_update("api_fine_tuning_jobs", ctx.job["object_id"],
-                                 training_job_id=Path(args.output_dir).name)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs:
@@ -200,21 +205,6 @@ def final_checkpoint(store: Store, training_job_id: str) -> dict[str, Any]:
     return max(rows, key=lambda r: (r.get("step") or 0, r["created_at"] or ""))
 
 
-def keep_latest(store: Store, training_job_id: str, keep: int = KEEP_CHECKPOINTS) -> list[str]:
-    """Delete the adapter folders of all but the `keep` latest step checkpoints (rows stay, marked
-    `pruned_at`); returns the ids pruned."""
-    import shutil
-
-    rows = [r for r in store.job_checkpoints(training_job_id) if not r.get("pruned_at")]
-    pruned = []
-    for row in sorted(rows, key=lambda r: r.get("step") or 0)[:-keep]:
-        if row.get("path"):
-            shutil.rmtree(row["path"], ignore_errors=True)
-        store.update_checkpoint(row["id"], pruned_at=now())
-        pruned.append(row["id"])
-    return pruned
-
-
 def discard_training_folder(store: Store, training_job_id: str | None) -> None:
     """Delete a cancelled or failed job's resumable trainer state (the API never resumes it); its
     registered checkpoints stay."""
@@ -230,20 +220,6 @@ def discard_training_folder(store: Store, training_job_id: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def resumable_step(store: Store, training_job_id: str | None) -> int | None:
-    """The step an unfinished training job can resume from (its last complete saved step), or None."""
-    from flywheel.train.validation import last_saved_step
-
-    if not training_job_id:
-        return None
-    try:
-        job = store.get_training_job(training_job_id)
-    except FlywheelError:
-        return None
-    saved = last_saved_step(job.get("output_dir")) if job["status"] != "succeeded" else None
-    return saved[0] if saved else None
-
-
 def fine_tuned_name(row: dict[str, Any], base: str) -> str:
     """`ft:<base>:<suffix>:<job>` as the platform names a tuned model."""
     short = row["id"].removeprefix("ftjob-")[:8]
@@ -256,11 +232,9 @@ class FineTuningRunner:
 
     def run(self, ctx: JobContext) -> None:
         from flywheel.api.fine_tuning import model_for
-        from flywheel.train.dpo import build_dpo_trainer
         from flywheel.train.formats import load_training_file
-        from flywheel.train.local import run_local
-        from flywheel.train.rft import build_rft_trainer
-        from flywheel.train.sft import build_sft_trainer
+        from flywheel.train.run import TrainRequest, resume_point, run
+        from flywheel.train.validation import prune_checkpoints
 
         store = ctx.store
         row = store.api_get("api_fine_tuning_jobs", ctx.job["object_id"])
@@ -269,57 +243,47 @@ class FineTuningRunner:
         for name, file_row in files.items():
             if row[name] and file_row is None:
                 raise FlywheelError(f"{name} {row[name]} was deleted")
-        store.api_update("api_fine_tuning_jobs", row["id"], status="running")
-        method_type = json.loads(row["method_json"])["type"]
-        kind = KINDS[method_type]
-        builder = {"sft": build_sft_trainer, "dpo": build_dpo_trainer, "rft": build_rft_trainer}[kind]
-        training_set = load_training_file(kind, files["training_file"]["path"])
+        method = job_method(row)
+        training_set = load_training_file(method.name, files["training_file"]["path"])
         validation_path = files["validation_file"]["path"] if files["validation_file"] else None
         config = job_train_config(row, rows=len(training_set), validation_path=validation_path)
         base = model_for(store, row["model"], row.get("project") or "default")
         # RESUME_HOOK: a paused job, or one killed with the server, continues its own training job
         # from the last step it saved (the trainer's optimiser, schedule and data position).
-        resume = row.get("training_job_id")
-        step = resumable_step(store, resume)
-        if step is None and resume:
-            try:
-                finished = store.get_training_job(resume)["status"] == "succeeded"
-            except FlywheelError:
-                finished = False
-            if not finished:  # killed before its first saved step: nothing to resume
-                store.update_training_job(resume, status="failed", error="killed before its first saved step; "
-                                          f"API job {row['id']} trains a new job")
-                resume = None
-        ctx.event(f"Fine-tuning job resumed from step {step}." if step is not None else
-                  "Fine-tuning job started." if ctx.job["attempts"] == 1 and not resume else
+        point = resume_point(store, row.get("training_job_id"))
+        if point is not None and not point.finished and point.step is None:  # killed before its first saved step
+            store.update_training_job(point.job_id, status="failed", error="killed before its first saved step; "
+                                      f"API job {row['id']} trains a new job")
+            store.api_update("api_fine_tuning_jobs", row["id"], training_job_id=None)  # its status is no longer ours
+            point = None
+        ctx.event(f"Fine-tuning job resumed from step {point.step}." if point and point.resumable else
+                  "Fine-tuning job started." if ctx.job["attempts"] == 1 and point is None else
                   "Fine-tuning job restarted.")
         spec = job_spec(row, base, files["training_file"]["path"])
-        extra: dict[str, Any] = {"spec": spec} if kind == "rft" else {}
-        if validation_path and kind != "rft":
-            # VALIDATION_HOOK: the validation file is the trainer's eval set; its loss at every
-            # checkpoint is a `valid_loss` metrics event (the last one `full_valid_loss` too).
-            extra["eval_set"] = load_training_file(kind, validation_path)
-        grader = json.loads(row["method_json"]).get("reinforcement", {}).get("grader")
-
-        def build(model, tokenizer, output_dir, bf16):
-            return builder(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=True, **extra)
+        grader = job_grader(row)
 
         with local_turn(store):  # local training and local eval runs take turns on the cores
-            if resume and step is None:  # it finished training; the job's record did not
-                training_job_id = resume
+            if point is not None and point.finished:  # it finished training; the job's record did not
+                training_job_id = point.job_id
             else:
-                result = run_local(kind, spec, store, training_set, base=base, config=config, build=build,
-                                   evaluate=False, quiet=True, resume=resume if step is not None else None,
-                                   callbacks=[_watch(ctx, grader)], fresh=True)
+                # VALIDATION_HOOK: the validation file (config.validation_file) is the trainer's eval set;
+                # its loss at every checkpoint is a `valid_loss` metrics event (the last one `full_valid_loss`).
+                result = run(TrainRequest(
+                    method=method.name, spec=spec, store=store, base=base, config=config, data=training_set,
+                    resume=point.job_id if point else None, evaluate=False, check_data=False, fresh=True,
+                    quiet=True, callbacks=[_watch(ctx, grader)],
+                    on_job=lambda job_id: store.api_update("api_fine_tuning_jobs", row["id"],
+                                                           training_job_id=job_id)))
                 training_job_id = result.job_id
             final = final_checkpoint(store, training_job_id)
             stored = json.loads(final.get("metrics_json") or "{}")
             found: dict[str, Any] = {}
-            if validation_path and kind != "rft" and stored.get("valid_loss") is not None:
+            if validation_path and method.validation_loss and stored.get("valid_loss") is not None:
                 found = {"full_valid_loss": stored["valid_loss"]}
-            elif validation_path and kind == "rft":
+            elif validation_path and not method.validation_loss:
                 ctx.event("Scoring the adapter on the validation file.")
-                found = rft_validation_metrics(final["model_ref"], load_training_file(kind, validation_path), spec)
+                found = rft_validation_metrics(final["model_ref"], load_training_file(method.name, validation_path),
+                                               spec)
                 step_now = final.get("step") or 0
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in found.items() if k != "valid_rows")
                 ctx.event(f"Step {step_now}/{step_now}: {shown}", type="metrics", data={
@@ -329,7 +293,8 @@ class FineTuningRunner:
                              "valid_reward_mean": found["valid_reward_mean"]}]}})
             stored.update(found)
             store.update_checkpoint(final["id"], metrics_json=json.dumps(stored, default=str))
-        keep_latest(store, training_job_id)
+        prune_checkpoints(store, [Checkpoint.from_row(r) for r in store.job_checkpoints(training_job_id)
+                                  if not r.get("pruned_at")], str(KEEP_CHECKPOINTS), latest=True)
         metrics = {k: stored.get(k) for k in ("train_loss", "last_loss", "steps", "mean_reward", "valid_loss",
                                               "full_valid_loss", "full_valid_mean_reward", "valid_reward_mean",
                                               "valid_rows", "resumed_from_step")
@@ -347,11 +312,13 @@ class FineTuningRunner:
             return
         if status == "paused":
             resume = json.loads(row["resume_json"]) if row.get("resume_json") else {}
-            store.api_update("api_fine_tuning_jobs", row["id"], status="paused")
+            store.set_fine_tuning_status(row["id"], "paused")
             where = f" at step {resume['step']}/{resume['total_steps']}" if resume else ""
             store.add_api_event(row["id"], f"The job was paused{where}; resume continues from there.")
             return
-        fields: dict[str, Any] = {"status": status, "finished_at": now()}
+        if status != "succeeded":  # the trainer stopped (cancel) or failed: the training job says so
+            store.set_fine_tuning_status(row["id"], status, error)
+        fields: dict[str, Any] = {"finished_at": now()}
         if error:
             fields["error_json"] = json.dumps({"code": "training_failed", "message": error, "param": None})
         store.api_update("api_fine_tuning_jobs", row["id"], **fields)

@@ -169,6 +169,8 @@ def print_captures(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from flywheel.report.console import safe_terminal_text as safe
+
     console = Console()
     if not console.is_terminal:
         console.width = 160  # piped output: do not squeeze the table to 80 columns
@@ -180,13 +182,14 @@ def print_captures(rows: list[dict[str, Any]]) -> None:
         table.add_column(column, overflow="fold")
 
     def clip(text: Any, width: int = 48) -> str:
+        """Captured text (anyone's who called the proxy): one line, cut, made safe for a terminal."""
         text = "" if text is None else str(text).replace("\n", " ")
-        return text if len(text) <= width else text[:width - 1] + "…"
+        return safe(text if len(text) <= width else text[:width - 1] + "…")
 
     for r in rows:
         tokens = f"{r['prompt_tokens'] or 0}+{r['completion_tokens'] or 0}"
         metadata = ",".join(f"{k}={v}" for k, v in r["metadata"].items())
         outcome = f"[red]{clip(r['error'])}[/red]" if r["error"] else clip(r["output"])
-        table.add_row(str(r["id"]), r["created_at"][:19], r["model"] or "", str(r["status"] or ""),
-                      f"{r['latency_ms']:.0f}", tokens, clip(metadata, 32), clip(r["input"]), outcome)
+        table.add_row(safe(r["id"]), safe(r["created_at"][:19]), safe(r["model"] or ""), safe(r["status"] or ""),
+                      f"{r['latency_ms']:.0f}", safe(tokens), clip(metadata, 32), clip(r["input"]), outcome)
     console.print(table)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flywheel.harness import EvalResult
@@ -25,6 +27,20 @@ class _Console(Console):
 
 console = _Console()
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe_terminal_text(text: Any, markup: bool = True) -> str:
+    """User-controlled text made harmless for a terminal: control characters (ESC, CSI, OSC, BEL,
+    carriage return, C1 codes, bidi overrides) shown as `\\x1b`-style escapes, and, for text
+    printed with rich markup on, `[` escaped so it cannot open a style or a link.
+
+        >>> safe_terminal_text("a\x1b]52;c;eA==\x07[link=x]")
+        'a\\x1b]52;c;eA==\\x07\\[link=x]'
+    """
+    cleaned = _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
+    return escape(cleaned) if markup else cleaned
+
 
 def _pct(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
@@ -35,14 +51,15 @@ def _num(value: float | None, digits: int = 3) -> str:
 
 
 def print_eval_result(result: EvalResult) -> None:
+    safe = safe_terminal_text
     console.print(
-        f"[bold]{result.eval_name}[/bold]  model {result.model}  split {result.split}  "
-        f"run {result.run_id}")
+        f"[bold]{safe(result.eval_name)}[/bold]  model {safe(result.model)}  split {safe(result.split)}  "
+        f"run {safe(result.run_id)}")
     table = Table(show_header=True, header_style="bold")
     for column in ("grader", "n", "mean score", "95% CI", "pass rate", "errors"):
         table.add_column(column, justify="left" if column == "grader" else "right")
     for g in result.graders:
-        table.add_row(g.name, str(g.n), _num(g.mean), f"[{_num(g.ci_low)}, {_num(g.ci_high)}]",
+        table.add_row(safe(g.name), str(g.n), _num(g.mean), f"[{_num(g.ci_low)}, {_num(g.ci_high)}]",
                       _pct(g.pass_rate), str(g.errors))
     console.print(table)
     low, high = result.pass_ci
@@ -66,8 +83,9 @@ def print_runs(rows: list[dict[str, Any]]) -> None:
     table.add_column("started", no_wrap=True)
     for row in rows:
         summary = Store.run_summary(row)
-        table.add_row(row["id"], row["kind"] or "", row["model_ref"] or "", row["split"] or "",
-                      row["status"], "-" if summary.n_samples is None else str(summary.n_samples), _pct(summary.pass_rate),
+        safe = safe_terminal_text
+        table.add_row(safe(row["id"]), safe(row["kind"] or ""), safe(row["model_ref"] or ""), safe(row["split"] or ""),
+                      safe(row["status"]), "-" if summary.n_samples is None else str(summary.n_samples), _pct(summary.pass_rate),
                       (row["started_at"] or "")[:16].replace("T", " "))
     console.print(table)
 
@@ -92,24 +110,25 @@ def run_detail(store: Store, run_id: str, failed_only: bool = False, limit: int 
 
 
 def print_run_detail(detail: dict[str, Any]) -> None:
+    safe = safe_terminal_text
     run = detail["run"]
     summary = run.get("summary") or {}
-    console.print(f"[bold]{run['id']}[/bold]  {run['model_ref']}  split {run['split']}  {run['status']}  "
-                  f"pass rate {_pct(summary.get('pass_rate'))}")
+    console.print(f"[bold]{safe(run['id'])}[/bold]  {safe(run['model_ref'])}  split {safe(run['split'])}  "
+                  f"{safe(run['status'])}  pass rate {_pct(summary.get('pass_rate'))}")
     for iteration in detail["iterations"]:
-        console.print(f"iteration {iteration['seq']} ({iteration['stage']}): score {_num(iteration['score'])}")
+        console.print(f"iteration {iteration['seq']} ({safe(iteration['stage'])}): score {_num(iteration['score'])}")
         for sample in iteration["samples"]:
             user = describe_content(next((m["content"] for m in reversed(sample["input"] or []) if m["role"] == "user"), ""))
-            console.print(f"[dim]item {sample['item_key']}#{sample['repeat']}[/dim] {user!r}", markup=True,
-                          highlight=False)
+            console.print(f"[dim]item {safe(sample['item_key'])}#{sample['repeat']}[/dim] {safe(repr(user))}",
+                          markup=True, highlight=False)
             if sample["error"]:
-                console.print(f"  [red]error[/red] {sample['error']}", highlight=False)
+                console.print(f"  [red]error[/red] {safe(sample['error'])}", highlight=False)
             else:
-                console.print(f"  output: {sample['output_text']!r}", highlight=False, markup=False)
+                console.print(f"  output: {safe(repr(sample['output_text']), markup=False)}", highlight=False, markup=False)
             for grade in sample["grades"]:
                 mark = "[green]pass[/green]" if grade["passed"] else "[red]fail[/red]"
-                console.print(f"  {mark} {grade['grader']} {grade['score']:.3f}  ", end="")
-                console.print(grade["feedback"] or "", highlight=False, markup=False)
+                console.print(f"  {mark} {safe(grade['grader'])} {grade['score']:.3f}  ", end="")
+                console.print(safe(grade["feedback"] or "", markup=False), highlight=False, markup=False)
 
 
 def _ci(cmp: dict[str, Any]) -> str:
@@ -121,22 +140,23 @@ def _ci(cmp: dict[str, Any]) -> str:
 
 def print_optimize_result(result) -> None:
     """The search tree in order, then winner vs baseline on valid and on test."""
-    table = Table(show_header=True, header_style="bold", title=f"prompt search {result.run_id}")
+    safe = safe_terminal_text
+    table = Table(show_header=True, header_style="bold", title=f"prompt search {safe(result.run_id)}")
     for column in ("candidate", "parent", "demos", "minibatch", "valid", "test"):
         table.add_column(column, justify="left" if column in ("candidate", "parent") else "right")
     for c in result.candidates:
         mark = " ★" if c is result.winner else ""
-        table.add_row(c.origin + mark, c.parent.origin if c.parent else "",
+        table.add_row(safe(c.origin) + mark, safe(c.parent.origin) if c.parent else "",
                       (f"{len(c.prompt.demos)}" + (f" (nearest {c.prompt.nearest})" if c.prompt.nearest else "")),
                       _num(c.minibatch.objective if c.minibatch else None),
                       _num(c.valid.objective if c.valid else None), _num(c.test.objective if c.test else None))
     console.print(table)
     if result.rejected:
         console.print(f"{len(result.rejected)} proposal(s) rejected before evaluation: "
-                      + "; ".join(sorted({r['reason'] for r in result.rejected})), highlight=False)
+                      + "; ".join(sorted({safe(r['reason']) for r in result.rejected})), highlight=False)
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
-    console.print(result.reason, highlight=False, markup=False)
+        console.print(f"note: {safe(note)}", highlight=False)
+    console.print(safe(result.reason, markup=False), highlight=False, markup=False)
     console.print(f"valid  winner - baseline: {_ci(result.valid_comparison)}", highlight=False)
     console.print(f"test   winner - baseline: {_ci(result.test_comparison)}", highlight=False)
     console.print(f"model calls {result.model_calls}  tokens {result.tokens}  time {result.wall_s:.1f}s",
@@ -148,13 +168,14 @@ def print_wheel_result(result) -> None:
     the winner vs the baseline on test, the spend and the report."""
     from flywheel.cost import CostPerItem
 
-    table = Table(show_header=True, header_style="bold", title=f"flywheel run {result.run_id}")
+    safe = safe_terminal_text
+    table = Table(show_header=True, header_style="bold", title=f"flywheel run {safe(result.run_id)}")
     for column in ("lap", "stage", "valid", "decision", "time", "why"):
         table.add_column(column, overflow="fold")
     for o in result.stages:
-        table.add_row(str(o.lap), o.stage, _num(o.valid), o.decision, f"{o.wall_s:.0f}s", o.reason)
+        table.add_row(str(o.lap), safe(o.stage), _num(o.valid), safe(o.decision), f"{o.wall_s:.0f}s", safe(o.reason))
     console.print(table)
-    console.print(f"stopped: {result.stopped}", highlight=False, markup=False)
+    console.print(f"stopped: {safe(result.stopped, markup=False)}", highlight=False, markup=False)
     if result.milestones:
         goal = result.minimise
         milestones = Table(show_header=True, header_style="bold", title="baseline -> best prompt -> final model")
@@ -162,9 +183,9 @@ def print_wheel_result(result) -> None:
             milestones.add_column(column, overflow="fold")
         for m in result.milestones:
             cost = CostPerItem.from_dict(m.cost)
-            milestones.add_row(m.label, m.model_ref, m.prompt_id, _pct(m.valid), _pct(m.test),
-                               ", ".join(dict.fromkeys([cost.describe(goal), cost.describe("tokens"),
-                                                        cost.describe("latency_s")])))
+            milestones.add_row(safe(m.label), safe(m.model_ref), safe(m.prompt_id), _pct(m.valid), _pct(m.test),
+                               safe(", ".join(dict.fromkeys([cost.describe(goal), cost.describe("tokens"),
+                                                             cost.describe("latency_s")]))))
         console.print(milestones)
     if result.test:
         cmp = result.test.get("comparison") or {}
@@ -174,4 +195,4 @@ def print_wheel_result(result) -> None:
     console.print(f"model calls {result.model_calls}  tokens {result.tokens}  cost {result.cost:.4f}  "
                   f"time {result.wall_s:.0f}s ({laps})", highlight=False)
     if result.report_path:
-        console.print(f"report: {result.report_path}", highlight=False, markup=False)
+        console.print(f"report: {safe(result.report_path, markup=False)}", highlight=False, markup=False)

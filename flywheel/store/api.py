@@ -102,12 +102,45 @@ class ApiStore(StoreBase):
         return bool(row and row[0])
 
     def requeue_running_jobs(self, job_id: str | None = None) -> list[str]:
-        """Jobs left `running` by a server that died (or `job_id` alone) go back to the queue."""
+        """Jobs left `running` by a server that died (or `job_id` alone) go back to the queue (a
+        fine-tuning job's unfinished training job says `queued` too: one status per fine-tune)."""
         where, params = ("status = 'running'", []) if job_id is None else ("status = 'running' and id = ?", [job_id])
         ids = [r[0] for r in self.db.conn.execute(f"select id from api_jobs where {where}", params).fetchall()]
         with self.transaction():
             self.db.conn.execute(f"update api_jobs set status = 'queued' where {where}", params)
+            for queued in ids:
+                self.db.conn.execute(
+                    "update training_jobs set status = 'queued' where status != 'succeeded' and id = (select"
+                    " f.training_job_id from api_fine_tuning_jobs f join api_jobs j on j.object_id = f.id"
+                    " where j.id = ?)", [queued])
         return ids
+
+    # -- one status per fine-tune: the training job's (the queue row's while it has none) ----------
+    def fine_tuning_status(self, object_id: str) -> str:
+        """The status of fine-tuning job `object_id`: its training job's (queued, running, paused,
+        succeeded, failed, cancelled), or its queue row's while it has no training job yet. While the
+        queue still runs the API job it reads `running`: a trainer that finished (the model is being
+        named) or stopped for a pause or cancel is settled by the runner a moment later."""
+        row = self.db.conn.execute(
+            "select t.status, (select j.status from api_jobs j where j.object_id = f.id order by j.rowid desc"
+            " limit 1) from api_fine_tuning_jobs f left join training_jobs t on t.id = f.training_job_id"
+            " where f.id = ?", [object_id]).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: no fine-tuning job {object_id!r}")
+        training, queue = row
+        if training is None:
+            return queue or "queued"
+        return "running" if queue == "running" else training
+
+    def set_fine_tuning_status(self, object_id: str, status: str, error: str | None = None) -> None:
+        """Record what the API did to fine-tuning job `object_id` (queued, paused, cancelled, failed)
+        on its training job; without one yet the queue row already says it."""
+        fields: dict[str, Any] = {"status": status, **({"error": error} if error else {})}
+        with self.transaction():
+            row = self.db.conn.execute("select training_job_id from api_fine_tuning_jobs where id = ?",
+                                       [object_id]).fetchone()
+            if row and row[0]:
+                self.db["training_jobs"].update(row[0], fields)
 
     def request_job_pause(self, object_id: str) -> str | None:
         """Flag the running job of an API object for pausing (unless it is being cancelled) and pause a

@@ -352,6 +352,17 @@ def m016_one_timestamp_type(db: sqlite_utils.Database) -> None:
             db[table].transform(types=retype)
 
 
+@migration
+def m017_fine_tuning_status_from_the_training_job(db: sqlite_utils.Database) -> None:
+    # One status per fine-tune: the API's is its training job's (the queue row's before it has one),
+    # read by Store.fine_tuning_status; the copy kept in step by hand goes. An unfinished job's
+    # training job takes the status the API showed (paused, cancelled, queued: states only the API knows).
+    for status in ("paused", "cancelled", "queued"):
+        db.execute("update training_jobs set status = ? where status != 'succeeded' and id in (select "
+                   "training_job_id from api_fine_tuning_jobs where status = ?)", [status, status])
+    db.execute("alter table api_fine_tuning_jobs drop column status")
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

@@ -152,7 +152,7 @@ def _prompt_key(messages: list[dict[str, Any]]) -> str:
     return json.dumps([(m.get("role"), m.get("content")) for m in messages], ensure_ascii=False)
 
 
-def grader_pass_share(training_set: TrainingSet, spec, store=None) -> tuple[int, int, list[str], str]:
+def grader_pass_share(training_set: TrainingSet, spec, store=None, dataset=None) -> tuple[int, int, list[str], str]:
     """(graded, passed, graders, note): each example's answer graded with the eval's model-free
     graders, against the train item whose rendered prompt is the example's prompt."""
     if training_set.kind == "rft":
@@ -173,7 +173,7 @@ def grader_pass_share(training_set: TrainingSet, spec, store=None) -> tuple[int,
             pass
     prompts.append(Prompt(messages=spec.messages()))
     items: dict[str, Any] = {}
-    for item in load_dataset(spec).split("train"):
+    for item in (dataset if dataset is not None else load_dataset(spec)).split("train"):
         for prompt in prompts:
             try:
                 items.setdefault(_prompt_key(prompt.render(item)), item)
@@ -217,9 +217,10 @@ def _store_pass(source: dict[str, Any]) -> str | None:
 
 # -- the whole check -------------------------------------------------------------------------------
 def check_training_set(training_set: TrainingSet, config, *, spec=None, store=None, tokenizer=None,
-                       context: int | None = None) -> DataCheck:
+                       context: int | None = None, dataset=None) -> DataCheck:
     """The checks of `training_set` under `config` (min_examples, max_length); token counts with
-    `tokenizer` when given, the pass share with `spec`'s graders when given."""
+    `tokenizer` when given, the pass share with `spec`'s graders when given (over `dataset`, the
+    eval's loaded dataset, when the caller holds one)."""
     rows = training_set.rows
     duplicate_lines = _duplicates(rows)
     check = DataCheck(kind=training_set.kind, examples=len(rows), min_examples=config.min_examples,
@@ -245,7 +246,7 @@ def check_training_set(training_set: TrainingSet, config, *, spec=None, store=No
         if context and config.max_length > context:
             check.warnings.append(f"max_length={config.max_length} is beyond the model's context of {context} tokens")
     if spec is not None and rows:
-        check.graded, check.passed, check.graders, check.pass_note = grader_pass_share(training_set, spec, store)
+        check.graded, check.passed, check.graders, check.pass_note = grader_pass_share(training_set, spec, store, dataset)
         check.pass_share = check.passed / check.graded if check.graded else None
         if check.pass_share is not None and check.pass_share < 0.5:
             check.warnings.append(f"only {check.pass_share:.0%} of the graded answers pass the eval's graders: "
@@ -271,7 +272,7 @@ def tokenizer_and_context(base_ref: str):
     return tokenizer, int(context) if context and math.isfinite(context) else None
 
 
-def run_data_checks(training_set: TrainingSet, config, *, spec, store, base: str,
+def run_data_checks(training_set: TrainingSet, config, *, spec, store, base: str, dataset=None,
                     log: Callable[[str], None] | None = None) -> DataCheck:
     """Check the set before training: print the lines (`log`), store them with the set (main
     process), and raise TrainingDataError when a check fails (every process, so all stop)."""
@@ -282,7 +283,8 @@ def run_data_checks(training_set: TrainingSet, config, *, spec, store, base: str
     preflight(config)
     base_ref, _ = resolve_base(store, base)
     tokenizer, context = tokenizer_and_context(base_ref)
-    check = check_training_set(training_set, config, spec=spec, store=store, tokenizer=tokenizer, context=context)
+    check = check_training_set(training_set, config, spec=spec, store=store, tokenizer=tokenizer, context=context,
+                               dataset=dataset)
     if is_main_process():
         if log is not None:
             for line in check.lines():

@@ -11,7 +11,7 @@ base. `beta` is the pull towards the reference (higher: more conservative).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flywheel.prompt import Prompt
@@ -41,7 +41,8 @@ def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSp
 def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: DPOSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
               quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
-              resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult | None:
+              resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False,
+              on_job: Callable[[str], None] | None = None) -> TrainResult | None:
     """Train with DPO on preference pairs from `base`, register the adapter, evaluate it.
 
     With `eval_steps`, the DPO loss on `validation_file` (pairs) is the validation loss; the rest
@@ -58,4 +59,4 @@ def train_dpo(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
 
     return run_local("dpo", spec, store, training_set, base=base, config=config, build=build,
                      evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume,
-                     callbacks=callbacks)
+                     callbacks=callbacks, fresh=fresh, on_job=on_job)

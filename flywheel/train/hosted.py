@@ -96,7 +96,9 @@ def hyperparameters(method: str, config: TrainConfig, extra: dict[str, Any] | No
         out["n_epochs"] = int(config.epochs)
     if "batch_size" in chosen:
         out["batch_size"] = config.batch_size
-    if method == "dpo" and "beta" in chosen:
+    from flywheel.train.methods import training_method
+
+    if "beta" in training_method(method).hosted_hyperparameters and "beta" in chosen:
         out["beta"] = config.beta  # type: ignore[attr-defined]
     out.update(extra or {})
     return out
@@ -108,9 +110,10 @@ def job_request(method: str, spec: EvalSpec, training_set: TrainingSet, base_mod
     """The keyword arguments of `client.fine_tuning.jobs.create` for this training run."""
     from flywheel.train.methods import training_method
 
-    kind = training_method(method).hosted_type
+    chosen = training_method(method)
+    kind = chosen.hosted_type
     body: dict[str, Any] = {"hyperparameters": hyperparameters(method, config, extra_hyperparameters)}
-    if kind == "reinforcement":
+    if chosen.grader_rewards:
         body = {"grader": rft_grader(spec, grader), **body}
     request: dict[str, Any] = {
         "model": base_model, "training_file": training_file, "method": {"type": kind, kind: body},

@@ -1,13 +1,13 @@
-"""Distributed training: the same `flywheel train` command, run under `accelerate launch`.
+"""Distributed training: the same `flywheel.train.run`, on every process of `accelerate launch`.
 
     flywheel train sft eval.yaml --base local:smollm2 --launcher accelerate --num-processes 2 --cpu
     flywheel train sft eval.yaml --base local:smollm2 --launcher accelerate --accelerate-config deepspeed_zero2
 
-`launch_training` starts `python -m accelerate.commands.launch [options] -m flywheel train ...` as a
-subprocess whose output streams to this terminal. Every process runs the same TRL trainer
-(flywheel.train.local.run_local); only the main process records the training set and the job,
-writes the job's metrics events to the store as it trains, registers the checkpoint (once) and
-evaluates it, and prints the result. A failing or interrupted launch raises TrainingError after
+`launch_training` starts `python -m accelerate.commands.launch [options] -m flywheel.train.worker
+REQUEST.json RESULT.json` as a subprocess whose output streams to this terminal. Every process runs
+the same TRL trainer (flywheel.train.local.run_local); only the main process writes the job's
+metrics events to the store as it trains, registers the checkpoint (once) and writes the result
+file that flywheel.train.run reads back (and evaluates the checkpoint from). A failing or interrupted launch raises TrainingError after
 the processes have stopped; the job is then marked failed by the main process.
 
 `--accelerate-config` is a file, or the name of a template shipped in
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flywheel.errors import SpecError
 from flywheel.train.local import TrainingError
@@ -45,19 +45,44 @@ def templates() -> dict[str, Path]:
 
 
 class LaunchSpec(BaseModel):
-    """How a training run is started: in this process, or under `accelerate launch`."""
+    """How a training run is started: in this process, or under `accelerate launch`. The one place
+    for the launcher rules: the CLI's `--launcher` options and a weight stage's `launcher` setting
+    both build it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    launcher: Literal["local", "accelerate"] = Field(
-        "local", description="local: train in this process; accelerate: run `accelerate launch` as a subprocess.")
+    kind: Literal["local", "accelerate"] = Field(
+        default="local", description="local: train in this process; accelerate: `accelerate launch` subprocesses "
+        "(DDP, DeepSpeed or FSDP per the config file).")
     num_processes: int | None = Field(
-        None, ge=1, description="Processes to start (accelerate's --num_processes); default: the config's.")
-    accelerate_config: str | None = Field(
-        None, description="An accelerate config file, or a shipped template name: " + ", ".join(templates()))
-    cpu: bool = Field(False, description="Train on CPU processes (gloo), even where a GPU exists.")
+        default=None, ge=1, description="Processes to start (accelerate's --num_processes); default: the config's.")
+    config_file: str | None = Field(
+        default=None, description="An accelerate config file (a stage's: relative to the run spec's folder) or a "
+        "shipped template: " + ", ".join(templates()))
+    cpu: bool = Field(default=False, description="CPU processes over gloo, even where a GPU exists.")
     main_process_port: int | None = Field(
-        None, ge=1, le=65535, description="Rendezvous port of the main process (default: a free one here).")
+        default=None, ge=1, le=65535, description="Rendezvous port of the main process (default: a free one here).")
+
+    @model_validator(mode="after")
+    def _accelerate_settings_need_accelerate(self) -> "LaunchSpec":
+        if self.kind == "local" and (self.num_processes or self.config_file or self.cpu or self.main_process_port):
+            raise ValueError("num_processes, config_file, cpu and main_process_port need kind: accelerate")
+        name = self.config_file
+        if name and name not in templates() and not name.endswith((".yaml", ".yml", ".json")):
+            raise ValueError(f"config_file: {name!r} is neither a shipped template ({', '.join(templates())}) "
+                             "nor a .yaml/.json file")
+        return self
+
+    def resolved(self, base_dir: str | Path) -> "LaunchSpec":
+        """This launch with its config file found: relative to `base_dir`, else as given, else a shipped
+        template (SpecError names both choices when it is none of them)."""
+        if not self.config_file:
+            return self
+        local = Path(base_dir) / self.config_file
+        if local.is_file():
+            return self.model_copy(update={"config_file": str(local.resolve())})
+        resolve_accelerate_config(self.config_file)
+        return self
 
 
 def resolve_accelerate_config(value: str) -> Path:
@@ -79,10 +104,11 @@ def _free_port() -> int:
 
 
 def accelerate_command(spec: LaunchSpec, argv: list[str]) -> list[str]:
-    """The `accelerate launch` command line that runs `flywheel <argv>` on every process."""
+    """The `accelerate launch` command line that runs `python -m <argv>` (a module and its arguments,
+    e.g. flywheel.train.worker REQUEST.json RESULT.json) on every process."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if spec.accelerate_config:
-        command += ["--config_file", str(resolve_accelerate_config(spec.accelerate_config))]
+    if spec.config_file:
+        command += ["--config_file", str(resolve_accelerate_config(spec.config_file))]
     if spec.num_processes:
         command += ["--num_processes", str(spec.num_processes)]
     if spec.cpu:
@@ -96,15 +122,15 @@ def accelerate_command(spec: LaunchSpec, argv: list[str]) -> list[str]:
         # A free port: several launches on one machine must not meet at 29500. Several nodes must
         # agree on one, so there the config's (or accelerate's default) stands.
         command += ["--main_process_port", str(_free_port())]
-    return command + ["-m", "flywheel", *argv]
+    return command + ["-m", *argv]
 
 
 def _multi_node(spec: LaunchSpec) -> bool:
-    if not spec.accelerate_config:
+    if not spec.config_file:
         return False
     import yaml
 
-    path = resolve_accelerate_config(spec.accelerate_config)
+    path = resolve_accelerate_config(spec.config_file)
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -122,10 +148,9 @@ def launch_env(spec: LaunchSpec) -> dict[str, str]:
 
 
 def launch_training(spec: LaunchSpec, argv: list[str], *, stdout=None) -> int:
-    """Run `flywheel <argv>` (a `train` command) under `accelerate launch`; returns 0 or raises.
+    """Run `python -m <argv>` (flywheel.train.worker) under `accelerate launch`; returns 0 or raises.
 
-    Output streams through (stdout to `stdout` when given: the wheel reads the `--json` result
-    there). Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every process;
+    Output streams through (stdout to `stdout` when given). Ctrl-C (or SIGTERM) is passed on to the launcher, which stops every process;
     LaunchInterrupted (a TrainingError) then says so."""
     if importlib.util.find_spec("accelerate") is None:
         raise TrainingError("--launcher accelerate needs the accelerate package: pip install accelerate")

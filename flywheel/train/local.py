@@ -83,10 +83,18 @@ class TrainResult:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # every step saved: losses, score, kept
     best_reason: str | None = None  # why `checkpoint` is the best of them
     stop_reason: str | None = None  # early stopping or a monitor (None: the schedule ended)
+    reused: bool = False  # an identical earlier job's checkpoint, not trained again (flywheel.train.run)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainResult":
+        """The result `to_dict` wrote (e.g. by flywheel.train.worker's main process)."""
+        ci = ("ci", "diff_ci")
+        evals = [SplitEval(**{k: tuple(v) if k in ci else v for k, v in e.items()}) for e in data.get("evals") or []]
+        return cls(**{**data, "checkpoint": Checkpoint(**data["checkpoint"]), "evals": evals})
 
     def summary_lines(self) -> list[str]:
         """What `flywheel train` prints: the checkpoint, the loss, and each split against the parent."""
@@ -286,7 +294,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
               config: TrainConfig, build: Callable[..., Any], evaluate: bool = True,
               splits: Sequence[str] = ("valid", "test"), quiet: bool = False,
               loss_key: str = "loss", prompt: Prompt | None = None, monitor: Monitor | None = None,
-              resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False) -> TrainResult | None:
+              resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False,
+              on_job: Callable[[str], None] | None = None) -> TrainResult | None:
     """Train with the `BuiltTrainer` that `build(model, tokenizer, output_dir, bf16)` returns, then
     register, choose the best checkpoint and evaluate it. Returns None on non-main processes.
 
@@ -297,7 +306,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     `TrainerCallback`s added to the trainer (e.g. the search's pruning reporter,
     flywheel.train.search); an exception one raises fails the job and propagates. `fresh`: never pick
     up another unfinished job of the same inputs (a caller that tracks its own jobs, as the API does,
-    resumes them by id)."""
+    resumes them by id). `on_job(job_id)`: called on the main process once the training job exists
+    (or is resumed), before the model loads (the API links its fine-tuning job to it)."""
     from flywheel.train.datachecks import preflight
     from flywheel.train.validation import JobValidation, broadcast, copy_adapter, saved_steps, training_prompt
 
@@ -310,6 +320,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     job_id, saved, lock = _job(store, method, training_set, base_ref, config, resume, fresh) if main else ("", None, None)
     output_dir = str(store.artefact_dir / "jobs" / job_id) if main and config.save_steps else None
     job_id, saved, output_dir = broadcast((job_id, saved, output_dir))
+    if main and on_job is not None:
+        on_job(job_id)
     bf16 = resolve_bf16(config.precision)
     # transformers 5 warns about its own deprecated gradient-checkpointing names on every step
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)

@@ -12,7 +12,7 @@ stages, `flywheel train <method>`, the hosted backend and the training-set forma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,14 @@ from flywheel.train.dpo import train_dpo
 from flywheel.train.rft import train_rft
 from flywheel.train.sets import build_dpo_set, build_rft_set, build_sft_set
 from flywheel.train.sft import train_sft
+
+
+# A platform hyper-parameter: (type, lowest, highest, whether the lowest is allowed), its OpenAPI range.
+HostedRange = tuple[type, float, float, bool]
+# The platform's hyper-parameters of every method; a method's own are `TrainingMethod.hosted_hyperparameters`.
+HOSTED_HYPERPARAMETERS: dict[str, HostedRange] = {
+    "n_epochs": (int, 1, 50, True), "batch_size": (int, 1, 256, True),
+    "learning_rate_multiplier": (float, 0, 100, False)}
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,10 @@ class TrainingMethod:
     set_options: tuple[str, ...] = ()  # the stage settings its set builder takes
     needs_store: bool = True  # RFT prompts come from the eval's items alone
     starts_tuned: bool = False  # polishes a tuned model (the platform's advice: SFT first)
+    # the platform's numeric hyper-parameters of this method beyond HOSTED_HYPERPARAMETERS
+    hosted_hyperparameters: dict[str, HostedRange] = field(default_factory=dict)
+    validation_loss: bool = True  # the trainer has a loss on held-out rows (GRPO has none)
+    grader_rewards: bool = False  # trains on the eval's graders as rewards (the platform's job names one grader)
 
     def build_set(self, spec, store, **options: Any):
         """The method's training set for `spec` (options: prompt, min_score, max_per_item, min_margin, ...)."""
@@ -55,10 +67,16 @@ METHODS: dict[str, TrainingMethod] = {m.name: m for m in (
     TrainingMethod("sft", "supervised fine-tuning on passing outputs", SFTSpec, build_sft_set, train_sft,
                    "supervised", set_options=("min_score", "max_per_item")),
     TrainingMethod("dpo", "preference optimisation on best-vs-worst outputs", DPOSpec, build_dpo_set, train_dpo,
-                   "dpo", set_options=("min_margin",), starts_tuned=True),
+                   "dpo", set_options=("min_margin",), starts_tuned=True,
+                   hosted_hyperparameters={"beta": (float, 0, 2, False)}),
     TrainingMethod("rft", "reward-based fine-tuning (GRPO) with the eval's graders as rewards", RFTSpec,
-                   build_rft_set, train_rft, "reinforcement", needs_store=False, starts_tuned=True),
+                   build_rft_set, train_rft, "reinforcement", needs_store=False, starts_tuned=True,
+                   hosted_hyperparameters={"compute_multiplier": (float, 0.00001, 10, False),
+                                           "eval_interval": (int, 1, 10**6, True),
+                                           "eval_samples": (int, 1, 10**6, True)},
+                   validation_loss=False, grader_rewards=True),
 )}
+HOSTED_TYPES: tuple[str, ...] = tuple(m.hosted_type for m in METHODS.values())  # the platform's `method.type`s
 
 
 def training_method(name: str) -> TrainingMethod:
@@ -67,6 +85,14 @@ def training_method(name: str) -> TrainingMethod:
         return METHODS[name]
     except KeyError:
         raise SpecError(f"unknown training method {name!r}; known: {', '.join(METHODS)}") from None
+
+
+def hosted_method(hosted_type: str) -> TrainingMethod:
+    """The method the platform calls `hosted_type` (supervised, dpo, reinforcement); SpecError lists them."""
+    for method in METHODS.values():
+        if method.hosted_type == hosted_type:
+            return method
+    raise SpecError(f"unknown platform method type {hosted_type!r}; known: {', '.join(HOSTED_TYPES)}")
 
 
 def format_config_error(source: str, exc: ValidationError) -> str:

@@ -53,13 +53,14 @@ class MultiTrainResult:
 
 def train_multi(method: str, specs: Sequence[EvalSpec], store: Store, *, base: str, weights: Sequence[float] | None = None,
                 config=None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"), quiet: bool = False,
-                **set_options: Any) -> MultiTrainResult | None:
+                launch=None, **set_options: Any) -> MultiTrainResult | None:
     """Build each eval's set, combine them with `weights`, train one adapter from `base` (a `local:`
-    model or checkpoint id) and evaluate it on every eval. Returns None on non-main processes."""
-    from flywheel.train import build_training_set
+    model or checkpoint id) and evaluate it on every eval. Returns None on non-main processes.
+    `launch`: a flywheel.train.launch.LaunchSpec (accelerate launch; default: this process)."""
     from flywheel.train.checkpoints import resolve_base
     from flywheel.train.local import evaluate_checkpoint
     from flywheel.train.methods import load_train_config, training_method
+    from flywheel.train.run import TrainRequest, run
 
     chosen = training_method(method)
     if len(specs) < 1:
@@ -72,10 +73,11 @@ def train_multi(method: str, specs: Sequence[EvalSpec], store: Store, *, base: s
         raise TrainingError(f"{base}: several evals train one local adapter; a hosted job takes one eval: "
                             "train each eval on its own")
     config = config or load_train_config(method)
-    parts = [build_training_set(method, spec, store, **set_options) for spec in specs]
+    parts = [chosen.build_set(spec, store, **set_options) for spec in specs]
     training_set = combine_training_sets(parts, weights)
-    result = chosen.train(specs[0], store, training_set, base=base, config=config, evaluate=evaluate, splits=splits,
-                          quiet=quiet)
+    result = run(TrainRequest(method=chosen.name, spec=specs[0], store=store, base=base, config=config,
+                              data=training_set, evaluate=evaluate, splits=splits, quiet=quiet, check_data=False,
+                              **({"launch": launch} if launch is not None else {})))
     if result is None:
         return None
     multi = MultiTrainResult(result=result, evals=names, weights=list(training_set.source["weights"]))

@@ -11,7 +11,7 @@ model that never passes, every reward is 0. With `beta` 0 (the default) no refer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flywheel.grading import GraderSet
@@ -24,29 +24,32 @@ from flywheel.train.local import BuiltTrainer, TrainResult, run_local
 from flywheel.train.validation import Monitor, validation_set
 
 
-def reward_functions(spec: EvalSpec, names: Sequence[str] | None = None):
-    """TRL reward functions for the spec's graders (all, or those named), and the GraderSet to close."""
+def reward_functions(spec: EvalSpec, names: Sequence[str] | None = None, grader_set: GraderSet | None = None):
+    """TRL reward functions for the spec's graders (all, or those named), and what to call to close
+    them: the GraderSet built here, or nothing for `grader_set` (the caller's open one, e.g. the wheel's)."""
     import graders
 
-    grader_set = GraderSet(spec.graders)
+    owned = grader_set is None
+    grader_set = GraderSet(spec.graders) if grader_set is None else grader_set
+    close = grader_set.close if owned else (lambda: None)
     chosen = list(names or grader_set.names)
     unknown = [n for n in chosen if n not in grader_set.names]
     if unknown:
-        grader_set.close()
+        close()
         raise TrainingDataError(f"rft graders: no grader named {unknown[0]!r}; graders: {', '.join(grader_set.names)}")
-    return [graders.reward_function(grader_set.runners[grader_set.names.index(n)]) for n in chosen], grader_set
+    return [graders.reward_function(grader_set.runners[grader_set.names.index(n)]) for n in chosen], close
 
 
 def build_rft_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSpec, output_dir, *, bf16: bool,
-                       spec: EvalSpec, quiet: bool = False):
+                       spec: EvalSpec, quiet: bool = False, grader_set: GraderSet | None = None):
     from peft import PeftModel
     from trl import GRPOTrainer
 
     if training_set.kind != "rft":
         raise TrainingDataError(f"GRPO needs an RFT training set (prompts), got a {training_set.kind} set")
-    rewards, grader_set = reward_functions(spec, config.graders)
+    rewards, close = reward_functions(spec, config.graders, grader_set)
     if config.reward_weights is not None and len(config.reward_weights) != len(rewards):
-        grader_set.close()
+        close()
         raise TrainingDataError(f"rft reward_weights: {len(config.reward_weights)} weights for {len(rewards)} graders")
     tokenizer.padding_side = "left"
     trainer = GRPOTrainer(
@@ -55,13 +58,14 @@ def build_rft_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSp
                        max_completion_length=config.max_completion_length or spec.sampling.max_tokens),
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
     return BuiltTrainer(trainer, {"prompts": len(training_set), "rewards": [r.__name__ for r in rewards]},
-                        close=grader_set.close)  # the reward graders' sandboxes and judges
+                        close=close)  # the reward graders' sandboxes and judges
 
 
 def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
                config: RFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
                quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
-               resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult | None:
+               resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False,
+               on_job: Callable[[str], None] | None = None, grader_set=None) -> TrainResult | None:
     """RFT: train with GRPO (rewards: the spec's graders) from `base`, register the adapter, evaluate it.
 
     GRPO has no validation loss; `valid_subset` scores each saved checkpoint with the graders
@@ -74,8 +78,8 @@ def train_rft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
 
     def build(model, tokenizer, output_dir, bf16):
         return build_rft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, spec=spec,
-                                  quiet=quiet)
+                                  quiet=quiet, grader_set=grader_set)
 
     return run_local("rft", spec, store, training_set, base=base, config=config, build=build,
                      evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume,
-                     callbacks=callbacks)
+                     callbacks=callbacks, fresh=fresh, on_job=on_job)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flywheel.data import Item, load_dataset
+from flywheel.data import Dataset, Item, load_dataset
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
@@ -87,9 +87,10 @@ def _assistant(text: str) -> dict[str, str]:
 class _Prompter:
     """Renders the eval's prompt (or `prompt`) for train items, once per item."""
 
-    def __init__(self, spec: EvalSpec, prompt: Prompt | None, unlabelled: Sequence[Item] = ()):
+    def __init__(self, spec: EvalSpec, prompt: Prompt | None, unlabelled: Sequence[Item] = (),
+                 dataset: Dataset | None = None):
         self.spec = spec
-        self.dataset = load_dataset(spec)
+        self.dataset = dataset if dataset is not None else load_dataset(spec)
         # Items a row may be built for: train items, and unlabelled inputs captured for distillation.
         self.train: dict[str, Item] = {item.key: item for item in self.dataset.split("train")}
         self.train.update((item.key, item) for item in unlabelled)
@@ -147,13 +148,14 @@ def _unlabelled_items(store: Store, captures: list[dict[str, Any]]) -> list[Item
 # -- SFT -------------------------------------------------------------------------------------------
 def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = None, max_per_item: int = 1,
                   captures: Sequence[str] | None = None, include_reviews: bool = True,
-                  prompt: Prompt | None = None) -> TrainingSet:
+                  prompt: Prompt | None = None, dataset: Dataset | None = None) -> TrainingSet:
     """SFT rows from captured outputs that pass every grader (or reach `min_score` on the objective),
     at most `max_per_item` distinct outputs per item (best first), plus reviewer corrections
-    (and outputs a reviewer marked `pass`) of train items. Raises TrainingDataError when empty."""
-    dataset_id = load_dataset(spec).content_hash
-    capture_rows = _captures(store, spec, dataset_id, captures)
-    prompter = _Prompter(spec, prompt, _unlabelled_items(store, capture_rows))
+    (and outputs a reviewer marked `pass`) of train items. Raises TrainingDataError when empty.
+    `dataset`: the eval's loaded dataset, when the caller holds one (else it is loaded here)."""
+    dataset = dataset if dataset is not None else load_dataset(spec)
+    capture_rows = _captures(store, spec, dataset.content_hash, captures)
+    prompter = _Prompter(spec, prompt, _unlabelled_items(store, capture_rows), dataset)
     samples = _captured_samples(store, spec, capture_rows)
     reviews, _, reviewed = _reviewed(store, prompter.dataset.content_hash) if include_reviews else ({}, [], {})
     if not capture_rows and not reviews:
@@ -211,13 +213,14 @@ def build_sft_set(spec: EvalSpec, store: Store, *, min_score: float | None = Non
 
 # -- DPO -------------------------------------------------------------------------------------------
 def build_dpo_set(spec: EvalSpec, store: Store, *, min_margin: float = 0.5, captures: Sequence[str] | None = None,
-                  include_reviews: bool = True, prompt: Prompt | None = None) -> TrainingSet:
+                  include_reviews: bool = True, prompt: Prompt | None = None,
+                  dataset: Dataset | None = None) -> TrainingSet:
     """DPO pairs: per train item, the best vs the worst graded captured output when their objective
     scores differ by at least `min_margin` (ties broken by passing every grader, then length), plus
     reviewer preferences and corrections (the correction preferred over the reviewed output)."""
     if min_margin < 0:
         raise TrainingDataError(f"min_margin must be >= 0, got {min_margin}")
-    prompter = _Prompter(spec, prompt)
+    prompter = _Prompter(spec, prompt, dataset=dataset)
     capture_rows = _captures(store, spec, prompter.dataset.content_hash, captures)
     samples = _captured_samples(store, spec, capture_rows)
     reviews, prefs, reviewed = _reviewed(store, prompter.dataset.content_hash) if include_reviews else ({}, [], {})
@@ -278,10 +281,10 @@ def build_dpo_set(spec: EvalSpec, store: Store, *, min_margin: float = 0.5, capt
 
 # -- RFT -------------------------------------------------------------------------------------------
 def build_rft_set(spec: EvalSpec, *, prompt: Prompt | None = None,
-                  limit: int | None = None) -> TrainingSet:
+                  limit: int | None = None, dataset: Dataset | None = None) -> TrainingSet:
     """RFT prompts: per train item, the rendered prompt plus every item field (what the graders read
     as `{{item.x}}`), in the platform's reinforcement format."""
-    prompter = _Prompter(spec, prompt)
+    prompter = _Prompter(spec, prompt, dataset=dataset)
     rows = []
     for key, item in list(prompter.train.items())[:limit]:
         clash = [name for name in RFT_RESERVED if name in item.fields]

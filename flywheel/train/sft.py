@@ -10,7 +10,7 @@ little compute goes to padding; bf16 is used where the hardware has it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flywheel.prompt import Prompt
@@ -72,7 +72,8 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
 def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: str,
               config: SFTSpec | None = None, evaluate: bool = True, splits: Sequence[str] = ("valid", "test"),
               quiet: bool = False, prompt: Prompt | None = None, monitor: Monitor | None = None,
-              resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult | None:
+              resume: str | None = None, callbacks: Sequence[Any] = (), fresh: bool = False,
+              on_job: Callable[[str], None] | None = None) -> TrainResult | None:
     """Train an SFT adapter on `training_set` from `base` (a `local:` reference, a checkpoint id, or
     `local:BASE+ADAPTER` to continue an adapter), register it, and evaluate it on `splits`.
 
@@ -95,4 +96,4 @@ def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
 
     return run_local("sft", spec, store, training_set, base=base, config=config, build=build,
                      evaluate=evaluate, splits=splits, quiet=quiet, prompt=prompt, monitor=monitor, resume=resume,
-                     callbacks=callbacks)
+                     callbacks=callbacks, fresh=fresh, on_job=on_job)

@@ -147,14 +147,17 @@ def ranked(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
     return out
 
 
-def prune_checkpoints(store: Store, checkpoints: list[Checkpoint], keep: str) -> list[str]:
+def prune_checkpoints(store: Store, checkpoints: list[Checkpoint], keep: str, *, latest: bool = False) -> list[str]:
     """Delete the adapter folders `keep` (best | all | N best) does not keep; their rows stay, marked
-    `pruned_at`. Returns the ids pruned."""
+    `pruned_at`. Returns the ids pruned. `latest`: keep the N latest steps instead of the N best (as
+    the platform keeps a fine-tuning job's last checkpoints)."""
     if keep == "all" or not checkpoints:
         return []
     n = 1 if keep == "best" else int(keep)
+    order = sorted(checkpoints, key=lambda c: (c.step or 0, c.created_at or ""), reverse=True) if latest \
+        else ranked(checkpoints)
     pruned = []
-    for checkpoint in ranked(checkpoints)[n:]:
+    for checkpoint in order[n:]:
         if checkpoint.path and not checkpoint.pruned_at:
             shutil.rmtree(checkpoint.path, ignore_errors=True)
             store.update_checkpoint(checkpoint.id, pruned_at=now())
