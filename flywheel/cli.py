@@ -442,7 +442,6 @@ def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_b
     if api:
         from flywheel.api.app import serve_api
 
-
         serve_api(db_path, host=host, port=port, workers=workers, review=review, rate_limit_rpm=rate_limit,
                   rate_limit_burst=rate_burst, worker_processes=worker_processes, loopback_role=loopback_role,
                   providers=providers, allowed_hosts=list(allowed_hosts) or None,
