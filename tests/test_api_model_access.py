@@ -165,3 +165,32 @@ def test_the_providers_file_is_checked_with_file_and_field(tmp_path):
                     encoding="utf-8")
     loaded = load_server_models(path)
     assert loaded.local_bases == ["/srv/m"] and loaded.openai[0].offers("any", "team-z")
+
+
+def test_a_members_openai_eval_run_goes_to_the_configured_provider_only(tmp_path, upstream, monkeypatch):
+    import time
+
+    from api_helpers import CRITERIA, client_for, create_eval, items
+
+    monkeypatch.setenv("OPENAI_API_KEY", "the-servers-own-key")
+    monkeypatch.setenv("TEAM_A_KEY", "team-a-key")
+    db = str(tmp_path / "e.db")
+    (member,) = keys(db, ("team-a", "member"))
+    models = ServerModels(openai=[OpenAIProvider(base_url=upstream.url, api_key_env="TEAM_A_KEY",
+                                                 models=["gpt-4o-mini"], projects=["team-a"])])
+    with BackgroundServer(create_api_app(db, require_key=True, workers=1, models=models)) as server:
+        client = client_for(server.url, member)
+        evaluation = create_eval(client, CRITERIA)
+        source = {"type": "completions", "model": "openai:gpt-4o-mini",
+                  "source": {"type": "file_content", "content": items(2)},
+                  "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.text}}"}]}}
+        run = client.evals.runs.create(evaluation.id, data_source=source)
+        deadline = time.monotonic() + 120
+        while run.status in ("queued", "in_progress"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            run = client.evals.runs.retrieve(run.id, eval_id=evaluation.id)
+        assert run.status == "completed", run
+        # the URL and key variable stay on the server: the run object shows neither
+        assert "TEAM_A_KEY" not in run.model_dump_json() and upstream.url not in run.model_dump_json()
+    assert upstream.seen and set(upstream.seen) == {"Bearer team-a-key"}
