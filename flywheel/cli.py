@@ -416,33 +416,40 @@ def export_tracking_command(run_id, to, folder, mlflow_uri, experiment, db, as_j
 @click.option("--rate-burst", default=None, type=click.IntRange(1), metavar="N",
               help="With --rate-limit: requests allowed at once (default: the whole minute's).")
 @click.option("--worker-processes", is_flag=True, help="With --api: run the workers as processes, not threads.")
+@click.option("--loopback-role", type=click.Choice(["admin", "member", "reader", "none"]), default="admin",
+              show_default=True, help="With --api: what a keyless client on this machine may do (docs/security.md).")
+@click.option("--providers", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="With --api: the models API callers may name (local bases, openai: providers; docs/security.md).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="With --api: a Host name clients use (repeatable; default: loopback names, or the bind address).")
 @db_option
-def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, worker_processes, db):
+def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, worker_processes,
+                  loopback_role, providers, allowed_hosts, db):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app; with --api
     also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md)."""
     import os
 
-    from flywheel.report.review_app import LOOPBACK, serve_reports
+    from flywheel.report.review_app import serve_reports
+    from flywheel.web import is_loopback
 
     if rate_burst is not None and rate_limit is None:
         raise click.UsageError("--rate-burst needs --rate-limit (a burst of a limit that is not set limits nothing)")
     if not api and (rate_limit is not None or worker_processes):
         raise click.UsageError(f"{'--rate-limit' if rate_limit is not None else '--worker-processes'} needs --api")
+    if not api and (providers or allowed_hosts or loopback_role != "admin"):
+        raise click.UsageError("--providers, --allowed-host and --loopback-role need --api")
     db_path = db or default_db_path()
     if api:
         from flywheel.api.app import serve_api
 
-        if host not in LOOPBACK:
-            _echo(f"warning: listening on {host}: /v1 needs an API key (flywheel keys create), but the "
-                       "report pages under / are readable by anyone who can reach it", err=True)
-
         serve_api(db_path, host=host, port=port, workers=workers, review=review, rate_limit_rpm=rate_limit,
-                  rate_limit_burst=rate_burst, worker_processes=worker_processes,
+                  rate_limit_burst=rate_burst, worker_processes=worker_processes, loopback_role=loopback_role,
+                  providers=providers, allowed_hosts=list(allowed_hosts) or None,
                   reviewer=reviewer or (os.environ.get("USER") if review else None),
                   on_ready=lambda url: _echo(f"serving the API at {url}v1 and reports at {url} "
                                                   f"({workers} workers; Ctrl-C stops)", err=True))
         return
-    if host not in LOOPBACK:
+    if not is_loopback(host):
         _echo(f"warning: listening on {host}: anyone who can reach it can read this store"
                    + (" and write reviews" if review else ""), err=True)
 

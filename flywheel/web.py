@@ -10,6 +10,7 @@ benchmarks, the proxy in front of a server in one process).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import threading
@@ -73,7 +74,7 @@ EXCEPTION_HANDLERS = {HTTPException: _http_exception, ApiError: _api_error, Exce
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than `limit` bytes with a 413 before reading it all."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit of {limit} bytes",
                        code="request_too_large")
     chunks, size = [], 0
@@ -86,15 +87,148 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 that says what is wrong with it."""
+def size_limited(request: Request, limit: int) -> Request:
+    """The request with a body that refuses (413) past `limit` bytes as it streams in, for a parser
+    that reads the body itself (a multipart form spooling its files to disk)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes exceeds this server's limit of {limit} bytes",
+                       code="request_too_large")
+    seen = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal seen
+        message = await request.receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise ApiError(413, f"request body exceeds this server's limit of {limit} bytes", code="request_too_large")
+        return message
+
+    return Request(request.scope, receive)
+
+
+# -- parsing what a client sends: the one door for bodies and parameters ---------------------------
+MAX_JSON_DEPTH = 64  # deeper is no request a client means; Python's own limit would be a 500
+MAX_INT = 2**53  # the largest integer every JSON reader agrees on; SQLite's limit is 2**63 - 1
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    """The body as a JSON object (no NaN / Infinity, nested at most `max_depth` deep), or a 400 that
+    says what is wrong with it; the size is `read_body`'s limit."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(400, f"request body is nested deeper than {max_depth} levels", code="invalid_json") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, NaN, a 5,000-digit integer
         raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    if json_depth(body) > max_depth:
+        raise ApiError(400, f"request body is nested deeper than {max_depth} levels", code="invalid_json")
     return body
+
+
+def json_depth(value: Any) -> int:
+    """How deep containers nest in a parsed JSON value (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def parse_count(raw: str | None, param: str, *, low: int, high: int, default: int | None = None) -> int | None:
+    """A query parameter that is an integer: ASCII digits only (not '²' or '٣', which `isdigit`
+    passes), from `low` to `high`; a 400 naming `param` otherwise. Absent: `default`."""
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18) or not low <= int(raw) <= high:
+        raise ApiError(400, f"{param} must be an integer from {low} to {high}, got {raw[:40]!r}.", param=param)
+    return int(raw)
+
+
+def parse_cursor(raw: str | None, prefix: str, param: str) -> int | None:
+    """The number in an id such as `ftevent-12` (a list's `after`), within what the store holds; a
+    400 naming `param` otherwise."""
+    if raw is None or raw == "":
+        return None
+    digits = raw[len(prefix):] if raw.startswith(prefix) else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+        raise ApiError(400, f"{param} must be an id of the form {prefix}N, got {raw[:60]!r}.", param=param)
+    return int(digits)
+
+
+def bounded_int(value: Any, param: str, *, low: int = 0, high: int = MAX_INT) -> int:
+    """A body field that must be an integer from `low` to `high` (not a bool, not 1e20); a 400 naming it."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, f"{param} must be an integer from {low} to {high}, got {str(value)[:40]}.", param=param)
+    return value
+
+
+# -- who may talk to the port ----------------------------------------------------------------------
+def is_loopback(host: str | None) -> bool:
+    """Whether a bind address, client address or Host name is this machine: parsed, so 127.0.0.2,
+    `::ffff:127.0.0.1` and `[::1]` count, and `localhost` (which resolves nowhere else)."""
+    if not host:
+        return False
+    host = host.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def host_of(value: str) -> str:
+    """The host part of a Host header or an Origin URL (`[::1]:80` -> `::1`, `http://a:1` -> `a`), lower case."""
+    value = value.strip().lower()
+    if "://" in value:
+        value = value.split("://", 1)[1].split("/", 1)[0]
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class HostGuard:
+    """ASGI middleware: a request whose Host (or, when sent, Origin) names no allowed host is a 400
+    (DNS rebinding, cross-site posts). `allowed_hosts` empty: loopback names only; `"*"`: any."""
+
+    def __init__(self, app: Any, allowed_hosts: list[str] | None = None):
+        self.app = app
+        self.allowed = {host_of(h) for h in allowed_hosts or []}
+
+    def allows(self, host: str) -> bool:
+        return "*" in self.allowed or host in self.allowed or (not self.allowed and is_loopback(host))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            host = host_of(headers.get(b"host", b"").decode("latin-1"))
+            # "null" is what a browser sends from our own pages under Referrer-Policy: no-referrer;
+            # the pages' form token and the SameSite=Strict session cookie guard those posts
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            refused = ("Host" if not self.allows(host) else
+                       "Origin" if origin and origin != "null" and not self.allows(host_of(origin)) else None)
+            if refused:
+                # a foreign Host is a bad request (400, as starlette's TrustedHostMiddleware); a foreign
+                # Origin, a cross-site request refused (403)
+                response = ApiError(400 if refused == "Host" else 403, f"{refused} header names a host this "
+                                    "server does not answer for (start it with --allowed-host NAME to allow one).",
+                                    code="invalid_host" if refused == "Host" else "invalid_origin").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # -- running servers ------------------------------------------------------------------------------

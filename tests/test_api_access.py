@@ -14,9 +14,11 @@ from click.testing import CliRunner
 from api_helpers import client_for, completions_source, create_eval, items, jsonl
 from flywheel.api.access import create_key
 from flywheel.api.app import create_api_app
+from flywheel.api.model_access import ServerModels
 from flywheel.api.limits import RateLimiter, duration
 from flywheel.api.scoped import owned
 from flywheel.cli import main
+from flywheel.errors import FlywheelError
 from flywheel.store import Store
 from flywheel.web import BackgroundServer
 
@@ -32,7 +34,8 @@ def keys(db: str, *specs: tuple[str, str]) -> list[str]:
 def test_objects_are_scoped_to_the_keys_project(tmp_path, tiny_model_dir):
     db = str(tmp_path / "p.db")
     key_a, key_b = keys(db, ("team-a", "member"), ("team-b", "member"))
-    with BackgroundServer(create_api_app(db, require_key=True, workers=0)) as server:
+    offered = ServerModels(local_bases=[str(tiny_model_dir)])  # members name only the server's bases
+    with BackgroundServer(create_api_app(db, require_key=True, workers=0, models=offered)) as server:
         a, b = client_for(server.url, key_a), client_for(server.url, key_b)
         uploaded = a.files.create(file=("items.jsonl", jsonl(items(3))), purpose="evals")
         evaluation = create_eval(a)
@@ -216,3 +219,79 @@ def test_serve_rate_limit_options_reach_the_server(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_loopback_is_recognised_by_parsing_the_address():
+    from flywheel.web import is_loopback
+
+    for host in ("127.0.0.1", "127.0.0.2", "127.255.255.254", "::1", "[::1]", "::ffff:127.0.0.1", "localhost",
+                 "LOCALHOST."):
+        assert is_loopback(host), host
+    for host in ("10.0.0.1", "0.0.0.0", "::", "::ffff:10.0.0.1", "localhost.evil.com", "127.0.0.1.nip.io", "", None):
+        assert not is_loopback(host), host
+
+
+def test_loopback_role_none_needs_a_key_and_reader_reads_only(tmp_path):
+    db = str(tmp_path / "lr.db")
+    with BackgroundServer(create_api_app(db, workers=0, loopback_role="none")) as server, httpx.Client() as http:
+        refused = http.get(server.url + "/v1/evals")
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    with BackgroundServer(create_api_app(db, workers=0, loopback_role="reader")) as server, httpx.Client() as http:
+        assert http.get(server.url + "/v1/evals").status_code == 200
+        assert http.post(server.url + "/v1/evals", json={}).status_code == 403
+    with pytest.raises(FlywheelError):
+        create_api_app(db, loopback_role="root")
+
+
+def test_host_and_origin_are_checked_whatever_the_bind(tmp_path):
+    db = str(tmp_path / "h.db")
+    with BackgroundServer(create_api_app(db, workers=0)) as server, httpx.Client() as http:
+        assert http.get(server.url + "/v1/health").status_code == 200
+        rebound = http.get(server.url + "/v1/health", headers={"Host": "evil.example:80"})
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+        cross = http.post(server.url + "/v1/evals", json={}, headers={"Origin": "http://evil.example"})
+        assert cross.status_code == 403
+        assert http.get(server.url + "/v1/health", headers={"Host": "127.0.0.2:1"}).status_code == 200
+    with BackgroundServer(create_api_app(db, workers=0, allowed_hosts=["flywheel.internal"])) as server, \
+            httpx.Client() as http:
+        assert http.get(server.url + "/v1/health", headers={"Host": "flywheel.internal:8765"}).status_code == 200
+        assert http.get(server.url + "/v1/health").status_code == 400  # only the configured names
+
+
+def test_invalid_keys_are_rate_limited_per_client_address(tmp_path):
+    db = str(tmp_path / "guess.db")
+    (key_a,) = keys(db, ("team-a", "member"))
+    app = create_api_app(db, require_key=True, workers=0, rate_limit_rpm=60, rate_limit_burst=2)
+    with BackgroundServer(app) as server, httpx.Client() as http:
+        codes = [http.get(server.url + "/v1/evals", headers={"Authorization": f"Bearer fw-guess{i}"}).status_code
+                 for i in range(4)]
+        assert codes[:2] == [401, 401] and codes[2:] == [429, 429]
+        # a valid key has its own bucket
+        assert http.get(server.url + "/v1/evals", headers={"Authorization": f"Bearer {key_a}"}).status_code == 200
+
+
+def test_serve_security_options_reach_the_server(tmp_path):
+    import signal
+
+    from test_api_jobs import start_server
+
+    providers = tmp_path / "providers.yaml"
+    providers.write_text("local_bases: []\n", encoding="utf-8")
+    proc, url = start_server(tmp_path / "s.db", "--loopback-role", "reader", "--providers", str(providers),
+                             "--allowed-host", "127.0.0.1")
+    try:
+        with httpx.Client() as http:
+            assert http.get(url + "/v1/evals").status_code == 200
+            assert http.post(url + "/v1/evals", json={}).status_code == 403  # a reader, not the old admin
+            assert http.get(url + "/v1/health", headers={"Host": "localhost"}).status_code == 400  # not listed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("openai: [{base_url: x}]\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["serve", "--api", "--db", str(tmp_path / "s.db"), "--providers", str(bad)])
+    assert result.exit_code == 1 and "bad.yaml: openai.0.api_key_env" in result.output
+    result = CliRunner().invoke(main, ["serve", "--api", "--db", str(tmp_path / "s.db"), "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and "--allowed-host" in result.output
+    result = CliRunner().invoke(main, ["serve", "--db", str(tmp_path / "s.db"), "--loopback-role", "none"])
+    assert result.exit_code == 2 and "need --api" in result.output

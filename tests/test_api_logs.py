@@ -10,6 +10,7 @@ import pytest
 from api_helpers import client_for, wait_run
 from flywheel.api.access import create_key
 from flywheel.api.app import create_api_app
+from flywheel.api.model_access import ServerModels
 from flywheel.api.eval_runs import build_spec
 from flywheel.store import Store
 from flywheel.web import BackgroundServer
@@ -84,7 +85,8 @@ def test_stored_completions_belong_to_their_project(tmp_path, tiny_model_dir):
     store = Store.open(db)
     key, _ = create_key(store, "b", project="team-b")
     store.close()
-    with BackgroundServer(create_api_app(db)) as server:
+    offered = ServerModels(local_bases=[str(tiny_model_dir)])  # a member names only the server's bases
+    with BackgroundServer(create_api_app(db, models=offered)) as server:
         default, team = client_for(server.url), client_for(server.url, key)
         for client, usecase in ((default, "mine"), (team, "theirs")):
             client.chat.completions.create(model=f"local:{tiny_model_dir}", max_tokens=2, store=True,

@@ -182,3 +182,61 @@ def test_empty_store(tmp_path):
     with BackgroundServer(create_app(str(tmp_path / "empty.db"))) as server:
         status, _, html = request(server, "GET", "/")
         assert status == 200 and "No runs in this store yet" in html
+
+
+def test_on_the_api_port_the_pages_need_a_key_and_show_its_project_only(store):
+    """The review app mounted beside the API (off loopback: keys required) checks the same keys,
+    projects and roles as /v1: a login sets an HttpOnly, SameSite=Strict cookie; another project's
+    run reads as a missing one."""
+    from flywheel.api.access import create_key
+    from flywheel.api.app import create_api_app
+
+    mine = build_run(store, n_items=4, run_id="run-team-a-000001", item_text=lambda i: f"team-a secret {i}")
+    theirs = build_run(store, n_items=4, run_id="run-team-b-000001", item_text=lambda i: f"team-b secret {i}")
+    cli_run = build_run(store, n_items=4, run_id="run-cli-0000001", item_text=lambda i: f"cli secret {i}")
+    for run_id, project in ((mine["run_id"], "team-a"), (theirs["run_id"], "team-b")):
+        store.api_insert("api_wheel_runs", {"id": f"fwrun_{project}", "created_at": "2026-12-07T00:00:00",
+                                            "status": "succeeded", "run_id": run_id, "spec_path": "x",
+                                            "project": project})
+    key_a, _ = create_key(store, "a", project="team-a", role="reader")
+    key_default, _ = create_key(store, "d", project="default", role="member")
+    app = create_api_app(store.path, require_key=True, workers=0, fallback=create_app(store.path, review=True),
+                         report_base="/")
+    with BackgroundServer(app) as server:
+        for path in ("/", f"/runs/{theirs['run_id']}", "/search?q=secret"):
+            status, headers, html = request(server, "GET", path)
+            assert status == 303 and headers["location"] == "/login" and "secret" not in html
+        assert request(server, "POST", "/login", {"key": "fw-wrong"})[0] == 401
+        status, headers, _ = request(server, "POST", "/login", {"key": key_a})
+        assert status == 303
+        cookie = headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        session = {"Cookie": cookie.split(";", 1)[0]}
+        assert request(server, "GET", "/v1/evals", headers=session)[0] == 401  # /v1 takes bearer keys only
+        status, _, html = request(server, "GET", "/", headers=session)
+        assert status == 200 and mine["run_id"] in html
+        assert theirs["run_id"] not in html and cli_run["run_id"] not in html
+        hidden = request(server, "GET", f"/runs/{theirs['run_id']}", headers=session)
+        missing = request(server, "GET", "/runs/run-none-0000001", headers=session)
+        assert hidden[0] == missing[0] == 404
+        assert hidden[2].replace(theirs["run_id"], "X") == missing[2].replace("run-none-0000001", "X")
+        their_sample = sample_id(store, theirs["iterations"][0], "item-00001")
+        assert request(server, "GET", f"/samples/{their_sample}", headers=session)[0] == 404
+        status, _, html = request(server, "GET", "/search?q=secret", headers=session)
+        assert status == 200 and "team-a secret" in html and "team-b secret" not in html and "cli secret" not in html
+        # a reader reads; recording a review needs a member
+        token = token_of(request(server, "GET", compare_path(mine), headers=session)[2])
+        own_sample = sample_id(store, mine["iterations"][1], "item-00001")
+        assert request(server, "POST", "/reviews", {"token": token, "sample_id": own_sample, "verdict": "fail"},
+                       headers=session)[0] == 403
+        # a bearer key works too; the CLI's runs belong to `default`
+        status, _, html = request(server, "GET", "/", headers={"Authorization": f"Bearer {key_default}"})
+        assert status == 200 and cli_run["run_id"] in html and mine["run_id"] not in html
+        # a member of default may not review team-b's sample
+        token = token_of(request(server, "GET", compare_path(cli_run),
+                                 headers={"Authorization": f"Bearer {key_default}"})[2])
+        status, _, _ = request(server, "POST", "/reviews", {"token": token, "sample_id": their_sample,
+                                                            "verdict": "fail"},
+                               headers={"Authorization": f"Bearer {key_default}"})
+        assert status == 400
+    assert list(store.db.query("select * from reviews")) == []

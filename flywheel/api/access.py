@@ -8,11 +8,13 @@ Every key belongs to a project and has a role:
   store nothing, are allowed).
 
 Objects (files, evals, runs, jobs) belong to the project of the key that made them, and another
-project's object is a 404, as on the platform. On a loopback bind no key is needed: a request
-without a valid one acts as an `admin` of the `default` project (where objects made before
-projects live). On any other bind (`require_key=True`) a `/v1` request without a valid bearer key
-is a 401. With a rate limit, each key (or, keyless, each client address) gets `rpm` requests per
-minute (`flywheel.api.limits`), a key's own `rpm` overriding the server's.
+project's object is a 404, as on the platform. A request without a key, from a loopback client
+address (parsed: 127.0.0.2 and ::ffff:127.0.0.1 count) on a loopback bind, acts with the
+`loopback_role` (`serve --api --loopback-role`, default `admin`: the operator's own machine, as the
+CLI; `none`: a key for everything) in the `default` project. Any other request without a valid
+bearer key is a 401 (docs/security.md). With a rate limit, each key (or, keyless or with an invalid
+key, each client address) gets `rpm` requests per minute (`flywheel.api.limits`), a key's own `rpm`
+overriding the server's.
 
     key, key_id = create_key(store, "ci", project="team-a", role="reader")
 """
@@ -20,9 +22,11 @@ minute (`flywheel.api.limits`), a key's own `rpm` overriding the server's.
 from __future__ import annotations
 
 import hashlib
+import http.cookies
 import json
 import re
 import secrets
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +37,11 @@ from flywheel.api.jobs import new_object_id
 from flywheel.api.limits import RateLimiter
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now, unix_seconds
+from flywheel.web import is_loopback
 
 KEY_PREFIX = "fw-"
 ROLES = ("admin", "member", "reader")
+LOOPBACK_ROLES = (*ROLES, "none")
 DEFAULT_PROJECT = "default"
 READER_POSTS = ("/v1/fine_tuning/alpha/graders/",)  # stateless: a reader may call them
 
@@ -109,47 +115,67 @@ def _error(status: int, message: str, type: str, code: str,
 class Access:
     """ASGI middleware for `/v1`: authenticate (401), enforce the role (403), rate-limit (429).
 
-    `require_key`: off loopback, a valid key is needed; `limiter`: the server's rate limit (None:
-    none, though a key made with its own `rpm` is still held to it)."""
+    `require_key`: a valid key is needed whatever the client (any bind off loopback);
+    `loopback_role`: what a keyless loopback client may do otherwise ("none": nothing); `limiter`:
+    the server's rate limit (None: none, though a key made with its own `rpm` is still held to it)."""
 
     def __init__(self, app: Any, store: Callable[[], Store], require_key: bool = False,
-                 limiter: RateLimiter | None = None):
+                 limiter: RateLimiter | None = None, loopback_role: str = "admin"):
+        if loopback_role not in LOOPBACK_ROLES:
+            raise FlywheelError(f"loopback role must be one of {', '.join(LOOPBACK_ROLES)}, got {loopback_role!r}")
         self.app = app
         self.store = store
         self.require_key = require_key
+        self.loopback = None if loopback_role == "none" else Caller(DEFAULT_PROJECT, loopback_role)
         self.limiter = limiter or RateLimiter(None)  # without a server limit, keys' own `rpm` still apply
+        self.sessions: dict[str, str] = {}  # page session id -> key hash (a restart logs everyone out)
 
-    def identify(self, scope: dict[str, Any]) -> tuple[Caller | None, dict[str, Any] | None, str]:
-        """(caller or None for a 401, the key row, the presented key)."""
+    def identify(self, scope: dict[str, Any], cookie: bool = False) -> tuple[Caller | None, dict[str, Any] | None, str]:
+        """(caller or None for a 401, the key row, the presented key); `cookie`: a page session counts
+        (pages only: `/v1` takes bearer keys, so no browser can be made to call it with a session)."""
         auth = ""
         for name, value in scope["headers"]:
             if name == b"authorization":
                 auth = value.decode("latin-1")
                 break
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        row = self.store().api_key_by_hash(hash_key(key)) if key else None
+        key_hash = hash_key(key) if key else self.sessions.get(_cookie(scope, SESSION_COOKIE) or "") if cookie else None
+        row = self.store().api_key_by_hash(key_hash) if key_hash else None
         if row is not None:
             return Caller(row.get("project") or DEFAULT_PROJECT, row.get("role") or "member", row["id"]), row, key
-        return (None if self.require_key else LOOPBACK_CALLER), None, key
+        client = (scope.get("client") or ("", 0))[0]
+        if self.require_key or not is_loopback(client):  # an SDK's placeholder key is no key on loopback
+            return None, None, key
+        return self.loopback, None, key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if not scope["path"].startswith("/v1"):
+            await self.pages(scope, receive, send)
             return
         who, row, key = self.identify(scope)
         refusal = None
         limit_headers: list[tuple[bytes, bytes]] = []
+        client = (scope.get("client") or ("local", 0))[0]
         if who is None:
-            message = ("You didn't provide an API key. Send 'Authorization: Bearer <key>' (create one with "
-                       "`flywheel keys create`)." if not key else "Incorrect API key provided.")
-            refusal = _error(401, message, "invalid_request_error", "invalid_api_key")
+            # an invalid key spends its client address's allowance: guessing keys is rate-limited too
+            decision = self.limiter.take(f"addr:{client}", None)
+            if decision is not None and not decision.allowed:
+                refusal = _error(429, f"Rate limit reached for requests per min (RPM) on client {client}: Limit "
+                                 f"{decision.limit}, Remaining 0. Please try again in {decision.retry_after_s:.3g}s.",
+                                 "requests", "rate_limit_exceeded", decision.headers())
+            else:
+                message = ("You didn't provide an API key. Send 'Authorization: Bearer <key>' (create one with "
+                           "`flywheel keys create`)." if not key else "Incorrect API key provided.")
+                refusal = _error(401, message, "invalid_request_error", "invalid_api_key")
         elif who.role == "reader" and scope["method"] not in ("GET", "HEAD") \
                 and not scope["path"].startswith(READER_POSTS):
             refusal = _error(403, f"You have insufficient permissions for this operation: key {who.key_id} is a "
                              f"reader of project {who.project!r} ({scope['method']} {scope['path']} needs the "
                              "member or admin role).", "invalid_request_error", "insufficient_permissions")
         else:
-            client = (scope.get("client") or ("local", 0))[0]
             decision = self.limiter.take(who.key_id or f"addr:{client}", (row or {}).get("rpm"))
             limit_headers = decision.headers() if decision is not None else []
             if decision is not None and not decision.allowed:
@@ -174,3 +200,81 @@ class Access:
             await send(message)
 
         await self.app(scope, receive, send_with_limits)
+
+    # -- the pages on the same port (the review app): the same keys, projects and roles ---------------
+    async def pages(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Guard a page request: `/login` takes a key and sets an HttpOnly, SameSite=Strict session
+        cookie; every other page needs that cookie, a bearer key or a keyless loopback role, and
+        shows the caller's project only (`flywheel.project` in the scope)."""
+        if scope["path"] == "/login":
+            await self.login(scope, receive, send)
+            return
+        if scope["path"] == "/logout" and scope["method"] == "POST":
+            self.sessions.pop(_cookie(scope, SESSION_COOKIE) or "", None)
+            await _page(send, 303, "", [(b"location", b"/login"), (b"set-cookie", _session_cookie("", 0))])
+            return
+        who, _, _ = self.identify(scope, cookie=True)
+        if who is None:
+            if scope["method"] in ("GET", "HEAD"):
+                await _page(send, 303, "", [(b"location", b"/login")])
+            else:
+                await _page(send, 401, _LOGIN_FORM.format(message="Log in with an API key first."))
+            return
+        scope["flywheel.caller"] = who
+        scope["flywheel.project"] = who.project
+        scope["flywheel.role"] = who.role
+        await self.app(scope, receive, send)
+
+    async def login(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] != "POST":
+            await _page(send, 200, _LOGIN_FORM.format(message=""))
+            return
+        body, more = b"", True
+        while more and len(body) <= 4096:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        key = urllib.parse.parse_qs(body[:4096].decode("latin-1")).get("key", [""])[0].strip()
+        row = self.store().api_key_by_hash(hash_key(key)) if key else None
+        if row is None:
+            client = (scope.get("client") or ("local", 0))[0]
+            decision = self.limiter.take(f"addr:{client}", None)
+            status = 429 if decision is not None and not decision.allowed else 401
+            await _page(send, status, _LOGIN_FORM.format(
+                message="Too many attempts: wait a minute." if status == 429 else "Incorrect API key."))
+            return
+        session = secrets.token_urlsafe(32)
+        self.sessions[session] = hash_key(key)
+        await _page(send, 303, "", [(b"location", b"/"), (b"set-cookie", _session_cookie(session, 12 * 3600))])
+
+
+SESSION_COOKIE = "flywheel_session"
+_LOGIN_FORM = ("<!doctype html><meta charset=utf-8><title>Flywheel: log in</title><h1>Log in</h1><p>{message}</p>"
+               "<form method=post action=/login><label>API key <input name=key type=password "
+               "autocomplete=off></label> <button>Log in</button></form>")
+
+
+def _cookie(scope: dict[str, Any], name: str) -> str | None:
+    for header, value in scope["headers"]:
+        if header == b"cookie":
+            jar = http.cookies.SimpleCookie()
+            try:
+                jar.load(value.decode("latin-1"))
+            except http.cookies.CookieError:
+                return None
+            if name in jar:
+                return jar[name].value
+    return None
+
+
+def _session_cookie(value: str, max_age: int) -> bytes:
+    return f"{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}".encode()
+
+
+async def _page(send: Any, status: int, html: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = html.encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+        (b"content-security-policy", b"default-src 'none'; form-action 'self'; frame-ancestors 'none'"),
+        (b"cache-control", b"no-store"), *headers]})
+    await send({"type": "http.response.body", "body": body})

@@ -22,13 +22,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from flywheel.api import chat, evals, files, fine_tuning, graders_api, wheel_runs
-from flywheel.api.access import Access
+from flywheel.api.access import LOOPBACK_ROLES, Access
 from flywheel.api.errors import HANDLERS
 from flywheel.api.jobs import JobQueue
 from flywheel.api.limits import RateLimiter
+from flywheel.api.model_access import ServerModels
 from flywheel.api.workers import WorkerProcesses, runners
+from flywheel.errors import FlywheelError
 from flywheel.store import Store
-from flywheel.web import ApiError
+from flywheel.web import ApiError, HostGuard
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
@@ -36,8 +38,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 class ApiState:
     """What every endpoint shares: one store connection per thread, limits, the queue to wake."""
 
-    def __init__(self, db_path: str, *, max_upload_bytes: int, report_base: str | None):
+    def __init__(self, db_path: str, *, max_upload_bytes: int, report_base: str | None,
+                 models: ServerModels | None = None):
         self.db_path = db_path
+        self.models = models or ServerModels()  # what API callers may name (flywheel.api.model_access)
         self.max_upload_bytes = max_upload_bytes
         self.report_base = report_base
         self.queue: JobQueue | None = None
@@ -66,16 +70,24 @@ class ApiState:
 def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1, batch_size: int = 8,
                    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, fallback: Any = None,
                    report_base: str | None = None, rate_limit_rpm: int | None = None,
-                   rate_limit_burst: int | None = None, worker_processes: bool = False) -> Starlette:
+                   rate_limit_burst: int | None = None, worker_processes: bool = False,
+                   models: ServerModels | None = None, loopback_role: str = "admin",
+                   allowed_hosts: list[str] | None = None) -> Starlette:
     """The API app over the store at `db_path`, running `workers` job workers while it is up.
 
     `workers=0` queues jobs without running them (another server on the same store runs them).
     `fallback` (an ASGI app, e.g. the review app) answers every path the API does not.
     `rate_limit_rpm`: requests per minute per key (None: unlimited), `rate_limit_burst` of them at once.
     `worker_processes`: the workers run as processes (`flywheel.api.workers`) rather than threads.
+    `models`: the models API callers may name (`flywheel.api.model_access`; default: the embedded
+    bases and their projects' `ft:` models); `loopback_role`: what a keyless loopback client may do
+    (`none`: nothing); `allowed_hosts`: the Host / Origin names the port answers for, API and pages
+    alike (default: loopback names; "*": any). See docs/security.md.
     """
+    if loopback_role not in LOOPBACK_ROLES:
+        raise FlywheelError(f"loopback role must be one of {', '.join(LOOPBACK_ROLES)}, got {loopback_role!r}")
     Store.open(db_path).close()  # fail now (and migrate) rather than on the first request
-    state = ApiState(db_path, max_upload_bytes=max_upload_bytes, report_base=report_base)
+    state = ApiState(db_path, max_upload_bytes=max_upload_bytes, report_base=report_base, models=models)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -106,7 +118,9 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
     if fallback is not None:
         routes.append(Mount("/", app=fallback))
     limiter = RateLimiter(rate_limit_rpm, rate_limit_burst) if rate_limit_rpm else None
-    middleware = [Middleware(Access, store=state.store, require_key=require_key, limiter=limiter)]
+    middleware = [Middleware(HostGuard, allowed_hosts=allowed_hosts),
+                  Middleware(Access, store=state.store, require_key=require_key, limiter=limiter,
+                             loopback_role=loopback_role)]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=HANDLERS, lifespan=lifespan)
     app.state.api = state
     return app
@@ -114,16 +128,36 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
 
 def serve_api(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, workers: int = 1,
               review: bool = False, reviewer: str | None = None, rate_limit_rpm: int | None = None,
-              rate_limit_burst: int | None = None, worker_processes: bool = False, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the API (and the review app beside it) until interrupted; keys are required off loopback."""
-    from flywheel.report.review_app import LOOPBACK, create_app
-    from flywheel.web import bind_socket, page_url, serve_forever
+              rate_limit_burst: int | None = None, worker_processes: bool = False,
+              on_ready: Callable[[str], None] | None = None, loopback_role: str = "admin",
+              providers: str | None = None, allowed_hosts: list[str] | None = None) -> None:
+    """Run the API (and the review app beside it, behind the same keys) until interrupted; keys are
+    required off loopback. `providers`: the file of models API callers may name
+    (`flywheel.api.model_access`); `allowed_hosts`: the Host names clients use (default: loopback
+    names on a loopback bind, the bind address otherwise; a wildcard bind needs them)."""
+    import ipaddress
 
-    local = host in LOOPBACK
-    pages = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=None if local else ["*"])
+    from flywheel.api.model_access import load_server_models
+    from flywheel.report.review_app import create_app
+    from flywheel.web import bind_socket, is_loopback, page_url, serve_forever
+
+    local = is_loopback(host)
+    if not allowed_hosts and not local:
+        try:
+            wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+        except ValueError:
+            wildcard = False
+        if wildcard:
+            raise FlywheelError(f"listening on {host} needs --allowed-host NAME (each name clients use to reach "
+                                "this server; the Host and Origin checks refuse the others)")
+        allowed_hosts = [host]
+    models = load_server_models(providers)
+    # the pages' own host check is the port's (HostGuard, before the keys)
+    pages = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=["*"])
     app = create_api_app(db_path, require_key=not local, workers=workers, fallback=pages, report_base="/",
                          rate_limit_rpm=rate_limit_rpm, rate_limit_burst=rate_limit_burst,
-                         worker_processes=worker_processes)
+                         worker_processes=worker_processes, models=models, loopback_role=loopback_role,
+                         allowed_hosts=allowed_hosts)
     sock = bind_socket(host, port)
     if on_ready is not None:
         on_ready(page_url(host, sock))

@@ -21,8 +21,8 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata
-from flywheel.api.fine_tuning import model_for
 from flywheel.api.logs import store_completion
+from flywheel.api.model_access import no_access, resolve_model
 from flywheel.errors import FlywheelError
 from flywheel.models import cached_model
 from flywheel.model_server import _completion_id, _sse, _usage, apply_stop, parse_chat_call
@@ -37,12 +37,13 @@ def routes(state: "ApiState") -> list[Route]:
         body = parse_json_object(raw)
         call = parse_chat_call(body)
         started = time.perf_counter()
+        # only what the caller may name, with the provider's own URL and key (docs/security.md); a
+        # load error reads the same whether or not a folder exists
+        resolved = resolve_model(state.store(), call.model, caller(request), state.models, param="model", status=404)
         try:
-            ref = model_for(state.store(), call.model, caller(request).project)
-            model = cached_model(ref)
-        except FlywheelError as exc:
-            raise ApiError(404, f"The model '{call.model}' does not exist: {exc}", param="model",
-                           code="model_not_found") from None
+            model = cached_model(resolved.ref, resolved.options or None)
+        except FlywheelError:
+            raise no_access(call.model, "model", 404) from None
 
         # The model generates one call at a time, whichever thread asks (an eval run may share it).
         completions = await asyncio.get_running_loop().run_in_executor(None, model.generate, call.requests())

@@ -71,6 +71,12 @@ def recorded_path(dataset: Path) -> Path:
     return dataset.with_suffix(".outputs.json")
 
 
+def provider_path(dataset: Path) -> Path:
+    """Where a run keeps the options of the `openai:` provider an admin configured for its model
+    (base URL and key variable: the server's, never the caller's; flywheel.api.model_access)."""
+    return dataset.with_suffix(".provider.json")
+
+
 class RecordedModel(Model):
     """The "model" of a `jsonl` run: it answers each item with the sample the user gave for it.
 
@@ -139,7 +145,7 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
         "split": {"ratios": {"test": 1.0}},
         "input": template_messages(source.get("input_messages")),
         "model": model,
-        "model_options": {"batch_size": batch_size} if model.startswith("local:") else {},
+        "model_options": {"batch_size": batch_size} if model.startswith("local:") else provider_options(run_row),
         "sampling": sampling,
         "response_format": params.get("response_format") if isinstance(params.get("response_format"), dict)
         and params["response_format"].get("type") != "text" else None,
@@ -149,6 +155,12 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
         return parse_eval_spec(data, source=f"run {run_row['id']}", base_dir=Path(run_row["dataset_path"]).parent)
     except FlywheelError as exc:
         raise invalid(str(exc), "data_source") from None
+
+
+def provider_options(run_row: dict[str, Any]) -> dict[str, Any]:
+    """The provider options stored beside a run's items at creation (none: the model needs none)."""
+    path = provider_path(Path(run_row["dataset_path"]))
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 # Local models compute on this machine's cores with their own thread pools: two workers generating

@@ -22,11 +22,13 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, recorded_path,
+from flywheel.api.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, provider_path,
+                                    recorded_path,
                                    run_object)
 from flywheel.api.files import read_rows
 from flywheel.api.jobs import new_object_id
 from flywheel.api.logs import STORED_SOURCES, stored_rows
+from flywheel.api.model_access import check_judges, resolve_model
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.store import now, unix_seconds
@@ -150,7 +152,8 @@ def routes(state: "ApiState") -> list[Route]:
     async def create_eval(request: Request) -> Response:
         body = await body_of(request)
         config = source_config(body.get("data_source_config"))
-        criteria = parse_criteria(body.get("testing_criteria"))
+        criteria = check_judges(state.store(), parse_criteria(body.get("testing_criteria")), caller(request),
+                                state.models, param="testing_criteria")
         row = {"id": new_object_id("eval_"), "created_at": now(), "name": field(body, "name", str, default=""),
                "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}),
                "data_source_config_json": json.dumps(config), "testing_criteria_json": json.dumps(criteria)}
@@ -199,6 +202,11 @@ def routes(state: "ApiState") -> list[Route]:
         rows = run_items(state, source.get("source"), caller(request).project,
                          config.get("metadata") if config.get("type") in ("logs", "stored_completions") else None)
         items = [row["item"] for row in rows]
+        resolved = None
+        if source.get("model") is not None and not is_recorded(source):
+            # only a model the caller may name; its provider's URL and key stay on the server
+            resolved = resolve_model(state.store(), source["model"], caller(request), state.models,
+                                     param="data_source.model")
         store = state.store()
         run_id = new_object_id("evalrun_")
         folder = store.artefact_dir / "api" / "runs"
@@ -212,6 +220,8 @@ def routes(state: "ApiState") -> list[Route]:
             # The row index reaches the recorded "model" through the prompt (see eval_runs.RecordedModel).
             items = [{**item, ROW_FIELD: index} for index, item in enumerate(items)]
             recorded_path(dataset).write_text(json.dumps(outputs, ensure_ascii=False), encoding="utf-8")
+        elif resolved is not None and resolved.options:
+            provider_path(dataset).write_text(json.dumps(resolved.options), encoding="utf-8")
         dataset.write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
         row = {"id": run_id, "eval_id": evaluation["id"], "created_at": now(),
                "name": field(body, "name", str, default="") or run_id, "status": "queued",
@@ -263,8 +273,9 @@ def routes(state: "ApiState") -> list[Route]:
     def item_id(value: str | None, param: str) -> int | None:
         if value is None:
             return None
-        if not value.startswith("outputitem_") or not value[11:].isdigit():
-            raise not_found("output item", value, param)
+        if not value.startswith("outputitem_") or not (value[11:].isascii() and value[11:].isdigit()
+                                                       and len(value) <= 29):
+            raise not_found("output item", value[:60], param)
         return int(value[11:])
 
     async def list_items(request: Request) -> Response:
@@ -273,9 +284,10 @@ def routes(state: "ApiState") -> list[Route]:
         status = request.query_params.get("status")
         if status not in (None, "pass", "fail"):
             raise invalid("status must be 'pass' or 'fail'.", "status")
+        after_id = item_id(after, "after")
         if not run.get("iteration_id"):
             return JSONResponse(page([], False))
-        rows, more = state.store().output_items(run["iteration_id"], after=item_id(after, "after"), limit=limit,
+        rows, more = state.store().output_items(run["iteration_id"], after=after_id, limit=limit,
                                                 order=order, status=status)
         criteria = json.loads(evaluation["testing_criteria_json"])
         return JSONResponse(page([output_item_object(r, run, criteria) for r in rows], more))

@@ -10,9 +10,11 @@ in `api_files`.
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -23,7 +25,7 @@ from flywheel.api.jobs import new_object_id
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.store import Store, now, unix_seconds
-from flywheel.web import read_body
+from flywheel.web import size_limited
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
@@ -80,17 +82,24 @@ def validate_upload(purpose: str, rows: list[dict[str, Any]], filename: str) -> 
                           "(optionally with \"sample\").", "file", "invalid_file_format")
 
 
-def store_file(store: Store, data: bytes, filename: str, purpose: str, project: str) -> dict[str, Any]:
-    """Check an upload (a 400 naming the line), then keep its bytes and row for `project`."""
+def store_file(store: Store, data: bytes | BinaryIO, filename: str, purpose: str, project: str) -> dict[str, Any]:
+    """Check an upload (bytes, or a binary stream such as the spooled file of a multipart part; a
+    400 naming the line), then keep its bytes and row for `project`. Blocking: the API calls it in
+    a thread, so a large file does not hold up other clients."""
     rows = parse_jsonl(data, filename)
     validate_upload(purpose, rows, filename)
     file_id = new_object_id("file-")
     folder = store.artefact_dir / "api" / "files"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{file_id}.jsonl"
-    path.write_bytes(data)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        data.seek(0)
+        with path.open("wb") as out:
+            shutil.copyfileobj(data, out, 1 << 20)
     row = {"id": file_id, "created_at": now(), "filename": filename, "purpose": purpose,
-           "bytes": len(data), "path": str(path), "n_rows": len(rows)}
+           "bytes": path.stat().st_size, "path": str(path), "n_rows": len(rows)}
     return insert_owned(store, "api_files", row, project)
 
 
@@ -109,17 +118,24 @@ def read_file_rows(store: Store, file_id: str, param: str, project: str) -> list
 
 def routes(state: "ApiState") -> list[Route]:
     async def upload(request: Request) -> Response:
-        raw = await read_body(request, state.max_upload_bytes)
-        request._body = raw  # the form parser reads the body we already size-checked
-        form = await request.form()
+        # the file part streams to a spooled temporary file (disk past 1 MB), refused past the limit
+        form = await size_limited(request, state.max_upload_bytes).form()
+        try:
+            return await _store_upload(request, form)
+        finally:
+            await form.close()
+
+    async def _store_upload(request: Request, form: Any) -> Response:
         purpose = form.get("purpose")
         upload = form.get("file")
         if purpose not in PURPOSES:
             raise invalid(f"purpose must be one of {', '.join(PURPOSES)}, got {purpose!r}.", "purpose")
         if upload is None or isinstance(upload, str):
             raise invalid("Missing required parameter: 'file' (a multipart file part).", "file")
-        data = await upload.read()
-        row = store_file(state.store(), data, upload.filename or "upload.jsonl", purpose, caller(request).project)
+        project = caller(request).project
+        # parsed and checked off the event loop: a 47 MB file must not stall every other client
+        row = await anyio.to_thread.run_sync(
+            lambda: store_file(state.store(), upload.file, upload.filename or "upload.jsonl", purpose, project))
         return JSONResponse(file_object(row))
 
     async def list_files(request: Request) -> Response:

@@ -28,7 +28,7 @@ from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now, unix_seconds
-from flywheel.web import parse_json_object, read_body
+from flywheel.web import parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
@@ -52,8 +52,8 @@ def hyperparameters(method_type: str, method: dict[str, Any]) -> dict[str, Any]:
         value = given.get(name, "auto")
         param = f"method.{method_type}.hyperparameters.{name}"
         if value != "auto" and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                or (kind is int and not float(value).is_integer())
-                                or not (low <= value if closed else low < value) or value > high):
+                                or not (low <= value if closed else low < value) or value > high
+                                or (kind is int and not float(value).is_integer())):
             raise invalid(f"{param} must be 'auto' or a number in {'[' if closed else '('}{low}, {high}], "
                           f"got {value!r}.", param)
         out[name] = value
@@ -255,7 +255,11 @@ def routes(state: "ApiState") -> list[Route]:
         return JSONResponse(job_object(store, store.api_get("api_fine_tuning_jobs", row["id"])))
 
     async def create(request: Request) -> Response:
+        from flywheel.api.model_access import resolve_model
+
         body = parse_json_object(await read_body(request, state.max_upload_bytes))
+        if body.get("model") is not None:  # the base: one this caller may name (docs/security.md)
+            resolve_model(state.store(), body["model"], caller(request), state.models, param="model")
         job = create_job(state.store(), body, caller(request).project)
         state.notify()
         return JSONResponse(job)
@@ -314,9 +318,7 @@ def routes(state: "ApiState") -> list[Route]:
     async def events(request: Request) -> Response:
         row = get_job(request)
         after, limit, _ = page_args(request)
-        if after is not None and not (after.startswith("ftevent-") and after[8:].isdigit()):
-            raise invalid(f"after must be an event id (ftevent-N), got {after!r}.", "after")
-        rows, more = state.store().api_events(row["id"], after=int(after[8:]) if after else None, limit=limit)
+        rows, more = state.store().api_events(row["id"], after=parse_cursor(after, "ftevent-", "after"), limit=limit)
         return JSONResponse(page([event_object(r) for r in rows], more))
 
     async def checkpoints(request: Request) -> Response:

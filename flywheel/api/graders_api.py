@@ -12,7 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from flywheel.api.access import caller
 from flywheel.api.errors import field, invalid
+from flywheel.api.model_access import check_run_judges, judge_loader
+from flywheel.web import ApiError
 from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
@@ -37,15 +40,15 @@ def routes(state: "ApiState") -> list[Route]:
         body, grader = await grader_of(request)
         sample = field(body, "model_sample", str, required=True)
         item = field(body, "item", dict, default={})
+        who = caller(request)
+        if who.role == "reader" and runs_code(grader):
+            raise ApiError(403, "You have insufficient permissions for this operation: a python grader runs code "
+                           "on the server, which needs the member or admin role (a reader key may run the other "
+                           "graders).", code="insufficient_permissions", param="grader")
+        check_run_judges(state.store(), grader, who, state.models, param="grader")
 
         def grade() -> dict[str, Any]:
-            from flywheel.grading import GraderSet
-
-            resolver = GraderSet([])
-            try:
-                return graders.run_grader(grader, sample, item, judge=resolver.judge_model)
-            finally:
-                resolver.close()
+            return graders.run_grader(grader, sample, item, judge=judge_loader(state.store(), who, state.models))
 
         try:
             return JSONResponse(await asyncio.get_running_loop().run_in_executor(None, grade))
@@ -54,3 +57,12 @@ def routes(state: "ApiState") -> list[Route]:
 
     base = "/v1/fine_tuning/alpha/graders"
     return [Route(base + "/validate", validate, methods=["POST"]), Route(base + "/run", run, methods=["POST"])]
+
+
+def runs_code(grader: Any) -> bool:
+    """Whether a grader (or one nested in it) is a `python` grader: code run on the server."""
+    if isinstance(grader, list):
+        return any(runs_code(g) for g in grader)
+    if not isinstance(grader, dict):
+        return False
+    return grader.get("type") == "python" or any(runs_code(v) for v in grader.values() if isinstance(v, (dict, list)))

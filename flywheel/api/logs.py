@@ -28,18 +28,22 @@ from typing import Any
 
 from flywheel.api.errors import check_metadata, invalid
 from flywheel.store import CompletionFilter, Store, timestamp_from_unix
+from flywheel.web import bounded_int
 
 STORED_SOURCES = ("stored_completions", "responses")
 UNSUPPORTED_FILTERS = ("tools", "reasoning_effort")
 PARAM = "data_source.source"
 
 
+LAST_UNIX_SECOND = 253402300799  # 9999-12-31T23:59:59Z, the last second a timestamp column can hold
+
+
 def _when(source: dict[str, Any], name: str) -> str | None:
     value = source.get(name)
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(f"{PARAM}.{name} must be a unix timestamp.", f"{PARAM}.{name}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= LAST_UNIX_SECOND:
+        raise invalid(f"{PARAM}.{name} must be a unix timestamp (0 to {LAST_UNIX_SECOND}).", f"{PARAM}.{name}")
     return timestamp_from_unix(value)
 
 
@@ -55,8 +59,8 @@ def completion_filter(source: dict[str, Any], project: str,
     since, until = _when(source, "created_after"), _when(source, "created_before")
     model = _string(source, "model") if source.get("model") is not None else None
     limit = source.get("limit")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise invalid(f"{PARAM}.limit must be a positive integer.", f"{PARAM}.limit")
+    if limit is not None:
+        bounded_int(limit, f"{PARAM}.limit", low=1)
     instructions, users, sampling = None, None, {}
     if kind == "responses":
         if source.get("instructions_search") is not None:

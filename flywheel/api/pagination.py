@@ -10,18 +10,20 @@ from typing import Any
 from starlette.requests import Request
 
 from flywheel.api.errors import invalid
+from flywheel.web import parse_count
 
 
 def page_args(request: Request, default_order: str = "desc", max_limit: int = 100) -> tuple[str | None, int, str]:
     """`after`, `limit` (1..max_limit, default 20) and `order` of a list request; 400 when malformed."""
     query = request.query_params
-    raw = query.get("limit", "20")
-    if not raw.isdigit() or not 1 <= int(raw) <= max_limit:
-        raise invalid(f"limit must be an integer from 1 to {max_limit}, got {raw!r}.", "limit")
+    limit = parse_count(query.get("limit"), "limit", low=1, high=max_limit, default=20)
     order = query.get("order", default_order)
     if order not in ("asc", "desc"):
-        raise invalid(f"order must be 'asc' or 'desc', got {order!r}.", "order")
-    return query.get("after") or None, int(raw), order
+        raise invalid(f"order must be 'asc' or 'desc', got {order[:40]!r}.", "order")
+    after = query.get("after") or None
+    if after is not None and len(after) > 200:
+        raise invalid("after must be an object id.", "after")
+    return after, limit, order
 
 
 def page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

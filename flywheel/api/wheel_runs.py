@@ -31,7 +31,7 @@ from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, new_id, now, unix_seconds
-from flywheel.web import ApiError, parse_json_object, read_body
+from flywheel.web import ApiError, parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
@@ -143,6 +143,14 @@ def routes(state: "ApiState") -> list[Route]:
             rows = read_rows(state, field(body, "file_id", str, required=True), "file_id", caller(request).project)
             if not all(isinstance(r.get("item"), dict) for r in rows):
                 raise invalid("file_id: the items file must hold {\"item\": {...}} lines (purpose evals).", "file_id")
+            from flywheel.api.model_access import check_spec
+
+            # every model the specs name goes through the server's registry (docs/security.md)
+            who = caller(request)
+            body = {**body, "eval_spec": check_spec(store, field(body, "eval_spec", dict, required=True), who,
+                                                    state.models, param="eval_spec"),
+                    "run_spec": check_spec(store, field(body, "run_spec", dict, required=True), who, state.models,
+                                           param="run_spec")}
             path = write_specs(store.artefact_dir / "api" / "wheel" / run_id, body, [r["item"] for r in rows])
         check_specs(path)
         row = {"id": run_id, "created_at": now(), "status": "queued", "spec_path": str(path),
@@ -172,9 +180,7 @@ def routes(state: "ApiState") -> list[Route]:
     async def events(request: Request) -> Response:
         row = get_row(request)
         after, limit, order = page_args(request, default_order="asc", max_limit=1000)
-        if after is not None and not (after.startswith("fwevent-") and after[8:].isdigit()):
-            raise invalid(f"after must be an event id (fwevent-N), got {after!r}.", "after")
-        rows, more = state.store().api_events(row["id"], after=int(after[8:]) if after else None, limit=limit,
+        rows, more = state.store().api_events(row["id"], after=parse_cursor(after, "fwevent-", "after"), limit=limit,
                                               newest_first=order == "desc")
         return JSONResponse(page([{"object": "flywheel.run.event", "id": f"fwevent-{e['id']}",
                                    "created_at": unix_seconds(e["created_at"]), "level": e["level"], "message": e["message"]}

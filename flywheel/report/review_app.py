@@ -28,7 +28,6 @@ from urllib.parse import urlencode, urlsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -39,9 +38,9 @@ from flywheel.report.html import (decorate_iterations, fmt_delta, fmt_pct, fmt_s
                                   templates_env, trajectory_svg)
 from flywheel.reviews import add_review, judge_agreement, preferences, sample_reviews
 from flywheel.store import Store
+from flywheel.web import HostGuard, is_loopback
 
 PAGE_SIZE = 50
-LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 FILTERS = [("all", "All"), ("regression", "Regressions"), ("improvement", "Improvements"),
            ("changed", "Changed output"), ("failing", "Failing"), ("errors", "Errors"), ("unreviewed", "Unreviewed")]
 
@@ -149,7 +148,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         store = pages.store()
         try:
             rows = []
-            for run in store.list_runs(200):
+            for run in visible_runs(request, store, store.list_runs(200)):
                 its = store.iterations(run["id"])
                 evaluation = store.get_eval(run.get("eval_id"))
                 scores = [it["score"] for it in its if it.get("score") is not None]
@@ -164,6 +163,8 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         store = pages.store()
         try:
             view = load_run_view(store, [request.path_params["run_id"]])
+            check_visible(request, store, view.runs[0]["id"],
+                          f"{store.path}: no run matches {request.path_params['run_id']!r}")
             iterations = decorate_iterations(view)
             agreement = judge_agreement(store, run_ids=[view.runs[0]["id"]])
             calibrations = store.latest_calibrations([g.name for g in view.graders])
@@ -189,6 +190,8 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         store = pages.store()
         try:
             a_it, b_it = store.get_iteration(a_id), store.get_iteration(b_id)
+            for it in (a_it, b_it):
+                check_visible(request, store, it["run_id"], f"{store.path}: no iteration {it['id']!r}")
             view = load_run_view(store, list(dict.fromkeys([a_it["run_id"], b_it["run_id"]])))
             grader = params.get("g") if params.get("g") in {g.name for g in view.graders} else None
             cmp = pages.comparison(store, view, a_id, b_id, grader)
@@ -198,7 +201,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
                      for p in preferences(store, iteration_ids=[a_id, b_id])}
             agreement = judge_agreement(store, iteration_ids=list(dict.fromkeys([a_id, b_id])))
             calibrations = store.latest_calibrations([g.name for g in view.graders])
-            choices = _iteration_choices(store)
+            choices = [c for c in _iteration_choices(store) if visible_runs(request, store, [c["run"]])]
         finally:
             store.close()
         rows = [r for r in cmp.rows if _keep(r, flt, set(reviews)) and _matches(r, q, fields)]
@@ -236,6 +239,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
                 raise StoreError(f"no sample with id {sample_id}")
             grades = store.grades_of_samples([sample_id])
             iteration = store.get_iteration(sample["iteration_id"])
+            check_visible(request, store, iteration["run_id"], f"no sample with id {sample_id}")
             view = load_run_view(store, [iteration["run_id"]])
             fields = item_fields(store, view.runs).get(sample["item_key"], {})
             history = store.reviews_of_sample(sample_id)
@@ -263,7 +267,9 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         if q:
             store = pages.store()
             try:
-                results = store.search_samples(q)
+                shown = {r["id"] for r in visible_runs(request, store, [{"id": r["run_id"]} for r in
+                                                                      store.search_samples(q)])}
+                results = [r for r in store.search_samples(q) if r["run_id"] in shown]
             finally:
                 store.close()
         return pages.render(request, "search.html.j2", q=q, results=results, title=f"search {q}")
@@ -288,8 +294,15 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         sample_id = number("sample_id")
         if sample_id is None:
             return pages.render(request, "error.html.j2", status=400, title="bad review", message="sample_id is missing.")
+        if request.scope.get("flywheel.role") == "reader":
+            return pages.render(request, "error.html.j2", status=403, title="forbidden",
+                                message="A reader key may read these pages; recording a review needs a member key.")
         store = pages.store()
         try:
+            named = [sid for sid in (sample_id, number("other_sample_id")) if sid is not None]
+            for sid, sample in store.samples_by_id(named).items():
+                check_visible(request, store, store.get_iteration(sample["iteration_id"])["run_id"],
+                              f"{store.path}: no sample with id {sid}")
             add_review(store, sample_id, verdict=str(form.get("verdict") or "") or None,
                        preference=str(form.get("preference") or "") or None,
                        other_sample_id=number("other_sample_id"), correction=str(form.get("correction") or "") or None,
@@ -312,14 +325,29 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
                 return pages.render(request, "error.html.j2", status=404, title="not found", message=str(exc))
         return page
 
-    hosts = allowed_hosts or ["127.0.0.1", "localhost", "[::1]", "::1"]
     app = Starlette(
         routes=[Route("/", wrap(runs_page)), Route("/runs/{run_id}", wrap(run_page)),
                 Route("/compare", wrap(compare_page)), Route("/samples/{sample_id:int}", wrap(sample_page)),
                 Route("/search", wrap(search_page)), Route("/reviews", post_review, methods=["POST"])],
-        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)])
+        middleware=[Middleware(HostGuard, allowed_hosts=allowed_hosts)])  # None: loopback names only
     app.state.pages = pages
     return app
+
+
+def visible_runs(request: Request, store: Store, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs the request's project may see (on the API port, `flywheel.api.access` sets the
+    project; the report server alone shows every run to whoever it lets in)."""
+    project = request.scope.get("flywheel.project")
+    if project is None:
+        return runs
+    return [run for run in runs if store.run_project(run["id"]) == project]
+
+
+def check_visible(request: Request, store: Store, run_id: str, missing: str) -> None:
+    """A StoreError (a 404 page) when the run is another project's, saying `missing`: the words of
+    the page for an object that does not exist."""
+    if not visible_runs(request, store, [{"id": run_id}]):
+        raise StoreError(missing)
 
 
 def _iteration_choices(store: Store, runs: int = 50) -> list[dict[str, Any]]:
@@ -343,7 +371,7 @@ def serve_reports(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, re
     """Run the review server until interrupted. Any host but loopback accepts every Host header."""
     from flywheel.web import bind_socket, page_url, serve_forever
 
-    allowed = None if host in LOOPBACK else ["*"]
+    allowed = None if is_loopback(host) else ["*"]
     app = create_app(db_path, review=review, reviewer=reviewer, allowed_hosts=allowed)
     sock = bind_socket(host, port)
     if on_ready is not None:

@@ -219,6 +219,15 @@ class ApiStore(StoreBase):
         rows = list(self.db.query(sql + f" order by id {direction} limit ?", [*params, limit + 1]))
         return rows[:limit], len(rows) > limit
 
+    def run_project(self, run_id: str) -> str:
+        """The project a harness run belongs to: that of the API eval or wheel run that made it;
+        runs made by the CLI (no API object) belong to 'default'."""
+        for table in ("api_eval_runs", "api_wheel_runs"):
+            rows = list(self.db.query(f"select project from {table} where run_id = ? limit 1", [run_id]))
+            if rows:
+                return rows[0]["project"] or "default"
+        return "default"
+
     def list_api_keys(self) -> list[dict[str, Any]]:
         """Every API key without its hash, oldest first."""
         return list(self.db.query("select id, created_at, name, prefix, project, role, rpm, revoked"
