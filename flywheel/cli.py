@@ -914,5 +914,10 @@ def export_openai_eval_command(spec_path):
     click.echo(json.dumps(export_openai_eval(load_eval_spec(spec_path)), indent=2, ensure_ascii=False))
 
 
+from flywheel.gate_cli import gate_command  # noqa: E402 - the lead moves it into flywheel/cli/
+
+main.add_command(gate_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
