@@ -86,3 +86,12 @@ class IterationUsage:
     completion_tokens: int
     cost: float
     missing_tokens: int
+
+
+@dataclass(frozen=True)
+class ApiRunName:
+    """What the API calls a harness run: its object's id, the name its caller gave, the model as named."""
+
+    object_id: str
+    name: str | None
+    model: str | None
