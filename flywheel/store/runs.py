@@ -408,6 +408,17 @@ class RunsStore(StoreBase):
             " order by r.started_at desc, i.seq desc limit 1", [eval_name, split]).fetchall()
         return self.get_iteration(rows[0][0]) if rows else None
 
+    def model_measurements(self, model_ref: str) -> list[dict[str, Any]]:
+        """Measured iterations of `model_ref` (n > 0, a score), newest run first, each with its
+        eval's name and spec (`eval_name`, `eval_spec_json`)."""
+        rows = self.db.execute(
+            "select i.id, i.run_id, i.split, i.prompt_id, i.n, i.score, i.ci_low, i.ci_high, e.name, e.spec_json"
+            " from iterations i join runs r on r.id = i.run_id left join evals e on e.id = r.eval_id"
+            " where i.model_ref = ? and i.n > 0 and i.score is not null order by r.started_at desc, i.seq desc",
+            [model_ref]).fetchall()
+        keys = ("id", "run_id", "split", "prompt_id", "n", "score", "ci_low", "ci_high", "eval_name", "eval_spec_json")
+        return [dict(zip(keys, row)) for row in rows]
+
     def record_iteration_latency(self, iteration_id: str) -> None:
         """Store the summed sample latency on the iteration row (tokens and cost are summed already)."""
         with self.transaction():
