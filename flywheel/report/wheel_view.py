@@ -62,6 +62,8 @@ def cost_chart_svg(points: list[dict[str, Any]], minimise: str, width: int = 100
         circle = (f'<circle cx="{x(p["x"]):.1f}" cy="{y(p["y"]):.1f}" r="6" fill="{colour if filled else "#fff"}" '
                   f'stroke="{colour}" stroke-width="2"{dash} class="point {kind}"><title>{escape(title)}</title></circle>')
         parts.append(f'<a href="{escape(p["href"])}">{circle}</a>' if p.get("href") else circle)
+        if p["decision"] == "passed over":
+            parts.append(f'<text x="{x(p["x"]) - 9:.1f}" y="{y(p["y"]) + 4:.1f}" text-anchor="end">passed over</text>')
         if p.get("milestone"):
             parts.append(f'<text x="{x(p["x"]) + 9:.1f}" y="{y(p["y"]) - 8:.1f}" style="fill:#1f2328;font-weight:600">'
                          f'{escape(p["milestone"])}</text>')
@@ -90,11 +92,12 @@ def _rewrites(store: Store, search_runs: list[str]) -> list[dict[str, Any]]:
 def _search_points(store: Store, search_runs: list[str], minimise: str, measured: set[tuple[Any, Any]],
                    run_href: Callable[[str], str]) -> list[dict[str, Any]]:
     """Every candidate the wheel's prompt searches measured on all of valid, linked to its search;
-    a finalist not chosen is "passed over". One the wheel measured itself is left to the wheel's point."""
+    a finalist not chosen is "passed over". One the wheel measured itself (same model and prompt)
+    is not `on_chart`: the wheel's own point stands for it."""
     out = []
     for run_id in search_runs:
         for it in store.iterations(run_id):
-            if it.get("split") != "valid" or _nan(it.get("score")) or (it.get("model_ref"), it.get("prompt_id")) in measured:
+            if it.get("split") != "valid" or _nan(it.get("score")):
                 continue
             prompt = store.prompt_row(it["prompt_id"]) if it.get("prompt_id") else None
             decision = "passed over" if it.get("decision") in PASSED_OVER else it.get("decision")
@@ -102,7 +105,8 @@ def _search_points(store: Store, search_runs: list[str], minimise: str, measured
             out.append({"x": cost.value(minimise), "cost_goal": cost.describe(minimise), "y": it["score"], "run_id": run_id,
                         "label": (prompt or {}).get("origin") or it.get("stage") or it["id"], "decision": decision,
                         "reason": it.get("reason") or "", "milestone": None, "href": run_href(run_id),
-                        "prompt_id": it.get("prompt_id"), "iteration_id": it["id"]})
+                        "prompt_id": it.get("prompt_id"), "iteration_id": it["id"],
+                        "on_chart": (it.get("model_ref"), it.get("prompt_id")) not in measured})
     return out
 
 
@@ -152,6 +156,7 @@ def wheel_section(store: Store, view: RunView, run_href: Callable[[str], str] = 
                 for r in search_runs]
     return {"milestones": rows, "laps": sorted(laps.items()), "stopped": summary.get("stopped"),
             "lap_wall_s": summary.get("lap_wall_s") or {}, "minimise": minimise, "searches": searches,
-            "n_points": len([p for p in points + found if not _nan(p["x"])]),
-            "chart": cost_chart_svg(points + found, minimise), "rewrites": _rewrites(store, search_runs),
+            "n_points": len([p for p in points + found if p.get("on_chart", True) and not _nan(p["x"])]),
+            # The search's points first: the wheel's own (filled) ones are drawn on top of them.
+            "chart": cost_chart_svg([p for p in found if p["on_chart"]] + points, minimise), "rewrites": _rewrites(store, search_runs),
             "wall_s": summary.get("wall_s") or summary.get("elapsed_s")}
