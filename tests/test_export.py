@@ -200,6 +200,15 @@ def test_the_model_card_shows_the_eval_prompt_scores_and_a_call(chatty_dir, adap
     python = re.search(r"```python\n(.*?)\n```", card, re.S).group(1)
     compile(python, "card.py", "exec")  # pastes as valid Python
     assert "model='card-out'" in python and "Route the ticket." in python
+    # ... and answers when pasted, against the folder served as the card says (on a free port here).
+    from flywheel.model_server import create_app
+    from flywheel.web import BackgroundServer
+
+    exported = json.loads(result.output)["model_ref"]
+    with BackgroundServer(create_app(load_model(exported), name="card-out")) as server:
+        printed = []
+        exec(python.replace("http://127.0.0.1:8000", server.url), {"print": printed.append})
+    assert len(printed) == 1 and isinstance(printed[0], str)
     lineage = json.loads((tmp_path / "card-out" / "flywheel_export.json").read_text())
     assert lineage["measured"]["eval_name"] == "support-routing"
     assert [s["split"] for s in lineage["measured"]["scores"]] == ["valid", "test"]
