@@ -899,15 +899,23 @@ def export_group() -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="dtype of the saved (unquantised) weights.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@db_option
 @json_option
-def export_model_command(model_ref, output, merge, quantize, dtype, force, as_json):
-    """Write MODEL_REF (local:BASE[+ADAPTER...]) as one HF folder with a model card; evaluate it as local:OUTPUT."""
+def export_model_command(model_ref, output, merge, quantize, dtype, force, db, as_json):
+    """Write MODEL_REF (local:BASE[+ADAPTER...]) as one HF folder with a model card (lineage, and the eval,
+    prompt and scores it was measured with in the store); evaluate it as local:OUTPUT."""
+    from pathlib import Path
+
     from flywheel.export import export_model
     from flywheel.models import parse_model_ref
 
     if parse_model_ref(model_ref)[2] and not merge:
         raise click.UsageError(f"{model_ref} has adapters: pass --merge to merge them into the weights")
-    result = export_model(model_ref, output, quantize=quantize, dtype=dtype, overwrite=force)
+    if not Path(db or default_db_path()).is_file():  # no store here: a card without measurements, no new file
+        result = export_model(model_ref, output, quantize=quantize, dtype=dtype, overwrite=force)
+    else:
+        with _store_at(db) as store:
+            result = export_model(model_ref, output, quantize=quantize, dtype=dtype, overwrite=force, store=store)
     _echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
 
@@ -919,6 +927,11 @@ def export_openai_eval_command(spec_path):
     from flywheel.spec import load_eval_spec
 
     click.echo(json.dumps(export_openai_eval(load_eval_spec(spec_path)), indent=2, ensure_ascii=False))
+
+
+from flywheel.gate_cli import gate_command  # noqa: E402 - the lead moves it into flywheel/cli/
+
+main.add_command(gate_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

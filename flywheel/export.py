@@ -23,6 +23,10 @@ leaves nothing half-written, and an existing DIR is only replaced with `overwrit
 from __future__ import annotations
 
 import json
+import math
+import pprint
+import re
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -66,6 +70,74 @@ QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (
 
 
 @dataclass
+class Score:
+    """One measured score of the exported model: its split, value and 95% CI."""
+
+    split: str
+    score: float
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    run_id: str
+    iteration_id: str
+
+
+@dataclass
+class Measurement:
+    """How the source model was measured in the store: the eval, the prompt, valid and test scores."""
+
+    eval_name: str
+    metric: str
+    prompt_id: str | None
+    messages: list[dict[str, Any]]
+    scores: list[Score]
+
+
+def measurement_of(store: Any, ref: str) -> Measurement | None:
+    """The newest measurement of `ref` in `store` (a `flywheel.store.Store`): the newest valid score,
+    the test score with the same prompt (else the newest test score), the eval and the prompt; None
+    when the store never measured it."""
+    rows = store.model_measurements(ref)
+    if not rows:
+        return None
+    first = next((r for r in rows if r["split"] == "valid"), rows[0])
+    same = [r for r in rows if r["prompt_id"] == first["prompt_id"] and r["eval_name"] == first["eval_name"]]
+    chosen = [r for split in ("valid", "test")
+              if (r := next((r for r in same if r["split"] == split), None)
+                  or next((r for r in rows if r["split"] == split and r["eval_name"] == first["eval_name"]), None))]
+    try:
+        metric = json.loads(first["eval_spec_json"] or "{}").get("objective", {}).get("metric") or "pass_rate"
+    except (ValueError, AttributeError):
+        metric = "pass_rate"
+    prompt_id = first["prompt_id"]
+    messages = store.get_prompt(prompt_id)["messages"] if prompt_id else []
+    return Measurement(eval_name=first["eval_name"] or "", metric=metric, prompt_id=prompt_id, messages=messages,
+                       scores=[Score(split=r["split"], score=r["score"], ci_low=r["ci_low"], ci_high=r["ci_high"],
+                                     n=r["n"], run_id=r["run_id"], iteration_id=r["id"]) for r in chosen])
+
+
+def _fence(text: str, lang: str = "") -> list[str]:
+    """A fenced block that `text` cannot close: the fence is longer than any backtick run in it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + lang, text, fence]
+
+
+def _inline(text: Any) -> str:
+    """One-line Markdown-inert text for the card (names from the store, specs and paths)."""
+    out = str(text).replace("\r", " ").replace("\n", " ")
+    for ch in "\\`*_{}[]<>#|~":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
+def _fmt_score(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.1f}%" if metric == "pass_rate" else f"{value:.3f}"
+
+
+@dataclass
 class ExportResult:
     """What `export_model` wrote."""
 
@@ -78,6 +150,8 @@ class ExportResult:
     dtype: str = "fp32"
     size_bytes: int = 0
     files: list[str] = field(default_factory=list)
+    measured: Measurement | None = None
+    served_name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,12 +199,48 @@ def _model_card(result: ExportResult, base_source: str) -> str:
         for key in ("checkpoint_id", "method", "job_id", "training_set_id", "training_set_hash", "parent_id"):
             if adapter.get(key):
                 lines.append(f"  - {key.replace('_', ' ')}: `{adapter[key]}`")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+    lines += _measured_lines(result.measured)
+    lines += _call_lines(result)
+    lines += ["", "## Use with transformers", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{result.path}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{result.path}")', "```", "",
               f"With Flywheel: `flywheel eval SPEC --model {result.model_ref}`."
               + (" Loading needs torchao (`pip install 'flywheel[quantize]'`)." if result.quantize else ""), ""]
     return "\n".join(lines)
+
+
+def _measured_lines(measured: Measurement | None) -> list[str]:
+    if measured is None:
+        return ["", "## Measured", "", "Not measured in the store it was exported from: "
+                "`flywheel eval SPEC --model local:DIR` measures it."]
+    lines = ["", "## Measured", "", f"Eval **{_inline(measured.eval_name)}**, objective "
+             f"{'pass rate' if measured.metric == 'pass_rate' else 'mean score'}, 95% CI; the source model "
+             "before export (the merge is exact in fp32).", "",
+             "| split | score | 95% CI | items | run |", "|---|---:|---:|---:|---|"]
+    for s in measured.scores:
+        ci = f"{_fmt_score(s.ci_low, measured.metric)} – {_fmt_score(s.ci_high, measured.metric)}"
+        lines.append(f"| {_inline(s.split)} | {_fmt_score(s.score, measured.metric)} | {ci} | {s.n} | "
+                     f"{_inline(s.run_id)} |")
+    lines += ["", f"Measured with this prompt ({_inline(measured.prompt_id or '–')}); "
+              "`{{item.…}}` fields come from each item:", ""]
+    lines += _fence(json.dumps(measured.messages, indent=2, ensure_ascii=False), "json")
+    return lines
+
+
+def _call_lines(result: ExportResult) -> list[str]:
+    """A ready-to-paste call: serve the folder, then the openai SDK with the measured prompt."""
+    messages = (result.measured.messages if result.measured else []) or [{"role": "user", "content": "Hello"}]
+    python = "\n".join([
+        "from openai import OpenAI", "",
+        'client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")',
+        f"messages = {pprint.pformat(messages, width=100, sort_dicts=False)}",
+        "reply = client.chat.completions.create(", f"    model={result.served_name!r}, messages=messages, temperature=0)",
+        "print(reply.choices[0].message.content)"])
+    return ["", "## Call it", "", "Serve the folder on an OpenAI-compatible API:", "",
+            *_fence(f"flywheel serve-model {shlex.quote(result.model_ref)} --port 8000 "
+                    f"--name {shlex.quote(result.served_name)}", "sh"),
+            "", "then call it with the openai SDK (replace the `{{item.…}}` fields with your input):", "",
+            *_fence(python, "python")]
 
 
 def _folder_size(folder: Path) -> tuple[int, list[str]]:
@@ -139,11 +249,12 @@ def _folder_size(folder: Path) -> tuple[int, list[str]]:
 
 
 def export_model(ref: str, output: str | Path, *, quantize: str | None = None, dtype: str = "fp32",
-                 overwrite: bool = False) -> ExportResult:
+                 overwrite: bool = False, store: Any = None) -> ExportResult:
     """Write `ref` (a `local:` model, with its adapters merged) to `output` as a HF folder.
 
     `quantize`: None or a name in QUANTIZERS ("int8"); `dtype`: "fp32" or "bf16", the dtype of the
-    saved weights (of the unquantised layers, and of the activations, when quantised)."""
+    saved weights (of the unquantised layers, and of the activations, when quantised). `store`:
+    where `ref` was measured; the model card then shows the eval, the prompt and the scores."""
     import torch
 
     from flywheel.models import parse_model_ref
@@ -188,11 +299,14 @@ def export_model(ref: str, output: str | Path, *, quantize: str | None = None, d
         target_ref = f"local:{out}"
         result = ExportResult(path=str(out), model_ref=target_ref, source_ref=ref, base=name,
                               adapters=[_adapter_lineage(path, weight) for path, weight in weights.adapters],
-                              quantize=quantize, dtype=dtype)
+                              quantize=quantize, dtype=dtype,
+                              measured=measurement_of(store, ref) if store is not None else None,
+                              served_name=re.sub(r"[^A-Za-z0-9._-]+", "-", out.name).strip("-") or "model")
         (staging / "README.md").write_text(_model_card(result, base_path), encoding="utf-8")
         lineage = {"source_ref": ref, "base": name, "base_path": base_path,
                    "source_fingerprint": weights.base_fingerprint() + weights.adapters_fingerprint(),
-                   "adapters": result.adapters, "quantize": quantize, "dtype": dtype}
+                   "adapters": result.adapters, "quantize": quantize, "dtype": dtype,
+                   "measured": asdict(result.measured) if result.measured else None}
         (staging / EXPORT_FILE).write_text(json.dumps(lineage, indent=2, default=str), encoding="utf-8")
         if out.exists():
             old = out.with_name(f".{out.name}-old-{staging.name}")

@@ -301,12 +301,9 @@ def item_scores(store: Store, iteration_id: str, spec: EvalSpec) -> dict[tuple[s
 
 def paired_comparison(store: Store, spec: EvalSpec, a: str, b: str) -> dict[str, Any]:
     """Paired statistics of iteration b against a over the (item, repeat) keys they share."""
-    from flywheel.stats import paired_stats
+    from flywheel.stats import paired_by_key
 
-    sa, sb = item_scores(store, a, spec), item_scores(store, b, spec)
-    keys = sorted(set(sa) & set(sb))
-    return paired_stats([sa[k][0] for k in keys], [sb[k][0] for k in keys],
-                        [sa[k][1] for k in keys], [sb[k][1] for k in keys])
+    return paired_by_key(item_scores(store, a, spec), item_scores(store, b, spec))
 
 
 def register_eval(store: Store, spec: EvalSpec, dataset: Dataset) -> str:

@@ -82,3 +82,11 @@ def paired_stats(a_scores: Sequence[float], b_scores: Sequence[float], a_pass: S
         low, high, one_sided = np.quantile(means, [0.025, 0.975, 0.05])
         out.update(ci_low=float(low), ci_high=float(high), low_one_sided=float(one_sided))
     return out
+
+
+def paired_by_key(a: dict[Any, tuple[float, bool]], b: dict[Any, tuple[float, bool]]) -> dict[str, Any]:
+    """`paired_stats` of b against a over the keys both have ((item_key, repeat) -> (score, passed),
+    as `Store.objective_scores` returns them); a key only one side has is left out."""
+    keys = sorted(set(a) & set(b))
+    return paired_stats([a[k][0] for k in keys], [b[k][0] for k in keys],
+                        [a[k][1] for k in keys], [b[k][1] for k in keys])

@@ -51,7 +51,8 @@ def build_run(store: Store, n_items: int = 12, stages: Sequence[tuple[str, str |
         ("eval", "measured"), ("prompt", "promoted"), ("sft", "rejected")),
         outcome: Callable[[int, int], Outcome] = default_outcome, run_id: str = "run-test-000001",
         item_text: Callable[[int], str] | None = None, model_ref: str = "local:tiny",
-        prompts: Sequence[str] | None = None, feedback_text: str | None = None) -> dict:
+        prompts: Sequence[str] | None = None, feedback_text: str | None = None, split: str = "test",
+        kind: str = "wheel", prompt_tokens: Sequence[int] | None = None) -> dict:
     """Write one run with len(stages) iterations over n_items items; returns ids by name."""
     eval_id = f"e-{run_id}"
     store.save_eval(eval_id, SPEC["name"], "<test>", json.dumps(SPEC))
@@ -65,8 +66,8 @@ def build_run(store: Store, n_items: int = 12, stages: Sequence[tuple[str, str |
         store.db["datasets"].insert({"id": dataset_id, "path": "data.jsonl", "n_items": n_items, "created_at": "2026"},
                                     ignore=True)
         store.db["items"].insert_all(items, ignore=True, batch_size=1000)
-    store.create_run(id=run_id, kind="wheel", eval_id=eval_id, dataset_id=dataset_id, model_ref=model_ref,
-                     split="test", config_key=run_id)
+    store.create_run(id=run_id, kind=kind, eval_id=eval_id, dataset_id=dataset_id, model_ref=model_ref,
+                     split=split, config_key=run_id)
     prompt_texts = list(prompts or ["Answer with one label.", "Answer with exactly one label from the list.\nNo prose.",
                                     "Answer with exactly one label from the list.\nNo prose."])
     iteration_ids = []
@@ -78,7 +79,7 @@ def build_run(store: Store, n_items: int = 12, stages: Sequence[tuple[str, str |
         store.save_prompt(prompt, origin=stage)
         iteration_id = store.iteration_for(
             run_id, k, stage=stage, model_ref=model_ref if stage != "sft" else f"{model_ref}+ckpt/sft-{k}",
-            prompt_id=prompt_id, split="test", parent_id=iteration_ids[-1] if iteration_ids else None)
+            prompt_id=prompt_id, split=split, parent_id=iteration_ids[-1] if iteration_ids else None)
         records, passes = [], 0
         for i in range(n_items):
             o = outcome(k, i)
@@ -94,12 +95,13 @@ def build_run(store: Store, n_items: int = 12, stages: Sequence[tuple[str, str |
                 iteration_id=iteration_id, item_key=f"item-{i:05d}", repeat=0,
                 input_json=json.dumps([{"role": "system", "content": messages[0]["content"]},
                                        {"role": "user", "content": text}]),
-                output_text=o.output, prompt_tokens=40, completion_tokens=6, latency_s=0.05, cost=0.0,
+                output_text=o.output, prompt_tokens=prompt_tokens[k] if prompt_tokens else 40, completion_tokens=6, latency_s=0.05, cost=0.0,
                 error=o.error, grades=grades))
         store.write_samples(records)
         low, high = wilson_ci(passes, n_items)
         store.update_iteration(iteration_id, n=n_items, score=passes / n_items, ci_low=low, ci_high=high,
-                               prompt_tokens=40 * n_items, completion_tokens=6 * n_items, cost=0.0,
+                               prompt_tokens=(prompt_tokens[k] if prompt_tokens else 40) * n_items,
+                               completion_tokens=6 * n_items, cost=0.0,
                                wall_s=1.5 + k, decision=decision,
                                reason={"promoted": "beats parent on valid (p=0.01)", "rejected": "no significant gain"}.get(decision or "", None))
         iteration_ids.append(iteration_id)
@@ -110,3 +112,34 @@ def build_run(store: Store, n_items: int = 12, stages: Sequence[tuple[str, str |
 def sample_id(store: Store, iteration_id: str, key: str, repeat: int = 0) -> int:
     return store.db.execute("select id from samples where iteration_id = ? and item_key = ? and repeat = ?",
                             [iteration_id, key, repeat]).fetchone()[0]
+
+
+SEARCH_PROMPTS = ["Answer with one label.", "Answer with exactly one label from the list.\nNo prose.",
+                  "You route support tickets. Read the ticket carefully, think about which of the labels fits "
+                  "best, and answer with exactly one label from the list, nothing else."]
+
+
+def build_wheel_with_search(store: Store, wheel_id: str = "run-wheel-000009",
+                            search_id: str = "run-search-000009") -> dict:
+    """A wheel run whose optimize stage ran a prompt search: the search measured three finalists on
+    all of valid (the baseline, the winner and a longer one passed over), the wheel measured the
+    baseline and the winner itself."""
+    search = build_run(store, n_items=12, run_id=search_id, split="valid", kind="optimize", prompts=SEARCH_PROMPTS,
+                       stages=(("prompt-valid", "incumbent"), ("prompt-valid", "promoted"), ("prompt-valid", "rejected")),
+                       prompt_tokens=[40, 40, 95])  # the passed-over finalist: as good, more than twice the prompt
+    store.update_iteration(search["iterations"][2], reason="proposer:1: no better on valid than the cheaper winner")
+    wheel = build_run(store, n_items=12, run_id=wheel_id, split="valid", prompts=SEARCH_PROMPTS[:2],
+                      stages=(("eval", "incumbent"), ("optimize", "promoted")))
+    base, best = wheel["iterations"]
+    cost = {"n": 12, "prompt_tokens": 40.0, "completion_tokens": 6.0, "latency_s": 0.05, "money_per_1k": 0.0}
+    outcome = {"stage": "optimize", "decision": "promoted", "reason": "promoted variant", "lap": 1, "wall_s": 2.0,
+               "rule": "significantly better", "search_run": search_id}
+    store.finish_run(wheel_id, "completed", {"stages": [], "elapsed_s": 30.0, "result": {
+        "stopped": "target met", "minimise": "prompt_tokens", "stages": [outcome], "wall_s": 30.0,
+        "milestones": [{"label": "baseline", "iteration_id": base, "model_ref": "local:tiny",
+                        "valid": store.get_iteration(base)["score"],
+                        "test": None, "prompt_id": store.get_iteration(base)["prompt_id"], "cost": cost},
+                       {"label": "best prompt", "iteration_id": best, "model_ref": "local:tiny",
+                        "valid": store.get_iteration(best)["score"],
+                        "test": None, "prompt_id": store.get_iteration(best)["prompt_id"], "cost": cost}]}})
+    return {"wheel": wheel, "search": search}

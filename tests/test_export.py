@@ -164,3 +164,57 @@ def test_force_replaces_an_earlier_export(chatty_dir, adapter, tmp_path):
     assert not (tmp_path / "out" / "stale.txt").exists() and second.adapters and not first.adapters
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old copy left behind
     assert greedy_texts(second.model_ref) == greedy_texts(f"local:{chatty_dir}+{adapter}")
+
+
+def test_the_model_card_shows_the_eval_prompt_scores_and_a_call(chatty_dir, adapter, store, tmp_path):
+    import re
+
+    import yaml
+    from conftest import make_rows, spec_dict, write_jsonl
+
+    from flywheel.harness import run_eval
+    from flywheel.models import load_model
+    from flywheel.spec import load_eval_spec
+
+    ref = f"local:{chatty_dir}+{adapter}"
+    write_jsonl(tmp_path / "data.jsonl", make_rows(3))
+    spec = spec_dict(ref, name="support-routing")
+    spec["input"][0]["content"] = "Route the ticket.\n```\n# not a heading | not a cell\nOne label only."
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec), encoding="utf-8")
+    loaded = load_eval_spec(tmp_path / "eval.yaml")
+    model = load_model(ref)
+    valid = run_eval(loaded, store, split="valid", model=model)
+    test = run_eval(loaded, store, split="test", model=model)
+
+    result = cli("export", "model", ref, "--merge", "-o", tmp_path / "card-out", "--db", store.path, "--json")
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "card-out" / "README.md").read_text()
+    assert "Eval **support-routing**" in card
+    v, t = store.get_iteration(valid.iteration_id), store.get_iteration(test.iteration_id)
+    for split, it in (("valid", v), ("test", t)):
+        ci = f"{100 * it['ci_low']:.1f}% – {100 * it['ci_high']:.1f}%"
+        assert f"| {split} | {100 * it['score']:.1f}% | {ci} | 3 |" in card
+    # the prompt, inside a fence its own ``` cannot close
+    assert "````json" in card and '"content": "Route the ticket.\\n```\\n# not a heading' in card
+    assert "flywheel serve-model local:" in card and "--name card-out" in card
+    python = re.search(r"```python\n(.*?)\n```", card, re.S).group(1)
+    compile(python, "card.py", "exec")  # pastes as valid Python
+    assert "model='card-out'" in python and "Route the ticket." in python
+    # ... and answers when pasted, against the folder served as the card says (on a free port here).
+    from flywheel.model_server import create_app
+    from flywheel.web import BackgroundServer
+
+    exported = json.loads(result.output)["model_ref"]
+    with BackgroundServer(create_app(load_model(exported), name="card-out")) as server:
+        printed = []
+        exec(python.replace("http://127.0.0.1:8000", server.url), {"print": printed.append})
+    assert len(printed) == 1 and isinstance(printed[0], str)
+    lineage = json.loads((tmp_path / "card-out" / "flywheel_export.json").read_text())
+    assert lineage["measured"]["eval_name"] == "support-routing"
+    assert [s["split"] for s in lineage["measured"]["scores"]] == ["valid", "test"]
+
+
+def test_a_model_never_measured_says_so_on_its_card(chatty_dir, tmp_path):
+    result = export_model(f"local:{chatty_dir}", tmp_path / "plain")
+    card = (tmp_path / "plain" / "README.md").read_text()
+    assert result.measured is None and "Not measured in the store" in card and "## Call it" in card

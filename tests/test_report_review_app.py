@@ -240,3 +240,43 @@ def test_on_the_api_port_the_pages_need_a_key_and_show_its_project_only(store):
                                headers={"Authorization": f"Bearer {key_default}"})
         assert status == 400
     assert list(store.db.query("select * from reviews")) == []
+
+
+def test_the_wheel_page_in_the_app_is_the_reports_story(store, tmp_path):
+    """One set of partials: the app's run page of a wheel run shows the milestones, the chart with
+    every candidate measured on valid (the passed-over finalist linked to its search run), the
+    search's table and the split column, as the static report does."""
+    from flywheel.report.html import render_report
+    from report_helpers import build_wheel_with_search
+
+    built = build_wheel_with_search(store)
+    wheel_id, search_id = built["wheel"]["run_id"], built["search"]["run_id"]
+    with BackgroundServer(create_app(store.path)) as server:
+        status, _, page = request(server, "GET", f"/runs/{wheel_id}")
+    report = render_report(store, [wheel_id])
+    for html, link in ((page, f'href="/runs/{search_id}"'), (report, f'href="#search-{search_id}"')):
+        assert 'id="milestones"' in html and "best prompt" in html and 'id="wheel"' in html
+        assert html.count('class="point ') == 3  # two measured by the wheel, one finalist passed over
+        assert 'class="point passed-over"' in html and f"<a {link}><circle" in html
+        assert f'id="search-{search_id}"' in html and "no better on valid than the cheaper winner" in html
+        assert '<th>split</th>' in html and '<td class="split">valid</td>' in html
+    assert status == 200
+
+
+def test_ft_names_and_api_run_names_show_in_the_app(store):
+    run = build_run(store, n_items=4, run_id="run-api-000001", model_ref="local:tiny+ckpt/sft-9")
+    store.insert_checkpoint({"id": "ckpt-9", "method": "sft", "model_ref": "local:tiny+ckpt/sft-9"})
+    store.api_insert("api_fine_tuning_jobs", {"id": "ftjob-abc", "created_at": "2026",
+                                              "model": "local:tiny", "fine_tuned_model": "ft:tiny:support:abc",
+                                              "checkpoint_id": "ckpt-9", "project": "default"})
+    store.api_insert("api_evals", {"id": "eval_1", "created_at": "2026", "name": "support", "project": "default"})
+    store.api_insert("api_eval_runs", {"id": "evalrun_1", "eval_id": "eval_1", "created_at": "2026",
+                                       "name": "nightly <b>check</b>", "model": "ft:tiny:support:abc",
+                                       "run_id": run["run_id"], "status": "completed", "project": "default"})
+    with BackgroundServer(create_app(store.path)) as server:
+        _, _, runs = request(server, "GET", "/")
+        _, _, page = request(server, "GET", f"/runs/{run['run_id']}")
+    assert '<span class="api-name">nightly &lt;b&gt;check&lt;/b&gt;</span>' in runs and "evalrun_1" in runs
+    assert '<strong class="ft">ft:tiny:support:abc</strong>' in runs
+    assert '<strong class="api-name">nightly &lt;b&gt;check&lt;/b&gt;</strong>' in page and "evalrun_1" in page
+    assert page.count('<strong class="ft">ft:tiny:support:abc</strong>') >= 2  # the header and each iteration

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from markupsafe import Markup, escape
 
@@ -31,7 +32,7 @@ from flywheel.images import Thumbnails, describe_content
 from flywheel.report.compare import RunView, default_pair, item_fields, iteration_samples, load_run_view
 from flywheel.report.training_view import training_section
 from flywheel.report.search_view import search_tables
-from flywheel.report.wheel_view import wheel_section
+from flywheel.report.wheel_view import anchor_href, wheel_section
 from flywheel.store import Store
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -194,6 +195,17 @@ def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int
             parts.append(f'<text x="{cx:.1f}" y="{height - pad_b + 32}" text-anchor="middle">{escape(it["decision"])}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def story_sections(store: Store, view: RunView, *, app: bool) -> dict[str, Any]:
+    """What the report and the review app's run page both show beyond the iteration tables: the
+    wheel (milestones, score-vs-cost chart with every candidate measured on valid, laps, rewrites),
+    training curves, hyper-parameter searches, and the `ft:` names of models the API fine-tuned.
+    `app`: links go to the app's pages (a search run's page) instead of anchors in the report."""
+    run_href = (lambda run_id: f"/runs/{quote(run_id, safe='')}") if app else anchor_href
+    return {"app": app, "wheel": wheel_section(store, view, run_href), "training": training_section(store, view),
+            "searches": search_tables(store, store.training_searches([r["id"] for r in view.runs])),
+            "ft_names": store.fine_tuned_names()}
 
 
 def decorate_iterations(view: RunView) -> list[dict[str, Any]]:
@@ -381,9 +393,7 @@ def render_report(store: Store, run_ids: Sequence[str], *, page_size: int = PAGE
         objective_label=f"{objective['grader']} {'mean score' if objective['metric'] == 'mean_score' else 'pass rate'}",
         generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         data_json=Markup(script_json(report_payload(store, view, page_size, a, b))),
-        js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}", wheel=wheel_section(store, view),
-        training=training_section(store, view),
-        searches=search_tables(store, store.training_searches([r["id"] for r in view.runs])))
+        js=Markup(js), css=Markup(css), script_hash=f"sha256-{digest}", **story_sections(store, view, app=False))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from flywheel.errors import FlywheelError, StoreError
 from flywheel.report.compare import Comparison, PairRow, RunView, compare_iterations, item_fields, load_run_view
 from flywheel.report.html import (decorate_iterations, fmt_delta, fmt_pct, fmt_score, grader_rows, kpis,
-                                  templates_env, trajectory_svg)
+                                  story_sections, templates_env, trajectory_svg)
 from flywheel.reviews import add_review, judge_agreement, preferences, sample_reviews
 from flywheel.store import Store
 from flywheel.web import HostGuard, is_loopback
@@ -148,11 +148,15 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         store = pages.store()
         try:
             rows = []
-            for run in visible_runs(request, store, store.list_runs(200)):
+            listed = visible_runs(request, store, store.list_runs(200))
+            api_names = store.api_run_names([run["id"] for run in listed])
+            ft_names = store.fine_tuned_names()
+            for run in listed:
                 its = store.iterations(run["id"])
                 evaluation = store.get_eval(run.get("eval_id"))
                 scores = [it["score"] for it in its if it.get("score") is not None]
                 rows.append({**run, "eval_name": evaluation["name"] if evaluation else "", "n_iterations": len(its),
+                             "api_name": api_names.get(run["id"]), "ft_name": ft_names.get(run.get("model_ref") or ""),
                              "best": max(scores) if scores else None, "n": sum(it.get("n") or 0 for it in its)})
             reviews = store.count_reviews()
         finally:
@@ -169,6 +173,8 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             agreement = judge_agreement(store, run_ids=[view.runs[0]["id"]])
             calibrations = store.latest_calibrations([g.name for g in view.graders])
             n_reviews = len(sample_reviews(store, run_ids=[view.runs[0]["id"]]))
+            story = story_sections(store, view, app=True)
+            api_name = store.api_run_names([view.runs[0]["id"]]).get(view.runs[0]["id"])
         finally:
             store.close()
         metric = view.objective["metric"]
@@ -176,7 +182,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
                             grader_rows=grader_rows(view), kpis=kpis(view), agreement=agreement,
                             calibrations=calibrations,
                             trajectory_svg=trajectory_svg(iterations, metric), n_reviews=n_reviews,
-                            metric=metric, title=view.eval_name)
+                            metric=metric, title=view.eval_name, api_name=api_name, **story)
 
     def compare_page(request: Request) -> Response:
         params = request.query_params

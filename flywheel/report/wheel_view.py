@@ -7,6 +7,7 @@ every kept prompt rewrite as a diff against its parent.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from markupsafe import Markup, escape
@@ -15,7 +16,9 @@ from flywheel.cost import CostPerItem
 from flywheel.report.compare import RunView, prompt_diff
 from flywheel.store import Store
 
-_COLOURS = {"promoted": "#1a7f37", "incumbent": "#4f46e5", "rejected": "#8c959f"}
+_COLOURS = {"promoted": "#1a7f37", "incumbent": "#4f46e5", "rejected": "#8c959f", "passed over": "#bf8700"}
+# A search finalist that was measured on all of valid and not chosen (lower, or no better than a cheaper one).
+PASSED_OVER = ("rejected", "not significant")
 
 
 def _nan(value: Any) -> bool:
@@ -52,8 +55,15 @@ def cost_chart_svg(points: list[dict[str, Any]], minimise: str, width: int = 100
         colour = _COLOURS.get(p["decision"] or "", "#4f46e5")
         filled = p["decision"] in ("promoted", "incumbent")
         title = f'{p["label"]}: {100 * p["y"]:.1f}% at {p["x"]:.3g} {unit} ({p["decision"] or "–"})'
-        parts.append(f'<circle cx="{x(p["x"]):.1f}" cy="{y(p["y"]):.1f}" r="6" fill="{colour if filled else "#fff"}" '
-                     f'stroke="{colour}" stroke-width="2"><title>{escape(title)}</title></circle>')
+        if p.get("run_id"):
+            title += f' · prompt search {p["run_id"]}'
+        dash = ' stroke-dasharray="3 2"' if p["decision"] == "passed over" else ""
+        kind = escape((p["decision"] or "").replace(" ", "-"))
+        circle = (f'<circle cx="{x(p["x"]):.1f}" cy="{y(p["y"]):.1f}" r="6" fill="{colour if filled else "#fff"}" '
+                  f'stroke="{colour}" stroke-width="2"{dash} class="point {kind}"><title>{escape(title)}</title></circle>')
+        parts.append(f'<a href="{escape(p["href"])}">{circle}</a>' if p.get("href") else circle)
+        if p["decision"] == "passed over":
+            parts.append(f'<text x="{x(p["x"]) - 9:.1f}" y="{y(p["y"]) + 4:.1f}" text-anchor="end">passed over</text>')
         if p.get("milestone"):
             parts.append(f'<text x="{x(p["x"]) + 9:.1f}" y="{y(p["y"]) - 8:.1f}" style="fill:#1f2328;font-weight:600">'
                          f'{escape(p["milestone"])}</text>')
@@ -79,8 +89,37 @@ def _rewrites(store: Store, search_runs: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def wheel_section(store: Store, view: RunView) -> dict[str, Any] | None:
-    """Laps, milestones and chart of a `flywheel run` (the first wheel run of the view), else None."""
+def _search_points(store: Store, search_runs: list[str], minimise: str, measured: set[tuple[Any, Any]],
+                   run_href: Callable[[str], str]) -> list[dict[str, Any]]:
+    """Every candidate the wheel's prompt searches measured on all of valid, linked to its search;
+    a finalist not chosen is "passed over". One the wheel measured itself (same model and prompt)
+    is not `on_chart`: the wheel's own point stands for it."""
+    out = []
+    for run_id in search_runs:
+        for it in store.iterations(run_id):
+            if it.get("split") != "valid" or _nan(it.get("score")):
+                continue
+            prompt = store.prompt_row(it["prompt_id"]) if it.get("prompt_id") else None
+            decision = "passed over" if it.get("decision") in PASSED_OVER else it.get("decision")
+            cost = store.iteration_cost(it["id"])
+            out.append({"x": cost.value(minimise), "cost_goal": cost.describe(minimise), "y": it["score"], "run_id": run_id,
+                        "label": (prompt or {}).get("origin") or it.get("stage") or it["id"], "decision": decision,
+                        "reason": it.get("reason") or "", "milestone": None, "href": run_href(run_id),
+                        "prompt_id": it.get("prompt_id"), "iteration_id": it["id"],
+                        "on_chart": (it.get("model_ref"), it.get("prompt_id")) not in measured})
+    return out
+
+
+def anchor_href(run_id: str) -> str:
+    """The static report's link to a search run: its table in the wheel section."""
+    return f"#search-{run_id}"
+
+
+def wheel_section(store: Store, view: RunView, run_href: Callable[[str], str] = anchor_href) -> dict[str, Any] | None:
+    """Laps, milestones and chart of a `flywheel run` (the first wheel run of the view), else None.
+
+    `run_href(run_id)`: where a search's candidates link (the report: an anchor on the page; the
+    review app: the search run's page)."""
     run = next((r for r in view.runs if r.get("kind") == "wheel"), None)
     stored = (run or {}).get("summary")
     summary = stored.model_dump() if hasattr(stored, "model_dump") else (stored or {})
@@ -109,8 +148,15 @@ def wheel_section(store: Store, view: RunView) -> dict[str, Any] | None:
         cost = CostPerItem.from_dict(m.get("cost"))
         rows.append({**m, "cost_goal": cost.describe(minimise), "cost_tokens": cost.describe("tokens"),
                      "cost_latency": cost.describe("latency_s")})
-    search_runs = [o["search_run"] for lap in laps.values() for o in lap if o.get("search_run")]
+    search_runs = list(dict.fromkeys(o["search_run"] for lap in laps.values() for o in lap if o.get("search_run")))
+    measured = {(it.get("model_ref"), it.get("prompt_id")) for it in view.iterations
+                if it["run_id"] == run["id"] and it.get("split") == "valid"}
+    found = _search_points(store, search_runs, minimise, measured, run_href)
+    searches = [{"run_id": r, "href": run_href(r), "candidates": [p for p in found if p["run_id"] == r]}
+                for r in search_runs]
     return {"milestones": rows, "laps": sorted(laps.items()), "stopped": summary.get("stopped"),
-            "lap_wall_s": summary.get("lap_wall_s") or {}, "minimise": minimise,
-            "chart": cost_chart_svg(points, minimise), "rewrites": _rewrites(store, search_runs),
+            "lap_wall_s": summary.get("lap_wall_s") or {}, "minimise": minimise, "searches": searches,
+            "n_points": len([p for p in points + found if p.get("on_chart", True) and not _nan(p["x"])]),
+            # The search's points first: the wheel's own (filled) ones are drawn on top of them.
+            "chart": cost_chart_svg([p for p in found if p["on_chart"]] + points, minimise), "rewrites": _rewrites(store, search_runs),
             "wall_s": summary.get("wall_s") or summary.get("elapsed_s")}

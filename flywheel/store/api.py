@@ -7,7 +7,7 @@ from typing import Any
 
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, later, now
-from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL
+from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, ApiRunName
 
 
 class ApiStore(StoreBase):
@@ -15,6 +15,29 @@ class ApiStore(StoreBase):
 
     API_TABLES = ("api_files", "api_evals", "api_eval_runs", "api_fine_tuning_jobs", "api_wheel_runs", "api_jobs",
                   "api_keys")
+
+    def api_run_names(self, run_ids: list[str]) -> dict[str, ApiRunName]:
+        """The API's names of harness runs made over HTTP: an eval run's `name` and model (an `ft:` id
+        as the caller wrote it), a wheel run's `metadata.name`; runs not made by the API are absent."""
+        if not run_ids:
+            return {}
+        marks = ",".join("?" * len(run_ids))
+        out = {run_id: ApiRunName(object_id, name, model) for run_id, object_id, name, model in self.db.execute(
+            f"select run_id, id, name, model from api_eval_runs where run_id in ({marks})", run_ids).fetchall()}
+        for run_id, object_id, metadata in self.db.execute(
+                f"select run_id, id, metadata_json from api_wheel_runs where run_id in ({marks})", run_ids).fetchall():
+            try:
+                name = (json.loads(metadata or "{}") or {}).get("name")
+            except ValueError:
+                name = None
+            out[run_id] = ApiRunName(object_id, name if isinstance(name, str) else None, None)
+        return out
+
+    def fine_tuned_names(self) -> dict[str, str]:
+        """`ft:` ids of the API's fine-tuning jobs by the model reference of their final checkpoint."""
+        return {model_ref: name for model_ref, name in self.db.execute(
+            "select c.model_ref, j.fine_tuned_model from api_fine_tuning_jobs j join checkpoints c"
+            " on c.id = j.checkpoint_id where j.fine_tuned_model is not null").fetchall()}
 
     def _api_table(self, table: str) -> str:
         if table not in self.API_TABLES:

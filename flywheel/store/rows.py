@@ -72,3 +72,26 @@ ITERATION_GRADERS = ("iteration_graders(n) as (select count(distinct g.grader) f
                      " join samples gs on gs.id = g.sample_id where gs.iteration_id = ?)")
 PASSED_SQL = ("(s.error is null and iteration_graders.n > 0 and (select count(*) from grades g"
               " where g.sample_id = s.id and g.passed = 1 and g.error is null) = iteration_graders.n)")
+
+
+@dataclass(frozen=True)
+class IterationUsage:
+    """What an iteration's samples used, summed; `missing_tokens` counts the samples that did not
+    error yet report no token count (none, or zero prompt and completion tokens: data outputs,
+    a backend that returns no usage)."""
+
+    n: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    missing_tokens: int
+
+
+@dataclass(frozen=True)
+class ApiRunName:
+    """What the API calls a harness run: its object's id, the name its caller gave, the model as named."""
+
+    object_id: str
+    name: str | None
+    model: str | None

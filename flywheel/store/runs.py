@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, later, new_id, now
-from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, SampleRecord
+from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, IterationUsage, SampleRecord
 
 StateT = TypeVar("StateT", bound=BaseModel)
 
@@ -426,6 +426,35 @@ class RunsStore(StoreBase):
             return CostPerItem()
         return CostPerItem(n=n, prompt_tokens=prompt, completion_tokens=completion, latency_s=latency,
                            money_per_1k=1000 * money)
+
+    def iteration_usage(self, iteration_id: str) -> IterationUsage:
+        """Tokens and money of an iteration's samples, summed, and how many lack a token count."""
+        n, errors, prompt, completion, money, missing = self.db.execute(
+            "select count(*), count(error), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
+            " coalesce(sum(cost), 0), coalesce(sum(error is null and (prompt_tokens is null or completion_tokens is null"
+            " or prompt_tokens + completion_tokens = 0)), 0) from samples where iteration_id = ?",
+            [iteration_id]).fetchone()
+        return IterationUsage(n=n, errors=errors, prompt_tokens=prompt, completion_tokens=completion,
+                              cost=float(money), missing_tokens=missing)
+
+    def latest_eval_iteration(self, eval_name: str, split: str) -> dict[str, Any] | None:
+        """The last iteration on `split` of the newest completed run of the eval named `eval_name`."""
+        rows = self.db.execute(
+            "select i.id from iterations i join runs r on r.id = i.run_id join evals e on e.id = r.eval_id"
+            " where e.name = ? and i.split = ? and r.status = 'completed' and i.n > 0"
+            " order by r.started_at desc, i.seq desc limit 1", [eval_name, split]).fetchall()
+        return self.get_iteration(rows[0][0]) if rows else None
+
+    def model_measurements(self, model_ref: str) -> list[dict[str, Any]]:
+        """Measured iterations of `model_ref` (n > 0, a score), newest run first, each with its
+        eval's name and spec (`eval_name`, `eval_spec_json`)."""
+        rows = self.db.execute(
+            "select i.id, i.run_id, i.split, i.prompt_id, i.n, i.score, i.ci_low, i.ci_high, e.name, e.spec_json"
+            " from iterations i join runs r on r.id = i.run_id left join evals e on e.id = r.eval_id"
+            " where i.model_ref = ? and i.n > 0 and i.score is not null order by r.started_at desc, i.seq desc",
+            [model_ref]).fetchall()
+        keys = ("id", "run_id", "split", "prompt_id", "n", "score", "ci_low", "ci_high", "eval_name", "eval_spec_json")
+        return [dict(zip(keys, row)) for row in rows]
 
     def record_iteration_latency(self, iteration_id: str) -> None:
         """Store the summed sample latency on the iteration row (tokens and cost are summed already)."""

@@ -179,3 +179,33 @@ def test_read_only_server_has_no_review_controls(page, run, store):
         assert "read-only" in page.locator("nav").inner_text()
         assert page.evaluate("window.__pwned") is None
         assert re.search(r"\d+ regressed", page.locator("#mcnemar").inner_text())
+
+
+def test_the_wheel_story_is_the_same_in_the_report_and_the_app(page, store, tmp_path):
+    """The score-vs-cost chart shows every candidate measured on valid; the passed-over finalist
+    links to its search: an anchor in the report, the search run's page in the app."""
+    from report_helpers import build_wheel_with_search
+
+    built = build_wheel_with_search(store)
+    wheel_id, search_id = built["wheel"]["run_id"], built["search"]["run_id"]
+
+    def check_story(where):
+        assert page.locator("#wheel svg.chart circle.point").count() == 3
+        assert page.locator("#wheel svg.chart circle.point.passed-over").count() == 1
+        assert page.locator("#milestones tbody tr").count() == 2
+        assert page.locator(f"#search-{search_id} tbody tr").count() == 3  # its finalists; one passed over
+        assert page.locator("#iterations td.split").first.inner_text() == "valid"
+        page.locator("#wheel").scroll_into_view_if_needed()
+        keep_screenshot(page, tmp_path, f"wheel-{where}")
+        page.locator("#wheel svg.chart circle.point.passed-over").click()
+
+    page.goto(Path(write_report(store, [wheel_id], tmp_path / "wheel.html").path).as_uri())
+    page.wait_for_selector("body[data-ready='1']")
+    check_story("report")
+    assert page.evaluate("location.hash") == f"#search-{search_id}"
+    with BackgroundServer(create_app(store.path)) as server:
+        page.goto(f"{server.url}/runs/{wheel_id}")
+        check_story("app")
+        page.wait_for_url(f"**/runs/{search_id}")
+        assert page.locator("#iterations tbody tr").count() == 3  # the search run's own page
+    assert page.errors == []
