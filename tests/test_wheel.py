@@ -386,7 +386,7 @@ def test_a_training_stage_with_validation_proposes_its_best_checkpoint(tmp_path,
                                           "eval_steps": 2, "valid_subset": 3, "keep": 2,
                                           "early_stopping": {"metric": "valid_score", "patience": 2}}}]
     logged = []
-    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages)), store, log=logged.append,
+    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages)), store, on_event=lambda e: logged.append(e.message),
                        report_dir=str(tmp_path / "reports"))
     sft = result.stages[1]
     assert sft.decision in ("promoted", "rejected"), sft.reason
