@@ -321,8 +321,10 @@ class Wheel:
         score_ok = target is None or incumbent.score >= target
         if goal is None:
             return f"target {target} reached on valid ({incumbent.score:.3f})" if target is not None and score_ok else None
+        if goal.at_most is None:  # a cost to minimise with no bound: the score target alone stops the run
+            return f"target {target} reached on valid ({incumbent.score:.3f})" if target is not None and score_ok else None
         cost = incumbent.cost.value(goal.minimise)
-        if not score_ok or goal.at_most is None or math.isnan(cost) or cost > goal.at_most:
+        if not score_ok or math.isnan(cost) or cost > goal.at_most:
             return None
         score = f"target {target} reached on valid ({incumbent.score:.3f}) and " if target is not None else ""
         return f"{score}cost goal met ({incumbent.cost.describe(goal.minimise)} <= {goal.at_most:g})"
@@ -452,6 +454,8 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
         else:
             if (why := wheel.goal_met(incumbent)):
                 stopped = why
+            else:
+                stopped += _unmet(run_spec, incumbent)
 
         wheel.position, wheel.incumbent = wheel.positions, incumbent
         if dataset.split("test"):
@@ -490,6 +494,19 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
         state.result = result.to_dict()
         store.save_run_state(run_id, state)
     return result
+
+
+def _unmet(run_spec: RunSpec, incumbent: Incumbent) -> str:
+    """What the laps did not reach: `; target 0.9 not met on valid (0.812)` (empty without a target or goal)."""
+    parts = []
+    if run_spec.target is not None and incumbent.score < run_spec.target:
+        parts.append(f"target {run_spec.target} not met on valid ({incumbent.score:.3f})")
+    goal = run_spec.goal
+    if goal is not None and goal.at_most is not None:
+        cost = incumbent.cost.value(goal.minimise)
+        if math.isnan(cost) or cost > goal.at_most:
+            parts.append(f"cost goal not met ({incumbent.cost.describe(goal.minimise)} > {goal.at_most:g})")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _measure_test(wheel: Wheel, spec: EvalSpec, dataset, base_prompt: Prompt, base_iteration: str,
