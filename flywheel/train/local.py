@@ -245,7 +245,9 @@ def _summarise_history(history: list[dict[str, Any]], loss_key: str) -> dict[str
     final = next((h for h in reversed(history) if "train_runtime" in h), {})
     out = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
            "train_loss": final.get("train_loss"), "runtime_s": final.get("train_runtime"),
-           "steps": max((h.get("step", 0) for h in history), default=0), "logged": len(losses)}
+           "steps": max((h.get("step", 0) for h in history), default=0), "logged": len(losses),
+           # passes over the set (fractional when max_steps stops mid-epoch): trained tokens count them all
+           "epochs": max((h["epoch"] for h in history if isinstance(h.get("epoch"), float)), default=None)}
     if rewards:
         out.update(first_reward=rewards[0], last_reward=rewards[-1], mean_reward=sum(rewards) / len(rewards))
     return out
