@@ -131,6 +131,7 @@ def optimize_command(spec_path, overrides, db, as_json):
 def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
     """Turn the wheel on SPEC (a run spec) toward --target: prompts, capture, SFT, DPO, RFT."""
     from flywheel.report.console import print_wheel_result
+    from flywheel.report.live import wheel_view
     from flywheel.run_spec import load_run_spec
     from flywheel.wheel import WheelState, run_wheel
 
@@ -142,8 +143,9 @@ def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
             if not spec_path:
                 raise FlywheelError(f"{resume}: the run does not record its run spec; pass SPEC")
         run_spec = load_run_spec(spec_path, list(overrides) + ([f"target={target}"] if target is not None else []))
-        log = None if as_json else _echo
-        result = run_wheel(run_spec, store, resume=resume, report_dir=report_dir, command=" ".join(sys.argv), log=log)
+        with wheel_view(quiet=as_json) as on_event:
+            result = run_wheel(run_spec, store, resume=resume, report_dir=report_dir, command=" ".join(sys.argv),
+                               on_event=on_event)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

@@ -519,12 +519,17 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
-    """Apply `-s key.path=value` overrides; the value is parsed as YAML (so 3 is an int)."""
+    """Apply `-s key.path=value` overrides; the value is parsed as YAML (so 3 is an int), except a
+    template (a value starting with `{{`, e.g. `-s validation_reference={{item.label}}`), which YAML
+    would read as a mapping: it stays the string it is."""
     for override in overrides:
         if "=" not in override:
             raise SpecError(f"{source}: override {override!r}: expected key=value")
         key, raw = override.split("=", 1)
-        value = _parse_yaml(raw, f"{source}: override {key.strip()}") if raw else ""
+        if raw.lstrip().startswith("{{"):
+            value: Any = raw
+        else:
+            value = _parse_yaml(raw, f"{source}: override {key.strip()}") if raw else ""
         target = data
         parts = key.strip().split(".")
         if not all(parts):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel.cost import CostPerItem
 from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError
+from flywheel.events import EventFn, Throttle, WheelEvent
 from flywheel.executors import ExecutorSpec
 from flywheel.grading import GraderSet
 from flywheel.harness import evaluate, paired_comparison, register_eval
@@ -46,9 +47,9 @@ from flywheel.prompt import Prompt
 from flywheel.run_spec import RunSpec, load_run_spec
 from flywheel.spec import EvalSpec, load_eval_spec
 from flywheel.stages import Incumbent, StageOutcome, build_stage
-from flywheel.store import Store
+from flywheel.store import Store, now
 
-LogFn = Callable[[str], None]
+LIVE_EVERY_S = 2.0  # the run row's `live` event is rewritten at most this often (the review app reads it)
 
 
 @dataclass
@@ -144,6 +145,10 @@ class WheelState(BaseModel):
     elapsed_s: float = Field(default=0.0, description="Wall time spent so far, over every resume.")
     result: dict[str, Any] | None = Field(
         default=None, description="The finished run's `WheelResult.to_dict()` (what `flywheel run --json` prints).")
+    live: WheelEvent | None = Field(
+        default=None, description="The latest event of a run in progress (the review app's in-progress panel); "
+        "None once the run finished.")
+    live_at: str | None = Field(default=None, description="When `live` was written (ISO time).")
 
     @model_validator(mode="before")
     @classmethod
@@ -163,9 +168,11 @@ class WheelState(BaseModel):
 class Wheel:
     """One `flywheel run`: what stages may use (the `WheelContext`), the budget and the promotion rule."""
 
-    def __init__(self, run_spec: RunSpec, spec: EvalSpec, dataset: Dataset, store: Store, run_id: str, log: LogFn,
-                 elapsed_before: float = 0.0):
-        self.run_spec, self.spec, self.store, self.run_id, self._log = run_spec, spec, store, run_id, log
+    def __init__(self, run_spec: RunSpec, spec: EvalSpec, dataset: Dataset, store: Store, run_id: str,
+                 state: WheelState, on_event: EventFn | None = None):
+        self.run_spec, self.spec, self.store, self.run_id, self.state = run_spec, spec, store, run_id, state
+        self._on_event = on_event or (lambda event: None)
+        self._live = Throttle(LIVE_EVERY_S)
         self.dataset = dataset  # parsed once per run; every stage reads this one
         self.grader_set = GraderSet(spec.graders)
         self.base_dir = run_spec.base_dir
@@ -173,13 +180,71 @@ class Wheel:
         self.minimise = run_spec.goal.minimise if run_spec.goal else "prompt_tokens"
         self.lap = 1
         self.spent = _Spent()
-        self.spent.started -= elapsed_before
+        self.spent.started -= state.elapsed_s
+        # Where the run is, for its events: the stage running, its place in the plan, the stage walls so far.
+        self.stage, self.position, self.positions = "baseline", 0, len(_plan(run_spec))
+        self.stage_started = time.perf_counter()
+        self.stage_walls: list[float] = [r.outcome.wall_s for r in state.stages if r.outcome.wall_s]
+        self.incumbent: Incumbent | None = None
         # Execution only (not in any fingerprint): the run spec's executor, else the eval spec's.
         self.executor = (run_spec.executor or spec.executor or ExecutorSpec()).build()
 
     # -- what stages use ----------------------------------------------------------------------------
     def log(self, message: str) -> None:
-        self._log(message)
+        self.emit("log", message=message)
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """Tell the run's consumers where it is: a `WheelEvent` of `kind` with the run's lap, stage,
+        elapsed and estimated time left, and the incumbent; the latest is kept on the run row."""
+        incumbent = self.incumbent
+        elapsed = time.perf_counter() - self.spent.started
+        event = WheelEvent(kind=kind, lap=self.lap if self.stage not in ("baseline", "test") else 0,
+                           laps=self.run_spec.laps, stage=self.stage, position=self.position,
+                           positions=self.positions, elapsed_s=elapsed, eta_s=self._eta(fields),
+                           incumbent_score=incumbent.score if incumbent else None,
+                           incumbent_cost=incumbent.cost.describe(self.minimise) if incumbent else "", **fields)
+        self._on_event(event)
+        if self._live.passes(event):
+            self.state.live, self.state.live_at = event, now()
+            self.store.save_run_state(self.run_id, self.state)
+
+    def _eta(self, fields: dict[str, Any]) -> float | None:
+        """Seconds left: the current stage by its own pace (its step's done/total) or the mean
+        finished stage, plus each stage still to run at the mean finished stage (or this one's pace)."""
+        in_stage = time.perf_counter() - self.stage_started
+        mean = sum(self.stage_walls) / len(self.stage_walls) if self.stage_walls else None
+        done, total = fields.get("done"), fields.get("total")
+        if done and total:
+            stage_left = in_stage * (total - done) / done
+        elif mean is not None:
+            stage_left = max(0.0, mean - in_stage)
+        else:
+            return None
+        per_stage = mean if mean is not None else in_stage + stage_left
+        after = max(0, self.positions - self.position - (0 if self.stage == "baseline" else 1))
+        eta = stage_left + after * per_stage
+        if self.run_spec.budget.wall_s is not None:
+            eta = min(eta, max(0.0, self.run_spec.budget.wall_s - (time.perf_counter() - self.spent.started)))
+        return eta
+
+    def enter(self, stage: str, message: str) -> None:
+        """A stage (or the baseline, or test) starts: a `stage` event."""
+        self.stage, self.stage_started = stage, time.perf_counter()
+        self.emit("stage", message=message)
+
+    def training_progress(self) -> dict[str, Any]:
+        """`flywheel.train.run` request options reporting each training step (with its loss) and each
+        checkpoint evaluation to the run's events."""
+        from flywheel.train.local import step_reporter
+
+        def on_step(step: int, total: int, loss: float | None) -> None:
+            self.emit("train", step="train", done=step, total=total or None, unit="steps", loss=loss)
+
+        def on_point(point) -> None:  # a monitor that never stops the job: it only reports
+            self.emit("checkpoint", step="checkpoint", message=f"step {point.step}: {point.metric} {point.value:.4g}")
+            return None
+
+        return {"callbacks": [step_reporter(on_step)], "monitor": on_point}
 
     def model(self, ref: str):
         """The process's model for `ref` (flywheel.models.cached_model), with the spec's options
@@ -201,8 +266,11 @@ class Wheel:
         iteration_id = found["id"] if found else self.store.iteration_for(
             self.run_id, self.store.next_seq(self.run_id), model_ref=model_ref, parent_id=parent, lap=self.lap,
             **match)
+        def progress(done: int, total: int) -> None:
+            self.emit("evaluate", step=f"evaluate {split}", done=done, total=total, unit="items")
+
         outcome = evaluate(spec, self.store, iteration_id, items, model, prompt, self.grader_set,
-                           executor=self.executor)
+                           executor=self.executor, progress=progress)
         if outcome.model_calls:
             summary = outcome.summary
             self.count(outcome.model_calls, summary.prompt_tokens + summary.completion_tokens, summary.cost or 0.0)
@@ -253,8 +321,10 @@ class Wheel:
         score_ok = target is None or incumbent.score >= target
         if goal is None:
             return f"target {target} reached on valid ({incumbent.score:.3f})" if target is not None and score_ok else None
+        if goal.at_most is None:  # a cost to minimise with no bound: the score target alone stops the run
+            return f"target {target} reached on valid ({incumbent.score:.3f})" if target is not None and score_ok else None
         cost = incumbent.cost.value(goal.minimise)
-        if not score_ok or goal.at_most is None or math.isnan(cost) or cost > goal.at_most:
+        if not score_ok or math.isnan(cost) or cost > goal.at_most:
             return None
         score = f"target {target} reached on valid ({incumbent.score:.3f}) and " if target is not None else ""
         return f"{score}cost goal met ({incumbent.cost.describe(goal.minimise)} <= {goal.at_most:g})"
@@ -293,13 +363,20 @@ def _plan(run_spec: RunSpec) -> list[tuple[int, int]]:
 
 
 def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, resume: str | None = None,
-              report_dir: str | None = None, command: str | None = None, log: LogFn | None = None) -> WheelResult:
+              report_dir: str | None = None, command: str | None = None,
+              on_event: EventFn | None = None) -> WheelResult:
     """Turn the wheel (see the module docstring); returns the milestones, the test comparison and the report.
+
+    `on_event` sees every `flywheel.events.WheelEvent` of the run: the lines it logs, each stage's
+    start and end, items evaluated, training steps with their loss, checkpoint evaluations.
 
     `run_id`: the run's id, chosen by the caller (the API stores it on its object first); a run
     with that id that is still `running` is resumed. `resume`: an unfinished run named by the user
     (its id or a unique suffix). A finished run is never re-entered."""
-    log = log or (lambda message: None)
+    def log(message: str) -> None:
+        if on_event is not None:
+            on_event(WheelEvent(kind="log", message=message))
+
     spec = load_eval_spec(run_spec.eval_path)
     dataset = load_dataset(spec)
     if not dataset.split("valid"):
@@ -325,18 +402,19 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
         state = WheelState(run_spec=run_spec.source)
         store.save_run_state(run_id, state)
     assert run_id is not None
-    wheel = Wheel(run_spec, spec, dataset, store, run_id, log, state.elapsed_s)
+    wheel = Wheel(run_spec, spec, dataset, store, run_id, state, on_event)
     outcomes: list[StageOutcome] = []
     try:
-        log(f"baseline: {spec.model} on valid")
+        wheel.enter("baseline", f"baseline: {spec.model} on valid")
         base_prompt = Prompt(messages=spec.messages())
         base_iteration, base_score = wheel.measure("baseline", spec.model, base_prompt, "valid", None)
         store.update_iteration(base_iteration, decision="incumbent", reason="the eval's own model and prompt")
         incumbent = Incumbent(spec.model, base_prompt, base_iteration, base_score, store.iteration_cost(base_iteration))
-        log(f"baseline valid {base_score:.3f}, {incumbent.cost.describe(wheel.minimise)}")
+        wheel.incumbent = incumbent
+        wheel.emit("stage_done", message=f"baseline valid {base_score:.3f}, {incumbent.cost.describe(wheel.minimise)}")
         stopped, without_gain = f"{run_spec.laps} lap(s) ran", 0
         for position, (lap, index) in enumerate(_plan(run_spec)):
-            wheel.lap = lap
+            wheel.lap, wheel.position, wheel.incumbent = lap, position, incumbent
             stage_spec = run_spec.stages[index]
             if (why := wheel.goal_met(incumbent)) or (why := wheel.budget_exhausted()):
                 stopped = why
@@ -344,10 +422,12 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
             done = state.stages[position] if position < len(state.stages) else None
             if done:
                 outcome, incumbent = done.outcome, done.incumbent.restore(store)
-                log(f"lap {lap} stage {index + 1} {stage_spec.stage}: done before ({outcome.decision})")
+                wheel.stage = stage_spec.stage
+                wheel.emit("stage_done", message=f"lap {lap} stage {index + 1} {stage_spec.stage}: done before "
+                           f"({outcome.decision})")
             else:
-                log(f"lap {lap} stage {index + 1}/{len(run_spec.stages)} {stage_spec.stage} "
-                    f"(incumbent valid {incumbent.score:.3f}, {incumbent.cost.describe(wheel.minimise)})")
+                wheel.enter(stage_spec.stage, f"lap {lap} stage {index + 1}/{len(run_spec.stages)} {stage_spec.stage} "
+                            f"(incumbent valid {incumbent.score:.3f}, {incumbent.cost.describe(wheel.minimise)})")
                 started = time.perf_counter()
                 try:
                     outcome = build_stage(stage_spec).run(wheel, incumbent)
@@ -360,7 +440,10 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
                                                 incumbent=KeptIncumbent.of(incumbent)))
                 state.elapsed_s = time.perf_counter() - wheel.spent.started
                 store.save_run_state(run_id, state)
-                log(f"  -> {outcome.decision} in {outcome.wall_s:.0f} s: {outcome.reason}")
+                wheel.stage_walls.append(outcome.wall_s)
+                wheel.position, wheel.incumbent = position + 1, incumbent
+                wheel.emit("stage_done", message=f"lap {lap} stage {index + 1}/{len(run_spec.stages)} "
+                           f"{stage_spec.stage} -> {outcome.decision} in {outcome.wall_s:.0f} s: {outcome.reason}")
             outcomes.append(outcome)
             if outcome.stage != "capture":
                 wheel.spent.candidates += 1
@@ -371,7 +454,12 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
         else:
             if (why := wheel.goal_met(incumbent)):
                 stopped = why
+            else:
+                stopped += _unmet(run_spec, incumbent)
 
+        wheel.position, wheel.incumbent = wheel.positions, incumbent
+        if dataset.split("test"):
+            wheel.enter("test", f"stopped ({stopped}); measuring test")
         test = _measure_test(wheel, spec, dataset, base_prompt, base_iteration, incumbent)
         milestones = _milestones(wheel, spec, base_iteration, incumbent, test)
     except BaseException:
@@ -390,8 +478,13 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
         model_calls=wheel.spent.model_calls, tokens=wheel.spent.tokens, cost=wheel.spent.cost,
         wall_s=time.perf_counter() - wheel.spent.started, milestones=milestones, minimise=wheel.minimise,
         lap_wall_s=laps)
-    state.elapsed_s, state.result = result.wall_s, result.to_dict()
+    state.elapsed_s, state.result, state.live, state.live_at = result.wall_s, result.to_dict(), None, None
     store.finish_run(run_id, "completed", state)
+    if on_event is not None:
+        on_event(WheelEvent(kind="finished", message=f"stopped: {stopped}", elapsed_s=result.wall_s, eta_s=0.0,
+                            stage="finished", position=wheel.positions, positions=wheel.positions,
+                            laps=run_spec.laps, incumbent_score=incumbent.score,
+                            incumbent_cost=incumbent.cost.describe(wheel.minimise)))
     if run_spec.report:
         from flywheel.report.html import write_report
 
@@ -401,6 +494,19 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
         state.result = result.to_dict()
         store.save_run_state(run_id, state)
     return result
+
+
+def _unmet(run_spec: RunSpec, incumbent: Incumbent) -> str:
+    """What the laps did not reach: `; target 0.9 not met on valid (0.812)` (empty without a target or goal)."""
+    parts = []
+    if run_spec.target is not None and incumbent.score < run_spec.target:
+        parts.append(f"target {run_spec.target} not met on valid ({incumbent.score:.3f})")
+    goal = run_spec.goal
+    if goal is not None and goal.at_most is not None:
+        cost = incumbent.cost.value(goal.minimise)
+        if math.isnan(cost) or cost > goal.at_most:
+            parts.append(f"cost goal not met ({incumbent.cost.describe(goal.minimise)} > {goal.at_most:g})")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def _measure_test(wheel: Wheel, spec: EvalSpec, dataset, base_prompt: Prompt, base_iteration: str,

@@ -3,6 +3,7 @@ events (paged with `after`), its checkpoint, and a chat with the resulting `ft:`
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from api_helpers import client_for, completions_source, create_eval, items, jsonl, wait_run
 from flywheel.api.app import create_api_app
+from flywheel.store import Store
 from flywheel.web import BackgroundServer
 
 GRADER = {"type": "string_check", "name": "says_card", "input": "{{sample.output_text}}",
@@ -195,3 +197,21 @@ def test_dpo_job(server, tiny_model_dir):
     reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=2,
                                            messages=[{"role": "user", "content": "question 0"}])
     assert reply.choices[0].message.role == "assistant"
+
+
+def test_trained_tokens_count_every_epoch(server, tiny_model_dir, tmp_path):
+    """The platform counts `trained_tokens` over all epochs: two epochs train the set's tokens twice."""
+    client = client_for(server.url)
+    training = client.files.create(file=("train.jsonl", jsonl(ROWS)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=f"local:{tiny_model_dir}", training_file=training.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}})
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    store = Store.open(tmp_path / "flywheel.db")
+    try:
+        [checkpoint] = [c for c in store.db["checkpoints"].rows if c["id"] == store.api_get(
+            "api_fine_tuning_jobs", job.id)["checkpoint_id"]]
+        one_pass = json.loads(checkpoint["metrics_json"])["tokens"]
+    finally:
+        store.close()
+    assert one_pass > 0 and done.trained_tokens == 2 * one_pass

@@ -48,6 +48,9 @@ def test_a_wheel_run_over_http(server, tiny_model_dir, tmp_path):
         messages = [e["message"] for e in events]
         assert messages[0] == "Wheel run started." and messages[-1] == "Wheel run succeeded."
         assert any(m.startswith("baseline:") for m in messages)
+        # Each event is a typed WheelEvent: the baseline's items evaluated, its end as a stage.
+        assert any(e["type"] == "wheel.evaluate" and e["data"]["done"] == e["data"]["total"] > 0 for e in events)
+        assert any(e["type"] == "wheel.stage_done" and e["data"]["stage"] == "baseline" for e in events)
         assert [r["id"] for r in http.get("/flywheel/runs").json()["data"]] == [run["id"]]
 
         bad = dict(eval_spec, graders=[{"type": "string_chek", "name": "x"}])
@@ -83,3 +86,23 @@ def test_a_submitted_spec_cannot_widen_image_access(tmp_path):
             write_specs(tmp_path / "run", body, [])
         assert caught.value.param == "eval_spec.dataset.images"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_wheel_run_over_http_lists_its_training_steps(server, tiny_model_dir):
+    """The run object's events carry the SFT stage's training steps with their loss and the time left."""
+    stages = [{"stage": "capture", "teacher": "reference:label"},
+              {"stage": "sft", "config": {"max_steps": 2, "logging_steps": 1, "precision": "fp32", "batch_size": 4}}]
+    with httpx.Client(base_url=server.url + "/v1", timeout=30) as http:
+        run = http.post("/flywheel/runs", json={"run_spec": {"stages": stages}, "eval_spec":
+                                               spec_dict(f"local:{tiny_model_dir}"), "file_id": upload_items(http)}).json()
+        deadline = time.monotonic() + 300
+        while run["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+            run = http.get(f"/flywheel/runs/{run['id']}").json()
+        assert run["status"] == "succeeded", run["error"]
+        events = http.get(f"/flywheel/runs/{run['id']}/events", params={"limit": 1000}).json()["data"]
+    steps = [e["data"] for e in events if e["type"] == "wheel.train"]
+    assert steps and steps[-1]["done"] == steps[-1]["total"] == 2 and steps[-1]["stage"] == "sft"
+    assert any(s["loss"] is not None for s in steps) and all(s["eta_s"] is not None for s in steps)
+    assert any(e["message"].startswith("lap 1 sft: train 2/2 steps loss ") for e in events)

@@ -179,7 +179,7 @@ def wheel_run(tmp_path_factory, tiny_model_dir):
         {"stage": "capture", "teacher": "reference:label"},
         {"stage": "sft", "config": {"max_steps": 2, "precision": "fp32", "batch_size": 4}}]}))
     store = Store.open(folder / "flywheel.db")
-    result = run_wheel(load_run_spec(folder / "run.yaml"), store, log=lambda _: None)
+    result = run_wheel(load_run_spec(folder / "run.yaml"), store)
     rows = store.iterations(result.run_id)
     store.close()
     return folder, result.run_id, rows

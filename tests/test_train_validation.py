@@ -426,3 +426,27 @@ def test_fresh_never_picks_up_another_unfinished_job(tmp_path, tiny_model_dir):
                         evaluate=False, quiet=True)  # without fresh, the same call resumes the killed one
     assert resumed.job_id == killed and resumed.metrics["resumed_from_step"] == 2
     store.close()
+
+
+def test_the_missing_validation_reference_error_suggests_a_command_that_works(tmp_path, tiny_model_dir):
+    """The suggested `-s validation_reference={{item.x}}`, split as a shell would and read by the CLI's
+    override parser, is the template string (YAML alone read it as a mapping: "unhashable key")."""
+    import re
+    import shlex
+
+    from flywheel.prompt import Prompt
+
+    spec = tiny_eval(tmp_path / "e", tiny_model_dir, graders=[
+        {"type": "python", "name": "label", "source": "def grade(sample, item):\n    return 1.0\n"}])
+    prompt = Prompt(messages=spec.messages())
+    with pytest.raises(TrainingDataError) as raised:
+        validation_set("sft", spec, SFTSpec(eval_steps=2), prompt)
+    suggested = re.search(r"`flywheel train \.\.\. (-s [^`]+)`", str(raised.value))[1]
+    flag, setting = shlex.split(suggested)
+    config = load_train_config("sft", overrides=[setting, "eval_steps=2"])
+    assert flag == "-s" and config.validation_reference == "{{item.label}}"
+    rows = validation_set("sft", spec, config, prompt).rows
+    assert rows[0]["messages"][-1] == {"role": "assistant", "content": "card_arrival"}
+    # Any -s value that starts as a template stays a string (other values are still YAML).
+    assert load_train_config("sft", overrides=["validation_reference={{item.a}} / {{item.b}}", "epochs=2"]) \
+        .validation_reference == "{{item.a}} / {{item.b}}"

@@ -386,7 +386,7 @@ def test_a_training_stage_with_validation_proposes_its_best_checkpoint(tmp_path,
                                           "eval_steps": 2, "valid_subset": 3, "keep": 2,
                                           "early_stopping": {"metric": "valid_score", "patience": 2}}}]
     logged = []
-    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages)), store, log=logged.append,
+    result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages)), store, on_event=lambda e: logged.append(e.message),
                        report_dir=str(tmp_path / "reports"))
     sft = result.stages[1]
     assert sft.decision in ("promoted", "rejected"), sft.reason
@@ -402,3 +402,14 @@ def test_a_training_stage_with_validation_proposes_its_best_checkpoint(tmp_path,
     assert iteration["model_ref"] == best.model_ref
     html = open(result.report_path, encoding="utf-8").read()
     assert 'aria-label="train and valid loss by step"' in html and best.id in html
+
+
+def test_the_stop_reason_names_the_target(tmp_path, tiny_model_dir, store):
+    """Laps done without the target say which target was missed; a cost to minimise with no bound
+    does not hide a met score target (it read "1 lap(s) ran")."""
+    stages = [{"stage": "capture", "teacher": "reference:label"}]
+    missed = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages, target=1.01)), store)
+    assert missed.stopped.startswith("1 lap(s) ran; target 1.01 not met on valid ("), missed.stopped
+    met = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages, target=0.0,
+                                            goal={"minimise": "prompt_tokens"})), store)
+    assert met.stages == [] and met.stopped.startswith("target 0.0 reached on valid"), met.stopped

@@ -227,6 +227,14 @@ def fine_tuned_name(row: dict[str, Any], base: str) -> str:
     return f"ft:{name}:{row['suffix'] or 'flywheel'}:{short}"
 
 
+def trained_tokens(metrics: dict[str, Any]) -> int:
+    """A job's `trained_tokens` as the platform counts them: the set's tokens times the epochs trained
+    (a checkpoint's `tokens` is one pass over the set; `epochs` the passes made, fractional when
+    max_steps stopped mid-epoch)."""
+    per_epoch = metrics.get("tokens") or metrics.get("train_tokens") or 0
+    return int(round(per_epoch * (metrics.get("epochs") or 1)))
+
+
 class FineTuningRunner:
     """Runs `fine_tuning` jobs with the local trainers."""
 
@@ -302,7 +310,7 @@ class FineTuningRunner:
         fine_tuned = fine_tuned_name(row, base)
         store.api_update("api_fine_tuning_jobs", row["id"], fine_tuned_model=fine_tuned, checkpoint_id=final["id"],
                          training_job_id=training_job_id, metrics_json=json.dumps(metrics),
-                         trained_tokens=int(stored.get("tokens") or stored.get("train_tokens") or 0))
+                         trained_tokens=trained_tokens(stored))
         ctx.event(f"New fine-tuned model created: {fine_tuned}", data={"checkpoint": final["id"],
                                                                           "model_ref": final["model_ref"]})
 

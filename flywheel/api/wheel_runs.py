@@ -1,7 +1,9 @@
 """`/v1/flywheel/runs`: the wheel (`flywheel run`) over HTTP — an extension the platform never had.
 
 Submit a run spec with its eval spec and items (or the path of a run spec on the server), then
-follow it: status, events (every line the wheel logs), cancel. The run executes in the job queue
+follow it: status, events (every `flywheel.events.WheelEvent`: the lines the wheel logs and each stage's
+start and end as they come, items evaluated and training steps with their loss throttled; each event's
+`type` is `wheel.<kind>` and its `data` the event), cancel. The run executes in the job queue
 as `flywheel run` would, so its iterations, samples and report are in the same store; a run killed
 with the server resumes (`run_wheel(resume=...)`: finished stages are read back). Cancel takes
 effect at the wheel's next logged step (a stage boundary or an evaluation).
@@ -30,11 +32,14 @@ from flywheel.api.jobs import JobContext, new_object_id
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
+from flywheel.events import Throttle, WheelEvent
 from flywheel.store import Store, new_id, now, unix_seconds
 from flywheel.web import ApiError, parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.app import ApiState
+
+EVENTS_EVERY_S = 5.0  # a run object's progress events (items, training steps) at most this often per kind
 
 
 def wheel_object(row: dict[str, Any]) -> dict[str, Any]:
@@ -92,16 +97,23 @@ class WheelRunner:
         store.api_update("api_wheel_runs", row["id"], status="running")
         ctx.event(f"Wheel run {'resumed' if stored else 'started'}.")
 
-        def log(message: str) -> None:
-            ctx.event(message)
-            ctx.check()
+        throttle = Throttle(EVENTS_EVERY_S)
+
+        def on_event(event: WheelEvent) -> None:
+            # Every line and stage boundary is an event; the steps inside a stage (items evaluated,
+            # training steps with their loss) at most one per EVENTS_EVERY_S. Cancel is checked at
+            # each (not inside a training step: the job stops at its next evaluation or stage).
+            if throttle.passes(event):
+                ctx.event(event.line(), type=f"wheel.{event.kind}", data=event.model_dump(mode="json"))
+            if event.kind != "train":
+                ctx.check()
 
         if stored and stored["status"] == "completed":  # finished before the server stopped: read it back
             result = store.run_state(row["run_id"], WheelState).result or {}
         else:
             with local_turn(store):
                 result = run_wheel(load_run_spec(row["spec_path"]), store, run_id=row["run_id"],
-                                   command=f"api:{row['id']}", log=log,
+                                   command=f"api:{row['id']}", on_event=on_event,
                                    report_dir=str(store.artefact_dir / "reports")).to_dict()
         summary = {key: result.get(key) for key in ("run_id", "stopped", "baseline_valid", "winner_valid",
                                                      "winner_model", "winner_prompt_id", "test")}
@@ -183,7 +195,9 @@ def routes(state: "ApiState") -> list[Route]:
         rows, more = state.store().api_events(row["id"], after=parse_cursor(after, "fwevent-", "after"), limit=limit,
                                               newest_first=order == "desc")
         return JSONResponse(page([{"object": "flywheel.run.event", "id": f"fwevent-{e['id']}",
-                                   "created_at": unix_seconds(e["created_at"]), "level": e["level"], "message": e["message"]}
+                                   "created_at": unix_seconds(e["created_at"]), "level": e["level"], "type": e["type"],
+                                   "message": e["message"],
+                                   "data": json.loads(e["data_json"]) if e["data_json"] else None}
                                   for e in rows], more))
 
     base = "/v1/flywheel/runs"

@@ -83,6 +83,26 @@ class _Pages:
         return self._comparisons[key]
 
 
+
+def live_panel(stored: tuple[dict[str, Any], str] | None) -> dict[str, str] | None:
+    """The run page's "in progress" panel from the run's latest `WheelEvent` (None when it is not running)."""
+    from flywheel.events import WheelEvent, format_seconds
+    from flywheel.report.live import where
+
+    if stored is None:
+        return None
+    try:
+        event = WheelEvent.model_validate(stored[0])
+    except ValueError:
+        return None
+    step = event.step + (f" {event.done}/{event.total} {event.unit}" if event.done is not None and event.total else "")
+    return {"where": where(event), "step": step or event.message,
+            "loss": f"{event.loss:.4g}" if event.loss is not None else "",
+            "elapsed": format_seconds(event.elapsed_s), "left": format_seconds(event.eta_s),
+            "incumbent": (f"valid {event.incumbent_score:.3f}, {event.incumbent_cost}"
+                          if event.incumbent_score is not None else "measuring the baseline"),
+            "at": stored[1]}
+
 def _tokens(text: str) -> list[str]:
     return re.findall(r"\s+|\w+|[^\s\w]", text)
 
@@ -175,6 +195,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             n_reviews = len(sample_reviews(store, run_ids=[view.runs[0]["id"]]))
             story = story_sections(store, view, app=True)
             api_name = store.api_run_names([view.runs[0]["id"]]).get(view.runs[0]["id"])
+            live = live_panel(store.run_live(view.runs[0]["id"]))
         finally:
             store.close()
         metric = view.objective["metric"]
@@ -182,7 +203,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
                             grader_rows=grader_rows(view), kpis=kpis(view), agreement=agreement,
                             calibrations=calibrations,
                             trajectory_svg=trajectory_svg(iterations, metric), n_reviews=n_reviews,
-                            metric=metric, title=view.eval_name, api_name=api_name, **story)
+                            metric=metric, title=view.eval_name, api_name=api_name, live=live, **story)
 
     def compare_page(request: Request) -> Response:
         params = request.query_params

@@ -133,7 +133,10 @@ class TrainStage:
         # score, else the valid loss); a wheel killed mid-training resumes the job from its last saved step,
         # and one killed after it finished reuses its checkpoint.
         try:
-            result = run(self.request(wheel, base, prompt, config, launch=spec.launcher.resolved(wheel.base_dir)))
+            launch = spec.launcher.resolved(wheel.base_dir)
+            # Local training reports its steps (loss) and checkpoint scores to the run's live view.
+            progress = wheel.training_progress() if launch.kind == "local" else {}
+            result = run(self.request(wheel, base, prompt, config, launch=launch, **progress))
         except LaunchInterrupted as exc:
             # Ctrl-C stops the wheel (resumable), as it does a local stage; it is no stage failure.
             raise KeyboardInterrupt(str(exc)) from None

@@ -127,6 +127,19 @@ class RunsStore(StoreBase):
         with self.transaction():
             self.db["runs"].update(run_id, {"summary_json": state.model_dump_json()})
 
+    def run_live(self, run_id: str) -> tuple[dict[str, Any], str] | None:
+        """A running run's latest event and when it was written (`WheelState.live`, `live_at`), else None."""
+        row = self.db.execute(
+            "select status, case when json_valid(summary_json) then json_extract(summary_json, '$.live') end, "
+            "case when json_valid(summary_json) then json_extract(summary_json, '$.live_at') end "
+            "from runs where id = ?", [run_id]).fetchone()
+        if row is None or row[0] != "running" or not row[1]:
+            return None
+        try:
+            return json.loads(row[1]), row[2] or ""
+        except ValueError:
+            return None
+
     def run_state(self, run_id: str, model: type[StateT]) -> StateT:
         """A run's summary read back as `model` (e.g. `WheelState`); an empty summary is `model()`."""
         row = self.db.execute("select summary_json from runs where id = ?", [run_id]).fetchone()

@@ -212,6 +212,28 @@ def _progress_bar(method: str):
     return Bar()
 
 
+def step_reporter(on_step: Callable[[int, int, float | None], None]):
+    """A transformers `TrainerCallback` telling `on_step(step, max_steps, latest loss)` after each
+    optimiser step (main process only): the progress callback a caller of `flywheel.train.run`
+    passes in `TrainRequest.callbacks` (the wheel's live view)."""
+    from transformers import TrainerCallback
+
+    class StepReporter(TrainerCallback):
+        loss: float | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # The trainer logs a step's loss after that step's on_step_end: report it when it comes.
+            if logs and isinstance(logs.get("loss"), (int, float)) and state.is_world_process_zero:
+                self.loss = float(logs["loss"])
+                on_step(state.global_step, state.max_steps, self.loss)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                on_step(state.global_step, state.max_steps, self.loss)
+
+    return StepReporter()
+
+
 def _adapter_weights(model) -> dict[str, Any]:
     return {name: param.detach().float().clone() for name, param in model.named_parameters()
             if "lora_" in name and ".default." in name}
@@ -223,7 +245,9 @@ def _summarise_history(history: list[dict[str, Any]], loss_key: str) -> dict[str
     final = next((h for h in reversed(history) if "train_runtime" in h), {})
     out = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
            "train_loss": final.get("train_loss"), "runtime_s": final.get("train_runtime"),
-           "steps": max((h.get("step", 0) for h in history), default=0), "logged": len(losses)}
+           "steps": max((h.get("step", 0) for h in history), default=0), "logged": len(losses),
+           # passes over the set (fractional when max_steps stops mid-epoch): trained tokens count them all
+           "epochs": max((h["epoch"] for h in history if isinstance(h.get("epoch"), float)), default=None)}
     if rewards:
         out.update(first_reward=rewards[0], last_reward=rewards[-1], mean_reward=sum(rewards) / len(rewards))
     return out

@@ -85,14 +85,22 @@ def validation_set(method: str, spec: EvalSpec, config: TrainConfig, prompt: Pro
     if method != "sft":
         raise TrainingDataError(f"{method}: eval_steps needs validation_file (preference pairs in the {method} "
                                 "format); only SFT builds its validation rows from the valid split")
-    reference = config.validation_reference or default_reference(spec)
-    if not reference:
-        raise TrainingDataError("eval_steps: no validation rows: set validation_file, or validation_reference "
-                                "(the answer of a valid item, e.g. '{{item.label}}')")
     from flywheel.data import load_dataset
 
+    reference = config.validation_reference or default_reference(spec)
     dataset = load_dataset(spec)
     items = dataset.split("valid")
+    if not reference:
+        fields = list(items[0].fields) if items else []
+        # The answer is likely a field the prompt does not show the model (nor the split column).
+        shown = json.dumps(spec.messages())
+        answers = [f for f in fields if f"item.{f}" not in shown and f not in ("split", "id", "key")]
+        field = (answers or fields or ["label"])[0]
+        raise TrainingDataError(
+            "eval_steps: no validation rows: the objective grader names no reference to answer a valid item "
+            "with; set validation_file, or validation_reference to the field holding the answer, e.g. "
+            f"`flywheel train ... -s validation_reference={{{{item.{field}}}}}` (a wheel stage: its "
+            f"config.validation_reference; fields of a valid item: {', '.join(fields) or 'none'})")
     if not items:
         raise TrainingDataError(f"{dataset.path}: eval_steps: the valid split has no items; set validation_file")
     answer = Prompt(messages=[{"role": "assistant", "content": reference}])

@@ -209,3 +209,25 @@ def test_the_wheel_story_is_the_same_in_the_report_and_the_app(page, store, tmp_
         page.wait_for_url(f"**/runs/{search_id}")
         assert page.locator("#iterations tbody tr").count() == 3  # the search run's own page
     assert page.errors == []
+
+
+def test_the_run_page_shows_a_run_in_progress(page, run, store):
+    """While a wheel runs, its page has an "in progress" panel from the run's latest WheelEvent
+    (kept on the run row by the wheel); a finished run has none."""
+    from flywheel.events import WheelEvent
+    from flywheel.wheel import WheelState
+
+    event = WheelEvent(kind="train", lap=1, laps=2, stage="sft", position=2, positions=5, step="train", done=12,
+                       total=40, unit="steps", loss=1.234, elapsed_s=95, eta_s=130, incumbent_score=0.667,
+                       incumbent_cost="113 prompt tokens/item")
+    store.db["runs"].update(run["run_id"], {"status": "running"})
+    store.save_run_state(run["run_id"], WheelState(live=event, live_at="2026-12-07T10:00:00"))
+    with BackgroundServer(create_app(store.path)) as server:
+        page.goto(f"{server.url}/runs/{run['run_id']}")
+        text = page.locator("#in-progress").inner_text()
+        assert "lap 1/2 · stage 3/5 sft" in text and "train 12/40 steps" in text and "loss 1.234" in text
+        assert "elapsed 1:35" in text and "left ~2:10" in text and "valid 0.667, 113 prompt tokens/item" in text
+        store.db["runs"].update(run["run_id"], {"status": "completed"})
+        page.goto(f"{server.url}/runs/{run['run_id']}")
+        assert page.locator("#in-progress").count() == 0
+        assert page.errors == []
