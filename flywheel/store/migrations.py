@@ -376,6 +376,17 @@ def m018_job_leases_completion_claims(db: sqlite_utils.Database) -> None:
     db["completion_claims"].create_index(["owner"])
 
 
+@migration
+def m019_capture_lineage_of_evals(db: sqlite_utils.Database) -> None:
+    # Deletion follows captures into evals (flywheel/privacy/deletion.py): `capture_items` records
+    # which eval item (dataset, key) a capture became (a `dataset.captures` eval); a sample records
+    # the completion-cache key of its answer, so deleting the sample's item finds its cache entry.
+    db["capture_items"].create({"capture_id": int, "dataset_id": str, "item_key": str},
+                               pk=("capture_id", "dataset_id", "item_key"))
+    db["capture_items"].create_index(["dataset_id", "item_key"])
+    db["samples"].add_column("cache_key", str)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

@@ -44,6 +44,11 @@ class RunsStore(StoreBase):
                 ({"dataset_id": dataset_id, "key": item.key, "split": item.split, "line": item.line,
                   "fields_json": json.dumps(item.fields, ensure_ascii=False)} for item in items),
                 batch_size=1000, ignore=True)
+            # lineage: an item made from a proxy capture (`Item.capture_id`), for deletion to follow
+            self.db.conn.executemany(
+                "insert or ignore into capture_items (capture_id, dataset_id, item_key) values (?,?,?)",
+                [(int(item.capture_id), dataset_id, item.key) for item in items
+                 if getattr(item, "capture_id", None) is not None])
 
     def save_prompt(self, prompt: Any, origin: str, parent_id: str | None = None,
                     rationale: str | None = None) -> None:
@@ -252,10 +257,10 @@ class RunsStore(StoreBase):
                 cursor.execute(
                     "insert or ignore into samples (iteration_id, item_key, repeat, input_json, output_text,"
                     " finish_reason, prompt_tokens, completion_tokens, latency_s, cost, cache_hit,"
-                    " error, created_at) values (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " error, created_at, cache_key) values (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (rec.iteration_id, rec.item_key, rec.repeat, rec.input_json, rec.output_text,
                      rec.finish_reason, rec.prompt_tokens, rec.completion_tokens, rec.latency_s,
-                     rec.cost, int(rec.cache_hit), rec.error, created))
+                     rec.cost, int(rec.cache_hit), rec.error, created, rec.cache_key))
                 if cursor.rowcount == 1:
                     written += 1
                     sample_id = cursor.lastrowid
