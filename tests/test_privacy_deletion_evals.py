@@ -56,6 +56,7 @@ def test_deleting_a_users_captures_removes_every_copy(tmp_path):
         "input": [{"role": "user", "content": "{{item.input}}"}], "graders": CHECK}))
     captured = run_eval(load_eval_spec(spec_path), store, split="test")
     assert captured.n_samples == 3
+    (store.artefact_dir / "reports").mkdir(parents=True)
     write_report(store, [captured.run_id], store.artefact_dir / "reports" / "traffic.html")
     store.close()
     # an API eval run over the stored completions (graded as stored: recorded outputs, cached)

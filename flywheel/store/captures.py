@@ -75,7 +75,7 @@ class CapturesStore(StoreBase):
         return list(self.db.query(sql, params))
 
     def stored_completions(self, selection: CompletionFilter) -> list[dict[str, Any]]:
-        """The captured chat completions a `CompletionFilter` selects, oldest first: model,
+        """The captured chat completions a `CompletionFilter` selects, oldest first: id, model,
         metadata_json, request_json, response_json and response_id."""
         where = ["error is null", "status = 200", "endpoint = '/v1/chat/completions'"]
         params: list[Any] = []
@@ -109,7 +109,7 @@ class CapturesStore(StoreBase):
                 raise StoreError(f"not a sampling filter: {name}")
             where.append(f"abs(coalesce(json_extract(request_json, '$.{name}'), 1.0) - ?) < 1e-9")
             params.append(float(value))
-        sql = ("select model, metadata_json, request_json, response_json, response_id from captures where "
+        sql = ("select id, model, metadata_json, request_json, response_json, response_id from captures where "
                + " and ".join(where) + " order by created_at, id")
         if selection.limit is not None:
             sql += " limit ?"
