@@ -106,3 +106,15 @@ def test_deleting_a_users_captures_removes_every_copy(tmp_path):
         assert store.db.execute("select count(*) from completion_cache").fetchone()[0] == cached - 2
     finally:
         store.close()
+
+
+def test_a_malformed_bodys_metadata_is_salvaged_within_bounds():
+    from flywheel.proxy.server import salvage_metadata
+
+    assert salvage_metadata('{"model": "m", "metadata": {"user": "u1"}, "messages": [') == {"user": "u1"}
+    assert salvage_metadata('[{"metadata" : {"user": "u2", "n": "1"}}') == {"user": "u2", "n": "1"}
+    assert salvage_metadata('{"metadata": {"user": ') is None  # cut inside: nothing to trust
+    assert salvage_metadata("not json at all") is None
+    hostile = '"metadata":{"k":"' * 200_000  # a megabyte of unclosed strings: bounded work, no error
+    assert salvage_metadata(hostile) is None
+    assert salvage_metadata('"metadata":' + "{" * 50_000) is None  # deep nesting: no RecursionError
