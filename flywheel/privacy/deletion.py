@@ -146,8 +146,6 @@ def delete_captures(store: Store, *, ids: list[int] | tuple[int, ...] = (), meta
 
 
 def _count(path: str, hashes: set[str]) -> tuple[int, int] | None:
-    from flywheel.privacy.lineage import row_hash
-
     try:
         # "\n" only: rows written with ensure_ascii=False may hold U+2028 (flywheel.data.read_jsonl)
         lines = [line for line in Path(path).read_bytes().decode("utf-8").split("\n") if line.strip()]
