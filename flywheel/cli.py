@@ -837,6 +837,12 @@ def import_group() -> None:
     """Turn the hosted platform's exported definitions into Flywheel specs."""
 
 
+from flywheel.rescue_cli import import_openai_completions_command, rescue_group  # noqa: E402
+
+import_group.add_command(import_openai_completions_command)
+main.add_command(rescue_group)
+
+
 @import_group.command("openai-eval")
 @click.argument("eval_path", metavar="EVAL.json", type=click.Path(dir_okay=False))
 @click.argument("items", metavar="[ITEMS.jsonl]...", nargs=-1, type=click.Path(dir_okay=False))
