@@ -393,13 +393,12 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
 
     # 1. distil: the teacher's stored replies, and its answers to the eval's train items
     rows = [row for row in (sft_example(c) for c in traffic_train) if row is not None]
-    teacher_calls, captured = 0, None
+    captured = None
     if plan.train_items:
         say(f"teacher answers {plan.train_items} eval train items")
         captured = capture(spec, store, rescue.teacher, n=rescue.samples_per_item, split="train",
                            limit=plan.train_items, teacher_options=rescue.teacher_options, dataset=dataset,
                            temperature=0.0 if rescue.samples_per_item == 1 else None)
-        teacher_calls += captured.model_calls
         try:
             rows += build_sft_set(spec, store, captures=[captured.id], dataset=dataset, include_reviews=False).rows
         except TrainingDataError as exc:
@@ -422,7 +421,6 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
         teacher_run = run_eval(spec, store, split="test", model=teacher_model, stage="rescue-teacher", dataset=dataset)
     finally:
         teacher_model.close()
-    teacher_calls += teacher_run.model_calls
     student_model = load_model(student_ref, rescue.student_options)
     try:
         say("student answers the test items and the held-back traffic")
@@ -437,6 +435,7 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
     if captured is not None:
         spent += [s for s in store.samples_with_grades(captured.iteration_id, details=False) if not s.get("cache_hit")]
     teacher_usd = sum(price.cost(s.get("prompt_tokens") or 0, s.get("completion_tokens") or 0) for s in spent)
+    teacher_calls = len(spent)  # answers served from the harness cache were not paid again
     costs = {"teacher": _side_cost(rescue.teacher, teacher_samples, price=price),
              "student": _side_cost(student_ref, student_samples, usd_per_hour=rescue.student_usd_per_hour)}
 
