@@ -837,9 +837,10 @@ def import_group() -> None:
     """Turn the hosted platform's exported definitions into Flywheel specs."""
 
 
-from flywheel.rescue_cli import import_openai_completions_command, rescue_group  # noqa: E402
+from flywheel.rescue_cli import import_openai_completions_command, import_openai_prompts_command, rescue_group  # noqa: E402
 
 import_group.add_command(import_openai_completions_command)
+import_group.add_command(import_openai_prompts_command)
 main.add_command(rescue_group)
 
 

@@ -43,6 +43,31 @@ def import_openai_completions_command(path, from_api, base_url, metadata, model,
                f"({result.first_created} .. {result.last_created}; models {', '.join(result.models)})")
 
 
+@click.command("openai-prompts")
+@click.argument("path", required=False, type=click.Path(dir_okay=False))
+@click.option("--from-api", is_flag=True, help="List /v1/prompts and their versions through the openai SDK.")
+@click.option("--base-url", default=None, help="With --from-api: the server (default $OPENAI_BASE_URL).")
+@click.option("--save", default=None, type=click.Path(dir_okay=False), help="With --from-api: also write the download.")
+@click.option("--db", default=None, help="Store path (default ./flywheel.db).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def import_openai_prompts_command(path, from_api, base_url, save, db, as_json):
+    """Import prompt objects' versions (a download FILE, or --from-api); specs name them as `prompt: {id, version}`."""
+    from flywheel.importers.prompts import import_prompts_api, import_prompts_file
+    from flywheel.store import Store
+
+    if bool(path) == from_api:
+        raise click.UsageError("give a FILE or --from-api (one of them)")
+    store = Store.open(db)
+    try:
+        result = import_prompts_api(store, base_url=base_url, save=save) if from_api else import_prompts_file(store, path)
+    finally:
+        store.close()
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else
+               f"imported {result.imported} prompt versions from {result.source}: "
+               + ", ".join(f"{v['id']}@{v['version']}" for v in result.versions[:10])
+               + (" ..." if result.imported > 10 else ""))
+
+
 @click.group("rescue", invoke_without_command=True)
 @click.option("--spec", "spec_path", default=None, type=click.Path(dir_okay=False), help="A rescue spec (YAML).")
 @click.option("--eval", "eval_path", default=None, type=click.Path(dir_okay=False), help="The eval spec.")

@@ -46,11 +46,29 @@ def traffic(n: int) -> list[dict[str, Any]]:
             for i in range(n)]
 
 
+def prompt_versions() -> list[dict[str, Any]]:
+    """Two versions of one prompt object and one of another, in the shape flywheel.importers.prompts
+    accepts (the SDK records no prompts resource; see that module's docstring)."""
+    return [
+        {"object": "prompt.version", "id": "pmpt_triage", "version": "1", "created_at": 1_760_000_000,
+         "name": "triage", "model": "gpt-4o-mini", "instructions": "Answer with one label.",
+         "messages": [{"role": "user", "content": "{{question}}"}], "variables": {"question": None}},
+        {"object": "prompt.version", "id": "pmpt_triage", "version": "2", "created_at": 1_770_000_000,
+         "name": "triage", "model": "gpt-4o-mini", "instructions": SYSTEM,
+         "messages": [{"role": "user", "content": [{"type": "input_text", "text": "Customer: {{ question }}"}]}],
+         "variables": {"question": None}},
+        {"object": "prompt.version", "id": "pmpt_greet", "version": "1", "created_at": 1_765_000_000,
+         "messages": [{"role": "developer", "content": "Greet {{name}}."}]},
+    ]
+
+
 class Platform:
     """The stand-in: `completions` are the stored ones; `chat_calls` counts paid model calls."""
 
-    def __init__(self, completions: list[dict[str, Any]], *, truncate: bool = False):
+    def __init__(self, completions: list[dict[str, Any]], *, truncate: bool = False,
+                 prompts: list[dict[str, Any]] | None = None):
         self.completions = completions
+        self.prompts = prompts or []
         self.truncate = truncate  # a server that says has_more but gives no last_id
         self.chat_calls = 0
 
@@ -59,6 +77,8 @@ class Platform:
             Route("/v1/chat/completions", self.list_completions, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/chat/completions/{cid}/messages", self.messages, methods=["GET"]),
+            Route("/v1/prompts", self.list_prompts, methods=["GET"]),
+            Route("/v1/prompts/{pid}/versions", self.list_versions, methods=["GET"]),
         ])
 
     @staticmethod
@@ -74,6 +94,18 @@ class Platform:
         page = self._page(rows, request)
         if self.truncate:
             page.update(has_more=True, last_id=None, data=page["data"][:0])
+        return JSONResponse(page)
+
+    async def list_prompts(self, request: Request) -> JSONResponse:
+        newest: dict[str, dict[str, Any]] = {}
+        for version in self.prompts:  # a prompt object: its id, name and newest version
+            newest[version["id"]] = {"object": "prompt", "id": version["id"], "name": version.get("name"),
+                                     "version": version["version"], "created_at": version.get("created_at")}
+        return JSONResponse(self._page(list(newest.values()), request))
+
+    async def list_versions(self, request: Request) -> JSONResponse:
+        rows = [v for v in self.prompts if v["id"] == request.path_params["pid"]]
+        page = self._page([{**v, "id": v["id"]} for v in rows], request)
         return JSONResponse(page)
 
     async def messages(self, request: Request) -> JSONResponse:

@@ -20,14 +20,13 @@ download or already imported) or a truncated download stores nothing.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flywheel.errors import PlatformImportError
-from flywheel.importers.pages import check_fields, dump_line, read_download, walk_pages
+from flywheel.importers.pages import check_fields, dump_line, read_download, sdk_client, sdk_error, walk_pages
 from flywheel.store import Store, timestamp_from_unix
 
 ENDPOINT = "/v1/chat/completions"
@@ -161,15 +160,6 @@ def import_completions_file(store: Store, path: str | Path, *, redact: Any = Non
     return store_completions(store, read_completions_file(path), source=str(path), redact=redact)
 
 
-def _client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY") -> Any:
-    import openai
-
-    from flywheel.models.openai_backend import resolve_base_url
-
-    return openai.OpenAI(base_url=resolve_base_url(base_url), api_key=os.environ.get(api_key_env) or "unused",
-                         max_retries=2)
-
-
 def _page(result: Any) -> dict[str, Any]:
     """An SDK cursor page back as the platform's JSON page (the walker checks the JSON, not the SDK)."""
     return {"object": "list", "data": [item.model_dump(mode="json") for item in result.data],
@@ -181,7 +171,7 @@ def fetch_completions_api(*, base_url: str | None = None, metadata: dict[str, st
                           api_key_env: str = "OPENAI_API_KEY") -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
     """(where, completion JSON, its messages' JSON) of the stored completions the list endpoint
     gives, every page, through the openai SDK against `base_url` (else $OPENAI_BASE_URL)."""
-    client = _client(base_url, api_key_env)
+    client = sdk_client(base_url, api_key_env)
     source = f"{client.base_url}chat/completions".replace("//chat", "/chat")
     filters: dict[str, Any] = {"limit": 100, "order": "asc"}
     if metadata:
@@ -225,14 +215,8 @@ def import_completions_api(store: Store, *, base_url: str | None = None, metadat
                                  f"{where}: messages[{i}]") for i, m in enumerate(raw_messages)]
             rows.append((where, capture_row(obj, messages, where, upstream)))
             lines.append(dump_line({**obj, "input_messages": raw_messages}))
-    except PlatformImportError:
-        raise
-    except Exception as exc:  # the SDK's connection and status errors: one line naming the server
-        import openai
-
-        if isinstance(exc, openai.OpenAIError):
-            raise PlatformImportError(f"{upstream}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
-        raise
+    except Exception as exc:
+        raise sdk_error(exc, upstream) from None
     result = store_completions(store, rows, source=upstream, redact=redact)
     if save is not None:
         Path(save).write_text("".join(lines), encoding="utf-8")

@@ -27,18 +27,20 @@ def _kind(types: tuple[type, ...]) -> str:
     return " or ".join(_KINDS.get(t, t.__name__) for t in types)
 
 
-def check_fields(obj: Any, fields: Mapping[str, tuple[type, ...]], where: str, *, object_name: str | None = None,
+def check_fields(obj: Any, fields: Mapping[str, tuple[type, ...]], where: str, *,
+                 object_name: str | tuple[str, ...] | None = None,
                  optional: Mapping[str, tuple[type, ...]] | None = None) -> dict[str, Any]:
-    """Check one platform object: a JSON object whose `object` is `object_name` (when given), with
-    every field of `fields` present and of one of its types, and `optional` fields, when present,
-    of theirs. Returns the object; raises PlatformImportError `where: field: message`."""
+    """Check one platform object: a JSON object whose `object` is `object_name` (when given; a tuple:
+    one of them), with every field of `fields` present and of one of its types, and `optional`
+    fields, when present, of theirs. Returns the object; raises PlatformImportError `where: field: message`."""
     if not isinstance(obj, dict):
         raise PlatformImportError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if object_name is not None and obj.get("object") != object_name:
-        raise PlatformImportError(f"{where}: object: expected {object_name!r}, got {obj.get('object')!r}")
+    names = (object_name,) if isinstance(object_name, str) else object_name
+    if names is not None and obj.get("object") not in names:
+        raise PlatformImportError(f"{where}: object: expected {' or '.join(map(repr, names))}, got {obj.get('object')!r}")
     for name, types in fields.items():
         if name not in obj:
-            raise PlatformImportError(f"{where}: {name}: missing (a {object_name or 'platform'} object has it)")
+            raise PlatformImportError(f"{where}: {name}: missing (a {names[0] if names else 'platform'} object has it)")
         _check_type(obj[name], types, f"{where}: {name}")
     for name, types in (optional or {}).items():
         if obj.get(name) is not None:
@@ -75,7 +77,7 @@ def walk_pages(fetch: Callable[[str | None], Any], *, source: str) -> Iterator[t
     raise PlatformImportError(f"{source}: more than {MAX_PAGES} pages; is the server paging in a loop?")
 
 
-def read_download(path: str | Path, *, object_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def read_download(path: str | Path, *, object_name: str | tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
     """The objects of a downloaded file: JSONL whose lines are either objects of `object_name` or
     list pages of them (as the list endpoint answered, saved one per line). A file of pages must
     end with a page saying `has_more: false`; else it was cut short and is refused whole.
@@ -101,3 +103,25 @@ def read_download(path: str | Path, *, object_name: str) -> Iterator[tuple[str, 
 def dump_line(obj: Any) -> str:
     """One JSONL line, as `read_download` reads it back."""
     return json.dumps(obj, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def sdk_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY") -> Any:
+    """The openai SDK's client for `base_url` (else $OPENAI_BASE_URL), the key from `api_key_env`."""
+    import os
+
+    import openai
+
+    from flywheel.models.openai_backend import resolve_base_url
+
+    return openai.OpenAI(base_url=resolve_base_url(base_url), api_key=os.environ.get(api_key_env) or "unused",
+                         max_retries=2)
+
+
+def sdk_error(exc: Exception, server: str) -> Exception:
+    """The exception to raise for `exc` met while reading `server`: the SDK's connection and status
+    errors become one PlatformImportError line naming the server; anything else is kept (a bug)."""
+    import openai
+
+    if isinstance(exc, openai.OpenAIError) and not isinstance(exc, PlatformImportError):
+        return PlatformImportError(f"{server}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    return exc
