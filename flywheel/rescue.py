@@ -34,6 +34,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flywheel.distill import InputsSpec
 from flywheel.errors import RescueError, SpecError
 from flywheel.store import Store
 
@@ -65,6 +66,10 @@ class RescueSpec(_Settings):
     student_options: dict[str, Any] = Field(default_factory=dict, description="Options of the student (dtype, ...).")
     traffic: TrafficSpec | None = Field(default_factory=TrafficSpec,
                                         description="Imported stored completions to train on and hold back (null: none).")
+    unlabelled: InputsSpec | None = Field(default=None, description=(
+        "Inputs with no reference (flywheel.distill.InputsSpec: a file of items, or proxy captures): the teacher "
+        "answers each `n` times at `temperature` and the majority answer is kept by self-consistency "
+        "(flywheel.distill.capture_unlabelled). Paid calls, cut to the budget after the eval's train items."))
     samples_per_item: int = Field(default=1, ge=1, le=16, description="Teacher answers per eval train item.")
     train_limit: int | None = Field(default=None, ge=0, description="At most this many eval train items for the teacher.")
     margin: float = Field(default=0.05, gt=0, lt=1, description="Non-inferiority margin on the objective (absolute).")
@@ -112,6 +117,8 @@ class RescuePlan:
     train_items: int  # eval train items the teacher will answer (after the budget)
     train_items_available: int
     test_items: int
+    unlabelled_inputs: int  # inputs with no reference the teacher answers (after the budget)
+    unlabelled_available: int
     calls: list[TeacherCalls]
     usd_per_call: float
     budget_usd: float | None
@@ -139,6 +146,9 @@ class RescuePlan:
         if self.train_items < self.train_items_available:
             lines.append(f"  budget ${self.budget_usd:g}: the teacher answers {self.train_items} of "
                          f"{self.train_items_available} eval train items")
+        if self.unlabelled_inputs < self.unlabelled_available:
+            lines.append(f"  budget ${self.budget_usd:g}: the teacher answers {self.unlabelled_inputs} of "
+                         f"{self.unlabelled_available} unlabelled inputs")
         return lines
 
 
@@ -188,6 +198,13 @@ def _usd_per_call(rescue: RescueSpec, spec: Any, items: list[Any], traffic: list
     return price.cost(math.ceil(prompt), math.ceil(completion)), price != FREE
 
 
+def _unlabelled_inputs(rescue: RescueSpec, spec: Any, store: Store, base_dir: Path | None) -> Any:
+    """The rescue's unlabelled inputs (flywheel.distill.load_inputs: the same reader `flywheel capture` uses)."""
+    from flywheel.distill import load_inputs
+
+    return load_inputs(spec, rescue.unlabelled, store, base_dir)
+
+
 def plan_rescue(rescue: RescueSpec, store: Store, *, base_dir: Path | None = None) -> RescuePlan:
     """Count the teacher calls a rescue makes and price them; nothing is called."""
     from flywheel.data import load_dataset
@@ -204,18 +221,28 @@ def plan_rescue(rescue: RescueSpec, store: Store, *, base_dir: Path | None = Non
     test_usd = per_call * len(test_items)
     n = rescue.samples_per_item
     teach = available
+    inputs_available = len(_unlabelled_inputs(rescue, spec, store, base_dir).items) if rescue.unlabelled else 0
+    votes = rescue.unlabelled.n if rescue.unlabelled else 0  # calls per input: the self-consistency vote
+    unlabelled = inputs_available
     if rescue.budget_usd is not None:
         if test_usd > rescue.budget_usd:
             raise RescueError(f"budget ${rescue.budget_usd:g} does not pay for the comparison itself: the teacher "
                               f"answering {len(test_items)} test items costs ≈ ${test_usd:.4f}; raise --budget-usd "
                               "or use an eval with fewer test items. Nothing was spent.")
         if per_call > 0:
-            teach = min(available, int((rescue.budget_usd - test_usd) / (per_call * n)))
+            left = rescue.budget_usd - test_usd
+            teach = min(available, int(left / (per_call * n)))
+            left -= teach * n * per_call
+            unlabelled = min(inputs_available, int(left / (per_call * votes))) if votes else 0
     calls = [TeacherCalls(f"answer {teach} eval train items x{n} (training data)", teach * n, teach * n * per_call),
              TeacherCalls(f"answer {len(test_items)} eval test items (the comparison)", len(test_items), test_usd)]
+    if rescue.unlabelled:
+        calls.insert(1, TeacherCalls(f"answer {unlabelled} unlabelled inputs x{votes} (kept by self-consistency)",
+                                     unlabelled * votes, unlabelled * votes * per_call))
     return RescuePlan(eval_name=spec.name, teacher=rescue.teacher, student=rescue.student,
                       traffic_train=len(traffic_train), traffic_held=len(traffic_held), train_items=teach,
-                      train_items_available=available, test_items=len(test_items), calls=calls, usd_per_call=per_call,
+                      train_items_available=available, test_items=len(test_items), unlabelled_inputs=unlabelled,
+                      unlabelled_available=inputs_available, calls=calls, usd_per_call=per_call,
                       budget_usd=rescue.budget_usd, price_known=known)
 
 
@@ -403,12 +430,29 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
             rows += build_sft_set(spec, store, captures=[captured.id], dataset=dataset, include_reviews=False).rows
         except TrainingDataError as exc:
             notes.append(f"no eval train item answered by the teacher passed the graders ({exc})")
+    unlabelled = None
+    if plan.unlabelled_inputs:
+        from flywheel.distill import capture_unlabelled
+        from flywheel.prompt import Prompt
+
+        inputs = _unlabelled_inputs(rescue.model_copy(update={"unlabelled": rescue.unlabelled.model_copy(
+            update={"limit": plan.unlabelled_inputs})}), spec, store, base_dir)
+        chosen = rescue.unlabelled
+        say(f"teacher answers {len(inputs.items)} unlabelled inputs x{chosen.n} (self-consistency)")
+        unlabelled = capture_unlabelled(spec, store, rescue.teacher, inputs=inputs, prompt=Prompt(messages=spec.messages()),
+                                        n=chosen.n, temperature=chosen.temperature, min_agreement=chosen.min_agreement,
+                                        seed=rescue.seed, teacher_options=rescue.teacher_options, dataset=dataset)
+        try:
+            rows += build_sft_set(spec, store, captures=[unlabelled.id], dataset=dataset, include_reviews=False).rows
+        except TrainingDataError as exc:
+            notes.append(f"no unlabelled input reached self-consistency ({exc})")
     if not rows:
         raise RescueError("nothing to train on: import the teacher's stored completions (flywheel import "
                           "openai-completions) or give an eval whose train items the teacher answers correctly")
     training_set = record_training_set(store, TrainingSet("sft", rows, {
         "eval": spec.name, "dataset_id": dataset.content_hash, "method": "sft", "rescue_of": rescue.teacher,
-        "counts": {"traffic_rows": len(traffic_train), "rows": len(rows)}}))
+        "counts": {"traffic_rows": len(traffic_train), "rows": len(rows)}, "captures": [
+            c.id for c in (captured, unlabelled) if c is not None]}))
     say(f"training {rescue.student} on {len(rows)} rows")
     trained = train(TrainRequest(method="sft", spec=spec, store=store, base=rescue.student, config=train_config,
                                  data=training_set, dataset=dataset, evaluate=False, quiet=True, log=say))
@@ -432,8 +476,9 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
         store, spec, teacher_run.iteration_id, student_run.iteration_id, rescue.margin, rescue.seed)
     price = find_price(rescue.teacher_name, rescue.teacher_options.get("prices"))
     spent = [s for s in teacher_samples if not s.get("cache_hit")]
-    if captured is not None:
-        spent += [s for s in store.samples_with_grades(captured.iteration_id, details=False) if not s.get("cache_hit")]
+    for paid in (captured, unlabelled):
+        if paid is not None:
+            spent += [s for s in store.samples_with_grades(paid.iteration_id, details=False) if not s.get("cache_hit")]
     teacher_usd = sum(price.cost(s.get("prompt_tokens") or 0, s.get("completion_tokens") or 0) for s in spent)
     teacher_calls = len(spent)  # answers served from the harness cache were not paid again
     costs = {"teacher": _side_cost(rescue.teacher, teacher_samples, price=price),
@@ -444,7 +489,11 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
     held_path.write_text("".join(json.dumps({"id": r.get("response_id") or r["id"], "request": json.loads(r["request_json"]),
                                              "response": json.loads(r["response_json"])}, ensure_ascii=False) + "\n"
                                  for r in traffic_held), encoding="utf-8")
-    kept_spec = write_rescue_spec(rescue.model_copy(update={"eval": str(spec_path.resolve())}), out / "rescue.yaml")
+    kept = {"eval": str(spec_path.resolve())}
+    if rescue.unlabelled is not None and rescue.unlabelled.path is not None:  # paths the kept spec resolves anywhere
+        kept["unlabelled"] = rescue.unlabelled.model_copy(update={"path": str(
+            (base_dir or Path.cwd()).joinpath(rescue.unlabelled.path).resolve())})
+    kept_spec = write_rescue_spec(rescue.model_copy(update=kept), out / "rescue.yaml")
     files = [("eval spec", str(spec_path)), ("eval data", str(dataset.path)), ("training set", training_set.path),
              ("held-back traffic", str(held_path)), ("rescue spec", str(kept_spec))]
     cert = build_certificate(CertificateInputs(

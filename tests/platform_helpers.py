@@ -40,9 +40,10 @@ def stored_completion(index: int, question: str, label: str, created: int = 1_78
     }
 
 
-def traffic(n: int) -> list[dict[str, Any]]:
-    """`n` stored completions of the fine-tune: questions about the three labels, answered right."""
-    return [stored_completion(i, f"customer message {i} about {LABELS[i % 3].replace('_', ' ')}", LABELS[i % 3])
+def traffic(n: int, answer: str | None = None) -> list[dict[str, Any]]:
+    """`n` stored completions of the fine-tune: questions about the three labels, answered right
+    (or, with `answer`, all answered with it: a teacher the tiny student can learn)."""
+    return [stored_completion(i, f"customer message {i} about {LABELS[i % 3].replace('_', ' ')}", answer or LABELS[i % 3])
             for i in range(n)]
 
 
@@ -66,8 +67,9 @@ class Platform:
     """The stand-in: `completions` are the stored ones; `chat_calls` counts paid model calls."""
 
     def __init__(self, completions: list[dict[str, Any]], *, truncate: bool = False,
-                 prompts: list[dict[str, Any]] | None = None):
+                 prompts: list[dict[str, Any]] | None = None, answer: str | None = None):
         self.completions = completions
+        self.answer = answer  # the fine-tune answers every question with this (a learnable teacher)
         self.prompts = prompts or []
         self.truncate = truncate  # a server that says has_more but gives no last_id
         self.chat_calls = 0
@@ -118,7 +120,7 @@ class Platform:
         body = json.loads(await request.body())
         self.chat_calls += 1
         question = body["messages"][-1]["content"]
-        label = next((label for label in LABELS if label.replace("_", " ") in question), LABELS[0])
+        label = self.answer or next((label for label in LABELS if label.replace("_", " ") in question), LABELS[0])
         return JSONResponse({
             "id": f"chatcmpl-live{self.chat_calls}", "object": "chat.completion", "created": int(time.time()),
             "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,

@@ -103,3 +103,42 @@ def test_cli_dry_run(tmp_path, tiny_model_dir, platform):
     out = CliRunner().invoke(main, ["rescue", "--spec", str(path), "--dry-run", "--db", str(tmp_path / "f.db")])
     assert out.exit_code == 0, out.output
     assert "teacher calls, answer 4 eval test items" in out.output and platform.chat_calls == 0
+
+
+def test_rescue_of_a_learnable_teacher_shows_parity_with_unlabelled_inputs_kept_by_self_consistency(
+        store, tmp_path, tiny_model_dir):
+    """The stand-in fine-tune answers every question `yes` (and the eval's reference is `yes`): a
+    teacher the tiny student learns in 80 real steps (one-token replies, `sampling.max_tokens: 1`,
+    used for the traffic comparison too), so parity IS shown — on the eval (both right on
+    every item) and on held-back traffic (the student's replies equal the stored ones)."""
+    stand_in = Platform(traffic(24, answer="yes"), answer="yes")
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"id": f"u{i}", "text": f"new customer message {i}"}) + "\n" for i in range(4)))
+    with BackgroundServer(stand_in.app()) as server:
+        stand_in.url = server.url + "/v1"
+        import_completions_api(store, base_url=stand_in.url)
+        rescue = rescue_spec(tmp_path, tiny_model_dir, stand_in, margin=0.3, traffic={"holdout": 0.5},
+                             unlabelled={"path": str(inputs), "id_field": "id", "n": 3, "temperature": 0.7},
+                             train={"precision": "fp32", "max_steps": 80, "batch_size": 4, "learning_rate": 0.01,
+                                    "lr_scheduler": "constant", "lora": {"r": 32, "alpha": 64}})
+        eval_spec = tmp_path / "eval" / "eval.yaml"  # one-word replies: the 2-layer student does not learn to stop
+        eval_spec.write_text(yaml.safe_dump({**yaml.safe_load(eval_spec.read_text()),
+                                             "sampling": {"temperature": 0, "max_tokens": 1}}))
+        data = tmp_path / "eval" / "data.jsonl"
+        data.write_text("".join(json.dumps({**json.loads(line), "label": "yes"}) + "\n"
+                                for line in data.read_text().splitlines()))
+        plan = plan_rescue(rescue, store)
+        assert (plan.unlabelled_inputs, plan.calls[1].calls) == (4, 12)  # 4 inputs x 3 votes
+        result = run_rescue(rescue, store, out_dir=tmp_path / "out")
+    # paid: 4 train items + 12 votes + 4 test items, less the test questions the train items already asked
+    assert result.teacher_calls == stand_in.chat_calls and stand_in.chat_calls >= 12 + 4
+    cert = json.loads((tmp_path / "out" / "certificate.json").read_text())
+    assert result.parity_shown, (result.statement, [(d["student"], d["teacher"]) for d in cert["disagreements"][:5]])
+    assert result.statement.startswith("Parity shown") and not cert["advice"]
+    assert (cert["eval"]["teacher"], cert["eval"]["student"]) == (1.0, 1.0) and cert["eval"]["non_inferior"]
+    assert cert["traffic"]["agreed"] == cert["traffic"]["n"] == plan.traffic_held and cert["traffic"]["non_inferior"]
+    # every unlabelled input reached the vote (the teacher agrees with itself) and became a training row
+    assert result.training_rows == plan.traffic_train + 4 + 4
+    kept = yaml.safe_load((tmp_path / "out" / "rescue.yaml").read_text())
+    assert kept["unlabelled"]["path"] == str(inputs) and kept["unlabelled"]["n"] == 3
+    assert verify_certificate(tmp_path / "out" / "certificate.json").ok
