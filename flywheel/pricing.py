@@ -60,6 +60,12 @@ PRICES: dict[str, Price] = {
 }
 
 # Inference on a fine-tuned model (`ft:BASE:org:suffix:id`) is billed at its own, higher rate.
+# UNVERIFIED: these are the platform's published fine-tuned inference list prices (USD per 1M
+# tokens, standard tier) as recalled for 2026-12; the project's reference material
+# (../shared/reference/openai-platform.md) records no prices, so they were not checked against a
+# source. Check them against the platform's pricing page before quoting a cost, and override them
+# (`teacher_options.prices` in a rescue spec, `model_options.prices`, or $FLYWHEEL_PRICES).
+# `flywheel rescue` says so wherever it prints a cost from this table (UNVERIFIED_NOTE).
 FINE_TUNED: dict[str, Price] = {
     "ft:gpt-4o": Price(3.75, 15.00, 1.875),
     "ft:gpt-4o-mini": Price(0.30, 1.20, 0.15),
@@ -68,6 +74,8 @@ FINE_TUNED: dict[str, Price] = {
     "ft:gpt-4.1-nano": Price(0.20, 0.80, 0.05),
 }
 PRICES.update(FINE_TUNED)
+UNVERIFIED_NOTE = ("fine-tuned list prices from flywheel/pricing.py, unverified (as recalled for 2026-12): check the "
+                   "platform's pricing page, or set teacher_options.prices")
 
 FREE = Price(0.0, 0.0, 0.0)
 
@@ -126,3 +134,11 @@ def find_price(model: str, override: Any = None, table: dict[str, Price] | None 
         return table[model]
     matches = [name for name in table if model.startswith((name + "-", name + ":"))]
     return table[max(matches, key=len)] if matches else FREE
+
+
+def unverified_price(model: str, override: Any = None) -> bool:
+    """Whether `find_price(model, override)` comes from the unverified fine-tuned table (FINE_TUNED)."""
+    if override is not None:
+        return False
+    price = find_price(model)
+    return price != FREE and price == find_price(model, table=FINE_TUNED)

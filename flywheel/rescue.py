@@ -123,6 +123,7 @@ class RescuePlan:
     usd_per_call: float
     budget_usd: float | None
     price_known: bool
+    price_note: str | None = None  # why the price needs checking (flywheel.pricing.UNVERIFIED_NOTE)
 
     @property
     def teacher_calls(self) -> int:
@@ -143,6 +144,8 @@ class RescuePlan:
             lines.append(f"  teacher calls, {c.purpose}: {c.calls} (≈ ${c.usd:.4f})")
         lines.append(f"  total: {self.teacher_calls} teacher calls, ≈ ${self.usd:.4f} at ${self.usd_per_call:.6f} a call"
                      + ("" if self.price_known else " (no known price for this model: set teacher_options.prices)"))
+        if self.price_note:
+            lines.append(f"  note: {self.price_note}")
         if self.train_items < self.train_items_available:
             lines.append(f"  budget ${self.budget_usd:g}: the teacher answers {self.train_items} of "
                          f"{self.train_items_available} eval train items")
@@ -205,6 +208,12 @@ def _unlabelled_inputs(rescue: RescueSpec, spec: Any, store: Store, base_dir: Pa
     return load_inputs(spec, rescue.unlabelled, store, base_dir)
 
 
+def _price_note(rescue: RescueSpec) -> str | None:
+    from flywheel.pricing import UNVERIFIED_NOTE, unverified_price
+
+    return UNVERIFIED_NOTE if unverified_price(rescue.teacher_name, rescue.teacher_options.get("prices")) else None
+
+
 def plan_rescue(rescue: RescueSpec, store: Store, *, base_dir: Path | None = None) -> RescuePlan:
     """Count the teacher calls a rescue makes and price them; nothing is called."""
     from flywheel.data import load_dataset
@@ -243,7 +252,7 @@ def plan_rescue(rescue: RescueSpec, store: Store, *, base_dir: Path | None = Non
                       traffic_train=len(traffic_train), traffic_held=len(traffic_held), train_items=teach,
                       train_items_available=available, test_items=len(test_items), unlabelled_inputs=unlabelled,
                       unlabelled_available=inputs_available, calls=calls, usd_per_call=per_call,
-                      budget_usd=rescue.budget_usd, price_known=known)
+                      budget_usd=rescue.budget_usd, price_known=known, price_note=_price_note(rescue))
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -297,7 +306,8 @@ def write_rescue_spec(rescue: RescueSpec, path: str | Path) -> Path:
     return path
 
 
-def _side_cost(model: str, samples: list[dict[str, Any]], *, price: Any = None, usd_per_hour: float = 0.0) -> Any:
+def _side_cost(model: str, samples: list[dict[str, Any]], *, price: Any = None, usd_per_hour: float = 0.0,
+               price_note: str | None = None) -> Any:
     from flywheel.certificate import SideCost
 
     ok = [s for s in samples if not s.get("error") and not s.get("cache_hit")] or [s for s in samples if not s.get("error")]
@@ -308,7 +318,8 @@ def _side_cost(model: str, samples: list[dict[str, Any]], *, price: Any = None, 
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
     if price is not None:
         usd = price.cost(round(prompt), round(completion)) * 1000
-        basis = f"list price ${price.input:g} / ${price.output:g} per 1M tokens in / out"
+        basis = (f"list price ${price.input:g} / ${price.output:g} per 1M tokens in / out"
+                 + (f" ({price_note})" if price_note else ""))
     else:
         usd = (mean or 0) / 1000 * 1000 / 3600 * usd_per_hour
         basis = (f"machine time at ${usd_per_hour:g}/hour, one request at a time (an upper bound)" if usd_per_hour
@@ -481,7 +492,7 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
             spent += [s for s in store.samples_with_grades(paid.iteration_id, details=False) if not s.get("cache_hit")]
     teacher_usd = sum(price.cost(s.get("prompt_tokens") or 0, s.get("completion_tokens") or 0) for s in spent)
     teacher_calls = len(spent)  # answers served from the harness cache were not paid again
-    costs = {"teacher": _side_cost(rescue.teacher, teacher_samples, price=price),
+    costs = {"teacher": _side_cost(rescue.teacher, teacher_samples, price=price, price_note=plan.price_note),
              "student": _side_cost(student_ref, student_samples, usd_per_hour=rescue.student_usd_per_hour)}
 
     # 3. the certificate, with the data it vouches for written beside it

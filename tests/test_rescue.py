@@ -44,6 +44,10 @@ def test_dry_run_prices_the_teacher_calls_and_spends_nothing(store, tmp_path, ti
     plan = plan_rescue(rescue_spec(tmp_path, tiny_model_dir, platform), store)
     assert (plan.traffic_train + plan.traffic_held, plan.train_items, plan.test_items) == (10, 4, 4)
     assert plan.teacher_calls == 8 and plan.price_known  # ft:gpt-4o-mini's fine-tuned inference price
+    assert "unverified" in plan.price_note and any("unverified" in line for line in plan.summary_lines())
+    priced = plan_rescue(rescue_spec(tmp_path, tiny_model_dir, platform,
+                                     teacher_options={"base_url": platform.url, "prices": {"input": 1, "output": 2}}), store)
+    assert priced.price_note is None and priced.usd == pytest.approx(8 * (40 * 1 + 3 * 2) / 1e6)
     assert plan.usd == pytest.approx(8 * (40 * 0.30 + 3 * 1.20) / 1e6)
     cut = plan_rescue(rescue_spec(tmp_path, tiny_model_dir, platform, budget_usd=plan.usd * 0.7), store)
     assert cut.train_items < 4 and cut.usd <= plan.usd * 0.7
