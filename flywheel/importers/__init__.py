@@ -6,6 +6,8 @@
 `pages` holds what they share: the one page walker (`{"object": "list", "data": [...], "has_more",
 "last_id"}` pages, from a file or the openai SDK) and the one JSON-shape checker. A bad download is
 one `PlatformImportError` line naming the file, line and field, and nothing of it is stored.
-Eval definitions and fine-tuning jobs are imported by flywheel.api.convert (`import openai-eval`,
-`import openai-job`).
+`prompts`: prompt objects' versions -> stored prompts an eval spec names (`prompt: {id, version}`);
+`jobs`: a fine-tuning job's result file (metrics CSV). Eval definitions and the fine-tuning job
+itself are imported by flywheel.api.convert (`import openai-eval`, `import openai-job`, which reads
+the result file through `jobs`).
 """
