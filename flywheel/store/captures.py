@@ -46,6 +46,16 @@ class CapturesStore(StoreBase):
                 ids.append(cursor.lastrowid)
         return ids
 
+    def captured_response_ids(self, response_ids: Sequence[str]) -> set[str]:
+        """Which of these response ids (a platform's `chatcmpl-...`) a capture already holds."""
+        found: set[str] = set()
+        ids = list(dict.fromkeys(response_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found.update(r for (r,) in self.db.execute(
+                f"select response_id from captures where response_id in ({','.join('?' * len(chunk))})", chunk))
+        return found
+
     def query_captures(self, *, metadata: dict[str, str] | None = None, since: str | None = None,
                        until: str | None = None, model: str | None = None, outcome: str | None = None,
                        limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
