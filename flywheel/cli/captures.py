@@ -36,7 +36,8 @@ def _capture_filters(fn):
 @json_option
 def captures_list(metadata, since, until, model, limit, failed, db, as_json):
     """List recorded calls, newest first."""
-    from flywheel.proxy.captures import list_captures, parse_metadata_filters, print_captures
+    from flywheel.capture_rows import parse_metadata_filters
+    from flywheel.proxy.captures import list_captures, print_captures
 
     with store_at(db) as store:
         rows = list_captures(store, metadata=parse_metadata_filters(metadata), since=since, until=until,
@@ -57,7 +58,7 @@ def captures_list(metadata, since, until, model, limit, failed, db, as_json):
 @json_option
 def captures_export(output, metadata, since, until, model, redact, record_set, db, as_json):
     """Write successful captures as SFT JSONL ({"messages": [...]} per line), PII redacted."""
-    from flywheel.proxy.captures import parse_metadata_filters
+    from flywheel.capture_rows import parse_metadata_filters
     from flywheel.privacy.exports import export_captures
     from flywheel.privacy.redact import parse_redact
 
@@ -82,7 +83,7 @@ def captures_export(output, metadata, since, until, model, redact, record_set, d
 @json_option
 def captures_delete(ids, metadata, before, dry_run, db, as_json):
     """Delete captures and every copy in training sets and exports; mark checkpoints trained on them."""
-    from flywheel.proxy.captures import parse_metadata_filters, parse_when
+    from flywheel.capture_rows import parse_metadata_filters, parse_when
     from flywheel.privacy.deletion import delete_captures
 
     with store_at(db) as store:

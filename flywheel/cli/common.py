@@ -9,6 +9,7 @@ import click
 
 from flywheel.errors import FlywheelError
 from flywheel.store import default_db_path
+from flywheel.terminal import safe_terminal_text
 
 db_option = click.option("--db", default=None, help="SQLite store (default ./flywheel.db or $FLYWHEEL_DB).")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -29,8 +30,6 @@ class FlywheelGroup(click.Group):
 def echo(text: str, err: bool = False) -> None:
     """click.echo for lines people read: text from files, stores, models or callers in them shows
     its control characters escaped (safe_terminal_text) instead of driving the terminal."""
-    from flywheel.report.console import safe_terminal_text
-
     click.echo(safe_terminal_text(text, markup=False), err=err)
 
 
