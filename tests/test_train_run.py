@@ -17,7 +17,8 @@ from flywheel.spec import load_eval_spec
 from flywheel.train import TrainRequest, TrainResult, run
 from flywheel.train.checkpoints import Checkpoint
 from flywheel.train.launch import LaunchSpec
-from flywheel.train.local import SplitEval, TrainingError
+from flywheel.errors import TrainingError
+from flywheel.train.local import SplitEval
 from flywheel.train.methods import HOSTED_TYPES, METHODS, hosted_method
 from flywheel.train.search import SearchSpec
 

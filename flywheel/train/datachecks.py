@@ -277,7 +277,7 @@ def run_data_checks(training_set: TrainingSet, config, *, spec, store, base: str
     """Check the set before training: print the lines (`log`), store them with the set (main
     process), and raise TrainingDataError when a check fails (every process, so all stop)."""
     from flywheel.train.checkpoints import resolve_base
-    from flywheel.train.local import is_main_process
+    from flywheel.train.launch import is_main_process
     from flywheel.train.sets import record_training_set
 
     preflight(config)

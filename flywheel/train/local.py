@@ -26,21 +26,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, TrainingError
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.checkpoints import Checkpoint, resolve_base
 from flywheel.train.config import TrainConfig, resolve_bf16
 from flywheel.train.formats import TrainingSet
+from flywheel.train.launch import is_main_process
 from flywheel.train.sets import record_training_set
 
 if TYPE_CHECKING:
     from flywheel.train.validation import Monitor
-
-
-class TrainingError(FlywheelError):
-    """Training could not start or did not finish (bad base model, diverged loss, failed job)."""
 
 
 @dataclass
@@ -150,18 +147,6 @@ def load_for_training(base_ref: str, *, bf16: bool, quantize: str | None = None)
     model, processor = load_base(weights, dtype="bf16" if bf16 else "fp32", quantization=quantization,
                                  device_map=device_map)
     return load_adapters(weights, model, trainable=True), processor
-
-
-def is_main_process() -> bool:
-    try:
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-
-        # Under `accelerate launch` on CPUs (flywheel.train.launch), the state must know it is a
-        # CPU run before the Trainer asks, or it settles on one process.
-        return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
-    except Exception:  # noqa: BLE001 - without accelerate state there is one process
-        return True
 
 
 def _event_logger(store: Store, job_id: str, history: list[dict[str, Any]]):

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.errors import FlywheelError, SpecError
+from flywheel.errors import FlywheelError, SpecError, TrainingError
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import TrainConfig
 from flywheel.train.formats import TrainingDataError, TrainingSet, load_training_file
 from flywheel.train.launch import LaunchSpec
-from flywheel.train.local import TrainingError, TrainResult
+from flywheel.train.local import TrainResult
 from flywheel.train.methods import TrainingMethod, load_train_config, training_method
 from flywheel.train.sets import load_training_set
 
