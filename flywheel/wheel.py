@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flywheel.cost import CostPerItem
 from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError
-from flywheel.executors import ExecutorSpec
+from flywheel.executors import build_executor
 from flywheel.grading import GraderSet
 from flywheel.harness import evaluate, paired_comparison, register_eval
 from flywheel.models import cached_model
@@ -175,7 +175,7 @@ class Wheel:
         self.spent = _Spent()
         self.spent.started -= elapsed_before
         # Execution only (not in any fingerprint): the run spec's executor, else the eval spec's.
-        self.executor = (run_spec.executor or spec.executor or ExecutorSpec()).build()
+        self.executor = build_executor(run_spec.executor or spec.executor)
 
     # -- what stages use ----------------------------------------------------------------------------
     def log(self, message: str) -> None:

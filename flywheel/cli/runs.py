@@ -27,7 +27,7 @@ from flywheel.errors import FlywheelError
 @json_option
 def eval_command(spec_path, split, model, limit, max_errors, overrides, executor, ray_address, db, as_json):
     """Evaluate SPEC on one split and store every sample and grade."""
-    from flywheel.executors import ExecutorSpec
+    from flywheel.executors import build_executor
     from flywheel.harness import run_eval
     from flywheel.models import load_model
     from flywheel.progress import progress_bar
@@ -35,10 +35,7 @@ def eval_command(spec_path, split, model, limit, max_errors, overrides, executor
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    chosen = spec.executor or ExecutorSpec()
-    if executor or ray_address:  # the command line wins over the spec's executor block
-        chosen = chosen.model_copy(update={"kind": executor or chosen.kind, "address": ray_address or chosen.address})
-    fan_out = chosen.build()
+    fan_out = build_executor(spec.executor, kind=executor, address=ray_address)
     with store_at(db) as store, progress_bar(f"eval {spec.name}", disable=as_json) as progress:
         try:
             result = run_eval(spec, store, split=split, limit=limit, max_errors=max_errors,
