@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from train_helpers import quick_sft, write_eval
 
 from flywheel.api.errors import ApiError
-from flywheel.api.fine_tuning import parse_method
+from flywheel.api.routes.fine_tuning import parse_method
 from flywheel.cli import main
 from flywheel.errors import SpecError
 from flywheel.spec import load_eval_spec

@@ -154,9 +154,9 @@ def import_openai_job(store: Any, job_path: str | Path, training_path: str | Pat
     model is a `local:` reference or an `ft:` id made here). Every check of the API's create applies;
     a failure is a SpecError naming the job file and the field, and nothing is stored."""
     from flywheel.api.access import check_project
-    from flywheel.api.files import store_file
-    from flywheel.api.fine_tuning import create_job
-    from flywheel.api.fine_tuning_runner import train_config
+    from flywheel.api.routes.files import store_file
+    from flywheel.api.routes.fine_tuning import create_job
+    from flywheel.api.runners.fine_tuning import train_config
     from flywheel.web import ApiError
 
     check_project(project)

@@ -1,5 +1,5 @@
 """The one training door: `run(TrainRequest)` for the CLI (`flywheel train`), the wheel's weight
-stages (flywheel.stages.training) and the API's fine-tuning jobs (flywheel.api.fine_tuning_runner).
+stages (flywheel.stages.training) and the API's fine-tuning jobs (flywheel.api.runners.fine_tuning).
 
 A request names the method (flywheel.train.methods.METHODS), the eval, the store, the base and the
 settings, and where the rows come from: a platform JSONL file, a recorded set id (`ts-...`), a set

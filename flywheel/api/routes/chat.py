@@ -21,15 +21,15 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata
-from flywheel.api.fine_tuning import model_for
 from flywheel.api.logs import store_completion
+from flywheel.api.platform import model_for
 from flywheel.errors import FlywheelError
-from flywheel.models import cached_model
 from flywheel.model_server import _completion_id, _sse, _usage, apply_stop, parse_chat_call
+from flywheel.models import cached_model
 from flywheel.web import ApiError, parse_json_object, read_body
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
 def routes(state: "ApiState") -> list[Route]:
     async def chat_completions(request: Request) -> Response:

@@ -16,7 +16,7 @@ from flywheel.api.errors import field, invalid
 from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
 
 def routes(state: "ApiState") -> list[Route]:

@@ -2,7 +2,7 @@
 server process, so training and generation never share the server's interpreter (and its GIL)
 with request handling.
 
-Each worker is `python -m flywheel.api.workers --db PATH`: one `JobQueue` thread in its own
+Each worker is `python -m flywheel.api.runners.workers --db PATH`: one `JobQueue` thread in its own
 process, claiming jobs from the same `api_jobs` rows with the same guarded UPDATE (SQLite makes it
 safe across processes), reading cancel / pause flags from the store as thread workers do. The
 server re-queues orphaned jobs once at start, then starts the processes. Stopping the server sends
@@ -43,7 +43,7 @@ class WorkerProcesses:
     def start(self) -> list[str]:
         """Re-queue orphaned jobs, then start the processes; returns the ids re-queued."""
         requeued = JobQueue(self.db_path, {}, workers=0).start()  # re-queues, starts no thread
-        command = [sys.executable, "-m", "flywheel.api.workers", "--db", self.db_path, "--parent", str(os.getpid()),
+        command = [sys.executable, "-m", "flywheel.api.runners.workers", "--db", self.db_path, "--parent", str(os.getpid()),
                    "--batch-size", str(self.batch_size), "--poll", str(self.poll_s)]
         self.processes = [subprocess.Popen(command) for _ in range(self.workers)]
         return requeued
@@ -68,9 +68,9 @@ class WorkerProcesses:
 
 def runners(batch_size: int) -> dict:
     """The job kinds every worker runs (threads in the server, or these processes)."""
-    from flywheel.api.eval_runs import EvalRunRunner
-    from flywheel.api.fine_tuning_runner import FineTuningRunner
-    from flywheel.api.wheel_runs import WheelRunner
+    from flywheel.api.runners.eval_runs import EvalRunRunner
+    from flywheel.api.runners.fine_tuning import FineTuningRunner
+    from flywheel.api.runners.wheel_runs import WheelRunner
 
     return {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner(), "wheel_run": WheelRunner()}
 
@@ -87,7 +87,7 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """A worker process: run the queue until SIGTERM or until the parent is gone."""
-    parser = argparse.ArgumentParser(prog="python -m flywheel.api.workers")
+    parser = argparse.ArgumentParser(prog="python -m flywheel.api.runners.workers")
     parser.add_argument("--db", required=True)
     parser.add_argument("--parent", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)
