@@ -1,15 +1,5 @@
-"""Models: `load_model(ref)` for every scheme, and the one model cache per process.
-
-References (parsed in flywheel.models.refs):
-
-    local:smollm2                      the embedded SmolLM2-135M-Instruct
-    local:/path/to/model               any transformers causal LM folder
-    local:HuggingFaceTB/SmolLM2-360M   a hub id (downloaded by transformers when online)
-    local:smollm2+.flywheel/ckpt/sft-3 a LoRA adapter on top of a base
-    local:smollm2+A+B                  several adapters, combined (PEFT add_weighted_adapter, "cat")
-    local:smollm2+A*0.7+B*0.3          ... with weights (default 1: the adapters' deltas add up)
-    openai:gpt-4o-mini                 the OpenAI SDK (base_url for any compatible server)
-"""
+"""Models: `load_model(ref)` for every scheme (`local:`, `openai:`; the reference syntax, adapters and
+their weights are in flywheel.models.refs), and the one model cache per process (`cached_model`)."""
 
 from __future__ import annotations
 
