@@ -35,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.errors import TrainingError
 from flywheel.images import (ImageAccess, ImageError, check_image_count, image_detail, image_part, iter_image_urls,
                              load_image, map_image_parts)
+from flywheel.train.config import sft_args, to_peft
 from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix, row_messages, set_has_images
+from flywheel.train.local import BuiltTrainer
 
 NOT_CHECKED = ("the platform also skips examples with people, faces, children or CAPTCHAs; flywheel does not "
                "detect those (it would need a vision model of its own), so such examples are kept: check them "
@@ -199,10 +202,6 @@ def build_vision_sft_trainer(model, processor, training_set: TrainingSet, config
     from datasets import Dataset
     from peft import PeftModel
     from trl import SFTTrainer
-
-    from flywheel.train.config import sft_args, to_peft
-    from flywheel.errors import TrainingError
-    from flywheel.train.local import BuiltTrainer
 
     if training_set.kind != "sft":
         raise TrainingDataError(f"vision SFT needs an SFT training set, got a {training_set.kind} set")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
+from flywheel.api.platform import model_for
 from flywheel.api.runners.eval_runs import local_turn
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now
@@ -224,7 +225,6 @@ class FineTuningRunner:
     """Runs `fine_tuning` jobs with the local trainers."""
 
     def run(self, ctx: JobContext) -> None:
-        from flywheel.api.platform import model_for
         from flywheel.train.formats import load_training_file
         from flywheel.train.run import TrainRequest, resume_point, run
         from flywheel.train.validation import prune_checkpoints

@@ -28,6 +28,9 @@ import threading
 import time
 
 from flywheel.api.jobs import JobQueue
+from flywheel.api.runners.eval_runs import EvalRunRunner
+from flywheel.api.runners.fine_tuning import FineTuningRunner
+from flywheel.api.runners.wheel_runs import WheelRunner
 
 
 class WorkerProcesses:
@@ -68,9 +71,6 @@ class WorkerProcesses:
 
 def runners(batch_size: int) -> dict:
     """The job kinds every worker runs (threads in the server, or these processes)."""
-    from flywheel.api.runners.eval_runs import EvalRunRunner
-    from flywheel.api.runners.fine_tuning import FineTuningRunner
-    from flywheel.api.runners.wheel_runs import WheelRunner
 
     return {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner(), "wheel_run": WheelRunner()}
 
