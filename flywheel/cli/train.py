@@ -46,40 +46,14 @@ def _train_command(method):
     def command(spec_paths, weights, base, config_path, settings, data, splits, no_eval, options, db, as_json,
                 launcher, num_processes, accelerate_config, cpu, resume, search_path, trials, sampler, wall_s,
                 **set_options):
-        from pathlib import Path
-
-        from pydantic import ValidationError
-
         from flywheel.spec import load_eval_spec
         from flywheel.train import TrainRequest, load_train_config, run
-        from flywheel.train.launch import LaunchSpec
-        from flywheel.train.run import check_launch
 
-        try:  # the launcher rules live with LaunchSpec (a weight stage's `launcher` too)
-            launch = LaunchSpec(kind=launcher, num_processes=num_processes, config_file=accelerate_config, cpu=cpu)
-        except ValidationError as exc:
-            raise click.UsageError(_launch_flags(exc.errors()[0]["msg"].removeprefix("Value error, "))) from None
-        if not search_path and (trials or sampler or wall_s):
-            raise click.UsageError("--trials, --sampler and --wall-s need --search")
-        if search_path and no_eval:
-            raise click.UsageError("--search scores every trial on valid: drop --no-eval")
-        if resume and (base or data or settings or config_path or len(spec_paths) > 1):
-            raise click.UsageError("--resume continues one job with its own base, data and config: give its SPEC "
-                                   "alone, without --base, --data, -s and -c")
-        if not resume and not base:
-            raise click.UsageError("give --base (or --resume JOB)")
-        launch = launch.resolved(Path.cwd())  # a missing config file is one clean error before anything starts
-        check_launch(launch, searching=search_path is not None)
+        launch = _launch_spec(launcher, num_processes, accelerate_config, cpu, search_path=search_path, trials=trials,
+                              sampler=sampler, wall_s=wall_s, no_eval=no_eval, resume=resume, base=base,
+                              reset=bool(data or settings or config_path or len(spec_paths) > 1))
         specs = [load_eval_spec(path) for path in spec_paths]
-        weight_list = _weights(weights, len(specs))
-        if weight_list and len(specs) == 1:
-            raise click.UsageError("--weights weighs several SPECs against each other; give two or more")
-        if len(specs) > 1 and data:
-            raise click.UsageError("--data trains on one file; drop it to build and combine each eval's set")
-        if len(specs) > 1 and search_path:
-            raise click.UsageError("--search tunes one eval's training; give one SPEC")
-        if resume and search_path:
-            raise click.UsageError("--resume continues one job; --search starts new ones: give one of them")
+        weight_list = _spec_flags(len(specs), weights, data=data, search_path=search_path, resume=resume)
         config = None if resume else load_train_config(method.name, config_path, list(settings))
         search = None
         if search_path:  # checked against the method's config before anything trains
@@ -140,6 +114,48 @@ def _train_command(method):
     return click.command(method.name)(command)
 
 
+
+
+def _launch_spec(launcher, num_processes, accelerate_config, cpu, *, search_path, trials, sampler, wall_s, no_eval,
+                 resume, base, reset: bool):
+    """The flags' rules (usage errors, exit 2), then the LaunchSpec they give, resolved and checked."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from flywheel.train.launch import LaunchSpec
+    from flywheel.train.run import check_launch
+
+    try:  # the launcher rules live with LaunchSpec (a weight stage's `launcher` too)
+        launch = LaunchSpec(kind=launcher, num_processes=num_processes, config_file=accelerate_config, cpu=cpu)
+    except ValidationError as exc:
+        raise click.UsageError(_launch_flags(exc.errors()[0]["msg"].removeprefix("Value error, "))) from None
+    if not search_path and (trials or sampler or wall_s):
+        raise click.UsageError("--trials, --sampler and --wall-s need --search")
+    if search_path and no_eval:
+        raise click.UsageError("--search scores every trial on valid: drop --no-eval")
+    if resume and (base or reset):
+        raise click.UsageError("--resume continues one job with its own base, data and config: give its SPEC "
+                               "alone, without --base, --data, -s and -c")
+    if not resume and not base:
+        raise click.UsageError("give --base (or --resume JOB)")
+    launch = launch.resolved(Path.cwd())  # a missing config file is one clean error before anything starts
+    check_launch(launch, searching=search_path is not None)
+    return launch
+
+
+def _spec_flags(n_specs: int, weights: str | None, *, data, search_path, resume) -> list[float] | None:
+    """The rules of the flags that depend on how many SPECs were given; the --weights as floats."""
+    weight_list = _weights(weights, n_specs)
+    if weight_list and n_specs == 1:
+        raise click.UsageError("--weights weighs several SPECs against each other; give two or more")
+    if n_specs > 1 and data:
+        raise click.UsageError("--data trains on one file; drop it to build and combine each eval's set")
+    if n_specs > 1 and search_path:
+        raise click.UsageError("--search tunes one eval's training; give one SPEC")
+    if resume and search_path:
+        raise click.UsageError("--resume continues one job; --search starts new ones: give one of them")
+    return weight_list
 
 
 def _launch_flags(message: str) -> str:
