@@ -22,7 +22,7 @@ def optimize_command(spec_path, overrides, db, as_json):
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
-    log = None if as_json else _echo
+    log = None if as_json else echo
     with store_at(db) as store:
         result = optimize_prompt(spec, store, command=" ".join(sys.argv), log=log)
     if as_json:

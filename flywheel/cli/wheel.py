@@ -33,7 +33,7 @@ def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
             if not spec_path:
                 raise FlywheelError(f"{resume}: the run does not record its run spec; pass SPEC")
         run_spec = load_run_spec(spec_path, list(overrides) + ([f"target={target}"] if target is not None else []))
-        log = None if as_json else _echo
+        log = None if as_json else echo
         result = run_wheel(run_spec, store, resume=resume, report_dir=report_dir, command=" ".join(sys.argv), log=log)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))

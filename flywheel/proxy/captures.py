@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.capture_rows import loads_json, parse_when, reply_message
+from flywheel.errors import FlywheelError
 from flywheel.store import Store
 from flywheel.terminal import safe_terminal_text
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
-from flywheel.api.platform import model_for
+from flywheel.api.platform import fine_tuned_name, model_for
 from flywheel.api.runners.eval_runs import local_turn
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now
