@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from flywheel.cli.common import main
+from flywheel.cli.exchange import import_group
+
 
 @click.command("openai-completions")
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
@@ -122,3 +125,8 @@ def rescue_verify_command(cert_path):
     check = verify_certificate(cert_path)
     click.echo("\n".join(check.summary_lines()))
     raise SystemExit(0 if check.ok else 1)
+
+
+import_group.add_command(import_openai_completions_command)
+import_group.add_command(import_openai_prompts_command)
+main.add_command(rescue_group)
