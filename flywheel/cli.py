@@ -416,11 +416,23 @@ def export_tracking_command(run_id, to, folder, mlflow_uri, experiment, db, as_j
 @click.option("--rate-burst", default=None, type=click.IntRange(1), metavar="N",
               help="With --rate-limit: requests allowed at once (default: the whole minute's).")
 @click.option("--worker-processes", is_flag=True, help="With --api: run the workers as processes, not threads.")
+@click.option("--flywheel", "service_yaml", default=None, type=click.Path(dir_okay=False),
+              help="Run the service of this service.yaml (proxy, alias models, API + dashboard, laps; docs/service.md).")
 @db_option
-def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, worker_processes, db):
+def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, worker_processes, db,
+                  service_yaml):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app; with --api
-    also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md)."""
+    also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md); with --flywheel run
+    the service that turns the wheel by itself (docs/service.md)."""
     import os
+
+    if service_yaml:
+        from flywheel.service.run import serve_flywheel
+        from flywheel.service.spec import load_service_spec
+
+        serve_flywheel(load_service_spec(service_yaml), on_ready=lambda urls: _echo(
+            "service: " + ", ".join(f"{k} {v}" for k, v in urls.items()) + " (Ctrl-C stops)", err=True))
+        return
 
     from flywheel.report.review_app import LOOPBACK, serve_reports
 
@@ -913,6 +925,10 @@ def export_openai_eval_command(spec_path):
 
     click.echo(json.dumps(export_openai_eval(load_eval_spec(spec_path)), indent=2, ensure_ascii=False))
 
+
+from flywheel.service_cli import service_group  # noqa: E402 - the lead moves it into flywheel/cli/
+
+main.add_command(service_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

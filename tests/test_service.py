@@ -203,3 +203,58 @@ def test_a_bad_model_forced_into_production_is_rolled_back_by_the_canary(tmp_pat
         assert len(store.shadow_pairs("canary", forced)) < 25
     finally:
         store.close()
+
+
+QUICK_TRAIN = {"max_steps": 2, "precision": "fp32", "batch_size": 4, "min_examples": 1, "logging_steps": 1}
+
+
+def test_a_lap_trains_a_student_on_new_traffic_and_makes_it_the_candidate(tmp_path, tiny_model_dir, chatty_dir,
+                                                                          service_factory):
+    from flywheel.service.laps import new_captures, queue_lap, run_lap
+
+    chatty, tiny = f"local:{chatty_dir}", f"local:{tiny_model_dir}"
+    path = write_service(tmp_path, chatty, shadow={"share": 0.0},
+                         lap={"student": tiny, "prompt": SHORT, "train": QUICK_TRAIN, "holdout": 0.3})
+    service = service_factory(path)
+    service.send(8)
+    store = service.store()
+    try:
+        # the leak guard: a request that is a valid item's user turn never becomes training data
+        leak = make_rows()[4]["text"]
+        service.app.chat.completions.create(model="production", messages=[{"role": "user", "content": leak}],
+                                            max_tokens=4, metadata={"label": "x"})
+        assert len(new_captures(store, service.spec)) == 9
+        lap = queue_lap(store, service.spec, trigger="on_demand")
+        assert lap.captures == 9 and queue_lap(store, service.spec, trigger="on_demand") is None  # one at a time
+        events: list[str] = []
+        done = run_lap(store, service.spec, lap.id, event=events.append)
+        assert done.status == "succeeded", done
+        assert "1 dropped by the leak guard" in events[0]
+        assert done.decision == "candidate" and "valid:" in done.reason and "held-back traffic:" in done.reason
+        assert store.service_alias("candidate") == AliasTarget(done.checkpoint, SHORT)
+        assert done.checkpoint.startswith(tiny + "+")
+        switch = store.current_switch("candidate")
+        assert switch.who == f"lap {lap.id}" and switch.test.startswith("offline")
+        assert store.service_alias("production").model == chatty  # production waits for the shadow gate
+        assert new_captures(store, service.spec) == [] and queue_lap(store, service.spec, trigger="x") is None
+        assert run_lap(store, service.spec, lap.id) == done  # a decided lap is not redone
+    finally:
+        store.close()
+
+
+def test_a_lap_over_budget_does_not_start(tmp_path, tiny_model_dir, service_factory):
+    from flywheel.service.laps import queue_lap
+
+    tiny = f"local:{tiny_model_dir}"
+    service = service_factory(write_service(tmp_path, tiny, shadow={"share": 0.0},
+                                            budgets={"per_lap": {"training_steps": 5}},
+                                            lap={"train": {"max_steps": 50}}))
+    service.send(2)
+    store = service.store()
+    try:
+        lap = queue_lap(store, service.spec, trigger="on_demand")
+        assert lap.status == "skipped" and "budgets.per_lap.training_steps" in lap.reason
+        assert store.last_lapped_capture() == 0  # its captures wait for the next lap
+        assert store.count_jobs().get("queued", 0) == 0
+    finally:
+        store.close()

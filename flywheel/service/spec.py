@@ -11,6 +11,7 @@ every problem as `file: field: message`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -85,7 +86,10 @@ class LapSpec(_Spec):
                                 "recorded answers are the labels.")
     student: str | None = Field(default=None, description="Base model trained; none: production's model.")
     method: str = Field(default="sft", description="Training method (a row of flywheel.train.methods).")
-    steps: int = Field(default=20, ge=1, description="Optimiser steps per lap.")
+    train: dict[str, Any] = Field(default_factory=lambda: {"max_steps": 20}, description="The method's training "
+                                  "settings (flywheel.train.methods.load_train_config values: max_steps, lora, ...).")
+    prompt: str | None = Field(default=None, description="System prompt the student is trained and served with; "
+                               "none: production's.")
     votes: int = Field(default=1, ge=1, le=16, description="Teacher samples per unlabelled input "
                        "(self-consistency: the majority answer is the label).")
     holdout: float = Field(default=0.2, ge=0, lt=1, description="Share of the new traffic held back from "
@@ -106,8 +110,6 @@ class ServiceSpec(_Spec):
     run: str | None = Field(default=None, description="Run spec whose goal (minimise, margin) and alpha the "
                             "offline gate uses; none: the defaults.")
     db: str = Field(default="flywheel.db", description="The store (relative to this file).")
-    upstream: str | None = Field(default=None, description="The app's upstream API; none: the service's own alias "
-                                 "model server (the app calls `production`).")
     production: AliasSpec = Field(description="What `production` serves before any switch.")
     candidate: AliasSpec | None = Field(default=None, description="What `candidate` serves before the first lap.")
     triggers: TriggerSpec = Field(default_factory=TriggerSpec, description="When laps start.")
