@@ -29,7 +29,7 @@ def service_group() -> None:
 def status_command(spec_path, as_json):
     """Aliases, online scores, laps and switches."""
     from flywheel.cli import _echo
-    from flywheel.service.dashboard import service_summary
+    from flywheel.report.service_view import service_summary
     from flywheel.service.spec import load_service_spec
 
     store = _store(load_service_spec(spec_path))

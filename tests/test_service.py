@@ -258,3 +258,46 @@ def test_a_lap_over_budget_does_not_start(tmp_path, tiny_model_dir, service_fact
         assert store.count_jobs().get("queued", 0) == 0
     finally:
         store.close()
+
+
+def test_dashboard_page_and_cli_show_the_service_escaped(tmp_path):
+    import http.client
+
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+    from flywheel.report.review_app import create_app
+    from flywheel.store.service import ShadowPair
+
+    path = write_service(tmp_path, "local:teacher", "local:student")
+    spec = load_service_spec(path)
+    store = Store.open(spec.path(spec.db))
+    try:
+        aliases.ensure_aliases(store, spec)
+        switch = aliases.promote(store, who="<script>x</script>", why="better <b>", test="shadow")
+        for i in range(30):
+            store.add_shadow_pair(ShadowPair(capture_id=i, phase="canary", switch_id=switch, production_model="local:student",
+                                             other_model="local:teacher", production_score=1.0, other_score=float(i % 2),
+                                             production_latency_s=0.01, other_latency_s=0.02, production_tokens=10,
+                                             other_tokens=40))
+        store.create_service_lap("lap-1", trigger="on_demand", capture_ids=[1, 2])
+    finally:
+        store.close()
+    with BackgroundServer(create_app(str(spec.path(spec.db)))) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/service")
+        response = conn.getresponse()
+        html = response.read().decode()
+    assert response.status == 200
+    assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
+    assert "local:student" in html and "promote" in html and "lap-1" in html
+    assert "1.000 [1.000, 1.000]" in html and "10000" in html  # score and tokens per 1,000 requests
+    runner = CliRunner()
+    status = runner.invoke(main, ["service", "status", path])
+    assert status.exit_code == 0 and "production: local:student" in status.output and "30 pairs" in status.output
+    back = runner.invoke(main, ["service", "rollback", path, "--why", "complaints", "--who", "ops"])
+    assert back.exit_code == 0 and f"reverts {switch}" in back.output
+    again = runner.invoke(main, ["service", "rollback", path, "--why", "again"])
+    assert again.exit_code == 1 and "error: nothing to roll back" in again.output
+    lap = runner.invoke(main, ["service", "lap", path])
+    assert lap.exit_code == 0 and "no lap queued" in lap.output  # a lap is already queued

@@ -1,6 +1,7 @@
-"""The service's state as typed data: aliases, switches, laps, and per alias the online score with an
-always-valid interval, requests, tokens per request and latency percentiles (from shadow/canary
-pairs and captures). `flywheel service status` prints it; the review app's dashboard renders it."""
+"""The service's dashboard data (flywheel.service): aliases, switches, laps, and per model the online
+score with a bootstrap CI, tokens per request (cost per 1,000 requests) and latency percentiles
+over the shadow/canary pairs, also window by window over time. `flywheel service status` prints
+it; the review app's `/service` page renders it."""
 
 from __future__ import annotations
 
@@ -29,12 +30,24 @@ class ModelScore:
 
 
 @dataclass(frozen=True)
+class ScoreWindow:
+    """Consecutive pairs of one phase and switch: both sides' online scores over that stretch."""
+
+    first_at: str
+    last_at: str
+    phase: str
+    switch_id: int
+    scores: list[ModelScore]
+
+
+@dataclass(frozen=True)
 class ServiceSummary:
     aliases: dict[str, AliasTarget]
     switches: list[AliasSwitch]
     laps: list[ServiceLap]
     scores: list[ModelScore] = field(default_factory=list)
     requests: int = 0  # production captures
+    windows: list[ScoreWindow] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """The summary as lines for a terminal."""
@@ -72,8 +85,23 @@ def model_scores(pairs: list[ShadowPair]) -> list[ModelScore]:
     return out
 
 
+def score_windows(pairs: list[ShadowPair], size: int = 20) -> list[ScoreWindow]:
+    """The pairs cut into windows of `size` within each (phase, switch), oldest first."""
+    groups: dict[tuple[str, int], list[ShadowPair]] = {}
+    for p in pairs:
+        groups.setdefault((p.phase, p.switch_id), []).append(p)
+    windows = []
+    for (phase, switch_id), rows in groups.items():
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            windows.append(ScoreWindow(chunk[0].created_at or "", chunk[-1].created_at or "", phase, switch_id,
+                                       model_scores(chunk)))
+    return sorted(windows, key=lambda w: w.first_at)
+
+
 def service_summary(store: Store) -> ServiceSummary:
     """Everything `flywheel service status` and the dashboard show."""
+    pairs = store.shadow_pairs()
     return ServiceSummary(aliases=store.service_aliases(), switches=store.service_switches(limit=50),
-                          laps=store.service_laps(limit=50), scores=model_scores(store.shadow_pairs()),
-                          requests=len(store.captures_after(0, models=["production"])))
+                          laps=store.service_laps(limit=50), scores=model_scores(pairs),
+                          requests=len(store.captures_after(0, models=["production"])), windows=score_windows(pairs))
