@@ -22,6 +22,10 @@ The model is conftest.py's tiny Llama (SmolLM2's tokenizer, random 2-layer weigh
     PYTHONPATH=$PWD python benchmarks/robustness.py                 # everything (~5-10 min on 2 cores)
     PYTHONPATH=$PWD python benchmarks/robustness.py --pairs 4 --kills 4
     PYTHONPATH=$PWD python benchmarks/robustness.py --baseline /work/main   # corpus on other code too
+    PYTHONPATH=$PWD python benchmarks/robustness.py --kill-tests 20         # the suite's kill tests under a CPU hog
+
+`--kill-tests N` runs instead the suite's kill / resume tests (the wheel's, the evals', the
+server's) N times each under a busy process per core (benchmarks/kill_tests_under_load.py).
 """
 
 from __future__ import annotations
@@ -585,7 +589,16 @@ def main() -> None:
     parser.add_argument("--corpus-only", action="store_true", help="Replay the corpus only and print JSON.")
     parser.add_argument("--tiny", default=None, help="Folder of the tiny model (built when missing).")
     parser.add_argument("--verbose", action="store_true", help="List every case.")
+    parser.add_argument("--kill-tests", type=int, default=None, metavar="N",
+                        help="Run the suite's kill / resume tests N times each under a CPU hog, and only that.")
     args = parser.parse_args()
+    if args.kill_tests is not None:
+        sys.argv = [sys.argv[0], "--runs", str(args.kill_tests)]
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kill_tests_under_load import main as kill_tests
+
+        kill_tests()
+        return
 
     with tempfile.TemporaryDirectory(prefix="fw-robust-") as tmp:
         work = Path(tmp)

@@ -16,7 +16,10 @@ import hashlib
 import json
 import math
 import os
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -181,12 +184,7 @@ def evaluate(
     for p in pending:
         row = cached.get(p.cache_key) if p.cache_key else None
         if row is not None:
-            p.completion = Completion(
-                text=row["output_text"], prompt_tokens=row["prompt_tokens"],
-                completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"],
-                latency_s=row["latency_s"], cost=row["cost"],
-                tool_calls=json.loads(row["output_tools_json"]) if row.get("output_tools_json") else None)
-            p.cache_hit = True
+            p.completion, p.cache_hit = _completion_of(row), True
 
     ready = [p for p in pending if p.cache_hit or p.error or p.completion]
     to_generate = [p for p in pending if not (p.cache_hit or p.error or p.completion)]
@@ -201,6 +199,7 @@ def evaluate(
             counters.model_calls += len(chunk)
             for p, completion in zip(chunk, result.completions):
                 p.error, p.completion = (completion.error, None) if completion.error else (None, completion)
+            _cache(store, model.fingerprint, chunk)
             _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress,
                    grades=result.grades)
         to_generate = []
@@ -216,25 +215,32 @@ def evaluate(
     preferred = max(1, model.preferred_batch_size)
     floor = max(1, min(preferred, model.min_chunk_size))
     size, start = preferred, 0
-    while start < len(to_generate):
-        end = min(start + size, len(to_generate))
-        while end < len(to_generate) and to_generate[end].item.key == to_generate[end - 1].item.key:
-            end += 1
-        chunk = to_generate[start:end]
-        start = end
-        stored = store.done_keys(iteration_id)
-        others = [p for p in chunk if (p.item.key, p.repeat) in stored]
-        if others:
-            counters.done += len(others)
-            chunk = [p for p in chunk if (p.item.key, p.repeat) not in stored]
+    with _Claims(store) as claims:
+        while start < len(to_generate) or claims.waiting:
+            if start >= len(to_generate):  # only requests another run is generating are left: wait for them
+                to_generate, start = claims.take_waiting(), 0
+            end = min(start + size, len(to_generate))
+            while end < len(to_generate) and to_generate[end].item.key == to_generate[end - 1].item.key:
+                end += 1
+            chunk = to_generate[start:end]
+            start = end
+            stored = store.done_keys(iteration_id)
+            others = [p for p in chunk if (p.item.key, p.repeat) in stored]
+            if others:
+                counters.done += len(others)
+                chunk = [p for p in chunk if (p.item.key, p.repeat) not in stored]
+            answered, chunk = claims.split(chunk)  # cached meanwhile / ours to generate (others: waiting)
+            counters.cache_hits += len(answered)
+            _write(store, iteration_id, model, grader_set, answered, counters, max_errors, total, progress)
             if not chunk:
                 continue
-        began = time.perf_counter()
-        _generate(model, chunk, counters)
-        elapsed = time.perf_counter() - began
-        _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
-        if elapsed > 0:
-            size = max(floor, min(preferred * 4, int(len(chunk) * target / elapsed)))
+            began = time.perf_counter()
+            _generate(store, model, chunk, counters)
+            elapsed = time.perf_counter() - began
+            _write(store, iteration_id, model, grader_set, chunk, counters, max_errors, total, progress)
+            claims.release(chunk)
+            if elapsed > 0:
+                size = max(floor, min(preferred * 4, int(len(chunk) * target / elapsed)))
 
     summary = summarise(store, iteration_id, spec)
     wall = time.perf_counter() - started
@@ -281,11 +287,7 @@ def generate_cached(store: Store, model: Model, requests: Sequence[ChatRequest])
             row = hits[key]
             out.append(Completion(text=row["output_text"], prompt_tokens=row["prompt_tokens"],
                                   completion_tokens=row["completion_tokens"], finish_reason=row["finish_reason"]))
-    store.cache_completions([
-        {"key": keys[i], "model_fingerprint": model.fingerprint, "output_text": c.text,
-         "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-         "completion_tokens": c.completion_tokens, "latency_s": c.latency_s, "cost": c.cost}
-        for i, c in made.items() if c.error is None])
+    _cache_rows(store, model.fingerprint, [(keys[i], c) for i, c in made.items()])
     return out, len(missing)
 
 
@@ -443,26 +445,149 @@ def _prepare(todo: list[tuple[Item, int]], prompt: Prompt, model: Model, samplin
     return pending
 
 
-def _generate(model: Model, chunk: list[_Pending], counters: _Counters) -> None:
-    """Fill `completion` (or `error`) for each pending sample; isolate a failing request."""
+def _generate(store: Store, model: Model, chunk: list[_Pending], counters: _Counters, *, stream: bool = True) -> None:
+    """Fill `completion` (or `error`) for each pending sample, isolating a failing request, and cache
+    each completion the moment its call returns (`model.stream`; `stream=False`: one `generate`
+    call, after a stream failed), before grading and commit: a kill re-pays none of the calls that
+    came back."""
     requests = [p.request for p in chunk]
     counters.model_calls += len(requests)
+    completions: list[Completion | None] = [None] * len(requests)
     try:
-        completions = model.generate(requests)  # type: ignore[arg-type]
+        returned = model.stream(requests) if stream else enumerate(model.generate(requests))  # type: ignore[arg-type]
+        for index, completion in returned:
+            completions[index] = completion
+            _cache_rows(store, model.fingerprint, [(chunk[index].cache_key, completion)])
     except FlywheelError:
         raise
-    except Exception:  # noqa: BLE001 - retry one by one to find the request that fails
-        completions = []
-        for request in requests:
+    except Exception:  # noqa: BLE001 - retry the rest one by one to find the request that fails
+        for index, request in enumerate(requests):
+            if completions[index] is not None:
+                continue
             try:
-                completions.extend(model.generate([request]))  # type: ignore[list-item]
+                (completions[index],) = model.generate([request])  # type: ignore[list-item]
+                _cache_rows(store, model.fingerprint, [(chunk[index].cache_key, completions[index])])
             except Exception as exc:  # noqa: BLE001
-                completions.append(Completion(text="", error=f"model_error: {type(exc).__name__}: {exc}"))
+                completions[index] = Completion(text="", error=f"model_error: {type(exc).__name__}: {exc}")
     for p, completion in zip(chunk, completions):
-        if completion.error:
+        if completion is None:
+            p.error = "model_error: the model returned no completion for this request"
+        elif completion.error:
             p.error = completion.error
         else:
             p.completion = completion
+
+
+def _cache(store: Store, fingerprint: str, chunk: Sequence[_Pending]) -> None:
+    """Cache the completions of `chunk` that a model call just made (not hits, not errors)."""
+    _cache_rows(store, fingerprint, [(p.cache_key, p.completion) for p in chunk if not p.cache_hit])
+
+
+def _cache_rows(store: Store, fingerprint: str, made: Sequence[tuple[str | None, Completion | None]]) -> None:
+    """The one path into the completion cache: (key, completion) pairs as a model call returned them."""
+    store.cache_completions([
+        {"key": key, "model_fingerprint": fingerprint, "output_text": c.text, "finish_reason": c.finish_reason,
+         "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "latency_s": c.latency_s,
+         "cost": c.cost, "error": c.error,
+         "output_tools_json": json.dumps(c.tool_calls, ensure_ascii=False) if c.tool_calls else None}
+        for key, c in made if key and c is not None])
+
+
+CLAIM_LEASE_S = 10.0
+CLAIM_POLL_S = 0.2
+
+
+class _Claims:
+    """The requests this process is generating, claimed in the store (`completion_claims`) so that a
+    second run of the same eval at the same time waits for their answers in the cache instead of
+    paying for them again. A heartbeat thread renews the claims every third of a lease; a claim of a
+    process that died (same host, pid gone) or whose lease ran out is free. Used by the chunked path
+    (remote models: what costs money); the local stream generates what it was given.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.waiting: list[_Pending] = []
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Claims":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.store.release_completion_claims(self.owner)
+
+    def _renew(self) -> None:
+        store = type(self.store).open(self.store.path)
+        try:
+            while not self.stop.wait(CLAIM_LEASE_S / 3):
+                store.renew_completion_claims(self.owner, CLAIM_LEASE_S)
+        finally:
+            store.close()
+
+    def split(self, chunk: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
+        """(answered from the cache meanwhile, claimed here to generate); the rest, which another live
+        run is generating, waits in `waiting`."""
+        keyed = [p for p in chunk if p.cache_key]
+        if not keyed:
+            return [], chunk
+        if self.thread is None and self.store.path != ":memory:":
+            self.thread = threading.Thread(target=self._renew, name="flywheel-claims", daemon=True)
+            self.thread.start()
+        keys = [p.cache_key for p in keyed]
+        mine, theirs = self.store.claim_completions(keys, self.owner, CLAIM_LEASE_S)
+        dead = {owner for owner in set(theirs.values()) if not _owner_alive(owner)}
+        if dead:
+            for owner in dead:
+                self.store.release_completion_claims(owner)
+            mine, theirs = self.store.claim_completions(keys, self.owner, CLAIM_LEASE_S)
+        hits = self.store.cached(k for k in keys if k not in mine and k not in theirs)
+        answered = []
+        for p in keyed:
+            row = hits.get(p.cache_key)  # type: ignore[arg-type]
+            if row is not None:
+                p.completion, p.cache_hit = _completion_of(row), True
+                answered.append(p)
+        self.waiting += [p for p in keyed if p.cache_key in theirs]
+        claimed = [p for p in chunk if not p.cache_key or p.cache_key in mine]
+        return answered, claimed
+
+    def take_waiting(self) -> list[_Pending]:
+        """The requests left to other runs, after a short wait for their answers."""
+        time.sleep(CLAIM_POLL_S)
+        waiting, self.waiting = self.waiting, []
+        return waiting
+
+    def release(self, chunk: Sequence[_Pending]) -> None:
+        self.store.release_completion_claims(self.owner, [p.cache_key for p in chunk if p.cache_key])
+
+
+def _owner_alive(owner: str) -> bool:
+    """Whether the process named in a claim's owner (`host:pid:token`) may still run: False only for
+    a pid of this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _completion_of(row: dict[str, Any]) -> Completion:
+    """A completion-cache row as the completion it cached."""
+    return Completion(
+        text=row["output_text"], prompt_tokens=row["prompt_tokens"], completion_tokens=row["completion_tokens"],
+        finish_reason=row["finish_reason"], latency_s=row["latency_s"], cost=row["cost"],
+        tool_calls=json.loads(row["output_tools_json"]) if row.get("output_tools_json") else None)
 
 
 def _stream(store: Store, iteration_id: str, model: Model, grader_set: GraderSet, pending: list[_Pending],
@@ -501,11 +626,12 @@ def _stream(store: Store, iteration_id: str, model: Model, grader_set: GraderSet
         except Exception:  # noqa: BLE001 - the rest one batch, then one by one, to find the failing request
             rest = [pending[i] for i in sorted(left)]
             counters.model_calls -= len(rest)
-            _generate(model, rest, counters)
+            _generate(store, model, rest, counters, stream=False)
             finished += rest
             break
         p = pending[index]
         p.error, p.completion = (completion.error, None) if completion.error else (None, completion)
+        _cache(store, model.fingerprint, [p])
         finished.append(p)
         left.discard(index)
         if len(finished) >= most or time.perf_counter() - last_commit >= every_s:

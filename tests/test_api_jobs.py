@@ -92,8 +92,80 @@ def test_cancel_stops_a_running_job_and_stop_requeues_one(tmp_path):
     store.close()
 
 
+SPIN_WORKER = """
+import os, signal, sys, threading, time
+from flywheel.api.jobs import JobQueue
+
+db, log = sys.argv[1], sys.argv[2]
+
+class Spin:
+    def run(self, ctx):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()} {ctx.job['id']}\\n")
+        while True:
+            ctx.check()
+            time.sleep(0.02)
+
+    def settle(self, store, job, status, error):
+        pass
+
+queue = JobQueue(db, {"spin": Spin()}, workers=1, poll_s=0.02)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+queue.start()
+print("started", flush=True)
+done.wait()
+queue.stop()
+"""
+
+
+def start_spin_worker(tmp_path: Path, db: Path, log: Path, lease_s: float) -> subprocess.Popen:
+    script = tmp_path / "spin_worker.py"
+    script.write_text(SPIN_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLYWHEEL_JOB_LEASE_S": str(lease_s)}
+    proc = subprocess.Popen([sys.executable, str(script), str(db), str(log)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    assert proc.stdout.readline().strip() == "started"
+    return proc
+
+
+def test_a_second_process_on_the_store_neither_steals_a_live_job_nor_loses_a_dead_ones(tmp_path):
+    # Two queues in two real processes on one store (as two `serve --api` would be): the second one
+    # starting must not take the job the first runs under a live lease (it used to re-queue every
+    # `running` job at start, and both ran it); once the first is SIGKILLed, its lease runs out and
+    # the second takes the job over.
+    db, log, lease_s = tmp_path / "q.db", tmp_path / "ran.log", 1.5
+    store = Store.open(db)
+    store.enqueue_job("job-a", "spin", "obj-a")
+    first = start_spin_worker(tmp_path, db, log, lease_s)
+    second = None
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count("\n") == 1)
+        second = start_spin_worker(tmp_path, db, log, lease_s)
+        held = store.api_get("api_jobs", "job-a").get("lease_expires_at")
+        # Two leases: the second queue polls all the while, and the first must renew to keep the job.
+        time.sleep(2 * lease_s)
+        assert log.read_text().split() == [str(first.pid), "job-a"]
+        assert store.api_get("api_jobs", "job-a")["lease_expires_at"] > held  # renewed by the heartbeat
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        wait_for(lambda: log.read_text().count("\n") == 2)
+        assert log.read_text().split() == [str(first.pid), "job-a", str(second.pid), "job-a"]
+        job = store.api_get("api_jobs", "job-a")
+        assert (job["status"], job["attempts"]) == ("running", 2)
+        assert any("resumed after a server restart" in e["message"]
+                   for e in store.api_events("obj-a", limit=10)[0])
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        store.close()
+
+
 def start_server(db: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    # A short lease: a job the killed server left `running` is taken over by the restarted one soon.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE", "FLYWHEEL_JOB_LEASE_S": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "flywheel", "serve", "--api", "--port", "0", "--db", str(db),
                              *options],
                             stderr=subprocess.PIPE, text=True, env=env, cwd=db.parent)

@@ -93,3 +93,44 @@ def test_worker_processes_die_with_a_killed_server_and_their_job_finishes_after_
         assert (job["status"], job["attempts"]) == ("succeeded", 2)
     finally:
         store.close()
+
+
+@pytest.mark.slow
+def test_no_worker_outlives_a_server_sigkilled_five_times(tmp_path, tiny_model_dir):
+    # Killed at different moments: as the workers start, and while one runs a job. The kernel kills
+    # each worker with its server (PR_SET_PDEATHSIG=SIGKILL, set before exec); the job is taken over
+    # by the next server once its lease runs out, and finishes.
+    db = tmp_path / "flywheel.db"
+    survivors: list[int] = []
+    run = evaluation = None
+    for attempt in range(5):
+        proc, url = start_server(db, "--worker-processes", "--workers", "2")
+        try:
+            wait_for(lambda: len(children(proc.pid)) == 2)
+            workers = children(proc.pid)
+            if attempt % 2:
+                client = client_for(url)
+                if run is None:
+                    evaluation = create_eval(client)
+                    run = client.evals.runs.create(evaluation.id, data_source=completions_source(
+                        tiny_model_dir, {"type": "file_content", "content": items(400)}, max_tokens=16))
+                wait_for(lambda: client.evals.runs.retrieve(run.id, eval_id=evaluation.id).status == "in_progress",
+                         120)
+                workers = children(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert workers
+        # "At once": a SIGKILL from the kernel; a worker that stops gracefully instead (it used to, on a
+        # SIGTERM: it waited for its job's next batch, paying as it went) takes seconds.
+        deadline = time.monotonic() + 3
+        while any(alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [p for p in workers if alive(p)]
+        survivors += left
+        for pid in left:  # leave nothing behind for the next round, whatever the outcome
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert survivors == []

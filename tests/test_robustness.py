@@ -174,7 +174,10 @@ def test_kill_near_the_end_of_a_60_item_eval_keeps_what_was_generated(tmp_path, 
     finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr
     result = json.loads(finished.stdout)
-    assert result["n_samples"] == 60 and result["resumed"] == before and result["model_calls"] == 60 - before
+    # Every item not committed is generated again or, when its answer came back before the kill, read
+    # from the completion cache (written as each completion returns): none is paid twice.
+    assert result["n_samples"] == 60 and result["resumed"] == before
+    assert result["model_calls"] + result["cache_hits"] == 60 - before
     with sqlite3.connect(db) as conn:
         assert conn.execute("select count(*), count(distinct item_key) from samples").fetchone() == (60, 60)
 
@@ -221,3 +224,69 @@ def test_a_second_writer_joining_a_running_eval_shares_its_run(tmp_path, tiny_mo
         assert conn.execute("select count(*), count(distinct item_key) from samples").fetchone() == (300, 300)
         assert conn.execute("select count(*) from grades").fetchone()[0] == 300
         assert conn.execute("select count(*), min(status) from runs").fetchone() == (1, "completed")
+
+
+# -- paid once: a remote model's calls are not paid twice, by a kill or by a second run ----------------
+def _remote_spec(tmp_path: Path, url: str, n: int) -> Path:
+    rows = [{"id": f"i{k}", "text": f"item number {k}", "label": "x", "split": "test"} for k in range(n)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    spec = spec_dict("openai:scripted", model_options={"base_url": f"{url}/v1", "max_retries": 0})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path / "eval.yaml"
+
+
+def test_a_kill_before_the_commit_re_pays_no_call_that_came_back(tmp_path):
+    # Four of six calls return, two stall: nothing is committed yet (the chunk is not done), but the
+    # four answers are in the completion cache the moment they came back, so the resumed run pays
+    # only the two that never returned.
+    from flywheel.web import BackgroundServer
+    from serving_helpers import ScriptedUpstream
+
+    upstream = ScriptedUpstream(plan=["ok"] * 4 + ["stall"] * 2, stall_s=15)
+    db = tmp_path / "kill.db"
+    with BackgroundServer(upstream.app) as server:
+        command = [sys.executable, "-m", "flywheel", "eval", str(_remote_spec(tmp_path, server.url, 6)), "--db",
+                   str(db), "--json"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        cached, deadline = 0, time.monotonic() + 60
+        while cached < 4 and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    cached = conn.execute("select count(*) from completion_cache").fetchone()[0]
+            except sqlite3.Error:
+                pass
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert cached == 4, "the answers that came back were not cached before the commit"
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("select count(*) from samples").fetchone()[0] == 0  # killed before the commit
+        paid = len(upstream.bodies)
+        finished = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result = json.loads(finished.stdout)
+    assert result["n_samples"] == 6 and result["model_calls"] == 2
+    assert len(upstream.bodies) - paid == 2
+
+
+def test_the_same_remote_eval_twice_at_once_pays_each_call_once(tmp_path):
+    # Two runs of one eval at the same time used to pay nearly every call twice (they walk the items
+    # in the same order); now a request one run is generating is claimed, and the other waits for its
+    # answer in the cache.
+    from flywheel.web import BackgroundServer
+    from serving_helpers import ScriptedUpstream
+
+    upstream = ScriptedUpstream(hold_s=0.05)
+    db = tmp_path / "two.db"
+    with BackgroundServer(upstream.app) as server:
+        command = [sys.executable, "-m", "flywheel", "eval", str(_remote_spec(tmp_path, server.url, 40)), "--db",
+                   str(db), "--json"]
+        procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+                 for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+        assert json.loads(out)["n_samples"] == 40
+    assert len(upstream.bodies) == 40
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*) from completion_claims").fetchone()[0] == 0  # all released

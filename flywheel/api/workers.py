@@ -3,12 +3,19 @@ server process, so training and generation never share the server's interpreter 
 with request handling.
 
 Each worker is `python -m flywheel.api.workers --db PATH`: one `JobQueue` thread in its own
-process, claiming jobs from the same `api_jobs` rows with the same guarded UPDATE (SQLite makes it
-safe across processes), reading cancel / pause flags from the store as thread workers do. The
-server re-queues orphaned jobs once at start, then starts the processes. Stopping the server sends
-each a SIGTERM: its running job stops at its next check and returns to the queue, as with threads.
-A worker whose server died (even by SIGKILL) gets a SIGTERM from the kernel (Linux
-`PR_SET_PDEATHSIG`) or notices its parent is gone within a second, and does the same.
+process, claiming jobs from the same `api_jobs` rows with the same guarded UPDATE and lease (SQLite
+makes it safe across processes), reading cancel / pause flags from the store as thread workers do.
+Stopping the server sends each a SIGTERM: its running job stops at its next check and returns to the
+queue, as with threads.
+
+A worker dies with its server, even a SIGKILLed one, at once: the kernel SIGKILLs it when the server
+dies (Linux `PR_SET_PDEATHSIG`, set between fork and exec so no window is left open, and set from the
+thread that lives as long as the server: the signal follows the *thread* that forked, so a pool
+started from a short-lived thread would lose its workers early, and one started before the flag was
+set in the child would keep them). Elsewhere, or if the kernel's signal was missed, the worker polls
+its parent every second and exits at once when it is gone. A worker that dies this way leaves its job
+`running` under a lease that runs out in `$FLYWHEEL_JOB_LEASE_S`; the next server takes it over, and
+every call that came back is in the completion cache.
 
 Local models take turns on the cores across processes too: `eval_runs.local_turn` holds a file
 lock beside the store.
@@ -40,13 +47,14 @@ class WorkerProcesses:
         self.poll_s = poll_s
         self.processes: list[subprocess.Popen] = []
 
-    def start(self) -> list[str]:
-        """Re-queue orphaned jobs, then start the processes; returns the ids re-queued."""
-        requeued = JobQueue(self.db_path, {}, workers=0).start()  # re-queues, starts no thread
+    def start(self) -> None:
+        """Start the processes, each set to die with this one (jobs left by a dead server are taken
+        over by the workers once their lease runs out)."""
         command = [sys.executable, "-m", "flywheel.api.workers", "--db", self.db_path, "--parent", str(os.getpid()),
                    "--batch-size", str(self.batch_size), "--poll", str(self.poll_s)]
-        self.processes = [subprocess.Popen(command) for _ in range(self.workers)]
-        return requeued
+        prctl = _prctl()
+        die_with_parent = (lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)) if prctl else None
+        self.processes = [subprocess.Popen(command, preexec_fn=die_with_parent) for _ in range(self.workers)]
 
     def notify(self) -> None:
         """Workers in other processes poll (every `poll_s`); nothing to wake here."""
@@ -75,14 +83,18 @@ def runners(batch_size: int) -> dict:
     return {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner(), "wheel_run": WheelRunner()}
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies (elsewhere: the polling below)."""
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl():
+    """libc's `prctl`, looked up here in the parent (the forked child, where other threads' locks may
+    be held, only calls it); None off Linux, where the polling in `main` is the only guard."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,15 +105,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--poll", type=float, default=0.2)
     args = parser.parse_args(argv)
-    _die_with_parent()
+
+    def orphaned() -> bool:
+        return args.parent is not None and os.getppid() != args.parent
+
+    if orphaned():  # the server died before this process got going
+        os._exit(1)
     queue = JobQueue(args.db, runners(args.batch_size), workers=1, poll_s=args.poll)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    queue.start(requeue=False)
+    queue.start()
     while not done.wait(1.0):
-        if args.parent is not None and os.getppid() != args.parent:
-            break  # the server is gone
+        if orphaned():
+            # The server is gone: nobody would stop this job, and another server may take it over
+            # when its lease runs out, so the worker ends now rather than after its job's next batch.
+            os._exit(1)
     queue.stop()
 
 

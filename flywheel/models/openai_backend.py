@@ -39,8 +39,10 @@ import asyncio
 import hashlib
 import json
 import os
+import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -201,6 +203,24 @@ class OpenAIModel(Model):
         loop = self._ensure_started()
         return asyncio.run_coroutine_threadsafe(self._generate(requests), loop).result()
 
+    def stream(self, requests: list[ChatRequest]) -> Iterator[tuple[int, Completion]]:
+        """Yield (request index, completion) as each call returns, while the others are in flight,
+        so the harness caches what came back before the last call ends."""
+        if not requests:
+            return
+        loop = self._ensure_started()
+        returned: queue.Queue = queue.Queue()
+        future = asyncio.run_coroutine_threadsafe(self._generate(requests, returned.put), loop)
+        for _ in range(len(requests)):
+            while True:
+                try:
+                    yield returned.get(timeout=0.05)
+                    break
+                except queue.Empty:
+                    if future.done() and returned.empty():
+                        future.result()  # raises what the calls raised
+                        return
+
     def _groups(self, requests: list[ChatRequest]) -> list[list[int]]:
         """Indexes of requests to send as one call: repeats of one prompt share a call via `n`."""
         if not self.use_n:
@@ -213,13 +233,16 @@ class OpenAIModel(Model):
             by_prompt.setdefault(key, []).append(index)
         return [sorted(group, key=lambda i: requests[i].repeat) for group in by_prompt.values()]
 
-    async def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
+    async def _generate(self, requests: list[ChatRequest],
+                        returned: Callable[[tuple[int, Completion]], None] | None = None) -> list[Completion]:
         results: list[Completion | None] = [None] * len(requests)
 
         async def run(group: list[int]) -> None:
             completions = await self._call([requests[i] for i in group])
             for index, completion in zip(group, completions):
                 results[index] = completion
+                if returned is not None:
+                    returned((index, completion))
             # A server that ignores `n` returns fewer choices: ask for the rest one by one.
             missing = group[len(completions):]
             if missing:

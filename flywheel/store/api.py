@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from flywheel.errors import StoreError
-from flywheel.store.db import StoreBase, now
+from flywheel.store.db import StoreBase, later, now
 from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL
 
 
@@ -60,30 +60,65 @@ class ApiStore(StoreBase):
         rows = list(self.db.query(sql, [*params, limit + 1]))
         return rows[:limit], len(rows) > limit
 
-    # the queue: `claim_job` is one UPDATE guarded by status, so two workers never take one job
+    # The queue: a worker claims a job with one UPDATE guarded by status and lease, so two workers
+    # (threads, processes or servers on one store) never hold one job. A running job's lease is
+    # renewed by its worker (`renew_job_lease`); a job whose lease ran out (its worker died) is
+    # claimable again, a job with a live lease is not, whoever starts.
+    _CLAIMABLE = "(status = 'queued' or (status = 'running' and (lease_expires_at is null or lease_expires_at < ?)))"
+
     def enqueue_job(self, job_id: str, kind: str, object_id: str) -> None:
         with self.transaction():
             self.db["api_jobs"].insert({"id": job_id, "kind": kind, "object_id": object_id, "status": "queued",
                                         "cancel_requested": 0, "attempts": 0, "created_at": now()})
 
-    def claim_job(self) -> dict[str, Any] | None:
-        """Take the oldest queued job (status -> running, attempts + 1); None when none is queued."""
+    def claim_job(self, owner: str, lease_s: float) -> dict[str, Any] | None:
+        """Take the oldest job that is queued, or running under a lease that ran out (its worker
+        died), for `owner` with a lease of `lease_s` seconds (status -> running, attempts + 1).
+        The row comes back with `taken_over` True when it was such an orphan; None when no job is free."""
         while True:
-            row = self.db.conn.execute(
-                "select id from api_jobs where status = 'queued' order by rowid limit 1").fetchone()
+            moment = now()
+            row = self.db.conn.execute(f"select id, status from api_jobs where {self._CLAIMABLE} order by rowid limit 1",
+                                       [moment]).fetchone()
             if row is None:
                 return None
             with self.transaction():
                 taken = self.db.conn.execute(
-                    "update api_jobs set status = 'running', started_at = ?, attempts = attempts + 1"
-                    " where id = ? and status = 'queued'", [now(), row[0]]).rowcount
+                    "update api_jobs set status = 'running', started_at = ?, attempts = attempts + 1,"
+                    f" lease_owner = ?, lease_expires_at = ? where id = ? and {self._CLAIMABLE}",
+                    [moment, owner, later(lease_s), row[0], moment]).rowcount
             if taken:
-                return self.api_get("api_jobs", row[0])
+                return {**self.api_get("api_jobs", row[0]), "taken_over": row[1] == "running"}
 
-    def finish_job(self, job_id: str, status: str, error: str | None = None) -> None:
+    def renew_job_lease(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extend `owner`'s lease on its running job by `lease_s` seconds from now; False when the job
+        is no longer `owner`'s (its lease ran out and another worker took it, or it finished)."""
         with self.transaction():
-            self.db.conn.execute("update api_jobs set status = ?, finished_at = ?, error = ? where id = ?",
-                                 [status, now(), error, job_id])
+            return self.db.conn.execute(
+                "update api_jobs set lease_expires_at = ? where id = ? and lease_owner = ? and status = 'running'",
+                [later(lease_s), job_id, owner]).rowcount > 0
+
+    def finish_job(self, job_id: str, status: str, error: str | None = None, *, owner: str | None = None) -> bool:
+        """Record a job's outcome and drop its lease; with `owner`, only while `owner` holds the job
+        (False when another worker took it over)."""
+        guard, params = ("", []) if owner is None else (" and lease_owner = ? and status = 'running'", [owner])
+        with self.transaction():
+            return self.db.conn.execute(
+                "update api_jobs set status = ?, finished_at = ?, error = ?, lease_owner = null,"
+                f" lease_expires_at = null where id = ?{guard}", [status, now(), error, job_id, *params]).rowcount > 0
+
+    def release_job(self, job_id: str, owner: str) -> bool:
+        """Put `owner`'s running job back in the queue (its server is stopping), for any worker to take
+        now; a fine-tuning job's unfinished training job says `queued` too (one status per fine-tune)."""
+        with self.transaction():
+            released = self.db.conn.execute(
+                "update api_jobs set status = 'queued', lease_owner = null, lease_expires_at = null"
+                " where id = ? and lease_owner = ? and status = 'running'", [job_id, owner]).rowcount > 0
+            if released:
+                self.db.conn.execute(
+                    "update training_jobs set status = 'queued' where status != 'succeeded' and id = (select"
+                    " f.training_job_id from api_fine_tuning_jobs f join api_jobs j on j.object_id = f.id"
+                    " where j.id = ?)", [job_id])
+        return released
 
     def request_job_cancel(self, object_id: str) -> dict[str, Any] | None:
         """Flag the job of an API object for cancelling; a queued job is cancelled at once.
@@ -100,20 +135,6 @@ class ApiStore(StoreBase):
     def job_cancel_requested(self, job_id: str) -> bool:
         row = self.db.conn.execute("select cancel_requested from api_jobs where id = ?", [job_id]).fetchone()
         return bool(row and row[0])
-
-    def requeue_running_jobs(self, job_id: str | None = None) -> list[str]:
-        """Jobs left `running` by a server that died (or `job_id` alone) go back to the queue (a
-        fine-tuning job's unfinished training job says `queued` too: one status per fine-tune)."""
-        where, params = ("status = 'running'", []) if job_id is None else ("status = 'running' and id = ?", [job_id])
-        ids = [r[0] for r in self.db.conn.execute(f"select id from api_jobs where {where}", params).fetchall()]
-        with self.transaction():
-            self.db.conn.execute(f"update api_jobs set status = 'queued' where {where}", params)
-            for queued in ids:
-                self.db.conn.execute(
-                    "update training_jobs set status = 'queued' where status != 'succeeded' and id = (select"
-                    " f.training_job_id from api_fine_tuning_jobs f join api_jobs j on j.object_id = f.id"
-                    " where j.id = ?)", [queued])
-        return ids
 
     # -- one status per fine-tune: the training job's (the queue row's while it has none) ----------
     def fine_tuning_status(self, object_id: str) -> str:

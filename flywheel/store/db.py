@@ -11,7 +11,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Self
 
@@ -37,6 +37,11 @@ def timestamp(moment: datetime) -> str:
 def now() -> str:
     """The current time as a stored timestamp (`timestamp`)."""
     return timestamp(datetime.now(timezone.utc))
+
+
+def later(seconds: float) -> str:
+    """The moment `seconds` from now as a stored timestamp (a lease's expiry)."""
+    return timestamp(datetime.now(timezone.utc) + timedelta(seconds=seconds))
 
 
 def timestamp_from_unix(seconds: float) -> str:

@@ -364,7 +364,20 @@ def m017_fine_tuning_status_from_the_training_job(db: sqlite_utils.Database) -> 
 
 
 @migration
-def m018_service_aliases_switches_shadow(db: sqlite_utils.Database) -> None:
+def m018_job_leases_completion_claims(db: sqlite_utils.Database) -> None:
+    # Paid once (flywheel/api/jobs.py, flywheel/harness.py): a running queue job holds a lease that
+    # its worker renews (`lease_owner` names the worker, `lease_expires_at` a stored timestamp); a job
+    # is taken again only when queued or when its lease ran out. `completion_claims` marks requests
+    # being generated right now (key as in `completion_cache`), so a second run of the same eval
+    # waits for the answer instead of paying for it again; a claim whose lease ran out is free.
+    db["api_jobs"].add_column("lease_owner", str)
+    db["api_jobs"].add_column("lease_expires_at", str)
+    db["completion_claims"].create({"key": str, "owner": str, "expires_at": str}, pk="key")
+    db["completion_claims"].create_index(["owner"])
+
+
+@migration
+def m019_service_aliases_switches_shadow(db: sqlite_utils.Database) -> None:
     # The service (flywheel.service): serving aliases (`production`, `candidate`) -> (model, system
     # prompt); every change of an alias is a row of `service_switches` naming who, why and the test
     # that decided (a rollback names the switch it reverses); `service_shadow_pairs` holds the

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 # A module import: flywheel.summaries imports the passed rule from flywheel.store.rows, so either may load first.
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
-from flywheel.store.db import StoreBase, new_id, now
+from flywheel.store.db import StoreBase, later, new_id, now
 from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, SampleRecord
 
 StateT = TypeVar("StateT", bound=BaseModel)
@@ -223,7 +223,8 @@ class RunsStore(StoreBase):
         return found
 
     def write_samples(self, records: Sequence[SampleRecord]) -> int:
-        """Write samples, their grades and new cache rows in one transaction; return how many were new.
+        """Write samples and their grades in one transaction; return how many were new. (Their
+        completions went to the cache as they came back: `cache_completions`.)
 
         A sample whose (iteration, item, repeat) is already stored (another process running the same
         eval wrote it first) is skipped with its grades: the store keeps one copy of each sample.
@@ -254,28 +255,64 @@ class RunsStore(StoreBase):
                         [(sample_id, g["grader"], g["score"], int(g["passed"]), g.get("feedback"),
                           json.dumps(g.get("details") or {}, ensure_ascii=False, default=str),
                           g.get("error"), g.get("error_details")) for g in rec.grades])
-                if rec.cache_key and not rec.cache_hit and rec.error is None:
-                    cursor.execute(
-                        "insert or ignore into completion_cache (key, model_fingerprint, output_text,"
-                        " finish_reason, prompt_tokens, completion_tokens, latency_s, cost, created_at)"
-                        " values (?,?,?,?,?,?,?,?,?)",
-                        (rec.cache_key, rec.model_fingerprint, rec.output_text, rec.finish_reason,
-                         rec.prompt_tokens, rec.completion_tokens, rec.latency_s, rec.cost, created))
-                    if rec.output_tools_json:
-                        cursor.execute("update completion_cache set output_tools_json = ? where key = ?",
-                                       (rec.output_tools_json, rec.cache_key))
         return written
 
     def cache_completions(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Add completions made outside an eval (e.g. a proposer's) to the completion cache."""
+        """Add completions to the completion cache (the one writer of `completion_cache`: the harness
+        calls it the moment a model call returns, before grading and commit). A row with an `error`
+        is not cached; a key already cached keeps its first answer."""
         created = now()
         with self.transaction():
             self.db.conn.executemany(
                 "insert or ignore into completion_cache (key, model_fingerprint, output_text, finish_reason,"
-                " prompt_tokens, completion_tokens, latency_s, cost, created_at) values (?,?,?,?,?,?,?,?,?)",
+                " prompt_tokens, completion_tokens, latency_s, cost, output_tools_json, created_at)"
+                " values (?,?,?,?,?,?,?,?,?,?)",
                 [(r["key"], r["model_fingerprint"], r["output_text"], r.get("finish_reason"),
                   r.get("prompt_tokens", 0), r.get("completion_tokens", 0), r.get("latency_s", 0.0),
-                  r.get("cost", 0.0), created) for r in rows])
+                  r.get("cost", 0.0), r.get("output_tools_json"), created) for r in rows if not r.get("error")])
+
+    # Requests being generated right now: a second run of the same eval waits for their answers
+    # (`completion_claims`; a claim whose lease ran out, or whose owner `release`d it, is free).
+    def claim_completions(self, keys: Sequence[str], owner: str, lease_s: float) -> tuple[set[str], dict[str, str]]:
+        """Claim the cache keys not cached and not claimed by another live owner, for `lease_s` seconds.
+        Returns the keys now `owner`'s and, for the others not cached, the owner holding each."""
+        mine: set[str] = set()
+        theirs: dict[str, str] = {}
+        moment, until = now(), later(lease_s)
+        with self.transaction():
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                self.db.conn.execute(f"delete from completion_claims where key in ({marks}) and expires_at < ?",
+                                     [*chunk, moment])
+                cached = {k for (k,) in self.db.conn.execute(
+                    f"select key from completion_cache where key in ({marks})", chunk)}
+                self.db.conn.executemany(
+                    "insert or ignore into completion_claims (key, owner, expires_at) values (?,?,?)",
+                    [(k, owner, until) for k in chunk if k not in cached])
+                for key, holder in self.db.conn.execute(
+                        f"select key, owner from completion_claims where key in ({marks})", chunk):
+                    if key in cached:
+                        continue
+                    if holder == owner:
+                        mine.add(key)
+                    else:
+                        theirs[key] = holder
+        return mine, theirs
+
+    def renew_completion_claims(self, owner: str, lease_s: float) -> None:
+        """Extend every claim `owner` holds by `lease_s` seconds from now."""
+        with self.transaction():
+            self.db.conn.execute("update completion_claims set expires_at = ? where owner = ?", [later(lease_s), owner])
+
+    def release_completion_claims(self, owner: str, keys: Sequence[str] | None = None) -> None:
+        """Drop `owner`'s claims (those on `keys`, or all): their answers are cached, or will not come."""
+        with self.transaction():
+            if keys is None:
+                self.db.conn.execute("delete from completion_claims where owner = ?", [owner])
+            else:
+                self.db.conn.executemany("delete from completion_claims where owner = ? and key = ?",
+                                         [(owner, k) for k in keys])
 
     def add_grades(self, rows: Sequence[dict[str, Any]]) -> None:
         """Add grade rows to stored samples (e.g. self-consistency of unlabelled captures); a grade
