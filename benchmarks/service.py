@@ -109,6 +109,7 @@ def switches(n: int, threads: int = 4) -> None:
     from flywheel.service import aliases
     from flywheel.service.serving import create_alias_app
     from flywheel.store import Store
+    from flywheel.store.service import AliasTarget
     from flywheel.web import BackgroundServer
 
     folder = Path(tempfile.mkdtemp(prefix="service-bench-"))
@@ -136,7 +137,8 @@ def switches(n: int, threads: int = 4) -> None:
         time.sleep(0.2)
         aliases.promote(store, who="bench", why=f"switch {i}", test="benchmark")
         time.sleep(0.2)
-        aliases.rollback(store, who="bench", why=f"back {i}")
+        aliases.rollback(store, who="bench", why=f"back {i}")  # idles candidate on production's target
+        aliases.set_alias(store, "candidate", AliasTarget("local:smollm2", "Short."), who="bench", why="next")
     stop.set()
     for worker in workers:
         worker.join()
@@ -154,10 +156,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round-trips", type=int, default=400)
     parser.add_argument("--switches", type=int, default=20)
+    parser.add_argument("--part", choices=["all", "overhead", "switches"], default="all")
     args = parser.parse_args()
     print(f"load average before: {load()}")
-    overhead(args.round_trips)
-    switches(args.switches)
+    if args.part in ("all", "overhead"):
+        overhead(args.round_trips)
+    if args.part in ("all", "switches"):
+        switches(args.switches)
 
 
 if __name__ == "__main__":
