@@ -8,6 +8,6 @@ from __future__ import annotations
 
 # Importing a command module registers its commands on `main`.
 from flywheel.cli.common import main
-from flywheel.cli import captures, exchange, gate, graders, keys, optimize, rescue, runs, serve, train, wheel  # noqa: F401
+from flywheel.cli import captures, exchange, gate, graders, keys, optimize, rescue, runs, serve, service, train, wheel  # noqa: F401
 
 __all__ = ["main"]

@@ -24,14 +24,25 @@ from flywheel.store import default_db_path
               show_default=True, help="With --api: what a keyless client on this machine may do (docs/security.md).")
 @click.option("--providers", default=None, type=click.Path(dir_okay=False, exists=True),
               help="With --api: the models API callers may name (local bases, openai: providers; docs/security.md).")
+@click.option("--flywheel", "service_yaml", default=None, type=click.Path(dir_okay=False),
+              help="Run the service of this service.yaml (proxy, alias models, API + dashboard, laps; docs/service.md).")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="With --api: a Host name clients use (repeatable; default: loopback names, or the bind address).")
 @db_option
 def serve_command(host, port, review, reviewer, api, workers, rate_limit, rate_burst, worker_processes,
-                  loopback_role, providers, allowed_hosts, db):
+                  loopback_role, providers, allowed_hosts, db, service_yaml=None):
     """Browse runs, compare iterations and (with --review) record reviews in a local web app; with --api
-    also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md)."""
+    also serve the platform's Files/Evals/Fine-tuning API under /v1 (docs/api.md); with --flywheel run
+    the service that turns the wheel by itself (docs/service.md)."""
     import os
+
+    if service_yaml:
+        from flywheel.service.run import serve_flywheel
+        from flywheel.service.spec import load_service_spec
+
+        serve_flywheel(load_service_spec(service_yaml), on_ready=lambda urls: echo(
+            "service: " + ", ".join(f"{k} {v}" for k, v in urls.items()) + " (Ctrl-C stops)", err=True))
+        return
 
     from flywheel.report.review_app import serve_reports
     from flywheel.web import is_loopback
