@@ -281,7 +281,7 @@ def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path,
         resumes = [r for r in store.training_events(training_job["id"]) if r["type"] == "resume"]
         assert [json.loads(r["data_json"])["from_step"] for r in resumes] == [saved]
         final = store.get_checkpoint(store.api_get("api_fine_tuning_jobs", job.id)["checkpoint_id"])
-        assert json.loads(final["metrics_json"])["resumed_from_step"] == saved
+        assert final.metrics["resumed_from_step"] == saved
     finally:
         store.close()
 

@@ -55,7 +55,7 @@ def test_a_variant_trains_is_saved_and_evaluation_loads_it(tmp_path, tiny_model_
     folder = Path(result.checkpoint.path)
     saved = json.loads((folder / "adapter_config.json").read_text())
     assert saved[variant] is True and saved["use_dora" if variant == "use_rslora" else "use_rslora"] is False
-    assert json.loads(store.get_checkpoint(result.checkpoint.id)["config_json"])["lora"][variant] is True
+    assert store.get_checkpoint(result.checkpoint.id).config["lora"][variant] is True
     # evaluation loaded it: one valid iteration of the checkpoint's model
     [valid] = result.evals
     assert valid.split == "valid" and valid.n == 6

@@ -75,7 +75,7 @@ def test_one_adapter_on_two_evals_evaluated_on_each(tmp_path, tiny_model_dir):
         assert len(systems) == 4 * 2 + 4  # 4 train items each; the first eval twice
         assert systems.count("Say the label of this banking question.") == 4  # each row keeps its eval's prompt
         stored = store.get_checkpoint(result["checkpoint"]["id"])
-        evals = json.loads(stored["eval_json"])
+        evals = stored.evals
         assert set(evals["by_eval"]) == {"first", "second"} and evals["valid"]["iteration_id"] == \
             evals["by_eval"]["first"]["valid"]["iteration_id"]
         assert evals["by_eval"]["second"]["valid"]["iteration_id"] != evals["valid"]["iteration_id"]

@@ -15,7 +15,7 @@ from flywheel.cli import main
 from flywheel.errors import SpecError
 from flywheel.spec import load_eval_spec
 from flywheel.train import TrainRequest, TrainResult, run
-from flywheel.train.checkpoints import Checkpoint
+from flywheel.store import Checkpoint
 from flywheel.train.launch import LaunchSpec
 from flywheel.errors import TrainingError
 from flywheel.train.local import SplitEval

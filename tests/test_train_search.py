@@ -169,7 +169,7 @@ def test_grid_enumerates_every_combination_and_records_each_trial(captured):
         job = store.db["training_jobs"].get(row["job_id"])
         ckpt = store.get_checkpoint(row["checkpoint_id"])
         assert job["status"] == "succeeded" and job["checkpoint_id"] == row["checkpoint_id"]
-        config = json.loads(ckpt["config_json"])
+        config = ckpt.config
         assert (config["lora"]["r"], config["learning_rate"]) == (trial.params["lora.r"], trial.params["learning_rate"])
         assert json.loads(row["params_json"]) == trial.params and row["state"] == "complete"
         assert store.get_iteration(row["valid_iteration_id"])["split"] == "valid"
@@ -307,7 +307,7 @@ def test_a_dpo_search_over_beta_from_an_sft_checkpoint(tmp_path, tiny_model_dir,
     assert sorted(t.params["beta"] for t in result.trials) == [0.05, 0.5]
     for trial in result.trials:
         ckpt = store.get_checkpoint(trial.checkpoint_id)
-        assert ckpt["parent_id"] == sft.checkpoint.id and json.loads(ckpt["config_json"])["beta"] == trial.params["beta"]
+        assert ckpt.parent_id == sft.checkpoint.id and ckpt.config["beta"] == trial.params["beta"]
     assert result.checkpoint is not None and result.checkpoint.method == "dpo"
 
 
@@ -387,7 +387,7 @@ def test_a_search_with_validation_prunes_on_eval_loss_and_compares_each_trials_b
         valid_losses = {p["step"]: p["valid_loss"] for p in points if "valid_loss" in p}
         assert sorted(valid_losses) == [2, 4, 6] and trial.loss == pytest.approx(valid_losses[6])
         job = store.get_training_job(trial.job_id)
-        saved = [load_checkpoint(store, row["id"]) for row in store.job_checkpoints(trial.job_id)]
+        saved = [load_checkpoint(store, c.id) for c in store.job_checkpoints(trial.job_id)]
         assert [c.step for c in saved] == [2, 4, 6] and all("valid_score" in c.metrics for c in saved)
         chosen, _ = best_of_job(saved)
         assert trial.checkpoint_id == job["checkpoint_id"] == chosen.id

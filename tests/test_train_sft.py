@@ -45,13 +45,13 @@ def test_loss_falls_and_the_adapter_changes(trained):
 def test_checkpoint_is_registered_with_lineage(trained):
     spec, store, result = trained
     ckpt = result.checkpoint
-    row = store.get_checkpoint(ckpt.id)
-    assert row["base_model"] == spec.model and row["method"] == "sft" and row["backend"] == "local"
+    stored = store.get_checkpoint(ckpt.id)
+    assert stored.base_model == spec.model and stored.method == "sft" and stored.backend == "local"
     ts = store.db.execute("select content_hash, n_rows from training_sets where id = ?",
-                          [row["training_set_id"]]).fetchone()
-    assert ts == (row["training_set_hash"], 6)
-    assert json.loads(row["config_json"])["lora"]["r"] == 16
-    assert json.loads(row["metrics_json"])["last_loss"] == result.metrics["last_loss"]
+                          [stored.training_set_id]).fetchone()
+    assert ts == (stored.training_set_hash, 6)
+    assert stored.config["lora"]["r"] == 16
+    assert stored.metrics["last_loss"] == result.metrics["last_loss"]
     job = store.db.execute("select status, checkpoint_id from training_jobs where id = ?", [result.job_id]).fetchone()
     assert job == ("succeeded", ckpt.id)
     folder = Path(ckpt.path)
@@ -59,7 +59,7 @@ def test_checkpoint_is_registered_with_lineage(trained):
     assert (folder / "adapter_config.json").exists() and (folder / "flywheel_checkpoint.json").exists()
     assert not (folder / "ref").exists()  # only the trained adapter is saved
     lineage = json.loads((folder / "flywheel_checkpoint.json").read_text())
-    assert lineage["training_set_hash"] == row["training_set_hash"]
+    assert lineage["training_set_hash"] == stored.training_set_hash
 
 
 def test_the_adapter_loads_and_is_evaluated_as_a_new_iteration(trained):
@@ -75,7 +75,7 @@ def test_the_adapter_loads_and_is_evaluated_as_a_new_iteration(trained):
     assert parent["model_ref"] == spec.model and parent["split"] == "valid"
     assert iteration["decision"] in ("promoted", "rejected") and "McNemar" in iteration["reason"]
     assert valid.n == 6 and valid.ci[0] - 1e-9 <= valid.score <= valid.ci[1] + 1e-9
-    assert json.loads(store.get_checkpoint(result.checkpoint.id)["eval_json"])["valid"]["iteration_id"] == valid.iteration_id
+    assert store.get_checkpoint(result.checkpoint.id).evals["valid"]["iteration_id"] == valid.iteration_id
 
 
 def test_adapter_on_the_wrong_base_is_refused(trained, smollm2_dir):

@@ -24,7 +24,7 @@ from flywheel.distill import capture
 from flywheel.spec import SpecError
 from flywheel.store import Store
 from flywheel.train import SFTSpec, TrainingDataError, TrainingError, build_sft_set, register_checkpoint
-from flywheel.train.checkpoints import Checkpoint
+from flywheel.store import Checkpoint
 from flywheel.train.config import EarlyStoppingSpec
 from flywheel.train.methods import load_train_config
 from flywheel.train.sft import train_sft
@@ -66,16 +66,16 @@ def test_valid_loss_is_stored_beside_the_train_loss(validated):
 
 def test_every_saved_step_is_a_registered_checkpoint_with_losses_and_score(validated):
     spec, store, result = validated
-    rows = store.job_checkpoints(result.job_id)
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    for row in rows:
-        m = json.loads(row["metrics_json"])
+    checkpoints = store.job_checkpoints(result.job_id)
+    assert [c.step for c in checkpoints] == [2, 4, 6]
+    for checkpoint in checkpoints:
+        m = checkpoint.metrics
         assert m["train_loss"] > 0 and m["valid_loss"] > 0
         assert m["valid_n"] == 3 and 0.0 <= m["valid_score"] <= 1.0
         iteration = store.get_iteration(m["valid_iteration_id"])
         assert iteration["stage"] == "validation" and iteration["split"] == "valid"
-        assert iteration["model_ref"] == row["model_ref"] and iteration["n"] == 3
-        assert Path(row["path"], "adapter_config.json").is_file()  # keep: all
+        assert iteration["model_ref"] == checkpoint.model_ref and iteration["n"] == 3
+        assert Path(checkpoint.path, "adapter_config.json").is_file()  # keep: all
     scores = [p for p in _validation_events(store, result.job_id) if "valid_score" in p]
     assert [p["step"] for p in scores] == [2, 4, 6] and all(p["checkpoint_id"] for p in scores)
     assert [c["step"] for c in result.checkpoints] == [2, 4, 6]
@@ -84,14 +84,14 @@ def test_every_saved_step_is_a_registered_checkpoint_with_losses_and_score(valid
 
 def test_the_job_returns_its_best_checkpoint_and_drops_its_trainer_folder(validated):
     spec, store, result = validated
-    checkpoints = [Checkpoint.from_row(r) for r in store.job_checkpoints(result.job_id)]
+    checkpoints = store.job_checkpoints(result.job_id)
     best, why = choose_best(checkpoints)
     assert result.checkpoint.id == best.id and result.best_reason == why
     job = store.get_training_job(result.job_id)
     assert job["status"] == "succeeded" and job["checkpoint_id"] == best.id
     assert job["stop_reason"] == "end of the schedule" and result.stop_reason is None
     assert not Path(job["output_dir"]).exists()  # optimizer states go once the job succeeded
-    last = json.loads(store.get_checkpoint(checkpoints[-1].id)["metrics_json"])
+    last = store.get_checkpoint(checkpoints[-1].id).metrics
     assert last["steps"] == 6  # the run's summary joins the last checkpoint's row
     assert last["train_loss"] == result.metrics["last_loss"]  # its own step's loss, not the run's mean
     lines = "\n".join(result.summary_lines())
@@ -118,15 +118,15 @@ def test_best_is_chosen_by_the_score_not_by_the_loss_and_keep_prunes_folders_not
     assert store.get_training_job(job_id)["status"] == "running"  # intermediate checkpoints
     best, why, pruned = validation.finish()
     assert best.step == 4 and "highest valid score 0.75" in why
-    rows = {r["step"]: r for r in store.job_checkpoints(job_id)}
-    assert len(rows) == 3 and len(pruned) == 2  # every row stays, with its metrics
-    assert rows[4]["pruned_at"] is None and Path(rows[4]["path"]).is_dir()
+    by_step = {c.step: c for c in store.job_checkpoints(job_id)}
+    assert len(by_step) == 3 and len(pruned) == 2  # every row stays, with its metrics
+    assert by_step[4].pruned_at is None and Path(by_step[4].path).is_dir()
     for step in (2, 6):
-        assert rows[step]["pruned_at"] and not Path(rows[step]["path"]).exists()
-        assert json.loads(rows[step]["metrics_json"])["valid_loss"] == measured[step][0]
+        assert by_step[step].pruned_at and not Path(by_step[step].path).exists()
+        assert by_step[step].metrics["valid_loss"] == measured[step][0]
     assert store.get_training_job(job_id)["checkpoint_id"] == best.id
     # Without scores, the lowest valid loss wins; without either, the last step.
-    plain = [Checkpoint.from_row(r) for r in store.job_checkpoints(job_id)]
+    plain = store.job_checkpoints(job_id)
     for c in plain:
         c.metrics.pop("valid_score")
     assert choose_best(plain)[0].step == 6
@@ -167,9 +167,9 @@ def test_keep_n_keeps_the_n_best(store):
                             step=step, finish_job=False)
     from flywheel.train.validation import prune_checkpoints
 
-    checkpoints = [Checkpoint.from_row(r) for r in store.job_checkpoints(job_id)]
+    checkpoints = store.job_checkpoints(job_id)
     pruned = prune_checkpoints(store, checkpoints, "2")
-    kept = [r["step"] for r in store.job_checkpoints(job_id) if not r["pruned_at"]]
+    kept = [c.step for c in store.job_checkpoints(job_id) if not c.pruned_at]
     assert kept == [2, 3] and len(pruned) == 2
 
 
@@ -341,9 +341,9 @@ def test_a_job_killed_with_sigkill_resumes_from_its_last_saved_step(tmp_path, ti
              if e["type"] == "metrics" and "loss" in json.loads(e["data_json"])]
     assert after[0] == resume["from_step"] + 1  # not from step 1: the optimizer, schedule and data position resumed
     assert data["metrics"]["resumed_from_step"] == resume["from_step"]
-    steps = [r["step"] for r in store.job_checkpoints(job_id)]
+    steps = [c.step for c in store.job_checkpoints(job_id)]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # one row per saved step, none registered twice
-    assert sum(1 for r in store.job_checkpoints(job_id) if not r["pruned_at"]) == 2  # keep: 2
+    assert sum(1 for c in store.job_checkpoints(job_id) if not c.pruned_at) == 2  # keep: 2
     assert store.get_training_job(job_id)["status"] == "succeeded"
     again = subprocess.run([*command, "--resume", job_id], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1 and f"job {job_id} already finished" in again.stderr
@@ -381,7 +381,7 @@ def test_the_same_call_after_a_crash_resumes_the_unfinished_job(tmp_path, tiny_m
     after = [json.loads(e["data_json"])["step"] for e in trail[kinds.index("resume"):]
              if e["type"] == "metrics" and "loss" in json.loads(e["data_json"])]
     assert after == [3, 4, 5, 6]
-    assert [r["step"] for r in store.job_checkpoints(job[0])] == [2, 4, 6]
+    assert [c.step for c in store.job_checkpoints(job[0])] == [2, 4, 6]
     assert store.get_training_job(job[0])["status"] == "succeeded"
     with pytest.raises(TrainingError, match=f"job {job[0]} already finished"):
         train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True,

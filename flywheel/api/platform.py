@@ -31,11 +31,11 @@ def model_for(store: Store, model: str, project: str) -> str:
         rows, _ = list_owned(store, "api_fine_tuning_jobs", project, limit=1, where={"fine_tuned_model": name})
         training_job_id = rows[0].get("training_job_id") if rows else None
         found = [c for c in (store.job_checkpoints(training_job_id) if training_job_id else [])
-                 if c.get("step") == int(step) and not c.get("pruned_at")]
+                 if c.step == int(step) and not c.pruned_at]
         if not found:
             raise FlywheelError(f"no fine-tuned model checkpoint {model!r} on this server (pruned or never saved)")
-        return found[-1]["model_ref"]
+        return found[-1].model_ref
     rows, _ = list_owned(store, "api_fine_tuning_jobs", project, limit=1, where={"fine_tuned_model": model})
     if not rows or not rows[0]["checkpoint_id"]:
         raise FlywheelError(f"no fine-tuned model {model!r} on this server")
-    return store.get_checkpoint(rows[0]["checkpoint_id"])["model_ref"]
+    return store.get_checkpoint(rows[0]["checkpoint_id"]).model_ref

@@ -127,7 +127,7 @@ def delete_captures(store: Store, *, ids: list[int] | tuple[int, ...] = (), meta
                 result.exports.append({"id": row["id"], "path": row["path"], "rows_removed": removed, "rows_left": left})
                 if not dry_run:
                     store.update_export(row["id"], n_rows=left)
-    result.checkpoints = [c["id"] for c in store.checkpoints_trained_on(affected_sets)]
+    result.checkpoints = [c.id for c in store.checkpoints_trained_on(affected_sets)]
     if dry_run:
         return result
     for report in reports:

@@ -101,16 +101,16 @@ def resolve_run_ids(store: Store, ids: Sequence[str]) -> list[str]:
         if row is None:
             out.append(given)
             continue
-        evals = json.loads(row.get("eval_json") or "{}")
+        evals = row.evals
         runs = [store.get_iteration(e[key])["run_id"] for split in ("valid", "test") if (e := evals.get(split))
                 for key in ("parent_iteration_id", "iteration_id") if e.get(key)]
-        job = store.get_training_job(row["job_id"]) if row.get("job_id") else {}
+        job = store.get_training_job(row.job_id) if row.job_id else {}
         if not runs and job.get("checkpoint_id") and job["checkpoint_id"] != checkpoint_id:
-            raise StoreError(f"{store.path}: checkpoint {checkpoint_id!r} (step {row.get('step')}) is not the one its "
+            raise StoreError(f"{store.path}: checkpoint {checkpoint_id!r} (step {row.step}) is not the one its "
                              f"job chose; report that one: flywheel report {job['checkpoint_id']}")
         if not runs:
             raise StoreError(f"{store.path}: checkpoint {checkpoint_id!r} was not evaluated after training; "
-                             f"run flywheel eval SPEC --model {row['model_ref']} and report that run")
+                             f"run flywheel eval SPEC --model {row.model_ref} and report that run")
         out += [r for r in dict.fromkeys(runs) if r not in out]
     return out
 

@@ -40,11 +40,11 @@ def job_curves(store: Store, job_id: str) -> dict[str, Any]:
             valid[step] = float(data["valid_loss"])
     job = store.get_training_job(job_id)
     checkpoints = []
-    for row in store.job_checkpoints(job_id):
-        metrics = json.loads(row["metrics_json"] or "{}")
-        checkpoints.append({"id": row["id"], "step": row.get("step"), "train_loss": metrics.get("train_loss"),
+    for checkpoint in store.job_checkpoints(job_id):
+        metrics = checkpoint.metrics
+        checkpoints.append({"id": checkpoint.id, "step": checkpoint.step, "train_loss": metrics.get("train_loss"),
                             "valid_loss": metrics.get("valid_loss"), "valid_score": metrics.get("valid_score"),
-                            "pruned": bool(row.get("pruned_at")), "best": row["id"] == job.get("checkpoint_id")})
+                            "pruned": bool(checkpoint.pruned_at), "best": checkpoint.id == job.get("checkpoint_id")})
     return {"job_id": job_id, "method": job["method"], "status": job["status"], "stop_reason": job.get("stop_reason"),
             "train": sorted(train.items()), "valid": sorted(valid.items()), "checkpoints": checkpoints}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, new_id, now
+from flywheel.store.rows import Checkpoint
 
 
 class PrivacyStore(StoreBase):
@@ -105,7 +106,7 @@ class PrivacyStore(StoreBase):
         return [r[0] for r in self.db.execute(f"select id from captures where {' and '.join(where)} order by id",
                                               params)]
 
-    def checkpoints_trained_on(self, set_ids: Sequence[str]) -> list[dict[str, Any]]:
+    def checkpoints_trained_on(self, set_ids: Sequence[str]) -> list[Checkpoint]:
         """Checkpoints trained on any of these sets, and every checkpoint trained on top of them."""
         found: dict[str, dict[str, Any]] = {}
         frontier = list(self.db["checkpoints"].rows_where(
@@ -116,7 +117,7 @@ class PrivacyStore(StoreBase):
             ids = [r["id"] for r in frontier]
             frontier = [r for r in self.db["checkpoints"].rows_where(
                 f"parent_id in ({','.join('?' * len(ids))})", ids) if r["id"] not in found]
-        return sorted(found.values(), key=lambda r: r["created_at"] or "")
+        return [Checkpoint.from_row(r) for r in sorted(found.values(), key=lambda r: r["created_at"] or "")]
 
     def delete_captures(self, capture_ids: Sequence[int], deletion: dict[str, Any],
                         checkpoint_ids: Sequence[str], items: Iterable[tuple[str, str]] = ()) -> dict[str, int]:

@@ -9,7 +9,8 @@ a sample aliased `s`, for aggregates. tests/test_store_rows.py checks that both 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 @dataclass
@@ -95,3 +96,44 @@ class ApiRunName:
     object_id: str
     name: str | None
     model: str | None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A registered checkpoint (a `checkpoints` row): a trained adapter or hosted fine-tuned model with
+    its lineage. `config`, `metrics` and `evals` are its JSON columns, parsed."""
+
+    id: str
+    method: str
+    backend: str
+    model_ref: str
+    base_model: str
+    path: str | None
+    adapter_hash: str | None
+    training_set_id: str | None
+    training_set_hash: str | None
+    parent_id: str | None
+    job_id: str | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    evals: dict[str, Any]
+    created_at: str | None = None
+    step: int | None = None  # the training step it was saved at (None: saved once, at the end)
+    pruned_at: str | None = None  # when its adapter folder was removed (`keep`), else None
+    trained_on_deleted: str | None = None  # the deletion that removed items it was trained on, if any
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Checkpoint":
+        """The checkpoint of a `checkpoints` row (a dict from sqlite-utils)."""
+        return cls(id=row["id"], method=row["method"], backend=row["backend"], model_ref=row["model_ref"],
+                   base_model=row["base_model"], path=row["path"], adapter_hash=row["adapter_hash"],
+                   training_set_id=row["training_set_id"], training_set_hash=row["training_set_hash"],
+                   parent_id=row["parent_id"], job_id=row["job_id"],
+                   config=json.loads(row["config_json"] or "{}"), metrics=json.loads(row["metrics_json"] or "{}"),
+                   evals=json.loads(row["eval_json"] or "{}"), created_at=row["created_at"],
+                   step=row.get("step"), pruned_at=row.get("pruned_at"),
+                   trained_on_deleted=row.get("trained_on_deleted"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as a JSON-ready dict."""
+        return asdict(self)

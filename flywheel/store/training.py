@@ -10,6 +10,7 @@ from typing import Any
 from flywheel import killpoints
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, new_id, now
+from flywheel.store.rows import Checkpoint
 
 
 class TrainingStore(StoreBase):
@@ -125,19 +126,20 @@ class TrainingStore(StoreBase):
                               [model_ref]).fetchone()
         return row[0] if row else None
 
-    def get_checkpoint(self, checkpoint_id: str) -> dict[str, Any]:
-        rows = list(self.db["checkpoints"].rows_where("id = ?", [checkpoint_id]))
-        if not rows:
+    def get_checkpoint(self, checkpoint_id: str) -> Checkpoint:
+        """The checkpoint `checkpoint_id`; StoreError when there is none."""
+        checkpoint = self.checkpoint_row(checkpoint_id)
+        if checkpoint is None:
             raise StoreError(f"{self.path}: no checkpoint {checkpoint_id!r}")
-        return rows[0]
+        return checkpoint
 
-    def checkpoint_row(self, checkpoint_id: str) -> dict[str, Any] | None:
-        """The checkpoint's row, or None when there is no such checkpoint."""
+    def checkpoint_row(self, checkpoint_id: str) -> Checkpoint | None:
+        """The checkpoint `checkpoint_id`, or None when there is no such checkpoint."""
         rows = list(self.db["checkpoints"].rows_where("id = ?", [checkpoint_id], limit=1))
-        return rows[0] if rows else None
+        return Checkpoint.from_row(rows[0]) if rows else None
 
     def find_checkpoint(self, *, method: str, training_set_hash: str, config_json: str,
-                        base_model: str) -> dict[str, Any] | None:
+                        base_model: str) -> Checkpoint | None:
         """The newest checkpoint trained by `method` on this set with this config from this base: the
         one its job chose (a job saving every N steps registers several; a job killed part-way chose
         none), or the one checkpoint of a job that saves no steps (no `output_dir`): registered only
@@ -147,16 +149,16 @@ class TrainingStore(StoreBase):
             " (select checkpoint_id from training_jobs where status = 'succeeded' and checkpoint_id is not null)"
             " or job_id in (select id from training_jobs where backend = 'local' and output_dir is null))",
             [method, training_set_hash, config_json, base_model], order_by="created_at desc", limit=1))
-        return rows[0] if rows else None
+        return Checkpoint.from_row(rows[0]) if rows else None
 
     def update_checkpoint(self, checkpoint_id: str, **fields: Any) -> None:
         with self.transaction():
             self.db["checkpoints"].update(checkpoint_id, fields)
 
-    def job_checkpoints(self, job_id: str) -> list[dict[str, Any]]:
+    def job_checkpoints(self, job_id: str) -> list[Checkpoint]:
         """A training job's checkpoints, pruned ones included, by step (then creation)."""
-        return list(self.db.query("select * from checkpoints where job_id = ? order by coalesce(step, 0), created_at",
-                                  [job_id]))
+        return [Checkpoint.from_row(row) for row in self.db.query(
+            "select * from checkpoints where job_id = ? order by coalesce(step, 0), created_at", [job_id])]
 
     def create_training_search(self, **fields: Any) -> str:
         search_id = fields.pop("id", None) or new_id(f"search-{fields.get('method', 'train')}")

@@ -15,7 +15,8 @@ and nowhere else), `checkpoints.py` registers adapters, `local.py` is the shared
 from __future__ import annotations
 
 from flywheel.errors import TrainingError
-from flywheel.train.checkpoints import Checkpoint, CheckpointError, load_checkpoint, register_checkpoint
+from flywheel.store import Checkpoint
+from flywheel.train.checkpoints import CheckpointError, load_checkpoint, register_checkpoint
 from flywheel.train.config import DPOSpec, LoraSpec, RFTSpec, SFTSpec, TrainConfig
 from flywheel.train.formats import TrainingDataError, TrainingSet, load_training_file, to_hf_dataset
 from flywheel.train.methods import METHODS, TrainingMethod, load_train_config, training_method

@@ -18,52 +18,17 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError
-from flywheel.store import Store, new_id
+from flywheel.store import Checkpoint, Store, new_id
 
 LINEAGE_FILE = "flywheel_checkpoint.json"
 
 
 class CheckpointError(FlywheelError):
     """A checkpoint could not be saved or found; nothing was registered."""
-
-
-@dataclass
-class Checkpoint:
-    id: str
-    method: str
-    backend: str
-    model_ref: str
-    base_model: str
-    path: str | None
-    adapter_hash: str | None
-    training_set_id: str | None
-    training_set_hash: str | None
-    parent_id: str | None
-    job_id: str | None
-    config: dict[str, Any]
-    metrics: dict[str, Any]
-    evals: dict[str, Any]
-    created_at: str | None = None
-    step: int | None = None
-    pruned_at: str | None = None
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "Checkpoint":
-        return cls(id=row["id"], method=row["method"], backend=row["backend"], model_ref=row["model_ref"],
-                   base_model=row["base_model"], path=row["path"], adapter_hash=row["adapter_hash"],
-                   training_set_id=row["training_set_id"], training_set_hash=row["training_set_hash"],
-                   parent_id=row["parent_id"], job_id=row["job_id"],
-                   config=json.loads(row["config_json"] or "{}"), metrics=json.loads(row["metrics_json"] or "{}"),
-                   evals=json.loads(row["eval_json"] or "{}"), created_at=row["created_at"],
-                   step=row.get("step"), pruned_at=row.get("pruned_at"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def checkpoint_dir(store: Store) -> Path:
@@ -111,7 +76,7 @@ def register_checkpoint(store: Store, *, method: str, base_model: str, save: Cal
             store.insert_checkpoint(row, finish_job=finish_job)
         except Exception as exc:  # noqa: BLE001 - the row is one transaction: nothing was written
             raise CheckpointError(f"{store.path}: cannot register checkpoint {checkpoint_id}: {exc}") from exc
-        return Checkpoint.from_row(store.get_checkpoint(checkpoint_id))
+        return store.get_checkpoint(checkpoint_id)
 
     root = checkpoint_dir(store)
     final = root / checkpoint_id
@@ -138,16 +103,15 @@ def register_checkpoint(store: Store, *, method: str, base_model: str, save: Cal
             raise CheckpointError(f"{exc}; nothing was registered") from exc
         raise CheckpointError(f"saving checkpoint {checkpoint_id} failed ({type(exc).__name__}: {exc}); "
                               "nothing was registered") from exc
-    return Checkpoint.from_row(store.get_checkpoint(checkpoint_id))
+    return store.get_checkpoint(checkpoint_id)
 
 
 def load_checkpoint(store: Store, checkpoint_id: str) -> Checkpoint:
     """A registered checkpoint; its adapter folder must still exist."""
     try:
-        row = store.get_checkpoint(checkpoint_id)
+        checkpoint = store.get_checkpoint(checkpoint_id)
     except FlywheelError as exc:
         raise CheckpointError(str(exc)) from None
-    checkpoint = Checkpoint.from_row(row)
     if checkpoint.path and not Path(checkpoint.path).is_dir():
         raise CheckpointError(f"checkpoint {checkpoint_id}: adapter folder {checkpoint.path} is missing")
     return checkpoint

@@ -297,4 +297,5 @@ def train_hosted(method: str, spec: EvalSpec, store: Store, training_set: Traini
         model_options = {"base_url": backend.base_url, "api_key_env": backend.api_key_env}
         result.evals = evaluate_checkpoint(spec, store, checkpoint, parent_ref=base, splits=splits,
                                            model_options=model_options)
+        result.checkpoint = store.get_checkpoint(checkpoint.id)  # with its evals
     return result

@@ -29,8 +29,8 @@ from typing import Any
 from flywheel.errors import FlywheelError, TrainingError
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
-from flywheel.store import Store
-from flywheel.train.checkpoints import Checkpoint, resolve_base
+from flywheel.store import Checkpoint, Store
+from flywheel.train.checkpoints import resolve_base
 from flywheel.train.config import LoraSpec, TrainConfig, quantization_config, resolve_bf16
 from flywheel.train.datachecks import preflight
 from flywheel.train.formats import TrainingSet
@@ -426,6 +426,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
                          best_reason=best_reason, stop_reason=validation.stop_reason)
     if evaluate:
         result.evals = evaluate_checkpoint(spec, store, checkpoint, parent_ref=base_ref, splits=splits)
+        result.checkpoint = store.get_checkpoint(checkpoint.id)  # with its evals
     return result
 
 
@@ -461,7 +462,8 @@ def evaluate_checkpoint(spec: EvalSpec, store: Store, checkpoint: Checkpoint, *,
 
     The parent's run is usually answered by the completion cache. On `valid` the iteration is
     `promoted` when it beats the parent significantly (paired bootstrap CI or McNemar), else
-    `rejected`; on `test` it is only `reported`. Results are stored on the checkpoint row too."""
+    `rejected`; on `test` it is only `reported`. Results are stored on the checkpoint row too (its
+    `evals`: read it again, `store.get_checkpoint`, to see them)."""
     from flywheel.harness import item_scores, run_eval
     from flywheel.models import load_model
     from flywheel.promotion import describe_test, significantly_better
@@ -505,5 +507,4 @@ def evaluate_checkpoint(spec: EvalSpec, store: Store, checkpoint: Checkpoint, *,
     evals = dict(checkpoint.evals)
     evals.update({e.split: asdict(e) for e in out})
     store.update_checkpoint(checkpoint.id, eval_json=json.dumps(evals, default=str))
-    checkpoint.evals = evals
     return out

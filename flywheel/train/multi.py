@@ -93,5 +93,5 @@ def train_multi(method: str, specs: Sequence[EvalSpec], store: Store, *, base: s
     stored = {e.split: asdict(e) for e in result.evals}
     stored["by_eval"] = {name: {e.split: asdict(e) for e in evals} for name, evals in multi.by_eval.items()}
     store.update_checkpoint(result.checkpoint.id, eval_json=json.dumps(stored, default=str))
-    result.checkpoint.evals = stored
+    result.checkpoint = store.get_checkpoint(result.checkpoint.id)  # with its evals
     return multi

@@ -206,7 +206,7 @@ def _reused(request: TrainRequest, method: TrainingMethod, training_set: Trainin
             base_ref: str, parent_id: str | None):
     """The result an identical earlier job (or, for a search, the same search of this wheel run)
     finished, or None."""
-    from flywheel.train.checkpoints import Checkpoint, load_checkpoint
+    from flywheel.train.checkpoints import load_checkpoint
     from flywheel.train.sets import record_training_set
 
     store, say = request.store, request.log or (lambda line: None)
@@ -227,14 +227,14 @@ def _reused(request: TrainRequest, method: TrainingMethod, training_set: Trainin
         return SearchResult(id=row["id"], method=method.name, sampler=row["sampler"], signal="", metric="",
                             trials=[], best=None, checkpoint=load_checkpoint(store, row["best_checkpoint_id"]),
                             reason=row["reason"], comparisons=[], stopped_by="", wall_s=0.0, budget_s=None)
-    row = store.find_checkpoint(method=method.name, training_set_hash=training_set.content_hash,
-                                config_json=json.dumps(config.model_dump()), base_model=base_ref.split("+", 1)[0])
-    if row is None or row["parent_id"] != parent_id:
+    checkpoint = store.find_checkpoint(method=method.name, training_set_hash=training_set.content_hash,
+                                       config_json=json.dumps(config.model_dump()),
+                                       base_model=base_ref.split("+", 1)[0])
+    if checkpoint is None or checkpoint.parent_id != parent_id:
         return None
-    say(f"reusing {row['id']}, trained before")
-    checkpoint = Checkpoint.from_row(row)
-    return TrainResult(method=method.name, checkpoint=checkpoint, job_id=row["job_id"] or "",
-                       training_set_id=row["training_set_id"] or "", metrics=checkpoint.metrics, reused=True)
+    say(f"reusing {checkpoint.id}, trained before")
+    return TrainResult(method=method.name, checkpoint=checkpoint, job_id=checkpoint.job_id or "",
+                       training_set_id=checkpoint.training_set_id or "", metrics=checkpoint.metrics, reused=True)
 
 
 # -- accelerate launch: every process runs `run` through flywheel.train.worker ---------------------
@@ -275,6 +275,7 @@ def _launch(request: TrainRequest, method: TrainingMethod, training_set: Trainin
     if request.evaluate:
         result.evals = evaluate_checkpoint(request.spec, store, result.checkpoint,
                                            parent_ref=_parent_ref(store, result), splits=request.splits)
+        result.checkpoint = store.get_checkpoint(result.checkpoint.id)  # with its evals
     return result
 
 

@@ -492,6 +492,7 @@ def run_search(method: str, spec: EvalSpec, store: Store, training_set, search: 
         checkpoint = load_checkpoint(store, trials[best].checkpoint_id)
         if "test" in splits:
             [test] = evaluate_checkpoint(spec, store, checkpoint, parent_ref=base_ref, splits=("test",))
+            checkpoint = store.get_checkpoint(checkpoint.id)  # with its evals
     store.update_training_search(
         search_id, status="succeeded" if best is not None else "failed", finished_at=now(), wall_s=wall,
         signal=signal[0], stopped_by=stopped_by, best_trial=best, reason=reason,

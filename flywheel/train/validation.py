@@ -26,8 +26,8 @@ from typing import Any
 
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
-from flywheel.store import Store, now
-from flywheel.train.checkpoints import Checkpoint, register_checkpoint
+from flywheel.store import Checkpoint, Store, now
+from flywheel.train.checkpoints import register_checkpoint
 from flywheel.train.config import EarlyStoppingSpec, TrainConfig
 from flywheel.train.formats import TrainingDataError, TrainingSet, load_training_file
 
@@ -268,7 +268,7 @@ class JobValidation:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def registered_steps(self) -> set[int]:
-        return {row["step"] for row in self.store.job_checkpoints(self.job_id) if row.get("step") is not None}
+        return {c.step for c in self.store.job_checkpoints(self.job_id) if c.step is not None}
 
     def register(self, step: int, save: Callable[[Path], None]) -> Checkpoint | None:
         """Register the adapter saved at `step` (main process), score it on the valid subset, and
@@ -307,11 +307,10 @@ class JobValidation:
         metrics = {**checkpoint.metrics, "valid_score": result.objective, "valid_n": result.n_samples,
                    "valid_iteration_id": result.iteration_id}
         self.store.update_checkpoint(checkpoint.id, metrics_json=json.dumps(metrics, default=str))
-        checkpoint.metrics = metrics
         return result.objective
 
     def checkpoints(self) -> list[Checkpoint]:
-        return [Checkpoint.from_row(row) for row in self.store.job_checkpoints(self.job_id)]
+        return self.store.job_checkpoints(self.job_id)
 
     def finish(self) -> tuple[Checkpoint, str, list[str]]:
         """Choose the best checkpoint, prune per `keep`, mark the job succeeded with it."""

@@ -28,7 +28,7 @@ from flywheel.api.platform import fine_tuned_name, model_for
 from flywheel.api.routes.files import read_file_rows, training_kind
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
-from flywheel.store import Store, now, unix_seconds
+from flywheel.store import Checkpoint, Store, now, unix_seconds
 from flywheel.web import parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
@@ -177,12 +177,12 @@ def create_job(store: Store, body: dict[str, Any], project: str) -> dict[str, An
     return job_object(store, store.api_get("api_fine_tuning_jobs", row["id"]))
 
 
-def checkpoint_object(row: dict[str, Any], checkpoint: dict[str, Any], fine_tuned: str,
+def checkpoint_object(row: dict[str, Any], checkpoint: Checkpoint, fine_tuned: str,
                       final_step: int | None = None) -> dict[str, Any]:
     """A registered step checkpoint as a `fine_tuning.job.checkpoint` with the platform's metrics
     (`full_valid_*` on the last step only)."""
-    metrics = json.loads(checkpoint.get("metrics_json") or "{}")
-    step = checkpoint.get("step") or metrics.get("steps") or 0
+    metrics = checkpoint.metrics
+    step = checkpoint.step or metrics.get("steps") or 0
     shown = {"step": step, "train_loss": metrics.get("train_loss", metrics.get("last_loss"))}
     shown.update({k: metrics[k] for k in ("valid_loss", "full_valid_loss", "full_valid_mean_reward",
                                           "valid_reward_mean") if metrics.get(k) is not None})
@@ -190,8 +190,8 @@ def checkpoint_object(row: dict[str, Any], checkpoint: dict[str, Any], fine_tune
         shown = {k: v for k, v in shown.items() if not k.startswith("full_valid")}
     if metrics.get("mean_reward") is not None:
         shown["train_reward_mean"] = metrics["mean_reward"]
-    return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt_{checkpoint['id']}",
-            "created_at": unix_seconds(checkpoint.get("created_at") or row["finished_at"] or row["created_at"]),
+    return {"object": "fine_tuning.job.checkpoint", "id": f"ftckpt_{checkpoint.id}",
+            "created_at": unix_seconds(checkpoint.created_at or row["finished_at"] or row["created_at"]),
             "fine_tuned_model_checkpoint": f"{fine_tuned}:ckpt-step-{step}",
             "fine_tuning_job_id": row["id"], "step_number": step, "metrics": shown}
 
@@ -200,7 +200,7 @@ def job_checkpoints(store: Store, row: dict[str, Any]) -> list[dict[str, Any]]:
     """The job's kept step checkpoints, newest first, as the platform lists them (while it trains too)."""
     training_job_id = row.get("training_job_id")
     if not training_job_id and row["checkpoint_id"]:  # a job finished before step checkpoints
-        training_job_id = store.get_checkpoint(row["checkpoint_id"]).get("job_id")
+        training_job_id = store.get_checkpoint(row["checkpoint_id"]).job_id
     rows = store.job_checkpoints(training_job_id) if training_job_id else []
     if not rows and row["checkpoint_id"]:
         rows = [store.get_checkpoint(row["checkpoint_id"])]
@@ -212,10 +212,10 @@ def job_checkpoints(store: Store, row: dict[str, Any]) -> list[dict[str, Any]]:
     except FlywheelError:
         fine_tuned = fine_tuned_name(row, row["model"])
     succeeded = store.fine_tuning_status(row["id"]) == "succeeded"
-    final_step = max((r.get("step") or 0) for r in rows) if succeeded else -1
-    kept = [r for r in rows if not r.get("pruned_at")]
-    return [checkpoint_object(row, r, fine_tuned, final_step)
-            for r in sorted(kept, key=lambda r: (r.get("step") or 0, r["created_at"] or ""), reverse=True)]
+    final_step = max((c.step or 0) for c in rows) if succeeded else -1
+    kept = [c for c in rows if not c.pruned_at]
+    return [checkpoint_object(row, c, fine_tuned, final_step)
+            for c in sorted(kept, key=lambda c: (c.step or 0, c.created_at or ""), reverse=True)]
 
 
 def routes(state: "ApiState") -> list[Route]:

@@ -30,8 +30,7 @@ from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
 from flywheel.api.platform import fine_tuned_name, model_for
 from flywheel.api.runners.eval_runs import local_turn
 from flywheel.errors import FlywheelError
-from flywheel.store import Store, now
-from flywheel.train.checkpoints import Checkpoint
+from flywheel.store import Checkpoint, Store, now
 
 RFT_MAX_TOKENS = 64  # completion length while sampling RFT groups (the platform has no such knob)
 
@@ -198,12 +197,12 @@ def rft_validation_metrics(model_ref: str, validation_set, spec) -> dict:
     return {"full_valid_mean_reward": mean, "valid_reward_mean": mean, "valid_rows": len(scores)}
 
 
-def final_checkpoint(store: Store, training_job_id: str) -> dict[str, Any]:
+def final_checkpoint(store: Store, training_job_id: str) -> Checkpoint:
     """The last step's checkpoint of a training job (the job's model, as on the platform)."""
-    rows = store.job_checkpoints(training_job_id)
-    if not rows:
+    checkpoints = store.job_checkpoints(training_job_id)
+    if not checkpoints:
         raise FlywheelError(f"training job {training_job_id} registered no checkpoint")
-    return max(rows, key=lambda r: (r.get("step") or 0, r["created_at"] or ""))
+    return max(checkpoints, key=lambda c: (c.step or 0, c.created_at or ""))
 
 
 def discard_training_folder(store: Store, training_job_id: str | None) -> None:
@@ -277,15 +276,15 @@ class FineTuningRunner:
                                                            training_job_id=job_id)))
                 training_job_id = result.job_id
             final = final_checkpoint(store, training_job_id)
-            stored = json.loads(final.get("metrics_json") or "{}")
+            stored = dict(final.metrics)
             found: dict[str, Any] = {}
             if validation_path and method.validation_loss and stored.get("valid_loss") is not None:
                 found = {"full_valid_loss": stored["valid_loss"]}
             elif validation_path and not method.validation_loss:
                 ctx.event("Scoring the adapter on the validation file.")
-                found = rft_validation_metrics(final["model_ref"], load_training_file(method.name, validation_path),
+                found = rft_validation_metrics(final.model_ref, load_training_file(method.name, validation_path),
                                                spec)
-                step_now = final.get("step") or 0
+                step_now = final.step or 0
                 shown = ", ".join(f"{k}={v:.4g}" for k, v in found.items() if k != "valid_rows")
                 ctx.event(f"Step {step_now}/{step_now}: {shown}", type="metrics", data={
                     "step": step_now, "total_steps": step_now, **found, "scores": {
@@ -293,19 +292,19 @@ class FineTuningRunner:
                             {"name": grader.get("name"), "type": grader.get("type"),
                              "valid_reward_mean": found["valid_reward_mean"]}]}})
             stored.update(found)
-            store.update_checkpoint(final["id"], metrics_json=json.dumps(stored, default=str))
-        prune_checkpoints(store, [Checkpoint.from_row(r) for r in store.job_checkpoints(training_job_id)
-                                  if not r.get("pruned_at")], str(KEEP_CHECKPOINTS), latest=True)
+            store.update_checkpoint(final.id, metrics_json=json.dumps(stored, default=str))
+        prune_checkpoints(store, [c for c in store.job_checkpoints(training_job_id) if not c.pruned_at],
+                          str(KEEP_CHECKPOINTS), latest=True)
         metrics = {k: stored.get(k) for k in ("train_loss", "last_loss", "steps", "mean_reward", "valid_loss",
                                               "full_valid_loss", "full_valid_mean_reward", "valid_reward_mean",
                                               "valid_rows", "resumed_from_step")
                    if stored.get(k) is not None}
         fine_tuned = fine_tuned_name(row, base)
-        store.api_update("api_fine_tuning_jobs", row["id"], fine_tuned_model=fine_tuned, checkpoint_id=final["id"],
+        store.api_update("api_fine_tuning_jobs", row["id"], fine_tuned_model=fine_tuned, checkpoint_id=final.id,
                          training_job_id=training_job_id, metrics_json=json.dumps(metrics),
                          trained_tokens=trained_tokens(stored))
-        ctx.event(f"New fine-tuned model created: {fine_tuned}", data={"checkpoint": final["id"],
-                                                                          "model_ref": final["model_ref"]})
+        ctx.event(f"New fine-tuned model created: {fine_tuned}", data={"checkpoint": final.id,
+                                                                          "model_ref": final.model_ref})
 
     def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
         row = store.api_get("api_fine_tuning_jobs", job["object_id"])
