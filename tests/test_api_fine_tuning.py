@@ -171,7 +171,7 @@ def test_cancel_a_running_job_stops_training(server, tiny_model_dir, tmp_path):
     finally:
         store.close()
     # one status per fine-tune: the training job's; the API never resumes a cancelled job (its trainer state is gone)
-    assert training_job["status"] == "cancelled" and not Path(training_job["output_dir"]).exists()
+    assert training_job.status == "cancelled" and not Path(training_job.output_dir).exists()
 
 
 PAIRS = [{"input": {"messages": [{"role": "user", "content": f"question {i}"}]},

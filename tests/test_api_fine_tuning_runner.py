@@ -245,8 +245,8 @@ def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path,
         # as the dead server left it
         assert store.fine_tuning_status(job.id) == "running" and row["fine_tuned_model"] is None
         training_job = store.get_training_job(row["training_job_id"])
-        saved, _ = last_saved_step(training_job["output_dir"])
-        logged = [json.loads(r["data_json"]) for r in store.training_events(training_job["id"])
+        saved, _ = last_saved_step(training_job.output_dir)
+        logged = [json.loads(r["data_json"]) for r in store.training_events(training_job.id)
                   if r["type"] == "metrics"]
         killed_at = max(d["step"] for d in logged)
     finally:
@@ -277,8 +277,8 @@ def test_a_job_killed_with_the_server_resumes_from_its_last_saved_step(tmp_path,
     store = Store.open(db)
     try:
         training_job = store.get_training_job(store.api_get("api_fine_tuning_jobs", job.id)["training_job_id"])
-        assert training_job["status"] == "succeeded"
-        resumes = [r for r in store.training_events(training_job["id"]) if r["type"] == "resume"]
+        assert training_job.status == "succeeded"
+        resumes = [r for r in store.training_events(training_job.id) if r["type"] == "resume"]
         assert [json.loads(r["data_json"])["from_step"] for r in resumes] == [saved]
         final = store.get_checkpoint(store.api_get("api_fine_tuning_jobs", job.id)["checkpoint_id"])
         assert final.metrics["resumed_from_step"] == saved
@@ -314,7 +314,7 @@ def training_job_status(db, job_id: str) -> str | None:
     store = Store.open(db)
     try:
         training_job_id = store.api_get("api_fine_tuning_jobs", job_id)["training_job_id"]
-        return store.get_training_job(training_job_id)["status"] if training_job_id else None
+        return store.get_training_job(training_job_id).status if training_job_id else None
     finally:
         store.close()
 

@@ -379,7 +379,7 @@ def test_a_search_with_validation_prunes_on_eval_loss_and_compares_each_trials_b
     assert [t.state for t in result.trials] == ["complete", "complete", "pruned"]
     pruned = result.trials[2]
     assert pruned.error.startswith("pruned at step 2: eval_loss") and pruned.steps == 2
-    assert store.get_training_job(pruned.job_id)["status"] == "pruned"
+    assert store.get_training_job(pruned.job_id).status == "pruned"
     assert store.job_checkpoints(pruned.job_id) == []  # pruned at the evaluation, before the step was saved
     # The loss the pruner saw is the job's stored validation loss, not a training loss.
     for trial in result.trials[:2]:
@@ -390,7 +390,7 @@ def test_a_search_with_validation_prunes_on_eval_loss_and_compares_each_trials_b
         saved = [load_checkpoint(store, c.id) for c in store.job_checkpoints(trial.job_id)]
         assert [c.step for c in saved] == [2, 4, 6] and all("valid_score" in c.metrics for c in saved)
         chosen, _ = best_of_job(saved)
-        assert trial.checkpoint_id == job["checkpoint_id"] == chosen.id
+        assert trial.checkpoint_id == job.checkpoint_id == chosen.id
         valid = store.get_iteration(trial.valid_iteration_id)
         assert valid["split"] == "valid" and store.get_run(valid["run_id"])["model_ref"] == chosen.model_ref
     assert result.checkpoint.id == result.trials[result.best].checkpoint_id

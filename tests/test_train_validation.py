@@ -88,9 +88,9 @@ def test_the_job_returns_its_best_checkpoint_and_drops_its_trainer_folder(valida
     best, why = choose_best(checkpoints)
     assert result.checkpoint.id == best.id and result.best_reason == why
     job = store.get_training_job(result.job_id)
-    assert job["status"] == "succeeded" and job["checkpoint_id"] == best.id
-    assert job["stop_reason"] == "end of the schedule" and result.stop_reason is None
-    assert not Path(job["output_dir"]).exists()  # optimizer states go once the job succeeded
+    assert job.status == "succeeded" and job.checkpoint_id == best.id
+    assert job.stop_reason == "end of the schedule" and result.stop_reason is None
+    assert not Path(job.output_dir).exists()  # optimizer states go once the job succeeded
     last = store.get_checkpoint(checkpoints[-1].id).metrics
     assert last["steps"] == 6  # the run's summary joins the last checkpoint's row
     assert last["train_loss"] == result.metrics["last_loss"]  # its own step's loss, not the run's mean
@@ -115,7 +115,7 @@ def test_best_is_chosen_by_the_score_not_by_the_loss_and_keep_prunes_folders_not
         register_checkpoint(store, method="sft", base_model="local:x", save=adapter, training_set_id=None,
                             training_set_hash="h", config={}, metrics={"valid_loss": loss, "valid_score": score},
                             job_id=job_id, step=step, finish_job=False)
-    assert store.get_training_job(job_id)["status"] == "running"  # intermediate checkpoints
+    assert store.get_training_job(job_id).status == "running"  # intermediate checkpoints
     best, why, pruned = validation.finish()
     assert best.step == 4 and "highest valid score 0.75" in why
     by_step = {c.step: c for c in store.job_checkpoints(job_id)}
@@ -124,7 +124,7 @@ def test_best_is_chosen_by_the_score_not_by_the_loss_and_keep_prunes_folders_not
     for step in (2, 6):
         assert by_step[step].pruned_at and not Path(by_step[step].path).exists()
         assert by_step[step].metrics["valid_loss"] == measured[step][0]
-    assert store.get_training_job(job_id)["checkpoint_id"] == best.id
+    assert store.get_training_job(job_id).checkpoint_id == best.id
     # Without scores, the lowest valid loss wins; without either, the last step.
     plain = store.job_checkpoints(job_id)
     for c in plain:
@@ -214,7 +214,7 @@ def test_early_stopping_fires_and_the_cli_prints_why_and_every_checkpoint(tmp_pa
     assert {"id", "train_loss", "valid_loss", "valid_score", "kept", "best"} <= set(data["checkpoints"][0])
     store = Store.open(db)
     job = store.get_training_job(data["job_id"])
-    assert job["stop_reason"] == data["stop_reason"] and job["checkpoint_id"] == data["checkpoint"]["id"]
+    assert job.stop_reason == data["stop_reason"] and job.checkpoint_id == data["checkpoint"]["id"]
     assert [e for e in store.training_events(data["job_id"]) if e["type"] == "stop"]
     store.close()
 
@@ -344,7 +344,7 @@ def test_a_job_killed_with_sigkill_resumes_from_its_last_saved_step(tmp_path, ti
     steps = [c.step for c in store.job_checkpoints(job_id)]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # one row per saved step, none registered twice
     assert sum(1 for c in store.job_checkpoints(job_id) if not c.pruned_at) == 2  # keep: 2
-    assert store.get_training_job(job_id)["status"] == "succeeded"
+    assert store.get_training_job(job_id).status == "succeeded"
     again = subprocess.run([*command, "--resume", job_id], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 1 and f"job {job_id} already finished" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
@@ -382,7 +382,7 @@ def test_the_same_call_after_a_crash_resumes_the_unfinished_job(tmp_path, tiny_m
              if e["type"] == "metrics" and "loss" in json.loads(e["data_json"])]
     assert after == [3, 4, 5, 6]
     assert [c.step for c in store.job_checkpoints(job[0])] == [2, 4, 6]
-    assert store.get_training_job(job[0])["status"] == "succeeded"
+    assert store.get_training_job(job[0]).status == "succeeded"
     with pytest.raises(TrainingError, match=f"job {job[0]} already finished"):
         train_sft(spec, store, training_set, base=spec.model, config=config, evaluate=False, quiet=True,
                   resume=job[0])
@@ -421,7 +421,7 @@ def test_fresh_never_picks_up_another_unfinished_job(tmp_path, tiny_model_dir):
     result = run_local("sft", spec, store, training_set, base=spec.model, config=config, build=build,
                        evaluate=False, quiet=True, fresh=True)
     assert result.job_id != killed and "resumed_from_step" not in result.metrics
-    assert store.get_training_job(killed)["status"] == "failed"
+    assert store.get_training_job(killed).status == "failed"
     resumed = run_local("sft", spec, store, training_set, base=spec.model, config=config, build=build,
                         evaluate=False, quiet=True)  # without fresh, the same call resumes the killed one
     assert resumed.job_id == killed and resumed.metrics["resumed_from_step"] == 2

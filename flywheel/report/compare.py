@@ -94,7 +94,7 @@ def resolve_run_ids(store: Store, ids: Sequence[str]) -> list[str]:
     for given in ids:
         checkpoint_id = given
         if given.startswith("job-"):
-            checkpoint_id = store.get_training_job(given).get("checkpoint_id") or ""
+            checkpoint_id = store.get_training_job(given).checkpoint_id or ""
             if not checkpoint_id:
                 raise StoreError(f"{store.path}: training job {given!r} has no checkpoint (it did not finish)")
         row = None if given.startswith("run-") else store.checkpoint_row(checkpoint_id)
@@ -104,10 +104,10 @@ def resolve_run_ids(store: Store, ids: Sequence[str]) -> list[str]:
         evals = row.evals
         runs = [store.get_iteration(e[key])["run_id"] for split in ("valid", "test") if (e := evals.get(split))
                 for key in ("parent_iteration_id", "iteration_id") if e.get(key)]
-        job = store.get_training_job(row.job_id) if row.job_id else {}
-        if not runs and job.get("checkpoint_id") and job["checkpoint_id"] != checkpoint_id:
+        chosen = store.get_training_job(row.job_id).checkpoint_id if row.job_id else None
+        if not runs and chosen and chosen != checkpoint_id:
             raise StoreError(f"{store.path}: checkpoint {checkpoint_id!r} (step {row.step}) is not the one its "
-                             f"job chose; report that one: flywheel report {job['checkpoint_id']}")
+                             f"job chose; report that one: flywheel report {chosen}")
         if not runs:
             raise StoreError(f"{store.path}: checkpoint {checkpoint_id!r} was not evaluated after training; "
                              f"run flywheel eval SPEC --model {row.model_ref} and report that run")

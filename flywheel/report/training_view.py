@@ -44,8 +44,8 @@ def job_curves(store: Store, job_id: str) -> dict[str, Any]:
         metrics = checkpoint.metrics
         checkpoints.append({"id": checkpoint.id, "step": checkpoint.step, "train_loss": metrics.get("train_loss"),
                             "valid_loss": metrics.get("valid_loss"), "valid_score": metrics.get("valid_score"),
-                            "pruned": bool(checkpoint.pruned_at), "best": checkpoint.id == job.get("checkpoint_id")})
-    return {"job_id": job_id, "method": job["method"], "status": job["status"], "stop_reason": job.get("stop_reason"),
+                            "pruned": bool(checkpoint.pruned_at), "best": checkpoint.id == job.checkpoint_id})
+    return {"job_id": job_id, "method": job.method, "status": job.status, "stop_reason": job.stop_reason,
             "train": sorted(train.items()), "valid": sorted(valid.items()), "checkpoints": checkpoints}
 
 

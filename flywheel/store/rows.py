@@ -137,3 +137,34 @@ class Checkpoint:
     def to_dict(self) -> dict[str, Any]:
         """Its fields as a JSON-ready dict."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """A training job (a `training_jobs` row): local or hosted, running until it registers its chosen
+    checkpoint (`succeeded`), fails, or is pruned by a search. `config_json` is its training config
+    exactly as stored (a job is resumed only with the same text)."""
+
+    id: str
+    created_at: str
+    backend: str
+    method: str
+    status: str
+    base_model: str | None
+    training_set_id: str | None = None
+    config_json: str | None = None
+    finished_at: str | None = None
+    remote_id: str | None = None  # the hosted job's id at its provider
+    error: str | None = None
+    checkpoint_id: str | None = None  # the checkpoint it chose, once succeeded
+    stop_reason: str | None = None  # early stopping or a monitor; None when the schedule ended
+    output_dir: str | None = None  # its resumable trainer state (jobs that save steps)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "TrainingJob":
+        """The job of a `training_jobs` row."""
+        return cls(**{f: row.get(f) for f in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as a JSON-ready dict."""
+        return asdict(self)

@@ -10,7 +10,7 @@ from typing import Any
 from flywheel import killpoints
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, new_id, now
-from flywheel.store.rows import Checkpoint
+from flywheel.store.rows import Checkpoint, TrainingJob
 
 
 class TrainingStore(StoreBase):
@@ -58,21 +58,22 @@ class TrainingStore(StoreBase):
         with self.transaction():
             self.db["training_jobs"].update(job_id, fields)
 
-    def get_training_job(self, job_id: str) -> dict[str, Any]:
+    def get_training_job(self, job_id: str) -> TrainingJob:
+        """The training job `job_id`; StoreError when there is none."""
         rows = list(self.db["training_jobs"].rows_where("id = ?", [job_id]))
         if not rows:
             raise StoreError(f"{self.path}: no training job {job_id!r}")
-        return rows[0]
+        return TrainingJob.from_row(rows[0])
 
     def find_resumable_job(self, *, method: str, training_set_id: str, base_model: str,
-                           config_json: str) -> dict[str, Any] | None:
+                           config_json: str) -> TrainingJob | None:
         """The newest unfinished local job (running or failed) of this method, set, base and config that
         has an output folder: a training run killed part-way, which the same command resumes."""
         rows = list(self.db["training_jobs"].rows_where(
             "backend = 'local' and method = ? and training_set_id = ? and base_model = ? and config_json = ?"
             " and status in ('running', 'failed') and output_dir is not null",
             [method, training_set_id, base_model, config_json], order_by="created_at desc", limit=1))
-        return rows[0] if rows else None
+        return TrainingJob.from_row(rows[0]) if rows else None
 
     def finish_training_job(self, job_id: str, *, checkpoint_id: str, stop_reason: str | None) -> None:
         """Mark a job succeeded with its chosen (best) checkpoint and why it stopped."""

@@ -252,29 +252,29 @@ def _job(store: Store, method: str, training_set: TrainingSet, base_ref: str, co
             job = store.get_training_job(resume)
         except FlywheelError as exc:
             raise TrainingError(str(exc)) from None
-        if job["backend"] != "local" or job["method"] != method:
-            raise TrainingError(f"job {resume} is a {job['backend']} {job['method']} job, not a local {method} job")
-        if job["status"] == "succeeded":
-            raise TrainingError(f"job {resume} already finished: its checkpoint is {job['checkpoint_id']}")
-        if job["training_set_id"] != training_set.id or job["config_json"] != config_json:
-            raise TrainingError(f"job {resume} was trained on {job['training_set_id']} with another config; resume it "
+        if job.backend != "local" or job.method != method:
+            raise TrainingError(f"job {resume} is a {job.backend} {job.method} job, not a local {method} job")
+        if job.status == "succeeded":
+            raise TrainingError(f"job {resume} already finished: its checkpoint is {job.checkpoint_id}")
+        if job.training_set_id != training_set.id or job.config_json != config_json:
+            raise TrainingError(f"job {resume} was trained on {job.training_set_id} with another config; resume it "
                                 "with its own (flywheel train METHOD SPEC --resume JOB, without --data or -s)")
-        saved = last_saved_step(job.get("output_dir"))
+        saved = last_saved_step(job.output_dir)
         if saved is None:
-            raise TrainingError(f"job {resume}: no saved step to resume from in {job.get('output_dir')} (a job is "
+            raise TrainingError(f"job {resume}: no saved step to resume from in {job.output_dir} (a job is "
                                 "resumable when it trains with save_steps)")
-        lock = lock_job_folder(job["output_dir"])
+        lock = lock_job_folder(job.output_dir)
         if lock is None:
             raise TrainingError(f"job {resume} is still training in another process; wait for it, or stop it first")
         return resume, saved, lock
     if config.save_steps and not fresh:
         job = store.find_resumable_job(method=method, training_set_id=training_set.id or "", base_model=base_ref,
                                        config_json=config_json)
-        saved = last_saved_step(job.get("output_dir")) if job else None
+        saved = last_saved_step(job.output_dir) if job else None
         if job and saved:
-            lock = lock_job_folder(job["output_dir"])
+            lock = lock_job_folder(job.output_dir)
             if lock is not None:  # else it is alive in another process: train a job of our own
-                return job["id"], saved, lock
+                return job.id, saved, lock
     job_id = store.create_training_job(backend="local", method=method, training_set_id=training_set.id,
                                        base_model=base_ref, config_json=config_json)
     lock = None

@@ -179,8 +179,8 @@ def resume_point(store: Store, job_id: str | None) -> ResumePoint | None:
         job = store.get_training_job(job_id)
     except FlywheelError:
         return None
-    finished = job["status"] == "succeeded"
-    saved = None if finished else last_saved_step(job.get("output_dir"))
+    finished = job.status == "succeeded"
+    saved = None if finished else last_saved_step(job.output_dir)
     return ResumePoint(job_id, finished, saved[0] if saved else None)
 
 
@@ -190,14 +190,14 @@ def _resume(request: TrainRequest, method: TrainingMethod):
         job = store.get_training_job(job_id)
     except FlywheelError as exc:
         raise TrainingError(str(exc)) from None
-    if job["method"] != method.name or job["backend"] != "local":
-        raise TrainingError(f"job {job_id} is a {job['backend']} {job['method']} job; resume it with "
-                            f"`flywheel train {job['method']} SPEC --resume {job_id}` (local jobs only)")
+    if job.method != method.name or job.backend != "local":
+        raise TrainingError(f"job {job_id} is a {job.backend} {job.method} job; resume it with "
+                            f"`flywheel train {job.method} SPEC --resume {job_id}` (local jobs only)")
     if request.launch.kind == "accelerate":
         return _launch(request, method, None, None)
-    config = method.config.model_validate_json(job["config_json"])
-    training_set = load_training_set(store, job["training_set_id"])
-    return method.train(request.spec, store, training_set, base=job["base_model"], config=config,
+    config = method.config.model_validate_json(job.config_json)
+    training_set = load_training_set(store, job.training_set_id)
+    return method.train(request.spec, store, training_set, base=job.base_model, config=config,
                         **{**_trainer_options(request), "resume": job_id})
 
 
@@ -280,7 +280,7 @@ def _launch(request: TrainRequest, method: TrainingMethod, training_set: Trainin
 
 
 def _parent_ref(store: Store, result: TrainResult) -> str:
-    return store.get_training_job(result.job_id)["base_model"]
+    return store.get_training_job(result.job_id).base_model
 
 
 def _stderr_fd() -> int | None:

@@ -213,7 +213,7 @@ def discard_training_folder(store: Store, training_job_id: str | None) -> None:
     if not training_job_id:
         return
     try:
-        folder = store.get_training_job(training_job_id).get("output_dir")
+        folder = store.get_training_job(training_job_id).output_dir
     except FlywheelError:
         return
     if folder:
