@@ -159,7 +159,7 @@ def _record(store: Store, spec: EvalSpec, teacher: str, fingerprint: str, run_id
     errors = [error for _, error, _ in rows if error is not None]
     run = store.get_run(run_id)
     capture_id = new_id("cap")
-    record = {"id": capture_id, "eval_name": spec.name, "eval_id": run["eval_id"], "dataset_id": run["dataset_id"],
+    record = {"id": capture_id, "eval_name": spec.name, "eval_id": run.eval_id, "dataset_id": run.dataset_id,
               "run_id": run_id, "iteration_id": iteration_id, "teacher": teacher, "teacher_fingerprint": fingerprint,
               "prompt_id": prompt_id, "split": split, "n": n, "temperature": temperature,
               "n_items": len({r[0] for r in rows}), "n_samples": len(rows), "n_passed": len(passed),
@@ -362,7 +362,7 @@ def capture_unlabelled(spec: EvalSpec, store: Store, teacher: str, *, inputs: Da
     config_key = hashlib.sha256(json.dumps(["unlabelled", spec.fingerprint(), inputs.content_hash, model.fingerprint,
                                             prompt.id, n, temperature, seed, len(items)]).encode()).hexdigest()[:24]
     existing = store.find_unfinished_run(config_key)
-    run_id = existing["id"] if existing else store.create_run(
+    run_id = existing.id if existing else store.create_run(
         kind="capture", config_key=config_key, eval_id=eval_id, dataset_id=inputs.content_hash, model_ref=teacher,
         model_fingerprint=model.fingerprint, split="unlabelled", command=command)
     iteration_id = store.iteration_for(run_id, 0, stage="capture", model_ref=teacher,

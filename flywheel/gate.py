@@ -168,9 +168,9 @@ def resolve_baseline(store: Store, baseline: str, eval_name: str, split: str) ->
             raise GateError(f"--baseline {baseline}: no completed run of eval {eval_name!r} on split {split!r} in it")
         return other, iteration
     run = store.get_run(baseline)  # StoreError names the store and the id
-    on_split = [it for it in store.iterations(run["id"]) if it.get("split") == split and it.get("n")]
+    on_split = [it for it in store.iterations(run.id) if it.get("split") == split and it.get("n")]
     if not on_split:
-        raise GateError(f"--baseline {baseline}: run {run['id']} has no measured iteration on split {split!r}")
+        raise GateError(f"--baseline {baseline}: run {run.id} has no measured iteration on split {split!r}")
     return store, on_split[-1]
 
 

@@ -354,11 +354,11 @@ def run_eval(
     store.save_prompt(prompt, origin="spec")
     config_key = _config_key(spec, dataset, model, split, limit, prompt, stage)
     existing = store.find_run(run_id) if run_id else store.find_unfinished_run(config_key)
-    if existing and existing["config_key"] != config_key:
+    if existing and existing.config_key != config_key:
         raise FlywheelError(f"run {run_id} is the run of another eval, model, split, limit or prompt "
-                            f"({existing['kind']}, {existing['model_ref']}); give a new run id")
+                            f"({existing.kind}, {existing.model_ref}); give a new run id")
     if existing:
-        run_id = existing["id"]
+        run_id = existing.id
     else:
         run_id = store.create_run(
             id=run_id, kind="eval", config_key=config_key, eval_id=eval_id, dataset_id=dataset.content_hash,

@@ -1,7 +1,7 @@
 """Typed summaries of an iteration: what an eval scored, per grader and on the objective.
 
 `EvalSummary` is what `harness.summarise` returns, what `runs.summary_json` holds for an eval run,
-and what `Store.run_summary` reads back (`EvalSummary.model_validate_json`). The rules that turn
+and what `Run.summary` reads back (`EvalSummary.model_validate_json`). The rules that turn
 sample and grade rows into numbers live here, once: the store runs the queries and calls them.
 
     >>> rows = [SampleRow(id=1, item_key="a", repeat=0), SampleRow(id=2, item_key="b", repeat=0, error="boom")]

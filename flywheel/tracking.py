@@ -324,28 +324,28 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
     if to not in EXPORT_TARGETS:
         raise TrackingError(f"--to: unknown tracker {to!r}; known: {', '.join(EXPORT_TARGETS)}")
     run = store.get_run(run_id)
-    if run["kind"] != "wheel":
-        raise TrackingError(f"{store.path}: run {run['id']} is not a wheel run (kind: {run['kind']}); "
+    if run.kind != "wheel":
+        raise TrackingError(f"{store.path}: run {run.id} is not a wheel run (kind: {run.kind}); "
                             "export-tracking writes wheel runs (flywheel run)")
-    rows = store.iterations(run["id"])
+    rows = store.iterations(run.id)
     if not rows:
-        raise TrackingError(f"{store.path}: wheel run {run['id']} has no iterations yet")
-    summary = json.loads(run.get("summary_json") or "{}")
+        raise TrackingError(f"{store.path}: wheel run {run.id} has no iterations yet")
+    summary = json.loads(run.summary_json or "{}")
     summary = summary.get("result") or summary  # a finished wheel run's result (flywheel.wheel.WheelState)
-    eval_row = store.get_eval(run.get("eval_id"))
+    eval_row = store.get_eval(run.eval_id)
     eval_name = eval_row["name"] if eval_row else None
-    params = {"wheel_run": run["id"], "status": run.get("status"), "eval": eval_name,
-              "model_ref": run.get("model_ref"), "started_at": run.get("started_at"),
-              "finished_at": run.get("finished_at"),
+    params = {"wheel_run": run.id, "status": run.status, "eval": eval_name,
+              "model_ref": run.model_ref, "started_at": run.started_at,
+              "finished_at": run.finished_at,
               **{k: summary.get(k) for k in ("stopped", "winner_model", "winner_prompt_id", "baseline_valid",
                                               "winner_valid", "model_calls", "tokens", "cost", "wall_s")
                  if not isinstance(summary.get(k), (dict, list))}}
-    name = f"wheel-{run['id']}"
+    name = f"wheel-{run.id}"
     experiment = experiment or f"flywheel-{eval_name or 'wheel'}"
     metrics: set[str] = set()
     children: list[str] = []
     [tracker] = open_trackers([to], store=store, name=name, experiment=experiment, params=params,
-                              tracking_dir=folder, mlflow_uri=mlflow_uri, tags={"flywheel.run_id": run["id"]})
+                              tracking_dir=folder, mlflow_uri=mlflow_uri, tags={"flywheel.run_id": run.id})
     ok = False
     try:
         for row in rows:
@@ -361,7 +361,7 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
                                       f"{row['seq']}-{row['stage']}-{row['split']}",
                                       {k: row.get(k) for k in ("id", "seq", "stage", "lap", "split", "model_ref",
                                                                "prompt_id", "parent_id", "decision", "reason")},
-                                      tags={"flywheel.run_id": run["id"], "flywheel.iteration_id": row["id"],
+                                      tags={"flywheel.run_id": run.id, "flywheel.iteration_id": row["id"],
                                             "flywheel.stage": row["stage"]},
                                       parent_run_id=tracker.run_id)
                 child.log({k.split("/", 1)[1]: v for k, v in numbers.items()}, row["seq"])
@@ -370,5 +370,5 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
         ok = True
     finally:
         tracker.finish(ok=ok)
-    return TrackingExport(run_id=run["id"], to=to, location=tracker.location, iterations=len(rows),
+    return TrackingExport(run_id=run.id, to=to, location=tracker.location, iterations=len(rows),
                           metrics=sorted(metrics), child_runs=children)

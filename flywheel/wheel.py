@@ -382,16 +382,16 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
     if not dataset.split("valid"):
         raise FlywheelError(f"{spec.source}: the wheel selects on `valid`; {dataset.path} has no valid items")
     if resume:
-        run_id = store.get_run(resume)["id"]
+        run_id = store.get_run(resume).id
     run = store.find_run(run_id) if run_id else None
     if run is not None:
-        if run["kind"] != "wheel":
-            raise FlywheelError(f"{run['id']} is a {run['kind']} run, not a `flywheel run`")
-        if run["status"] != "running":
-            raise FlywheelError(f"{run['id']} already finished ({run['status']}): there is nothing to resume; "
+        if run.kind != "wheel":
+            raise FlywheelError(f"{run.id} is a {run.kind} run, not a `flywheel run`")
+        if run.status != "running":
+            raise FlywheelError(f"{run.id} already finished ({run.status}): there is nothing to resume; "
                                 "start a new run with `flywheel run SPEC`")
-        state = store.run_state(run["id"], WheelState)
-        log(f"resuming {run['id']}")
+        state = store.run_state(run.id, WheelState)
+        log(f"resuming {run.id}")
     elif resume:
         raise FlywheelError(f"{resume}: no such wheel run")
     eval_id = register_eval(store, spec, dataset)

@@ -121,8 +121,8 @@ def test_run_on_a_tiny_model_reports_items_and_counts(server, tiny_model_dir):
     store = Store.open(server_db(server))
     try:
         harness_runs = store.list_runs()
-        assert len(harness_runs) == 1 and harness_runs[0]["command"] == f"api:{run.id}"
-        assert harness_runs[0]["status"] == "completed"
+        assert len(harness_runs) == 1 and harness_runs[0].command == f"api:{run.id}"
+        assert harness_runs[0].status == "completed"
     finally:
         store.close()
 
@@ -140,7 +140,7 @@ def test_two_identical_runs_link_to_their_own_harness_runs(server, tiny_model_di
         assert linked[0]["run_id"] != linked[1]["run_id"]
         for run, row in zip(runs, linked):
             # The API chose the harness run's id before running it: the link never depends on a command.
-            assert store.get_run(row["run_id"])["command"] == f"api:{run.id}"
+            assert store.get_run(row["run_id"]).command == f"api:{run.id}"
             assert [it["id"] for it in store.iterations(row["run_id"])] == [row["iteration_id"]]
             assert run.result_counts.total == 3
     finally:

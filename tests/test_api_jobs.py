@@ -215,7 +215,7 @@ def test_a_run_killed_with_the_server_finishes_after_restart(tmp_path, tiny_mode
         (job,), _ = store.api_list("api_jobs")
         assert (job["status"], job["attempts"]) == ("succeeded", 2)
         runs = store.list_runs()
-        assert len(runs) == 1 and runs[0]["status"] == "completed"  # the harness resumed its own run
+        assert len(runs) == 1 and runs[0].status == "completed"  # the harness resumed its own run
         events, _ = store.api_events(run.id, limit=100, newest_first=False)
         assert any("resumed after a server restart" in e["message"] for e in events)
     finally:

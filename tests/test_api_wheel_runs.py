@@ -70,7 +70,7 @@ def test_a_wheel_run_over_http(server, tiny_model_dir, tmp_path):
     try:
         for obj in (run, twin):
             wheel = store.get_run(obj["run_id"])
-            assert wheel["kind"] == "wheel" and wheel["status"] == "completed" and wheel["command"] == f"api:{obj['id']}"
+            assert wheel.kind == "wheel" and wheel.status == "completed" and wheel.command == f"api:{obj['id']}"
             assert obj["result"]["run_id"] == obj["run_id"]
     finally:
         store.close()

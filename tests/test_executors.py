@@ -160,7 +160,7 @@ def test_a_run_spec_executor_sends_the_wheels_evaluations_to_ray(tmp_path, chatt
     assert fanned_spec.executor.kind == "ray"
     with closing(Store.open(tmp_path / "ray" / "f.db")) as store:
         fanned = run_wheel(fanned_spec, store)
-        eval_ids = {row["eval_id"] for row in store.list_runs(limit=1000)}
+        eval_ids = {row.eval_id for row in store.list_runs(limit=1000)}
     # The baseline's 5 valid samples went out as Ray tasks of <= 2 samples; the rest of the wheel's
     # measurements were answered by the completion cache (test items repeat valid's texts here), and
     # the search's own minibatches stay in this process.
@@ -171,7 +171,7 @@ def test_a_run_spec_executor_sends_the_wheels_evaluations_to_ray(tmp_path, chatt
     assert sorted(wheel_samples(tmp_path / "ray" / "f.db"), key=repr) == \
         sorted(wheel_samples(tmp_path / "local" / "f.db"), key=repr)
     with closing(Store.open(tmp_path / "local" / "f.db")) as store:
-        assert eval_ids == {row["eval_id"] for row in store.list_runs(limit=1000)}  # the same eval: no fingerprint change
+        assert eval_ids == {row.eval_id for row in store.list_runs(limit=1000)}  # the same eval: no fingerprint change
 
 
 def test_a_bad_run_spec_executor_is_one_line(tmp_path, chatty_dir):

@@ -22,8 +22,8 @@ def test_eval_stores_every_sample_and_grade(tiny_spec, store):
         assert sample["completion_tokens"] > 0 and sample["prompt_tokens"] > 0
         assert [g["grader"] for g in sample["grades"]] == ["label"]
     run = store.get_run(result.run_id)
-    assert run["status"] == "completed"
-    assert json.loads(run["summary_json"])["n_samples"] == 4
+    assert run.status == "completed"
+    assert json.loads(run.summary_json)["n_samples"] == 4
 
 
 def test_a_run_id_given_by_the_caller_names_the_run_and_resumes_only_that_run(tiny_spec, store):
@@ -89,7 +89,7 @@ def test_max_errors_gives_up_and_marks_the_run_failed(tmp_path, tiny_model_dir, 
     with pytest.raises(TooManyErrors, match="more than --max-errors 1"):
         run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test", max_errors=1)
     run = store.list_runs()[0]
-    assert run["status"] == "failed"
+    assert run.status == "failed"
     assert store.db["samples"].count == 4  # what was done is kept
 
 
@@ -181,7 +181,7 @@ def test_failure_before_the_first_sample_leaves_no_running_run(tiny_spec, store,
     with pytest.raises(Exception, match="no API key"):
         run_eval(spec, store, split="test")
     (run,) = store.list_runs()
-    assert run["status"] == "failed" and "no API key" in json.loads(run["summary_json"])["error"]
+    assert run.status == "failed" and "no API key" in json.loads(run.summary_json)["error"]
 
 
 class StreamingModel(SlowModel):

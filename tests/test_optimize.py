@@ -54,7 +54,7 @@ def test_search_stores_every_candidate_with_lineage(tmp_path, tiny_model_dir, st
         assert r["reason"] and any(it["decision"] in ("invalid", "dropped") and it["reason"] == r["reason"]
                                    for it in store.iterations(result.run_id))
     assert result.test_comparison["n"] == 6  # baseline and winner reported on test
-    assert store.get_run(result.run_id)["status"] == "completed"
+    assert store.get_run(result.run_id).status == "completed"
 
 
 def test_rerun_is_free_and_selection_is_identical(tmp_path, tiny_model_dir, store):

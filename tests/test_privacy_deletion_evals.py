@@ -78,7 +78,7 @@ def test_deleting_a_users_captures_removes_every_copy(tmp_path):
         assert reply.status_code == 400
     store = Store.open(db)
     report_of_run = store.find_run(store.api_get("api_eval_runs", run.id)["run_id"])
-    write_report(store, [report_of_run["id"]], store.artefact_dir / "reports" / "api.html")
+    write_report(store, [report_of_run.id], store.artefact_dir / "reports" / "api.html")
     assert store.match_capture_ids(metadata={"user": "u1"}) == [1, 3, 4]
     cached = store.db.execute("select count(*) from completion_cache").fetchone()[0]
     store.close()
@@ -98,7 +98,7 @@ def test_deleting_a_users_captures_removes_every_copy(tmp_path):
     store = Store.open(db)
     try:
         assert [c["id"] for c in store.query_captures()] == [2]
-        assert [r["key"] for r in store.dataset_items(store.get_run(captured.run_id)["dataset_id"])] == ["2"]
+        assert [r["key"] for r in store.dataset_items(store.get_run(captured.run_id).dataset_id)] == ["2"]
         assert [s["item_key"] for s in store.samples_with_grades(captured.iteration_id)] == ["2"]
         api_samples = store.samples_with_grades(store.iterations(report_of_run["id"])[0]["id"])
         assert [s["output_text"] for s in api_samples] == [f"Noted {MARKERS['u2']}"]

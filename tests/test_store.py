@@ -295,8 +295,8 @@ def test_timestamp_migration_converts_a_store_made_by_the_previous_schema(tmp_pa
     job = store.api_get("api_jobs", "job_1")
     assert (job["created_at"], job["started_at"], job["finished_at"]) == (
         "2026-12-06T14:03:07.000+00:00", "2026-12-06T14:03:08.000+00:00", None)
-    assert store.get_run("run-1")["started_at"] == "2026-12-06T14:03:07.123+00:00"
-    assert store.get_run("run-1")["finished_at"] == "not a time"  # not a date: left as it was
+    assert store.get_run("run-1").started_at == "2026-12-06T14:03:07.123+00:00"
+    assert store.get_run("run-1").finished_at == "not a time"  # not a date: left as it was
     assert store.training_events("tj-1")[0]["created_at"] == "2026-12-06T14:03:07.000+00:00"
     applied = {row["name"]: row["applied_at"] for row in store.db.query("select * from _migrations")}  # schema
     assert applied["m001_initial"] == "2026-12-01T09:30:00.000+00:00"

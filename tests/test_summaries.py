@@ -53,10 +53,10 @@ def test_summary_is_stored_and_read_back_typed_with_nan(store):
     empty = summarise_rows([], [], objective_grader="x", metric="pass_rate")
     store.finish_run(run_id, "completed", empty.model_copy(update={"wall_s": 2.5}))
     run = store.get_run(run_id)
-    back = store.eval_summary_of(run)
+    back = run.eval_summary
     assert isinstance(back, EvalSummary) and math.isnan(back.objective) and back.wall_s == 2.5
-    assert store.run_summary(run).wall_time == 2.5
-    assert json.loads(run["summary_json"])["n_samples"] == 0
+    assert run.summary.wall_time == 2.5
+    assert json.loads(run.summary_json)["n_samples"] == 0
 
 
 def test_pass_rate_objective_uses_wilson_interval():

@@ -241,7 +241,7 @@ def test_export_refuses_a_run_that_is_not_a_wheel_run(tmp_path, tiny_model_dir):
     out = CliRunner().invoke(main, ["export-tracking", run_id, "--to", "tensorboard", "--db", str(db)])
     assert out.exit_code == 1 and out.output.startswith("error: ") and "is not a wheel run (kind: eval)" in out.output
     store = Store.open(db)  # nothing stored was touched
-    assert store.get_run(run_id)["status"] == "completed"
+    assert store.get_run(run_id).status == "completed"
     store.close()
 
 

@@ -392,5 +392,5 @@ def test_a_search_with_validation_prunes_on_eval_loss_and_compares_each_trials_b
         chosen, _ = best_of_job(saved)
         assert trial.checkpoint_id == job.checkpoint_id == chosen.id
         valid = store.get_iteration(trial.valid_iteration_id)
-        assert valid["split"] == "valid" and store.get_run(valid["run_id"])["model_ref"] == chosen.model_ref
+        assert valid["split"] == "valid" and store.get_run(valid["run_id"]).model_ref == chosen.model_ref
     assert result.checkpoint.id == result.trials[result.best].checkpoint_id

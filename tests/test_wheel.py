@@ -62,7 +62,7 @@ def test_wheel_runs_every_stage_and_reports(tmp_path, tiny_model_dir, store):
     assert sft_iteration["model_ref"].startswith(f"local:{tiny_model_dir}+") and sft_iteration["parent_id"]
     assert store.db["checkpoints"].count == 2
     assert result.report_path and "<html" in open(result.report_path).read(200).lower()
-    assert store.get_run(result.run_id)["status"] == "completed"
+    assert store.get_run(result.run_id).status == "completed"
 
 
 def test_target_and_plateau_stop_the_wheel(tmp_path, tiny_model_dir, store):
@@ -150,7 +150,7 @@ def test_sigkill_at_several_stages_then_resume(tmp_path, tiny_model_dir):
     assert [s["stage"] for s in result["stages"]] == ["optimize", "capture", "sft", "sft"]
     store = Store.open(db)
     assert store.db.execute("select count(*) from runs where kind = 'wheel'").fetchone()[0] == 1
-    assert store.get_run(run_id)["status"] == "completed"
+    assert store.get_run(run_id).status == "completed"
     # No sample stored twice anywhere, and each SFT stage trained exactly one registered checkpoint.
     dupes = store.db.execute("select count(*) from (select iteration_id, item_key, repeat, count(*) c from samples"
                              " group by 1, 2, 3 having c > 1)").fetchone()[0]
@@ -172,7 +172,7 @@ def test_a_kill_right_after_the_final_checkpoint_registers_does_not_train_it_aga
     store = Store.open(db)
     try:
         assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 1
-        run_id = next(r["id"] for r in store.list_runs() if r["kind"] == "wheel")
+        run_id = next(r.id for r in store.list_runs() if r.kind == "wheel")
         resumed = run_wheel(load_run_spec(run_yaml), store, resume=run_id)
         assert [o.stage for o in resumed.stages] == ["capture", "sft"]
         assert store.db.execute("select count(*) from checkpoints").fetchone()[0] == 1  # reused, not trained again
@@ -246,7 +246,7 @@ def test_a_stage_that_cannot_run_is_recorded_and_the_wheel_goes_on(tmp_path, tin
     assert [(o.stage, o.decision) for o in result.stages] == [("dpo", "failed")]
     # DPO polishes a tuned model: with none in the run, it says what to do instead of training the base.
     assert "put an sft stage before it" in result.stages[0].reason
-    assert store.get_run(result.run_id)["status"] == "completed"
+    assert store.get_run(result.run_id).status == "completed"
 
 
 SHORT_STUDENT = [{"role": "user", "content": "{{item.text}}"}]

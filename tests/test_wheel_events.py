@@ -36,8 +36,8 @@ def test_a_wheel_emits_training_steps_with_loss_and_an_eta(tmp_path, tiny_model_
         events.append(event)
         # The review app's panel reads the run row meanwhile: at the second step, the first is stored.
         if event.kind == "train" and sum(e.kind == "train" for e in events) == 2:
-            [run] = [r for r in store.list_runs(50) if r["kind"] == "wheel"]
-            panels.append(live_panel(store.run_live(run["id"])))
+            [run] = [r for r in store.list_runs(50) if r.kind == "wheel"]
+            panels.append(live_panel(store.run_live(run.id)))
 
     result = run_wheel(load_run_spec(write_run(tmp_path, tiny_model_dir, stages)), store, on_event=on_event)
     train = [e for e in events if e.kind == "train"]

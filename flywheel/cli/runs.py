@@ -68,7 +68,7 @@ def runs_list(limit, db, as_json):
     with store_at(db) as store:
         rows = store.list_runs(limit)
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        click.echo(json.dumps([row.to_dict() for row in rows], indent=2, default=str))
     else:
         print_runs(rows)
 

@@ -30,7 +30,7 @@ def run_command(spec_path, target, resume, report_dir, overrides, db, as_json):
         if spec_path is None:
             if not resume:
                 raise click.UsageError("give a run SPEC, or --resume RUN")
-            spec_path = store.run_state(store.get_run(resume)["id"], WheelState).run_spec
+            spec_path = store.run_state(store.get_run(resume).id, WheelState).run_spec
             if not spec_path:
                 raise FlywheelError(f"{resume}: the run does not record its run spec; pass SPEC")
         run_spec = load_run_spec(spec_path, list(overrides) + ([f"target={target}"] if target is not None else []))

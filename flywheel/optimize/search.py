@@ -203,7 +203,7 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
     base_prompt = base_prompt or Prompt(messages=spec.messages())
     config_key = _config_key(spec, dataset.content_hash, model, config, base_prompt)
     existing = store.find_unfinished_run(config_key)
-    run_id = existing["id"] if existing else store.create_run(
+    run_id = existing.id if existing else store.create_run(
         kind="optimize", config_key=config_key, eval_id=eval_id, dataset_id=dataset.content_hash,
         model_ref=model.ref, model_fingerprint=model.fingerprint, split="valid", command=command)
     if existing:

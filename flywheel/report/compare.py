@@ -23,7 +23,7 @@ from typing import Any
 from flywheel import summaries
 from flywheel.stats import mcnemar_exact, paired_stats  # noqa: F401 - re-exported
 from flywheel.spec import GraderInfo, grader_infos
-from flywheel.store import Store, StoreError
+from flywheel.store import Run, Store, StoreError
 from flywheel.summaries import GraderSummary
 
 STATUS_ORDER = {"regression": 0, "improvement": 1, "changed": 2, "same": 3, "only_a": 4, "only_b": 5}
@@ -33,7 +33,7 @@ STATUS_ORDER = {"regression": 0, "improvement": 1, "changed": 2, "same": 3, "onl
 class RunView:
     """Runs, their iterations (with per-grader stats), graders and the objective."""
 
-    runs: list[dict[str, Any]]
+    runs: list[Run]
     iterations: list[dict[str, Any]]
     graders: list[GraderInfo]
     objective: dict[str, str]
@@ -122,11 +122,11 @@ def load_run_view(store: Store, run_ids: Sequence[str]) -> RunView:
     spec = None
     eval_name = ""
     for run in runs:
-        if spec is None and run.get("eval_id"):
-            row = store.get_eval(run["eval_id"])
+        if spec is None and run.eval_id:
+            row = store.get_eval(run.eval_id)
             if row:
                 eval_name, spec = row["name"], json.loads(row["spec_json"]) if row["spec_json"] else None
-        iterations += store.iterations(run["id"])
+        iterations += store.iterations(run.id)
     names: list[str] = []
     for it in iterations:
         it["grader_stats"] = grader_stats(store, it["id"])
@@ -135,10 +135,8 @@ def load_run_view(store: Store, run_ids: Sequence[str]) -> RunView:
         it["messages"] = store.prompt_messages(it.get("prompt_id"))
         it["tokens"] = (it.get("prompt_tokens") or 0) + (it.get("completion_tokens") or 0)
     graders = grader_infos(spec, names)
-    for run in runs:
-        run["summary"] = store.run_summary(run)
     return RunView(runs=runs, iterations=iterations, graders=graders, objective=objective_of(spec, graders),
-                   eval_name=eval_name or (runs[0]["id"] if runs else ""), spec=spec)
+                   eval_name=eval_name or (runs[0].id if runs else ""), spec=spec)
 
 
 def default_pair(iterations: Sequence[dict[str, Any]]) -> tuple[str | None, str | None]:
@@ -154,10 +152,10 @@ def default_pair(iterations: Sequence[dict[str, Any]]) -> tuple[str | None, str 
     return a or iterations[0]["id"], best["id"]
 
 
-def item_fields(store: Store, runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def item_fields(store: Store, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
     """Dataset fields by item key, for the runs' datasets."""
     out: dict[str, dict[str, Any]] = {}
-    for dataset_id in dict.fromkeys(r.get("dataset_id") for r in runs if r.get("dataset_id")):
+    for dataset_id in dict.fromkeys(r.dataset_id for r in runs if r.dataset_id):
         for key, fields in store.item_fields(dataset_id).items():
             out.setdefault(key, fields)
     return out

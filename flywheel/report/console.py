@@ -59,7 +59,7 @@ def print_eval_result(result: EvalResult) -> None:
         + f"  time {result.wall_s:.1f}s")
 
 
-def print_runs(rows: list[dict[str, Any]]) -> None:
+def print_runs(rows: list[Run]) -> None:
     table = Table(show_header=True, header_style="bold")
     table.add_column("run", no_wrap=True)
     table.add_column("kind")
@@ -68,11 +68,11 @@ def print_runs(rows: list[dict[str, Any]]) -> None:
         table.add_column(column, no_wrap=True)
     table.add_column("started", no_wrap=True)
     for row in rows:
-        summary = Store.run_summary(row)
+        summary = row.summary
         safe = safe_terminal_text
-        table.add_row(safe(row["id"]), safe(row["kind"] or ""), safe(row["model_ref"] or ""), safe(row["split"] or ""),
-                      safe(row["status"]), "-" if summary.n_samples is None else str(summary.n_samples), _pct(summary.pass_rate),
-                      (row["started_at"] or "")[:16].replace("T", " "))
+        table.add_row(safe(row.id), safe(row.kind or ""), safe(row.model_ref or ""), safe(row.split or ""),
+                      safe(row.status), "-" if summary.n_samples is None else str(summary.n_samples), _pct(summary.pass_rate),
+                      (row.started_at or "")[:16].replace("T", " "))
     console.print(table)
 
 
@@ -80,7 +80,7 @@ def run_detail(store: Store, run_id: str, failed_only: bool = False, limit: int 
     """A run with its iterations and, per iteration, samples with grades."""
     run = store.get_run(run_id)
     iterations = []
-    for iteration in store.iterations(run["id"]):
+    for iteration in store.iterations(run.id):
         samples = store.samples_with_grades(iteration["id"])
         if failed_only:
             samples = [s for s in samples if s["error"] or not all(g["passed"] for g in s["grades"])]
@@ -91,8 +91,9 @@ def run_detail(store: Store, run_id: str, failed_only: bool = False, limit: int 
             for grade in sample["grades"]:
                 grade["details"] = json.loads(grade.pop("details_json") or "{}")
         iterations.append({**iteration, "samples": samples})
-    run["summary"] = json.loads(run.pop("summary_json") or "null")
-    return {"run": run, "iterations": iterations}
+    shown = run.to_dict()
+    shown["summary"] = json.loads(shown.pop("summary_json") or "null")
+    return {"run": shown, "iterations": iterations}
 
 
 def print_run_detail(detail: dict[str, Any]) -> None:

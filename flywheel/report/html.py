@@ -75,9 +75,9 @@ def run_wall_time(view: RunView) -> float | None:
     `wall_s`), else finished_at − started_at; None while a run has neither."""
     total = 0.0
     for run in view.runs:
-        seconds = run["summary"].wall_time
-        if seconds is None and run.get("started_at") and run.get("finished_at"):
-            seconds = (datetime.fromisoformat(run["finished_at"]) - datetime.fromisoformat(run["started_at"])).total_seconds()
+        seconds = run.summary.wall_time
+        if seconds is None and run.started_at and run.finished_at:
+            seconds = (datetime.fromisoformat(run.finished_at) - datetime.fromisoformat(run.started_at)).total_seconds()
         if seconds is None:
             return None
         total += seconds
@@ -144,7 +144,7 @@ def story_sections(store: Store, view: RunView, *, app: bool) -> dict[str, Any]:
     `app`: links go to the app's pages (a search run's page) instead of anchors in the report."""
     run_href = (lambda run_id: f"/runs/{quote(run_id, safe='')}") if app else anchor_href
     return {"app": app, "wheel": wheel_section(store, view, run_href), "training": training_section(store, view),
-            "searches": search_tables(store, store.training_searches([r["id"] for r in view.runs])),
+            "searches": search_tables(store, store.training_searches([r.id for r in view.runs])),
             "ft_names": store.fine_tuned_names()}
 
 
@@ -326,7 +326,7 @@ def render_report(store: Store, run_ids: Sequence[str], *, page_size: int = PAGE
     css = (TEMPLATES / "style.css").read_text(encoding="utf-8")
     digest = base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode()
     objective = view.objective
-    title = view.eval_name or view.runs[0]["id"]
+    title = view.eval_name or view.runs[0].id
     return templates_env().get_template("report.html.j2").render(
         title=title, view=view, iterations=iterations, grader_rows=grader_rows(view), kpis=kpis(view),
         trajectory_svg=trajectory_svg(iterations, objective["metric"]),
@@ -354,7 +354,7 @@ def write_report(store: Store, run_ids: Sequence[str], path: str | Path, **optio
         target.write_text(html, encoding="utf-8")
     except OSError as exc:
         raise FlywheelError(f"{target}: cannot write the report: {exc.strerror or exc}") from None
-    ids = [store.get_run(r)["id"] for r in run_ids]
+    ids = [store.get_run(r).id for r in run_ids]
     iterations, samples = store.count_run_rows(ids)
     store.record_report(target, ids)  # a deletion of captures shown here deletes the page
     return ReportResult(path=str(target), bytes=target.stat().st_size, iterations=iterations, samples=samples,

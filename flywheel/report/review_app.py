@@ -168,15 +168,18 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         store = pages.store()
         try:
             rows = []
-            listed = visible_runs(request, store, store.list_runs(200))
-            api_names = store.api_run_names([run["id"] for run in listed])
+            recent = store.list_runs(200)
+            shown = set(visible_run_ids(request, store, [run.id for run in recent]))
+            listed = [run for run in recent if run.id in shown]
+            api_names = store.api_run_names([run.id for run in listed])
             ft_names = store.fine_tuned_names()
             for run in listed:
-                its = store.iterations(run["id"])
-                evaluation = store.get_eval(run.get("eval_id"))
+                its = store.iterations(run.id)
+                evaluation = store.get_eval(run.eval_id)
                 scores = [it["score"] for it in its if it.get("score") is not None]
-                rows.append({**run, "eval_name": evaluation["name"] if evaluation else "", "n_iterations": len(its),
-                             "api_name": api_names.get(run["id"]), "ft_name": ft_names.get(run.get("model_ref") or ""),
+                rows.append({**run.to_dict(), "eval_name": evaluation["name"] if evaluation else "",
+                             "n_iterations": len(its), "api_name": api_names.get(run.id),
+                             "ft_name": ft_names.get(run.model_ref or ""),
                              "best": max(scores) if scores else None, "n": sum(it.get("n") or 0 for it in its)})
             reviews = store.count_reviews()
         finally:
@@ -187,15 +190,15 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         store = pages.store()
         try:
             view = load_run_view(store, [request.path_params["run_id"]])
-            check_visible(request, store, view.runs[0]["id"],
+            check_visible(request, store, view.runs[0].id,
                           f"{store.path}: no run matches {request.path_params['run_id']!r}")
             iterations = decorate_iterations(view)
-            agreement = judge_agreement(store, run_ids=[view.runs[0]["id"]])
+            agreement = judge_agreement(store, run_ids=[view.runs[0].id])
             calibrations = store.latest_calibrations([g.name for g in view.graders])
-            n_reviews = len(sample_reviews(store, run_ids=[view.runs[0]["id"]]))
+            n_reviews = len(sample_reviews(store, run_ids=[view.runs[0].id]))
             story = story_sections(store, view, app=True)
-            api_name = store.api_run_names([view.runs[0]["id"]]).get(view.runs[0]["id"])
-            live = live_panel(store.run_live(view.runs[0]["id"]))
+            api_name = store.api_run_names([view.runs[0].id]).get(view.runs[0].id)
+            live = live_panel(store.run_live(view.runs[0].id))
         finally:
             store.close()
         metric = view.objective["metric"]
@@ -228,7 +231,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
                      for p in preferences(store, iteration_ids=[a_id, b_id])}
             agreement = judge_agreement(store, iteration_ids=list(dict.fromkeys([a_id, b_id])))
             calibrations = store.latest_calibrations([g.name for g in view.graders])
-            choices = [c for c in _iteration_choices(store) if visible_runs(request, store, [c["run"]])]
+            choices = [c for c in _iteration_choices(store) if visible_run_ids(request, store, [c["run"].id])]
         finally:
             store.close()
         rows = [r for r in cmp.rows if _keep(r, flt, set(reviews)) and _matches(r, q, fields)]
@@ -294,8 +297,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         if q:
             store = pages.store()
             try:
-                shown = {r["id"] for r in visible_runs(request, store, [{"id": r["run_id"]} for r in
-                                                                      store.search_samples(q)])}
+                shown = set(visible_run_ids(request, store, [r["run_id"] for r in store.search_samples(q)]))
                 results = [r for r in store.search_samples(q) if r["run_id"] in shown]
             finally:
                 store.close()
@@ -372,19 +374,19 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
     return app
 
 
-def visible_runs(request: Request, store: Store, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs the request's project may see (on the API port, `flywheel.api.access` sets the
+def visible_run_ids(request: Request, store: Store, run_ids: list[str]) -> list[str]:
+    """The runs (ids) the request's project may see (on the API port, `flywheel.api.access` sets the
     project; the report server alone shows every run to whoever it lets in)."""
     project = request.scope.get("flywheel.project")
     if project is None:
-        return runs
-    return [run for run in runs if store.run_project(run["id"]) == project]
+        return run_ids
+    return [run_id for run_id in run_ids if store.run_project(run_id) == project]
 
 
 def check_visible(request: Request, store: Store, run_id: str, missing: str) -> None:
     """A StoreError (a 404 page) when the run is another project's, saying `missing`: the words of
     the page for an object that does not exist."""
-    if not visible_runs(request, store, [{"id": run_id}]):
+    if not visible_run_ids(request, store, [run_id]):
         raise StoreError(missing)
 
 
@@ -392,7 +394,7 @@ def _iteration_choices(store: Store, runs: int = 50) -> list[dict[str, Any]]:
     """Iterations of the most recent runs, grouped by run, for the A/B pickers."""
     out = []
     for run in store.list_runs(runs):
-        its = store.iterations(run["id"])
+        its = store.iterations(run.id)
         if its:
             out.append({"run": run, "iterations": its})
     return out

@@ -120,9 +120,8 @@ def wheel_section(store: Store, view: RunView, run_href: Callable[[str], str] = 
 
     `run_href(run_id)`: where a search's candidates link (the report: an anchor on the page; the
     review app: the search run's page)."""
-    run = next((r for r in view.runs if r.get("kind") == "wheel"), None)
-    stored = (run or {}).get("summary")
-    summary = stored.model_dump() if hasattr(stored, "model_dump") else (stored or {})
+    run = next((r for r in view.runs if r.kind == "wheel"), None)
+    summary = run.summary.model_dump() if run else {}
     if not run or "stages" not in summary:
         return None
     # A finished run keeps its result beside the stage records (flywheel.wheel.WheelState); a run
@@ -134,7 +133,7 @@ def wheel_section(store: Store, view: RunView, run_href: Callable[[str], str] = 
     named = {m["iteration_id"]: m["label"] for m in milestones}
     points = []
     for it in view.iterations:
-        if it["run_id"] != run["id"] or it.get("split") != "valid" or _nan(it.get("score")):
+        if it["run_id"] != run.id or it.get("split") != "valid" or _nan(it.get("score")):
             continue
         cost = store.iteration_cost(it["id"])
         points.append({"x": cost.value(minimise), "y": it["score"], "label": it["label"],
@@ -150,7 +149,7 @@ def wheel_section(store: Store, view: RunView, run_href: Callable[[str], str] = 
                      "cost_latency": cost.describe("latency_s")})
     search_runs = list(dict.fromkeys(o["search_run"] for lap in laps.values() for o in lap if o.get("search_run")))
     measured = {(it.get("model_ref"), it.get("prompt_id")) for it in view.iterations
-                if it["run_id"] == run["id"] and it.get("split") == "valid"}
+                if it["run_id"] == run.id and it.get("split") == "valid"}
     found = _search_points(store, search_runs, minimise, measured, run_href)
     searches = [{"run_id": r, "href": run_href(r), "candidates": [p for p in found if p["run_id"] == r]}
                 for r in search_runs]

@@ -8,7 +8,7 @@ sample and its grades are written in one transaction, so a killed process leaves
 
     >>> store = Store.open(":memory:")
     >>> run_id = store.create_run(kind="eval", config_key="k")
-    >>> [run["status"] for run in store.list_runs()]
+    >>> [run.status for run in store.list_runs()]
     ['running']
 """
 
@@ -22,7 +22,7 @@ from flywheel.store.db import (DEFAULT_BUSY_TIMEOUT, DEFAULT_DB, StoreBase, Stor
                                timestamp_from_unix, unix_seconds)
 from flywheel.store.privacy import PrivacyStore
 from flywheel.store.reviews import ReviewsStore
-from flywheel.store.rows import Checkpoint, SampleRecord, TrainingJob
+from flywheel.store.rows import Checkpoint, Run, SampleRecord, TrainingJob
 from flywheel.store.runs import RunsStore
 from flywheel.store.service import ServiceStore
 from flywheel.store.training import TrainingStore
@@ -32,6 +32,6 @@ class Store(RunsStore, CapturesStore, ReviewsStore, TrainingStore, PrivacyStore,
     """The one door to the database: every area's reads and writes (see the module docstring)."""
 
 
-__all__ = ["Checkpoint", "DEFAULT_BUSY_TIMEOUT", "DEFAULT_DB", "CompletionFilter", "SampleRecord", "Store", "StoreBase", "StoreBusy", "StoreError", "TrainingJob",
+__all__ = ["Checkpoint", "DEFAULT_BUSY_TIMEOUT", "DEFAULT_DB", "CompletionFilter", "Run", "SampleRecord", "Store", "StoreBase", "StoreBusy", "StoreError", "TrainingJob",
            "busy_error", "busy_timeout", "default_db_path", "lock_holders", "new_id", "now", "timestamp",
            "timestamp_from_unix", "unix_seconds"]

@@ -8,10 +8,14 @@ a sample aliased `s`, for aggregates. tests/test_store_rows.py checks that both 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
 import json
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flywheel.summaries import EvalSummary, RunSummary
+
 
 @dataclass
 class SampleRecord:
@@ -168,3 +172,47 @@ class TrainingJob:
     def to_dict(self) -> dict[str, Any]:
         """Its fields as a JSON-ready dict."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run (a `runs` row): an eval, capture, optimize or wheel run and its stored summary. `summary`
+    and `eval_summary` read `summary_json`; the text itself stays as stored."""
+
+    id: str
+    kind: str | None
+    status: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    config_key: str | None = None
+    eval_id: str | None = None
+    dataset_id: str | None = None
+    model_ref: str | None = None
+    model_fingerprint: str | None = None
+    split: str | None = None
+    item_limit: int | None = None
+    command: str | None = None
+    summary_json: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Run":
+        """The run of a `runs` row."""
+        return cls(**{f: row.get(f) for f in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its columns as a JSON-ready dict (in table order)."""
+        return asdict(self)
+
+    @property
+    def summary(self) -> "RunSummary":
+        """What any run's summary says of its size, pass rate and wall time (all optional)."""
+        from flywheel.summaries import RunSummary
+
+        return RunSummary.model_validate_json(self.summary_json or "{}")
+
+    @property
+    def eval_summary(self) -> "EvalSummary | None":
+        """An eval run's stored `EvalSummary` (None while it runs)."""
+        from flywheel.summaries import EvalSummary
+
+        return EvalSummary.model_validate_json(self.summary_json) if self.summary_json else None

@@ -14,13 +14,13 @@ from pydantic import BaseModel, ValidationError
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, later, new_id, now
-from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, IterationUsage, SampleRecord
+from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, IterationUsage, Run, SampleRecord
 
 StateT = TypeVar("StateT", bound=BaseModel)
 
 if TYPE_CHECKING:
     from flywheel.cost import CostPerItem
-    from flywheel.summaries import EvalSummary, GradeRow, GraderSummary, RunSummary, SampleRow
+    from flywheel.summaries import EvalSummary, GradeRow, GraderSummary, SampleRow
 
 
 class RunsStore(StoreBase):
@@ -132,10 +132,11 @@ class RunsStore(StoreBase):
         return list(self.db.query(f"select * from platform_prompt_versions {where} order by platform_id, created_at",
                                   params))
 
-    def find_unfinished_run(self, config_key: str) -> dict[str, Any] | None:
+    def find_unfinished_run(self, config_key: str) -> Run | None:
+        """The newest run of this config still `running` (killed part-way: resumable), or None."""
         rows = list(self.db["runs"].rows_where(
             "config_key = ? and status = 'running'", [config_key], order_by="started_at desc", limit=1))
-        return rows[0] if rows else None
+        return Run.from_row(rows[0]) if rows else None
 
     def create_run(self, **fields: Any) -> str:
         run_id = fields.pop("id", None) or new_id("run")
@@ -148,16 +149,6 @@ class RunsStore(StoreBase):
         text = summary.model_dump_json(exclude_none=True) if isinstance(summary, BaseModel) else json.dumps(summary)
         with self.transaction():
             self.db["runs"].update(run_id, {"status": status, "finished_at": now(), "summary_json": text})
-
-    @staticmethod
-    def run_summary(run: dict[str, Any]) -> RunSummary:
-        """What any run's summary says of its size, pass rate and wall time (all optional)."""
-        return summaries.RunSummary.model_validate_json(run.get("summary_json") or "{}")
-
-    @staticmethod
-    def eval_summary_of(run: dict[str, Any]) -> EvalSummary | None:
-        """An eval run's stored `EvalSummary` (None while it runs)."""
-        return summaries.EvalSummary.model_validate_json(run["summary_json"]) if run.get("summary_json") else None
 
     def save_run_state(self, run_id: str, state: BaseModel) -> None:
         """Overwrite a running run's summary with its progress (the wheel's `WheelState`)."""
@@ -188,19 +179,21 @@ class RunsStore(StoreBase):
             raise StoreError(f"{self.path}: run {run_id}: summary_json is not a {model.__name__}: "
                              f"{exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
 
-    def find_run(self, run_id: str) -> dict[str, Any] | None:
+    def find_run(self, run_id: str) -> Run | None:
         """The run with exactly this id, or None (a caller-given id not used yet)."""
         rows = list(self.db["runs"].rows_where("id = ?", [run_id], limit=1))
-        return rows[0] if rows else None
+        return Run.from_row(rows[0]) if rows else None
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
+    def get_run(self, run_id: str) -> Run:
+        """The one run whose id is `run_id` or ends with it; StoreError for none or several."""
         matches = list(self.db["runs"].rows_where("id = ? or id like ?", [run_id, f"%{run_id}"], limit=2))
         if len(matches) != 1:
             raise StoreError(f"{self.path}: {'no' if not matches else 'more than one'} run matches {run_id!r}")
-        return matches[0]
+        return Run.from_row(matches[0])
 
-    def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
-        return list(self.db["runs"].rows_where(order_by="started_at desc", limit=limit))
+    def list_runs(self, limit: int = 50) -> list[Run]:
+        """The newest `limit` runs, newest first."""
+        return [Run.from_row(row) for row in self.db["runs"].rows_where(order_by="started_at desc", limit=limit)]
 
     def iteration_for(self, run_id: str, seq: int, **fields: Any) -> str:
         """The iteration `seq` of a run, created on first use (so resuming finds the same one)."""
