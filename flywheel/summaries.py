@@ -1,7 +1,7 @@
 """Typed summaries of an iteration: what an eval scored, per grader and on the objective.
 
 `EvalSummary` is what `harness.summarise` returns, what `runs.summary_json` holds for an eval run,
-and what `Run.summary` reads back (`EvalSummary.model_validate_json`). The rules that turn
+and what `EvalSummary.of_run` reads back (`RunSummary.of_run`: what any run's summary says). The rules that turn
 sample and grade rows into numbers live here, once: the store runs the queries and calls them.
 
     >>> rows = [SampleRow(id=1, item_key="a", repeat=0), SampleRow(id=2, item_key="b", repeat=0, error="boom")]
@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.stats import mean_ci, wilson_ci
-from flywheel.store.rows import sample_passed
+from flywheel.store.rows import Run, sample_passed
 
 Metric = Literal["pass_rate", "mean_score"]
 
@@ -59,6 +59,11 @@ class EvalSummary(_Summary):
     cache_hits: int | None = Field(default=None, description="Completions served from the cache (eval runs).")
     wall_s: float | None = Field(default=None, description="Wall time of the eval run, in seconds.")
 
+    @classmethod
+    def of_run(cls, run: Run) -> EvalSummary | None:
+        """An eval run's stored summary (None while it runs)."""
+        return cls.model_validate_json(run.summary_json) if run.summary_json else None
+
 
 class RunSummary(BaseModel):
     """What reports read from any run's `summary_json` (eval, capture, optimize or wheel run).
@@ -73,6 +78,11 @@ class RunSummary(BaseModel):
     pass_rate: float | None = Field(default=None, description="Pass rate of an eval run.")
     wall_s: float | None = Field(default=None, description="Wall time of an eval run or a wheel's result.")
     elapsed_s: float | None = Field(default=None, description="Wall time of a whole wheel run.")
+
+    @classmethod
+    def of_run(cls, run: Run) -> RunSummary:
+        """What any run's stored summary says of its size, pass rate and wall time (all optional)."""
+        return cls.model_validate_json(run.summary_json or "{}")
 
     @property
     def wall_time(self) -> float | None:

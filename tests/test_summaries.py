@@ -2,7 +2,7 @@ import json
 import math
 
 from flywheel.store import SampleRecord
-from flywheel.summaries import EvalSummary, GradeRow, SampleRow, objective_value, summarise_rows
+from flywheel.summaries import EvalSummary, GradeRow, RunSummary, SampleRow, objective_value, summarise_rows
 
 
 def _grade(name, score, passed, error=None):
@@ -53,9 +53,9 @@ def test_summary_is_stored_and_read_back_typed_with_nan(store):
     empty = summarise_rows([], [], objective_grader="x", metric="pass_rate")
     store.finish_run(run_id, "completed", empty.model_copy(update={"wall_s": 2.5}))
     run = store.get_run(run_id)
-    back = run.eval_summary
+    back = EvalSummary.of_run(run)
     assert isinstance(back, EvalSummary) and math.isnan(back.objective) and back.wall_s == 2.5
-    assert run.summary.wall_time == 2.5
+    assert RunSummary.of_run(run).wall_time == 2.5
     assert json.loads(run.summary_json)["n_samples"] == 0
 
 

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from flywheel.harness import EvalResult
 from flywheel.images import describe_content
-from flywheel.store import Store
+from flywheel.store import Run, Store
+from flywheel.summaries import RunSummary
 from flywheel.terminal import safe_terminal_text
 
 
@@ -68,7 +69,7 @@ def print_runs(rows: list[Run]) -> None:
         table.add_column(column, no_wrap=True)
     table.add_column("started", no_wrap=True)
     for row in rows:
-        summary = row.summary
+        summary = RunSummary.of_run(row)
         safe = safe_terminal_text
         table.add_row(safe(row.id), safe(row.kind or ""), safe(row.model_ref or ""), safe(row.split or ""),
                       safe(row.status), "-" if summary.n_samples is None else str(summary.n_samples), _pct(summary.pass_rate),

@@ -34,6 +34,7 @@ from flywheel.report.render import (TEMPLATES, fmt_cost, fmt_delta, fmt_duration
 from flywheel.report.search_view import search_tables
 from flywheel.report.wheel_view import anchor_href, wheel_section
 from flywheel.store import Store
+from flywheel.summaries import RunSummary
 
 PAGE_SIZE = 50
 
@@ -75,7 +76,7 @@ def run_wall_time(view: RunView) -> float | None:
     `wall_s`), else finished_at − started_at; None while a run has neither."""
     total = 0.0
     for run in view.runs:
-        seconds = run.summary.wall_time
+        seconds = RunSummary.of_run(run).wall_time
         if seconds is None and run.started_at and run.finished_at:
             seconds = (datetime.fromisoformat(run.finished_at) - datetime.fromisoformat(run.started_at)).total_seconds()
         if seconds is None:

@@ -15,6 +15,7 @@ from markupsafe import Markup, escape
 from flywheel.cost import CostPerItem
 from flywheel.report.compare import RunView, prompt_diff
 from flywheel.store import Store
+from flywheel.summaries import RunSummary
 
 _COLOURS = {"promoted": "#1a7f37", "incumbent": "#4f46e5", "rejected": "#8c959f", "passed over": "#bf8700"}
 # A search finalist that was measured on all of valid and not chosen (lower, or no better than a cheaper one).
@@ -121,7 +122,7 @@ def wheel_section(store: Store, view: RunView, run_href: Callable[[str], str] = 
     `run_href(run_id)`: where a search's candidates link (the report: an anchor on the page; the
     review app: the search run's page)."""
     run = next((r for r in view.runs if r.kind == "wheel"), None)
-    summary = run.summary.model_dump() if run else {}
+    summary = RunSummary.of_run(run).model_dump() if run else {}
     if not run or "stages" not in summary:
         return None
     # A finished run keeps its result beside the stage records (flywheel.wheel.WheelState); a run

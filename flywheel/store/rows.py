@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from flywheel.summaries import EvalSummary, RunSummary
+from typing import Any
 
 
 @dataclass
@@ -176,8 +173,8 @@ class TrainingJob:
 
 @dataclass(frozen=True)
 class Run:
-    """A run (a `runs` row): an eval, capture, optimize or wheel run and its stored summary. `summary`
-    and `eval_summary` read `summary_json`; the text itself stays as stored."""
+    """A run (a `runs` row): an eval, capture, optimize or wheel run and its stored summary, read with
+    `flywheel.summaries.RunSummary.of_run` (any run) or `EvalSummary.of_run` (an eval run)."""
 
     id: str
     kind: str | None
@@ -202,17 +199,3 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         """Its columns as a JSON-ready dict (in table order)."""
         return asdict(self)
-
-    @property
-    def summary(self) -> "RunSummary":
-        """What any run's summary says of its size, pass rate and wall time (all optional)."""
-        from flywheel.summaries import RunSummary
-
-        return RunSummary.model_validate_json(self.summary_json or "{}")
-
-    @property
-    def eval_summary(self) -> "EvalSummary | None":
-        """An eval run's stored `EvalSummary` (None while it runs)."""
-        from flywheel.summaries import EvalSummary
-
-        return EvalSummary.model_validate_json(self.summary_json) if self.summary_json else None
