@@ -5,9 +5,9 @@
     .venv/bin/python benchmarks/eval_throughput.py --naive-items 0 --cached-items 0 --chunk 200 --repeats 3
 
 Part 1 runs the same 200 BANKING77 demo test items through (a) a naive loop — chat template,
-tokenize, `model.generate` with batch 1, decode — (b) the harness with `decoder: hf` (one
+tokenize, `model.generate` with batch 1, decode — (b) the harness with `engine: hf` (one
 transformers `generate` call per length-sorted batch of 32, shared prefix computed once) and (c)
-the harness with the default `decoder: continuous` (flywheel.models.decoding: one running batch
+the harness with the default `engine: continuous` (flywheel.models.decoding: one running batch
 that requests join and leave), each harness path on its own fresh store, with the same model,
 prompt and greedy decoding, in interleaved chunks so all see the same machine load; it compares
 items/s, new tokens/s, process CPU seconds (less sensitive than wall time to other jobs on the
@@ -268,8 +268,8 @@ def main() -> None:
     spec = load_eval_spec(DEMO)
     items = load_dataset(spec).split("test")[: args.items]  # the demo's test split has 200
     options = dict(spec.model_options, **({"dtype": args.dtype} if args.dtype else {}))
-    models = {"continuous": load_model(spec.model, dict(options, decoder="continuous")),
-              "hf": load_model(spec.model, dict(options, decoder="hf"))}
+    models = {"continuous": load_model(spec.model, dict(options, engine="continuous")),
+              "hf": load_model(spec.model, dict(options, engine="hf"))}
     models["continuous"].load()
     models["hf"]._model, models["hf"]._tokenizer = models["continuous"].load()  # one copy of the weights
     dtype = str(models["hf"]._model.dtype).replace("torch.", "")

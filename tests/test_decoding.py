@@ -51,7 +51,7 @@ def test_continuous_batching_matches_hf_generate_token_for_token(chatty_dir):
     assert [c.text for c in completions] == [tokenizer.decode(e, skip_special_tokens=True).strip()
                                              for e in expected]
     assert len({c.text for c in completions}) > 3  # varied, real words
-    reference = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "decoder": "hf", "batch_size": 4})
+    reference = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "engine": "hf", "batch_size": 4})
     assert [c.text for c in reference.generate(reqs)] == [c.text for c in completions]
 
 

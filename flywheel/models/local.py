@@ -45,7 +45,7 @@ class LocalModel(Model):
 
     def __init__(self, ref: str, base: str, adapter: str | None = None, *, dtype: str | None = None,
                  batch_size: int = 32, device: str | None = None, prefix_cache: bool = True,
-                 decoder: str = "continuous"):
+                 decoder: str = "continuous", compile: bool = False):
         self.ref = ref
         self.base = base
         self.weights = LocalWeights.of(ref, base, adapter)  # the base and every adapter folder, checked
@@ -59,6 +59,10 @@ class LocalModel(Model):
         if decoder not in DECODERS:
             raise ModelError(f"model_options.decoder: unknown decoder {decoder!r}; use {' or '.join(DECODERS)}")
         self.decoder = decoder
+        if not isinstance(compile, bool) or (compile and decoder != "hf"):
+            raise ModelError(f"{ref}: model_options.compile must be true or false, and applies to engine hf only "
+                             f"(a static KV cache and torch.compile), got compile={compile!r} on engine {decoder}")
+        self.compile = compile
         self._last_decode_stats = None  # the continuous decoder's DecodeStats of the last call (tests, benchmarks)
         self._prefix_memo: tuple[tuple[int, ...], Any] | None = None
         self._lock = threading.Lock()
@@ -99,7 +103,8 @@ class LocalModel(Model):
         they change how rows are grouped, not what a row decodes to (the decoders are tested for
         that), so a cache filled at one batch size answers another."""
         if self._fingerprint is None:
-            settings = output_settings(self.dtype_name, self.device_name) + f"/{self.decoder}"
+            settings = (output_settings(self.dtype_name, self.device_name) + f"/{self.decoder}"
+                        + ("+compile" if self.compile else ""))
             self._fingerprint = (self.weights.base_fingerprint() + settings
                                  + self.weights.adapters_fingerprint())
         return self._fingerprint
@@ -234,7 +239,7 @@ class LocalModel(Model):
 
     def _shared_prefix(self, rows: list[list[int]]) -> int:
         """Length of the token prefix every row shares, leaving each row at least one own token."""
-        if not self.prefix_cache:
+        if not self.prefix_cache or self.compile:  # a static cache is allocated by generate, not copied in
             return 0
         shortest = min(len(r) for r in rows)
         length = 0
@@ -296,6 +301,12 @@ class LocalModel(Model):
         )
         if cache is not None:
             kwargs["past_key_values"] = cache
+        if self.compile:  # a static KV cache, and the forward compiled (CUDA graphs on a GPU: reduce-overhead)
+            from transformers import CompileConfig
+
+            kwargs.update(cache_implementation="static", compile_config=CompileConfig(
+                mode="reduce-overhead" if model.device.type == "cuda" else "default"))
+            kwargs["compile_config"]._compile_all_devices = True  # also on CPU, where transformers would skip it
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
