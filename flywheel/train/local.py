@@ -388,6 +388,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         changed = sum(1 for k in before if not bool((before[k] == after.get(k, before[k])).all()))
         metrics = {**_summarise_history(history, loss_key), "wall_s": wall, "bf16": bf16,
                    "processes": trainer.accelerator.num_processes,
+                   "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
+                   "liger": bool(trainer.args.use_liger_kernel),
                    "adapter_tensors": len(before), "adapter_tensors_changed": changed,
                    "rows": len(training_set), **extra}
         if saved:

@@ -209,7 +209,7 @@ def build_vision_sft_trainer(model, processor, training_set: TrainingSet, config
         raise TrainingError("packing is not supported for vision rows (image tokens cannot be split across "
                             "packed sequences); leave packing off")
     kept, report = screen_images(training_set)
-    args = sft_args(config, output_dir, bf16=bf16, quiet=quiet)
+    args = sft_args(config, output_dir, bf16=bf16, quiet=quiet, model=model)
     # Rows are processed per batch by our collator (pixels and loss mask), so TRL neither tokenises
     # nor drops the `messages` column, and batches cannot be grouped by a length it never sees.
     args.dataset_kwargs = {"skip_prepare_dataset": True}
