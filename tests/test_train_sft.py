@@ -13,7 +13,7 @@ from flywheel.distill import capture
 from flywheel.errors import ModelError
 from flywheel.models import ChatRequest, load_model
 from flywheel.store import Store
-from flywheel.train import TrainingDataError, TrainingError, TrainingSet, build_sft_set
+from flywheel.train import TrainingDataError, TrainingSet, build_sft_set
 from flywheel.train.local import load_for_training
 from flywheel.train.sft import train_sft
 
