@@ -378,6 +378,8 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
             on_event(WheelEvent(kind="log", message=message))
 
     spec = load_eval_spec(run_spec.eval_path)
+    if any(s.stage == "optimize" and s.optimize is None for s in run_spec.stages):
+        spec.optimize_config()  # the eval's `optimize:` block is used: a mistake in it fails now, not at its lap
     dataset = load_dataset(spec)
     if not dataset.split("valid"):
         raise FlywheelError(f"{spec.source}: the wheel selects on `valid`; {dataset.path} has no valid items")

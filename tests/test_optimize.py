@@ -130,9 +130,9 @@ def test_decision_needs_a_significant_gain(tmp_path, diff, p, expected):
     base, other = Candidate(Prompt([]), "baseline"), Candidate(Prompt([]), "fewshot:x")
     cmp = {"n": 100, "diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "p_mcnemar": p,
            "improvements": 12, "regressions": 2}
-    promoted, reason = _decide(spec, spec.optimize, base, other, cmp)
+    promoted, reason = _decide(spec, spec.optimize_config(), base, other, cmp)
     assert promoted is expected and ("promoted" in reason) is expected
-    assert _decide(spec, spec.optimize, base, base, cmp)[0] is False
+    assert _decide(spec, spec.optimize_config(), base, base, cmp)[0] is False
 
 
 def test_finalists_that_no_test_separates_go_to_the_cheapest(tmp_path, tiny_model_dir, store):

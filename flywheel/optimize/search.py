@@ -192,7 +192,7 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
     measures it once, at its end). `dataset`, `grader_set`: the spec's, already loaded by the
     caller (the wheel's; the caller closes its grader set)."""
     started = time.perf_counter()
-    config = config or spec.optimize or OptimizeSpec()
+    config = config or spec.optimize_config()
     log = log or (lambda message: None)
     dataset = dataset or load_dataset(spec)
     valid, train = dataset.split("valid"), dataset.split("train")
