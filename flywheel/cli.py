@@ -732,9 +732,14 @@ def graders_validate(path, as_json):
 @click.option("--item", "item_json", default="{}", help="The item, as a JSON object.")
 @click.option("--sample", "model_sample", required=True, help="The model output to grade.")
 @click.option("--judge", default=None, help="Model reference for judge graders (default: their `model`).")
-def graders_run(path, item_json, model_sample, judge):
-    """Grade one --sample against --item with every grader in FILE; prints the platform's response."""
+@click.option("--json", "as_json", is_flag=True, help="Print the platform's run response (a list for several).")
+def graders_run(path, item_json, model_sample, judge, as_json):
+    """Grade one --sample against --item with every grader in FILE: one line per grader (score, passed,
+    error); exit 1 when a grader errors."""
     import graders
+    from graders.endpoints import response_error
+
+    from flywheel.report.console import print_grader_runs
 
     from flywheel.grading import GraderSet
 
@@ -751,7 +756,12 @@ def graders_run(path, item_json, model_sample, judge):
         results.append(graders.run_grader(cfg.model_dump(by_alias=True, exclude_none=True), model_sample, item,
                                           judge=judge_fn))
     resolver.close()
-    click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+    if as_json:
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+    else:
+        print_grader_runs(results)
+    if any(response_error(r) for r in results):
+        raise SystemExit(1)
 
 
 @graders_group.command("calibrate")

@@ -117,10 +117,31 @@ def test_graders_validate_and_run(tmp_path):
                                  "reference": "{{item.label}}", "operation": "ilike"}]))
     assert "ok  string_check  label" in invoke("graders", "validate", path).output
     ran = json.loads(invoke("graders", "run", path, "--item", '{"label": "card_arrival"}', "--sample",
-                            "Card_Arrival").stdout)
+                            "Card_Arrival", "--json").stdout)
     assert ran["reward"] == 1.0 and ran["metadata"]["errors"]["invalid_variable_error"] is False
-    missing = json.loads(invoke("graders", "run", path, "--item", "{}", "--sample", "x").stdout)
+    missing = invoke("graders", "run", path, "--item", "{}", "--sample", "x", "--json")
+    assert missing.exit_code == 1  # a grader that errors fails the command, --json or not
+    missing = json.loads(missing.stdout)
     assert missing["reward"] == 0.0 and missing["metadata"]["errors"]["invalid_variable_error"] is True
+
+
+def test_graders_run_prints_one_row_per_grader_and_fails_on_an_error(tmp_path):
+    path = tmp_path / "graders.json"
+    path.write_text(json.dumps([
+        {"type": "string_check", "name": "label", "input": "{{sample.output_text}}", "reference": "{{item.label}}",
+         "operation": "ilike"},
+        {"type": "python", "name": "crash", "source": "def grade(sample, item):\n    raise ValueError('boom')\n"}]))
+    ran = invoke("graders", "run", path, "--item", '{"label": "card_arrival"}', "--sample", "Card_Arrival")
+    assert ran.exit_code == 1
+    lines = ran.output.splitlines()
+    assert len(lines) < 12 and "{" not in ran.output  # a table, not the run response's JSON
+    label = next(line for line in lines if "label" in line and "string_check" in line)
+    assert "1.000" in label and "yes" in label
+    crash = next(line for line in lines if "crash" in line)
+    assert "python_grader_runtime_error" in crash and "no" in crash.split("python")[1]
+    path.write_text(json.dumps(json.loads(path.read_text())[:1]))
+    ok = invoke("graders", "run", path, "--item", '{"label": "x"}', "--sample", "y")
+    assert ok.exit_code == 0 and "label" in ok.output and "0.000" in ok.output  # failing is not erroring
     path.write_text('{"type": "string_chek", "name": "x"}')
     bad = CliRunner().invoke(main, ["graders", "validate", str(path)])
     assert bad.exit_code == 1 and "did you mean 'string_check'" in bad.output

@@ -138,6 +138,23 @@ def _ci(cmp: dict[str, Any]) -> str:
             f"McNemar p={cmp['p_mcnemar']:.3g}  ({cmp['improvements']} fixed, {cmp['regressions']} broken)")
 
 
+def print_grader_runs(responses: list[dict[str, Any]]) -> None:
+    """`flywheel graders run`: one row per grader: name, type, score, passed, error."""
+    from graders.endpoints import response_error
+
+    safe = safe_terminal_text
+    table = Table(show_header=True, header_style="bold")
+    for column in ("grader", "type", "score", "passed", "error"):
+        table.add_column(column, justify="right" if column == "score" else "left", overflow="fold")
+    for r in responses:
+        meta = r.get("metadata") or {}
+        error = response_error(r)
+        passed = r.get("passed")
+        table.add_row(safe(meta.get("name")), safe(meta.get("type")), _num(r.get("reward")),
+                      "–" if passed is None else ("yes" if passed else "no"), safe(error) if error else "")
+    console.print(table)
+
+
 def print_optimize_result(result) -> None:
     """The search tree in order, then winner vs baseline on valid and on test."""
     safe = safe_terminal_text
