@@ -219,10 +219,11 @@ def test_result_printers_and_cli_lines_escape_user_text(tmp_path, capsys):
     child = NS(origin=HOSTILE, parent=parent, prompt=prompt, minibatch=None, valid=None, test=None)
     print_optimize_result(NS(run_id=HOSTILE, candidates=[parent, child], winner=child, rejected=[{"reason": HOSTILE}],
                              notes=[HOSTILE], reason=HOSTILE, valid_comparison={}, test_comparison={}, model_calls=1,
-                             tokens=2, wall_s=0.1))
+                             tokens=2, tokens_measured=1, wall_s=0.1))
     stage = NS(lap=1, stage=HOSTILE, valid=None, decision=HOSTILE, wall_s=1.0, reason=HOSTILE)
     print_wheel_result(NS(run_id=HOSTILE, stages=[stage], stopped=HOSTILE, milestones=[], minimise="cost", test=None,
-                          lap_wall_s={1: 1.0}, model_calls=1, tokens=2, cost=0.0, wall_s=1.0, report_path=HOSTILE))
+                          lap_wall_s={1: 1.0}, model_calls=1, tokens=2, tokens_measured=1, cost=0.0, wall_s=1.0,
+                          report_path=HOSTILE))
     row = {"id": HOSTILE, "created_at": HOSTILE, "model": HOSTILE, "status": HOSTILE, "latency_ms": 1.0,
            "prompt_tokens": 1, "completion_tokens": 1, "metadata": {HOSTILE: HOSTILE}, "input": HOSTILE,
            "output": HOSTILE, "error": None}
