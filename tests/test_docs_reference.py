@@ -48,3 +48,19 @@ def test_eval_ignores_a_mistake_in_the_optimize_block_that_optimize_reports(tiny
     tiny_spec.write_text(yaml.safe_dump(data))
     with pytest.raises(SpecError, match="optimize: Input should be a valid dictionary"):
         load_eval_spec(tiny_spec)
+
+
+def test_a_wheel_with_an_optimize_stage_reports_a_bad_optimize_block_before_it_starts(tmp_path, tiny_model_dir,
+                                                                                      store):
+    from conftest import make_rows, spec_dict, write_jsonl
+    from flywheel.run_spec import load_run_spec
+    from flywheel.wheel import run_wheel
+
+    write_jsonl(tmp_path / "data.jsonl", make_rows(6))
+    spec = spec_dict(f"local:{tiny_model_dir}", optimize={"fewshot": {"strategies": ["balanced"]}})
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"eval": "eval.yaml", "stages": [
+        {"stage": "capture", "teacher": "reference:label"}, {"stage": "optimize"}]}))
+    with pytest.raises(SpecError, match=r"eval\.yaml: optimize\.fewshot: label_field: required by the balanced"):
+        run_wheel(load_run_spec(tmp_path / "run.yaml"), store)
+    assert store.db.execute("select count(*) from runs").fetchone()[0] == 0  # nothing ran, nothing stored
