@@ -856,6 +856,13 @@ def import_group() -> None:
     """Turn the hosted platform's exported definitions into Flywheel specs."""
 
 
+from flywheel.rescue_cli import import_openai_completions_command, import_openai_prompts_command, rescue_group  # noqa: E402
+
+import_group.add_command(import_openai_completions_command)
+import_group.add_command(import_openai_prompts_command)
+main.add_command(rescue_group)
+
+
 @import_group.command("openai-eval")
 @click.argument("eval_path", metavar="EVAL.json", type=click.Path(dir_okay=False))
 @click.argument("items", metavar="[ITEMS.jsonl]...", nargs=-1, type=click.Path(dir_okay=False))
@@ -879,21 +886,27 @@ def import_openai_eval_command(eval_path, items, run_path, out_dir):
 @click.option("--model", default=None, help="Local base to train (the platform's model names none here).")
 @click.option("--project", default="default", show_default=True, help="The API project the job belongs to.")
 @click.option("--config-out", type=click.Path(dir_okay=False), help="Also write our training config (YAML) here.")
+@click.option("--result-file", "result_path", type=click.Path(dir_okay=False),
+              help="The job's result file (its per-step metrics CSV), kept with the job for comparison.")
 @db_option
 @json_option
-def import_openai_job_command(job_path, training_path, validation_path, model, project, config_out, db, as_json):
+def import_openai_job_command(job_path, training_path, validation_path, model, project, config_out, result_path, db,
+                              as_json):
     """Queue a platform fine-tuning job (its JSON and files) in the store; `serve --api` runs it."""
     from flywheel.api.convert import import_openai_job
 
     with _store_at(db) as store:
         result = import_openai_job(store, job_path, training_path, validation_path=validation_path, model=model,
-                                   project=project, config_out=config_out)
+                                   project=project, config_out=config_out, result_path=result_path)
     job = result.job
     if as_json:
         click.echo(json.dumps(job, indent=2))
         return
     _echo(f"queued {job['id']} ({job['method']['type']} on {job['model']}, project {project!r}); "
-               "`flywheel serve --api` runs it" + (f"; training config: {result.config_path}" if config_out else ""))
+               "`flywheel serve --api` runs it" + (f"; training config: {result.config_path}" if config_out else "")
+          + (f"; platform metrics kept ({len(result.metrics.steps)} steps, final "
+             + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.final.items() if k != "step") + ")"
+             if result.metrics else ""))
 
 
 @main.group("export")

@@ -36,6 +36,8 @@ class Item:
     source: Path | None = field(default=None, compare=False)
     # What the item's image parts may read (the spec's dataset.images); None: the source's folder only.
     image_access: ImageAccess | None = field(default=None, compare=False)
+    # The proxy capture the item was made from (a `dataset.captures` eval): lineage for deletion.
+    capture_id: int | None = field(default=None, compare=False)
 
     @property
     def where(self) -> str:

@@ -25,3 +25,12 @@ class StoreError(FlywheelError):
 
 class TooManyErrors(FlywheelError):
     """A run recorded more failing samples than `--max-errors` allows."""
+
+
+class PlatformImportError(FlywheelError):
+    """A download from the hosted platform has the wrong shape (`file:line: field: message`); nothing
+    of it was stored."""
+
+
+class RescueError(FlywheelError):
+    """`flywheel rescue` cannot start (no data, over budget) or a certificate does not verify."""

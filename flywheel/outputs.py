@@ -133,7 +133,8 @@ def captures_dataset(spec: Any) -> Any:
         fields = capture_fields(row)
         if fields is None:
             continue
-        items.append(Item(key=str(row["id"]), fields=fields, split="test", line=line, image_access=access))
+        items.append(Item(key=str(row["id"]), fields=fields, split="test", line=line, image_access=access,
+                          capture_id=row["id"]))
         digest.update(json.dumps([row["id"], fields], sort_keys=True, default=str).encode())
     if not items:
         filters = source.model_dump(exclude_none=True, exclude={"db"})

@@ -5,7 +5,8 @@
     0.0001512
 
 The built-in table holds the public list prices of common OpenAI chat models (standard tier, as
-published in 2026). Prices change: override them per model in the eval spec
+published in 2026), and of inference on their fine-tunes (`ft:gpt-4o-mini-2024-07-18:org::id`
+finds `ft:gpt-4o-mini`). Prices change: override them per model in the eval spec
 (`model_options.prices: {input: 0.15, output: 0.6, cached_input: 0.075}`), or for many models in a
 YAML/JSON file named by `$FLYWHEEL_PRICES` (`{model-name: {input: ..., output: ...}}`). A model
 with no known price costs 0 (a local or self-hosted server), which reports show as such.
@@ -57,6 +58,24 @@ PRICES: dict[str, Price] = {
     "o3-mini": Price(1.10, 4.40, 0.55),
     "o4-mini": Price(1.10, 4.40, 0.275),
 }
+
+# Inference on a fine-tuned model (`ft:BASE:org:suffix:id`) is billed at its own, higher rate.
+# UNVERIFIED: these are the platform's published fine-tuned inference list prices (USD per 1M
+# tokens, standard tier) as recalled for 2026-12; the project's reference material
+# (../shared/reference/openai-platform.md) records no prices, so they were not checked against a
+# source. Check them against the platform's pricing page before quoting a cost, and override them
+# (`teacher_options.prices` in a rescue spec, `model_options.prices`, or $FLYWHEEL_PRICES).
+# `flywheel rescue` says so wherever it prints a cost from this table (UNVERIFIED_NOTE).
+FINE_TUNED: dict[str, Price] = {
+    "ft:gpt-4o": Price(3.75, 15.00, 1.875),
+    "ft:gpt-4o-mini": Price(0.30, 1.20, 0.15),
+    "ft:gpt-4.1": Price(3.00, 12.00, 0.75),
+    "ft:gpt-4.1-mini": Price(0.80, 3.20, 0.20),
+    "ft:gpt-4.1-nano": Price(0.20, 0.80, 0.05),
+}
+PRICES.update(FINE_TUNED)
+UNVERIFIED_NOTE = ("fine-tuned list prices from flywheel/pricing.py, unverified (as recalled for 2026-12): check the "
+                   "platform's pricing page, or set teacher_options.prices")
 
 FREE = Price(0.0, 0.0, 0.0)
 
@@ -113,5 +132,13 @@ def find_price(model: str, override: Any = None, table: dict[str, Price] | None 
     table = price_table() if table is None else table
     if model in table:
         return table[model]
-    matches = [name for name in table if model.startswith(name + "-")]
+    matches = [name for name in table if model.startswith((name + "-", name + ":"))]
     return table[max(matches, key=len)] if matches else FREE
+
+
+def unverified_price(model: str, override: Any = None) -> bool:
+    """Whether `find_price(model, override)` comes from the unverified fine-tuned table (FINE_TUNED)."""
+    if override is not None:
+        return False
+    price = find_price(model)
+    return price != FREE and price == find_price(model, table=FINE_TUNED)

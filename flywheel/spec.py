@@ -211,6 +211,16 @@ class SamplingSpec(_Spec):
     repeats: int = Field(default=1, ge=1, le=100, description="Samples drawn per item.")
 
 
+class PromptRefSpec(_Spec):
+    """An imported platform prompt version used as the eval's input messages (docs/rescue.md)."""
+
+    id: str = Field(min_length=1, description="The platform prompt's id (pmpt_...), as imported.")
+    version: str | None = Field(default=None, description="Its version (\"3\"); unset: the newest imported.")
+    variables: dict[str, str] = Field(
+        default_factory=dict,
+        description="Platform variable -> item field, for variables not named like the item's fields.")
+
+
 class OutputsSpec(_Spec):
     field: str = Field(
         description="Item field holding an output that already exists (another system's answer, "
@@ -331,6 +341,10 @@ class EvalSpec(_Spec):
         description="Chat messages sent per item (required unless `outputs` is set; then they are "
         "only stored with each sample, as the prompt the outputs answered).",
     )
+    prompt: PromptRefSpec | None = Field(
+        default=None, exclude=True,
+        description="Instead of `input`: an imported platform prompt version (`flywheel import openai-prompts`), "
+        "its messages filled in as `input` when the spec is loaded (so the fingerprint is the messages').")
     model: str = Field(default="local:smollm2", description="Model reference, e.g. local:smollm2.")
     outputs: OutputsSpec | None = Field(
         default=None,
@@ -635,15 +649,56 @@ def _invalid_unicode(value: Any, at: str = "") -> str | None:
     return None
 
 
-def load_eval_spec(path: str | Path, overrides: list[str] | None = None) -> EvalSpec:
-    """Load and validate an eval spec file; raise SpecError with `file: field: message` lines."""
+def load_eval_spec(path: str | Path, overrides: list[str] | None = None, *, store: Any = None) -> EvalSpec:
+    """Load and validate an eval spec file; raise SpecError with `file: field: message` lines.
+    `store`: where a `prompt:` reference is looked up (default: the default store, when it exists)."""
     path = Path(path)
     data = apply_overrides(read_yaml(path), overrides or [], str(path))
-    return parse_eval_spec(data, source=str(path), base_dir=path.resolve().parent)
+    return parse_eval_spec(data, source=str(path), base_dir=path.resolve().parent, store=store)
 
 
-def parse_eval_spec(data: dict[str, Any], source: str = "<spec>", base_dir: Path | None = None) -> EvalSpec:
-    """Validate an already-loaded mapping as an eval spec."""
+def resolve_prompt_ref(data: dict[str, Any], source: str, store: Any = None) -> dict[str, Any]:
+    """The spec's mapping with `input` filled from the imported prompt version its `prompt` names:
+    each `{{item.VAR}}` of the version becomes `{{item.FIELD}}` per `prompt.variables`. SpecError
+    `file: prompt: ...` when both `input` and `prompt` are given or the version is not imported."""
+    from flywheel.store import Store, default_db_path
+
+    try:
+        ref = PromptRefSpec.model_validate(data["prompt"])
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(source, exc).replace(f"{source}: ", f"{source}: prompt.")) from None
+    if data.get("input"):
+        raise SpecError(f"{source}: prompt: give either `input` messages or `prompt`, not both")
+    opened = None
+    if store is None:
+        if not Path(default_db_path()).is_file():
+            raise SpecError(f"{source}: prompt: {ref.id} is looked up in the store, and {default_db_path()} does not "
+                            "exist; import it first (flywheel import openai-prompts) or set --db/$FLYWHEEL_DB")
+        store = opened = Store.open(default_db_path())
+    try:
+        found = store.platform_prompt_version(ref.id, ref.version)
+    finally:
+        if opened is not None:
+            opened.close()
+    if found is None:
+        raise SpecError(f"{source}: prompt: {ref.id}" + (f" version {ref.version}" if ref.version else "")
+                        + f" is not imported in {store.path} (flywheel import openai-prompts FILE|--from-api)")
+
+    def field(match: re.Match[str]) -> str:
+        return "{{item." + ref.variables.get(match.group(1), match.group(1)) + "}}"
+
+    messages = [{"role": m["role"], "content": _ITEM_FIELD_TEMPLATE.sub(field, m["content"])} for m in found["messages"]]
+    return {**data, "input": messages}
+
+
+_ITEM_FIELD_TEMPLATE = re.compile(r"\{\{\s*item\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def parse_eval_spec(data: dict[str, Any], source: str = "<spec>", base_dir: Path | None = None, *,
+                    store: Any = None) -> EvalSpec:
+    """Validate an already-loaded mapping as an eval spec (a `prompt:` reference resolved first)."""
+    if isinstance(data, dict) and data.get("prompt") is not None:
+        data = resolve_prompt_ref(data, source, store)
     try:
         spec = EvalSpec.model_validate(data)
     except ValidationError as exc:

@@ -4,7 +4,9 @@ end to end through the CLI; the imported spec runs with `flywheel eval` on a tin
 from __future__ import annotations
 
 import json
+import re
 
+import pytest
 from click.testing import CliRunner
 
 from api_helpers import CRITERIA, completions_source, items, jsonl
@@ -191,5 +193,75 @@ def test_import_the_platforms_rft_job_fixture(tmp_path, tiny_model_dir):
     store = Store.open(db)
     try:
         assert len(store.api_list("api_files")[0]) == 1 and len(store.api_list("api_jobs")[0]) == 1
+    finally:
+        store.close()
+
+
+# The job's result file (reference §5.8: step, train_loss, train_accuracy, valid_loss, ...); validation
+# columns are empty on steps the platform did not validate.
+METRICS_CSV = ("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy\n"
+               "1,2.5,0.40,,\n2,1.9,0.55,2.1,0.50\n3,1.2,0.71,,\n4,0.8,0.83,1.0,0.79\n")
+
+
+def test_import_openai_job_keeps_the_platforms_metrics_and_maps_hyperparameters(tmp_path, tiny_model_dir):
+    import yaml
+
+    from flywheel.store import Store
+
+    job = {**PLATFORM_JOB, "validation_file": None, "status": "succeeded", "result_files": ["file-res"],
+           "fine_tuned_model": "ft:gpt-4o-mini-2024-07-18:acme::abc123", "trained_tokens": 5120}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    (tmp_path / "train.jsonl").write_bytes(jsonl(CHAT_ROWS))
+    (tmp_path / "step_metrics.csv").write_text(METRICS_CSV)
+    db = str(tmp_path / "m.db")
+    done = CliRunner().invoke(main, ["import", "openai-job", str(tmp_path / "job.json"), "--training-file",
+                                     str(tmp_path / "train.jsonl"), "--model", f"local:{tiny_model_dir}",
+                                     "--result-file", str(tmp_path / "step_metrics.csv"),
+                                     "--config-out", str(tmp_path / "sft.yaml"), "--db", db])
+    assert done.exit_code == 0, done.output
+    assert "platform metrics kept (4 steps, final train_loss 0.8, train_accuracy 0.83, valid_loss 1" in done.output
+    config = yaml.safe_load((tmp_path / "sft.yaml").read_text())
+    assert (config["epochs"], config["learning_rate"], config["seed"]) == (3.0, 1e-3, 7)  # method.supervised's
+    beside = json.loads((tmp_path / "sft.platform-metrics.json").read_text())
+    store = Store.open(db)
+    try:
+        (queued,), _ = store.api_list("api_fine_tuning_jobs")
+        kept = store.platform_job_metrics(queued["id"])
+    finally:
+        store.close()
+    assert kept == beside
+    assert kept["steps"][0] == {"step": 1, "train_loss": 2.5, "train_accuracy": 0.4, "valid_loss": None,
+                                "valid_mean_token_accuracy": None}
+    assert kept["final"]["valid_loss"] == 1.0 and kept["best"] == {"train_loss": 0.8, "valid_loss": 1.0}
+    assert kept["platform_job"]["id"] == "ftjob-abc123" and kept["platform_job"]["trained_tokens"] == 5120
+    assert kept["platform_job"]["fine_tuned_model"] == "ft:gpt-4o-mini-2024-07-18:acme::abc123"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"m.csv:1: empty"),
+    ("train_loss,valid_loss\n1.0,2.0\n", r"m.csv:1: step: missing from the header"),
+    ("step,train_loss\n1,0.5\n2,lots\n", r"m.csv:3: train_loss: 'lots' is not a number"),
+    ("step,train_loss\n1,0.5\n2,nan\n", r"m.csv:3: train_loss: 'nan' is not a finite number"),
+    ("step,train_loss\n2,0.5\n2,0.4\n", r"m.csv:3: step: 2 after 2; steps increase"),
+    ("step,train_loss\n1.5,0.5\n", r"m.csv:2: step: expected a whole number"),
+    ("step,train_loss,valid_loss\n1,0.5,0.6\n2,0.4\n", r"m.csv:3: 2 values for 3 columns"),
+    ("step,train_loss,train_loss\n1,0.5,0.5\n", r"m.csv:1: train_loss: appears twice"),
+    ("step,train_loss\n", r"m.csv: no step rows"),
+])
+def test_a_bad_result_file_is_one_line_and_queues_nothing(tmp_path, tiny_model_dir, text, message):
+    from flywheel.store import Store
+
+    (tmp_path / "job.json").write_text(json.dumps({**PLATFORM_JOB, "validation_file": None}))
+    (tmp_path / "train.jsonl").write_bytes(jsonl(CHAT_ROWS))
+    (tmp_path / "m.csv").write_text(text)
+    db = str(tmp_path / "b.db")
+    out = CliRunner().invoke(main, ["import", "openai-job", str(tmp_path / "job.json"), "--training-file",
+                                    str(tmp_path / "train.jsonl"), "--model", f"local:{tiny_model_dir}",
+                                    "--result-file", str(tmp_path / "m.csv"), "--db", db])
+    assert out.exit_code == 1 and out.output.count("\n") == 1
+    assert re.search(message, out.output), out.output
+    store = Store.open(db)
+    try:
+        assert store.api_list("api_files")[0] == [] and store.api_list("api_fine_tuning_jobs")[0] == []
     finally:
         store.close()

@@ -174,16 +174,23 @@ class JobImport:
     job: dict[str, Any]  # the job object, as the API shows it
     config: Any  # our SFTSpec / DPOSpec / RFTSpec for it
     config_path: Path | None
+    metrics: Any = None  # flywheel.importers.jobs.JobMetrics: the platform job's own, for comparison
+    metrics_path: Path | None = None
 
 
 def import_openai_job(store: Any, job_path: str | Path, training_path: str | Path, *,
                       validation_path: str | Path | None = None, model: str | None = None,
-                      project: str = "default", config_out: str | Path | None = None) -> JobImport:
+                      project: str = "default", config_out: str | Path | None = None,
+                      result_path: str | Path | None = None) -> JobImport:
     """Queue a platform fine-tuning job (JSON) on its local training (and validation) file copies.
 
     The platform's model names no local model: `model` replaces it (required unless the job's own
-    model is a `local:` reference or an `ft:` id made here). Every check of the API's create applies;
-    a failure is a SpecError naming the job file and the field, and nothing is stored."""
+    model is a `local:` reference or an `ft:` id made here). Its method and hyper-parameters map to
+    our config as the API maps them (flywheel.train.methods via the fine-tuning runner). Every check
+    of the API's create applies; a failure is a SpecError naming the job file and the field, and
+    nothing is stored. `result_path`: the job's result file (its per-step metrics CSV,
+    flywheel.importers.jobs), kept with the queued job (`Store.platform_job_metrics`) and, with
+    `config_out`, written beside the config as `<name>.platform-metrics.json`."""
     from flywheel.api.access import check_project
     from flywheel.api.files import store_file
     from flywheel.api.fine_tuning import create_job
@@ -200,6 +207,11 @@ def import_openai_job(store: Any, job_path: str | Path, training_path: str | Pat
     if job.get("validation_file") and validation_path is None:
         raise SpecError(f"{job_path}: validation_file: {job['validation_file']} is a platform file; give its "
                         "content with --validation-file (or drop it from the job)")
+    metrics = None
+    if result_path is not None:
+        from flywheel.importers.jobs import read_result_file
+
+        metrics = read_result_file(result_path, job=job)  # checked before anything is stored
     body = {key: job[key] for key in ("method", "hyperparameters", "suffix", "seed", "metadata")
             if job.get(key) is not None}
     if "method" in body:  # a job object echoes `hyperparameters` beside `method`; the method wins
@@ -216,7 +228,10 @@ def import_openai_job(store: Any, job_path: str | Path, training_path: str | Pat
             row = store_file(store, data, Path(path).name, "fine-tune", project)
             stored.append(row)
             body[name] = row["id"]
-        created = create_job(store, {**body, "model": base}, project)
+        with store.transaction():  # the job and its platform metrics, or neither
+            created = create_job(store, {**body, "model": base}, project)
+            if metrics is not None:
+                store.set_platform_job_metrics(created["id"], metrics.to_dict())
     except (ApiError, SpecError) as exc:
         for row in stored:  # nothing is kept unless the job is
             store.api_delete("api_files", row["id"])
@@ -233,4 +248,8 @@ def import_openai_job(store: Any, job_path: str | Path, training_path: str | Pat
         written = Path(config_out)
         written.parent.mkdir(parents=True, exist_ok=True)
         written.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-    return JobImport(job=created, config=config, config_path=written)
+    metrics_path = None
+    if metrics is not None and written is not None:
+        metrics_path = written.with_name(written.stem + ".platform-metrics.json")
+        metrics_path.write_text(json.dumps(metrics.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return JobImport(job=created, config=config, config_path=written, metrics=metrics, metrics_path=metrics_path)

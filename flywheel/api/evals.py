@@ -31,6 +31,7 @@ from flywheel.api.logs import STORED_SOURCES, stored_rows
 from flywheel.api.model_access import check_judges, resolve_model
 from flywheel.api.pagination import page, page_args
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
+from flywheel.privacy.lineage import record_export, record_list
 from flywheel.store import now, unix_seconds
 from flywheel.web import parse_json_object, read_body
 
@@ -233,6 +234,11 @@ def routes(state: "ApiState") -> list[Route]:
             Path(dataset).unlink(missing_ok=True)
             raise
         insert_owned(store, "api_eval_runs", row, caller(request).project)
+        if (source.get("source") or {}).get("type") in STORED_SOURCES:  # lineage: a deletion follows captures here
+            captured = [r["capture_id"] for r in rows]
+            record_export(store, dataset, "api_eval_run", items, capture_ids=captured, source={"run": run_id})
+            if is_recorded(source):
+                record_list(store, recorded_path(dataset), "api_eval_run_outputs", outputs, captured)
         store.enqueue_job(new_object_id("job_"), "eval_run", run_id)
         state.notify()
         return JSONResponse(shaped_run(row, evaluation))

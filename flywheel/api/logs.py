@@ -90,8 +90,8 @@ def _string(source: dict[str, Any], name: str) -> str:
 
 def stored_rows(store: Store, source: dict[str, Any], project: str,
                 config_metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The `{item, sample}` rows of the stored completions a source selects, oldest first; a 400
-    when none match."""
+    """The `{item, sample, capture_id}` rows of the stored completions a source selects, oldest
+    first; a 400 when none match."""
     rows = []
     for capture in store.stored_completions(completion_filter(source, project, config_metadata)):
         request, response = json.loads(capture["request_json"]), json.loads(capture["response_json"] or "{}")
@@ -99,7 +99,8 @@ def stored_rows(store: Store, source: dict[str, Any], project: str,
         rows.append({"item": {"input": request.get("messages", []), "model": capture["model"],
                               "metadata": json.loads(capture["metadata_json"] or "{}"),
                               "completion_id": capture["response_id"]},
-                     "sample": {"output_text": (choices[0].get("message") or {}).get("content") or ""}})
+                     "sample": {"output_text": (choices[0].get("message") or {}).get("content") or ""},
+                     "capture_id": capture["id"]})  # lineage (flywheel.privacy), not part of the item
     if not rows:
         raise invalid(f"{PARAM}: no stored completions match (store them with `store: true`).", PARAM)
     return rows

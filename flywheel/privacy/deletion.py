@@ -7,14 +7,19 @@
 Steps, in this order (a crash between them leaves the captures in place, so re-running finishes):
 
 1. the matching capture ids (every given filter must hold; no filter is refused);
-2. the row hashes of their recorded copies (`capture_copies`, see `lineage`);
+2. the row hashes of their recorded copies (`capture_copies`, see `lineage`) and the eval items
+   made from them: items of `dataset.captures` evals (`capture_items`) and items stored from a
+   recorded file (an API run's items) whose fields hash to a copy;
 3. every recorded training set (.flywheel/sets/...) and recorded export file is rewritten without
-   the rows with those hashes; a set's row gets its new content hash and row count;
+   the rows with those hashes (a JSON list file, an API run's recorded outputs, gets `null` in
+   their place); a set's row gets its new content hash and row count; reports of the runs that
+   evaluated those items are deleted;
 4. checkpoints trained on a rewritten set, and those trained on top of them, are marked
    `trained_on_deleted` with the deletion id (they stay: retraining is the user's decision);
-5. in one transaction, the capture rows and their lineage rows go and a `deletions` row records
-   ids and places (never text); SQLite's secure_delete zeroes the freed pages and the WAL is
-   checkpointed and truncated, so the text is in neither database file afterwards.
+5. in one transaction, the capture rows, their lineage rows, the eval items with their samples,
+   grades, reviews and completion-cache entries go, and a `deletions` row records ids and places
+   (never text); freed space is zeroed (secure_delete), the WAL is checkpointed and truncated and
+   the file vacuumed, so the text is in none of the database files afterwards (`Store.delete_captures`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.privacy.lineage import drop_rows
+from flywheel.privacy.lineage import JSON_LIST, blank_entries, drop_rows, row_hash
 from flywheel.privacy.redact import PrivacyError
 from flywheel.store import Store, new_id
 
@@ -38,6 +43,10 @@ class DeletionResult:
     exports: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     missing_files: list[str] = field(default_factory=list)
+    eval_items: int = 0
+    reports: list[str] = field(default_factory=list)
+    rows_deleted: dict[str, int] = field(default_factory=dict)
+    wal_busy: bool = False
     dry_run: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,6 +59,14 @@ class DeletionResult:
             lines.append(f"  training set {ts['id']}: {ts['rows_removed']} rows removed, {ts['rows_left']} left ({ts['path']})")
         for ex in self.exports:
             lines.append(f"  export {ex['path']}: {ex['rows_removed']} rows removed, {ex['rows_left']} left")
+        if self.eval_items:
+            rows = ", ".join(f"{n} {table}" for table, n in self.rows_deleted.items() if n)
+            lines.append(f"  eval items made from them: {self.eval_items}" + (f" ({rows})" if rows else ""))
+        for path in self.reports:
+            lines.append(f"  report {'to be ' if self.dry_run else ''}deleted (it showed those items): {path}")
+        if self.wal_busy:
+            lines.append("  warning: another process reads the store, so the -wal file may still hold deleted text;"
+                         " stop it and run the deletion again")
         for path in self.missing_files:
             lines.append(f"  not found (moved or deleted outside Flywheel): {path}")
         if self.checkpoints:
@@ -69,6 +86,17 @@ def delete_captures(store: Store, *, ids: list[int] | tuple[int, ...] = (), meta
     if not capture_ids:
         return result
     hashes = store.capture_copy_hashes(capture_ids)
+    exports = store.list_exports()
+    items = store.capture_items(capture_ids)
+    if hashes:  # items stored from a recorded file (an API run's items) are the file's rows
+        items.update((row["dataset_id"], row["key"]) for row in store.items_of_datasets_at(
+            e["path"] for e in exports if e["kind"] != "report")
+            if row_hash(json.loads(row["fields_json"])) in hashes)
+    result.eval_items = len(items)
+    runs = store.runs_of_datasets(dataset_id for dataset_id, _ in items)
+    reports = [e for e in exports if e["kind"] == "report"
+               and runs.intersection(json.loads(e["source_json"] or "{}").get("runs") or [])]
+    result.reports = [e["path"] for e in reports]
     affected_sets: list[str] = []
     if hashes:
         for row in store.list_training_sets():
@@ -84,8 +112,13 @@ def delete_captures(store: Store, *, ids: list[int] | tuple[int, ...] = (), meta
                 if not dry_run:
                     store.update_training_set(row["id"], content_hash=_content_hash(row["kind"], row["path"]),
                                               n_rows=left, deleted_rows=(row.get("deleted_rows") or 0) + removed)
-        for row in store.list_exports():
-            outcome = _count(row["path"], hashes) if dry_run else drop_rows(row["path"], hashes)
+        for row in exports:
+            if row["kind"] == "report":
+                continue
+            if json.loads(row["source_json"] or "{}").get("format") == JSON_LIST:
+                outcome = blank_entries(row["path"], hashes, dry_run=dry_run)
+            else:
+                outcome = _count(row["path"], hashes) if dry_run else drop_rows(row["path"], hashes)
             if outcome is None:
                 result.missing_files.append(row["path"])
                 continue
@@ -97,19 +130,22 @@ def delete_captures(store: Store, *, ids: list[int] | tuple[int, ...] = (), meta
     result.checkpoints = [c["id"] for c in store.checkpoints_trained_on(affected_sets)]
     if dry_run:
         return result
+    for report in reports:
+        Path(report["path"]).unlink(missing_ok=True)
+        store.delete_export(report["id"])
     result.id = new_id("del")
-    store.delete_captures(capture_ids, {
+    counts = store.delete_captures(capture_ids, {
         "id": result.id, "reason": reason,
         "filters_json": json.dumps({"ids": list(ids), "metadata": metadata, "before": before}),
         "n_captures": len(capture_ids), "capture_ids_json": json.dumps(capture_ids),
         "training_sets_json": json.dumps(result.training_sets), "exports_json": json.dumps(result.exports),
-        "checkpoints_json": json.dumps(result.checkpoints)}, result.checkpoints)
+        "checkpoints_json": json.dumps(result.checkpoints)}, result.checkpoints, items)
+    result.wal_busy = bool(counts.pop("wal_busy", 0))
+    result.rows_deleted = counts
     return result
 
 
 def _count(path: str, hashes: set[str]) -> tuple[int, int] | None:
-    from flywheel.privacy.lineage import row_hash
-
     try:
         # "\n" only: rows written with ensure_ascii=False may hold U+2028 (flywheel.data.read_jsonl)
         lines = [line for line in Path(path).read_bytes().decode("utf-8").split("\n") if line.strip()]

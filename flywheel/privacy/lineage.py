@@ -2,11 +2,16 @@
 
     export_id = record_export(store, "train.jsonl", "sft", rows, capture_ids=ids, redaction=report)
     record_copies(store, "training_set", training_set.id, ids, training_set.rows)
+    record_list(store, "run.outputs.json", "api_eval_run_outputs", outputs, capture_ids=ids)
+    record_report(store, ".flywheel/reports/run-1.html", ["run-1"])
 
 A copy is identified by the sha256 of its canonical JSON (`row_hash`: sorted keys, the form
 `TrainingSet.jsonl` writes), so a deletion finds a captured row in any recorded file, whichever
 way it got there: an export, a training set built from captures, or a set loaded from an export
 file (`flywheel train sft --data export.jsonl`) — the row is the same JSON, so the same hash.
+An API run's items file is such an export; the eval items stored from it are found by the same
+hash. Items of a `dataset.captures` eval are recorded by key (`capture_items`, written by
+`Store.save_dataset`), samples carry their completion-cache key, and reports record their runs.
 """
 
 from __future__ import annotations
@@ -45,6 +50,48 @@ def record_export(store: Store, path: str | Path, kind: str, rows: Sequence[Any]
     if capture_ids is not None:
         record_copies(store, "export", export_id, capture_ids, rows)
     return export_id
+
+
+JSON_LIST = "json_list"  # an export's `source_json` format: one JSON list, rows are [index, entry]
+
+
+def record_list(store: Store, path: str | Path, kind: str, entries: Sequence[Any],
+                capture_ids: Sequence[int | None]) -> str | None:
+    """Record a JSON list file whose entry `i` came from capture `capture_ids[i]` (e.g. an API run's
+    recorded outputs, read by position): a deletion blanks those entries, keeping the positions."""
+    if all(c is None for c in capture_ids):
+        return None
+    return record_export(store, path, kind, [[i, e] for i, e in enumerate(entries)], capture_ids=capture_ids,
+                         source={"format": JSON_LIST})
+
+
+def record_report(store: Store, path: str | Path, run_ids: Sequence[str]) -> str:
+    """Record a report written for `run_ids`: a deletion that removes any of those runs' items
+    deletes it (an HTML page is not rewritten row by row; `flywheel report` writes it again)."""
+    resolved = str(Path(path).resolve())
+    return store.record_export({"id": "report-" + hashlib.sha256(resolved.encode()).hexdigest()[:16],
+                                "kind": "report", "path": resolved, "n_rows": 0,
+                                "source_json": json.dumps({"runs": list(run_ids)})})
+
+
+def blank_entries(path: str | Path, hashes: set[str], *, dry_run: bool = False) -> tuple[int, int] | None:
+    """Rewrite a JSON list file (`record_list`) with `None` in place of the entries whose [index,
+    entry] hash is in `hashes` (atomically). Returns (blanked, left), or None if the file is gone."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(entries, list):
+        return None
+    hit = [i for i, e in enumerate(entries) if e is not None and row_hash([i, e]) in hashes]
+    if hit and not dry_run:
+        for i in hit:
+            entries[i] = None
+        staging = path.with_name(path.name + ".deleting")
+        staging.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+        staging.replace(path)
+    return len(hit), sum(1 for e in entries if e is not None) - (len(hit) if dry_run else 0)
 
 
 def drop_rows(path: str | Path, hashes: set[str]) -> tuple[int, int] | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import re
 import threading
 import time
 import weakref
@@ -302,6 +303,25 @@ class StreamAssembler:
                 "choices": [self.choices[i] for i in sorted(self.choices)], "usage": self.usage}
 
 
+METADATA_KEY = re.compile(r'"metadata"\s*:\s*(?=\{)')
+METADATA_WINDOW = 16384  # the platform's metadata (16 pairs, 64-char keys, 512-char values) fits
+
+
+def salvage_metadata(text: str) -> dict[str, Any] | None:
+    """The `metadata` object of a body that is not valid JSON as a whole (truncated, a stray comma,
+    a list around it): the first `"metadata": {...}` that parses on its own, if any. A malformed
+    call's capture row keeps it, so `flywheel privacy delete --metadata` finds that row too."""
+    decoder = json.JSONDecoder()
+    for _, match in zip(range(4), METADATA_KEY.finditer(text)):  # bounded work on hostile bodies
+        try:
+            value, _ = decoder.raw_decode(text[match.end():match.end() + METADATA_WINDOW])
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict) and value:
+            return value
+    return None
+
+
 def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
                      max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, privacy: Any = None) -> Starlette:
@@ -395,8 +415,11 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
             text = decode_json_text(raw)
             text.encode("utf-8")  # a lone surrogate (from UTF-16 bytes) cannot be stored as text
         except (UnicodeError, ValueError) as exc:
+            kept = raw[:MAX_STORED_BODY].decode("utf-8", "replace")
+            metadata = salvage_metadata(kept)  # so a deletion by metadata finds this row too
             return await fail(ApiError(400, f"request body is not a JSON object: {exc}", code="invalid_json"),
-                              request_json=json.dumps({"raw": raw[:MAX_STORED_BODY].decode("utf-8", "replace")}))
+                              request_json=json.dumps({"raw": kept}),
+                              metadata_json=json.dumps(metadata, ensure_ascii=False) if metadata else None)
         row["request_json"] = text
         row["model"] = body.get("model") if isinstance(body.get("model"), str) else None
         metadata = body.get("metadata")

@@ -440,6 +440,10 @@ def write_report(store: Store, run_ids: Sequence[str], path: str | Path, **optio
         target.write_text(html, encoding="utf-8")
     except OSError as exc:
         raise FlywheelError(f"{target}: cannot write the report: {exc.strerror or exc}") from None
-    iterations, samples = store.count_run_rows([store.get_run(r)["id"] for r in run_ids])
+    ids = [store.get_run(r)["id"] for r in run_ids]
+    iterations, samples = store.count_run_rows(ids)
+    from flywheel.privacy.lineage import record_report
+
+    record_report(store, target, ids)  # a deletion of captures shown here deletes the page
     return ReportResult(path=str(target), bytes=target.stat().st_size, iterations=iterations, samples=samples,
                         seconds=time.perf_counter() - started)

@@ -221,6 +221,15 @@ class ApiStore(StoreBase):
     def count_jobs(self) -> dict[str, int]:
         return dict(self.db.conn.execute("select status, count(*) from api_jobs group by status").fetchall())
 
+    def set_platform_job_metrics(self, job_id: str, metrics: dict[str, Any]) -> None:
+        """Keep an imported job's own metrics (flywheel.importers.jobs.JobMetrics.to_dict()) with it."""
+        self.api_update("api_fine_tuning_jobs", job_id, platform_metrics_json=json.dumps(metrics))
+
+    def platform_job_metrics(self, job_id: str) -> dict[str, Any] | None:
+        """The platform's metrics of the job a fine-tuning job was imported from (None: none kept)."""
+        row = self.db.execute("select platform_metrics_json from api_fine_tuning_jobs where id = ?", [job_id]).fetchone()
+        return json.loads(row[0]) if row and row[0] else None
+
     # events of API objects (eval runs, fine-tuning jobs), paged by id
     def add_api_event(self, object_id: str, message: str, *, level: str = "info", type: str = "message",
                       data: dict[str, Any] | None = None) -> int:

@@ -46,6 +46,16 @@ class CapturesStore(StoreBase):
                 ids.append(cursor.lastrowid)
         return ids
 
+    def captured_response_ids(self, response_ids: Sequence[str]) -> set[str]:
+        """Which of these response ids (a platform's `chatcmpl-...`) a capture already holds."""
+        found: set[str] = set()
+        ids = list(dict.fromkeys(response_ids))
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found.update(r for (r,) in self.db.execute(
+                f"select response_id from captures where response_id in ({','.join('?' * len(chunk))})", chunk))
+        return found
+
     def query_captures(self, *, metadata: dict[str, str] | None = None, since: str | None = None,
                        until: str | None = None, model: str | None = None, outcome: str | None = None,
                        limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
@@ -75,7 +85,7 @@ class CapturesStore(StoreBase):
         return list(self.db.query(sql, params))
 
     def stored_completions(self, selection: CompletionFilter) -> list[dict[str, Any]]:
-        """The captured chat completions a `CompletionFilter` selects, oldest first: model,
+        """The captured chat completions a `CompletionFilter` selects, oldest first: id, model,
         metadata_json, request_json, response_json and response_id."""
         where = ["error is null", "status = 200", "endpoint = '/v1/chat/completions'"]
         params: list[Any] = []
@@ -109,7 +119,7 @@ class CapturesStore(StoreBase):
                 raise StoreError(f"not a sampling filter: {name}")
             where.append(f"abs(coalesce(json_extract(request_json, '$.{name}'), 1.0) - ?) < 1e-9")
             params.append(float(value))
-        sql = ("select model, metadata_json, request_json, response_json, response_id from captures where "
+        sql = ("select id, model, metadata_json, request_json, response_json, response_id from captures where "
                + " and ".join(where) + " order by created_at, id")
         if selection.limit is not None:
             sql += " limit ?"

@@ -205,6 +205,7 @@ class StoreBase:
             pending_migrations(db)  # refuse a newer or foreign database before writing to it (WAL included)
             _set_wal(conn, path, timeout)
             conn.execute("pragma synchronous=normal")
+            conn.execute("pragma secure_delete=on")  # freed space is zeroed: deleted text leaves the file
             conn.execute("pragma foreign_keys=on")
             apply_migrations(db)
             missing = missing_schema(db)

@@ -376,6 +376,30 @@ def m018_job_leases_completion_claims(db: sqlite_utils.Database) -> None:
     db["completion_claims"].create_index(["owner"])
 
 
+@migration
+def m019_capture_lineage_of_evals(db: sqlite_utils.Database) -> None:
+    # Deletion follows captures into evals (flywheel/privacy/deletion.py): `capture_items` records
+    # which eval item (dataset, key) a capture became (a `dataset.captures` eval); a sample records
+    # the completion-cache key of its answer, so deleting the sample's item finds its cache entry.
+    db["capture_items"].create({"capture_id": int, "dataset_id": str, "item_key": str},
+                               pk=("capture_id", "dataset_id", "item_key"))
+    db["capture_items"].create_index(["dataset_id", "item_key"])
+    db["samples"].add_column("cache_key", str)
+
+
+@migration
+def m020_platform_imports(db: sqlite_utils.Database) -> None:
+    # Prompt objects imported from the hosted platform (`pmpt_...` and a version): each version is a
+    # stored prompt (`prompts`, by content id) that an eval spec names as `prompt: {id, version}`.
+    db["platform_prompt_versions"].create(
+        {"platform_id": str, "version": str, "prompt_id": str, "name": str, "variables_json": str,
+         "model": str, "created_at": str, "imported_at": str, "source": str},
+        pk=("platform_id", "version"), foreign_keys=[("prompt_id", "prompts", "id")])
+    # An imported fine-tuning job's own metrics (its result file, the platform's per-step CSV), kept
+    # beside the job that retrains it here, for comparison.
+    db["api_fine_tuning_jobs"].add_column("platform_metrics_json", str)
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

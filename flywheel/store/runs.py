@@ -44,6 +44,11 @@ class RunsStore(StoreBase):
                 ({"dataset_id": dataset_id, "key": item.key, "split": item.split, "line": item.line,
                   "fields_json": json.dumps(item.fields, ensure_ascii=False)} for item in items),
                 batch_size=1000, ignore=True)
+            # lineage: an item made from a proxy capture (`Item.capture_id`), for deletion to follow
+            self.db.conn.executemany(
+                "insert or ignore into capture_items (capture_id, dataset_id, item_key) values (?,?,?)",
+                [(int(item.capture_id), dataset_id, item.key) for item in items
+                 if getattr(item, "capture_id", None) is not None])
 
     def save_prompt(self, prompt: Any, origin: str, parent_id: str | None = None,
                     rationale: str | None = None) -> None:
@@ -94,6 +99,38 @@ class RunsStore(StoreBase):
         """A stored prompt's row: id, origin, parent_id, rationale (and its JSON columns)."""
         rows = list(self.db["prompts"].rows_where("id = ?", [prompt_id]))
         return rows[0] if rows else None
+
+    # prompt objects imported from the hosted platform (flywheel.importers.prompts)
+    def imported_prompt_keys(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (platform id, version) pairs are already imported."""
+        return {(p, v) for p, v in keys if self.db.execute(
+            "select 1 from platform_prompt_versions where platform_id = ? and version = ?", [p, v]).fetchone()}
+
+    def save_platform_prompts(self, versions: Sequence[tuple[Any, dict[str, Any]]], origin: str) -> None:
+        """Store imported prompt versions in one transaction: each a (`flywheel.prompt.Prompt`, row of
+        platform_id, version, name, variables_json, model, created_at, source) pair."""
+        with self.transaction():
+            for prompt, row in versions:
+                self.save_prompt(prompt, origin)
+                self.db["platform_prompt_versions"].insert({**row, "prompt_id": prompt.id, "imported_at": now()})
+
+    def platform_prompt_version(self, platform_id: str, version: str | None = None) -> dict[str, Any] | None:
+        """An imported prompt version's row with its `messages` (None when not imported); without
+        `version`, the newest (by the platform's date, then version number)."""
+        rows = list(self.db.query(
+            "select v.*, p.messages_json from platform_prompt_versions v join prompts p on p.id = v.prompt_id"
+            " where v.platform_id = ?" + (" and v.version = ?" if version is not None else ""),
+            [platform_id] + ([version] if version is not None else [])))
+        if not rows:
+            return None
+        row = max(rows, key=lambda r: (r["created_at"] or "", int(r["version"]) if r["version"].isdigit() else -1))
+        return {**row, "messages": json.loads(row.pop("messages_json"))}
+
+    def platform_prompt_versions(self, platform_id: str | None = None) -> list[dict[str, Any]]:
+        """Imported prompt versions (platform_id, version, prompt_id, name, ...), oldest first."""
+        where, params = ("where platform_id = ?", [platform_id]) if platform_id else ("", [])
+        return list(self.db.query(f"select * from platform_prompt_versions {where} order by platform_id, created_at",
+                                  params))
 
     def find_unfinished_run(self, config_key: str) -> dict[str, Any] | None:
         rows = list(self.db["runs"].rows_where(
@@ -259,10 +296,10 @@ class RunsStore(StoreBase):
                 cursor.execute(
                     "insert or ignore into samples (iteration_id, item_key, repeat, input_json, output_text,"
                     " finish_reason, prompt_tokens, completion_tokens, latency_s, cost, cache_hit,"
-                    " error, created_at) values (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " error, created_at, cache_key) values (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (rec.iteration_id, rec.item_key, rec.repeat, rec.input_json, rec.output_text,
                      rec.finish_reason, rec.prompt_tokens, rec.completion_tokens, rec.latency_s,
-                     rec.cost, int(rec.cache_hit), rec.error, created))
+                     rec.cost, int(rec.cache_hit), rec.error, created, rec.cache_key))
                 if cursor.rowcount == 1:
                     written += 1
                     sample_id = cursor.lastrowid
