@@ -67,7 +67,7 @@ def linked_run(store: Store, n: int, tag: str) -> tuple[str, str, str]:
                                        "status": "completed", "model": "local:tiny", "data_source_json": json.dumps(source),
                                        "metadata_json": "{}", "run_id": ids["run_id"],
                                        "iteration_id": ids["iterations"][0], "dataset_path": ""})
-    # as a finished run keeps them (flywheel.api.eval_runs.EvalRunRunner.settle)
+    # as a finished run keeps them (flywheel.api.runners.eval_runs.EvalRunRunner.settle)
     store.api_update("api_eval_runs", run_id, result_json=json.dumps(store.result_counts(ids["iterations"][0])))
     middle = store.db.execute("select id from samples where iteration_id = ? order by id limit 1 offset ?",
                               [ids["iterations"][0], n // 2]).fetchone()[0]
@@ -245,7 +245,7 @@ def queue(jobs: int, n_items: int, workers: int, model_dir: Path, tmp: Path) -> 
 
 def direct(jobs: int, n_items: int, model_dir: Path, tmp: Path) -> float:
     """The baseline: the same evals through `run_eval` in a loop, one process, no server or queue."""
-    from flywheel.api.eval_runs import build_spec
+    from flywheel.api.runners.eval_runs import build_spec
     from flywheel.harness import run_eval
     from flywheel.models import load_model
 

@@ -5,7 +5,7 @@
 
 SFT of the embedded SmolLM2 on BANKING77 train rows (the query -> its intent label, as platform chat
 examples), in one process, same rows, seed and steps, with the configs the API's runner builds
-(`flywheel.api.fine_tuning_runner`):
+(`flywheel.api.runners.fine_tuning`):
 
 1. `plain`: `train_config` alone (what a job ran before: one adapter at the end, nothing to resume);
 2. `checkpointed`: `job_train_config` (a resumable checkpoint about every 10% of the steps);
@@ -64,7 +64,7 @@ def main() -> None:
 
     from transformers import TrainerCallback
 
-    from flywheel.api.fine_tuning_runner import job_spec, job_train_config, train_config
+    from flywheel.api.runners.fine_tuning import job_spec, job_train_config, train_config
     from flywheel.store import Store
     from flywheel.train.formats import load_training_file
     from flywheel.train.local import run_local

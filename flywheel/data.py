@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from flywheel.capture_rows import capture_fields, parse_when
 from flywheel.errors import DataError, FlywheelError
 from flywheel.images import ImageAccess
 from flywheel.spec import SPLITS, EvalSpec
+from flywheel.store import Store
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _TEMPLATE_VAR = re.compile(r"\{\{\s*item\.([A-Za-z_][A-Za-z0-9_]*)")
@@ -203,8 +205,6 @@ PARSES: Counter[str] = Counter()
 def load_dataset(spec: EvalSpec) -> Dataset:
     """Read, map, split and hash the spec's dataset; DataError names file, line or column."""
     if spec.dataset.captures is not None:  # items from the proxy's captures, not a file
-        from flywheel.outputs import captures_dataset
-
         dataset = captures_dataset(spec)
         check_templates(spec, dataset)
         return dataset
@@ -295,3 +295,32 @@ def read_rows(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def captures_dataset(spec: EvalSpec) -> Dataset:
+    """The proxy's successful captures matching `spec.dataset.captures`, as a Dataset (all in test)."""
+    source = spec.dataset.captures
+    path = spec.dataset_path
+    if not path.exists():
+        raise DataError(f"{spec.source}: dataset.captures.db: no store at {path}")
+    store = Store.open(path)
+    try:
+        rows = store.query_captures(
+            metadata=source.metadata, since=parse_when(source.since, option="dataset.captures.since"),
+            until=parse_when(source.until, end=True, option="dataset.captures.until"), model=source.model,
+            outcome="ok")
+    finally:
+        store.close()
+    items, digest = [], hashlib.sha256()
+    access = spec.image_access(None)  # captures hold data URLs (or URLs, fetched only if the spec says so)
+    for line, row in enumerate(rows, start=1):
+        fields = capture_fields(row)
+        if fields is None:
+            continue
+        items.append(Item(key=str(row["id"]), fields=fields, split="test", line=line, image_access=access,
+                          capture_id=row["id"]))
+        digest.update(json.dumps([row["id"], fields], sort_keys=True, default=str).encode())
+    if not items:
+        filters = source.model_dump(exclude_none=True, exclude={"db"})
+        raise DataError(f"{spec.source}: dataset.captures: no successful chat captures in {path} match {filters}")
+    return Dataset(path=path, content_hash=digest.hexdigest()[:16], items=items)

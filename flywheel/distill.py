@@ -312,6 +312,17 @@ def drop_leaks(spec: EvalSpec, prompt: Prompt, inputs: list[Item],
     return kept, len(inputs) - len(kept)
 
 
+
+def leaked(spec: EvalSpec, texts: list[str], dataset: Dataset | None = None) -> list[bool]:
+    """Whether each user text (live traffic: flywheel.service) is the user turn of a valid or test
+    item as the eval renders it: the leak guard of `drop_leaks` for inputs that are not items."""
+    dataset = dataset or load_dataset(spec)
+    guarded = set()
+    for messages in Prompt(messages=spec.messages()).render_many(dataset.split("valid") + dataset.split("test")):
+        if not isinstance(messages, str):
+            guarded |= {m["content"].strip() for m in messages if m["role"] == "user" and isinstance(m["content"], str)}
+    return [text.strip() in guarded for text in texts]
+
 def vote(outputs: list[str | None]) -> tuple[str | None, float]:
     """The majority answer among samples (whitespace and case folded) and its share of all samples.
 

@@ -7,6 +7,10 @@ class FlywheelError(Exception):
     """A problem the user can fix: bad input, missing file, unreachable model."""
 
 
+class TrainingError(FlywheelError):
+    """Training could not start or did not finish (bad base model, diverged loss, failed job)."""
+
+
 class SpecError(FlywheelError):
     """An eval or run spec is malformed; the message reads `file: field: message`."""
 

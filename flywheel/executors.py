@@ -23,12 +23,11 @@ import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from flywheel.errors import FlywheelError
 from flywheel.models import ChatRequest, Completion
+from flywheel.spec import ExecutorSpec
 
 
 class ExecutorError(FlywheelError):
@@ -78,25 +77,16 @@ def generate_and_grade(model_ref: str, model_options: dict[str, Any], grader_con
     return ChunkResult(completions=completions, grades=grades, wall_s=time.perf_counter() - started)
 
 
-class ExecutorSpec(BaseModel):
-    """Where evaluations run: `executor: {kind: ray, address: auto}` in a run spec (the wheel's
-    evaluations) or an eval spec (`flywheel eval`). Execution only: it never changes what an eval
-    computes, so it is not part of the eval's fingerprint and stored results stay comparable."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["local", "ray"] = Field("local", description="local: generate and grade in this process; "
-                                          "ray: in Ray tasks (pip install 'flywheel[ray]'), the store stays here.")
-    address: str | None = Field(None, description="Ray cluster to join (auto, ray://host:10001); default: "
-                                "$RAY_ADDRESS, else a cluster started here.")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a Ray cluster started here (default: all).")
-    chunk_size: int | None = Field(None, ge=1, description="Samples per Ray task (default: 4 model batches).")
-
-    def build(self) -> "RayExecutor | None":
-        """The executor to hand the harness (None: the local one)."""
-        if self.kind == "local":
-            return None
-        return RayExecutor(address=self.address, num_cpus=self.num_cpus, chunk_size=self.chunk_size)
+def build_executor(spec: ExecutorSpec | None, *, kind: str | None = None, address: str | None = None
+                   ) -> "RayExecutor | None":
+    """The executor to hand the harness for an `executor:` block (None: the local one). `kind` and
+    `address` (the command line's --executor, --ray-address) win over the block's."""
+    spec = spec or ExecutorSpec()
+    if kind or address:
+        spec = spec.model_copy(update={"kind": kind or spec.kind, "address": address or spec.address})
+    if spec.kind == "local":
+        return None
+    return RayExecutor(address=spec.address, num_cpus=spec.num_cpus, chunk_size=spec.chunk_size)
 
 
 # -- the executors --------------------------------------------------------------------------------

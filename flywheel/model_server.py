@@ -304,6 +304,34 @@ def _usage(completions: list[Completion]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
 
 
+def model_fingerprint(model: Model) -> str:
+    """The reply's `system_fingerprint` for a model: a short hash of its weights' fingerprint."""
+    return "fp_" + hashlib.sha256(model.fingerprint.encode()).hexdigest()[:10]
+
+
+def chat_response(call: ChatCall, completions: list[Completion], name: str, fingerprint: str) -> Response:
+    """The chat.completion reply (JSON, or SSE when the call streams) for a call's completions;
+    ApiError(500) when generation failed. The one reply shape of every flywheel model server."""
+    failed = next((c.error for c in completions if c.error), None)
+    if failed:
+        raise ApiError(500, f"generation failed: {failed}", code="generation_failed")
+    choices = []
+    for index, completion in enumerate(completions):
+        text, finish = apply_stop(completion.text, completion.finish_reason, call.stop)
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if completion.tool_calls:  # read from the reply by flywheel.tools
+            message.update(content=text or None, tool_calls=completion.tool_calls)
+            finish = "tool_calls"
+        choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
+    payload = {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
+               "model": name, "system_fingerprint": fingerprint, "choices": choices,
+               "usage": _usage(completions)}
+    if call.stream:
+        return StreamingResponse(_sse(payload, call.include_usage), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
+    return JSONResponse(payload)
+
+
 # Ten images of 10 MB each, base64-encoded (4/3), plus the rest of the request.
 VISION_MAX_BODY_BYTES = 10 * 10 * 1024 * 1024 * 4 // 3 + DEFAULT_MAX_BODY_BYTES
 
@@ -317,7 +345,7 @@ def create_app(model: Model, *, name: str | None = None, batch_size: int = 32, m
     aliases = {name, model.ref}
     batcher = MicroBatcher(model, batch_size=batch_size, max_wait_ms=max_wait_ms)
     created = int(time.time())
-    fingerprint = "fp_" + hashlib.sha256(model.fingerprint.encode()).hexdigest()[:10]
+    fingerprint = model_fingerprint(model)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -355,24 +383,7 @@ def create_app(model: Model, *, name: str | None = None, batch_size: int = 32, m
         except ImageError as exc:
             raise ApiError(400, str(exc), param="messages", code="invalid_image") from None
         completions = await batcher.submit(call.requests())
-        failed = next((c.error for c in completions if c.error), None)
-        if failed:
-            raise ApiError(500, f"generation failed: {failed}", code="generation_failed")
-        choices = []
-        for index, completion in enumerate(completions):
-            text, finish = apply_stop(completion.text, completion.finish_reason, call.stop)
-            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-            if completion.tool_calls:  # read from the reply by flywheel.tools
-                message.update(content=text or None, tool_calls=completion.tool_calls)
-                finish = "tool_calls"
-            choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
-        payload = {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
-                   "model": name, "system_fingerprint": fingerprint, "choices": choices,
-                   "usage": _usage(completions)}
-        if call.stream:
-            return StreamingResponse(_sse(payload, call.include_usage), media_type="text/event-stream",
-                                     headers={"cache-control": "no-cache"})
-        return JSONResponse(payload)
+        return chat_response(call, completions, name, fingerprint)
 
     app = Starlette(
         routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),

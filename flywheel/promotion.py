@@ -80,3 +80,47 @@ def decide(cmp: dict[str, Any], *, metric: str, alpha: float, goal: Goal | None,
                        f"{scores}; cheaper ({costs}) but not shown non-inferior: one-sided paired bootstrap 95% "
                        f"lower bound {cmp['low_one_sided']:+.3f} ≤ −{goal.margin:g} margin")
     return Verdict(False, "not significantly better", f"{scores}; not significantly better: {describe_test(cmp, metric)}")
+
+
+@dataclass(frozen=True)
+class OnlineVerdict:
+    """A shadow or canary decision on live pairs: `action` is promote / reject / rollback / keep /
+    wait (not enough evidence yet); `reason` names the test and its figures."""
+
+    action: str
+    reason: str
+
+
+def describe_sequence(bounds: Any, alpha: float) -> str:
+    """The always-valid interval that decided, with its figures."""
+    return (f"betting confidence sequence ({1 - alpha:.0%}, always valid) of the mean paired difference "
+            f"[{bounds.lower:+.3f}, {bounds.upper:+.3f}] after {bounds.n} pairs (mean {bounds.mean:+.3f})")
+
+
+def decide_shadow(bounds: Any, *, margin: float, cheaper: bool, alpha: float, min_pairs: int = 1) -> OnlineVerdict:
+    """Candidate − production on shadow pairs: promote when the sequence's lower end is above 0
+    (better), or above −margin for a cheaper candidate (non-inferior and cheaper); reject when its
+    upper end is below 0 for one no cheaper, or below −margin; otherwise wait for more pairs."""
+    test = describe_sequence(bounds, alpha)
+    if bounds.n < min_pairs:
+        return OnlineVerdict("wait", f"{bounds.n} of at least {min_pairs} shadow pairs")
+    if bounds.lower > 0:
+        return OnlineVerdict("promote", f"better: {test} lies above 0")
+    if cheaper and margin > 0 and bounds.lower > -margin:
+        return OnlineVerdict("promote", f"cheaper and non-inferior: {test} lies above −{margin:g}")
+    if bounds.upper < -margin or (not cheaper and bounds.upper < 0):
+        bar = f"−{margin:g}" if bounds.upper < -margin else "0"
+        return OnlineVerdict("reject", f"worse: {test} lies below {bar}")
+    return OnlineVerdict("wait", f"undecided: {test}")
+
+
+def decide_canary(bounds: Any, *, margin: float, alpha: float, enough: int) -> OnlineVerdict:
+    """New production − previous production on canary pairs: roll back when the sequence's upper
+    end drops below −margin (quality dropped; an errored answer scores 0, so errors count); keep the
+    switch once `enough` pairs have not shown a drop."""
+    test = describe_sequence(bounds, alpha)
+    if bounds.n and bounds.upper < -margin:
+        return OnlineVerdict("rollback", f"quality dropped: {test} lies below −{margin:g}")
+    if bounds.n >= enough:
+        return OnlineVerdict("keep", f"no drop after {bounds.n} pairs: {test}")
+    return OnlineVerdict("wait", f"watching: {test}")

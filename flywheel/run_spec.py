@@ -14,9 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.cost import Minimise
 from flywheel.errors import SpecError
-from flywheel.executors import ExecutorSpec
 from flywheel.promotion import Goal
-from flywheel.spec import apply_overrides, format_validation_error, read_yaml
+from flywheel.spec import ExecutorSpec, apply_overrides, format_validation_error, read_yaml
 from flywheel.stages import StageSpec
 
 

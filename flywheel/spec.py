@@ -22,7 +22,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flywheel.errors import SpecError
-from flywheel.executors import ExecutorSpec
 
 SPLITS = ("train", "valid", "test")
 
@@ -30,6 +29,21 @@ SPLITS = ("train", "valid", "test")
 # Every seed field's range: what each consumer accepts (numpy's legacy seeding, which
 # transformers.set_seed calls, takes 0..2**32-1; torch and random take more).
 SEED_MAX = 2**32 - 1
+
+
+class ExecutorSpec(BaseModel):
+    """Where evaluations run: `executor: {kind: ray, address: auto}` in a run spec (the wheel's
+    evaluations) or an eval spec (`flywheel eval`). Execution only: it never changes what an eval
+    computes, so it is not part of the eval's fingerprint and stored results stay comparable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local", "ray"] = Field("local", description="local: generate and grade in this process; "
+                                          "ray: in Ray tasks (pip install 'flywheel[ray]'), the store stays here.")
+    address: str | None = Field(None, description="Ray cluster to join (auto, ray://host:10001); default: "
+                                "$RAY_ADDRESS, else a cluster started here.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a Ray cluster started here (default: all).")
+    chunk_size: int | None = Field(None, ge=1, description="Samples per Ray task (default: 4 model batches).")
 
 
 class _Spec(BaseModel):

@@ -1,10 +1,12 @@
-"""Confidence intervals for eval scores (seeded, so the same samples print the same numbers)."""
+"""Confidence intervals for eval scores (seeded, so the same samples print the same numbers), and an
+always-valid confidence sequence for paired differences watched as they arrive (the service's shadow
+and canary tests)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -90,3 +92,60 @@ def paired_by_key(a: dict[Any, tuple[float, bool]], b: dict[Any, tuple[float, bo
     keys = sorted(set(a) & set(b))
     return paired_stats([a[k][0] for k in keys], [b[k][0] for k in keys],
                         [a[k][1] for k in keys], [b[k][1] for k in keys])
+
+
+# -- sequential (always-valid) inference on paired differences -------------------------------------
+class SequentialBounds(NamedTuple):
+    """An always-valid confidence interval for the mean paired difference after `n` pairs: with
+    probability at least 1 - alpha, EVERY interval of the sequence holds the true mean, so it may be
+    looked at after each pair and a decision taken the first time it excludes a value."""
+
+    n: int
+    mean: float
+    lower: float
+    upper: float
+
+
+def paired_confidence_sequence(differences: Sequence[float], *, alpha: float = 0.05, low: float = -1.0,
+                               high: float = 1.0, grid: int = 801) -> SequentialBounds:
+    """A betting confidence sequence (Waudby-Smith & Ramdas 2023, "Estimating means of bounded random
+    variables by betting", hedged capital with predictable plug-in bets) for the mean of paired
+    differences bounded in [low, high], e.g. candidate − production scores in [-1, 1].
+
+    For each candidate mean m, two gamblers bet that the next difference lies above (below) m; their
+    wealth is a nonnegative martingale when m is the true mean, so by Ville's inequality the hedged
+    wealth passes 1/alpha with probability at most alpha, ever. The interval is the set of m whose
+    wealth has not, intersected over time (valid under optional stopping: a caller may test after
+    every new pair). Differences outside [low, high] are clipped.
+
+    >>> b = paired_confidence_sequence([0.0] * 5)
+    >>> b.lower < 0 < b.upper
+    True
+    """
+    data = np.clip(np.asarray(differences, dtype=float), low, high)
+    n = int(data.size)
+    if n == 0:
+        return SequentialBounds(0, math.nan, low, high)
+    x = (data - low) / (high - low)  # in [0, 1]
+    t = np.arange(1, n + 1, dtype=float)
+    # Predictable bets: pair t stakes by the variance estimate of pairs < t (WSR's sigma-hat_{t-1}).
+    mean_hat = (0.5 + np.cumsum(x)) / (t + 1)
+    var_hat = (0.25 + np.cumsum((x - mean_hat) ** 2)) / (t + 1)
+    var_before = np.concatenate(([0.25], var_hat[:-1]))
+    lam = np.sqrt(2 * math.log(2 / alpha) / (var_before * t * np.log1p(t)))
+    m = np.linspace(0.0, 1.0, grid)[1:-1]
+    centred = x[:, None] - m[None, :]
+    up = np.minimum(lam[:, None], 0.5 / m[None, :])
+    down = np.minimum(lam[:, None], 0.5 / (1 - m[None, :]))
+    log_up = np.cumsum(np.log1p(up * centred), axis=0)
+    log_down = np.cumsum(np.log1p(-down * centred), axis=0)
+    hedged = np.logaddexp(log_up, log_down) + math.log(0.5)
+    rejected = (hedged >= math.log(1 / alpha)).any(axis=0)  # rejected at some time: running intersection
+    kept = m[~rejected]
+    if kept.size == 0:  # every grid point rejected: the interval is narrower than the grid step
+        centre = float(x.mean())
+        kept = np.array([centre])
+    step = 1.0 / (grid - 1)
+    lower = max(0.0, float(kept.min()) - step) * (high - low) + low
+    upper = min(1.0, float(kept.max()) + step) * (high - low) + low
+    return SequentialBounds(n, float(data.mean()), lower, upper)

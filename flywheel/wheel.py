@@ -38,7 +38,7 @@ from flywheel.cost import CostPerItem
 from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError
 from flywheel.events import EventFn, Throttle, WheelEvent
-from flywheel.executors import ExecutorSpec
+from flywheel.executors import build_executor
 from flywheel.grading import GraderSet
 from flywheel.harness import evaluate, paired_comparison, register_eval
 from flywheel.models import cached_model
@@ -188,7 +188,7 @@ class Wheel:
         self.stage_walls: list[float] = [r.outcome.wall_s for r in state.stages if r.outcome.wall_s]
         self.incumbent: Incumbent | None = None
         # Execution only (not in any fingerprint): the run spec's executor, else the eval spec's.
-        self.executor = (run_spec.executor or spec.executor or ExecutorSpec()).build()
+        self.executor = build_executor(run_spec.executor or spec.executor)
 
     # -- what stages use ----------------------------------------------------------------------------
     def log(self, message: str) -> None:

@@ -14,22 +14,20 @@ Heavy imports (sentence-transformers, nltk) happen only when a metric needs them
 from graders.base import DEFAULT_PASS_THRESHOLD, Grader
 from graders.build import build_grader
 from graders.config import (
-    GRADER_TYPES,
-    GraderConfig,
     LabelModelGraderConfig,
     MultiGraderConfig,
     PythonGraderConfig,
     ScoreModelGraderConfig,
     StringCheckGraderConfig,
     TextSimilarityGraderConfig,
-    load_graders,
-    parse_grader,
 )
 from graders.endpoints import run_grader, validate_grader
 from graders.errors import ERROR_KINDS, GraderConfigError, GraderError, TemplateVariableError
 from graders.grade import Grade
 from graders.judge import JudgeModel
+from graders.parsing import load_graders, parse_grader
 from graders.python_sandbox import SandboxLimits, SandboxPool, hide_from_sandbox
+from graders.registry import GRADER_TYPES, GraderConfig
 from graders.reward import reward_function
 from graders.templates import make_sample, render_template
 

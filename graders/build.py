@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from graders.base import Grader
-from graders.config import parse_grader
+from graders.parsing import parse_grader
 from graders.registry import TABLE
 
 

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from graders.build import build_grader
-from graders.config import parse_grader
+from graders.parsing import parse_grader
 from graders.errors import ERROR_KINDS
 from graders.grade import Grade
 from graders.templates import make_sample

@@ -15,7 +15,7 @@ import pytest
 
 from api_helpers import client_for, jsonl
 from flywheel.api.app import create_api_app
-from flywheel.api.fine_tuning_runner import job_train_config, schedule, train_config
+from flywheel.api.runners.fine_tuning import job_train_config, schedule, train_config
 from flywheel.train.config import SFTSpec
 from flywheel.web import BackgroundServer
 

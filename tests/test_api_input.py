@@ -83,7 +83,7 @@ def test_a_large_upload_does_not_hold_up_other_clients(server, http, monkeypatch
     """While a large file is being checked, /v1/health answers. Ordering by events, not a timed
     assertion: the check (the real one) waits until health has answered; checked on the event
     loop, health could not answer at all (benchmarks/api_upload.py measures the delay)."""
-    from flywheel.api import files
+    from flywheel.api.routes import files
 
     checking, release = threading.Event(), threading.Event()
     real_check = files.validate_upload

@@ -11,7 +11,7 @@ from api_helpers import client_for, wait_run
 from flywheel.api.access import create_key
 from flywheel.api.app import create_api_app
 from flywheel.api.model_access import ServerModels
-from flywheel.api.eval_runs import build_spec
+from flywheel.api.runners.eval_runs import build_spec
 from flywheel.store import Store
 from flywheel.web import BackgroundServer
 

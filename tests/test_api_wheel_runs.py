@@ -77,7 +77,7 @@ def test_a_wheel_run_over_http(server, tiny_model_dir, tmp_path):
 
 
 def test_a_submitted_spec_cannot_widen_image_access(tmp_path):
-    from flywheel.api.wheel_runs import write_specs
+    from flywheel.api.routes.wheel_runs import write_specs
     from flywheel.web import ApiError
 
     for images in ({"folders": ["/"]}, {"fetch": True}):

@@ -29,7 +29,7 @@ def test_platform_configs_round_trip(obj):
 
 
 def test_every_type_is_covered_by_the_fixture():
-    from graders.config import EXTENSION_GRADER_TYPES
+    from graders.registry import EXTENSION_GRADER_TYPES
 
     platform = [t for t in graders.GRADER_TYPES if t not in EXTENSION_GRADER_TYPES]
     assert sorted(g["type"] for g in PLATFORM) == sorted(platform)

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from click.testing import CliRunner
 
-from flywheel.proxy.captures import export_sft, list_captures, parse_metadata_filters, parse_when, sft_example
+from flywheel.capture_rows import parse_metadata_filters, parse_when
+from flywheel.proxy.captures import export_sft, list_captures, sft_example
 from flywheel.cli import main
 from flywheel.errors import FlywheelError
 

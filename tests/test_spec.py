@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from flywheel.errors import SpecError
+from flywheel.executors import build_executor
 from flywheel.spec import load_eval_spec
 
 from conftest import spec_dict
@@ -136,7 +137,7 @@ def test_an_executor_block_leaves_the_fingerprint_alone(tmp_path):
     fanned = load_eval_spec(write(tmp_path, spec_dict("local:smollm2", executor={"kind": "ray", "address": "auto"})))
     assert fanned.executor.kind == "ray" and fanned.executor.address == "auto"
     assert fanned.fingerprint() == plain.fingerprint()  # stored results and caches stay comparable
-    assert fanned.executor.build().address == "auto" and plain.executor is None
+    assert build_executor(fanned.executor).address == "auto" and plain.executor is None
 
 
 def test_a_bad_executor_block_is_one_line(tmp_path):

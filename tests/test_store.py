@@ -257,8 +257,8 @@ def test_timestamp_migration_converts_a_store_made_by_the_previous_schema(tmp_pa
     # columns), a hosted job's events without milliseconds, `_migrations` in SQLite's own format.
     import sqlite_utils
 
-    from flywheel.api.evals import eval_object
-    from flywheel.api.fine_tuning import event_object, job_object
+    from flywheel.api.routes.evals import eval_object
+    from flywheel.api.routes.fine_tuning import event_object, job_object
 
     index = [name for name, _ in MIGRATIONS].index("m016_one_timestamp_type")
     db = sqlite_utils.Database(tmp_path / "old.db")

@@ -10,14 +10,15 @@ from click.testing import CliRunner
 from train_helpers import quick_sft, write_eval
 
 from flywheel.api.errors import ApiError
-from flywheel.api.fine_tuning import parse_method
+from flywheel.api.routes.fine_tuning import parse_method
 from flywheel.cli import main
 from flywheel.errors import SpecError
 from flywheel.spec import load_eval_spec
 from flywheel.train import TrainRequest, TrainResult, run
 from flywheel.train.checkpoints import Checkpoint
 from flywheel.train.launch import LaunchSpec
-from flywheel.train.local import SplitEval, TrainingError
+from flywheel.errors import TrainingError
+from flywheel.train.local import SplitEval
 from flywheel.train.methods import HOSTED_TYPES, METHODS, hosted_method
 from flywheel.train.search import SearchSpec
 

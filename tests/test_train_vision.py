@@ -17,7 +17,8 @@ from flywheel.spec import load_eval_spec
 from flywheel.train import SFTSpec, TrainingDataError, build_sft_set
 from flywheel.train.formats import TrainingSet, load_training_file
 from flywheel.train.sft import train_sft
-from flywheel.train.vision import NOT_CHECKED, VisionSFTCollator, screen_images, set_has_images
+from flywheel.train.formats import set_has_images
+from flywheel.train.vision import NOT_CHECKED, VisionSFTCollator, screen_images
 
 
 def _row(colour: str, n_images: int = 1, url: str | None = None) -> dict:

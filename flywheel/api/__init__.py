@@ -7,10 +7,12 @@ Code written against the official `openai` SDK points its `base_url` here and ke
     ev = client.evals.create(name="x", data_source_config={...}, testing_criteria=[...])
     run = client.evals.runs.create(ev.id, data_source={"type": "completions", ...})
 
-Modules: `app` wires the routes; `files`, `evals` (+ `eval_runs`, what a run executes, and `logs`,
-runs over stored completions), `fine_tuning` (+ `fine_tuning_runner`, what a job trains),
-`graders_api`, `chat` and `wheel_runs` hold the endpoints; `jobs` is the queue that runs work in
-the server; `access` checks API keys, projects and roles, `limits` rate-limits them, `scoped`
-reads objects as a project sees them; `errors` is the platform's error JSON, `pagination` its
-cursor lists and `convert` moves definitions without the API.
+Rooms (the contract in pyproject.toml holds them: app -> routes -> runners -> the shared parts):
+`app` wires the routes and the workers, `state` is what every route shares; `routes/` holds the
+endpoints (`files`, `evals`, `fine_tuning`, `graders`, `chat`, `wheel_runs`); `runners/` what the
+queued jobs run (`eval_runs`, `fine_tuning`, `wheel_runs`) and the `workers` as processes; `platform`
+maps the platform's model names to ours, `convert` its eval and job definitions (without the API).
+Shared parts: `jobs` is the queue that runs work in the server, `logs` runs over stored completions,
+`access` checks API keys, projects and roles, `limits` rate-limits them, `scoped` reads objects as a
+project sees them, `errors` is the platform's error JSON and `pagination` its cursor lists.
 """

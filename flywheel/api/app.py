@@ -11,7 +11,6 @@ The review app (`flywheel.report.review_app`) can be mounted under `/` of the sa
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -21,50 +20,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from flywheel.api import chat, evals, files, fine_tuning, graders_api, wheel_runs
 from flywheel.api.access import LOOPBACK_ROLES, Access
 from flywheel.api.errors import HANDLERS
 from flywheel.api.jobs import JobQueue
 from flywheel.api.limits import RateLimiter
 from flywheel.api.model_access import ServerModels
-from flywheel.api.workers import WorkerProcesses, runners
+from flywheel.api.routes import chat, evals, files, fine_tuning, graders, wheel_runs
+from flywheel.api.runners.workers import WorkerProcesses, runners
+from flywheel.api.state import ApiState
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
 from flywheel.web import ApiError, HostGuard
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
-
-
-class ApiState:
-    """What every endpoint shares: one store connection per thread, limits, the queue to wake."""
-
-    def __init__(self, db_path: str, *, max_upload_bytes: int, report_base: str | None,
-                 models: ServerModels | None = None):
-        self.db_path = db_path
-        self.models = models or ServerModels()  # what API callers may name (flywheel.api.model_access)
-        self.max_upload_bytes = max_upload_bytes
-        self.report_base = report_base
-        self.queue: JobQueue | None = None
-        self._local = threading.local()
-        self._opened: list[Store] = []
-
-    def store(self) -> Store:
-        store = getattr(self._local, "store", None)
-        if store is None:
-            store = self._local.store = Store.open(self.db_path)
-            self._opened.append(store)
-        return store
-
-    def notify(self) -> None:
-        if self.queue is not None:
-            self.queue.notify()
-
-    def close(self) -> None:
-        for store in self._opened:
-            with contextlib.suppress(Exception):
-                store.close()
-        self._opened.clear()
-        self._local = threading.local()
 
 
 def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1, batch_size: int = 8,
@@ -78,7 +46,7 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
     `workers=0` queues jobs without running them (another server on the same store runs them).
     `fallback` (an ASGI app, e.g. the review app) answers every path the API does not.
     `rate_limit_rpm`: requests per minute per key (None: unlimited), `rate_limit_burst` of them at once.
-    `worker_processes`: the workers run as processes (`flywheel.api.workers`) rather than threads.
+    `worker_processes`: the workers run as processes (`flywheel.api.runners.workers`) rather than threads.
     `models`: the models API callers may name (`flywheel.api.model_access`; default: the embedded
     bases and their projects' `ft:` models); `loopback_role`: what a keyless loopback client may do
     (`none`: nothing); `allowed_hosts`: the Host / Origin names the port answers for, API and pages
@@ -112,7 +80,7 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
         raise ApiError(404, f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
 
     routes: list[Any] = [Route("/v1/health", health, methods=["GET"]), *files.routes(state), *evals.routes(state),
-                         *fine_tuning.routes(state), *graders_api.routes(state), *chat.routes(state),
+                         *fine_tuning.routes(state), *graders.routes(state), *chat.routes(state),
                          *wheel_runs.routes(state),
                          Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
     if fallback is not None:

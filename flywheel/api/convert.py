@@ -192,9 +192,9 @@ def import_openai_job(store: Any, job_path: str | Path, training_path: str | Pat
     flywheel.importers.jobs), kept with the queued job (`Store.platform_job_metrics`) and, with
     `config_out`, written beside the config as `<name>.platform-metrics.json`."""
     from flywheel.api.access import check_project
-    from flywheel.api.files import store_file
-    from flywheel.api.fine_tuning import create_job
-    from flywheel.api.fine_tuning_runner import train_config
+    from flywheel.api.routes.files import store_file
+    from flywheel.api.routes.fine_tuning import create_job
+    from flywheel.api.runners.fine_tuning import train_config
     from flywheel.web import ApiError
 
     check_project(project)

@@ -40,6 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flywheel.api.access import Caller
+from flywheel.api.platform import model_for
 from flywheel.errors import FlywheelError, SpecError
 from flywheel.store import Store
 from flywheel.web import ApiError
@@ -115,7 +116,6 @@ def resolve_model(store: Store, ref: Any, who: Caller, models: ServerModels, *, 
                   status: int = 400) -> ResolvedModel:
     """The reference `who` may load for `ref` (an `ft:` name becomes its checkpoint's reference); an
     ApiError (`status`, naming `param`) otherwise."""
-    from flywheel.api.fine_tuning import model_for
     from flywheel.models import parse_model_ref
 
     if not isinstance(ref, str) or not ref:

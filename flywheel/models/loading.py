@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import ModelError
-from flywheel.models import parse_adapters
+from flywheel.models.refs import parse_adapters
 
 
 @dataclass(frozen=True)

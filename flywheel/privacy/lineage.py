@@ -3,7 +3,7 @@
     export_id = record_export(store, "train.jsonl", "sft", rows, capture_ids=ids, redaction=report)
     record_copies(store, "training_set", training_set.id, ids, training_set.rows)
     record_list(store, "run.outputs.json", "api_eval_run_outputs", outputs, capture_ids=ids)
-    record_report(store, ".flywheel/reports/run-1.html", ["run-1"])
+    store.record_report(".flywheel/reports/run-1.html", ["run-1"])   # (a report: the store records it)
 
 A copy is identified by the sha256 of its canonical JSON (`row_hash`: sorted keys, the form
 `TrainingSet.jsonl` writes), so a deletion finds a captured row in any recorded file, whichever
@@ -63,15 +63,6 @@ def record_list(store: Store, path: str | Path, kind: str, entries: Sequence[Any
         return None
     return record_export(store, path, kind, [[i, e] for i, e in enumerate(entries)], capture_ids=capture_ids,
                          source={"format": JSON_LIST})
-
-
-def record_report(store: Store, path: str | Path, run_ids: Sequence[str]) -> str:
-    """Record a report written for `run_ids`: a deletion that removes any of those runs' items
-    deletes it (an HTML page is not rewritten row by row; `flywheel report` writes it again)."""
-    resolved = str(Path(path).resolve())
-    return store.record_export({"id": "report-" + hashlib.sha256(resolved.encode()).hexdigest()[:16],
-                                "kind": "report", "path": resolved, "n_rows": 0,
-                                "source_json": json.dumps({"runs": list(run_ids)})})
 
 
 def blank_entries(path: str | Path, hashes: set[str], *, dry_run: bool = False) -> tuple[int, int] | None:

@@ -15,94 +15,23 @@ timestamp (`2026-11-05T14:00`, UTC unless it names an offset), or an age: `30m`,
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from flywheel.capture_rows import loads_json, parse_when, reply_message
 from flywheel.errors import FlywheelError
-from flywheel.store import Store, timestamp
-
-AGE = re.compile(r"^(\d+)\s*([mhdw])$")
-AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_metadata_filters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """`--metadata key=value` options as a dict.
-
-    >>> parse_metadata_filters(["usecase=triage", "v=2"])
-    {'usecase': 'triage', 'v': '2'}
-    """
-    filters = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise FlywheelError(f"--metadata {pair!r}: expected key=value (e.g. usecase=triage)")
-        filters[key.strip()] = value
-    return filters
-
-
-def parse_when(text: str | None, *, end: bool = False, option: str = "--since") -> str | None:
-    """A date, timestamp or age as the store's UTC ISO format; `end` makes a bare day inclusive."""
-    if not text:
-        return None
-    text = text.strip()
-    stamp: datetime
-    match = AGE.match(text)
-    if match:
-        stamp = datetime.now(timezone.utc) - timedelta(**{AGE_UNITS[match[2]]: int(match[1])})
-    elif re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        try:
-            day = date.fromisoformat(text)
-        except ValueError as exc:
-            raise FlywheelError(f"{option} {text!r}: {exc}") from None
-        stamp = datetime(day.year, day.month, day.day, tzinfo=timezone.utc) + (timedelta(days=1) if end else timedelta())
-    else:
-        try:
-            stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise FlywheelError(
-                f"{option} {text!r}: expected a date (2026-11-05), a timestamp (2026-11-05T14:00) "
-                "or an age (30m, 12h, 7d, 2w)") from None
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=timezone.utc)
-    return timestamp(stamp)
-
-
-def _loads(text: str | None) -> Any:
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def reply_message(response: Any) -> dict[str, Any] | None:
-    """The assistant message of a chat.completion body (first choice), or None."""
-    if not isinstance(response, dict):
-        return None
-    choices = response.get("choices") or []
-    if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
-        return None
-    message = choices[0]["message"]
-    reply: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-    if message.get("tool_calls"):
-        reply["tool_calls"] = message["tool_calls"]
-    if reply["content"] is None and "tool_calls" not in reply:
-        return None
-    return reply
-
+from flywheel.store import Store
+from flywheel.terminal import safe_terminal_text
 
 def sft_example(capture: dict[str, Any]) -> dict[str, Any] | None:
     """A capture row as one SFT line, or None when it is not a usable successful call."""
     if capture.get("error") or capture.get("status") != 200:
         return None
-    request = _loads(capture.get("request_json"))
+    request = loads_json(capture.get("request_json"))
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         return None
-    reply = reply_message(_loads(capture.get("response_json")))
+    reply = reply_message(loads_json(capture.get("response_json")))
     if reply is None:
         return None
     example: dict[str, Any] = {"messages": [*request["messages"], reply]}
@@ -113,16 +42,16 @@ def sft_example(capture: dict[str, Any]) -> dict[str, Any] | None:
 
 def summarise_capture(capture: dict[str, Any]) -> dict[str, Any]:
     """A row for listings: what was asked, what came back, how it went."""
-    request = _loads(capture.get("request_json"))
+    request = loads_json(capture.get("request_json"))
     messages = request.get("messages") if isinstance(request, dict) else None
     last_user = next((m.get("content") for m in reversed(messages or []) if isinstance(m, dict)
                       and m.get("role") == "user"), None)
-    reply = reply_message(_loads(capture.get("response_json")))
+    reply = reply_message(loads_json(capture.get("response_json")))
     return {
         "id": capture["id"], "created_at": capture["created_at"], "model": capture.get("model"),
         "status": capture.get("status"), "latency_ms": round((capture.get("latency_s") or 0) * 1000, 1),
         "prompt_tokens": capture.get("prompt_tokens"), "completion_tokens": capture.get("completion_tokens"),
-        "metadata": _loads(capture.get("metadata_json")) or {}, "stream": bool(capture.get("stream")),
+        "metadata": loads_json(capture.get("metadata_json")) or {}, "stream": bool(capture.get("stream")),
         "input": last_user if isinstance(last_user, str) else json.dumps(last_user) if last_user else None,
         "output": reply.get("content") if reply else None, "error": capture.get("error"),
     }
@@ -169,7 +98,7 @@ def print_captures(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from flywheel.report.console import safe_terminal_text as safe
+    safe = safe_terminal_text
 
     console = Console()
     if not console.is_terminal:

@@ -324,9 +324,12 @@ def salvage_metadata(text: str) -> dict[str, Any] | None:
 
 def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
                      max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
-                     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, privacy: Any = None) -> Starlette:
+                     max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, privacy: Any = None,
+                     observer: Callable[[dict[str, Any], int], None] | None = None) -> Starlette:
     """The recording proxy as an ASGI app. `app.state.writer` is the capture writer. `privacy`: a
-    `flywheel.privacy.policy.ProxyPrivacy` (redaction, output PII screening, retention)."""
+    `flywheel.privacy.policy.ProxyPrivacy` (redaction, output PII screening, retention). `observer`
+    is told (row, capture id) after each capture commits, on the event loop: it must not block
+    (the service's shadow worker queues the row)."""
     import httpx2
 
     upstream = normalise_upstream(upstream)
@@ -375,7 +378,9 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
 
     async def record(row: dict[str, Any]) -> None:
         # Shielded: a client that hangs up does not un-record its call.
-        await asyncio.shield(asyncio.wrap_future(writer.submit(row)))
+        capture_id = await asyncio.shield(asyncio.wrap_future(writer.submit(row)))
+        if observer is not None:
+            observer(row, capture_id)
 
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
@@ -523,7 +528,9 @@ def create_proxy_app(upstream: str, db_path: str, *, timeout: float = 600.0, con
                 pass
         if finished:
             # A client that has read [DONE] finds its call stored.
-            await asyncio.shield(asyncio.wrap_future(future))
+            capture_id = await asyncio.shield(asyncio.wrap_future(future))
+            if observer is not None:
+                observer(row, capture_id)
         for chunk in held:
             yield chunk
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -31,76 +29,18 @@ from flywheel.errors import FlywheelError
 from flywheel.images import Thumbnails, describe_content
 from flywheel.report.compare import RunView, default_pair, item_fields, iteration_samples, load_run_view
 from flywheel.report.training_view import training_section
+from flywheel.report.render import (TEMPLATES, fmt_cost, fmt_delta, fmt_duration, fmt_num, fmt_pct,
+                                    fmt_score, fmt_tokens, is_missing, templates_env)
 from flywheel.report.search_view import search_tables
 from flywheel.report.wheel_view import anchor_href, wheel_section
 from flywheel.store import Store
 
-TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 50
-
-
-@lru_cache(maxsize=1)
-def templates_env():
-    """The Jinja2 environment shared by the report and the review server (autoescape always on)."""
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=fmt_pct, num=fmt_num, tokens=fmt_tokens, cost=fmt_cost, duration=fmt_duration,
-                       score=fmt_score, delta=fmt_delta)
-    return env
-
-
-def _nan(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def fmt_pct(value: float | None) -> str:
-    return "–" if _nan(value) else f"{100 * value:.1f}%"
-
-
-def fmt_num(value: float | None, digits: int = 3) -> str:
-    return "–" if _nan(value) else f"{value:.{digits}f}"
-
-
-def fmt_score(value: float | None, metric: str = "pass_rate") -> str:
-    return fmt_num(value) if metric == "mean_score" else fmt_pct(value)
-
-
-def fmt_delta(value: float | None, metric: str = "pass_rate") -> str:
-    if _nan(value):
-        return "–"
-    sign = "+" if value > 0 else "−" if value < 0 else "±"
-    return f"{sign}{abs(value):.3f}" if metric == "mean_score" else f"{sign}{100 * abs(value):.1f} pts"
-
-
-def fmt_tokens(value: int | None) -> str:
-    if not value:
-        return "0"
-    for unit, size in (("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.1f}{unit}"
-    return str(value)
-
-
-def fmt_cost(value: float | None) -> str:
-    if _nan(value) or not value:
-        return "–"
-    return f"${value:.4f}" if value < 1 else f"${value:,.2f}"
-
-
-def fmt_duration(value: float | None) -> str:
-    if _nan(value):
-        return "–"
-    if value < 60:
-        return f"{value:.1f} s"
-    minutes, seconds = divmod(int(round(value)), 60)
-    return f"{minutes} min {seconds:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def iteration_score(it: dict[str, Any], objective: dict[str, str]) -> float | None:
     """The stored score, or (for an unfinished iteration) the objective from its grades."""
-    if not _nan(it.get("score")):
+    if not is_missing(it.get("score")):
         return it["score"]
     stats = it.get("grader_stats", {}).get(objective["grader"])
     if not stats:
@@ -147,10 +87,10 @@ def run_wall_time(view: RunView) -> float | None:
 def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int = 1000, height: int = 230) -> Markup:
     """Objective per iteration with its CI as whiskers; promoted points filled, rejected hollow."""
     pad_l, pad_r, pad_t, pad_b = 48, 16, 14, 42
-    points = [(i, it) for i, it in enumerate(iterations) if not _nan(it.get("score_value"))]
+    points = [(i, it) for i, it in enumerate(iterations) if not is_missing(it.get("score_value"))]
     if not points:
         return Markup('<p class="muted">No scored iterations yet.</p>')
-    values = [v for _, it in points for v in (it["score_value"], it.get("ci_low"), it.get("ci_high")) if not _nan(v)]
+    values = [v for _, it in points for v in (it["score_value"], it.get("ci_low"), it.get("ci_high")) if not is_missing(v)]
     low, high = (0.0, 1.0) if metric != "mean_score" or (min(values) >= 0 and max(values) <= 1) else (min(values), max(values))
     if high - low < 1e-9:
         high = low + 1
@@ -174,7 +114,7 @@ def trajectory_svg(iterations: Sequence[dict[str, Any]], metric: str, width: int
     best = max(it["score_value"] for _, it in points)
     for i, it in points:
         cx, cy = x(i), y(it["score_value"])
-        if not _nan(it.get("ci_low")) and not _nan(it.get("ci_high")):
+        if not is_missing(it.get("ci_low")) and not is_missing(it.get("ci_high")):
             parts.append(f'<line x1="{cx:.1f}" x2="{cx:.1f}" y1="{y(it["ci_low"]):.1f}" y2="{y(it["ci_high"]):.1f}" '
                          'stroke="#a5b4fc" stroke-width="6" stroke-linecap="round" opacity=".55"/>')
         rejected = (it.get("decision") or "") == "rejected"
@@ -217,15 +157,15 @@ def decorate_iterations(view: RunView) -> list[dict[str, Any]]:
     for index, it in enumerate(view.iterations):
         parent = parent_of(view, index)
         delta = None
-        if parent is not None and not _nan(parent.get("score_value")) and not _nan(it["score_value"]):
+        if parent is not None and not is_missing(parent.get("score_value")) and not is_missing(it["score_value"]):
             delta = it["score_value"] - parent["score_value"]
         score = it["score_value"]
         rows.append({
             **it,
             "run_short": it["run_id"][-6:] if len(view.runs) > 1 else "",
             "score_fmt": fmt_score(score, metric),
-            "score_width": 0 if _nan(score) else max(0.0, min(100.0, 100 * score)),
-            "ci_fmt": "–" if _nan(it.get("ci_low")) else
+            "score_width": 0 if is_missing(score) else max(0.0, min(100.0, 100 * score)),
+            "ci_fmt": "–" if is_missing(it.get("ci_low")) else
             f"{fmt_score(it['ci_low'], metric)} – {fmt_score(it['ci_high'], metric)}",
             "delta_fmt": fmt_delta(delta, metric) if delta is not None else "–",
             "delta_cls": "" if delta is None or abs(delta) < 1e-12 else ("pos" if delta > 0 else "neg"),
@@ -265,7 +205,7 @@ def scope_label(iteration: dict[str, Any], searches: set[str]) -> str:
 
 def kpis(view: RunView) -> list[dict[str, str]]:
     metric = view.objective["metric"]
-    scored = [it for it in view.iterations if not _nan(it.get("score_value"))]
+    scored = [it for it in view.iterations if not is_missing(it.get("score_value"))]
     out = []
     # like with like: a search scores candidates on a valid minibatch, then its finalists on all of
     # valid; the best is chosen within the full-valid scores when there are any, and says which it is
@@ -315,7 +255,7 @@ class _Strings:
 
 
 def _round(value: Any) -> float | None:
-    return None if _nan(value) else round(float(value), 4)
+    return None if is_missing(value) else round(float(value), 4)
 
 
 def _field_text(value: Any) -> str:
@@ -442,8 +382,6 @@ def write_report(store: Store, run_ids: Sequence[str], path: str | Path, **optio
         raise FlywheelError(f"{target}: cannot write the report: {exc.strerror or exc}") from None
     ids = [store.get_run(r)["id"] for r in run_ids]
     iterations, samples = store.count_run_rows(ids)
-    from flywheel.privacy.lineage import record_report
-
-    record_report(store, target, ids)  # a deletion of captures shown here deletes the page
+    store.record_report(target, ids)  # a deletion of captures shown here deletes the page
     return ReportResult(path=str(target), bytes=target.stat().st_size, iterations=iterations, samples=samples,
                         seconds=time.perf_counter() - started)

@@ -344,6 +344,16 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             target += "#" + anchor
         return RedirectResponse(target, status_code=303)
 
+    def service_page(request: Request) -> Response:
+        from flywheel.report.service_view import service_summary
+
+        store = pages.store()
+        try:
+            summary = service_summary(store)
+        finally:
+            store.close()
+        return pages.render(request, "service.html.j2", s=summary, title="Service")
+
     def wrap(fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
         def page(request: Request) -> Response:
             try:
@@ -355,7 +365,8 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
     app = Starlette(
         routes=[Route("/", wrap(runs_page)), Route("/runs/{run_id}", wrap(run_page)),
                 Route("/compare", wrap(compare_page)), Route("/samples/{sample_id:int}", wrap(sample_page)),
-                Route("/search", wrap(search_page)), Route("/reviews", post_review, methods=["POST"])],
+                Route("/search", wrap(search_page)), Route("/service", wrap(service_page)),
+                Route("/reviews", post_review, methods=["POST"])],
         middleware=[Middleware(HostGuard, allowed_hosts=allowed_hosts)])  # None: loopback names only
     app.state.pages = pages
     return app

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError
+from flywheel.report.render import TEMPLATES, templates_env
 from flywheel.store import Store
 
 
@@ -56,8 +57,6 @@ def search_tables(store: Store, searches: list[dict[str, Any]]) -> list[dict[str
 
 def render_search_report(store: Store, search_id: str) -> str:
     """A self-contained HTML page (no script, no request) of one search."""
-    from flywheel.report.html import TEMPLATES, templates_env
-
     searches = search_tables(store, [store.get_training_search(search_id)])
     css = (TEMPLATES / "style.css").read_text(encoding="utf-8")
     return templates_env().get_template("training_search.html.j2").render(

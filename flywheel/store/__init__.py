@@ -2,7 +2,7 @@
 this package; other modules ask `Store`, they do not write SQL.
 
 `Store` is a facade: one mixin per area (`runs`, `captures`, `reviews`, `training`, `privacy`,
-`api`) over `db.StoreBase` (open, WAL, busy handling, transactions). The schema lives in
+`api`, `service`) over `db.StoreBase` (open, WAL, busy handling, transactions). The schema lives in
 `flywheel.store.migrations`, typed rows and the one `passed` rule in `flywheel.store.rows`. A
 sample and its grades are written in one transaction, so a killed process leaves both or neither.
 
@@ -24,10 +24,11 @@ from flywheel.store.privacy import PrivacyStore
 from flywheel.store.reviews import ReviewsStore
 from flywheel.store.rows import SampleRecord
 from flywheel.store.runs import RunsStore
+from flywheel.store.service import ServiceStore
 from flywheel.store.training import TrainingStore
 
 
-class Store(RunsStore, CapturesStore, ReviewsStore, TrainingStore, PrivacyStore, ApiStore, StoreBase):
+class Store(RunsStore, CapturesStore, ReviewsStore, TrainingStore, PrivacyStore, ApiStore, ServiceStore, StoreBase):
     """The one door to the database: every area's reads and writes (see the module docstring)."""
 
 

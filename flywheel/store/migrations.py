@@ -400,6 +400,33 @@ def m020_platform_imports(db: sqlite_utils.Database) -> None:
     db["api_fine_tuning_jobs"].add_column("platform_metrics_json", str)
 
 
+@migration
+def m021_service_aliases_switches_shadow(db: sqlite_utils.Database) -> None:
+    # The service (flywheel.service): serving aliases (`production`, `candidate`) -> (model, system
+    # prompt); every change of an alias is a row of `service_switches` naming who, why and the test
+    # that decided (a rollback names the switch it reverses); `service_shadow_pairs` holds the
+    # online grades of production and the other alias on the same live request (shadow before a
+    # switch, canary after); `service_laps` the laps with the capture range each one consumed.
+    db["service_aliases"].create({"alias": str, "model": str, "prompt": str, "switch_id": int, "updated_at": str},
+                                 pk="alias")
+    db["service_switches"].create(
+        {"id": int, "created_at": str, "alias": str, "from_model": str, "from_prompt": str, "to_model": str,
+         "to_prompt": str, "who": str, "why": str, "test": str, "kind": str, "reverts": int}, pk="id")
+    db["service_switches"].create_index(["alias", "id"])
+    db["service_shadow_pairs"].create(
+        {"id": int, "created_at": str, "capture_id": int, "phase": str, "switch_id": int,
+         "production_model": str, "other_model": str, "production_score": float, "other_score": float,
+         "production_latency_s": float, "other_latency_s": float, "production_tokens": int, "other_tokens": int,
+         "other_error": str}, pk="id")
+    db["service_shadow_pairs"].create_index(["phase", "switch_id", "id"])
+    db["service_shadow_pairs"].create_index(["capture_id", "phase", "switch_id"], unique=True)
+    db["service_laps"].create(
+        {"id": str, "created_at": str, "trigger": str, "status": str, "first_capture_id": int,
+         "last_capture_id": int, "captures": int, "checkpoint": str, "decision": str, "reason": str,
+         "finished_at": str}, pk="id")
+    db["service_laps"].create_index(["created_at"])
+
+
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:
     """Run pending migrations under one `BEGIN IMMEDIATE` write lock; return the names applied.
 

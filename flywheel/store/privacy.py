@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,14 @@ class PrivacyStore(StoreBase):
         with self.transaction():
             self.db["exports"].insert({"created_at": now(), **row, "id": export_id}, replace=True)
         return export_id
+
+    def record_report(self, path: str | Path, run_ids: Sequence[str]) -> str:
+        """Record a report written for `run_ids`: a deletion that removes any of those runs' items
+        deletes it (an HTML page is not rewritten row by row; `flywheel report` writes it again)."""
+        resolved = str(Path(path).resolve())
+        return self.record_export({"id": "report-" + hashlib.sha256(resolved.encode()).hexdigest()[:16],
+                                   "kind": "report", "path": resolved, "n_rows": 0,
+                                   "source_json": json.dumps({"runs": list(run_ids)})})
 
     def list_exports(self) -> list[dict[str, Any]]:
         return list(self.db["exports"].rows_where(order_by="created_at"))

@@ -14,12 +14,13 @@ and nowhere else), `checkpoints.py` registers adapters, `local.py` is the shared
 
 from __future__ import annotations
 
+from flywheel.errors import TrainingError
 from flywheel.train.checkpoints import Checkpoint, CheckpointError, load_checkpoint, register_checkpoint
 from flywheel.train.config import DPOSpec, LoraSpec, RFTSpec, SFTSpec, TrainConfig
 from flywheel.train.formats import TrainingDataError, TrainingSet, load_training_file, to_hf_dataset
 from flywheel.train.methods import METHODS, TrainingMethod, load_train_config, training_method
 from flywheel.train.sets import build_dpo_set, build_rft_set, build_sft_set, load_training_set, record_training_set
-from flywheel.train.local import SplitEval, TrainingError, TrainResult, evaluate_checkpoint
+from flywheel.train.local import SplitEval, TrainResult, evaluate_checkpoint
 from flywheel.train.run import TrainRequest, run
 
 __all__ = [

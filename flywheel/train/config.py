@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flywheel.errors import TrainingError
 from flywheel.spec import SEED_MAX
 
 
@@ -246,8 +247,6 @@ def require_quantization(lora: LoraSpec) -> None:
         return
     import importlib.util
 
-    from flywheel.train.local import TrainingError
-
     if not _has_cuda():
         raise TrainingError(f"lora.quantize_base={lora.quantize_base}: QLoRA needs a CUDA GPU (bitsandbytes 4-bit "
                             "kernels); none here: unset lora.quantize_base to train the base in bf16/fp32")
@@ -364,7 +363,5 @@ def require_vllm(config: RFTSpec) -> None:
     import importlib.util
 
     if config.use_vllm and importlib.util.find_spec("vllm") is None:
-        from flywheel.train.local import TrainingError
-
         raise TrainingError("rft: use_vllm is set but the vllm package is not installed here: "
                             "pip install vllm (on a machine with a GPU), or set use_vllm=false")

@@ -28,7 +28,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from flywheel.train.checkpoints import resolve_base
+from flywheel.train.config import RFTSpec, require_quantization, require_vllm
 from flywheel.train.formats import TrainingDataError, TrainingSet, chat_messages
+from flywheel.train.launch import is_main_process
+from flywheel.train.sets import record_training_set
 
 WARN_BELOW = 50
 MAX_GRADED = 2000  # examples graded for the pass share (the rest are not: the check must stay cheap)
@@ -39,7 +43,6 @@ def preflight(config) -> None:
     """Before anything is stored or loaded: the trackers' packages (report_to), QLoRA's hardware,
     and for RFT with `use_vllm` the vllm package."""
     from flywheel.tracking import require_trackers
-    from flywheel.train.config import RFTSpec, require_quantization, require_vllm
 
     require_trackers(config.report_to)
     require_quantization(config.lora)
@@ -276,9 +279,6 @@ def run_data_checks(training_set: TrainingSet, config, *, spec, store, base: str
                     log: Callable[[str], None] | None = None) -> DataCheck:
     """Check the set before training: print the lines (`log`), store them with the set (main
     process), and raise TrainingDataError when a check fails (every process, so all stop)."""
-    from flywheel.train.checkpoints import resolve_base
-    from flywheel.train.local import is_main_process
-    from flywheel.train.sets import record_training_set
 
     preflight(config)
     base_ref, _ = resolve_base(store, base)

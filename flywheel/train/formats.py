@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError
+from flywheel.images import iter_image_urls
 
 KINDS = ("sft", "dpo", "rft")
 RFT_RESERVED = ("messages", "tools")
@@ -127,8 +128,6 @@ def to_hf_dataset(training_set: TrainingSet):
     `rejected`; RFT `prompt` plus the item fields (GRPO passes them to the reward functions)."""
     from datasets import Dataset
 
-    from flywheel.train.vision import set_has_images
-
     if set_has_images(training_set):  # chat_messages keeps text only: the images would vanish
         raise TrainingDataError("this training set has images; TRL's text formats would drop them: use its "
                                 "platform JSONL (docs/vision.md)")
@@ -195,3 +194,17 @@ def tokenize_sft(training_set: TrainingSet, tokenizer, *, loss: str = "assistant
     if trained == 0:
         raise TrainingDataError("no trainable tokens: every assistant message has weight 0 or renders empty")
     return out, {"rows": len(out), "tokens": total, "trained_tokens": trained}
+
+
+def row_messages(kind: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every message of a training row that can hold images, in one list."""
+    if kind == "dpo":
+        return [*(row.get("input") or {}).get("messages", []), *row.get("preferred_output", []),
+                *row.get("non_preferred_output", [])]
+    return list(row.get("messages") or [])
+
+
+def set_has_images(training_set: TrainingSet) -> bool:
+    """Whether any row of the set holds an image (a vision set: text-only formats would drop them)."""
+    return any(next(iter_image_urls(row_messages(training_set.kind, row)), None) is not None
+               for row in training_set.rows)

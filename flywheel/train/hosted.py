@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flywheel.errors import ModelError
+from flywheel.errors import ModelError, TrainingError
 from graders.registry import HOSTED_RFT_TYPES
 
 from flywheel.spec import EvalSpec
@@ -35,7 +35,7 @@ from flywheel.train.checkpoints import register_checkpoint
 from flywheel.train.config import TrainConfig
 from flywheel.train.formats import TrainingDataError, TrainingSet
 from flywheel.train.sets import record_training_set
-from flywheel.train.local import TrainingError, TrainResult, evaluate_checkpoint
+from flywheel.train.local import TrainResult, evaluate_checkpoint
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 OPTIONS = ("base_url", "api_key_env", "poll_interval", "timeout", "wait", "suffix", "seed", "hyperparameters",
@@ -241,7 +241,8 @@ def train_hosted(method: str, spec: EvalSpec, store: Store, training_set: Traini
         base_url=options.get("base_url"), api_key_env=options.get("api_key_env", "OPENAI_API_KEY"),
         poll_interval=options.get("poll_interval", 30.0), timeout=options.get("timeout"),
         max_retries=options.get("max_retries", 3))
-    from flywheel.train.vision import screen_images, set_has_images
+    from flywheel.train.formats import set_has_images
+    from flywheel.train.vision import screen_images
 
     screening = None
     if set_has_images(training_set):  # a vision job: upload only what the platform's image rules keep

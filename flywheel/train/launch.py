@@ -29,8 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel.errors import SpecError
-from flywheel.train.local import TrainingError
+from flywheel.errors import SpecError, TrainingError
 
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
 
@@ -211,3 +210,16 @@ def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def is_main_process() -> bool:
+    """Whether this is the main process of an `accelerate launch` (True when not launched)."""
+    try:
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        # Under `accelerate launch` on CPUs (flywheel.train.launch), the state must know it is a
+        # CPU run before the Trainer asks, or it settles on one process.
+        return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
+    except Exception:  # noqa: BLE001 - without accelerate state there is one process
+        return True

@@ -24,23 +24,20 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, TrainingError
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.checkpoints import Checkpoint, resolve_base
-from flywheel.train.config import TrainConfig, resolve_bf16
+from flywheel.train.config import LoraSpec, TrainConfig, quantization_config, resolve_bf16
+from flywheel.train.datachecks import preflight
 from flywheel.train.formats import TrainingSet
+from flywheel.train.launch import is_main_process
 from flywheel.train.sets import record_training_set
-
-if TYPE_CHECKING:
-    from flywheel.train.validation import Monitor
-
-
-class TrainingError(FlywheelError):
-    """Training could not start or did not finish (bad base model, diverged loss, failed job)."""
+from flywheel.train.validation import (JobValidation, Monitor, broadcast, copy_adapter, last_saved_step, lock_job_folder,
+                                       saved_steps, training_prompt)
 
 
 @dataclass
@@ -143,25 +140,11 @@ def load_for_training(base_ref: str, *, bf16: bool, quantize: str | None = None)
     if quantize:  # QLoRA: the frozen base in 4-bit on the GPU (flywheel.train.config.require_quantization)
         import torch
 
-        from flywheel.train.config import LoraSpec, quantization_config
-
         quantization = quantization_config(LoraSpec(quantize_base=quantize), bf16)
         device_map = {"": torch.cuda.current_device()}
     model, processor = load_base(weights, dtype="bf16" if bf16 else "fp32", quantization=quantization,
                                  device_map=device_map)
     return load_adapters(weights, model, trainable=True), processor
-
-
-def is_main_process() -> bool:
-    try:
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
-
-        # Under `accelerate launch` on CPUs (flywheel.train.launch), the state must know it is a
-        # CPU run before the Trainer asks, or it settles on one process.
-        return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).is_main_process
-    except Exception:  # noqa: BLE001 - without accelerate state there is one process
-        return True
 
 
 def _event_logger(store: Store, job_id: str, history: list[dict[str, Any]]):
@@ -262,7 +245,6 @@ def _job(store: Store, method: str, training_set: TrainingSet, base_ref: str, co
     `resume` names a job to continue; otherwise, with `save_steps`, an unfinished job of the same
     method, set, base and config (killed part-way: its folder is not locked by a live process) is
     resumed (unless `fresh`); else a new job is created."""
-    from flywheel.train.validation import last_saved_step, lock_job_folder
 
     config_json = config.model_dump_json()
     if resume:
@@ -332,8 +314,6 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
     up another unfinished job of the same inputs (a caller that tracks its own jobs, as the API does,
     resumes them by id). `on_job(job_id)`: called on the main process once the training job exists
     (or is resumed), before the model loads (the API links its fine-tuning job to it)."""
-    from flywheel.train.datachecks import preflight
-    from flywheel.train.validation import JobValidation, broadcast, copy_adapter, saved_steps, training_prompt
 
     preflight(config)  # trackers, QLoRA hardware: one clean error before anything is stored or loaded
 

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from flywheel.errors import TrainingError
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.formats import TrainingDataError
-from flywheel.train.local import SplitEval, TrainingError, TrainResult
+from flywheel.train.local import SplitEval, TrainResult
 from flywheel.train.sets import combine_training_sets
 
 

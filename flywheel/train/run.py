@@ -1,5 +1,5 @@
 """The one training door: `run(TrainRequest)` for the CLI (`flywheel train`), the wheel's weight
-stages (flywheel.stages.training) and the API's fine-tuning jobs (flywheel.api.fine_tuning_runner).
+stages (flywheel.stages.training) and the API's fine-tuning jobs (flywheel.api.runners.fine_tuning).
 
 A request names the method (flywheel.train.methods.METHODS), the eval, the store, the base and the
 settings, and where the rows come from: a platform JSONL file, a recorded set id (`ts-...`), a set
@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flywheel.errors import FlywheelError, SpecError
+from flywheel.errors import FlywheelError, SpecError, TrainingError
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import TrainConfig
 from flywheel.train.formats import TrainingDataError, TrainingSet, load_training_file
 from flywheel.train.launch import LaunchSpec
-from flywheel.train.local import TrainingError, TrainResult
+from flywheel.train.local import TrainResult
 from flywheel.train.methods import TrainingMethod, load_train_config, training_method
 from flywheel.train.sets import load_training_set
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from flywheel.errors import TrainingError
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.train.config import SFTSpec, sft_args, to_peft
-from flywheel.train.formats import TrainingDataError, TrainingSet, tokenize_sft
-from flywheel.train.local import BuiltTrainer, TrainingError, TrainResult, run_local
+from flywheel.train.formats import TrainingDataError, TrainingSet, set_has_images, tokenize_sft
+from flywheel.train.local import BuiltTrainer, TrainResult, run_local
 from flywheel.train.validation import Monitor, training_prompt, validation_set
 
 
@@ -45,8 +46,6 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
         from flywheel.train.vision import build_vision_sft_trainer
 
         return build_vision_sft_trainer(model, tokenizer, training_set, config, output_dir, bf16=bf16, quiet=quiet)
-    from flywheel.train.vision import set_has_images
-
     if set_has_images(training_set):
         raise TrainingDataError("the training set has images, but the base is a text model (it would train on "
                                 "the text alone): train a vision-language model (docs/vision.md)")
@@ -83,7 +82,7 @@ def train_sft(spec: EvalSpec, store: Store, training_set: TrainingSet, *, base: 
     config = config or SFTSpec()
     if len(training_set) == 0:
         raise TrainingDataError("empty SFT training set: nothing to train on")
-    from flywheel.train.vision import screen_images, set_has_images
+    from flywheel.train.vision import screen_images
 
     if set_has_images(training_set):  # the platform's image rules: what would be skipped is not trained on
         training_set, _ = screen_images(training_set)

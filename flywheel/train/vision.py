@@ -35,26 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.errors import TrainingError
 from flywheel.images import (ImageAccess, ImageError, check_image_count, image_detail, image_part, iter_image_urls,
                              load_image, map_image_parts)
-from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix
+from flywheel.train.config import sft_args, to_peft
+from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix, row_messages, set_has_images
+from flywheel.train.local import BuiltTrainer
 
 NOT_CHECKED = ("the platform also skips examples with people, faces, children or CAPTCHAs; flywheel does not "
                "detect those (it would need a vision model of its own), so such examples are kept: check them "
                "yourself before a hosted upload")
-
-
-def row_messages(kind: str, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every message of a training row that can hold images, in one list."""
-    if kind == "dpo":
-        return [*(row.get("input") or {}).get("messages", []), *row.get("preferred_output", []),
-                *row.get("non_preferred_output", [])]
-    return list(row.get("messages") or [])
-
-
-def set_has_images(training_set: TrainingSet) -> bool:
-    return any(next(iter_image_urls(row_messages(training_set.kind, row)), None) is not None
-               for row in training_set.rows)
 
 
 @dataclass
@@ -212,9 +202,6 @@ def build_vision_sft_trainer(model, processor, training_set: TrainingSet, config
     from datasets import Dataset
     from peft import PeftModel
     from trl import SFTTrainer
-
-    from flywheel.train.config import sft_args, to_peft
-    from flywheel.train.local import BuiltTrainer, TrainingError
 
     if training_set.kind != "sft":
         raise TrainingDataError(f"vision SFT needs an SFT training set, got a {training_set.kind} set")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from flywheel.cli.common import echo, main, store_at
+
 from flywheel.errors import FlywheelError
 
 
@@ -32,13 +34,12 @@ from flywheel.errors import FlywheelError
 def gate_command(spec_path, baseline, split, limit, max_tokens, max_cost, max_seconds, per, alpha, summary_path,
                  overrides, db, as_json):
     """Evaluate SPEC and compare it with a baseline; exit 1 on a significant regression or a blown budget."""
-    from flywheel.cli import _echo, _store_at
     from flywheel.gate import GateBudget, run_gate
     from flywheel.spec import load_eval_spec
 
     spec = load_eval_spec(spec_path, list(overrides))
     budget = GateBudget(max_tokens=max_tokens, max_cost=max_cost, max_seconds=max_seconds, per=per)
-    with _store_at(db) as store:
+    with store_at(db) as store:
         result = run_gate(spec, store, baseline, split=split, limit=limit, budget=budget, alpha=alpha,
                           command=" ".join(sys.argv))
     if summary_path:
@@ -49,9 +50,12 @@ def gate_command(spec_path, baseline, split, limit, max_tokens, max_cost, max_se
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     else:
-        _echo(f"gate {'passed' if result.passed else 'FAILED'}: {spec.name} on {result.paired} paired {split} items; "
+        echo(f"gate {'passed' if result.passed else 'FAILED'}: {spec.name} on {result.paired} paired {split} items; "
               f"{result.test}")
         for line in result.failures:
-            _echo(f"  {line}")
+            echo(f"  {line}")
     if not result.passed:
         sys.exit(1)
+
+
+main.add_command(gate_command)

@@ -2,7 +2,7 @@
 server process, so training and generation never share the server's interpreter (and its GIL)
 with request handling.
 
-Each worker is `python -m flywheel.api.workers --db PATH`: one `JobQueue` thread in its own
+Each worker is `python -m flywheel.api.runners.workers --db PATH`: one `JobQueue` thread in its own
 process, claiming jobs from the same `api_jobs` rows with the same guarded UPDATE and lease (SQLite
 makes it safe across processes), reading cancel / pause flags from the store as thread workers do.
 Stopping the server sends each a SIGTERM: its running job stops at its next check and returns to the
@@ -35,6 +35,9 @@ import threading
 import time
 
 from flywheel.api.jobs import JobQueue
+from flywheel.api.runners.eval_runs import EvalRunRunner
+from flywheel.api.runners.fine_tuning import FineTuningRunner
+from flywheel.api.runners.wheel_runs import WheelRunner
 
 
 class WorkerProcesses:
@@ -50,7 +53,7 @@ class WorkerProcesses:
     def start(self) -> None:
         """Start the processes, each set to die with this one (jobs left by a dead server are taken
         over by the workers once their lease runs out)."""
-        command = [sys.executable, "-m", "flywheel.api.workers", "--db", self.db_path, "--parent", str(os.getpid()),
+        command = [sys.executable, "-m", "flywheel.api.runners.workers", "--db", self.db_path, "--parent", str(os.getpid()),
                    "--batch-size", str(self.batch_size), "--poll", str(self.poll_s)]
         prctl = _prctl()
         die_with_parent = (lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)) if prctl else None
@@ -76,9 +79,6 @@ class WorkerProcesses:
 
 def runners(batch_size: int) -> dict:
     """The job kinds every worker runs (threads in the server, or these processes)."""
-    from flywheel.api.eval_runs import EvalRunRunner
-    from flywheel.api.fine_tuning_runner import FineTuningRunner
-    from flywheel.api.wheel_runs import WheelRunner
 
     return {"eval_run": EvalRunRunner(batch_size), "fine_tuning": FineTuningRunner(), "wheel_run": WheelRunner()}
 
@@ -99,7 +99,7 @@ def _prctl():
 
 def main(argv: list[str] | None = None) -> None:
     """A worker process: run the queue until SIGTERM or until the parent is gone."""
-    parser = argparse.ArgumentParser(prog="python -m flywheel.api.workers")
+    parser = argparse.ArgumentParser(prog="python -m flywheel.api.runners.workers")
     parser.add_argument("--db", required=True)
     parser.add_argument("--parent", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -24,12 +24,12 @@ from flywheel.api.errors import check_metadata
 from flywheel.api.logs import store_completion
 from flywheel.api.model_access import no_access, resolve_model
 from flywheel.errors import FlywheelError
-from flywheel.models import cached_model
 from flywheel.model_server import _completion_id, _sse, _usage, apply_stop, parse_chat_call
+from flywheel.models import cached_model
 from flywheel.web import ApiError, parse_json_object, read_body
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
 def routes(state: "ApiState") -> list[Route]:
     async def chat_completions(request: Request) -> Response:

@@ -26,8 +26,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flywheel.api.eval_runs import local_turn
 from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
+from flywheel.api.platform import fine_tuned_name, model_for
+from flywheel.api.runners.eval_runs import local_turn
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now
 from flywheel.train.checkpoints import Checkpoint
@@ -220,13 +221,6 @@ def discard_training_folder(store: Store, training_job_id: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def fine_tuned_name(row: dict[str, Any], base: str) -> str:
-    """`ft:<base>:<suffix>:<job>` as the platform names a tuned model."""
-    short = row["id"].removeprefix("ftjob-")[:8]
-    name = Path(base.partition(":")[2].partition("+")[0]).name or "model"
-    return f"ft:{name}:{row['suffix'] or 'flywheel'}:{short}"
-
-
 def trained_tokens(metrics: dict[str, Any]) -> int:
     """A job's `trained_tokens` as the platform counts them: the set's tokens times the epochs trained
     (a checkpoint's `tokens` is one pass over the set; `epochs` the passes made, fractional when
@@ -239,7 +233,6 @@ class FineTuningRunner:
     """Runs `fine_tuning` jobs with the local trainers."""
 
     def run(self, ctx: JobContext) -> None:
-        from flywheel.api.fine_tuning import model_for
         from flywheel.train.formats import load_training_file
         from flywheel.train.run import TrainRequest, resume_point, run
         from flywheel.train.validation import prune_checkpoints

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from flywheel.cli.common import main
+from flywheel.cli.exchange import import_group
+
 
 @click.command("openai-completions")
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
@@ -23,7 +26,7 @@ def import_openai_completions_command(path, from_api, base_url, metadata, model,
     """Import stored chat completions (a download FILE, or --from-api) as captures."""
     from flywheel.importers.completions import import_completions_api, import_completions_file
     from flywheel.privacy.redact import parse_redact
-    from flywheel.proxy.captures import parse_metadata_filters
+    from flywheel.capture_rows import parse_metadata_filters
     from flywheel.store import Store
 
     if bool(path) == from_api:
@@ -86,7 +89,7 @@ def rescue_group(ctx, spec_path, eval_path, teacher, student, margin, budget_usd
     """Rescue a platform fine-tune into a local model, with a parity certificate (docs/rescue.md)."""
     if ctx.invoked_subcommand is not None:
         return
-    from flywheel.proxy.captures import parse_metadata_filters
+    from flywheel.capture_rows import parse_metadata_filters
     from flywheel.rescue import RescueSpec, load_rescue_spec, plan_rescue, run_rescue
     from flywheel.store import Store
 
@@ -122,3 +125,8 @@ def rescue_verify_command(cert_path):
     check = verify_certificate(cert_path)
     click.echo("\n".join(check.summary_lines()))
     raise SystemExit(0 if check.ok else 1)
+
+
+import_group.add_command(import_openai_completions_command)
+import_group.add_command(import_openai_prompts_command)
+main.add_command(rescue_group)

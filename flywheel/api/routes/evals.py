@@ -6,7 +6,7 @@ an id `<name>-<uuid>`). A run's `data_source` is `completions` (or `responses`, 
 way) over a `file_id` or `file_content` source, with an `input_messages` template and any Flywheel
 model reference as `model`; `jsonl` grades given samples; a stored source (`stored_completions`,
 `responses`: `flywheel.api.logs`) grades stored replies. A run is queued and executed by
-`flywheel.api.eval_runs` in the job queue. Every object belongs to its caller's project.
+`flywheel.api.runners.eval_runs` in the job queue. Every object belongs to its caller's project.
 """
 
 from __future__ import annotations
@@ -22,21 +22,21 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, provider_path,
-                                    recorded_path,
-                                   run_object)
-from flywheel.api.files import read_rows
 from flywheel.api.jobs import new_object_id
 from flywheel.api.logs import STORED_SOURCES, stored_rows
 from flywheel.api.model_access import check_judges, resolve_model
 from flywheel.api.pagination import page, page_args
+from flywheel.api.routes.files import read_rows
+from flywheel.api.runners.eval_runs import (ROW_FIELD, build_spec, is_recorded, output_item_object, provider_path,
+                                            recorded_path,
+                                            run_object)
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.privacy.lineage import record_export, record_list
 from flywheel.store import now, unix_seconds
 from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
 SOURCE_CONFIGS = ("custom", "logs", "stored_completions")
 RUN_SOURCES = ("completions", "responses", "jsonl")

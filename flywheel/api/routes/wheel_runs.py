@@ -26,20 +26,17 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.eval_runs import local_turn
-from flywheel.api.files import read_rows
-from flywheel.api.jobs import JobContext, new_object_id
+from flywheel.api.jobs import new_object_id
 from flywheel.api.pagination import page, page_args
+from flywheel.api.routes.files import read_rows
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
-from flywheel.events import Throttle, WheelEvent
-from flywheel.store import Store, new_id, now, unix_seconds
+from flywheel.store import now, unix_seconds
 from flywheel.web import ApiError, parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
-EVENTS_EVERY_S = 5.0  # a run object's progress events (items, training steps) at most this often per kind
 
 
 def wheel_object(row: dict[str, Any]) -> dict[str, Any]:
@@ -79,58 +76,6 @@ def check_specs(path: Path) -> None:
         load_eval_spec(load_run_spec(path).eval_path)
     except FlywheelError as exc:
         raise invalid(str(exc), "run_spec") from None
-
-
-class WheelRunner:
-    """Runs `wheel_run` jobs with `flywheel.wheel.run_wheel`, resuming a run a dead server left."""
-
-    def run(self, ctx: JobContext) -> None:
-        from flywheel.run_spec import load_run_spec
-        from flywheel.wheel import WheelState, run_wheel
-
-        store = ctx.store
-        row = store.api_get("api_wheel_runs", ctx.job["object_id"])
-        if row["run_id"] is None:  # the wheel run's id, chosen here and kept before it runs
-            row["run_id"] = new_id("run")
-            store.api_update("api_wheel_runs", row["id"], run_id=row["run_id"])
-        stored = store.find_run(row["run_id"])
-        store.api_update("api_wheel_runs", row["id"], status="running")
-        ctx.event(f"Wheel run {'resumed' if stored else 'started'}.")
-
-        throttle = Throttle(EVENTS_EVERY_S)
-
-        def on_event(event: WheelEvent) -> None:
-            # Every line and stage boundary is an event; the steps inside a stage (items evaluated,
-            # training steps with their loss) at most one per EVENTS_EVERY_S. Cancel is checked at
-            # each (not inside a training step: the job stops at its next evaluation or stage).
-            if throttle.passes(event):
-                ctx.event(event.line(), type=f"wheel.{event.kind}", data=event.model_dump(mode="json"))
-            if event.kind != "train":
-                ctx.check()
-
-        if stored and stored["status"] == "completed":  # finished before the server stopped: read it back
-            result = store.run_state(row["run_id"], WheelState).result or {}
-        else:
-            with local_turn(store):
-                result = run_wheel(load_run_spec(row["spec_path"]), store, run_id=row["run_id"],
-                                   command=f"api:{row['id']}", on_event=on_event,
-                                   report_dir=str(store.artefact_dir / "reports")).to_dict()
-        summary = {key: result.get(key) for key in ("run_id", "stopped", "baseline_valid", "winner_valid",
-                                                     "winner_model", "winner_prompt_id", "test")}
-        summary["stages"] = [{key: o.get(key) for key in ("stage", "decision", "reason", "valid")}
-                             for o in result.get("stages") or []]
-        summary["report_path"] = result.get("report_path")
-        store.api_update("api_wheel_runs", row["id"], result_json=json.dumps(summary, default=str))
-
-    def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
-        if store.api_get("api_wheel_runs", job["object_id"]) is None:
-            return
-        fields: dict[str, Any] = {"status": status}
-        if error:
-            fields["error_json"] = json.dumps({"code": "run_failed", "message": error})
-        store.api_update("api_wheel_runs", job["object_id"], **fields)
-        store.add_api_event(job["object_id"], f"Wheel run {status}." + (f" {error}" if error else ""),
-                            level="error" if error else "info")
 
 
 def routes(state: "ApiState") -> list[Route]:

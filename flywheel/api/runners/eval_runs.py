@@ -20,6 +20,7 @@ from typing import Any
 
 from flywheel.api.errors import invalid
 from flywheel.api.jobs import JobContext
+from flywheel.api.platform import model_for
 from flywheel.errors import FlywheelError
 from flywheel.models import ChatRequest, Completion, Model
 from flywheel.spec import EvalSpec, parse_eval_spec
@@ -128,7 +129,6 @@ def build_spec(eval_row: dict[str, Any], run_row: dict[str, Any], *, batch_size:
         raise invalid("data_source.model: a Flywheel model reference is required (e.g. local:smollm2).",
                       "data_source.model")
     if model.startswith("ft:") and store is not None:
-        from flywheel.api.fine_tuning import model_for
 
         try:
             model = model_for(store, model, run_row.get("project") or "default")

@@ -19,7 +19,7 @@ from flywheel.web import ApiError
 from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
 
 def routes(state: "ApiState") -> list[Route]:

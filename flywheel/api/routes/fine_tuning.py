@@ -2,7 +2,7 @@
 pause, resume, events, checkpoints.
 
 A job trains a LoRA adapter with `flywheel.train` on an uploaded `fine-tune` file, in the job
-queue (`flywheel.api.fine_tuning_runner`: the hyper-parameter mapping, step checkpoints, validation
+queue (`flywheel.api.runners.fine_tuning`: the hyper-parameter mapping, step checkpoints, validation
 loss, pause and resume).
 A `reinforcement` job is the platform's RFT: its `method.reinforcement.grader` (any grader but
 `label_model`, as on the platform) is GRPO's reward. The result is registered as a checkpoint (as
@@ -22,16 +22,17 @@ from starlette.routing import Route
 
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
-from flywheel.api.files import read_file_rows, training_kind
 from flywheel.api.jobs import new_object_id
 from flywheel.api.pagination import page, page_args
+from flywheel.api.platform import fine_tuned_name, model_for
+from flywheel.api.routes.files import read_file_rows, training_kind
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now, unix_seconds
 from flywheel.web import parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
 REASONING_EFFORTS = ("default", "low", "medium", "high")
 DONE = ("succeeded", "failed", "cancelled")
@@ -132,29 +133,6 @@ def event_object(row: dict[str, Any]) -> dict[str, Any]:
             "data": json.loads(row["data_json"]) if row["data_json"] else None}
 
 
-def model_for(store: Store, model: str, project: str) -> str:
-    """The Flywheel model reference of a `ft:` id made here by `project`; any other value is taken as a
-    reference."""
-    if not model.startswith("ft:"):
-        from flywheel.models import parse_model_ref
-
-        parse_model_ref(model)  # ModelError for what is no reference
-        return model
-    name, _, step = model.rpartition(":ckpt-step-")
-    if name and step.isdigit():  # a step checkpoint the job lists (`fine_tuned_model_checkpoint`)
-        rows, _ = list_owned(store, "api_fine_tuning_jobs", project, limit=1, where={"fine_tuned_model": name})
-        training_job_id = rows[0].get("training_job_id") if rows else None
-        found = [c for c in (store.job_checkpoints(training_job_id) if training_job_id else [])
-                 if c.get("step") == int(step) and not c.get("pruned_at")]
-        if not found:
-            raise FlywheelError(f"no fine-tuned model checkpoint {model!r} on this server (pruned or never saved)")
-        return found[-1]["model_ref"]
-    rows, _ = list_owned(store, "api_fine_tuning_jobs", project, limit=1, where={"fine_tuned_model": model})
-    if not rows or not rows[0]["checkpoint_id"]:
-        raise FlywheelError(f"no fine-tuned model {model!r} on this server")
-    return store.get_checkpoint(rows[0]["checkpoint_id"])["model_ref"]
-
-
 def _seed(body: dict[str, Any]) -> int:
     """The job's seed, within what every consumer accepts (flywheel.spec.SEED_MAX)."""
     from flywheel.spec import SEED_MAX
@@ -220,8 +198,6 @@ def checkpoint_object(row: dict[str, Any], checkpoint: dict[str, Any], fine_tune
 
 def job_checkpoints(store: Store, row: dict[str, Any]) -> list[dict[str, Any]]:
     """The job's kept step checkpoints, newest first, as the platform lists them (while it trains too)."""
-    from flywheel.api.fine_tuning_runner import fine_tuned_name
-
     training_job_id = row.get("training_job_id")
     if not training_job_id and row["checkpoint_id"]:  # a job finished before step checkpoints
         training_job_id = store.get_checkpoint(row["checkpoint_id"]).get("job_id")

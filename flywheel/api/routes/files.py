@@ -28,7 +28,7 @@ from flywheel.store import Store, now, unix_seconds
 from flywheel.web import size_limited
 
 if TYPE_CHECKING:
-    from flywheel.api.app import ApiState
+    from flywheel.api.state import ApiState
 
 PURPOSES = ("fine-tune", "evals")
 

@@ -1,0 +1,169 @@
+"""The service (docs/service.md): proxy overhead with shadowing on, and requests lost during switches.
+
+    .venv/bin/python benchmarks/service.py                       # 400 round trips, 20 switches
+    .venv/bin/python benchmarks/service.py --round-trips 200 --switches 10
+
+Part 1, overhead: a canned upstream (answers every chat call at once, so model time does not
+drown the measurement) behind three doors in ONE process, as `serve --flywheel` runs them: direct,
+the capture proxy alone, and the capture proxy with the shadow worker observing every call
+(share 1.0: each request is queued for the candidate and both answers are graded by banking77's
+graders on a background thread). Round trips from one keep-alive client rotate over the three
+doors, so all see the same load; the added latency is the difference of the medians (p50) and of
+the 95th percentiles against direct. Goal: < 5 ms added at p50 with shadowing on.
+
+Part 2, switches: the alias model server with the embedded SmolLM2 answering `production`; four
+client threads send requests (max_tokens 1) while the main thread promotes and rolls back the
+aliases `--switches` times. Every reply must be a 200 from one of the two targets: the count of
+failed requests is the figure (goal 0). Prints markdown tables and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.serving import CANNED, canned_app  # noqa: E402
+
+BANKING = ROOT / "evals" / "banking77" / "eval.yaml"
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _spec(db: Path, production: str, candidate: str, share: float = 1.0):
+    from flywheel.service.spec import ServiceSpec
+
+    return ServiceSpec.model_validate({
+        "eval": str(BANKING), "db": str(db), "production": {"model": production, "prompt": "Long prompt. " * 20},
+        "candidate": {"model": candidate, "prompt": "Short."}, "shadow": {"share": share, "min_pairs": 10**9},
+        "canary": {"share": share}})
+
+
+def overhead(round_trips: int) -> None:
+    import httpx2
+
+    from flywheel.proxy.server import create_proxy_app
+    from flywheel.service import aliases
+    from flywheel.service.shadow import ShadowWorker
+    from flywheel.spec import load_eval_spec
+    from flywheel.store import Store
+    from flywheel.web import BackgroundServer
+
+    folder = Path(tempfile.mkdtemp(prefix="service-bench-"))
+    spec = _spec(folder / "s.db", "local:canned-a", "local:canned-b")
+    store = Store.open(spec.db)
+    aliases.ensure_aliases(store, spec)
+    store.close()
+    upstream = BackgroundServer(canned_app()).start()
+    shadow = ShadowWorker(spec.db, spec, load_eval_spec(BANKING).graders, upstream.url + "/v1", seed=0)
+    shadow.start()
+    plain = BackgroundServer(create_proxy_app(upstream.url, str(folder / "plain.db")), access_log=False).start()
+    shadowed = BackgroundServer(create_proxy_app(upstream.url, spec.db, observer=shadow.observe),
+                                access_log=False).start()
+    doors = {"direct": upstream.url, "proxy": plain.url, "proxy + shadow": shadowed.url}
+    body = {"model": "production", "messages": [{"role": "user", "content": "Where is my new card?"}],
+            "max_tokens": 12, "metadata": {"label": "card_arrival"}}
+    times: dict[str, list[float]] = {name: [] for name in doors}
+    with httpx2.Client(timeout=60) as client:
+        for name, url in doors.items():  # warm up each door
+            client.post(url + "/v1/chat/completions", json=body)
+        for i in range(round_trips):
+            for name, url in list(doors.items())[i % 3:] + list(doors.items())[:i % 3]:
+                started = time.perf_counter()
+                response = client.post(url + "/v1/chat/completions", json=body)
+                times[name].append(time.perf_counter() - started)
+                assert response.status_code == 200 and response.json()["choices"] == CANNED["choices"]
+    shadow.drain(600)
+    for server in (shadowed, plain, upstream):
+        server.stop()
+    shadow.stop()
+    store = Store.open(spec.db)
+    pairs = len(store.shadow_pairs())
+    store.close()
+
+    def q(values: list[float], p: float) -> float:
+        return statistics.quantiles(values, n=100)[p - 1] * 1000 if p != 50 else statistics.median(values) * 1000
+
+    print(f"\n### Request-path overhead, {round_trips} round trips per door ({pairs} shadow pairs graded, "
+          f"{shadow.dropped} dropped; load average {load()})\n")
+    print("| door | p50 ms | p95 ms | added p50 ms | added p95 ms |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {q(values, 50):.2f} | {q(values, 95):.2f} | {q(values, 50) - q(times['direct'], 50):+.2f} "
+              f"| {q(values, 95) - q(times['direct'], 95):+.2f} |")
+
+
+def switches(n: int, threads: int = 4) -> None:
+    import httpx2
+
+    from flywheel.service import aliases
+    from flywheel.service.serving import create_alias_app
+    from flywheel.store import Store
+    from flywheel.store.service import AliasTarget
+    from flywheel.web import BackgroundServer
+
+    folder = Path(tempfile.mkdtemp(prefix="service-bench-"))
+    spec = _spec(folder / "s.db", "local:smollm2", "local:smollm2")
+    store = Store.open(spec.db)
+    aliases.ensure_aliases(store, spec)
+    server = BackgroundServer(create_alias_app(spec.db)).start()
+    stop = threading.Event()
+    outcomes: list[int] = []
+    body = {"model": "production", "messages": [{"role": "user", "content": "Where is my card?"}], "max_tokens": 1}
+
+    def client() -> None:
+        with httpx2.Client(timeout=120) as http:
+            while not stop.is_set():
+                try:
+                    outcomes.append(http.post(server.url + "/v1/chat/completions", json=body).status_code)
+                except httpx2.HTTPError:
+                    outcomes.append(0)
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    started = time.perf_counter()
+    for i in range(n):
+        time.sleep(0.2)
+        aliases.promote(store, who="bench", why=f"switch {i}", test="benchmark")
+        time.sleep(0.2)
+        aliases.rollback(store, who="bench", why=f"back {i}")  # idles candidate on production's target
+        aliases.set_alias(store, "candidate", AliasTarget("local:smollm2", "Short."), who="bench", why="next")
+    stop.set()
+    for worker in workers:
+        worker.join()
+    wall = time.perf_counter() - started
+    server.stop()
+    store.close()
+    failed = sum(1 for status in outcomes if status != 200)
+    print(f"\n### Requests during {2 * n} switches over {wall:.1f} s, {threads} clients (load average {load()})\n")
+    print("| requests | failed | goal |")
+    print("|---:|---:|---|")
+    print(f"| {len(outcomes)} | {failed} | 0 |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--round-trips", type=int, default=400)
+    parser.add_argument("--switches", type=int, default=20)
+    parser.add_argument("--part", choices=["all", "overhead", "switches"], default="all")
+    args = parser.parse_args()
+    print(f"load average before: {load()}")
+    if args.part in ("all", "overhead"):
+        overhead(args.round_trips)
+    if args.part in ("all", "switches"):
+        switches(args.switches)
+
+
+if __name__ == "__main__":
+    main()

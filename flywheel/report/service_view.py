@@ -1,0 +1,107 @@
+"""The service's dashboard data (flywheel.service): aliases, switches, laps, and per model the online
+score with a bootstrap CI, tokens per request (cost per 1,000 requests) and latency percentiles
+over the shadow/canary pairs, also window by window over time. `flywheel service status` prints
+it; the review app's `/service` page renders it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flywheel.stats import mean_ci
+from flywheel.store import Store
+from flywheel.store.service import AliasSwitch, AliasTarget, ServiceLap, ShadowPair
+
+
+@dataclass(frozen=True)
+class ModelScore:
+    """One model's online figures over the pairs it answered in."""
+
+    model: str
+    pairs: int
+    score: float
+    ci_low: float
+    ci_high: float
+    tokens_per_request: float
+    latency_p50_s: float
+    latency_p95_s: float
+
+
+@dataclass(frozen=True)
+class ScoreWindow:
+    """Consecutive pairs of one phase and switch: both sides' online scores over that stretch."""
+
+    first_at: str
+    last_at: str
+    phase: str
+    switch_id: int
+    scores: list[ModelScore]
+
+
+@dataclass(frozen=True)
+class ServiceSummary:
+    aliases: dict[str, AliasTarget]
+    switches: list[AliasSwitch]
+    laps: list[ServiceLap]
+    scores: list[ModelScore] = field(default_factory=list)
+    requests: int = 0  # production captures
+    windows: list[ScoreWindow] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The summary as lines for a terminal."""
+        out = [f"{alias}: {t.model}" + (f" (prompt: {t.prompt[:60]!r})" if t.prompt else "")
+               for alias, t in self.aliases.items()]
+        out.append(f"requests to production: {self.requests}")
+        out += [f"  {s.model}: online score {s.score:.3f} [{s.ci_low:.3f}, {s.ci_high:.3f}] over {s.pairs} pairs, "
+                f"{s.tokens_per_request:.0f} tokens/request, latency p50 {s.latency_p50_s * 1000:.0f} ms "
+                f"p95 {s.latency_p95_s * 1000:.0f} ms" for s in self.scores]
+        out += [f"lap {lap.id}: {lap.status}" + (f", {lap.decision}: {lap.reason}" if lap.decision else "")
+                for lap in self.laps[:5]]
+        out += [f"switch {s.id} {s.created_at} {s.alias} {s.kind} -> {s.to_target.model} by {s.who}: {s.why}"
+                for s in self.switches[:10]]
+        return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def model_scores(pairs: list[ShadowPair]) -> list[ModelScore]:
+    """Per model, its online score (mean, bootstrap CI), tokens and latency over the pairs."""
+    seen: dict[str, list[tuple[float, int | None, float | None]]] = {}
+    for p in pairs:
+        seen.setdefault(p.production_model, []).append((p.production_score, p.production_tokens, p.production_latency_s))
+        if not p.other_error:
+            seen.setdefault(p.other_model, []).append((p.other_score, p.other_tokens, p.other_latency_s))
+    out = []
+    for model, rows in seen.items():
+        mean, low, high = mean_ci([r[0] for r in rows])
+        tokens = [r[1] for r in rows if r[1] is not None]
+        latency = [r[2] for r in rows if r[2] is not None]
+        out.append(ModelScore(model, len(rows), mean, low, high, sum(tokens) / len(tokens) if tokens else math.nan,
+                              _percentile(latency, 50), _percentile(latency, 95)))
+    return out
+
+
+def score_windows(pairs: list[ShadowPair], size: int = 20) -> list[ScoreWindow]:
+    """The pairs cut into windows of `size` within each (phase, switch), oldest first."""
+    groups: dict[tuple[str, int], list[ShadowPair]] = {}
+    for p in pairs:
+        groups.setdefault((p.phase, p.switch_id), []).append(p)
+    windows = []
+    for (phase, switch_id), rows in groups.items():
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            windows.append(ScoreWindow(chunk[0].created_at or "", chunk[-1].created_at or "", phase, switch_id,
+                                       model_scores(chunk)))
+    return sorted(windows, key=lambda w: w.first_at)
+
+
+def service_summary(store: Store) -> ServiceSummary:
+    """Everything `flywheel service status` and the dashboard show."""
+    pairs = store.shadow_pairs()
+    return ServiceSummary(aliases=store.service_aliases(), switches=store.service_switches(limit=50),
+                          laps=store.service_laps(limit=50), scores=model_scores(pairs),
+                          requests=len(store.captures_after(0, models=["production"])), windows=score_windows(pairs))

@@ -1,0 +1,85 @@
+"""Serving aliases: `production` and `candidate` -> (model, prompt), switched atomically and reversibly.
+
+Every change is one store transaction that moves the alias and records a switch naming who, why
+and the test that decided (`Store.switch_service_aliases`). A promotion swaps the two aliases (the
+previous production becomes `candidate`, so the canary can pair the new production with it); a
+rollback reverses the newest forward switch of `production` and idles `candidate` on the restored
+target (an alias equal to production gets no shadow traffic).
+
+    promote(store, who="shadow", why="better", test="betting confidence sequence ...")
+    rollback(store, who="alice", why="complaints")
+"""
+
+from __future__ import annotations
+
+from flywheel.errors import FlywheelError
+from flywheel.service.spec import ALIASES, ServiceSpec
+from flywheel.store import Store
+from flywheel.store.service import AliasSwitch, AliasTarget
+
+
+class AliasError(FlywheelError):
+    """An alias cannot be switched as asked (unknown name, nothing to roll back, never set)."""
+
+
+def _check(alias: str) -> None:
+    if alias not in ALIASES:
+        raise AliasError(f"unknown alias {alias!r}; the service serves {', '.join(ALIASES)}")
+
+
+def target(store: Store, alias: str) -> AliasTarget:
+    """The alias's current target; AliasError when it was never set."""
+    _check(alias)
+    found = store.service_alias(alias)
+    if found is None:
+        raise AliasError(f"alias {alias!r} is not set yet: start the service with its service.yaml first")
+    return found
+
+
+def ensure_aliases(store: Store, spec: ServiceSpec) -> dict[str, AliasTarget]:
+    """Set each alias the spec names that the store does not hold yet (a restart changes nothing)."""
+    first = {"production": AliasTarget(spec.production.model, spec.production.prompt)}
+    first["candidate"] = (AliasTarget(spec.candidate.model, spec.candidate.prompt) if spec.candidate
+                          else first["production"])
+    missing = {alias: t for alias, t in first.items() if store.service_alias(alias) is None}
+    if missing:
+        store.switch_service_aliases(missing, who="service.yaml", why=f"first target from {spec.source}", test=None)
+    return store.service_aliases()
+
+
+def set_alias(store: Store, alias: str, new: AliasTarget, *, who: str, why: str, test: str | None = None) -> int:
+    """Point one alias at a new target (a lap's student goes to `candidate` this way); the switch id."""
+    _check(alias)
+    return store.switch_service_aliases({alias: new}, who=who, why=why, test=test, kind="set")[0]
+
+
+def promote(store: Store, *, who: str, why: str, test: str) -> int:
+    """`production` <- candidate's target, `candidate` <- the previous production, in one
+    transaction; the id of production's switch (the canary's key)."""
+    old, new = target(store, "production"), target(store, "candidate")
+    if old == new:
+        raise AliasError("candidate serves what production serves: nothing to promote")
+    ids = store.switch_service_aliases({"production": new, "candidate": old}, who=who, why=why, test=test,
+                                       kind="promote")
+    return ids[0]
+
+
+def reject(store: Store, *, who: str, why: str, test: str) -> int:
+    """Stop a candidate: `candidate` <- production's target (no more shadow traffic)."""
+    return store.switch_service_aliases({"candidate": target(store, "production")}, who=who, why=why, test=test,
+                                        kind="reject")[0]
+
+
+def rollback(store: Store, *, who: str, why: str, test: str | None = None, alias: str = "production") -> AliasSwitch:
+    """Reverse the newest forward switch of `alias` that is not undone yet; the rollback switch.
+    Rolling back production also idles `candidate` on the restored target."""
+    _check(alias)
+    undo = store.switch_to_revert(alias)
+    if undo is None:
+        raise AliasError(f"nothing to roll back: {alias!r} has had no switch since its first target")
+    targets = {alias: undo.from_target}
+    if alias == "production":
+        targets["candidate"] = undo.from_target
+    ids = store.switch_service_aliases(targets, who=who, why=why, test=test, kind="rollback",
+                                       reverts={alias: undo.id})
+    return store.service_switch(ids[0])

@@ -1,0 +1,305 @@
+"""A lap: the new traffic -> a training set -> `flywheel.train.run` -> the offline gate -> `candidate`.
+
+    lap = queue_lap(store, spec, trigger="new_captures")   # a row + a `service_lap` job, or None
+    run_lap(store, spec, lap.id)                          # what the job's runner calls
+
+A lap's captures are fixed when it is queued (an id range), so a lap resumed after kill -9 reads
+the same captures, and the next lap starts after them: none lost, none counted twice. Steps:
+
+1. the captures `production` answered (status 200) in the range, matching the trigger's metadata;
+   captures deleted since are gone from the store, so nothing trains on them; with `redact` on
+   the proxy stored them redacted;
+2. labels: production's recorded answer, or a teacher's majority over `votes` samples
+   (self-consistency, `flywheel.distill.vote`); inputs that render like a valid/test item of the
+   eval are dropped (the leak guard, `flywheel.distill.leaked`); a `holdout` share is kept back;
+3. `flywheel.train.run` on the rest (`reuse`: a lap resumed after its training finished does not
+   train again; an unfinished training job is picked up where it stopped);
+4. the offline gate with the run spec's rule (`flywheel.promotion.decide`): the student against
+   production on the eval's valid split and on the held-back traffic, paired item by item;
+5. passing both, the student becomes `candidate` (a recorded switch naming the tests); the shadow
+   gate decides the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from flywheel.errors import FlywheelError
+from flywheel.service import aliases
+from flywheel.service.serving import with_prompt
+from flywheel.service.spec import ServiceSpec
+from flywheel.store import Store, new_id, now, timestamp
+from flywheel.store.service import AliasTarget, ServiceLap
+
+LAP_JOB = "service_lap"
+
+
+class LapError(FlywheelError):
+    """A lap cannot run (no data left after the guards, over its budget)."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One offline comparison: where, the verdict and its reason."""
+
+    where: str
+    passed: bool
+    reason: str
+
+
+# -- triggers and budgets ----------------------------------------------------------------------
+def new_captures(store: Store, spec: ServiceSpec) -> list[dict[str, Any]]:
+    """Answered `production` captures after the last lap's, matching the trigger's metadata."""
+    rows = store.captures_after(store.last_lapped_capture(), metadata=spec.triggers.metadata, models=["production"])
+    return rows[:spec.lap.max_captures]
+
+
+def due(store: Store, spec: ServiceSpec, waiting: int) -> str | None:
+    """The trigger that fires now (`new_captures` or `schedule`), None when none does."""
+    if waiting == 0:
+        return None
+    if spec.triggers.new_captures and waiting >= spec.triggers.new_captures:
+        return "new_captures"
+    if spec.triggers.every_s:
+        last = store.service_laps(limit=1)
+        if not last or datetime.fromisoformat(last[0].created_at) + timedelta(seconds=spec.triggers.every_s) \
+                <= datetime.now(timezone.utc):
+            return "schedule"
+    return None
+
+
+def planned_steps(spec: ServiceSpec) -> int | None:
+    steps = spec.lap.train.get("max_steps")
+    return int(steps) if isinstance(steps, int) else None
+
+
+def planned_calls(spec: ServiceSpec, n_captures: int, n_valid: int) -> int:
+    """Model calls a lap makes: teacher votes, then both sides of the valid split and the holdout."""
+    teacher = n_captures * spec.lap.votes if spec.lap.teacher else 0
+    return teacher + 2 * n_valid + 2 * int(n_captures * spec.lap.holdout + 1)
+
+
+def over_budget(store: Store, spec: ServiceSpec, n_captures: int, n_valid: int) -> str | None:
+    """Why a lap over these captures would pass a per-lap or per-day budget; None when it fits."""
+    steps, calls = planned_steps(spec), planned_calls(spec, n_captures, n_valid)
+    per_lap, per_day = spec.budgets.per_lap, spec.budgets.per_day
+    if per_lap.training_steps and (steps is None or steps > per_lap.training_steps):
+        return f"budgets.per_lap.training_steps: the lap plans {steps or 'unbounded'} steps, limit {per_lap.training_steps}"
+    if per_lap.model_calls and calls > per_lap.model_calls:
+        return f"budgets.per_lap.model_calls: the lap plans {calls} model calls, limit {per_lap.model_calls}"
+    if spec.lap.teacher and spec.lap.teacher.startswith("openai:") and (per_lap.money or per_day.money):
+        return "budgets: a money limit with an openai: teacher is not estimated yet; unset it or use a local teacher"
+    since = timestamp(datetime.now(timezone.utc) - timedelta(days=1))
+    today = [lap for lap in store.service_laps() if lap.created_at >= since and lap.status != "skipped"]
+    if per_day.training_steps and (steps or 0) * (len(today) + 1) > per_day.training_steps:
+        return f"budgets.per_day.training_steps: {len(today)} laps today; one more passes {per_day.training_steps}"
+    if per_day.model_calls and calls * (len(today) + 1) > per_day.model_calls:
+        return f"budgets.per_day.model_calls: {len(today)} laps today; one more passes {per_day.model_calls}"
+    if per_day.wall_s and per_lap.wall_s and per_lap.wall_s * (len(today) + 1) > per_day.wall_s:
+        return f"budgets.per_day.wall_s: {len(today)} laps of up to {per_lap.wall_s:g} s today pass {per_day.wall_s:g} s"
+    return None
+
+
+def queue_lap(store: Store, spec: ServiceSpec, *, trigger: str) -> ServiceLap | None:
+    """Record a lap over the new captures and queue its job; a lap over budget is recorded as
+    `skipped` with the reason (its captures stay for the next lap). None when nothing is new or a
+    lap is already queued or running (one at a time)."""
+    if any(lap.status in ("queued", "running") for lap in store.service_laps(limit=20)):
+        return None
+    rows = new_captures(store, spec)
+    if not rows:
+        return None
+    from flywheel.data import load_dataset
+    from flywheel.spec import load_eval_spec
+
+    n_valid = len(load_dataset(load_eval_spec(spec.path(spec.eval))).split("valid"))
+    refused = over_budget(store, spec, len(rows), n_valid)
+    lap_id = new_id("lap")
+    if refused:
+        lap = store.create_service_lap(lap_id, trigger=trigger, capture_ids=[])
+        store.update_service_lap(lap_id, status="skipped", decision="not started", reason=refused, finished_at=now())
+        return store.service_lap(lap_id)
+    with store.transaction():
+        lap = store.create_service_lap(lap_id, trigger=trigger, capture_ids=[r["id"] for r in rows])
+        store.enqueue_job("job-" + lap_id, LAP_JOB, lap_id)
+    return lap
+
+
+# -- the lap -----------------------------------------------------------------------------------
+def _user_turns(request: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in request.get("messages") or []
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)]
+
+
+def _reply(response: dict[str, Any]) -> str | None:
+    try:
+        text = response["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return text if isinstance(text, str) else None
+
+
+def _held_back(capture_id: int, share: float) -> bool:
+    digest = hashlib.sha256(f"holdout:{capture_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < share
+
+
+def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[], None] = lambda: None,
+            event: Callable[[str], None] = lambda message: None) -> ServiceLap:
+    """Run (or resume) a queued lap; returns it with its decision (see the module docstring)."""
+    from flywheel.data import load_dataset
+    from flywheel.distill import leaked, vote
+    from flywheel.models import ChatRequest, Sampling, cached_model
+    from flywheel.spec import load_eval_spec
+    from flywheel.train import TrainRequest, run
+    from flywheel.train.methods import load_train_config
+
+    lap = store.service_lap(lap_id)
+    if lap is None:
+        raise LapError(f"no lap {lap_id}")
+    if lap.decision is not None:  # decided before a kill: nothing to redo
+        return lap
+    started = time.monotonic()
+    store.update_service_lap(lap_id, status="running")
+    eval_spec = load_eval_spec(spec.path(spec.eval))
+    dataset = load_dataset(eval_spec)
+    production = aliases.target(store, "production")
+    student_prompt = spec.lap.prompt if spec.lap.prompt is not None else production.prompt
+    rows = store.captures_after((lap.first_capture_id or 1) - 1, upto=lap.last_capture_id,
+                                metadata=spec.triggers.metadata, models=["production"])
+    examples = []
+    for row in rows:
+        request, response = json.loads(row["request_json"]), json.loads(row["response_json"] or "{}")
+        turns = _user_turns(request)
+        if not turns or turns[-1]["role"] != "user":
+            continue
+        examples.append({"capture": row["id"], "turns": turns, "answer": _reply(response),
+                         "metadata": {k: v for k, v in (request.get("metadata") or {}).items() if isinstance(v, str)},
+                         "tokens": row.get("prompt_tokens")})
+    guard = leaked(eval_spec, [e["turns"][-1]["content"] for e in examples], dataset)
+    dropped = sum(guard)
+    examples = [e for e, leak in zip(examples, guard) if not leak]
+    if spec.lap.teacher:  # self-consistency: the teacher's majority answer labels each input
+        teacher = cached_model(spec.lap.teacher)
+        for e in examples:
+            check()
+            asks = [ChatRequest(messages=with_prompt(e["turns"], production.prompt),
+                                sampling=Sampling(temperature=0.7 if spec.lap.votes > 1 else 0.0, max_tokens=256),
+                                repeat=i) for i in range(spec.lap.votes)]
+            e["answer"], e["agreement"] = vote([c.text if not c.error else None for c in teacher.generate(asks)])
+    examples = [e for e in examples if e["answer"]]
+    held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout)]
+    train_rows = [{"messages": with_prompt(e["turns"], student_prompt) + [{"role": "assistant", "content": e["answer"]}]}
+                  for e in examples if e not in held]
+    event(f"{len(rows)} captures, {dropped} dropped by the leak guard, {len(train_rows)} to train, {len(held)} held back")
+    if not train_rows:
+        return _finish(store, lap_id, "rejected", "no training rows left after the leak guard and the holdout")
+    folder = Path(store.path).resolve().parent / "service" / lap_id
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_rows), encoding="utf-8")
+    check()
+    base = spec.lap.student or production.model
+    config = load_train_config(spec.lap.method, values=spec.lap.train)
+    result = run(TrainRequest(method=spec.lap.method, spec=eval_spec, store=store, base=base, data=str(data),
+                              config=config, evaluate=False, quiet=True, reuse=True, dataset=dataset))
+    student = AliasTarget(result.checkpoint.model_ref, student_prompt)
+    event(f"trained {student.model} ({result.metrics.get('steps')} steps)")
+    if spec.budgets.per_lap.wall_s and time.monotonic() - started > spec.budgets.per_lap.wall_s:
+        return _finish(store, lap_id, "rejected", f"budgets.per_lap.wall_s: the lap took longer than "
+                       f"{spec.budgets.per_lap.wall_s:g} s before its gate", checkpoint=student.model)
+    check()
+    gates = [offline_valid(store, spec, eval_spec, dataset, lap_id, production, student),
+             offline_traffic(spec, eval_spec, held, production, student)]
+    reason = "; ".join(f"{g.where}: {g.reason}" for g in gates)
+    if not all(g.passed for g in gates):
+        return _finish(store, lap_id, "rejected", reason, checkpoint=student.model)
+    aliases.set_alias(store, "candidate", student, who=f"lap {lap_id}", why=reason,
+                      test="offline: run spec rule on valid + held-back traffic")
+    return _finish(store, lap_id, "candidate", reason, checkpoint=student.model)
+
+
+def _finish(store: Store, lap_id: str, decision: str, reason: str, checkpoint: str | None = None) -> ServiceLap:
+    fields: dict[str, Any] = {"status": "succeeded", "decision": decision, "reason": reason, "finished_at": now()}
+    if checkpoint:
+        fields["checkpoint"] = checkpoint
+    store.update_service_lap(lap_id, **fields)
+    return store.service_lap(lap_id)
+
+
+def _rule(spec: ServiceSpec) -> tuple[Any, float]:
+    """The run spec's goal and alpha (defaults without a run spec)."""
+    from flywheel.promotion import Goal
+
+    if spec.run is None:
+        return Goal(minimise="prompt_tokens", margin=spec.shadow.margin), 0.05
+    from flywheel.run_spec import load_run_spec
+
+    run_spec = load_run_spec(spec.path(spec.run))
+    return (run_spec.goal.rule() if run_spec.goal else None), run_spec.alpha
+
+
+def offline_valid(store: Store, spec: ServiceSpec, eval_spec: Any, dataset: Any, lap_id: str,
+                  production: AliasTarget, student: AliasTarget) -> Gate:
+    """The student against production on the eval's valid split, with the run spec's rule."""
+    from flywheel.harness import paired_comparison, run_eval
+    from flywheel.models import cached_model
+    from flywheel.promotion import decide
+    from flywheel.prompt import Prompt
+
+    results = {}
+    for side, target in (("production", production), ("student", student)):
+        results[side] = run_eval(eval_spec, store, split="valid", model=cached_model(target.model),
+                                 prompt=Prompt(messages=with_prompt(eval_spec.messages(), target.prompt)),
+                                 stage="service", run_id=f"{lap_id}-{side}", dataset=dataset)
+    goal, alpha = _rule(spec)
+    cmp = paired_comparison(store, eval_spec, results["production"].iteration_id, results["student"].iteration_id)
+    verdict = decide(cmp, metric=eval_spec.objective.metric, alpha=alpha, goal=goal,
+                     candidate_cost=store.iteration_cost(results["student"].iteration_id),
+                     incumbent_cost=store.iteration_cost(results["production"].iteration_id))
+    return Gate("valid", verdict.promoted, verdict.reason)
+
+
+def offline_traffic(spec: ServiceSpec, eval_spec: Any, held: list[dict[str, Any]], production: AliasTarget,
+                    student: AliasTarget) -> Gate:
+    """The student against production's recorded answers on the held-back traffic, graded by the
+    graders the requests can feed (flywheel.service.shadow.OnlineGraders), with the run spec's rule."""
+    from flywheel.cost import CostPerItem
+    from flywheel.models import ChatRequest, Sampling, cached_model
+    from flywheel.promotion import decide
+    from flywheel.service.shadow import OnlineGraders
+    from flywheel.stats import paired_stats
+
+    if not held:
+        return Gate("held-back traffic", True, "no held-back traffic (holdout 0 or too little traffic)")
+    scorer = OnlineGraders(eval_spec.graders)
+    try:
+        model = cached_model(student.model)
+        asks = [ChatRequest(messages=with_prompt(e["turns"], student.prompt), sampling=Sampling(temperature=0.0,
+                            max_tokens=eval_spec.sampling.max_tokens or 256)) for e in held]
+        answers = model.generate(asks)
+        pairs = []
+        for e, answer in zip(held, answers):
+            a = scorer.score(e["answer"], e["metadata"])
+            b = scorer.score(None if answer.error else answer.text, e["metadata"])
+            if a is not None and b is not None:
+                pairs.append((a, b, answer.prompt_tokens, e["tokens"]))
+    finally:
+        scorer.close()
+    if not pairs:
+        return Gate("held-back traffic", True, "no grader can judge the held-back requests")
+    cmp = paired_stats([p[0] for p in pairs], [p[1] for p in pairs], [p[0] >= 1.0 for p in pairs],
+                       [p[1] >= 1.0 for p in pairs])
+    goal, alpha = _rule(spec)
+    student_cost = CostPerItem(n=len(pairs), prompt_tokens=sum(p[2] for p in pairs) / len(pairs))
+    known = [p[3] for p in pairs if p[3]]
+    production_cost = CostPerItem(n=len(known), prompt_tokens=sum(known) / len(known) if known else float("nan"))
+    verdict = decide(cmp, metric=eval_spec.objective.metric, alpha=alpha, goal=goal,
+                     candidate_cost=student_cost, incumbent_cost=production_cost)
+    return Gate("held-back traffic", verdict.promoted, verdict.reason.replace("valid ", "traffic "))

@@ -1,0 +1,303 @@
+"""The service (flywheel.service): service.yaml, serving aliases (switch, promote, rollback), and the
+shadow and canary gates on live traffic: a real app client -> the capture proxy -> the alias model
+server (tiny real Llamas from conftest) on 127.0.0.1, the shadow worker grading both answers."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import yaml
+from conftest import write_jsonl, make_rows, spec_dict
+
+from flywheel.errors import SpecError
+from flywheel.proxy.server import create_proxy_app
+from flywheel.service import aliases
+from flywheel.service.aliases import AliasError
+from flywheel.service.serving import create_alias_app, with_prompt
+from flywheel.service.shadow import ShadowWorker, current_phase
+from flywheel.service.spec import load_service_spec
+from flywheel.store import Store
+from flywheel.store.service import AliasTarget
+from flywheel.web import BackgroundServer
+
+LONG = "You are a careful support assistant. " * 12 + "Answer with one label."
+SHORT = "One label."
+# Reference-free: the tiny model answers with special tokens only (decoded ""), the chatty one with words.
+EMPTY_REPLY = {"type": "string_check", "name": "terse", "input": "{{sample.output_text}}", "reference": "",
+               "operation": "eq"}
+
+
+def write_service(tmp_path, production: str, candidate: str | None = None, **extra) -> str:
+    write_jsonl(tmp_path / "data.jsonl", make_rows())
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict(production, graders=[EMPTY_REPLY])))
+    data = {"eval": "eval.yaml", "db": "service.db", "production": {"model": production, "prompt": LONG},
+            "shadow": {"share": 1.0, "margin": 0.3, "min_pairs": 5},
+            "canary": {"share": 1.0, "margin": 0.3, "pairs": 40}, **extra}
+    if candidate:
+        data["candidate"] = {"model": candidate, "prompt": SHORT}
+    path = tmp_path / "service.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_service_spec_loads_and_names_bad_fields(tmp_path):
+    path = write_service(tmp_path, "local:x")
+    spec = load_service_spec(path)
+    assert spec.production.prompt == LONG and spec.redact is True and spec.shadow.share == 1.0
+    assert spec.path(spec.db) == (tmp_path / "service.db").resolve()
+    with pytest.raises(SpecError, match=r"service.yaml: shadow.shre: unknown field"):
+        load_service_spec(path, ["shadow.shre=0.5"])
+    with pytest.raises(SpecError, match=r"service.yaml: shadow.share: .*less than or equal to 1"):
+        load_service_spec(path, ["shadow.share=2"])
+    with pytest.raises(SpecError, match=r"ports: proxy, models and api must differ"):
+        load_service_spec(path, ["ports.proxy=9000", "ports.models=9000"])
+
+
+def test_aliases_switch_atomically_and_roll_back(tmp_path):
+    spec = load_service_spec(write_service(tmp_path, "local:teacher", "local:student"))
+    store = Store.open(spec.path(spec.db))
+    try:
+        first = aliases.ensure_aliases(store, spec)
+        assert first == {"production": AliasTarget("local:teacher", LONG), "candidate": AliasTarget("local:student", SHORT)}
+        assert aliases.ensure_aliases(store, spec) == first and len(store.service_switches()) == 2  # restart: no-op
+        with pytest.raises(AliasError, match="nothing to roll back"):
+            aliases.rollback(store, who="me", why="test")
+        switch_id = aliases.promote(store, who="shadow", why="better", test="confidence sequence")
+        assert store.service_aliases() == {"production": first["candidate"], "candidate": first["production"]}
+        promoted = store.service_switch(switch_id)
+        assert (promoted.kind, promoted.who, promoted.test, promoted.from_target) == (
+            "promote", "shadow", "confidence sequence", first["production"])
+        undone = aliases.rollback(store, who="alice", why="complaints")
+        assert undone.reverts == switch_id and undone.kind == "rollback" and undone.who == "alice"
+        assert store.service_aliases() == {"production": first["production"], "candidate": first["production"]}
+        with pytest.raises(AliasError, match="nothing to roll back"):  # the promotion is undone already
+            aliases.rollback(store, who="alice", why="again")
+        with pytest.raises(AliasError, match="unknown alias 'staging'"):
+            aliases.set_alias(store, "staging", first["production"], who="me", why="x")
+        with pytest.raises(AliasError, match="nothing to promote"):
+            aliases.promote(store, who="me", why="x", test="t")
+    finally:
+        store.close()
+
+
+def test_with_prompt_replaces_the_apps_system_messages():
+    messages = [{"role": "system", "content": "app's"}, {"role": "user", "content": "hi"}]
+    assert with_prompt(messages, "alias's") == [{"role": "system", "content": "alias's"}, messages[1]]
+    assert with_prompt(messages, None) == messages
+
+
+class Service:
+    """The alias server, the shadow worker and the proxy in front of them, as `serve --flywheel` wires them."""
+
+    def __init__(self, spec_path: str):
+        import flywheel.spec
+
+        self.spec = load_service_spec(spec_path)
+        self.db = str(self.spec.path(self.spec.db))
+        store = Store.open(self.db)
+        aliases.ensure_aliases(store, self.spec)
+        store.close()
+        graders = flywheel.spec.load_eval_spec(self.spec.path(self.spec.eval)).graders
+        self.models = BackgroundServer(create_alias_app(self.db, options={"dtype": "fp32"})).start()
+        self.shadow = ShadowWorker(self.db, self.spec, graders, self.models.url + "/v1", seed=0)
+        self.shadow.start()
+        self.proxy = BackgroundServer(create_proxy_app(self.models.url, self.db, observer=self.shadow.observe)).start()
+        self.app = openai.OpenAI(base_url=self.proxy.url + "/v1", api_key="unused", max_retries=0)
+
+    def send(self, n: int) -> list[str]:
+        """The simulated app: labelled requests to `production`, through the proxy."""
+        replies = []
+        for i in range(n):
+            reply = self.app.chat.completions.create(
+                model="production", messages=[{"role": "user", "content": f"question {i} about my card"}],
+                max_tokens=4, temperature=0, metadata={"label": "card_arrival"})
+            replies.append(reply.choices[0].message.content)
+        assert self.shadow.drain()
+        return replies
+
+    def store(self) -> Store:
+        return Store.open(self.db)
+
+    def close(self) -> None:
+        self.proxy.stop()
+        self.shadow.stop()
+        self.models.stop()
+
+
+@pytest.fixture
+def service_factory():
+    running = []
+
+    def make(path: str) -> Service:
+        running.append(Service(path))
+        return running[-1]
+
+    yield make
+    for service in running:
+        service.close()
+
+
+def test_shadow_promotes_a_cheaper_equal_candidate_then_the_canary_keeps_it(tmp_path, tiny_model_dir, service_factory):
+    tiny = f"local:{tiny_model_dir}"
+    service = service_factory(write_service(tmp_path, tiny, tiny))
+    service.send(30)
+    store = service.store()
+    try:
+        promoted = store.current_switch("production")
+        assert promoted.kind == "promote" and promoted.who == "shadow", store.service_switches()
+        assert "cheaper and non-inferior" in promoted.why and "confidence sequence" in promoted.why
+        assert store.service_alias("production") == AliasTarget(tiny, SHORT)
+        shadow = store.shadow_pairs("shadow")
+        assert 5 <= len(shadow) <= 30 and all(p.other_tokens < p.production_tokens for p in shadow)
+        assert current_phase(store, service.spec).name == "canary"
+        canary_before = len(store.shadow_pairs("canary", promoted.id))  # the requests after the promotion
+        assert len(shadow) + canary_before <= 30  # a request in flight at the switch is not paired
+    finally:
+        store.close()
+    service.send(5)  # the canary pairs the new production with the previous one; no drop, no rollback
+    store = service.store()
+    try:
+        assert store.current_switch("production").id == promoted.id
+        canary = store.shadow_pairs("canary", promoted.id)
+        assert len(canary) == canary_before + 5
+        assert all(p.production_model == tiny and p.other_tokens > p.production_tokens for p in canary)
+    finally:
+        store.close()
+
+
+def test_a_broken_candidate_is_stopped_in_shadow_and_never_serves(tmp_path, tiny_model_dir, chatty_dir, service_factory):
+    tiny, chatty = f"local:{tiny_model_dir}", f"local:{chatty_dir}"
+    service = service_factory(write_service(tmp_path, tiny, chatty))
+    replies = service.send(20)
+    store = service.store()
+    try:
+        assert store.service_alias("production") == AliasTarget(tiny, LONG)
+        assert store.service_alias("candidate") == AliasTarget(tiny, LONG)  # idled: no more shadow traffic
+        rejected = store.current_switch("candidate")
+        assert rejected.kind == "reject" and "worse" in rejected.why
+        pairs = store.shadow_pairs("shadow")
+        assert all(p.other_model == chatty for p in pairs) and len(pairs) < 20
+        assert all(p.production_model == tiny for p in pairs)
+    finally:
+        store.close()
+    assert all(reply == "" for reply in replies)  # the users only ever got production's answers
+
+
+def test_a_bad_model_forced_into_production_is_rolled_back_by_the_canary(tmp_path, tiny_model_dir, chatty_dir,
+                                                                         service_factory):
+    tiny, chatty = f"local:{tiny_model_dir}", f"local:{chatty_dir}"
+    service = service_factory(write_service(tmp_path, tiny))
+    store = service.store()
+    try:
+        aliases.set_alias(store, "candidate", AliasTarget(chatty, SHORT), who="operator", why="try it")
+        forced = aliases.promote(store, who="operator", why="forced", test="none")
+    finally:
+        store.close()
+    service.send(25)
+    store = service.store()
+    try:
+        undone = store.current_switch("production")
+        assert undone.kind == "rollback" and undone.reverts == forced and undone.who == "canary"
+        assert "quality dropped" in undone.why
+        assert store.service_alias("production") == AliasTarget(tiny, LONG)
+        assert len(store.shadow_pairs("canary", forced)) < 25
+    finally:
+        store.close()
+
+
+QUICK_TRAIN = {"max_steps": 2, "precision": "fp32", "batch_size": 4, "min_examples": 1, "logging_steps": 1}
+
+
+def test_a_lap_trains_a_student_on_new_traffic_and_makes_it_the_candidate(tmp_path, tiny_model_dir, chatty_dir,
+                                                                          service_factory):
+    from flywheel.service.laps import new_captures, queue_lap, run_lap
+
+    chatty, tiny = f"local:{chatty_dir}", f"local:{tiny_model_dir}"
+    path = write_service(tmp_path, chatty, shadow={"share": 0.0},
+                         lap={"student": tiny, "prompt": SHORT, "train": QUICK_TRAIN, "holdout": 0.3})
+    service = service_factory(path)
+    service.send(8)
+    store = service.store()
+    try:
+        # the leak guard: a request that is a valid item's user turn never becomes training data
+        leak = make_rows()[4]["text"]
+        service.app.chat.completions.create(model="production", messages=[{"role": "user", "content": leak}],
+                                            max_tokens=4, metadata={"label": "x"})
+        assert len(new_captures(store, service.spec)) == 9
+        lap = queue_lap(store, service.spec, trigger="on_demand")
+        assert lap.captures == 9 and queue_lap(store, service.spec, trigger="on_demand") is None  # one at a time
+        events: list[str] = []
+        done = run_lap(store, service.spec, lap.id, event=events.append)
+        assert done.status == "succeeded", done
+        assert "1 dropped by the leak guard" in events[0]
+        assert done.decision == "candidate" and "valid:" in done.reason and "held-back traffic:" in done.reason
+        assert store.service_alias("candidate") == AliasTarget(done.checkpoint, SHORT)
+        assert done.checkpoint.startswith(tiny + "+")
+        switch = store.current_switch("candidate")
+        assert switch.who == f"lap {lap.id}" and switch.test.startswith("offline")
+        assert store.service_alias("production").model == chatty  # production waits for the shadow gate
+        assert new_captures(store, service.spec) == [] and queue_lap(store, service.spec, trigger="x") is None
+        assert run_lap(store, service.spec, lap.id) == done  # a decided lap is not redone
+    finally:
+        store.close()
+
+
+def test_a_lap_over_budget_does_not_start(tmp_path, tiny_model_dir, service_factory):
+    from flywheel.service.laps import queue_lap
+
+    tiny = f"local:{tiny_model_dir}"
+    service = service_factory(write_service(tmp_path, tiny, shadow={"share": 0.0},
+                                            budgets={"per_lap": {"training_steps": 5}},
+                                            lap={"train": {"max_steps": 50}}))
+    service.send(2)
+    store = service.store()
+    try:
+        lap = queue_lap(store, service.spec, trigger="on_demand")
+        assert lap.status == "skipped" and "budgets.per_lap.training_steps" in lap.reason
+        assert store.last_lapped_capture() == 0  # its captures wait for the next lap
+        assert store.count_jobs().get("queued", 0) == 0
+    finally:
+        store.close()
+
+
+def test_dashboard_page_and_cli_show_the_service_escaped(tmp_path):
+    import http.client
+
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+    from flywheel.report.review_app import create_app
+    from flywheel.store.service import ShadowPair
+
+    path = write_service(tmp_path, "local:teacher", "local:student")
+    spec = load_service_spec(path)
+    store = Store.open(spec.path(spec.db))
+    try:
+        aliases.ensure_aliases(store, spec)
+        switch = aliases.promote(store, who="<script>x</script>", why="better <b>", test="shadow")
+        for i in range(30):
+            store.add_shadow_pair(ShadowPair(capture_id=i, phase="canary", switch_id=switch, production_model="local:student",
+                                             other_model="local:teacher", production_score=1.0, other_score=float(i % 2),
+                                             production_latency_s=0.01, other_latency_s=0.02, production_tokens=10,
+                                             other_tokens=40))
+        store.create_service_lap("lap-1", trigger="on_demand", capture_ids=[1, 2])
+    finally:
+        store.close()
+    with BackgroundServer(create_app(str(spec.path(spec.db)))) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", "/service")
+        response = conn.getresponse()
+        html = response.read().decode()
+    assert response.status == 200
+    assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
+    assert "local:student" in html and "promote" in html and "lap-1" in html
+    assert "1.000 [1.000, 1.000]" in html and "10000" in html  # score and tokens per 1,000 requests
+    runner = CliRunner()
+    status = runner.invoke(main, ["service", "status", path])
+    assert status.exit_code == 0 and "production: local:student" in status.output and "30 pairs" in status.output
+    back = runner.invoke(main, ["service", "rollback", path, "--why", "complaints", "--who", "ops"])
+    assert back.exit_code == 0 and f"reverts {switch}" in back.output
+    again = runner.invoke(main, ["service", "rollback", path, "--why", "again"])
+    assert again.exit_code == 1 and "error: nothing to roll back" in again.output
+    lap = runner.invoke(main, ["service", "lap", path])
+    assert lap.exit_code == 0 and "no lap queued" in lap.output  # a lap is already queued
