@@ -32,13 +32,14 @@ a near-tie can round the other way.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from flywheel.models.kv_cache import cache_kwarg, output_cache
 
 # The attention implementation the loop switches the model to while it runs (registered below).
 ATTENTION = "flywheel_decode"
@@ -207,9 +208,7 @@ class Decoder:
         self.max_batch = max_batch
         self.prefill_batch = prefill_batch
         self.kv_budget = kv_budget
-        params = inspect.signature(model.forward).parameters
-        # transformers renamed `past_key_values` to `cache` during 5.x.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_kwarg(model)
 
     # -- public -----------------------------------------------------------------------------------
     def run(self, rows: list[list[int]], *, max_new_tokens: int, prefix_len: int = 0, prefix_cache=None,
@@ -319,7 +318,7 @@ class Decoder:
             finally:
                 config._attn_implementation = attention
                 _PREFIX.clear()
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = output_cache(out)
         return out.logits[:, -1, :].float(), cache
 
     def _prefill(self, rows: list[list[int]], owners: list[int], prefix_len: int):

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
+from flywheel.models.kv_cache import cache_kwarg, output_cache
 from flywheel.models.loading import (DTYPES, LocalWeights, load_adapters, load_base, output_settings,
                                      pick_device)
 
@@ -252,7 +253,7 @@ class LocalModel(Model):
             model, _ = self.load()
             with torch.inference_mode():
                 out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
-            memo = self._prefix_memo = (prefix, out.past_key_values)
+            memo = self._prefix_memo = (prefix, output_cache(out))
         return memo[1]
 
     def _batch_inputs(self, rows: list[list[int]]):
@@ -295,7 +296,7 @@ class LocalModel(Model):
             eos_token_id=tokenizer.eos_token_id,
         )
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[cache_kwarg(model)] = cache
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
