@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -153,10 +154,16 @@ _register_attention()
 
 @dataclass
 class DecodeResult:
-    """Generated token ids of one row (EOS included when it stopped) and why it ended."""
+    """Generated token ids of one row (EOS included when it stopped), why it ended, and the row's
+    own time in the loop: `latency_s` runs from its admission into the running batch (taken off the
+    waiting list, before its prefill) to its last token, on the loop's clock, which stops while the
+    consumer of `Decoder.stream` holds a yielded row (grading it, say). Time spent waiting for a
+    slot is not in it; the other rows' prefills and steps while it runs are."""
 
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    latency_s: float = 0.0
+    admitted_at: float = field(default=0.0, repr=False)  # on the loop's clock (Decoder._clock)
 
 
 @dataclass
@@ -202,6 +209,7 @@ class Decoder:
         self._attention: str | None = None
         self._prefix: list[_Prefix] = []
         self.stats = DecodeStats()
+        self._paused = 0.0  # seconds the current stream spent handed to its consumer
         self.eos = eos_token_id
         self.pad = pad_token_id
         self.max_batch = max_batch
@@ -238,6 +246,7 @@ class Decoder:
             return
         self._spare = max_new_tokens + 1
         self.stats = DecodeStats()
+        self._paused = 0.0
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
@@ -256,7 +265,14 @@ class Decoder:
             with torch.inference_mode():  # not across a yield: the consumer's code runs there
                 batch, finished, waiting = self._turn(rows, waiting, batch, results, max_new_tokens, prefix_len,
                                                       temperature, top_p, generator)
-            yield from ((owner, results[owner]) for owner in finished)
+            handed = time.perf_counter()
+            for owner in finished:
+                yield owner, results[owner]
+            self._paused += time.perf_counter() - handed
+
+    def _clock(self) -> float:
+        """Seconds on the loop's own clock: wall time less the time its consumer held a yield."""
+        return time.perf_counter() - self._paused
 
     def _turn(self, rows, waiting, batch, results, max_new_tokens, prefix_len, temperature, top_p, generator):
         """Refill the running batch if it has room, then one decode step; (batch, finished owners, waiting)."""
@@ -265,6 +281,9 @@ class Decoder:
         if waiting and (batch is None or free >= max(1, int(self.max_batch * REFILL_FRACTION))):
             taken = self._admit(rows, waiting, free, batch, prefix_len)
             waiting = waiting[len(taken):]
+            admitted = self._clock()
+            for index in taken:
+                results[index].admitted_at = admitted
             for start in range(0, len(taken), self.prefill_batch):
                 chunk = taken[start:start + self.prefill_batch]
                 joined, logits = self._prefill([rows[i] for i in chunk], chunk, prefix_len)
@@ -365,16 +384,17 @@ class Decoder:
         else:
             chosen = logits.argmax(dim=-1)
         keep, finished = [], []
+        now = self._clock()
         for row, (owner, token) in enumerate(zip(batch.owners, chosen.tolist())):
             result = results[owner]
             result.tokens.append(token)
             if token == self.eos:
                 result.finish_reason = "stop"
-                finished.append(owner)
             elif len(result.tokens) < max_new_tokens:
                 keep.append(row)
-            else:
-                finished.append(owner)
+                continue
+            result.latency_s = now - result.admitted_at
+            finished.append(owner)
         batch.last = chosen
         if len(keep) == len(batch.owners):
             return batch, finished

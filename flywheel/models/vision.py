@@ -168,7 +168,7 @@ class VisionModel(Model):
             output = model.generate(**inputs, **options)
         width = inputs["input_ids"].shape[1]
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started  # every row of a `generate` batch waits for all of it
         out = []
         for row, prompt_tokens in zip(output[:, width:].tolist(), prompt_lengths):
             ids, finish = [], "length"
@@ -181,7 +181,7 @@ class VisionModel(Model):
                 ids.append(token)
             out.append(Completion(text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
                                   prompt_tokens=int(prompt_tokens), completion_tokens=len(ids) + (finish == "stop"),
-                                  finish_reason=finish, latency_s=elapsed / len(rows)))
+                                  finish_reason=finish, latency_s=elapsed))
         return out
 
     def close(self) -> None:
