@@ -53,7 +53,7 @@ _RUN_LOCK = threading.Lock()
 REFILL_FRACTION = 0.25
 
 # The running batch's KV cache stays under this many bytes: long prompts get fewer rows at once.
-KV_BUDGET_BYTES = 1 << 30
+KV_BUDGET_BYTES = 1 << 28
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -201,7 +201,7 @@ class Decoder:
     """
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, max_batch: int = 128,
-                 prefill_batch: int = 32, kv_budget: int = KV_BUDGET_BYTES):
+                 prefill_batch: int = 32, kv_budget: int | None = None):
         self.model = model
         self._spare = 1
         # Set per run: the attention implementation the loop runs the model with (None: the model's
@@ -214,7 +214,7 @@ class Decoder:
         self.pad = pad_token_id
         self.max_batch = max_batch
         self.prefill_batch = prefill_batch
-        self.kv_budget = kv_budget
+        self.kv_budget = KV_BUDGET_BYTES if kv_budget is None else kv_budget
         params = inspect.signature(model.forward).parameters
         # transformers renamed `past_key_values` to `cache` during 5.x.
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"

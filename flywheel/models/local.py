@@ -22,8 +22,7 @@ from typing import Any, Iterator
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
-from flywheel.models.loading import (DTYPES, LocalWeights, load_adapters, load_base, output_settings,
-                                     pick_device)
+from flywheel.models.loading import DTYPES, LocalWeights, load_for_inference, output_settings
 
 
 # Below this many shared tokens, copying a prefix cache costs more than recomputing it.
@@ -113,9 +112,7 @@ class LocalModel(Model):
         return self._model, self._tokenizer
 
     def _load(self):
-        model, tokenizer = load_base(self.weights, dtype=self.dtype_name)
-        model = load_adapters(self.weights, model)
-        model.to(pick_device(self.device_name)).eval()
+        model, tokenizer = load_for_inference(self.weights, dtype=self.dtype_name, device=self.device_name)
         tokenizer.padding_side = "left"
         return model, tokenizer
 

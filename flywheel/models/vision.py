@@ -23,7 +23,7 @@ from typing import Any
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
-from flywheel.models.loading import DTYPES, LocalWeights, load_adapters, load_base, output_settings, pick_device
+from flywheel.models.loading import DTYPES, LocalWeights, load_for_inference, output_settings
 
 OPTIONS = ("dtype", "batch_size", "device")
 
@@ -110,9 +110,7 @@ class VisionModel(Model):
         return self._model, self._processor
 
     def _load(self):
-        model, processor = load_base(self.weights, dtype=self.dtype_name)
-        model = load_adapters(self.weights, model)
-        model.to(pick_device(self.device_name)).eval()
+        model, processor = load_for_inference(self.weights, dtype=self.dtype_name, device=self.device_name)
         processor.tokenizer.padding_side = "left"
         return model, processor
 
