@@ -55,6 +55,9 @@ from flywheel.harness import evaluate, render_messages  # noqa: E402
 from flywheel.models import load_model  # noqa: E402
 from flywheel.models.loading import pick_dtype  # noqa: E402
 from flywheel.models.memory import peak_rss_bytes, release_memory, reset_peak_rss  # noqa: E402
+
+sys.path.insert(1, str(ROOT / "benchmarks"))
+from memory import peak_rss_of_command  # noqa: E402 - benchmarks/memory.py
 from flywheel.prompt import Prompt  # noqa: E402
 from flywheel.spec import load_eval_spec  # noqa: E402
 from flywheel.store import Store  # noqa: E402
@@ -202,20 +205,11 @@ def lm_eval_task(spec, items, model, workdir: Path) -> tuple[Path, str, list[str
 
 
 def timed_process(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str, int]:
-    """Run a command to its exit; (wall s, its cpu s, stdout, its own peak RSS in bytes). The peak
-    is the process's own (`wait4`), not the largest of all children as RUSAGE_CHILDREN keeps it.
-    Exits with its stderr on failure."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - started
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if process.returncode:
-        raise SystemExit(f"{command[0]} {command[1]} failed ({process.returncode}):\n{stderr[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, stdout, usage.ru_maxrss * 1024
+    """Run a command to its exit; (wall s, its cpu s, stdout, its own peak RSS in bytes). Exits with
+    its stderr on failure. The peak comes from benchmarks/memory.py's `peak_rss_of_command` (a
+    child forked from this big process would otherwise inherit this process's high-water mark)."""
+    wall, cpu, peak, stdout = peak_rss_of_command(command, env, cwd=ROOT)
+    return wall, cpu, stdout, peak
 
 
 def lm_eval_pass(python: str, model, dtype: str, task_dir: Path, system: str, workdir: Path, run: int):
