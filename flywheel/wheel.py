@@ -42,6 +42,7 @@ from flywheel.executors import build_executor
 from flywheel.grading import GraderSet
 from flywheel.harness import evaluate, paired_comparison, register_eval
 from flywheel.models import cached_model
+from flywheel.models.memory import release_memory
 from flywheel.promotion import decide
 from flywheel.prompt import Prompt
 from flywheel.run_spec import RunSpec, load_run_spec
@@ -272,6 +273,7 @@ class Wheel:
 
         outcome = evaluate(spec, self.store, iteration_id, items, model, prompt, self.grader_set,
                            executor=self.executor, progress=progress)
+        release_memory()  # the running batch's caches are freed: hand the pages back between phases
         if outcome.model_calls:
             summary = outcome.summary
             self.count(outcome.model_calls, summary.prompt_tokens + summary.completion_tokens, summary.cost or 0.0)
@@ -439,6 +441,7 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
                 except FlywheelError as exc:  # e.g. no DPO pairs: the stage brings nothing, the wheel goes on
                     outcome = StageOutcome(stage_spec.stage, "failed", str(exc).splitlines()[0], lap=lap)
                 outcome.wall_s = time.perf_counter() - started
+                release_memory()
                 state.stages.append(StageRecord(outcome=replace(outcome, proposal=None),
                                                 incumbent=KeptIncumbent.of(incumbent)))
                 state.elapsed_s = time.perf_counter() - wheel.spent.started

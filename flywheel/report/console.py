@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from flywheel.harness import EvalResult
