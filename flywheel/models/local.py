@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
-from flywheel.models.loading import (DTYPES, LocalWeights, load_adapters, load_base, output_settings,
-                                     pick_device)
+from flywheel.models.kv_cache import cache_kwarg, output_cache
+from flywheel.models.loading import DTYPES, LocalWeights, load_for_inference, output_settings
 
 
 # Below this many shared tokens, copying a prefix cache costs more than recomputing it.
@@ -118,9 +118,7 @@ class LocalModel(Model):
         return self._model, self._tokenizer
 
     def _load(self):
-        model, tokenizer = load_base(self.weights, dtype=self.dtype_name)
-        model = load_adapters(self.weights, model)
-        model.to(pick_device(self.device_name)).eval()
+        model, tokenizer = load_for_inference(self.weights, dtype=self.dtype_name, device=self.device_name)
         tokenizer.padding_side = "left"
         return model, tokenizer
 
@@ -194,23 +192,20 @@ class LocalModel(Model):
         return not getattr(config, "sliding_window", None)
 
     def _stream_continuous(self, rows: list[list[int]], sampling, repeats: list[int]) -> Iterator[tuple[int, Completion]]:
-        """(row index, completion) as the continuous decoder finishes each row; latency is the wall
-        time so far shared among the rows finished so far."""
+        """(row index, completion) as the continuous decoder finishes each row; a completion's
+        latency is its row's own time in the loop, admission to last token (`DecodeResult`)."""
         from flywheel.models.decoding import Decoder
 
         model, tokenizer = self.load()
-        started = time.perf_counter()
         prefix_len = self._shared_prefix(rows)
         prefix_cache = self._prefix_kv(tuple(rows[0][:prefix_len])) if prefix_len else None
         decoder = Decoder(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           max_batch=self.batch_size * RUNNING_BATCH_FACTOR, prefill_batch=self.batch_size)
-        finished = 0
         for index, result in decoder.stream(rows, max_new_tokens=sampling.max_tokens, prefix_len=prefix_len,
                                             prefix_cache=prefix_cache, temperature=sampling.temperature,
                                             top_p=sampling.top_p, seed=sampling.seed * 1000 + min(repeats)):
-            finished += 1
             self._last_decode_stats = decoder.stats
-            yield index, self._completion(result.tokens, rows[index], (time.perf_counter() - started) / finished)
+            yield index, self._completion(result.tokens, rows[index], result.latency_s)
 
     def _completion(self, tokens: list[int], prompt: list[int], latency_s: float) -> Completion:
         """Decode generated ids (cut at EOS) into a Completion."""
@@ -257,7 +252,7 @@ class LocalModel(Model):
             model, _ = self.load()
             with torch.inference_mode():
                 out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
-            memo = self._prefix_memo = (prefix, out.past_key_values)
+            memo = self._prefix_memo = (prefix, output_cache(out))
         return memo[1]
 
     def _batch_inputs(self, rows: list[list[int]]):
@@ -300,7 +295,7 @@ class LocalModel(Model):
             eos_token_id=tokenizer.eos_token_id,
         )
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[cache_kwarg(model)] = cache
         if self.compile:  # a static KV cache, and the forward compiled (CUDA graphs on a GPU: reduce-overhead)
             from transformers import CompileConfig
 
@@ -315,8 +310,8 @@ class LocalModel(Model):
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:]
-        elapsed = time.perf_counter() - started
-        return [self._completion(row, prompt, elapsed / len(rows)) for row, prompt in zip(new_tokens.tolist(), rows)]
+        elapsed = time.perf_counter() - started  # every row of a `generate` batch waits for all of it
+        return [self._completion(row, prompt, elapsed) for row, prompt in zip(new_tokens.tolist(), rows)]
 
     def score_choices(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[list[float]]:
         """Log-probability of each choice as the reply to each conversation (constrained judging)."""

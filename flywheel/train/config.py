@@ -88,7 +88,9 @@ class TrainConfig(_Config):
         "by validation_reference.")
     validation_reference: str | None = Field(
         default=None, description="SFT: the assistant answer of a valid-split item, a template such as "
-        "'{{item.label}}'; default: the objective grader's reference when it reads item fields only.")
+        "'{{item.label}}'; default: the objective grader's reference when it reads item fields only, the captured "
+        "reply for items from captures, or the one item field a python objective grader reads that the prompt "
+        "does not show.")
     valid_subset: int = Field(
         default=0, ge=0, description="At each saved checkpoint, generate (greedy, the training prompt) on the first "
         "N valid items and grade them with the eval's graders (0: off).")

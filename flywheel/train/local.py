@@ -13,7 +13,6 @@ store, saves the adapter and evaluates.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError, TrainingError
+from flywheel.models.memory import release_memory
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
@@ -422,7 +422,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         if lock is not None:
             lock.close()
     trainer = model = built = None  # free the trained weights before evaluation loads models
-    gc.collect()
+    release_memory()  # and hand the freed heap back, so the evaluation does not stack on training's peak
     result = TrainResult(method=method, checkpoint=checkpoint, job_id=job_id, training_set_id=training_set.id or "",
                          metrics=metrics, checkpoints=_checkpoint_rows(validation.checkpoints(), checkpoint.id),
                          best_reason=best_reason, stop_reason=validation.stop_reason)

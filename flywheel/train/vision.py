@@ -39,7 +39,7 @@ from flywheel.errors import TrainingError
 from flywheel.images import (ImageAccess, ImageError, check_image_count, image_detail, image_part, iter_image_urls,
                              load_image, map_image_parts)
 from flywheel.train.config import sft_args, to_peft
-from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix, row_messages, set_has_images
+from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix, row_messages
 from flywheel.train.local import BuiltTrainer
 
 NOT_CHECKED = ("the platform also skips examples with people, faces, children or CAPTCHAs; flywheel does not "
