@@ -57,7 +57,7 @@ class LocalModel(Model):
         self._fingerprint: str | None = None
         self.prefix_cache = prefix_cache
         if decoder not in DECODERS:
-            raise ModelError(f"model_options.decoder: unknown decoder {decoder!r}; use {' or '.join(DECODERS)}")
+            raise ModelError(f"{ref}: unknown decoder {decoder!r}; use {' or '.join(DECODERS)} (model_options.engine)")
         self.decoder = decoder
         if not isinstance(compile, bool) or (compile and decoder != "hf"):
             raise ModelError(f"{ref}: model_options.compile must be true or false, and applies to engine hf only "
