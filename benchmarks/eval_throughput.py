@@ -5,20 +5,21 @@
     .venv/bin/python benchmarks/eval_throughput.py --naive-items 0 --cached-items 0 --chunk 200 --repeats 3
 
 Part 1 runs the same 200 BANKING77 demo test items through (a) a naive loop — chat template,
-tokenize, `model.generate` with batch 1, decode — (b) the harness with `decoder: hf` (one
+tokenize, `model.generate` with batch 1, decode — (b) the harness with `engine: hf` (one
 transformers `generate` call per length-sorted batch of 32, shared prefix computed once) and (c)
-the harness with the default `decoder: continuous` (flywheel.models.decoding: one running batch
+the harness with the default `engine: continuous` (flywheel.models.decoding: one running batch
 that requests join and leave), each harness path on its own fresh store, with the same model,
 prompt and greedy decoding, in interleaved chunks so all see the same machine load; it compares
 items/s, new tokens/s, process CPU seconds (less sensitive than wall time to other jobs on the
 machine) and how many outputs agree. `--repeats` runs the harness paths again (fresh stores) and
-reports medians. Part 2 evaluates 1,000 items once (filling the completion
+reports medians. A "peak RSS" column gives each path's memory: a harness pass's peak resident set of
+this process (reset before the pass, weights included), a whole process's own peak (`wait4`). Part 2 evaluates 1,000 items once (filling the completion
 cache), then times the identical command again as a user would run it: a new `flywheel eval`
 process, wall clock from start to exit. Prints a markdown table.
 
 `--lm-eval PYTHON` adds lm-evaluation-harness, run by PYTHON (a scratch venv's python, made by
 benchmarks/lm_eval_venv.sh; lm_eval is no dependency of this project) on the same items, weights
-(the folder the embedded model is materialised to), dtype, rendered prompt (the spec's system
+(the folder the embedded model is materialised to in that dtype), dtype, rendered prompt (the spec's system
 message as `--system_instruction`, its rendered user message as the doc text, the model's chat
 template), greedy decoding, max tokens and batch size: a `generate_until` task written to a temp
 dir over a local jsonl, offline. Per repeat it times two whole processes from start to exit, in
@@ -38,7 +39,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,11 +53,17 @@ from flywheel.data import load_dataset  # noqa: E402
 from flywheel.grading import GraderSet  # noqa: E402
 from flywheel.harness import evaluate, render_messages  # noqa: E402
 from flywheel.models import load_model  # noqa: E402
+from flywheel.models.loading import pick_dtype  # noqa: E402
+from flywheel.models.memory import peak_rss_bytes, release_memory, reset_peak_rss  # noqa: E402
+
+sys.path.insert(1, str(ROOT / "benchmarks"))
+from memory import peak_rss_of_command  # noqa: E402 - benchmarks/memory.py
 from flywheel.prompt import Prompt  # noqa: E402
 from flywheel.spec import load_eval_spec  # noqa: E402
 from flywheel.store import Store  # noqa: E402
 
 DEMO = ROOT / "evals" / "banking77" / "eval.yaml"
+MB = 2 ** 20
 CEILING_TOKENS_S = 1400  # DESIGN.md: bf16 compute ceiling of SmolLM2-135M on these 2 cores
 LM_EVAL_TASK = "flywheel_eval_throughput"
 # Runs lm_eval's CLI as `python -m lm_eval` does, timing the generation phase and counting new tokens.
@@ -141,8 +147,11 @@ def cached_rerun(n_items: int, workdir: Path) -> tuple[float, float, int]:
 
 
 def harness_pass(spec, items, model, chunk: int, label: str):
-    """Evaluate `items` in cumulative chunks on a fresh store; (wall s, cpu s, new tokens, outputs)."""
+    """Evaluate `items` in cumulative chunks on a fresh store; (wall s, cpu s, new tokens, outputs,
+    peak RSS bytes of the process during the pass: the weights, loaded before, included)."""
     wall = cpu = 0.0
+    release_memory()
+    reset_peak_rss()
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(Path(tmp) / "bench.db")
         grader_set = GraderSet(spec.graders)
@@ -158,8 +167,10 @@ def harness_pass(spec, items, model, chunk: int, label: str):
         outputs = [samples[i.key]["output_text"] for i in items]
         grader_set.close()
         store.close()
-    print(f"  {label}: {wall:.1f}s wall, {cpu:.1f}s cpu, {tokens / wall:.0f} new tokens/s", flush=True)
-    return wall, cpu, tokens, outputs
+    peak = peak_rss_bytes()
+    print(f"  {label}: {wall:.1f}s wall, {cpu:.1f}s cpu, {tokens / wall:.0f} new tokens/s, peak RSS {peak / MB:.0f} MB",
+          flush=True)
+    return wall, cpu, tokens, outputs, peak
 
 
 def lm_eval_task(spec, items, model, workdir: Path) -> tuple[Path, str, list[str]]:
@@ -193,16 +204,12 @@ def lm_eval_task(spec, items, model, workdir: Path) -> tuple[Path, str, list[str
     return task_dir, systems.pop(), prompts
 
 
-def timed_process(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Run a command to its exit; (wall s, children's cpu s, stdout). Exits with its stderr on failure."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode:
-        raise SystemExit(f"{command[0]} {command[1]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done.stdout
+def timed_process(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str, int]:
+    """Run a command to its exit; (wall s, its cpu s, stdout, its own peak RSS in bytes). Exits with
+    its stderr on failure. The peak comes from benchmarks/memory.py's `peak_rss_of_command` (a
+    child forked from this big process would otherwise inherit this process's high-water mark)."""
+    wall, cpu, peak, stdout = peak_rss_of_command(command, env, cwd=ROOT)
+    return wall, cpu, stdout, peak
 
 
 def lm_eval_pass(python: str, model, dtype: str, task_dir: Path, system: str, workdir: Path, run: int):
@@ -211,11 +218,12 @@ def lm_eval_pass(python: str, model, dtype: str, task_dir: Path, system: str, wo
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(workdir / f"hf_datasets{run}"), FLYWHEEL_LMEVAL_STATS=str(stats_path))
     command = [python, str(workdir / "run_lm_eval.py"), "--model", "hf",
-               "--model_args", f"pretrained={model.base_path()},dtype={dtype}", "--tasks", LM_EVAL_TASK,
+               "--model_args", f"pretrained={model.weights.base_path(pick_dtype(dtype))},dtype={dtype}", "--tasks", LM_EVAL_TASK,
                "--include_path", str(task_dir), "--batch_size", str(model.batch_size), "--apply_chat_template",
                "--system_instruction", system, "--output_path", str(out_dir), "--log_samples"]
-    wall, cpu, _ = timed_process(command, env)
+    wall, cpu, _, peak = timed_process(command, env)
     stats = json.loads(stats_path.read_text())
+    stats["peak_rss"] = peak
     samples = {}
     for path in out_dir.rglob(f"samples_{LM_EVAL_TASK}_*.jsonl"):
         for line in path.read_text().splitlines():
@@ -226,18 +234,19 @@ def lm_eval_pass(python: str, model, dtype: str, task_dir: Path, system: str, wo
     return wall, cpu, stats, samples
 
 
-def flywheel_cli_pass(n_items: int, dtype: str | None, workdir: Path, run: int) -> tuple[float, float]:
-    """One `python -m flywheel eval` process on the demo's first n test items, fresh store; (wall s, cpu s)."""
+def flywheel_cli_pass(n_items: int, dtype: str | None, workdir: Path, run: int) -> tuple[float, float, int]:
+    """One `python -m flywheel eval` process on the demo's first n test items, fresh store; (wall s,
+    cpu s, peak RSS bytes)."""
     command = [sys.executable, "-m", "flywheel", "eval", str(DEMO), "--split", "test", "--limit", str(n_items),
                "--db", str(workdir / f"cli{run}.db"), "--json"]
     if dtype:
         command += ["--set", f"model_options.dtype={dtype}"]
-    wall, cpu, stdout = timed_process(command)
+    wall, cpu, stdout, peak = timed_process(command)
     calls = json.loads(stdout)["model_calls"]
     if calls != n_items:
         raise SystemExit(f"flywheel eval made {calls} model calls for {n_items} items: not a fresh run")
-    print(f"  flywheel eval: {wall:.1f}s process wall, {calls} model calls", flush=True)
-    return wall, cpu
+    print(f"  flywheel eval: {wall:.1f}s process wall, {calls} model calls, peak RSS {peak / MB:.0f} MB", flush=True)
+    return wall, cpu, peak
 
 
 def load_average() -> str:
@@ -268,8 +277,8 @@ def main() -> None:
     spec = load_eval_spec(DEMO)
     items = load_dataset(spec).split("test")[: args.items]  # the demo's test split has 200
     options = dict(spec.model_options, **({"dtype": args.dtype} if args.dtype else {}))
-    models = {"continuous": load_model(spec.model, dict(options, decoder="continuous")),
-              "hf": load_model(spec.model, dict(options, decoder="hf"))}
+    models = {"continuous": load_model(spec.model, dict(options, engine="continuous")),
+              "hf": load_model(spec.model, dict(options, engine="hf"))}
     models["continuous"].load()
     models["hf"]._model, models["hf"]._tokenizer = models["continuous"].load()  # one copy of the weights
     dtype = str(models["hf"]._model.dtype).replace("torch.", "")
@@ -289,8 +298,8 @@ def main() -> None:
     outputs: dict[str, list[str]] = {}
     for repeat in range(args.repeats):
         for name in ("hf", "continuous") if repeat % 2 == 0 else ("continuous", "hf"):
-            wall, cpu, tokens, outputs[name] = harness_pass(spec, items, models[name], args.chunk, name)
-            runs[name].append((wall, cpu, tokens))
+            wall, cpu, tokens, outputs[name], peak = harness_pass(spec, items, models[name], args.chunk, name)
+            runs[name].append((wall, cpu, tokens, peak))
             loads.append(load_average())
 
     if args.lm_eval:
@@ -303,7 +312,8 @@ def main() -> None:
                     if which == "lm-eval":
                         wall, cpu, lm_stats, lm_samples = lm_eval_pass(args.lm_eval, models["continuous"], dtype,
                                                                        task_dir, system, workdir, repeat)
-                        lm_runs.append((wall, cpu, lm_stats["generate_s"], lm_stats["generate_cpu_s"]))
+                        lm_runs.append((wall, cpu, lm_stats["generate_s"], lm_stats["generate_cpu_s"],
+                                        lm_stats["peak_rss"]))
                     else:
                         cli_runs.append(flywheel_cli_pass(len(items), args.dtype, workdir, repeat))
                     loads.append(load_average())
@@ -324,12 +334,12 @@ def main() -> None:
     def versus(items_s: float, peer_s: float | None = None) -> str:
         return f" {items_s * (peer_s or lm_gen) / n:.2f}× |" if args.lm_eval else ""
 
-    print("| path | wall s | cpu s | items/s | new tokens/s | % of ceiling | vs hf decoder |"
+    print("| path | wall s | cpu s | items/s | new tokens/s | % of ceiling | peak RSS MB | vs hf decoder |"
           + (" vs lm-eval |" if args.lm_eval else ""))
-    print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.lm_eval else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.lm_eval else ""))
     if n_naive:
         print(f"| naive loop (batch 1), {n_naive} items | {naive_s:.1f} | | {n_naive / naive_s:.2f} | "
-              f"{naive_tokens / naive_s:.1f} | {100 * naive_tokens / naive_s / CEILING_TOKENS_S:.1f}% | |"
+              f"{naive_tokens / naive_s:.1f} | {100 * naive_tokens / naive_s / CEILING_TOKENS_S:.1f}% | | |"
               + versus(n_naive / naive_s))
     base = statistics.median(r[0] for r in runs["hf"])
     for name, label in (("hf", "harness, decoder hf (generate per batch)"),
@@ -337,20 +347,23 @@ def main() -> None:
         wall = statistics.median(r[0] for r in runs[name])
         cpu = statistics.median(r[1] for r in runs[name])
         tokens = runs[name][0][2]
+        peak = max(r[3] for r in runs[name])
         print(f"| {label} | {wall:.1f} | {cpu:.1f} | {n / wall:.2f} | {tokens / wall:.1f} | "
-              f"{100 * tokens / wall / CEILING_TOKENS_S:.1f}% | {base / wall:.2f}× |" + versus(n / wall))
+              f"{100 * tokens / wall / CEILING_TOKENS_S:.1f}% | {peak / MB:.0f} | {base / wall:.2f}× |" + versus(n / wall))
     if args.lm_eval:
         version, tokens = lm_stats["version"], lm_stats["new_tokens"]
         gen_cpu = statistics.median(r[3] for r in lm_runs)
         print(f"| lm-eval {version} hf, generate_until phase (batch {models['hf'].batch_size}) | {lm_gen:.1f} | "
               f"{gen_cpu:.1f} | {n / lm_gen:.2f} | {tokens / lm_gen:.1f} | "
-              f"{100 * tokens / lm_gen / CEILING_TOKENS_S:.1f}% | {base / lm_gen:.2f}× | 1.00× |")
+              f"{100 * tokens / lm_gen / CEILING_TOKENS_S:.1f}% | | {base / lm_gen:.2f}× | 1.00× |")
         cli_wall = statistics.median(r[0] for r in cli_runs)
-        for label, wall, cpu in (
+        for label, wall, cpu, peak in (
                 (f"lm-eval {version}, whole process (`python -m lm_eval`)", lm_whole,
-                 statistics.median(r[1] for r in lm_runs)),
-                ("flywheel eval, whole process (fresh store)", cli_wall, statistics.median(r[1] for r in cli_runs))):
-            print(f"| {label} | {wall:.1f} | {cpu:.1f} | {n / wall:.2f} | | | |" + versus(n / wall, lm_whole))
+                 statistics.median(r[1] for r in lm_runs), max(r[4] for r in lm_runs)),
+                ("flywheel eval, whole process (fresh store)", cli_wall, statistics.median(r[1] for r in cli_runs),
+                 max(r[2] for r in cli_runs))):
+            print(f"| {label} | {wall:.1f} | {cpu:.1f} | {n / wall:.2f} | | | {peak / MB:.0f} | |"
+                  + versus(n / wall, lm_whole))
     agree = sum(a == b for a, b in zip(outputs["hf"], outputs["continuous"]))
     print(f"\nidentical outputs, continuous vs hf decoder: {agree}/{n}")
     if n_naive:

@@ -1,7 +1,8 @@
 """What a system costs per item: prompt and completion tokens, latency and money.
 
 Every iteration's samples carry their tokens, latency and cost; `CostPerItem` is their mean per
-sample, the unit a run spec's cost goal is stated in (`goal.minimise`):
+sample, the unit a run spec's cost goal is stated in (`goal.minimise`). A sample's latency is its own
+request's time (flywheel.models.decoding.DecodeResult), not a batch's wall time shared out:
 
     cost = store.iteration_cost(iteration_id)      # CostPerItem
     cost.value("prompt_tokens"), cost.describe("prompt_tokens")   # 31.2, '31 prompt tokens/item'

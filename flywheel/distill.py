@@ -130,22 +130,21 @@ def capture(spec: EvalSpec, store: Store, teacher: str, *, n: int = 4, temperatu
         temperature = spec.sampling.temperature if n == 1 else 1.0
     if n > 1 and temperature == 0:
         raise CaptureError(f"best-of-{n} needs temperature > 0: at temperature 0 every sample is the same output")
-    from flywheel.models import load_model
+    from flywheel.models import cached_model
 
     started = time.perf_counter()
     chosen, origin = _resolve_prompt(store, spec, prompt)
     # A local teacher (the student, or a checkpoint of it) runs with the spec's local options.
     same_kind = teacher.split(":", 1)[0] == spec.model.split(":", 1)[0] == "local" or teacher == spec.model
     options = {**(spec.model_options if same_kind else {}), **(teacher_options or {})}
-    model = load_model(teacher, options)
+    # The process's model (flywheel.models.cached_model): in a wheel the teacher is usually the
+    # incumbent, already loaded; a second copy of its weights would only add to the peak.
+    model = cached_model(teacher, options)
     sampling = spec.sampling.model_copy(update={"repeats": n, "temperature": temperature, "seed": seed})
     capture_spec = spec.model_copy(update={"sampling": sampling})
-    try:
-        result = run_eval(capture_spec, store, split=split, limit=limit, model=model, prompt=chosen,
-                          max_errors=max_errors, stage="capture", command=command, progress=progress,
-                          dataset=dataset, grader_set=grader_set)
-    finally:
-        model.close()
+    result = run_eval(capture_spec, store, split=split, limit=limit, model=model, prompt=chosen,
+                      max_errors=max_errors, stage="capture", command=command, progress=progress,
+                      dataset=dataset, grader_set=grader_set)
     store.update_iteration(result.iteration_id, decision="captured", reason=f"teacher {teacher}, prompt: {origin}")
     return _record(store, spec, teacher, model.fingerprint, result.run_id, result.iteration_id, chosen.id, n,
                    temperature, result.model_calls, time.perf_counter() - started)
@@ -343,7 +342,7 @@ def capture_unlabelled(spec: EvalSpec, store: Store, teacher: str, *, inputs: Da
     """Sample `n` teacher outputs per unlabelled input with `prompt`, accept the majority answer by
     self-consistency, store samples, votes and lineage (split `unlabelled`). Resumable like an eval.
     `dataset`: the spec's, already loaded by the caller."""
-    from flywheel.models import load_model
+    from flywheel.models import cached_model
 
     if n < 2:
         raise CaptureError("self-consistency needs at least 2 samples per input (n >= 2)")
@@ -356,7 +355,7 @@ def capture_unlabelled(spec: EvalSpec, store: Store, teacher: str, *, inputs: Da
     store.save_dataset(inputs.content_hash, str(inputs.path), items)
     store.save_prompt(prompt, origin="teacher")
     same_kind = teacher.split(":", 1)[0] == spec.model.split(":", 1)[0] == "local" or teacher == spec.model
-    model = load_model(teacher, {**(spec.model_options if same_kind else {}), **(teacher_options or {})})
+    model = cached_model(teacher, {**(spec.model_options if same_kind else {}), **(teacher_options or {})})
     sampling = spec.sampling.model_copy(update={"repeats": n, "temperature": temperature, "seed": seed})
     capture_spec = spec.model_copy(update={"sampling": sampling})
     config_key = hashlib.sha256(json.dumps(["unlabelled", spec.fingerprint(), inputs.content_hash, model.fingerprint,
@@ -372,7 +371,6 @@ def capture_unlabelled(spec: EvalSpec, store: Store, teacher: str, *, inputs: Da
         outcome = evaluate(capture_spec, store, iteration_id, items, model, prompt, grader_set, progress=progress)
     finally:
         grader_set.close()
-        model.close()
     by_item: dict[str, list[dict[str, Any]]] = {}
     for sample in store.samples_with_grades(iteration_id):
         by_item.setdefault(sample["item_key"], []).append(sample)

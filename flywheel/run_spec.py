@@ -35,7 +35,8 @@ class GoalSpec(_Spec):
     """What the run minimises once the score target is met, and the score it may give up for it."""
 
     minimise: Minimise = Field(default="prompt_tokens", description="Cost per item to minimise: prompt_tokens, "
-                               "tokens (prompt + completion), latency_s, or money (per 1,000 items).")
+                               "tokens (prompt + completion), latency_s (the mean of each request's own time, "
+                               "admission to last token; docs/storage.md), or money (per 1,000 items).")
     margin: float = Field(default=0.02, ge=0, lt=1, description="Non-inferiority margin on the objective: a "
                           "cheaper candidate is promoted when the paired 95% CI lower bound of its difference "
                           "is above -margin.")

@@ -276,23 +276,30 @@ class VariantSpec(_Spec):
 
 
 class FewShotSpec(_Spec):
+    """Few-shot demonstrations bootstrapped from train items, chosen by each strategy and count `k`."""
+
     source: Literal["model", "teacher", "labels"] = Field(
         default="model",
         description="Where demonstrations come from: the task model's own passing train outputs, "
         "a teacher model's, or the train items' labels rendered by `demo_output` (still graded).",
     )
-    teacher: str | None = Field(default=None, description="Model reference when source is teacher.")
+    teacher: str | None = Field(default=None, description="Model reference; required when source is teacher.")
     demo_output: str | None = Field(
-        default=None, description="Template of the assistant reply when source is labels, e.g. {{item.label}}."
+        default=None, description="Template of the assistant reply, e.g. {{item.label}}; required when source is "
+        "labels."
     )
     strategies: list[Literal["random", "balanced", "nearest"]] = Field(
-        default_factory=lambda: ["balanced"], description="Demo selection strategies to try."
+        default_factory=lambda: ["balanced"], description="Demo selection strategies to try: random (k demos "
+        "drawn at random), balanced (k demos per value of `label_field`, which it requires), nearest (the k train "
+        "items most similar to each item)."
     )
     k: list[int] = Field(
         default_factory=lambda: [1],
         description="Demo counts to try: per label for balanced, in all for random and nearest.",
     )
-    label_field: str | None = Field(default=None, description="Item field for balanced selection.")
+    label_field: str | None = Field(
+        default=None, description="Item field the balanced strategy draws k demos per value of; required when "
+        "strategies include balanced (the default).")
     max_items: int = Field(default=200, ge=1, description="Most train items to bootstrap from.")
 
     @model_validator(mode="after")
@@ -325,6 +332,9 @@ class BudgetSpec(_Spec):
 
 
 class OptimizeSpec(_Spec):
+    """The `optimize:` block: every candidate is scored on a valid minibatch, the best `finalists` on all of
+    valid, and the winner must beat the baseline by a paired test (docs/optimize.md)."""
+
     variants: list[VariantSpec] = Field(default_factory=list, description="Hand-written prompt variants.")
     fewshot: FewShotSpec | None = Field(default=None, description="Few-shot bootstrap settings.")
     proposer: ProposerSpec | None = Field(default=None, description="Reflective instruction rewrites.")
@@ -378,7 +388,9 @@ class EvalSpec(_Spec):
         min_length=1, description="Graders in the platform's grader JSON schema."
     )
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="What is optimised.")
-    optimize: OptimizeSpec | None = Field(default=None, description="Prompt search settings (flywheel optimize).")
+    optimize: dict[str, Any] | None = Field(
+        default=None, description="Prompt search settings (`flywheel optimize`, a run's optimize stage): an "
+        "[OptimizeSpec](#optimizespec) mapping, validated only by the commands that search prompts.")
     executor: ExecutorSpec | None = Field(
         default=None, description="Where `flywheel eval` generates and grades ({kind: local|ray, address, "
         "num_cpus, chunk_size}); execution only, so not part of the fingerprint. --executor overrides it.")
@@ -468,6 +480,18 @@ class EvalSpec(_Spec):
         images = self.dataset.images
         return ImageAccess(root=root, folders=tuple((self.base_dir / f).resolve() for f in images.folders),
                            fetch=images.fetch)
+
+    def optimize_config(self) -> OptimizeSpec:
+        """The `optimize:` block, validated (its defaults when absent); a mistake in it is a SpecError naming
+        `optimize.FIELD`. Only prompt search calls this, so `flywheel eval` never fails on that block."""
+        try:
+            return OptimizeSpec.model_validate(self.optimize or {})
+        except ValidationError as exc:
+            message = format_validation_error(self.source, exc)
+            raise SpecError("\n".join(line.replace(f"{self.source}: ", f"{self.source}: optimize.", 1)
+                                       if not line.startswith(f"{self.source}: (top level)")
+                                       else line.replace("(top level)", "optimize", 1)
+                                       for line in message.splitlines())) from None
 
     @property
     def objective_grader(self) -> str:

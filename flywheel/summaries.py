@@ -85,6 +85,15 @@ class RunSummary(BaseModel):
         return cls.model_validate_json(run.summary_json or "{}")
 
     @property
+    def tokens_paid(self) -> int | None:
+        """Tokens paid for every model call of a search or a wheel run (their results' `tokens`); None for
+        other runs, whose iterations are all they measured."""
+        extra = self.model_extra or {}
+        result = extra.get("result")
+        paid = extra.get("tokens", result.get("tokens") if isinstance(result, dict) else None)
+        return paid if isinstance(paid, int) else None
+
+    @property
     def wall_time(self) -> float | None:
         """The run's wall time in seconds: the wheel's `elapsed_s`, else `wall_s`."""
         return self.elapsed_s if self.elapsed_s is not None else self.wall_s

@@ -42,6 +42,7 @@ from flywheel.executors import build_executor
 from flywheel.grading import GraderSet
 from flywheel.harness import evaluate, paired_comparison, register_eval
 from flywheel.models import cached_model
+from flywheel.models.memory import release_memory
 from flywheel.promotion import decide
 from flywheel.prompt import Prompt
 from flywheel.run_spec import RunSpec, load_run_spec
@@ -76,9 +77,10 @@ class WheelResult:
     stages: list[StageOutcome]
     stopped: str
     model_calls: int
-    tokens: int
+    tokens: int  # paid: prompt + completion tokens of every model call of the run (all stages, searches, captures)
     cost: float
     wall_s: float
+    tokens_measured: int = 0  # of the wheel run's own iterations: what its report shows
     milestones: list[Milestone] = field(default_factory=list)
     minimise: str = "prompt_tokens"
     lap_wall_s: dict[int, float] = field(default_factory=dict)
@@ -271,6 +273,7 @@ class Wheel:
 
         outcome = evaluate(spec, self.store, iteration_id, items, model, prompt, self.grader_set,
                            executor=self.executor, progress=progress)
+        release_memory()  # the running batch's caches are freed: hand the pages back between phases
         if outcome.model_calls:
             summary = outcome.summary
             self.count(outcome.model_calls, summary.prompt_tokens + summary.completion_tokens, summary.cost or 0.0)
@@ -378,6 +381,8 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
             on_event(WheelEvent(kind="log", message=message))
 
     spec = load_eval_spec(run_spec.eval_path)
+    if any(s.stage == "optimize" and s.optimize is None for s in run_spec.stages):
+        spec.optimize_config()  # the eval's `optimize:` block is used: a mistake in it fails now, not at its lap
     dataset = load_dataset(spec)
     if not dataset.split("valid"):
         raise FlywheelError(f"{spec.source}: the wheel selects on `valid`; {dataset.path} has no valid items")
@@ -436,6 +441,7 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
                 except FlywheelError as exc:  # e.g. no DPO pairs: the stage brings nothing, the wheel goes on
                     outcome = StageOutcome(stage_spec.stage, "failed", str(exc).splitlines()[0], lap=lap)
                 outcome.wall_s = time.perf_counter() - started
+                release_memory()
                 state.stages.append(StageRecord(outcome=replace(outcome, proposal=None),
                                                 incumbent=KeptIncumbent.of(incumbent)))
                 state.elapsed_s = time.perf_counter() - wheel.spent.started
@@ -477,7 +483,7 @@ def run_wheel(run_spec: RunSpec, store: Store, *, run_id: str | None = None, res
         winner_prompt_id=incumbent.prompt.id, test=test, stages=outcomes, stopped=stopped,
         model_calls=wheel.spent.model_calls, tokens=wheel.spent.tokens, cost=wheel.spent.cost,
         wall_s=time.perf_counter() - wheel.spent.started, milestones=milestones, minimise=wheel.minimise,
-        lap_wall_s=laps)
+        lap_wall_s=laps, tokens_measured=store.measured_tokens(run_id))
     state.elapsed_s, state.result, state.live, state.live_at = result.wall_s, result.to_dict(), None, None
     store.finish_run(run_id, "completed", state)
     if on_event is not None:

@@ -34,6 +34,16 @@ def run_grader(obj: Any, model_sample: str, item: dict[str, Any] | None = None, 
     return run_response(config, grade, time.perf_counter() - started)
 
 
+def response_error(response: dict[str, Any]) -> str | None:
+    """The error of a run response, as one line (`invalid_variable_error: ...`); None when it graded."""
+    errors = (response.get("metadata") or {}).get("errors") or {}
+    kind = next((k for k in ERROR_KINDS if errors.get(k) is True), None)
+    if kind is None:
+        return None
+    details = "; ".join(line.strip() for line in str(response.get("error_details") or "").splitlines() if line.strip())
+    return f"{kind}: {details}" if details else kind
+
+
 def run_response(config: Any, grade: Grade, seconds: float = 0.0) -> dict[str, Any]:
     """A Grade in the platform's run-response shape."""
     errors: dict[str, Any] = {kind: grade.error == kind for kind in ERROR_KINDS}

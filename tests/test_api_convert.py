@@ -46,6 +46,30 @@ def test_import_runs_and_exports_back(tmp_path, tiny_model_dir):
     assert [row["item"] for row in source["source"]["content"]] == [row["item"] for row in items(6)]
 
 
+def test_export_takes_a_split_and_names_large_items_by_file_id(tmp_path, tiny_spec):
+    from flywheel.api.convert import export_openai_eval
+    from flywheel.spec import load_eval_spec
+
+    runner = CliRunner()
+    valid = runner.invoke(main, ["export", "openai-eval", str(tiny_spec), "--split", "valid"])
+    assert valid.exit_code == 0, valid.output
+    content = json.loads(valid.stdout)["run"]["data_source"]["source"]["content"]
+    assert len(content) == 4 and {row["item"]["split"] for row in content} == {"valid"}
+
+    out = tmp_path / "items.jsonl"
+    written = runner.invoke(main, ["export", "openai-eval", str(tiny_spec), "--split", "test", "--items-out",
+                                   str(out), "--file-id", "file-abc"])
+    assert written.exit_code == 0, written.output
+    assert json.loads(written.stdout)["run"]["data_source"]["source"] == {"type": "file_id", "id": "file-abc"}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(set(r) == {"item"} and r["item"]["split"] == "test" for r in rows)
+
+    # over the inline limit: by reference, never inline; the CLI asks where to write the file
+    large = export_openai_eval(load_eval_spec(tiny_spec), inline_limit=100)
+    assert large.bodies["run"]["data_source"]["source"]["type"] == "file_id"
+    assert large.items == 12 and large.items_jsonl.count("\n") == 12
+
+
 def test_import_names_the_bad_line(tmp_path, tiny_model_dir):
     write_platform_files(tmp_path, tiny_model_dir)
     (tmp_path / "items.jsonl").write_text('{"item": {"text": "a"}}\n{"text": "no wrapper"}\n')

@@ -77,7 +77,12 @@ def test_an_inline_wheel_run_cannot_send_a_server_secret_to_a_url_of_its_choice(
                 (spec_dict("openai:gpt-4o-mini"), "eval_spec.model"),  # no provider for it: the server's own key
                 ({**spec_dict("local:smollm2"), "graders": [{"type": "score_model", "name": "j", "model": "gpt-4o",
                                                             "input": [{"role": "user", "content": "{{sample.output_text}}"}]}]},
-                 "eval_spec.graders[0].model")):
+                 "eval_spec.graders[0].model"),
+                # a Ray cluster of the caller's choosing would receive the items and the graders' code
+                ({**spec_dict("local:smollm2"), "executor": {"kind": "ray", "address": "ray://127.0.0.1:9"}},
+                 "eval_spec.executor"),
+                # a prompt read from the server's own store
+                ({**spec_dict("local:smollm2"), "prompt": {"id": "pmpt_x"}}, "eval_spec.prompt")):
             response = http.post("/flywheel/runs", json={"run_spec": {"stages": [{"stage": "optimize"}]}, "eval_spec": eval_spec,
                                                          "file_id": file_id})
             assert response.status_code == 400, response.text

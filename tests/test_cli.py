@@ -119,10 +119,31 @@ def test_graders_validate_and_run(tmp_path):
                                  "reference": "{{item.label}}", "operation": "ilike"}]))
     assert "ok  string_check  label" in invoke("graders", "validate", path).output
     ran = json.loads(invoke("graders", "run", path, "--item", '{"label": "card_arrival"}', "--sample",
-                            "Card_Arrival").stdout)
+                            "Card_Arrival", "--json").stdout)
     assert ran["reward"] == 1.0 and ran["metadata"]["errors"]["invalid_variable_error"] is False
-    missing = json.loads(invoke("graders", "run", path, "--item", "{}", "--sample", "x").stdout)
+    missing = invoke("graders", "run", path, "--item", "{}", "--sample", "x", "--json")
+    assert missing.exit_code == 1  # a grader that errors fails the command, --json or not
+    missing = json.loads(missing.stdout)
     assert missing["reward"] == 0.0 and missing["metadata"]["errors"]["invalid_variable_error"] is True
+
+
+def test_graders_run_prints_one_row_per_grader_and_fails_on_an_error(tmp_path):
+    path = tmp_path / "graders.json"
+    path.write_text(json.dumps([
+        {"type": "string_check", "name": "label", "input": "{{sample.output_text}}", "reference": "{{item.label}}",
+         "operation": "ilike"},
+        {"type": "python", "name": "crash", "source": "def grade(sample, item):\n    raise ValueError('boom')\n"}]))
+    ran = invoke("graders", "run", path, "--item", '{"label": "card_arrival"}', "--sample", "Card_Arrival")
+    assert ran.exit_code == 1
+    lines = ran.output.splitlines()
+    assert len(lines) < 12 and "{" not in ran.output  # a table, not the run response's JSON
+    label = next(line for line in lines if "label" in line and "string_check" in line)
+    assert "1.000" in label and "yes" in label
+    crash = next(line for line in lines if "crash" in line)
+    assert "python_grader_runtime_error" in crash and "no" in crash.split("python")[1]
+    path.write_text(json.dumps(json.loads(path.read_text())[:1]))
+    ok = invoke("graders", "run", path, "--item", '{"label": "x"}', "--sample", "y")
+    assert ok.exit_code == 0 and "label" in ok.output and "0.000" in ok.output  # failing is not erroring
     path.write_text('{"type": "string_chek", "name": "x"}')
     bad = CliRunner().invoke(main, ["graders", "validate", str(path)])
     assert bad.exit_code == 1 and "did you mean 'string_check'" in bad.output
@@ -200,10 +221,11 @@ def test_result_printers_and_cli_lines_escape_user_text(tmp_path, capsys):
     child = NS(origin=HOSTILE, parent=parent, prompt=prompt, minibatch=None, valid=None, test=None)
     print_optimize_result(NS(run_id=HOSTILE, candidates=[parent, child], winner=child, rejected=[{"reason": HOSTILE}],
                              notes=[HOSTILE], reason=HOSTILE, valid_comparison={}, test_comparison={}, model_calls=1,
-                             tokens=2, wall_s=0.1))
+                             tokens=2, tokens_measured=1, wall_s=0.1))
     stage = NS(lap=1, stage=HOSTILE, valid=None, decision=HOSTILE, wall_s=1.0, reason=HOSTILE)
     print_wheel_result(NS(run_id=HOSTILE, stages=[stage], stopped=HOSTILE, milestones=[], minimise="cost", test=None,
-                          lap_wall_s={1: 1.0}, model_calls=1, tokens=2, cost=0.0, wall_s=1.0, report_path=HOSTILE))
+                          lap_wall_s={1: 1.0}, model_calls=1, tokens=2, tokens_measured=1, cost=0.0, wall_s=1.0,
+                          report_path=HOSTILE))
     row = {"id": HOSTILE, "created_at": HOSTILE, "model": HOSTILE, "status": HOSTILE, "latency_ms": 1.0,
            "prompt_tokens": 1, "completion_tokens": 1, "metadata": {HOSTILE: HOSTILE}, "input": HOSTILE,
            "output": HOSTILE, "error": None}

@@ -51,7 +51,7 @@ def test_continuous_batching_matches_hf_generate_token_for_token(chatty_dir):
     assert [c.text for c in completions] == [tokenizer.decode(e, skip_special_tokens=True).strip()
                                              for e in expected]
     assert len({c.text for c in completions}) > 3  # varied, real words
-    reference = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "decoder": "hf", "batch_size": 4})
+    reference = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "engine": "hf", "batch_size": 4})
     assert [c.text for c in reference.generate(reqs)] == [c.text for c in completions]
 
 
@@ -158,3 +158,45 @@ def test_stream_yields_rows_as_they_finish_and_the_model_is_free_between_them(ch
             nested.append([c.text for c in model.generate(other)])
     assert sorted(seen) == list(range(9)) and [seen[i] for i in range(9)] == expected
     assert nested == [other_expected, other_expected]
+
+
+class _Clock:
+    """A clock that ticks once per reading: the loop's time is counted in readings, not seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_latency_is_each_rows_own_time_not_the_batch_average(chatty_dir, monkeypatch):
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32"})
+    hf_model, tokenizer = model.load()
+    rows = token_rows(model, requests(9))
+    plain = hf_greedy(model, rows, 10, tokenizer.eos_token_id)
+    eos = plain[0][3]  # some rows stop at this token early, the others run to 10 tokens
+    clock = _Clock()
+    monkeypatch.setattr("flywheel.models.decoding.time.perf_counter", clock)
+    decoder = Decoder(hf_model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, max_batch=16,
+                      prefill_batch=16)
+    results = {}
+    for index, result in decoder.stream(rows, max_new_tokens=10):
+        results[index] = result
+        clock.now += 1e6  # the consumer holds each row a long time: not the rows' own time
+    assert decoder.stats.prefills == 1  # every row admitted together
+    short = [r.latency_s for r in results.values() if len(r.tokens) < 10]
+    long = [r.latency_s for r in results.values() if len(r.tokens) == 10]
+    assert short and long
+    assert max(short) < min(long) < 1e6
+    assert all(r.latency_s > 0 for r in results.values())
+    # A row's latency grows with its own steps: a row that stopped after k tokens saw k - 1 steps.
+    by_length = sorted((len(r.tokens), r.latency_s) for r in results.values())
+    assert [latency for _, latency in by_length] == sorted(latency for _, latency in by_length)
+
+
+def test_a_streamed_completion_carries_its_rows_latency(chatty_dir):
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32", "batch_size": 1})
+    completions = model.generate(requests(9, max_tokens=6))
+    assert all(c.latency_s > 0 for c in completions)

@@ -271,10 +271,10 @@ def _key(ref: str, options: dict) -> str:
     return cache_key(load_model(ref, options).fingerprint, request)
 
 
-@pytest.mark.parametrize("changed", [{"dtype": "bf16"}, {"dtype": "fp16"}, {"decoder": "hf"}, {"device": "cuda"}],
-                         ids=["dtype-bf16", "dtype-fp16", "decoder", "device"])
+@pytest.mark.parametrize("changed", [{"dtype": "bf16"}, {"dtype": "fp16"}, {"engine": "hf"}, {"device": "cuda"}],
+                         ids=["dtype-bf16", "dtype-fp16", "engine", "device"])
 def test_an_option_that_changes_outputs_changes_the_cache_key(tiny_model_dir, changed):
-    base = {"dtype": "fp32", "device": "cpu", "decoder": "continuous"}
+    base = {"dtype": "fp32", "device": "cpu", "engine": "continuous"}
     assert _key(f"local:{tiny_model_dir}", {**base, **changed}) != _key(f"local:{tiny_model_dir}", base)
 
 

@@ -67,6 +67,21 @@ def test_lora_adapter_on_top_changes_output_and_fingerprint(chatty_dir, tmp_path
     assert tuned.fingerprint.startswith(plain.fingerprint + "+adapter:")
     assert tuned.generate([ChatRequest(QUESTION, sampling)])[0].text != plain.generate([ChatRequest(QUESTION, sampling)])[0].text
 
+    # Merged for inference: plain weights, no autograd state, and the output head reads a contiguous
+    # input (a strided one with frozen weights sends torch's matmul down a per-row weight copy).
+    model, _ = tuned.load()
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert not any(param.requires_grad for param in model.parameters())
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(args[0].is_contiguous()))
+    for decoder in ("continuous", "hf"):
+        tuned.decoder = decoder
+        tuned.generate([ChatRequest(QUESTION, sampling),
+                        ChatRequest([{"role": "user", "content": "Name three rivers of Europe, please."}], sampling)])
+    hook.remove()
+    assert seen and all(seen)
+
 
 def test_adapter_folder_must_exist(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError, match="has no adapter_config.json"):

@@ -39,7 +39,7 @@ def test_a_vlm_folder_loads_as_a_vision_model(tiny_vlm_dir, tiny_model_dir):
     assert isinstance(model, VisionModel) and model.reads_images
     assert model.fingerprint.startswith("vlm-dir:")
     with pytest.raises(Exception, match="unknown option"):
-        load_model(f"local:{tiny_vlm_dir}", {"decoder": "hf"})
+        load_model(f"local:{tiny_vlm_dir}", {"engine": "hf"})
 
 
 def test_batched_generation_equals_one_at_a_time_and_sees_the_image(tiny_vlm_dir):

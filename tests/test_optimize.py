@@ -130,9 +130,9 @@ def test_decision_needs_a_significant_gain(tmp_path, diff, p, expected):
     base, other = Candidate(Prompt([]), "baseline"), Candidate(Prompt([]), "fewshot:x")
     cmp = {"n": 100, "diff": diff, "ci_low": diff - 0.1, "ci_high": diff + 0.1, "p_mcnemar": p,
            "improvements": 12, "regressions": 2}
-    promoted, reason = _decide(spec, spec.optimize, base, other, cmp)
+    promoted, reason = _decide(spec, spec.optimize_config(), base, other, cmp)
     assert promoted is expected and ("promoted" in reason) is expected
-    assert _decide(spec, spec.optimize, base, base, cmp)[0] is False
+    assert _decide(spec, spec.optimize_config(), base, base, cmp)[0] is False
 
 
 def test_finalists_that_no_test_separates_go_to_the_cheapest(tmp_path, tiny_model_dir, store):
@@ -159,3 +159,33 @@ def test_a_rewrite_that_does_not_beat_its_parent_is_dropped(tmp_path, tiny_model
     rows = [it for it in store.iterations(result.run_id) if it["decision"] == "dropped"
             and "does not beat its parent" in (it["reason"] or "")]
     assert len(rows) == len(dropped)
+
+
+def test_token_figures_and_scores_say_what_they_count(tmp_path, tiny_model_dir):
+    """Console, --json and the report's KPIs show the same two token figures, each named (paid by every
+    model call; of the run's iterations), and the search's best is labelled minibatch or all of valid."""
+    from flywheel.report.compare import load_run_view
+    from flywheel.report.html import decorate_iterations, fmt_tokens, kpis
+    from flywheel.store import Store
+
+    write_spec(tmp_path, tiny_model_dir, proposer=None, fewshot=None)
+    db = str(tmp_path / "o.db")
+    first = json.loads(CliRunner().invoke(main, ["optimize", str(tmp_path / "eval.yaml"), "--db", db, "--json"]).stdout)
+    assert first["tokens"] > 0 and first["tokens_measured"] > 0
+    store = Store.open(tmp_path / "o.db")
+    try:
+        assert first["tokens_measured"] == store.measured_tokens(first["run_id"])
+        assert store.run_summary(store.get_run(first["run_id"])).tokens_paid == first["tokens"]
+        view = load_run_view(store, [first["run_id"]])
+        decorate_iterations(view)
+        figures = {k["label"]: k for k in kpis(view)}
+    finally:
+        store.close()
+    assert figures["tokens measured"]["value"] == fmt_tokens(first["tokens_measured"])
+    assert f"{fmt_tokens(first['tokens'])} paid (all model calls)" in figures["tokens measured"]["detail"]
+    assert "best (all of valid)" in figures and not any(label.startswith("best (minibatch") for label in figures)
+    again = CliRunner().invoke(main, ["optimize", str(tmp_path / "eval.yaml"), "--db", db])  # all cached
+    assert again.exit_code == 0, again.output
+    assert "all of valid" in again.output and "minibatch" in again.output
+    assert "tokens paid 0 (all model calls)" in again.output
+    assert f"tokens measured {first['tokens_measured']:,} (this run's iterations)" in again.output

@@ -204,7 +204,7 @@ def test_test_rows_compare_with_test_rows_never_with_valid(store):
     # v1 vs v0 (valid), t0: the baseline's test report has nothing to compare with, t1 vs t0 (test)
     assert [(r["split"], r["delta_fmt"]) for r in rows] == [
         ("valid", "–"), ("valid", "+30.0 pts"), ("test", "–"), ("test", "+15.0 pts")]
-    best = next(k for k in kpis(view) if k["label"] == "best")
+    best = next(k for k in kpis(view) if k["label"] == "best (all of valid)")
     assert best["value"] == "80.0%"  # the best on the baseline's split (valid), not a test score
 
 

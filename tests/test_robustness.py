@@ -144,7 +144,7 @@ def test_the_same_eval_twice_at_once_both_succeed_with_one_copy_of_each_sample(t
 @pytest.mark.parametrize("options, kill_at", [
     # Chunked generation (the path of remote models): the default local batch is 32, and before
     # commits by time the 60 items were one commit.
-    ({"decoder": "hf"}, 40),
+    ({"engine": "hf"}, 40),
     # The continuous decoder streams: one running batch of 8 rows, finished rows committed as they finish.
     ({"batch_size": 1}, 24),
 ], ids=["chunked", "streamed"])

@@ -247,7 +247,7 @@ def test_serve_model_accepts_tools_and_answers_tool_calls(tiny_model_dir):
     from flywheel.model_server import create_app
 
     # The scripted reply replaces the HF-generate path's batch step, so this model decodes with it.
-    model = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32", "decoder": "hf"})
+    model = load_model(f"local:{tiny_model_dir}", {"dtype": "fp32", "engine": "hf"})
     scripted = ScriptedReply(model, 'ok <tool_call>{"name": "get_balance", "arguments": {"account": "savings"}}</tool_call>')
     with BackgroundServer(create_app(model, name="tiny")) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)

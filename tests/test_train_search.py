@@ -312,15 +312,15 @@ def test_a_dpo_search_over_beta_from_an_sft_checkpoint(tmp_path, tiny_model_dir,
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(captured):
-    """packing is refused on this model (no varlen attention kernel): that trial's job fails, the
+    """liger=true is refused here (no liger-kernel package, no CUDA GPU): that trial's job fails, the
     other trial completes and wins."""
     spec, store, training_set = captured
-    search = _search(space={"packing": {"choices": [True, False]}}, sampler="grid", trials=2, pruning=False)
+    search = _search(space={"liger": {"choices": [True, False]}}, sampler="grid", trials=2, pruning=False)
     result = run_search("sft", spec, store, training_set, search, base=spec.model, config=quick_sft(max_steps=1),
                         splits=("valid",))
-    by_packing = {t.params["packing"]: t for t in result.trials}
-    failed, done = by_packing[True], by_packing[False]
-    assert failed.state == "failed" and "packing needs a varlen attention kernel" in failed.error
+    by_liger = {t.params["liger"]: t for t in result.trials}
+    failed, done = by_liger[True], by_liger[False]
+    assert failed.state == "failed" and "liger=true" in failed.error
     assert store.db["training_jobs"].get(failed.job_id)["status"] == "failed"
     assert store.search_trials(result.id)[failed.number]["state"] == "failed"
     assert done.state == "complete" and result.best == done.number

@@ -13,7 +13,7 @@ from flywheel.distill import capture
 from flywheel.errors import ModelError
 from flywheel.models import ChatRequest, load_model
 from flywheel.store import Store
-from flywheel.train import TrainingDataError, TrainingError, TrainingSet, build_sft_set
+from flywheel.train import TrainingDataError, TrainingSet, build_sft_set
 from flywheel.train.local import load_for_training
 from flywheel.train.sft import train_sft
 
@@ -84,13 +84,15 @@ def test_adapter_on_the_wrong_base_is_refused(trained, smollm2_dir):
         load_for_training(f"local:{smollm2_dir}+{result.checkpoint.path}", bf16=False)
 
 
-def test_packing_is_refused_where_packed_examples_would_see_each_other(trained):
+def test_packed_training_runs_padding_free_on_sdpa_and_eager(trained):
+    """Packing was refused on SDPA/eager models; transformers' masks honour packed position ids
+    (tests/test_train_packing.py proves the losses agree), so it trains and the loss falls."""
     spec, store, _ = trained
-    with pytest.raises(TrainingError, match="packing needs a varlen attention kernel"):
-        train_sft(spec, store, build_sft_set(spec, store), base=spec.model, config=quick_sft(packing=True),
-                  evaluate=False, quiet=True)
-    job = store.db.execute("select status, error from training_jobs order by created_at desc limit 1").fetchone()
-    assert job[0] == "failed" and "packing" in job[1]
+    result = train_sft(spec, store, build_sft_set(spec, store), base=spec.model, config=quick_sft(packing=True),
+                       evaluate=False, quiet=True)
+    m = result.metrics
+    assert m["steps"] >= 1 and m["adapter_tensors_changed"] == m["adapter_tensors"]
+    assert m["gradient_checkpointing"] is False and m["liger"] is False  # auto, on this CPU with a tiny model
 
 
 def test_empty_or_wrong_sets_are_refused(trained):

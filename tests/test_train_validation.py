@@ -450,3 +450,28 @@ def test_the_missing_validation_reference_error_suggests_a_command_that_works(tm
     # Any -s value that starts as a template stays a string (other values are still YAML).
     assert load_train_config("sft", overrides=["validation_reference={{item.a}} / {{item.b}}", "epochs=2"]) \
         .validation_reference == "{{item.a}} / {{item.b}}"
+
+
+def test_the_validation_reference_is_derived_from_a_python_objective_or_the_captures(tmp_path, tiny_model_dir):
+    """A python objective grader names no `reference`; the item field its grade() compares with, hidden
+    from the prompt, answers a valid item. Items from captures are answered by the captured reply."""
+    from flywheel.prompt import Prompt
+    from flywheel.spec import parse_eval_spec
+    from flywheel.train.validation import default_reference
+
+    source = ("def grade(sample, item):\n    text = item['text']\n"
+              "    return float(sample['output_text'].strip() == item.get('label', ''))\n")
+    spec = tiny_eval(tmp_path / "e", tiny_model_dir, graders=[{"type": "python", "name": "label", "source": source}])
+    assert default_reference(spec) == "{{item.label}}"  # item.text is in the prompt: not the answer
+    rows = validation_set("sft", spec, SFTSpec(eval_steps=2), Prompt(messages=spec.messages())).rows
+    assert rows[0]["messages"][-1] == {"role": "assistant", "content": "card_arrival"}
+
+    two = "def grade(sample, item):\n    return float(item['label'] in (item['a'], item['b']))\n"
+    ambiguous = tiny_eval(tmp_path / "f", tiny_model_dir, graders=[{"type": "python", "name": "label", "source": two}])
+    assert default_reference(ambiguous) is None  # which field answers is not said: the error suggests one
+
+    captured = parse_eval_spec({"name": "c", "dataset": {"captures": {"db": "x.db"}},
+                                "input": [{"role": "user", "content": "{{item.input}}"}],
+                                "graders": [{"type": "python", "name": "ok",
+                                             "source": "def grade(sample, item):\n    return 1.0\n"}]})
+    assert default_reference(captured) == "{{item.output}}"

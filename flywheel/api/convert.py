@@ -1,7 +1,7 @@
 """Moving without the API: the platform's eval / run definitions to a Flywheel eval spec, and back.
 
     written = import_openai_eval("eval.json", ["items.jsonl"], run_path="run.json", out_dir="evals/mine")
-    bodies = export_openai_eval(load_eval_spec("evals/mine/eval.yaml"))   # {"eval": ..., "run": ...}
+    exported = export_openai_eval(load_eval_spec("evals/mine/eval.yaml"), split="test")  # .bodies: eval, run
     job = import_openai_job(store, "job.json", "train.jsonl", model="local:smollm2")  # a queued API job
 
 An imported eval keeps its `testing_criteria` as graders (the same schema), the run's
@@ -113,29 +113,60 @@ def import_openai_eval(eval_path: str | Path, items_paths: list[str | Path], *, 
     return ImportResult(spec_path=spec_path, data_path=data_path, items=len(items), graders=len(loaded.graders))
 
 
-def export_openai_eval(spec: EvalSpec) -> dict[str, Any]:
-    """The platform's create bodies for a spec: `eval` (POST /v1/evals) and `run` (POST .../runs),
-    the run carrying the spec's items inline (`file_content`)."""
+#: Items above this many bytes of JSON go in a file (the run's source by `file_id`), not inline.
+INLINE_ITEMS_BYTES = 1_000_000
+
+
+@dataclass
+class EvalExport:
+    """The platform's create bodies for a spec; `items_jsonl` holds the items (`{"item": ...}` lines, the
+    upload shape of a purpose=evals file) when the run names them by `file_id` rather than inline."""
+
+    bodies: dict[str, Any]  # {"eval": POST /v1/evals, "run": POST /v1/evals/{id}/runs}
+    items: int
+    items_jsonl: str | None = None
+
+
+def export_openai_eval(spec: EvalSpec, *, split: str | None = None, file_id: str | None = None,
+                       inline_limit: int = INLINE_ITEMS_BYTES) -> EvalExport:
+    """The platform's create bodies for a spec: `eval` (POST /v1/evals) and `run` (POST .../runs).
+
+    The run's items are those of `split` (every item when None). They go inline (`file_content`) when
+    small; by reference (`{"type": "file_id", "id": file_id}`) when `file_id` is given or their JSON
+    is over `inline_limit` bytes: then `items_jsonl` is the file to upload, and the id is `file_id` or a
+    placeholder naming the upload to do."""
     from flywheel.data import load_dataset
 
     dataset = load_dataset(spec)
+    items = dataset.split(split) if split else dataset.items
+    if not items:
+        raise SpecError(f"{spec.source}: split {split!r} has no items in {dataset.path}")
     fields = dataset.fields
     model = spec.model.removeprefix("openai:")
-    return {
+    rows = [{"item": item.fields} for item in items]
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    by_reference = file_id is not None or len(lines.encode("utf-8")) > inline_limit
+    source: dict[str, Any] = ({"type": "file_id", "id": file_id or UPLOAD_PLACEHOLDER} if by_reference
+                              else {"type": "file_content", "content": rows})
+    bodies = {
         "eval": {"name": spec.name,
                  "data_source_config": {"type": "custom", "include_sample_schema": True,
                                         "item_schema": {"type": "object",
                                                         "properties": {f: {} for f in fields}}},
                  "testing_criteria": spec.graders},
-        "run": {"name": f"{spec.name} on {model}",
+        "run": {"name": f"{spec.name} on {model}" + (f" ({split})" if split else ""),
                 "data_source": {"type": "completions", "model": model,
                                 "input_messages": {"type": "template", "template": spec.messages()},
                                 "sampling_params": {"temperature": spec.sampling.temperature,
                                                     "top_p": spec.sampling.top_p, "seed": spec.sampling.seed,
                                                     "max_completion_tokens": spec.sampling.max_tokens},
-                                "source": {"type": "file_content",
-                                           "content": [{"item": item.fields} for item in dataset.items]}}},
+                                "source": source}},
     }
+    return EvalExport(bodies=bodies, items=len(rows), items_jsonl=lines if by_reference else None)
+
+
+#: The run's file id until the items file is uploaded (POST /v1/files, purpose "evals").
+UPLOAD_PLACEHOLDER = "UPLOAD_items.jsonl_AND_PUT_ITS_FILE_ID_HERE"
 
 
 @dataclass

@@ -47,6 +47,10 @@ from flywheel.web import ApiError
 
 # model_options an API caller may never set: they choose where calls go and which secret goes along
 SERVER_ONLY_OPTIONS = ("base_url", "api_key_env")
+# Top-level spec fields that name server resources: where evaluations run (`executor.address`: a
+# Ray cluster the server would ship items and code to) and a prompt read from the server's own
+# store (`prompt: {id}`). An operator's spec file may use them; a key holder's submitted spec may not.
+SERVER_ONLY_FIELDS = ("executor", "prompt")
 # keys of a submitted spec whose string value is a model reference (task model, teacher, proposer, judge)
 MODEL_KEYS = ("model", "teacher")
 # values of those keys that name no model but a role in the wheel (capture's teacher: incumbent)
@@ -164,6 +168,10 @@ def check_spec(store: Store, spec: dict[str, Any], who: Caller, models: ServerMo
     model's provider options added to `model_options`), and no `base_url` / `api_key_env` anywhere."""
     if who.role == "admin":
         return spec
+    for key in SERVER_ONLY_FIELDS:
+        if spec.get(key) is not None:
+            raise ApiError(400, f"{param}.{key}: not accepted from an API caller; it names a server resource "
+                           "(docs/security.md).", param=f"{param}.{key}")
     out = _walk(store, {k: v for k, v in spec.items() if k not in ("model", "model_options", "dataset")},
                 who, models, param)
     if "dataset" in spec:

@@ -98,9 +98,27 @@ def export_model_command(model_ref, output, merge, quantize, dtype, force, db, a
 
 @export_group.command("openai-eval")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
-def export_openai_eval_command(spec_path):
-    """Print the platform's eval and run create bodies for an eval spec (items inline), as JSON."""
+@click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="all", show_default=True,
+              help="The items the run carries.")
+@click.option("--items-out", type=click.Path(dir_okay=False), default=None,
+              help="Write the items here (JSONL to upload, purpose evals) and name them by file id, not inline.")
+@click.option("--file-id", default=None, help="The uploaded items file's id, for the run's `file_id` source.")
+def export_openai_eval_command(spec_path, split, items_out, file_id):
+    """Print the platform's eval and run create bodies for an eval spec, as JSON: items inline when
+    small, else (or with --items-out) written to a file the run names by `file_id`."""
+    from pathlib import Path
+
     from flywheel.api.convert import export_openai_eval
     from flywheel.spec import load_eval_spec
 
-    click.echo(json.dumps(export_openai_eval(load_eval_spec(spec_path)), indent=2, ensure_ascii=False))
+    exported = export_openai_eval(load_eval_spec(spec_path), split=None if split == "all" else split,
+                                  file_id=file_id, **({"inline_limit": -1} if items_out else {}))
+    if exported.items_jsonl is not None:
+        if not items_out:
+            raise click.UsageError(f"{exported.items} items are too large to send inline: give --items-out "
+                                   "FILE to write them for upload (and --file-id once uploaded)")
+        Path(items_out).write_text(exported.items_jsonl, encoding="utf-8")
+        click.echo(f"wrote {exported.items} items to {items_out}"
+                   + ("" if file_id else ": upload it (POST /v1/files, purpose evals) and put its id in "
+                      "run.data_source.source.id, or rerun with --file-id"), err=True)
+    click.echo(json.dumps(exported.bodies, indent=2, ensure_ascii=False))

@@ -45,9 +45,14 @@ def graders_validate(path, as_json):
 @click.option("--item", "item_json", default="{}", help="The item, as a JSON object.")
 @click.option("--sample", "model_sample", required=True, help="The model output to grade.")
 @click.option("--judge", default=None, help="Model reference for judge graders (default: their `model`).")
-def graders_run(path, item_json, model_sample, judge):
-    """Grade one --sample against --item with every grader in FILE; prints the platform's response."""
+@json_option
+def graders_run(path, item_json, model_sample, judge, as_json):
+    """Grade one --sample against --item with every grader in FILE: one row per grader (score, passed,
+    error); --json prints the platform's run response. Exit 1 when a grader errors."""
     import graders
+    from graders.endpoints import response_error
+
+    from flywheel.report.console import print_grader_runs
 
     from flywheel.grading import GraderSet
 
@@ -64,7 +69,12 @@ def graders_run(path, item_json, model_sample, judge):
         results.append(graders.run_grader(cfg.model_dump(by_alias=True, exclude_none=True), model_sample, item,
                                           judge=judge_fn))
     resolver.close()
-    click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+    if as_json:
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+    else:
+        print_grader_runs(results)
+    if any(response_error(r) for r in results):
+        raise SystemExit(1)
 
 
 @graders_group.command("calibrate")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from flywheel.cli.common import db_option, echo, json_option, main, store_at
+from flywheel.cli.common import db_option, json_option, main, store_at
 from flywheel.errors import FlywheelError
 
 

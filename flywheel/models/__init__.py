@@ -23,17 +23,13 @@ def load_model(ref: str, options: dict[str, Any] | None = None) -> Model:
     scheme, name, adapter = parse_model_ref(ref)
     if scheme == "local":
         from flywheel.models.loading import is_vision_model
-        from flywheel.models.local import LocalModel
         from flywheel.models.vision import VisionModel
 
         if is_vision_model(name):  # a vision-language model: transformers' image-text-to-text classes
             return VisionModel(ref, name, adapter, **options)
+        from flywheel.models.engines import build_local_model  # the engine registry (model_options.engine)
 
-        known = {"dtype", "batch_size", "device", "prefix_cache", "decoder"}
-        unknown = set(options) - known
-        if unknown:
-            raise ModelError(f"model_options: unknown option(s) for local models: {', '.join(sorted(unknown))}")
-        return LocalModel(ref, name, adapter, **options)
+        return build_local_model(ref, name, adapter, options)
     if adapter:
         raise ModelError(f"{ref}: adapters apply to local models only")
     from flywheel.models.openai_backend import OpenAIModel

@@ -32,13 +32,15 @@ a near-tie can round the other way.
 
 from __future__ import annotations
 
-import inspect
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from flywheel.models.kv_cache import cache_kwarg, output_cache
 
 # The attention implementation the loop switches the model to while it runs (registered below).
 ATTENTION = "flywheel_decode"
@@ -52,7 +54,7 @@ _RUN_LOCK = threading.Lock()
 REFILL_FRACTION = 0.25
 
 # The running batch's KV cache stays under this many bytes: long prompts get fewer rows at once.
-KV_BUDGET_BYTES = 1 << 30
+KV_BUDGET_BYTES = 1 << 28
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -153,10 +155,16 @@ _register_attention()
 
 @dataclass
 class DecodeResult:
-    """Generated token ids of one row (EOS included when it stopped) and why it ended."""
+    """Generated token ids of one row (EOS included when it stopped), why it ended, and the row's
+    own time in the loop: `latency_s` runs from its admission into the running batch (taken off the
+    waiting list, before its prefill) to its last token, on the loop's clock, which stops while the
+    consumer of `Decoder.stream` holds a yielded row (grading it, say). Time spent waiting for a
+    slot is not in it; the other rows' prefills and steps while it runs are."""
 
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    latency_s: float = 0.0
+    admitted_at: float = field(default=0.0, repr=False)  # on the loop's clock (Decoder._clock)
 
 
 @dataclass
@@ -194,7 +202,7 @@ class Decoder:
     """
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, max_batch: int = 128,
-                 prefill_batch: int = 32, kv_budget: int = KV_BUDGET_BYTES):
+                 prefill_batch: int = 32, kv_budget: int | None = None):
         self.model = model
         self._spare = 1
         # Set per run: the attention implementation the loop runs the model with (None: the model's
@@ -202,14 +210,13 @@ class Decoder:
         self._attention: str | None = None
         self._prefix: list[_Prefix] = []
         self.stats = DecodeStats()
+        self._paused = 0.0  # seconds the current stream spent handed to its consumer
         self.eos = eos_token_id
         self.pad = pad_token_id
         self.max_batch = max_batch
         self.prefill_batch = prefill_batch
-        self.kv_budget = kv_budget
-        params = inspect.signature(model.forward).parameters
-        # transformers renamed `past_key_values` to `cache` during 5.x.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.kv_budget = KV_BUDGET_BYTES if kv_budget is None else kv_budget
+        self._cache_kwarg = cache_kwarg(model)
 
     # -- public -----------------------------------------------------------------------------------
     def run(self, rows: list[list[int]], *, max_new_tokens: int, prefix_len: int = 0, prefix_cache=None,
@@ -238,6 +245,7 @@ class Decoder:
             return
         self._spare = max_new_tokens + 1
         self.stats = DecodeStats()
+        self._paused = 0.0
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
@@ -256,7 +264,14 @@ class Decoder:
             with torch.inference_mode():  # not across a yield: the consumer's code runs there
                 batch, finished, waiting = self._turn(rows, waiting, batch, results, max_new_tokens, prefix_len,
                                                       temperature, top_p, generator)
-            yield from ((owner, results[owner]) for owner in finished)
+            handed = time.perf_counter()
+            for owner in finished:
+                yield owner, results[owner]
+            self._paused += time.perf_counter() - handed
+
+    def _clock(self) -> float:
+        """Seconds on the loop's own clock: wall time less the time its consumer held a yield."""
+        return time.perf_counter() - self._paused
 
     def _turn(self, rows, waiting, batch, results, max_new_tokens, prefix_len, temperature, top_p, generator):
         """Refill the running batch if it has room, then one decode step; (batch, finished owners, waiting)."""
@@ -265,6 +280,9 @@ class Decoder:
         if waiting and (batch is None or free >= max(1, int(self.max_batch * REFILL_FRACTION))):
             taken = self._admit(rows, waiting, free, batch, prefix_len)
             waiting = waiting[len(taken):]
+            admitted = self._clock()
+            for index in taken:
+                results[index].admitted_at = admitted
             for start in range(0, len(taken), self.prefill_batch):
                 chunk = taken[start:start + self.prefill_batch]
                 joined, logits = self._prefill([rows[i] for i in chunk], chunk, prefix_len)
@@ -319,7 +337,7 @@ class Decoder:
             finally:
                 config._attn_implementation = attention
                 _PREFIX.clear()
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = output_cache(out)
         return out.logits[:, -1, :].float(), cache
 
     def _prefill(self, rows: list[list[int]], owners: list[int], prefix_len: int):
@@ -365,16 +383,17 @@ class Decoder:
         else:
             chosen = logits.argmax(dim=-1)
         keep, finished = [], []
+        now = self._clock()
         for row, (owner, token) in enumerate(zip(batch.owners, chosen.tolist())):
             result = results[owner]
             result.tokens.append(token)
             if token == self.eos:
                 result.finish_reason = "stop"
-                finished.append(owner)
             elif len(result.tokens) < max_new_tokens:
                 keep.append(row)
-            else:
-                finished.append(owner)
+                continue
+            result.latency_s = now - result.admitted_at
+            finished.append(owner)
         batch.last = chosen
         if len(keep) == len(batch.owners):
             return batch, finished

@@ -5,6 +5,7 @@ and export. Nothing else in Flywheel calls `from_pretrained` on a model or `Peft
     model, tokenizer = load_base(weights, dtype="fp32")            # a processor for a vision model
     model = load_adapters(weights, model)                          # merged (inference, export)
     model = load_adapters(weights, model, trainable=True)          # training continues the adapter
+    model, tokenizer = load_for_inference(weights, dtype="auto")   # merged, on its device, eval mode
 
 Every adapter is checked against the base it goes on (`check_adapter_base`), whoever loads it.
 
@@ -114,12 +115,18 @@ def locate_embedded(name: str) -> Path:
     return path
 
 
-def materialise_embedded(name: str) -> Path:
-    """Dequantise an embedded GGUF once into cached safetensors; return that folder."""
+def materialise_embedded(name: str, dtype: Any = None) -> Path:
+    """Dequantise an embedded GGUF once into cached fp32 safetensors; return that folder.
+
+    With a torch `dtype` other than float32, a sibling folder holds the same weights cast to it
+    once (`{folder}-bfloat16`): loading a file already in the model's dtype maps it from disk
+    without a cast, so a bf16 load neither reads 540 MB of fp32 weights nor holds both copies at
+    its peak (measured: 1.24 GB vs 0.47 GB peak RSS, docs/benchmarks.md). The values are the ones
+    a cast on load gives, so outputs do not change."""
     gguf_path = locate_embedded(name)
     target = cache_dir() / "models" / f"{name}-{file_sha256(gguf_path)[:16]}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
+        return target if dtype is None else _cast_copy(target, dtype)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -143,6 +150,35 @@ def materialise_embedded(name: str) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "flywheel.json").write_text(json.dumps({"source": str(gguf_path)}))
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target if dtype is None else _cast_copy(target, dtype)
+
+
+def _cast_copy(folder: Path, dtype: Any) -> Path:
+    """`folder` (fp32 safetensors) with its weights cast to `dtype`, cached beside it; `folder`
+    itself for float32."""
+    import torch
+
+    if dtype == torch.float32:
+        return folder
+    target = folder.with_name(f"{folder.name}-{str(dtype).removeprefix('torch.')}")
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.copy(folder / "flywheel.json", staging / "flywheel.json")
         try:
             staging.rename(target)
         except OSError:
@@ -333,9 +369,10 @@ class LocalWeights:
         """Whether the base is a vision-language model (reads only its config.json)."""
         return is_vision_model(self.base)
 
-    def base_path(self) -> str:
-        """The folder or hub id transformers loads (an embedded model is materialised first)."""
-        return str(materialise_embedded(self.base)) if self.base in EMBEDDED else self.base
+    def base_path(self, dtype: Any = None) -> str:
+        """The folder or hub id transformers loads (an embedded model is materialised first; with
+        a torch `dtype`, in that dtype: `materialise_embedded`)."""
+        return str(materialise_embedded(self.base, dtype)) if self.base in EMBEDDED else self.base
 
     def base_fingerprint(self) -> str:
         """The base's identity without reading its weights twice: the embedded file's hash, the
@@ -365,7 +402,7 @@ def load_base(weights: LocalWeights, *, dtype: str | None = None, quantization: 
 
     hf_logging.disable_progress_bar()  # a per-load bar is noise; the one-time GGUF conversion keeps its bar
     torch_dtype = pick_dtype(dtype)
-    path = weights.base_path()
+    path = weights.base_path(torch_dtype if quantization is None else None)
     quantised = quantisation_of(path)
     if quantised and weights.adapters:
         raise ModelError(f"{weights.ref}: adapters cannot go on a quantised model ({quantised}); apply them "
@@ -395,6 +432,8 @@ def load_base(weights: LocalWeights, *, dtype: str | None = None, quantization: 
         # executors' tests lean on it (issue 25 follow-up: make it one clean line too).
         what = "vision model " if vision else ""
         raise ModelError(f"{weights.ref}: cannot load {what}{path}: {str(exc).splitlines()[0]}") from None
+    if path != weights.base_path():  # a cast copy: adapters and exports name the base folder itself
+        model.name_or_path = model.config._name_or_path = weights.base_path()
     tokenizer = processor.tokenizer if vision else processor
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -422,6 +461,33 @@ def load_adapters(weights: LocalWeights, model, *, trainable: bool = False):
         if trainable:
             return PeftModel.from_pretrained(model, str(one), is_trainable=True)
         return _merge_adapters(weights.ref, model, list(weights.adapters))
+
+
+def load_for_inference(weights: LocalWeights, *, dtype: str | None = None, device: str | None = None):
+    """(model, processor) ready to generate: the base with its adapters merged (`load_adapters`),
+    on `device` (`pick_device`), in eval mode, with no autograd state on its weights.
+
+    The output projection's input is made contiguous first. transformers slices the last position
+    out of the hidden states (`logits_to_keep`), a strided view; for such an input and a weight
+    that does not require grad — every merged adapter's, since PEFT freezes the base — torch's
+    matmul does not fold the batch into one matrix product but expands the [vocab, hidden] weight
+    per row and runs a batched product: 5.3 s and a 56 MB copy per row for one 32-row prefill of
+    SmolLM2's 49k-token head, against 9 ms (docs/benchmarks.md). That made every LoRA student
+    slower than its teacher."""
+    model, processor = load_base(weights, dtype=dtype)
+    model = load_adapters(weights, model)
+    model.to(pick_device(device)).eval()
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
+    return model, processor
+
+
+def _contiguous_input(module, args):
+    if args and hasattr(args[0], "is_contiguous") and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
 
 
 def _merge_adapters(ref: str, model, adapters: list[tuple[Path, float]]):

@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model
-from flywheel.models.loading import (DTYPES, LocalWeights, load_adapters, load_base, output_settings,
-                                     pick_device)
+from flywheel.models.kv_cache import cache_kwarg, output_cache
+from flywheel.models.loading import DTYPES, LocalWeights, load_for_inference, output_settings
 
 
 # Below this many shared tokens, copying a prefix cache costs more than recomputing it.
@@ -45,7 +45,7 @@ class LocalModel(Model):
 
     def __init__(self, ref: str, base: str, adapter: str | None = None, *, dtype: str | None = None,
                  batch_size: int = 32, device: str | None = None, prefix_cache: bool = True,
-                 decoder: str = "continuous"):
+                 decoder: str = "continuous", compile: bool = False):
         self.ref = ref
         self.base = base
         self.weights = LocalWeights.of(ref, base, adapter)  # the base and every adapter folder, checked
@@ -57,8 +57,12 @@ class LocalModel(Model):
         self._fingerprint: str | None = None
         self.prefix_cache = prefix_cache
         if decoder not in DECODERS:
-            raise ModelError(f"model_options.decoder: unknown decoder {decoder!r}; use {' or '.join(DECODERS)}")
+            raise ModelError(f"{ref}: unknown decoder {decoder!r}; use {' or '.join(DECODERS)} (model_options.engine)")
         self.decoder = decoder
+        if not isinstance(compile, bool) or (compile and decoder != "hf"):
+            raise ModelError(f"{ref}: model_options.compile must be true or false, and applies to engine hf only "
+                             f"(a static KV cache and torch.compile), got compile={compile!r} on engine {decoder}")
+        self.compile = compile
         self._last_decode_stats = None  # the continuous decoder's DecodeStats of the last call (tests, benchmarks)
         self._prefix_memo: tuple[tuple[int, ...], Any] | None = None
         self._lock = threading.Lock()
@@ -99,7 +103,8 @@ class LocalModel(Model):
         they change how rows are grouped, not what a row decodes to (the decoders are tested for
         that), so a cache filled at one batch size answers another."""
         if self._fingerprint is None:
-            settings = output_settings(self.dtype_name, self.device_name) + f"/{self.decoder}"
+            settings = (output_settings(self.dtype_name, self.device_name) + f"/{self.decoder}"
+                        + ("+compile" if self.compile else ""))
             self._fingerprint = (self.weights.base_fingerprint() + settings
                                  + self.weights.adapters_fingerprint())
         return self._fingerprint
@@ -113,9 +118,7 @@ class LocalModel(Model):
         return self._model, self._tokenizer
 
     def _load(self):
-        model, tokenizer = load_base(self.weights, dtype=self.dtype_name)
-        model = load_adapters(self.weights, model)
-        model.to(pick_device(self.device_name)).eval()
+        model, tokenizer = load_for_inference(self.weights, dtype=self.dtype_name, device=self.device_name)
         tokenizer.padding_side = "left"
         return model, tokenizer
 
@@ -189,23 +192,20 @@ class LocalModel(Model):
         return not getattr(config, "sliding_window", None)
 
     def _stream_continuous(self, rows: list[list[int]], sampling, repeats: list[int]) -> Iterator[tuple[int, Completion]]:
-        """(row index, completion) as the continuous decoder finishes each row; latency is the wall
-        time so far shared among the rows finished so far."""
+        """(row index, completion) as the continuous decoder finishes each row; a completion's
+        latency is its row's own time in the loop, admission to last token (`DecodeResult`)."""
         from flywheel.models.decoding import Decoder
 
         model, tokenizer = self.load()
-        started = time.perf_counter()
         prefix_len = self._shared_prefix(rows)
         prefix_cache = self._prefix_kv(tuple(rows[0][:prefix_len])) if prefix_len else None
         decoder = Decoder(model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                           max_batch=self.batch_size * RUNNING_BATCH_FACTOR, prefill_batch=self.batch_size)
-        finished = 0
         for index, result in decoder.stream(rows, max_new_tokens=sampling.max_tokens, prefix_len=prefix_len,
                                             prefix_cache=prefix_cache, temperature=sampling.temperature,
                                             top_p=sampling.top_p, seed=sampling.seed * 1000 + min(repeats)):
-            finished += 1
             self._last_decode_stats = decoder.stats
-            yield index, self._completion(result.tokens, rows[index], (time.perf_counter() - started) / finished)
+            yield index, self._completion(result.tokens, rows[index], result.latency_s)
 
     def _completion(self, tokens: list[int], prompt: list[int], latency_s: float) -> Completion:
         """Decode generated ids (cut at EOS) into a Completion."""
@@ -234,7 +234,7 @@ class LocalModel(Model):
 
     def _shared_prefix(self, rows: list[list[int]]) -> int:
         """Length of the token prefix every row shares, leaving each row at least one own token."""
-        if not self.prefix_cache:
+        if not self.prefix_cache or self.compile:  # a static cache is allocated by generate, not copied in
             return 0
         shortest = min(len(r) for r in rows)
         length = 0
@@ -252,7 +252,7 @@ class LocalModel(Model):
             model, _ = self.load()
             with torch.inference_mode():
                 out = model(input_ids=torch.tensor([prefix], device=model.device), use_cache=True)
-            memo = self._prefix_memo = (prefix, out.past_key_values)
+            memo = self._prefix_memo = (prefix, output_cache(out))
         return memo[1]
 
     def _batch_inputs(self, rows: list[list[int]]):
@@ -295,7 +295,13 @@ class LocalModel(Model):
             eos_token_id=tokenizer.eos_token_id,
         )
         if cache is not None:
-            kwargs["past_key_values"] = cache
+            kwargs[cache_kwarg(model)] = cache
+        if self.compile:  # a static KV cache, and the forward compiled (CUDA graphs on a GPU: reduce-overhead)
+            from transformers import CompileConfig
+
+            kwargs.update(cache_implementation="static", compile_config=CompileConfig(
+                mode="reduce-overhead" if model.device.type == "cuda" else "default"))
+            kwargs["compile_config"]._compile_all_devices = True  # also on CPU, where transformers would skip it
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -304,8 +310,8 @@ class LocalModel(Model):
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = output[:, input_ids.shape[1]:]
-        elapsed = time.perf_counter() - started
-        return [self._completion(row, prompt, elapsed / len(rows)) for row, prompt in zip(new_tokens.tolist(), rows)]
+        elapsed = time.perf_counter() - started  # every row of a `generate` batch waits for all of it
+        return [self._completion(row, prompt, elapsed) for row, prompt in zip(new_tokens.tolist(), rows)]
 
     def score_choices(self, conversations: list[list[dict[str, str]]], choices: list[str]) -> list[list[float]]:
         """Log-probability of each choice as the reply to each conversation (constrained judging)."""

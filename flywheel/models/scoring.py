@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flywheel.models.kv_cache import cache_kwarg, output_cache
+
 #: Rows (prompt x candidate) per forward pass: bounds the memory of the repeated KV cache.
 MAX_ROWS = 128
 #: Below this many shared tokens, copying a prefix cache costs more than recomputing it.
@@ -77,7 +79,7 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
     prompts = [p + shared for p in prompts]
 
     device = hf_model.device
-    cache_kw = _cache_kwarg(hf_model)
+    cache_kw = cache_kwarg(hf_model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n, k = len(prompts), len(continuations)
     # Layout per row: [shared prefix][left padding][own prompt tokens]; the prefix runs once.
@@ -92,7 +94,7 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
         if prefix:
             pre = hf_model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), use_cache=True,
                            **_keep(hf_model, 1))
-            cache = pre.cache if "cache" in pre else pre.past_key_values
+            cache = output_cache(pre)
             cache.batch_repeat_interleave(n)
             extra[cache_kw] = cache
         # the LM head only where log-probs are read: it costs as much as the model on long prompts
@@ -102,7 +104,7 @@ def _score_batch(hf_model: Any, tokenizer: Any, prompts: list[list[int]],
         tail = torch.log_softmax(first.logits[:, -len(shared) - 1:, :].float(), dim=-1)  # [n, shared+1, vocab]
         head = tail[:, -1, :]
         shared_logp = [sum(float(tail[r, t, token]) for t, token in enumerate(shared)) for r in range(n)]
-        cache = first.cache if "cache" in first else first.past_key_values
+        cache = output_cache(first)
         cache.batch_repeat_interleave(k)  # row r*k + j: prompt r, candidate j
         length = max(len(c) for c in continuations)
         cont = torch.tensor([c + [pad] * (length - len(c)) for c in continuations], device=device)
@@ -139,13 +141,3 @@ def _keep(hf_model: Any, last: int) -> dict[str, int]:
         accepted = False
     return {"logits_to_keep": last} if accepted else {}
 
-
-def _cache_kwarg(hf_model: Any) -> str:
-    """`cache` in recent transformers, `past_key_values` before (the old name warns in 5.x)."""
-    import inspect
-
-    forward = getattr(hf_model, "forward", None)
-    try:
-        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-    except (TypeError, ValueError):
-        return "past_key_values"

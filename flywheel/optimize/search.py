@@ -85,9 +85,10 @@ class OptimizeResult:
     candidates: list[Candidate]
     rejected: list[dict[str, Any]]
     model_calls: int
-    tokens: int
+    tokens: int  # paid: prompt + completion tokens of every model call this search made (cache hits are free)
     wall_s: float
     notes: list[str] = field(default_factory=list)
+    tokens_measured: int = 0  # of this run's iterations, cached samples included: what its report shows
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -96,7 +97,8 @@ class OptimizeResult:
             "winner_messages": self.winner.prompt.to_json(),
             "valid_comparison": self.valid_comparison, "test_comparison": self.test_comparison,
             "candidates": [c.describe() for c in self.candidates], "rejected": self.rejected,
-            "model_calls": self.model_calls, "tokens": self.tokens, "wall_s": self.wall_s, "notes": self.notes,
+            "model_calls": self.model_calls, "tokens": self.tokens, "tokens_measured": self.tokens_measured,
+            "wall_s": self.wall_s, "notes": self.notes,
         }
         return json.loads(json.dumps(data, default=str).replace("NaN", "null"))
 
@@ -192,7 +194,7 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
     measures it once, at its end). `dataset`, `grader_set`: the spec's, already loaded by the
     caller (the wheel's; the caller closes its grader set)."""
     started = time.perf_counter()
-    config = config or spec.optimize or OptimizeSpec()
+    config = config or spec.optimize_config()
     log = log or (lambda message: None)
     dataset = dataset or load_dataset(spec)
     valid, train = dataset.split("valid"), dataset.split("train")
@@ -261,7 +263,7 @@ def optimize_prompt(spec: EvalSpec, store: Store, *, model: Model | None = None,
         run_id=run_id, baseline=baseline, winner=winner, promoted=promoted, reason=reason,
         valid_comparison=valid_cmp, test_comparison=test_cmp, candidates=candidates,
         rejected=search.rejected, model_calls=search.model_calls, tokens=search.tokens,
-        wall_s=time.perf_counter() - started, notes=notes)
+        wall_s=time.perf_counter() - started, notes=notes, tokens_measured=store.measured_tokens(run_id))
     store.finish_run(run_id, "completed", {k: v for k, v in result.to_dict().items() if k != "candidates"})
     return result
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from flywheel.harness import EvalResult
@@ -126,11 +124,33 @@ def _ci(cmp: dict[str, Any]) -> str:
             f"McNemar p={cmp['p_mcnemar']:.3g}  ({cmp['improvements']} fixed, {cmp['regressions']} broken)")
 
 
+def tokens_line(paid: int, measured: int) -> str:
+    """The two token figures, each named: paid by every model call, and of the run's iterations (its report's)."""
+    return f"tokens paid {paid:,} (all model calls)  tokens measured {measured:,} (this run's iterations)"
+
+
+def print_grader_runs(responses: list[dict[str, Any]]) -> None:
+    """`flywheel graders run`: one row per grader: name, type, score, passed, error."""
+    from graders.endpoints import response_error
+
+    safe = safe_terminal_text
+    table = Table(show_header=True, header_style="bold")
+    for column in ("grader", "type", "score", "passed", "error"):
+        table.add_column(column, justify="right" if column == "score" else "left", overflow="fold")
+    for r in responses:
+        meta = r.get("metadata") or {}
+        error = response_error(r)
+        passed = r.get("passed")
+        table.add_row(safe(meta.get("name")), safe(meta.get("type")), _num(r.get("reward")),
+                      "–" if passed is None else ("yes" if passed else "no"), safe(error) if error else "")
+    console.print(table)
+
+
 def print_optimize_result(result) -> None:
     """The search tree in order, then winner vs baseline on valid and on test."""
     safe = safe_terminal_text
     table = Table(show_header=True, header_style="bold", title=f"prompt search {safe(result.run_id)}")
-    for column in ("candidate", "parent", "demos", "minibatch", "valid", "test"):
+    for column in ("candidate", "parent", "demos", "minibatch", "all of valid", "test"):
         table.add_column(column, justify="left" if column in ("candidate", "parent") else "right")
     for c in result.candidates:
         mark = " ★" if c is result.winner else ""
@@ -147,8 +167,8 @@ def print_optimize_result(result) -> None:
     console.print(safe(result.reason, markup=False), highlight=False, markup=False)
     console.print(f"valid  winner - baseline: {_ci(result.valid_comparison)}", highlight=False)
     console.print(f"test   winner - baseline: {_ci(result.test_comparison)}", highlight=False)
-    console.print(f"model calls {result.model_calls}  tokens {result.tokens}  time {result.wall_s:.1f}s",
-                  highlight=False)
+    console.print(f"model calls {result.model_calls}  {tokens_line(result.tokens, result.tokens_measured)}  "
+                  f"time {result.wall_s:.1f}s", highlight=False)
 
 
 def print_wheel_result(result) -> None:
@@ -180,7 +200,8 @@ def print_wheel_result(result) -> None:
         console.print(f"test: {_pct(result.test.get('baseline'))} -> {_pct(result.test.get('winner'))}  "
                       f"diff {_ci(cmp)}", highlight=False, markup=False)
     laps = "  ".join(f"lap {lap} {seconds:.0f}s" for lap, seconds in sorted(result.lap_wall_s.items()))
-    console.print(f"model calls {result.model_calls}  tokens {result.tokens}  cost {result.cost:.4f}  "
+    console.print(f"model calls {result.model_calls}  {tokens_line(result.tokens, result.tokens_measured)}  "
+                  f"cost {result.cost:.4f}  "
                   f"time {result.wall_s:.0f}s ({laps})", highlight=False)
     if result.report_path:
         console.print(f"report: {safe(result.report_path, markup=False)}", highlight=False, markup=False)

@@ -190,24 +190,50 @@ def grader_rows(view: RunView) -> list[dict[str, Any]]:
     return rows
 
 
+def is_minibatch(iteration: dict[str, Any], searches: set[str]) -> bool:
+    """A prompt search's candidate scored on its valid minibatch (stage `prompt` of a run in `searches`, the
+    ids of `optimize` runs), not on all of valid (`prompt-valid`)."""
+    return iteration.get("stage") == "prompt" and iteration.get("run_id") in searches
+
+
+def scope_label(iteration: dict[str, Any], searches: set[str]) -> str:
+    """What a score was measured on: `minibatch of valid (15)`, `all of valid`, `test`."""
+    split = iteration.get("split") or "all"
+    if is_minibatch(iteration, searches):
+        return f"minibatch of {split}" + (f" ({iteration['n']})" if iteration.get("n") else "")
+    return f"all of {split}" if split in ("valid", "train") else split
+
+
 def kpis(view: RunView) -> list[dict[str, str]]:
     metric = view.objective["metric"]
     scored = [it for it in view.iterations if not is_missing(it.get("score_value"))]
     out = []
-    if scored:
-        base = scored[0]  # the best is chosen among iterations on the baseline's split: like with like
-        best = max((it for it in scored if it.get("split") == base.get("split")), key=lambda it: it["score_value"])
+    # like with like: a search scores candidates on a valid minibatch, then its finalists on all of
+    # valid; the best is chosen within the full-valid scores when there are any, and says which it is
+    searches = {run["id"] for run in view.runs if run.get("kind") == "optimize"}
+    full = [it for it in scored if not is_minibatch(it, searches)]
+    for group in ([full] if full else []) + [[it for it in scored if it not in full]]:
+        if not group:
+            continue
+        base, scope = group[0], scope_label(group[0], searches)
+        best = max((it for it in group if it.get("split") == base.get("split")), key=lambda it: it["score_value"])
         gain = best["score_value"] - base["score_value"]
-        out.append({"label": "baseline", "value": fmt_score(base["score_value"], metric), "detail": base["label"], "cls": "muted"})
-        out.append({"label": "best", "value": fmt_score(best["score_value"], metric),
+        out.append({"label": f"baseline ({scope})", "value": fmt_score(base["score_value"], metric),
+                    "detail": base["label"], "cls": "muted"})
+        out.append({"label": f"best ({scope})", "value": fmt_score(best["score_value"], metric),
                     "detail": f"{fmt_delta(gain, metric)} · {best['label']}", "cls": "pos" if gain > 0 else "muted"})
+        break
     tokens = sum(it.get("tokens") or 0 for it in view.iterations)
+    paid = [p for p in (run.get("summary").tokens_paid if run.get("summary") else None for run in view.runs)
+            if p is not None]
     cost = sum(it.get("cost") or 0.0 for it in view.iterations)
     evals = sum(it.get("wall_s") or 0.0 for it in view.iterations)
     wall = run_wall_time(view)
     samples = sum(it.get("n") or 0 for it in view.iterations)
     out += [{"label": "iterations", "value": str(len(view.iterations)), "detail": f"{samples:,} samples", "cls": "muted"},
-            {"label": "tokens", "value": fmt_tokens(tokens), "detail": f"cost {fmt_cost(cost)}", "cls": "muted"},
+            {"label": "tokens measured", "value": fmt_tokens(tokens),
+             "detail": (f"of the iterations · {fmt_tokens(sum(paid))} paid (all model calls) · " if paid else
+                        "of the iterations · ") + f"cost {fmt_cost(cost)}", "cls": "muted"},
             {"label": "time", "value": fmt_duration(wall), "detail": f"{fmt_duration(evals)} evaluating", "cls": ""}]
     return out
 

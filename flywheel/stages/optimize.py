@@ -32,7 +32,7 @@ class OptimizeStage:
             "model": incumbent.model_ref,
             "input": [MessageSpec(role=m["role"], content=m["content"]) for m in incumbent.prompt.messages]})
         result = optimize_prompt(spec, wheel.store, model=wheel.model(incumbent.model_ref),
-                                 config=self.spec.optimize or wheel.spec.optimize, base_prompt=incumbent.prompt,
+                                 config=self.spec.optimize or wheel.spec.optimize_config(), base_prompt=incumbent.prompt,
                                  measure_test=False, log=lambda m: wheel.log(f"  {m}"), dataset=wheel.dataset,
                                  grader_set=wheel.grader_set)
         wheel.count(result.model_calls, result.tokens)

@@ -241,6 +241,13 @@ class RunsStore(StoreBase):
     def iterations(self, run_id: str) -> list[dict[str, Any]]:
         return list(self.db["iterations"].rows_where("run_id = ?", [run_id], order_by="seq"))
 
+    def measured_tokens(self, run_id: str) -> int:
+        """Prompt + completion tokens of a run's iterations (its measurements), as reports show them; a
+        wheel or a search pays for more (proposals, captures, training probes): their `tokens`."""
+        row = self.db.execute("select coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)"
+                              " from iterations where run_id = ?", [run_id]).fetchone()
+        return int(row[0])
+
     def count_run_rows(self, run_ids: Sequence[str]) -> tuple[int, int]:
         """(iterations, samples) of the given runs."""
         marks = ",".join("?" * len(run_ids))

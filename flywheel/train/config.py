@@ -8,7 +8,8 @@ Users write (or override with `-s key=value`) the small models below; `to_peft`,
 
 Defaults are the settings measured on the BANKING77 demo (docs/training.md): LoRA r=16 on every
 linear layer, loss on assistant tokens only, bf16 where the hardware has it, no gradient
-checkpointing (a 135M model fits easily; recomputation costs ~25% per step).
+checkpointing unless a step's activations would not fit (a 135M model fits easily; recomputation
+costs ~25% per step), Liger kernels on a GPU where they are installed.
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ class TrainConfig(_Config):
     warmup_ratio: float = Field(default=0.0, ge=0, le=1, description="Share of steps spent warming up.")
     lr_scheduler: Literal["linear", "cosine", "constant"] = Field(default="linear", description="LR schedule.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        default="auto", description="Recompute activations in the backward pass to save memory: true, false, or "
+        "auto: on when a step's estimated activation memory exceeds 40% of the device's memory (the GPU's, else "
+        "the machine's RAM; flywheel.train.config.checkpointing_needed).")
+    liger: bool | Literal["auto"] = Field(
+        default="auto", description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear "
+        "cross-entropy) on a CUDA GPU: auto: when the liger-kernel package is installed (pip install "
+        "'flywheel[liger]') and a GPU is here; true: required (an error otherwise); false: never.")
     logging_steps: int = Field(default=5, ge=1, description="Steps between logged metrics.")
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Seed for data order and adapter init.")
     # -- validation, checkpoints, early stopping (flywheel.train.validation; docs/training.md) --------
@@ -80,7 +88,9 @@ class TrainConfig(_Config):
         "by validation_reference.")
     validation_reference: str | None = Field(
         default=None, description="SFT: the assistant answer of a valid-split item, a template such as "
-        "'{{item.label}}'; default: the objective grader's reference when it reads item fields only.")
+        "'{{item.label}}'; default: the objective grader's reference when it reads item fields only, the captured "
+        "reply for items from captures, or the one item field a python objective grader reads that the prompt "
+        "does not show.")
     valid_subset: int = Field(
         default=0, ge=0, description="At each saved checkpoint, generate (greedy, the training prompt) on the first "
         "N valid items and grade them with the eval's graders (0: off).")
@@ -264,7 +274,87 @@ def quantization_config(lora: LoraSpec, bf16: bool):
                               bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
-def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool) -> dict[str, Any]:
+# -- memory: gradient checkpointing by estimate, Liger by availability -------------------------------
+# Checkpointing goes on when a step's activations would take more than this share of the device's memory
+# (the rest holds the weights, the optimiser state of the adapter, the allocator's slack and the KV-free
+# forward's temporaries).
+CHECKPOINTING_SHARE = 0.4
+
+
+def activation_bytes(*, hidden: int, layers: int, intermediate: int, vocab: int, tokens: int,
+                     dtype_bytes: int = 2) -> int:
+    """Estimated bytes of activations a LoRA training step keeps for its backward pass.
+
+    Per token and layer: ~16 hidden-sized tensors (norm inputs and outputs, q/k/v/o projections and
+    their LoRA inputs, the residual stream; attention scores are not kept with SDPA/flash kernels)
+    and 3 intermediate-sized ones (gate, up and their product); plus the fp32 logits of the loss.
+
+    >>> activation_bytes(hidden=896, layers=24, intermediate=4864, vocab=151936, tokens=8192) // 2**30  # Qwen2.5-0.5B, 8 x 1024
+    15
+    """
+    per_token = layers * (16 * hidden + 3 * intermediate) * dtype_bytes + vocab * 4
+    return tokens * per_token
+
+
+def checkpointing_needed(activations: int, device_bytes: int, share: float = CHECKPOINTING_SHARE) -> bool:
+    """Whether `gradient_checkpointing: auto` turns recomputation on: the activations exceed `share`
+    of the device's memory.
+
+    >>> checkpointing_needed(10 * 2**30, 80 * 2**30), checkpointing_needed(40 * 2**30, 80 * 2**30)
+    (False, True)
+    """
+    return activations > share * device_bytes
+
+
+def device_memory_bytes() -> int:
+    """Memory of the device training runs on: the first GPU's, else the machine's RAM."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_gradient_checkpointing(config: TrainConfig, model: Any, *, bf16: bool) -> bool:
+    """`gradient_checkpointing` as the trainer gets it: as set, or for `auto` by the estimate of a
+    full step (batch_size x max_length tokens) on `model`'s shapes against this device's memory."""
+    if isinstance(config.gradient_checkpointing, bool):
+        return config.gradient_checkpointing
+    if model is None:
+        return False
+    text = model.config.get_text_config(decoder=True)
+    shapes = [getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                     "vocab_size")]
+    if not all(isinstance(value, int) for value in shapes):
+        return False  # an architecture whose shapes are named otherwise: leave recomputation off
+    hidden, layers, intermediate, vocab = shapes
+    activations = activation_bytes(hidden=hidden, layers=layers, intermediate=intermediate, vocab=vocab,
+                                   tokens=config.batch_size * config.max_length, dtype_bytes=2 if bf16 else 4)
+    return checkpointing_needed(activations, device_memory_bytes())
+
+
+def resolve_liger(liger: bool | str) -> bool:
+    """Whether the trainer uses Liger kernels: `auto` when liger-kernel is installed and a CUDA GPU is
+    here; `true` requires both (TrainingError, one line, otherwise); `false` never."""
+    import importlib.util
+
+    if liger is False:
+        return False
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if liger is True:
+        if not installed:
+            raise TrainingError("liger=true: the liger-kernel package is not installed: pip install "
+                                "'flywheel[liger]' (on a machine with a CUDA GPU), or set liger=auto")
+        if not _has_cuda():
+            raise TrainingError("liger=true: Liger's kernels are Triton kernels for a CUDA GPU; none here: "
+                                "set liger=auto")
+        return True
+    return installed and _has_cuda()
+
+
+def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool, model: Any = None) -> dict[str, Any]:
     return dict(
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
@@ -275,7 +365,8 @@ def _common(config: TrainConfig, output_dir: Path, bf16: bool, quiet: bool) -> d
         warmup_steps=config.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
-        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=resolve_gradient_checkpointing(config, model, bf16=bf16),
+        use_liger_kernel=resolve_liger(config.liger),
         logging_steps=config.logging_steps,
         seed=config.seed,
         data_seed=config.seed,
@@ -304,11 +395,16 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def sft_args(config: SFTSpec, output_dir: Path, *, bf16: bool, quiet: bool = False):
+def sft_args(config: SFTSpec, output_dir: Path, *, bf16: bool, quiet: bool = False, model: Any = None):
+    """TRL's SFTConfig; `model` (the loaded base) sizes `gradient_checkpointing: auto`. Packing is TRL's
+    best-fit-decreasing packing, padding-free: the packed rows are one sequence whose position ids
+    restart at each example, which FlashAttention reads as sequence boundaries and transformers' SDPA and
+    eager masks turn into a block-diagonal mask (tests/test_train_packing.py: packed and unpacked losses
+    agree)."""
     from trl import SFTConfig
 
     return SFTConfig(
-        **_common(config, output_dir, bf16, quiet),
+        **_common(config, output_dir, bf16, quiet, model),
         max_length=config.max_length,
         packing=config.packing,
         packing_strategy="bfd",
@@ -320,21 +416,24 @@ def sft_args(config: SFTSpec, output_dir: Path, *, bf16: bool, quiet: bool = Fal
     )
 
 
-def dpo_args(config: DPOSpec, output_dir: Path, *, bf16: bool, quiet: bool = False):
+def dpo_args(config: DPOSpec, output_dir: Path, *, bf16: bool, quiet: bool = False, model: Any = None):
+    """TRL's DPOConfig; `model` sizes `gradient_checkpointing: auto` (TRL 1.x has disabled DPO's
+    padding-free mode, so DPO batches are padded)."""
     from trl import DPOConfig
 
     return DPOConfig(
-        **_common(config, output_dir, bf16, quiet),
+        **_common(config, output_dir, bf16, quiet, model),
         max_length=config.max_length,
         beta=config.beta,
         loss_type=[config.loss_type],
     )
 
 
-def grpo_args(config: RFTSpec, output_dir: Path, *, bf16: bool, max_completion_length: int, quiet: bool = False):
+def grpo_args(config: RFTSpec, output_dir: Path, *, bf16: bool, max_completion_length: int, quiet: bool = False,
+              model: Any = None):
     from trl import GRPOConfig
 
-    common = _common(config, output_dir, bf16, quiet)
+    common = _common(config, output_dir, bf16, quiet, model)
     # TRL counts completions per device batch: prompts per step x generations per prompt.
     common["per_device_train_batch_size"] = config.batch_size * config.num_generations
     # GRPO has no validation loss (flywheel.train.validation refuses eval_steps for rft); TRL still

@@ -31,7 +31,7 @@ def build_dpo_trainer(model, tokenizer, training_set: TrainingSet, config: DPOSp
     if training_set.kind != "dpo":
         raise TrainingDataError(f"DPO needs a DPO training set (preference pairs), got a {training_set.kind} set")
     trainer = DPOTrainer(
-        model=model, args=dpo_args(config, output_dir, bf16=bf16, quiet=quiet),
+        model=model, args=dpo_args(config, output_dir, bf16=bf16, quiet=quiet, model=model),
         train_dataset=to_hf_dataset(training_set), processing_class=tokenizer,
         eval_dataset=to_hf_dataset(eval_set) if eval_set is not None else None,
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))

@@ -13,7 +13,6 @@ store, saves the adapter and evaluates.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError, TrainingError
+from flywheel.models.memory import release_memory
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Checkpoint, Store
@@ -388,6 +388,8 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         changed = sum(1 for k in before if not bool((before[k] == after.get(k, before[k])).all()))
         metrics = {**_summarise_history(history, loss_key), "wall_s": wall, "bf16": bf16,
                    "processes": trainer.accelerator.num_processes,
+                   "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
+                   "liger": bool(trainer.args.use_liger_kernel),
                    "adapter_tensors": len(before), "adapter_tensors_changed": changed,
                    "rows": len(training_set), **extra}
         if saved:
@@ -420,7 +422,7 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
         if lock is not None:
             lock.close()
     trainer = model = built = None  # free the trained weights before evaluation loads models
-    gc.collect()
+    release_memory()  # and hand the freed heap back, so the evaluation does not stack on training's peak
     result = TrainResult(method=method, checkpoint=checkpoint, job_id=job_id, training_set_id=training_set.id or "",
                          metrics=metrics, checkpoints=_checkpoint_rows(validation.checkpoints(), checkpoint.id),
                          best_reason=best_reason, stop_reason=validation.stop_reason)

@@ -54,7 +54,7 @@ def build_rft_trainer(model, tokenizer, training_set: TrainingSet, config: RFTSp
     tokenizer.padding_side = "left"
     trainer = GRPOTrainer(
         model=model, reward_funcs=rewards, train_dataset=to_hf_dataset(training_set), processing_class=tokenizer,
-        args=grpo_args(config, output_dir, bf16=bf16, quiet=quiet,
+        args=grpo_args(config, output_dir, bf16=bf16, quiet=quiet, model=model,
                        max_completion_length=config.max_completion_length or spec.sampling.max_tokens),
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))
     return BuiltTrainer(trainer, {"prompts": len(training_set), "rewards": [r.__name__ for r in rewards]},

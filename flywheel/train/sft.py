@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flywheel.errors import TrainingError
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
@@ -49,19 +48,12 @@ def build_sft_trainer(model, tokenizer, training_set: TrainingSet, config: SFTSp
     if set_has_images(training_set):
         raise TrainingDataError("the training set has images, but the base is a text model (it would train on "
                                 "the text alone): train a vision-language model (docs/vision.md)")
-    attention = getattr(model.config, "_attn_implementation", None)
-    if config.packing and not (attention or "").startswith(("flash_attention", "kernels-community/flash")):
-        # Packed rows are flattened into one sequence told apart only by position ids; sdpa and eager
-        # attention ignore those boundaries, so examples would attend to each other.
-        raise TrainingError(f"packing needs a varlen attention kernel (FlashAttention 2/3 on a GPU); this model "
-                            f"uses {attention!r}, where packed examples would attend across their boundaries. "
-                            "Leave packing off (group_by_length keeps padding low)")
     rows, stats = tokenize_sft(training_set, tokenizer, loss=config.loss)
     eval_rows = tokenize_sft(eval_set, tokenizer, loss=config.loss)[0] if eval_set is not None else None
     if eval_set is not None:
         stats["valid_rows"] = len(eval_rows)
     trainer = (CompactLossSFTTrainer if compact_loss else SFTTrainer)(
-        model=model, args=sft_args(config, output_dir, bf16=bf16, quiet=quiet),
+        model=model, args=sft_args(config, output_dir, bf16=bf16, quiet=quiet, model=model),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows is not None else None,
         peft_config=None if isinstance(model, PeftModel) else to_peft(config.lora))

@@ -62,12 +62,48 @@ def training_prompt(spec: EvalSpec, store: Store, training_set: TrainingSet, pro
 
 
 def default_reference(spec: EvalSpec) -> str | None:
-    """The objective grader's `reference` when it only reads item fields (e.g. `{{item.label}}`)."""
-    grader = next((g for g in spec.graders if g.get("name") == spec.objective_grader), None)
-    reference = (grader or {}).get("reference")
+    """The answer of a valid item, when the spec says what it is: the objective grader's `reference`
+    when it only reads item fields (e.g. `{{item.label}}`); for items from the proxy's captures, the
+    captured reply (`{{item.output}}`); for a python objective grader, the one item field its
+    `grade(sample, item)` reads that the prompt does not show the model. Else None."""
+    grader = next((g for g in spec.graders if g.get("name") == spec.objective_grader), None) or {}
+    reference = grader.get("reference")
     if isinstance(reference, str) and "{{" in reference and "sample." not in reference:
         return reference
+    if spec.dataset.captures is not None:
+        return "{{item.output}}"
+    if grader.get("type") == "python" and isinstance(grader.get("source"), str):
+        shown = json.dumps(spec.messages())
+        hidden = [f for f in python_item_fields(grader["source"]) if f"item.{f}" not in shown]
+        if len(hidden) == 1:
+            return f"{{{{item.{hidden[0]}}}}}"
     return None
+
+
+def python_item_fields(source: str) -> list[str]:
+    """The item fields a python grader's `grade(sample, item)` reads by a constant key (`item["x"]`,
+    `item.get("x")`), in order of first use; [] when the source does not parse."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    grade = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "grade"), None)
+    if grade is None or len(grade.args.args) < 2:
+        return []
+    item = grade.args.args[1].arg
+    found: list[tuple[int, int, str]] = []
+    for node in ast.walk(grade):
+        key = None
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == item:
+            key = node.slice
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and isinstance(node.func.value, ast.Name) and node.func.value.id == item and node.args):
+            key = node.args[0]
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            found.append((node.lineno, node.col_offset, key.value))
+    return list(dict.fromkeys(field for _, _, field in sorted(found)))
 
 
 def validation_set(method: str, spec: EvalSpec, config: TrainConfig, prompt: Prompt) -> TrainingSet | None:

@@ -39,7 +39,7 @@ from flywheel.errors import TrainingError
 from flywheel.images import (ImageAccess, ImageError, check_image_count, image_detail, image_part, iter_image_urls,
                              load_image, map_image_parts)
 from flywheel.train.config import sft_args, to_peft
-from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix, row_messages, set_has_images
+from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix, row_messages
 from flywheel.train.local import BuiltTrainer
 
 NOT_CHECKED = ("the platform also skips examples with people, faces, children or CAPTCHAs; flywheel does not "
@@ -209,7 +209,7 @@ def build_vision_sft_trainer(model, processor, training_set: TrainingSet, config
         raise TrainingError("packing is not supported for vision rows (image tokens cannot be split across "
                             "packed sequences); leave packing off")
     kept, report = screen_images(training_set)
-    args = sft_args(config, output_dir, bf16=bf16, quiet=quiet)
+    args = sft_args(config, output_dir, bf16=bf16, quiet=quiet, model=model)
     # Rows are processed per batch by our collator (pixels and loss mask), so TRL neither tokenises
     # nor drops the `messages` column, and batches cannot be grouped by a length it never sees.
     args.dataset_kwargs = {"skip_prepare_dataset": True}

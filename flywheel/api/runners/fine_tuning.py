@@ -23,7 +23,6 @@ queue with periodic checkpoints and validation, and the resume of a paused or ki
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
