@@ -13,6 +13,7 @@ from flywheel.optimize.propose import check_proposal, extract_instruction
 from flywheel.optimize.search import _decide, Candidate
 from flywheel.prompt import Demo, Prompt
 from flywheel.spec import load_eval_spec
+from flywheel.summaries import RunSummary
 
 from conftest import LABELS, make_rows, spec_dict, write_jsonl
 
@@ -175,7 +176,7 @@ def test_token_figures_and_scores_say_what_they_count(tmp_path, tiny_model_dir):
     store = Store.open(tmp_path / "o.db")
     try:
         assert first["tokens_measured"] == store.measured_tokens(first["run_id"])
-        assert store.run_summary(store.get_run(first["run_id"])).tokens_paid == first["tokens"]
+        assert RunSummary.of_run(store.get_run(first["run_id"])).tokens_paid == first["tokens"]
         view = load_run_view(store, [first["run_id"]])
         decorate_iterations(view)
         figures = {k["label"]: k for k in kpis(view)}

@@ -210,7 +210,7 @@ def kpis(view: RunView) -> list[dict[str, str]]:
     out = []
     # like with like: a search scores candidates on a valid minibatch, then its finalists on all of
     # valid; the best is chosen within the full-valid scores when there are any, and says which it is
-    searches = {run["id"] for run in view.runs if run.get("kind") == "optimize"}
+    searches = {run.id for run in view.runs if run.kind == "optimize"}
     full = [it for it in scored if not is_minibatch(it, searches)]
     for group in ([full] if full else []) + [[it for it in scored if it not in full]]:
         if not group:
@@ -224,8 +224,7 @@ def kpis(view: RunView) -> list[dict[str, str]]:
                     "detail": f"{fmt_delta(gain, metric)} · {best['label']}", "cls": "pos" if gain > 0 else "muted"})
         break
     tokens = sum(it.get("tokens") or 0 for it in view.iterations)
-    paid = [p for p in (run.get("summary").tokens_paid if run.get("summary") else None for run in view.runs)
-            if p is not None]
+    paid = [p for p in (RunSummary.of_run(run).tokens_paid for run in view.runs) if p is not None]
     cost = sum(it.get("cost") or 0.0 for it in view.iterations)
     evals = sum(it.get("wall_s") or 0.0 for it in view.iterations)
     wall = run_wall_time(view)
