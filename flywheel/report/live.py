@@ -67,11 +67,21 @@ def wheel_view(quiet: bool = False) -> Iterator[EventFn]:
         return
     console = Console(stderr=True)
     if not (console.is_terminal and sys.stdout.isatty()):
+        running: list[WheelEvent] = []  # the stage under way, named if the run stops inside it
+
         def line(event: WheelEvent) -> None:
-            if event.kind in STAGE_LINE_KINDS:
+            if event.kind == "stage":
+                running[:] = [event]
+            elif event.kind in STAGE_LINE_KINDS:
+                running.clear()
                 click.echo(safe_terminal_text(event.line(), markup=False))
 
-        yield line
+        try:
+            yield line
+        except BaseException:  # Ctrl-C or an error inside a stage: say which stage it stopped in
+            if running:
+                click.echo(safe_terminal_text(f"{running[0].line()} -> stopped", markup=False))
+            raise
         return
     with Live(console=console, transient=True, refresh_per_second=4) as live:
         def show(event: WheelEvent) -> None:
