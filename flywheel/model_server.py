@@ -309,9 +309,9 @@ def model_fingerprint(model: Model) -> str:
     return "fp_" + hashlib.sha256(model.fingerprint.encode()).hexdigest()[:10]
 
 
-def chat_response(call: ChatCall, completions: list[Completion], name: str, fingerprint: str) -> Response:
-    """The chat.completion reply (JSON, or SSE when the call streams) for a call's completions;
-    ApiError(500) when generation failed. The one reply shape of every flywheel model server."""
+def chat_payload(call: ChatCall, completions: list[Completion], name: str, fingerprint: str | None) -> dict[str, Any]:
+    """The chat.completion object for a call's completions; ApiError(500) when generation failed. The
+    one reply shape of every flywheel model server (serve-model, the service's aliases, the API)."""
     failed = next((c.error for c in completions if c.error), None)
     if failed:
         raise ApiError(500, f"generation failed: {failed}", code="generation_failed")
@@ -323,13 +323,21 @@ def chat_response(call: ChatCall, completions: list[Completion], name: str, fing
             message.update(content=text or None, tool_calls=completion.tool_calls)
             finish = "tool_calls"
         choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": finish})
-    payload = {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
-               "model": name, "system_fingerprint": fingerprint, "choices": choices,
-               "usage": _usage(completions)}
+    return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
+            "model": name, "system_fingerprint": fingerprint, "choices": choices, "usage": _usage(completions)}
+
+
+def payload_response(call: ChatCall, payload: dict[str, Any]) -> Response:
+    """A chat.completion object as the call asked for it: JSON, or server-sent events when it streams."""
     if call.stream:
         return StreamingResponse(_sse(payload, call.include_usage), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
     return JSONResponse(payload)
+
+
+def chat_response(call: ChatCall, completions: list[Completion], name: str, fingerprint: str) -> Response:
+    """The chat.completion reply (JSON, or SSE when the call streams) for a call's completions."""
+    return payload_response(call, chat_payload(call, completions, name, fingerprint))
 
 
 # Ten images of 10 MB each, base64-encoded (4/3), plus the rest of the request.

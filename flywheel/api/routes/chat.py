@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from flywheel.api.access import caller
@@ -24,9 +24,9 @@ from flywheel.api.errors import check_metadata
 from flywheel.api.logs import store_completion
 from flywheel.api.model_access import no_access, resolve_model
 from flywheel.errors import FlywheelError
-from flywheel.model_server import _completion_id, _sse, _usage, apply_stop, parse_chat_call
+from flywheel.model_server import chat_payload, parse_chat_call, payload_response
 from flywheel.models import cached_model
-from flywheel.web import ApiError, parse_json_object, read_body
+from flywheel.web import parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.state import ApiState
@@ -47,16 +47,7 @@ def routes(state: "ApiState") -> list[Route]:
 
         # The model generates one call at a time, whichever thread asks (an eval run may share it).
         completions = await asyncio.get_running_loop().run_in_executor(None, model.generate, call.requests())
-        failed = next((c.error for c in completions if c.error), None)
-        if failed:
-            raise ApiError(500, f"generation failed: {failed}", code="generation_failed")
-        choices = []
-        for index, completion in enumerate(completions):
-            text, finish = apply_stop(completion.text, completion.finish_reason, call.stop)
-            choices.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": None, "finish_reason": finish})
-        payload = {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()),
-                   "model": call.model, "system_fingerprint": None, "choices": choices, "usage": _usage(completions)}
+        payload = chat_payload(call, completions, call.model, None)
         if body.get("store") is True:
             # as `flywheel proxy` records calls: evals read them back as stored completions
             usage = payload["usage"]
@@ -68,8 +59,6 @@ def routes(state: "ApiState") -> list[Route]:
                 "metadata_json": json.dumps(check_metadata(body.get("metadata")) or {}),
                 "request_json": raw.decode("utf-8"), "request_bytes": len(raw), "response_json": json.dumps(payload),
                 "response_id": payload["id"]}, caller(request).project)
-        if call.stream:
-            return StreamingResponse(_sse(payload, call.include_usage), media_type="text/event-stream")
-        return JSONResponse(payload)
+        return payload_response(call, payload)
 
     return [Route("/v1/chat/completions", chat_completions, methods=["POST"])]
