@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import socket
 import threading
@@ -34,6 +33,7 @@ from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
 from flywheel.outputs import DataOutputs
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
+from flywheel.settings import env_seconds
 from flywheel.store import SampleRecord, Store
 from flywheel.summaries import EvalSummary, GraderSummary
 
@@ -259,14 +259,7 @@ COMMIT_EVERY_S = 5.0
 
 def commit_interval() -> float:
     """Seconds of generation between commits ($FLYWHEEL_COMMIT_EVERY_S, default 5)."""
-    raw = os.environ.get("FLYWHEEL_COMMIT_EVERY_S", "")
-    try:
-        value = float(raw) if raw else COMMIT_EVERY_S
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise FlywheelError(f"$FLYWHEEL_COMMIT_EVERY_S={raw!r}: expected a positive number of seconds")
-    return value
+    return env_seconds("FLYWHEEL_COMMIT_EVERY_S", COMMIT_EVERY_S)
 
 
 def generate_cached(store: Store, model: Model, requests: Sequence[ChatRequest]) -> tuple[list[Completion], int]:

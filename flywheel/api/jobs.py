@@ -19,14 +19,13 @@ until resumed.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
 import uuid
 from typing import Any, Protocol
 
-from flywheel.errors import FlywheelError
+from flywheel.settings import env_seconds
 from flywheel.store import Store
 
 log = logging.getLogger("flywheel.api")
@@ -37,14 +36,7 @@ LEASE_S = 15.0
 
 def lease_seconds() -> float:
     """Seconds a worker's claim on a running job lasts unless renewed ($FLYWHEEL_JOB_LEASE_S, default 15)."""
-    raw = os.environ.get("FLYWHEEL_JOB_LEASE_S", "")
-    try:
-        value = float(raw) if raw else LEASE_S
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        raise FlywheelError(f"$FLYWHEEL_JOB_LEASE_S={raw!r}: expected a positive number of seconds")
-    return value
+    return env_seconds("FLYWHEEL_JOB_LEASE_S", LEASE_S)
 
 
 def new_object_id(prefix: str) -> str:

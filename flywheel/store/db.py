@@ -19,6 +19,7 @@ import sqlite_utils
 
 import graders
 from flywheel.errors import StoreError
+from flywheel.settings import env_seconds
 from flywheel.store.migrations import SchemaTooNew, apply_migrations, missing_schema, pending_migrations
 
 DEFAULT_DB = "flywheel.db"
@@ -66,14 +67,7 @@ def default_db_path() -> str:
 
 def busy_timeout() -> float:
     """Seconds a writer waits for a busy database before giving up ($FLYWHEEL_DB_TIMEOUT, default 30)."""
-    raw = os.environ.get("FLYWHEEL_DB_TIMEOUT", "")
-    try:
-        value = float(raw) if raw else DEFAULT_BUSY_TIMEOUT
-    except ValueError:
-        raise StoreError(f"$FLYWHEEL_DB_TIMEOUT={raw!r}: expected a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise StoreError(f"$FLYWHEEL_DB_TIMEOUT={raw!r}: expected a finite number of seconds >= 0")
-    return value
+    return env_seconds("FLYWHEEL_DB_TIMEOUT", DEFAULT_BUSY_TIMEOUT, zero_ok=True, error=StoreError)
 
 
 class StoreBusy(StoreError):
