@@ -88,14 +88,22 @@ def reply_message(response: Any) -> dict[str, Any] | None:
     return reply
 
 
-def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
-    """A successful chat capture as item fields; None when it holds no chat request and reply."""
+def chat_exchange(capture: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(the chat request, the assistant reply) a capture holds; None when it holds no chat request
+    with messages and reply (the one reading of a capture's request and response columns)."""
     request = loads_json(capture.get("request_json"))
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         return None
     reply = reply_message(loads_json(capture.get("response_json")))
-    if reply is None:
+    return None if reply is None else (request, reply)
+
+
+def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
+    """A successful chat capture as item fields; None when it holds no chat request and reply."""
+    exchange = chat_exchange(capture)
+    if exchange is None:
         return None
+    request, reply = exchange
     messages = request["messages"]
     last_user = next((m.get("content") for m in reversed(messages)
                       if isinstance(m, dict) and m.get("role") == "user"), None)

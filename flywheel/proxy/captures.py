@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flywheel.capture_rows import loads_json, parse_when, reply_message
+from flywheel.capture_rows import chat_exchange, loads_json, parse_when, reply_message
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
 from flywheel.terminal import safe_terminal_text
@@ -28,12 +28,10 @@ def sft_example(capture: dict[str, Any]) -> dict[str, Any] | None:
     """A capture row as one SFT line, or None when it is not a usable successful call."""
     if capture.get("error") or capture.get("status") != 200:
         return None
-    request = loads_json(capture.get("request_json"))
-    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+    exchange = chat_exchange(capture)
+    if exchange is None:
         return None
-    reply = reply_message(loads_json(capture.get("response_json")))
-    if reply is None:
-        return None
+    request, reply = exchange
     example: dict[str, Any] = {"messages": [*request["messages"], reply]}
     if request.get("tools"):
         example["tools"] = request["tools"]
