@@ -411,3 +411,43 @@ def test_a_lap_with_a_teacher_labels_traffic_by_self_consistency(tmp_path, tiny_
             assert label in {" ".join(s.split()).casefold() for s in samples}
     finally:
         store.close()
+
+
+def test_traffic_drifts_to_a_new_label_and_a_later_lap_trains_on_it(tmp_path, tiny_model_dir, chatty_dir,
+                                                                    service_factory):
+    """The app's traffic changes (new phrasings, a label the first lap never saw): the next lap's
+    training set is the drifted traffic (none of the old), and its student becomes the candidate."""
+    import json
+
+    from flywheel.service.laps import queue_lap, run_lap
+
+    chatty, tiny = f"local:{chatty_dir}", f"local:{tiny_model_dir}"
+    service = service_factory(write_service(tmp_path, chatty, shadow={"share": 0.0},
+                                            lap={"student": tiny, "prompt": SHORT, "train": QUICK_TRAIN,
+                                                 "holdout": 0.0}))
+
+    def send(texts: list[str], label: str) -> None:
+        for text in texts:
+            service.app.chat.completions.create(model="production", messages=[{"role": "user", "content": text}],
+                                                max_tokens=4, temperature=0, metadata={"label": label})
+
+    def trained_on(lap_id: str) -> list[str]:
+        lines = (tmp_path / "service" / lap_id / "train.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["messages"][1]["content"] for line in lines]
+
+    before = [f"where is my new card {i}?" for i in range(4)]
+    drifted = [f"please stop the transfer I sent to account {i}" for i in range(5)]
+    store = service.store()
+    try:
+        send(before, "card_arrival")
+        first = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        assert first.decision == "candidate" and sorted(trained_on(first.id)) == sorted(before)
+        send(drifted, "cancel_transfer")  # the drift: new phrasings, a new label
+        second = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        assert second.decision == "candidate", second
+        assert sorted(trained_on(second.id)) == sorted(drifted)  # the new traffic only, each once
+        assert second.checkpoint != first.checkpoint
+        assert store.service_alias("candidate") == AliasTarget(second.checkpoint, SHORT)
+        assert [s.who for s in store.service_switches("candidate")][:2] == [f"lap {second.id}", f"lap {first.id}"]
+    finally:
+        store.close()
