@@ -301,3 +301,153 @@ def test_dashboard_page_and_cli_show_the_service_escaped(tmp_path):
     assert again.exit_code == 1 and "error: nothing to roll back" in again.output
     lap = runner.invoke(main, ["service", "lap", path])
     assert lap.exit_code == 0 and "no lap queued" in lap.output  # a lap is already queued
+
+
+def _wait_for(check, timeout: float = 240.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_a_lap_whose_job_fails_gives_its_captures_to_the_next_lap(tmp_path, tiny_model_dir, chatty_dir,
+                                                                  service_factory):
+    from flywheel.api.jobs import JobQueue
+    from flywheel.service.laps import LAP_JOB, new_captures, queue_lap
+    from flywheel.service.run import LapRunner
+
+    chatty = f"local:{chatty_dir}"
+    # min_examples 10 (the default) and 3 captures: the lap's training job fails on its data check
+    service = service_factory(write_service(tmp_path, chatty, shadow={"share": 0.0},
+                                            lap={"train": {"max_steps": 2, "precision": "fp32", "min_examples": 10},
+                                                 "holdout": 0.0}))
+    service.send(3)
+    queue = JobQueue(service.db, {LAP_JOB: LapRunner(service.spec)}, workers=1, poll_s=0.05)
+    store = service.store()
+    try:
+        first_ids = [r["id"] for r in new_captures(store, service.spec)]
+        failed = queue_lap(store, service.spec, trigger="on_demand")
+        queue.start()
+        queue.notify()
+        failed = _wait_for(lambda: (lap := store.service_lap(failed.id)).status in ("failed", "succeeded") and lap)
+        assert failed.status == "failed", failed
+        assert "at least 10 are needed" in failed.reason and failed.decision is None
+        assert store.last_lapped_capture() == 0  # given back
+        service.send(2)
+        again = queue_lap(store, service.spec, trigger="on_demand")
+        assert again.captures == 5 and again.first_capture_id == first_ids[0]  # the failed lap's and the new ones
+        assert len(store.service_laps()) == 2
+    finally:
+        queue.stop()
+        store.close()
+
+
+def test_the_schedule_counts_from_the_last_lap_or_the_services_start(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from flywheel.service.laps import due
+
+    spec = load_service_spec(write_service(tmp_path, "local:x", triggers={"every_s": 3600, "new_captures": 50}))
+    store = Store.open(spec.path(spec.db))
+    try:
+        aliases.ensure_aliases(store, spec)
+        started = datetime.fromisoformat(store.service_switches()[-1].created_at)
+        assert due(store, spec, 3) is None  # just started: the first scheduled lap is an hour away
+        assert due(store, spec, 3, at=started + timedelta(seconds=3599)) is None
+        assert due(store, spec, 3, at=started + timedelta(seconds=3601)) == "schedule"
+        assert due(store, spec, 0, at=started + timedelta(days=1)) is None  # nothing new: no lap
+        assert due(store, spec, 50) == "new_captures"
+        aliases.set_alias(store, "candidate", AliasTarget("local:y", SHORT), who="lap", why="test")
+        assert due(store, spec, 50) is None  # a candidate under shadow test: laps wait for its decision
+        aliases.reject(store, who="shadow", why="worse", test="t")
+        assert due(store, spec, 50) == "new_captures"
+        store.create_service_lap("lap-1", trigger="schedule", capture_ids=[1, 2])
+        lapped = datetime.fromisoformat(store.service_lap("lap-1").created_at)
+        assert due(store, spec, 3, at=lapped + timedelta(seconds=1800)) is None
+        assert due(store, spec, 3, at=lapped + timedelta(seconds=3601)) == "schedule"
+        assert lapped < datetime.now(timezone.utc) + timedelta(seconds=1)
+    finally:
+        store.close()
+
+
+def test_a_lap_with_a_teacher_labels_traffic_by_self_consistency(tmp_path, tiny_model_dir, chatty_dir,
+                                                                 service_factory):
+    import json
+
+    from flywheel.distill import vote
+    from flywheel.models import ChatRequest, Sampling, cached_model
+    from flywheel.service.laps import queue_lap, run_lap
+
+    tiny, chatty = f"local:{tiny_model_dir}", f"local:{chatty_dir}"
+    # production (tiny) answers "": without a teacher nothing would be left to train on
+    path = write_service(tmp_path, tiny, shadow={"share": 0.0},
+                         lap={"teacher": chatty, "votes": 3, "student": tiny, "prompt": SHORT, "holdout": 0.0,
+                              "train": QUICK_TRAIN})
+    service = service_factory(path)
+    service.send(4)
+    store = service.store()
+    try:
+        lap = queue_lap(store, service.spec, trigger="on_demand")
+        events: list[str] = []
+        done = run_lap(store, service.spec, lap.id, event=events.append)
+        assert done.status == "succeeded" and done.checkpoint.startswith(tiny + "+"), done
+        assert any(f"{chatty}'s majority of 3 votes" in e for e in events), events
+        rows = [json.loads(line) for line in
+                (tmp_path / "service" / lap.id / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert len(rows) == 4 and all(r["messages"][0] == {"role": "system", "content": SHORT} for r in rows)
+        labels = [r["messages"][-1]["content"] for r in rows]
+        assert all(labels)  # the teacher's words, not production's empty answers
+        # each label is the majority of the teacher's samples for that input, as vote() folds them
+        teacher = cached_model(chatty)
+        for row, label in zip(rows, labels):
+            asks = [ChatRequest(messages=with_prompt(row["messages"][1:-1], LONG),
+                                sampling=Sampling(temperature=0.7, max_tokens=256), repeat=i) for i in range(3)]
+            samples = [c.text for c in teacher.generate(asks)]
+            assert label in {" ".join(s.split()).casefold() for s in samples}
+    finally:
+        store.close()
+
+
+def test_traffic_drifts_to_a_new_label_and_a_later_lap_trains_on_it(tmp_path, tiny_model_dir, chatty_dir,
+                                                                    service_factory):
+    """The app's traffic changes (new phrasings, a label the first lap never saw): the next lap's
+    training set is the drifted traffic (none of the old), and its student becomes the candidate."""
+    import json
+
+    from flywheel.service.laps import queue_lap, run_lap
+
+    chatty, tiny = f"local:{chatty_dir}", f"local:{tiny_model_dir}"
+    service = service_factory(write_service(tmp_path, chatty, shadow={"share": 0.0},
+                                            lap={"student": tiny, "prompt": SHORT, "train": QUICK_TRAIN,
+                                                 "holdout": 0.0}))
+
+    def send(texts: list[str], label: str) -> None:
+        for text in texts:
+            service.app.chat.completions.create(model="production", messages=[{"role": "user", "content": text}],
+                                                max_tokens=4, temperature=0, metadata={"label": label})
+
+    def trained_on(lap_id: str) -> list[str]:
+        lines = (tmp_path / "service" / lap_id / "train.jsonl").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line)["messages"][1]["content"] for line in lines]
+
+    before = [f"where is my new card {i}?" for i in range(4)]
+    drifted = [f"please stop the transfer I sent to account {i}" for i in range(5)]
+    store = service.store()
+    try:
+        send(before, "card_arrival")
+        first = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        assert first.decision == "candidate" and sorted(trained_on(first.id)) == sorted(before)
+        send(drifted, "cancel_transfer")  # the drift: new phrasings, a new label
+        second = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        assert second.decision == "candidate", second
+        assert sorted(trained_on(second.id)) == sorted(drifted)  # the new traffic only, each once
+        assert second.checkpoint != first.checkpoint
+        assert store.service_alias("candidate") == AliasTarget(second.checkpoint, SHORT)
+        assert [s.who for s in store.service_switches("candidate")][:2] == [f"lap {second.id}", f"lap {first.id}"]
+    finally:
+        store.close()

@@ -60,16 +60,26 @@ def new_captures(store: Store, spec: ServiceSpec) -> list[dict[str, Any]]:
     return rows[:spec.lap.max_captures]
 
 
-def due(store: Store, spec: ServiceSpec, waiting: int) -> str | None:
-    """The trigger that fires now (`new_captures` or `schedule`), None when none does."""
+def due(store: Store, spec: ServiceSpec, waiting: int, *, at: datetime | None = None) -> str | None:
+    """The trigger that fires at `at` (default: now), `new_captures` or `schedule`; None when none does."""
     if waiting == 0:
+        return None
+    from flywheel.service.shadow import current_phase
+
+    phase = current_phase(store, spec)
+    if phase is not None and (spec.canary.share if phase.name == "canary" else spec.shadow.share) > 0:
+        # A new student would replace the candidate under test (or the previous production the canary
+        # pairs with) and restart its test: under steady traffic nothing would ever be decided.
         return None
     if spec.triggers.new_captures and waiting >= spec.triggers.new_captures:
         return "new_captures"
     if spec.triggers.every_s:
+        # The schedule counts from the last lap, or from the service's first switch (its first start):
+        # a service just started waits `every_s` before a scheduled lap, as it would between laps.
         last = store.service_laps(limit=1)
-        if not last or datetime.fromisoformat(last[0].created_at) + timedelta(seconds=spec.triggers.every_s) \
-                <= datetime.now(timezone.utc):
+        since = last[0].created_at if last else min((s.created_at for s in store.service_switches()), default=None)
+        if since is None or datetime.fromisoformat(since) + timedelta(seconds=spec.triggers.every_s) \
+                <= (at or datetime.now(timezone.utc)):
             return "schedule"
     return None
 
@@ -193,6 +203,8 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
                                 sampling=Sampling(temperature=0.7 if spec.lap.votes > 1 else 0.0, max_tokens=256),
                                 repeat=i) for i in range(spec.lap.votes)]
             e["answer"], e["agreement"] = vote([c.text if not c.error else None for c in teacher.generate(asks)])
+        agreement = sum(e["agreement"] for e in examples) / len(examples) if examples else 0.0
+        event(f"labels: {spec.lap.teacher}'s majority of {spec.lap.votes} votes (mean agreement {agreement:.2f})")
     examples = [e for e in examples if e["answer"]]
     held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout)]
     train_rows = [{"messages": with_prompt(e["turns"], student_prompt) + [{"role": "assistant", "content": e["answer"]}]}

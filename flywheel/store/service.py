@@ -201,8 +201,11 @@ class ServiceStore(StoreBase):
                                  [*fields.values(), lap_id])
 
     def last_lapped_capture(self) -> int:
-        """The highest capture id a lap has taken (0 before the first lap)."""
-        return self.db.execute("select coalesce(max(last_capture_id), 0) from service_laps").fetchone()[0]
+        """The highest capture id a lap has taken (0 before the first lap). A lap whose job failed or
+        was cancelled gives its captures back: laps run one at a time, so the failed lap is the newest
+        and the next lap takes its captures again with the new ones."""
+        return self.db.execute("select coalesce(max(last_capture_id), 0) from service_laps "
+                               "where status not in ('failed', 'cancelled')").fetchone()[0]
 
     def captures_after(self, capture_id: int, *, upto: int | None = None, metadata: dict[str, str] | None = None,
                        models: Sequence[str] = ()) -> list[dict[str, Any]]:
