@@ -280,3 +280,19 @@ def test_ft_names_and_api_run_names_show_in_the_app(store):
     assert '<strong class="ft">ft:tiny:support:abc</strong>' in runs
     assert '<strong class="api-name">nightly &lt;b&gt;check&lt;/b&gt;</strong>' in page and "evalrun_1" in page
     assert page.count('<strong class="ft">ft:tiny:support:abc</strong>') >= 2  # the header and each iteration
+
+
+def test_on_the_api_port_the_service_dashboard_needs_an_admin_key(store):
+    """The service dashboard shows live traffic of every project: on the API port a member or reader
+    key gets a 403, an admin key the page (docs/security.md)."""
+    from flywheel.api.access import create_key
+    from flywheel.api.app import create_api_app
+
+    keys = {role: create_key(store, role, project="team-a", role=role)[0] for role in ("admin", "member", "reader")}
+    app = create_api_app(store.path, require_key=True, workers=0, fallback=create_app(store.path), report_base="/")
+    with BackgroundServer(app) as server:
+        seen = {role: request(server, "GET", "/service", headers={"Authorization": f"Bearer {key}"})
+                for role, key in keys.items()}
+    assert seen["member"][0] == seen["reader"][0] == 403
+    assert "admin key" in seen["reader"][2]
+    assert seen["admin"][0] == 200

@@ -349,6 +349,12 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
     def service_page(request: Request) -> Response:
         from flywheel.report.service_view import service_summary
 
+        # the service's traffic spans every project: on the API port only an admin key sees it
+        # (the report server alone shows it to whoever it lets in; docs/security.md)
+        role = request.scope.get("flywheel.role")
+        if role is not None and role != "admin":
+            return pages.render(request, "error.html.j2", status=403, title="forbidden",
+                                message="The service dashboard shows traffic of every project: it needs an admin key.")
         store = pages.store()
         try:
             summary = service_summary(store)
