@@ -228,15 +228,16 @@ def test_wheel_states_stored_the_old_way_still_load(tmp_path, tiny_model_dir, st
 
 
 def test_one_wheel_run_parses_its_dataset_once(tmp_path, tiny_model_dir, store):
-    # The wheel loads the dataset and builds the grader set once and hands them to every stage
-    # (training's own loads are flywheel.train's: not in this run spec).
+    # The wheel loads the dataset and builds the grader set once and hands them to every stage,
+    # training included (flywheel.train.run takes them in its request).
     run_yaml = write_run(tmp_path, tiny_model_dir, [
         {"stage": "optimize"}, {"stage": "capture", "teacher": "reference:label"},
-        {"stage": "capture", "teacher": "incumbent", "limit": 2}])
+        {"stage": "capture", "teacher": "incumbent", "limit": 2}, {"stage": "sft", "config": {"max_steps": 1, **FAST}}])
     path = str(tmp_path / "data.jsonl")
     before = data.PARSES[path]
     result = run_wheel(load_run_spec(run_yaml), store)
-    assert [o.decision for o in result.stages][1:] == ["captured", "captured"] and result.test
+    assert [o.decision for o in result.stages][1:3] == ["captured", "captured"] and result.test
+    assert result.stages[3].stage == "sft" and result.stages[3].decision != "failed", result.stages[3].reason
     assert data.PARSES[path] - before == 1
 
 
