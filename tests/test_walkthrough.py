@@ -71,3 +71,28 @@ def test_each_command_parses_and_names_files_that_exist(args: list[str], monkeyp
 
 def test_the_readme_tour_links_the_walkthrough() -> None:
     assert "docs/walkthrough.md" in (ROOT / "README.md").read_text()
+
+
+def test_the_walkthrough_links_files_that_exist() -> None:
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", WALKTHROUGH.read_text())
+    local = [link for link in links if "://" not in link]
+    assert local, "docs/walkthrough.md links no file of the repository"
+    for link in local:
+        assert (WALKTHROUGH.parent / link).resolve().exists(), f"docs/walkthrough.md links {link}, which does not exist"
+
+
+def test_the_walkthrough_task_is_a_valid_task() -> None:
+    """The shipped task loads as the commands load it: 64 tickets, four departments, every split."""
+    from flywheel.data import load_dataset
+    from flywheel.run_spec import load_run_spec
+    from flywheel.spec import load_eval_spec
+
+    folder = ROOT / "examples" / "walkthrough"
+    spec = load_eval_spec(folder / "eval.yaml")
+    run_spec = load_run_spec(folder / "run.yaml")
+    assert [stage.stage for stage in run_spec.stages] == ["optimize", "capture", "sft"]
+    assert spec.optimize_config().fewshot.label_field == "department"  # `balanced` needs it
+    items = load_dataset(spec).items
+    assert len(items) == 64
+    assert {i.fields["department"] for i in items} == {"billing", "technical", "shipping", "account"}
+    assert {i.split for i in items} == {"train", "valid", "test"}
