@@ -40,7 +40,7 @@ def test_reference_capture_is_graded_and_recorded(tmp_path, tiny_model_dir, stor
     row = store.db.execute("select teacher, n, iteration_id, prompt_id, split from teacher_captures").fetchone()
     assert row[0] == "reference:label" and row[1] == 1 and row[4] == "train"
     iteration = store.get_iteration(row[2])
-    assert iteration["stage"] == "capture" and iteration["split"] == "train"
+    assert iteration.stage == "capture" and iteration.split == "train"
     sample = store.db.execute("select input_json, output_text from samples where iteration_id = ? order by id",
                               [row[2]]).fetchone()
     messages = json.loads(sample[0])

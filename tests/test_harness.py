@@ -32,7 +32,7 @@ def test_a_run_id_given_by_the_caller_names_the_run_and_resumes_only_that_run(ti
     second = run_eval(spec, store, split="test", limit=2, run_id="run-given-2", command="same")
     # Identical evals, identical commands: each run is the one its caller named, with its own iteration.
     assert (first.run_id, second.run_id) == ("run-given-1", "run-given-2")
-    assert [it["id"] for it in store.iterations("run-given-1")] == [first.iteration_id] != [second.iteration_id]
+    assert [it.id for it in store.iterations("run-given-1")] == [first.iteration_id] != [second.iteration_id]
     assert second.model_calls == 0  # the completion cache still answers
     again = run_eval(spec, store, split="test", limit=2, run_id="run-given-1")
     assert (again.run_id, again.iteration_id) == (first.run_id, first.iteration_id)

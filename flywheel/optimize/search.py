@@ -136,7 +136,7 @@ class _Search:
         match = dict(prompt_id=candidate.prompt.id, split=split, stage=stage, model_fingerprint=model.fingerprint)
         found = self.store.find_iteration(self.run_id, **match)
         if found:
-            iteration_id = found["id"]
+            iteration_id = found.id
         else:
             parent_iteration = candidate.parent.minibatch.iteration_id if candidate.parent and candidate.parent.minibatch else None
             iteration_id = self.store.iteration_for(

@@ -199,3 +199,41 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         """Its columns as a JSON-ready dict (in table order)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """An iteration (an `iterations` row): one measured (or proposed) prompt/model on a split within a
+    run, with its score, confidence interval, usage and the decision taken on it."""
+
+    id: str
+    run_id: str
+    seq: int
+    stage: str | None = None
+    parent_id: str | None = None
+    model_ref: str | None = None
+    model_fingerprint: str | None = None
+    prompt_id: str | None = None
+    split: str | None = None
+    n: int | None = None
+    score: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    wall_s: float | None = None
+    decision: str | None = None
+    reason: str | None = None
+    created_at: str | None = None
+    lap: int | None = None  # the wheel lap it belongs to (wheel runs), else None
+    latency_s: float | None = None  # its samples' summed latency
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Iteration":
+        """The iteration of an `iterations` row."""
+        return cls(**{f: row.get(f) for f in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its columns as a JSON-ready dict (in table order)."""
+        return asdict(self)

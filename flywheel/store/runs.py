@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, later, new_id, now
-from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, IterationUsage, Run, SampleRecord
+from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, Iteration, IterationUsage, Run, SampleRecord
 
 StateT = TypeVar("StateT", bound=BaseModel)
 
@@ -207,18 +207,19 @@ class RunsStore(StoreBase):
                                           "created_at": now(), **fields}, ignore=True)
         return iteration_id
 
-    def find_iteration(self, run_id: str, **match: Any) -> dict[str, Any] | None:
+    def find_iteration(self, run_id: str, **match: Any) -> Iteration | None:
         """The first iteration of a run whose columns equal `match` (how a resumed search finds its work)."""
         where = " and ".join(f"[{key}] is ?" for key in match)
         rows = list(self.db["iterations"].rows_where(
             f"run_id = ? and {where}", [run_id, *match.values()], order_by="seq", limit=1))
-        return rows[0] if rows else None
+        return Iteration.from_row(rows[0]) if rows else None
 
-    def get_iteration(self, iteration_id: str) -> dict[str, Any]:
+    def get_iteration(self, iteration_id: str) -> Iteration:
+        """The iteration `iteration_id` (StoreError when there is none)."""
         rows = list(self.db["iterations"].rows_where("id = ?", [iteration_id]))
         if not rows:
             raise StoreError(f"{self.path}: no iteration {iteration_id!r}")
-        return rows[0]
+        return Iteration.from_row(rows[0])
 
     def next_seq(self, run_id: str) -> int:
         value = self.db.execute("select max(seq) from iterations where run_id = ?", [run_id]).fetchone()[0]
@@ -238,8 +239,9 @@ class RunsStore(StoreBase):
         with self.transaction():
             self.db["iterations"].update(iteration_id, fields)
 
-    def iterations(self, run_id: str) -> list[dict[str, Any]]:
-        return list(self.db["iterations"].rows_where("run_id = ?", [run_id], order_by="seq"))
+    def iterations(self, run_id: str) -> list[Iteration]:
+        """The iterations of a run, in order."""
+        return [Iteration.from_row(row) for row in self.db["iterations"].rows_where("run_id = ?", [run_id], order_by="seq")]
 
     def measured_tokens(self, run_id: str) -> int:
         """Prompt + completion tokens of a run's iterations (its measurements), as reports show them; a
@@ -487,7 +489,7 @@ class RunsStore(StoreBase):
         return IterationUsage(n=n, errors=errors, prompt_tokens=prompt, completion_tokens=completion,
                               cost=float(money), missing_tokens=missing)
 
-    def latest_eval_iteration(self, eval_name: str, split: str) -> dict[str, Any] | None:
+    def latest_eval_iteration(self, eval_name: str, split: str) -> Iteration | None:
         """The last iteration on `split` of the newest completed run of the eval named `eval_name`."""
         rows = self.db.execute(
             "select i.id from iterations i join runs r on r.id = i.run_id join evals e on e.id = r.eval_id"
