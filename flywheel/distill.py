@@ -285,13 +285,13 @@ def _inputs_from_captures(store: Store, chosen: CaptureFilterSpec, limit: int | 
                                 model=chosen.model, outcome="ok", limit=limit)
     items = []
     for row in rows:
-        messages = (json.loads(row["request_json"] or "{}") or {}).get("messages") or []
+        messages = (json.loads(row.request_json or "{}") or {}).get("messages") or []
         user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
         if isinstance(user, list):  # content parts: keep the text
             user = "".join(p.get("text", "") for p in user if isinstance(p, dict))
         if isinstance(user, str) and user.strip():
-            items.append(Item(key=f"u:cap-{row['id']}", fields={chosen.field: user}, split="unlabelled", line=row["id"],
-                              capture_id=row["id"]))
+            items.append(Item(key=f"u:cap-{row.id}", fields={chosen.field: user}, split="unlabelled", line=row.id,
+                              capture_id=row.id))
     if not items:
         raise CaptureError(f"no proxy captures match {chosen.model_dump(exclude_none=True)} (with a user message)")
     digest = hashlib.sha256(json.dumps([(i.key, i.fields) for i in items], sort_keys=True).encode()).hexdigest()[:16]

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flywheel.distill import InputsSpec
 from flywheel.errors import RescueError, SpecError
 from flywheel.store import Store
+from flywheel.store.rows import Capture
 
 DEFAULT_STUDENT = "local:smollm2"
 
@@ -160,7 +161,7 @@ def _spec_path(rescue: RescueSpec, base_dir: Path | None) -> Path:
     return path if path.is_absolute() else (base_dir or Path.cwd()) / path
 
 
-def _traffic(rescue: RescueSpec, store: Store) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _traffic(rescue: RescueSpec, store: Store) -> tuple[list[Capture], list[Capture]]:
     """(train, held back) imported stored completions of the teacher; held back by a seeded hash
     of each completion's id, so a rerun holds back the same ones."""
     import hashlib
@@ -176,23 +177,23 @@ def _traffic(rescue: RescueSpec, store: Store) -> tuple[list[dict[str, Any]], li
     rows = [r for r in rows if sft_example(r) is not None]
     train, held = [], []
     for row in rows:
-        key = f"{rescue.seed}:{row.get('response_id') or row['id']}".encode()
+        key = f"{rescue.seed}:{row.response_id or row.id}".encode()
         share = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
         (held if share < chosen.holdout else train).append(row)
     return train, held
 
 
-def _usd_per_call(rescue: RescueSpec, spec: Any, items: list[Any], traffic: list[dict[str, Any]]) -> tuple[float, bool]:
+def _usd_per_call(rescue: RescueSpec, spec: Any, items: list[Any], traffic: list[Capture]) -> tuple[float, bool]:
     """Estimated USD of one teacher call: the traffic's mean usage when there is some, else ~4
     characters a token of the rendered prompts and the spec's max_tokens."""
     from flywheel.pricing import FREE, find_price
     from flywheel.prompt import Prompt
 
     price = find_price(rescue.teacher_name, rescue.teacher_options.get("prices"))
-    used = [r for r in traffic if r.get("prompt_tokens") is not None]
+    used = [r for r in traffic if r.prompt_tokens is not None]
     if used:
-        prompt = sum(r["prompt_tokens"] for r in used) / len(used)
-        completion = sum(r.get("completion_tokens") or 0 for r in used) / len(used)
+        prompt = sum(r.prompt_tokens for r in used) / len(used)
+        completion = sum(r.completion_tokens or 0 for r in used) / len(used)
     else:
         rendered = Prompt(messages=spec.messages()).render_many(items[:200]) if items else []
         texts = [json.dumps(m) for m in rendered if not isinstance(m, str)]
@@ -370,7 +371,7 @@ def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, 
     return parity, disagreements, teacher_samples, student_samples
 
 
-def _traffic_parity(student_model: Any, held: list[dict[str, Any]], spec: Any, margin: float) -> tuple[Any, list[Any]]:
+def _traffic_parity(student_model: Any, held: list[Capture], spec: Any, margin: float) -> tuple[Any, list[Any]]:
     from flywheel.certificate import Disagreement, TrafficParity
     from flywheel.models import ChatRequest, Sampling
     from flywheel.proxy.captures import reply_message
@@ -379,15 +380,15 @@ def _traffic_parity(student_model: Any, held: list[dict[str, Any]], spec: Any, m
     if not held:
         return None, []
     sampling = Sampling(temperature=0.0, max_tokens=spec.sampling.max_tokens or 64)
-    requests = [ChatRequest(json.loads(r["request_json"])["messages"], sampling) for r in held]
+    requests = [ChatRequest(json.loads(r.request_json)["messages"], sampling) for r in held]
     outputs = student_model.generate(requests)
     agreed, disagreements = 0, []
     for row, request, out in zip(held, requests, outputs):
-        teacher = (reply_message(json.loads(row["response_json"])) or {}).get("content") or ""
+        teacher = (reply_message(json.loads(row.response_json)) or {}).get("content") or ""
         if out.error is None and _fold(out.text) == _fold(teacher):
             agreed += 1
         else:
-            disagreements.append(Disagreement(where="traffic", key=str(row.get("response_id") or row["id"]),
+            disagreements.append(Disagreement(where="traffic", key=str(row.response_id or row.id),
                                               input=_user_text(list(request.messages))[:500], teacher=teacher[:500],
                                               student=(out.text if out.error is None else f"error: {out.error}")[:500]))
     low, high = wilson_ci(agreed, len(held))
@@ -497,8 +498,8 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
 
     # 3. the certificate, with the data it vouches for written beside it
     held_path = out / "held-back-traffic.jsonl"
-    held_path.write_text("".join(json.dumps({"id": r.get("response_id") or r["id"], "request": json.loads(r["request_json"]),
-                                             "response": json.loads(r["response_json"])}, ensure_ascii=False) + "\n"
+    held_path.write_text("".join(json.dumps({"id": r.response_id or r.id, "request": json.loads(r.request_json),
+                                             "response": json.loads(r.response_json)}, ensure_ascii=False) + "\n"
                                  for r in traffic_held), encoding="utf-8")
     kept = {"eval": str(spec_path.resolve())}
     if rescue.unlabelled is not None and rescue.unlabelled.path is not None:  # paths the kept spec resolves anywhere

@@ -237,3 +237,38 @@ class Iteration:
     def to_dict(self) -> dict[str, Any]:
         """Its columns as a JSON-ready dict (in table order)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A captured call (a `captures` row): a request the proxy forwarded, an imported or `store: true`
+    completion, with its response and usage. The JSON columns are kept as stored text (`loads_json`
+    in flywheel.capture_rows reads them leniently)."""
+
+    id: int
+    created_at: str
+    endpoint: str | None = None
+    upstream: str | None = None
+    model: str | None = None
+    stream: int | None = None
+    status: int | None = None
+    latency_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    metadata_json: str | None = None
+    request_json: str | None = None
+    request_bytes: int | None = None
+    response_json: str | None = None
+    response_id: str | None = None
+    error: str | None = None
+    api_project: str | None = None  # the API project of a `store: true` completion (None: the proxy's)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Capture":
+        """The capture of a `captures` row."""
+        return cls(**{f: row.get(f) for f in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its columns as a JSON-ready dict (in table order)."""
+        return asdict(self)
