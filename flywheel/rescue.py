@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flywheel.distill import InputsSpec
 from flywheel.errors import RescueError, SpecError
 from flywheel.store import Store
-from flywheel.store.rows import Capture
+from flywheel.store.rows import Capture, SampleWithGrades
 
 DEFAULT_STUDENT = "local:smollm2"
 
@@ -307,14 +307,14 @@ def write_rescue_spec(rescue: RescueSpec, path: str | Path) -> Path:
     return path
 
 
-def _side_cost(model: str, samples: list[dict[str, Any]], *, price: Any = None, usd_per_hour: float = 0.0,
+def _side_cost(model: str, samples: list[SampleWithGrades], *, price: Any = None, usd_per_hour: float = 0.0,
                price_note: str | None = None) -> Any:
     from flywheel.certificate import SideCost
 
-    ok = [s for s in samples if not s.get("error") and not s.get("cache_hit")] or [s for s in samples if not s.get("error")]
-    latencies = sorted(float(s["latency_s"]) * 1000 for s in ok if s.get("latency_s") is not None)
-    prompt = sum(s.get("prompt_tokens") or 0 for s in ok) / max(len(ok), 1)
-    completion = sum(s.get("completion_tokens") or 0 for s in ok) / max(len(ok), 1)
+    ok = [s for s in samples if not s.error and not s.cache_hit] or [s for s in samples if not s.error]
+    latencies = sorted(float(s.latency_s) * 1000 for s in ok if s.latency_s is not None)
+    prompt = sum(s.prompt_tokens or 0 for s in ok) / max(len(ok), 1)
+    completion = sum(s.completion_tokens or 0 for s in ok) / max(len(ok), 1)
     mean = sum(latencies) / len(latencies) if latencies else None
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
     if price is not None:
@@ -329,7 +329,8 @@ def _side_cost(model: str, samples: list[dict[str, Any]], *, price: Any = None, 
                     prompt_tokens_mean=prompt, completion_tokens_mean=completion)
 
 
-def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, margin: float, seed: int) -> tuple[Any, list[Any], list[dict], list[dict]]:
+def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, margin: float,
+                 seed: int) -> tuple[Any, list[Any], list[SampleWithGrades], list[SampleWithGrades]]:
     from flywheel.certificate import Disagreement, EvalParity, GraderDiff
     from flywheel.harness import paired_comparison
     from flywheel.promotion import describe_test, non_inferior
@@ -339,14 +340,14 @@ def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, 
     objective = (spec.objective_grader, spec.objective.metric)
     teacher_samples = store.samples_with_grades(teacher_iter, objective)
     student_samples = store.samples_with_grades(student_iter, objective)
-    by_key_t = {(s["item_key"], s["repeat"]): s for s in teacher_samples}
-    by_key_s = {(s["item_key"], s["repeat"]): s for s in student_samples}
+    by_key_t = {(s.item_key, s.repeat): s for s in teacher_samples}
+    by_key_s = {(s.item_key, s.repeat): s for s in student_samples}
     keys = sorted(set(by_key_t) & set(by_key_s))
     graders_diff = []
     for grader in [g["name"] for g in spec.graders]:
-        def score(sample: dict) -> tuple[float, bool]:
-            grade = next((g for g in sample["grades"] if g["grader"] == grader), None)
-            return (float(grade["score"] or 0), bool(grade["passed"])) if grade and not sample["error"] else (0.0, False)
+        def score(sample: SampleWithGrades) -> tuple[float, bool]:
+            grade = sample.grade(grader)
+            return (float(grade.score or 0), bool(grade.passed)) if grade and not sample.error else (0.0, False)
         pairs = [(score(by_key_t[k]), score(by_key_s[k])) for k in keys]
         st = paired_stats([a[0] for a, _ in pairs], [b[0] for _, b in pairs], [a[1] for a, _ in pairs],
                           [b[1] for _, b in pairs], seed=seed)
@@ -361,13 +362,13 @@ def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, 
     disagreements = []
     for k in keys:
         t, s = by_key_t[k], by_key_s[k]
-        if bool(t["passed"]) != bool(s["passed"]):
+        if bool(t.passed) != bool(s.passed):
             try:
-                text = _user_text(json.loads(t["input_json"] or "[]"))
+                text = _user_text(json.loads(t.input_json or "[]"))
             except (TypeError, ValueError):
                 text = ""
             disagreements.append(Disagreement(where="eval", key=str(k[0]), input=text[:500],
-                                              teacher=(t["output_text"] or "")[:500], student=(s["output_text"] or "")[:500]))
+                                              teacher=(t.output_text or "")[:500], student=(s.output_text or "")[:500]))
     return parity, disagreements, teacher_samples, student_samples
 
 
@@ -487,11 +488,11 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
     parity, disagreements, teacher_samples, student_samples = _eval_parity(
         store, spec, teacher_run.iteration_id, student_run.iteration_id, rescue.margin, rescue.seed)
     price = find_price(rescue.teacher_name, rescue.teacher_options.get("prices"))
-    spent = [s for s in teacher_samples if not s.get("cache_hit")]
+    spent = [s for s in teacher_samples if not s.cache_hit]
     for paid in (captured, unlabelled):
         if paid is not None:
-            spent += [s for s in store.samples_with_grades(paid.iteration_id, details=False) if not s.get("cache_hit")]
-    teacher_usd = sum(price.cost(s.get("prompt_tokens") or 0, s.get("completion_tokens") or 0) for s in spent)
+            spent += [s for s in store.samples_with_grades(paid.iteration_id, details=False) if not s.cache_hit]
+    teacher_usd = sum(price.cost(s.prompt_tokens or 0, s.completion_tokens or 0) for s in spent)
     teacher_calls = len(spent)  # answers served from the harness cache were not paid again
     costs = {"teacher": _side_cost(rescue.teacher, teacher_samples, price=price, price_note=plan.price_note),
              "student": _side_cost(student_ref, student_samples, usd_per_hour=rescue.student_usd_per_hour)}

@@ -83,7 +83,7 @@ def test_test_split_is_never_read_during_selection(tmp_path, tiny_model_dir, sto
     test_keys = {r["id"] for r in rows if r["split"] == "test"}
     for run in (first.run_id, second.run_id):
         for it in store.iterations(run):
-            keys = {s["item_key"] for s in store.samples_with_grades(it.id)}
+            keys = {s.item_key for s in store.samples_with_grades(it.id)}
             assert (it.stage == "test-report") == bool(keys & test_keys), it.stage
 
 

@@ -364,13 +364,13 @@ def _failures(search: _Search, candidate: Candidate, items_by_key: dict[str, Ite
         return []
     failures = []
     for sample in search.store.samples_with_grades(candidate.minibatch.iteration_id):
-        failed = [g for g in sample["grades"] if not g["passed"]]
-        if sample["error"] or not failed:
+        failed = [g for g in sample.grades if not g.passed]
+        if sample.error or not failed:
             continue
-        user = next(m["content"] for m in reversed(candidate.prompt.render_base(items_by_key[sample["item_key"]]))
+        user = next(m["content"] for m in reversed(candidate.prompt.render_base(items_by_key[sample.item_key]))
                     if m["role"] == "user")
-        failures.append(Failure(input=user, output=sample["output_text"] or "",
-                                feedback="; ".join(g["feedback"] or "" for g in failed)))
+        failures.append(Failure(input=user, output=sample.output_text or "",
+                                feedback="; ".join(g.feedback or "" for g in failed)))
         if len(failures) >= limit:
             break
     return failures

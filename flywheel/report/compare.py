@@ -162,9 +162,10 @@ def item_fields(store: Store, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
 
 
 def iteration_samples(store: Store, iteration_id: str, objective: dict[str, str]) -> list[dict[str, Any]]:
-    """Samples of an iteration, each with `grades` by grader name and objective `score`/`passed`."""
-    samples = store.samples_with_grades(iteration_id, objective=(objective["grader"], objective["metric"]),
-                                        details=False)
+    """Samples of an iteration as view dicts (`SampleWithGrades.to_dict()`), each with `grades` by
+    grader name and objective `score`/`passed`."""
+    samples = [s.to_dict() for s in store.samples_with_grades(
+        iteration_id, objective=(objective["grader"], objective["metric"]), details=False)]
     for s in samples:
         for g in s["grades"]:
             g["passed"] = bool(g["passed"])

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ValidationError
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, later, new_id, now
-from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, Iteration, IterationUsage, Run, SampleRecord
+from flywheel.store.rows import (ITERATION_GRADERS, PASSED_SQL, Grade, Iteration, IterationUsage, Run, SampleRecord,
+                                 SampleWithGrades)
 
 StateT = TypeVar("StateT", bound=BaseModel)
 
@@ -378,8 +379,8 @@ class RunsStore(StoreBase):
                   r.get("error_details")) for r in rows])
 
     def samples_with_grades(self, iteration_id: str, objective: tuple[str, str] | None = None, *,
-                            details: bool = True) -> list[dict[str, Any]]:
-        """Every sample of an iteration with a `grades` list (rows of `grades`), in item order.
+                            details: bool = True) -> list[SampleWithGrades]:
+        """Every sample of an iteration with its grades, in item order.
 
         With `objective=(grader, metric)` each sample also gets its objective `score` and `passed`
         (`flywheel.summaries.objective_value`: an errored or ungraded sample is 0 and fails).
@@ -390,22 +391,22 @@ class RunsStore(StoreBase):
                                        " completion_tokens, latency_s, cost, cache_hit")
         samples = list(self.db.query(
             f"select {columns} from samples where iteration_id = ? order by id", [iteration_id]))
-        by_id = {}
-        for sample in samples:
-            sample["grades"] = []
-            by_id[sample["id"]] = sample
+        grades: dict[int, list[Grade]] = {sample["id"]: [] for sample in samples}
         for grade in self.db.query(
                 f"select {'g.*' if details else 'g.sample_id, g.grader, g.score, g.passed, g.feedback, g.error'}"
                 " from grades g join samples s on s.id = g.sample_id"
                 " where s.iteration_id = ? order by g.sample_id, g.grader", [iteration_id]):
-            by_id[grade["sample_id"]]["grades"].append(grade)
-        if objective is not None:
-            grader, metric = objective
-            for sample in by_id.values():
-                grade = next((g for g in sample["grades"] if g["grader"] == grader), None)
-                sample["score"], sample["passed"] = summaries.objective_value(
-                    sample["error"], grade["score"] if grade else None, grade["passed"] if grade else None, metric)
-        return list(by_id.values())
+            grades[grade["sample_id"]].append(Grade.from_row(grade))
+        out = []
+        for sample in samples:
+            value = None
+            if objective is not None:
+                grader, metric = objective
+                grade = next((g for g in grades[sample["id"]] if g.grader == grader), None)
+                value = summaries.objective_value(sample["error"], grade.score if grade else None,
+                                                  grade.passed if grade else None, metric)
+            out.append(SampleWithGrades.from_row(sample, grades[sample["id"]], value))
+        return out
 
     def objective_scores(self, iteration_id: str, grader: str,
                          metric: str | None = None) -> dict[tuple[str, int], tuple[float, bool]]:
