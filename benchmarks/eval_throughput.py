@@ -163,8 +163,8 @@ def harness_pass(spec, items, model, chunk: int, label: str):
             wall += time.perf_counter() - started
             cpu += time.process_time() - cpu_started
         tokens = outcome.summary.completion_tokens
-        samples = {s["item_key"]: s for s in store.samples_with_grades(iteration)}
-        outputs = [samples[i.key]["output_text"] for i in items]
+        samples = {s.item_key: s for s in store.samples_with_grades(iteration)}
+        outputs = [samples[i.key].output_text for i in items]
         grader_set.close()
         store.close()
     peak = peak_rss_bytes()

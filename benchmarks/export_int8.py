@@ -66,7 +66,7 @@ def measure(name: str, folder: Path, dtype: str | None, spec, split: str, n: int
     torch_dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(torch_dtype, torch_dtype)
     result = run_eval(spec, store, split=split, limit=n, model=model, stage="bench")
     scores = item_scores(store, result.iteration_id, spec)
-    outputs = {row["item_key"]: row["output_text"] for row in store.samples_with_grades(result.iteration_id,
+    outputs = {row.item_key: row.output_text for row in store.samples_with_grades(result.iteration_id,
                                                                                          details=False)}
     model.close()
     store.close()

@@ -165,7 +165,7 @@ def bench_proxy(round_trips: int):
     from flywheel.store import Store
 
     store = Store.open(dbs["--redact"])
-    stored = "".join(r["request_json"] for r in store.query_captures())
+    stored = "".join(r.request_json or "" for r in store.query_captures())
     store.close()
     median = {name: 1000 * statistics.median(v) for name, v in times.items()}
     p90 = {name: 1000 * statistics.quantiles(v, n=10)[8] for name, v in times.items()}

@@ -106,7 +106,7 @@ def main() -> None:
                 fcp, ready = first_render(browser, out.as_uri())
                 rows.append((f"{n_items:,} items × {n_iterations}", f"{n_items * n_iterations:,}", name,
                              f"{result.bytes / 1e6:.2f} MB", f"{result.seconds:.2f} s", f"{fcp:.0f} ms", f"{ready:.0f} ms"))
-            its = [it["id"] for it in store.iterations(run_id)]
+            its = [it.id for it in store.iterations(run_id)]
             store.close()
             cold, warm = serve_compare_ms(db, its[0], its[-1])
             rows[-1 if len(variants) == 1 else -2] += (f"{cold:.0f} / {warm:.0f} ms",)

@@ -15,6 +15,7 @@ from typing import Any
 from flywheel.errors import FlywheelError
 from flywheel.images import iter_image_urls, message_text
 from flywheel.store import timestamp
+from flywheel.store.rows import Capture
 
 AGE = re.compile(r"^(\d+)\s*([mhdw])$")
 AGE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -88,17 +89,17 @@ def reply_message(response: Any) -> dict[str, Any] | None:
     return reply
 
 
-def chat_exchange(capture: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def chat_exchange(capture: Capture) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(the chat request, the assistant reply) a capture holds; None when it holds no chat request
     with messages and reply (the one reading of a capture's request and response columns)."""
-    request = loads_json(capture.get("request_json"))
+    request = loads_json(capture.request_json)
     if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
         return None
-    reply = reply_message(loads_json(capture.get("response_json")))
+    reply = reply_message(loads_json(capture.response_json))
     return None if reply is None else (request, reply)
 
 
-def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
+def capture_fields(capture: Capture) -> dict[str, Any] | None:
     """A successful chat capture as item fields; None when it holds no chat request and reply."""
     exchange = chat_exchange(capture)
     if exchange is None:
@@ -112,8 +113,8 @@ def capture_fields(capture: dict[str, Any]) -> dict[str, Any] | None:
         output = json.dumps(reply.get("tool_calls"), ensure_ascii=False)
     fields = {
         "input": last_user if isinstance(last_user, str) else json.dumps(last_user, ensure_ascii=False),
-        "messages": messages, "output": output, "model": capture.get("model"),
-        "created_at": capture.get("created_at"), "metadata": loads_json(capture.get("metadata_json")) or {},
+        "messages": messages, "output": output, "model": capture.model,
+        "created_at": capture.created_at, "metadata": loads_json(capture.metadata_json) or {},
     }
     images = list(iter_image_urls([{"content": last_user}]))
     if images:  # a vision request: its text as `input`, its images for {{item.image}} / image parts

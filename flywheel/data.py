@@ -317,9 +317,9 @@ def captures_dataset(spec: EvalSpec) -> Dataset:
         fields = capture_fields(row)
         if fields is None:
             continue
-        items.append(Item(key=str(row["id"]), fields=fields, split="test", line=line, image_access=access,
-                          capture_id=row["id"]))
-        digest.update(json.dumps([row["id"], fields], sort_keys=True, default=str).encode())
+        items.append(Item(key=str(row.id), fields=fields, split="test", line=line, image_access=access,
+                          capture_id=row.id))
+        digest.update(json.dumps([row.id, fields], sort_keys=True, default=str).encode())
     if not items:
         filters = source.model_dump(exclude_none=True, exclude={"db"})
         raise DataError(f"{spec.source}: dataset.captures: no successful chat captures in {path} match {filters}")

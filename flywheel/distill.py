@@ -46,6 +46,7 @@ from flywheel.harness import ProgressFn, evaluate, register_eval, run_eval, summ
 from flywheel.prompt import Prompt
 from flywheel.spec import DatasetSpec, EvalSpec, SplitSpec
 from flywheel.store import SampleRecord, Store, new_id
+from flywheel.store.rows import SampleWithGrades
 
 REFERENCE = "reference:"
 SELF_CONSISTENCY = "self_consistency"
@@ -285,13 +286,13 @@ def _inputs_from_captures(store: Store, chosen: CaptureFilterSpec, limit: int | 
                                 model=chosen.model, outcome="ok", limit=limit)
     items = []
     for row in rows:
-        messages = (json.loads(row["request_json"] or "{}") or {}).get("messages") or []
+        messages = (json.loads(row.request_json or "{}") or {}).get("messages") or []
         user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), None)
         if isinstance(user, list):  # content parts: keep the text
             user = "".join(p.get("text", "") for p in user if isinstance(p, dict))
         if isinstance(user, str) and user.strip():
-            items.append(Item(key=f"u:cap-{row['id']}", fields={chosen.field: user}, split="unlabelled", line=row["id"],
-                              capture_id=row["id"]))
+            items.append(Item(key=f"u:cap-{row.id}", fields={chosen.field: user}, split="unlabelled", line=row.id,
+                              capture_id=row.id))
     if not items:
         raise CaptureError(f"no proxy captures match {chosen.model_dump(exclude_none=True)} (with a user message)")
     digest = hashlib.sha256(json.dumps([(i.key, i.fields) for i in items], sort_keys=True).encode()).hexdigest()[:16]
@@ -371,17 +372,17 @@ def capture_unlabelled(spec: EvalSpec, store: Store, teacher: str, *, inputs: Da
         outcome = evaluate(capture_spec, store, iteration_id, items, model, prompt, grader_set, progress=progress)
     finally:
         grader_set.close()
-    by_item: dict[str, list[dict[str, Any]]] = {}
+    by_item: dict[str, list[SampleWithGrades]] = {}
     for sample in store.samples_with_grades(iteration_id):
-        by_item.setdefault(sample["item_key"], []).append(sample)
+        by_item.setdefault(sample.item_key, []).append(sample)
     grades = []
     for key, samples in by_item.items():
-        answer, share = vote([None if s["error"] else s["output_text"] for s in samples])
+        answer, share = vote([None if s.error else s.output_text for s in samples])
         accepted = answer is not None and share >= min_agreement
         for sample in samples:
-            mine = " ".join((sample["output_text"] or "").split()).casefold()
-            agrees = accepted and not sample["error"] and mine == answer
-            grades.append({"sample_id": sample["id"], "grader": SELF_CONSISTENCY, "score": share if agrees else 0.0,
+            mine = " ".join((sample.output_text or "").split()).casefold()
+            agrees = accepted and not sample.error and mine == answer
+            grades.append({"sample_id": sample.id, "grader": SELF_CONSISTENCY, "score": share if agrees else 0.0,
                            "passed": agrees, "details": {"majority": answer, "agreement": share, "n": len(samples)},
                            "feedback": (f"{share:.0%} of {len(samples)} samples agree on this answer" if agrees else
                                         f"majority {answer!r} at {share:.0%} (needs {min_agreement:.0%})"

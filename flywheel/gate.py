@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.errors import FlywheelError
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
+from flywheel.store.rows import Iteration
 
 
 class GateError(FlywheelError):
@@ -154,7 +155,7 @@ def _limit(budget: GateBudget, value: float | None) -> str:
     return "–" if value is None else f"{value:g} per {budget.per}"
 
 
-def resolve_baseline(store: Store, baseline: str, eval_name: str, split: str) -> tuple[Store, dict[str, Any]]:
+def resolve_baseline(store: Store, baseline: str, eval_name: str, split: str) -> tuple[Store, Iteration]:
     """The store holding the baseline and its iteration: a store file (the newest completed run of
     `eval_name` on `split`) or a run id in `store` (its last iteration on `split`)."""
     path = Path(baseline)
@@ -168,7 +169,7 @@ def resolve_baseline(store: Store, baseline: str, eval_name: str, split: str) ->
             raise GateError(f"--baseline {baseline}: no completed run of eval {eval_name!r} on split {split!r} in it")
         return other, iteration
     run = store.get_run(baseline)  # StoreError names the store and the id
-    on_split = [it for it in store.iterations(run.id) if it.get("split") == split and it.get("n")]
+    on_split = [it for it in store.iterations(run.id) if it.split == split and it.n]
     if not on_split:
         raise GateError(f"--baseline {baseline}: run {run.id} has no measured iteration on split {split!r}")
     return store, on_split[-1]
@@ -209,7 +210,7 @@ def run_gate(spec: EvalSpec, store: Store, baseline: str, *, split: str = "test"
         objective = spec.objective_grader
         graders, newly_failing, test, paired, regressed = [], [], "", 0, False
         for name in [g["name"] for g in spec.graders]:
-            base = base_store.objective_scores(base_it["id"], name, metric)
+            base = base_store.objective_scores(base_it.id, name, metric)
             cand = store.objective_scores(result.iteration_id, name, metric)
             cmp = paired_by_key(base, cand)
             keys = sorted(set(base) & set(cand))
@@ -226,8 +227,8 @@ def run_gate(spec: EvalSpec, store: Store, baseline: str, *, split: str = "test"
                 regressed = significantly_better(reverse, metric, alpha)
                 test = describe_test(cmp, metric)
         if not paired:
-            raise GateError(f"{spec.source}: no items in common with the baseline iteration {base_it['id']} "
-                            f"({'another store' if base_store is not store else 'run ' + base_it['run_id']})")
+            raise GateError(f"{spec.source}: no items in common with the baseline iteration {base_it.id} "
+                            f"({'another store' if base_store is not store else 'run ' + base_it.run_id})")
         usage_row = store.iteration_usage(result.iteration_id)
         usage = GateUsage(n=usage_row.n, tokens=usage_row.prompt_tokens + usage_row.completion_tokens,
                           cost=usage_row.cost, seconds=result.wall_s, missing_tokens=usage_row.missing_tokens)
@@ -242,5 +243,5 @@ def run_gate(spec: EvalSpec, store: Store, baseline: str, *, split: str = "test"
     failures += _budget_failures(budget, usage)
     return GateResult(passed=not failures, failures=failures, eval_name=spec.name, split=split, metric=metric,
                       run_id=result.run_id, iteration_id=result.iteration_id, baseline_source=baseline,
-                      baseline_iteration_id=base_it["id"], paired=paired, test=test, graders=graders,
+                      baseline_iteration_id=base_it.id, paired=paired, test=test, graders=graders,
                       newly_failing=newly_failing, usage=usage, budget=budget)

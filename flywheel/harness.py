@@ -406,13 +406,13 @@ def _nothing_measured(store: Store, iteration_id: str, summary: EvalSummary) -> 
     if not summary.n_samples or (summary.n_errors < summary.n_samples and not failing):
         return None
     for sample in store.samples_with_grades(iteration_id):
-        where = f"item {sample['item_key']!r}"
-        if sample["error"]:
-            return f"every sample failed; the first, {where}: {sample['error'][:500]}"
-        for grade in sample["grades"]:
-            if grade["grader"] in failing and grade["error"]:
-                said = grade["error"] + (f": {grade['error_details']}" if grade.get("error_details") else "")
-                return f"grader {grade['grader']!r} failed on every sample; the first, {where}: {said[:500]}"
+        where = f"item {sample.item_key!r}"
+        if sample.error:
+            return f"every sample failed; the first, {where}: {sample.error[:500]}"
+        for grade in sample.grades:
+            if grade.grader in failing and grade.error:
+                said = grade.error + (f": {grade.error_details}" if grade.error_details else "")
+                return f"grader {grade.grader!r} failed on every sample; the first, {where}: {said[:500]}"
     return f"grader {failing[0]!r} failed on every sample"
 
 

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flywheel.distill import InputsSpec
 from flywheel.errors import RescueError, SpecError
 from flywheel.store import Store
+from flywheel.store.rows import Capture, SampleWithGrades
 
 DEFAULT_STUDENT = "local:smollm2"
 
@@ -160,7 +161,7 @@ def _spec_path(rescue: RescueSpec, base_dir: Path | None) -> Path:
     return path if path.is_absolute() else (base_dir or Path.cwd()) / path
 
 
-def _traffic(rescue: RescueSpec, store: Store) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _traffic(rescue: RescueSpec, store: Store) -> tuple[list[Capture], list[Capture]]:
     """(train, held back) imported stored completions of the teacher; held back by a seeded hash
     of each completion's id, so a rerun holds back the same ones."""
     import hashlib
@@ -176,23 +177,23 @@ def _traffic(rescue: RescueSpec, store: Store) -> tuple[list[dict[str, Any]], li
     rows = [r for r in rows if sft_example(r) is not None]
     train, held = [], []
     for row in rows:
-        key = f"{rescue.seed}:{row.get('response_id') or row['id']}".encode()
+        key = f"{rescue.seed}:{row.response_id or row.id}".encode()
         share = int(hashlib.sha256(key).hexdigest()[:8], 16) / 0xFFFFFFFF
         (held if share < chosen.holdout else train).append(row)
     return train, held
 
 
-def _usd_per_call(rescue: RescueSpec, spec: Any, items: list[Any], traffic: list[dict[str, Any]]) -> tuple[float, bool]:
+def _usd_per_call(rescue: RescueSpec, spec: Any, items: list[Any], traffic: list[Capture]) -> tuple[float, bool]:
     """Estimated USD of one teacher call: the traffic's mean usage when there is some, else ~4
     characters a token of the rendered prompts and the spec's max_tokens."""
     from flywheel.pricing import FREE, find_price
     from flywheel.prompt import Prompt
 
     price = find_price(rescue.teacher_name, rescue.teacher_options.get("prices"))
-    used = [r for r in traffic if r.get("prompt_tokens") is not None]
+    used = [r for r in traffic if r.prompt_tokens is not None]
     if used:
-        prompt = sum(r["prompt_tokens"] for r in used) / len(used)
-        completion = sum(r.get("completion_tokens") or 0 for r in used) / len(used)
+        prompt = sum(r.prompt_tokens for r in used) / len(used)
+        completion = sum(r.completion_tokens or 0 for r in used) / len(used)
     else:
         rendered = Prompt(messages=spec.messages()).render_many(items[:200]) if items else []
         texts = [json.dumps(m) for m in rendered if not isinstance(m, str)]
@@ -306,14 +307,14 @@ def write_rescue_spec(rescue: RescueSpec, path: str | Path) -> Path:
     return path
 
 
-def _side_cost(model: str, samples: list[dict[str, Any]], *, price: Any = None, usd_per_hour: float = 0.0,
+def _side_cost(model: str, samples: list[SampleWithGrades], *, price: Any = None, usd_per_hour: float = 0.0,
                price_note: str | None = None) -> Any:
     from flywheel.certificate import SideCost
 
-    ok = [s for s in samples if not s.get("error") and not s.get("cache_hit")] or [s for s in samples if not s.get("error")]
-    latencies = sorted(float(s["latency_s"]) * 1000 for s in ok if s.get("latency_s") is not None)
-    prompt = sum(s.get("prompt_tokens") or 0 for s in ok) / max(len(ok), 1)
-    completion = sum(s.get("completion_tokens") or 0 for s in ok) / max(len(ok), 1)
+    ok = [s for s in samples if not s.error and not s.cache_hit] or [s for s in samples if not s.error]
+    latencies = sorted(float(s.latency_s) * 1000 for s in ok if s.latency_s is not None)
+    prompt = sum(s.prompt_tokens or 0 for s in ok) / max(len(ok), 1)
+    completion = sum(s.completion_tokens or 0 for s in ok) / max(len(ok), 1)
     mean = sum(latencies) / len(latencies) if latencies else None
     p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None
     if price is not None:
@@ -328,7 +329,8 @@ def _side_cost(model: str, samples: list[dict[str, Any]], *, price: Any = None, 
                     prompt_tokens_mean=prompt, completion_tokens_mean=completion)
 
 
-def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, margin: float, seed: int) -> tuple[Any, list[Any], list[dict], list[dict]]:
+def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, margin: float,
+                 seed: int) -> tuple[Any, list[Any], list[SampleWithGrades], list[SampleWithGrades]]:
     from flywheel.certificate import Disagreement, EvalParity, GraderDiff
     from flywheel.harness import paired_comparison
     from flywheel.promotion import describe_test, non_inferior
@@ -338,14 +340,14 @@ def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, 
     objective = (spec.objective_grader, spec.objective.metric)
     teacher_samples = store.samples_with_grades(teacher_iter, objective)
     student_samples = store.samples_with_grades(student_iter, objective)
-    by_key_t = {(s["item_key"], s["repeat"]): s for s in teacher_samples}
-    by_key_s = {(s["item_key"], s["repeat"]): s for s in student_samples}
+    by_key_t = {(s.item_key, s.repeat): s for s in teacher_samples}
+    by_key_s = {(s.item_key, s.repeat): s for s in student_samples}
     keys = sorted(set(by_key_t) & set(by_key_s))
     graders_diff = []
     for grader in [g["name"] for g in spec.graders]:
-        def score(sample: dict) -> tuple[float, bool]:
-            grade = next((g for g in sample["grades"] if g["grader"] == grader), None)
-            return (float(grade["score"] or 0), bool(grade["passed"])) if grade and not sample["error"] else (0.0, False)
+        def score(sample: SampleWithGrades) -> tuple[float, bool]:
+            grade = sample.grade(grader)
+            return (float(grade.score or 0), bool(grade.passed)) if grade and not sample.error else (0.0, False)
         pairs = [(score(by_key_t[k]), score(by_key_s[k])) for k in keys]
         st = paired_stats([a[0] for a, _ in pairs], [b[0] for _, b in pairs], [a[1] for a, _ in pairs],
                           [b[1] for _, b in pairs], seed=seed)
@@ -360,17 +362,17 @@ def _eval_parity(store: Store, spec: Any, teacher_iter: str, student_iter: str, 
     disagreements = []
     for k in keys:
         t, s = by_key_t[k], by_key_s[k]
-        if bool(t["passed"]) != bool(s["passed"]):
+        if bool(t.passed) != bool(s.passed):
             try:
-                text = _user_text(json.loads(t["input_json"] or "[]"))
+                text = _user_text(json.loads(t.input_json or "[]"))
             except (TypeError, ValueError):
                 text = ""
             disagreements.append(Disagreement(where="eval", key=str(k[0]), input=text[:500],
-                                              teacher=(t["output_text"] or "")[:500], student=(s["output_text"] or "")[:500]))
+                                              teacher=(t.output_text or "")[:500], student=(s.output_text or "")[:500]))
     return parity, disagreements, teacher_samples, student_samples
 
 
-def _traffic_parity(student_model: Any, held: list[dict[str, Any]], spec: Any, margin: float) -> tuple[Any, list[Any]]:
+def _traffic_parity(student_model: Any, held: list[Capture], spec: Any, margin: float) -> tuple[Any, list[Any]]:
     from flywheel.certificate import Disagreement, TrafficParity
     from flywheel.models import ChatRequest, Sampling
     from flywheel.proxy.captures import reply_message
@@ -379,15 +381,15 @@ def _traffic_parity(student_model: Any, held: list[dict[str, Any]], spec: Any, m
     if not held:
         return None, []
     sampling = Sampling(temperature=0.0, max_tokens=spec.sampling.max_tokens or 64)
-    requests = [ChatRequest(json.loads(r["request_json"])["messages"], sampling) for r in held]
+    requests = [ChatRequest(json.loads(r.request_json)["messages"], sampling) for r in held]
     outputs = student_model.generate(requests)
     agreed, disagreements = 0, []
     for row, request, out in zip(held, requests, outputs):
-        teacher = (reply_message(json.loads(row["response_json"])) or {}).get("content") or ""
+        teacher = (reply_message(json.loads(row.response_json)) or {}).get("content") or ""
         if out.error is None and _fold(out.text) == _fold(teacher):
             agreed += 1
         else:
-            disagreements.append(Disagreement(where="traffic", key=str(row.get("response_id") or row["id"]),
+            disagreements.append(Disagreement(where="traffic", key=str(row.response_id or row.id),
                                               input=_user_text(list(request.messages))[:500], teacher=teacher[:500],
                                               student=(out.text if out.error is None else f"error: {out.error}")[:500]))
     low, high = wilson_ci(agreed, len(held))
@@ -486,19 +488,19 @@ def run_rescue(rescue: RescueSpec, store: Store, *, out_dir: str | Path, base_di
     parity, disagreements, teacher_samples, student_samples = _eval_parity(
         store, spec, teacher_run.iteration_id, student_run.iteration_id, rescue.margin, rescue.seed)
     price = find_price(rescue.teacher_name, rescue.teacher_options.get("prices"))
-    spent = [s for s in teacher_samples if not s.get("cache_hit")]
+    spent = [s for s in teacher_samples if not s.cache_hit]
     for paid in (captured, unlabelled):
         if paid is not None:
-            spent += [s for s in store.samples_with_grades(paid.iteration_id, details=False) if not s.get("cache_hit")]
-    teacher_usd = sum(price.cost(s.get("prompt_tokens") or 0, s.get("completion_tokens") or 0) for s in spent)
+            spent += [s for s in store.samples_with_grades(paid.iteration_id, details=False) if not s.cache_hit]
+    teacher_usd = sum(price.cost(s.prompt_tokens or 0, s.completion_tokens or 0) for s in spent)
     teacher_calls = len(spent)  # answers served from the harness cache were not paid again
     costs = {"teacher": _side_cost(rescue.teacher, teacher_samples, price=price, price_note=plan.price_note),
              "student": _side_cost(student_ref, student_samples, usd_per_hour=rescue.student_usd_per_hour)}
 
     # 3. the certificate, with the data it vouches for written beside it
     held_path = out / "held-back-traffic.jsonl"
-    held_path.write_text("".join(json.dumps({"id": r.get("response_id") or r["id"], "request": json.loads(r["request_json"]),
-                                             "response": json.loads(r["response_json"])}, ensure_ascii=False) + "\n"
+    held_path.write_text("".join(json.dumps({"id": r.response_id or r.id, "request": json.loads(r.request_json),
+                                             "response": json.loads(r.response_json)}, ensure_ascii=False) + "\n"
                                  for r in traffic_held), encoding="utf-8")
     kept = {"eval": str(spec_path.resolve())}
     if rescue.unlabelled is not None and rescue.unlabelled.path is not None:  # paths the kept spec resolves anywhere

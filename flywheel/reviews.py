@@ -96,7 +96,7 @@ def _iteration_ids(store: Store, run_ids: Sequence[str] | None, iteration_ids: S
         return None
     ids = list(iteration_ids or [])
     for run_id in run_ids or []:
-        ids += [it["id"] for it in store.iterations(store.get_run(run_id).id)]
+        ids += [it.id for it in store.iterations(store.get_run(run_id).id)]
     return ids
 
 

@@ -296,7 +296,8 @@ class TrackingExport(BaseModel):
 
 
 def iteration_metrics(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of one iteration row, cost and tokens also per item, keyed by its split.
+    """The numbers of one iteration's columns (`Iteration.to_dict()`), cost and tokens also per item,
+    keyed by its split. (A dict: tracking sits below the store and does not import its rows.)
 
     >>> iteration_metrics({"split": "valid", "score": 0.5, "n": 4, "cost": 2.0, "lap": 1})
     {'valid/score': 0.5, 'valid/n': 4.0, 'valid/cost': 2.0, 'valid/lap': 1.0, 'valid/cost_per_item': 0.5}
@@ -349,22 +350,22 @@ def export_tracking(store, run_id: str, to: str, *, folder: str | None = None,
     ok = False
     try:
         for row in rows:
-            numbers = iteration_metrics(row)
+            numbers = iteration_metrics(row.to_dict())
             metrics.update(numbers)
-            tracker.log(numbers, row["seq"])
-            line = (f"#{row['seq']} lap {row.get('lap')} {row['stage']} on {row['split']}: {row['model_ref']} "
-                    f"prompt {row.get('prompt_id')} -> {row.get('decision') or '-'}")
+            tracker.log(numbers, row.seq)
+            line = (f"#{row.seq} lap {row.lap} {row.stage} on {row.split}: {row.model_ref} "
+                    f"prompt {row.prompt_id} -> {row.decision or '-'}")
             if isinstance(tracker, TensorBoardTracker):
-                tracker.text("iterations", line, row["seq"])
+                tracker.text("iterations", line, row.seq)
             elif isinstance(tracker, MLflowTracker):
                 child = MLflowTracker(tracker.uri, experiment,
-                                      f"{row['seq']}-{row['stage']}-{row['split']}",
-                                      {k: row.get(k) for k in ("id", "seq", "stage", "lap", "split", "model_ref",
+                                      f"{row.seq}-{row.stage}-{row.split}",
+                                      {k: getattr(row, k) for k in ("id", "seq", "stage", "lap", "split", "model_ref",
                                                                "prompt_id", "parent_id", "decision", "reason")},
-                                      tags={"flywheel.run_id": run.id, "flywheel.iteration_id": row["id"],
-                                            "flywheel.stage": row["stage"]},
+                                      tags={"flywheel.run_id": run.id, "flywheel.iteration_id": row.id,
+                                            "flywheel.stage": row.stage},
                                       parent_run_id=tracker.run_id)
-                child.log({k.split("/", 1)[1]: v for k, v in numbers.items()}, row["seq"])
+                child.log({k.split("/", 1)[1]: v for k, v in numbers.items()}, row.seq)
                 child.finish()
                 children.append(child.run_id)
         ok = True

@@ -265,7 +265,7 @@ class Wheel:
         self.store.save_prompt(prompt, origin=stage)
         match = dict(stage=stage, split=split, prompt_id=prompt.id, model_fingerprint=model.fingerprint)
         found = self.store.find_iteration(self.run_id, **match)
-        iteration_id = found["id"] if found else self.store.iteration_for(
+        iteration_id = found.id if found else self.store.iteration_for(
             self.run_id, self.store.next_seq(self.run_id), model_ref=model_ref, parent_id=parent, lap=self.lap,
             **match)
         def progress(done: int, total: int) -> None:
@@ -297,11 +297,11 @@ class Wheel:
         if incumbent.tuned:
             return incumbent.model_ref, incumbent.prompt
         tuned = [it for it in self.store.iterations(self.run_id)
-                 if it["split"] == "valid" and it["model_ref"] and "+" in it["model_ref"] and it["score"] is not None]
+                 if it.split == "valid" and it.model_ref and "+" in it.model_ref and it.score is not None]
         if not tuned:
             return None
-        best = max(tuned, key=lambda it: (it["score"], it["seq"]))
-        return best["model_ref"], Prompt.from_json(self.store.get_prompt(best["prompt_id"]))
+        best = max(tuned, key=lambda it: (it.score, it.seq))
+        return best.model_ref, Prompt.from_json(self.store.get_prompt(best.prompt_id))
 
     # -- the budget, the goal, the promotion rule ---------------------------------------------------
     def budget_exhausted(self) -> str | None:
@@ -521,18 +521,18 @@ def _measure_test(wheel: Wheel, spec: EvalSpec, dataset, base_prompt: Prompt, ba
     if not dataset.split("test"):
         return {}
     store = wheel.store
-    promoted = [row for row in store.iterations(wheel.run_id) if row["decision"] == "promoted" and row["split"] == "valid"]
+    promoted = [row for row in store.iterations(wheel.run_id) if row.decision == "promoted" and row.split == "valid"]
     base_test, base_test_score = wheel.measure("test-report", spec.model, base_prompt, "test", base_iteration)
     store.update_iteration(base_test, decision="reported", reason="baseline on test")
     test: dict[str, Any] = {"baseline": base_test_score, "iterations": {}, "test_iterations": {base_iteration: base_test}}
     winner_test = base_test
     for row in promoted:
-        prompt = Prompt.from_json(store.get_prompt(row["prompt_id"]))
-        tid, tscore = wheel.measure("test-report", row["model_ref"], prompt, "test", row["id"])
-        store.update_iteration(tid, decision="reported", reason=f"promoted {row['stage']} on test")
-        test["iterations"][row["id"]] = tscore
-        test["test_iterations"][row["id"]] = tid
-        if row["id"] == incumbent.iteration_id:
+        prompt = Prompt.from_json(store.get_prompt(row.prompt_id))
+        tid, tscore = wheel.measure("test-report", row.model_ref, prompt, "test", row.id)
+        store.update_iteration(tid, decision="reported", reason=f"promoted {row.stage} on test")
+        test["iterations"][row.id] = tscore
+        test["test_iterations"][row.id] = tid
+        if row.id == incumbent.iteration_id:
             winner_test = tid
     test["winner"] = test["iterations"].get(incumbent.iteration_id, base_test_score)
     test["comparison"] = paired_comparison(store, spec, base_test, winner_test)
@@ -544,22 +544,22 @@ def _milestones(wheel: Wheel, spec: EvalSpec, base_iteration: str, incumbent: In
     """Baseline, best prompt (the best promoted prompt on the eval's own model) and final model,
     each with valid and test scores and cost per item (on test when measured, else on valid)."""
     store = wheel.store
-    rows = {row["id"]: row for row in store.iterations(wheel.run_id)}
+    rows = {row.id: row for row in store.iterations(wheel.run_id)}
 
     def milestone(label: str, iteration_id: str) -> Milestone:
         row = rows[iteration_id]
         test_iteration = test.get("test_iterations", {}).get(iteration_id)
         cost = store.iteration_cost(test_iteration or iteration_id)
         score = test.get("baseline") if iteration_id == base_iteration else test.get("iterations", {}).get(iteration_id)
-        return Milestone(label, row["model_ref"], row["prompt_id"], iteration_id, row["score"], score, cost.to_dict())
+        return Milestone(label, row.model_ref, row.prompt_id, iteration_id, row.score, score, cost.to_dict())
 
     out = [milestone("baseline", base_iteration)]
-    prompts = [row for row in rows.values() if row["decision"] == "promoted" and row["split"] == "valid"
-               and row["model_ref"] == spec.model and row["prompt_id"] != rows[base_iteration]["prompt_id"]]
+    prompts = [row for row in rows.values() if row.decision == "promoted" and row.split == "valid"
+               and row.model_ref == spec.model and row.prompt_id != rows[base_iteration].prompt_id]
     if prompts:
-        best = max(prompts, key=lambda row: (row["score"], row["seq"]))
-        if best["id"] != incumbent.iteration_id:
-            out.append(milestone("best prompt", best["id"]))
+        best = max(prompts, key=lambda row: (row.score, row.seq))
+        if best.id != incumbent.iteration_id:
+            out.append(milestone("best prompt", best.id))
     if incumbent.iteration_id != base_iteration:
         out.append(milestone("final model" if incumbent.tuned else "final prompt", incumbent.iteration_id))
     return out

@@ -137,9 +137,9 @@ def build_wheel_with_search(store: Store, wheel_id: str = "run-wheel-000009",
     store.finish_run(wheel_id, "completed", {"stages": [], "elapsed_s": 30.0, "result": {
         "stopped": "target met", "minimise": "prompt_tokens", "stages": [outcome], "wall_s": 30.0,
         "milestones": [{"label": "baseline", "iteration_id": base, "model_ref": "local:tiny",
-                        "valid": store.get_iteration(base)["score"],
-                        "test": None, "prompt_id": store.get_iteration(base)["prompt_id"], "cost": cost},
+                        "valid": store.get_iteration(base).score,
+                        "test": None, "prompt_id": store.get_iteration(base).prompt_id, "cost": cost},
                        {"label": "best prompt", "iteration_id": best, "model_ref": "local:tiny",
-                        "valid": store.get_iteration(best)["score"],
-                        "test": None, "prompt_id": store.get_iteration(best)["prompt_id"], "cost": cost}]}})
+                        "valid": store.get_iteration(best).score,
+                        "test": None, "prompt_id": store.get_iteration(best).prompt_id, "cost": cost}]}})
     return {"wheel": wheel, "search": search}

@@ -141,7 +141,7 @@ def test_two_identical_runs_link_to_their_own_harness_runs(server, tiny_model_di
         for run, row in zip(runs, linked):
             # The API chose the harness run's id before running it: the link never depends on a command.
             assert store.get_run(row["run_id"]).command == f"api:{run.id}"
-            assert [it["id"] for it in store.iterations(row["run_id"])] == [row["iteration_id"]]
+            assert [it.id for it in store.iterations(row["run_id"])] == [row["iteration_id"]]
             assert run.result_counts.total == 3
     finally:
         store.close()

@@ -40,7 +40,7 @@ def test_reference_capture_is_graded_and_recorded(tmp_path, tiny_model_dir, stor
     row = store.db.execute("select teacher, n, iteration_id, prompt_id, split from teacher_captures").fetchone()
     assert row[0] == "reference:label" and row[1] == 1 and row[4] == "train"
     iteration = store.get_iteration(row[2])
-    assert iteration["stage"] == "capture" and iteration["split"] == "train"
+    assert iteration.stage == "capture" and iteration.split == "train"
     sample = store.db.execute("select input_json, output_text from samples where iteration_id = ? order by id",
                               [row[2]]).fetchone()
     messages = json.loads(sample[0])
@@ -154,17 +154,17 @@ def test_unlabelled_inputs_are_voted_by_self_consistency_and_leaks_dropped(tmp_p
                                 temperature=1.0, min_agreement=0.6)
     samples = store.samples_with_grades(result.iteration_id)
     # The input equal to a valid item is never sampled: training on it would leak what selection measures.
-    assert sorted({s["item_key"] for s in samples}) == ["u:u0", "u:u1"] and len(samples) == 6
-    assert all([g["grader"] for g in s["grades"]] == ["self_consistency"] for s in samples)
+    assert sorted({s.item_key for s in samples}) == ["u:u0", "u:u1"] and len(samples) == 6
+    assert all([g.grader for g in s.grades] == ["self_consistency"] for s in samples)
     accepted = 0
     for key in ("u:u0", "u:u1"):
-        outputs = [" ".join((s["output_text"] or "").split()).casefold() for s in samples if s["item_key"] == key]
+        outputs = [" ".join((s.output_text or "").split()).casefold() for s in samples if s.item_key == key]
         answer, count = Counter(o for o in outputs if o).most_common(1)[0] if any(outputs) else (None, 0)
         accepted += bool(answer) and count / 3 >= 0.6
         for s in samples:
-            if s["item_key"] == key:
-                mine = " ".join((s["output_text"] or "").split()).casefold()
-                assert bool(s["grades"][0]["passed"]) == (bool(answer) and count / 3 >= 0.6 and mine == answer)
+            if s.item_key == key:
+                mine = " ".join((s.output_text or "").split()).casefold()
+                assert bool(s.grades[0].passed) == (bool(answer) and count / 3 >= 0.6 and mine == answer)
     assert result.items_with_pass == accepted and result.n_items == 2
     row = store.db.execute("select split, n from teacher_captures where id = ?", [result.id]).fetchone()
     assert tuple(row) == ("unlabelled", 3)

@@ -192,8 +192,8 @@ def test_the_model_card_shows_the_eval_prompt_scores_and_a_call(chatty_dir, adap
     assert "Eval **support-routing**" in card
     v, t = store.get_iteration(valid.iteration_id), store.get_iteration(test.iteration_id)
     for split, it in (("valid", v), ("test", t)):
-        ci = f"{100 * it['ci_low']:.1f}% – {100 * it['ci_high']:.1f}%"
-        assert f"| {split} | {100 * it['score']:.1f}% | {ci} | 3 |" in card
+        ci = f"{100 * it.ci_low:.1f}% – {100 * it.ci_high:.1f}%"
+        assert f"| {split} | {100 * it.score:.1f}% | {ci} | 3 |" in card
     # the prompt, inside a fence its own ``` cannot close
     assert "````json" in card and '"content": "Route the ticket.\\n```\\n# not a heading' in card
     assert "flywheel serve-model local:" in card and "--name card-out" in card

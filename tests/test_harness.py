@@ -16,11 +16,11 @@ def test_eval_stores_every_sample_and_grade(tiny_spec, store):
     result = run_eval(load_eval_spec(tiny_spec), store, split="test")
     assert result.n_samples == 4 and result.model_calls == 4 and result.cache_hits == 0
     samples = store.samples_with_grades(result.iteration_id)
-    assert [s["item_key"] for s in sorted(samples, key=lambda s: s["item_key"])] == [f"test-{i}" for i in range(4)]
+    assert [s.item_key for s in sorted(samples, key=lambda s: s.item_key)] == [f"test-{i}" for i in range(4)]
     for sample in samples:
-        assert json.loads(sample["input_json"])[1]["content"].startswith("question ")
-        assert sample["completion_tokens"] > 0 and sample["prompt_tokens"] > 0
-        assert [g["grader"] for g in sample["grades"]] == ["label"]
+        assert json.loads(sample.input_json)[1]["content"].startswith("question ")
+        assert sample.completion_tokens > 0 and sample.prompt_tokens > 0
+        assert [g.grader for g in sample.grades] == ["label"]
     run = store.get_run(result.run_id)
     assert run.status == "completed"
     assert json.loads(run.summary_json)["n_samples"] == 4
@@ -32,7 +32,7 @@ def test_a_run_id_given_by_the_caller_names_the_run_and_resumes_only_that_run(ti
     second = run_eval(spec, store, split="test", limit=2, run_id="run-given-2", command="same")
     # Identical evals, identical commands: each run is the one its caller named, with its own iteration.
     assert (first.run_id, second.run_id) == ("run-given-1", "run-given-2")
-    assert [it["id"] for it in store.iterations("run-given-1")] == [first.iteration_id] != [second.iteration_id]
+    assert [it.id for it in store.iterations("run-given-1")] == [first.iteration_id] != [second.iteration_id]
     assert second.model_calls == 0  # the completion cache still answers
     again = run_eval(spec, store, split="test", limit=2, run_id="run-given-1")
     assert (again.run_id, again.iteration_id) == (first.run_id, first.iteration_id)
@@ -47,8 +47,8 @@ def test_unchanged_rerun_makes_zero_model_calls(tiny_spec, store):
     assert second.run_id != first.run_id
     assert second.model_calls == 0 and second.cache_hits == 4
     assert (second.pass_rate, second.graders) == (first.pass_rate, first.graders)
-    out_first = [s["output_text"] for s in store.samples_with_grades(first.iteration_id)]
-    assert sorted(out_first) == sorted(s["output_text"] for s in store.samples_with_grades(second.iteration_id))
+    out_first = [s.output_text for s in store.samples_with_grades(first.iteration_id)]
+    assert sorted(out_first) == sorted(s.output_text for s in store.samples_with_grades(second.iteration_id))
 
 
 def test_cache_key_covers_sampling_and_repeats(tiny_spec, store):
@@ -71,9 +71,9 @@ def test_item_missing_a_field_is_an_error_row(tmp_path, tiny_model_dir, store):
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict(f"local:{tiny_model_dir}")))
     result = run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test")
     assert result.n_samples == 4 and result.n_errors == 1 and result.model_calls == 3
-    errored = [s for s in store.samples_with_grades(result.iteration_id) if s["error"]]
-    assert len(errored) == 1 and "invalid_variable_error" in errored[0]["error"]
-    assert "item.text" in errored[0]["error"]
+    errored = [s for s in store.samples_with_grades(result.iteration_id) if s.error]
+    assert len(errored) == 1 and "invalid_variable_error" in errored[0].error
+    assert "item.text" in errored[0].error
     # The errored item is not cached: a rerun pays only for it (and still cannot render it).
     assert run_eval(load_eval_spec(tmp_path / "eval.yaml"), store, split="test").model_calls == 0
 
@@ -103,8 +103,8 @@ def test_grader_that_throws_is_recorded(tmp_path, tiny_model_dir, store):
     assert result.n_samples == 4
     boom = next(g for g in result.graders if g.name == "boom")
     assert boom.errors == 4 and boom.mean == 0
-    grades = [g for s in store.samples_with_grades(result.iteration_id) for g in s["grades"] if g["grader"] == "boom"]
-    assert all(g["error"] == "python_grader_runtime_error" and "no luck" in g["error_details"] for g in grades)
+    grades = [g for s in store.samples_with_grades(result.iteration_id) for g in s.grades if g.grader == "boom"]
+    assert all(g.error == "python_grader_runtime_error" and "no luck" in g.error_details for g in grades)
 
 
 # -- commit cadence and failures before the first sample ----------------------------------------------
@@ -231,7 +231,7 @@ def test_a_stream_that_breaks_keeps_what_finished_and_generates_the_rest(tmp_pat
     result = run_eval(spec, store, split="test", model=model)
     assert result.n_samples == 12 and store.db["samples"].count == 12 and result.model_calls == 12
     assert model.streamed == [12] and model.calls == [7]  # the 7 not yet done, in one generate call
-    assert all(s["output_text"] == "card_arrival" and not s["error"]
+    assert all(s.output_text == "card_arrival" and not s.error
                for s in store.samples_with_grades(result.iteration_id))
 
 

@@ -32,8 +32,8 @@ def test_from_api_walks_every_page_and_keeps_metadata_dates_and_messages(store, 
     assert result.imported == 45 and result.models == {FT_MODEL: 45}
     assert result.metadata_keys == ["prompt_version", "usecase"]
     rows = store.query_captures()
-    assert [r["response_id"] for r in rows][:2] == ["chatcmpl-stored0000", "chatcmpl-stored0001"]
-    assert rows[0]["created_at"].startswith("2026-05-28") and json.loads(rows[0]["metadata_json"])["usecase"] == "triage"
+    assert [r.response_id for r in rows][:2] == ["chatcmpl-stored0000", "chatcmpl-stored0001"]
+    assert rows[0].created_at.startswith("2026-05-28") and json.loads(rows[0].metadata_json)["usecase"] == "triage"
     example = sft_example(rows[1])  # the proxy's own SFT reader sees an ordinary capture
     assert [m["role"] for m in example["messages"]] == ["system", "user", "assistant"]
     assert example["messages"][-1]["content"] == "pin_blocked"

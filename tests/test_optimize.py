@@ -40,19 +40,19 @@ def test_search_stores_every_candidate_with_lineage(tmp_path, tiny_model_dir, st
     assert origins[:2] == ["baseline", "variant:terse"]
     assert {"fewshot:balanced:k=1", "fewshot:random:k=1", "fewshot:nearest:k=1"} <= set(origins)
     # Every candidate is a stored prompt and a minibatch iteration whose parent is its parent's.
-    iterations = {it["id"]: it for it in store.iterations(result.run_id)}
+    iterations = {it.id: it for it in store.iterations(result.run_id)}
     for c in result.candidates:
         assert store.prompt_row(c.prompt.id)["origin"] == c.origin
         row = iterations[c.minibatch.iteration_id]
-        assert row["n"] == 4 and row["split"] == "valid" and row["decision"] in ("finalist", "dropped")
+        assert row.n == 4 and row.split == "valid" and row.decision in ("finalist", "dropped")
         if c.parent:
-            assert row["parent_id"] == c.parent.minibatch.iteration_id
+            assert row.parent_id == c.parent.minibatch.iteration_id
     balanced = next(c for c in result.candidates if c.origin == "fewshot:balanced:k=1")
     assert sorted(d.assistant for d in balanced.prompt.demos) == sorted(LABELS)
     # Proposals from the tiny random model are garbage: each is either rejected with a reason or scored.
     assert len(result.rejected) + sum(o.startswith("proposer") for o in origins) == 2
     for r in result.rejected:  # invalid proposals, and rewrites that do not beat their parent
-        assert r["reason"] and any(it["decision"] in ("invalid", "dropped") and it["reason"] == r["reason"]
+        assert r["reason"] and any(it.decision in ("invalid", "dropped") and it.reason == r["reason"]
                                    for it in store.iterations(result.run_id))
     assert result.test_comparison["n"] == 6  # baseline and winner reported on test
     assert store.get_run(result.run_id).status == "completed"
@@ -83,8 +83,8 @@ def test_test_split_is_never_read_during_selection(tmp_path, tiny_model_dir, sto
     test_keys = {r["id"] for r in rows if r["split"] == "test"}
     for run in (first.run_id, second.run_id):
         for it in store.iterations(run):
-            keys = {s["item_key"] for s in store.samples_with_grades(it["id"])}
-            assert (it["stage"] == "test-report") == bool(keys & test_keys), it["stage"]
+            keys = {s.item_key for s in store.samples_with_grades(it.id)}
+            assert (it.stage == "test-report") == bool(keys & test_keys), it.stage
 
 
 def test_budget_limits_candidates(tmp_path, tiny_model_dir, store):
@@ -157,8 +157,8 @@ def test_a_rewrite_that_does_not_beat_its_parent_is_dropped(tmp_path, tiny_model
     assert not [c for c in result.candidates if c.origin.startswith("proposer")]
     dropped = [r for r in result.rejected if "does not beat its parent" in r["reason"]]
     assert dropped and all("0.000 vs 0.000, same demonstrations" in r["reason"] for r in dropped)
-    rows = [it for it in store.iterations(result.run_id) if it["decision"] == "dropped"
-            and "does not beat its parent" in (it["reason"] or "")]
+    rows = [it for it in store.iterations(result.run_id) if it.decision == "dropped"
+            and "does not beat its parent" in (it.reason or "")]
     assert len(rows) == len(dropped)
 
 

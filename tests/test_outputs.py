@@ -41,7 +41,7 @@ def test_a_csv_of_outputs_is_graded_and_stored_like_a_run(tmp_path, store):
     assert result.n_samples == 4 and result.n_errors == 0
     assert result.pass_rate == 0.5  # items 1 and 2 contain their label; 3 is wrong; 4 is empty
     iteration = store.get_iteration(result.iteration_id)
-    assert iteration["model_ref"] == "data:answer"
+    assert iteration.model_ref == "data:answer"
     rows = store.db.execute("select item_key, output_text, input_json from samples where iteration_id = ?"
                             " order by item_key", [result.iteration_id]).fetchall()
     assert [(k, o) for k, o, _ in rows] == [("1", "card_arrival"), ("2", "pin_blocked, I think"),

@@ -116,7 +116,7 @@ def test_delete_removes_every_copy_and_marks_checkpoints(db, tmp_path):
     assert len(load_training_set(store, full_set)) == 1  # its recorded hash follows the rewrite
     (deletion,) = store.list_deletions()
     assert deletion["n_captures"] == 2 and json.loads(deletion["capture_ids_json"]) == [1, 3]
-    assert [c["id"] for c in store.query_captures()] == [2]
+    assert [c.id for c in store.query_captures()] == [2]
     assert store.capture_copy_hashes([1, 3]) == set()
     store.close()
 
@@ -130,7 +130,7 @@ def test_delete_by_id_and_before_and_refusals(db, tmp_path):
     bad = CliRunner().invoke(main, ["captures", "delete", "--before", "last week", "--db", db])
     assert bad.exit_code == 1 and bad.output.startswith("error: --before 'last week'")
     store = Store.open(db)
-    assert [c["id"] for c in store.query_captures()] == [3]  # a refused command deleted nothing
+    assert [c.id for c in store.query_captures()] == [3]  # a refused command deleted nothing
     store.close()
 
 

@@ -97,12 +97,12 @@ def test_deleting_a_users_captures_removes_every_copy(tmp_path):
         f"{run.id}.jsonl", f"{run.id}.outputs.json"]
     store = Store.open(db)
     try:
-        assert [c["id"] for c in store.query_captures()] == [2]
+        assert [c.id for c in store.query_captures()] == [2]
         assert [r["key"] for r in store.dataset_items(store.get_run(captured.run_id).dataset_id)] == ["2"]
-        assert [s["item_key"] for s in store.samples_with_grades(captured.iteration_id)] == ["2"]
-        api_samples = store.samples_with_grades(store.iterations(report_of_run.id)[0]["id"])
-        assert [s["output_text"] for s in api_samples] == [f"Noted {MARKERS['u2']}"]
-        assert all(s["grades"] for s in api_samples)
+        assert [s.item_key for s in store.samples_with_grades(captured.iteration_id)] == ["2"]
+        api_samples = store.samples_with_grades(store.iterations(report_of_run.id)[0].id)
+        assert [s.output_text for s in api_samples] == [f"Noted {MARKERS['u2']}"]
+        assert all(s.grades for s in api_samples)
         assert store.db.execute("select count(*) from completion_cache").fetchone()[0] == cached - 2
     finally:
         store.close()

@@ -82,7 +82,7 @@ def test_redact_stores_no_raw_card_number_and_relays_unchanged(tmp_path):
     store.close()
     assert len(rows) == 2
     for row in rows:
-        request, response = json.loads(row["request_json"]), json.loads(row["response_json"])
+        request, response = json.loads(row.request_json), json.loads(row.response_json)
         assert request["messages"][0]["content"] == ("Hi, my name is <PERSON_1>, refund card <CREDIT_CARD_1> "
                                                      "please, mail <EMAIL_ADDRESS_1>")
         assert response["choices"][0]["message"]["content"].startswith("echo: Hi, my name is <PERSON_1>")
@@ -108,7 +108,7 @@ def test_block_output_pii_rejects_a_leak_with_422(tmp_path, stream):
     store = Store.open(db)
     (row,) = store.query_captures()
     store.close()
-    assert row["status"] == 422 and row["error"].startswith("output_pii_blocked")
+    assert row.status == 422 and row.error.startswith("output_pii_blocked")
     assert b"ceo@bigcorp.com" not in db_bytes(db)  # the blocked reply is stored screened
 
 
@@ -153,7 +153,7 @@ def test_retention_purges_old_captures_at_start(tmp_path):
             deadline = time.monotonic() + 30
             while True:
                 store = Store.open(db)
-                left = [json.loads(r["request_json"])["messages"][0]["content"] for r in store.query_captures()]
+                left = [json.loads(r.request_json)["messages"][0]["content"] for r in store.query_captures()]
                 deletions = store.list_deletions()
                 store.close()
                 if left == ["recent-1"]:

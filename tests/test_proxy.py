@@ -25,6 +25,7 @@ from flywheel.proxy.server import CaptureWriter, StreamAssembler, create_proxy_a
 from flywheel.model_server import create_app
 from flywheel.web import BackgroundServer
 from flywheel.store import Store
+from flywheel.store.rows import Capture
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -53,7 +54,7 @@ class Proxy:
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key="sk-app-key", max_retries=0, **kwargs)
 
-    def captures(self) -> list[dict]:
+    def captures(self) -> list[Capture]:
         store = Store.open(self.db_path)
         try:
             return store.query_captures()
@@ -98,16 +99,16 @@ def test_every_call_is_recorded_and_answered_unchanged(model_server, make_proxy)
     rows = proxy.captures()
     assert len(rows) == 3
     for row, prompt, reply, i in zip(rows, prompts, replies, range(3)):
-        assert row["status"] == 200 and row["error"] is None and row["model"] == "chatty"
-        request = json.loads(row["request_json"])
+        assert row.status == 200 and row.error is None and row.model == "chatty"
+        request = json.loads(row.request_json)
         assert request["messages"][1]["content"] == prompt and request["store"] is True
-        response = json.loads(row["response_json"])
+        response = json.loads(row.response_json)
         assert response["choices"][0]["message"]["content"] == reply.choices[0].message.content
-        assert response["id"] == row["response_id"] == reply.id
-        assert json.loads(row["metadata_json"]) == {"usecase": "triage", "turn": str(i)}
-        assert (row["prompt_tokens"], row["completion_tokens"]) == (reply.usage.prompt_tokens, 5)
-        assert row["total_tokens"] == reply.usage.total_tokens
-        assert row["latency_s"] > 0 and row["stream"] == 0 and row["upstream"] == model_server.url + "/v1"
+        assert response["id"] == row.response_id == reply.id
+        assert json.loads(row.metadata_json) == {"usecase": "triage", "turn": str(i)}
+        assert (row.prompt_tokens, row.completion_tokens) == (reply.usage.prompt_tokens, 5)
+        assert row.total_tokens == reply.usage.total_tokens
+        assert row.latency_s > 0 and row.stream == 0 and row.upstream == model_server.url + "/v1"
 
 
 def test_streamed_calls_are_relayed_and_recorded_whole(model_server, make_proxy):
@@ -119,18 +120,18 @@ def test_streamed_calls_are_relayed_and_recorded_whole(model_server, make_proxy)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     row = proxy.captures()[-1]
-    assert row["stream"] == 1 and row["status"] == 200 and row["error"] is None
-    response = json.loads(row["response_json"])
+    assert row.stream == 1 and row.status == 200 and row.error is None
+    response = json.loads(row.response_json)
     assert response["choices"][0]["message"] == {"role": "assistant", "content": text}
     assert response["choices"][0]["finish_reason"] == "length"
-    assert row["completion_tokens"] == 6 and json.loads(row["metadata_json"]) == {"mode": "stream"}
+    assert row.completion_tokens == 6 and json.loads(row.metadata_json) == {"mode": "stream"}
 
 
 def test_stream_with_many_deltas_and_headers_pass_through(scripted, make_proxy):
     proxy = make_proxy(scripted.url)
     chunks = list(proxy.client().chat.completions.create(model="scripted", messages=HI, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "echo: hi"
-    assert json.loads(proxy.captures()[0]["response_json"])["choices"][0]["message"]["content"] == "echo: hi"
+    assert json.loads(proxy.captures()[0].response_json)["choices"][0]["message"]["content"] == "echo: hi"
     headers = scripted.headers[0]
     assert headers["authorization"] == "Bearer sk-app-key"  # the app's own key reaches the upstream
     assert headers["accept-encoding"] == "identity"
@@ -149,8 +150,8 @@ def test_upstream_down_is_502_and_recorded(make_proxy):
     assert caught.value.status_code == 502
     assert caught.value.body["code"] == "upstream_unreachable"
     (row,) = proxy.captures()
-    assert row["status"] == 502 and row["error"].startswith("upstream_unreachable")
-    assert json.loads(row["metadata_json"]) == {"case": "down"} and json.loads(row["request_json"])["messages"] == HI
+    assert row.status == 502 and row.error.startswith("upstream_unreachable")
+    assert json.loads(row.metadata_json) == {"case": "down"} and json.loads(row.request_json)["messages"] == HI
 
 
 def test_upstream_500_is_relayed_and_recorded(scripted, make_proxy):
@@ -160,8 +161,8 @@ def test_upstream_500_is_relayed_and_recorded(scripted, make_proxy):
         proxy.client().chat.completions.create(model="scripted", messages=HI)
     assert caught.value.status_code == 500
     (row,) = proxy.captures()
-    assert row["status"] == 500 and row["error"] == "HTTP 500: upstream exploded"
-    assert json.loads(row["response_json"])["error"]["message"] == "upstream exploded"
+    assert row.status == 500 and row.error == "HTTP 500: upstream exploded"
+    assert json.loads(row.response_json)["error"]["message"] == "upstream exploded"
 
 
 def test_rate_limits_are_relayed_with_their_retry_headers(scripted, make_proxy):
@@ -170,7 +171,7 @@ def test_rate_limits_are_relayed_with_their_retry_headers(scripted, make_proxy):
     client = openai.OpenAI(base_url=proxy.url, api_key="k", max_retries=1)
     reply = client.chat.completions.create(model="scripted", messages=HI)  # the SDK retried through the proxy
     assert reply.choices[0].message.content == "echo: hi"
-    assert [r["status"] for r in proxy.captures()] == [429, 200]
+    assert [r.status for r in proxy.captures()] == [429, 200]
 
 
 def test_upstream_timeout_is_504_and_recorded(scripted, make_proxy):
@@ -180,7 +181,7 @@ def test_upstream_timeout_is_504_and_recorded(scripted, make_proxy):
         proxy.client().chat.completions.create(model="scripted", messages=HI)
     assert caught.value.status_code == 504 and caught.value.body["code"] == "upstream_timeout"
     (row,) = proxy.captures()
-    assert row["status"] == 504 and "upstream_timeout" in row["error"] and row["latency_s"] >= 0.5
+    assert row.status == 504 and "upstream_timeout" in row.error and row.latency_s >= 0.5
 
 
 def test_malformed_body_is_400_and_recorded(scripted, make_proxy):
@@ -190,8 +191,8 @@ def test_malformed_body_is_400_and_recorded(scripted, make_proxy):
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
     (row,) = proxy.captures()
-    assert row["status"] == 400 and row["error"].startswith("invalid_json")
-    assert json.loads(row["request_json"]) == {"raw": '{"model": "x", "messages": ['}
+    assert row.status == 400 and row.error.startswith("invalid_json")
+    assert json.loads(row.request_json) == {"raw": '{"model": "x", "messages": ['}
     assert scripted.bodies == []  # nothing was forwarded
 
 
@@ -201,7 +202,7 @@ def test_oversized_body_is_413_and_recorded(scripted, make_proxy):
         proxy.client().chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x" * 5000}])
     assert caught.value.status_code == 413 and caught.value.body["code"] == "request_too_large"
     (row,) = proxy.captures()
-    assert row["status"] == 413 and row["request_json"] is None and row["request_bytes"] > 5000
+    assert row.status == 413 and row.request_json is None and row.request_bytes > 5000
     assert scripted.bodies == []
 
 
@@ -215,7 +216,7 @@ def test_a_request_that_gave_up_is_still_recorded_and_the_writer_goes_on(tmp_pat
     finally:
         writer.close()
     store = Store.open(tmp_path / "w.db")
-    assert [r["model"] for r in store.query_captures()] == ["a", "b"]
+    assert [r.model for r in store.query_captures()] == ["a", "b"]
     store.close()
 
 
@@ -327,8 +328,8 @@ def test_request_bodies_in_every_json_encoding(scripted, make_proxy, encoding):
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "echo: héllo \u2028 ☃ 𝄞"
     (row,) = proxy.captures()
-    assert row["status"] == 200 and row["error"] is None
-    assert json.loads(row["request_json"]) == body and json.loads(row["metadata_json"]) == {"enc": encoding}
+    assert row.status == 200 and row.error is None
+    assert json.loads(row.request_json) == body and json.loads(row.metadata_json) == {"enc": encoding}
 
 
 def test_concurrency_cap_answers_429_and_records_it(make_proxy):
@@ -344,9 +345,9 @@ def test_concurrency_cap_answers_429_and_records_it(make_proxy):
         assert sorted(statuses).count(200) >= 2 and statuses.count(429) >= 1
         assert upstream.max_in_flight <= 2
         rows = _wait_for_captures(proxy, 6)
-        refused = [r for r in rows if r["status"] == 429]
+        refused = [r for r in rows if r.status == 429]
         assert len(refused) == statuses.count(429)
-        assert all(r["error"].startswith("proxy_overloaded: too many calls at once") for r in refused)
+        assert all(r.error.startswith("proxy_overloaded: too many calls at once") for r in refused)
         # The slots come back: a later call goes through.
         assert httpx2.post(proxy.url + "/chat/completions", json={"model": "scripted", "messages": HI},
                            timeout=30).status_code == 200
@@ -371,8 +372,8 @@ def test_buffered_body_cap_answers_429_and_records_it(make_proxy):
         assert first == [200] and second.status_code == 429
         assert second.json()["error"]["code"] == "proxy_overloaded"
         rows = _wait_for_captures(proxy, 2)
-        assert sorted(r["status"] for r in rows) == [200, 429]
-        assert "request bodies" in next(r["error"] for r in rows if r["status"] == 429)
+        assert sorted(r.status for r in rows) == [200, 429]
+        assert "request bodies" in next(r.error for r in rows if r.status == 429)
         # Released: the same body fits again once the first call is over.
         assert httpx2.post(proxy.url + "/chat/completions", json=big, timeout=30).status_code == 200
 
@@ -384,7 +385,7 @@ def test_client_hangup_before_the_reply_is_recorded_as_such(make_proxy):
         with pytest.raises(httpx2.TimeoutException):
             httpx2.post(proxy.url + "/chat/completions", json={"model": "scripted", "messages": HI}, timeout=0.3)
         (row,) = _wait_for_captures(proxy, 1)
-        assert row["status"] == 499 and row["error"].startswith("client_disconnected")
+        assert row.status == 499 and row.error.startswith("client_disconnected")
 
 
 def test_client_hangup_mid_stream_is_recorded_as_such(misbehaving, make_proxy):
@@ -395,8 +396,8 @@ def test_client_hangup_mid_stream_is_recorded_as_such(misbehaving, make_proxy):
         for _ in response.iter_raw():
             break  # one chunk, then hang up
     (row,) = _wait_for_captures(proxy, 1)
-    assert row["status"] == 499 and row["error"].startswith("client_disconnected")
-    assert json.loads(row["response_json"])["choices"][0]["message"]["content"].startswith("w0")
+    assert row.status == 499 and row.error.startswith("client_disconnected")
+    assert json.loads(row.response_json)["choices"][0]["message"]["content"].startswith("w0")
 
 
 @pytest.mark.parametrize("mode, expected", [("empty-500", "HTTP 500: the upstream sent an empty body"),
@@ -406,4 +407,4 @@ def test_upstream_error_text_is_never_empty(misbehaving, make_proxy, mode, expec
     response = httpx2.post(proxy.url + "/chat/completions", json={"model": mode, "messages": HI}, timeout=30)
     assert response.status_code in (500, 503)
     (row,) = proxy.captures()
-    assert row["error"] == expected
+    assert row.error == expected

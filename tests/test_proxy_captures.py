@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +13,7 @@ from flywheel.capture_rows import parse_metadata_filters, parse_when
 from flywheel.proxy.captures import export_sft, list_captures, sft_example
 from flywheel.cli import main
 from flywheel.errors import FlywheelError
+from flywheel.store.rows import Capture
 
 
 def chat_capture(created_at: str, question: str, answer: str | None, metadata=None, status=200, error=None,
@@ -103,11 +105,12 @@ def test_sft_example_keeps_tools_and_tool_calls():
     capture["response_json"] = json.dumps({"choices": [{"index": 0, "message": {
         "role": "assistant", "content": None,
         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}}]})
+    capture = Capture.from_row({"id": 1, **capture})
     example = sft_example(capture)
     assert example["tools"] == tools
     assert example["messages"][-1]["tool_calls"][0]["function"]["name"] == "lookup"
-    assert sft_example({**capture, "status": 500}) is None
-    assert sft_example({**capture, "response_json": json.dumps({"choices": []})}) is None
+    assert sft_example(replace(capture, status=500)) is None
+    assert sft_example(replace(capture, response_json=json.dumps({"choices": []}))) is None
 
 
 def test_cli_list_and_export(filled, tmp_path):

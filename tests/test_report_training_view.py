@@ -35,7 +35,7 @@ def test_the_report_draws_the_jobs_curves_and_checkpoints(tmp_path, tiny_model_d
     assert [(p.step, p.metric) for p in seen] == [(2, "valid_loss"), (2, "valid_score"), (4, "valid_loss")]
     assert result.stop_reason == "<script>alert('pruned')</script>" and result.metrics["steps"] == 4
     assert [c["step"] for c in result.checkpoints] == [2, 4]
-    html = render_report(store, [store.get_iteration(result.evals[0].iteration_id)["run_id"]])
+    html = render_report(store, [store.get_iteration(result.evals[0].iteration_id).run_id])
     section = html[html.index('id="training"'):]
     section = section[:section.index("</section>")]
     assert result.job_id in section and all(c["id"] in section for c in result.checkpoints)

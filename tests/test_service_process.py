@@ -73,7 +73,7 @@ def test_kill_9_mid_lap_then_restart_resumes_the_lap(tmp_path, tiny_model_dir, c
         store = Store.open(db)
         try:
             captures = store.query_captures()
-            assert len(captures) == 6 and all("a@b.com" not in c["request_json"] for c in captures)  # redacted
+            assert len(captures) == 6 and all("a@b.com" not in c.request_json for c in captures)  # redacted
             aliases_before = store.service_aliases()
             lap = queue_lap(store, spec, trigger="on_demand")
             # the lap is running and training has saved a step: kill the whole process group
@@ -89,7 +89,7 @@ def test_kill_9_mid_lap_then_restart_resumes_the_lap(tmp_path, tiny_model_dir, c
         try:
             done = _wait(lambda: (l := store.service_lap(lap.id)).decision and l, timeout=300)
             assert done.status == "succeeded" and done.captures == 6
-            assert (done.first_capture_id, done.last_capture_id) == (captures[0]["id"], captures[-1]["id"])
+            assert (done.first_capture_id, done.last_capture_id) == (captures[0].id, captures[-1].id)
             assert len(store.query_captures()) == 6 and len(store.service_laps()) == 1  # nothing counted twice
             switches = [s for s in store.service_switches() if s.who == f"lap {lap.id}"]
             assert len(switches) == (1 if done.decision == "candidate" else 0)

@@ -59,7 +59,7 @@ def test_sample_and_grades_commit_together(store):
     with pytest.raises(KeyError):
         store.write_samples([_record(iteration, "b"), broken])
     assert store.done_keys(iteration) == {("a", 0)}
-    assert [len(s["grades"]) for s in store.samples_with_grades(iteration)] == [1]
+    assert [len(s.grades) for s in store.samples_with_grades(iteration)] == [1]
 
 
 def test_a_sample_stored_twice_is_kept_once(store):
@@ -72,7 +72,7 @@ def test_a_sample_stored_twice_is_kept_once(store):
     assert store.write_samples([_record(iteration, "b"), second]) == 1
     assert store.done_keys(iteration) == {("a", 0), ("b", 0)}
     stored = store.samples_with_grades(iteration)
-    assert [(s["item_key"], s["output_text"], len(s["grades"])) for s in stored] == [("a", "out", 1), ("b", "out", 1)]
+    assert [(s.item_key, s.output_text, len(s.grades)) for s in stored] == [("a", "out", 1), ("b", "out", 1)]
 
 
 def test_errors_are_never_cached(store):

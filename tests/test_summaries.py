@@ -34,7 +34,7 @@ def test_one_objective_query_for_all_readers(store):
     assert raw == {("a", 0): (0.7, True), ("b", 0): (0.4, False), ("c", 0): (0.0, False)}
     assert store.objective_scores(iteration_id, "sim", "pass_rate")[("a", 0)] == (1.0, True)
     samples = store.samples_with_grades(iteration_id, objective=("sim", "mean_score"))
-    assert [(s["item_key"], s["score"], s["passed"]) for s in samples] == [
+    assert [(s.item_key, s.score, s.passed) for s in samples] == [
         ("a", 0.7, True), ("b", 0.4, False), ("c", 0.0, False)]
 
 

@@ -194,9 +194,9 @@ def test_export_a_wheel_run_to_tensorboard(wheel_run):
     data = json.loads(out.output)
     assert data["iterations"] == len(rows) and data["to"] == "tensorboard"
     board = scalars(folder / "tb" / f"wheel-{run_id}")
-    valid = [r for r in rows if r["split"] == "valid"]
-    assert board["valid/score"] == [(r["seq"], pytest.approx(r["score"])) for r in valid]
-    assert [step for step, _ in board["valid/lap"]] == [r["seq"] for r in valid]
+    valid = [r for r in rows if r.split == "valid"]
+    assert board["valid/score"] == [(r.seq, pytest.approx(r.score)) for r in valid]
+    assert [step for step, _ in board["valid/lap"]] == [r.seq for r in valid]
     assert "test/score" in board  # test measured once the wheel stopped
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -222,14 +222,14 @@ def test_export_a_wheel_run_to_mlflow_as_a_parent_and_child_runs(wheel_run):
     assert len(children) == len(rows)
     by_iteration = {c.data.tags["flywheel.iteration_id"]: c for c in children}
     for row in rows:
-        child = by_iteration[row["id"]]
-        assert child.data.params["stage"] == row["stage"] and child.data.params["split"] == row["split"]
-        assert child.data.metrics["score"] == pytest.approx(row["score"])
-        assert child.data.metrics["lap"] == row["lap"]
+        child = by_iteration[row.id]
+        assert child.data.params["stage"] == row.stage and child.data.params["split"] == row.split
+        assert child.data.metrics["score"] == pytest.approx(row.score)
+        assert child.data.metrics["lap"] == row.lap
     sft = [c for c in children if c.data.params["stage"] == "sft"]
     assert sft and all("cost_per_item" in c.data.metrics for c in sft)
     history = client.get_metric_history(parent.info.run_id, "valid/score")
-    assert [m.step for m in history] == [r["seq"] for r in rows if r["split"] == "valid"]
+    assert [m.step for m in history] == [r.seq for r in rows if r.split == "valid"]
 
 
 def test_export_refuses_a_run_that_is_not_a_wheel_run(tmp_path, tiny_model_dir):
@@ -274,6 +274,6 @@ def test_export_a_wheel_run_to_wandb_offline(wheel_run, monkeypatch):
     [offline] = list((folder / "wb" / "wandb").glob("offline-run-*"))
     [records] = list(offline.glob("*.wandb"))
     logged = wandb_history(records)
-    valid = [r for r in rows if r["split"] == "valid"]
+    valid = [r for r in rows if r.split == "valid"]
     assert [json.loads(row["valid/score"]) for row in logged if "valid/score" in row] == \
-        [pytest.approx(r["score"]) for r in valid]
+        [pytest.approx(r.score) for r in valid]

@@ -120,7 +120,7 @@ def test_reviewer_corrections_of_train_items_only(spec, store):
 
 
 def _ids(store, capture_result) -> dict[str, int]:
-    return {s["item_key"]: s["id"] for s in store.samples_with_grades(capture_result.iteration_id)}
+    return {s.item_key: s.id for s in store.samples_with_grades(capture_result.iteration_id)}
 
 
 def test_reviewer_preferences_become_dpo_pairs_in_preference_format(spec, store):

@@ -143,7 +143,7 @@ def test_sft_job_uploads_creates_polls_and_registers_the_model(spec, store, monk
     # 4 of 4 fixed: McNemar's exact p = 0.125, so on 4 items the pass-rate objective's test cannot promote
     # (the decision names the test that made it; it is not taken by another statistic).
     assert valid.score == 1.0 and valid.parent_score == 0.0 and valid.decision == "rejected"
-    assert "McNemar exact p=0.125" in store.get_iteration(valid.iteration_id)["reason"]
+    assert "McNemar exact p=0.125" in store.get_iteration(valid.iteration_id).reason
 
 
 def test_events_are_paged_with_after(spec, store, monkeypatch):

@@ -59,7 +59,7 @@ def test_a_variant_trains_is_saved_and_evaluation_loads_it(tmp_path, tiny_model_
     # evaluation loaded it: one valid iteration of the checkpoint's model
     [valid] = result.evals
     assert valid.split == "valid" and valid.n == 6
-    assert store.get_iteration(valid.iteration_id)["model_ref"] == result.checkpoint.model_ref
+    assert store.get_iteration(valid.iteration_id).model_ref == result.checkpoint.model_ref
     # and what it loads (the adapter merged into the base) computes what the trained PEFT model does
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -42,7 +42,7 @@ def test_grpo_steps_move_the_adapter_and_log_rewards(tmp_path, tiny_model_dir, s
     assert all("reward" in e and "rewards/close/mean" in e for e in logged if "loss" in e)
     assert 0.0 <= m["mean_reward"] <= 1.0
     [valid] = result.evals
-    assert store.get_iteration(valid.iteration_id)["stage"] == "rft"
+    assert store.get_iteration(valid.iteration_id).stage == "rft"
 
 
 # -- generation on vLLM: TRL's options pass through; a clear error where vLLM is missing ------------

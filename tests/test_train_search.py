@@ -172,7 +172,7 @@ def test_grid_enumerates_every_combination_and_records_each_trial(captured):
         config = ckpt.config
         assert (config["lora"]["r"], config["learning_rate"]) == (trial.params["lora.r"], trial.params["learning_rate"])
         assert json.loads(row["params_json"]) == trial.params and row["state"] == "complete"
-        assert store.get_iteration(row["valid_iteration_id"])["split"] == "valid"
+        assert store.get_iteration(row["valid_iteration_id"]).split == "valid"
         assert row["valid_score"] == trial.valid_score and row["steps"] == 2 and row["wall_s"] > 0
     saved = store.get_training_search(result.id)
     assert saved["status"] == "succeeded" and saved["best_trial"] == result.best is not None
@@ -392,5 +392,5 @@ def test_a_search_with_validation_prunes_on_eval_loss_and_compares_each_trials_b
         chosen, _ = best_of_job(saved)
         assert trial.checkpoint_id == job.checkpoint_id == chosen.id
         valid = store.get_iteration(trial.valid_iteration_id)
-        assert valid["split"] == "valid" and store.get_run(valid["run_id"]).model_ref == chosen.model_ref
+        assert valid.split == "valid" and store.get_run(valid.run_id).model_ref == chosen.model_ref
     assert result.checkpoint.id == result.trials[result.best].checkpoint_id

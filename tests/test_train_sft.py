@@ -69,11 +69,11 @@ def test_the_adapter_loads_and_is_evaluated_as_a_new_iteration(trained):
     assert completion.error is None
     [valid] = result.evals
     iteration = store.get_iteration(valid.iteration_id)
-    assert iteration["stage"] == "sft" and iteration["split"] == "valid"
-    assert iteration["model_ref"] == result.checkpoint.model_ref
-    parent = store.get_iteration(iteration["parent_id"])
-    assert parent["model_ref"] == spec.model and parent["split"] == "valid"
-    assert iteration["decision"] in ("promoted", "rejected") and "McNemar" in iteration["reason"]
+    assert iteration.stage == "sft" and iteration.split == "valid"
+    assert iteration.model_ref == result.checkpoint.model_ref
+    parent = store.get_iteration(iteration.parent_id)
+    assert parent.model_ref == spec.model and parent.split == "valid"
+    assert iteration.decision in ("promoted", "rejected") and "McNemar" in iteration.reason
     assert valid.n == 6 and valid.ci[0] - 1e-9 <= valid.score <= valid.ci[1] + 1e-9
     assert store.get_checkpoint(result.checkpoint.id).evals["valid"]["iteration_id"] == valid.iteration_id
 

@@ -73,8 +73,8 @@ def test_every_saved_step_is_a_registered_checkpoint_with_losses_and_score(valid
         assert m["train_loss"] > 0 and m["valid_loss"] > 0
         assert m["valid_n"] == 3 and 0.0 <= m["valid_score"] <= 1.0
         iteration = store.get_iteration(m["valid_iteration_id"])
-        assert iteration["stage"] == "validation" and iteration["split"] == "valid"
-        assert iteration["model_ref"] == checkpoint.model_ref and iteration["n"] == 3
+        assert iteration.stage == "validation" and iteration.split == "valid"
+        assert iteration.model_ref == checkpoint.model_ref and iteration.n == 3
         assert Path(checkpoint.path, "adapter_config.json").is_file()  # keep: all
     scores = [p for p in _validation_events(store, result.job_id) if "valid_score" in p]
     assert [p["step"] for p in scores] == [2, 4, 6] and all(p["checkpoint_id"] for p in scores)

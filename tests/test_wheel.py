@@ -55,11 +55,11 @@ def test_wheel_runs_every_stage_and_reports(tmp_path, tiny_model_dir, store):
     assert by_stage["dpo"].decision in ("promoted", "rejected") and "checkpoint dpo-" in by_stage["dpo"].reason
     iterations = store.iterations(result.run_id)
     # Valid decides; test is measured only after the wheel stopped, for baseline and promoted iterations.
-    test_rows = [it for it in iterations if it["split"] == "test"]
-    assert test_rows and all(it["stage"] == "test-report" for it in test_rows)
-    assert max(it["seq"] for it in iterations if it["split"] == "valid") < min(it["seq"] for it in test_rows)
-    sft_iteration = next(it for it in iterations if it["stage"] == "sft")
-    assert sft_iteration["model_ref"].startswith(f"local:{tiny_model_dir}+") and sft_iteration["parent_id"]
+    test_rows = [it for it in iterations if it.split == "test"]
+    assert test_rows and all(it.stage == "test-report" for it in test_rows)
+    assert max(it.seq for it in iterations if it.split == "valid") < min(it.seq for it in test_rows)
+    sft_iteration = next(it for it in iterations if it.stage == "sft")
+    assert sft_iteration.model_ref.startswith(f"local:{tiny_model_dir}+") and sft_iteration.parent_id
     assert store.db["checkpoints"].count == 2
     assert result.report_path and "<html" in open(result.report_path).read(200).lower()
     assert store.get_run(result.run_id).status == "completed"
@@ -271,8 +271,8 @@ def test_a_cheaper_non_inferior_student_is_promoted_and_the_summary_names_the_mi
     assert final.model_ref.startswith(f"local:{tiny_model_dir}+")
     # The student's prompt is part of the candidate: stored, and what the final model is measured with.
     assert json.loads(store.db["prompts"].get(final.prompt_id)["messages_json"]) == SHORT_STUDENT
-    rows = {it["id"]: it for it in store.iterations(result.run_id)}
-    assert rows[sft.iteration_id]["lap"] == 1 and rows[sft.iteration_id]["latency_s"] is not None
+    rows = {it.id: it for it in store.iterations(result.run_id)}
+    assert rows[sft.iteration_id].lap == 1 and rows[sft.iteration_id].latency_s is not None
 
 
 def test_without_a_goal_the_same_student_is_not_promoted(tmp_path, tiny_model_dir, store):
@@ -292,8 +292,8 @@ def test_rft_without_reward_signal_says_so_and_does_not_train(tmp_path, tiny_mod
     rft = result.stages[2]
     assert rft.decision == "failed" and rft.reason.startswith("no reward signal")
     # The probe sampled the tuned checkpoint (RL starts from it, not from the base model) and nothing trained.
-    probe = next(it for it in store.iterations(result.run_id) if it["stage"] == "rft-probe")
-    assert "+" in probe["model_ref"]
+    probe = next(it for it in store.iterations(result.run_id) if it.stage == "rft-probe")
+    assert "+" in probe.model_ref
     assert store.db.execute("select count(*) from checkpoints where method = 'rft'").fetchone()[0] == 0
 
 
@@ -398,8 +398,8 @@ def test_a_training_stage_with_validation_proposes_its_best_checkpoint(tmp_path,
     assert job["checkpoint_id"] == best.id and f"checkpoint {best.id}" in sft.reason
     assert any(f"best of {len(saved)} checkpoints: {why}" in line for line in logged), logged
     assert sum(1 for c in saved if c.pruned_at is None) == min(2, len(saved))  # keep: 2
-    iteration = next(it for it in store.iterations(result.run_id) if it["stage"] == "sft")
-    assert iteration["model_ref"] == best.model_ref
+    iteration = next(it for it in store.iterations(result.run_id) if it.stage == "sft")
+    assert iteration.model_ref == best.model_ref
     html = open(result.report_path, encoding="utf-8").read()
     assert 'aria-label="train and valid loss by step"' in html and best.id in html
 

@@ -15,6 +15,7 @@ import graders
 
 from flywheel.data import Item
 from flywheel.prompt import Demo, Prompt
+from flywheel.store.rows import SampleWithGrades
 
 
 def labelled_demos(prompt: Prompt, items: Sequence[Item], demo_output: str, grader_set) -> list[Demo]:
@@ -34,17 +35,17 @@ def labelled_demos(prompt: Prompt, items: Sequence[Item], demo_output: str, grad
             for (item, user, reply), row in zip(candidates, grades) if all(g["passed"] for g in row)]
 
 
-def demos_from_samples(samples: Sequence[dict], items_by_key: dict[str, Item], prompt: Prompt) -> list[Demo]:
+def demos_from_samples(samples: Sequence[SampleWithGrades], items_by_key: dict[str, Item], prompt: Prompt) -> list[Demo]:
     """Demos from stored samples that passed every grader (first passing repeat per item)."""
     demos, seen = [], set()
     for sample in samples:
-        key = sample["item_key"]
-        if key in seen or sample["error"] or not sample["grades"]:
+        key = sample.item_key
+        if key in seen or sample.error or not sample.grades:
             continue
-        if not all(g["passed"] for g in sample["grades"]):
+        if not all(g.passed for g in sample.grades):
             continue
         rendered = prompt.render_base(items_by_key[key])
-        demos.append(Demo(item_key=key, user=_user_turn(rendered), assistant=sample["output_text"]))
+        demos.append(Demo(item_key=key, user=_user_turn(rendered), assistant=sample.output_text))
         seen.add(key)
     return demos
 

@@ -136,7 +136,7 @@ class _Search:
         match = dict(prompt_id=candidate.prompt.id, split=split, stage=stage, model_fingerprint=model.fingerprint)
         found = self.store.find_iteration(self.run_id, **match)
         if found:
-            iteration_id = found["id"]
+            iteration_id = found.id
         else:
             parent_iteration = candidate.parent.minibatch.iteration_id if candidate.parent and candidate.parent.minibatch else None
             iteration_id = self.store.iteration_for(
@@ -364,13 +364,13 @@ def _failures(search: _Search, candidate: Candidate, items_by_key: dict[str, Ite
         return []
     failures = []
     for sample in search.store.samples_with_grades(candidate.minibatch.iteration_id):
-        failed = [g for g in sample["grades"] if not g["passed"]]
-        if sample["error"] or not failed:
+        failed = [g for g in sample.grades if not g.passed]
+        if sample.error or not failed:
             continue
-        user = next(m["content"] for m in reversed(candidate.prompt.render_base(items_by_key[sample["item_key"]]))
+        user = next(m["content"] for m in reversed(candidate.prompt.render_base(items_by_key[sample.item_key]))
                     if m["role"] == "user")
-        failures.append(Failure(input=user, output=sample["output_text"] or "",
-                                feedback="; ".join(g["feedback"] or "" for g in failed)))
+        failures.append(Failure(input=user, output=sample.output_text or "",
+                                feedback="; ".join(g.feedback or "" for g in failed)))
         if len(failures) >= limit:
             break
     return failures

@@ -53,7 +53,7 @@ def capture_rows(store: Store, *, metadata: dict[str, str] | None = None, since:
         if example is None:
             continue
         rows.append(redactor.redact_json(example) if redactor else example)
-        ids.append(capture["id"])
+        ids.append(capture.id)
     return rows, ids, len(captures) - len(rows), redactor.report() if redactor else None
 
 

@@ -22,11 +22,13 @@ from typing import Any
 from flywheel.capture_rows import chat_exchange, loads_json, parse_when, reply_message
 from flywheel.errors import FlywheelError
 from flywheel.store import Store
+from flywheel.store.rows import Capture
 from flywheel.terminal import safe_terminal_text
 
-def sft_example(capture: dict[str, Any]) -> dict[str, Any] | None:
-    """A capture row as one SFT line, or None when it is not a usable successful call."""
-    if capture.get("error") or capture.get("status") != 200:
+
+def sft_example(capture: Capture) -> dict[str, Any] | None:
+    """A capture as one SFT line, or None when it is not a usable successful call."""
+    if capture.error or capture.status != 200:
         return None
     exchange = chat_exchange(capture)
     if exchange is None:
@@ -38,20 +40,20 @@ def sft_example(capture: dict[str, Any]) -> dict[str, Any] | None:
     return example
 
 
-def summarise_capture(capture: dict[str, Any]) -> dict[str, Any]:
+def summarise_capture(capture: Capture) -> dict[str, Any]:
     """A row for listings: what was asked, what came back, how it went."""
-    request = loads_json(capture.get("request_json"))
+    request = loads_json(capture.request_json)
     messages = request.get("messages") if isinstance(request, dict) else None
     last_user = next((m.get("content") for m in reversed(messages or []) if isinstance(m, dict)
                       and m.get("role") == "user"), None)
-    reply = reply_message(loads_json(capture.get("response_json")))
+    reply = reply_message(loads_json(capture.response_json))
     return {
-        "id": capture["id"], "created_at": capture["created_at"], "model": capture.get("model"),
-        "status": capture.get("status"), "latency_ms": round((capture.get("latency_s") or 0) * 1000, 1),
-        "prompt_tokens": capture.get("prompt_tokens"), "completion_tokens": capture.get("completion_tokens"),
-        "metadata": loads_json(capture.get("metadata_json")) or {}, "stream": bool(capture.get("stream")),
+        "id": capture.id, "created_at": capture.created_at, "model": capture.model,
+        "status": capture.status, "latency_ms": round((capture.latency_s or 0) * 1000, 1),
+        "prompt_tokens": capture.prompt_tokens, "completion_tokens": capture.completion_tokens,
+        "metadata": loads_json(capture.metadata_json) or {}, "stream": bool(capture.stream),
         "input": last_user if isinstance(last_user, str) else json.dumps(last_user) if last_user else None,
-        "output": reply.get("content") if reply else None, "error": capture.get("error"),
+        "output": reply.get("content") if reply else None, "error": capture.error,
     }
 
 

@@ -102,7 +102,7 @@ def resolve_run_ids(store: Store, ids: Sequence[str]) -> list[str]:
             out.append(given)
             continue
         evals = row.evals
-        runs = [store.get_iteration(e[key])["run_id"] for split in ("valid", "test") if (e := evals.get(split))
+        runs = [store.get_iteration(e[key]).run_id for split in ("valid", "test") if (e := evals.get(split))
                 for key in ("parent_iteration_id", "iteration_id") if e.get(key)]
         chosen = store.get_training_job(row.job_id).checkpoint_id if row.job_id else None
         if not runs and chosen and chosen != checkpoint_id:
@@ -126,7 +126,7 @@ def load_run_view(store: Store, run_ids: Sequence[str]) -> RunView:
             row = store.get_eval(run.eval_id)
             if row:
                 eval_name, spec = row["name"], json.loads(row["spec_json"]) if row["spec_json"] else None
-        iterations += store.iterations(run.id)
+        iterations += [it.to_dict() for it in store.iterations(run.id)]  # view dicts: the report adds keys
     names: list[str] = []
     for it in iterations:
         it["grader_stats"] = grader_stats(store, it["id"])
@@ -162,9 +162,10 @@ def item_fields(store: Store, runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
 
 
 def iteration_samples(store: Store, iteration_id: str, objective: dict[str, str]) -> list[dict[str, Any]]:
-    """Samples of an iteration, each with `grades` by grader name and objective `score`/`passed`."""
-    samples = store.samples_with_grades(iteration_id, objective=(objective["grader"], objective["metric"]),
-                                        details=False)
+    """Samples of an iteration as view dicts (`SampleWithGrades.to_dict()`), each with `grades` by
+    grader name and objective `score`/`passed`."""
+    samples = [s.to_dict() for s in store.samples_with_grades(
+        iteration_id, objective=(objective["grader"], objective["metric"]), details=False)]
     for s in samples:
         for g in s["grades"]:
             g["passed"] = bool(g["passed"])

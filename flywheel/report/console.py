@@ -80,7 +80,7 @@ def run_detail(store: Store, run_id: str, failed_only: bool = False, limit: int 
     run = store.get_run(run_id)
     iterations = []
     for iteration in store.iterations(run.id):
-        samples = store.samples_with_grades(iteration["id"])
+        samples = [s.to_dict() for s in store.samples_with_grades(iteration.id)]  # the JSON shape, shown as is
         if failed_only:
             samples = [s for s in samples if s["error"] or not all(g["passed"] for g in s["grades"])]
         if limit:
@@ -89,7 +89,7 @@ def run_detail(store: Store, run_id: str, failed_only: bool = False, limit: int 
             sample["input"] = json.loads(sample.pop("input_json") or "null")
             for grade in sample["grades"]:
                 grade["details"] = json.loads(grade.pop("details_json") or "{}")
-        iterations.append({**iteration, "samples": samples})
+        iterations.append({**iteration.to_dict(), "samples": samples})
     shown = run.to_dict()
     shown["summary"] = json.loads(shown.pop("summary_json") or "null")
     return {"run": shown, "iterations": iterations}

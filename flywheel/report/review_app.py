@@ -176,11 +176,11 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             for run in listed:
                 its = store.iterations(run.id)
                 evaluation = store.get_eval(run.eval_id)
-                scores = [it["score"] for it in its if it.get("score") is not None]
+                scores = [it.score for it in its if it.score is not None]
                 rows.append({**run.to_dict(), "eval_name": evaluation["name"] if evaluation else "",
                              "n_iterations": len(its), "api_name": api_names.get(run.id),
                              "ft_name": ft_names.get(run.model_ref or ""),
-                             "best": max(scores) if scores else None, "n": sum(it.get("n") or 0 for it in its)})
+                             "best": max(scores) if scores else None, "n": sum(it.n or 0 for it in its)})
             reviews = store.count_reviews()
         finally:
             store.close()
@@ -221,8 +221,8 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         try:
             a_it, b_it = store.get_iteration(a_id), store.get_iteration(b_id)
             for it in (a_it, b_it):
-                check_visible(request, store, it["run_id"], f"{store.path}: no iteration {it['id']!r}")
-            view = load_run_view(store, list(dict.fromkeys([a_it["run_id"], b_it["run_id"]])))
+                check_visible(request, store, it.run_id, f"{store.path}: no iteration {it.id!r}")
+            view = load_run_view(store, list(dict.fromkeys([a_it.run_id, b_it.run_id])))
             grader = params.get("g") if params.get("g") in {g.name for g in view.graders} else None
             cmp = pages.comparison(store, view, a_id, b_id, grader)
             fields = item_fields(store, view.runs)
@@ -269,8 +269,8 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
                 raise StoreError(f"no sample with id {sample_id}")
             grades = store.grades_of_samples([sample_id])
             iteration = store.get_iteration(sample["iteration_id"])
-            check_visible(request, store, iteration["run_id"], f"no sample with id {sample_id}")
-            view = load_run_view(store, [iteration["run_id"]])
+            check_visible(request, store, iteration.run_id, f"no sample with id {sample_id}")
+            view = load_run_view(store, [iteration.run_id])
             fields = item_fields(store, view.runs).get(sample["item_key"], {})
             history = store.reviews_of_sample(sample_id)
             review = sample_reviews(store, iteration_ids=[sample["iteration_id"]]).get(sample_id)
@@ -289,7 +289,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         return pages.render(request, "sample.html.j2", sample=sample, grades=grades, iteration=iteration,
                             fields=fields, history=history, sample_review=review, messages=messages, others=others,
                             graders={g.name: g for g in view.graders}, run=view.runs[0],
-                            this_url=request.url.path, title=f"{sample['item_key']} · {iteration['id']}")
+                            this_url=request.url.path, title=f"{sample['item_key']} · {iteration.id}")
 
     def search_page(request: Request) -> Response:
         q = request.query_params.get("q", "").strip()
@@ -330,7 +330,7 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         try:
             named = [sid for sid in (sample_id, number("other_sample_id")) if sid is not None]
             for sid, sample in store.samples_by_id(named).items():
-                check_visible(request, store, store.get_iteration(sample["iteration_id"])["run_id"],
+                check_visible(request, store, store.get_iteration(sample["iteration_id"]).run_id,
                               f"{store.path}: no sample with id {sid}")
             add_review(store, sample_id, verdict=str(form.get("verdict") or "") or None,
                        preference=str(form.get("preference") or "") or None,

@@ -77,15 +77,15 @@ def _rewrites(store: Store, search_runs: list[str]) -> list[dict[str, Any]]:
     out, seen = [], set()
     for run_id in search_runs:
         for it in store.iterations(run_id):
-            prompt = store.prompt_row(it["prompt_id"]) if it.get("prompt_id") else None
+            prompt = store.prompt_row(it.prompt_id) if it.prompt_id else None
             if (not prompt or not (prompt["origin"] or "").startswith("proposer") or prompt["id"] in seen
-                    or it["decision"] in ("dropped", "invalid") or not prompt["parent_id"]):
+                    or it.decision in ("dropped", "invalid") or not prompt["parent_id"]):
                 continue
             seen.add(prompt["id"])
             parent = store.get_prompt(prompt["parent_id"])["messages"]
             mine = store.get_prompt(prompt["id"])["messages"]
             out.append({"prompt_id": prompt["id"], "parent_id": prompt["parent_id"], "origin": prompt["origin"],
-                        "rationale": prompt["rationale"] or "", "decision": it["decision"] or "",
+                        "rationale": prompt["rationale"] or "", "decision": it.decision or "",
                         "diff": prompt_diff(parent, mine)})
     return out
 
@@ -98,16 +98,16 @@ def _search_points(store: Store, search_runs: list[str], minimise: str, measured
     out = []
     for run_id in search_runs:
         for it in store.iterations(run_id):
-            if it.get("split") != "valid" or _nan(it.get("score")):
+            if it.split != "valid" or _nan(it.score):
                 continue
-            prompt = store.prompt_row(it["prompt_id"]) if it.get("prompt_id") else None
-            decision = "passed over" if it.get("decision") in PASSED_OVER else it.get("decision")
-            cost = store.iteration_cost(it["id"])
-            out.append({"x": cost.value(minimise), "cost_goal": cost.describe(minimise), "y": it["score"], "run_id": run_id,
-                        "label": (prompt or {}).get("origin") or it.get("stage") or it["id"], "decision": decision,
-                        "reason": it.get("reason") or "", "milestone": None, "href": run_href(run_id),
-                        "prompt_id": it.get("prompt_id"), "iteration_id": it["id"],
-                        "on_chart": (it.get("model_ref"), it.get("prompt_id")) not in measured})
+            prompt = store.prompt_row(it.prompt_id) if it.prompt_id else None
+            decision = "passed over" if it.decision in PASSED_OVER else it.decision
+            cost = store.iteration_cost(it.id)
+            out.append({"x": cost.value(minimise), "cost_goal": cost.describe(minimise), "y": it.score, "run_id": run_id,
+                        "label": (prompt or {}).get("origin") or it.stage or it.id, "decision": decision,
+                        "reason": it.reason or "", "milestone": None, "href": run_href(run_id),
+                        "prompt_id": it.prompt_id, "iteration_id": it.id,
+                        "on_chart": (it.model_ref, it.prompt_id) not in measured})
     return out
 
 

@@ -194,8 +194,8 @@ class TrainStage:
         weights = dict(zip(graders_used, config.reward_weights or [1.0] * len(graders_used)))
         groups: dict[str, list[float]] = {}
         for sample in wheel.store.samples_with_grades(iteration_id):
-            reward = sum(weights[g["grader"]] * (g["score"] or 0.0) for g in sample["grades"] if g["grader"] in weights)
-            groups.setdefault(sample["item_key"], []).append(reward)
+            reward = sum(weights[g.grader] * (g.score or 0.0) for g in sample.grades if g.grader in weights)
+            groups.setdefault(sample.item_key, []).append(reward)
         varied = sum(1 for rewards in groups.values() if max(rewards) - min(rewards) > 1e-9)
         if varied:
             wheel.log(f"  reward probe: {varied}/{len(groups)} groups of {k} samples differ in reward")

@@ -8,6 +8,7 @@ from typing import Any
 
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, now
+from flywheel.store.rows import Capture
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class CapturesStore(StoreBase):
 
     def query_captures(self, *, metadata: dict[str, str] | None = None, since: str | None = None,
                        until: str | None = None, model: str | None = None, outcome: str | None = None,
-                       limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
+                       limit: int | None = None, newest_first: bool = False) -> list[Capture]:
         """Captures filtered by metadata values (all must match), time [since, until), model and
         outcome (`ok`: status 200 without error, `failed`: the others)."""
         where, params = [], []
@@ -82,7 +83,7 @@ class CapturesStore(StoreBase):
         sql += " order by created_at desc, id desc" if newest_first else " order by created_at, id"
         if limit:
             sql += f" limit {int(limit)}"
-        return list(self.db.query(sql, params))
+        return [Capture.from_row(row) for row in self.db.query(sql, params)]
 
     def stored_completions(self, selection: CompletionFilter) -> list[dict[str, Any]]:
         """The captured chat completions a `CompletionFilter` selects, oldest first: id, model,

@@ -199,3 +199,141 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         """Its columns as a JSON-ready dict (in table order)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """An iteration (an `iterations` row): one measured (or proposed) prompt/model on a split within a
+    run, with its score, confidence interval, usage and the decision taken on it."""
+
+    id: str
+    run_id: str
+    seq: int
+    stage: str | None = None
+    parent_id: str | None = None
+    model_ref: str | None = None
+    model_fingerprint: str | None = None
+    prompt_id: str | None = None
+    split: str | None = None
+    n: int | None = None
+    score: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    wall_s: float | None = None
+    decision: str | None = None
+    reason: str | None = None
+    created_at: str | None = None
+    lap: int | None = None  # the wheel lap it belongs to (wheel runs), else None
+    latency_s: float | None = None  # its samples' summed latency
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Iteration":
+        """The iteration of an `iterations` row."""
+        return cls(**{f: row.get(f) for f in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its columns as a JSON-ready dict (in table order)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A captured call (a `captures` row): a request the proxy forwarded, an imported or `store: true`
+    completion, with its response and usage. The JSON columns are kept as stored text (`loads_json`
+    in flywheel.capture_rows reads them leniently)."""
+
+    id: int
+    created_at: str
+    endpoint: str | None = None
+    upstream: str | None = None
+    model: str | None = None
+    stream: int | None = None
+    status: int | None = None
+    latency_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    metadata_json: str | None = None
+    request_json: str | None = None
+    request_bytes: int | None = None
+    response_json: str | None = None
+    response_id: str | None = None
+    error: str | None = None
+    api_project: str | None = None  # the API project of a `store: true` completion (None: the proxy's)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Capture":
+        """The capture of a `captures` row."""
+        return cls(**{f: row.get(f) for f in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its columns as a JSON-ready dict (in table order)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Grade:
+    """One grader's grade of a sample (a `grades` row). `details_json` and `error_details` are None
+    when read without details (`Store.samples_with_grades(details=False)`)."""
+
+    sample_id: int
+    grader: str
+    score: float | None = None
+    passed: int | None = None  # 1/0 as stored; `grade_passed` is the rule
+    feedback: str | None = None
+    error: str | None = None
+    details_json: str | None = None
+    error_details: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "Grade":
+        """The grade of a `grades` row."""
+        return cls(**{f: row.get(f) for f in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class SampleWithGrades:
+    """A sample (a `samples` row) with its grades, in grader order. With an objective, `score` and
+    `passed` are its objective value (`flywheel.summaries.objective_value`), else None. Columns not
+    read (`details=False`: `finish_reason`, `created_at` ...) are None."""
+
+    id: int
+    item_key: str
+    repeat: int
+    input_json: str | None
+    output_text: str | None
+    error: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_s: float | None
+    cost: float | None
+    cache_hit: int | None
+    grades: tuple[Grade, ...] = ()
+    iteration_id: str | None = None
+    finish_reason: str | None = None
+    created_at: str | None = None
+    output_tools_json: str | None = None
+    cache_key: str | None = None
+    score: float | None = None
+    passed: bool | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], grades: Iterable[Grade] = (),
+                 objective: tuple[float, bool] | None = None) -> "SampleWithGrades":
+        """The sample of a `samples` row, its grades and its objective (score, passed) if measured."""
+        fields = {f: row.get(f) for f in cls.__dataclass_fields__ if f not in ("grades", "score", "passed")}
+        score, passed = objective if objective is not None else (None, None)
+        return cls(**fields, grades=tuple(grades), score=score, passed=passed)
+
+    def grade(self, grader: str) -> Grade | None:
+        """Its grade by `grader`, or None."""
+        return next((g for g in self.grades if g.grader == grader), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as a JSON-ready dict (grades as a list of dicts)."""
+        out = asdict(self)
+        out["grades"] = list(out["grades"])
+        return out

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ValidationError
 import flywheel.summaries as summaries
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, later, new_id, now
-from flywheel.store.rows import ITERATION_GRADERS, PASSED_SQL, IterationUsage, Run, SampleRecord
+from flywheel.store.rows import (ITERATION_GRADERS, PASSED_SQL, Grade, Iteration, IterationUsage, Run, SampleRecord,
+                                 SampleWithGrades)
 
 StateT = TypeVar("StateT", bound=BaseModel)
 
@@ -207,18 +208,19 @@ class RunsStore(StoreBase):
                                           "created_at": now(), **fields}, ignore=True)
         return iteration_id
 
-    def find_iteration(self, run_id: str, **match: Any) -> dict[str, Any] | None:
+    def find_iteration(self, run_id: str, **match: Any) -> Iteration | None:
         """The first iteration of a run whose columns equal `match` (how a resumed search finds its work)."""
         where = " and ".join(f"[{key}] is ?" for key in match)
         rows = list(self.db["iterations"].rows_where(
             f"run_id = ? and {where}", [run_id, *match.values()], order_by="seq", limit=1))
-        return rows[0] if rows else None
+        return Iteration.from_row(rows[0]) if rows else None
 
-    def get_iteration(self, iteration_id: str) -> dict[str, Any]:
+    def get_iteration(self, iteration_id: str) -> Iteration:
+        """The iteration `iteration_id` (StoreError when there is none)."""
         rows = list(self.db["iterations"].rows_where("id = ?", [iteration_id]))
         if not rows:
             raise StoreError(f"{self.path}: no iteration {iteration_id!r}")
-        return rows[0]
+        return Iteration.from_row(rows[0])
 
     def next_seq(self, run_id: str) -> int:
         value = self.db.execute("select max(seq) from iterations where run_id = ?", [run_id]).fetchone()[0]
@@ -238,8 +240,9 @@ class RunsStore(StoreBase):
         with self.transaction():
             self.db["iterations"].update(iteration_id, fields)
 
-    def iterations(self, run_id: str) -> list[dict[str, Any]]:
-        return list(self.db["iterations"].rows_where("run_id = ?", [run_id], order_by="seq"))
+    def iterations(self, run_id: str) -> list[Iteration]:
+        """The iterations of a run, in order."""
+        return [Iteration.from_row(row) for row in self.db["iterations"].rows_where("run_id = ?", [run_id], order_by="seq")]
 
     def measured_tokens(self, run_id: str) -> int:
         """Prompt + completion tokens of a run's iterations (its measurements), as reports show them; a
@@ -376,8 +379,8 @@ class RunsStore(StoreBase):
                   r.get("error_details")) for r in rows])
 
     def samples_with_grades(self, iteration_id: str, objective: tuple[str, str] | None = None, *,
-                            details: bool = True) -> list[dict[str, Any]]:
-        """Every sample of an iteration with a `grades` list (rows of `grades`), in item order.
+                            details: bool = True) -> list[SampleWithGrades]:
+        """Every sample of an iteration with its grades, in item order.
 
         With `objective=(grader, metric)` each sample also gets its objective `score` and `passed`
         (`flywheel.summaries.objective_value`: an errored or ungraded sample is 0 and fails).
@@ -388,22 +391,22 @@ class RunsStore(StoreBase):
                                        " completion_tokens, latency_s, cost, cache_hit")
         samples = list(self.db.query(
             f"select {columns} from samples where iteration_id = ? order by id", [iteration_id]))
-        by_id = {}
-        for sample in samples:
-            sample["grades"] = []
-            by_id[sample["id"]] = sample
+        grades: dict[int, list[Grade]] = {sample["id"]: [] for sample in samples}
         for grade in self.db.query(
                 f"select {'g.*' if details else 'g.sample_id, g.grader, g.score, g.passed, g.feedback, g.error'}"
                 " from grades g join samples s on s.id = g.sample_id"
                 " where s.iteration_id = ? order by g.sample_id, g.grader", [iteration_id]):
-            by_id[grade["sample_id"]]["grades"].append(grade)
-        if objective is not None:
-            grader, metric = objective
-            for sample in by_id.values():
-                grade = next((g for g in sample["grades"] if g["grader"] == grader), None)
-                sample["score"], sample["passed"] = summaries.objective_value(
-                    sample["error"], grade["score"] if grade else None, grade["passed"] if grade else None, metric)
-        return list(by_id.values())
+            grades[grade["sample_id"]].append(Grade.from_row(grade))
+        out = []
+        for sample in samples:
+            value = None
+            if objective is not None:
+                grader, metric = objective
+                grade = next((g for g in grades[sample["id"]] if g.grader == grader), None)
+                value = summaries.objective_value(sample["error"], grade.score if grade else None,
+                                                  grade.passed if grade else None, metric)
+            out.append(SampleWithGrades.from_row(sample, grades[sample["id"]], value))
+        return out
 
     def objective_scores(self, iteration_id: str, grader: str,
                          metric: str | None = None) -> dict[tuple[str, int], tuple[float, bool]]:
@@ -487,7 +490,7 @@ class RunsStore(StoreBase):
         return IterationUsage(n=n, errors=errors, prompt_tokens=prompt, completion_tokens=completion,
                               cost=float(money), missing_tokens=missing)
 
-    def latest_eval_iteration(self, eval_name: str, split: str) -> dict[str, Any] | None:
+    def latest_eval_iteration(self, eval_name: str, split: str) -> Iteration | None:
         """The last iteration on `split` of the newest completed run of the eval named `eval_name`."""
         rows = self.db.execute(
             "select i.id from iterations i join runs r on r.id = i.run_id join evals e on e.id = r.eval_id"

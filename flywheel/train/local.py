@@ -503,7 +503,7 @@ def evaluate_checkpoint(spec: EvalSpec, store: Store, checkpoint: Checkpoint, *,
         iteration = store.get_iteration(new.iteration_id)
         out.append(SplitEval(
             split=split, iteration_id=new.iteration_id, parent_iteration_id=parent.iteration_id, n=stats["n"],
-            score=new.objective, ci=(iteration["ci_low"], iteration["ci_high"]), parent_score=parent.objective,
+            score=new.objective, ci=(iteration.ci_low, iteration.ci_high), parent_score=parent.objective,
             diff=stats["diff"], diff_ci=(stats["ci_low"], stats["ci_high"]), p_mcnemar=stats["p_mcnemar"],
             improvements=stats["improvements"], regressions=stats["regressions"], decision=decision))
     evals = dict(checkpoint.evals)

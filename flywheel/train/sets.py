@@ -61,10 +61,10 @@ def _captured_samples(store: Store, spec: EvalSpec, captures: list[dict[str, Any
     graders = store.iteration_graders(c["iteration_id"] for c in captures)
     for capture in captures:
         for row in store.samples_with_grades(capture["iteration_id"], objective=objective):
-            samples[row["id"]] = (_Sample(
-                row["id"], row["item_key"], row["output_text"], row["error"], capture["id"], objective=row["score"],
-                grades={g["grader"]: {"score": g["score"], "passed": bool(g["passed"]), "error": g["error"]}
-                        for g in row["grades"]}, graders=frozenset(graders[capture["iteration_id"]])))
+            samples[row.id] = (_Sample(
+                row.id, row.item_key, row.output_text, row.error, capture["id"], objective=row.score,
+                grades={g.grader: {"score": g.score, "passed": bool(g.passed), "error": g.error}
+                        for g in row.grades}, graders=frozenset(graders[capture["iteration_id"]])))
     return list(samples.values())
 
 

@@ -214,7 +214,7 @@ class EvalRunRunner:
 
         def progress(done: int, total: int) -> None:
             if run.get("iteration_id") is None and (iterations := store.iterations(run["run_id"])):
-                run["iteration_id"] = iterations[0]["id"]
+                run["iteration_id"] = iterations[0].id
                 store.api_update("api_eval_runs", run["id"], iteration_id=run["iteration_id"])
             ctx.event(f"{done}/{total} samples done", type="metrics", data={"done": done, "total": total})
             ctx.check()
@@ -238,7 +238,7 @@ class EvalRunRunner:
             return
         iteration_id = run.get("iteration_id")
         if iteration_id is None and run.get("run_id") and (iterations := store.iterations(run["run_id"])):
-            iteration_id = fields["iteration_id"] = iterations[0]["id"]
+            iteration_id = fields["iteration_id"] = iterations[0].id
         if iteration_id:
             # A finished run's counts never change: kept on the row, retrieving it reads no samples.
             fields["result_json"] = json.dumps(store.result_counts(iteration_id))
