@@ -17,8 +17,9 @@ figure to read on a shared machine.
 With `--row-caps`, instead: the running batch's row cap (`models.local.RUNNING_BATCH_FACTOR` ×
 batch_size) against per-request latency and throughput, both sides in one process and interleaved
 per round: the student (its prompt) and the teacher (the base with the run's best prompt, read
-from `--db`) at each cap. Prints each side's wall, CPU, items/s and mean/median latency per cap, and
-the student's latency as a fraction of the teacher's at the default cap.
+from `--db`) at each cap. Prints each side's wall, CPU and mean/median latency per cap (medians over
+rounds), the student's latency as a fraction of the teacher's at the same cap, and CPU seconds
+against the current default cap (throughput: CPU seconds are what a loaded machine does not blur).
 """
 
 from __future__ import annotations
@@ -122,20 +123,17 @@ def row_caps(args, spec, items, student_requests) -> None:
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(f"\n{len(items)} BANKING77 test items, greedy, batch_size {batch_size}, {args.rounds} round(s), medians; "
           f"load average {load}\n")
-    print("| side | row cap | prompt tokens/item | wall s | cpu s | items/s (wall) | latency mean s | latency median s | "
-          "student/teacher latency | items/s vs cap " + str(default) + " |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| side | row cap | prompt tokens/item | wall s | cpu s | latency mean s | latency median s | "
+          f"student/teacher latency, same cap | cpu s vs cap {default} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     med = lambda rows, i: statistics.median(r[i] for r in rows)  # noqa: E731
     for name in sides:
         for cap in caps:
             rows = runs[(name, cap)]
-            ratio = med(rows, 3) / med(runs[("teacher (best prompt)", default if ("teacher (best prompt)", default)
-                                                in runs else caps[0])], 3)
+            ratio = f"{med(rows, 3) / med(runs[('teacher (best prompt)', cap)], 3):.2f}" if name == "student" else ""
             base = runs.get((name, default), rows)
             print(f"| {name} | {cap} | {rows[0][2]:.0f} | {med(rows, 0):.1f} | {med(rows, 1):.1f} | "
-                  f"{len(items) / med(rows, 0):.1f} | {med(rows, 3):.2f} | {med(rows, 4):.2f} | "
-                  f"{ratio:.2f} | {med(base, 0) / med(rows, 0):.2f}× |")
-
+                  f"{med(rows, 3):.2f} | {med(rows, 4):.2f} | {ratio} | {med(rows, 1) / med(base, 1):.2f}× |")
 
 if __name__ == "__main__":
     main()
