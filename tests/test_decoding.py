@@ -107,6 +107,27 @@ def test_a_small_kv_budget_runs_fewer_rows_at_once_with_the_same_tokens(chatty_d
     assert [r.tokens for r in tiny.run(rows, max_new_tokens=6)] == expected and tiny.stats.peak_rows == 1
 
 
+def test_a_long_stream_hands_freed_heap_back_between_steps_with_the_same_tokens(chatty_dir, monkeypatch):
+    import flywheel.models.decoding as decoding
+
+    model = load_model(f"local:{chatty_dir}", {"dtype": "fp32"})
+    hf_model, tokenizer = model.load()
+    rows = token_rows(model, requests(9))
+    decoder = Decoder(hf_model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_batch=3)
+    expected = [r.tokens for r in decoder.run(rows, max_new_tokens=6)]
+    trims: list[bool] = []
+    real = decoding.release_memory
+
+    def counted(*, collect: bool = True) -> bool:
+        trims.append(collect)
+        return real(collect=collect)
+
+    monkeypatch.setattr(decoding, "release_memory", counted)
+    monkeypatch.setattr(decoding, "TRIM_EVERY_S", 0.0)  # every step
+    assert [r.tokens for r in decoder.run(rows, max_new_tokens=6)] == expected
+    assert len(trims) >= decoder.stats.steps > 0 and not any(trims)  # no gc pass inside the loop
+
+
 def test_bf16_decodes_on_the_shared_prefix_path(chatty_dir):
     # The prefix keys are read in fp32 for the decode step and in bf16 by SDPA in prefill: no dtype
     # may leak from one path to the other.

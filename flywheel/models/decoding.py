@@ -41,6 +41,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from flywheel.models.kv_cache import cache_kwarg, output_cache
+from flywheel.models.memory import release_memory
 
 # The attention implementation the loop switches the model to while it runs (registered below).
 ATTENTION = "flywheel_decode"
@@ -55,6 +56,9 @@ REFILL_FRACTION = 0.25
 
 # The running batch's KV cache stays under this many bytes: long prompts get fewer rows at once.
 KV_BUDGET_BYTES = 1 << 28
+# A long stream (a capture over thousands of rows) hands freed heap back this often (seconds on the
+# loop's clock): each wave's caches are freed, but glibc keeps the pages, so the resident set climbs.
+TRIM_EVERY_S = 5.0
 
 
 def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -260,10 +264,14 @@ class Decoder:
         waiting = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
         results = [DecodeResult() for _ in rows]
         batch: _Batch | None = None
+        trimmed = self._clock()
         while waiting or batch is not None:
             with torch.inference_mode():  # not across a yield: the consumer's code runs there
                 batch, finished, waiting = self._turn(rows, waiting, batch, results, max_new_tokens, prefix_len,
                                                       temperature, top_p, generator)
+            if self._clock() - trimmed >= TRIM_EVERY_S:
+                release_memory(collect=False)
+                trimmed = self._clock()
             handed = time.perf_counter()
             for owner in finished:
                 yield owner, results[owner]

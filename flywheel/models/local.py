@@ -31,8 +31,11 @@ MIN_PREFIX_TOKENS = 8
 # "continuous": flywheel.models.decoding's continuous-batching loop; "hf": one transformers
 # `generate` call per fixed batch (the reference the loop is tested against).
 DECODERS = ("continuous", "hf")
-# The running batch of the continuous decoder holds this many rows per unit of batch_size.
-RUNNING_BATCH_FACTOR = 8
+# The running batch of the continuous decoder holds this many rows per unit of batch_size (128 at
+# the default 32). A latency/throughput trade: every row in the batch waits for every other row's
+# steps, so short rows admitted all at once (a student's 200 items) each take about the whole
+# decode; 4 (not 8) halves that for a few percent of throughput (docs/benchmarks.md, issue 30).
+RUNNING_BATCH_FACTOR = 4
 
 
 class LocalModel(Model):

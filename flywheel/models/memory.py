@@ -31,12 +31,15 @@ def _libc() -> ctypes.CDLL | None:
     return _LIBC  # type: ignore[return-value]
 
 
-def release_memory() -> bool:
-    """Collect garbage, then give the heap's free pages back to the OS (glibc `malloc_trim`).
+def release_memory(*, collect: bool = True) -> bool:
+    """Collect garbage (unless `collect` is False), then give the heap's free pages back to the OS
+    (glibc `malloc_trim`).
 
     Returns whether anything could be handed back (False where the C library is not glibc).
-    Cheap (milliseconds): call it between phases, not inside loops."""
-    gc.collect()
+    Cheap (milliseconds): call it between phases; inside a long loop (the continuous decoder), only
+    every few seconds and with `collect=False`."""
+    if collect:
+        gc.collect()
     libc = _libc()
     return bool(libc and libc.malloc_trim(0))
 

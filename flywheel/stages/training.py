@@ -136,6 +136,8 @@ class TrainStage:
             launch = spec.launcher.resolved(wheel.base_dir)
             # Local training reports its steps (loss) and checkpoint scores to the run's live view.
             progress = wheel.training_progress() if launch.kind == "local" else {}
+            if launch.kind == "local":
+                _free_loaded_models()
             result = run(self.request(wheel, base, prompt, config, launch=launch, **progress))
         except LaunchInterrupted as exc:
             # Ctrl-C stops the wheel (resumable), as it does a local stage; it is no stage failure.
@@ -172,6 +174,7 @@ class TrainStage:
         from flywheel.train.run import run
 
         name = self.method.name
+        _free_loaded_models()
         result = run(self.request(wheel, base, prompt, config, search=self.spec.search, data=training_set,
                                   check_data=training_set is None))
         if result.checkpoint is None:
@@ -209,3 +212,14 @@ def _rows(wheel: WheelContext, checkpoint) -> int | str:
     """The rows of the set a checkpoint trained on (its recorded `n_rows`)."""
     row = wheel.store.get_training_set(checkpoint.training_set_id) if checkpoint.training_set_id else None
     return row["n_rows"] if row else "?"
+
+
+def _free_loaded_models() -> None:
+    """Before training in this process: drop the process's loaded models (the teacher's inference
+    copy; each is loaded again when next asked for) and hand their pages back, so training's own
+    copy does not stack on them."""
+    from flywheel.models import model_cache
+    from flywheel.models.memory import release_memory
+
+    model_cache().clear()
+    release_memory()
