@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import graders
 from flywheel.errors import DataError
 from flywheel.reviews import cohen_kappa
 
@@ -105,8 +106,6 @@ def calibrate(configs: list[Any], rows: list[tuple[int, dict[str, Any]]], *, jud
               output_field: str = "output", label_field: str = "label", passing: list[str] | None = None,
               source: str = "<data>") -> list[Calibration]:
     """Grade every row's `output_field` with each grader; compare with its `label_field`."""
-    import graders
-
     for line, row in rows:
         for name in (output_field, label_field):
             if row.get(name) in (None, ""):

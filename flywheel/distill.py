@@ -43,6 +43,7 @@ from flywheel.data import Dataset, Item, load_dataset
 from flywheel.errors import FlywheelError
 from flywheel.grading import GraderSet
 from flywheel.harness import ProgressFn, evaluate, register_eval, run_eval, summarise
+from flywheel.models import cached_model
 from flywheel.prompt import Prompt
 from flywheel.spec import DatasetSpec, EvalSpec, SplitSpec
 from flywheel.store import SampleRecord, Store, new_id
@@ -131,7 +132,6 @@ def capture(spec: EvalSpec, store: Store, teacher: str, *, n: int = 4, temperatu
         temperature = spec.sampling.temperature if n == 1 else 1.0
     if n > 1 and temperature == 0:
         raise CaptureError(f"best-of-{n} needs temperature > 0: at temperature 0 every sample is the same output")
-    from flywheel.models import cached_model
 
     started = time.perf_counter()
     chosen, origin = _resolve_prompt(store, spec, prompt)
@@ -343,8 +343,6 @@ def capture_unlabelled(spec: EvalSpec, store: Store, teacher: str, *, inputs: Da
     """Sample `n` teacher outputs per unlabelled input with `prompt`, accept the majority answer by
     self-consistency, store samples, votes and lineage (split `unlabelled`). Resumable like an eval.
     `dataset`: the spec's, already loaded by the caller."""
-    from flywheel.models import cached_model
-
     if n < 2:
         raise CaptureError("self-consistency needs at least 2 samples per input (n >= 2)")
     started = time.perf_counter()

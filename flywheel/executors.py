@@ -25,8 +25,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import graders
 from flywheel.errors import FlywheelError
-from flywheel.models import ChatRequest, Completion
+from flywheel.grading import GraderSet
+from flywheel.models import ChatRequest, Completion, load_model
 from flywheel.spec import ExecutorSpec
 
 
@@ -59,11 +61,6 @@ def generate_and_grade(model_ref: str, model_options: dict[str, Any], grader_con
     """Generate `requests` with the model, then grade the completions against `items`.
 
     The model and the grader set are built once per process and reused by later calls."""
-    import graders
-
-    from flywheel.grading import GraderSet
-    from flywheel.models import load_model
-
     started = time.perf_counter()
     model = _cached("model:" + json.dumps([model_ref, model_options], sort_keys=True, default=str),
                     lambda: load_model(model_ref, model_options))

@@ -26,7 +26,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.errors import FlywheelError
+from flywheel.harness import run_eval
+from flywheel.promotion import describe_test, significantly_better
 from flywheel.spec import EvalSpec
+from flywheel.stats import paired_by_key
 from flywheel.store import Store
 from flywheel.store.rows import Iteration
 
@@ -198,10 +201,6 @@ def run_gate(spec: EvalSpec, store: Store, baseline: str, *, split: str = "test"
     same eval (by name) is taken. Fails (passed=False) on a significant regression of the
     objective (`flywheel.promotion.significantly_better`, baseline over candidate, at `alpha`) or
     on a blown budget; raises GateError when there is nothing to compare with."""
-    from flywheel.harness import run_eval
-    from flywheel.promotion import describe_test, significantly_better
-    from flywheel.stats import paired_by_key
-
     budget = budget or GateBudget()
     base_store, base_it = resolve_baseline(store, baseline, spec.name, split)
     try:

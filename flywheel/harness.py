@@ -32,8 +32,9 @@ from flywheel.images import check_item_images, hashed_view
 from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model
 from flywheel.outputs import DataOutputs
 from flywheel.prompt import Prompt
-from flywheel.spec import EvalSpec
 from flywheel.settings import env_seconds
+from flywheel.spec import EvalSpec
+from flywheel.stats import paired_by_key
 from flywheel.store import SampleRecord, Store
 from flywheel.summaries import EvalSummary, GraderSummary
 
@@ -294,8 +295,6 @@ def item_scores(store: Store, iteration_id: str, spec: EvalSpec) -> dict[tuple[s
 
 def paired_comparison(store: Store, spec: EvalSpec, a: str, b: str) -> dict[str, Any]:
     """Paired statistics of iteration b against a over the (item, repeat) keys they share."""
-    from flywheel.stats import paired_by_key
-
     return paired_by_key(item_scores(store, a, spec), item_scores(store, b, spec))
 
 

@@ -41,7 +41,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from flywheel.errors import FlywheelError
-from flywheel.models import ChatRequest, Completion, Model, Sampling, parse_model_ref
+from flywheel.images import ImageError, check_image_count, image_part, image_url_of, load_image
+from flywheel.models import ChatRequest, Completion, Model, Sampling, load_model, parse_model_ref
 from flywheel.web import (DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, bind_socket, parse_json_object,
                           read_body, uvicorn_config)
 
@@ -96,8 +97,6 @@ def _message_text(content: Any, index: int) -> str | list[dict[str, Any]]:
 def _vision_parts(content: list[Any], index: int) -> list[dict[str, Any]]:
     """Text and image parts, each image checked (flywheel.images) and kept as a data URL. Only
     data URLs are taken: the server fetches nothing from the network on a client's behalf."""
-    from flywheel.images import ImageError, image_part, image_url_of, load_image
-
     parts: list[dict[str, Any]] = []
     for position, part in enumerate(content):
         where = f"messages[{index}].content[{position}]"
@@ -384,7 +383,6 @@ def create_app(model: Model, *, name: str | None = None, batch_size: int = 32, m
             if has_images(call.messages):
                 raise ApiError(400, f"'{name}' is a text model: it does not read images (serve a vision-language "
                                "model for image parts)", param="messages", code="unsupported_content")
-        from flywheel.images import check_image_count, ImageError
 
         try:
             check_image_count(call.messages)
@@ -432,8 +430,6 @@ def serve_model(ref: str, *, options: dict[str, Any] | None = None, host: str = 
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, on_ready=None) -> None:
     """Serve `ref` until interrupted (the `flywheel serve-model` command)."""
     import uvicorn
-
-    from flywheel.models import load_model
 
     model = load_model(ref, options)
     sock = bind_socket(host, port)

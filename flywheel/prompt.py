@@ -24,6 +24,8 @@ from typing import Any
 import graders
 
 from flywheel.data import Item
+from flywheel.images import render_parts
+from graders.embeddings import default_embedder
 
 TEMPLATE_VARS = re.compile(r"\{\{\s*(item\.[^}]*?)\s*\}\}")
 
@@ -71,7 +73,6 @@ class Prompt:
         if not any(isinstance(m["content"], list) for m in self.messages):
             return [{"role": m["role"], "content": graders.render_template(m["content"], item=item.fields)}
                     for m in self.messages]
-        from flywheel.images import render_parts
 
         return render_parts(self.messages, item)
 
@@ -103,7 +104,6 @@ class Prompt:
 def nearest_demos(prompt: Prompt, items: list[Item]) -> list[list[Demo] | None]:
     """For each item, the `prompt.nearest` demos whose user turn is closest to the item's."""
     import numpy as np
-    from graders.embeddings import default_embedder
 
     queries: list[str] = []
     for item in items:

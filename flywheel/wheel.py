@@ -49,6 +49,7 @@ from flywheel.run_spec import RunSpec, load_run_spec
 from flywheel.spec import EvalSpec, load_eval_spec
 from flywheel.stages import Incumbent, StageOutcome, build_stage
 from flywheel.store import Store, now
+from flywheel.train.local import step_reporter
 
 LIVE_EVERY_S = 2.0  # the run row's `live` event is rewritten at most this often (the review app reads it)
 
@@ -237,8 +238,6 @@ class Wheel:
     def training_progress(self) -> dict[str, Any]:
         """`flywheel.train.run` request options reporting each training step (with its loss) and each
         checkpoint evaluation to the run's events."""
-        from flywheel.train.local import step_reporter
-
         def on_step(step: int, total: int, loss: float | None) -> None:
             self.emit("train", step="train", done=step, total=total or None, unit="steps", loss=loss)
 

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from graders.errors import GraderConfigError, TemplateVariableError
 from graders.formula import Formula, FormulaError
+from graders.pii import check_entities
 from graders.templates import template_variables
 
 STRING_CHECK_OPERATIONS = ("eq", "ne", "like", "ilike")
@@ -264,8 +265,6 @@ class PIIGraderConfig(_Config):
     @field_validator("entities")
     @classmethod
     def _entities(cls, value: list[str] | None) -> list[str] | None:
-        from graders.pii import check_entities
-
         return None if value is None else list(check_entities(value))
 
 

@@ -25,6 +25,12 @@ from graders.base import Grader
 from graders.config import (BlocklistGraderConfig, LabelModelGraderConfig, MultiGraderConfig, PIIGraderConfig,
                             PythonGraderConfig, ScoreModelGraderConfig, StringCheckGraderConfig,
                             TextSimilarityGraderConfig, _Config)
+from graders.model_graders import LabelModelGrader, ScoreModelGrader
+from graders.multi import MultiGrader
+from graders.python_sandbox import PythonGrader
+from graders.safety import BlocklistGrader, PIIGrader
+from graders.string_check import StringCheckGrader
+from graders.text_similarity import TextSimilarityGrader
 
 Builder = Callable[..., Grader]  # (config, *, judge, embedder, sandbox) -> Grader
 
@@ -46,50 +52,34 @@ class GraderType:
 
 
 def _string_check(config: Any, **_: Any) -> Grader:
-    from graders.string_check import StringCheckGrader
-
     return StringCheckGrader(config)
 
 
 def _text_similarity(config: Any, *, embedder: Any = None, **_: Any) -> Grader:
-    from graders.text_similarity import TextSimilarityGrader
-
     return TextSimilarityGrader(config, embedder=embedder)
 
 
 def _score_model(config: Any, *, judge: Any = None, **_: Any) -> Grader:
-    from graders.model_graders import ScoreModelGrader
-
     return ScoreModelGrader(config, judge)
 
 
 def _label_model(config: Any, *, judge: Any = None, **_: Any) -> Grader:
-    from graders.model_graders import LabelModelGrader
-
     return LabelModelGrader(config, judge)
 
 
 def _python(config: Any, *, sandbox: Any = None, **_: Any) -> Grader:
-    from graders.python_sandbox import PythonGrader
-
     return PythonGrader(config, sandbox=sandbox)
 
 
 def _pii(config: Any, **_: Any) -> Grader:
-    from graders.safety import PIIGrader
-
     return PIIGrader(config)
 
 
 def _blocklist(config: Any, **_: Any) -> Grader:
-    from graders.safety import BlocklistGrader
-
     return BlocklistGrader(config)
 
 
 def _multi(config: Any, **options: Any) -> Grader:
-    from graders.multi import MultiGrader
-
     return MultiGrader(config, {key: TABLE[sub.type].build(sub, **options) for key, sub in config.graders.items()})
 
 

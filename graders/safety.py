@@ -20,6 +20,7 @@ from typing import Any
 from graders.base import Grader
 from graders.config import BlocklistGraderConfig, PIIGraderConfig
 from graders.grade import Grade
+from graders.pii import DEFAULT_ENTITIES, get_detector
 from graders.templates import Template
 
 
@@ -36,8 +37,6 @@ class PIIGrader(Grader):
     type = "pii"
 
     def __init__(self, config: PIIGraderConfig):
-        from graders.pii import DEFAULT_ENTITIES, get_detector
-
         super().__init__(config)
         self.input = Template(config.input)
         self.reference = Template(config.reference) if config.reference is not None else None

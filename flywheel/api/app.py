@@ -24,13 +24,14 @@ from flywheel.api.access import LOOPBACK_ROLES, Access
 from flywheel.api.errors import HANDLERS
 from flywheel.api.jobs import JobQueue
 from flywheel.api.limits import RateLimiter
-from flywheel.api.model_access import ServerModels
+from flywheel.api.model_access import ServerModels, load_server_models
 from flywheel.api.routes import chat, evals, files, fine_tuning, graders, wheel_runs
 from flywheel.api.runners.workers import WorkerProcesses, runners
 from flywheel.api.state import ApiState
 from flywheel.errors import FlywheelError
+from flywheel.report.review_app import create_app
 from flywheel.store import Store
-from flywheel.web import ApiError, HostGuard
+from flywheel.web import ApiError, HostGuard, bind_socket, is_loopback, page_url, serve_forever
 
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
@@ -104,10 +105,6 @@ def serve_api(db_path: str, *, host: str = "127.0.0.1", port: int = 8765, worker
     (`flywheel.api.model_access`); `allowed_hosts`: the Host names clients use (default: loopback
     names on a loopback bind, the bind address otherwise; a wildcard bind needs them)."""
     import ipaddress
-
-    from flywheel.api.model_access import load_server_models
-    from flywheel.report.review_app import create_app
-    from flywheel.web import bind_socket, is_loopback, page_url, serve_forever
 
     local = is_loopback(host)
     if not allowed_hosts and not local:

@@ -42,6 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from flywheel.api.access import Caller
 from flywheel.api.platform import model_for
 from flywheel.errors import FlywheelError, SpecError
+from flywheel.models import cached_model, parse_model_ref
+from flywheel.models.loading import EMBEDDED
 from flywheel.store import Store
 from flywheel.web import ApiError
 
@@ -111,8 +113,6 @@ def no_access(ref: Any, param: str, status: int = 400) -> ApiError:
 
 
 def local_bases(models: ServerModels) -> list[str]:
-    from flywheel.models.loading import EMBEDDED
-
     return [*EMBEDDED, *models.local_bases]
 
 
@@ -120,8 +120,6 @@ def resolve_model(store: Store, ref: Any, who: Caller, models: ServerModels, *, 
                   status: int = 400) -> ResolvedModel:
     """The reference `who` may load for `ref` (an `ft:` name becomes its checkpoint's reference); an
     ApiError (`status`, naming `param`) otherwise."""
-    from flywheel.models import parse_model_ref
-
     if not isinstance(ref, str) or not ref:
         raise ApiError(400, f"{param}: a model reference is required (e.g. local:smollm2).", param=param)
     try:
@@ -229,8 +227,6 @@ def check_run_judges(store: Store, grader: Any, who: Caller, models: ServerModel
 def judge_loader(store: Store, who: Caller, models: ServerModels) -> Any:
     """A judge resolver for `graders.run_grader` that loads only what `who` may name (providers'
     options included); each judge loads once."""
-    from flywheel.models import cached_model
-
     def judge(ref: str) -> Any:
         resolved = resolve_model(store, _judge_ref(ref), who, models, param="grader.model")
         return cached_model(resolved.ref, resolved.options or None)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import click
 
 from flywheel.errors import FlywheelError
-from flywheel.store import default_db_path
+from flywheel.store import Store, default_db_path
 from flywheel.terminal import safe_terminal_text
 
 db_option = click.option("--db", default=None, help="SQLite store (default ./flywheel.db or $FLYWHEEL_DB).")
@@ -42,8 +42,6 @@ def main() -> None:
 @contextmanager
 def store_at(db: str | None):
     """The store at --db (default ./flywheel.db or $FLYWHEEL_DB), closed when the block ends."""
-    from flywheel.store import Store
-
     store = Store.open(db or default_db_path())
     try:
         yield store

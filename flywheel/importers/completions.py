@@ -27,6 +27,7 @@ from typing import Any
 
 from flywheel.errors import PlatformImportError
 from flywheel.importers.pages import check_fields, dump_line, read_download, sdk_client, sdk_error, walk_pages
+from flywheel.models.openai_backend import resolve_base_url
 from flywheel.store import Store, timestamp_from_unix
 
 ENDPOINT = "/v1/chat/completions"
@@ -204,8 +205,6 @@ def import_completions_api(store: Store, *, base_url: str | None = None, metadat
     """Import stored completions straight from the platform (or any server with its list endpoints).
     Every page is read and checked before anything is stored; `save` also writes them as a
     download file `import_completions_file` reads back."""
-    from flywheel.models.openai_backend import resolve_base_url
-
     upstream = resolve_base_url(base_url)
     rows, lines = [], []
     try:

@@ -11,6 +11,7 @@ from typing import Any
 
 from flywheel.errors import ModelError
 from flywheel.models.base import ChatRequest, Completion, Model, Sampling
+from flywheel.models.openai_backend import OpenAIModel
 from flywheel.models.refs import format_model_ref, parse_adapters, parse_model_ref
 
 __all__ = ["ChatRequest", "Completion", "Model", "ModelCache", "Sampling", "cached_model", "format_model_ref",
@@ -32,7 +33,6 @@ def load_model(ref: str, options: dict[str, Any] | None = None) -> Model:
         return build_local_model(ref, name, adapter, options)
     if adapter:
         raise ModelError(f"{ref}: adapters apply to local models only")
-    from flywheel.models.openai_backend import OpenAIModel
 
     return OpenAIModel(ref, name, **options)
 

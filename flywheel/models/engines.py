@@ -24,6 +24,8 @@ from typing import Any
 
 from flywheel.errors import ModelError
 from flywheel.models.base import Model
+from flywheel.models.local import LocalModel
+from flywheel.models.vllm_engine import VllmModel
 
 DEFAULT_ENGINE = "continuous"
 
@@ -51,16 +53,12 @@ _LOCAL_OPTIONS = frozenset({"dtype", "batch_size", "device", "prefix_cache"})
 
 def _local(decoder: str):
     def build(ref: str, base: str, adapter: str | None, options: dict[str, Any]) -> Model:
-        from flywheel.models.local import LocalModel
-
         return LocalModel(ref, base, adapter, decoder=decoder, **options)
 
     return build
 
 
 def _vllm(ref: str, base: str, adapter: str | None, options: dict[str, Any]) -> Model:
-    from flywheel.models.vllm_engine import VllmModel
-
     return VllmModel(ref, base, adapter, **options)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import ModelError
+from flywheel.images import image_url_of, load_image
 from flywheel.models.base import ChatRequest, Completion, Model
 from flywheel.models.loading import DTYPES, LocalWeights, load_for_inference, output_settings
 
@@ -32,8 +33,6 @@ def processor_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, A
     """Chat Completions messages as a processor's chat template wants them (`{type: image}`
     placeholders and `{type: text}` parts, `developer` read as `system`), and the images in order
     (Pillow, RGB)."""
-    from flywheel.images import image_url_of, load_image
-
     out, images = [], []
     for message in messages:
         role = "system" if message["role"] == "developer" else message["role"]

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from flywheel.errors import ModelError
+from flywheel.images import has_images
 from flywheel.models.base import ChatRequest, Completion, Model
 from flywheel.models.loading import DTYPES, LocalWeights, output_settings
 
@@ -89,7 +90,6 @@ class VllmModel(Model):
         """Complete every request in one vLLM call (vLLM schedules them itself)."""
         if not requests:
             return []
-        from flywheel.images import has_images
 
         if any(has_images(r.messages) for r in requests):
             raise ModelError(f"{self.ref} is a text model: it does not read images (docs/vision.md)")

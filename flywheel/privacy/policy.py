@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from flywheel.privacy.redact import RedactionPolicy, Redactor
+from flywheel.privacy.redact import RedactionPolicy, Redactor, parse_redact
+from graders.pii import get_detector
 
 BLOCK_MODES = ("reject", "redact")
 
@@ -74,8 +75,6 @@ class ProxyPrivacy:
     _writer_redactor: Redactor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from graders.pii import get_detector
-
         if self.redact is not None:
             self._writer_redactor = Redactor(self.redact)  # used only in the writer thread
         if self.block_output_pii is not None:
@@ -143,7 +142,6 @@ def proxy_privacy(redact: str | None, block_output_pii: str | None, retention_da
     """The proxy's privacy settings from its command-line options (None when none is set)."""
     if redact is None and block_output_pii is None and retention_days is None:
         return None
-    from flywheel.privacy.redact import parse_redact
 
     return ProxyPrivacy(redact=parse_redact(redact) if redact else None, block_output_pii=block_output_pii,  # type: ignore[arg-type]
                         retention_days=retention_days)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flywheel.errors import FlywheelError
+from graders.pii import DEFAULT_ENTITIES, PrivacyUnavailable, check_entities, get_detector
 
 REDACT_KEYS = frozenset({"content", "text", "refusal", "arguments", "raw"})
 KEY_ENV = "FLYWHEEL_REDACT_KEY"
@@ -63,8 +64,6 @@ class RedactionPolicy(BaseModel):
     @field_validator("entities")
     @classmethod
     def _entities(cls, value: list[str]) -> list[str]:
-        from graders.pii import check_entities
-
         return list(check_entities(value))
 
     def record(self, hash_key: str | None = None) -> dict[str, Any]:
@@ -79,8 +78,6 @@ class RedactionPolicy(BaseModel):
 
 
 def _default_entities() -> tuple[str, ...]:
-    from graders.pii import DEFAULT_ENTITIES
-
     return DEFAULT_ENTITIES
 
 
@@ -122,8 +119,6 @@ class Redactor:
     """Applies one RedactionPolicy; counts what it replaced. Not thread-safe (one per thread)."""
 
     def __init__(self, policy: RedactionPolicy | None = None, *, hash_key: str | bytes | None = None):
-        from graders.pii import PrivacyUnavailable, get_detector
-
         self.policy = policy or RedactionPolicy()
         try:
             self.detector = get_detector(tuple(self.policy.entities), self.policy.min_score)

@@ -46,8 +46,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from flywheel.errors import FlywheelError
-from flywheel.web import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, read_body
 from flywheel.store import Store, now
+from flywheel.web import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, bind_socket, read_body, uvicorn_config
 
 CHAT_PATH = "/v1/chat/completions"
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy recomputes.
@@ -562,8 +562,6 @@ def run_proxy(upstream: str, *, db_path: str, host: str = "127.0.0.1", port: int
               max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES, on_ready=None, privacy: Any = None) -> None:
     """Run the proxy until interrupted (the `flywheel proxy` command)."""
     import uvicorn
-
-    from flywheel.web import bind_socket, uvicorn_config
 
     normalise_upstream(upstream)  # a bad --upstream or --db fails here, as one clean line
     Store.open(db_path).close()

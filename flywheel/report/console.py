@@ -9,11 +9,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flywheel.cost import CostPerItem
 from flywheel.harness import EvalResult
 from flywheel.images import describe_content
 from flywheel.store import Run, Store
 from flywheel.summaries import RunSummary
 from flywheel.terminal import safe_terminal_text
+from graders.endpoints import response_error
 
 
 class _Console(Console):
@@ -131,8 +133,6 @@ def tokens_line(paid: int, measured: int) -> str:
 
 def print_grader_runs(responses: list[dict[str, Any]]) -> None:
     """`flywheel graders run`: one row per grader: name, type, score, passed, error."""
-    from graders.endpoints import response_error
-
     safe = safe_terminal_text
     table = Table(show_header=True, header_style="bold")
     for column in ("grader", "type", "score", "passed", "error"):
@@ -174,8 +174,6 @@ def print_optimize_result(result) -> None:
 def print_wheel_result(result) -> None:
     """Each stage's decision by lap, then baseline -> best prompt -> final model with score and cost,
     the winner vs the baseline on test, the spend and the report."""
-    from flywheel.cost import CostPerItem
-
     safe = safe_terminal_text
     table = Table(show_header=True, header_style="bold", title=f"flywheel run {safe(result.run_id)}")
     for column in ("lap", "stage", "valid", "decision", "time", "why"):

@@ -30,12 +30,25 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from flywheel.cost import CostPerItem
+from flywheel.data import load_dataset
+from flywheel.distill import leaked, vote
 from flywheel.errors import FlywheelError
+from flywheel.harness import paired_comparison, run_eval
+from flywheel.models import ChatRequest, Sampling, cached_model
+from flywheel.promotion import Goal, decide
+from flywheel.prompt import Prompt
+from flywheel.run_spec import load_run_spec
 from flywheel.service import aliases
 from flywheel.service.serving import with_prompt
+from flywheel.service.shadow import OnlineGraders, current_phase
 from flywheel.service.spec import ServiceSpec
+from flywheel.spec import load_eval_spec
+from flywheel.stats import paired_stats
 from flywheel.store import Store, new_id, now, timestamp
 from flywheel.store.service import AliasTarget, ServiceLap
+from flywheel.train import TrainRequest, run
+from flywheel.train.methods import load_train_config
 
 LAP_JOB = "service_lap"
 
@@ -64,7 +77,6 @@ def due(store: Store, spec: ServiceSpec, waiting: int, *, at: datetime | None = 
     """The trigger that fires at `at` (default: now), `new_captures` or `schedule`; None when none does."""
     if waiting == 0:
         return None
-    from flywheel.service.shadow import current_phase
 
     phase = current_phase(store, spec)
     if phase is not None and (spec.canary.share if phase.name == "canary" else spec.shadow.share) > 0:
@@ -125,8 +137,6 @@ def queue_lap(store: Store, spec: ServiceSpec, *, trigger: str) -> ServiceLap | 
     rows = new_captures(store, spec)
     if not rows:
         return None
-    from flywheel.data import load_dataset
-    from flywheel.spec import load_eval_spec
 
     n_valid = len(load_dataset(load_eval_spec(spec.path(spec.eval))).split("valid"))
     refused = over_budget(store, spec, len(rows), n_valid)
@@ -163,13 +173,6 @@ def _held_back(capture_id: int, share: float) -> bool:
 def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[], None] = lambda: None,
             event: Callable[[str], None] = lambda message: None) -> ServiceLap:
     """Run (or resume) a queued lap; returns it with its decision (see the module docstring)."""
-    from flywheel.data import load_dataset
-    from flywheel.distill import leaked, vote
-    from flywheel.models import ChatRequest, Sampling, cached_model
-    from flywheel.spec import load_eval_spec
-    from flywheel.train import TrainRequest, run
-    from flywheel.train.methods import load_train_config
-
     lap = store.service_lap(lap_id)
     if lap is None:
         raise LapError(f"no lap {lap_id}")
@@ -247,11 +250,8 @@ def _finish(store: Store, lap_id: str, decision: str, reason: str, checkpoint: s
 
 def _rule(spec: ServiceSpec) -> tuple[Any, float]:
     """The run spec's goal and alpha (defaults without a run spec)."""
-    from flywheel.promotion import Goal
-
     if spec.run is None:
         return Goal(minimise="prompt_tokens", margin=spec.shadow.margin), 0.05
-    from flywheel.run_spec import load_run_spec
 
     run_spec = load_run_spec(spec.path(spec.run))
     return (run_spec.goal.rule() if run_spec.goal else None), run_spec.alpha
@@ -260,11 +260,6 @@ def _rule(spec: ServiceSpec) -> tuple[Any, float]:
 def offline_valid(store: Store, spec: ServiceSpec, eval_spec: Any, dataset: Any, lap_id: str,
                   production: AliasTarget, student: AliasTarget) -> Gate:
     """The student against production on the eval's valid split, with the run spec's rule."""
-    from flywheel.harness import paired_comparison, run_eval
-    from flywheel.models import cached_model
-    from flywheel.promotion import decide
-    from flywheel.prompt import Prompt
-
     results = {}
     for side, target in (("production", production), ("student", student)):
         results[side] = run_eval(eval_spec, store, split="valid", model=cached_model(target.model),
@@ -282,12 +277,6 @@ def offline_traffic(spec: ServiceSpec, eval_spec: Any, held: list[dict[str, Any]
                     student: AliasTarget) -> Gate:
     """The student against production's recorded answers on the held-back traffic, graded by the
     graders the requests can feed (flywheel.service.shadow.OnlineGraders), with the run spec's rule."""
-    from flywheel.cost import CostPerItem
-    from flywheel.models import ChatRequest, Sampling, cached_model
-    from flywheel.promotion import decide
-    from flywheel.service.shadow import OnlineGraders
-    from flywheel.stats import paired_stats
-
     if not held:
         return Gate("held-back traffic", True, "no held-back traffic (holdout 0 or too little traffic)")
     scorer = OnlineGraders(eval_spec.graders)

@@ -29,6 +29,7 @@ from typing import Any
 
 import graders
 
+from flywheel.grading import GraderSet
 from flywheel.promotion import OnlineVerdict, decide_canary, decide_shadow
 from flywheel.service import aliases
 from flywheel.service.spec import ServiceSpec
@@ -65,8 +66,6 @@ class OnlineGraders:
     request's metadata (reference-free graders read none)."""
 
     def __init__(self, configs: list[dict[str, Any]]):
-        from flywheel.grading import GraderSet
-
         self.configs = configs
         self.needs = [set(ITEM_FIELD.findall(json.dumps(c))) for c in configs]
         self.sets = {i: GraderSet([c]) for i, c in enumerate(configs)}

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from flywheel.optimize import optimize_prompt
 from flywheel.spec import MessageSpec, OptimizeSpec
 from flywheel.stages.base import Candidate, Incumbent, StageOutcome, StageSpecBase, WheelContext
 
@@ -25,8 +26,6 @@ class OptimizeStage:
         self.spec = spec
 
     def run(self, wheel: WheelContext, incumbent: Incumbent) -> StageOutcome:
-        from flywheel.optimize import optimize_prompt
-
         # The search's baseline is the incumbent: its model, its prompt (demonstrations included).
         spec = wheel.spec.model_copy(update={
             "model": incumbent.model_ref,

@@ -17,12 +17,16 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from flywheel.errors import FlywheelError
+from flywheel.errors import FlywheelError, SpecError
+from flywheel.models import model_cache
+from flywheel.models.memory import release_memory
 from flywheel.prompt import Prompt
 from flywheel.spec import MessageSpec
 from flywheel.stages.base import Candidate, Incumbent, StageOutcome, StageSpecBase, WheelContext
-from flywheel.train.launch import LaunchSpec
+from flywheel.tracking import TrackingError, require_trackers
+from flywheel.train.launch import LaunchInterrupted, LaunchSpec
 from flywheel.train.methods import METHODS, load_train_config, training_method
+from flywheel.train.run import TrainRequest, check_launch, run
 from flywheel.train.search import SearchSpec
 
 PROBE_PROMPTS = 16
@@ -66,9 +70,6 @@ class TrainStageSpec(StageSpecBase):
     @model_validator(mode="after")
     def _config_is_valid(self) -> "TrainStageSpec":
         # The training settings are checked when the run spec loads, not when the stage is reached.
-        from flywheel.errors import SpecError
-
-        from flywheel.tracking import TrackingError, require_trackers
 
         try:
             config = load_train_config(self.stage, values=self.config)
@@ -80,7 +81,6 @@ class TrainStageSpec(StageSpecBase):
             require_trackers(config.report_to)
         except TrackingError as exc:
             raise ValueError(f"config.{exc}") from None
-        from flywheel.train.run import check_launch
 
         try:
             check_launch(self.launcher, searching=self.search is not None)
@@ -126,8 +126,6 @@ class TrainStage:
                 return StageOutcome(name, "failed", probe, lap=wheel.lap)
         if spec.search is not None:
             return self.search(wheel, None, base, prompt, config)
-        from flywheel.train.launch import LaunchInterrupted
-        from flywheel.train.run import run
 
         # With save_steps the job registers a checkpoint every N steps and returns the best (by the valid
         # score, else the valid loss); a wheel killed mid-training resumes the job from its last saved step,
@@ -159,8 +157,6 @@ class TrainStage:
     def request(self, wheel: WheelContext, base: str, prompt: Prompt, config, **options: Any):
         """The stage's TrainRequest: the method's set built with the student prompt from the wheel's
         loaded dataset, no evaluation (the wheel measures), reuse of what this stage trained before."""
-        from flywheel.train.run import TrainRequest
-
         return TrainRequest(method=self.method.name, spec=wheel.spec, store=wheel.store, base=base, config=config,
                             set_options={key: getattr(self.spec, key) for key in self.method.set_options},
                             prompt=prompt, dataset=getattr(wheel, "dataset", None),
@@ -171,8 +167,6 @@ class TrainStage:
     def search(self, wheel: WheelContext, training_set, base: str, prompt: Prompt, config) -> StageOutcome:
         """Run the stage's hyper-parameter search (or reuse one this run finished before a kill) and
         propose its best trial's checkpoint; `training_set` None builds the method's set."""
-        from flywheel.train.run import run
-
         name = self.method.name
         _free_loaded_models()
         result = run(self.request(wheel, base, prompt, config, search=self.spec.search, data=training_set,
@@ -218,8 +212,5 @@ def _free_loaded_models() -> None:
     """Before training in this process: drop the process's loaded models (the teacher's inference
     copy; each is loaded again when next asked for) and hand their pages back, so training's own
     copy does not stack on them."""
-    from flywheel.models import model_cache
-    from flywheel.models.memory import release_memory
-
     model_cache().clear()
     release_memory()

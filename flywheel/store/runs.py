@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 # A module import: flywheel.summaries imports the passed rule from flywheel.store.rows, so either may load first.
 import flywheel.summaries as summaries
+from flywheel.cost import CostPerItem
 from flywheel.errors import StoreError
 from flywheel.store.db import StoreBase, later, new_id, now
 from flywheel.store.rows import (ITERATION_GRADERS, PASSED_SQL, Grade, Iteration, IterationUsage, Run, SampleRecord,
@@ -20,7 +21,6 @@ from flywheel.store.rows import (ITERATION_GRADERS, PASSED_SQL, Grade, Iteration
 StateT = TypeVar("StateT", bound=BaseModel)
 
 if TYPE_CHECKING:
-    from flywheel.cost import CostPerItem
     from flywheel.summaries import EvalSummary, GradeRow, GraderSummary, SampleRow
 
 
@@ -469,8 +469,6 @@ class RunsStore(StoreBase):
 
     def iteration_cost(self, iteration_id: str) -> "CostPerItem":
         """Mean tokens, latency and money of an iteration's samples (errored samples included)."""
-        from flywheel.cost import CostPerItem
-
         n, prompt, completion, latency, money = self.db.execute(
             "select count(*), avg(coalesce(prompt_tokens, 0)), avg(coalesce(completion_tokens, 0)),"
             " avg(coalesce(latency_s, 0)), avg(coalesce(cost, 0)) from samples where iteration_id = ?",

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError
+from flywheel.models import parse_model_ref
+from flywheel.models.loading import dir_fingerprint
 from flywheel.store import Checkpoint, Store, new_id
 
 LINEAGE_FILE = "flywheel_checkpoint.json"
@@ -37,8 +39,6 @@ def checkpoint_dir(store: Store) -> Path:
 
 def local_model_ref(base_model: str, adapter_dir: Path) -> str:
     """`local:BASE+ADAPTER` for an adapter on `base_model` (a `local:` reference without adapter)."""
-    from flywheel.models import parse_model_ref
-
     scheme, name, adapter = parse_model_ref(base_model)
     if scheme != "local" or adapter:
         raise CheckpointError(f"{base_model}: an adapter's base must be a local model without an adapter")
@@ -57,8 +57,6 @@ def register_checkpoint(store: Store, *, method: str, base_model: str, save: Cal
     `step` is the training step it was saved at; an intermediate checkpoint (`finish_job=False`)
     leaves its job running.
     """
-    from flywheel.models.loading import dir_fingerprint
-
     checkpoint_id = new_id(method)
     row: dict[str, Any] = {
         "id": checkpoint_id, "method": method, "backend": backend, "base_model": base_model,

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flywheel.errors import TrainingError
+from flywheel.models.loading import cpu_supports_bf16
 from flywheel.spec import SEED_MAX
 
 
@@ -226,8 +227,6 @@ def resolve_bf16(precision: str) -> bool:
     if precision == "bf16":
         return True
     import torch
-
-    from flywheel.models.loading import cpu_supports_bf16
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

@@ -28,6 +28,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+import graders
+from flywheel.data import load_dataset
+from flywheel.grading import GraderSet
+from flywheel.models import parse_model_ref
+from flywheel.models.loading import LocalWeights
+from flywheel.prompt import Prompt
+from flywheel.tools import render_chat
+from flywheel.tracking import require_trackers
 from flywheel.train.checkpoints import resolve_base
 from flywheel.train.config import RFTSpec, require_quantization, require_vllm
 from flywheel.train.formats import TrainingDataError, TrainingSet, chat_messages
@@ -42,8 +50,6 @@ _JUDGE_TYPES = ('"score_model"', '"label_model"')
 def preflight(config) -> None:
     """Before anything is stored or loaded: the trackers' packages (report_to), QLoRA's hardware,
     and for RFT with `use_vllm` the vllm package."""
-    from flywheel.tracking import require_trackers
-
     require_trackers(config.report_to)
     require_quantization(config.lora)
     if isinstance(config, RFTSpec):
@@ -138,8 +144,6 @@ def _duplicates(rows: list[dict[str, Any]]) -> list[int]:
 
 def token_counts(training_set: TrainingSet, tokenizer) -> list[int]:
     """Tokens of each example as the trainer sees it (chat template, tools; DPO: the longer answer)."""
-    from flywheel.tools import render_chat
-
     counts = []
     for row in training_set.rows:
         longest = 0
@@ -160,9 +164,6 @@ def grader_pass_share(training_set: TrainingSet, spec, store=None, dataset=None)
     graders, against the train item whose rendered prompt is the example's prompt."""
     if training_set.kind == "rft":
         return 0, 0, [], "not applicable: RFT prompts carry no answer"
-    from flywheel.data import load_dataset
-    from flywheel.grading import GraderSet
-    from flywheel.prompt import Prompt
 
     cheap = [g for g in spec.graders if not any(t in json.dumps(g) for t in _JUDGE_TYPES)]
     if not cheap:
@@ -193,7 +194,6 @@ def grader_pass_share(training_set: TrainingSet, spec, store=None, dataset=None)
     if not matched:
         return 0, 0, [], ("not graded: no example's prompt matches a train item rendered with the set's or the "
                           "eval's prompt")
-    import graders
 
     grader_set = GraderSet(cheap)
     try:
@@ -259,14 +259,10 @@ def check_training_set(training_set: TrainingSet, config, *, spec=None, store=No
 
 def tokenizer_and_context(base_ref: str):
     """The tokenizer of a `local:` base (or checkpoint) and its context length; (None, None) for others."""
-    from flywheel.models import parse_model_ref
-
     scheme, name, adapter = parse_model_ref(base_ref)
     if scheme != "local":
         return None, None
     from transformers import AutoConfig, AutoTokenizer
-
-    from flywheel.models.loading import LocalWeights
 
     path = LocalWeights.of(base_ref, name, adapter).base_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

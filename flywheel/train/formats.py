@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flywheel.data import read_jsonl
 from flywheel.errors import FlywheelError
 from flywheel.images import iter_image_urls
+from flywheel.tools import render_chat
 
 KINDS = ("sft", "dpo", "rft")
 RFT_RESERVED = ("messages", "tools")
@@ -97,8 +99,6 @@ def validate_rows(kind: str, rows: list[dict[str, Any]], source: str) -> None:
 
 def load_training_file(kind: str, path: str | Path) -> TrainingSet:
     """A platform-format JSONL file as a training set (validated)."""
-    from flywheel.data import read_jsonl
-
     path = Path(path)
     rows = [row for _, row in read_jsonl(path, error=TrainingDataError)]
     validate_rows(kind, rows, str(path))
@@ -167,8 +167,6 @@ def tokenize_sft(training_set: TrainingSet, tokenizer, *, loss: str = "assistant
         raise TrainingDataError(f"tokenize_sft needs an SFT set, got {training_set.kind}")
     if loss not in ("assistant", "all"):
         raise TrainingDataError(f"loss must be 'assistant' or 'all', got {loss!r}")
-
-    from flywheel.tools import render_chat
 
     def encode(messages: list[dict[str, Any]], tools: Any, generation_prompt: bool) -> list[int]:
         # Tools rendered as inference renders them, so a model learns to write calls as they are read back.

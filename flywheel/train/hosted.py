@@ -29,13 +29,18 @@ from typing import Any
 from flywheel.errors import ModelError, TrainingError
 from graders.registry import HOSTED_RFT_TYPES
 
+import graders
+from flywheel.models import parse_model_ref
+from flywheel.models.openai_backend import resolve_base_url
 from flywheel.spec import EvalSpec
 from flywheel.store import Store, timestamp_from_unix
 from flywheel.train.checkpoints import register_checkpoint
 from flywheel.train.config import TrainConfig
-from flywheel.train.formats import TrainingDataError, TrainingSet
-from flywheel.train.sets import record_training_set
+from flywheel.train.formats import TrainingDataError, TrainingSet, set_has_images
 from flywheel.train.local import TrainResult, evaluate_checkpoint
+from flywheel.train.methods import training_method
+from flywheel.train.sets import record_training_set
+from flywheel.train.vision import screen_images
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 OPTIONS = ("base_url", "api_key_env", "poll_interval", "timeout", "wait", "suffix", "seed", "hyperparameters",
@@ -69,8 +74,6 @@ def _plain(obj: Any) -> Any:
 
 def rft_grader(spec: EvalSpec, name: str | None = None) -> dict[str, Any]:
     """The spec's grader (the objective one unless named), as written, checked for RFT use."""
-    import graders
-
     wanted = name or spec.objective_grader
     for raw in spec.graders:
         if raw["name"] == wanted:
@@ -96,7 +99,6 @@ def hyperparameters(method: str, config: TrainConfig, extra: dict[str, Any] | No
         out["n_epochs"] = int(config.epochs)
     if "batch_size" in chosen:
         out["batch_size"] = config.batch_size
-    from flywheel.train.methods import training_method
 
     if "beta" in training_method(method).hosted_hyperparameters and "beta" in chosen:
         out["beta"] = config.beta  # type: ignore[attr-defined]
@@ -108,8 +110,6 @@ def job_request(method: str, spec: EvalSpec, training_set: TrainingSet, base_mod
                 *, training_file: str, suffix: str | None = None, seed: int | None = None,
                 extra_hyperparameters: dict[str, Any] | None = None, grader: str | None = None) -> dict[str, Any]:
     """The keyword arguments of `client.fine_tuning.jobs.create` for this training run."""
-    from flywheel.train.methods import training_method
-
     chosen = training_method(method)
     kind = chosen.hosted_type
     body: dict[str, Any] = {"hyperparameters": hyperparameters(method, config, extra_hyperparameters)}
@@ -131,8 +131,6 @@ class HostedBackend:
 
     def __init__(self, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  poll_interval: float = 30.0, timeout: float | None = None, max_retries: int = 3):
-        from flywheel.models.openai_backend import resolve_base_url
-
         self.base_url = resolve_base_url(base_url)
         self.api_key_env = api_key_env
         self.poll_interval = float(poll_interval)
@@ -232,7 +230,6 @@ def train_hosted(method: str, spec: EvalSpec, store: Store, training_set: Traini
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ModelError(f"hosted options: unknown {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
-    from flywheel.models import parse_model_ref
 
     scheme, base_model, adapter = parse_model_ref(base)
     if scheme != "openai" or adapter:
@@ -241,8 +238,6 @@ def train_hosted(method: str, spec: EvalSpec, store: Store, training_set: Traini
         base_url=options.get("base_url"), api_key_env=options.get("api_key_env", "OPENAI_API_KEY"),
         poll_interval=options.get("poll_interval", 30.0), timeout=options.get("timeout"),
         max_retries=options.get("max_retries", 3))
-    from flywheel.train.formats import set_has_images
-    from flywheel.train.vision import screen_images
 
     screening = None
     if set_has_images(training_set):  # a vision job: upload only what the platform's image rules keep

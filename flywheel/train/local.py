@@ -26,9 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.errors import FlywheelError, TrainingError
+from flywheel.harness import item_scores, run_eval
+from flywheel.models import load_model, parse_model_ref
+from flywheel.models.loading import LocalWeights, load_adapters, load_base
 from flywheel.models.memory import release_memory
+from flywheel.promotion import describe_test, significantly_better
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
+from flywheel.stats import paired_stats
 from flywheel.store import Checkpoint, Store
 from flywheel.train.checkpoints import resolve_base
 from flywheel.train.config import LoraSpec, TrainConfig, quantization_config, resolve_bf16
@@ -127,9 +132,6 @@ def load_for_training(base_ref: str, *, bf16: bool, quantize: str | None = None)
     (flywheel.models.loading): a `local:BASE+ADAPTER` reference continues training that adapter
     (checked against BASE); the frozen base weights are loaded in bf16 when training in bf16 (the
     LoRA weights stay fp32), or in 4-bit on the GPU with `quantize` (QLoRA)."""
-    from flywheel.models import parse_model_ref
-    from flywheel.models.loading import LocalWeights, load_adapters, load_base
-
     scheme, name, adapter = parse_model_ref(base_ref)
     if scheme != "local":
         raise TrainingError(f"{base_ref}: local training needs a local: model (openai: models train with the "
@@ -434,8 +436,6 @@ def run_local(method: str, spec: EvalSpec, store: Store, training_set: TrainingS
 
 def _without_adapter(base_ref: str) -> str:
     """`local:BASE` of `local:BASE+ADAPTER` (the base a new adapter is registered on)."""
-    from flywheel.models import parse_model_ref
-
     scheme, name, _ = parse_model_ref(base_ref)
     return f"{scheme}:{name}"
 
@@ -466,11 +466,6 @@ def evaluate_checkpoint(spec: EvalSpec, store: Store, checkpoint: Checkpoint, *,
     `promoted` when it beats the parent significantly (paired bootstrap CI or McNemar), else
     `rejected`; on `test` it is only `reported`. Results are stored on the checkpoint row too (its
     `evals`: read it again, `store.get_checkpoint`, to see them)."""
-    from flywheel.harness import item_scores, run_eval
-    from flywheel.models import load_model
-    from flywheel.promotion import describe_test, significantly_better
-    from flywheel.stats import paired_stats
-
     if model_options is None:
         model_options = _local_options(spec) if checkpoint.backend == "local" else {}
     options = model_options

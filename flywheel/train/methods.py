@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flywheel.errors import SpecError
+from flywheel.spec import apply_overrides, read_yaml
 from flywheel.train.config import DPOSpec, RFTSpec, SFTSpec, TrainConfig
 from flywheel.train.dpo import train_dpo
 from flywheel.train.rft import train_rft
@@ -115,8 +116,6 @@ def load_train_config(method: str, path: str | Path | None = None, overrides: li
     >>> load_train_config("sft", overrides=["epochs=3", "lora.r=8"]).lora.r
     8
     """
-    from flywheel.spec import apply_overrides, read_yaml
-
     config_class = training_method(method).config
     source = str(path) if path else "train config"
     data: dict[str, Any] = read_yaml(Path(path)) if path else dict(values or {})

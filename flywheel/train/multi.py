@@ -22,8 +22,11 @@ from typing import Any
 from flywheel.errors import TrainingError
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
+from flywheel.train.checkpoints import resolve_base
 from flywheel.train.formats import TrainingDataError
-from flywheel.train.local import SplitEval, TrainResult
+from flywheel.train.local import SplitEval, TrainResult, evaluate_checkpoint
+from flywheel.train.methods import load_train_config, training_method
+from flywheel.train.run import TrainRequest, run
 from flywheel.train.sets import combine_training_sets
 
 
@@ -58,11 +61,6 @@ def train_multi(method: str, specs: Sequence[EvalSpec], store: Store, *, base: s
     """Build each eval's set, combine them with `weights`, train one adapter from `base` (a `local:`
     model or checkpoint id) and evaluate it on every eval. Returns None on non-main processes.
     `launch`: a flywheel.train.launch.LaunchSpec (accelerate launch; default: this process)."""
-    from flywheel.train.checkpoints import resolve_base
-    from flywheel.train.local import evaluate_checkpoint
-    from flywheel.train.methods import load_train_config, training_method
-    from flywheel.train.run import TrainRequest, run
-
     chosen = training_method(method)
     if len(specs) < 1:
         raise TrainingDataError("no eval to train on")

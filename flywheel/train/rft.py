@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import graders
 from flywheel.grading import GraderSet
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
@@ -27,8 +28,6 @@ from flywheel.train.validation import Monitor, validation_set
 def reward_functions(spec: EvalSpec, names: Sequence[str] | None = None, grader_set: GraderSet | None = None):
     """TRL reward functions for the spec's graders (all, or those named), and what to call to close
     them: the GraderSet built here, or nothing for `grader_set` (the caller's open one, e.g. the wheel's)."""
-    import graders
-
     owned = grader_set is None
     grader_set = GraderSet(spec.graders) if grader_set is None else grader_set
     close = grader_set.close if owned else (lambda: None)

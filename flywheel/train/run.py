@@ -29,12 +29,15 @@ from typing import Any
 from flywheel.errors import FlywheelError, SpecError, TrainingError
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
+from flywheel.train.checkpoints import load_checkpoint, resolve_base
 from flywheel.train.config import TrainConfig
+from flywheel.train.datachecks import preflight, run_data_checks
 from flywheel.train.formats import TrainingDataError, TrainingSet, load_training_file
-from flywheel.train.launch import LaunchSpec
-from flywheel.train.local import TrainResult
+from flywheel.train.launch import LaunchSpec, launch_training
+from flywheel.train.local import TrainResult, evaluate_checkpoint
 from flywheel.train.methods import TrainingMethod, load_train_config, training_method
-from flywheel.train.sets import load_training_set
+from flywheel.train.sets import load_training_set, record_training_set
+from flywheel.train.validation import last_saved_step
 
 
 @dataclass
@@ -82,8 +85,6 @@ def run(request: TrainRequest):
         raise TrainingError(f"{method.name}: give --base (a local: model, a checkpoint id or openai:MODEL), "
                             "or --resume JOB")
     check_launch(request.launch, searching=request.search is not None)
-    from flywheel.train.checkpoints import resolve_base
-    from flywheel.train.datachecks import preflight, run_data_checks
 
     base_ref, parent_id = resolve_base(request.store, request.base)
     config = request.config or load_train_config(method.name)
@@ -171,8 +172,6 @@ class ResumePoint:
 
 def resume_point(store: Store, job_id: str | None) -> ResumePoint | None:
     """The ResumePoint of training job `job_id`, or None when there is no such job."""
-    from flywheel.train.validation import last_saved_step
-
     if not job_id:
         return None
     try:
@@ -206,9 +205,6 @@ def _reused(request: TrainRequest, method: TrainingMethod, training_set: Trainin
             base_ref: str, parent_id: str | None):
     """The result an identical earlier job (or, for a search, the same search of this wheel run)
     finished, or None."""
-    from flywheel.train.checkpoints import load_checkpoint
-    from flywheel.train.sets import record_training_set
-
     store, say = request.store, request.log or (lambda line: None)
     if request.search is not None:
         from flywheel.train.search import SearchResult
@@ -244,10 +240,6 @@ def _launch(request: TrainRequest, method: TrainingMethod, training_set: Trainin
     rank 0 registers the checkpoint and writes the result file read back here. The set is recorded
     (and checked) here once; the checkpoint is evaluated here, in one process."""
     import tempfile
-
-    from flywheel.train.launch import launch_training
-    from flywheel.train.local import evaluate_checkpoint
-    from flywheel.train.sets import record_training_set
 
     store = request.store
     if not Path(request.spec.source).is_file():

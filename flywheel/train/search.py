@@ -40,9 +40,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flywheel.errors import FlywheelError, SpecError
-from flywheel.spec import SEED_MAX, EvalSpec
+from flywheel.harness import paired_comparison
+from flywheel.promotion import describe_test, significantly_better
+from flywheel.spec import SEED_MAX, EvalSpec, format_validation_error, read_yaml
 from flywheel.store import Store, now
+from flywheel.train.checkpoints import resolve_base
 from flywheel.train.config import TrainConfig
+from flywheel.train.methods import training_method
+from flywheel.train.sets import record_training_set
 
 SAMPLERS = ("tpe", "random", "grid")
 Scalar = str | int | float | bool | None
@@ -163,8 +168,6 @@ def check_space(method: str, space: dict[str, Distribution], base: TrainConfig |
     """Check every key and every bound or choice against the method's config class (with `base`'s
     other settings); returns key -> kind (int, float, choice). Choices are replaced by the values
     the config coerces them to (so `'1e-4'` becomes 1e-4). Raises SpecError as `key: message`."""
-    from flywheel.train.methods import training_method
-
     config_class = training_method(method).config
     values = (base or config_class()).model_dump()
     kinds = {}
@@ -221,8 +224,6 @@ def load_search_spec(method: str, path: str | Path, *, base: TrainConfig | None 
     ignored) win over the file. Every key is checked against the method's config before any training.
 
     Errors are one line naming the file and the key: `space.yaml: lora.rank: unknown key for sft ...`."""
-    from flywheel.spec import format_validation_error, read_yaml
-
     source = str(path)
     data = read_yaml(Path(path))
     if "space" not in data:
@@ -395,10 +396,6 @@ def run_search(method: str, spec: EvalSpec, store: Store, training_set, search: 
     best by a paired test among the finalists, and evaluate it on test when `splits` has it."""
     optuna = _optuna()
 
-    from flywheel.train.checkpoints import resolve_base
-    from flywheel.train.methods import training_method
-    from flywheel.train.sets import record_training_set
-
     chosen = training_method(method)
     base_ref, _ = resolve_base(store, base)
     if not base_ref.startswith("local:"):
@@ -511,9 +508,6 @@ def choose_best(store: Store, spec: EvalSpec, trials: Sequence[Trial],
                 finalists: int) -> tuple[int | None, str, list[dict[str, Any]]]:
     """(best trial number, reason, paired comparisons): the leader by valid score, unless a simpler
     finalist is not significantly worse, in which case the simplest such finalist."""
-    from flywheel.harness import paired_comparison
-    from flywheel.promotion import describe_test, significantly_better
-
     done = sorted((t for t in trials if t.state == "complete"), key=lambda t: (-t.valid_score, t.cost_key()))
     if not done:
         return None, "no trial completed: nothing to choose", []

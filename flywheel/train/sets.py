@@ -23,6 +23,7 @@ from typing import Any
 
 from flywheel.data import Dataset, Item, load_dataset
 from flywheel.prompt import Prompt
+from flywheel.reviews import preferences, sample_reviews
 from flywheel.spec import EvalSpec
 from flywheel.store import Store
 from flywheel.store.rows import passed_of_rows
@@ -70,8 +71,6 @@ def _captured_samples(store: Store, spec: EvalSpec, captures: list[dict[str, Any
 
 def _reviewed(store: Store, dataset_id: str) -> tuple[dict[int, Any], list[Any], dict[int, dict[str, Any]]]:
     """Effective reviews and preferences of samples of this dataset, with those samples."""
-    from flywheel.reviews import preferences, sample_reviews
-
     reviews = sample_reviews(store)
     prefs = [p for p in preferences(store) if not p.tie]
     ids = set(reviews) | {i for p in prefs for i in (p.chosen, p.rejected)}

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flywheel.data import load_dataset
+from flywheel.harness import run_eval
+from flywheel.models import load_model
 from flywheel.prompt import Prompt
 from flywheel.spec import EvalSpec
 from flywheel.store import Checkpoint, Store, now
@@ -121,7 +124,6 @@ def validation_set(method: str, spec: EvalSpec, config: TrainConfig, prompt: Pro
     if method != "sft":
         raise TrainingDataError(f"{method}: eval_steps needs validation_file (preference pairs in the {method} "
                                 "format); only SFT builds its validation rows from the valid split")
-    from flywheel.data import load_dataset
 
     reference = config.validation_reference or default_reference(spec)
     dataset = load_dataset(spec)
@@ -328,9 +330,6 @@ class JobValidation:
     def score(self, checkpoint: Checkpoint) -> float:
         """The eval's objective on the first `valid_subset` valid items: generated greedily with the
         training prompt through the harness (stored as a `validation` iteration) and graded."""
-        from flywheel.harness import run_eval
-        from flywheel.models import load_model
-
         greedy = self.spec.model_copy(update={"sampling": self.spec.sampling.model_copy(
             update={"temperature": 0.0, "repeats": 1})})
         options = dict(self.spec.model_options) if self.spec.model.startswith("local:") else {}

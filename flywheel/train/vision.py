@@ -38,6 +38,7 @@ from typing import Any
 from flywheel.errors import TrainingError
 from flywheel.images import (ImageAccess, ImageError, check_image_count, image_detail, image_part, iter_image_urls,
                              load_image, map_image_parts)
+from flywheel.models.vision import processor_messages
 from flywheel.train.config import sft_args, to_peft
 from flywheel.train.formats import TrainingDataError, TrainingSet, common_prefix, row_messages
 from flywheel.train.local import BuiltTrainer
@@ -141,8 +142,6 @@ class VisionSFTCollator:
 
     def row(self, raw: list[dict[str, Any]]) -> tuple[str, list[Any], list[tuple[int, int]]]:
         """(full text, images, assistant token spans) of one conversation."""
-        from flywheel.models.vision import processor_messages
-
         messages, images = processor_messages(raw)
         text = self.processor.apply_chat_template(messages, tokenize=False)
         spans: list[tuple[int, int]] = []

@@ -12,15 +12,15 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from flywheel.errors import FlywheelError
+from flywheel.spec import load_eval_spec
+from flywheel.store import Store
+from flywheel.train.methods import training_method
+from flywheel.train.run import TrainRequest, run
 
 
 def run_worker(request_path: str | Path, result_path: str | Path) -> None:
     """Run the request of `request_path` in this process; the main process writes `result_path`."""
-    from flywheel.spec import load_eval_spec
-    from flywheel.store import Store
-    from flywheel.train.methods import training_method
-    from flywheel.train.run import TrainRequest, run
-
     data: dict[str, Any] = json.loads(Path(request_path).read_text(encoding="utf-8"))
     method = training_method(data["method"])
     config = method.config.model_validate(data["config"]) if data.get("config") is not None else None
@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m flywheel.train.worker REQUEST.json RESULT.json", file=sys.stderr)
         return 2
-    from flywheel.errors import FlywheelError
 
     try:
         run_worker(args[0], args[1])

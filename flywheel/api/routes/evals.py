@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import graders
 from flywheel.api.access import caller
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.jobs import new_object_id
@@ -45,8 +46,6 @@ RUN_STATES = ("queued", "in_progress", "completed", "canceled", "failed")
 
 def parse_criteria(value: Any) -> list[dict[str, Any]]:
     """Validated testing criteria with platform ids; a 400 naming `testing_criteria[i]`."""
-    import graders
-
     if not isinstance(value, list) or not value:
         raise invalid("testing_criteria must be a non-empty list of graders.", "testing_criteria")
     names: set[str] = set()

@@ -12,19 +12,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import graders
 from flywheel.api.access import caller
 from flywheel.api.errors import field, invalid
 from flywheel.api.model_access import check_run_judges, judge_loader
-from flywheel.web import ApiError
-from flywheel.web import parse_json_object, read_body
+from flywheel.web import ApiError, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.state import ApiState
 
 
 def routes(state: "ApiState") -> list[Route]:
-    import graders
-
     async def grader_of(request: Request) -> tuple[dict[str, Any], dict[str, Any]]:
         body = parse_json_object(await read_body(request, state.max_upload_bytes))
         return body, field(body, "grader", dict, required=True)

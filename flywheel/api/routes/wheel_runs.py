@@ -31,6 +31,8 @@ from flywheel.api.pagination import page, page_args
 from flywheel.api.routes.files import read_rows
 from flywheel.api.scoped import get_owned, insert_owned, list_owned
 from flywheel.errors import FlywheelError
+from flywheel.run_spec import load_run_spec
+from flywheel.spec import load_eval_spec
 from flywheel.store import now, unix_seconds
 from flywheel.web import ApiError, parse_cursor, parse_json_object, read_body
 
@@ -69,9 +71,6 @@ def write_specs(folder: Path, body: dict[str, Any], items: list[dict[str, Any]])
 
 def check_specs(path: Path) -> None:
     """Load the run spec and its eval spec; a 400 with their `file: field: message` lines."""
-    from flywheel.run_spec import load_run_spec
-    from flywheel.spec import load_eval_spec
-
     try:
         load_eval_spec(load_run_spec(path).eval_path)
     except FlywheelError as exc:

@@ -22,7 +22,8 @@ from flywheel.api.errors import invalid
 from flywheel.api.jobs import JobContext
 from flywheel.api.platform import model_for
 from flywheel.errors import FlywheelError
-from flywheel.models import ChatRequest, Completion, Model
+from flywheel.harness import run_eval
+from flywheel.models import ChatRequest, Completion, Model, cached_model
 from flywheel.spec import EvalSpec, parse_eval_spec
 from flywheel.store import Store, new_id, unix_seconds
 
@@ -192,16 +193,12 @@ class EvalRunRunner:
         self.batch_size = batch_size
 
     def _model(self, spec: EvalSpec, run: dict[str, Any]):
-        from flywheel.models import cached_model
-
         if spec.model == RecordedModel.ref:
             path = recorded_path(Path(run["dataset_path"]))
             return RecordedModel(json.loads(path.read_text(encoding="utf-8")))
         return cached_model(spec.model, spec.model_options)
 
     def run(self, ctx: JobContext) -> None:
-        from flywheel.harness import run_eval
-
         store = ctx.store
         run = store.api_get("api_eval_runs", ctx.job["object_id"])
         evaluation = store.api_get("api_evals", run["eval_id"]) if run else None

@@ -25,11 +25,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import graders
 from flywheel.api.jobs import JobContext, JobInterrupted, JobPaused
 from flywheel.api.platform import fine_tuned_name, model_for
 from flywheel.api.runners.eval_runs import local_turn
 from flywheel.errors import FlywheelError
+from flywheel.models import ChatRequest, Sampling, load_model
+from flywheel.spec import parse_eval_spec
 from flywheel.store import Checkpoint, Store, now
+from flywheel.train.formats import RFT_RESERVED, chat_messages, load_training_file
+from flywheel.train.methods import hosted_method
+from flywheel.train.run import TrainRequest, resume_point, run
+from flywheel.train.validation import prune_checkpoints
 
 RFT_MAX_TOKENS = 64  # completion length while sampling RFT groups (the platform has no such knob)
 
@@ -40,8 +47,6 @@ def _auto(hp: dict[str, Any], name: str) -> bool:
 
 def job_method(row: dict[str, Any]):
     """The flywheel.train.methods row of a job (its `method.type` is the platform's name)."""
-    from flywheel.train.methods import hosted_method
-
     return hosted_method(json.loads(row["method_json"])["type"])
 
 
@@ -102,8 +107,6 @@ def job_train_config(row: dict[str, Any], *, rows: int, validation_path: str | N
 
 def job_spec(row: dict[str, Any], base: str, data_path: str):
     """The eval spec `run_local` wants: RFT's reward grader lives there; SFT / DPO jobs do not evaluate."""
-    from flywheel.spec import parse_eval_spec
-
     grader = job_grader(row) or {
         "type": "string_check", "name": "none", "input": "-", "reference": "-", "operation": "eq"}
     return parse_eval_spec({"name": f"api-{row['id']}", "dataset": {"path": data_path},
@@ -175,11 +178,6 @@ def _watch(ctx: JobContext, grader: dict[str, Any] | None = None):
 def rft_validation_metrics(model_ref: str, validation_set, spec) -> dict:
     """The RFT adapter on the whole validation file: the grader's mean score of its greedy replies
     (`full_valid_mean_reward`)."""
-    import graders
-
-    from flywheel.models import ChatRequest, Sampling, load_model
-    from flywheel.train.formats import RFT_RESERVED, chat_messages
-
     model = load_model(model_ref)
     try:
         greedy = Sampling(max_tokens=RFT_MAX_TOKENS)
@@ -231,10 +229,6 @@ class FineTuningRunner:
     """Runs `fine_tuning` jobs with the local trainers."""
 
     def run(self, ctx: JobContext) -> None:
-        from flywheel.train.formats import load_training_file
-        from flywheel.train.run import TrainRequest, resume_point, run
-        from flywheel.train.validation import prune_checkpoints
-
         store = ctx.store
         row = store.api_get("api_fine_tuning_jobs", ctx.job["object_id"])
         files = {name: store.api_get("api_files", row[name]) if row[name] else None

@@ -10,7 +10,9 @@ from typing import Any
 from flywheel.api.jobs import JobContext
 from flywheel.api.runners.eval_runs import local_turn
 from flywheel.events import Throttle, WheelEvent
+from flywheel.run_spec import load_run_spec
 from flywheel.store import Store, new_id
+from flywheel.wheel import WheelState, run_wheel
 
 EVENTS_EVERY_S = 5.0  # a run object's progress events (items, training steps) at most this often per kind
 
@@ -19,9 +21,6 @@ class WheelRunner:
     """Runs `wheel_run` jobs with `flywheel.wheel.run_wheel`, resuming a run a dead server left."""
 
     def run(self, ctx: JobContext) -> None:
-        from flywheel.run_spec import load_run_spec
-        from flywheel.wheel import WheelState, run_wheel
-
         store = ctx.store
         row = store.api_get("api_wheel_runs", ctx.job["object_id"])
         if row["run_id"] is None:  # the wheel run's id, chosen here and kept before it runs
