@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.cost import Minimise
-from flywheel.errors import SpecError
 from flywheel.promotion import Goal
-from flywheel.spec import ExecutorSpec, apply_overrides, format_validation_error, read_yaml
+from flywheel.spec import ExecutorSpec, load_spec_file
 from flywheel.stages import StageSpec
 
 
@@ -75,11 +74,4 @@ class RunSpec(_Spec):
 
 def load_run_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
     """Load and validate a run spec (the eval it names is loaded by the wheel)."""
-    path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [], str(path))
-    try:
-        spec = RunSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(str(path), exc)) from None
-    spec.source, spec.base_dir = str(path), path.resolve().parent
-    return spec
+    return load_spec_file(path, RunSpec, overrides)

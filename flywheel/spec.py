@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,8 @@ SPLITS = ("train", "valid", "test")
 # transformers.set_seed calls, takes 0..2**32-1; torch and random take more).
 SEED_MAX = 2**32 - 1
 
+
+SpecT = TypeVar("SpecT", bound=BaseModel)
 
 class ExecutorSpec(BaseModel):
     """Where evaluations run: `executor: {kind: ray, address: auto}` in a run spec (the wheel's
@@ -661,6 +663,19 @@ def _invalid_unicode(value: Any, at: str = "") -> str | None:
             if found is not None:
                 return found
     return None
+
+
+def load_spec_file(path: str | Path, model: type[SpecT], overrides: list[str] | None = None) -> SpecT:
+    """A YAML spec file read, `-s` overrides applied and validated as `model` (run specs, service specs);
+    SpecError with `file: field: message` lines. The spec's `source` and `base_dir` are set."""
+    path = Path(path)
+    data = apply_overrides(read_yaml(path), overrides or [], str(path))
+    try:
+        spec = model.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(str(path), exc)) from None
+    spec.source, spec.base_dir = str(path), path.resolve().parent
+    return spec
 
 
 def load_eval_spec(path: str | Path, overrides: list[str] | None = None, *, store: Any = None) -> EvalSpec:

@@ -13,10 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flywheel.errors import SpecError
-from flywheel.spec import apply_overrides, format_validation_error, read_yaml
+from flywheel.spec import load_spec_file
 
 ALIASES = ("production", "candidate")
 
@@ -138,11 +137,4 @@ class ServiceSpec(_Spec):
 
 def load_service_spec(path: str | Path, overrides: list[str] | None = None) -> ServiceSpec:
     """Load and validate a service spec; SpecError with `file: field: message` lines."""
-    path = Path(path)
-    data = apply_overrides(read_yaml(path), overrides or [], str(path))
-    try:
-        spec = ServiceSpec.model_validate(data)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(str(path), exc)) from None
-    spec.source, spec.base_dir = str(path), path.resolve().parent
-    return spec
+    return load_spec_file(path, ServiceSpec, overrides)
