@@ -162,8 +162,8 @@ class ApiStore(StoreBase):
     # -- one status per fine-tune: the training job's (the queue row's while it has none) ----------
     def fine_tuning_status(self, object_id: str) -> str:
         """The status of fine-tuning job `object_id`: its training job's (queued, running, paused,
-        succeeded, failed, cancelled), or its queue row's while it has no training job yet. While the
-        queue still runs the API job it reads `running`: a trainer that finished (the model is being
+        succeeded, failed, cancelled), or its queue row's while it has no training job yet or while the
+        queue row is running, paused, queued or cancelled: a trainer that finished (the model is being
         named) or stopped for a pause or cancel is settled by the runner a moment later."""
         row = self.db.conn.execute(
             "select t.status, (select j.status from api_jobs j where j.object_id = f.id order by j.rowid desc"
@@ -174,7 +174,10 @@ class ApiStore(StoreBase):
         training, queue = row
         if training is None:
             return queue or "queued"
-        return "running" if queue == "running" else training
+        # The queue row says what only the API knows (running, paused, queued again, cancelled); its
+        # trainer's row may lag behind it for a moment (a trainer stopped for a pause is marked failed
+        # before the runner settles it paused), so it decides only once the queue has finished the job.
+        return queue if queue in ("running", "paused", "queued", "cancelled") else training
 
     def set_fine_tuning_status(self, object_id: str, status: str, error: str | None = None) -> None:
         """Record what the API did to fine-tuning job `object_id` (queued, paused, cancelled, failed)
