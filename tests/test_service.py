@@ -425,7 +425,6 @@ def test_a_lap_with_a_teacher_labels_traffic_by_self_consistency(tmp_path, tiny_
                                                                  service_factory):
     import json
 
-    from flywheel.distill import vote
     from flywheel.models import ChatRequest, Sampling, cached_model
     from flywheel.service.laps import queue_lap, run_lap
 
@@ -497,3 +496,58 @@ def test_traffic_drifts_to_a_new_label_and_a_later_lap_trains_on_it(tmp_path, ti
         assert [s.who for s in store.service_switches("candidate")][:2] == [f"lap {second.id}", f"lap {first.id}"]
     finally:
         store.close()
+
+
+def test_a_store_whose_aliases_held_prompt_texts_serves_the_same_prompts_after_m022(tmp_path):
+    """Stores written before m022 held an alias's system text; they open with stored prompts of it."""
+    import sqlite_utils
+
+    from flywheel.store.migrations import MIGRATIONS
+
+    index = [name for name, _ in MIGRATIONS].index("m022_service_prompts_are_stored_prompts")
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+    for name, fn in MIGRATIONS[:index]:
+        fn(db)
+        db["_migrations"].insert({"name": name, "applied_at": "2026-12-06T09:30:00.000+00:00"})
+    db["service_switches"].insert({"id": 1, "created_at": "t", "alias": "production", "from_model": None,
+                                   "from_prompt": None, "to_model": "local:x", "to_prompt": LONG, "who": "service.yaml",
+                                   "why": "first", "kind": "set"})
+    db["service_switches"].insert({"id": 2, "created_at": "t", "alias": "production", "from_model": "local:x",
+                                   "from_prompt": LONG, "to_model": "local:y", "to_prompt": SHORT, "who": "shadow",
+                                   "why": "cheaper", "kind": "promote"})
+    db["service_aliases"].insert({"alias": "production", "model": "local:y", "prompt": SHORT, "switch_id": 2,
+                                  "updated_at": "t"})
+    db.conn.close()
+    store = Store.open(tmp_path / "old.db")
+    try:
+        production = store.service_alias("production")
+        assert production == AliasTarget("local:y", SHORT_ID)
+        assert aliases.prompt_of(store, production).messages == [{"role": "system", "content": SHORT}]
+        promoted = store.service_switch(2)
+        assert (promoted.from_target, promoted.to_target) == (AliasTarget("local:x", LONG_ID), production)
+    finally:
+        store.close()
+
+
+def test_export_prompt_writes_the_file_a_service_alias_reads(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+
+    prompt = Prompt(messages=[{"role": "system", "content": "Label."}, {"role": "user", "content": "{{item.text}}"}],
+                    demos=[Demo("a", "where is my card?", "card_arrival")], nearest=1)
+    db = tmp_path / "f.db"
+    store = Store.open(db)
+    store.save_prompt(prompt, origin="test")
+    store.close()
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(main, ["export", "prompt", prompt.id, "--db", str(db), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Prompt.from_json(json.loads(out.read_text())) == prompt and f"wrote {prompt.id}" in result.output
+    missing = CliRunner().invoke(main, ["export", "prompt", "p-000000000000", "--db", str(db), "-o", str(out)])
+    assert missing.exit_code == 2 and "no prompt p-000000000000 in" in missing.output
+    best = CliRunner().invoke(main, ["export", "prompt", "best", "--db", str(db), "-o", str(out)])
+    assert best.exit_code == 2 and "PROMPT best needs --eval SPEC" in best.output
