@@ -201,29 +201,34 @@ def story(measure_n: int, max_minutes: float) -> None:
         production = aliases.target(store, "production")
         t = traffic(measure_n, drift, seed=991)
         measured.append((label, production.model.rsplit("/", 1)[-1], t))
-        print(f"{label}: {t.accuracy:.1%} of {t.sent}, {t.prompt_tokens / max(t.sent, 1):.0f} prompt tokens/request",
+        print(f"{label}: {t.accuracy:.1%} of {t.labelled}, {t.prompt_tokens / max(t.sent, 1):.0f} prompt tokens/request",
               flush=True)
 
-    def settle(label: str, drift: bool = False) -> None:
-        """Send traffic until the newest lap is decided and no shadow or canary test is open."""
-        laps_before = len(store.service_laps())
-        while time.monotonic() < deadline:
+    def settle(label: str, drift: bool = False, laps: int = 3) -> None:
+        """Send traffic until a lap's student is promoted and its canary ends (or `laps` laps were
+        decided without one); each decided lap and its switches become an event line."""
+        seen = {lap.id for lap in store.service_laps()}
+        while time.monotonic() < deadline and laps > 0:
             traffic(40, drift)
-            laps = store.service_laps()
-            if len(laps) > laps_before and laps[0].decision is not None and current_phase(store, spec) is None:
-                break
-        else:
-            events.append(f"{label}: not settled in {max_minutes} min")
-            return
-        lap = store.service_laps()[0]
-        switches = [s for s in reversed(store.service_switches()) if s.created_at >= lap.created_at]
-        line = [f"{label}: lap {lap.id} ({lap.trigger}, {lap.captures} captures) -> {lap.decision} after "
-                f"{_seconds(lap.created_at, lap.finished_at):.0f} s"]
-        for switch in switches:
-            line.append(f"{switch.kind} {switch.alias} by {switch.who} at +{_seconds(lap.created_at, switch.created_at):.0f} s"
-                        f" ({switch.test or '-'}: {switch.why[:160]})")
-        events.append("\n  - ".join(line))
-        print(events[-1], flush=True)
+            decided = [lap for lap in reversed(store.service_laps()) if lap.id not in seen and lap.decision is not None]
+            if not decided or (decided[-1].decision == "candidate" and current_phase(store, spec) is not None):
+                continue
+            for lap in decided:
+                seen.add(lap.id)
+                laps -= 1
+                switches = [s for s in reversed(store.service_switches()) if s.created_at >= lap.created_at]
+                line = [f"{label}: lap {lap.id} ({lap.trigger}, {lap.captures} captures) -> {lap.decision} after "
+                        f"{_seconds(lap.created_at, lap.finished_at):.0f} s: {(lap.reason or '')[:400]}"]
+                for switch in switches:
+                    line.append(f"{switch.kind} {switch.alias} by {switch.who} at "
+                                f"+{_seconds(lap.created_at, switch.created_at):.0f} s from the trigger "
+                                f"({switch.test or '-'}: {switch.why[:200]})")
+                events.append("\n  - ".join(line))
+                print(events[-1], flush=True)
+            if any(s.kind == "promote" for s in store.service_switches("production", limit=3)
+                   if s.created_at >= decided[0].created_at):
+                return
+        events.append(f"{label}: no promotion within {laps} more laps or the time limit")
 
     try:
         measure("1. before any lap (prompted SmolLM2)")
@@ -262,7 +267,7 @@ def story(measure_n: int, max_minutes: float) -> None:
     print("|---|---|---:|---:|---:|---:|")
     for label, model, t in measured:
         lat = sorted(t.latencies_s)
-        print(f"| {label} | {model} | {t.accuracy:.1%} (n={t.sent}) | {1000 * t.prompt_tokens / max(t.sent, 1):,.0f} "
+        print(f"| {label} | {model} | {t.accuracy:.1%} (n={t.labelled}) | {1000 * t.prompt_tokens / max(t.sent, 1):,.0f} "
               f"| {1000 * (t.prompt_tokens + t.completion_tokens) / max(t.sent, 1):,.0f} "
               f"| {quantile(lat, 50):.2f} / {quantile(lat, 95):.2f} |")
     print("\n" + "\n".join(f"- {e}" for e in events))

@@ -4,11 +4,13 @@
     python examples/service/simulate.py --n 400 --drift        # the same intents, chat-style phrasings
 
 The app sends the true label in the request's metadata (as an app that learns the answer later
-would), so the service's graders can score live answers; it never names a model other than the
-alias, so nothing in it changes when the service switches models. Its queries are banking77's
-train items that are not demonstrations in production's prompt (the eval's valid/test stay
-unseen, and production is not asked the questions its demonstrations answer). `--drift` rewrites
-each query as people type in a chat window (lower case, no punctuation, a greeting and a sign-off).
+would) when it knows it, so the service's graders can score live answers; it never names a model
+other than the alias, so nothing in it changes when the service switches models. Its queries are
+banking77's train items that are no demonstration in production's prompt (labelled), and the
+eval's 300 unlabelled queries (no label: they are not scored online, but production's answers to
+them become training data like any other traffic). The eval's valid/test stay unseen. `--drift`
+rewrites each query as people type in a chat window (lower case, no punctuation, a greeting and a
+sign-off).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Traffic:
     """What the app saw: requests, right labels, and the usage and latency of each reply."""
 
     sent: int = 0
+    labelled: int = 0
     right: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -42,16 +45,20 @@ class Traffic:
 
     @property
     def accuracy(self) -> float:
-        return self.right / self.sent if self.sent else float("nan")
+        """Right labels among the answered labelled requests."""
+        return self.right / self.labelled if self.labelled else float("nan")
 
 
 def queries(drift: bool = False) -> list[dict[str, str]]:
-    """The app's queries: train items that are no demonstration of production's prompt."""
+    """The app's queries: train items that are no demonstration of production's prompt, and the
+    unlabelled queries (label None)."""
     rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
+    unlabelled = [{**json.loads(line), "label": None} for line in
+                  (DATA.parent / "unlabelled.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     prompt = HERE / "production_prompt.json"
     demos = {d["item_key"] for d in json.loads(prompt.read_text(encoding="utf-8")).get("demos", [])} \
         if prompt.is_file() else set()
-    rows = [r for r in rows if r.get("split") == "train" and r["id"] not in demos]
+    rows = [r for r in rows if r.get("split") == "train" and r["id"] not in demos] + unlabelled
     if drift:
         rng = random.Random(7)
         rows = [{**r, "text": f"{rng.choice(GREETINGS)} {re.sub(r'[^a-z0-9 ]', '', r['text'].lower())} "
@@ -74,7 +81,7 @@ def send(base_url: str, n: int, *, drift: bool = False, seed: int = 0, concurren
         try:
             reply = client.chat.completions.create(
                 model="production", messages=[{"role": "user", "content": row["text"]}], temperature=0,
-                max_tokens=12, metadata={"usecase": "banking", "label": row["label"]})
+                max_tokens=12, metadata={"usecase": "banking", **({"label": row["label"]} if row["label"] else {})})
         except Exception:  # noqa: BLE001 - a lost request is counted, not raised
             with lock:
                 traffic.sent += 1
@@ -83,7 +90,9 @@ def send(base_url: str, n: int, *, drift: bool = False, seed: int = 0, concurren
         elapsed = time.perf_counter() - started
         with lock:
             traffic.sent += 1
-            traffic.right += row["label"] in (reply.choices[0].message.content or "").lower()
+            if row["label"]:
+                traffic.labelled += 1
+                traffic.right += row["label"] in (reply.choices[0].message.content or "").lower()
             traffic.prompt_tokens += reply.usage.prompt_tokens if reply.usage else 0
             traffic.completion_tokens += reply.usage.completion_tokens if reply.usage else 0
             traffic.latencies_s.append(elapsed)
@@ -102,7 +111,8 @@ def main() -> None:
     parser.add_argument("--drift", action="store_true", help="Chat-style phrasings of the same intents.")
     args = parser.parse_args()
     t = send(args.base_url, args.n, drift=args.drift, seed=args.seed, concurrency=args.concurrency)
-    print(f"{t.sent} requests, {t.right} answered with the right label ({t.accuracy:.1%}), {t.failed} failed, "
+    print(f"{t.sent} requests, {t.right} of {t.labelled} labelled ones answered with the right label "
+          f"({t.accuracy:.1%}), {t.failed} failed, "
           f"{t.prompt_tokens / max(t.sent - t.failed, 1):.0f} prompt tokens per request")
 
 
