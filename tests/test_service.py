@@ -306,6 +306,31 @@ def test_a_lap_over_budget_does_not_start(tmp_path, tiny_model_dir, service_fact
         store.close()
 
 
+def test_a_lap_whose_openai_teacher_would_pass_the_money_budget_does_not_start(tmp_path, tiny_model_dir,
+                                                                               service_factory):
+    from flywheel.pricing import find_price
+    from flywheel.service.laps import TEACHER_MAX_TOKENS, queue_lap
+
+    tiny = f"local:{tiny_model_dir}"
+    service = service_factory(write_service(tmp_path, tiny, shadow={"share": 0.0},
+                                            lap={"teacher": "openai:gpt-4o-mini", "votes": 3},
+                                            budgets={"per_lap": {"money": 0.0001}}))
+    service.send(3)
+    store = service.store()
+    try:
+        rows = store.captures_after(0)
+        mean_prompt = int(sum(r["prompt_tokens"] for r in rows) / len(rows))
+        planned = 3 * 3 * find_price("gpt-4o-mini").cost(mean_prompt, TEACHER_MAX_TOKENS)  # captures x votes
+        assert planned > 0.0001
+        lap = queue_lap(store, service.spec, trigger="on_demand")
+        assert lap.status == "skipped" and lap.reason == (
+            f"budgets.per_lap.money: the lap plans ${planned:.4g} on priced models, limit $0.0001")
+        roomy = load_service_spec(service.spec.source, ["budgets.per_lap.money=1"])
+        assert queue_lap(store, roomy, trigger="on_demand").status == "queued"  # the same captures, within budget
+    finally:
+        store.close()
+
+
 def test_dashboard_page_and_cli_show_the_service_escaped(tmp_path):
     import http.client
 

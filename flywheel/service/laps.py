@@ -36,6 +36,7 @@ from flywheel.distill import leaked, vote
 from flywheel.errors import FlywheelError
 from flywheel.harness import paired_comparison, run_eval
 from flywheel.models import ChatRequest, Sampling, cached_model
+from flywheel.pricing import find_price
 from flywheel.promotion import Goal, decide
 from flywheel.prompt import Prompt
 from flywheel.run_spec import load_run_spec
@@ -106,22 +107,47 @@ def planned_calls(spec: ServiceSpec, n_captures: int, n_valid: int) -> int:
     return teacher + 2 * n_valid + 2 * int(n_captures * spec.lap.holdout + 1)
 
 
-def over_budget(store: Store, spec: ServiceSpec, n_captures: int, n_valid: int) -> str | None:
+TEACHER_MAX_TOKENS = 256  # a teacher's answer is capped at this many tokens (run_lap's sampling)
+
+
+def planned_money(spec: ServiceSpec, production: AliasTarget, rows: list[dict[str, Any]], n_valid: int) -> float:
+    """USD a lap over these captures spends on priced (`openai:`) models, at list prices
+    (`flywheel.pricing`): the teacher's votes on every capture, and production's side of the valid
+    split and the holdout when production is priced. Each call is priced at the captures' mean prompt
+    tokens and the longest answer it may give."""
+    known = [r["prompt_tokens"] for r in rows if r.get("prompt_tokens")]
+    prompt_tokens = int(sum(known) / len(known)) if known else 0
+    money = 0.0
+    if spec.lap.teacher and spec.lap.teacher.startswith("openai:"):
+        money += len(rows) * spec.lap.votes * find_price(spec.lap.teacher.split(":", 1)[1]).cost(
+            prompt_tokens, TEACHER_MAX_TOKENS)
+    if production.model.startswith("openai:"):
+        held = int(len(rows) * spec.lap.holdout + 1)
+        money += (n_valid + held) * find_price(production.model.split(":", 1)[1]).cost(prompt_tokens,
+                                                                                         TEACHER_MAX_TOKENS)
+    return money
+
+
+def over_budget(store: Store, spec: ServiceSpec, rows: list[dict[str, Any]], n_valid: int) -> str | None:
     """Why a lap over these captures would pass a per-lap or per-day budget; None when it fits."""
+    n_captures = len(rows)
     steps, calls = planned_steps(spec), planned_calls(spec, n_captures, n_valid)
+    money = planned_money(spec, aliases.target(store, "production"), rows, n_valid)
     per_lap, per_day = spec.budgets.per_lap, spec.budgets.per_day
     if per_lap.training_steps and (steps is None or steps > per_lap.training_steps):
         return f"budgets.per_lap.training_steps: the lap plans {steps or 'unbounded'} steps, limit {per_lap.training_steps}"
     if per_lap.model_calls and calls > per_lap.model_calls:
         return f"budgets.per_lap.model_calls: the lap plans {calls} model calls, limit {per_lap.model_calls}"
-    if spec.lap.teacher and spec.lap.teacher.startswith("openai:") and (per_lap.money or per_day.money):
-        return "budgets: a money limit with an openai: teacher is not estimated yet; unset it or use a local teacher"
+    if per_lap.money and money > per_lap.money:
+        return f"budgets.per_lap.money: the lap plans ${money:.4g} on priced models, limit ${per_lap.money:.4g}"
     since = timestamp(datetime.now(timezone.utc) - timedelta(days=1))
     today = [lap for lap in store.service_laps() if lap.created_at >= since and lap.status != "skipped"]
     if per_day.training_steps and (steps or 0) * (len(today) + 1) > per_day.training_steps:
         return f"budgets.per_day.training_steps: {len(today)} laps today; one more passes {per_day.training_steps}"
     if per_day.model_calls and calls * (len(today) + 1) > per_day.model_calls:
         return f"budgets.per_day.model_calls: {len(today)} laps today; one more passes {per_day.model_calls}"
+    if per_day.money and money * (len(today) + 1) > per_day.money:
+        return f"budgets.per_day.money: {len(today)} laps today; one more at ${money:.4g} passes ${per_day.money:.4g}"
     if per_day.wall_s and per_lap.wall_s and per_lap.wall_s * (len(today) + 1) > per_day.wall_s:
         return f"budgets.per_day.wall_s: {len(today)} laps of up to {per_lap.wall_s:g} s today pass {per_day.wall_s:g} s"
     return None
@@ -138,7 +164,7 @@ def queue_lap(store: Store, spec: ServiceSpec, *, trigger: str) -> ServiceLap | 
         return None
 
     n_valid = len(load_dataset(load_eval_spec(spec.path(spec.eval))).split("valid"))
-    refused = over_budget(store, spec, len(rows), n_valid)
+    refused = over_budget(store, spec, rows, n_valid)
     lap_id = new_id("lap")
     if refused:
         lap = store.create_service_lap(lap_id, trigger=trigger, capture_ids=[])
@@ -205,7 +231,8 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
         for e in examples:
             check()
             asks = [ChatRequest(messages=aliases.served_messages(production_served, e["turns"]),
-                                sampling=Sampling(temperature=0.7 if spec.lap.votes > 1 else 0.0, max_tokens=256),
+                                sampling=Sampling(temperature=0.7 if spec.lap.votes > 1 else 0.0,
+                                                  max_tokens=TEACHER_MAX_TOKENS),
                                 repeat=i) for i in range(spec.lap.votes)]
             e["answer"], e["agreement"] = vote([c.text if not c.error else None for c in teacher.generate(asks)])
         agreement = sum(e["agreement"] for e in examples) / len(examples) if examples else 0.0
