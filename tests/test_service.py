@@ -576,3 +576,22 @@ def test_export_prompt_writes_the_file_a_service_alias_reads(tmp_path):
     assert missing.exit_code == 2 and "no prompt p-000000000000 in" in missing.output
     best = CliRunner().invoke(main, ["export", "prompt", "best", "--db", str(db), "-o", str(out)])
     assert best.exit_code == 2 and "PROMPT best needs --eval SPEC" in best.output
+
+
+def test_the_shipped_example_loads_and_its_production_prompt_demonstrates_train_items_only(tmp_path):
+    import json
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "service" / "service.yaml"
+    spec = load_service_spec(example, [f"db={tmp_path / 'service.db'}"])
+    store = Store.open(spec.path(spec.db))
+    try:
+        production = aliases.ensure_aliases(store, spec)["production"]
+        prompt = aliases.prompt_of(store, production)
+    finally:
+        store.close()
+    assert (len(prompt.demos), prompt.nearest) == (200, 3) and production.model == "local:smollm2"
+    rows = [json.loads(line) for line in (example.parents[2] / "evals" / "banking77" / "data.jsonl").read_text(
+        encoding="utf-8").splitlines()]
+    split = {r["id"]: r["split"] for r in rows}
+    assert {split[d.item_key] for d in prompt.demos} == {"train"}  # the gate's valid/test are never demonstrations
