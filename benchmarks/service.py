@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,6 +35,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.serving import CANNED, canned_app  # noqa: E402
 
 BANKING = ROOT / "evals" / "banking77" / "eval.yaml"
+
+
+def quantile(values: list[float], p: int) -> float:
+    """The p-th percentile (p50: the median); nan without values."""
+    if not values:
+        return float("nan")
+    if p == 50 or len(values) < 2:
+        return statistics.median(values)
+    return statistics.quantiles(values, n=100)[p - 1]
 
 
 def load() -> str:
@@ -91,8 +101,8 @@ def overhead(round_trips: int) -> None:
     pairs = len(store.shadow_pairs())
     store.close()
 
-    def q(values: list[float], p: float) -> float:
-        return statistics.quantiles(values, n=100)[p - 1] * 1000 if p != 50 else statistics.median(values) * 1000
+    def q(values: list[float], p: int) -> float:
+        return quantile(values, p) * 1000
 
     print(f"\n### Request-path overhead, {round_trips} round trips per door ({pairs} shadow pairs graded, "
           f"{shadow.dropped} dropped; load average {load()})\n")
@@ -116,6 +126,7 @@ def switches(n: int, threads: int = 4) -> None:
     spec = _spec(folder / "s.db", "local:smollm2", "local:smollm2")
     store = Store.open(spec.db)
     aliases.ensure_aliases(store, spec)
+    short = AliasTarget("local:smollm2", aliases.stored_prompt(store, spec, "Short.", "candidate.prompt"))
     server = BackgroundServer(create_alias_app(spec.db)).start()
     stop = threading.Event()
     outcomes: list[int] = []
@@ -138,7 +149,7 @@ def switches(n: int, threads: int = 4) -> None:
         aliases.promote(store, who="bench", why=f"switch {i}", test="benchmark")
         time.sleep(0.2)
         aliases.rollback(store, who="bench", why=f"back {i}")  # idles candidate on production's target
-        aliases.set_alias(store, "candidate", AliasTarget("local:smollm2", "Short."), who="bench", why="next")
+        aliases.set_alias(store, "candidate", short, who="bench", why="next")
     stop.set()
     for worker in workers:
         worker.join()
@@ -152,17 +163,134 @@ def switches(n: int, threads: int = 4) -> None:
     print(f"| {len(outcomes)} | {failed} | 0 |")
 
 
+EXAMPLE = ROOT / "examples" / "service" / "service.yaml"
+
+
+def story(measure_n: int, max_minutes: float) -> None:
+    """Part 3: examples/service/service.yaml run for real, as a user would (one process group,
+    SmolLM2 on this CPU), driven by examples/service/simulate.py through the proxy."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import simulate
+
+    from flywheel.service import aliases
+    from flywheel.service.run import start_service
+    from flywheel.service.shadow import current_phase
+    from flywheel.service.spec import load_service_spec
+    from flywheel.store import Store
+    from flywheel.store.service import AliasTarget
+
+    folder = Path(tempfile.mkdtemp(prefix="service-story-"))
+    spec = load_service_spec(EXAMPLE, [f"db={folder / 'service.db'}", "ports.proxy=0", "ports.models=0",
+                                       "ports.api=0", "triggers.check_every_s=2"])
+    started = time.monotonic()
+    service = start_service(spec)
+    print(f"service up in {time.monotonic() - started:.1f} s: {service.urls}", flush=True)
+    url, store = service.urls["proxy"], Store.open(spec.path(spec.db))
+    deadline = time.monotonic() + max_minutes * 60
+    measured: list[tuple[str, str, Any]] = []
+    events: list[str] = []
+    sent = {"n": 0, "failed": 0}
+
+    def traffic(n: int, drift: bool = False, seed: int = 0) -> Any:
+        t = simulate.send(url, n, drift=drift, seed=seed + sent["n"])
+        sent["n"] += t.sent
+        sent["failed"] += t.failed
+        return t
+
+    def measure(label: str, drift: bool = False) -> None:
+        production = aliases.target(store, "production")
+        t = traffic(measure_n, drift, seed=991)
+        measured.append((label, production.model.rsplit("/", 1)[-1], t))
+        print(f"{label}: {t.accuracy:.1%} of {t.sent}, {t.prompt_tokens / max(t.sent, 1):.0f} prompt tokens/request",
+              flush=True)
+
+    def settle(label: str, drift: bool = False) -> None:
+        """Send traffic until the newest lap is decided and no shadow or canary test is open."""
+        laps_before = len(store.service_laps())
+        while time.monotonic() < deadline:
+            traffic(40, drift)
+            laps = store.service_laps()
+            if len(laps) > laps_before and laps[0].decision is not None and current_phase(store, spec) is None:
+                break
+        else:
+            events.append(f"{label}: not settled in {max_minutes} min")
+            return
+        lap = store.service_laps()[0]
+        switches = [s for s in reversed(store.service_switches()) if s.created_at >= lap.created_at]
+        line = [f"{label}: lap {lap.id} ({lap.trigger}, {lap.captures} captures) -> {lap.decision} after "
+                f"{_seconds(lap.created_at, lap.finished_at):.0f} s"]
+        for switch in switches:
+            line.append(f"{switch.kind} {switch.alias} by {switch.who} at +{_seconds(lap.created_at, switch.created_at):.0f} s"
+                        f" ({switch.test or '-'}: {switch.why[:160]})")
+        events.append("\n  - ".join(line))
+        print(events[-1], flush=True)
+
+    try:
+        measure("1. before any lap (prompted SmolLM2)")
+        settle("lap 1")
+        measure("2. after lap 1")
+        measure("3. drifted phrasings, before a drift lap", drift=True)
+        settle("drift lap", drift=True)
+        measure("4. drifted phrasings, after the drift lap", drift=True)
+        # a broken candidate: the untuned base with the student's one-line prompt
+        broken = AliasTarget(spec.lap.student or "local:smollm2",
+                             aliases.stored_prompt(store, spec, spec.lap.prompt, "lap.prompt"))
+        aliases.set_alias(store, "candidate", broken, who="benchmark", why="a broken candidate", test=None)
+        before = len(store.shadow_pairs())
+        while time.monotonic() < deadline and store.service_alias("candidate") == broken:
+            traffic(20)
+        rejected = store.service_switches("candidate", limit=1)[0]
+        events.append(f"broken candidate: {rejected.kind} by {rejected.who} after "
+                      f"{len(store.shadow_pairs()) - before} shadow pairs ({rejected.why[:160]})")
+        print(events[-1], flush=True)
+        # the same broken model forced into production: the canary must roll it back
+        aliases.set_alias(store, "candidate", broken, who="benchmark", why="forced", test=None)
+        forced = aliases.promote(store, who="operator", why="forced for the benchmark", test="none")
+        while time.monotonic() < deadline and store.current_switch("production").id == forced:
+            traffic(20)
+        back = store.service_switches("production", limit=1)[0]
+        events.append(f"forced broken production: {back.kind} by {back.who} after "
+                      f"{len(store.shadow_pairs('canary', forced))} canary pairs ({back.why[:160]})")
+        print(events[-1], flush=True)
+    finally:
+        service.stop()
+        store.close()
+    print(f"\n### examples/service/service.yaml on this machine ({sent['n']} requests, {sent['failed']} failed, "
+          f"{(time.monotonic() - started) / 60:.1f} min, load average {load()})\n")
+    print("| traffic | production serves | online score | prompt tokens / 1k requests | all tokens / 1k requests "
+          "| latency p50 / p95 (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for label, model, t in measured:
+        lat = sorted(t.latencies_s)
+        print(f"| {label} | {model} | {t.accuracy:.1%} (n={t.sent}) | {1000 * t.prompt_tokens / max(t.sent, 1):,.0f} "
+              f"| {1000 * (t.prompt_tokens + t.completion_tokens) / max(t.sent, 1):,.0f} "
+              f"| {quantile(lat, 50):.2f} / {quantile(lat, 95):.2f} |")
+    print("\n" + "\n".join(f"- {e}" for e in events))
+
+
+def _seconds(start: str | None, end: str | None) -> float:
+    from datetime import datetime
+
+    if not start or not end:
+        return float("nan")
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--round-trips", type=int, default=400)
     parser.add_argument("--switches", type=int, default=20)
-    parser.add_argument("--part", choices=["all", "overhead", "switches"], default="all")
+    parser.add_argument("--part", choices=["all", "overhead", "switches", "story"], default="all")
+    parser.add_argument("--measure", type=int, default=100, help="story: requests per measured window.")
+    parser.add_argument("--max-minutes", type=float, default=60.0, help="story: give up after this long.")
     args = parser.parse_args()
     print(f"load average before: {load()}")
     if args.part in ("all", "overhead"):
         overhead(args.round_trips)
     if args.part in ("all", "switches"):
         switches(args.switches)
+    if args.part in ("all", "story"):
+        story(args.measure, args.max_minutes)
 
 
 if __name__ == "__main__":

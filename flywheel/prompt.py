@@ -27,6 +27,7 @@ from flywheel.data import Item
 from flywheel.images import render_parts
 from graders.embeddings import default_embedder
 
+INSTRUCTION_ROLES = ("system", "developer")
 TEMPLATE_VARS = re.compile(r"\{\{\s*(item\.[^}]*?)\s*\}\}")
 
 
@@ -87,6 +88,30 @@ class Prompt:
         turns = [t for d in demos for t in d.turns()]
         return base[:last_user] + turns + base[last_user:]
 
+    def instructions(self) -> list[dict[str, Any]]:
+        """The prompt's own turns that are not the conversation: its system (and developer) messages."""
+        return [m for m in self.messages if m["role"] in INSTRUCTION_ROLES]
+
+    def over(self, template: list[dict[str, Any]]) -> "Prompt":
+        """This prompt's instructions and demonstrations over another message template's conversation
+        (how a served prompt is evaluated on an eval's items)."""
+        return Prompt(messages=[*self.instructions(), *(m for m in template if m["role"] not in INSTRUCTION_ROLES)],
+                      demos=self.demos, nearest=self.nearest)
+
+    def apply(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """An app's messages as this prompt answers them: the app's system messages replaced by the
+        prompt's instructions, its demonstrations (all, or the `nearest` to the last user turn) put
+        before the last user turn. The app's conversation is kept as sent."""
+        conversation = [m for m in messages if m["role"] not in INSTRUCTION_ROLES]
+        base = [*self.instructions(), *conversation]
+        users = [i for i, m in enumerate(base) if m["role"] == "user"]
+        if not self.demos or not users:
+            return base
+        last = users[-1]
+        query = base[last]["content"] if isinstance(base[last]["content"], str) else ""
+        demos = pick_nearest(self, [query])[0] if self.nearest else self.demos
+        return base[:last] + [t for d in demos for t in d.turns()] + base[last:]
+
     def render_many(self, items: list[Item]) -> list[list[dict[str, str]] | str]:
         """Render every item; an item that cannot be rendered gives an error string instead."""
         chosen: list[list[Demo] | None] = [None] * len(items)
@@ -102,9 +127,8 @@ class Prompt:
 
 
 def nearest_demos(prompt: Prompt, items: list[Item]) -> list[list[Demo] | None]:
-    """For each item, the `prompt.nearest` demos whose user turn is closest to the item's."""
-    import numpy as np
-
+    """For each item, the `prompt.nearest` demos whose user turn is closest to the item's (never the
+    item itself)."""
     queries: list[str] = []
     for item in items:
         try:
@@ -112,13 +136,19 @@ def nearest_demos(prompt: Prompt, items: list[Item]) -> list[list[Demo] | None]:
             queries.append(next(m["content"] for m in reversed(base) if m["role"] == "user"))
         except (graders.TemplateVariableError, StopIteration):
             queries.append("")
+    return pick_nearest(prompt, queries, [item.key for item in items])
+
+
+def pick_nearest(prompt: Prompt, queries: list[str], exclude: list[str | None] | None = None) -> list[list[Demo]]:
+    """For each query, the `prompt.nearest` demos whose user turn is most similar (by embedding), most
+    similar last (right before the query); a demo whose item key is the query's `exclude` is skipped."""
+    import numpy as np
+
     embedder = default_embedder()
     pool = embedder.embed([d.user for d in prompt.demos])
-    query = embedder.embed(queries)
-    similarity = query @ pool.T
-    picks: list[list[Demo] | None] = []
-    for item, row in zip(items, similarity):
-        order = [i for i in np.argsort(-row, kind="stable") if prompt.demos[i].item_key != item.key]
-        # Most similar last, right before the item's own question.
+    similarity = embedder.embed([q if isinstance(q, str) else "" for q in queries]) @ pool.T
+    picks: list[list[Demo]] = []
+    for skip, row in zip(exclude or [None] * len(queries), similarity):
+        order = [i for i in np.argsort(-row, kind="stable") if prompt.demos[i].item_key != skip]
         picks.append([prompt.demos[i] for i in reversed(order[: prompt.nearest])])
     return picks

@@ -13,7 +13,8 @@ from flywheel.errors import SpecError
 from flywheel.proxy.server import create_proxy_app
 from flywheel.service import aliases
 from flywheel.service.aliases import AliasError
-from flywheel.service.serving import create_alias_app, with_prompt
+from flywheel.prompt import Demo, Prompt
+from flywheel.service.serving import create_alias_app
 from flywheel.service.shadow import ShadowWorker, current_phase
 from flywheel.service.spec import load_service_spec
 from flywheel.store import Store
@@ -22,6 +23,7 @@ from flywheel.web import BackgroundServer
 
 LONG = "You are a careful support assistant. " * 12 + "Answer with one label."
 SHORT = "One label."
+LONG_ID, SHORT_ID = (Prompt(messages=[{"role": "system", "content": text}]).id for text in (LONG, SHORT))
 # Reference-free: the tiny model answers with special tokens only (decoded ""), the chatty one with words.
 EMPTY_REPLY = {"type": "string_check", "name": "terse", "input": "{{sample.output_text}}", "reference": "",
                "operation": "eq"}
@@ -58,7 +60,7 @@ def test_aliases_switch_atomically_and_roll_back(tmp_path):
     store = Store.open(spec.path(spec.db))
     try:
         first = aliases.ensure_aliases(store, spec)
-        assert first == {"production": AliasTarget("local:teacher", LONG), "candidate": AliasTarget("local:student", SHORT)}
+        assert first == {"production": AliasTarget("local:teacher", LONG_ID), "candidate": AliasTarget("local:student", SHORT_ID)}
         assert aliases.ensure_aliases(store, spec) == first and len(store.service_switches()) == 2  # restart: no-op
         with pytest.raises(AliasError, match="nothing to roll back"):
             aliases.rollback(store, who="me", why="test")
@@ -80,10 +82,54 @@ def test_aliases_switch_atomically_and_roll_back(tmp_path):
         store.close()
 
 
-def test_with_prompt_replaces_the_apps_system_messages():
+def test_a_served_prompt_replaces_the_apps_system_messages_and_puts_its_demos_before_the_last_user_turn():
     messages = [{"role": "system", "content": "app's"}, {"role": "user", "content": "hi"}]
-    assert with_prompt(messages, "alias's") == [{"role": "system", "content": "alias's"}, messages[1]]
-    assert with_prompt(messages, None) == messages
+    assert Prompt(messages=[{"role": "system", "content": "alias's"}]).apply(messages) == [
+        {"role": "system", "content": "alias's"}, messages[1]]
+    assert aliases.served_messages(None, messages) == messages
+    demos = [Demo("a", "where is my new card?", "card_arrival"), Demo("b", "cancel my transfer", "cancel_transfer"),
+             Demo("c", "what is the exchange rate?", "exchange_rate")]
+    fixed = Prompt(messages=[{"role": "system", "content": "Label."}], demos=demos[:1])
+    assert fixed.apply(messages) == [{"role": "system", "content": "Label."}, *demos[0].turns(), messages[1]]
+    nearest = Prompt(messages=[{"role": "system", "content": "Label."}], demos=demos, nearest=1)
+    asked = nearest.apply([{"role": "user", "content": "please cancel the transfer I made"}])
+    assert asked[1:3] == demos[1].turns() and len(asked) == 4
+    # evaluated on an eval's items: the same instructions and demos over the eval's user template
+    over = nearest.over([{"role": "system", "content": "eval's"}, {"role": "user", "content": "{{item.text}}"}])
+    assert over.messages == [{"role": "system", "content": "Label."}, {"role": "user", "content": "{{item.text}}"}]
+    assert (over.demos, over.nearest) == (demos, 1)
+
+
+def test_an_alias_prompt_is_a_text_a_prompt_file_or_a_stored_prompt_and_bad_ones_are_named(tmp_path):
+    import json
+
+    from flywheel.store.migrations import prompt_id_of_system
+
+    assert prompt_id_of_system(LONG) == LONG_ID  # m022 converts texts to the ids flywheel.prompt gives
+    with_demos = Prompt(messages=[{"role": "system", "content": "Label."}],
+                        demos=[Demo("a", "where is my card?", "card_arrival")], nearest=1)
+    (tmp_path / "prompt.json").write_text(json.dumps(with_demos.to_json()))
+    spec = load_service_spec(write_service(tmp_path, "local:x", "local:y"),
+                             ["production.prompt={file: prompt.json}"])
+    store = Store.open(spec.path(spec.db))
+    try:
+        first = aliases.ensure_aliases(store, spec)
+        assert first["production"].prompt == with_demos.id
+        assert aliases.prompt_of(store, first["production"]) == with_demos
+        assert aliases.prompt_of(store, first["candidate"]).messages == [{"role": "system", "content": SHORT}]
+        by_id = load_service_spec(spec.source, [f"candidate.prompt={{id: {with_demos.id}}}"])
+        assert aliases.stored_prompt(store, by_id, by_id.candidate.prompt, "candidate.prompt") == with_demos.id
+        missing = load_service_spec(spec.source, ["candidate.prompt={id: p-000000000000}"])
+        with pytest.raises(AliasError, match=r"service.yaml: candidate.prompt.id: no prompt p-000000000000 in "):
+            aliases.ensure_aliases(store, missing)
+        (tmp_path / "bad.json").write_text("[1, 2")
+        bad = load_service_spec(spec.source, ["production.prompt={file: bad.json}"])
+        with pytest.raises(AliasError, match=r"service.yaml: production.prompt.file: .*bad.json is not a prompt"):
+            aliases.ensure_aliases(store, bad)
+        with pytest.raises(SpecError, match=r"production.prompt.*exactly one of `file` or `id`"):
+            load_service_spec(spec.source, ["production.prompt={file: prompt.json, id: p-1}"])
+    finally:
+        store.close()
 
 
 class Service:
@@ -146,7 +192,7 @@ def test_shadow_promotes_a_cheaper_equal_candidate_then_the_canary_keeps_it(tmp_
         promoted = store.current_switch("production")
         assert promoted.kind == "promote" and promoted.who == "shadow", store.service_switches()
         assert "cheaper and non-inferior" in promoted.why and "confidence sequence" in promoted.why
-        assert store.service_alias("production") == AliasTarget(tiny, SHORT)
+        assert store.service_alias("production") == AliasTarget(tiny, SHORT_ID)
         shadow = store.shadow_pairs("shadow")
         assert 5 <= len(shadow) <= 30 and all(p.other_tokens < p.production_tokens for p in shadow)
         assert current_phase(store, service.spec).name == "canary"
@@ -171,8 +217,8 @@ def test_a_broken_candidate_is_stopped_in_shadow_and_never_serves(tmp_path, tiny
     replies = service.send(20)
     store = service.store()
     try:
-        assert store.service_alias("production") == AliasTarget(tiny, LONG)
-        assert store.service_alias("candidate") == AliasTarget(tiny, LONG)  # idled: no more shadow traffic
+        assert store.service_alias("production") == AliasTarget(tiny, LONG_ID)
+        assert store.service_alias("candidate") == AliasTarget(tiny, LONG_ID)  # idled: no more shadow traffic
         rejected = store.current_switch("candidate")
         assert rejected.kind == "reject" and "worse" in rejected.why
         pairs = store.shadow_pairs("shadow")
@@ -189,7 +235,7 @@ def test_a_bad_model_forced_into_production_is_rolled_back_by_the_canary(tmp_pat
     service = service_factory(write_service(tmp_path, tiny))
     store = service.store()
     try:
-        aliases.set_alias(store, "candidate", AliasTarget(chatty, SHORT), who="operator", why="try it")
+        aliases.set_alias(store, "candidate", AliasTarget(chatty, SHORT_ID), who="operator", why="try it")
         forced = aliases.promote(store, who="operator", why="forced", test="none")
     finally:
         store.close()
@@ -199,7 +245,7 @@ def test_a_bad_model_forced_into_production_is_rolled_back_by_the_canary(tmp_pat
         undone = store.current_switch("production")
         assert undone.kind == "rollback" and undone.reverts == forced and undone.who == "canary"
         assert "quality dropped" in undone.why
-        assert store.service_alias("production") == AliasTarget(tiny, LONG)
+        assert store.service_alias("production") == AliasTarget(tiny, LONG_ID)
         assert len(store.shadow_pairs("canary", forced)) < 25
     finally:
         store.close()
@@ -231,7 +277,7 @@ def test_a_lap_trains_a_student_on_new_traffic_and_makes_it_the_candidate(tmp_pa
         assert done.status == "succeeded", done
         assert "1 dropped by the leak guard" in events[0]
         assert done.decision == "candidate" and "valid:" in done.reason and "held-back traffic:" in done.reason
-        assert store.service_alias("candidate") == AliasTarget(done.checkpoint, SHORT)
+        assert store.service_alias("candidate") == AliasTarget(done.checkpoint, SHORT_ID)
         assert done.checkpoint.startswith(tiny + "+")
         switch = store.current_switch("candidate")
         assert switch.who == f"lap {lap.id}" and switch.test.startswith("offline")
@@ -429,7 +475,7 @@ def test_the_schedule_counts_from_the_last_lap_or_the_services_start(tmp_path):
         assert due(store, spec, 3, at=started + timedelta(seconds=3601)) == "schedule"
         assert due(store, spec, 0, at=started + timedelta(days=1)) is None  # nothing new: no lap
         assert due(store, spec, 50) == "new_captures"
-        aliases.set_alias(store, "candidate", AliasTarget("local:y", SHORT), who="lap", why="test")
+        aliases.set_alias(store, "candidate", AliasTarget("local:y", SHORT_ID), who="lap", why="test")
         assert due(store, spec, 50) is None  # a candidate under shadow test: laps wait for its decision
         aliases.reject(store, who="shadow", why="worse", test="t")
         assert due(store, spec, 50) == "new_captures"
@@ -446,7 +492,6 @@ def test_a_lap_with_a_teacher_labels_traffic_by_self_consistency(tmp_path, tiny_
                                                                  service_factory):
     import json
 
-    from flywheel.distill import vote
     from flywheel.models import ChatRequest, Sampling, cached_model
     from flywheel.service.laps import queue_lap, run_lap
 
@@ -472,7 +517,7 @@ def test_a_lap_with_a_teacher_labels_traffic_by_self_consistency(tmp_path, tiny_
         # each label is the majority of the teacher's samples for that input, as vote() folds them
         teacher = cached_model(chatty)
         for row, label in zip(rows, labels):
-            asks = [ChatRequest(messages=with_prompt(row["messages"][1:-1], LONG),
+            asks = [ChatRequest(messages=Prompt(messages=[{"role": "system", "content": LONG}]).apply(row["messages"][1:-1]),
                                 sampling=Sampling(temperature=0.7, max_tokens=256), repeat=i) for i in range(3)]
             samples = [c.text for c in teacher.generate(asks)]
             assert label in {" ".join(s.split()).casefold() for s in samples}
@@ -514,7 +559,62 @@ def test_traffic_drifts_to_a_new_label_and_a_later_lap_trains_on_it(tmp_path, ti
         assert second.decision == "candidate", second
         assert sorted(trained_on(second.id)) == sorted(drifted)  # the new traffic only, each once
         assert second.checkpoint != first.checkpoint
-        assert store.service_alias("candidate") == AliasTarget(second.checkpoint, SHORT)
+        assert store.service_alias("candidate") == AliasTarget(second.checkpoint, SHORT_ID)
         assert [s.who for s in store.service_switches("candidate")][:2] == [f"lap {second.id}", f"lap {first.id}"]
     finally:
         store.close()
+
+
+def test_a_store_whose_aliases_held_prompt_texts_serves_the_same_prompts_after_m022(tmp_path):
+    """Stores written before m022 held an alias's system text; they open with stored prompts of it."""
+    import sqlite_utils
+
+    from flywheel.store.migrations import MIGRATIONS
+
+    index = [name for name, _ in MIGRATIONS].index("m022_service_prompts_are_stored_prompts")
+    db = sqlite_utils.Database(tmp_path / "old.db")
+    db["_migrations"].create({"name": str, "applied_at": str}, pk="name")
+    for name, fn in MIGRATIONS[:index]:
+        fn(db)
+        db["_migrations"].insert({"name": name, "applied_at": "2026-12-06T09:30:00.000+00:00"})
+    db["service_switches"].insert({"id": 1, "created_at": "t", "alias": "production", "from_model": None,
+                                   "from_prompt": None, "to_model": "local:x", "to_prompt": LONG, "who": "service.yaml",
+                                   "why": "first", "kind": "set"})
+    db["service_switches"].insert({"id": 2, "created_at": "t", "alias": "production", "from_model": "local:x",
+                                   "from_prompt": LONG, "to_model": "local:y", "to_prompt": SHORT, "who": "shadow",
+                                   "why": "cheaper", "kind": "promote"})
+    db["service_aliases"].insert({"alias": "production", "model": "local:y", "prompt": SHORT, "switch_id": 2,
+                                  "updated_at": "t"})
+    db.conn.close()
+    store = Store.open(tmp_path / "old.db")
+    try:
+        production = store.service_alias("production")
+        assert production == AliasTarget("local:y", SHORT_ID)
+        assert aliases.prompt_of(store, production).messages == [{"role": "system", "content": SHORT}]
+        promoted = store.service_switch(2)
+        assert (promoted.from_target, promoted.to_target) == (AliasTarget("local:x", LONG_ID), production)
+    finally:
+        store.close()
+
+
+def test_export_prompt_writes_the_file_a_service_alias_reads(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from flywheel.cli import main
+
+    prompt = Prompt(messages=[{"role": "system", "content": "Label."}, {"role": "user", "content": "{{item.text}}"}],
+                    demos=[Demo("a", "where is my card?", "card_arrival")], nearest=1)
+    db = tmp_path / "f.db"
+    store = Store.open(db)
+    store.save_prompt(prompt, origin="test")
+    store.close()
+    out = tmp_path / "p.json"
+    result = CliRunner().invoke(main, ["export", "prompt", prompt.id, "--db", str(db), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Prompt.from_json(json.loads(out.read_text())) == prompt and f"wrote {prompt.id}" in result.output
+    missing = CliRunner().invoke(main, ["export", "prompt", "p-000000000000", "--db", str(db), "-o", str(out)])
+    assert missing.exit_code == 2 and "no prompt p-000000000000 in" in missing.output
+    best = CliRunner().invoke(main, ["export", "prompt", "best", "--db", str(db), "-o", str(out)])
+    assert best.exit_code == 2 and "PROMPT best needs --eval SPEC" in best.output

@@ -96,6 +96,35 @@ def export_model_command(model_ref, output, merge, quantize, dtype, force, db, a
     echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.summary_lines()))
 
 
+@export_group.command("prompt")
+@click.argument("prompt_ref", metavar="PROMPT")
+@click.option("--eval", "spec_path", type=click.Path(dir_okay=False), default=None,
+              help="With PROMPT `best`: the eval whose best prompt on valid (for its model) is exported.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write (JSON).")
+@db_option
+def export_prompt_command(prompt_ref, spec_path, output, db):
+    """Write a stored prompt (p-..., or `best` with --eval) as a JSON file: its messages, demonstrations
+    and `nearest`, as service.yaml's `prompt: {file: ...}` reads it."""
+    from pathlib import Path
+
+    from flywheel.distill import best_prompt
+    from flywheel.prompt import Prompt
+    from flywheel.spec import load_eval_spec
+
+    with store_at(db) as store:
+        if prompt_ref == "best":
+            if not spec_path:
+                raise click.UsageError("PROMPT best needs --eval SPEC")
+            prompt, origin = best_prompt(store, load_eval_spec(spec_path))
+        elif store.prompt_row(prompt_ref) is None:
+            raise click.UsageError(f"no prompt {prompt_ref} in {store.path}")
+        else:
+            prompt, origin = Prompt.from_json(store.get_prompt(prompt_ref)), f"stored {prompt_ref}"
+    Path(output).write_text(json.dumps(prompt.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    echo(f"wrote {prompt.id} ({origin}; {len(prompt.messages)} messages, {len(prompt.demos)} demos"
+         + (f", nearest {prompt.nearest}" if prompt.nearest else "") + f") to {output}")
+
+
 @export_group.command("openai-eval")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @click.option("--split", type=click.Choice(["train", "valid", "test", "all"]), default="all", show_default=True,

@@ -12,8 +12,13 @@ target (an alias equal to production gets no shadow traffic).
 
 from __future__ import annotations
 
+from typing import Any
+
+import yaml
+
 from flywheel.errors import FlywheelError
-from flywheel.service.spec import ALIASES, ServiceSpec
+from flywheel.prompt import Prompt
+from flywheel.service.spec import ALIASES, PromptSourceSpec, ServiceSpec
 from flywheel.store import Store
 from flywheel.store.service import AliasSwitch, AliasTarget
 
@@ -36,11 +41,56 @@ def target(store: Store, alias: str) -> AliasTarget:
     return found
 
 
+def stored_prompt(store: Store, spec: ServiceSpec, value: str | PromptSourceSpec | None, field: str) -> str | None:
+    """The id of the stored prompt a service.yaml `prompt:` names (a text, `{file}` or `{id}`), storing
+    it first when it is new; AliasError naming the field when it cannot be read."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        prompt = Prompt(messages=[{"role": "system", "content": value}])
+    elif value.id is not None:
+        if store.prompt_row(value.id) is None:
+            raise AliasError(f"{spec.source}: {field}.id: no prompt {value.id} in {store.path}")
+        return value.id
+    else:
+        path = spec.path(value.file)
+        try:
+            prompt = Prompt.from_json(yaml.safe_load(path.read_text(encoding="utf-8")))
+        except OSError as exc:
+            raise AliasError(f"{spec.source}: {field}.file: cannot read {path}: {exc.strerror}") from None
+        except (yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+            raise AliasError(f"{spec.source}: {field}.file: {path} is not a prompt (messages, demos, nearest): "
+                             f"{type(exc).__name__}: {exc}") from None
+    store.save_prompt(prompt, origin=f"service.yaml {field}")
+    return prompt.id
+
+
+_PROMPTS: dict[str, Prompt] = {}  # by id, a content hash: a cached prompt never goes stale
+
+
+def prompt_of(store: Store, target: AliasTarget) -> Prompt | None:
+    """The stored prompt a target serves (None: the app's messages as sent); read once per process."""
+    if target.prompt is None:
+        return None
+    if target.prompt not in _PROMPTS:
+        if len(_PROMPTS) >= 256:
+            _PROMPTS.clear()
+        _PROMPTS[target.prompt] = Prompt.from_json(store.get_prompt(target.prompt))
+    return _PROMPTS[target.prompt]
+
+
+def served_messages(prompt: Prompt | None, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The app's messages as a target with this prompt answers them (`Prompt.apply`)."""
+    return prompt.apply(messages) if prompt is not None else messages
+
+
 def ensure_aliases(store: Store, spec: ServiceSpec) -> dict[str, AliasTarget]:
     """Set each alias the spec names that the store does not hold yet (a restart changes nothing)."""
-    first = {"production": AliasTarget(spec.production.model, spec.production.prompt)}
-    first["candidate"] = (AliasTarget(spec.candidate.model, spec.candidate.prompt) if spec.candidate
-                          else first["production"])
+    first = {"production": AliasTarget(spec.production.model,
+                                       stored_prompt(store, spec, spec.production.prompt, "production.prompt"))}
+    first["candidate"] = (AliasTarget(spec.candidate.model,
+                                      stored_prompt(store, spec, spec.candidate.prompt, "candidate.prompt"))
+                          if spec.candidate else first["production"])
     missing = {alias: t for alias, t in first.items() if store.service_alias(alias) is None}
     if missing:
         store.switch_service_aliases(missing, who="service.yaml", why=f"first target from {spec.source}", test=None)

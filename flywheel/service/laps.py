@@ -40,7 +40,6 @@ from flywheel.promotion import Goal, decide
 from flywheel.prompt import Prompt
 from flywheel.run_spec import load_run_spec
 from flywheel.service import aliases
-from flywheel.service.serving import with_prompt
 from flywheel.service.shadow import OnlineGraders, current_phase
 from flywheel.service.spec import ServiceSpec
 from flywheel.spec import load_eval_spec
@@ -183,7 +182,10 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
     eval_spec = load_eval_spec(spec.path(spec.eval))
     dataset = load_dataset(eval_spec)
     production = aliases.target(store, "production")
-    student_prompt = spec.lap.prompt if spec.lap.prompt is not None else production.prompt
+    student_prompt = (aliases.stored_prompt(store, spec, spec.lap.prompt, "lap.prompt") if spec.lap.prompt is not None
+                      else production.prompt)
+    production_served = aliases.prompt_of(store, production)
+    student_served = aliases.prompt_of(store, AliasTarget(production.model, student_prompt))
     rows = store.captures_after((lap.first_capture_id or 1) - 1, upto=lap.last_capture_id,
                                 metadata=spec.triggers.metadata, models=["production"])
     examples = []
@@ -202,7 +204,7 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
         teacher = cached_model(spec.lap.teacher)
         for e in examples:
             check()
-            asks = [ChatRequest(messages=with_prompt(e["turns"], production.prompt),
+            asks = [ChatRequest(messages=aliases.served_messages(production_served, e["turns"]),
                                 sampling=Sampling(temperature=0.7 if spec.lap.votes > 1 else 0.0, max_tokens=256),
                                 repeat=i) for i in range(spec.lap.votes)]
             e["answer"], e["agreement"] = vote([c.text if not c.error else None for c in teacher.generate(asks)])
@@ -210,8 +212,8 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
         event(f"labels: {spec.lap.teacher}'s majority of {spec.lap.votes} votes (mean agreement {agreement:.2f})")
     examples = [e for e in examples if e["answer"]]
     held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout)]
-    train_rows = [{"messages": with_prompt(e["turns"], student_prompt) + [{"role": "assistant", "content": e["answer"]}]}
-                  for e in examples if e not in held]
+    train_rows = [{"messages": aliases.served_messages(student_served, e["turns"])
+                   + [{"role": "assistant", "content": e["answer"]}]} for e in examples if e not in held]
     event(f"{len(rows)} captures, {dropped} dropped by the leak guard, {len(train_rows)} to train, {len(held)} held back")
     if not train_rows:
         return _finish(store, lap_id, "rejected", "no training rows left after the leak guard and the holdout")
@@ -231,7 +233,7 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
                        f"{spec.budgets.per_lap.wall_s:g} s before its gate", checkpoint=student.model)
     check()
     gates = [offline_valid(store, spec, eval_spec, dataset, lap_id, production, student),
-             offline_traffic(spec, eval_spec, held, production, student)]
+             offline_traffic(store, spec, eval_spec, held, student)]
     reason = "; ".join(f"{g.where}: {g.reason}" for g in gates)
     if not all(g.passed for g in gates):
         return _finish(store, lap_id, "rejected", reason, checkpoint=student.model)
@@ -257,13 +259,19 @@ def _rule(spec: ServiceSpec) -> tuple[Any, float]:
     return (run_spec.goal.rule() if run_spec.goal else None), run_spec.alpha
 
 
+def served_over(store: Store, target: AliasTarget, template: list[dict[str, Any]]) -> Prompt:
+    """The target's served prompt over an eval's message template (what it answers an eval item with)."""
+    served = aliases.prompt_of(store, target)
+    return served.over(template) if served is not None else Prompt(messages=template)
+
+
 def offline_valid(store: Store, spec: ServiceSpec, eval_spec: Any, dataset: Any, lap_id: str,
                   production: AliasTarget, student: AliasTarget) -> Gate:
     """The student against production on the eval's valid split, with the run spec's rule."""
     results = {}
     for side, target in (("production", production), ("student", student)):
         results[side] = run_eval(eval_spec, store, split="valid", model=cached_model(target.model),
-                                 prompt=Prompt(messages=with_prompt(eval_spec.messages(), target.prompt)),
+                                 prompt=served_over(store, target, eval_spec.messages()),
                                  stage="service", run_id=f"{lap_id}-{side}", dataset=dataset)
     goal, alpha = _rule(spec)
     cmp = paired_comparison(store, eval_spec, results["production"].iteration_id, results["student"].iteration_id)
@@ -273,7 +281,7 @@ def offline_valid(store: Store, spec: ServiceSpec, eval_spec: Any, dataset: Any,
     return Gate("valid", verdict.promoted, verdict.reason)
 
 
-def offline_traffic(spec: ServiceSpec, eval_spec: Any, held: list[dict[str, Any]], production: AliasTarget,
+def offline_traffic(store: Store, spec: ServiceSpec, eval_spec: Any, held: list[dict[str, Any]],
                     student: AliasTarget) -> Gate:
     """The student against production's recorded answers on the held-back traffic, graded by the
     graders the requests can feed (flywheel.service.shadow.OnlineGraders), with the run spec's rule."""
@@ -282,7 +290,8 @@ def offline_traffic(spec: ServiceSpec, eval_spec: Any, held: list[dict[str, Any]
     scorer = OnlineGraders(eval_spec.graders)
     try:
         model = cached_model(student.model)
-        asks = [ChatRequest(messages=with_prompt(e["turns"], student.prompt), sampling=Sampling(temperature=0.0,
+        served = aliases.prompt_of(store, student)
+        asks = [ChatRequest(messages=aliases.served_messages(served, e["turns"]), sampling=Sampling(temperature=0.0,
                             max_tokens=eval_spec.sampling.max_tokens or 256)) for e in held]
         answers = model.generate(asks)
         pairs = []

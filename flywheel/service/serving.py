@@ -2,8 +2,9 @@
 
 Each request looks its alias up in the store (one indexed row), so a switch takes effect on the
 next request and no request is lost or half-switched: a request already in flight finishes on the
-target it started with. The alias's prompt replaces the app's system messages (the prompt is part
-of the served system: a student may answer with a shorter one), and the reply's `model` is the
+target it started with. The alias's prompt (a stored prompt: instructions and demonstrations, fixed
+or the nearest to the request) replaces the app's system messages (the prompt is part of the served
+system: a student may answer with a shorter one), and the reply's `model` is the
 alias, its `system_fingerprint` the target model's, so apps never change their code. Each target
 model is loaded once (`flywheel.models.cached_model`) behind its own micro-batcher; the reply shape
 is the model server's (`flywheel.model_server.chat_response`).
@@ -22,18 +23,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from flywheel.model_server import MicroBatcher, chat_response, model_fingerprint, parse_chat_call
+from flywheel.service.aliases import prompt_of
 from flywheel.service.spec import ALIASES
 from flywheel.store import Store
 from flywheel.store.service import AliasTarget
 from flywheel.web import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, ApiError, parse_json_object, read_body
-
-
-def with_prompt(messages: list[dict[str, Any]], prompt: str | None) -> list[dict[str, Any]]:
-    """The app's messages as the alias answers them: its system messages replaced by the alias's
-    prompt when the alias has one."""
-    if prompt is None:
-        return messages
-    return [{"role": "system", "content": prompt}, *(m for m in messages if m["role"] != "system")]
 
 
 class AliasModels:
@@ -104,7 +98,10 @@ def create_alias_app(db_path: str, *, preload: bool = True, max_body_bytes: int 
             if has_images(call.messages):
                 raise ApiError(400, f"'{call.model}' serves a text model: it does not read images",
                                param="messages", code="unsupported_content")
-        call.messages = with_prompt(call.messages, found.prompt)
+        prompt = prompt_of(state["store"], found)
+        if prompt is not None:  # nearest demonstrations embed the request: off the event loop
+            call.messages = (prompt.apply(call.messages) if not prompt.nearest else
+                             await asyncio.get_running_loop().run_in_executor(None, prompt.apply, call.messages))
         return chat_response(call, await batcher.submit(call.requests()), call.model, fingerprint)
 
     async def list_models(request: Request) -> JSONResponse:

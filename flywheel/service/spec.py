@@ -24,12 +24,32 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptSourceSpec(_Spec):
+    """A whole prompted system: a prompt file, or a prompt stored in the service's store."""
+
+    file: str | None = Field(default=None, description="A prompt file (JSON or YAML: `messages`, optional "
+                             "`demos` and `nearest`), as `flywheel export prompt` writes it; relative to this file.")
+    id: str | None = Field(default=None, description="A prompt stored in the service's store (p-...), e.g. the "
+                           "best one a `flywheel run` on the same store found.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PromptSourceSpec":
+        if (self.file is None) == (self.id is None):
+            raise ValueError("give exactly one of `file` or `id`")
+        return self
+
+
+PROMPT_DESCRIPTION = ("System prompt text, or `{file: ...}` / `{id: p-...}` for a prompt with demonstrations "
+                      "(fixed, or the `nearest` k to each request); its system messages replace the app's and "
+                      "its demonstrations go before the app's last user turn.")
+
+
 class AliasSpec(_Spec):
     """A serving alias's first target (later ones are switches recorded in the store)."""
 
     model: str = Field(description="Model reference the alias serves (local:..., local:BASE+ADAPTER, openai:...).")
-    prompt: str | None = Field(default=None, description="System prompt put before the app's messages (the app "
-                               "sends only its user turns); none: the app's messages as sent.")
+    prompt: str | PromptSourceSpec | None = Field(default=None, description=PROMPT_DESCRIPTION + " None: the "
+                                                  "app's messages as sent.")
 
 
 class TriggerSpec(_Spec):
@@ -87,8 +107,8 @@ class LapSpec(_Spec):
     method: str = Field(default="sft", description="Training method (a row of flywheel.train.methods).")
     train: dict[str, Any] = Field(default_factory=lambda: {"max_steps": 20}, description="The method's training "
                                   "settings (flywheel.train.methods.load_train_config values: max_steps, lora, ...).")
-    prompt: str | None = Field(default=None, description="System prompt the student is trained and served with; "
-                               "none: production's.")
+    prompt: str | PromptSourceSpec | None = Field(default=None, description="The prompt the student is trained "
+                                                  "and served with (" + PROMPT_DESCRIPTION + "); none: production's.")
     votes: int = Field(default=1, ge=1, le=16, description="Teacher samples per unlabelled input "
                        "(self-consistency: the majority answer is the label).")
     holdout: float = Field(default=0.2, ge=0, lt=1, description="Share of the new traffic held back from "

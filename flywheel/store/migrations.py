@@ -6,6 +6,8 @@ not seen yet and records them in `_migrations`. Never edit a released migration:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 
 import sqlite_utils
@@ -425,6 +427,33 @@ def m021_service_aliases_switches_shadow(db: sqlite_utils.Database) -> None:
          "last_capture_id": int, "captures": int, "checkpoint": str, "decision": str, "reason": str,
          "finished_at": str}, pk="id")
     db["service_laps"].create_index(["created_at"])
+
+
+def prompt_id_of_system(text: str) -> str:
+    """`flywheel.prompt.Prompt(messages=[system text]).id`, computed here because the store sits below
+    flywheel.prompt (tests/test_service.py checks the two agree)."""
+    data = {"messages": [{"role": "system", "content": text}]}
+    return "p-" + hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@migration
+def m022_service_prompts_are_stored_prompts(db: sqlite_utils.Database) -> None:
+    # An alias's prompt was a system text; it is now the id of a stored prompt (`prompts`), so an alias
+    # can serve a whole prompted system: instructions plus fixed or nearest-neighbour demonstrations.
+    # Every text held by an alias or a switch becomes a stored prompt of that one system message.
+    columns = [("service_aliases", "prompt"), ("service_switches", "from_prompt"), ("service_switches", "to_prompt")]
+    texts = {text for table, column in columns
+             for (text,) in db.execute(f"select distinct {column} from {table} where {column} is not null")}
+    known = {row[0] for row in db.execute("select id from prompts")}
+    for text in texts:
+        if text in known:
+            continue
+        pid = prompt_id_of_system(text)
+        db.execute("insert or ignore into prompts (id, messages_json, origin, created_at) "
+                   f"values (?, ?, 'service.yaml', strftime('{TIMESTAMP_SQL_FORMAT}', 'now'))",
+                   [pid, json.dumps([{"role": "system", "content": text}], ensure_ascii=False)])
+        for table, column in columns:
+            db.execute(f"update {table} set {column} = ? where {column} = ?", [pid, text])
 
 
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:

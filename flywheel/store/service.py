@@ -15,7 +15,9 @@ from flywheel.store.db import StoreBase, now
 
 @dataclass(frozen=True)
 class AliasTarget:
-    """What an alias serves: a model reference and the system prompt put before the app's messages."""
+    """What an alias serves: a model reference and the id of a stored prompt (`prompts`: instructions and
+    demonstrations, applied to the app's messages by `flywheel.prompt.Prompt.apply`); no prompt: the
+    app's messages as sent."""
 
     model: str
     prompt: str | None = None
