@@ -60,6 +60,8 @@ class ServiceSummary:
     windows: list[ScoreWindow] = field(default_factory=list)
     # lap id -> the iterations (production, student) of its offline gate on valid, for its samples
     gates: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # stored prompt id -> what it says, for a reader (its system text, how many demonstrations)
+    prompts: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The summary as lines for a terminal."""
@@ -121,11 +123,25 @@ def gate_iterations(store: Store, laps: list[ServiceLap]) -> dict[str, tuple[str
     return out
 
 
+def describe_prompt(store: Store, prompt_id: str) -> str:
+    """A stored prompt in one line: its system text and its demonstrations."""
+    data = store.get_prompt(prompt_id)
+    text = " ".join(m.get("content", "") for m in data["messages"] if m.get("role") == "system"
+                    and isinstance(m.get("content"), str)) or "(no system message)"
+    demos = len(data.get("demos") or [])
+    if demos:
+        text += f" + {data['nearest']} nearest of {demos} demonstrations" if data.get("nearest") else \
+            f" + {demos} demonstrations"
+    return text
+
+
 def service_summary(store: Store) -> ServiceSummary:
     """Everything `flywheel service status` and the dashboard show."""
     pairs = store.shadow_pairs()
     laps = store.service_laps(limit=50)
-    return ServiceSummary(aliases=store.service_aliases(), switches=store.service_switches(limit=50),
+    served = store.service_aliases()
+    return ServiceSummary(aliases=served, switches=store.service_switches(limit=50),
                           laps=laps, scores=model_scores(pairs),
                           requests=len(store.captures_after(0, models=["production"])), windows=score_windows(pairs),
-                          gates=gate_iterations(store, laps))
+                          gates=gate_iterations(store, laps),
+                          prompts={t.prompt: describe_prompt(store, t.prompt) for t in served.values() if t.prompt})

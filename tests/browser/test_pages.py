@@ -245,6 +245,7 @@ def test_the_service_dashboard_shows_an_admin_the_service_and_links_a_lap_to_its
     from flywheel.api.access import create_key
     from flywheel.api.app import create_api_app
     from flywheel.data import load_dataset
+    from flywheel.prompt import Prompt
     from flywheel.service import aliases
     from flywheel.service.laps import offline_valid
     from flywheel.service.spec import load_service_spec
@@ -268,7 +269,9 @@ def test_the_service_dashboard_shows_an_admin_the_service_and_links_a_lap_to_its
                                           {"role": "user", "content": f"question {i}"}]})} for i in range(8)])
         lap = store.create_service_lap("lap-20261207-1", trigger="new_captures", capture_ids=ids)
         eval_spec = load_eval_spec(spec.path(spec.eval))
-        new = AliasTarget(student, "One label.")
+        short = Prompt(messages=[{"role": "system", "content": "One label."}])
+        store.save_prompt(short, origin="test")
+        new = AliasTarget(student, short.id)
         gate = offline_valid(store, spec, eval_spec, load_dataset(eval_spec), lap.id,
                              aliases.target(store, "production"), new)
         set_id = aliases.set_alias(store, "candidate", new, who=f"lap {lap.id}", why=gate.reason, test="offline")
@@ -305,7 +308,7 @@ def test_the_service_dashboard_shows_an_admin_the_service_and_links_a_lap_to_its
         keep_screenshot(page, tmp_path, "service-dashboard")
         table = page.locator("#aliases").inner_text()
         assert "production" in table and production in table and "candidate" in table
-        assert XSS in table and page.evaluate("window.__pwned") is None  # the prompt shows as text
+        assert XSS in table and page.evaluate("window.__pwned") is None  # the prompt's text shows as text
         assert "8 requests to production" in page.locator(".sub").first.inner_text()
         laps = page.locator(f"#laps tr[data-lap='{lap.id}']").inner_text()
         assert "new_captures" in laps and "candidate" in laps and "valid:" in laps
