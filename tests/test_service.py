@@ -331,6 +331,73 @@ def test_a_lap_whose_openai_teacher_would_pass_the_money_budget_does_not_start(t
         store.close()
 
 
+def test_the_services_api_starts_a_lap_for_an_admin_key_only(tmp_path, tiny_model_dir):
+    """`POST /v1/service/laps` on the API `start_service` runs (the real wiring: proxy, alias server,
+    API), through httpx on 127.0.0.1; the queue has no workers, so a queued lap stays queued."""
+    import httpx
+
+    from flywheel.api.access import create_key
+    from flywheel.api.app import create_api_app
+    from flywheel.api.jobs import JobQueue
+    from flywheel.api.routes.service import NO_LAP_QUEUED
+    from flywheel.service.run import lap_starter, start_service
+
+    spec = load_service_spec(write_service(tmp_path, f"local:{tiny_model_dir}", shadow={"share": 0.0},
+                                           ports={"proxy": 0, "models": 0, "api": 0}))
+    db = str(spec.path(spec.db))
+    store = Store.open(db)
+    admin, member, reader = (create_key(store, role, role=role)[0] for role in ("admin", "member", "reader"))
+    service = start_service(spec, workers=0)
+    try:
+        app = openai.OpenAI(base_url=service.urls["proxy"], api_key="unused", max_retries=0)
+        for i in range(2):
+            app.chat.completions.create(model="production", max_tokens=4,
+                                        messages=[{"role": "user", "content": f"question {i} about my card"}])
+        with httpx.Client(base_url=service.urls["api"], timeout=60) as http:
+            def post(key: str, **kwargs):
+                return http.post("v1/service/laps", headers={"Authorization": f"Bearer {key}"}, **kwargs)
+
+            for key in (member, reader):
+                refused = post(key, json={})
+                assert refused.status_code == 403, refused.text
+                assert refused.json()["error"]["code"] == "insufficient_permissions"
+            assert http.get("v1/service/laps", headers={"Authorization": f"Bearer {member}"}).status_code == 403
+            for body, param in (({"reason": "x", "priority": 1}, "priority"), ({"reason": 3}, "reason"),
+                                ({"reason": "x" * 501}, "reason")):
+                bad = post(admin, json=body)
+                assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+            assert post(admin, content=b"[1]").status_code == 400
+            assert store.service_laps() == [] and not service.queue.wake.is_set()
+
+            started = post(admin, json={"reason": "new phrasings since Monday"})
+            assert started.status_code == 201, started.text
+            lap = started.json()
+            assert (lap["object"], lap["trigger"], lap["status"], lap["captures"]) == ("service.lap", "api", "queued", 2)
+            row = store.service_lap(lap["id"])
+            assert (row.trigger, row.status, row.captures) == ("api", "queued", 2)
+            assert service.queue.wake.is_set()  # the queue was woken for it
+            events, _ = store.api_events(lap["id"])
+            assert "new phrasings since Monday" in events[0]["message"] and events[0]["type"] == "service.lap.requested"
+
+            again = post(admin)  # no body: a lap is already queued
+            assert again.status_code == 409 and again.json()["error"]["message"] == NO_LAP_QUEUED
+            listed = http.get("v1/service/laps", params={"limit": 5}, headers={"Authorization": f"Bearer {admin}"})
+            assert listed.status_code == 200 and [lap_["id"] for lap_ in listed.json()["data"]] == [lap["id"]]
+            assert http.get("v1/service/laps", params={"limit": 0},
+                            headers={"Authorization": f"Bearer {admin}"}).status_code == 400
+    finally:
+        service.stop()
+    # every request needs a key (as off loopback): none is a 401; a plain API has no such routes
+    keyed = create_api_app(db, workers=0, loopback_role="none", start_lap=lap_starter(spec, JobQueue(db, {}, workers=0)))
+    with BackgroundServer(keyed) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        assert http.post("/v1/service/laps").status_code == 401
+    with BackgroundServer(create_api_app(db, workers=0)) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        for method in ("GET", "POST"):
+            missing = http.request(method, "/v1/service/laps", headers={"Authorization": f"Bearer {admin}"})
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_url"
+    store.close()
+
+
 def test_dashboard_page_and_cli_show_the_service_escaped(tmp_path):
     import http.client
 

@@ -37,7 +37,7 @@ from flywheel.api.jobs import new_object_id
 from flywheel.api.limits import RateLimiter
 from flywheel.errors import FlywheelError
 from flywheel.store import Store, now, unix_seconds
-from flywheel.web import is_loopback
+from flywheel.web import ApiError, is_loopback
 
 KEY_PREFIX = "fw-"
 ROLES = ("admin", "member", "reader")
@@ -61,6 +61,18 @@ LOOPBACK_CALLER = Caller()
 def caller(request: Request) -> Caller:
     """The caller the access middleware recorded (loopback without a key: the default project's admin)."""
     return request.scope.get("flywheel.caller", LOOPBACK_CALLER)
+
+
+def require_admin(request: Request, what: str, hint: str = "") -> Caller:
+    """The caller when it is an admin; else a 403 saying that `what` needs an admin key (and `hint`:
+    what a member may do instead). The routes' one check of the admin role (a reader's writes are
+    refused before, by `Access`)."""
+    who = caller(request)
+    if who.role != "admin":
+        raise ApiError(403, f"{what}: it needs an admin key{f' ({hint})' if hint else ''}; "
+                       f"this key is a {who.role} of project {who.project!r}.", code="insufficient_permissions",
+                       type="invalid_request_error")
+    return who
 
 
 def hash_key(key: str) -> str:

@@ -3,6 +3,7 @@
     app = create_api_app("flywheel.db")                       # loopback: no key needed
     app = create_api_app("flywheel.db", require_key=True)     # any other bind
     app = create_api_app("flywheel.db", rate_limit_rpm=600)   # 600 requests a minute per key
+    app = create_api_app("flywheel.db", start_lap=...)        # + /v1/service/laps (flywheel.service.run)
     serve_api("flywheel.db", host="127.0.0.1", port=8765)     # `flywheel serve --api`
 
 The review app (`flywheel.report.review_app`) can be mounted under `/` of the same server.
@@ -25,7 +26,7 @@ from flywheel.api.errors import HANDLERS
 from flywheel.api.jobs import JobQueue
 from flywheel.api.limits import RateLimiter
 from flywheel.api.model_access import ServerModels, load_server_models
-from flywheel.api.routes import chat, evals, files, fine_tuning, graders, wheel_runs
+from flywheel.api.routes import chat, evals, files, fine_tuning, graders, service, wheel_runs
 from flywheel.api.runners.workers import WorkerProcesses, runners
 from flywheel.api.state import ApiState
 from flywheel.errors import FlywheelError
@@ -41,7 +42,8 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
                    report_base: str | None = None, rate_limit_rpm: int | None = None,
                    rate_limit_burst: int | None = None, worker_processes: bool = False,
                    models: ServerModels | None = None, loopback_role: str = "admin",
-                   allowed_hosts: list[str] | None = None) -> Starlette:
+                   allowed_hosts: list[str] | None = None,
+                   start_lap: service.LapStarter | None = None) -> Starlette:
     """The API app over the store at `db_path`, running `workers` job workers while it is up.
 
     `workers=0` queues jobs without running them (another server on the same store runs them).
@@ -52,6 +54,8 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
     bases and their projects' `ft:` models); `loopback_role`: what a keyless loopback client may do
     (`none`: nothing); `allowed_hosts`: the Host / Origin names the port answers for, API and pages
     alike (default: loopback names; "*": any). See docs/security.md.
+    `start_lap`: the running service's lap door (`flywheel.service.run`): with it the API has
+    `/v1/service/laps` (flywheel.api.routes.service); without it those paths are a 404.
     """
     if loopback_role not in LOOPBACK_ROLES:
         raise FlywheelError(f"loopback role must be one of {', '.join(LOOPBACK_ROLES)}, got {loopback_role!r}")
@@ -82,7 +86,7 @@ def create_api_app(db_path: str, *, require_key: bool = False, workers: int = 1,
 
     routes: list[Any] = [Route("/v1/health", health, methods=["GET"]), *files.routes(state), *evals.routes(state),
                          *fine_tuning.routes(state), *graders.routes(state), *chat.routes(state),
-                         *wheel_runs.routes(state),
+                         *wheel_runs.routes(state), *service.routes(state, start_lap),
                          Route("/v1/{rest:path}", no_route, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
     if fallback is not None:
         routes.append(Mount("/", app=fallback))

@@ -45,6 +45,7 @@ def status_command(spec_path, as_json):
 @spec_argument
 def lap_command(spec_path):
     """Queue a lap over the new captures now (the running service's queue runs it)."""
+    from flywheel.api.routes.service import NO_LAP_QUEUED
     from flywheel.service.laps import queue_lap
     from flywheel.service.spec import load_service_spec
 
@@ -54,7 +55,7 @@ def lap_command(spec_path):
     finally:
         store.close()
     if lap is None:
-        echo("no lap queued: no new captures, or a lap is already queued or running")
+        echo(NO_LAP_QUEUED)  # the API's 409 says the same
     else:
         echo(f"lap {lap.id}: {lap.status} ({lap.captures} captures)" + (f": {lap.reason}" if lap.reason else ""))
 

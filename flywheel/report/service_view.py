@@ -1,7 +1,8 @@
 """The service's dashboard data (flywheel.service): aliases, switches, laps, and per model the online
 score with a bootstrap CI, tokens per request (cost per 1,000 requests) and latency percentiles
-over the shadow/canary pairs, also window by window over time. `flywheel service status` prints
-it; the review app's `/service` page renders it."""
+over the shadow/canary pairs, also window by window over time, and each lap's offline-gate
+iterations (the dashboard links a lap to its samples). `flywheel service status` prints it; the
+review app's `/service` page renders it."""
 
 from __future__ import annotations
 
@@ -40,6 +41,15 @@ class ScoreWindow:
     scores: list[ModelScore]
 
 
+GATE_SIDES = ("production", "student")
+
+
+def gate_run_id(lap_id: str, side: str) -> str:
+    """The harness run of one side of a lap's offline gate on the eval's valid split
+    (flywheel.service.laps.offline_valid), which the dashboard links to."""
+    return f"{lap_id}-{side}"
+
+
 @dataclass(frozen=True)
 class ServiceSummary:
     aliases: dict[str, AliasTarget]
@@ -48,6 +58,10 @@ class ServiceSummary:
     scores: list[ModelScore] = field(default_factory=list)
     requests: int = 0  # production captures
     windows: list[ScoreWindow] = field(default_factory=list)
+    # lap id -> the iterations (production, student) of its offline gate on valid, for its samples
+    gates: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # stored prompt id -> what it says, for a reader (its system text, how many demonstrations)
+    prompts: dict[str, str] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The summary as lines for a terminal."""
@@ -99,9 +113,35 @@ def score_windows(pairs: list[ShadowPair], size: int = 20) -> list[ScoreWindow]:
     return sorted(windows, key=lambda w: w.first_at)
 
 
+def gate_iterations(store: Store, laps: list[ServiceLap]) -> dict[str, tuple[str, str]]:
+    """Per lap whose offline gate ran on valid, the (production, student) iterations it paired."""
+    out = {}
+    for lap in laps:
+        sides = [store.iterations(gate_run_id(lap.id, side)) for side in GATE_SIDES]
+        if all(sides):
+            out[lap.id] = (sides[0][-1].id, sides[1][-1].id)
+    return out
+
+
+def describe_prompt(store: Store, prompt_id: str) -> str:
+    """A stored prompt in one line: its system text and its demonstrations."""
+    data = store.get_prompt(prompt_id)
+    text = " ".join(m.get("content", "") for m in data["messages"] if m.get("role") == "system"
+                    and isinstance(m.get("content"), str)) or "(no system message)"
+    demos = len(data.get("demos") or [])
+    if demos:
+        text += f" + {data['nearest']} nearest of {demos} demonstrations" if data.get("nearest") else \
+            f" + {demos} demonstrations"
+    return text
+
+
 def service_summary(store: Store) -> ServiceSummary:
     """Everything `flywheel service status` and the dashboard show."""
     pairs = store.shadow_pairs()
-    return ServiceSummary(aliases=store.service_aliases(), switches=store.service_switches(limit=50),
-                          laps=store.service_laps(limit=50), scores=model_scores(pairs),
-                          requests=len(store.captures_after(0, models=["production"])), windows=score_windows(pairs))
+    laps = store.service_laps(limit=50)
+    served = store.service_aliases()
+    return ServiceSummary(aliases=served, switches=store.service_switches(limit=50),
+                          laps=laps, scores=model_scores(pairs),
+                          requests=len(store.captures_after(0, models=["production"])), windows=score_windows(pairs),
+                          gates=gate_iterations(store, laps),
+                          prompts={t.prompt: describe_prompt(store, t.prompt) for t in served.values() if t.prompt})

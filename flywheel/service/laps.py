@@ -38,6 +38,7 @@ from flywheel.harness import paired_comparison, run_eval
 from flywheel.models import ChatRequest, Sampling, cached_model
 from flywheel.pricing import find_price
 from flywheel.promotion import Goal, decide
+from flywheel.report.service_view import GATE_SIDES, gate_run_id
 from flywheel.prompt import Prompt
 from flywheel.run_spec import load_run_spec
 from flywheel.service import aliases
@@ -296,10 +297,10 @@ def offline_valid(store: Store, spec: ServiceSpec, eval_spec: Any, dataset: Any,
                   production: AliasTarget, student: AliasTarget) -> Gate:
     """The student against production on the eval's valid split, with the run spec's rule."""
     results = {}
-    for side, target in (("production", production), ("student", student)):
+    for side, target in zip(GATE_SIDES, (production, student)):
         results[side] = run_eval(eval_spec, store, split="valid", model=cached_model(target.model),
                                  prompt=served_over(store, target, eval_spec.messages()),
-                                 stage="service", run_id=f"{lap_id}-{side}", dataset=dataset)
+                                 stage="service", run_id=gate_run_id(lap_id, side), dataset=dataset)
     goal, alpha = _rule(spec)
     cmp = paired_comparison(store, eval_spec, results["production"].iteration_id, results["student"].iteration_id)
     verdict = decide(cmp, metric=eval_spec.objective.metric, alpha=alpha, goal=goal,

@@ -3,7 +3,7 @@
     app ─► proxy (ports.proxy, captures, redaction) ─► alias model server (ports.models)
                  └─ observer ─► shadow worker ─► candidate / previous production, graded online
     scheduler ─► triggers ─► a `service_lap` job ─► job queue (with the API's runners)
-    API + review app (ports.api)
+    API + review app (ports.api), with `/v1/service/laps` ─► queue_lap (trigger "api")
 
 Everything runs in threads of this one process, so one kill stops all of it; a restart re-queues
 the lap a kill left running (the job queue) and the lap resumes (flywheel.service.laps).
@@ -20,6 +20,7 @@ from flywheel.service import aliases
 from flywheel.service.laps import LAP_JOB, due, new_captures, queue_lap, run_lap
 from flywheel.service.spec import ServiceSpec
 from flywheel.store import Store, now
+from flywheel.store.service import ServiceLap
 
 log = logging.getLogger("flywheel.service")
 
@@ -36,6 +37,19 @@ class LapRunner:
     def settle(self, store: Store, job: dict[str, Any], status: str, error: str | None) -> None:
         if status != "succeeded":
             store.update_service_lap(job["object_id"], status=status, reason=error or status, finished_at=now())
+
+
+def lap_starter(spec: ServiceSpec, queue: Any) -> Callable[[Store, str], ServiceLap | None]:
+    """The API's door to a lap (`POST /v1/service/laps`): `queue_lap` with this service's spec, then
+    the queue woken so the lap starts now rather than at its next poll."""
+
+    def start_lap(store: Store, trigger: str) -> ServiceLap | None:
+        lap = queue_lap(store, spec, trigger=trigger)
+        if lap is not None and lap.status == "queued":
+            queue.notify()
+        return lap
+
+    return start_lap
 
 
 def check_triggers(store: Store, spec: ServiceSpec) -> str | None:
@@ -99,7 +113,8 @@ def start_service(spec: ServiceSpec, *, workers: int = 1) -> Service:
         proxy = BackgroundServer(create_proxy_app(models.url, db, privacy=privacy, observer=shadow.observe),
                                  host=host, port=ports.proxy, access_log=False).start()
         service.parts.insert(0, proxy)
-        api = BackgroundServer(create_api_app(db, workers=0, fallback=create_review_app(db), report_base="/"),
+        api = BackgroundServer(create_api_app(db, workers=0, fallback=create_review_app(db), report_base="/",
+                                              start_lap=lap_starter(spec, queue)),
                                host=host, port=ports.api).start()
         service.parts.append(api)
         queue.start()

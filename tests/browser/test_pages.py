@@ -6,6 +6,7 @@ these tests are skipped on a machine without it. Set FLYWHEEL_SCREENSHOTS=DIR to
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -231,3 +232,113 @@ def test_the_run_page_shows_a_run_in_progress(page, run, store):
         page.goto(f"{server.url}/runs/{run['run_id']}")
         assert page.locator("#in-progress").count() == 0
         assert page.errors == []
+
+
+def test_the_service_dashboard_shows_an_admin_the_service_and_links_a_lap_to_its_samples(page, tmp_path,
+                                                                                          tiny_model_dir, chatty_dir):
+    """`/service` on the service's API port (as `start_service` mounts it) over a store with a
+    service's history: aliases, a lap decided by its real offline gate, a promotion, shadow and canary
+    pairs, a rollback. An admin sees it all and follows the lap to its samples; a member is refused."""
+    import yaml
+    from conftest import make_rows, spec_dict, write_jsonl
+
+    from flywheel.api.access import create_key
+    from flywheel.api.app import create_api_app
+    from flywheel.data import load_dataset
+    from flywheel.prompt import Prompt
+    from flywheel.service import aliases
+    from flywheel.service.laps import offline_valid
+    from flywheel.service.spec import load_service_spec
+    from flywheel.spec import load_eval_spec
+    from flywheel.store import Store, now
+    from flywheel.store.service import AliasTarget, ShadowPair
+
+    production, student = f"local:{chatty_dir}", f"local:{tiny_model_dir}"
+    write_jsonl(tmp_path / "data.jsonl", make_rows())
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(spec_dict(production)))
+    (tmp_path / "service.yaml").write_text(yaml.safe_dump(
+        {"eval": "eval.yaml", "db": "service.db", "production": {"model": production, "prompt": "Answer: " + XSS}}))
+    spec = load_service_spec(tmp_path / "service.yaml")
+    db = str(spec.path(spec.db))
+    store = Store.open(db)
+    try:
+        aliases.ensure_aliases(store, spec)
+        admin, member = (create_key(store, role, role=role)[0] for role in ("admin", "member"))
+        ids = store.insert_captures([{"endpoint": "/v1/chat/completions", "model": "production", "status": 200,
+                                      "latency_s": 0.05, "request_json": json.dumps({"messages": [
+                                          {"role": "user", "content": f"question {i}"}]})} for i in range(8)])
+        lap = store.create_service_lap("lap-20261207-1", trigger="new_captures", capture_ids=ids)
+        eval_spec = load_eval_spec(spec.path(spec.eval))
+        short = Prompt(messages=[{"role": "system", "content": "One label."}])
+        store.save_prompt(short, origin="test")
+        new = AliasTarget(student, short.id)
+        gate = offline_valid(store, spec, eval_spec, load_dataset(eval_spec), lap.id,
+                             aliases.target(store, "production"), new)
+        set_id = aliases.set_alias(store, "candidate", new, who=f"lap {lap.id}", why=gate.reason, test="offline")
+        store.update_service_lap(lap.id, status="succeeded", decision="candidate", reason=gate.reason,
+                                 checkpoint=student, finished_at=now())
+        for phase, switch in (("shadow", set_id), ("canary", None)):
+            if phase == "canary":
+                switch = aliases.promote(store, who="shadow", why="non-inferior and cheaper", test="confidence sequence")
+            ours, theirs = (student, production) if phase == "canary" else (production, student)
+            for i, capture_id in enumerate(ids):  # the student: cheaper, faster, worse once in production
+                store.add_shadow_pair(ShadowPair(
+                    capture_id=capture_id, phase=phase, switch_id=switch, production_model=ours, other_model=theirs,
+                    production_score=1.0 if ours == production else float(i % 2), other_score=1.0,
+                    production_latency_s=0.1 if ours == production else 0.02,
+                    other_latency_s=0.1 if theirs == production else 0.02,
+                    production_tokens=120 if ours == production else 30, other_tokens=120 if theirs == production else 30))
+        rollback = aliases.rollback(store, who="canary", why="quality dropped", test="confidence sequence")
+        n_switches = len(store.service_switches())
+    finally:
+        store.close()
+
+    app = create_api_app(db, workers=0, fallback=create_app(db, allowed_hosts=["*"]), report_base="/",
+                         loopback_role="none", start_lap=lambda store, trigger: None)
+    failed: list[str] = []
+    console: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    with BackgroundServer(app) as server:
+        page.goto(f"{server.url}/service")  # no key: the login form
+        page.fill("input[name=key]", admin)
+        page.click("form[action='/login'] button")
+        page.goto(f"{server.url}/service")
+        assert page.locator("h1").inner_text() == "Service"
+        keep_screenshot(page, tmp_path, "service-dashboard")
+        table = page.locator("#aliases").inner_text()
+        assert "production" in table and production in table and "candidate" in table
+        assert XSS in table and page.evaluate("window.__pwned") is None  # the prompt's text shows as text
+        assert "8 requests to production" in page.locator(".sub").first.inner_text()
+        laps = page.locator(f"#laps tr[data-lap='{lap.id}']").inner_text()
+        assert "new_captures" in laps and "candidate" in laps and "valid:" in laps
+        assert page.locator("#switches tbody tr").count() == n_switches
+        undone = page.locator("#switches tbody tr", has_text=f"rollback of {rollback.reverts}")
+        assert undone.count() == 1 and "quality dropped" in undone.inner_text() and "canary" in undone.inner_text()
+        assert page.locator("#switches tbody tr", has_text="promote").count() >= 1
+        # after the rollback production serves the first model again; its online score is per alias
+        scores = page.locator(f"#scores tr[data-model='{production}'] td").all_inner_texts()
+        assert scores[1:5] == ["candidate, production", "16", "1.000", "[1.000, 1.000]"]  # 8 shadow + 8 canary pairs
+        assert scores[5:] == ["120000", "100 ms", "100 ms"]  # tokens per 1,000 requests, latency p50 and p95
+        scores = page.locator(f"#scores tr[data-model='{student}'] td").all_inner_texts()
+        assert scores[1:4] == ["–", "16", "0.750"] and scores[5:] == ["30000", "20 ms", "20 ms"]
+        assert page.locator("#over-time tbody tr").count() == 2  # the shadow and the canary windows
+
+        page.click(f"#laps tr[data-lap='{lap.id}'] a.gate")  # the lap's offline gate: production vs student
+        page.wait_for_url(re.compile(r"/compare\?a="))
+        page.wait_for_selector("#rows .row")
+        sample_link = page.locator("a[href^='/samples/']").first
+        href = sample_link.get_attribute("href")
+        sample_link.click()
+        page.wait_for_url(f"**{href}")
+        assert f"{lap.id}-" in page.locator("main").inner_text()  # a sample of the lap's gate
+        keep_screenshot(page, tmp_path, "service-lap-sample")
+        assert failed == [] and console == [] and page.errors == []
+
+        page.context.clear_cookies()
+        page.goto(f"{server.url}/login")
+        page.fill("input[name=key]", member)
+        page.click("form[action='/login'] button")
+        refused = page.goto(f"{server.url}/service")
+        assert refused.status == 403 and "needs an admin key" in page.content()
+        assert page.locator("#aliases").count() == 0

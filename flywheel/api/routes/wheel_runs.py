@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from flywheel.api.access import caller
+from flywheel.api.access import caller, require_admin
 from flywheel.api.errors import check_metadata, field, invalid, not_found
 from flywheel.api.jobs import new_object_id
 from flywheel.api.pagination import page, page_args
@@ -34,7 +34,7 @@ from flywheel.errors import FlywheelError
 from flywheel.run_spec import load_run_spec
 from flywheel.spec import load_eval_spec
 from flywheel.store import now, unix_seconds
-from flywheel.web import ApiError, parse_cursor, parse_json_object, read_body
+from flywheel.web import parse_cursor, parse_json_object, read_body
 
 if TYPE_CHECKING:
     from flywheel.api.state import ApiState
@@ -89,9 +89,8 @@ def routes(state: "ApiState") -> list[Route]:
         store = state.store()
         run_id = new_object_id("fwrun_")
         if body.get("path") is not None:
-            if caller(request).role != "admin":
-                raise ApiError(403, "The path form reads a file on the server: it needs an admin key (send "
-                               "run_spec, eval_spec and file_id instead).", code="insufficient_permissions")
+            require_admin(request, "The path form reads a file on the server",
+                          "send run_spec, eval_spec and file_id instead")
             path = Path(field(body, "path", str)).resolve()
             if not path.is_file():
                 raise invalid(f"path: no run spec at {path} on the server.", "path")
