@@ -662,3 +662,37 @@ def test_the_shipped_example_loads_and_its_production_prompt_demonstrates_train_
         encoding="utf-8").splitlines()]
     split = {r["id"]: r["split"] for r in rows}
     assert {split[d.item_key] for d in prompt.demos} == {"train"}  # the gate's valid/test are never demonstrations
+
+
+def test_with_history_a_lap_trains_on_earlier_traffic_too_but_gates_on_its_own(tmp_path, tiny_model_dir, chatty_dir,
+                                                                               service_factory):
+    import json
+
+    from flywheel.service.laps import _held_back, queue_lap, run_lap
+
+    chatty, tiny = f"local:{chatty_dir}", f"local:{tiny_model_dir}"
+    service = service_factory(write_service(tmp_path, chatty, shadow={"share": 0.0},
+                                            lap={"student": tiny, "prompt": SHORT, "train": QUICK_TRAIN,
+                                                 "holdout": 0.3, "history": 3}))
+
+    def send(texts: list[str]) -> None:
+        for text in texts:
+            service.app.chat.completions.create(model="production", messages=[{"role": "user", "content": text}],
+                                                max_tokens=4, temperature=0, metadata={"label": "card_arrival"})
+
+    store = service.store()
+    try:
+        send([f"where is my new card {i}?" for i in range(6)])
+        first = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        send([f"please stop the transfer to account {i}" for i in range(6)])
+        second = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        assert first.status == second.status == "succeeded", (first, second)
+        captures = {c["id"]: json.loads(c["request_json"])["messages"][-1]["content"] for c in store.captures_after(0)}
+        trained = [json.loads(line)["messages"][-2]["content"] for line in
+                   (tmp_path / "service" / second.id / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+        own = range(second.first_capture_id, second.last_capture_id + 1)
+        earlier = [i for i in captures if i < second.first_capture_id][-3:]  # the 3 newest before the lap's own
+        expected = [captures[i] for i in [*earlier, *own] if not _held_back(i, 0.3)]
+        assert trained == expected and any(captures[i] in trained for i in earlier)
+    finally:
+        store.close()

@@ -97,6 +97,16 @@ def due(store: Store, spec: ServiceSpec, waiting: int, *, at: datetime | None = 
     return None
 
 
+def history(store: Store, spec: ServiceSpec, before: int | None) -> list[dict[str, Any]]:
+    """The `lap.history` newest matching production captures before capture id `before`: earlier
+    traffic a lap trains on too (labelled as the lap labels: the teacher's vote, else the answer
+    recorded when they were served)."""
+    if not spec.lap.history or not before:
+        return []
+    rows = store.captures_after(0, upto=before - 1, metadata=spec.triggers.metadata, models=["production"])
+    return rows[-spec.lap.history:]
+
+
 def planned_steps(spec: ServiceSpec) -> int | None:
     steps = spec.lap.train.get("max_steps")
     return int(steps) if isinstance(steps, int) else None
@@ -104,7 +114,7 @@ def planned_steps(spec: ServiceSpec) -> int | None:
 
 def planned_calls(spec: ServiceSpec, n_captures: int, n_valid: int) -> int:
     """Model calls a lap makes: teacher votes, then both sides of the valid split and the holdout."""
-    teacher = n_captures * spec.lap.votes if spec.lap.teacher else 0
+    teacher = (n_captures + spec.lap.history) * spec.lap.votes if spec.lap.teacher else 0
     return teacher + 2 * n_valid + 2 * int(n_captures * spec.lap.holdout + 1)
 
 
@@ -120,7 +130,7 @@ def planned_money(spec: ServiceSpec, production: AliasTarget, rows: list[dict[st
     prompt_tokens = int(sum(known) / len(known)) if known else 0
     money = 0.0
     if spec.lap.teacher and spec.lap.teacher.startswith("openai:"):
-        money += len(rows) * spec.lap.votes * find_price(spec.lap.teacher.split(":", 1)[1]).cost(
+        money += (len(rows) + spec.lap.history) * spec.lap.votes * find_price(spec.lap.teacher.split(":", 1)[1]).cost(
             prompt_tokens, TEACHER_MAX_TOKENS)
     if production.model.startswith("openai:"):
         held = int(len(rows) * spec.lap.holdout + 1)
@@ -215,8 +225,9 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
     student_served = aliases.prompt_of(store, AliasTarget(production.model, student_prompt))
     rows = store.captures_after((lap.first_capture_id or 1) - 1, upto=lap.last_capture_id,
                                 metadata=spec.triggers.metadata, models=["production"])
+    earlier = history(store, spec, lap.first_capture_id)
     examples = []
-    for row in rows:
+    for row in [*earlier, *rows]:
         request, response = json.loads(row["request_json"]), json.loads(row["response_json"] or "{}")
         turns = _user_turns(request)
         if not turns or turns[-1]["role"] != "user":
@@ -239,10 +250,15 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
         agreement = sum(e["agreement"] for e in examples) / len(examples) if examples else 0.0
         event(f"labels: {spec.lap.teacher}'s majority of {spec.lap.votes} votes (mean agreement {agreement:.2f})")
     examples = [e for e in examples if e["answer"]]
-    held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout)]
+    # The holdout is a fixed share of captures by id: an earlier capture held back by its own lap's
+    # gate stays out of training now too; this lap's gate uses its own new captures only.
+    new_ids = {row["id"] for row in rows}
+    held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout) and e["capture"] in new_ids]
     train_rows = [{"messages": aliases.served_messages(student_served, e["turns"])
-                   + [{"role": "assistant", "content": e["answer"]}]} for e in examples if e not in held]
-    event(f"{len(rows)} captures, {dropped} dropped by the leak guard, {len(train_rows)} to train, {len(held)} held back")
+                   + [{"role": "assistant", "content": e["answer"]}]} for e in examples
+                  if not _held_back(e["capture"], spec.lap.holdout)]
+    event(f"{len(rows)} new captures and {len(earlier)} earlier ones, {dropped} dropped by the leak guard, "
+          f"{len(train_rows)} to train, {len(held)} held back")
     if not train_rows:
         return _finish(store, lap_id, "rejected", "no training rows left after the leak guard and the holdout")
     folder = Path(store.path).resolve().parent / "service" / lap_id
