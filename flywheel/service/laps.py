@@ -8,7 +8,8 @@ the same captures, and the next lap starts after them: none lost, none counted t
 
 1. the captures `production` answered (status 200) in the range, matching the trigger's metadata;
    captures deleted since are gone from the store, so nothing trains on them; with `redact` on
-   the proxy stored them redacted;
+   the proxy stored them redacted; with `lap.history`, the newest earlier captures join the
+   training set (the gate's held-back traffic is always the lap's own);
 2. labels: production's recorded answer, or a teacher's majority over `votes` samples
    (self-consistency, `flywheel.distill.vote`); inputs that render like a valid/test item of the
    eval are dropped (the leak guard, `flywheel.distill.leaked`); a `holdout` share is kept back;
