@@ -696,3 +696,37 @@ def test_with_history_a_lap_trains_on_earlier_traffic_too_but_gates_on_its_own(t
         assert trained == expected and any(captures[i] in trained for i in earlier)
     finally:
         store.close()
+
+
+def test_the_service_purges_captures_past_retention_and_no_lap_takes_them(tmp_path, tiny_model_dir):
+    import json
+    import time
+
+    from flywheel.service.laps import new_captures
+    from flywheel.service.run import start_service
+
+    spec = load_service_spec(write_service(tmp_path, f"local:{tiny_model_dir}", shadow={"share": 0.0},
+                                           retention_days=30, ports={"proxy": 0, "models": 0, "api": 0}))
+    store = Store.open(spec.path(spec.db))
+    old = {"endpoint": "/v1/chat/completions", "model": "production", "status": 200,
+           "request_json": json.dumps({"model": "production", "messages": [{"role": "user", "content": "ancient-7731"}]}),
+           "response_json": json.dumps({"choices": [{"message": {"role": "assistant", "content": "card_arrival"}}]})}
+    store.insert_captures([{**old, "created_at": "2020-01-01T00:00:00.000+00:00"}])
+    assert len(new_captures(store, spec)) == 1
+    service = start_service(spec, workers=0)
+    try:
+        app = openai.OpenAI(base_url=service.urls["proxy"], api_key="unused", max_retries=0)
+        app.chat.completions.create(model="production", max_tokens=4, messages=[{"role": "user", "content": "recent"}])
+        deadline = time.monotonic() + 60
+        while True:  # purged at start and the new capture written, both off the request path
+            waiting = [json.loads(c["request_json"])["messages"][-1]["content"] for c in new_captures(store, spec)]
+            if waiting == ["recent"]:
+                break
+            assert time.monotonic() < deadline, waiting
+            time.sleep(0.2)
+    finally:
+        service.stop()
+    try:
+        assert store.list_deletions()[0]["reason"] == "retention (30 days)"
+    finally:
+        store.close()

@@ -97,11 +97,11 @@ def start_service(spec: ServiceSpec, *, workers: int = 1) -> Service:
         store.close()
     host, ports = spec.ports.host, spec.ports
     privacy = None
-    if spec.redact:
+    if spec.redact or spec.retention_days:
         from flywheel.privacy.policy import ProxyPrivacy
         from flywheel.privacy.redact import RedactionPolicy
 
-        privacy = ProxyPrivacy(redact=RedactionPolicy())
+        privacy = ProxyPrivacy(redact=RedactionPolicy() if spec.redact else None, retention_days=spec.retention_days)
     service = Service(spec, {})
     try:
         queue = JobQueue(db, {**runners(8), LAP_JOB: LapRunner(spec)}, workers=workers)

@@ -141,6 +141,8 @@ class ServiceSpec(_Spec):
     budgets: BudgetSpec = Field(default_factory=BudgetSpec, description="Per-lap and per-day budgets.")
     redact: bool = Field(default=True, description="Redact PII (flywheel.privacy) in captures before they are "
                          "stored and become training data.")
+    retention_days: float | None = Field(default=None, gt=0, description="Purge captures older than this (at start "
+                                         "and hourly, with a recorded deletion): no lap trains on them after.")
     ports: PortsSpec = Field(default_factory=PortsSpec, description="Where the parts listen.")
 
     source: str = Field(default="<service spec>", exclude=True, description="The spec file, for errors.")
