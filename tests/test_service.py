@@ -441,6 +441,113 @@ def test_dashboard_page_and_cli_show_the_service_escaped(tmp_path):
     assert lap.exit_code == 0 and "no lap queued" in lap.output  # a lap is already queued
 
 
+def test_every_dashboard_point_links_to_its_pairs_and_each_pair_to_its_capture(tmp_path):
+    """`/service`'s score rows and windows link to `/service/pairs` (newest first, 100 a page, a
+    `before` cursor), each pair to `/service/captures/ID` (the request as stored, escaped, and its
+    pairs); over HTTP on the API port, where only an admin key gets in, as for the dashboard."""
+    import html as html_lib
+    import json
+    import re
+
+    import httpx
+
+    from flywheel.api.access import create_key
+    from flywheel.api.app import create_api_app
+    from flywheel.report.review_app import create_app
+    from flywheel.store.service import ShadowPair
+
+    xss = '<script>window.__pwned=1</script><b>card</b>'
+    spec = load_service_spec(write_service(tmp_path, "local:teacher", "local:student"))
+    db = str(spec.path(spec.db))
+    store = Store.open(db)
+    try:
+        aliases.ensure_aliases(store, spec)
+        admin, member, reader = (create_key(store, role, role=role)[0] for role in ("admin", "member", "reader"))
+        ids = store.insert_captures([{
+            "endpoint": "/v1/chat/completions", "model": "production", "status": 200, "latency_s": 0.05,
+            "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "metadata_json": json.dumps({"app": "help"}),
+            "request_json": json.dumps({"model": "production", "temperature": 0, "messages": [
+                {"role": "system", "content": "Answer with one label."},
+                {"role": "user", "content": f"question {i}: {xss}"}]}),
+            "response_json": json.dumps({"choices": [{"message": {"role": "assistant", "content": f"label {i} {xss}"}}]}),
+        } for i in range(130)])
+        shadow_switch = store.current_switch("candidate").id
+        for i, capture_id in enumerate(ids[:25]):
+            store.add_shadow_pair(ShadowPair(capture_id=capture_id, phase="shadow", switch_id=shadow_switch,
+                                             production_model="local:teacher", other_model="local:student",
+                                             production_score=1.0, other_score=float(i % 2), production_latency_s=0.05,
+                                             other_latency_s=0.02, production_tokens=10, other_tokens=4))
+        promoted = aliases.promote(store, who="shadow", why="non-inferior and cheaper", test="shadow")
+        for i, capture_id in enumerate(ids[25:]):
+            store.add_shadow_pair(ShadowPair(capture_id=capture_id, phase="canary", switch_id=promoted,
+                                             production_model="local:student", other_model="local:teacher",
+                                             production_score=0.5, other_score=1.0, production_tokens=4,
+                                             other_tokens=None if i == 80 else 10,
+                                             other_error="HTTP 500: <i>down</i>" if i == 80 else None))
+        pairs = store.shadow_pairs()
+    finally:
+        store.close()
+    capture_of = {p.id: p.capture_id for p in pairs}
+    app = create_api_app(db, workers=0, fallback=create_app(db, allowed_hosts=["*"]), report_base="/",
+                         loopback_role="none")
+
+    def rows(page: str) -> list[int]:
+        return [int(i) for i in re.findall(r'<tr data-pair="(\d+)"', page)]
+
+    def link(page: str, pattern: str) -> str:
+        return html_lib.unescape(re.search(pattern, page)[1])
+
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=60,
+                                                       headers={"Authorization": f"Bearer {admin}"}) as http:
+        dashboard = http.get("/service")
+        assert dashboard.status_code == 200, dashboard.text
+        # a score row: every pair the student answered in, as production or as the other side
+        first = http.get(link(dashboard.text, r'<tr data-model="local:student"><td><a class="pairs" href="([^"]+)"'))
+        assert first.status_code == 200 and "model <code>local:student</code>" in first.text
+        assert rows(first.text) == sorted(capture_of, reverse=True)[:100]  # newest first, 100 a page
+        assert "Newest" not in first.text
+        second = http.get(link(first.text, r'<a class="btn" id="older" href="([^"]+)"'))
+        assert rows(second.text) == sorted(capture_of, reverse=True)[100:] and 'id="older"' not in second.text
+        assert 'id="newest"' in second.text
+        # a window: the first 20 shadow pairs, exactly
+        window = http.get(link(dashboard.text, r'<a class="window" href="([^"]+)"'))
+        assert window.status_code == 200
+        assert sorted(capture_of[p] for p in rows(window.text)) == ids[:20]
+        # each row names both sides and links to its capture; another project's error text is escaped
+        canary = http.get("/service/pairs", params={"phase": "canary", "switch": promoted})
+        assert len(rows(canary.text)) == 100 and "HTTP 500: &lt;i&gt;down&lt;/i&gt;" in canary.text
+        assert http.get("/service/pairs", params={"model": "local:nobody"}).text.count("No pairs match.") == 1
+        assert "No pairs match." in http.get("/service/pairs", params={"since": "2999-01-01"}).text
+        assert len(rows(http.get("/service/pairs", params={"until": "2000-01-01T00:00:00Z"}).text)) == 0
+        target = link(window.text, r'<a class="capture" href="([^"]+)"')
+        capture = http.get(target)
+        assert capture.status_code == 200, capture.text
+        captured = int(target.rsplit("/", 1)[1])
+        i = ids.index(captured)
+        assert f"question {i}: &lt;script&gt;window.__pwned=1&lt;/script&gt;&lt;b&gt;card&lt;/b&gt;" in capture.text
+        assert f"label {i} &lt;script&gt;" in capture.text and "<script>" not in capture.text
+        assert "[system]" in capture.text and "app</span>help" in capture.text and "status 200" in capture.text
+        assert "7 + 3 = 10 tokens" in capture.text and "50 ms" in capture.text
+        (pair,) = rows(capture.text)
+        assert capture_of[pair] == captured and "local:teacher" in capture.text and "1.000" in capture.text
+
+        missing = http.get("/service/captures/999999")
+        assert missing.status_code == 404 and "no capture with id 999999" in missing.text
+        for query, named in (({"switch": "x"}, "switch: not a whole number"), ({"before": "-1"}, "before:"),
+                             ({"phase": "<b>"}, "phase: shadow or canary"), ({"since": "soon"}, "since")):
+            bad = http.get("/service/pairs", params=query)
+            assert bad.status_code == 400 and named in html_lib.unescape(bad.text), bad.text
+        assert "<b>" not in http.get("/service/pairs", params={"phase": "<b>"}).text.split("<main>")[1]
+
+        for key in (member, reader):  # the dashboard's door: a member or reader key is refused
+            for path in ("/service", "/service/pairs?model=local:student", f"/service/captures/{captured}",
+                         "/service/captures/999999", "/service/pairs?switch=x"):
+                refused = http.get(path, headers={"Authorization": f"Bearer {key}"})
+                assert refused.status_code == 403 and "needs an admin key" in refused.text, (key, path)
+                assert "question" not in refused.text
+        assert http.get("/service/pairs", headers={"Authorization": ""}).status_code in (303, 401)
+
+
 def _wait_for(check, timeout: float = 240.0):
     import time
 

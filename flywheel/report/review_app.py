@@ -7,6 +7,10 @@ Starlette + Jinja2 (autoescape on) + uvicorn, bound to 127.0.0.1 unless told oth
     /compare?a=IT&b=IT     any two iterations side by side (a == b browses one), regressions first
     /samples/{id}          one sample: input, output, grades, review history and form
     /search?q=...          items and outputs containing a text
+    /service               the service's dashboard (flywheel.report.service_view)
+    /service/pairs?...     the shadow/canary pairs behind a dashboard point: model=M, phase=, switch=,
+                           first=&last= (pair ids: a window), since=&until=; newest first, before=ID pages
+    /service/captures/{id} one live request as stored, its reply and its pairs
 
 It is read-only unless started with `review=True`; then POST /reviews records a verdict, a
 preference, a correction or a note. Writes need the page's token (a cross-site form cannot know
@@ -41,8 +45,43 @@ from flywheel.store import Store
 from flywheel.web import HostGuard, is_loopback
 
 PAGE_SIZE = 50
+PAIR_FILTERS = ("model", "phase", "switch", "first", "last", "since", "until")  # /service/pairs's query
 FILTERS = [("all", "All"), ("regression", "Regressions"), ("improvement", "Improvements"),
            ("changed", "Changed output"), ("failing", "Failing"), ("errors", "Errors"), ("unreviewed", "Unreviewed")]
+
+
+class PageQueryError(FlywheelError):
+    """A page's query parameter that cannot be read: a 400 page naming it."""
+
+
+def _whole_number(params: Any, name: str) -> int | None:
+    """The query parameter `name` as a non-negative integer; None when absent or empty."""
+    value = (params.get(name) or "").strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"[0-9]{1,18}", value):
+        raise PageQueryError(f"{name}: not a whole number: {value[:40]!r}")
+    return int(value)
+
+
+def _when(params: Any, name: str, *, end: bool = False) -> str | None:
+    """The query parameter `name` (a date, timestamp or age) as a stored timestamp; None when absent."""
+    from flywheel.capture_rows import parse_when
+
+    try:
+        return parse_when(params.get(name) or None, end=end, option=name)
+    except FlywheelError as exc:
+        raise PageQueryError(str(exc)) from None
+
+
+def pair_filters(params: Any) -> dict[str, Any]:
+    """`/service/pairs`'s query (PAIR_FILTERS) as `Store.shadow_pairs` filters; PageQueryError names a bad one."""
+    phase = params.get("phase") or None
+    if phase not in (None, "shadow", "canary"):
+        raise PageQueryError(f"phase: shadow or canary, not {phase[:40]!r}")
+    return {"model": params.get("model") or None, "phase": phase, "switch_id": _whole_number(params, "switch"),
+            "first_id": _whole_number(params, "first"), "last_id": _whole_number(params, "last"),
+            "since": _when(params, "since"), "until": _when(params, "until", end=True)}
 
 
 class _Pages:
@@ -346,15 +385,21 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             target += "#" + anchor
         return RedirectResponse(target, status_code=303)
 
-    def service_page(request: Request) -> Response:
-        from flywheel.report.service_view import service_summary
-
-        # the service's traffic spans every project: on the API port only an admin key sees it
-        # (the report server alone shows it to whoever it lets in; docs/security.md)
+    def service_refusal(request: Request) -> Response | None:
+        """The service pages' door: the service's traffic spans every project, so on the API port only
+        an admin key sees it (the report server alone shows it to whoever it lets in; docs/security.md)."""
         role = request.scope.get("flywheel.role")
         if role is not None and role != "admin":
             return pages.render(request, "error.html.j2", status=403, title="forbidden",
-                                message="The service dashboard shows traffic of every project: it needs an admin key.")
+                                message="The service's pages show the live traffic of every project: "
+                                        "viewing them needs an admin key.")
+        return None
+
+    def service_page(request: Request) -> Response:
+        from flywheel.report.service_view import service_summary
+
+        if (refused := service_refusal(request)) is not None:
+            return refused
         store = pages.store()
         try:
             summary = service_summary(store)
@@ -362,10 +407,41 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
             store.close()
         return pages.render(request, "service.html.j2", s=summary, title="Service")
 
+    def service_pairs_page(request: Request) -> Response:
+        from flywheel.report.service_view import PAIRS_PAGE_SIZE, pairs_page
+
+        if (refused := service_refusal(request)) is not None:
+            return refused
+        params = request.query_params
+        filters, before = pair_filters(params), _whole_number(params, "before")
+        store = pages.store()
+        try:
+            shown = pairs_page(store, before=before, **filters)
+        finally:
+            store.close()
+        base = {name: params[name] for name in PAIR_FILTERS if params.get(name)}
+        return pages.render(request, "service_pairs.html.j2", page=shown, base=base, before=before,
+                            size=PAIRS_PAGE_SIZE, title="Service pairs")
+
+    def service_capture_page(request: Request) -> Response:
+        from flywheel.report.service_view import capture_view
+
+        if (refused := service_refusal(request)) is not None:
+            return refused
+        store = pages.store()
+        try:
+            view = capture_view(store, request.path_params["capture_id"])
+        finally:
+            store.close()
+        return pages.render(request, "service_capture.html.j2", v=view, c=view.capture,
+                            title=f"capture {view.capture.id}")
+
     def wrap(fn: Callable[[Request], Response]) -> Callable[[Request], Response]:
         def page(request: Request) -> Response:
             try:
                 return fn(request)
+            except PageQueryError as exc:
+                return pages.render(request, "error.html.j2", status=400, title="bad request", message=str(exc))
             except FlywheelError as exc:
                 return pages.render(request, "error.html.j2", status=404, title="not found", message=str(exc))
         return page
@@ -374,6 +450,8 @@ def create_app(db_path: str, *, review: bool = False, reviewer: str | None = Non
         routes=[Route("/", wrap(runs_page)), Route("/runs/{run_id}", wrap(run_page)),
                 Route("/compare", wrap(compare_page)), Route("/samples/{sample_id:int}", wrap(sample_page)),
                 Route("/search", wrap(search_page)), Route("/service", wrap(service_page)),
+                Route("/service/pairs", wrap(service_pairs_page)),
+                Route("/service/captures/{capture_id:int}", wrap(service_capture_page)),
                 Route("/reviews", post_review, methods=["POST"])],
         middleware=[Middleware(HostGuard, allowed_hosts=allowed_hosts)])  # None: loopback names only
     app.state.pages = pages

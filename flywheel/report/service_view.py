@@ -2,17 +2,24 @@
 score with a bootstrap CI, tokens per request (cost per 1,000 requests) and latency percentiles
 over the shadow/canary pairs, also window by window over time, and each lap's offline-gate
 iterations (the dashboard links a lap to its samples). `flywheel service status` prints it; the
-review app's `/service` page renders it."""
+review app's `/service` page renders it. Behind every point: `pairs_page` (the pairs of a model or a
+window, `/service/pairs`) and `capture_view` (one live request with its pairs, `/service/captures/ID`)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from flywheel.capture_rows import loads_json, reply_message
+from flywheel.errors import StoreError
+from flywheel.images import describe_content
 from flywheel.stats import mean_ci
 from flywheel.store import Store
+from flywheel.store.rows import Capture
 from flywheel.store.service import AliasSwitch, AliasTarget, ServiceLap, ShadowPair
 
 
@@ -39,6 +46,8 @@ class ScoreWindow:
     phase: str
     switch_id: int
     scores: list[ModelScore]
+    first_pair_id: int | None = None  # the stretch's pairs: ids in [first, last] of this phase and switch
+    last_pair_id: int | None = None
 
 
 GATE_SIDES = ("production", "student")
@@ -109,7 +118,7 @@ def score_windows(pairs: list[ShadowPair], size: int = 20) -> list[ScoreWindow]:
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
             windows.append(ScoreWindow(chunk[0].created_at or "", chunk[-1].created_at or "", phase, switch_id,
-                                       model_scores(chunk)))
+                                       model_scores(chunk), chunk[0].id, chunk[-1].id))
     return sorted(windows, key=lambda w: w.first_at)
 
 
@@ -145,3 +154,66 @@ def service_summary(store: Store) -> ServiceSummary:
                           requests=len(store.captures_after(0, models=["production"])), windows=score_windows(pairs),
                           gates=gate_iterations(store, laps),
                           prompts={t.prompt: describe_prompt(store, t.prompt) for t in served.values() if t.prompt})
+
+
+PAIRS_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class PairsPage:
+    """One page of the pairs behind a dashboard point, newest first."""
+
+    pairs: list[ShadowPair]
+    next_before: int | None  # the cursor (`before`) of the next, older page; None on the last page
+
+
+def pairs_page(store: Store, *, before: int | None = None, size: int = PAIRS_PAGE_SIZE,
+               **filters: Any) -> PairsPage:
+    """The pairs `Store.shadow_pairs` selects with `filters` (phase, switch_id, model, first_id,
+    last_id, since, until), newest first, `size` of them with ids below `before`."""
+    rows = store.shadow_pairs(**filters, before=before, limit=size + 1, newest_first=True)
+    return PairsPage(rows[:size], rows[size - 1].id if len(rows) > size else None)
+
+
+@dataclass(frozen=True)
+class CaptureView:
+    """One capture as stored (redacted when the proxy redacts), read for a page."""
+
+    capture: Capture
+    messages: list[tuple[str, str]]  # the request's messages: (role, text; images as [image: REF])
+    request_fields: str  # the request's other fields as stored (JSON), or its raw text when not JSON
+    reply: str | None  # the reply's text (a tool call as its JSON); None when the response holds none
+    response: str  # the response as stored (JSON pretty-printed), or its raw text
+    metadata: dict[str, Any]
+    pairs: list[ShadowPair]  # its shadow and canary pairs, oldest first
+
+
+def _pretty(value: Any, raw: str | None) -> str:
+    return (raw or "") if value is None else json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _message_text(message: Any) -> tuple[str, str]:
+    if not isinstance(message, dict):
+        return "", json.dumps(message, ensure_ascii=False)
+    text = describe_content(message.get("content"))
+    if message.get("tool_calls"):
+        text += ("\n" if text else "") + json.dumps(message["tool_calls"], ensure_ascii=False)
+    return str(message.get("role", "")), text
+
+
+def capture_view(store: Store, capture_id: int) -> CaptureView:
+    """The capture with this id and its pairs; a StoreError when there is none."""
+    found = store.query_captures(ids=[capture_id])
+    if not found:
+        raise StoreError(f"no capture with id {capture_id}")
+    capture = found[0]
+    request, response = loads_json(capture.request_json), loads_json(capture.response_json)
+    messages = request.get("messages") if isinstance(request, dict) else None
+    fields = {k: v for k, v in request.items() if k != "messages"} if isinstance(messages, list) else request
+    reply = reply_message(response)
+    metadata = loads_json(capture.metadata_json)
+    return CaptureView(capture=capture, messages=[_message_text(m) for m in messages or []],
+                       request_fields=_pretty(fields, None if isinstance(messages, list) else capture.request_json),
+                       reply=None if reply is None else _message_text(reply)[1], response=_pretty(response, capture.response_json),
+                       metadata=metadata if isinstance(metadata, dict) else {},
+                       pairs=store.shadow_pairs(capture_id=capture_id))

@@ -57,12 +57,16 @@ class CapturesStore(StoreBase):
                 f"select response_id from captures where response_id in ({','.join('?' * len(chunk))})", chunk))
         return found
 
-    def query_captures(self, *, metadata: dict[str, str] | None = None, since: str | None = None,
-                       until: str | None = None, model: str | None = None, outcome: str | None = None,
-                       limit: int | None = None, newest_first: bool = False) -> list[Capture]:
-        """Captures filtered by metadata values (all must match), time [since, until), model and
-        outcome (`ok`: status 200 without error, `failed`: the others)."""
+    def query_captures(self, *, ids: Sequence[int] = (), metadata: dict[str, str] | None = None,
+                       since: str | None = None, until: str | None = None, model: str | None = None,
+                       outcome: str | None = None, limit: int | None = None,
+                       newest_first: bool = False) -> list[Capture]:
+        """Captures filtered by id (any of `ids`, when given), metadata values (all must match), time
+        [since, until), model and outcome (`ok`: status 200 without error, `failed`: the others)."""
         where, params = [], []
+        if ids:
+            where.append(f"id in ({','.join('?' * len(ids))})")
+            params += [int(i) for i in ids]
         for key, value in (metadata or {}).items():
             where.append("json_extract(metadata_json, ?) = ?")
             params += ['$."' + key.replace('"', '""') + '"', value]

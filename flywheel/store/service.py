@@ -56,6 +56,7 @@ class ShadowPair:
     other_tokens: int | None = None
     other_error: str | None = None
     created_at: str | None = None
+    id: int | None = None  # the recorded pair's row id (None before `add_shadow_pair`)
 
 
 @dataclass(frozen=True)
@@ -162,17 +163,29 @@ class ServiceStore(StoreBase):
                 f"({','.join('?' * len(values))})", values)
         return cursor.rowcount == 1
 
-    def shadow_pairs(self, phase: str | None = None, switch_id: int | None = None) -> list[ShadowPair]:
-        """Pairs, oldest first, of a phase and switch (all when not given)."""
+    def shadow_pairs(self, phase: str | None = None, switch_id: int | None = None, *, model: str | None = None,
+                     capture_id: int | None = None, first_id: int | None = None, last_id: int | None = None,
+                     since: str | None = None, until: str | None = None, before: int | None = None,
+                     limit: int | None = None, newest_first: bool = False) -> list[ShadowPair]:
+        """Pairs, oldest first (newest first when asked), matching every filter given: the phase and
+        switch, a model that answered in them (as production or as the other side), the capture
+        paired, pair ids in [first_id, last_id], recorded in [since, until), ids below `before` (a
+        page's cursor); at most `limit`."""
         where, params = [], []
-        if phase:
-            where.append("phase = ?")
-            params.append(phase)
-        if switch_id is not None:
-            where.append("switch_id = ?")
-            params.append(switch_id)
-        sql = "select * from service_shadow_pairs" + (" where " + " and ".join(where) if where else "") + " order by id"
-        return [ShadowPair(**{k: v for k, v in row.items() if k != "id"}) for row in self.db.query(sql, params)]
+        for sql, value in (("phase = ?", phase), ("switch_id = ?", switch_id), ("capture_id = ?", capture_id),
+                           ("id >= ?", first_id), ("id <= ?", last_id), ("created_at >= ?", since),
+                           ("created_at < ?", until), ("id < ?", before)):
+            if value is not None:
+                where.append(sql)
+                params.append(value)
+        if model is not None:
+            where.append("(production_model = ? or other_model = ?)")
+            params += [model, model]
+        sql = "select * from service_shadow_pairs" + (" where " + " and ".join(where) if where else "")
+        sql += " order by id desc" if newest_first else " order by id"
+        if limit is not None:
+            sql += f" limit {int(limit)}"
+        return [ShadowPair(**row) for row in self.db.query(sql, params)]
 
     # -- laps ----------------------------------------------------------------------------------
     def create_service_lap(self, lap_id: str, *, trigger: str, capture_ids: Sequence[int]) -> ServiceLap:
