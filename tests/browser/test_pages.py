@@ -266,7 +266,7 @@ def test_the_service_dashboard_shows_an_admin_the_service_and_links_a_lap_to_its
         admin, member = (create_key(store, role, role=role)[0] for role in ("admin", "member"))
         ids = store.insert_captures([{"endpoint": "/v1/chat/completions", "model": "production", "status": 200,
                                       "latency_s": 0.05, "request_json": json.dumps({"messages": [
-                                          {"role": "user", "content": f"question {i}"}]})} for i in range(8)])
+                                          {"role": "user", "content": f"question {i} {XSS}"}]})} for i in range(8)])
         lap = store.create_service_lap("lap-20261207-1", trigger="new_captures", capture_ids=ids)
         eval_spec = load_eval_spec(spec.path(spec.eval))
         short = Prompt(messages=[{"role": "system", "content": "One label."}])
@@ -335,6 +335,30 @@ def test_the_service_dashboard_shows_an_admin_the_service_and_links_a_lap_to_its
         keep_screenshot(page, tmp_path, "service-lap-sample")
         assert failed == [] and console == [] and page.errors == []
 
+        # every point links to its samples: a score row to the pairs its model answered in, a window
+        # to its pairs, a pair to the live request behind it
+        page.goto(f"{server.url}/service")
+        page.click(f"#scores tr[data-model='{student}'] a.pairs")
+        page.wait_for_url(re.compile(r"/service/pairs\?model="))
+        assert page.locator("#pairs tbody tr").count() == 16  # 8 shadow + 8 canary
+        page.go_back()
+        page.locator("#over-time a.window").first.click()
+        page.wait_for_url(re.compile(r"/service/pairs\?phase=shadow"))
+        assert page.locator("#pairs tbody tr").count() == 8
+        assert set(page.locator("#pairs tbody tr td:nth-child(2)").all_inner_texts()) == {"shadow"}
+        keep_screenshot(page, tmp_path, "service-window-pairs")
+        page.locator("#pairs a.capture").first.click()
+        page.wait_for_url(re.compile(r"/service/captures/\d+$"))
+        assert page.locator("h1").inner_text().startswith("Capture ")
+        request = page.locator("#request .diff").inner_text()
+        assert "question 7" in request and XSS in request and page.evaluate("window.__pwned") is None
+        # this test pairs each capture in both gates: its shadow and its canary pair, both sides' scores
+        pairs = page.locator("#pairs tbody tr").all_inner_texts()
+        assert len(pairs) == 2 and "shadow" in pairs[0] and "canary" in pairs[1]
+        assert all(production in p and student in p for p in pairs)
+        keep_screenshot(page, tmp_path, "service-capture")
+        assert failed == [] and console == [] and page.errors == []
+
         page.context.clear_cookies()
         page.goto(f"{server.url}/login")
         page.fill("input[name=key]", member)
@@ -342,3 +366,6 @@ def test_the_service_dashboard_shows_an_admin_the_service_and_links_a_lap_to_its
         refused = page.goto(f"{server.url}/service")
         assert refused.status == 403 and "needs an admin key" in page.content()
         assert page.locator("#aliases").count() == 0
+        for path in ("/service/pairs", f"/service/captures/{ids[0]}"):
+            refused = page.goto(f"{server.url}{path}")
+            assert refused.status == 403 and "needs an admin key" in page.content() and "question" not in page.content()
