@@ -531,8 +531,9 @@ def test_every_dashboard_point_links_to_its_pairs_and_each_pair_to_its_capture(t
         (pair,) = rows(capture.text)
         assert capture_of[pair] == captured and "local:teacher" in capture.text and "1.000" in capture.text
 
-        missing = http.get("/service/captures/999999")
-        assert missing.status_code == 404 and "no capture with id 999999" in missing.text
+        for missing_id in (999999, 10 ** 30):
+            missing = http.get(f"/service/captures/{missing_id}")
+            assert missing.status_code == 404 and f"no capture with id {missing_id}" in missing.text
         for query, named in (({"switch": "x"}, "switch: not a whole number"), ({"before": "-1"}, "before:"),
                              ({"phase": "<b>"}, "phase: shadow or canary"), ({"since": "soon"}, "since")):
             bad = http.get("/service/pairs", params=query)
@@ -546,6 +547,10 @@ def test_every_dashboard_point_links_to_its_pairs_and_each_pair_to_its_capture(t
                 assert refused.status_code == 403 and "needs an admin key" in refused.text, (key, path)
                 assert "question" not in refused.text
         assert http.get("/service/pairs", headers={"Authorization": ""}).status_code in (303, 401)
+    # the plain review server (`flywheel serve`) shows them as it shows /service: to whoever it lets in
+    with BackgroundServer(create_app(db)) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        assert len(rows(http.get("/service/pairs", params={"model": "local:teacher"}).text)) == 100
+        assert "question 0: &lt;script&gt;" in http.get(f"/service/captures/{ids[0]}").text
 
 
 def _wait_for(check, timeout: float = 240.0):

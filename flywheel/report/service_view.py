@@ -203,7 +203,7 @@ def _message_text(message: Any) -> tuple[str, str]:
 
 def capture_view(store: Store, capture_id: int) -> CaptureView:
     """The capture with this id and its pairs; a StoreError when there is none."""
-    found = store.query_captures(ids=[capture_id])
+    found = store.query_captures(ids=[capture_id]) if 0 <= capture_id < 2 ** 63 else []  # SQLite's integers
     if not found:
         raise StoreError(f"no capture with id {capture_id}")
     capture = found[0]
