@@ -166,30 +166,117 @@ def switches(n: int, threads: int = 4) -> None:
 EXAMPLE = ROOT / "examples" / "service" / "service.yaml"
 
 
+class ServiceProcess:
+    """`flywheel serve --flywheel SERVICE_YAML` as a child process (its own process group), as a user
+    starts it; `kill9()` is `kill -9` of the whole group."""
+
+    def __init__(self, spec_path: Path, log: Path):
+        self.spec_path, self.log = spec_path, log
+        self.process: Any = None
+
+    def start(self, urls: dict[str, str]) -> float:
+        """Start it and wait until the proxy and the alias server answer; seconds taken."""
+        import subprocess
+
+        import httpx2
+
+        started = time.monotonic()
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "flywheel", "serve", "--flywheel",
+                                             str(self.spec_path)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        while True:
+            try:
+                if httpx2.get(urls["models"].removesuffix("/v1") + "/health", timeout=2).status_code == 200 and \
+                        httpx2.get(urls["api"] + "v1/health", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx2.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.process.returncode}: see {self.log}")
+            time.sleep(0.5)
+
+    def kill9(self) -> None:
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=120)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def story(measure_n: int, max_minutes: float) -> None:
-    """Part 3: examples/service/service.yaml run for real, as a user would (one process group,
-    SmolLM2 on this CPU), driven by examples/service/simulate.py through the proxy."""
+    """Part 3: examples/service/service.yaml run for real, as a user would: `flywheel serve --flywheel`
+    as a child process (SmolLM2 on this CPU), driven by examples/service/simulate.py through its proxy;
+    one `kill -9` of the service mid-lap and a restart; a broken candidate and a forced broken production."""
+    import yaml
+
     sys.path.insert(0, str(EXAMPLE.parent))
     import simulate
 
     from flywheel.service import aliases
-    from flywheel.service.run import start_service
     from flywheel.service.shadow import current_phase
     from flywheel.service.spec import load_service_spec
     from flywheel.store import Store
     from flywheel.store.service import AliasTarget
 
     folder = Path(tempfile.mkdtemp(prefix="service-story-"))
-    spec = load_service_spec(EXAMPLE, [f"db={folder / 'service.db'}", "ports.proxy=0", "ports.models=0",
-                                       "ports.api=0", "triggers.check_every_s=2"])
+    data = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    for key in ("eval", "run"):
+        data[key] = str((EXAMPLE.parent / data[key]).resolve())
+    data["production"]["prompt"]["file"] = str(EXAMPLE.parent / data["production"]["prompt"]["file"])
+    data["db"] = str(folder / "service.db")
+    data["ports"] = {"proxy": _free_port(), "models": _free_port(), "api": _free_port()}
+    data["triggers"]["check_every_s"] = 2
+    spec_path = folder / "service.yaml"
+    spec_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    spec = load_service_spec(spec_path)
+    urls = {"proxy": f"http://127.0.0.1:{spec.ports.proxy}/v1", "models": f"http://127.0.0.1:{spec.ports.models}/v1",
+            "api": f"http://127.0.0.1:{spec.ports.api}/"}
+    service = ServiceProcess(spec_path, folder / "service.log")
     started = time.monotonic()
-    service = start_service(spec)
-    print(f"service up in {time.monotonic() - started:.1f} s: {service.urls}", flush=True)
-    url, store = service.urls["proxy"], Store.open(spec.path(spec.db))
+    print(f"service up in {service.start(urls):.1f} s: {urls} (log {service.log})", flush=True)
+    url, store = urls["proxy"], Store.open(spec.path(spec.db))
     deadline = time.monotonic() + max_minutes * 60
     measured: list[tuple[str, str, Any]] = []
     events: list[str] = []
     sent = {"n": 0, "failed": 0}
+    killed: dict[str, Any] = {}
+
+    def kill_mid_lap() -> None:
+        """Once: kill -9 the service while a lap trains, restart it, check nothing moved."""
+        running = [lap for lap in store.service_laps(limit=3) if lap.status == "running"]
+        if killed or not running:
+            return
+        lap = running[0]
+        if _seconds(lap.created_at, store_now()) < 45:  # into its training
+            return
+        before = (store.service_aliases(), len(store.captures_after(0)), lap.captures, lap.first_capture_id,
+                  lap.last_capture_id)
+        service.kill9()
+        restart = service.start(urls)
+        after_lap = store.service_lap(lap.id)
+        after = (store.service_aliases(), len(store.captures_after(0)), after_lap.captures, after_lap.first_capture_id,
+                 after_lap.last_capture_id)
+        killed.update(lap=lap.id, at=_seconds(lap.created_at, store_now()), same=before == after, restart=restart)
+        events.append(f"kill -9 of the service {killed['at']:.0f} s into lap {lap.id} (status {lap.status}); "
+                      f"restarted in {restart:.1f} s; aliases, captures and the lap's capture range unchanged: "
+                      f"{before == after}")
+        print(events[-1], flush=True)
 
     def traffic(n: int, drift: bool = False, seed: int = 0) -> Any:
         t = simulate.send(url, n, drift=drift, seed=seed + sent["n"])
@@ -210,6 +297,7 @@ def story(measure_n: int, max_minutes: float) -> None:
         seen = {lap.id for lap in store.service_laps()}
         while time.monotonic() < deadline and laps > 0:
             traffic(40, drift)
+            kill_mid_lap()
             decided = [lap for lap in reversed(store.service_laps()) if lap.id not in seen and lap.decision is not None]
             if not decided or (decided[-1].decision == "candidate" and current_phase(store, spec) is not None):
                 continue
@@ -217,8 +305,10 @@ def story(measure_n: int, max_minutes: float) -> None:
                 seen.add(lap.id)
                 laps -= 1
                 switches = [s for s in reversed(store.service_switches()) if s.created_at >= lap.created_at]
-                line = [f"{label}: lap {lap.id} ({lap.trigger}, {lap.captures} captures) -> {lap.decision} after "
-                        f"{_seconds(lap.created_at, lap.finished_at):.0f} s: {(lap.reason or '')[:400]}"]
+                line = [f"{label}: lap {lap.id} ({lap.trigger}, {lap.captures} captures"
+                        + (", resumed after the kill" if killed.get("lap") == lap.id else "")
+                        + f") -> {lap.decision} after {_seconds(lap.created_at, lap.finished_at):.0f} s: "
+                        f"{(lap.reason or '')[:400]}"]
                 for switch in switches:
                     line.append(f"{switch.kind} {switch.alias} by {switch.who} at "
                                 f"+{_seconds(lap.created_at, switch.created_at):.0f} s from the trigger "
@@ -257,6 +347,13 @@ def story(measure_n: int, max_minutes: float) -> None:
         events.append(f"forced broken production: {back.kind} by {back.who} after "
                       f"{len(store.shadow_pairs('canary', forced))} canary pairs ({back.why[:160]})")
         print(events[-1], flush=True)
+        import httpx2
+
+        page = httpx2.get(urls["api"] + "service", timeout=60)  # loopback: the admin's view
+        shown = [lap.id for lap in store.service_laps() if lap.id in page.text]
+        events.append(f"dashboard /service: HTTP {page.status_code}, {len(page.text):,} bytes, shows {len(shown)} of "
+                      f"{len(store.service_laps())} laps and {page.text.count('rollback')} mentions of rollback")
+        print(events[-1], flush=True)
     finally:
         service.stop()
         store.close()
@@ -271,6 +368,12 @@ def story(measure_n: int, max_minutes: float) -> None:
               f"| {1000 * (t.prompt_tokens + t.completion_tokens) / max(t.sent, 1):,.0f} "
               f"| {quantile(lat, 50):.2f} / {quantile(lat, 95):.2f} |")
     print("\n" + "\n".join(f"- {e}" for e in events))
+
+
+def store_now() -> str:
+    from flywheel.store import now
+
+    return now()
 
 
 def _seconds(start: str | None, end: str | None) -> float:
