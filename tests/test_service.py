@@ -207,6 +207,24 @@ def test_shadow_promotes_a_cheaper_equal_candidate_then_the_canary_keeps_it(tmp_
         canary = store.shadow_pairs("canary", promoted.id)
         assert len(canary) == canary_before + 5
         assert all(p.production_model == tiny and p.other_tokens > p.production_tokens for p in canary)
+        assert service.spec.canary.pairs > len(canary)
+    finally:
+        store.close()
+    service.send(service.spec.canary.pairs - len(canary))  # the canary's last pairs: it keeps the switch
+    store = service.store()
+    try:
+        kept = store.current_switch("candidate")
+        assert (kept.kind, kept.who) == ("keep", "canary") and "no drop after 40 pairs" in kept.why
+        assert store.current_switch("production").id == promoted.id  # still the promotion, still reversible
+        assert store.service_alias("candidate") == store.service_alias("production")
+        assert current_phase(store, service.spec) is None  # no shadow of the previous production; laps may start
+        pairs = len(store.shadow_pairs())
+    finally:
+        store.close()
+    service.send(3)
+    store = service.store()
+    try:
+        assert len(store.shadow_pairs()) == pairs
     finally:
         store.close()
 

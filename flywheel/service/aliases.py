@@ -116,8 +116,19 @@ def promote(store: Store, *, who: str, why: str, test: str) -> int:
 
 def reject(store: Store, *, who: str, why: str, test: str) -> int:
     """Stop a candidate: `candidate` <- production's target (no more shadow traffic)."""
+    return _idle_candidate(store, "reject", who=who, why=why, test=test)
+
+
+def keep(store: Store, *, who: str, why: str, test: str) -> int:
+    """End a canary that showed no drop: `candidate` <- production's target, so the previous
+    production gets no more traffic and the next lap may start (the promotion stays reversible
+    with `rollback`)."""
+    return _idle_candidate(store, "keep", who=who, why=why, test=test)
+
+
+def _idle_candidate(store: Store, kind: str, *, who: str, why: str, test: str) -> int:
     return store.switch_service_aliases({"candidate": target(store, "production")}, who=who, why=why, test=test,
-                                        kind="reject")[0]
+                                        kind=kind)[0]
 
 
 def rollback(store: Store, *, who: str, why: str, test: str | None = None, alias: str = "production") -> AliasSwitch:

@@ -225,6 +225,8 @@ class ShadowWorker:
             verdict = decide_canary(bounds, margin=canary.margin, alpha=canary.alpha, enough=canary.pairs)
             if verdict.action == "rollback":
                 aliases.rollback(store, who="canary", why=verdict.reason, test="canary: paired confidence sequence")
+            elif verdict.action == "keep":
+                aliases.keep(store, who="canary", why=verdict.reason, test="canary: paired confidence sequence")
         if verdict.action != "wait":
             log.info("%s: %s: %s", phase.name, verdict.action, verdict.reason)
             self.decisions.append(verdict)

@@ -25,7 +25,7 @@ class AliasTarget:
 
 @dataclass(frozen=True)
 class AliasSwitch:
-    """One recorded change of an alias (`kind`: set, promote, swap, rollback)."""
+    """One recorded change of an alias (`kind`: set, promote, reject, keep, rollback)."""
 
     id: int
     created_at: str
