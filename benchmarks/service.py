@@ -322,11 +322,11 @@ def story(measure_n: int, max_minutes: float) -> None:
 
     try:
         measure("1. before any lap (prompted SmolLM2)")
-        settle("lap 1")
-        measure("2. after lap 1")
+        settle("to the first promotion")
+        measure("2. after the first promotion")
         measure("3. drifted phrasings, before a drift lap", drift=True)
         settle("drift lap", drift=True)
-        measure("4. drifted phrasings, after the drift lap", drift=True)
+        measure("4. drifted phrasings, after the drift laps", drift=True)
         # a broken candidate: the untuned base with the student's one-line prompt
         broken = AliasTarget(spec.lap.student or "local:smollm2",
                              aliases.stored_prompt(store, spec, spec.lap.prompt, "lap.prompt"))
