@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/service.py                       # 400 round trips, 20 switches
     .venv/bin/python benchmarks/service.py --round-trips 200 --switches 10
+    .venv/bin/python benchmarks/service.py --part story --measure 250   # the shipped example, ~25 min
 
 Part 1, overhead: a canned upstream (answers every chat call at once, so model time does not
 drown the measurement) behind three doors in ONE process, as `serve --flywheel` runs them: direct,
@@ -15,6 +16,14 @@ Part 2, switches: the alias model server with the embedded SmolLM2 answering `pr
 client threads send requests (max_tokens 1) while the main thread promotes and rolls back the
 aliases `--switches` times. Every reply must be a 200 from one of the two targets: the count of
 failed requests is the figure (goal 0). Prints markdown tables and the load average.
+
+Part 3, the story (`--part story`, ~25 min; not part of `all`): examples/service/service.yaml run
+for real as a user runs it (`flywheel serve --flywheel` as a child process, its own store and free
+ports), `examples/service/simulate.py` traffic through the proxy; one `kill -9` mid-lap and a
+restart; then drifted phrasings; then a broken candidate and a forced broken production. Prints
+the online score, tokens per 1,000 requests and latency of production before the first lap, after
+the first promotion and around the drift laps, and each lap's decisions with their times from the
+trigger.
 """
 
 from __future__ import annotations
@@ -397,7 +406,7 @@ def main() -> None:
         overhead(args.round_trips)
     if args.part in ("all", "switches"):
         switches(args.switches)
-    if args.part in ("all", "story"):
+    if args.part == "story":
         story(args.measure, args.max_minutes)
 
 
