@@ -126,6 +126,11 @@ def test_an_alias_prompt_is_a_text_a_prompt_file_or_a_stored_prompt_and_bad_ones
         bad = load_service_spec(spec.source, ["production.prompt={file: bad.json}"])
         with pytest.raises(AliasError, match=r"service.yaml: production.prompt.file: .*bad.json is not a prompt"):
             aliases.ensure_aliases(store, bad)
+        (tmp_path / "roleless.json").write_text(json.dumps({"messages": [{"content": "x"}]}))
+        roleless = load_service_spec(spec.source, ["production.prompt={file: roleless.json}"])
+        with pytest.raises(AliasError, match=r"production.prompt.file: .*roleless.json is not a prompt: messages\[0\] "
+                           "needs a role and a content"):
+            aliases.ensure_aliases(store, roleless)
         with pytest.raises(SpecError, match=r"production.prompt.*exactly one of `file` or `id`"):
             load_service_spec(spec.source, ["production.prompt={file: prompt.json, id: p-1}"])
     finally:

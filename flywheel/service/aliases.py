@@ -61,6 +61,11 @@ def stored_prompt(store: Store, spec: ServiceSpec, value: str | PromptSourceSpec
         except (yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
             raise AliasError(f"{spec.source}: {field}.file: {path} is not a prompt (messages, demos, nearest): "
                              f"{type(exc).__name__}: {exc}") from None
+        bad = next((i for i, m in enumerate(prompt.messages) if not isinstance(m, dict)
+                    or not isinstance(m.get("role"), str) or "content" not in m), None)
+        if bad is not None or not isinstance(prompt.nearest, int):
+            where = f"messages[{bad}] needs a role and a content" if bad is not None else "nearest is not a number"
+            raise AliasError(f"{spec.source}: {field}.file: {path} is not a prompt: {where}")
     store.save_prompt(prompt, origin=f"service.yaml {field}")
     return prompt.id
 
