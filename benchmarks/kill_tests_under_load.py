@@ -35,6 +35,7 @@ TESTS = [
     "tests/test_api_jobs.py::test_a_second_process_on_the_store_neither_steals_a_live_job_nor_loses_a_dead_ones",
     "tests/test_api_workers.py::test_worker_processes_die_with_a_killed_server_and_their_job_finishes_after_restart",
     "tests/test_api_workers.py::test_no_worker_outlives_a_server_sigkilled_five_times",
+    "tests/test_service_process.py::test_kill_9_mid_lap_then_restart_resumes_the_lap",
 ]
 
 
