@@ -4,6 +4,8 @@ server (tiny real Llamas from conftest) on 127.0.0.1, the shadow worker grading 
 
 from __future__ import annotations
 
+import re
+
 import openai
 import pytest
 import yaml
@@ -681,6 +683,27 @@ def test_a_lap_with_a_teacher_labels_traffic_by_self_consistency(tmp_path, tiny_
                                 sampling=Sampling(temperature=0.7, max_tokens=256), repeat=i) for i in range(3)]
             samples = [c.text for c in teacher.generate(asks)]
             assert label in {" ".join(s.split()).casefold() for s in samples}
+    finally:
+        store.close()
+
+
+def test_with_a_teacher_the_held_back_gate_grades_productions_own_answers(tmp_path, tiny_model_dir, chatty_dir,
+                                                                          service_factory):
+    """The teacher's labels are what the student learns; the gate's production side is what production
+    answered (here "", which the reference-free grader passes; the chatty teacher's words fail it)."""
+    from flywheel.service.laps import queue_lap, run_lap
+
+    tiny, chatty = f"local:{tiny_model_dir}", f"local:{chatty_dir}"
+    path = write_service(tmp_path, tiny, shadow={"share": 0.0},
+                         lap={"teacher": chatty, "student": tiny, "prompt": SHORT, "holdout": 0.5,
+                              "train": QUICK_TRAIN})
+    service = service_factory(path)
+    service.send(12)
+    store = service.store()
+    try:
+        done = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        assert done.status == "succeeded", done
+        assert re.search(r"held-back traffic: traffic [0-9.]+ vs 1\.000", done.reason), done.reason
     finally:
         store.close()
 

@@ -233,7 +233,8 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
         turns = _user_turns(request)
         if not turns or turns[-1]["role"] != "user":
             continue
-        examples.append({"capture": row["id"], "turns": turns, "answer": _reply(response),
+        # `served`: production's recorded reply (the gate's production side); `answer`: the label trained on
+        examples.append({"capture": row["id"], "turns": turns, "served": _reply(response), "answer": _reply(response),
                          "metadata": {k: v for k, v in (request.get("metadata") or {}).items() if isinstance(v, str)},
                          "tokens": row.get("prompt_tokens")})
     guard = leaked(eval_spec, [e["turns"][-1]["content"] for e in examples], dataset)
@@ -341,7 +342,7 @@ def offline_traffic(store: Store, spec: ServiceSpec, eval_spec: Any, held: list[
         answers = model.generate(asks)
         pairs = []
         for e, answer in zip(held, answers):
-            a = scorer.score(e["answer"], e["metadata"])
+            a = scorer.score(e["served"], e["metadata"])
             b = scorer.score(None if answer.error else answer.text, e["metadata"])
             if a is not None and b is not None:
                 pairs.append((a, b, answer.prompt_tokens, e["tokens"]))
