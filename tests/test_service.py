@@ -260,7 +260,8 @@ def test_a_bad_model_forced_into_production_is_rolled_back_by_the_canary(tmp_pat
     service = service_factory(write_service(tmp_path, tiny))
     store = service.store()
     try:
-        aliases.set_alias(store, "candidate", AliasTarget(chatty, SHORT_ID), who="operator", why="try it")
+        short = aliases.stored_prompt(store, service.spec, SHORT, "candidate.prompt")
+        aliases.set_alias(store, "candidate", AliasTarget(chatty, short), who="operator", why="try it")
         forced = aliases.promote(store, who="operator", why="forced", test="none")
     finally:
         store.close()
@@ -637,7 +638,8 @@ def test_the_schedule_counts_from_the_last_lap_or_the_services_start(tmp_path):
         assert due(store, spec, 3, at=started + timedelta(seconds=3601)) == "schedule"
         assert due(store, spec, 0, at=started + timedelta(days=1)) is None  # nothing new: no lap
         assert due(store, spec, 50) == "new_captures"
-        aliases.set_alias(store, "candidate", AliasTarget("local:y", SHORT_ID), who="lap", why="test")
+        aliases.set_alias(store, "candidate", AliasTarget("local:y", aliases.stored_prompt(store, spec, SHORT, "prompt")),
+                          who="lap", why="test")
         assert due(store, spec, 50) is None  # a candidate under shadow test: laps wait for its decision
         aliases.reject(store, who="shadow", why="worse", test="t")
         assert due(store, spec, 50) == "new_captures"
@@ -704,6 +706,42 @@ def test_with_a_teacher_the_held_back_gate_grades_productions_own_answers(tmp_pa
         done = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
         assert done.status == "succeeded", done
         assert re.search(r"held-back traffic: traffic [0-9.]+ vs 1\.000", done.reason), done.reason
+    finally:
+        store.close()
+
+
+def test_the_held_back_gate_uses_only_what_the_current_production_answered(tmp_path, tiny_model_dir, chatty_dir,
+                                                                          service_factory):
+    """A lap's range can straddle a switch of production; its answers from before the switch came from
+    another system, so they are no evidence about the current one and stay out of the gate."""
+    from flywheel.service.laps import _held_back, queue_lap, run_lap
+
+    tiny, chatty = f"local:{tiny_model_dir}", f"local:{chatty_dir}"  # production answers words (a label)
+    service = service_factory(write_service(tmp_path, chatty, shadow={"share": 0.0},
+                                            lap={"student": tiny, "prompt": SHORT, "holdout": 0.5,
+                                                 "train": QUICK_TRAIN}))
+    service.send(6)
+    store = service.store()
+    try:
+        production = store.service_alias("production")
+        with pytest.raises(AliasError, match=f"prompt {SHORT_ID} is not in"):  # it would fail every request
+            aliases.set_alias(store, "production", AliasTarget(chatty, SHORT_ID), who="operator", why="a new prompt")
+        assert aliases.stored_prompt(store, service.spec, SHORT, "prompt") == SHORT_ID
+        aliases.set_alias(store, "production", AliasTarget(chatty, SHORT_ID), who="operator", why="a new prompt")
+        aliases.set_alias(store, "candidate", AliasTarget(chatty, SHORT_ID), who="operator", why="idle")
+    finally:
+        store.close()
+    service.send(6)
+    store = service.store()
+    try:
+        switched = store.current_switch("production").created_at
+        after = [c["id"] for c in store.captures_after(0) if c["created_at"] > switched]
+        assert len(after) == 6 and production != store.service_alias("production")
+        events: list[str] = []
+        run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id, event=events.append)
+        held = sum(_held_back(i, 0.5) for i in after)
+        assert any(f"{held} held back" in e for e in events), events
+        assert held < sum(_held_back(c["id"], 0.5) for c in store.captures_after(0))  # the rule excluded some
     finally:
         store.close()
 

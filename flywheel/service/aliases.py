@@ -105,6 +105,9 @@ def ensure_aliases(store: Store, spec: ServiceSpec) -> dict[str, AliasTarget]:
 def set_alias(store: Store, alias: str, new: AliasTarget, *, who: str, why: str, test: str | None = None) -> int:
     """Point one alias at a new target (a lap's student goes to `candidate` this way); the switch id."""
     _check(alias)
+    if new.prompt is not None and store.prompt_row(new.prompt) is None:  # serving would fail on every request
+        raise AliasError(f"{alias} -> {new.model}: prompt {new.prompt} is not in {store.path}; store it first "
+                         "(stored_prompt)")
     return store.switch_service_aliases({alias: new}, who=who, why=why, test=test, kind="set")[0]
 
 

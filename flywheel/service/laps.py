@@ -253,9 +253,11 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
         event(f"labels: {spec.lap.teacher}'s majority of {spec.lap.votes} votes (mean agreement {agreement:.2f})")
     examples = [e for e in examples if e["answer"]]
     # The holdout is a fixed share of captures by id: an earlier capture held back by its own lap's
-    # gate stays out of training now too; this lap's gate uses its own new captures only.
-    new_ids = {row["id"] for row in rows}
-    held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout) and e["capture"] in new_ids]
+    # gate stays out of training now too. This lap's gate pairs the student with what the current
+    # production answered: its own new captures, recorded since production's target last moved.
+    since = store.current_switch("production").created_at
+    gate_ids = {row["id"] for row in rows if row["created_at"] > since}
+    held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout) and e["capture"] in gate_ids]
     train_rows = [{"messages": aliases.served_messages(student_served, e["turns"])
                    + [{"role": "assistant", "content": e["answer"]}]} for e in examples
                   if not _held_back(e["capture"], spec.lap.holdout)]
