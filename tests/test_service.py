@@ -860,8 +860,10 @@ def test_the_shipped_example_loads_and_its_production_prompt_demonstrates_train_
     assert {split[d.item_key] for d in prompt.demos} == {"train"}  # the gate's valid/test are never demonstrations
 
 
-def test_with_history_a_lap_trains_on_earlier_traffic_too_but_gates_on_its_own(tmp_path, tiny_model_dir, chatty_dir,
-                                                                               service_factory):
+def test_with_history_a_lap_trains_and_gates_on_earlier_traffic_too(tmp_path, tiny_model_dir, chatty_dir,
+                                                                    service_factory):
+    """Earlier captures join the training set (never a held-back one) and, answered by the current
+    production, their held-back share joins the gate: more evidence, the same rule."""
     import json
 
     from flywheel.service.laps import _held_back, queue_lap, run_lap
@@ -881,7 +883,9 @@ def test_with_history_a_lap_trains_on_earlier_traffic_too_but_gates_on_its_own(t
         send([f"where is my new card {i}?" for i in range(6)])
         first = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
         send([f"please stop the transfer to account {i}" for i in range(6)])
-        second = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id)
+        events: list[str] = []
+        second = run_lap(store, service.spec, queue_lap(store, service.spec, trigger="on_demand").id,
+                         event=events.append)
         assert first.status == second.status == "succeeded", (first, second)
         captures = {c["id"]: json.loads(c["request_json"])["messages"][-1]["content"] for c in store.captures_after(0)}
         trained = [json.loads(line)["messages"][-2]["content"] for line in
@@ -890,6 +894,8 @@ def test_with_history_a_lap_trains_on_earlier_traffic_too_but_gates_on_its_own(t
         earlier = [i for i in captures if i < second.first_capture_id][-3:]  # the 3 newest before the lap's own
         expected = [captures[i] for i in [*earlier, *own] if not _held_back(i, 0.3)]
         assert trained == expected and any(captures[i] in trained for i in earlier)
+        held = [i for i in [*earlier, *own] if _held_back(i, 0.3)]
+        assert any(i in earlier for i in held) and any(f", {len(held)} held back" in e for e in events), (held, events)
     finally:
         store.close()
 

@@ -9,7 +9,7 @@ the same captures, and the next lap starts after them: none lost, none counted t
 1. the captures `production` answered (status 200) in the range, matching the trigger's metadata;
    captures deleted since are gone from the store, so nothing trains on them; with `redact` on
    the proxy stored them redacted; with `lap.history`, the newest earlier captures join the
-   training set (the gate's held-back traffic is always the lap's own);
+   training set, and their held-back ones the gate (when the current production answered them);
 2. labels: production's recorded answer, or a teacher's majority over `votes` samples
    (self-consistency, `flywheel.distill.vote`); inputs that render like a valid/test item of the
    eval are dropped (the leak guard, `flywheel.distill.leaked`); a `holdout` share is kept back;
@@ -252,11 +252,11 @@ def run_lap(store: Store, spec: ServiceSpec, lap_id: str, *, check: Callable[[],
         agreement = sum(e["agreement"] for e in examples) / len(examples) if examples else 0.0
         event(f"labels: {spec.lap.teacher}'s majority of {spec.lap.votes} votes (mean agreement {agreement:.2f})")
     examples = [e for e in examples if e["answer"]]
-    # The holdout is a fixed share of captures by id: an earlier capture held back by its own lap's
-    # gate stays out of training now too. This lap's gate pairs the student with what the current
-    # production answered: its own new captures, recorded since production's target last moved.
+    # The holdout is a fixed share of captures by id, so no lap ever trains on a held-back capture.
+    # The gate pairs the student with what the current production answered: the held-back captures
+    # (the lap's own and, with `history`, earlier ones) recorded since production's target last moved.
     since = store.current_switch("production").created_at
-    gate_ids = {row["id"] for row in rows if row["created_at"] > since}
+    gate_ids = {row["id"] for row in [*earlier, *rows] if row["created_at"] > since}
     held = [e for e in examples if _held_back(e["capture"], spec.lap.holdout) and e["capture"] in gate_ids]
     train_rows = [{"messages": aliases.served_messages(student_served, e["turns"])
                    + [{"role": "assistant", "content": e["answer"]}]} for e in examples

@@ -114,9 +114,10 @@ class LapSpec(_Spec):
     holdout: float = Field(default=0.2, ge=0, lt=1, description="Share of the new traffic held back from "
                            "training for the offline gate.")
     max_captures: int = Field(default=2000, ge=1, description="Most captures one lap takes.")
-    history: int = Field(default=0, ge=0, description="Also train on up to this many earlier captures (the "
-                         "newest before the lap's own), so a student learns from the traffic seen so far and not "
-                         "one lap's worth; the gate's held-back traffic is always the lap's own. 0: new traffic only.")
+    history: int = Field(default=0, ge=0, description="Also use up to this many earlier captures (the newest "
+                         "before the lap's own): the student trains on the traffic seen so far, not one lap's worth, "
+                         "and their held-back share that the current production answered joins the gate. 0: new "
+                         "traffic only.")
 
 
 class PortsSpec(_Spec):
